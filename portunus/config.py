@@ -1,0 +1,402 @@
+"""Settings for the three entry points, and the standalone TOML loader.
+
+One ``Settings`` dataclass carries every key of server.toml / standalone TOML with
+its default from CONTRACT.md; unknown keys are errors (a typo must not silently
+fall back to a default).  The standalone loader reports *every* problem with the
+line it sits on (``file:line: message``), because ``tomllib`` gives values but no
+positions: we find positions by scanning the text for the ``[[rule]]`` headers and
+``key =`` lines.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from portunus.errors import PortunusError
+from portunus.rules import (
+    PROXY_VERSIONS,
+    Rule,
+    Target,
+    build_rule,
+    parse_port_range,
+    parse_target,
+    validate_host,
+)
+
+SYSTEM_DATA_DIR = "/var/lib/portunus"
+SYSTEM_RUNTIME_DIR = "/run/portunus"
+SYSTEM_CONFIG = "/etc/portunus/server.toml"
+
+
+@dataclass
+class Settings:
+    """Every tunable with its contract default."""
+
+    data_dir: str = SYSTEM_DATA_DIR
+    runtime_dir: str = ""
+    operator_http_listen: str = "127.0.0.1:7080"
+    metrics_listen: str = "127.0.0.1:7081"
+    control_listen: str = "0.0.0.0:7443"
+    listen_address: str = "0.0.0.0"
+    shutdown_drain_timeout_secs: float = 30.0
+    range_rule_max_ports: int = 1024
+    udp_flow_idle_secs: float = 60.0
+    udp_max_flows: int = 1024
+    connect_timeout_secs: float = 5.0
+    log_format: str = "json"
+    log_level: str = "info"
+    operator_token: str | None = None
+    ack_timeout_secs: float = 2.0
+    stats_stream_interval_secs: float = 1.0
+    shards: int = 0  # 0 = one per CPU
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(self.runtime_dir, "control.sock")
+
+    @property
+    def metrics_dir(self) -> str:
+        return os.path.join(self.runtime_dir, "metrics")
+
+    @property
+    def db_path(self) -> str:
+        return os.path.join(self.data_dir, "state.db")
+
+    @property
+    def token_path(self) -> str:
+        return os.path.join(self.data_dir, "operator.token")
+
+    def shard_count(self) -> int:
+        return self.shards if self.shards > 0 else (os.cpu_count() or 1)
+
+
+_TYPES: dict[str, type] = {f.name: f.type if isinstance(f.type, type) else object for f in fields(Settings)}
+_SETTING_KEYS = {f.name for f in fields(Settings)} - {"extra", "data_dir", "runtime_dir", "shards"}
+_FLOAT_KEYS = {
+    "shutdown_drain_timeout_secs",
+    "udp_flow_idle_secs",
+    "connect_timeout_secs",
+    "ack_timeout_secs",
+    "stats_stream_interval_secs",
+}
+_INT_KEYS = {"range_rule_max_ports", "udp_max_flows"}
+_STR_KEYS = {
+    "operator_http_listen",
+    "metrics_listen",
+    "control_listen",
+    "listen_address",
+    "log_format",
+    "log_level",
+    "operator_token",
+}
+
+
+def resolve_runtime_dir(data_dir: str) -> str:
+    """CONTRACT: PORTUNUS_RUNTIME_DIR, else /run/portunus for the system data dir,
+    else <data-dir>/run (so a developer can run from a checkout without root)."""
+    env = os.environ.get("PORTUNUS_RUNTIME_DIR")
+    if env:
+        return env
+    if os.path.abspath(data_dir) == SYSTEM_DATA_DIR:
+        return SYSTEM_RUNTIME_DIR
+    return os.path.join(os.path.abspath(data_dir), "run")
+
+
+def parse_listen(text: str, what: str = "listen address") -> tuple[str, int]:
+    """Parse ``host:port`` / ``[v6]:port`` for the appliance's own listeners."""
+    from portunus.rules import parse_port, split_host_port
+
+    host, port = split_host_port(text, what)
+    return validate_host(host, what), parse_port(port, what)
+
+
+def _check_setting(key: str, value: Any) -> Any:
+    """Type-check one top-level key; return the coerced value or raise ValueError."""
+    if key in _FLOAT_KEYS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{key} must be a non-negative number")
+        return float(value)
+    if key in _INT_KEYS:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{key} must be a positive integer")
+        return value
+    if key in _STR_KEYS:
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a string")
+        if key == "log_format" and value not in ("json", "text"):
+            raise ValueError("log_format must be \"json\" or \"text\"")
+        if key.endswith("_listen"):
+            parse_listen(value, key)
+        if key == "listen_address":
+            validate_host(value, key)
+        return value
+    raise ValueError(f"unknown key {key!r}")
+
+
+def apply_settings(settings: Settings, table: dict[str, Any], skip: set[str] = frozenset()) -> list[tuple[str, str]]:
+    """Apply top-level keys to settings; return ``[(key, error message)]``."""
+    errors: list[tuple[str, str]] = []
+    for key, value in table.items():
+        if key in skip:
+            continue
+        if key not in _SETTING_KEYS:
+            errors.append((key, f"unknown key {key!r}"))
+            continue
+        try:
+            setattr(settings, key, _check_setting(key, value))
+        except (ValueError, PortunusError) as exc:
+            errors.append((key, getattr(exc, "message", str(exc))))
+    return errors
+
+
+class ConfigError(Exception):
+    """A config file is invalid; ``errors`` are ``file:line: message`` strings."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def load_server_settings(data_dir: str, config_path: str | None) -> Settings:
+    """Settings for ``portunus-server``: defaults, then server.toml if present."""
+    settings = Settings(data_dir=os.path.abspath(data_dir))
+    settings.runtime_dir = resolve_runtime_dir(settings.data_dir)
+    path = config_path
+    if path is None:
+        for candidate in (os.path.join(settings.data_dir, "server.toml"), SYSTEM_CONFIG):
+            if os.path.exists(candidate):
+                path = candidate
+                break
+    if path is not None:
+        text = _read(path)
+        doc = _parse_toml(path, text)
+        errs = apply_settings(settings, doc)
+        if errs:
+            locator = _Locator(text)
+            raise ConfigError([f"{path}:{locator.top_key(k)}: {m}" for k, m in errs])
+    return settings
+
+
+# ------------------------------------------------------------- standalone
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
+
+
+def _parse_toml(path: str, text: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        msg = str(exc)
+        m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
+        line = m.group(1) if m else "1"
+        msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", msg)
+        raise ConfigError([f"{path}:{line}: TOML syntax error: {msg}"]) from None
+
+
+class _Locator:
+    """Find the line of a top-level key or of a key inside the n-th [[rule]]."""
+
+    _HEADER = re.compile(r"^\s*\[\[\s*rule\s*\]\]")
+    _TABLE = re.compile(r"^\s*\[")
+    _KEY = re.compile(r"^\s*([A-Za-z0-9_\-\"']+)\s*=")
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+        self.rule_starts = [i + 1 for i, ln in enumerate(self.lines) if self._HEADER.match(ln)]
+
+    def top_key(self, key: str) -> int:
+        for i, ln in enumerate(self.lines):
+            if self._TABLE.match(ln):
+                break
+            m = self._KEY.match(ln)
+            if m and m.group(1).strip("\"'") == key:
+                return i + 1
+        return 1
+
+    def rule_key(self, index: int, key: str | None) -> int:
+        if index >= len(self.rule_starts):
+            return 1
+        start = self.rule_starts[index]
+        if key is None:
+            return start
+        for i in range(start, len(self.lines)):
+            ln = self.lines[i]
+            if self._TABLE.match(ln):
+                break
+            m = self._KEY.match(ln)
+            if m and m.group(1).strip("\"'") == key:
+                return i + 1
+        return start
+
+
+_RULE_KEYS = {
+    "name", "protocol", "listen_port", "listen_ports", "target", "targets", "sni",
+    "proxy_protocol", "prefer_ipv6", "rate_limit", "health_check_interval_secs",
+}
+_TARGET_KEYS = {"host", "port", "port_end", "ports", "priority", "proxy_protocol"}
+
+
+def _rule_from_table(t: dict[str, Any], max_ports: int) -> tuple[Rule | None, list[tuple[str | None, str]]]:
+    """Build one standalone rule; return it or the ``(key, message)`` errors."""
+    errs: list[tuple[str | None, str]] = []
+    for key in t:
+        if key not in _RULE_KEYS:
+            errs.append((key, f"unknown key {key!r} in [[rule]]"))
+    name = t.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name or ""):
+        errs.append(("name" if "name" in t else None,
+                     "every [[rule]] needs name = \"...\" (letters, digits, _ . -; at most 64)"))
+    protocol = t.get("protocol", "tcp")
+    if "listen_port" in t and "listen_ports" in t:
+        errs.append(("listen_ports", "give listen_port or listen_ports, not both"))
+    listen: tuple[int, int] | None = None
+    try:
+        if "listen_port" in t:
+            v = t["listen_port"]
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise PortunusError("validation.port", "listen_port must be a number; use listen_ports = \"LO-HI\" for a range")
+            listen = parse_port_range(v, "listen_port")
+        elif "listen_ports" in t:
+            listen = parse_port_range(t["listen_ports"] if isinstance(t["listen_ports"], str) else str(t["listen_ports"]), "listen_ports")
+        else:
+            errs.append((None, "[[rule]] needs listen_port = PORT or listen_ports = \"LO-HI\""))
+    except PortunusError as exc:
+        errs.append(("listen_port" if "listen_port" in t else "listen_ports", exc.message))
+    targets: list[Target] = []
+    if "target" in t and "targets" in t:
+        errs.append(("targets", "give target or targets, not both"))
+    try:
+        if "target" in t:
+            if not isinstance(t["target"], str):
+                raise PortunusError("validation.target", "target must be \"host:port\"")
+            targets.append(parse_target(t["target"]))
+        elif "targets" in t:
+            raw = t["targets"]
+            if not isinstance(raw, list) or not raw:
+                raise PortunusError("validation.targets", "targets must be a non-empty list of {host, port, priority}")
+            for i, item in enumerate(raw):
+                targets.append(_target_from_table(item, i))
+        else:
+            errs.append((None, "[[rule]] needs target = \"host:port\" or targets = [...]"))
+    except PortunusError as exc:
+        errs.append(("target" if "target" in t else "targets", exc.message))
+    pp = t.get("proxy_protocol")
+    if pp is not None and pp not in PROXY_VERSIONS:
+        errs.append(("proxy_protocol", "proxy_protocol must be \"v1\" or \"v2\""))
+        pp = None
+    if errs or listen is None:
+        return None, errs
+    try:
+        rule = build_rule(
+            id=name,
+            protocol=protocol,
+            listen=listen,
+            targets=targets,
+            sni=t.get("sni"),
+            proxy_protocol=pp,
+            prefer_ipv6=bool(t.get("prefer_ipv6", False)),
+            rate_limit=t.get("rate_limit"),
+            health_check_interval_secs=float(t.get("health_check_interval_secs", 5.0)),
+            range_max_ports=max_ports,
+        )
+    except PortunusError as exc:
+        field_map = {"protocol": "protocol", "sni_pattern": "sni", "listen": "listen_ports" if "listen_ports" in t else "listen_port"}
+        key = exc.details.get("field")
+        key = field_map.get(key, key) if isinstance(key, str) else None
+        if key is not None and key not in t:
+            key = "target" if key == "targets" and "target" in t else (key if key in t else None)
+        return None, [(key, f"{exc.code}: {exc.message}")]
+    return rule, []
+
+
+def _target_from_table(item: Any, i: int) -> Target:
+    if not isinstance(item, dict):
+        raise PortunusError("validation.targets", f"targets[{i}] must be a table {{host=..., port=...}}")
+    unknown = set(item) - _TARGET_KEYS
+    if unknown:
+        raise PortunusError("validation.targets", f"targets[{i}] has unknown key(s) {', '.join(sorted(unknown))}")
+    if "host" not in item or ("port" not in item and "ports" not in item):
+        raise PortunusError("validation.targets", f"targets[{i}] needs host and port")
+    host = validate_host(str(item["host"]))
+    if "ports" in item:
+        lo, hi = parse_port_range(str(item["ports"]), f"targets[{i}].ports")
+    else:
+        lo, hi = parse_port_range(item["port"], f"targets[{i}].port")
+        if "port_end" in item:
+            hi = parse_port_range(item["port_end"], f"targets[{i}].port_end")[0]
+    prio = item.get("priority", 1)
+    if isinstance(prio, bool) or not isinstance(prio, int) or prio < 1:
+        raise PortunusError("validation.priority", f"targets[{i}].priority must be a positive integer")
+    pp = item.get("proxy_protocol")
+    if pp is not None and pp not in PROXY_VERSIONS:
+        raise PortunusError("validation.proxy_protocol", f"targets[{i}].proxy_protocol must be \"v1\" or \"v2\"")
+    return Target(host=host, port=lo, port_end=hi if hi != lo else None, priority=prio, proxy_protocol=pp)
+
+
+def load_standalone(path: str) -> tuple[Settings, list[Rule]]:
+    """Parse and validate a standalone TOML file; raise ConfigError listing all errors."""
+    text = _read(path)
+    doc = _parse_toml(path, text)
+    loc = _Locator(text)
+    settings = Settings(data_dir=os.path.abspath(os.path.dirname(path) or "."))
+    errors: list[str] = []
+    for key, msg in apply_settings(settings, doc, skip={"rule", "shards"}):
+        errors.append(f"{path}:{loc.top_key(key)}: {msg}")
+    if "shards" in doc:
+        v = doc["shards"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            errors.append(f"{path}:{loc.top_key('shards')}: shards must be a non-negative integer")
+        else:
+            settings.shards = v
+    raw_rules = doc.get("rule", [])
+    if not isinstance(raw_rules, list):
+        errors.append(f"{path}:{loc.top_key('rule')}: rule must be an array of tables: write [[rule]]")
+        raw_rules = []
+    rules: list[Rule] = []
+    seen_names: dict[str, int] = {}
+    for i, table in enumerate(raw_rules):
+        rule, errs = _rule_from_table(table, settings.range_rule_max_ports)
+        for key, msg in errs:
+            errors.append(f"{path}:{loc.rule_key(i, key)}: {msg}")
+        if rule is None:
+            continue
+        if rule.id in seen_names:
+            errors.append(f"{path}:{loc.rule_key(i, 'name')}: duplicate rule name {rule.id!r} (first at rule #{seen_names[rule.id] + 1})")
+            continue
+        seen_names[rule.id] = i
+        rules.append(rule)
+    # Port slots: overlapping ports on one protocol conflict, except SNI rules sharing a port.
+    for i, a in enumerate(rules):
+        for b in rules[:i]:
+            if a.protocol != b.protocol or a.listen_end < b.listen_start or b.listen_end < a.listen_start:
+                continue
+            both_single = not a.is_range and not b.is_range
+            if both_single and (a.sni or b.sni):
+                if a.sni is None and b.sni is None:
+                    pass  # two fallbacks: conflict below
+                elif a.sni is not None and a.sni == b.sni:
+                    pass
+                else:
+                    continue
+            idx = raw_rules.index(next(t for t in raw_rules if t.get("name") == a.id))
+            errors.append(
+                f"{path}:{loc.rule_key(idx, 'listen_port' if 'listen_port' in raw_rules[idx] else 'listen_ports')}: "
+                f"port_conflict: rule {a.id!r} overlaps the ports of rule {b.id!r} on {a.protocol}"
+            )
+    if errors:
+        raise ConfigError(errors)
+    settings.runtime_dir = os.environ.get("PORTUNUS_RUNTIME_DIR") or ""
+    return settings, rules

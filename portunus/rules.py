@@ -1,0 +1,398 @@
+"""The forwarding rule: one model for every rule source and every process.
+
+A ``Rule`` is what the supervisor binds and what a shard serves, whether it came
+from a standalone TOML file, the server's SQLite store or a remote server link.
+It travels between processes as a plain dict (``to_wire``/``from_wire``); parsing
+and validation of operator input (``"30000-30099"``, ``"host:port@2"``) live here
+too so that the CLI, the HTTP API and the TOML loader reject the same things with
+the same ``validation.*`` codes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from portunus.errors import ValidationError
+
+MAX_TARGETS = 8
+DEFAULT_RANGE_MAX_PORTS = 1024
+PROTOCOLS = ("tcp", "udp")
+PROXY_VERSIONS = ("v1", "v2")
+RATE_LIMIT_KEYS = (
+    "bandwidth_in_bps",
+    "bandwidth_out_bps",
+    "new_connections_per_sec",
+    "concurrent_connections",
+)
+RATE_LIMIT_ALL_KEYS = RATE_LIMIT_KEYS + tuple(f"{k}_burst" for k in RATE_LIMIT_KEYS)
+
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One upstream.  ``port_end`` is set only for port-range rules."""
+
+    host: str
+    port: int
+    priority: int = 1
+    port_end: int | None = None
+    proxy_protocol: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The ``target`` metric label: ``host:port`` (IPv6 in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.port_end is not None and self.port_end != self.port:
+            return f"{host}:{self.port}-{self.port_end}"
+        return f"{host}:{self.port}"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "port": self.port,
+            "port_end": self.port_end,
+            "priority": self.priority,
+            "proxy_protocol": self.proxy_protocol,
+        }
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Target:
+        return cls(
+            host=d["host"],
+            port=int(d["port"]),
+            priority=int(d.get("priority", 1)),
+            port_end=d.get("port_end"),
+            proxy_protocol=d.get("proxy_protocol"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A validated rule as the data plane sees it.
+
+    ``id`` is the metric label ``rule``: the numeric id on a server or client, the
+    ``name`` in standalone mode.  ``listen_start == listen_end`` for one port.
+    """
+
+    id: str
+    protocol: str
+    listen_start: int
+    listen_end: int
+    targets: tuple[Target, ...]
+    client: str = "local"
+    owner: str = ""
+    sni: str | None = None
+    proxy_protocol: str | None = None
+    prefer_ipv6: bool = False
+    rate_limit: dict[str, int] | None = None
+    health_check_interval_secs: float = 5.0
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def is_range(self) -> bool:
+        return self.listen_end != self.listen_start
+
+    @property
+    def ports(self) -> range:
+        return range(self.listen_start, self.listen_end + 1)
+
+    def listener_keys(self) -> list[str]:
+        """Keys of the listening sockets this rule needs, e.g. ``tcp/8080``."""
+        return [f"{self.protocol}/{p}" for p in self.ports]
+
+    def binding(self) -> tuple[str, int, int]:
+        """What decides the bound sockets; a change here means unbind + rebind."""
+        return (self.protocol, self.listen_start, self.listen_end)
+
+    def with_changes(self, **kw: Any) -> Rule:
+        return replace(self, **kw)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "client": self.client,
+            "owner": self.owner,
+            "protocol": self.protocol,
+            "listen_start": self.listen_start,
+            "listen_end": self.listen_end,
+            "targets": [t.to_wire() for t in self.targets],
+            "sni": self.sni,
+            "proxy_protocol": self.proxy_protocol,
+            "prefer_ipv6": self.prefer_ipv6,
+            "rate_limit": self.rate_limit,
+            "health_check_interval_secs": self.health_check_interval_secs,
+        }
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Rule:
+        return cls(
+            id=str(d["id"]),
+            client=d.get("client", "local"),
+            owner=d.get("owner", "") or "",
+            protocol=d["protocol"],
+            listen_start=int(d["listen_start"]),
+            listen_end=int(d["listen_end"]),
+            targets=tuple(Target.from_wire(t) for t in d["targets"]),
+            sni=d.get("sni"),
+            proxy_protocol=d.get("proxy_protocol"),
+            prefer_ipv6=bool(d.get("prefer_ipv6", False)),
+            rate_limit=d.get("rate_limit") or None,
+            health_check_interval_secs=float(d.get("health_check_interval_secs", 5.0)),
+        )
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def parse_port(text: str | int, what: str = "port") -> int:
+    """Parse one port number 1..65535."""
+    if isinstance(text, bool):
+        raise ValidationError("validation.port", f"{what} must be a number 1-65535", field=what)
+    if isinstance(text, int):
+        value = text
+    else:
+        s = text.strip()
+        if not s.isdigit():
+            raise ValidationError(
+                "validation.port", f"{what} {text!r} is not a number 1-65535", field=what
+            )
+        value = int(s)
+    if not 1 <= value <= 65535:
+        raise ValidationError("validation.port", f"{what} {value} is outside 1-65535", field=what)
+    return value
+
+
+def parse_port_range(text: str | int, what: str = "listen") -> tuple[int, int]:
+    """Parse ``PORT`` or ``LO-HI`` into ``(lo, hi)`` with ``lo <= hi``."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        p = parse_port(text, what)
+        return p, p
+    if not isinstance(text, str):
+        raise ValidationError("validation.port", f"{what} must be PORT or LO-HI", field=what)
+    s = text.strip()
+    if "-" in s:
+        lo_s, _, hi_s = s.partition("-")
+        lo, hi = parse_port(lo_s, what), parse_port(hi_s, what)
+        if lo > hi:
+            raise ValidationError(
+                "validation.port_range",
+                f"{what} range {s!r} is reversed: write LO-HI with LO <= HI",
+                field=what,
+            )
+        return lo, hi
+    p = parse_port(s, what)
+    return p, p
+
+
+def validate_host(host: str, what: str = "target host") -> str:
+    """Accept an IPv4/IPv6 literal or a DNS name; return it normalised."""
+    h = host.strip()
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+    if not h:
+        raise ValidationError("validation.target_host", f"{what} is empty", field="host")
+    try:
+        return str(ipaddress.ip_address(h))
+    except ValueError:
+        pass
+    name = h[:-1] if h.endswith(".") else h
+    if len(name) > 253 or not all(_HOST_LABEL.match(lbl) for lbl in name.split(".")):
+        raise ValidationError(
+            "validation.target_host",
+            f"{what} {host!r} is neither an IP address nor a valid DNS name",
+            field="host",
+        )
+    return name.lower()
+
+
+def split_host_port(text: str, what: str = "target") -> tuple[str, str]:
+    """Split ``host:port`` / ``[v6]:port`` / ``host:LO-HI`` into host and port text."""
+    s = text.strip()
+    if s.startswith("["):
+        end = s.find("]")
+        if end < 0 or s[end + 1 : end + 2] != ":":
+            raise ValidationError(
+                "validation.target", f"{what} {text!r}: write [IPv6]:PORT", field=what
+            )
+        return s[1:end], s[end + 2 :]
+    host, sep, port = s.rpartition(":")
+    if not sep or not host:
+        raise ValidationError(
+            "validation.target", f"{what} {text!r} must be HOST:PORT", field=what
+        )
+    if ":" in host:
+        raise ValidationError(
+            "validation.target",
+            f"{what} {text!r}: put an IPv6 address in brackets, e.g. [::1]:80",
+            field=what,
+        )
+    return host, port
+
+
+def parse_target(text: str, what: str = "target") -> Target:
+    """Parse ``host:port``, ``host:LO-HI`` or ``host:port@priority``."""
+    s = text.strip()
+    priority = 1
+    if "@" in s:
+        s, _, prio = s.rpartition("@")
+        if not prio.isdigit() or int(prio) < 1:
+            raise ValidationError(
+                "validation.priority",
+                f"{what} {text!r}: priority after @ must be a positive integer",
+                field=what,
+            )
+        priority = int(prio)
+    host, port_text = split_host_port(s, what)
+    lo, hi = parse_port_range(port_text, what)
+    return Target(
+        host=validate_host(host),
+        port=lo,
+        port_end=hi if hi != lo else None,
+        priority=priority,
+    )
+
+
+def validate_sni_pattern(pattern: str | None) -> str | None:
+    """Exact host name or single-label wildcard ``*.example.com``; ``None`` = fallback."""
+    if pattern is None:
+        return None
+    p = pattern.strip().lower().rstrip(".")
+    if p == "" or p == "*":
+        raise ValidationError(
+            "validation.sni_pattern",
+            "SNI pattern must be a host name or *.domain; omit --sni for the fallback rule",
+            field="sni_pattern",
+        )
+    body = p[2:] if p.startswith("*.") else p
+    if "*" in body or not all(_HOST_LABEL.match(lbl) for lbl in body.split(".")):
+        raise ValidationError(
+            "validation.sni_pattern",
+            f"SNI pattern {pattern!r} must be an exact name or a single-label wildcard like *.example.com",
+            field="sni_pattern",
+        )
+    return p
+
+
+def validate_rate_limit(raw: dict[str, Any] | None) -> dict[str, int] | None:
+    if not raw:
+        return None
+    out: dict[str, int] = {}
+    for key, value in raw.items():
+        if key not in RATE_LIMIT_ALL_KEYS:
+            raise ValidationError(
+                "validation.rate_limit",
+                f"unknown rate_limit key {key!r}; known: {', '.join(RATE_LIMIT_ALL_KEYS)}",
+                field=f"rate_limit.{key}",
+            )
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValidationError(
+                "validation.rate_limit",
+                f"rate_limit.{key} must be a positive integer",
+                field=f"rate_limit.{key}",
+            )
+        out[key] = value
+    return out or None
+
+
+def build_rule(
+    *,
+    id: str,
+    protocol: str,
+    listen: tuple[int, int],
+    targets: list[Target],
+    client: str = "local",
+    owner: str = "",
+    sni: str | None = None,
+    proxy_protocol: str | None = None,
+    prefer_ipv6: bool = False,
+    rate_limit: dict[str, Any] | None = None,
+    health_check_interval_secs: float = 5.0,
+    range_max_ports: int = DEFAULT_RANGE_MAX_PORTS,
+) -> Rule:
+    """Validate the cross-field constraints and return a ``Rule``.
+
+    Every rule source funnels through here, so the same input is refused with the
+    same code whether it arrives from TOML, the CLI or HTTP.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValidationError(
+            "validation.protocol", f"protocol {protocol!r} must be tcp or udp", field="protocol"
+        )
+    lo, hi = listen
+    count = hi - lo + 1
+    if count > range_max_ports:
+        raise ValidationError(
+            "validation.range_too_large",
+            f"range {lo}-{hi} spans {count} ports; the limit is range_rule_max_ports = {range_max_ports}",
+            field="listen",
+        )
+    if not targets:
+        raise ValidationError("validation.targets", "a rule needs at least one target", field="targets")
+    if len(targets) > MAX_TARGETS:
+        raise ValidationError(
+            "validation.targets",
+            f"a rule takes at most {MAX_TARGETS} targets, got {len(targets)}",
+            field="targets",
+        )
+    fixed: list[Target] = []
+    for t in targets:
+        t_lo, t_hi = t.port, t.port_end if t.port_end is not None else t.port
+        if lo != hi or t_lo != t_hi:
+            if (t_hi - t_lo) != (hi - lo):
+                raise ValidationError(
+                    "validation.range_length_mismatch",
+                    f"listen range {lo}-{hi} has {count} ports but target {t.label} has {t_hi - t_lo + 1}",
+                    field="targets",
+                )
+            t = replace(t, port_end=t_hi)
+        if t.proxy_protocol is not None and t.proxy_protocol not in PROXY_VERSIONS:
+            raise ValidationError(
+                "validation.proxy_protocol",
+                f"proxy_protocol {t.proxy_protocol!r} must be v1 or v2",
+                field="proxy_protocol",
+            )
+        if t.priority < 1:
+            raise ValidationError(
+                "validation.priority", "target priority must be >= 1", field="targets"
+            )
+        fixed.append(t)
+    if proxy_protocol is not None and proxy_protocol not in PROXY_VERSIONS:
+        raise ValidationError(
+            "validation.proxy_protocol",
+            f"proxy_protocol {proxy_protocol!r} must be v1 or v2",
+            field="proxy_protocol",
+        )
+    sni = validate_sni_pattern(sni)
+    if sni is not None and (protocol != "tcp" or lo != hi):
+        raise ValidationError(
+            "validation.sni_on_unsupported_rule",
+            "SNI routing works only on single-port TCP rules (not UDP, not port ranges)",
+            field="sni_pattern",
+        )
+    if health_check_interval_secs <= 0:
+        raise ValidationError(
+            "validation.health_check_interval_secs",
+            "health_check_interval_secs must be > 0",
+            field="health_check_interval_secs",
+        )
+    fixed.sort(key=lambda t: t.priority)
+    return Rule(
+        id=str(id),
+        client=client,
+        owner=owner or "",
+        protocol=protocol,
+        listen_start=lo,
+        listen_end=hi,
+        targets=tuple(fixed),
+        sni=sni,
+        proxy_protocol=proxy_protocol,
+        prefer_ipv6=prefer_ipv6,
+        rate_limit=validate_rate_limit(rate_limit),
+        health_check_interval_secs=health_check_interval_secs,
+    )
