@@ -1,0 +1,139 @@
+"""``portunus-standalone``: forward from a TOML file, no control plane.
+
+    portunus-standalone --check --config F   validate (exit 0 ok, 2 invalid)
+    portunus-standalone --config F           run; SIGHUP re-reads F
+    portunus-standalone stats --config F     live per-rule counters
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import click
+
+from portunus import __version__
+from portunus.config import ConfigError, Settings, load_standalone
+
+DEFAULT_CONFIG = "/etc/portunus/standalone.toml"
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", envvar="PORTUNUS_CONFIG", default=DEFAULT_CONFIG,
+              show_default=True, help="Standalone TOML file ([[rule]] tables).")
+@click.option("--check", is_flag=True, help="Validate the file and exit: 0 valid, 2 invalid (file:line: reason).")
+@click.option("--shards", type=click.IntRange(min=1), default=None,
+              help="Data-plane processes (default: one per CPU, or `shards` in the file).")
+@click.version_option(__version__, prog_name="portunus-standalone")
+@click.pass_context
+def main(ctx: click.Context, config_path: str, check: bool, shards: int | None) -> None:
+    """Forward TCP/UDP ports from a TOML file, with no server.
+
+    \b
+    Example forward.toml:
+        metrics_listen = "127.0.0.1:7081"
+        [[rule]]
+        name = "web"
+        listen_port = 8080
+        target = "10.0.0.5:80"
+    \b
+    Run it:   portunus-standalone --config forward.toml
+    Reload:   kill -HUP <pid>     (applies only the difference)
+    Counters: portunus-standalone stats --config forward.toml --watch
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config_path
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        settings, rules = load_standalone(config_path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            click.echo(line, err=True)
+        click.echo(f"{config_path}: {len(exc.errors)} error(s); nothing started", err=True)
+        sys.exit(2)
+    if check:
+        click.echo(f"{config_path}: ok ({len(rules)} rule(s))")
+        return
+    if shards:
+        settings.shards = shards
+    sys.exit(run(config_path, settings, rules))
+
+
+def run(config_path: str, settings: Settings, rules: list) -> int:  # type: ignore[type-arg]
+    from portunus.supervisor.bootstrap import prepare_metrics_dir, prepare_process
+
+    prepare_process("portunus: supervisor (standalone)", settings.log_format, settings.log_level)
+    runtime = os.environ.get("PORTUNUS_RUNTIME_DIR") or os.environ.get("RUNTIME_DIRECTORY")
+    metrics_dir = prepare_metrics_dir(runtime)
+    settings.runtime_dir = runtime or os.path.dirname(metrics_dir)
+
+    from portunus.supervisor.arbiter import Supervisor
+    from portunus.supervisor.children import Child
+    from portunus.supervisor.sources import TomlSource
+    from portunus.web.metrics import run_metrics
+
+    _banner(config_path, settings, rules)
+    services = [Child(name="metrics", title="portunus: metrics", entry=lambda _s: run_metrics(settings))]
+    sup = Supervisor(
+        shards=settings.shard_count(),
+        listen_address=settings.listen_address,
+        shard_settings=shard_settings(settings),
+        drain_secs=settings.shutdown_drain_timeout_secs,
+        metrics_dir=metrics_dir,
+        source=TomlSource(config_path, initial=rules),
+        services=services,
+    )
+    try:
+        return sup.run()
+    finally:
+        if not runtime:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def shard_settings(settings: Settings, client: str = "local") -> dict[str, object]:
+    return {
+        "client": client,
+        "connect_timeout_secs": settings.connect_timeout_secs,
+        "shutdown_drain_timeout_secs": settings.shutdown_drain_timeout_secs,
+        "udp_flow_idle_secs": settings.udp_flow_idle_secs,
+        "udp_max_flows": settings.udp_max_flows,
+        "use_splice": os.environ.get("PORTUNUS_NO_SPLICE") != "1",
+        "shards": settings.shard_count(),
+        "runtime_dir": settings.runtime_dir,
+    }
+
+
+def _banner(path: str, settings: Settings, rules: list) -> None:  # type: ignore[type-arg]
+    lines = [f"portunus-standalone {__version__}: {len(rules)} rule(s) from {path}, "
+             f"{settings.shard_count()} shard(s), listening on {settings.listen_address}"]
+    for r in rules:
+        listen = str(r.listen_start) if not r.is_range else f"{r.listen_start}-{r.listen_end}"
+        extra = f" sni={r.sni}" if r.sni else ""
+        lines.append(f"  {r.id}: {r.protocol} {listen} -> {', '.join(t.label for t in r.targets)}{extra}")
+    lines.append(f"  metrics: http://{settings.metrics_listen}/metrics   (stats: portunus-standalone stats --config {path})")
+    click.echo("\n".join(lines), err=True)
+
+
+@main.command()
+@click.option("--config", "config_path", default=None, help="Standalone TOML file (to find metrics_listen).")
+@click.option("--watch", is_flag=True, help="Refresh every second with rates.")
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Refresh interval for --watch.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.pass_context
+def stats(ctx: click.Context, config_path: str | None, watch: bool, interval: float, fmt: str) -> None:
+    """Live per-rule counters: bytes in/out, connections, rates.
+
+    Reads the running instance's /metrics (metrics_listen in the file).
+    """
+    from portunus.cli.standalone_stats import show_stats
+
+    path = config_path or ctx.obj["config"]
+    try:
+        settings, _rules = load_standalone(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            click.echo(line, err=True)
+        sys.exit(2)
+    sys.exit(show_stats(settings.metrics_listen, watch, interval, fmt))

@@ -1,0 +1,301 @@
+"""Moving bytes one way between two non-blocking sockets.
+
+``SplicePump`` is the zero-copy path: ``splice(2)`` from the source socket into a
+pipe and from the pipe into the destination, so payload never enters userspace.
+``CopyPump`` is the fallback (``recv_into`` a preallocated buffer + ``send``),
+used where splice is unavailable or when a rule caps bandwidth.  Both are driven
+by the event loop's level-triggered readiness callbacks and apply backpressure
+symmetrically: while the destination is full the source is not read, so a slow
+reader never makes a shard's memory grow.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1024 * 1024
+CHUNK = PIPE_SIZE
+FLUSH_EVERY = 64 * 1024
+COPY_BUF = 256 * 1024
+HAVE_SPLICE = hasattr(os, "splice")
+
+_FATAL = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
+
+
+class PipePool:
+    """Reuse drained pipes: a pipe() + F_SETPIPE_SZ per connection is measurable
+    on the short-connection path, and an empty pipe costs no buffer pages."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self.free: list[tuple[int, int]] = []
+        self.limit = limit
+        self.size = PIPE_SIZE
+
+    def get(self) -> tuple[int, int]:
+        if self.free:
+            return self.free.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(w, F_SETPIPE_SZ, self.size)
+        except OSError:
+            # Over the per-user pipe budget (fs.pipe-user-pages-soft): keep the default.
+            self.size = 64 * 1024
+        return r, w
+
+    def put(self, pipe: tuple[int, int], clean: bool) -> None:
+        if clean and len(self.free) < self.limit:
+            self.free.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+
+class Pump:
+    """One direction of a relay; subclasses move the bytes."""
+
+    __slots__ = (
+        "loop", "src", "dst", "sfd", "dfd", "owner", "account", "unflushed",
+        "reading", "writing", "eof", "done", "paused",
+    )
+
+    def __init__(self, loop: Any, src: socket.socket, dst: socket.socket, owner: Any,
+                 account: Callable[[int], None]) -> None:
+        self.loop = loop
+        self.src = src
+        self.dst = dst
+        self.sfd = src.fileno()
+        self.dfd = dst.fileno()
+        self.owner = owner  # the relay: told when this direction finishes or fails
+        self.account = account  # called with byte counts, at most every FLUSH_EVERY
+        self.unflushed = 0
+        self.reading = False
+        self.writing = False
+        self.eof = False
+        self.done = False
+        self.paused = False  # paused by a rate limiter
+
+    def start(self) -> None:
+        self.reading = True
+        self.loop.add_reader(self.sfd, self.on_readable)
+
+    def stop_reading(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.loop.remove_reader(self.sfd)
+
+    def stop_writing(self) -> None:
+        if self.writing:
+            self.writing = False
+            self.loop.remove_writer(self.dfd)
+
+    def wait_writable(self) -> None:
+        self.stop_reading()
+        if not self.writing:
+            self.writing = True
+            self.loop.add_writer(self.dfd, self.on_writable)
+
+    def flush_counter(self) -> None:
+        if self.unflushed:
+            n, self.unflushed = self.unflushed, 0
+            self.account(n)
+
+    def finish(self) -> None:
+        """Source hit EOF and everything was delivered: pass the half-close on."""
+        self.stop_reading()
+        self.stop_writing()
+        self.flush_counter()
+        self.done = True
+        try:
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.owner.pump_done(self)
+
+    def fail(self, exc: BaseException | None) -> None:
+        self.stop_reading()
+        self.stop_writing()
+        self.flush_counter()
+        self.done = True
+        self.owner.pump_failed(self, exc)
+
+    def close(self) -> None:
+        self.stop_reading()
+        self.stop_writing()
+        self.flush_counter()
+
+    def on_readable(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def on_writable(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class SplicePump(Pump):
+    """socket -> pipe -> socket with splice(2)."""
+
+    __slots__ = ("pool", "pipe", "pending")
+
+    def __init__(self, loop: Any, src: socket.socket, dst: socket.socket, owner: Any,
+                 account: Callable[[int], None], pool: PipePool) -> None:
+        super().__init__(loop, src, dst, owner, account)
+        self.pool = pool
+        self.pipe: tuple[int, int] | None = None  # allocated on first data: idle conns hold none
+        self.pending = 0
+
+    def on_readable(self) -> None:
+        if self.pipe is None:
+            self.pipe = self.pool.get()
+        r, w = self.pipe
+        splice = os.splice
+        while True:
+            try:
+                n = splice(self.sfd, w, CHUNK, flags=SPLICE_FLAGS)
+            except BlockingIOError:
+                return
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                self.fail(exc)
+                return
+            if n == 0:
+                self.eof = True
+                if self.pending == 0:
+                    self.finish()
+                else:
+                    self.wait_writable()
+                return
+            self.pending += n
+            self.unflushed += n
+            if self.unflushed >= FLUSH_EVERY:
+                self.flush_counter()
+            # Drain the pipe into the destination.
+            while self.pending:
+                try:
+                    m = splice(r, self.dfd, self.pending, flags=SPLICE_FLAGS)
+                except BlockingIOError:
+                    self.wait_writable()
+                    return
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    self.fail(exc)
+                    return
+                self.pending -= m
+            if n < CHUNK:
+                # The socket was drained at that moment; level-triggered readiness
+                # calls us again when more arrives (saves one EAGAIN syscall).
+                return
+
+    def on_writable(self) -> None:
+        assert self.pipe is not None
+        r = self.pipe[0]
+        while self.pending:
+            try:
+                m = os.splice(r, self.dfd, self.pending, flags=SPLICE_FLAGS)
+            except BlockingIOError:
+                return
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                self.fail(exc)
+                return
+            self.pending -= m
+        self.stop_writing()
+        if self.eof:
+            self.finish()
+        elif not self.paused:
+            self.start()
+
+    def close(self) -> None:
+        super().close()
+        if self.pipe is not None:
+            self.pool.put(self.pipe, clean=self.pending == 0)
+            self.pipe = None
+
+
+class CopyPump(Pump):
+    """recv_into + send through a preallocated userspace buffer."""
+
+    __slots__ = ("buf", "view", "start_pos", "end_pos", "limiter")
+
+    def __init__(self, loop: Any, src: socket.socket, dst: socket.socket, owner: Any,
+                 account: Callable[[int], None], limiter: Any = None) -> None:
+        super().__init__(loop, src, dst, owner, account)
+        self.buf: bytearray | None = None
+        self.view: memoryview | None = None
+        self.start_pos = 0
+        self.end_pos = 0
+        self.limiter = limiter  # optional: .grant(n) -> (allowed, delay)
+
+    def on_readable(self) -> None:
+        if self.buf is None:
+            self.buf = bytearray(COPY_BUF)
+            self.view = memoryview(self.buf)
+        assert self.view is not None
+        want = COPY_BUF
+        if self.limiter is not None:
+            want, delay = self.limiter.grant(COPY_BUF)
+            if want <= 0:
+                self.stop_reading()
+                self.paused = True
+                self.loop.call_later(delay, self.resume)
+                return
+        try:
+            n = self.src.recv_into(self.view[:want])
+        except (BlockingIOError, InterruptedError):
+            if self.limiter is not None:
+                self.limiter.refund(want)
+            return
+        except OSError as exc:
+            self.fail(exc)
+            return
+        if self.limiter is not None and n < want:
+            self.limiter.refund(want - n)
+        if n == 0:
+            self.eof = True
+            self.finish()
+            return
+        self.unflushed += n
+        if self.unflushed >= FLUSH_EVERY:
+            self.flush_counter()
+        self.start_pos, self.end_pos = 0, n
+        self.on_writable_inner(from_read=True)
+
+    def resume(self) -> None:
+        if self.done:
+            return
+        self.paused = False
+        if not self.writing:
+            self.start()
+
+    def on_writable_inner(self, from_read: bool) -> None:
+        assert self.view is not None
+        while self.start_pos < self.end_pos:
+            try:
+                m = self.dst.send(self.view[self.start_pos : self.end_pos])
+            except (BlockingIOError, InterruptedError):
+                if from_read:
+                    self.wait_writable()
+                return
+            except OSError as exc:
+                self.fail(exc)
+                return
+            self.start_pos += m
+        if not from_read:
+            self.stop_writing()
+            if not self.paused:
+                self.start()
+
+    def on_writable(self) -> None:
+        self.on_writable_inner(from_read=False)
+
+
+def is_fatal(exc: BaseException) -> bool:
+    return isinstance(exc, _FATAL) or (isinstance(exc, OSError) and exc.errno in (errno.EPIPE, errno.ECONNRESET))

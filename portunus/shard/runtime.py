@@ -1,0 +1,179 @@
+"""Per-shard state: the rules a shard serves and what it shares across them.
+
+``RuleRuntime`` is one rule as seen by one shard: its meters, its open
+connections (so a removed rule can drain), its failover state and its optional
+rate limiters.  ``ShardContext`` holds what every connection needs from the shard
+(loop, pipe pool, resolver, timeouts) so that connection objects stay small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any
+
+from portunus.logs import log_event
+from portunus.rules import Rule, Target
+from portunus.shard import metrics as m
+from portunus.shard.pumps import PipePool
+from portunus.shard.tcp import is_ip
+
+
+class PortAccount:
+    """Byte and connection accounting for one port of a rule (or the whole rule)."""
+
+    __slots__ = ("rule", "port")
+
+    def __init__(self, rule: m.RuleMeters, port: m.PortMeters | None) -> None:
+        self.rule = rule
+        self.port = port
+
+    def add_in(self, n: int) -> None:
+        self.rule.bytes_in.inc(n)
+        if self.port is not None:
+            self.port.bytes_in.inc(n)
+
+    def add_out(self, n: int) -> None:
+        self.rule.bytes_out.inc(n)
+        if self.port is not None:
+            self.port.bytes_out.inc(n)
+
+    def opened(self) -> None:
+        self.rule.connections.inc()
+        self.rule.active.inc()
+        if self.port is not None:
+            self.port.connections.inc()
+            self.port.active.inc()
+
+    def closed(self) -> None:
+        self.rule.active.dec()
+        if self.port is not None:
+            self.port.active.dec()
+
+
+class RuleRuntime:
+    """One rule inside one shard."""
+
+    def __init__(self, ctx: ShardContext, rule: Rule) -> None:
+        self.ctx = ctx
+        self.rule = rule
+        self.meters = m.RuleMeters(rule.client, rule.id, rule.owner)
+        self.whole = PortAccount(self.meters, None)
+        self.accounts: list[PortAccount] = []
+        if rule.is_range:
+            self.accounts = [
+                PortAccount(self.meters, m.PortMeters(rule.client, rule.id, p)) for p in rule.ports
+            ]
+        self.conns: set[Any] = set()
+        self.draining = False
+        self.all_literal = all(is_ip(t.host) for t in rule.targets)
+        self.target_set: Any = None
+        self.health_task: asyncio.Task[None] | None = None
+        self.limiter_in: Any = None
+        self.limiter_out: Any = None
+        self.extra: dict[str, Any] = {}
+        self._setup_targets()
+
+    def _setup_targets(self) -> None:
+        rule = self.rule
+        for t in rule.targets:
+            m.TARGET_UP.labels(rule.client, rule.id, t.label).set(1)
+        if len(rule.targets) > 1:
+            try:
+                from portunus.shard.targets import TargetSet
+            except ImportError:
+                return
+            self.target_set = TargetSet(rule.targets, on_change=self._target_changed)
+
+    def _target_changed(self, target: Target, up: bool) -> None:
+        m.TARGET_UP.labels(self.rule.client, self.rule.id, target.label).set(1 if up else 0)
+        log_event("target.up" if up else "target.down", level="info" if up else "warning",
+                  rule=self.rule.id, target=target.label)
+        if not up:
+            self.ensure_health_loop()
+
+    def ensure_health_loop(self) -> None:
+        if self.target_set is None or (self.health_task and not self.health_task.done()):
+            return
+        self.health_task = self.ctx.spawn(
+            self.target_set.health_loop(self.rule.health_check_interval_secs, self._probe)
+        )
+
+    async def _probe(self, target: Target) -> bool:
+        from portunus.shard.targets import tcp_probe
+
+        try:
+            addrs = [target.host] if is_ip(target.host) else await self.ctx.resolver.resolve(
+                target.host, self.rule.prefer_ipv6)
+        except Exception:  # noqa: BLE001
+            return False
+        return await tcp_probe(addrs, target.port, self.ctx.connect_timeout)
+
+    # ---- hooks called by connections
+
+    def admit(self) -> bool:
+        """Admission control for new connections (rate limits hook in here)."""
+        return not self.draining
+
+    def target_connected(self, target: Target) -> None:
+        m.TARGET_CONNECTIONS.labels(self.rule.client, self.rule.id, target.label).inc()
+        if self.target_set is not None:
+            self.target_set.report_success(target)
+
+    def target_failed(self, target: Target) -> None:
+        m.TARGET_FAILURES.labels(self.rule.client, self.rule.id, target.label).inc()
+        if self.target_set is not None:
+            self.target_set.report_failure(target)
+
+    def connect_failed(self) -> None:
+        self.meters.connect_failures.inc()
+
+    def dns_failed(self, host: str, exc: BaseException) -> None:
+        m.DNS_FAILURES.labels(self.rule.client, self.rule.id).inc()
+        log_event("dns.resolve_failed", level="warning", rule=self.rule.id, host=host, error=str(exc))
+
+    def stop(self) -> None:
+        if self.health_task is not None:
+            self.health_task.cancel()
+            self.health_task = None
+
+    def close_all(self) -> None:
+        for conn in list(self.conns):
+            conn.close()
+
+
+class ShardContext:
+    """What connections need from their shard, in one small object."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, settings: dict[str, Any]) -> None:
+        self.loop = loop
+        self.settings = settings
+        self.connect_timeout = float(settings.get("connect_timeout_secs", 5.0))
+        self.use_splice = bool(settings.get("use_splice", True))
+        self.pipes = PipePool()
+        self._resolver: Any = None
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.on_drained: Any = None
+        self.on_accept_backoff: Any = None
+
+    @property
+    def resolver(self) -> Any:
+        if self._resolver is None:
+            from portunus.shard.dns import Resolver
+
+            self._resolver = Resolver()
+        return self._resolver
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def rule_drained(self, rt: RuleRuntime) -> None:
+        if self.on_drained is not None:
+            self.on_drained(rt)
+
+    def accept_backoff(self, lsock: Any) -> None:
+        if self.on_accept_backoff is not None:
+            self.on_accept_backoff(lsock)

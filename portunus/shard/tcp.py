@@ -1,0 +1,298 @@
+"""TCP forwarding inside a shard: accept, connect to a target, relay both ways.
+
+Everything here is callback-driven on the shard's event loop (no task per
+connection): a connection is accepted, a non-blocking connect is started to the
+best target, a failed connect falls through to the next candidate inside the same
+client connection, and once connected two pumps copy bytes (splice when the rule
+allows, userspace copy otherwise).  A *prelude* (PROXY protocol header, replayed
+ClientHello bytes) is written to the target before the pumps start.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from portunus.logs import log_event
+from portunus.shard.pumps import HAVE_SPLICE, CopyPump, SplicePump
+
+if TYPE_CHECKING:
+    from portunus.rules import Target
+    from portunus.shard.runtime import PortAccount, RuleRuntime, ShardContext
+
+ACCEPT_BATCH = 128
+_NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+class TcpConnection:
+    """One forwarded TCP connection, from accept to close."""
+
+    __slots__ = (
+        "ctx", "rt", "client", "account", "port_index", "prelude", "upstream",
+        "candidates", "pos", "timer", "pumps", "closed", "target", "tried_target", "target_failed",
+    )
+
+    def __init__(self, ctx: ShardContext, rt: RuleRuntime, client: socket.socket, port_index: int,
+                 prelude: bytes = b"") -> None:
+        self.ctx = ctx
+        self.rt = rt
+        self.client = client
+        self.port_index = port_index
+        self.account: PortAccount = rt.accounts[port_index] if rt.accounts else rt.whole
+        self.prelude = prelude
+        self.upstream: socket.socket | None = None
+        self.candidates: list[tuple[Target, str]] = []
+        self.pos = 0
+        self.timer: Any = None
+        self.pumps: tuple[Any, Any] | None = None
+        self.closed = False
+        self.target: Target | None = None
+        self.tried_target: Target | None = None
+        self.target_failed = False
+        rt.conns.add(self)
+        self.account.opened()
+
+    # --------------------------------------------------------------- connect
+
+    def start(self) -> None:
+        targets = self.rt.target_set.candidates() if self.rt.target_set else list(self.rt.rule.targets)
+        if self.rt.all_literal:
+            self.candidates = [(t, t.host) for t in targets]
+            self.try_next()
+        else:
+            self.ctx.spawn(self._resolve_then_connect(targets))
+
+    async def _resolve_then_connect(self, targets: Iterable[Target]) -> None:
+        cands: list[tuple[Target, str]] = []
+        for t in targets:
+            if is_ip(t.host):
+                cands.append((t, t.host))
+                continue
+            try:
+                addrs = await self.ctx.resolver.resolve(t.host, self.rt.rule.prefer_ipv6)
+            except Exception as exc:  # noqa: BLE001 - ResolveError or anything the resolver hit
+                self.rt.dns_failed(t.host, exc)
+                continue
+            cands.extend((t, a) for a in addrs)
+        if self.closed:
+            return
+        self.candidates = cands
+        self.try_next()
+
+    def try_next(self) -> None:
+        while self.pos < len(self.candidates):
+            target, ip = self.candidates[self.pos]
+            self.pos += 1
+            if self.tried_target is not target:
+                if self.tried_target is not None and self.target_failed:
+                    self.rt.target_failed(self.tried_target)
+                self.tried_target = target
+                self.target_failed = True
+            port = target.port + self.port_index
+            family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+            try:
+                up = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            except OSError as exc:
+                log_event("tcp.socket_failed", level="error", rule=self.rt.rule.id, error=str(exc))
+                break
+            err = up.connect_ex((ip, port))
+            if err == 0:
+                self.upstream = up
+                self.connected(target)
+                return
+            if err == errno.EINPROGRESS:
+                self.upstream = up
+                self.target = target
+                loop = self.ctx.loop
+                loop.add_writer(up.fileno(), self.on_connect_ready)
+                self.timer = loop.call_later(self.ctx.connect_timeout, self.on_connect_timeout)
+                return
+            up.close()
+            log_event("tcp.connect_failed", level="warning", rule=self.rt.rule.id,
+                      target=f"{ip}:{port}", error=errno.errorcode.get(err, str(err)))
+        if self.tried_target is not None and self.target_failed:
+            self.rt.target_failed(self.tried_target)
+            self.tried_target = None
+        self.rt.connect_failed()
+        self.close()
+
+    def on_connect_ready(self) -> None:
+        up = self.upstream
+        assert up is not None and self.target is not None
+        self.ctx.loop.remove_writer(up.fileno())
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        err = up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            log_event("tcp.connect_failed", level="warning", rule=self.rt.rule.id,
+                      target=self.target.label, error=errno.errorcode.get(err, str(err)))
+            up.close()
+            self.upstream = None
+            self.try_next()
+            return
+        self.connected(self.target)
+
+    def on_connect_timeout(self) -> None:
+        self.timer = None
+        up = self.upstream
+        if up is None or self.closed:
+            return
+        self.ctx.loop.remove_writer(up.fileno())
+        log_event("tcp.connect_failed", level="warning", rule=self.rt.rule.id,
+                  target=self.target.label if self.target else "?", error="timeout")
+        up.close()
+        self.upstream = None
+        self.try_next()
+
+    # ----------------------------------------------------------------- relay
+
+    def connected(self, target: Target) -> None:
+        up = self.upstream
+        assert up is not None
+        self.target = target
+        self.target_failed = False
+        self.rt.target_connected(target)
+        try:
+            up.setsockopt(*_NODELAY)
+        except OSError:
+            pass
+        pp = target.proxy_protocol or self.rt.rule.proxy_protocol
+        prelude = self.prelude
+        if pp:
+            from portunus.shard.proxyproto import build_header
+
+            try:
+                src = self.client.getpeername()[:2]
+                dst = self.client.getsockname()[:2]
+                prelude = build_header(pp, src, dst, "tcp") + prelude
+            except (OSError, ValueError) as exc:
+                log_event("proxy_protocol.failed", level="warning", rule=self.rt.rule.id, error=str(exc))
+                self.close()
+                return
+        if prelude:
+            self.prelude = prelude
+            self.write_prelude()
+        else:
+            self.start_pumps()
+
+    def write_prelude(self) -> None:
+        up = self.upstream
+        assert up is not None
+        while self.prelude:
+            try:
+                n = up.send(self.prelude)
+            except (BlockingIOError, InterruptedError):
+                self.ctx.loop.add_writer(up.fileno(), self._prelude_writable)
+                return
+            except OSError:
+                self.close()
+                return
+            self.prelude = self.prelude[n:]
+        self.start_pumps()
+
+    def _prelude_writable(self) -> None:
+        assert self.upstream is not None
+        self.ctx.loop.remove_writer(self.upstream.fileno())
+        self.write_prelude()
+
+    def start_pumps(self) -> None:
+        up = self.upstream
+        assert up is not None
+        loop = self.ctx.loop
+        acc = self.account
+        if HAVE_SPLICE and self.rt.limiter_in is None and self.ctx.use_splice:
+            a = SplicePump(loop, self.client, up, self, acc.add_in, self.ctx.pipes)
+            b = SplicePump(loop, up, self.client, self, acc.add_out, self.ctx.pipes)
+        else:
+            a = CopyPump(loop, self.client, up, self, acc.add_in, self.rt.limiter_in)
+            b = CopyPump(loop, up, self.client, self, acc.add_out, self.rt.limiter_out)
+        self.pumps = (a, b)
+        a.start()
+        b.start()
+
+    def pump_done(self, pump: Any) -> None:
+        assert self.pumps is not None
+        if self.pumps[0].done and self.pumps[1].done:
+            self.close()
+
+    def pump_failed(self, pump: Any, exc: BaseException | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        loop = self.ctx.loop
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.pumps is not None:
+            for p in self.pumps:
+                p.close()
+        up = self.upstream
+        if up is not None:
+            if self.pumps is None:
+                try:
+                    loop.remove_writer(up.fileno())
+                except (ValueError, OSError):
+                    pass
+            up.close()
+            self.upstream = None
+        self.client.close()
+        self.account.closed()
+        self.rt.conns.discard(self)
+        if self.rt.draining and not self.rt.conns:
+            self.ctx.rule_drained(self.rt)
+
+
+def accept_batch(ctx: ShardContext, lsock: socket.socket) -> list[socket.socket]:
+    """Accept up to ACCEPT_BATCH pending connections from a listening socket."""
+    out: list[socket.socket] = []
+    for _ in range(ACCEPT_BATCH):
+        try:
+            conn, _addr = lsock.accept()
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # Out of fds: leave the rest in the kernel queue and back off briefly.
+                ctx.accept_backoff(lsock)
+                log_event("tcp.accept_error", level="error", error=str(exc))
+            break
+        conn.setblocking(False)
+        try:
+            conn.setsockopt(*_NODELAY)
+        except OSError:
+            pass
+        out.append(conn)
+    return out
+
+
+class PlainTcpHandler:
+    """Serves one TCP port of one rule."""
+
+    __slots__ = ("ctx", "rt", "port_index")
+
+    def __init__(self, ctx: ShardContext, rt: RuleRuntime, port_index: int) -> None:
+        self.ctx = ctx
+        self.rt = rt
+        self.port_index = port_index
+
+    def on_accept(self, lsock: socket.socket) -> None:
+        for conn in accept_batch(self.ctx, lsock):
+            if not self.rt.admit():
+                conn.close()
+                continue
+            TcpConnection(self.ctx, self.rt, conn, self.port_index).start()

@@ -1,0 +1,111 @@
+"""Forked children of the supervisor: shards and services (control, web, metrics, link).
+
+``fork_child`` is the one place that forks.  The child resets inherited signal
+handling first, drops every fd it inherited from the supervisor (listening
+sockets in particular: a stray copy would keep a removed rule's port bound),
+names itself, and runs its entry point, which must never return.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from portunus import logs
+from portunus.supervisor.framing import Channel
+
+RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT, signal.SIGUSR1)
+BACKOFF_FIRST = 0.0  # the first restart is immediate: the accept queue is waiting
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 10.0
+STABLE_SECS = 30.0
+
+
+@dataclass
+class Child:
+    """A supervised process; ``name`` is its process label (``shard-0``, ``control``)."""
+
+    name: str
+    title: str
+    entry: Callable[[socket.socket | None], None]
+    wants_channel: bool = False
+    index: int = -1  # shard index, -1 for services
+    pid: int = 0
+    channel: Channel | None = None
+    started_at: float = 0.0
+    last_heartbeat: float = 0.0
+    ready: bool = False
+    restarts: int = 0
+    failures_in_row: int = 0
+    due_at: float | None = None  # when a dead child may be spawned again
+    halted: bool = False
+    info: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def alive(self) -> bool:
+        return self.pid > 0
+
+    def schedule_restart(self, now: float) -> float:
+        if now - self.started_at > STABLE_SECS:
+            self.failures_in_row = 0
+        if self.failures_in_row == 0:
+            delay = BACKOFF_FIRST
+        else:
+            delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (self.failures_in_row - 1))
+            delay *= random.uniform(0.8, 1.2)  # jitter: restarts of many children do not align
+        self.failures_in_row += 1
+        self.due_at = now + delay
+        return delay
+
+
+def fork_child(child: Child, cleanup: Callable[[socket.socket | None], None]) -> None:
+    """Fork ``child``; in the parent record pid and channel, in the child run it."""
+    parent_sock: socket.socket | None = None
+    child_sock: socket.socket | None = None
+    if child.wants_channel:
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for s in (parent_sock, child_sock):
+            s.set_inheritable(False)
+    pid = os.fork()
+    if pid == 0:  # ---------------------------------------------------- child
+        code = 1
+        try:
+            for sig in RESET_SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            signal.set_wakeup_fd(-1)
+            if parent_sock is not None:
+                os.close(parent_sock.detach())
+            cleanup(child_sock)
+            try:
+                import setproctitle
+
+                setproctitle.setproctitle(child.title)
+            except ImportError:
+                pass
+            logs.configure(process=child.name)
+            child.entry(child_sock)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException as exc:  # noqa: BLE001 - report, never return into the parent's code
+            logs.log_event("child.crashed", level="error", child=child.name, error=repr(exc))
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+    # ------------------------------------------------------------------ parent
+    if child_sock is not None:
+        child_sock.close()
+    child.pid = pid
+    child.channel = Channel(parent_sock) if parent_sock is not None else None
+    child.started_at = child.last_heartbeat = time.monotonic()
+    child.ready = False
+    child.due_at = None
