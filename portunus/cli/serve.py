@@ -1,0 +1,144 @@
+"""``portunus-server serve``: the appliance — supervisor, control, web, shards."""
+
+from __future__ import annotations
+
+import grp
+import os
+import secrets
+import socket
+import sys
+from typing import Any
+
+import click
+
+from portunus import __version__
+from portunus.config import ConfigError, Settings, load_server_settings, parse_listen
+from portunus.errors import EXIT_SCHEMA_TOO_NEW, PortunusError
+
+EX_CONFIG = 78
+
+
+@click.command()
+@click.option("--shards", type=click.IntRange(min=1), default=None,
+              help="Data-plane processes (default: one per CPU).")
+@click.pass_obj
+def serve(obj: Any, shards: int | None) -> None:
+    """Run the appliance: control process, HTTP API + UI, metrics and one shard per CPU.
+
+    \b
+    Developer run from a checkout (no root, data under ./var):
+        portunus-server --data-dir ./var serve
+    The first start writes an operator token to <data-dir>/operator.token.
+    Stop with Ctrl-C or SIGTERM (open connections drain first); SIGHUP reloads.
+    """
+    data_dir = obj.data_dir
+    try:
+        settings = load_server_settings(data_dir, obj.config)
+    except ConfigError as exc:
+        for line in exc.errors:
+            click.echo(f"error: config: {line}", err=True)
+        sys.exit(EX_CONFIG)
+    if shards:
+        settings.shards = shards
+    try:
+        prepare_dirs(settings)
+        from portunus.control.store import check_schema
+
+        check_schema(settings.db_path)
+    except PortunusError as exc:
+        click.echo(f"error: {exc.code}: {exc.message}", err=True)
+        sys.exit(EXIT_SCHEMA_TOO_NEW if exc.code == "schema_too_new" else 1)
+    except OSError as exc:
+        click.echo(f"error: cannot prepare {exc.filename}: {exc.strerror}", err=True)
+        sys.exit(1)
+    token_note = ensure_operator_token(settings)
+    sys.exit(run(settings, token_note))
+
+
+def prepare_dirs(settings: Settings) -> None:
+    for path in (settings.data_dir, settings.runtime_dir):
+        os.makedirs(path, mode=0o750, exist_ok=True)
+
+
+def _portunus_gid() -> int | None:
+    try:
+        return grp.getgrnam("portunus").gr_gid
+    except KeyError:
+        return None
+
+
+def ensure_operator_token(settings: Settings) -> str:
+    """First start: write a fresh operator token (0600; 0640 group portunus when
+    installed, so members of the group can use the CLI).  Returns a note for the banner."""
+    if settings.operator_token:
+        return "operator token: operator_token in server.toml"
+    path = settings.token_path
+    if not os.path.exists(path):
+        token = secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        gid = _portunus_gid()
+        if gid is not None:
+            try:
+                os.chown(path, -1, gid)
+                os.chmod(path, 0o640)
+            except OSError:
+                pass
+    return f"operator token: {path}   (export PORTUNUS_OPERATOR_TOKEN=$(cat {path}))"
+
+
+def _port_answers(listen: str) -> bool:
+    host, port = parse_listen(listen)
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def run(settings: Settings, token_note: str) -> int:
+    from portunus.supervisor.bootstrap import prepare_metrics_dir, prepare_process
+
+    prepare_process("portunus: supervisor", settings.log_format, settings.log_level)
+    prepare_metrics_dir(settings.runtime_dir)
+
+    from portunus.cli.standalone import shard_settings
+    from portunus.supervisor.arbiter import Supervisor
+    from portunus.supervisor.children import Child
+
+    def control_entry(sock: socket.socket | None) -> None:
+        from portunus.control.main import run_control
+
+        assert sock is not None
+        run_control(settings, sock)
+
+    def web_entry(_sock: socket.socket | None) -> None:
+        from portunus.web.main import run_web
+
+        run_web(settings)
+
+    click.echo(
+        f"portunus-server {__version__}: data {settings.data_dir}, {settings.shard_count()} shard(s)\n"
+        f"  API:     http://{settings.operator_http_listen}/v1   (Web UI at /)\n"
+        f"  metrics: http://{settings.metrics_listen}/metrics\n"
+        f"  control: {settings.socket_path}\n"
+        f"  {token_note}\n"
+        f"  first rule: portunus-server --data-dir {settings.data_dir} push-rule local 18080 127.0.0.1:8080",
+        err=True,
+    )
+    sup = Supervisor(
+        shards=settings.shard_count(),
+        listen_address=settings.listen_address,
+        shard_settings=shard_settings(settings),
+        drain_secs=settings.shutdown_drain_timeout_secs,
+        metrics_dir=settings.metrics_dir,
+        services=[
+            Child(name="control", title="portunus: control", entry=control_entry, wants_channel=True),
+            Child(name="web", title="portunus: web", entry=web_entry),
+        ],
+        rule_child="control",
+        ready_checks=[lambda: _port_answers(settings.operator_http_listen)],
+    )
+    return sup.run()
