@@ -1,0 +1,417 @@
+"""``portunus-server``: the operator's CLI.
+
+Every verb except ``serve``, ``gen-token`` and ``bootstrap-superadmin`` is a thin
+client of the control socket (docs/rpc.md): it turns arguments into the same body
+the HTTP API takes, sends one request with the operator token, and prints the
+result as a table (``--format text``) or verbatim (``--format json``).  Failures
+surface as ``error: <code>: <message>`` plus a hint, with the contract's exit code
+(see ``portunus.cli.common``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import secrets
+from typing import Any
+
+import click
+
+from portunus import __version__
+from portunus.cli import output
+from portunus.cli.common import (
+    PROG,
+    OperatorContext,
+    ReportingGroup,
+    WhenType,
+    echo_json,
+    format_option,
+    hint_vars,
+)
+from portunus.config import SYSTEM_DATA_DIR
+from portunus.errors import PortunusError, ValidationError
+from portunus.rules import MAX_TARGETS, RATE_LIMIT_ALL_KEYS, Target, parse_port_range, parse_target
+
+# Verbs that live in their own module and are imported only when used or listed,
+# so `list-rules` does not pay for importing the whole appliance.
+# LEAD: `serve` is defined in portunus/cli/serve.py (module attribute `serve`, or
+# the module may call `cli.add_command(serve)` itself on import).
+LAZY_VERBS = {"serve": "portunus.cli.serve"}
+
+# Extra seconds the socket waits beyond --ack-timeout, so the server's own
+# ack_timeout error (with the pending rule) arrives before the CLI gives up.
+ACK_SOCKET_SLACK = 10.0
+
+EPILOG = """\b
+Examples:
+  portunus-server --data-dir ./var serve        # run from a checkout, no root
+  portunus-server push-rule local 18080 127.0.0.1:8080
+  portunus-server list-rules --format json
+\b
+Token (for verbs that talk to a running server), first found wins:
+  $PORTUNUS_OPERATOR_TOKEN, --token-file FILE, <data-dir>/operator.token,
+  /etc/portunus/operator.token. The first `serve` writes <data-dir>/operator.token.
+\b
+Exit codes: 0 ok, 1 other error, 2 usage/validation, 3 pre-flight,
+4 unauthenticated, 5 not found, 6 activation failed, 7 ack timeout,
+8 client not connected, 9 forbidden, 10 conflict.
+"""
+
+
+class ServerGroup(ReportingGroup):
+    """Adds the lazily imported verbs of ``LAZY_VERBS`` to the listing and lookup."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = set(self.commands)
+        names.update(n for n, mod in LAZY_VERBS.items() if importlib.util.find_spec(mod) is not None)
+        return sorted(names)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in LAZY_VERBS:
+            try:
+                module = importlib.import_module(LAZY_VERBS[cmd_name])
+            except ModuleNotFoundError as exc:
+                if exc.name != LAZY_VERBS[cmd_name]:
+                    raise
+                return None
+            cmd = getattr(module, cmd_name, None)
+            if cmd_name not in self.commands and isinstance(cmd, click.Command):
+                self.add_command(cmd, cmd_name)
+        return self.commands.get(cmd_name)
+
+
+@click.group(cls=ServerGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data-dir", envvar="PORTUNUS_DATA_DIR", default=SYSTEM_DATA_DIR, show_default=True,
+              show_envvar=True, type=click.Path(file_okay=False),
+              help="State directory (state.db, operator.token, TLS key).")
+@click.option("--config", envvar="PORTUNUS_CONFIG", default=None, show_envvar=True,
+              type=click.Path(dir_okay=False),
+              help="server.toml (default: <data-dir>/server.toml, then /etc/portunus/server.toml).")
+@click.option("--socket", envvar="PORTUNUS_SOCKET", default=None, show_envvar=True, metavar="PATH",
+              help="Control socket (default: <runtime-dir>/control.sock; the runtime dir is "
+                   "$PORTUNUS_RUNTIME_DIR, /run/portunus for the system data dir, else <data-dir>/run).")
+@click.option("--token-file", envvar="PORTUNUS_TOKEN_FILE", default=None, show_envvar=True,
+              type=click.Path(dir_okay=False),
+              help="File holding the operator token (used when $PORTUNUS_OPERATOR_TOKEN is unset).")
+@click.version_option(__version__, prog_name=PROG)
+@click.pass_context
+def cli(ctx: click.Context, data_dir: str, config: str | None, socket: str | None,
+        token_file: str | None) -> None:
+    """Run and steer a Portunus port-forwarding server.
+
+    Global options go before the verb; --format goes after it.
+    """
+    ctx.obj = OperatorContext(
+        data_dir=os.path.abspath(data_dir), config=config, socket=socket, token_file=token_file
+    )
+
+
+# ------------------------------------------------------------------ tokens
+
+
+@cli.command("gen-token")
+@format_option
+def gen_token(fmt: str) -> None:
+    """Print a fresh random token (32 bytes, URL-safe).
+
+    Use it as `operator_token` in server.toml, or anywhere a shared secret is needed.
+
+    \b
+    Example:
+      echo "operator_token = \\"$(portunus-server gen-token)\\"" >> server.toml
+    """
+    token = secrets.token_urlsafe(32)
+    if fmt == "json":
+        echo_json({"token": token})
+    else:
+        click.echo(token)
+
+
+@cli.command("bootstrap-superadmin")
+@click.option("--name", required=True, help="User name of the new superadmin (must not exist yet).")
+@format_option
+@click.pass_obj
+def bootstrap_superadmin(obj: OperatorContext, name: str, fmt: str) -> None:
+    """Create a superadmin user and print its API token, once.
+
+    Writes state.db in --data-dir directly, so it works with or without a running
+    server. Only the token goes to stdout; an existing NAME is refused (exit 10).
+
+    \b
+    Example:
+      portunus-server --data-dir ./var bootstrap-superadmin --name alice > alice.token
+    """
+    from portunus.control.store import bootstrap_superadmin as mint
+
+    token = mint(obj.db_path, name)
+    if fmt == "json":
+        echo_json({"name": name, "role": "superadmin", "token": token})
+    else:
+        click.echo(token)
+
+
+# ------------------------------------------------------------------ rules
+
+
+def _target_entry(t: Target) -> dict[str, Any]:
+    """HTTP-shaped target: ``{host, port}``, or ``{host, port_start, port_end}`` for ranges."""
+    if t.port_end is not None:
+        return {"host": t.host, "port_start": t.port, "port_end": t.port_end, "priority": t.priority}
+    return {"host": t.host, "port": t.port, "priority": t.priority}
+
+
+def build_push_params(
+    *,
+    client: str,
+    listen: str,
+    target: str | None,
+    targets: tuple[str, ...] = (),
+    protocol: str = "tcp",
+    sni: str | None = None,
+    proxy_protocol: str | None = None,
+    prefer_ipv6: bool = False,
+    rate_limit: dict[str, int | None] | None = None,
+    health_check_interval_secs: float | None = None,
+    ack_timeout: float = 2.0,
+) -> dict[str, Any]:
+    """The ``rules.push`` params for push-rule's arguments.
+
+    Only syntax is checked here (ports, host:port@prio, at most 8 targets); the
+    cross-field rules (range lengths, SNI on ranges, range size) are the server's,
+    because only it knows its ``range_rule_max_ports``.  Optional keys are sent only
+    when given, so the server's defaults apply.
+    """
+    lo, hi = parse_port_range(listen, "LISTEN")
+    parsed = [parse_target(target, "TARGET")] if target else []
+    parsed += [parse_target(t, "--target") for t in targets]
+    if not parsed:
+        raise ValidationError(
+            "validation.targets", "give a TARGET (host:port) or at least one --target host:port@prio",
+            field="targets",
+        )
+    if len(parsed) > MAX_TARGETS:
+        raise ValidationError(
+            "validation.targets", f"a rule takes at most {MAX_TARGETS} targets, got {len(parsed)}",
+            field="targets",
+        )
+    params: dict[str, Any] = {"client": client, "protocol": protocol}
+    if lo == hi:
+        params["listen_port"] = lo
+    else:
+        params["listen_port_start"], params["listen_port_end"] = lo, hi
+    params["targets"] = [_target_entry(t) for t in parsed]
+    if sni is not None:
+        params["sni_pattern"] = sni
+    if proxy_protocol is not None:
+        params["proxy_protocol"] = proxy_protocol
+    if prefer_ipv6:
+        params["prefer_ipv6"] = True
+    caps = {k: v for k, v in (rate_limit or {}).items() if v is not None}
+    if caps:
+        params["rate_limit"] = caps
+    if health_check_interval_secs is not None:
+        params["health_check_interval_secs"] = health_check_interval_secs
+    params["ack_timeout"] = ack_timeout
+    return params
+
+
+_CAP_HELP = {
+    "bandwidth_in_bps": "Cap the rate from connecting clients towards the targets",
+    "bandwidth_out_bps": "Cap the rate back to the connecting clients",
+    "new_connections_per_sec": "Cap new connections per second",
+    "concurrent_connections": "Cap connections open at once",
+}
+
+
+def _rate_limit_options(f: Any) -> Any:
+    for key in reversed(RATE_LIMIT_ALL_KEYS):
+        flag = "--" + key.replace("_", "-")
+        if key.endswith("_burst"):
+            text = f"Burst allowed above {flag.removesuffix('-burst')}."
+        else:
+            text = f"{_CAP_HELP.get(key, 'Cap')} (rate_limit.{key})."
+        f = click.option(flag, key, type=click.IntRange(min=1), default=None, metavar="N", help=text)(f)
+    return f
+
+
+@cli.command("push-rule")
+@click.argument("client")
+@click.argument("listen")
+@click.argument("target", required=False)
+@click.option("--protocol", type=click.Choice(("tcp", "udp")), default="tcp", show_default=True)
+@click.option("--target", "extra_targets", multiple=True, metavar="HOST:PORT@PRIO",
+              help=f"Another target with its priority (1 = first choice); repeat, up to {MAX_TARGETS}.")
+@click.option("--sni", metavar="PATTERN", help="Route by TLS SNI: exact name or *.domain (TCP, one port).")
+@click.option("--proxy-protocol", type=click.Choice(("v1", "v2")), help="Send a PROXY header to targets.")
+@click.option("--prefer-ipv6", is_flag=True, help="Try AAAA records of DNS targets first.")
+@_rate_limit_options
+@click.option("--health-check-interval-secs", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="How often a failed target is re-tried (server default 5).")
+@click.option("--ack-timeout", type=click.FloatRange(min=0, min_open=True), default=2.0,
+              show_default=True, metavar="SECS", help="How long to wait for the data plane to confirm.")
+@format_option
+@click.pass_obj
+def push_rule(obj: OperatorContext, client: str, listen: str, target: str | None,
+              extra_targets: tuple[str, ...], protocol: str, sni: str | None,
+              proxy_protocol: str | None, prefer_ipv6: bool,
+              health_check_interval_secs: float | None, ack_timeout: float, fmt: str,
+              **caps: int | None) -> None:
+    """Forward LISTEN on CLIENT to TARGET; wait until it is active.
+
+    CLIENT is a client name or id (`local` = this server). LISTEN is PORT or LO-HI;
+    TARGET is host:port, or host:LO-HI of the same length for a range.
+
+    \b
+    Examples:
+      portunus-server push-rule local 18080 127.0.0.1:8080
+      portunus-server push-rule edge-01 30000-30050 upstream.local:30000-30050 --protocol udp
+      portunus-server push-rule edge-01 443 api.internal:8443 --sni api.example.com
+      portunus-server push-rule edge-01 8080 --target a.internal:80@1 --target b.internal:80@2
+    """
+    hint_vars(client=client)
+    params = build_push_params(
+        client=client, listen=listen, target=target, targets=extra_targets, protocol=protocol,
+        sni=sni, proxy_protocol=proxy_protocol, prefer_ipv6=prefer_ipv6, rate_limit=caps,
+        health_check_interval_secs=health_check_interval_secs, ack_timeout=ack_timeout,
+    )
+    try:
+        rule = obj.call("rules.push", params, timeout=ack_timeout + ACK_SOCKET_SLACK)
+    except PortunusError as exc:
+        # The rule exists (failed or pending): scripts need its id to clean up or poll.
+        if fmt == "json" and exc.code in ("activation_failed", "ack_timeout") \
+                and isinstance(exc.details.get("rule"), dict):
+            echo_json(exc.details["rule"])
+        raise
+    if fmt == "json":
+        echo_json(rule)
+    else:
+        click.echo(output.rule_line(rule))
+
+
+@cli.command("list-rules")
+@click.option("--client", help="Only rules of this client (name or id).")
+@click.option("--owner", help="Only rules owned by this user.")
+@format_option
+@click.pass_obj
+def list_rules(obj: OperatorContext, client: str | None, owner: str | None, fmt: str) -> None:
+    """List rules with their state, ordered by id.
+
+    \b
+    Example:
+      portunus-server list-rules --client edge-01
+    """
+    params = {k: v for k, v in (("client", client), ("owner", owner)) if v is not None}
+    result = obj.call("rules.list", params)
+    if fmt == "json":
+        echo_json(result)
+    else:
+        click.echo(output.rules_table(result.get("rules", [])))
+
+
+@cli.command("rule-stats")
+@click.argument("rule_id", metavar="ID", type=int)
+@click.option("--per-port", is_flag=True, help="Add a row per listen port (range rules).")
+@click.option("--per-target", is_flag=True, help="Add a row per target.")
+@format_option
+@click.pass_obj
+def rule_stats(obj: OperatorContext, rule_id: int, per_port: bool, per_target: bool, fmt: str) -> None:
+    """Show a rule's byte and connection counters.
+
+    bytes in = from the connecting client towards the target; bytes out = back.
+
+    \b
+    Example:
+      portunus-server rule-stats 7 --per-port
+    """
+    hint_vars(rule_id=rule_id)
+    params: dict[str, Any] = {"id": rule_id}
+    if per_port:
+        params["per_port"] = True
+    if per_target:
+        params["per_target"] = True
+    result = obj.call("rules.stats", params)
+    if fmt == "json":
+        echo_json(result)
+    else:
+        click.echo(output.stats_text(result))
+
+
+@cli.command("remove-rule")
+@click.argument("rule_id", metavar="ID", type=int)
+@format_option
+@click.pass_obj
+def remove_rule(obj: OperatorContext, rule_id: int, fmt: str) -> None:
+    """Remove a rule; open connections drain before it disappears.
+
+    The listener stops accepting at once; connections get up to
+    shutdown_drain_timeout_secs (default 30) to finish.
+
+    \b
+    Example:
+      portunus-server remove-rule 7
+    """
+    hint_vars(rule_id=rule_id)
+    result = obj.call("rules.remove", {"id": rule_id})
+    if fmt == "json":
+        echo_json(result)
+    else:
+        click.echo(f"rule {rule_id} removed (draining open connections)")
+
+
+# ------------------------------------------------------------------ clients, audit
+
+
+@cli.command("list-clients")
+@format_option
+@click.pass_obj
+def list_clients(obj: OperatorContext, fmt: str) -> None:
+    """List enrolled clients (edges) and whether they are connected.
+
+    \b
+    Example:
+      portunus-server list-clients --format json
+    """
+    result = obj.call("clients.list")
+    if fmt == "json":
+        echo_json(result)
+    else:
+        click.echo(output.clients_table(result.get("clients", [])))
+
+
+@cli.command("audit")
+@click.option("--since", type=WhenType(), help="From this time: RFC 3339 or an age like 30m, 1h, 2d.")
+@click.option("--until", type=WhenType(), help="Up to this time (same forms as --since).")
+@click.option("--limit", type=click.IntRange(1, 1000), default=None,
+              help="At most N entries (server default 100, max 1000).")
+@format_option
+@click.pass_obj
+def audit(obj: OperatorContext, since: str | None, until: str | None, limit: int | None,
+          fmt: str) -> None:
+    """Show the audit trail of operator actions, newest first.
+
+    \b
+    Examples:
+      portunus-server audit --since 1h
+      portunus-server audit --since 2024-05-01T00:00:00Z --until 2024-05-02T00:00:00Z --limit 1000
+    """
+    params: dict[str, Any] = {}
+    for key, value in (("since", since), ("until", until), ("limit", limit)):
+        if value is not None:
+            params[key] = value
+    result = obj.call("audit.list", params)
+    if fmt == "json":
+        echo_json(result)
+        return
+    click.echo(output.audit_table(result.get("entries", [])))
+    if result.get("next_cursor"):
+        click.echo("(more entries: narrow with --since/--until or raise --limit)", err=True)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name=PROG)
+
+
+if __name__ == "__main__":
+    main()
