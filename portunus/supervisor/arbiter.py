@@ -95,7 +95,8 @@ class Supervisor:
             self.start_children()
             self.load_source()
             while not self.stopping:
-                self.tick(1.0)
+                # Until READY is announced, poll the ready checks often.
+                self.tick(1.0 if self.announced_ready else 0.05)
             self.shutdown()
         except Exception as exc:
             log_event("supervisor.crashed", level="error", error=repr(exc))
