@@ -1,0 +1,61 @@
+"""The operator HTTP API app: ``/v1/*`` mapped one-to-one onto the control socket RPC.
+
+``create_app`` runs in the web process (``portunus.web.main``) and in tests, where
+``settings.socket_path`` points at a fake control server.  Everything the app needs
+lives on ``app.state``: ``settings``, ``control`` (a ``ControlClient`` without a token
+of its own: every call carries the caller's), ``stopping`` (set on shutdown so SSE
+streams end instead of holding uvicorn's graceful shutdown) and ``openapi``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute
+
+from portunus import __version__
+from portunus.config import Settings
+from portunus.control.client import ControlClient
+from portunus.errors import PortunusError
+from portunus.web.openapi import build_openapi
+from portunus.web.routes import audit, clients, rules, system
+from portunus.web.routes.common import error_response
+
+# Control answers rules.push only after the client acknowledged (or ack_timeout
+# passed); allow for the longest ack_timeout a request may ask for.
+CONTROL_TIMEOUT = 75.0
+
+
+def api_routes() -> list[BaseRoute]:
+    return [*rules.routes, *clients.routes, *audit.routes, *system.routes]
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Router-level 404/405 in the same envelope as every other error."""
+    assert isinstance(exc, HTTPException)
+    where = f"{request.method} {request.url.path}"
+    err = PortunusError("not_found", f"no such endpoint: {where}; the API is described at /v1/openapi.json")
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        allowed = ", ".join(sorted(m.strip() for m in headers.get("Allow", "").split(",") if m.strip()))
+        headers["Allow"] = allowed
+        err = PortunusError("method_not_allowed", f"{where} is not allowed; allowed: {allowed}", allowed=allowed)
+    elif exc.status_code != 404:
+        err = PortunusError("bad_request", exc.detail)
+    response = error_response(err, headers=headers)
+    response.status_code = exc.status_code
+    return response
+
+
+def create_app(settings: Settings, control: ControlClient | None = None) -> Starlette:
+    """Build the API app; ``control`` defaults to a client of ``settings.socket_path``."""
+    app = Starlette(routes=api_routes(), exception_handlers={HTTPException: _http_error})
+    app.state.settings = settings
+    app.state.control = control or ControlClient(settings.socket_path, None, timeout=CONTROL_TIMEOUT)
+    app.state.stopping = asyncio.Event()
+    app.state.openapi = build_openapi(__version__)
+    return app

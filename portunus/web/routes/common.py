@@ -1,0 +1,139 @@
+"""What every /v1 handler shares: the token, the control client, errors, query values.
+
+The web process holds no state and makes no decisions: it checks that a request is
+well-formed, forwards the caller's bearer token as the RPC ``token`` and turns the
+control process's answer (or ``PortunusError``) into HTTP.  Tokens are never logged.
+"""
+
+from __future__ import annotations
+
+import functools
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from portunus.config import Settings
+from portunus.control.client import ControlClient
+from portunus.errors import PortunusError
+from portunus.logs import log_event
+
+Handler = Callable[[Request], Awaitable[Response]]
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+
+
+def error_response(err: PortunusError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """``{"error": {"code", "message", ...details}}`` with the status the code implies."""
+    status = err.http_status
+    hdrs = dict(headers or {})
+    if status == 401:
+        hdrs.setdefault("WWW-Authenticate", 'Bearer realm="portunus"')
+    return JSONResponse({"error": err.to_dict()}, status_code=status, headers=hdrs)
+
+
+def bearer_token(request: Request) -> str:
+    """The token of ``Authorization: Bearer <token>``; 401 before control is asked."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    # The token itself is checked, in constant time, by the control process.
+    if scheme.lower() != "bearer" or not token:
+        raise PortunusError(
+            "unauthenticated", "send an operator token as `Authorization: Bearer <token>`"
+        )
+    return token
+
+
+def control(request: Request) -> ControlClient:
+    client: ControlClient = request.app.state.control
+    return client
+
+
+def settings(request: Request) -> Settings:
+    value: Settings = request.app.state.settings
+    return value
+
+
+async def call(request: Request, method: str, params: dict[str, Any] | None = None) -> Any:
+    """Forward one RPC with the caller's token (the 401 check comes first)."""
+    token = bearer_token(request)
+    return await control(request).call(method, params or {}, token=token)
+
+
+def query_bool(request: Request, name: str) -> bool | None:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise PortunusError("validation.query", f"?{name}= must be true or false, got {raw!r}", field=name)
+
+
+def query_number(
+    request: Request, name: str, lo: float, hi: float, *, integer: bool = False, open_lo: bool = False
+) -> float | int | None:
+    """A numeric query parameter within ``[lo, hi]`` (``(lo, hi]`` with ``open_lo``)."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    try:
+        value: float | int = int(raw) if integer else float(raw)
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        raise PortunusError("validation.query", f"?{name}= must be {kind}, got {raw!r}", field=name) from None
+    low_ok = value > lo if open_lo else value >= lo
+    if not low_ok or value > hi or value != value:  # NaN compares false everywhere
+        bracket = "(" if open_lo else "["
+        raise PortunusError(
+            "validation.query", f"?{name}= must be within {bracket}{lo:g}, {hi:g}], got {raw}", field=name
+        )
+    return value
+
+
+def rule_id(request: Request) -> int:
+    """The ``{id}`` path segment; a non-number can name no rule."""
+    raw = request.path_params["id"]
+    if not raw.isdigit() or len(raw) > 18 or int(raw) < 1:
+        raise PortunusError("rule_not_found", f"rule {raw!r} not found (rule ids are positive numbers)", id=raw)
+    return int(raw)
+
+
+def endpoint(fn: Handler) -> Handler:
+    """Turn a handler's PortunusError into the envelope; log (never leak) anything else."""
+
+    @functools.wraps(fn)
+    async def wrapper(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except PortunusError as err:
+            if err.http_status >= 500:
+                log_event("web.request_failed", level="warning", method=request.method,
+                          path=request.url.path, code=err.code, message=err.message)
+            return error_response(err)
+        except Exception as exc:  # noqa: BLE001 - one broken request must not reach uvicorn's logger
+            log_event("web.internal_error", level="error", method=request.method, path=request.url.path,
+                      error=repr(exc), traceback=traceback.format_exc())
+            return error_response(PortunusError("internal", "internal error; see the web process log"))
+
+    return wrapper
+
+
+def route(path: str, **handlers: Handler) -> Route:
+    """One Route per path with a handler per method (``GET=..., PUT=...``), so a
+    405 names every allowed method in ``Allow``, not just one route's."""
+    table = {method.upper(): fn for method, fn in handlers.items()}
+    if "GET" in table:
+        table.setdefault("HEAD", table["GET"])
+
+    async def dispatch(request: Request) -> Response:
+        return await table[request.method](request)
+
+    dispatch.__name__ = "_".join(fn.__name__ for fn in handlers.values())
+    return Route(path, dispatch, methods=list(table))

@@ -1,0 +1,66 @@
+"""A fake control process: newline-JSON on a Unix socket, recording every request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from portunus.errors import PortunusError
+
+TOKEN = "tok-secret-123"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+RULE = {
+    "id": 7, "client": "local", "client_id": "c-local", "protocol": "tcp", "listen_port": 8080,
+    "targets": [{"host": "127.0.0.1", "port": 9090, "priority": 1}], "sni_pattern": None,
+    "proxy_protocol": None, "prefer_ipv6": False, "health_check_interval_secs": 5.0,
+    "rate_limit": None, "owner": "", "state": "active", "failure_reason": None,
+    "created_at": "2026-01-01T00:00:00Z",
+}
+STATS = {"id": 7, "bytes_in": 10, "bytes_out": 20, "connections_total": 3, "active_connections": 1}
+
+Reply = Any  # a result, a PortunusError to answer with, or a callable(params) -> either
+
+
+class FakeControl:
+    """Records every request; answers from ``replies[method]`` (default: ``{}``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.requests: list[dict[str, Any]] = []
+        self.replies: dict[str, Reply] = {"health": {"status": "ok"}}
+        self.server: asyncio.AbstractServer | None = None
+
+    def calls(self, method: str) -> list[dict[str, Any]]:
+        return [r for r in self.requests if r.get("method") == method]
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_unix_server(self._serve, path=self.path)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+            self.server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                req = json.loads(line)
+                self.requests.append(req)
+                reply = self.replies.get(req["method"], {})
+                if callable(reply):
+                    reply = reply(req["params"])
+                if isinstance(reply, PortunusError):
+                    body = {"id": req["id"], "error": reply.to_dict()}
+                else:
+                    body = {"id": req["id"], "result": reply}
+                writer.write(json.dumps(body).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
