@@ -1,0 +1,178 @@
+"""Numbered schema migrations for state.db, and the guard against a newer schema.
+
+``MIGRATIONS[i]`` upgrades a database from version ``i`` to ``i + 1``.  Append new
+scripts; never edit one that has shipped (installed databases already ran it).
+Migrations run synchronously with plain ``sqlite3`` because they happen once,
+before anything else touches the database: at control start (before the event
+loop serves anyone) and from the offline CLI verbs.  All pending scripts run in
+one ``BEGIN IMMEDIATE`` transaction, so two processes migrating at once (``serve``
+and ``bootstrap-superadmin``) serialise and a crash leaves the old version intact.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+
+from portunus.errors import PortunusError
+
+BUSY_TIMEOUT_MS = 5000
+
+_V1 = """
+CREATE TABLE clients (
+    client_id   TEXT PRIMARY KEY,          -- ULID; the built-in node is 'local'
+    name        TEXT NOT NULL,             -- free-form, not unique (ambiguous_client)
+    created_at  TEXT NOT NULL,
+    revoked_at  TEXT,
+    token_hash  TEXT                       -- SHA-256 hex of the edge credential
+);
+INSERT INTO clients (client_id, name, created_at) VALUES ('local', 'local', :now);
+
+CREATE TABLE users (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    name        TEXT NOT NULL UNIQUE,
+    role        TEXT NOT NULL,             -- superadmin | admin | operator | viewer
+    created_at  TEXT NOT NULL
+);
+-- Holder of the operator token (server.toml operator_token / operator.token).
+INSERT INTO users (name, role, created_at) VALUES ('operator', 'superadmin', :now);
+
+CREATE TABLE tokens (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id      INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    token_hash   TEXT NOT NULL UNIQUE,     -- SHA-256 hex; the plaintext is never stored
+    label        TEXT,                     -- 'operator' marks the upserted operator token
+    created_at   TEXT NOT NULL,
+    last_used_at TEXT
+);
+
+CREATE TABLE rules (
+    id                         INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: it is a metric label
+    client_id                  TEXT NOT NULL REFERENCES clients(client_id),
+    protocol                   TEXT NOT NULL,
+    listen_start               INTEGER NOT NULL,
+    listen_end                 INTEGER NOT NULL,
+    sni_pattern                TEXT,
+    proxy_protocol             TEXT,
+    prefer_ipv6                INTEGER NOT NULL DEFAULT 0,
+    rate_limit                 TEXT,       -- JSON object or NULL
+    health_check_interval_secs REAL NOT NULL DEFAULT 5.0,
+    owner                      TEXT NOT NULL DEFAULT '',
+    state                      TEXT NOT NULL,  -- pending | active | failed | draining
+    failure_reason             TEXT,
+    created_at                 TEXT NOT NULL
+);
+
+CREATE TABLE rule_targets (
+    rule_id        INTEGER NOT NULL REFERENCES rules(id) ON DELETE CASCADE,
+    position       INTEGER NOT NULL,
+    host           TEXT NOT NULL,
+    port           INTEGER NOT NULL,
+    port_end       INTEGER,
+    priority       INTEGER NOT NULL,
+    proxy_protocol TEXT,
+    PRIMARY KEY (rule_id, position)
+);
+
+CREATE TABLE audit (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts          TEXT NOT NULL,             -- RFC 3339 UTC, fixed width: sorts as text
+    actor       TEXT NOT NULL,
+    action      TEXT NOT NULL,
+    target      TEXT,
+    outcome     TEXT NOT NULL,             -- ok | error
+    error_code  TEXT,
+    details     TEXT                       -- JSON object or NULL
+);
+"""
+
+# v2: indexes for the lookups on every request (port slots, audit ranges, tokens).
+_V2 = """
+CREATE INDEX rules_by_slot ON rules (client_id, protocol, listen_start);
+CREATE INDEX audit_by_ts ON audit (ts);
+CREATE INDEX tokens_by_user ON tokens (user_id);
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2]
+LATEST = len(MIGRATIONS)
+
+
+class SchemaTooNew(PortunusError):
+    """The database was written by a newer Portunus; refuse rather than corrupt it."""
+
+    def __init__(self, db_path: str, found: int, known: int | None = None) -> None:
+        known = LATEST if known is None else known
+        super().__init__(
+            "schema_too_new",
+            f"{db_path} has schema version {found} but this Portunus knows only up to "
+            f"version {known}; install the newer Portunus that wrote it, or restore a backup",
+            found=found,
+            known=known,
+        )
+
+
+def utc_now() -> str:
+    """RFC 3339 UTC with milliseconds, fixed width so text order is time order."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def connect_sync(db_path: str) -> sqlite3.Connection:
+    """A plain sqlite3 connection with the pragmas every Portunus connection uses."""
+    conn = sqlite3.connect(db_path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA journal_mode = WAL")
+    return conn
+
+
+def split_statements(script: str) -> list[str]:
+    """Split a script at statement ends (``sqlite3.complete_statement`` knows about
+    quotes and triggers).  ``executescript`` would commit our transaction first."""
+    out: list[str] = []
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                out.append(buf.strip())
+            buf = ""
+    if buf.strip() and not buf.strip().startswith("--"):
+        out.append(buf.strip())
+    return out
+
+
+def current_version(conn: sqlite3.Connection) -> int:
+    row = conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    ).fetchone()
+    if row is None:
+        return 0
+    got = conn.execute("SELECT version FROM schema_version").fetchone()
+    return int(got[0]) if got else 0
+
+
+def migrate(conn: sqlite3.Connection, db_path: str, target: int | None = None) -> int:
+    """Bring the schema to ``target`` (default: latest); return the version reached.
+
+    Raises ``SchemaTooNew`` when the database is ahead of this code.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = current_version(conn)
+        if version > LATEST:
+            raise SchemaTooNew(db_path, version)
+        if version == 0:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            conn.execute("DELETE FROM schema_version")
+            conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+        now = utc_now()
+        for v in range(version, LATEST if target is None else min(target, LATEST)):
+            for stmt in split_statements(MIGRATIONS[v]):
+                conn.execute(stmt, {"now": now} if ":now" in stmt else {})
+            conn.execute("UPDATE schema_version SET version = ?", (v + 1,))
+            version = v + 1
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return version

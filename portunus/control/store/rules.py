@@ -1,0 +1,214 @@
+"""Rule rows: a ``Rule`` (what the data plane needs) plus its control-plane facts.
+
+Functions take the connection handed out by ``Store.write()``/``Store.read()``
+so that a change and its audit row share the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import aiosqlite
+
+from portunus.control.store.migrations import utc_now
+from portunus.rules import Rule, Target
+
+STATES = ("pending", "active", "failed", "draining")
+
+_SELECT = (
+    "SELECT r.*, c.name AS client_name FROM rules r JOIN clients c ON c.client_id = r.client_id"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRule:
+    """A rule as stored: ``rule.id`` is ``str(rule_id)``, ``rule.client`` the client name."""
+
+    rule_id: int
+    client_id: str
+    rule: Rule
+    state: str
+    failure_reason: str | None
+    created_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The rule JSON of docs/rpc.md (CLI --format json and HTTP alike)."""
+        r = self.rule
+        out: dict[str, Any] = {"id": self.rule_id, "client": r.client, "client_id": self.client_id}
+        out["protocol"] = r.protocol
+        if r.is_range:
+            out["listen_port_start"] = r.listen_start
+            out["listen_port_end"] = r.listen_end
+        else:
+            out["listen_port"] = r.listen_start
+        out["targets"] = [_target_json(t) for t in r.targets]
+        out.update(
+            sni_pattern=r.sni,
+            proxy_protocol=r.proxy_protocol,
+            prefer_ipv6=r.prefer_ipv6,
+            health_check_interval_secs=r.health_check_interval_secs,
+            rate_limit=r.rate_limit,
+            owner=r.owner,
+            state=self.state,
+            failure_reason=self.failure_reason,
+            created_at=self.created_at,
+        )
+        return out
+
+
+def _target_json(t: Target) -> dict[str, Any]:
+    if t.port_end is not None and t.port_end != t.port:
+        d: dict[str, Any] = {"host": t.host, "port_start": t.port, "port_end": t.port_end}
+    else:
+        d = {"host": t.host, "port": t.port}
+    d["priority"] = t.priority
+    if t.proxy_protocol is not None:
+        d["proxy_protocol"] = t.proxy_protocol
+    return d
+
+
+async def _hydrate(db: aiosqlite.Connection, rows: list[aiosqlite.Row]) -> list[StoredRule]:
+    if not rows:
+        return []
+    ids = [row["id"] for row in rows]
+    targets: dict[int, list[Target]] = {i: [] for i in ids}
+    marks = ",".join("?" * len(ids))
+    async with db.execute(
+        f"SELECT * FROM rule_targets WHERE rule_id IN ({marks}) ORDER BY rule_id, position", ids
+    ) as cur:
+        async for t in cur:
+            targets[t["rule_id"]].append(
+                Target(
+                    host=t["host"],
+                    port=t["port"],
+                    port_end=t["port_end"],
+                    priority=t["priority"],
+                    proxy_protocol=t["proxy_protocol"],
+                )
+            )
+    out: list[StoredRule] = []
+    for row in rows:
+        rule = Rule(
+            id=str(row["id"]),
+            client=row["client_name"],
+            owner=row["owner"],
+            protocol=row["protocol"],
+            listen_start=row["listen_start"],
+            listen_end=row["listen_end"],
+            targets=tuple(targets[row["id"]]),
+            sni=row["sni_pattern"],
+            proxy_protocol=row["proxy_protocol"],
+            prefer_ipv6=bool(row["prefer_ipv6"]),
+            rate_limit=json.loads(row["rate_limit"]) if row["rate_limit"] else None,
+            health_check_interval_secs=row["health_check_interval_secs"],
+        )
+        out.append(
+            StoredRule(
+                rule_id=row["id"],
+                client_id=row["client_id"],
+                rule=rule,
+                state=row["state"],
+                failure_reason=row["failure_reason"],
+                created_at=row["created_at"],
+            )
+        )
+    return out
+
+
+async def _query(db: aiosqlite.Connection, where: str, args: tuple[Any, ...]) -> list[StoredRule]:
+    async with db.execute(f"{_SELECT} {where} ORDER BY r.id", args) as cur:
+        rows = list(await cur.fetchall())
+    return await _hydrate(db, rows)
+
+
+async def get_rule(db: aiosqlite.Connection, rule_id: int) -> StoredRule | None:
+    found = await _query(db, "WHERE r.id = ?", (rule_id,))
+    return found[0] if found else None
+
+
+async def list_rules(
+    db: aiosqlite.Connection, client_id: str | None = None, owner: str | None = None
+) -> list[StoredRule]:
+    clauses: list[str] = []
+    args: list[Any] = []
+    if client_id is not None:
+        clauses.append("r.client_id = ?")
+        args.append(client_id)
+    if owner is not None:
+        clauses.append("r.owner = ?")
+        args.append(owner)
+    where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+    return await _query(db, where, tuple(args))
+
+
+async def rules_overlapping(
+    db: aiosqlite.Connection, client_id: str, protocol: str, lo: int, hi: int
+) -> list[StoredRule]:
+    """Rules that hold a port slot in ``lo..hi`` (draining rules have given theirs up)."""
+    return await _query(
+        db,
+        "WHERE r.client_id = ? AND r.protocol = ? AND r.listen_start <= ? AND r.listen_end >= ? "
+        "AND r.state != 'draining'",
+        (client_id, protocol, hi, lo),
+    )
+
+
+async def insert_rule(db: aiosqlite.Connection, client_id: str, rule: Rule) -> int:
+    """Insert as ``pending``; return the new id (rule.id is ignored)."""
+    cur = await db.execute(
+        "INSERT INTO rules (client_id, protocol, listen_start, listen_end, sni_pattern, "
+        "proxy_protocol, prefer_ipv6, rate_limit, health_check_interval_secs, owner, state, "
+        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+        (
+            client_id,
+            rule.protocol,
+            rule.listen_start,
+            rule.listen_end,
+            rule.sni,
+            rule.proxy_protocol,
+            int(rule.prefer_ipv6),
+            json.dumps(rule.rate_limit) if rule.rate_limit else None,
+            rule.health_check_interval_secs,
+            rule.owner,
+            utc_now(),
+        ),
+    )
+    rule_id = cur.lastrowid
+    assert rule_id is not None
+    await db.executemany(
+        "INSERT INTO rule_targets (rule_id, position, host, port, port_end, priority, "
+        "proxy_protocol) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            (rule_id, i, t.host, t.port, t.port_end, t.priority, t.proxy_protocol)
+            for i, t in enumerate(rule.targets)
+        ],
+    )
+    return rule_id
+
+
+async def set_state(
+    db: aiosqlite.Connection, rule_id: int, state: str, reason: str | None = None
+) -> None:
+    await db.execute(
+        "UPDATE rules SET state = ?, failure_reason = ? WHERE id = ?", (state, reason, rule_id)
+    )
+
+
+async def set_rate_limit(
+    db: aiosqlite.Connection, rule_id: int, rate_limit: dict[str, int] | None
+) -> None:
+    await db.execute(
+        "UPDATE rules SET rate_limit = ? WHERE id = ?",
+        (json.dumps(rate_limit) if rate_limit else None, rule_id),
+    )
+
+
+async def delete_rule(db: aiosqlite.Connection, rule_id: int) -> None:
+    await db.execute("DELETE FROM rules WHERE id = ?", (rule_id,))
+
+
+async def count_rules_by_client(db: aiosqlite.Connection) -> dict[str, int]:
+    async with db.execute("SELECT client_id, COUNT(*) FROM rules GROUP BY client_id") as cur:
+        return {row[0]: row[1] for row in await cur.fetchall()}
