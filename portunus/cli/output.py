@@ -128,7 +128,7 @@ def _cell(key: str, value: Any) -> str:
         return "yes" if value else "no"
     if isinstance(value, list):
         return ",".join(str(v) for v in value)
-    return "" if value is None else str(value)
+    return "-" if value is None else str(value)
 
 
 def dict_table(entries: list[dict[str, Any]]) -> str:
