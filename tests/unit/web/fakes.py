@@ -20,7 +20,7 @@ RULE = {
 }
 STATS = {"id": 7, "bytes_in": 10, "bytes_out": 20, "connections_total": 3, "active_connections": 1}
 
-Reply = Any  # a result, a PortunusError to answer with, or a callable(params) -> either
+Reply = Any  # a result, a PortunusError, raw bytes, or a callable(params) -> one of them
 
 
 class FakeControl:
@@ -52,6 +52,10 @@ class FakeControl:
                 reply = self.replies.get(req["method"], {})
                 if callable(reply):
                     reply = reply(req["params"])
+                if isinstance(reply, bytes):  # a broken control process
+                    writer.write(reply)
+                    await writer.drain()
+                    continue
                 if isinstance(reply, PortunusError):
                     body = {"id": req["id"], "error": reply.to_dict()}
                 else:

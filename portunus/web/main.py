@@ -1,0 +1,153 @@
+"""The web process: the /v1 API and /metrics, two uvicorn servers on one uvloop loop.
+
+``run_web`` runs in a child the supervisor forked (it has already reset signal
+handlers and set the process title).  We bind both listening sockets ourselves
+before serving, so a taken port fails fast with a message that names the address
+and the config key to change, and exits ``WEB_BOOT_ERROR`` (the same "cannot even
+start" code as a shard) rather than uvicorn's generic startup failure.
+
+Signals belong to the process, not to one server: uvicorn's per-server signal
+capture (which re-raises SIGTERM after shutdown, i.e. dies by signal) is disabled,
+and one SIGTERM/SIGINT handler stops both servers and ends open SSE streams; the
+process then returns normally (exit 0).  uvicorn's own log lines become JSON lines
+through ``portunus.logs``; its access log stays off (no request lines, so no
+headers and never a token in the logs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+from portunus.config import Settings, parse_listen
+from portunus.errors import PortunusError
+from portunus.logs import log_event
+from portunus.web.app import create_app
+
+WEB_BOOT_ERROR = 3
+# Seconds uvicorn waits for open requests on shutdown; SSE streams end on their own
+# (app.state.stopping), so this only bounds a slow control call.
+GRACEFUL_SHUTDOWN_SECS = 5
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to ``run_web``."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class _JsonLogHandler(logging.Handler):
+    """uvicorn's logger records -> ``log_event`` JSON lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = "error" if record.levelno >= logging.ERROR else (
+            "warning" if record.levelno >= logging.WARNING else ("info" if record.levelno >= logging.INFO else "debug"))
+        fields: dict[str, Any] = {"logger": record.name, "message": record.getMessage()}
+        if record.exc_info and record.exc_info[0] is not None:
+            fields["traceback"] = "".join(traceback.format_exception(*record.exc_info))
+        log_event("web.server", level=level, **fields)
+
+
+def route_uvicorn_logs(level: str = "info") -> None:
+    root = logging.getLogger("uvicorn")
+    root.handlers = [_JsonLogHandler()]
+    root.propagate = False
+    root.setLevel(level.upper() if level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO")
+    access = logging.getLogger("uvicorn.access")
+    access.handlers = []
+    access.propagate = False
+    access.disabled = True
+
+
+class BindError(Exception):
+    """A listening socket could not be opened; ``str()`` is the operator's message."""
+
+
+def bind(listen: str, key: str, what: str) -> socket.socket:
+    """Open the listening socket for ``listen`` (the value of config key ``key``)."""
+    try:
+        host, port = parse_listen(listen, key)
+    except PortunusError as exc:
+        raise BindError(f"{key} = {listen!r} is not a valid address: {exc.message}") from None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, port), family=family, backlog=1024)
+    except OSError as exc:
+        raise BindError(
+            f"cannot listen on {listen} for the {what}: {exc.strerror or exc}; "
+            f"set {key} in server.toml to a free address"
+        ) from None
+    sock.setblocking(False)
+    return sock
+
+
+def _metrics_app(settings: Settings) -> Any:
+    try:
+        from portunus.web.metrics import create_metrics_app
+    except ImportError as exc:
+        log_event("web.metrics_disabled", level="warning", reason=f"portunus.web.metrics unavailable: {exc}")
+        return None
+    return create_metrics_app(settings)
+
+
+def _config(app: Any) -> uvicorn.Config:
+    return uvicorn.Config(
+        app, log_config=None, access_log=False, lifespan="off", loop="none", ws="none",
+        server_header=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECS,
+    )
+
+
+async def serve_all(api: Any, pairs: list[tuple[Any, socket.socket]]) -> None:
+    """Serve each ``(app, socket)`` until SIGTERM/SIGINT or until any server stops."""
+    servers = [(_Server(_config(app)), sock) for app, sock in pairs]
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        api.state.stopping.set()
+        for server, _ in servers:
+            server.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    tasks = [asyncio.create_task(server.serve(sockets=[sock])) for server, sock in servers]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        stop()
+        await asyncio.gather(*tasks)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def run_web(settings: Settings) -> None:
+    """Entry point of the forked web child; returns on SIGTERM (exit 0), raises
+    ``SystemExit(WEB_BOOT_ERROR)`` when a port cannot be bound."""
+    import uvloop
+
+    route_uvicorn_logs(settings.log_level)
+    api = create_app(settings)
+    metrics = _metrics_app(settings)
+    pairs: list[tuple[Any, socket.socket]] = []
+    try:
+        pairs.append((api, bind(settings.operator_http_listen, "operator_http_listen", "operator HTTP API")))
+        if metrics is not None:
+            pairs.append((metrics, bind(settings.metrics_listen, "metrics_listen", "metrics endpoint")))
+    except BindError as exc:
+        for _, sock in pairs:
+            sock.close()
+        log_event("web.bind_failed", level="error", message=str(exc))
+        raise SystemExit(WEB_BOOT_ERROR) from None
+    log_event("web.listening", api=settings.operator_http_listen,
+              metrics=settings.metrics_listen if metrics is not None else None)
+    uvloop.run(serve_all(api, pairs))
+    log_event("web.stopped")
