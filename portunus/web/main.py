@@ -119,13 +119,16 @@ async def serve_all(api: Any, pairs: list[tuple[Any, socket.socket]]) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
+    # Nothing here to reload, and SIGHUP's default action would kill the process
+    # if a supervisor forwards a reload to its whole tree.
+    loop.add_signal_handler(signal.SIGHUP, lambda: log_event("web.sighup_ignored"))
     tasks = [asyncio.create_task(server.serve(sockets=[sock])) for server, sock in servers]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         stop()
         await asyncio.gather(*tasks)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
 

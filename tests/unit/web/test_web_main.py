@@ -96,6 +96,13 @@ async def test_health_and_api_over_real_http_then_sigterm_exits_0(web: WebProces
     async with httpx.AsyncClient() as client:
         r = await client.get(f"http://{web.metrics}/metrics")
         assert r.status_code == 200
+    web.proc.send_signal(signal.SIGHUP)  # a forwarded reload must not kill the web process
+    async with httpx.AsyncClient(base_url=f"http://{web.api}") as client:
+        deadline = time.monotonic() + 5
+        while "web.sighup_ignored" not in web.log():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert (await client.get("/v1/health")).status_code == 200
     web.proc.send_signal(signal.SIGTERM)
     assert await web.wait_exit(10) == 0
     log = web.log()
