@@ -27,6 +27,7 @@ EXIT_SCHEMA_TOO_NEW = 78
 
 # code (or code prefix ending in ".") -> (HTTP status, exit code)
 _TABLE: dict[str, tuple[int, int]] = {
+    "validation.body_too_large": (413, EXIT_USAGE),
     "validation.": (400, EXIT_USAGE),
     "validation": (400, EXIT_USAGE),
     "bad_request": (400, EXIT_USAGE),
@@ -40,6 +41,7 @@ _TABLE: dict[str, tuple[int, int]] = {
     "not_found": (404, EXIT_NOT_FOUND),
     "client_not_found": (404, EXIT_NOT_FOUND),
     "rule_not_found": (404, EXIT_NOT_FOUND),
+    "method_not_allowed": (405, EXIT_USAGE),
     "conflict": (409, EXIT_CONFLICT),
     "conflict.": (409, EXIT_CONFLICT),
     "port_conflict": (409, EXIT_CONFLICT),
