@@ -1,20 +1,81 @@
-"""Fixtures for the control process: a store in a temp dir."""
+"""Fixtures for the control process: a store in a temp dir, a fake data plane, and
+the RPC server wired exactly like ``main.serve_control`` but with the fake."""
 
 from __future__ import annotations
 
 import asyncio
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from portunus.config import Settings
+from portunus.control.auth import Authenticator, install_operator_token
+from portunus.control.client import ControlClient
+from portunus.control.dataplane import DataPlaneEvents, LinkInfo, RuleResult
+from portunus.control.rpc.handlers import ControlContext, Dispatcher
+from portunus.control.rpc.server import RpcServer
+from portunus.control.service import RuleService
 from portunus.control.store import Store
+from portunus.rules import Rule
 
 OPERATOR_TOKEN = "test-operator-token-0123456789abcdefghijklmnop"
+
+
+class FakePlane:
+    """A data plane that records what it is sent and answers when told to.
+
+    ``auto`` = ``("active", None)`` / ``("failed", reason)`` answers every upsert
+    at once; ``None`` leaves answering to the test (ack timeouts)."""
+
+    def __init__(self) -> None:
+        self.online: set[str] = {"local"}
+        self.sent: list[tuple[str, str, list[Rule], list[str]]] = []
+        self.auto: tuple[str, str | None] | None = ("active", None)
+        self.auto_remove = False
+        self.events: DataPlaneEvents | None = None
+
+    def connected(self, client_id: str) -> bool:
+        return client_id in self.online
+
+    def info(self, client_id: str) -> LinkInfo | None:
+        return LinkInfo(connected_since="2024-01-01T00:00:00.000Z", version="test") if client_id in self.online else None
+
+    async def apply(self, client_id: str, upsert: Sequence[Rule], remove: Sequence[str]) -> None:
+        self.sent.append(("apply", client_id, list(upsert), list(remove)))
+        if self.auto is not None and upsert:
+            state, reason = self.auto
+            self.answer(client_id, {r.id: (state, reason) for r in upsert})
+        if self.auto_remove and remove:
+            assert self.events is not None
+            self.events.rules_removed(client_id, list(remove))
+
+    async def sync(self, client_id: str, rules: Sequence[Rule]) -> None:
+        self.sent.append(("sync", client_id, list(rules), []))
+
+    def answer(self, client_id: str, results: dict[str, tuple[str, str | None]]) -> None:
+        assert self.events is not None
+        self.events.rules_applied(client_id, {k: RuleResult(s, r) for k, (s, r) in results.items()})
+
+    def applies(self) -> list[tuple[str, str, list[Rule], list[str]]]:
+        return [s for s in self.sent if s[0] == "apply"]
+
+
+@dataclass
+class Harness:
+    settings: Settings
+    store: Store
+    plane: FakePlane
+    service: RuleService
+    server: RpcServer
+    client: ControlClient
+
+    async def call(self, method: str, params: dict[str, Any] | None = None, token: str | None = None) -> Any:
+        return await self.client.call(method, params, token=token)
 
 
 @pytest.fixture
@@ -37,6 +98,43 @@ async def store(settings: Settings) -> AsyncIterator[Store]:
     st = await Store.open(settings.db_path)
     yield st
     await st.close()
+
+
+@pytest.fixture
+def fake_plane() -> FakePlane:
+    return FakePlane()
+
+
+async def start_harness(settings: Settings, store: Store, plane: FakePlane, idle_timeout: float = 60.0) -> Harness:
+    await install_operator_token(store, OPERATOR_TOKEN)
+    service = RuleService(store, plane, settings)
+    plane.events = service
+    service.start()
+    ctx = ControlContext(settings, store, Authenticator(store), service, plane)
+    server = RpcServer(settings.socket_path, Dispatcher(ctx), idle_timeout=idle_timeout)
+    await server.start()
+    return Harness(settings, store, plane, service, server, ControlClient(settings.socket_path, OPERATOR_TOKEN, timeout=10))
+
+
+@pytest.fixture
+async def make_harness(settings: Settings, store: Store, fake_plane: FakePlane) -> AsyncIterator[Any]:
+    """Factory for a harness with non-default server options; cleaned up after the test."""
+    built: list[Harness] = []
+
+    async def make(**kw: Any) -> Harness:
+        h = await start_harness(settings, store, fake_plane, **kw)
+        built.append(h)
+        return h
+
+    yield make
+    for h in built:
+        await h.server.close()
+        await h.service.stop()
+
+
+@pytest.fixture
+async def harness(make_harness: Any) -> Harness:
+    return await make_harness()
 
 
 async def wait_for(predicate: Any, timeout: float = 5.0) -> None:

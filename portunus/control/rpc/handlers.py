@@ -1,0 +1,192 @@
+"""The control RPC methods of docs/rpc.md, each a thin call into the services.
+
+``METHODS`` is the whole API surface: a method absent here does not exist
+(``not_found``).  Every method except ``health`` authenticates the token first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from portunus.config import Settings
+from portunus.control.auth import Authenticator, Principal
+from portunus.control.dataplane import DataPlane
+from portunus.control.rpc.protocol import Request
+from portunus.control.service import RuleService, parse_rule_id
+from portunus.control.stats import rule_stats
+from portunus.control.store import Store, accounts
+from portunus.control.store.audit import list_audit
+from portunus.control.store.rules import count_rules_by_client, get_rule
+from portunus.errors import PortunusError, ValidationError
+
+AUDIT_DEFAULT_LIMIT = 100
+AUDIT_MAX_LIMIT = 1000
+_RELATIVE = re.compile(r"(\d+)\s*([smhd])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(slots=True)
+class ControlContext:
+    """Everything a handler may use; built once by ``main.run_control``."""
+
+    settings: Settings
+    store: Store
+    auth: Authenticator
+    service: RuleService
+    dataplane: DataPlane
+
+
+Handler = Callable[[ControlContext, Principal, dict[str, Any]], Awaitable[Any]]
+
+
+async def health(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return {"status": "ok"}
+
+
+async def whoami(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return {"user": who.user, "role": who.role, "token_id": who.token_id}
+
+
+async def rules_push(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await ctx.service.push(who, params)
+
+
+async def rules_list(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await ctx.service.list_rules(params)
+
+
+async def rules_get(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await ctx.service.get_rule(params)
+
+
+async def rules_update(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await ctx.service.update(who, params)
+
+
+async def rules_remove(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await ctx.service.remove(who, params)
+
+
+def _flag(params: dict[str, Any], key: str) -> bool:
+    value = params.get(key, False)
+    if not isinstance(value, bool):
+        raise ValidationError(f"validation.{key}", f"{key} must be true or false", field=key)
+    return value
+
+
+async def rules_stats(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    rule_id = parse_rule_id(params)
+    per_port, per_target = _flag(params, "per_port"), _flag(params, "per_target")
+    async with ctx.store.read() as db:
+        stored = await get_rule(db, rule_id)
+    if stored is None:
+        raise PortunusError("rule_not_found", f"no rule with id {rule_id}", id=rule_id)
+    return await asyncio.to_thread(
+        rule_stats, ctx.settings.metrics_dir, stored.rule, per_port, per_target
+    )
+
+
+async def clients_list(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    async with ctx.store.read() as db:
+        clients = await accounts.list_clients(db)
+        counts = await count_rules_by_client(db)
+    out = []
+    for c in clients:
+        info = ctx.dataplane.info(c.client_id)
+        out.append(
+            {
+                "client_id": c.client_id,
+                "client_name": c.name,
+                "connected": info is not None,
+                "remote_addr": info.remote_addr if info else None,
+                "connected_since": info.connected_since if info else None,
+                "version": info.version if info else None,
+                "capabilities": info.capabilities if info else [],
+                "rule_count": counts.get(c.client_id, 0),
+            }
+        )
+    return {"clients": out}
+
+
+def parse_time(value: Any, key: str) -> str:
+    """An RFC 3339 time, a Unix time, or an age like ``30m``/``2h``/``7d`` (that long
+    ago); returned in the audit table's fixed-width UTC format."""
+    now = datetime.now(UTC)
+    when: datetime
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        when = datetime.fromtimestamp(value, UTC)
+    elif isinstance(value, str) and (m := _RELATIVE.fullmatch(value.strip())):
+        when = now - timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+    elif isinstance(value, str):
+        try:
+            when = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValidationError(
+                f"validation.{key}",
+                f"{key} {value!r} is not an RFC 3339 time, a Unix time or an age like 30m, 2h, 7d",
+                field=key,
+            ) from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+    else:
+        raise ValidationError(f"validation.{key}", f"{key} must be a time", field=key)
+    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+async def audit_list(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    since = parse_time(params["since"], "since") if params.get("since") is not None else None
+    until = parse_time(params["until"], "until") if params.get("until") is not None else None
+    limit = params.get("limit", AUDIT_DEFAULT_LIMIT)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= AUDIT_MAX_LIMIT:
+        raise ValidationError(
+            "validation.limit", f"limit must be an integer 1-{AUDIT_MAX_LIMIT}", field="limit"
+        )
+    cursor_raw = params.get("cursor")
+    cursor: int | None = None
+    if cursor_raw is not None:
+        if not str(cursor_raw).isdigit():
+            raise ValidationError("validation.cursor", "cursor must be a next_cursor value", field="cursor")
+        cursor = int(cursor_raw)
+    async with ctx.store.read() as db:
+        entries, next_cursor = await list_audit(db, since, until, limit, cursor)
+    return {"entries": entries, "next_cursor": next_cursor}
+
+
+# method -> (needs a token, handler)
+METHODS: dict[str, tuple[bool, Handler]] = {
+    "health": (False, health),
+    "auth.whoami": (True, whoami),
+    "rules.push": (True, rules_push),
+    "rules.list": (True, rules_list),
+    "rules.get": (True, rules_get),
+    "rules.update": (True, rules_update),
+    "rules.remove": (True, rules_remove),
+    "rules.stats": (True, rules_stats),
+    "clients.list": (True, clients_list),
+    "audit.list": (True, audit_list),
+}
+_ANONYMOUS = Principal(user_id=0, user="anonymous", role="", token_id=0)
+
+
+class Dispatcher:
+    """Routes one parsed request to its handler (the ``RpcServer`` dispatch)."""
+
+    def __init__(self, ctx: ControlContext) -> None:
+        self.ctx = ctx
+
+    async def __call__(self, req: Request) -> Any:
+        entry = METHODS.get(req.method)
+        if entry is None:
+            raise PortunusError(
+                "not_found",
+                f"unknown method {req.method!r}; known: {', '.join(sorted(METHODS))}",
+                method=req.method,
+            )
+        needs_token, handler = entry
+        who = await self.ctx.auth.authenticate(req.token) if needs_token else _ANONYMOUS
+        return await handler(self.ctx, who, req.params)

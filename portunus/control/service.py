@@ -1,0 +1,356 @@
+"""The rule lifecycle (control process): push, update, remove, and the answers
+of the data plane.
+
+``pending`` → ``active`` | ``failed(reason)``; remove → ``draining`` → gone.
+A rule is committed as ``pending`` (with its audit row) before it is sent, so a
+crash anywhere after the commit loses nothing: the node gets the full set on the
+next (re)connect.  The data plane's answers arrive through ``DataPlaneEvents``
+and are applied by one worker task in arrival order; a push waits for the answer
+about its rule up to its ack budget, and an answer that comes later is applied
+all the same (the rule flips from ``pending`` when it arrives).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from portunus.config import Settings
+from portunus.control.auth import Principal
+from portunus.control.dataplane import DataPlane, RuleResult
+from portunus.control.rule_body import parse_rate_limit_update, parse_rule_body
+from portunus.control.slots import check_slot
+from portunus.control.store import Store, accounts, write_audit
+from portunus.control.store import rules as rules_db
+from portunus.control.store.rules import StoredRule
+from portunus.errors import PortunusError, ValidationError
+from portunus.logs import log_event
+from portunus.rules import Rule
+
+MAX_ACK_TIMEOUT_SECS = 300.0
+# Called after every committed state change; state None = the rule is gone.
+StateSink = Callable[[Rule, str | None], None]
+
+
+def parse_rule_id(params: dict[str, Any]) -> int:
+    raw = params.get("id")
+    if isinstance(raw, str) and raw.strip().isdigit():
+        raw = int(raw.strip())
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+        raise ValidationError("validation.id", "id must be a rule id (a positive integer)", field="id")
+    return raw
+
+
+def _ack_timeout(params: dict[str, Any], default: float) -> float:
+    raw = params.get("ack_timeout", default)
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not 0 < raw <= MAX_ACK_TIMEOUT_SECS:
+        raise ValidationError(
+            "validation.ack_timeout",
+            f"ack_timeout must be a number of seconds in (0, {MAX_ACK_TIMEOUT_SECS:g}]",
+            field="ack_timeout",
+        )
+    return float(raw)
+
+
+class RuleService:
+    """One instance per control process; also the ``DataPlaneEvents`` sink."""
+
+    def __init__(
+        self,
+        store: Store,
+        dataplane: DataPlane,
+        settings: Settings,
+        on_state: StateSink | None = None,
+    ) -> None:
+        self.store = store
+        self.dataplane = dataplane
+        self.settings = settings
+        self.on_state = on_state or (lambda rule, state: None)
+        self._events: asyncio.Queue[tuple[str, str, Any]] = asyncio.Queue()
+        self._waiters: dict[int, list[asyncio.Future[StoredRule]]] = {}
+        self._worker: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start applying data-plane answers (call inside the running loop)."""
+        self._worker = asyncio.get_running_loop().create_task(self._run_events())
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+            self._worker = None
+
+    async def drain_events(self) -> None:
+        """Wait until every queued data-plane answer is applied (tests, shutdown)."""
+        await self._events.join()
+
+    # ------------------------------------------------------ DataPlaneEvents
+
+    def rules_applied(self, client_id: str, results: dict[str, RuleResult]) -> None:
+        self._events.put_nowait(("applied", client_id, results))
+
+    def rules_removed(self, client_id: str, ids: list[str]) -> None:
+        self._events.put_nowait(("removed", client_id, ids))
+
+    def client_connected(self, client_id: str) -> None:
+        self._events.put_nowait(("connected", client_id, None))
+
+    async def _run_events(self) -> None:
+        while True:
+            kind, client_id, payload = await self._events.get()
+            try:
+                if kind == "applied":
+                    await self._apply_results(client_id, payload)
+                elif kind == "removed":
+                    await self._apply_removed(client_id, payload)
+                else:
+                    await self.sync_client(client_id)
+            except Exception as exc:  # noqa: BLE001 - one bad answer must not stop the worker
+                log_event("control.event_failed", level="error", kind=kind, client_id=client_id, error=repr(exc))
+            finally:
+                self._events.task_done()
+
+    # --------------------------------------------------------------- sync
+
+    async def sync_client(self, client_id: str) -> None:
+        """Send a (re)connected node its full rule set; removals still draining are
+        re-sent so their rows go away once the node confirms them."""
+        async with self.store.read() as db:
+            stored = await rules_db.list_rules(db, client_id=client_id)
+        keep = [s for s in stored if s.state != "draining"]
+        gone = [str(s.rule_id) for s in stored if s.state == "draining"]
+        for s in stored:
+            self.on_state(s.rule, s.state)
+        await self.dataplane.sync(client_id, [s.rule for s in keep])
+        if gone:
+            await self.dataplane.apply(client_id, [], gone)
+
+    async def _apply_results(self, client_id: str, results: dict[str, RuleResult]) -> None:
+        changed: list[tuple[StoredRule, str]] = []
+        settled: list[StoredRule] = []
+        async with self.store.write() as db:
+            for key, res in results.items():
+                if not key.isdigit():
+                    continue
+                stored = await rules_db.get_rule(db, int(key))
+                if stored is None or stored.client_id != client_id:
+                    continue
+                if stored.state == "draining" or (
+                    stored.state == res.state and stored.failure_reason == res.reason
+                ):
+                    settled.append(stored)  # a late answer about a rule being removed
+                    continue
+                reason = res.reason if res.state == "failed" else None
+                await rules_db.set_state(db, stored.rule_id, res.state, reason)
+                await write_audit(
+                    db,
+                    "system",
+                    "rule.state",
+                    f"rule:{stored.rule_id}",
+                    outcome="ok" if res.state == "active" else "error",
+                    error_code=None if res.state == "active" else "activation_failed",
+                    details={"from": stored.state, "to": res.state, "reason": reason},
+                )
+                new = StoredRule(
+                    stored.rule_id, stored.client_id, stored.rule, res.state, reason, stored.created_at
+                )
+                changed.append((new, stored.state))
+                settled.append(new)
+        for new, old_state in changed:
+            self.on_state(new.rule, new.state)
+            if new.state == "active":
+                log_event("rule.activated", rule=new.rule_id, client=new.rule.client, previous=old_state)
+            else:
+                log_event(
+                    "rule.failed", level="warning", rule=new.rule_id, client=new.rule.client,
+                    reason=new.failure_reason,
+                )
+        for s in settled:
+            self._settle(s)
+
+    async def _apply_removed(self, client_id: str, ids: list[str]) -> None:
+        deleted: list[StoredRule] = []
+        async with self.store.write() as db:
+            for key in ids:
+                if not str(key).isdigit():
+                    continue
+                stored = await rules_db.get_rule(db, int(key))
+                if stored is None or stored.client_id != client_id or stored.state != "draining":
+                    continue
+                await rules_db.delete_rule(db, stored.rule_id)
+                await write_audit(db, "system", "rule.removed", f"rule:{stored.rule_id}")
+                deleted.append(stored)
+        for s in deleted:
+            self.on_state(s.rule, None)
+            log_event("rule.removed", rule=s.rule_id, client=s.rule.client)
+
+    def _settle(self, stored: StoredRule) -> None:
+        for fut in self._waiters.pop(stored.rule_id, []):
+            if not fut.done():
+                fut.set_result(stored)
+
+    async def _send_and_wait(self, stored: StoredRule, timeout: float) -> StoredRule | None:
+        """Send one upsert and wait for the answer about it; None on timeout."""
+        fut: asyncio.Future[StoredRule] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(stored.rule_id, []).append(fut)
+        try:
+            await self.dataplane.apply(stored.client_id, [stored.rule], [])
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            return None
+        finally:
+            waiting = self._waiters.get(stored.rule_id)
+            if waiting is not None and fut in waiting:
+                waiting.remove(fut)
+                if not waiting:
+                    del self._waiters[stored.rule_id]
+
+    # ---------------------------------------------------------- operations
+
+    async def _audit_error(self, principal: Principal, action: str, target: str | None, exc: PortunusError) -> None:
+        """A refused operation changes nothing but is still on the record."""
+        async with self.store.write() as db:
+            await write_audit(
+                db, principal.user, action, target, outcome="error", error_code=exc.code,
+                details={"message": exc.message},
+            )
+
+    async def push(self, principal: Principal, params: dict[str, Any]) -> dict[str, Any]:
+        body = {k: v for k, v in params.items() if k != "ack_timeout"}
+        target = f"client:{body.get('client', 'local')}"
+        try:
+            timeout = _ack_timeout(params, self.settings.ack_timeout_secs)
+            rule, client_ref = parse_rule_body(body, self.settings.range_rule_max_ports)
+            async with self.store.read() as db:
+                client = await accounts.resolve_client(db, client_ref)
+            target = f"client:{client.client_id}"
+            if not self.dataplane.connected(client.client_id):
+                raise PortunusError(
+                    "client_not_connected",
+                    f"client {client.name} ({client.client_id}) is not connected; nothing was stored",
+                    client_id=client.client_id,
+                )
+            rule = rule.with_changes(client=client.name, owner="")
+            async with self.store.write() as db:
+                existing = await rules_db.rules_overlapping(
+                    db, client.client_id, rule.protocol, rule.listen_start, rule.listen_end
+                )
+                check_slot(rule, [s.rule for s in existing])
+                rule_id = await rules_db.insert_rule(db, client.client_id, rule)
+                await write_audit(
+                    db, principal.user, "rule.push", f"rule:{rule_id}",
+                    details={"client_id": client.client_id, "token_id": principal.token_id},
+                )
+                stored = await rules_db.get_rule(db, rule_id)
+            assert stored is not None
+        except PortunusError as exc:
+            await self._audit_error(principal, "rule.push", target, exc)
+            raise
+        self.on_state(stored.rule, "pending")
+        log_event(
+            "rule.pushed", rule=stored.rule_id, client=client.name, user=principal.user,
+            protocol=rule.protocol, listen=f"{rule.listen_start}-{rule.listen_end}",
+        )
+        answered = await self._send_and_wait(stored, timeout)
+        if answered is None:
+            raise PortunusError(
+                "ack_timeout",
+                f"client {client.name} did not confirm rule {stored.rule_id} within {timeout:g} s; "
+                "it stays pending and becomes active or failed when the answer arrives",
+                rule=await self._rule_json(stored.rule_id, stored),
+            )
+        if answered.state == "failed":
+            raise PortunusError(
+                "activation_failed", answered.failure_reason or "the data plane refused the rule",
+                rule=answered.to_json(),
+            )
+        return answered.to_json()
+
+    async def _rule_json(self, rule_id: int, fallback: StoredRule) -> dict[str, Any]:
+        async with self.store.read() as db:
+            current = await rules_db.get_rule(db, rule_id)
+        return (current or fallback).to_json()
+
+    async def _get(self, rule_id: int) -> StoredRule:
+        async with self.store.read() as db:
+            stored = await rules_db.get_rule(db, rule_id)
+        if stored is None:
+            raise PortunusError("rule_not_found", f"no rule with id {rule_id}", id=rule_id)
+        return stored
+
+    async def get_rule(self, params: dict[str, Any]) -> dict[str, Any]:
+        return (await self._get(parse_rule_id(params))).to_json()
+
+    async def list_rules(self, params: dict[str, Any]) -> dict[str, Any]:
+        client_id: str | None = None
+        owner = params.get("owner")
+        if owner is not None and not isinstance(owner, str):
+            raise ValidationError("validation.owner", "owner must be a string", field="owner")
+        async with self.store.read() as db:
+            if params.get("client") is not None:
+                client_id = (await accounts.resolve_client(db, params["client"])).client_id
+            found = await rules_db.list_rules(db, client_id=client_id, owner=owner)
+        return {"rules": [s.to_json() for s in found]}
+
+    async def update(self, principal: Principal, params: dict[str, Any]) -> dict[str, Any]:
+        """Hot-update the caps; the node answers like for a push (within the default
+        ack budget).  No answer in time is not an error here: the change is stored
+        and the node gets it on reconnect at the latest."""
+        target = f"rule:{params.get('id')}"
+        try:
+            rule_id = parse_rule_id(params)
+            rate_limit = parse_rate_limit_update(params)
+            async with self.store.write() as db:
+                stored = await rules_db.get_rule(db, rule_id)
+                if stored is None:
+                    raise PortunusError("rule_not_found", f"no rule with id {rule_id}", id=rule_id)
+                if stored.state == "draining":
+                    raise PortunusError("conflict", f"rule {rule_id} is being removed", id=rule_id)
+                await rules_db.set_rate_limit(db, rule_id, rate_limit)
+                await write_audit(
+                    db, principal.user, "rule.update", target,
+                    details={"rate_limit": rate_limit, "previous": stored.rule.rate_limit},
+                )
+                updated = await rules_db.get_rule(db, rule_id)
+            assert updated is not None
+        except PortunusError as exc:
+            await self._audit_error(principal, "rule.update", target, exc)
+            raise
+        if self.dataplane.connected(updated.client_id):
+            answered = await self._send_and_wait(updated, self.settings.ack_timeout_secs)
+            updated = answered or updated
+        return await self._rule_json(updated.rule_id, updated)
+
+    async def remove(self, principal: Principal, params: dict[str, Any]) -> dict[str, Any]:
+        target = f"rule:{params.get('id')}"
+        try:
+            rule_id = parse_rule_id(params)
+            async with self.store.write() as db:
+                stored = await rules_db.get_rule(db, rule_id)
+                if stored is None:
+                    raise PortunusError("rule_not_found", f"no rule with id {rule_id}", id=rule_id)
+                connected = self.dataplane.connected(stored.client_id)
+                if not connected:
+                    # The node is away; it drops the rule when it gets the full set.
+                    await rules_db.delete_rule(db, rule_id)
+                    await write_audit(db, principal.user, "rule.remove", target, details={"immediate": True})
+                elif stored.state != "draining":
+                    await rules_db.set_state(db, rule_id, "draining", None)
+                    await write_audit(db, principal.user, "rule.remove", target)
+        except PortunusError as exc:
+            await self._audit_error(principal, "rule.remove", target, exc)
+            raise
+        if not connected:
+            self.on_state(stored.rule, None)
+            log_event("rule.removed", rule=rule_id, client=stored.rule.client, user=principal.user)
+        else:
+            self.on_state(stored.rule, "draining")
+            self._settle(StoredRule(rule_id, stored.client_id, stored.rule, "draining", None, stored.created_at))
+            await self.dataplane.apply(stored.client_id, [], [str(rule_id)])
+        return {}

@@ -1,0 +1,122 @@
+"""Rule counters read from the shards' multiprocess files, and the rule-state gauge.
+
+The shards already write every counter into ``PROMETHEUS_MULTIPROC_DIR`` for
+/metrics; ``rules.stats`` reads the same files with the same
+``MultiProcessCollector`` instead of inventing a second aggregation channel.
+Counters from every shard (live or dead) are summed; the ``portunus_detail_*``
+series give the per-port and per-target rows that /metrics does not export.
+
+prometheus_client is imported inside the functions: its value class is chosen at
+import time from PROMETHEUS_MULTIPROC_DIR, which the supervisor sets before it
+forks us — importing it at module import could freeze the wrong choice.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from typing import Any
+
+from portunus.rules import Rule
+
+RULE_SERIES = {
+    "portunus_rule_bytes_in_total": "bytes_in",
+    "portunus_rule_bytes_out_total": "bytes_out",
+    "portunus_rule_connections_total": "connections_total",
+    "portunus_rule_active_connections": "active_connections",
+}
+PORT_SERIES = {
+    "portunus_detail_port_bytes_in_total": "bytes_in",
+    "portunus_detail_port_bytes_out_total": "bytes_out",
+    "portunus_detail_port_connections_total": "connections_total",
+    "portunus_detail_port_active_connections": "active_connections",
+}
+TARGET_SERIES = {
+    "portunus_detail_target_connections_total": "connections_total",
+    "portunus_detail_target_connect_failures_total": "connect_failures_total",
+}
+TARGET_UP = "portunus_target_up"
+STATES = ("pending", "active", "failed", "draining")
+
+
+def _samples(metrics_dir: str) -> list[Any]:
+    if not os.path.isdir(metrics_dir):
+        return []
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=metrics_dir)
+    return [s for family in registry.collect() for s in family.samples]
+
+
+def rule_stats(
+    metrics_dir: str, rule: Rule, per_port: bool = False, per_target: bool = False
+) -> dict[str, Any]:
+    """Totals for one rule (labels ``rule`` = its id); blocking file reads, so the
+    caller runs it in a thread."""
+    totals: dict[str, float] = dict.fromkeys(RULE_SERIES.values(), 0.0)
+    ports: dict[int, dict[str, float]] = defaultdict(lambda: dict.fromkeys(PORT_SERIES.values(), 0.0))
+    targets: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(TARGET_SERIES.values(), 0.0))
+    up: dict[str, float] = {}
+    for s in _samples(metrics_dir):
+        if s.labels.get("rule") != rule.id:
+            continue
+        if s.name in RULE_SERIES:
+            totals[RULE_SERIES[s.name]] += s.value
+        elif per_port and s.name in PORT_SERIES and s.labels.get("port", "").isdigit():
+            ports[int(s.labels["port"])][PORT_SERIES[s.name]] += s.value
+        elif per_target and s.name in TARGET_SERIES:
+            targets[s.labels.get("target", "")][TARGET_SERIES[s.name]] += s.value
+        elif per_target and s.name == TARGET_UP:
+            # Up only if every shard that reports the target sees it up.
+            label = s.labels.get("target", "")
+            up[label] = min(up.get(label, s.value), s.value)
+    out: dict[str, Any] = {"id": int(rule.id) if rule.id.isdigit() else rule.id}
+    out.update({k: int(v) for k, v in totals.items()})
+    if per_port:
+        if rule.is_range or ports:
+            rows = [{"port": p, **{k: int(v) for k, v in ports[p].items()}} for p in rule.ports]
+        else:  # single-port rules have no detail series: the rule totals are the port's
+            rows = [{"port": rule.listen_start, **{k: int(totals[k]) for k in PORT_SERIES.values()}}]
+        out["per_port"] = rows
+    if per_target:
+        out["per_target"] = [
+            {
+                "target": t.label,
+                "priority": t.priority,
+                "up": (up[t.label] >= 1) if t.label in up else None,
+                **{k: int(v) for k, v in targets[t.label].items()},
+            }
+            for t in rule.targets
+        ]
+    return out
+
+
+class RuleStateGauge:
+    """``portunus_rule_state{client,rule,owner,state}``: 1 for the current state, 0
+    for the others, written by the control process on every state change.
+
+    ``livemostrecent``: only the control process writes it, so each label set has
+    one writer; *live* makes the supervisor's ``mark_process_dead`` drop a dead
+    control process's file (its successor republishes every rule on sync), and
+    *mostrecent* lets the newest value win if an old and a new control file
+    briefly coexist — ``livemax`` would then report 1 for two states at once.
+    Multiprocess files cannot drop a label set, so a removed rule is written as
+    0 for every state.
+    """
+
+    def __init__(self) -> None:
+        from prometheus_client import Gauge
+
+        self._gauge = Gauge(
+            "portunus_rule_state",
+            "1 for the rule's current state (pending, active, failed, draining), 0 for the others",
+            ("client", "rule", "owner", "state"),
+            multiprocess_mode="livemostrecent",
+            registry=None,
+        )
+
+    def __call__(self, rule: Rule, state: str | None) -> None:
+        for s in STATES:
+            self._gauge.labels(rule.client, rule.id, rule.owner, s).set(1.0 if s == state else 0.0)
