@@ -1,0 +1,174 @@
+"""The control process's end of the supervisor channel: the data plane of ``local``.
+
+Speaks "Supervisor ↔ rule source" of docs/rpc.md over the socketpair the
+supervisor forked us with, using the shared non-blocking ``Channel`` driven by
+``loop.add_reader``/``add_writer``.  The supervisor owns this process: when the
+channel closes, the supervisor is gone (or broke the protocol) and the control
+process must exit rather than serve a control plane with no data plane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from portunus import __version__
+from portunus.control.dataplane import LOCAL, DataPlaneEvents, LinkInfo, RuleResult
+from portunus.control.store import utc_now
+from portunus.logs import log_event
+from portunus.rules import Rule
+from portunus.supervisor.framing import Channel, ProtocolError
+
+CAPABILITIES = ["tcp", "udp", "port_range", "sni", "proxy_protocol", "rate_limit", "failover"]
+
+
+class LocalLink:
+    """``DataPlane`` for the built-in client ``local``."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        on_close: Callable[[str], None],
+        events: DataPlaneEvents | None = None,
+    ) -> None:
+        self.channel = Channel(sock)
+        # Set before start(): the service that consumes the events needs this link first.
+        self.events = events
+        self.on_close = on_close
+        self._seq = itertools.count(1)
+        self._inflight: set[int] = set()
+        self._since = utc_now()
+        self._hello: dict[str, Any] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer_on = False
+        self._gone = False
+
+    def start(self) -> None:
+        """Begin reading frames (inside the running loop of the control process)."""
+        assert self.events is not None, "set LocalLink.events before start()"
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.channel.fileno(), self._on_readable)
+
+    def close(self) -> None:
+        """Stop watching the channel and close it (control shutdown)."""
+        self._detach()
+        self.channel.close()
+
+    def _detach(self) -> None:
+        fd = self.channel.sock.fileno()
+        if self._loop is not None and fd >= 0:
+            self._loop.remove_reader(fd)
+            if self._writer_on:
+                self._loop.remove_writer(fd)
+        self._writer_on = False
+
+    # ------------------------------------------------------------- DataPlane
+
+    def connected(self, client_id: str) -> bool:
+        return client_id == LOCAL and not self.channel.closed
+
+    def info(self, client_id: str) -> LinkInfo | None:
+        if not self.connected(client_id):
+            return None
+        return LinkInfo(
+            connected_since=self._since,
+            version=__version__,
+            capabilities=list(CAPABILITIES),
+        )
+
+    async def apply(self, client_id: str, upsert: Sequence[Rule], remove: Sequence[str]) -> None:
+        seq = next(self._seq)
+        self._send(
+            {
+                "type": "apply",
+                "seq": seq,
+                "upsert": [r.to_wire() for r in upsert],
+                "remove": [str(i) for i in remove],
+            },
+            seq if upsert else None,
+        )
+
+    async def sync(self, client_id: str, rules: Sequence[Rule]) -> None:
+        seq = next(self._seq)
+        self._send({"type": "sync", "seq": seq, "rules": [r.to_wire() for r in rules]}, seq)
+
+    # ------------------------------------------------------------------ I/O
+
+    def _send(self, msg: dict[str, Any], seq: int | None) -> None:
+        if self.channel.closed:
+            return  # the close callback is already on its way
+        if seq is not None:
+            self._inflight.add(seq)
+        self.channel.send(msg)
+        self._after_write()
+
+    def _after_write(self) -> None:
+        if self.channel.closed:
+            self._lost("the supervisor channel broke while writing")
+            return
+        want = self.channel.wants_write
+        if want != self._writer_on and self._loop is not None:
+            if want:
+                self._loop.add_writer(self.channel.fileno(), self._on_writable)
+            else:
+                self._loop.remove_writer(self.channel.fileno())
+            self._writer_on = want
+
+    def _on_writable(self) -> None:
+        self.channel.flush()
+        self._after_write()
+
+    def _on_readable(self) -> None:
+        try:
+            frames = self.channel.read()
+        except EOFError:
+            self._lost("the supervisor closed the channel")
+            return
+        except ProtocolError as exc:
+            self._lost(f"the supervisor sent a bad frame: {exc}")
+            return
+        for msg, fds in frames:
+            for fd in fds:  # never expected on this channel; do not leak them
+                socket.close(fd)
+            self._handle(msg)
+        if self.channel.closed:
+            self._lost("the supervisor closed the channel")
+
+    def _handle(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("type")
+        if kind == "applied":
+            seq = msg.get("seq")
+            if seq in self._inflight:
+                self._inflight.discard(seq)
+            else:
+                log_event("control.unexpected_seq", level="warning", seq=seq)
+            raw = msg.get("results")
+            if not isinstance(raw, dict):
+                log_event("control.bad_frame", level="warning", type=kind)
+                return
+            results: dict[str, RuleResult] = {}
+            for rule_id, res in raw.items():
+                if isinstance(res, dict) and res.get("state") in ("active", "failed"):
+                    results[str(rule_id)] = RuleResult(res["state"], res.get("reason"))
+            assert self.events is not None
+            self.events.rules_applied(LOCAL, results)
+        elif kind == "removed":
+            ids = msg.get("ids")
+            if isinstance(ids, list) and self.events is not None:
+                self.events.rules_removed(LOCAL, [str(i) for i in ids])
+        elif kind == "hello":
+            self._hello = msg
+            log_event("control.supervisor_hello", version=msg.get("version"), shards=msg.get("shards"))
+        else:
+            log_event("control.bad_frame", level="warning", type=str(kind))
+
+    def _lost(self, why: str) -> None:
+        if self._gone:
+            return
+        self._gone = True
+        self.channel.closed = True
+        self._detach()
+        self.on_close(why)

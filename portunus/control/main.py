@@ -1,0 +1,98 @@
+"""Entry point of the control process (forked by the supervisor of ``serve``).
+
+Start order matters: the store is migrated and the operator token installed
+before the socket exists, so the first request a CLI manages to send is already
+served with the full state; the initial ``sync`` goes out before the socket
+opens too, so the data plane starts re-binding stored rules without waiting for
+anyone to ask.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+
+import uvloop
+
+from portunus.config import Settings
+from portunus.control.auth import Authenticator, install_operator_token, read_operator_token
+from portunus.control.dataplane import LOCAL, DataPlanes
+from portunus.control.local_link import LocalLink
+from portunus.control.rpc.handlers import ControlContext, Dispatcher
+from portunus.control.rpc.server import RpcServer
+from portunus.control.service import RuleService, StateSink
+from portunus.control.store import Store
+from portunus.logs import configure, log_event
+
+
+def _state_sink() -> StateSink | None:
+    """The rule-state gauge, when metrics are in multiprocess mode.
+
+    The supervisor exports PROMETHEUS_MULTIPROC_DIR before importing anything.
+    Without it a gauge would live only in this process's memory where nobody
+    scrapes it, so there is no gauge at all.
+    """
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    from portunus.control.stats import RuleStateGauge
+
+    return RuleStateGauge()
+
+
+async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
+    """Run until SIGTERM/SIGINT or until the supervisor channel closes; return why."""
+    loop = asyncio.get_running_loop()
+    stopping: asyncio.Future[str] = loop.create_future()
+
+    def stop(why: str) -> None:
+        if not stopping.done():
+            stopping.set_result(why)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, signal.Signals(sig).name)
+
+    store = await Store.open(settings.db_path)
+    server: RpcServer | None = None
+    link: LocalLink | None = None
+    service: RuleService | None = None
+    try:
+        token = read_operator_token(settings)
+        if token is not None:
+            token_id = await install_operator_token(store, token)
+            log_event("control.operator_token", token_id=token_id, user="operator")
+        else:
+            log_event("control.no_operator_token", level="warning", path=settings.token_path)
+        link = LocalLink(channel_sock, on_close=lambda why: stop(f"supervisor channel: {why}"))
+        planes = DataPlanes(link)
+        service = RuleService(store, planes, settings, on_state=_state_sink())
+        link.events = service
+        link.start()
+        service.start()
+        await service.sync_client(LOCAL)
+        ctx = ControlContext(settings, store, Authenticator(store), service, planes)
+        server = RpcServer(settings.socket_path, Dispatcher(ctx))
+        await server.start()
+        log_event("control.ready", socket=settings.socket_path, db=settings.db_path)
+        return await stopping
+    finally:
+        if server is not None:
+            await server.close()
+        if service is not None:
+            await service.stop()
+        if link is not None:
+            link.close()
+        await store.close()
+
+
+def run_control(settings: Settings, channel_sock: socket.socket) -> None:
+    """Body of the forked control process; returns when it should exit 0.
+
+    Raises on a fatal start error (``SchemaTooNew`` is a ``PortunusError`` with
+    exit code 78) — the caller logs it and exits non-zero.
+    """
+    configure(process="control")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        why = runner.run(serve_control(settings, channel_sock))
+    log_event("control.stopped", reason=why)

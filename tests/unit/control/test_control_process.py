@@ -1,0 +1,160 @@
+"""run_control in a real child process, with this test playing the supervisor."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from portunus.control.client import call_sync
+from portunus.control.store.migrations import connect_sync, migrate
+from portunus.supervisor.framing import Channel
+
+TOKEN = "process-test-operator-token-abcdefghijklmnopqrstuvwxyz"
+CHILD = """
+import socket, sys
+from portunus.config import Settings
+from portunus.control.main import run_control
+s = Settings(data_dir=sys.argv[2], runtime_dir=sys.argv[3], operator_token=sys.argv[4])
+run_control(s, socket.socket(fileno=int(sys.argv[1])))
+"""
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def read_frames(chan: Channel, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"got {len(got)} of {n} frames: {got}")
+        select.select([chan.fileno()], [], [], left)
+        got += [m for m, _ in chan.read()]
+    return got
+
+
+def wait_until(cond: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
+
+
+class Control:
+    def __init__(self, base: Path) -> None:
+        self.data = base / "data"
+        self.run = base / "run"
+        self.metrics = self.run / "metrics"
+        self.metrics.mkdir(parents=True)
+        self.sock_path = str(self.run / "control.sock")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.chan: Channel | None = None
+
+    def seed_rule(self, port: int) -> None:
+        self.data.mkdir(parents=True, exist_ok=True)
+        db = str(self.data / "state.db")
+        conn = connect_sync(db)
+        migrate(conn, db)
+        rid = conn.execute(
+            "INSERT INTO rules (client_id, protocol, listen_start, listen_end, state, created_at) "
+            "VALUES ('local', 'tcp', ?, ?, 'active', '2024-01-01T00:00:00.000Z')", (port, port)
+        ).lastrowid
+        conn.execute(
+            "INSERT INTO rule_targets (rule_id, position, host, port, priority) VALUES (?, 0, '127.0.0.1', 9, 1)",
+            (rid,),
+        )
+        conn.close()
+
+    def start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics), "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(theirs.fileno()), str(self.data), str(self.run), TOKEN],
+            pass_fds=[theirs.fileno()], env=env, stderr=subprocess.PIPE,
+        )
+        theirs.close()
+        self.chan = Channel(ours)
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        return call_sync(self.sock_path, TOKEN, method, params, timeout=10)
+
+    def stop(self) -> tuple[int, list[dict[str, Any]]]:
+        assert self.proc is not None
+        _, err = self.proc.communicate(timeout=10)
+        lines = [json.loads(x) for x in err.decode().splitlines() if x.startswith("{")]
+        return self.proc.returncode, lines
+
+
+@pytest.fixture
+def control(short_dir: Path) -> Iterator[Control]:
+    c = Control(short_dir)
+    yield c
+    if c.proc is not None and c.proc.poll() is None:
+        c.proc.kill()
+        c.proc.wait()
+    if c.chan is not None:
+        c.chan.close()
+
+
+def test_sync_push_and_sigterm(control: Control) -> None:
+    control.seed_rule(30100)
+    control.start()
+    assert control.chan is not None and control.proc is not None
+    (sync,) = read_frames(control.chan, 1)
+    assert sync["type"] == "sync" and [r["id"] for r in sync["rules"]] == ["1"]
+    assert sync["rules"][0]["listen_start"] == 30100 and sync["rules"][0]["client"] == "local"
+    control.chan.send({"type": "hello", "version": 1, "shards": 1})
+    control.chan.send({"type": "applied", "seq": sync["seq"], "results": {"1": {"state": "active", "reason": None}}})
+    wait_until(lambda: os.path.exists(control.sock_path))
+    assert control.call("health") == {"status": "ok"}
+    assert control.call("auth.whoami")["user"] == "operator"
+
+    result: dict[str, Any] = {}
+
+    def push() -> None:
+        result["rule"] = control.call(
+            "rules.push", {"listen_port": 30101, "targets": [{"host": "127.0.0.1", "port": 9}]}
+        )
+
+    t = threading.Thread(target=push)
+    t.start()
+    (apply,) = read_frames(control.chan, 1)
+    assert apply["type"] == "apply" and apply["upsert"][0]["id"] == "2"
+    control.chan.send({"type": "applied", "seq": apply["seq"], "results": {"2": {"state": "active", "reason": None}}})
+    t.join(10)
+    assert result["rule"]["state"] == "active" and result["rule"]["id"] == 2
+    assert any(p.name.startswith("gauge_livemostrecent_") for p in control.metrics.iterdir())
+
+    control.proc.send_signal(signal.SIGTERM)
+    code, logs = control.stop()
+    assert code == 0
+    assert not os.path.exists(control.sock_path)
+    events = [line["event"] for line in logs]
+    assert "rule.pushed" in events and "rule.activated" in events
+    assert all(line.get("process") == "control" for line in logs)
+    assert TOKEN not in json.dumps(logs)
+
+
+def test_exits_when_supervisor_goes_away(control: Control) -> None:
+    control.start()
+    assert control.chan is not None
+    read_frames(control.chan, 1)  # the initial (empty) sync
+    wait_until(lambda: os.path.exists(control.sock_path))
+    control.chan.close()
+    control.chan = None
+    code, logs = control.stop()
+    assert code == 0
+    stopped = [line for line in logs if line["event"] == "control.stopped"]
+    assert stopped and "supervisor channel" in stopped[0]["reason"]
