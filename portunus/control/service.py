@@ -277,15 +277,10 @@ class RuleService:
             current = await rules_db.get_rule(db, rule_id)
         return (current or fallback).to_json()
 
-    async def _get(self, rule_id: int) -> StoredRule:
-        async with self.store.read() as db:
-            stored = await rules_db.get_rule(db, rule_id)
-        if stored is None:
-            raise PortunusError("rule_not_found", f"no rule with id {rule_id}", id=rule_id)
-        return stored
-
     async def get_rule(self, params: dict[str, Any]) -> dict[str, Any]:
-        return (await self._get(parse_rule_id(params))).to_json()
+        rule_id = parse_rule_id(params)
+        async with self.store.read() as db:
+            return (await rules_db.require_rule(db, rule_id)).to_json()
 
     async def list_rules(self, params: dict[str, Any]) -> dict[str, Any]:
         client_id: str | None = None
@@ -307,9 +302,7 @@ class RuleService:
             rule_id = parse_rule_id(params)
             rate_limit = parse_rate_limit_update(params)
             async with self.store.write() as db:
-                stored = await rules_db.get_rule(db, rule_id)
-                if stored is None:
-                    raise PortunusError("rule_not_found", f"no rule with id {rule_id}", id=rule_id)
+                stored = await rules_db.require_rule(db, rule_id)
                 if stored.state == "draining":
                     raise PortunusError("conflict", f"rule {rule_id} is being removed", id=rule_id)
                 await rules_db.set_rate_limit(db, rule_id, rate_limit)
@@ -332,9 +325,7 @@ class RuleService:
         try:
             rule_id = parse_rule_id(params)
             async with self.store.write() as db:
-                stored = await rules_db.get_rule(db, rule_id)
-                if stored is None:
-                    raise PortunusError("rule_not_found", f"no rule with id {rule_id}", id=rule_id)
+                stored = await rules_db.require_rule(db, rule_id)
                 connected = self.dataplane.connected(stored.client_id)
                 if not connected:
                     # The node is away; it drops the rule when it gets the full set.

@@ -21,13 +21,15 @@ from portunus.control.service import RuleService, parse_rule_id
 from portunus.control.stats import rule_stats
 from portunus.control.store import Store, accounts
 from portunus.control.store.audit import list_audit
-from portunus.control.store.rules import count_rules_by_client, get_rule
+from portunus.control.store.migrations import format_ts
+from portunus.control.store.rules import count_rules_by_client, require_rule
 from portunus.errors import PortunusError, ValidationError
 
 AUDIT_DEFAULT_LIMIT = 100
 AUDIT_MAX_LIMIT = 1000
-_RELATIVE = re.compile(r"(\d+)\s*([smhd])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# Ages as the CLI's parse_when writes them: 90s, 30m, 1h30m, 2d, 1w.
+_RELATIVE = re.compile(r"(\d+)([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 @dataclass(slots=True)
@@ -83,9 +85,7 @@ async def rules_stats(ctx: ControlContext, who: Principal, params: dict[str, Any
     rule_id = parse_rule_id(params)
     per_port, per_target = _flag(params, "per_port"), _flag(params, "per_target")
     async with ctx.store.read() as db:
-        stored = await get_rule(db, rule_id)
-    if stored is None:
-        raise PortunusError("rule_not_found", f"no rule with id {rule_id}", id=rule_id)
+        stored = await require_rule(db, rule_id)
     return await asyncio.to_thread(
         rule_stats, ctx.settings.metrics_dir, stored.rule, per_port, per_target
     )
@@ -114,28 +114,34 @@ async def clients_list(ctx: ControlContext, who: Principal, params: dict[str, An
 
 
 def parse_time(value: Any, key: str) -> str:
-    """An RFC 3339 time, a Unix time, or an age like ``30m``/``2h``/``7d`` (that long
-    ago); returned in the audit table's fixed-width UTC format."""
+    """An RFC 3339 time (naive = UTC), a Unix time, ``now``, or an age such as
+    ``30m``/``1h30m``/``7d`` (that long ago), in the audit table's UTC format.
+    The web passes since/until through untouched, so this is the one parser."""
     now = datetime.now(UTC)
-    when: datetime
+    compact = value.replace(" ", "").lower() if isinstance(value, str) else ""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        when = datetime.fromtimestamp(value, UTC)
-    elif isinstance(value, str) and (m := _RELATIVE.fullmatch(value.strip())):
-        when = now - timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
-    elif isinstance(value, str):
+        try:
+            return format_ts(datetime.fromtimestamp(value, UTC))
+        except (OverflowError, OSError, ValueError):
+            pass  # out of range: refused below
+    if compact == "now":
+        return format_ts(now)
+    if compact and _RELATIVE.sub("", compact) == "":
+        secs = sum(int(n) * _UNITS[u] for n, u in _RELATIVE.findall(compact))
+        return format_ts(now - timedelta(seconds=secs))
+    when: datetime | None = None
+    if isinstance(value, str):
         try:
             when = datetime.fromisoformat(value.strip())
         except ValueError:
-            raise ValidationError(
-                f"validation.{key}",
-                f"{key} {value!r} is not an RFC 3339 time, a Unix time or an age like 30m, 2h, 7d",
-                field=key,
-            ) from None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-    else:
-        raise ValidationError(f"validation.{key}", f"{key} must be a time", field=key)
-    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            pass
+    if when is None:
+        raise ValidationError(
+            f"validation.{key}",
+            f"{key} {value!r} is not an RFC 3339 time, a Unix time or an age like 30m, 2h, 7d",
+            field=key,
+        )
+    return format_ts(when if when.tzinfo is not None else when.replace(tzinfo=UTC))
 
 
 async def audit_list(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:

@@ -111,9 +111,13 @@ class SchemaTooNew(PortunusError):
         )
 
 
-def utc_now() -> str:
+def format_ts(when: datetime) -> str:
     """RFC 3339 UTC with milliseconds, fixed width so text order is time order."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def utc_now() -> str:
+    return format_ts(datetime.now(UTC))
 
 
 def connect_sync(db_path: str) -> sqlite3.Connection:

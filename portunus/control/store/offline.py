@@ -55,8 +55,11 @@ def bootstrap_superadmin(db_path: str, name: str) -> str:
 
     name = validate_user_name(name)
     os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
+    created = not os.path.exists(db_path)
     conn = connect_sync(db_path)
     try:
+        if created:  # it holds token hashes: not for every local user to read
+            os.chmod(db_path, 0o600)
         migrate(conn, db_path)
         token = secrets.token_urlsafe(32)
         now = utc_now()

@@ -13,6 +13,7 @@ from typing import Any
 import aiosqlite
 
 from portunus.control.store.migrations import utc_now
+from portunus.errors import PortunusError
 from portunus.rules import Rule, Target
 
 STATES = ("pending", "active", "failed", "draining")
@@ -126,6 +127,13 @@ async def _query(db: aiosqlite.Connection, where: str, args: tuple[Any, ...]) ->
 async def get_rule(db: aiosqlite.Connection, rule_id: int) -> StoredRule | None:
     found = await _query(db, "WHERE r.id = ?", (rule_id,))
     return found[0] if found else None
+
+
+async def require_rule(db: aiosqlite.Connection, rule_id: int) -> StoredRule:
+    stored = await get_rule(db, rule_id)
+    if stored is None:
+        raise PortunusError("rule_not_found", f"no rule with id {rule_id}", id=rule_id)
+    return stored
 
 
 async def list_rules(

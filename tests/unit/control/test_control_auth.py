@@ -30,6 +30,7 @@ def test_bootstrap_superadmin_on_fresh_db(tmp_path: Path) -> None:
     db = tmp_path / "data" / "state.db"
     token = bootstrap_superadmin(str(db), "alice")
     assert len(token) >= 40
+    assert db.stat().st_mode & 0o777 == 0o600
     conn = sqlite3.connect(db)
     try:
         assert conn.execute("SELECT role FROM users WHERE name = 'alice'").fetchone() == ("superadmin",)

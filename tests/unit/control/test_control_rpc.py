@@ -161,3 +161,21 @@ def test_socket_path_is_not_a_socket_is_refused(tmp_path: Any) -> None:
     s.close()
     remove_stale_socket(str(p2))
     assert not p2.exists()
+
+
+def test_audit_time_forms_match_the_cli() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from portunus.control.rpc.handlers import parse_time
+
+    assert parse_time("2024-05-01T12:00:00Z", "since") == "2024-05-01T12:00:00.000Z"
+    assert parse_time("2024-05-01T14:00:00+02:00", "since") == "2024-05-01T12:00:00.000Z"
+    assert parse_time("2024-05-01", "since") == "2024-05-01T00:00:00.000Z"
+    assert parse_time(0, "since") == "1970-01-01T00:00:00.000Z"
+    for age, secs in (("90s", 90), ("1h30m", 5400), ("1w", 604800), ("now", 0)):
+        got = datetime.fromisoformat(parse_time(age, "since"))
+        assert abs((datetime.now(UTC) - timedelta(seconds=secs) - got).total_seconds()) < 5
+    for bad in ("soon", "", "1x", 10**20, True, None):
+        with pytest.raises(PortunusError) as info:
+            parse_time(bad, "until")
+        assert info.value.code == "validation.until"
