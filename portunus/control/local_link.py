@@ -41,7 +41,6 @@ class LocalLink:
         self._seq = itertools.count(1)
         self._inflight: set[int] = set()
         self._since = utc_now()
-        self._hello: dict[str, Any] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer_on = False
         self._gone = False
@@ -160,7 +159,6 @@ class LocalLink:
             if isinstance(ids, list) and self.events is not None:
                 self.events.rules_removed(LOCAL, [str(i) for i in ids])
         elif kind == "hello":
-            self._hello = msg
             log_event("control.supervisor_hello", version=msg.get("version"), shards=msg.get("shards"))
         else:
             log_event("control.bad_frame", level="warning", type=str(kind))

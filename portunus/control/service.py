@@ -13,6 +13,7 @@ all the same (the rule flips from ``pending`` when it arrives).
 from __future__ import annotations
 
 import asyncio
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -111,8 +112,11 @@ class RuleService:
                     await self._apply_removed(client_id, payload)
                 else:
                     await self.sync_client(client_id)
-            except Exception as exc:  # noqa: BLE001 - one bad answer must not stop the worker
-                log_event("control.event_failed", level="error", kind=kind, client_id=client_id, error=repr(exc))
+            except Exception:  # noqa: BLE001 - one bad answer must not stop the worker
+                log_event(
+                    "control.event_failed", level="error", kind=kind, client_id=client_id,
+                    traceback=traceback.format_exc(),
+                )
             finally:
                 self._events.task_done()
 
@@ -141,10 +145,12 @@ class RuleService:
                 stored = await rules_db.get_rule(db, int(key))
                 if stored is None or stored.client_id != client_id:
                     continue
+                # A draining rule is never revived by a late answer about it; an
+                # unchanged state (a re-sync, a caps update) writes nothing.
                 if stored.state == "draining" or (
                     stored.state == res.state and stored.failure_reason == res.reason
                 ):
-                    settled.append(stored)  # a late answer about a rule being removed
+                    settled.append(stored)
                     continue
                 reason = res.reason if res.state == "failed" else None
                 await rules_db.set_state(db, stored.rule_id, res.state, reason)
