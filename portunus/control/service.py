@@ -327,14 +327,20 @@ class RuleService:
         return await self._rule_json(updated.rule_id, updated)
 
     async def remove(self, principal: Principal, params: dict[str, Any]) -> dict[str, Any]:
+        """Mark draining and tell the node; the row goes when the node confirms.
+
+        Deleted at once instead when nothing can be draining: the node is away
+        (it drops the rule when it gets its full set on reconnect) or the rule
+        failed (nothing was ever bound).  The node is told in every case.
+        """
         target = f"rule:{params.get('id')}"
         try:
             rule_id = parse_rule_id(params)
             async with self.store.write() as db:
                 stored = await rules_db.require_rule(db, rule_id)
                 connected = self.dataplane.connected(stored.client_id)
-                if not connected:
-                    # The node is away; it drops the rule when it gets the full set.
+                immediate = not connected or stored.state == "failed"
+                if immediate:
                     await rules_db.delete_rule(db, rule_id)
                     await write_audit(db, principal.user, "rule.remove", target, details={"immediate": True})
                 elif stored.state != "draining":
@@ -343,11 +349,12 @@ class RuleService:
         except PortunusError as exc:
             await self._audit_error(principal, "rule.remove", target, exc)
             raise
-        if not connected:
+        if immediate:
             self.on_state(stored.rule, None)
             log_event("rule.removed", rule=rule_id, client=stored.rule.client, user=principal.user)
         else:
             self.on_state(stored.rule, "draining")
             self._settle(StoredRule(rule_id, stored.client_id, stored.rule, "draining", None, stored.created_at))
+        if connected:
             await self.dataplane.apply(stored.client_id, [], [str(rule_id)])
         return {}

@@ -50,6 +50,11 @@ async def test_push_fails_and_keeps_slot(harness: Any) -> None:
     await expect_error(harness.call("rules.push", PUSH), "port_conflict")
     assert ("system", "rule.state", "error", "activation_failed") in await audit_actions(harness)
     assert ("operator", "rule.push", "error", "port_conflict") in await audit_actions(harness)
+    # Nothing of a failed rule is bound: removing it frees the slot at once.
+    await harness.call("rules.remove", {"id": 1})
+    await expect_error(harness.call("rules.get", {"id": 1}), "rule_not_found")
+    assert harness.plane.applies()[-1][3] == ["1"]  # the node still forgets it
+    assert (await harness.call("rules.push", PUSH))["state"] == "active"
 
 
 async def test_ack_timeout_then_late_answer(harness: Any, poll: Any) -> None:
