@@ -70,6 +70,7 @@ async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
         link.events = service
         link.start()
         service.start()
+        await service.forget_draining(LOCAL)
         await service.sync_client(LOCAL)
         ctx = ControlContext(settings, store, Authenticator(store), service, planes)
         server = RpcServer(settings.socket_path, Dispatcher(ctx))

@@ -135,6 +135,20 @@ class RuleService:
         if gone:
             await self.dataplane.apply(client_id, [], gone)
 
+    async def forget_draining(self, client_id: str) -> None:
+        """At control start: delete rows left ``draining`` by a previous control
+        process.  A fresh supervisor holds nothing and would never confirm them; a
+        supervisor that outlived us drains them anyway once the sync leaves them
+        out (draining rules hold no port slot, so the early delete frees nothing)."""
+        async with self.store.write() as db:
+            stale = [s for s in await rules_db.list_rules(db, client_id=client_id) if s.state == "draining"]
+            for s in stale:
+                await rules_db.delete_rule(db, s.rule_id)
+                await write_audit(db, "system", "rule.removed", f"rule:{s.rule_id}", details={"at_start": True})
+        for s in stale:
+            self.on_state(s.rule, None)
+            log_event("rule.removed", rule=s.rule_id, client=s.rule.client, at_start=True)
+
     async def _apply_results(self, client_id: str, results: dict[str, RuleResult]) -> None:
         changed: list[tuple[StoredRule, str]] = []
         settled: list[StoredRule] = []

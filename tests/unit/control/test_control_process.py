@@ -62,14 +62,14 @@ class Control:
         self.proc: subprocess.Popen[bytes] | None = None
         self.chan: Channel | None = None
 
-    def seed_rule(self, port: int) -> None:
+    def seed_rule(self, port: int, state: str = "active") -> None:
         self.data.mkdir(parents=True, exist_ok=True)
         db = str(self.data / "state.db")
         conn = connect_sync(db)
         migrate(conn, db)
         rid = conn.execute(
             "INSERT INTO rules (client_id, protocol, listen_start, listen_end, state, created_at) "
-            "VALUES ('local', 'tcp', ?, ?, 'active', '2024-01-01T00:00:00.000Z')", (port, port)
+            "VALUES ('local', 'tcp', ?, ?, ?, '2024-01-01T00:00:00.000Z')", (port, port, state)
         ).lastrowid
         conn.execute(
             "INSERT INTO rule_targets (rule_id, position, host, port, priority) VALUES (?, 0, '127.0.0.1', 9, 1)",
@@ -110,6 +110,7 @@ def control(short_dir: Path) -> Iterator[Control]:
 
 def test_sync_push_and_sigterm(control: Control) -> None:
     control.seed_rule(30100)
+    control.seed_rule(30099, state="draining")  # left by a control process that died
     control.start()
     assert control.chan is not None and control.proc is not None
     (sync,) = read_frames(control.chan, 1)
@@ -131,10 +132,11 @@ def test_sync_push_and_sigterm(control: Control) -> None:
     t = threading.Thread(target=push)
     t.start()
     (apply,) = read_frames(control.chan, 1)
-    assert apply["type"] == "apply" and apply["upsert"][0]["id"] == "2"
-    control.chan.send({"type": "applied", "seq": apply["seq"], "results": {"2": {"state": "active", "reason": None}}})
+    assert apply["type"] == "apply" and apply["upsert"][0]["id"] == "3"
+    control.chan.send({"type": "applied", "seq": apply["seq"], "results": {"3": {"state": "active", "reason": None}}})
     t.join(10)
-    assert result["rule"]["state"] == "active" and result["rule"]["id"] == 2
+    assert result["rule"]["state"] == "active" and result["rule"]["id"] == 3
+    assert [r["id"] for r in control.call("rules.list")["rules"]] == [1, 3]
     assert any(p.name.startswith("gauge_livemostrecent_") for p in control.metrics.iterdir())
 
     control.proc.send_signal(signal.SIGTERM)
