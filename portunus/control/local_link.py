@@ -79,28 +79,24 @@ class LocalLink:
         )
 
     async def apply(self, client_id: str, upsert: Sequence[Rule], remove: Sequence[str]) -> None:
-        seq = next(self._seq)
         self._send(
             {
                 "type": "apply",
-                "seq": seq,
+                "seq": next(self._seq),
                 "upsert": [r.to_wire() for r in upsert],
                 "remove": [str(i) for i in remove],
-            },
-            seq if upsert else None,
+            }
         )
 
     async def sync(self, client_id: str, rules: Sequence[Rule]) -> None:
-        seq = next(self._seq)
-        self._send({"type": "sync", "seq": seq, "rules": [r.to_wire() for r in rules]}, seq)
+        self._send({"type": "sync", "seq": next(self._seq), "rules": [r.to_wire() for r in rules]})
 
     # ------------------------------------------------------------------ I/O
 
-    def _send(self, msg: dict[str, Any], seq: int | None) -> None:
+    def _send(self, msg: dict[str, Any]) -> None:
         if self.channel.closed:
             return  # the close callback is already on its way
-        if seq is not None:
-            self._inflight.add(seq)
+        self._inflight.add(msg["seq"])  # every apply/sync is answered by "applied"
         self.channel.send(msg)
         self._after_write()
 

@@ -275,7 +275,8 @@ class RuleService:
         self.on_state(stored.rule, "pending")
         log_event(
             "rule.pushed", rule=stored.rule_id, client=client.name, user=principal.user,
-            protocol=rule.protocol, listen=f"{rule.listen_start}-{rule.listen_end}",
+            protocol=rule.protocol,
+            listen=f"{rule.listen_start}-{rule.listen_end}" if rule.is_range else str(rule.listen_start),
         )
         answered = await self._send_and_wait(stored, timeout)
         if answered is None:

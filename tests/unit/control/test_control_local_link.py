@@ -58,7 +58,7 @@ async def until(cond: Any) -> None:
         await asyncio.sleep(0.005)
 
 
-async def test_apply_sync_and_answers(pair: tuple[socket.socket, socket.socket]) -> None:
+async def test_apply_sync_and_answers(pair: tuple[socket.socket, socket.socket], capfd: pytest.CaptureFixture[str]) -> None:
     ours, theirs = pair
     closed: list[str] = []
     rec = Recorder()
@@ -75,8 +75,16 @@ async def test_apply_sync_and_answers(pair: tuple[socket.socket, socket.socket])
     sup.send({"type": "hello", "version": 1, "shards": 2})
     sup.send({"type": "applied", "seq": apply["seq"], "results": {"12": {"state": "failed", "reason": "port_in_use (port 8080 already bound)"}}})
     sup.send({"type": "removed", "ids": ["3"]})
-    await until(lambda: rec.removed)
-    assert rec.applied == [("local", {"12": RuleResult("failed", "port_in_use (port 8080 already bound)")})]
+    await link.apply("local", [], ["4"])  # remove-only: answered with empty results
+    (remove_only,) = await frames_from(sup, 1)
+    sup.send({"type": "applied", "seq": remove_only["seq"], "results": {}})
+    sup.send({"type": "applied", "seq": sync["seq"], "results": {}})
+    await until(lambda: len(rec.applied) == 3)
+    assert "unexpected_seq" not in capfd.readouterr().err
+    sup.send({"type": "applied", "seq": 999, "results": {}})
+    await until(lambda: len(rec.applied) == 4)
+    assert "unexpected_seq" in capfd.readouterr().err
+    assert rec.applied[0] == ("local", {"12": RuleResult("failed", "port_in_use (port 8080 already bound)")})
     assert rec.removed == [("local", ["3"])]
     assert closed == []
     info = link.info("local")
