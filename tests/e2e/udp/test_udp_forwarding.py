@@ -205,3 +205,28 @@ def test_two_shards_keep_each_flow_on_one_shard(standalone, ports, udp_echo, cli
     assert owned[0] | owned[1] == upstream
     assert owned[0] and owned[1], f"all 64 flows landed on one shard: {owned}"
     assert value(proc, "portunus_udp_flows_active") == 64
+
+
+def test_reload_retargets_flows_and_removal_closes_them(standalone, ports, udp_echo, clients) -> None:  # type: ignore[no-untyped-def]
+    proc, addr = start_udp(standalone, ports, udp_echo, shards=2)
+    cs = clients(8)
+    exchange(cs, addr, rounds=1)
+    assert value(proc, "portunus_udp_flows_active") == 8
+    other = UdpEcho()
+    try:
+        rule = dict(proc.rules[0], target=other.address)
+        proc.write_config(rules=[rule])
+        proc.reload()
+        # The changed rule closed the old flows; the next datagrams open new ones.
+        wait_for(lambda: value(proc, "portunus_udp_flows_active") == 0, 5, what="old flows closed")
+        exchange(cs, addr, rounds=2, tag="moved")
+        assert len(other.sources_by_client()) == 8
+        assert not [d for _, d in udp_echo.seen if b"moved" in d]
+        assert value(proc, "portunus_udp_flows_active") == 8
+        proc.write_config(rules=[])
+        proc.reload()
+        wait_for(lambda: value(proc, "portunus_udp_flows_active") == 0, 5, what="flows closed on removal")
+        assert value(proc, "portunus_rule_active_connections") == 0
+        assert proc.alive()
+    finally:
+        other.close()
