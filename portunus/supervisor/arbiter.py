@@ -376,9 +376,13 @@ class Supervisor:
 
     def on_source_message(self, child: Child, msg: dict[str, Any]) -> None:
         kind = msg.get("type")
+        unknown: list[str] = []
         if kind == "apply":
             upsert = [Rule.from_wire(w) for w in msg.get("upsert", [])]
-            results, delta = self.book.apply(upsert, [str(r) for r in msg.get("remove", [])])
+            remove = [str(r) for r in msg.get("remove", [])]
+            # Nothing to drain for a rule we never bound (e.g. one that failed): say so now.
+            unknown = [rid for rid in remove if rid not in self.book.rules]
+            results, delta = self.book.apply(upsert, remove)
         elif kind == "sync":
             results, delta = self.book.sync([Rule.from_wire(w) for w in msg.get("rules", [])])
             child.ready = True
@@ -386,6 +390,8 @@ class Supervisor:
             return
         self.broadcast(delta)
         self.send(child, {"type": "applied", "seq": msg.get("seq"), "results": results})
+        if unknown:
+            self.send(child, {"type": "removed", "ids": unknown})
         self.notifier.status(self.status_line())
 
     # ============================================================== rules

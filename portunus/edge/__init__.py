@@ -1,0 +1,1 @@
+"""The edge link between a server and its remote clients (see docs/edge.md)."""
