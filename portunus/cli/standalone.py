@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 
 import click
 
@@ -66,8 +67,11 @@ def run(config_path: str, settings: Settings, rules: list) -> int:  # type: igno
 
     prepare_process("portunus: supervisor (standalone)", settings.log_format, settings.log_level)
     runtime = os.environ.get("PORTUNUS_RUNTIME_DIR") or os.environ.get("RUNTIME_DIRECTORY")
-    metrics_dir = prepare_metrics_dir(runtime)
-    settings.runtime_dir = runtime or os.path.dirname(metrics_dir)
+    # Without a runtime dir (systemd's RuntimeDirectory=), use a private temp dir: the
+    # metrics files and UDP flow budgets must not sit in a world-writable directory.
+    private = None if runtime else tempfile.mkdtemp(prefix="portunus-standalone-")
+    settings.runtime_dir = runtime or private or ""
+    metrics_dir = prepare_metrics_dir(settings.runtime_dir)
 
     from portunus.supervisor.arbiter import Supervisor
     from portunus.supervisor.children import Child
@@ -88,8 +92,8 @@ def run(config_path: str, settings: Settings, rules: list) -> int:  # type: igno
     try:
         return sup.run()
     finally:
-        if not runtime:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+        if private:
+            shutil.rmtree(private, ignore_errors=True)
 
 
 def shard_settings(settings: Settings, client: str = "local") -> dict[str, object]:
