@@ -1,0 +1,208 @@
+"""RESULTS.md from the run's JSON: machine, method, one table per benchmark, targets.
+
+Works from the same dict that goes to bench/results/latest.json, so the Markdown can
+be regenerated from a saved run: ``python -m bench.report bench/results/latest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.forwarders import FORWARDERS
+
+IDLE_TARGET_BYTES = 60e6  # "≤ 60 MB for 10k connections", decimal MB (the stricter)
+IDLE_TARGET_CONNS = 10_000
+
+
+def fmt(value: float | None, digits: int) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def short_reason(reason: str, limit: int = 160) -> str:
+    first = " ".join(reason.split())
+    return first if len(first) <= limit else first[: limit - 1] + "…"
+
+
+def _order(results: dict[str, Any]) -> list[str]:
+    known = [f for f in FORWARDERS if f in results]
+    return known + [f for f in results if f not in known]
+
+
+def table(bench: dict[str, Any]) -> list[str]:
+    metrics = bench["metrics"]
+    head = metrics[0]
+    results = bench["results"]
+    cols = [f"{head['label']} (median)", "min – max", "IQR"]
+    cols += [m["label"] for m in metrics[1:]]
+    cols.append(f"portunus ÷ this ({head['label']})")
+    lines = ["| contender | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for fwd in _order(results):
+        entry = results[fwd]
+        if "error" in entry:
+            cells = [f"n/a — {short_reason(entry['error'])}"] + [""] * (len(cols) - 1)
+            lines.append(f"| {fwd} | " + " | ".join(cells) + " |")
+            continue
+        h = entry.get(head["key"])
+        d = head["digits"]
+        cells = [
+            fmt(h["median"], d) if h else "–",
+            f"{fmt(h['min'], d)} – {fmt(h['max'], d)}" if h else "–",
+            f"{fmt(h['q1'], d)} – {fmt(h['q3'], d)}" if h and "q1" in h else "–",
+        ]
+        for m in metrics[1:]:
+            s = entry.get(m["key"])
+            cells.append(fmt(s["median"], m["digits"]) if s else "–")
+        ratio = bench["ratios"].get(f"portunus/{fwd}")
+        cells.append("" if fwd == "portunus" else (f"{ratio:.2f}×" if ratio else "–"))
+        lines.append(f"| {fwd} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _median(benches: dict[str, Any], name: str, fwd: str, key: str) -> float | None:
+    entry = benches.get(name, {}).get("results", {}).get(fwd)
+    if not entry or "error" in entry or key not in entry:
+        return None
+    return float(entry[key]["median"])
+
+
+def targets(benches: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target with its measured value and PASS / FAIL / n/a (and why)."""
+    out: list[dict[str, Any]] = []
+
+    def ratio_target(label: str, name: str, key: str, other: str, op: str, bound: float) -> None:
+        mine = _median(benches, name, "portunus", key)
+        theirs = _median(benches, name, other, key)
+        if name not in benches:
+            out.append({"target": label, "value": None, "status": "n/a", "why": "not run"})
+        elif mine is None or theirs is None:
+            missing = "portunus" if mine is None else other
+            out.append(
+                {
+                    "target": label,
+                    "value": None,
+                    "status": "n/a",
+                    "why": f"no {missing} measurement",
+                }
+            )
+        elif theirs <= 0:
+            out.append(
+                {
+                    "target": label,
+                    "value": None,
+                    "status": "n/a",
+                    "why": f"{other} value {theirs:.2f} is not positive",
+                }
+            )
+        else:
+            r = mine / theirs
+            ok = r >= bound if op == ">=" else r <= bound
+            out.append({"target": label, "value": f"{r:.2f}×", "status": "PASS" if ok else "FAIL"})
+
+    ratio_target(
+        "single-flow TCP throughput ≥ 0.85× direct",
+        "tcp_throughput_1",
+        "gbps",
+        "direct",
+        ">=",
+        0.85,
+    )
+    ratio_target(
+        "single-flow TCP throughput ≥ 1.2× HAProxy",
+        "tcp_throughput_1",
+        "gbps",
+        "haproxy",
+        ">=",
+        1.2,
+    )
+    ratio_target("short-connection rate ≥ 1.0× nginx", "short_conn", "rps", "nginx", ">=", 1.0)
+    ratio_target(
+        "added p50 latency ≤ 1.3× nginx's added p50", "latency", "added_p50_us", "nginx", "<=", 1.3
+    )
+
+    label = "idle RSS growth ≤ 60 MB for 10k connections"
+    idle = _median(benches, "idle_memory", "portunus", "idle_10k_mib")
+    if "idle_memory" not in benches or idle is None:
+        why = "not run" if "idle_memory" not in benches else "no portunus measurement"
+        out.append({"target": label, "value": None, "status": "n/a", "why": why})
+    else:
+        grown = idle * 2**20
+        entry = {
+            "target": label,
+            "value": f"{grown / 1e6:.1f} MB ({idle:.1f} MiB)",
+            "status": "PASS" if grown <= IDLE_TARGET_BYTES else "FAIL",
+        }
+        conns = benches["idle_memory"].get("connections", IDLE_TARGET_CONNS)
+        if conns != IDLE_TARGET_CONNS:
+            entry["why"] = f"scaled from {conns:,} measured connections"
+        out.append(entry)
+    return out
+
+
+def render(run: dict[str, Any]) -> str:
+    m = run["machine"]
+    s = run["settings"]
+    benches = {b["name"]: b for b in run["benchmarks"]}
+    lines = [
+        "# Portunus benchmarks",
+        "",
+        "Generated by `python -m bench.run` (bench/run.py); raw data in "
+        "bench/results/latest.json. Loopback only; every contender forwards to the same "
+        "origin in the same run.",
+        "",
+    ]
+    if s.get("quick") or s.get("only"):
+        lines += [
+            "> **Partial/quick run** — fewer rounds and shorter measurements; not representative.",
+            "",
+        ]
+    lines += [
+        f"- Date: {run['date']} (suite took {run['seconds'] / 60:.1f} min)",
+        f"- Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB RAM, "
+        f"kernel {m['kernel']}, Python {m['python']}, commit {m['commit']}",
+        "- Tools: " + "; ".join(f"{k}: {v}" for k, v in m["tools"].items()),
+        f"- Load average (1/5/15 min) at start {run.get('load_start')}, at end "
+        f"{run.get('load_end')}: anything else running on the machine adds noise",
+        f"- Portunus: `{run.get('portunus_bin') or 'not found'}` "
+        f"(shards: {run.get('portunus_shards') or 'default = one per CPU'}; "
+        "idle-memory benchmark uses --shards 1)",
+        "",
+        "## Method",
+        "",
+        f"Each benchmark starts its origin, then every contender — direct (no forwarder), "
+        f"portunus, haproxy, nginx (stream), socat — on its own port. Measurements run in "
+        f"{s['rounds']} rounds; within a round the contenders run back to back and the "
+        "starting contender rotates every round, so machine drift hits all of them alike. "
+        "Tables show the median over rounds, the min – max and interquartile range of the "
+        "headline value, the medians of the secondary values, and portunus ÷ contender "
+        "(the ratio of medians). Peers run from /work/shared/peers/run-peer: nginx with "
+        "one worker per CPU, haproxy with nbthread = CPUs and splice-auto, socat with fork. "
+        f"Durations: iperf3/wrk {s.get('duration')} s, sockperf TCP ping-pong "
+        f"{s.get('latency_secs')} s, UDP {s.get('udp_secs')} s per measurement.",
+        "",
+    ]
+    for b in run["benchmarks"]:
+        lines += [f"## {b['title']}", "", f"`{b['name']}` — {b['method']}", ""]
+        lines += table(b)
+        for note in b.get("notes", []):
+            lines += ["", f"Note: {note}"]
+        lines += ["", f"({b['seconds']:.0f} s)", ""]
+    lines += ["## Targets", "", "| target | portunus | status |", "|---|---|---|"]
+    for t in targets(benches):
+        status = t["status"] + (f" ({t['why']})" if t.get("why") else "")
+        lines.append(f"| {t['target']} | {t['value'] or '–'} | {status} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    run = json.loads(Path(sys.argv[1]).read_text())
+    sys.stdout.write(render(run))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Run the benchmark suite: ``python -m bench.run [--quick] [--only NAME ...]``.
+
+Writes bench/results/latest.json (raw data of this run) and the Markdown report:
+bench/RESULTS.md for a full run, bench/results/partial.md for --quick / --only runs
+(so a quick check never overwrites the committed full results), or --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from bench import idle_memory, latency, short_conn, tcp_throughput, udp
+from bench.common import machine_info, raise_nofile, stop_all
+from bench.forwarders import FORWARDERS, portunus_bin, portunus_shards
+from bench.report import render, targets
+from bench.results import BenchResult, Settings
+from bench.rounds import log
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS: dict[str, Callable[[Settings], BenchResult | list[BenchResult]]] = {
+    "tcp_throughput_1": tcp_throughput.run_single,
+    "tcp_throughput_4": tcp_throughput.run_parallel,
+    "short_conn": short_conn.run,
+    "latency": latency.run,
+    "idle_memory": idle_memory.run,
+    "udp": udp.run,
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="2 rounds of short runs (< 3 min)")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(BENCHMARKS),
+        metavar="NAME",
+        help=f"run only these: {', '.join(BENCHMARKS)}",
+    )
+    p.add_argument("--rounds", type=int, help="rounds per benchmark (default 5, quick 2)")
+    p.add_argument("--duration", type=int, help="seconds per iperf3/wrk run (default 6, quick 2)")
+    p.add_argument("--idle-conns", type=int, help="idle connections (default 10000)")
+    p.add_argument("--forwarders", nargs="+", choices=FORWARDERS, default=list(FORWARDERS))
+    p.add_argument("--out", type=Path, help="Markdown report path")
+    p.add_argument("--json", type=Path, default=HERE / "results" / "latest.json")
+    p.add_argument("--keep-logs", action="store_true", help="keep the temp dir of logs")
+    return p.parse_args(argv)
+
+
+def make_settings(args: argparse.Namespace, log_dir: Path) -> Settings:
+    s = Settings(log_dir=log_dir, forwarders=tuple(args.forwarders), quick=args.quick)
+    if args.quick:
+        s.rounds, s.duration, s.latency_secs, s.udp_secs = 2, 1, 1, 1
+    if args.rounds:
+        s.rounds = args.rounds
+    if args.duration:
+        s.duration = args.duration
+    if args.idle_conns:
+        s.idle_conns = args.idle_conns
+    return s
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through every services() scope
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+    raise_nofile()  # the idle-memory benchmark holds 10k client sockets in this process
+    log_dir = Path(tempfile.mkdtemp(prefix="portunus-bench-"))
+    settings = make_settings(args, log_dir)
+    names = args.only or list(BENCHMARKS)
+    started = time.monotonic()
+    run: dict[str, object] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": machine_info(),
+        "portunus_bin": portunus_bin(),
+        "portunus_shards": portunus_shards(),
+        "load_start": [round(x, 2) for x in os.getloadavg()],
+        "settings": {
+            "rounds": settings.rounds,
+            "duration": settings.duration,
+            "latency_secs": settings.latency_secs,
+            "udp_secs": settings.udp_secs,
+            "idle_conns": settings.idle_conns,
+            "forwarders": list(settings.forwarders),
+            "quick": settings.quick,
+            "only": args.only,
+        },
+    }
+    benches: list[dict[str, object]] = []
+    try:
+        for name in names:
+            log(f"== {name}")
+            t0 = time.monotonic()
+            out = BENCHMARKS[name](settings)
+            for res in out if isinstance(out, list) else [out]:
+                res.seconds = (time.monotonic() - t0) / (len(out) if isinstance(out, list) else 1)
+                benches.append(res.as_dict())
+    except KeyboardInterrupt:
+        log("interrupted; processes stopped, no report written")
+        return 130
+    finally:
+        stop_all()
+        if args.keep_logs:
+            log(f"logs kept in {log_dir}")
+        else:
+            shutil.rmtree(log_dir, ignore_errors=True)
+    run["benchmarks"] = benches
+    run["seconds"] = time.monotonic() - started
+    run["load_end"] = [round(x, 2) for x in os.getloadavg()]
+    run["targets"] = targets({b["name"]: b for b in benches})  # type: ignore[misc]
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(run, indent=2) + "\n")
+    partial = bool(args.quick or args.only)
+    out_md = args.out or (HERE / "results" / "partial.md" if partial else HERE / "RESULTS.md")
+    out_md.write_text(render(run))
+    log(f"wrote {out_md} and {args.json} in {run['seconds'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""UDP forwarding: 512-byte datagram rate, ping-pong and one-way blast.
+
+Origin: one ``sockperf server`` (UDP) that answers ping-pong requests and, with
+``-A 10000``, logs its running total of received messages every 10,000 datagrams;
+the delivered count of a blast is the difference of that total around the run.
+
+- ping-pong: ``sockperf ping-pong -m 512`` — one datagram in flight, so the rate is
+  the per-datagram cost of a round trip through the forwarder (no loss possible).
+- blast: ``sockperf throughput -m 512`` sends as fast as it can for the whole run;
+  delivered/s is what reached the origin (the client saturates one of the two cores,
+  so the forwarder and origin share the other; same for every contender).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from bench.common import (
+    LOOPBACK,
+    free_port,
+    is_listening,
+    run_client,
+    services,
+    start_service,
+    tool,
+    wait_for,
+)
+from bench.forwarders import Endpoint, open_forwarders, portunus_shards
+from bench.latency import sockperf_pingpong
+from bench.results import BenchResult, Metric, Settings
+from bench.rounds import Sample, run_rounds
+
+DATAGRAM = 512
+ACTIVITY = 10_000
+_TOTAL = re.compile(r"(\d+) \[msg\]\s*$", re.M)
+_SENT = re.compile(r"Total of (\d+) messages sent in ([\d.]+) sec")
+
+
+def origin_total(log_path: Path) -> int:
+    """The origin's running total of received datagrams (multiple of ACTIVITY)."""
+    totals = _TOTAL.findall(log_path.read_text(errors="replace"))
+    return int(totals[-1]) if totals else 0
+
+
+def settled_total(log_path: Path) -> int:
+    """The total once datagrams still in flight have been counted (log stops moving)."""
+    last = origin_total(log_path)
+
+    def unchanged() -> bool:
+        nonlocal last
+        time.sleep(0.3)
+        now = origin_total(log_path)
+        same, last = now == last, now
+        return same
+
+    wait_for(unchanged, 5, 0)
+    return last
+
+
+def blast_sample(ep: Endpoint, seconds: int, origin_log: Path) -> Sample:
+    before = settled_total(origin_log)
+    argv = [
+        tool("sockperf"), "throughput", "-i", LOOPBACK, "-p", str(ep.port),
+        "-m", str(DATAGRAM), "-t", str(seconds),
+    ]  # fmt: skip
+    out = run_client(argv, timeout=seconds + 15)
+    sent = _SENT.search(out)
+    if sent is None:
+        raise RuntimeError(f"unparseable sockperf output: {out[-300:]}")
+    delivered = settled_total(origin_log) - before
+    n_sent, runtime = int(sent.group(1)), float(sent.group(2))
+    if delivered <= 0:
+        raise RuntimeError(f"no datagram reached the origin ({n_sent} sent)")
+    return {
+        "delivered_pps": delivered / runtime,
+        "sent_pps": n_sent / runtime,
+        "loss_pct": max(0.0, 100.0 * (1 - delivered / n_sent)),
+    }
+
+
+def run(settings: Settings) -> list[BenchResult]:
+    names = settings.forwarders  # haproxy shows as n/a: it does not forward UDP
+    secs = settings.udp_secs
+    rounds = 1 if settings.quick else settings.rounds  # keeps --quick under 3 minutes
+    with services() as started:
+        port = free_port()
+        argv = [tool("sockperf"), "server", "-i", LOOPBACK, "-p", str(port), "-A", str(ACTIVITY)]
+        origin = start_service(
+            f"sockperf-udp-{port}", argv, settings.log_dir, ready=lambda: is_listening(port, True)
+        )
+        started.append(origin)
+        eps = open_forwarders(
+            started, names, port, settings.log_dir, udp=True, shards=portunus_shards()
+        )
+        pingpong = run_rounds(
+            "udp_pingpong",
+            eps,
+            rounds,
+            lambda ep: sockperf_pingpong(ep, secs, DATAGRAM, udp=True),
+        )
+        blast = run_rounds(
+            "udp_blast", eps, rounds, lambda ep: blast_sample(ep, secs, origin.log_path)
+        )
+    return [
+        BenchResult(
+            name="udp_pingpong",
+            title=f"UDP ping-pong ({DATAGRAM}-byte datagrams, one in flight)",
+            method=(
+                f"sockperf ping-pong -m {DATAGRAM} -t {secs} --full-rtt (UDP) against "
+                f"`sockperf server`; value = round trips/s over sockperf's valid duration; "
+                f"{rounds} round(s)."
+            ),
+            metrics=[
+                Metric("rate", "round trips/s", True, 0),
+                Metric("p50_us", "p50 RTT µs", False, 1),
+                Metric("p99_us", "p99 RTT µs", False, 1),
+            ],
+            per_forwarder=pingpong,
+        ),
+        BenchResult(
+            name="udp_blast",
+            title=f"UDP one-way blast ({DATAGRAM}-byte datagrams)",
+            method=(
+                f"sockperf throughput -m {DATAGRAM} -t {secs} (sends at maximum rate); "
+                f"delivered = datagrams counted by the origin (`sockperf server -A {ACTIVITY}`, "
+                f"resolution {ACTIVITY:,}) / run time; loss = 1 - delivered/sent; "
+                f"{rounds} round(s)."
+            ),
+            metrics=[
+                Metric("delivered_pps", "delivered datagrams/s", True, 0),
+                Metric("sent_pps", "sent datagrams/s", True, 0),
+                Metric("loss_pct", "loss %", False, 1),
+            ],
+            per_forwarder=blast,
+        ),
+    ]
