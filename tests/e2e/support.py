@@ -44,7 +44,8 @@ import psutil
 
 LOOPBACK = "127.0.0.1"
 VENV_BIN = Path(sys.executable).parent
-STANDALONE_BIN = str(VENV_BIN / "portunus-standalone")
+# PORTUNUS_E2E_STANDALONE runs the suite against another build (an installed package, a patched tree).
+STANDALONE_BIN = os.environ.get("PORTUNUS_E2E_STANDALONE") or str(VENV_BIN / "portunus-standalone")
 KiB = 1024
 MiB = 1024 * 1024
 
@@ -460,6 +461,18 @@ def client_duplex(port: int, send: Pattern, reply: Pattern, token: int,
         return sent, received
 
 
+def exchange(n_in: int, reply: Pattern) -> Handler:
+    """Read exactly ``n_in`` bytes, answer with ``reply``, then wait for EOF: the
+    connection stays open (for as long as the client keeps it) after both moved."""
+
+    def handler(conn: socket.socket, rec: ConnRecord) -> None:
+        recv_all(conn, rec.rx, limit=n_in)
+        send_pattern(conn, reply, rec.tx)
+        recv_all(conn, rec.rx)
+
+    return handler
+
+
 def slow_source(pattern: Pattern, interval: float) -> Handler:
     """Send ``pattern`` one chunk every ``interval`` seconds, then close."""
 
@@ -513,6 +526,19 @@ class Metrics:
 
     def labels_of(self, name: str) -> list[dict[str, str]]:
         return [lab for lab, _ in self.samples.get(name, [])]
+
+
+def multiproc_value(db_file: str | Path, name: str, **labels: str) -> float:
+    """Sum of ``name`` in one prometheus multiprocess file (``counter_<pid>.db``):
+    what one process contributed to a scrape."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    total = 0.0
+    for family in MultiProcessCollector.merge([str(db_file)], accumulate=True):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += float(s.value)
+    return total
 
 
 def scrape(url: str, timeout: float = 5.0) -> Metrics:
@@ -741,6 +767,11 @@ class StandaloneProc(ManagedProc):
         argv = [STANDALONE_BIN, "--config", str(self.config_path), "--shards", str(shards)]
         super().__init__(argv, workdir=workdir, env=full_env, name=name)
         self.write_config()
+
+    @property
+    def metrics_dir(self) -> Path:
+        """The PROMETHEUS_MULTIPROC_DIR the supervisor prepared."""
+        return Path(self.env["PORTUNUS_RUNTIME_DIR"]) / "metrics"
 
     @property
     def metrics_url(self) -> str:
