@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import IO, Any
 
 import click
@@ -21,6 +20,7 @@ import click
 from portunus.config import resolve_runtime_dir
 from portunus.control.client import call_sync
 from portunus.errors import PortunusError
+from portunus.timefmt import parse_when as _when
 
 PROG = "portunus-server"
 FORMATS = ("text", "json")
@@ -154,34 +154,10 @@ def echo_json(data: Any) -> None:
 
 # ------------------------------------------------------------------ time
 
-_RELATIVE = re.compile(r"(\d+)([smhdw])")
-_UNIT_SECS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
 def parse_when(text: str, now: datetime | None = None) -> str:
-    """RFC 3339 (``2024-05-01T12:00:00Z``, a date, naive = UTC) or an age before now
-    (``90s``, ``30m``, ``1h``, ``2d``, ``1w``, ``1h30m``) → RFC 3339 UTC text."""
-    s = text.strip()
-    now = now or datetime.now(UTC)
-    compact = s.replace(" ", "").lower()
-    if compact == "now":
-        return _rfc3339(now)
-    if compact and _RELATIVE.sub("", compact) == "":
-        secs = sum(int(n) * _UNIT_SECS[u] for n, u in _RELATIVE.findall(compact))
-        return _rfc3339(now - timedelta(seconds=secs))
-    try:
-        when = datetime.fromisoformat(s)
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is neither RFC 3339 (2024-05-01T12:00:00Z) nor an age like 30m, 1h, 2d"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return _rfc3339(when)
-
-
-def _rfc3339(when: datetime) -> str:
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """An operator time (RFC 3339, Unix time, ``now`` or an age like ``1h30m``)
+    as RFC 3339 UTC text; raises ValueError with the accepted forms."""
+    return _when(text.strip(), now).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class WhenType(click.ParamType):

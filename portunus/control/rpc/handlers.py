@@ -7,10 +7,8 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from portunus.config import Settings
@@ -24,12 +22,10 @@ from portunus.control.store.audit import list_audit
 from portunus.control.store.migrations import format_ts
 from portunus.control.store.rules import count_rules_by_client, require_rule
 from portunus.errors import PortunusError, ValidationError
+from portunus.timefmt import parse_when
 
 AUDIT_DEFAULT_LIMIT = 100
 AUDIT_MAX_LIMIT = 1000
-# Ages as the CLI's parse_when writes them: 90s, 30m, 1h30m, 2d, 1w.
-_RELATIVE = re.compile(r"(\d+)([smhdw])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 @dataclass(slots=True)
@@ -114,34 +110,12 @@ async def clients_list(ctx: ControlContext, who: Principal, params: dict[str, An
 
 
 def parse_time(value: Any, key: str) -> str:
-    """An RFC 3339 time (naive = UTC), a Unix time, ``now``, or an age such as
-    ``30m``/``1h30m``/``7d`` (that long ago), in the audit table's UTC format.
-    The web passes since/until through untouched, so this is the one parser."""
-    now = datetime.now(UTC)
-    compact = value.replace(" ", "").lower() if isinstance(value, str) else ""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        try:
-            return format_ts(datetime.fromtimestamp(value, UTC))
-        except (OverflowError, OSError, ValueError):
-            pass  # out of range: refused below
-    if compact == "now":
-        return format_ts(now)
-    if compact and _RELATIVE.sub("", compact) == "":
-        secs = sum(int(n) * _UNITS[u] for n, u in _RELATIVE.findall(compact))
-        return format_ts(now - timedelta(seconds=secs))
-    when: datetime | None = None
-    if isinstance(value, str):
-        try:
-            when = datetime.fromisoformat(value.strip())
-        except ValueError:
-            pass
-    if when is None:
-        raise ValidationError(
-            f"validation.{key}",
-            f"{key} {value!r} is not an RFC 3339 time, a Unix time or an age like 30m, 2h, 7d",
-            field=key,
-        )
-    return format_ts(when if when.tzinfo is not None else when.replace(tzinfo=UTC))
+    """An operator time (see portunus.timefmt) in the audit table's UTC format.
+    The web passes since/until through untouched, so this is where they are checked."""
+    try:
+        return format_ts(parse_when(value))
+    except ValueError as exc:
+        raise ValidationError(f"validation.{key}", f"{key}: {exc}", field=key) from None
 
 
 async def audit_list(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
