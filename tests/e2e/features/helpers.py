@@ -24,6 +24,7 @@ import subprocess
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -319,9 +320,13 @@ class ServerFactory:
         self.ports = ports
         self.procs: list[ServerProc] = []
 
-    def __call__(self, *, shards: int = 1, settings: dict[str, Any] | None = None) -> ServerProc:
+    def __call__(self, *, shards: int = 1, settings: dict[str, Any] | None = None,
+                 wrap: Callable[[list[str]], list[str]] | None = None) -> ServerProc:
+        """``wrap`` rewrites the argv (e.g. to run the server in a mount namespace)."""
         proc = ServerProc(workdir=self.workdir, ports=self.ports, shards=shards, settings=settings,
                           name=f"server{len(self.procs)}")
+        if wrap is not None:
+            proc.argv = wrap(proc.argv)
         self.procs.append(proc)
         proc.start()
         proc.wait_ready()
