@@ -1,0 +1,62 @@
+#!/bin/sh
+# Build the staged tree both packages are made from:
+#   STAGE/opt/portunus        a venv against the distribution's python3.11 holding
+#                             portunus and its dependencies (manylinux wheels only)
+#   STAGE/usr/bin/portunus-*  symlinks to its console scripts
+#   STAGE/etc/portunus/*.toml commented server.toml, sample standalone.toml
+#   STAGE/usr/lib/sysusers.d/portunus.conf
+# Extension modules are stripped; no byte code yet (each format compiles its own).
+# Usage: stage.sh TOPDIR STAGE WHEELDIR PIP...
+# PIP is a pip >= 22.3 command (for --python); the checkout's .venv has one.
+set -eu
+top=$(cd "$1" && pwd); stage=$2; wheels=$3; shift 3
+py=/usr/bin/python3.11   # the distribution's interpreter, never whatever is on PATH
+prefix=/opt/portunus
+here=$(cd "$(dirname "$0")/.." && pwd)
+
+rm -rf "$stage" "$wheels"
+mkdir -p "$stage/opt" "$wheels"
+stage=$(cd "$stage" && pwd)
+venv=$stage$prefix
+
+# The project's own wheel first (pure Python), then everything as binary wheels:
+# no compiler at build time, and manylinux wheels keep the rpm usable off Debian.
+"$@" wheel --quiet --no-deps --wheel-dir "$wheels" "$top"
+$py -m venv --without-pip "$venv"
+"$@" --python "$venv/bin/python" install --quiet --no-compile --only-binary=:all: \
+    --no-warn-script-location --disable-pip-version-check "$wheels"/portunus-*.whl
+
+# Console scripts carry the staging path in their shebang: point them at the final
+# prefix.  Only regular files: bin/python* are symlinks to /usr/bin/python3.11.
+find "$venv/bin" -type f | while read -r f; do
+    if head -n1 "$f" | grep -q "^#!$venv/bin/python"; then
+        sed -i "1s|^#!$venv/bin/python.*|#!$prefix/bin/python3.11|" "$f"
+    fi
+done
+rm -f "$venv"/bin/activate* "$venv"/bin/Activate.ps1
+rmdir "$venv/include/python3.11" "$venv/include"   # headers dir venv makes; empty
+sed -i "s|^command = .*|command = $py -m venv --without-pip $prefix|" "$venv/pyvenv.cfg"
+# Build-machine paths and pip's bookkeeping have no business on the target.
+find "$venv" -name direct_url.json -path '*.dist-info/*' -delete
+find "$venv" -name '__pycache__' -type d -prune -exec rm -rf {} +
+if grep -rIl -- "$stage" "$venv" >/dev/null 2>&1; then
+    echo "stage.sh: staging path left in:" >&2; grep -rIl -- "$stage" "$venv" >&2; exit 1
+fi
+
+# Debug symbols are of no use on the target (what dh_strip does for Debian's own
+# packages); the wheels ship them unstripped.
+find "$venv" -name '*.so*' -type f -exec strip --strip-unneeded \
+    --remove-section=.comment --remove-section=.note {} +
+
+# No byte code in the stage: the .deb compiles at configure time (postinst, like
+# Debian's own Python packages), the .rpm compiles into its payload (rpm/build.sh).
+
+mkdir -p "$stage/usr/bin" "$stage/etc/portunus" "$stage/usr/lib/sysusers.d"
+for s in portunus-server portunus-client portunus-standalone; do
+    test -x "$venv/bin/$s" || { echo "stage.sh: $s missing from the venv" >&2; exit 1; }
+    ln -sf "$prefix/bin/$s" "$stage/usr/bin/$s"
+done
+install -m 0644 "$here/etc/server.toml" "$here/etc/standalone.toml" "$stage/etc/portunus/"
+install -m 0644 "$here/sysusers/portunus.conf" "$stage/usr/lib/sysusers.d/portunus.conf"
+# Files must not depend on the builder's umask.
+chmod -R u+rwX,go+rX,go-w "$stage"
