@@ -1,0 +1,117 @@
+"""Redeeming an enrollment URI for a bundle (the client side of docs/edge.md "Enrollment").
+
+``portunus://HOST:PORT/enroll?code=CODE&fp=sha256:HEX`` names the server, a
+one-time code and the fingerprint of the server certificate.  The exchange is one
+frame each way over pinned TLS: ``enroll`` -> ``enrolled`` (or ``error``).  The
+code is burned by the server the moment it answers, so callers check that they
+can write the bundle *before* redeeming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
+
+from portunus import __version__
+from portunus.edge.bundle import FINGERPRINT_RE, Bundle
+from portunus.edge.pinning import close_quietly, open_pinned
+from portunus.edge.wire import WireError, read_frame, write_frame
+
+ENROLL_TIMEOUT = 15.0
+
+
+class EnrollError(Exception):
+    """Enrollment did not produce a bundle; ``code`` is the server's error code or a
+    local one (``bad_uri``, ``unavailable``, ``protocol``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class EnrollTarget:
+    host: str
+    port: int
+    code: str
+    fingerprint: str
+
+    @property
+    def server(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+_QUOTE_HINT = "copy it exactly as enroll-client printed it, inside single quotes"
+
+
+def parse_enroll_uri(uri: str) -> EnrollTarget:
+    """Check every part of the URI; the error says which part is wrong."""
+    parts = urlsplit(uri.strip())
+    if parts.scheme != "portunus":
+        raise EnrollError("bad_uri", f"the URI must start with portunus:// ({_QUOTE_HINT})")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        raise EnrollError("bad_uri", f"the URI's port is not a number 1-65535 ({_QUOTE_HINT})") from None
+    if not host or port is None or not 0 < port < 65536:
+        raise EnrollError("bad_uri", f"the URI must name HOST:PORT ({_QUOTE_HINT})")
+    if parts.path.rstrip("/") != "/enroll":
+        raise EnrollError("bad_uri", f"the URI path must be /enroll, not {parts.path or '(empty)'!r}")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    codes, fps = query.get("code", []), query.get("fp", [])
+    if len(codes) != 1 or not codes[0]:
+        raise EnrollError("bad_uri", f"the URI has no code= ({_QUOTE_HINT})")
+    if len(fps) != 1 or not fps[0]:
+        raise EnrollError(
+            "bad_uri",
+            f"the URI has no fp= (an unquoted '&' in a shell cuts it off; {_QUOTE_HINT})",
+        )
+    fp = fps[0].lower()
+    if not FINGERPRINT_RE.fullmatch(fp):
+        raise EnrollError("bad_uri", f"fp={fps[0]!r} is not sha256:<64 hex digits>")
+    return EnrollTarget(host=host, port=port, code=codes[0], fingerprint=fp)
+
+
+async def redeem(target: EnrollTarget, timeout: float = ENROLL_TIMEOUT) -> Bundle:
+    """Run the exchange; raise EnrollError, or FingerprintMismatch from the pin check."""
+    try:
+        reader, writer = await open_pinned(target.host, target.port, target.fingerprint, timeout)
+    except (TimeoutError, OSError) as exc:
+        raise EnrollError("unavailable", f"cannot reach {target.server}: {_reason(exc)}") from None
+    try:
+        await write_frame(writer, {"type": "enroll", "code": target.code, "version": __version__})
+        reply = await asyncio.wait_for(read_frame(reader), timeout)
+    except (TimeoutError, OSError, asyncio.IncompleteReadError, WireError) as exc:
+        raise EnrollError(
+            "unavailable", f"{target.server} closed the enrollment without an answer: {_reason(exc)}"
+        ) from None
+    finally:
+        await close_quietly(writer)
+    kind = reply.get("type")
+    if kind == "error":
+        raise EnrollError(str(reply.get("code") or "enrollment_invalid"), str(reply.get("message") or ""))
+    if kind != "enrolled":
+        raise EnrollError("protocol", f"the server answered {kind!r} instead of 'enrolled'")
+    fields = {k: reply.get(k) for k in ("client_id", "client_name", "token")}
+    bad = [k for k, v in fields.items() if not isinstance(v, str) or not v]
+    if bad:
+        raise EnrollError("protocol", f"the server's 'enrolled' answer lacks {', '.join(bad)}")
+    return Bundle(
+        server=target.server,
+        fingerprint=target.fingerprint,
+        client_id=str(fields["client_id"]),
+        client_name=str(fields["client_name"]),
+        token=str(fields["token"]),
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return "connection closed"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__

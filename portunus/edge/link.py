@@ -1,0 +1,376 @@
+"""The link child of ``portunus-client``: the client's rule source is the server.
+
+Runs in its own process, forked by the client's supervisor with a channel
+(``rule_child="link"``).  It keeps one TLS connection to the server's
+``control_listen`` (certificate pinned by fingerprint), and relays:
+
+- server ``sync``/``apply`` -> persisted to ``rules.json`` -> supervisor;
+- supervisor ``applied``/``removed`` -> server (``applied`` only to the session
+  that asked: a reconnect brings a fresh full ``sync`` anyway);
+- every ``stats_secs`` a ``stats`` frame read from the multiprocess metrics dir.
+
+At start, before connecting, it hands the supervisor the persisted rule set, so
+forwarding goes on while the server is down.  A lost link is retried forever
+with jittered exponential backoff; only ``error: revoked`` ends it: the link
+deletes the cached rules, writes the revoked marker and exits with
+``EXIT_HALT`` so the supervisor stops the whole client instead of respawning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from portunus import __version__
+from portunus.config import Settings
+from portunus.edge import revoked
+from portunus.edge.bundle import Bundle, write_bundle
+from portunus.edge.pinning import FingerprintMismatch, close_quietly, open_pinned
+from portunus.edge.rulestore import RuleStore
+from portunus.edge.stats import rule_totals
+from portunus.edge.supervisor_end import SupervisorEnd
+from portunus.edge.timing import Backoff, LinkTiming
+from portunus.edge.wire import WireError, encode_frame, read_frame, write_frame
+from portunus.logs import log_event
+from portunus.rules import Rule
+
+CAPABILITIES = ("tcp", "udp", "range", "sni", "proxy_protocol", "dns", "failover")
+# The supervisor halts (no respawn) when a service exits 78; the client CLI then
+# finds the revoked marker and explains.
+EXIT_HALT = 78
+
+
+class Revoked(Exception):
+    """The server said ``error: revoked``: never reconnect with this token."""
+
+
+class Refused(Exception):
+    """The server refused the session (``unauthenticated`` or another error frame)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class LinkDead(Exception):
+    """No frame from the server within ``dead_secs``."""
+
+
+@dataclass
+class _Session:
+    """One welcomed connection; ``number`` tells late supervisor answers apart."""
+
+    number: int
+    writer: asyncio.StreamWriter
+
+    def send(self, msg: dict[str, Any]) -> None:
+        # Called from supervisor callbacks (not coroutines): the transport buffers;
+        # a stuck server is caught by the dead-link timer, not here.
+        if not self.writer.transport.is_closing():
+            self.writer.write(encode_frame(msg))
+
+
+@dataclass
+class _Pending:
+    """A frame handed to the supervisor, waiting for its ``applied``."""
+
+    session: int | None  # None: our own start-up sync, never relayed
+    server_seq: Any
+    rejected: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class EdgeLink:
+    def __init__(
+        self,
+        bundle: Bundle,
+        data_dir: str,
+        channel_sock: socket.socket,
+        capabilities: Sequence[str],
+        metrics_dir: str,
+        timing: LinkTiming | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.data_dir = data_dir
+        self.capabilities = list(capabilities)
+        self.metrics_dir = metrics_dir
+        self.timing = timing or LinkTiming()
+        self.store = RuleStore(data_dir, bundle.client_id)
+        self.sup = SupervisorEnd(channel_sock, self._from_supervisor, self._supervisor_lost)
+        self.backoff = Backoff(self.timing.backoff_first, self.timing.backoff_max)
+        self._seq = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._sessions = itertools.count(1)
+        self._session: _Session | None = None
+        self._removed_backlog: list[str] = []
+        self._wake = asyncio.Event()
+        self._done: asyncio.Future[int] | None = None
+
+    # ============================================================ lifecycle
+
+    async def run(self) -> int:
+        """Apply the cached rules, then connect and reconnect until stopped; return the
+        exit code (0 on SIGTERM, EXIT_HALT when revoked)."""
+        loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        self.sup.start()
+        cached = self.store.load()
+        self._to_supervisor({"type": "sync", "rules": cached}, _Pending(None, None))
+        log_event("link.cached_rules_applied", rules=len(cached), path=self.store.path)
+        task = asyncio.create_task(self._connect_loop())
+        try:
+            return await self._done
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            self.sup.close()
+
+    def stop(self, code: int, why: str) -> None:
+        if self._done is not None and not self._done.done():
+            log_event("link.stopping", reason=why, exit_code=code)
+            self._done.set_result(code)
+
+    def reconnect_now(self) -> None:
+        """SIGHUP: skip the rest of the backoff wait."""
+        self.backoff.reset()
+        self._wake.set()
+
+    async def _connect_loop(self) -> None:
+        while True:
+            try:
+                await self._session_once()
+            except Revoked as exc:
+                self._revoked(str(exc))
+                return
+            except FingerprintMismatch as exc:
+                log_event("link.fingerprint_mismatch", level="error", expected=exc.expected,
+                          got=exc.got, server=exc.where, error=str(exc))
+            except Refused as exc:
+                log_event("link.refused", level="error", code=exc.code, message=exc.message,
+                          server=self.bundle.server,
+                          hint="the server does not accept this bundle's token; enroll again if it was deleted")
+            except LinkDead:
+                log_event("link.dead", level="warning", server=self.bundle.server,
+                          silent_secs=self.timing.dead_secs)
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, WireError) as exc:
+                log_event("link.disconnected", level="warning", server=self.bundle.server,
+                          error=_reason(exc))
+            except Exception as exc:  # noqa: BLE001 - a bug must not stop forwarding; retry
+                log_event("link.crashed_session", level="error", error=repr(exc))
+            delay = self.backoff.next()
+            log_event("link.reconnecting", in_secs=round(delay, 2))
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                pass
+
+    # ============================================================ session
+
+    async def _session_once(self) -> None:
+        """Connect, say hello, serve until the link ends (always by an exception)."""
+        host, port = self.bundle.host_port()
+        reader, writer = await open_pinned(host, port, self.bundle.fingerprint, self.timing.connect_timeout)
+        try:
+            await write_frame(writer, {
+                "type": "hello", "token": self.bundle.token, "client_id": self.bundle.client_id,
+                "version": __version__, "capabilities": self.capabilities,
+            })
+            welcome = await asyncio.wait_for(read_frame(reader), self.timing.handshake_timeout)
+            if welcome.get("type") == "error":
+                self._raise_refusal(welcome)
+            if welcome.get("type") != "welcome":
+                raise WireError(f"expected welcome, got {welcome.get('type')!r}")
+            await self._serve(reader, writer, welcome)
+        finally:
+            self._session = None
+            await close_quietly(writer)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     welcome: dict[str, Any]) -> None:
+        session = _Session(next(self._sessions), writer)
+        self._session = session
+        self.backoff.reset()
+        hb = welcome.get("heartbeat_secs")
+        heartbeat = float(hb) if isinstance(hb, (int, float)) and 0 < hb <= 3600 else self.timing.heartbeat_secs
+        name = welcome.get("client_name")
+        peer = writer.get_extra_info("peername")
+        log_event("link.connected", server=self.bundle.server, client_id=self.bundle.client_id,
+                  client_name=name or self.bundle.client_name, local=str(writer.get_extra_info("sockname")),
+                  peer=str(peer), heartbeat_secs=heartbeat)
+        if isinstance(name, str) and name and name != self.bundle.client_name:
+            self._rename(name)
+        if self._removed_backlog:
+            session.send({"type": "removed", "ids": self._removed_backlog})
+            self._removed_backlog = []
+        tasks = [asyncio.create_task(self._pinger(session, heartbeat)),
+                 asyncio.create_task(self._stats_loop(session))]
+        try:
+            while True:
+                try:
+                    msg = await asyncio.wait_for(read_frame(reader), self.timing.dead_secs)
+                except TimeoutError:
+                    raise LinkDead() from None
+                self._from_server(session, msg)
+                # Surface a crashed helper task instead of carrying on half-alive.
+                for t in tasks:
+                    if t.done() and not t.cancelled() and t.exception() is not None:
+                        raise t.exception()  # type: ignore[misc]
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _raise_refusal(self, msg: dict[str, Any]) -> None:
+        code = str(msg.get("code") or "error")
+        text = str(msg.get("message") or "")
+        if code == "revoked":
+            raise Revoked(text or "the server revoked this client")
+        raise Refused(code, text)
+
+    async def _pinger(self, session: _Session, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            session.send({"type": "ping"})
+
+    async def _stats_loop(self, session: _Session) -> None:
+        while True:
+            await asyncio.sleep(self.timing.stats_secs)
+            ids = list(self.store.rules)
+            try:
+                totals = await asyncio.to_thread(rule_totals, self.metrics_dir, ids)
+            except (OSError, ValueError) as exc:  # a file vanishing mid-read: next round
+                log_event("link.stats_unreadable", level="warning", error=str(exc))
+                continue
+            session.send({"type": "stats", "rules": totals})
+
+    # ============================================================ server -> us
+
+    def _from_server(self, session: _Session, msg: dict[str, Any]) -> None:
+        kind = msg.get("type")
+        if kind == "sync":
+            good, rejected = _check_rules(msg.get("rules"))
+            self.store.replace(good)
+            self._to_supervisor({"type": "sync", "rules": good},
+                                _Pending(session.number, msg.get("seq"), rejected))
+            log_event("link.sync", rules=len(good), rejected=len(rejected), seq=msg.get("seq"))
+        elif kind == "apply":
+            good, rejected = _check_rules(msg.get("upsert"))
+            remove = [str(r) for r in msg.get("remove") or [] if isinstance(r, (str, int))]
+            self.store.apply(good, remove)
+            self._to_supervisor({"type": "apply", "upsert": good, "remove": remove},
+                                _Pending(session.number, msg.get("seq"), rejected))
+        elif kind == "renamed":
+            name = msg.get("client_name")
+            if isinstance(name, str) and name:
+                self._rename(name)
+        elif kind == "error":
+            self._raise_refusal(msg)
+        # ping, welcome and unknown types: nothing to do (any frame proves the link alive)
+
+    def _rename(self, name: str) -> None:
+        old, self.bundle.client_name = self.bundle.client_name, name
+        log_event("link.renamed", client_id=self.bundle.client_id, old=old, new=name)
+        if self.bundle.path:
+            try:
+                write_bundle(self.bundle.path, self.bundle)
+            except OSError as exc:
+                log_event("link.bundle_write_failed", level="warning", path=self.bundle.path, error=str(exc))
+
+    def _revoked(self, message: str) -> None:
+        log_event("link.revoked", level="error", client_id=self.bundle.client_id,
+                  client_name=self.bundle.client_name, server=self.bundle.server, message=message,
+                  hint="the client stops; enroll it again with a new code to bring it back")
+        self.store.clear()
+        try:
+            revoked.write_marker(self.data_dir, self.bundle, message)
+        except OSError as exc:
+            log_event("link.marker_write_failed", level="error", error=str(exc))
+        self.stop(EXIT_HALT, "revoked by the server")
+
+    # ============================================================ supervisor
+
+    def _to_supervisor(self, msg: dict[str, Any], pending: _Pending) -> None:
+        seq = next(self._seq)
+        self._pending[seq] = pending
+        self.sup.send({**msg, "seq": seq})
+
+    def _from_supervisor(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("type")
+        if kind == "applied":
+            pending = self._pending.pop(msg.get("seq"), None)  # type: ignore[arg-type]
+            if pending is None:
+                log_event("link.unexpected_seq", level="warning", seq=msg.get("seq"))
+                return
+            results = dict(msg.get("results") or {})
+            results.update(pending.rejected)
+            failed = {rid: r.get("reason") for rid, r in results.items()
+                      if isinstance(r, dict) and r.get("state") == "failed"}
+            if failed:
+                log_event("link.rules_failed", level="warning", failed=failed)
+            live = self._session
+            if pending.session is not None and live is not None and live.number == pending.session:
+                live.send({"type": "applied", "seq": pending.server_seq, "results": results})
+        elif kind == "removed":
+            ids = [str(i) for i in msg.get("ids") or []]
+            if self._session is not None:
+                self._session.send({"type": "removed", "ids": ids})
+            else:  # tell the server once it is back: it may be waiting to delete drained rows
+                self._removed_backlog.extend(i for i in ids if i not in self._removed_backlog)
+        elif kind == "hello":
+            log_event("link.supervisor_hello", shards=msg.get("shards"))
+
+    def _supervisor_lost(self, why: str) -> None:
+        self.stop(1, f"supervisor channel: {why}")
+
+
+def _check_rules(raw: Any) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Split wire rules into ones the supervisor can load and failed results for the
+    rest: a malformed rule from the server must fail alone, not crash the supervisor."""
+    good: list[dict[str, Any]] = []
+    rejected: dict[str, dict[str, Any]] = {}
+    for i, w in enumerate(raw if isinstance(raw, list) else []):
+        rid = str(w.get("id")) if isinstance(w, dict) and w.get("id") is not None else f"#{i}"
+        try:
+            if not isinstance(w, dict):
+                raise TypeError("not an object")
+            good.append(Rule.from_wire(w).to_wire())
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            rejected[rid] = {"state": "failed", "reason": f"malformed rule: {exc!r}"}
+    return good, rejected
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return "connection closed by the server"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+async def serve_link(settings: Settings, bundle: Bundle, channel_sock: socket.socket,
+                     capabilities: Sequence[str], timing: LinkTiming | None = None) -> int:
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or settings.metrics_dir
+    link = EdgeLink(bundle, settings.data_dir, channel_sock, capabilities, metrics_dir, timing)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, link.stop, 0, signal.Signals(sig).name)
+    # The supervisor passes SIGHUP on to its rule source: here it means "reconnect now".
+    loop.add_signal_handler(signal.SIGHUP, link.reconnect_now)
+    return await link.run()
+
+
+def run_link(settings: Settings, bundle: Bundle, channel_sock: socket.socket,
+             capabilities: Sequence[str], timing: LinkTiming | None = None) -> None:
+    """Entry point of the link child (never returns; exits with the link's code)."""
+    import uvloop
+
+    raise SystemExit(uvloop.run(serve_link(settings, bundle, channel_sock, capabilities, timing)))

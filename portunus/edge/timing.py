@@ -1,0 +1,39 @@
+"""The link's clocks: heartbeats, dead-link detection, stats cadence, reconnect backoff.
+
+Defaults are docs/edge.md's; tests shrink them to run in milliseconds.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass
+class LinkTiming:
+    heartbeat_secs: float = 5.0  # until the server's welcome says otherwise
+    dead_secs: float = 15.0  # no frame for this long: the link is dead
+    stats_secs: float = 5.0
+    backoff_first: float = 0.5
+    backoff_max: float = 30.0
+    connect_timeout: float = 10.0  # TCP + TLS handshake
+    handshake_timeout: float = 10.0  # hello -> welcome
+
+
+class Backoff:
+    """Exponential reconnect delays with ±20 % jitter, so a fleet of clients that lost
+    the same server does not come back in one synchronized wave."""
+
+    def __init__(self, first: float, maximum: float, rng: random.Random | None = None) -> None:
+        self.first = first
+        self.maximum = maximum
+        self.failures = 0
+        self._rng = rng or random.Random()
+
+    def next(self) -> float:
+        base = min(self.maximum, self.first * 2 ** self.failures)
+        self.failures += 1
+        return min(self.maximum, base * self._rng.uniform(0.8, 1.2))
+
+    def reset(self) -> None:
+        self.failures = 0

@@ -1,0 +1,39 @@
+"""``rule_totals`` over real multiprocess files written by two "shard" processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from portunus.edge.stats import rule_totals
+
+WRITER = """
+from portunus.shard import metrics as m
+m.BYTES_IN.labels("edge-01", "{rule}", "").inc({n})
+m.BYTES_OUT.labels("edge-01", "{rule}", "").inc({n} * 2)
+m.CONNECTIONS.labels("edge-01", "{rule}", "").inc(3)
+m.ACTIVE.labels("edge-01", "{rule}", "").set(1)
+m.BYTES_IN.labels("edge-01", "99", "").inc(5)
+"""
+
+
+def _shard(metrics_dir: Path, rule: str, n: int) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    subprocess.run([sys.executable, "-c", WRITER.format(rule=rule, n=n)], env=env, check=True)
+
+
+def test_sums_every_shard_for_the_rules_asked(tmp_path: Path) -> None:
+    _shard(tmp_path, "7", 100)
+    _shard(tmp_path, "7", 50)
+    totals = rule_totals(str(tmp_path), ["7", "8"])
+    assert totals["7"]["bytes_in"] == 150 and totals["7"]["bytes_out"] == 300
+    assert totals["7"]["connections_total"] == 6
+    assert totals["8"] == {"bytes_in": 0, "bytes_out": 0, "connections_total": 0, "active_connections": 0}
+    assert "99" not in totals  # only the client's current rules
+
+
+def test_missing_dir_gives_zeros(tmp_path: Path) -> None:
+    assert rule_totals(str(tmp_path / "none"), ["1"])["1"]["bytes_in"] == 0
+    assert rule_totals(str(tmp_path), []) == {}
