@@ -9,6 +9,7 @@ restarted origin also records the health probes (bare connects) it receives.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -183,3 +184,70 @@ def test_server_positional_target_is_priority_1(
     assert reached_port(listen) == a.port
     a.close()
     assert reached_port(listen) == b.port
+
+
+class Blackhole:
+    """A listener whose accept queue is full: further SYNs go unanswered, so a
+    connect to it hangs until the connecting side gives up (a dead host, not a
+    refusing one)."""
+
+    def __init__(self) -> None:
+        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.lsock.bind((LOOPBACK, 0))
+        self.lsock.listen(0)
+        self.port: int = self.lsock.getsockname()[1]
+        self.fillers: list[socket.socket] = []
+        for _ in range(4):
+            c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            c.settimeout(0.3)
+            try:
+                c.connect((LOOPBACK, self.port))
+            except TimeoutError:
+                c.close()
+                break
+            self.fillers.append(c)
+
+    def close(self) -> None:
+        for c in self.fillers:
+            c.close()
+        self.lsock.close()
+
+
+def test_standalone_unresponsive_primary_times_out_into_the_backup(
+        standalone: StandaloneFactory, ports: PortAllocator,
+        origin_at: Callable[..., Origin]) -> None:
+    """connect_timeout_secs = 0.5: a primary that never answers costs each of the
+    first 3 clients ~0.5 s, then it is down and skipped."""
+    hole = Blackhole()
+    try:
+        b = origin_at(port_reporter, ports.port())
+        listen = ports.port()
+        proc = standalone([{
+            "name": "hang", "listen_port": listen, "health_check_interval_secs": 60,
+            "targets": [{"host": LOOPBACK, "port": hole.port, "priority": 1},
+                        {"host": LOOPBACK, "port": b.port, "priority": 2}],
+        }], settings={"connect_timeout_secs": 0.5})
+        for _ in range(3):
+            t0 = time.monotonic()
+            assert reached_port(listen, PAYLOAD, timeout=10) == b.port
+            assert 0.4 <= time.monotonic() - t0 < 2.0
+        wait_for(lambda: target_up(proc.scrape, "hang", hole.port) == 0, 5,
+                 what="the unresponsive primary marked down")
+        t0 = time.monotonic()
+        assert reached_port(listen, PAYLOAD) == b.port
+        assert time.monotonic() - t0 < 0.3, "a down target is still being tried"
+        assert len(proc.events("tcp.connect_failed", target=f"{LOOPBACK}:{hole.port}",
+                               error="timeout")) == 3
+    finally:
+        hole.close()
+
+
+def test_server_refuses_more_than_8_targets(server: ServerFactory) -> None:
+    srv = server()
+    flags = [x for i in range(9) for x in ("--target", f"{LOOPBACK}:{40000 + i}@{i + 1}")]
+    res = srv.cli("push-rule", "local", "21000", *flags)
+    assert res.code == 2 and "validation.targets" in res.err, res
+    status, body = srv.http("POST", "/v1/rules", {
+        "client": "local", "listen_port": 21000,
+        "targets": [{"host": LOOPBACK, "port": 40000 + i, "priority": i + 1} for i in range(9)]})
+    assert (status, body["error"]["code"]) == (400, "validation.targets"), body

@@ -309,3 +309,21 @@ def test_server_range_validation_codes(srv: ServerProc, proto: str) -> None:
         "targets": [{"host": LOOPBACK, "port": 40000}]})
     assert (status, body["error"]["code"]) == (400, "validation.range_length_mismatch")
     assert not [r for r in _rules(srv).values() if r.get("listen_port_start") == lo]
+
+
+def test_standalone_reload_retries_a_failed_range(
+        standalone: StandaloneFactory, ports: PortAllocator, range_origins: int) -> None:
+    """The operator frees the port and sends SIGHUP: the failed range binds now."""
+    listen = ports.block(N)
+    holder = foreign(listen + 3, "tcp")
+    proc = standalone([{"name": "retry", "listen_ports": f"{listen}-{listen + N - 1}",
+                        "target": f"{LOOPBACK}:{range_origins}-{range_origins + N - 1}"}],
+                      ready=False)
+    proc.wait_log("rule.failed", rule="retry")
+    proc.wait_log("supervisor.ready")
+    holder.close()
+    mark = proc.log_mark()
+    proc.reload()
+    proc.wait_log("rule.activated", since=mark, rule="retry")
+    for i in range(N):
+        assert reached_port(listen + i) == range_origins + i
