@@ -1,5 +1,6 @@
-"""Fixtures for edge end-to-end tests: client processes, and a fake gateway for the
-client-only tests (the real server's tests use ``portunus-server`` itself)."""
+"""Fixtures for edge end-to-end tests: client processes (``clients``), the real
+server (``server``, from tests/e2e/features/helpers.py), and a fake gateway
+(``gateway``) for the tests that pin down the client half alone."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from tests.e2e.edge.clients import ClientFactory  # noqa: E402
+from tests.e2e.features.helpers import ServerFactory  # noqa: E402
 from tests.e2e.support import PortAllocator  # noqa: E402
 from tests.unit.edge.fake_server import ThreadedFakeServer, make_cert  # noqa: E402
 
@@ -21,6 +23,16 @@ from tests.unit.edge.fake_server import ThreadedFakeServer, make_cert  # noqa: E
 @pytest.fixture
 def clients(tmp_path: Path, ports: PortAllocator) -> Iterator[ClientFactory]:
     factory = ClientFactory(tmp_path, ports)
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture
+def server(tmp_path: Path, ports: PortAllocator) -> Iterator[ServerFactory]:
+    """``portunus-server serve`` on loopback ports (control_listen included)."""
+    factory = ServerFactory(tmp_path, ports)
     try:
         yield factory
     finally:
