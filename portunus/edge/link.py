@@ -281,7 +281,8 @@ class EdgeLink:
             try:
                 write_bundle(self.bundle.path, self.bundle)
             except OSError as exc:
-                log_event("link.bundle_write_failed", level="warning", path=self.bundle.path, error=str(exc))
+                log_event("link.bundle_write_failed", level="warning", path=self.bundle.path, error=str(exc),
+                          hint="the name is informational on the client; rules and the link are unaffected")
 
     def _revoked(self, message: str) -> None:
         log_event("link.revoked", level="error", client_id=self.bundle.client_id,
