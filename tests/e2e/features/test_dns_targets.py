@@ -126,7 +126,8 @@ def env(dns: FakeDns, tmp_path_factory: pytest.TempPathFactory, ports: PortAlloc
                  "udp.portunus.test"):
         dns.records[name] = {"A": [LOOPBACK], "ttl": 1}
     dns.records["dual.portunus.test"] = {"A": [LOOPBACK], "AAAA": ["::1"], "ttl": 60}
-    names = ["coalesce", "stale", "expire", "nx", "v4first", "v6first", "udp"]
+    dns.mode["deadbackup.portunus.test"] = "drop"  # its lookups time out (2 s)
+    names = ["coalesce", "stale", "expire", "nx", "v4first", "v6first", "udp", "backup"]
     listen = dict(zip(names, ports.ports(len(names)), strict=True))
     rules = [
         {"name": n, "listen_port": listen[n], "target": f"{n}.portunus.test:{reporter.port}"}
@@ -138,6 +139,9 @@ def env(dns: FakeDns, tmp_path_factory: pytest.TempPathFactory, ports: PortAlloc
          "target": f"dual.portunus.test:{dual.port}"},
         {"name": "udp", "protocol": "udp", "listen_port": listen["udp"],
          "target": f"udp.portunus.test:{udp_port}"},
+        {"name": "backup", "listen_port": listen["backup"],
+         "targets": [{"host": LOOPBACK, "port": reporter.port, "priority": 1},
+                     {"host": "deadbackup.portunus.test", "port": reporter.port, "priority": 2}]},
     ]
     proc = StandaloneProc(workdir=work, metrics_port=ports.port(), rules=rules, shards=1,
                           name="dns-standalone")
@@ -264,6 +268,20 @@ def test_ipv4_first_unless_prefer_ipv6(env: Env) -> None:
 def test_udp_rule_with_a_dns_target(env: Env) -> None:
     port = env.listen["udp"]
     assert udp_exchange(port, b"dns udp").endswith(b":dns udp")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG portunus/shard/tcp.py TcpConnection._resolve_then_connect (same in udp.py "
+    "UdpFlow._resolve_then_connect): every target name of the rule is resolved, one after "
+    "the other, before the first connect, so a healthy literal primary waits for the "
+    "backup's lookup: 2 s (resolver timeout) on the first connection and again every ~7 s "
+    "(5 s negative cache + 2 s) while the backup's DNS does not answer"))
+def test_healthy_primary_does_not_wait_for_the_backups_dns(env: Env, dns: FakeDns) -> None:
+    port = env.listen["backup"]
+    for _ in range(2):
+        t0 = time.monotonic()
+        assert reached_port(port, timeout=10) == env.reporter.port
+        assert time.monotonic() - t0 < 0.5, f"first byte after {time.monotonic() - t0:.2f}s"
 
 
 # ------------------------------------------------------------------- server

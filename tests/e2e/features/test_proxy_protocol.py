@@ -10,8 +10,10 @@ PROXY protocol to the same nginx is the control: nginx must refuse it.
 from __future__ import annotations
 
 import socket
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -19,10 +21,12 @@ from tests.e2e.features.helpers import ServerFactory
 from tests.e2e.features.nginx_origin import NginxProxyOrigin, nginx_binary
 from tests.e2e.support import (
     LOOPBACK,
+    STANDALONE_BIN,
     Origin,
     PortAllocator,
     StandaloneFactory,
     echo,
+    standalone_toml,
 )
 
 PAYLOAD = b"payload after the PROXY header\n" * 200
@@ -122,3 +126,49 @@ def test_server_flag_and_body_field(server: ServerFactory, ports: PortAllocator,
     bad = srv.cli("push-rule", "local", str(ports.port()), f"{LOOPBACK}:{nginx.port}",
                   "--proxy-protocol", "v3")
     assert bad.code == 2, bad
+
+
+UDP_PP_BUG = (
+    "BUG: a UDP rule accepts proxy_protocol (v1 and v2; CLI, HTTP and TOML; the rule lists "
+    "proxy=v1) but portunus/shard/udp.py never writes a PROXY header, so the origin gets bare "
+    "datagrams and cannot know the client. Fix: refuse it in portunus/rules.py build_rule "
+    "(validation.proxy_protocol for protocol udp, as SNI does with sni_on_unsupported_rule), "
+    "or implement the v2 DGRAM header and refuse only v1")
+
+
+def _udp_first_datagram(listen: int, origin: socket.socket) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+        c.sendto(b"hello", (LOOPBACK, listen))
+        return origin.recvfrom(65536)[0]
+
+
+def _pp_signature(data: bytes) -> bool:
+    return data.startswith(b"PROXY ") or data.startswith(b"\r\n\r\n\x00\r\nQUIT\n")
+
+
+@pytest.mark.xfail(strict=True, reason=UDP_PP_BUG)
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_server_udp_rule_with_proxy_protocol_is_refused_or_honoured(
+        server: ServerFactory, ports: PortAllocator, version: str) -> None:
+    srv = server()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as origin:
+        origin.bind((LOOPBACK, 0))
+        origin.settimeout(5)
+        listen = ports.port()
+        res = srv.cli("push-rule", "local", str(listen), f"{LOOPBACK}:{origin.getsockname()[1]}",
+                      "--protocol", "udp", "--proxy-protocol", version)
+        if res.code == 2:
+            assert "validation." in res.err, res
+            return
+        assert res.code == 0, res
+        assert _pp_signature(_udp_first_datagram(listen, origin)), "bare datagram, no PROXY header"
+
+
+@pytest.mark.xfail(strict=True, reason=UDP_PP_BUG)
+def test_standalone_udp_rule_with_proxy_protocol_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "udp-pp.toml"
+    path.write_text(standalone_toml({}, [{"name": "u", "protocol": "udp", "listen_port": 21000,
+                                          "proxy_protocol": "v1", "target": "127.0.0.1:40000"}]))
+    res = subprocess.run([STANDALONE_BIN, "--check", "--config", str(path)],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 2, res
