@@ -199,7 +199,10 @@ def test_resolver_failure_serves_the_stale_answer(env: Env, dns: FakeDns) -> Non
     try:
         while time.monotonic() - t0 < 4.0:  # inside the 5 s floor: served from the cache
             assert reached_port(port) == env.reporter.port
-            assert dns.count(name) == 1, "re-queried before the 5 s TTL floor"
+            # Refresh-ahead may start at 90 % of the 5 s floor (4.5 s); a connection
+            # that completed before 4.0 s cannot have triggered it.
+            if time.monotonic() - t0 < 4.0:
+                assert dns.count(name) == 1, "re-queried before the 5 s TTL floor"
             time.sleep(0.25)
         while time.monotonic() - t0 < 6.5:  # expired at 5 s; the resolver fails
             assert reached_port(port) == env.reporter.port

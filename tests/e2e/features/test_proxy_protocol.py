@@ -106,6 +106,25 @@ def test_standalone_ipv6_client(standalone: StandaloneFactory, ports: PortAlloca
     check_session(nginx, listen, host="::1")
 
 
+def test_standalone_range_rule_header_names_each_listen_port(
+        standalone: StandaloneFactory, ports: PortAllocator, tmp_path: Path,
+        origin: Callable[..., Origin]) -> None:
+    """On a range, the header's destination is the port the client actually used."""
+    upstream = origin(echo)
+    first_pp, listen = ports.block(3), ports.block(3)
+    n = NginxProxyOrigin(tmp_path, [first_pp + i for i in range(3)], [upstream.port] * 3)
+    try:
+        standalone([{"name": "pp-range", "listen_ports": f"{listen}-{listen + 2}",
+                     "proxy_protocol": "v2", "target": f"{LOOPBACK}:{first_pp}-{first_pp + 2}"}])
+        for i in (2, 0, 1):
+            client_port, back = send_and_echo(listen + i)
+            assert back == PAYLOAD
+            s = n.session_for(client_port)
+            assert (s.server_port, s.server_port_claimed) == (first_pp + i, str(listen + i))
+    finally:
+        n.close()
+
+
 def test_server_flag_and_body_field(server: ServerFactory, ports: PortAllocator,
                                     nginx: Nginx) -> None:
     srv = server()

@@ -360,3 +360,29 @@ def test_server_sni_validation(srv: ServerProc, ports: PortAllocator, args: list
               for k, v in body.items()}
     status, reply = srv.http("POST", "/v1/rules", {"client": "local", **filled})
     assert (status, reply["error"]["code"]) == (400, code), reply
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG (CONTRACT 'a (client, port) keeps the mode of its first rule for its lifetime'): "
+    "portunus/control/slots.py derives the mode from the rules present, so removing the last "
+    "SNI rule of an SNI port turns its fallback into a plain rule; re-pushing an SNI rule is "
+    "then refused with conflict.legacy_to_sni_unsupported ('remove rule <fallback> first') and "
+    "the shard (portunus/shard/main.py handler_for) forwards non-TLS bytes to the fallback "
+    "instead of closing them. Fix: record the port's mode with its first rule (e.g. a flag on "
+    "the fallback rule, carried in the wire format) in slots.check_slot and in handler_for"))
+def test_server_sni_port_stays_sni_when_its_sni_rules_are_replaced(
+        srv: ServerProc, ports: PortAllocator, tls_origins: Origins) -> None:
+    o = tls_origins
+    port = ports.port()
+    first = srv.cli_json("push-rule", "local", str(port), o.exact.address, "--sni", EXACT)
+    fb = srv.cli_json("push-rule", "local", str(port), o.fallback.address)
+    try:
+        srv.remove_rule(first["id"])  # replacing the SNI rule: remove, then push the new one
+        res = srv.cli("push-rule", "local", str(port), o.wild.address, "--sni", WILD,
+                      "--format", "json")
+        assert res.code == 0, res
+        assert tls_visit(port, o.pki.client_context(), "www.example.test") == \
+            "wild|www.example.test"
+        srv.remove_rule(res.json["id"])
+    finally:
+        srv.remove_rule(fb["id"])
