@@ -4,13 +4,24 @@ sockperf ping-pong (C client, C server) rather than a Python client, so the clie
 own cost (~10 us per round trip in Python) does not dilute the difference between
 forwarders. One 64-byte message is in flight at a time; sockperf warms up first and
 reports round-trip-time percentiles over every observation of the run.
+
+Everything is pinned (see bench.common.pin): unpinned, the scheduler's placement on two
+cores made runs bimodal (a direct p50 of 4.5 or 12.5 us from one run to the next).
+Two layouts, both stable to a few percent:
+
+- same core: client, forwarder and origin all on CPU 0. The round trip is pure CPU
+  work, so the added latency is the forwarder's own cost per request and response.
+  This is the headline and the one the target compares.
+- cross core: client and origin on CPU 0, the forwarder on CPU 1, so each hop wakes
+  the other core (what a real deployment with an idle core sees).
 """
 
 from __future__ import annotations
 
+import os
 import re
 
-from bench.common import LOOPBACK, run_client, services, tool
+from bench.common import LOOPBACK, pin, run_client, services, tool
 from bench.forwarders import Endpoint, open_forwarders, portunus_shards
 from bench.origins import start_sockperf
 from bench.results import BenchResult, Metric, Settings
@@ -37,14 +48,24 @@ def parse_pingpong(out: str) -> Sample:
     return {"p50_us": pct[50.0], "p99_us": pct[99.0], "rate": received / runtime}
 
 
-def sockperf_pingpong(ep: Endpoint, seconds: int, size: int, udp: bool) -> Sample:
+CLIENT_CPUS = {0}
+# name -> (title, forwarder CPUs); the client and origin always run on CPU 0.
+LAYOUTS = {
+    "latency": ("same core (all on CPU 0)", {0}),
+    "latency_cross_core": ("cross core: forwarder on CPU 1", {1}),
+}
+
+
+def sockperf_pingpong(
+    ep: Endpoint, seconds: int, size: int, udp: bool, cpus: set[int] | None = None
+) -> Sample:
     argv = [
         tool("sockperf"), "ping-pong", "-i", LOOPBACK, "-p", str(ep.port),
         "-m", str(size), "-t", str(seconds), "--full-rtt",
     ]  # fmt: skip
     if not udp:
         argv.insert(2, "--tcp")
-    return parse_pingpong(run_client(argv, timeout=seconds + 30))
+    return parse_pingpong(run_client(argv, timeout=seconds + 30, cpus=cpus))
 
 
 def add_added_latency(per: dict[str, list[Sample] | str]) -> None:
@@ -61,29 +82,57 @@ def add_added_latency(per: dict[str, list[Sample] | str]) -> None:
                 sample["added_p99_us"] = sample["p99_us"] - direct[i]["p99_us"]
 
 
-def run(settings: Settings) -> BenchResult:
+def latency_rounds(settings: Settings) -> int:
+    """Pinned runs vary by a few percent, so 3 rounds suffice (1 per layout in --quick)."""
+    return 1 if settings.quick else min(settings.rounds, 3)
+
+
+def run(settings: Settings) -> list[BenchResult]:
+    rounds = latency_rounds(settings)
+    layouts = {k: v for k, v in LAYOUTS.items() if max(v[1]) < (os.cpu_count() or 1)}
+    results: list[BenchResult] = []
     with services() as started:
         origin, port = start_sockperf(settings.log_dir, udp=False)
         started.append(origin)
+        pin(origin, CLIENT_CPUS)
         eps = open_forwarders(
             started, settings.forwarders, port, settings.log_dir, shards=portunus_shards()
         )
-        per = run_rounds(
-            "latency",
-            eps,
-            settings.rounds,
-            lambda ep: sockperf_pingpong(ep, settings.latency_secs, MSG_SIZE, udp=False),
-        )
-    add_added_latency(per)
+        for name, (layout, cpus) in layouts.items():
+            for ep in eps.values():
+                if not isinstance(ep, str) and ep.service is not None:
+                    pin(ep.service, cpus)
+            per = run_rounds(
+                name,
+                eps,
+                rounds,
+                lambda ep: sockperf_pingpong(
+                    ep, settings.latency_secs, MSG_SIZE, udp=False, cpus=CLIENT_CPUS
+                ),
+            )
+            add_added_latency(per)
+            results.append(result(name, layout, cpus, settings, rounds, per))
+    return results
+
+
+def result(
+    name: str,
+    layout: str,
+    cpus: set[int],
+    settings: Settings,
+    rounds: int,
+    per: dict[str, list[Sample] | str],
+) -> BenchResult:
     return BenchResult(
-        name="latency",
-        title="Added latency (1 connection, 64-byte ping-pong)",
+        name=name,
+        title=f"Added latency, {layout} (1 connection, {MSG_SIZE}-byte ping-pong)",
         method=(
             f"sockperf ping-pong --tcp -m {MSG_SIZE} -t {settings.latency_secs} --full-rtt "
             "against `sockperf server --tcp`: one persistent connection, one message in "
             "flight, warm-up by sockperf, every round trip of the run observed "
-            "(tens of thousands per measurement). added = contender p50 - direct p50 of "
-            "the same round."
+            "(tens of thousands per measurement). Client and origin pinned to CPU 0, "
+            f"every forwarder process and thread pinned to CPU {min(cpus)}; {rounds} round(s). "
+            "added = contender p50 - direct p50 of the same round."
         ),
         metrics=[
             Metric("added_p50_us", "added p50 µs", False, 1),

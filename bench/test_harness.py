@@ -7,6 +7,7 @@ because they test the benchmark tooling, not Portunus.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -14,7 +15,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bench.common import StartError, is_listening, services, start_service, wait_for
+from bench.common import (
+    StartError,
+    is_listening,
+    services,
+    start_service,
+    usable_cpus,
+    wait_for,
+)
 from bench.forwarders import Endpoint, open_forwarders
 from bench.latency import add_added_latency, parse_pingpong
 from bench.report import render, targets
@@ -178,3 +186,9 @@ def test_is_listening_sees_a_listener() -> None:
         assert not is_listening(port)
         s.listen()
         assert is_listening(port)
+
+
+def test_usable_cpus_falls_back_to_all() -> None:
+    have = os.sched_getaffinity(0)
+    assert usable_cpus({10_000}) == have
+    assert usable_cpus({min(have)}) == {min(have)}

@@ -6,9 +6,10 @@ the delivered count of a blast is the difference of that total around the run.
 
 - ping-pong: ``sockperf ping-pong -m 512`` — one datagram in flight, so the rate is
   the per-datagram cost of a round trip through the forwarder (no loss possible).
+  Everything pinned to CPU 0, as in the same-core TCP latency benchmark.
 - blast: ``sockperf throughput -m 512`` sends as fast as it can for the whole run;
-  delivered/s is what reached the origin (the client saturates one of the two cores,
-  so the forwarder and origin share the other; same for every contender).
+  delivered/s is what reached the origin. The sender is pinned to CPU 0 (which it
+  saturates), forwarder and origin to CPU 1, the same for every contender.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from pathlib import Path
 
 from bench.common import (
     LOOPBACK,
+    Service,
     free_port,
     is_listening,
+    pin,
     run_client,
     services,
     start_service,
@@ -28,12 +31,14 @@ from bench.common import (
     wait_for,
 )
 from bench.forwarders import Endpoint, open_forwarders, portunus_shards
-from bench.latency import sockperf_pingpong
+from bench.latency import CLIENT_CPUS, latency_rounds, sockperf_pingpong
 from bench.results import BenchResult, Metric, Settings
 from bench.rounds import Sample, run_rounds
 
 DATAGRAM = 512
 ACTIVITY = 10_000
+# Blast layout: the sender saturates CPU 0; forwarder and origin share CPU 1.
+SENDER_CPUS, RECEIVER_CPUS = {0}, {1}
 _TOTAL = re.compile(r"(\d+) \[msg\]\s*$", re.M)
 _SENT = re.compile(r"Total of (\d+) messages sent in ([\d.]+) sec")
 
@@ -65,7 +70,7 @@ def blast_sample(ep: Endpoint, seconds: int, origin_log: Path) -> Sample:
         tool("sockperf"), "throughput", "-i", LOOPBACK, "-p", str(ep.port),
         "-m", str(DATAGRAM), "-t", str(seconds),
     ]  # fmt: skip
-    out = run_client(argv, timeout=seconds + 15)
+    out = run_client(argv, timeout=seconds + 15, cpus=SENDER_CPUS)
     sent = _SENT.search(out)
     if sent is None:
         raise RuntimeError(f"unparseable sockperf output: {out[-300:]}")
@@ -80,10 +85,18 @@ def blast_sample(ep: Endpoint, seconds: int, origin_log: Path) -> Sample:
     }
 
 
+def pin_all(origin: Service, eps: dict[str, Endpoint | str], cpus: set[int]) -> None:
+    pin(origin, cpus)
+    for ep in eps.values():
+        if not isinstance(ep, str) and ep.service is not None:
+            pin(ep.service, cpus)
+
+
 def run(settings: Settings) -> list[BenchResult]:
     names = settings.forwarders  # haproxy shows as n/a: it does not forward UDP
     secs = settings.udp_secs
     rounds = 1 if settings.quick else settings.rounds  # keeps --quick under 3 minutes
+    pp_rounds = latency_rounds(settings)
     with services() as started:
         port = free_port()
         argv = [tool("sockperf"), "server", "-i", LOOPBACK, "-p", str(port), "-A", str(ACTIVITY)]
@@ -94,12 +107,14 @@ def run(settings: Settings) -> list[BenchResult]:
         eps = open_forwarders(
             started, names, port, settings.log_dir, udp=True, shards=portunus_shards()
         )
+        pin_all(origin, eps, CLIENT_CPUS)
         pingpong = run_rounds(
             "udp_pingpong",
             eps,
-            rounds,
-            lambda ep: sockperf_pingpong(ep, secs, DATAGRAM, udp=True),
+            pp_rounds,
+            lambda ep: sockperf_pingpong(ep, secs, DATAGRAM, udp=True, cpus=CLIENT_CPUS),
         )
+        pin_all(origin, eps, RECEIVER_CPUS)
         blast = run_rounds(
             "udp_blast", eps, rounds, lambda ep: blast_sample(ep, secs, origin.log_path)
         )
@@ -110,7 +125,7 @@ def run(settings: Settings) -> list[BenchResult]:
             method=(
                 f"sockperf ping-pong -m {DATAGRAM} -t {secs} --full-rtt (UDP) against "
                 f"`sockperf server`; value = round trips/s over sockperf's valid duration; "
-                f"{rounds} round(s)."
+                f"client, forwarder and origin pinned to CPU 0; {pp_rounds} round(s)."
             ),
             metrics=[
                 Metric("rate", "round trips/s", True, 0),
@@ -126,7 +141,7 @@ def run(settings: Settings) -> list[BenchResult]:
                 f"sockperf throughput -m {DATAGRAM} -t {secs} (sends at maximum rate); "
                 f"delivered = datagrams counted by the origin (`sockperf server -A {ACTIVITY}`, "
                 f"resolution {ACTIVITY:,}) / run time; loss = 1 - delivered/sent; "
-                f"{rounds} round(s)."
+                f"sender pinned to CPU 0, forwarder and origin to CPU 1; {rounds} round(s)."
             ),
             metrics=[
                 Metric("delivered_pps", "delivered datagrams/s", True, 0),
