@@ -12,6 +12,8 @@ from __future__ import annotations
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -152,13 +154,13 @@ def test_standalone_busy_port_binds_nothing_of_the_range(
     ("{lo}-{hi4}", "127.0.0.1:40000", "validation.range_length_mismatch"),
 ])
 def test_standalone_check_refuses_bad_ranges(
-        tmp_path: pytest.TempPathFactory, ports: PortAllocator, listen: str, target: str,
+        tmp_path: Path, listen: str, target: str,
         code: str) -> None:
     lo = 21000
     text = standalone_toml({"range_rule_max_ports": 8}, [{
         "name": "bad", "listen_ports": listen.format(lo=lo, hi9=lo + 8, hi4=lo + 4),
         "target": target}])
-    path = tmp_path / "bad.toml"  # type: ignore[operator]
+    path = tmp_path / "bad.toml"
     path.write_text(text)
     res = subprocess.run([STANDALONE_BIN, "--check", "--config", str(path)],
                          capture_output=True, text=True, timeout=30, check=False)
@@ -174,7 +176,7 @@ def srv(server_module: ServerFactory) -> ServerProc:
     return server_module(shards=2, settings={"range_rule_max_ports": 16})
 
 
-def _rules(srv: ServerProc) -> dict[int, dict]:  # type: ignore[type-arg]
+def _rules(srv: ServerProc) -> dict[int, dict[str, Any]]:
     return {r["id"]: r for r in srv.cli_json("list-rules")["rules"]}
 
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -237,7 +238,8 @@ def test_standalone_bulk_transfer_after_routing(env: Env) -> None:
      "validation.sni_on_unsupported_rule"),
     ({"listen_port": 21000, "sni": "*"}, "validation.sni_pattern"),
 ])
-def test_standalone_check_refuses_bad_sni_rules(tmp_path: Path, rule: dict, code: str) -> None:  # type: ignore[type-arg]
+def test_standalone_check_refuses_bad_sni_rules(tmp_path: Path, rule: dict[str, Any],
+                                                code: str) -> None:
     full = {"name": "bad", "target": "127.0.0.1:40000", **rule}
     path = tmp_path / "sni.toml"
     path.write_text(standalone_toml({}, [full]))
@@ -351,7 +353,7 @@ def test_server_sni_onto_a_plain_port_is_a_conflict(srv: ServerProc, ports: Port
      "validation.sni_pattern"),
 ], ids=["udp", "range", "star"])
 def test_server_sni_validation(srv: ServerProc, ports: PortAllocator, args: list[str],
-                               body: dict, code: str) -> None:  # type: ignore[type-arg]
+                               body: dict[str, Any], code: str) -> None:
     p = ports.block(2)
     argv = [a.format(p=p, p1=p + 1) for a in args]
     res = srv.cli("push-rule", "local", *argv)
