@@ -225,11 +225,11 @@ class ServerProc(ManagedProc):
 
         self.data_dir = workdir / f"{name}-data"
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.http_port, self.metrics_port, control_port = ports.ports(3)
+        self.http_port, self.metrics_port, self.control_port = ports.ports(3)
         conf: dict[str, Any] = {
             "operator_http_listen": f"{LOOPBACK}:{self.http_port}",
             "metrics_listen": f"{LOOPBACK}:{self.metrics_port}",
-            "control_listen": f"{LOOPBACK}:{control_port}",
+            "control_listen": f"{LOOPBACK}:{self.control_port}",
             "listen_address": LOOPBACK,
             "log_format": "json",
             "shutdown_drain_timeout_secs": 2,
