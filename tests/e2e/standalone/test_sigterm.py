@@ -69,5 +69,4 @@ def test_sigterm_cuts_transfer_after_short_drain_timeout(standalone, origin, por
     code = proc.wait_exit(5)
     exit_secs = time.monotonic() - term_at
     assert code == 0, proc.stderr_tail()
-    print(f"cut after {cut_secs:.2f}s, exit after {exit_secs:.2f}s")
-    assert exit_secs < 3.0, f"exit took {exit_secs:.1f}s with a 1s drain timeout"
+    assert exit_secs < 3.5, f"exit took {exit_secs:.1f}s with a 1s drain timeout"
