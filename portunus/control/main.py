@@ -4,7 +4,9 @@ Start order matters: the store is migrated and the operator token installed
 before the socket exists, so the first request a CLI manages to send is already
 served with the full state; the initial ``sync`` goes out before the socket
 opens too, so the data plane starts re-binding stored rules without waiting for
-anyone to ask.
+anyone to ask.  The edge gateway binds after that; a gateway that cannot bind
+(port taken) is logged as an error naming ``control_listen`` and the rest keeps
+running, because local forwarding must not depend on remote clients.
 """
 
 from __future__ import annotations
@@ -13,12 +15,17 @@ import asyncio
 import os
 import signal
 import socket
+from collections.abc import Callable
 
 import uvloop
 
-from portunus.config import Settings
+from portunus.config import Settings, parse_listen
 from portunus.control.auth import Authenticator, install_operator_token, read_operator_token
 from portunus.control.dataplane import LOCAL, DataPlanes
+from portunus.control.edge.cert import ensure_server_cert
+from portunus.control.edge.clients import ClientService
+from portunus.control.edge.gateway import EdgeGateway
+from portunus.control.edge.remote_link import RemoteLink
 from portunus.control.local_link import LocalLink
 from portunus.control.rpc.handlers import ControlContext, Dispatcher
 from portunus.control.rpc.server import RpcServer
@@ -41,6 +48,30 @@ def _state_sink() -> StateSink | None:
     return RuleStateGauge()
 
 
+def _clients_gauge() -> Callable[[int], None] | None:
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    from portunus.control.edge.metrics import ClientsConnectedGauge
+
+    return ClientsConnectedGauge()
+
+
+async def start_gateway(gateway: EdgeGateway, control_listen: str) -> bool:
+    """Bind the edge gateway; a failure is logged and the rest keeps running
+    (local forwarding and the operator API must not depend on the gateway)."""
+    try:
+        await gateway.start()
+    except OSError as exc:
+        log_event(
+            "edge.gateway_bind_failed", level="error", control_listen=control_listen,
+            error=exc.strerror or str(exc),
+            hint="remote clients cannot connect until control_listen in server.toml is free or changed",
+        )
+        return False
+    log_event("edge.gateway_ready", control_listen=control_listen, port=gateway.bound_port)
+    return True
+
+
 async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
     """Run until SIGTERM/SIGINT or until the supervisor channel closes; return why."""
     loop = asyncio.get_running_loop()
@@ -57,6 +88,7 @@ async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
     server: RpcServer | None = None
     link: LocalLink | None = None
     service: RuleService | None = None
+    gateway: EdgeGateway | None = None
     try:
         token = read_operator_token(settings)
         if token is not None:
@@ -65,14 +97,26 @@ async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
         else:
             log_event("control.no_operator_token", level="warning", path=settings.token_path)
         link = LocalLink(channel_sock, on_close=lambda why: stop(f"supervisor channel: {why}"))
-        planes = DataPlanes(link)
-        service = RuleService(store, planes, settings, on_state=_state_sink())
+        remote = RemoteLink(on_count=_clients_gauge())
+        planes = DataPlanes(link, remote)
+        state_sink = _state_sink()
+        service = RuleService(store, planes, settings, on_state=state_sink)
         link.events = service
+        remote.events = service
         link.start()
         service.start()
         await service.forget_draining(LOCAL)
         await service.sync_client(LOCAL)
-        ctx = ControlContext(settings, store, Authenticator(store), service, planes)
+        listen_host, listen_port = parse_listen(settings.control_listen, "control_listen")
+        cert = await asyncio.to_thread(ensure_server_cert, settings.data_dir, listen_host)
+        gateway = EdgeGateway(store, remote, cert.ssl_context(), listen_host, listen_port)
+        await start_gateway(gateway, settings.control_listen)
+        clients = ClientService(
+            store, remote, cert.fingerprint, listen_host,
+            port=lambda: (gateway.bound_port if gateway is not None else None) or listen_port,
+            on_state=state_sink,
+        )
+        ctx = ControlContext(settings, store, Authenticator(store), service, planes, remote, clients)
         server = RpcServer(settings.socket_path, Dispatcher(ctx))
         await server.start()
         log_event("control.ready", socket=settings.socket_path, db=settings.db_path)
@@ -80,6 +124,8 @@ async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
     finally:
         if server is not None:
             await server.close()
+        if gateway is not None:
+            await gateway.close()
         if service is not None:
             await service.stop()
         if link is not None:

@@ -19,7 +19,8 @@ from typing import Any
 
 from portunus.config import Settings
 from portunus.control.auth import Principal
-from portunus.control.dataplane import DataPlane, RuleResult
+from portunus.control.dataplane import LOCAL, DataPlane, RuleResult
+from portunus.control.edge.capabilities import check_capabilities
 from portunus.control.rule_body import parse_rate_limit_update, parse_rule_body
 from portunus.control.slots import check_slot
 from portunus.control.store import Store, accounts, write_audit
@@ -256,6 +257,9 @@ class RuleService:
                     f"client {client.name} ({client.client_id}) is not connected; nothing was stored",
                     client_id=client.client_id,
                 )
+            if client.client_id != LOCAL:
+                info = self.dataplane.info(client.client_id)
+                check_capabilities(rule, info.capabilities if info else [], client.name, client.client_id)
             rule = rule.with_changes(client=client.name, owner="")
             async with self.store.write() as db:
                 existing = await rules_db.rules_overlapping(

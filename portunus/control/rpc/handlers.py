@@ -13,7 +13,9 @@ from typing import Any
 
 from portunus.config import Settings
 from portunus.control.auth import Authenticator, Principal
-from portunus.control.dataplane import DataPlane
+from portunus.control.dataplane import LOCAL, DataPlane
+from portunus.control.edge.clients import ClientService
+from portunus.control.edge.remote_link import RemoteLink
 from portunus.control.rpc.protocol import Request
 from portunus.control.service import RuleService, parse_rule_id
 from portunus.control.stats import rule_stats
@@ -37,6 +39,9 @@ class ControlContext:
     auth: Authenticator
     service: RuleService
     dataplane: DataPlane
+    # The edge gateway's parts; None when the control process runs without it.
+    remote: RemoteLink | None = None
+    clients: ClientService | None = None
 
 
 Handler = Callable[[ControlContext, Principal, dict[str, Any]], Awaitable[Any]]
@@ -82,6 +87,11 @@ async def rules_stats(ctx: ControlContext, who: Principal, params: dict[str, Any
     per_port, per_target = _flag(params, "per_port"), _flag(params, "per_target")
     async with ctx.store.read() as db:
         stored = await require_rule(db, rule_id)
+    if stored.client_id != LOCAL:
+        # A remote rule counts on the edge; its latest stats frame is in memory.
+        if ctx.remote is None:
+            raise PortunusError("unavailable", "the edge gateway is not running in this control process")
+        return ctx.remote.rule_stats(stored.client_id, stored.rule, per_port, per_target)
     return await asyncio.to_thread(
         rule_stats, ctx.settings.metrics_dir, stored.rule, per_port, per_target
     )
@@ -107,6 +117,28 @@ async def clients_list(ctx: ControlContext, who: Principal, params: dict[str, An
             }
         )
     return {"clients": out}
+
+
+def _clients(ctx: ControlContext) -> ClientService:
+    if ctx.clients is None:
+        raise PortunusError("unavailable", "the edge gateway is not running in this control process")
+    return ctx.clients
+
+
+async def clients_enroll(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await _clients(ctx).enroll(who, params)
+
+
+async def clients_rename(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await _clients(ctx).rename(who, params)
+
+
+async def clients_revoke(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await _clients(ctx).revoke(who, params)
+
+
+async def clients_delete(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await _clients(ctx).delete(who, params)
 
 
 def parse_time(value: Any, key: str) -> str:
@@ -148,6 +180,10 @@ METHODS: dict[str, tuple[bool, Handler]] = {
     "rules.remove": (True, rules_remove),
     "rules.stats": (True, rules_stats),
     "clients.list": (True, clients_list),
+    "clients.enroll": (True, clients_enroll),
+    "clients.rename": (True, clients_rename),
+    "clients.revoke": (True, clients_revoke),
+    "clients.delete": (True, clients_delete),
     "audit.list": (True, audit_list),
 }
 _ANONYMOUS = Principal(user_id=0, user="anonymous", role="", token_id=0)

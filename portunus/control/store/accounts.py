@@ -44,23 +44,25 @@ async def list_clients(db: aiosqlite.Connection) -> list[ClientRow]:
         return [_client(r) for r in await cur.fetchall()]
 
 
-async def resolve_client(db: aiosqlite.Connection, ref: str) -> ClientRow:
+async def resolve_client(db: aiosqlite.Connection, ref: str, include_revoked: bool = False) -> ClientRow:
     """Find a client by id or by name (CONTRACT "Clients by name or id").
 
     An exact id wins over a name; ``local`` is the reserved name of this node.
     Several clients with the name → ``ambiguous_client`` listing their ids.
+    Revoked clients are found only with ``include_revoked`` (revoke, delete).
     """
     if not isinstance(ref, str) or not ref.strip():
         raise PortunusError("validation.client", "client must be a client name or id", field="client")
     ref = ref.strip()
+    live = "" if include_revoked else " AND revoked_at IS NULL"
     async with db.execute(
-        "SELECT * FROM clients WHERE client_id = ? AND revoked_at IS NULL", (ref,)
+        f"SELECT * FROM clients WHERE client_id = ?{live}", (ref,)
     ) as cur:
         row = await cur.fetchone()
     if row is not None:
         return _client(row)
     async with db.execute(
-        "SELECT * FROM clients WHERE name = ? AND revoked_at IS NULL ORDER BY client_id", (ref,)
+        f"SELECT * FROM clients WHERE name = ?{live} ORDER BY client_id", (ref,)
     ) as cur:
         rows = list(await cur.fetchall())
     if not rows:

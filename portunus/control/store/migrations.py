@@ -93,7 +93,23 @@ CREATE INDEX audit_by_ts ON audit (ts);
 CREATE INDEX tokens_by_user ON tokens (user_id);
 """
 
-MIGRATIONS: list[str] = [_V1, _V2]
+# v3: edge enrollment.  A one-time code is kept only as its SHA-256, with its
+# expiry and the time it was redeemed (a used code is refused, and says so).
+# Client tokens live in clients.token_hash (v1); the unique index makes the
+# hello's lookup an index probe and forbids two clients sharing a credential.
+_V3 = """
+CREATE TABLE client_enrollments (
+    code_hash   TEXT PRIMARY KEY,          -- SHA-256 hex of the one-time code
+    client_id   TEXT NOT NULL REFERENCES clients(client_id) ON DELETE CASCADE,
+    created_at  TEXT NOT NULL,
+    expires_at  TEXT NOT NULL,
+    used_at     TEXT
+);
+CREATE INDEX client_enrollments_by_client ON client_enrollments (client_id);
+CREATE UNIQUE INDEX clients_by_token ON clients (token_hash);
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3]
 LATEST = len(MIGRATIONS)
 
 

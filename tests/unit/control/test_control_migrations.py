@@ -40,7 +40,7 @@ async def test_fresh_database_gets_every_migration(tmp_path: Path) -> None:
                 assert [tuple(r) for r in await cur.fetchall()] == [("operator", "superadmin")]
     finally:
         await store.close()
-    assert _version(db) == LATEST == 2
+    assert _version(db) == LATEST == 3
     assert {"clients", "rules", "rule_targets", "users", "tokens", "audit", "schema_version"} <= _tables(db)
 
 
@@ -56,7 +56,7 @@ async def test_upgrade_from_v1_keeps_data(tmp_path: Path) -> None:
     assert "rules_by_slot" not in _tables(db)
     store = await Store.open(str(db))
     await store.close()
-    assert _version(db) == 2
+    assert _version(db) == LATEST
     assert {"rules_by_slot", "audit_by_ts", "tokens_by_user"} <= _tables(db)
     conn = sqlite3.connect(db)
     assert conn.execute("SELECT listen_start, state FROM rules").fetchall() == [(8080, "active")]

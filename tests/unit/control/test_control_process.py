@@ -26,7 +26,8 @@ CHILD = """
 import socket, sys
 from portunus.config import Settings
 from portunus.control.main import run_control
-s = Settings(data_dir=sys.argv[2], runtime_dir=sys.argv[3], operator_token=sys.argv[4])
+s = Settings(data_dir=sys.argv[2], runtime_dir=sys.argv[3], operator_token=sys.argv[4],
+             control_listen=sys.argv[5])
 run_control(s, socket.socket(fileno=int(sys.argv[1])))
 """
 ROOT = Path(__file__).resolve().parents[3]
@@ -52,6 +53,12 @@ def wait_until(cond: Any, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class Control:
     def __init__(self, base: Path) -> None:
         self.data = base / "data"
@@ -59,6 +66,8 @@ class Control:
         self.metrics = self.run / "metrics"
         self.metrics.mkdir(parents=True)
         self.sock_path = str(self.run / "control.sock")
+        # The edge gateway binds here: loopback and a free port, never the default 0.0.0.0:7443.
+        self.control_listen = f"127.0.0.1:{free_port()}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.chan: Channel | None = None
 
@@ -81,7 +90,8 @@ class Control:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics), "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(theirs.fileno()), str(self.data), str(self.run), TOKEN],
+            [sys.executable, "-c", CHILD, str(theirs.fileno()), str(self.data), str(self.run), TOKEN,
+             self.control_listen],
             pass_fds=[theirs.fileno()], env=env, stderr=subprocess.PIPE,
         )
         theirs.close()
