@@ -38,6 +38,9 @@ from portunus.rules import MAX_TARGETS, RATE_LIMIT_ALL_KEYS, Target, parse_port_
 # LEAD: `serve` is defined in portunus/cli/serve.py (module attribute `serve`, or
 # the module may call `cli.add_command(serve)` itself on import).
 LAZY_VERBS = {"serve": "portunus.cli.serve"}
+# portunus.cli.clients registers these verbs on the group when it is imported.
+LAZY_VERBS.update(dict.fromkeys(("enroll-client", "revoke", "rename-client", "delete-client"),
+                                "portunus.cli.clients"))
 
 # Extra seconds the socket waits beyond --ack-timeout, so the server's own
 # ack_timeout error (with the pending rule) arrives before the CLI gives up.

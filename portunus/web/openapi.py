@@ -116,6 +116,9 @@ _COUNTERS = {
     "active_connections": {"type": "integer"},
 }
 
+_CLIENT_NAME = {"type": "string", "minLength": 1, "maxLength": 64, "x-error-code": "validation.name",
+                "description": "Free-form client name; `local` is reserved for the server itself."}
+
 _SCHEMAS: dict[str, dict[str, Any]] = {
     "RateLimit": RATE_LIMIT,
     "TargetBody": TARGET_BODY,
@@ -182,6 +185,49 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "ClientList": {"type": "object", "properties": {"clients": {"type": "array", "items": ref("Client")}},
                    "required": ["clients"]},
+    "ClientEnrollmentBody": {
+        "type": "object",
+        "description": "Enroll a new edge client: mints a one-time code valid for ttl_secs.",
+        "properties": {
+            "name": _CLIENT_NAME,
+            "address": {"type": "string", "minLength": 1, "maxLength": 255, "x-error-code": "validation.address",
+                        "description": "Host the client dials (default: the host of control_listen, "
+                        "else the server's FQDN)."},
+            "ttl_secs": {"type": "integer", "minimum": 1, "maximum": 604800, "default": 600,
+                         "x-error-code": "validation.ttl_secs"},
+        },
+        "required": ["name"],
+        "additionalProperties": False,
+        "x-error-code": "validation.body",
+    },
+    "ClientEnrollment": {
+        "type": "object",
+        "properties": {
+            "client_id": {"type": "string"},
+            "client_name": {"type": "string"},
+            "expires_at": {"type": "string", "format": "date-time"},
+            "uri": {"type": "string",
+                    "examples": ["portunus://edge.example.com:7443/enroll?code=CODE&fp=sha256:HEX"]},
+            "command": {"type": "string", "description": "`portunus-client enroll '<uri>'`, to run on the client."},
+        },
+        "required": ["client_id", "client_name", "expires_at", "uri", "command"],
+    },
+    "ClientRename": {
+        "type": "object",
+        "properties": {"name": _CLIENT_NAME},
+        "required": ["name"],
+        "additionalProperties": False,
+        "x-error-code": "validation.body",
+    },
+    "ClientRevoked": {
+        "allOf": [ref("Client")],
+        "type": "object",
+        "properties": {
+            "revoked_at": {"type": "string", "format": "date-time"},
+            "disconnected": {"type": "boolean", "description": "A live session was closed."},
+        },
+        "required": ["client_id", "client_name", "revoked_at"],
+    },
     "AuditEntry": {
         "type": "object",
         "properties": {
@@ -241,6 +287,8 @@ ERROR_STATUSES: dict[str, str] = {
 
 _COMMON = ("401", "403", "405", "429", "500", "503")
 _ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
+_CLIENT_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+                 "description": "A client_id or a client name"}
 
 
 def _q(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -312,6 +360,25 @@ _PATHS: dict[str, dict[str, Any]] = {
     },
     "/v1/clients": {
         "get": _op("listClients", "Enrolled clients and their connection state", "200", ref("ClientList"), ()),
+    },
+    "/v1/client-enrollments": {
+        "post": _op("enrollClient", "Enroll an edge client; answers the one-time enrollment URI and command",
+                    "201", ref("ClientEnrollment"), ("400", "413"), body="ClientEnrollmentBody"),
+    },
+    "/v1/clients/{id}": {
+        "parameters": [_CLIENT_PARAM],
+        "delete": _op("deleteClient", "Delete a revoked client and its rules", "204", None,
+                      ("404", "409")),
+    },
+    "/v1/clients/{id}/name": {
+        "parameters": [_CLIENT_PARAM],
+        "patch": _op("renameClient", "Rename a client; its id, rules and live session stay", "200",
+                     ref("Client"), ("400", "404", "409", "413"), body="ClientRename"),
+    },
+    "/v1/clients/{id}/revoke": {
+        "parameters": [_CLIENT_PARAM],
+        "post": _op("revokeClient", "Revoke a client: its session closes at once and its token stops working",
+                    "200", ref("ClientRevoked"), ("404", "409")),
     },
     "/v1/audit": {
         "get": _op("listAudit", "Audit trail, newest first", "200", ref("AuditPage"), ("400",),

@@ -1,11 +1,20 @@
-"""/v1/clients: enrolled clients and whether they are connected."""
+"""/v1/clients and /v1/client-enrollments: enrolled clients, their connection
+state, and enroll / rename / revoke / delete (one RPC each)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from portunus.web.routes.common import call, endpoint, route
+from portunus.web.routes.bodies import read_json
+from portunus.web.routes.common import bearer_token, call, endpoint, route
+
+
+def client_ref(request: Request) -> str:
+    """The ``{id}`` path segment: a client id or name (CONTRACT "Clients by name or id")."""
+    return str(request.path_params["id"])
 
 
 @endpoint
@@ -13,4 +22,35 @@ async def list_clients(request: Request) -> Response:
     return JSONResponse(await call(request, "clients.list"))
 
 
-routes = [route("/v1/clients", GET=list_clients)]
+@endpoint
+async def enroll_client(request: Request) -> Response:
+    bearer_token(request)  # 401 before looking at the body
+    body: dict[str, Any] = await read_json(request, "ClientEnrollmentBody")
+    return JSONResponse(await call(request, "clients.enroll", body), status_code=201)
+
+
+@endpoint
+async def rename_client(request: Request) -> Response:
+    bearer_token(request)
+    body = await read_json(request, "ClientRename")
+    return JSONResponse(await call(request, "clients.rename", {"id": client_ref(request), "name": body["name"]}))
+
+
+@endpoint
+async def revoke_client(request: Request) -> Response:
+    return JSONResponse(await call(request, "clients.revoke", {"id": client_ref(request)}))
+
+
+@endpoint
+async def delete_client(request: Request) -> Response:
+    await call(request, "clients.delete", {"id": client_ref(request)})
+    return Response(status_code=204)
+
+
+routes = [
+    route("/v1/clients", GET=list_clients),
+    route("/v1/client-enrollments", POST=enroll_client),
+    route("/v1/clients/{id}", DELETE=delete_client),
+    route("/v1/clients/{id}/name", PATCH=rename_client),
+    route("/v1/clients/{id}/revoke", POST=revoke_client),
+]
