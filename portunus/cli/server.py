@@ -37,7 +37,7 @@ from portunus.rules import MAX_TARGETS, RATE_LIMIT_ALL_KEYS, Target, parse_port_
 # so `list-rules` does not pay for importing the whole appliance.
 # LEAD: `serve` is defined in portunus/cli/serve.py (module attribute `serve`, or
 # the module may call `cli.add_command(serve)` itself on import).
-LAZY_VERBS = {"serve": "portunus.cli.serve"}
+LAZY_VERBS = {"serve": "portunus.cli.serve", **dict.fromkeys(("backup", "restore", "reset"), "portunus.cli.storage")}
 # portunus.cli.clients registers these verbs on the group when it is imported.
 LAZY_VERBS.update(dict.fromkeys(("enroll-client", "revoke", "rename-client", "delete-client"),
                                 "portunus.cli.clients"))
