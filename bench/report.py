@@ -175,7 +175,7 @@ def render(run: dict[str, Any]) -> str:
         "",
         f"Each benchmark starts its origin, then every contender — direct (no forwarder), "
         f"portunus, haproxy, nginx (stream), socat — on its own port. Measurements run in "
-        f"{s['rounds']} rounds; within a round the contenders run back to back and the "
+        f"{s['rounds']} rounds (fewer where a benchmark says so); within a round the contenders run back to back and the "
         "starting contender rotates every round, so machine drift hits all of them alike. "
         "Tables show the median over rounds, the min – max and interquartile range of the "
         "headline value, the medians of the secondary values, and portunus ÷ contender "
@@ -186,6 +186,9 @@ def render(run: dict[str, Any]) -> str:
         "",
     ]
     for b in run["benchmarks"]:
+        if "error" in b:
+            lines += [f"## {b['title']}", "", f"n/a — {short_reason(b['error'], 400)}", ""]
+            continue
         lines += [f"## {b['title']}", "", f"`{b['name']}` — {b['method']}", ""]
         lines += table(b)
         for note in b.get("notes", []):

@@ -1,8 +1,8 @@
 """Run the benchmark suite: ``python -m bench.run [--quick] [--only NAME ...]``.
 
-Writes bench/results/latest.json (raw data of this run) and the Markdown report:
-bench/RESULTS.md for a full run, bench/results/partial.md for --quick / --only runs
-(so a quick check never overwrites the committed full results), or --out.
+A full run writes bench/RESULTS.md and its raw data bench/results/latest.json;
+--quick / --only runs write bench/results/partial.md and partial.json instead, so a
+quick check never overwrites the committed full results (--out / --json override).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--idle-conns", type=int, help="idle connections (default 10000)")
     p.add_argument("--forwarders", nargs="+", choices=FORWARDERS, default=list(FORWARDERS))
     p.add_argument("--out", type=Path, help="Markdown report path")
-    p.add_argument("--json", type=Path, default=HERE / "results" / "latest.json")
+    p.add_argument("--json", type=Path, help="raw JSON path (default results/latest.json)")
     p.add_argument("--keep-logs", action="store_true", help="keep the temp dir of logs")
     return p.parse_args(argv)
 
@@ -105,9 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             log(f"== {name}")
             t0 = time.monotonic()
-            out = BENCHMARKS[name](settings)
-            for res in out if isinstance(out, list) else [out]:
-                res.seconds = (time.monotonic() - t0) / (len(out) if isinstance(out, list) else 1)
+            try:
+                out = BENCHMARKS[name](settings)
+            except (RuntimeError, OSError, ValueError) as exc:  # StartError of an origin too
+                log(f"{name}: FAILED {exc}")
+                benches.append({"name": name, "title": name, "error": str(exc)})
+                continue
+            results = out if isinstance(out, list) else [out]
+            for res in results:
+                res.seconds = (time.monotonic() - t0) / len(results)
                 benches.append(res.as_dict())
     except KeyboardInterrupt:
         log("interrupted; processes stopped, no report written")
@@ -122,12 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     run["seconds"] = time.monotonic() - started
     run["load_end"] = [round(x, 2) for x in os.getloadavg()]
     run["targets"] = targets({b["name"]: b for b in benches})  # type: ignore[misc]
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(run, indent=2) + "\n")
     partial = bool(args.quick or args.only)
+    out_json = args.json or HERE / "results" / ("partial.json" if partial else "latest.json")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(run, indent=2) + "\n")
     out_md = args.out or (HERE / "results" / "partial.md" if partial else HERE / "RESULTS.md")
     out_md.write_text(render(run))
-    log(f"wrote {out_md} and {args.json} in {run['seconds'] / 60:.1f} min")
+    log(f"wrote {out_md} and {out_json} in {run['seconds'] / 60:.1f} min")
     return 0
 
 
