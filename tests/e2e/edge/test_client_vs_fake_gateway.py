@@ -60,7 +60,7 @@ def push(gateway: ThreadedFakeServer, cid: str, upsert: list[dict[str, Any]] = (
 def test_enroll_push_forward_and_report(gateway: ThreadedFakeServer, clients: ClientFactory,
                                         tmp_path: Path, ports: PortAllocator, origin: Any) -> None:
     bundle = enrolled(gateway, tmp_path)
-    client = clients(bundle)
+    client = clients(bundle, extra=["--stats-interval", "1"])
     client.wait_connected()
     hello = gateway.call_fn(lambda: gateway.server.clients["01HEDGE01"].hellos[0])
     assert hello["capabilities"] == ["tcp", "udp", "range", "sni", "proxy_protocol", "dns", "failover"]
