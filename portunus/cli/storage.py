@@ -102,8 +102,8 @@ def backup(obj: OperatorContext, out: str, fmt: str) -> None:
         version = offline.schema_version(out)
     except OSError as exc:
         raise _io_error(exc) from None
-    except sqlite3.Error as exc:  # e.g. the directory of --out does not exist
-        raise PortunusError("io_error", f"cannot write {out}: {exc}") from None
+    except sqlite3.Error as exc:  # an unreadable state.db, a missing directory for --out
+        raise PortunusError("io_error", f"cannot copy {db} to {out}: {exc}") from None
     audited = True
     try:
         offline.append_audit(db, local_actor(), "storage.backup", f"file:{out}",

@@ -380,7 +380,7 @@ def restore(db_path: str, in_path: str, actor: str, force: bool = False) -> dict
         raise PortunusError("not_found", f"no backup file at {in_path}", field="in")
     _refuse_if_in_use(db_path, "restore")
     data_dir = os.path.dirname(os.path.abspath(db_path))
-    os.makedirs(data_dir, exist_ok=True)
+    os.makedirs(data_dir, mode=0o750, exist_ok=True)  # as `serve` makes it
     exists = os.path.lexists(db_path)
     if exists and os.path.samefile(db_path, in_path):
         raise _not_a_backup(in_path, "it is the live database itself")

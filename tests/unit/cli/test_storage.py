@@ -167,7 +167,8 @@ def test_backup_into_missing_directory_is_an_io_error(tmp_path: Path) -> None:
     make_db(tmp_path / "d" / "state.db")
     res = invoke(tmp_path / "d", "backup", "--out", str(tmp_path / "nope" / "b.db"))
     assert res.exit_code == 1
-    assert res.stderr.startswith(f"error: io_error: cannot write {tmp_path / 'nope' / 'b.db'}: ")
+    assert res.stderr.startswith(f"error: io_error: cannot copy {tmp_path / 'd' / 'state.db'} to "
+                                 f"{tmp_path / 'nope' / 'b.db'}: ")
 
 
 # ------------------------------------------------------------------ restore
@@ -340,6 +341,23 @@ def test_restore_refuses_a_newer_schema_with_78(tmp_path: Path) -> None:
     assert res.stderr.startswith(f"error: schema_too_new: {backup} has schema version {LATEST + 1} ")
     assert f"only up to version {LATEST}" in res.stderr
     assert siblings(data) == {"state.db"}
+
+
+def test_restore_an_older_backup_over_a_newer_schema(tmp_path: Path) -> None:
+    """After a downgrade serve exits 78; restoring an older backup is the way out."""
+    data = tmp_path / "d"
+    make_db(data / "state.db", ports=(1111,))
+    conn = sqlite3.connect(data / "state.db")
+    conn.execute("UPDATE schema_version SET version = ?", (LATEST + 1,))
+    conn.commit()
+    conn.close()
+    make_db(tmp_path / "b.db", version=1, ports=(2222,))
+    res = invoke(data, "restore", "--in", str(tmp_path / "b.db"), "--force")
+    assert res.exit_code == 0, res.stderr
+    offline.check_schema(str(data / "state.db"))  # what serve checks: no longer too new
+    assert ports_of(data / "state.db") == [2222]
+    (aside,) = data.glob("state.db.bak-*")
+    assert query(aside, "SELECT version FROM schema_version") == [(LATEST + 1,)]
 
 
 def test_restore_missing_file_exit_5(tmp_path: Path) -> None:
