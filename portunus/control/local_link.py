@@ -22,7 +22,9 @@ from portunus.logs import log_event
 from portunus.rules import Rule
 from portunus.supervisor.framing import Channel, ProtocolError
 
-CAPABILITIES = ["tcp", "udp", "port_range", "sni", "proxy_protocol", "rate_limit", "failover"]
+# The names remote clients advertise in their hello (docs/edge.md), so list-clients
+# reads the same for every node.
+CAPABILITIES = ["tcp", "udp", "range", "sni", "proxy_protocol", "dns", "failover", "rate_limit"]
 
 
 class LocalLink:
