@@ -10,8 +10,9 @@ import pwd
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -40,7 +41,7 @@ def make_db(path: Path, version: int = LATEST, ports: tuple[int, ...] = (8080,))
         conn.close()
 
 
-def query(path: Path, sql: str) -> list[tuple]:
+def query(path: Path, sql: str) -> list[tuple[Any, ...]]:
     conn = sqlite3.connect(path)
     try:
         return conn.execute(sql).fetchall()
@@ -61,7 +62,7 @@ def invoke(data_dir: Path, *args: str) -> Result:
 
 
 @pytest.fixture
-def holder(tmp_path: Path) -> Iterator[callable]:
+def holder(tmp_path: Path) -> Iterator[Callable[[Path], subprocess.Popen[str]]]:
     """``holder(db)``: another process with ``db`` open, as a running control process has."""
     procs: list[subprocess.Popen[str]] = []
 
