@@ -216,6 +216,9 @@ class EdgeLink:
                 try:
                     msg = await asyncio.wait_for(read_frame(reader), self.timing.dead_secs)
                 except TimeoutError:
+                    # No close_notify dance with a peer that stopped answering: it would
+                    # only delay the reconnect (and the log line) by the close timeout.
+                    writer.transport.abort()
                     raise LinkDead() from None
                 self._from_server(session, msg)
                 # Surface a crashed helper task instead of carrying on half-alive.

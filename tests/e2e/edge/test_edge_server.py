@@ -274,3 +274,25 @@ def test_capability_gate(server: ServerFactory, clients: ClientFactory, tmp_path
     assert res.code != 0 and "sni_unsupported_by_client" in res.err
     # Without SNI the same client takes the rule.
     assert push(srv, "edge-nosni", port, o.address)["state"] == "active"
+
+
+def test_a_frozen_server_is_declared_dead_within_15s(server: ServerFactory, clients: ClientFactory,
+                                                     tmp_path: Path, ports: PortAllocator, origin: Any) -> None:
+    srv = server()
+    edge = start_edge(srv, clients, tmp_path, "edge-01")
+    o: Origin = origin(echo)
+    port = ports.port()
+    push(srv, "edge-01", port, o.address)
+    control = srv.titled()["portunus: control"]
+    mark = edge.proc.log_mark()
+    control.send_signal(signal.SIGSTOP)  # TCP stays up, nothing answers: only heartbeats can tell
+    try:
+        t0 = time.monotonic()
+        edge.proc.wait_log("link.dead", since=mark, timeout=20)
+        silent = time.monotonic() - t0
+        assert silent <= 15.5, f"dead link noticed after {silent:.1f} s"
+        assert echo_roundtrip(port), "forwarding must not depend on the link"
+    finally:
+        control.send_signal(signal.SIGCONT)
+    edge.proc.wait_connected(since=mark, timeout=40)
+    wait_connected(srv, edge.client_id)
