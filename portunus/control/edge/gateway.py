@@ -111,7 +111,8 @@ class EdgeGateway:
             try:
                 first = await asyncio.wait_for(read_frame(reader), self.handshake_timeout)
             except (TimeoutError, asyncio.IncompleteReadError, WireError, ConnectionError, OSError) as exc:
-                log_event("edge.handshake_failed", level="warning", peer=peer, error=str(exc) or type(exc).__name__)
+                log_event("edge.no_first_frame", level="warning", peer=peer,
+                          error=str(exc) or type(exc).__name__)
                 return
             kind = first["type"]
             if kind == "enroll":
