@@ -1,42 +1,74 @@
 """Per-rule counters for the ``stats`` frames, read from the client's multiprocess dir.
 
 The shards already write every counter into ``PROMETHEUS_MULTIPROC_DIR`` for
-/metrics; this is the same read ``portunus.control.stats.rule_stats`` does for
-one rule, done in one pass for all of a client's rules (a client may carry many,
-and the frame goes out every few seconds).  Blocking file reads: run it in a thread.
+/metrics; this is the read ``portunus.control.stats.rule_stats`` does for one
+rule, done in one pass for all of a client's rules (a client may carry many, and
+the frame goes out every few seconds).  Besides the four totals, an entry carries
+the optional ``per_port`` / ``per_target`` rows of docs/edge.md ("Server notes")
+when the shards wrote detail series for it, so ``rule-stats --per-port/--per-target``
+work for edge rules too.  Blocking file reads: run it in a thread.
 """
 
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from collections.abc import Iterable
+from typing import Any
 
-from portunus.control.stats import RULE_SERIES
-
-Totals = dict[str, int]
+from portunus.control.stats import PORT_SERIES, RULE_SERIES, TARGET_SERIES, TARGET_UP
 
 
-def rule_totals(metrics_dir: str, rule_ids: Iterable[str]) -> dict[str, Totals]:
-    """``{rule id: {bytes_in, bytes_out, connections_total, active_connections}}`` for
-    every id given (zeros for a rule no shard has counted yet)."""
-    wanted = {str(r) for r in rule_ids}
-    sums: dict[str, dict[str, float]] = {
-        rid: dict.fromkeys(RULE_SERIES.values(), 0.0) for rid in wanted
-    }
-    if not wanted or not os.path.isdir(metrics_dir):
-        return {rid: {k: int(v) for k, v in row.items()} for rid, row in sums.items()}
-    # Imported here: prometheus_client picks its value class from the environment at import.
-    from prometheus_client import CollectorRegistry
-    from prometheus_client.multiprocess import MultiProcessCollector
+class _Acc:
+    __slots__ = ("totals", "ports", "targets", "up")
 
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=metrics_dir)
-    for family in registry.collect():
-        for s in family.samples:
-            key = RULE_SERIES.get(s.name)
-            if key is None:
-                continue
-            row = sums.get(s.labels.get("rule", ""))
-            if row is not None:
-                row[key] += s.value
-    return {rid: {k: int(v) for k, v in row.items()} for rid, row in sums.items()}
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = dict.fromkeys(RULE_SERIES.values(), 0.0)
+        self.ports: dict[int, dict[str, float]] = defaultdict(lambda: dict.fromkeys(PORT_SERIES.values(), 0.0))
+        self.targets: dict[str, dict[str, float]] = defaultdict(
+            lambda: dict.fromkeys(TARGET_SERIES.values(), 0.0))
+        self.up: dict[str, float] = {}
+
+    def entry(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: int(v) for k, v in self.totals.items()}
+        if self.ports:
+            out["per_port"] = [{"port": p, **{k: int(v) for k, v in row.items()}}
+                               for p, row in sorted(self.ports.items())]
+        labels = sorted(set(self.targets) | set(self.up))
+        if labels:
+            out["per_target"] = [
+                {"target": t, **{k: int(v) for k, v in self.targets[t].items()},
+                 # Up only if every shard that reports the target sees it up.
+                 "up": (self.up[t] >= 1) if t in self.up else None}
+                for t in labels
+            ]
+        return out
+
+
+def rule_totals(metrics_dir: str, rule_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``{rule id: {bytes_in, bytes_out, connections_total, active_connections,
+    per_port?, per_target?}}`` for every id given (zeros for a rule no shard has
+    counted yet)."""
+    accs = {str(r): _Acc() for r in rule_ids}
+    if accs and os.path.isdir(metrics_dir):
+        # Imported here: prometheus_client picks its value class from the environment at import.
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=metrics_dir)
+        for family in registry.collect():
+            for s in family.samples:
+                acc = accs.get(s.labels.get("rule", ""))
+                if acc is None:
+                    continue
+                if s.name in RULE_SERIES:
+                    acc.totals[RULE_SERIES[s.name]] += s.value
+                elif s.name in PORT_SERIES and s.labels.get("port", "").isdigit():
+                    acc.ports[int(s.labels["port"])][PORT_SERIES[s.name]] += s.value
+                elif s.name in TARGET_SERIES:
+                    acc.targets[s.labels.get("target", "")][TARGET_SERIES[s.name]] += s.value
+                elif s.name == TARGET_UP:
+                    label = s.labels.get("target", "")
+                    acc.up[label] = min(acc.up.get(label, s.value), s.value)
+    return {rid: acc.entry() for rid, acc in accs.items()}

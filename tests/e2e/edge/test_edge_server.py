@@ -133,6 +133,9 @@ def test_enroll_connect_push_and_bytes_flow(server: ServerFactory, clients: Clie
     stats = wait_for(lambda: (s := srv.cli_json("rule-stats", str(rule["id"])))["bytes_in"] >= len(payload) and s,
                      20, what="rule-stats to count the bytes")
     assert stats["bytes_out"] >= len(payload)
+    per_target = wait_for(lambda: (t := srv.cli_json("rule-stats", str(rule["id"]), "--per-target")["per_target"])
+                          and t[0]["connections_total"] >= 1 and t, 20, what="per-target rows from the edge")
+    assert per_target[0]["target"] == o.address and per_target[0]["up"] is True
     listed = srv.cli_json("list-clients")["clients"]
     assert any(c["client_id"] == edge.client_id and c["connected"] and c["rule_count"] == 1 for c in listed)
 
