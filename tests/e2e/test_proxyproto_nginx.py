@@ -8,6 +8,7 @@ exactly our header (a wrong v2 length would eat or leak payload bytes).
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
@@ -151,14 +152,18 @@ def _send_through(nginx: Nginx, header: bytes, payload: bytes) -> tuple[int, byt
     """One session: header + payload in, echo out; returns (our real port, echoed bytes)."""
     with socket.create_connection(("127.0.0.1", nginx.port), timeout=10) as sock:
         client_port = int(sock.getsockname()[1])
-        sock.sendall(header + payload)
-        sock.shutdown(socket.SHUT_WR)
         received = bytearray()
         try:
+            sock.sendall(header + payload)
+            sock.shutdown(socket.SHUT_WR)
             while chunk := sock.recv(65536):
                 received += chunk
-        except ConnectionResetError:
+        except (ConnectionResetError, BrokenPipeError):
             pass  # nginx resets sessions whose header it rejects
+        except OSError as exc:
+            # A reset that lands before our half-close makes shutdown() fail with ENOTCONN.
+            if exc.errno != errno.ENOTCONN:
+                raise
     return client_port, bytes(received)
 
 
