@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from portunus.errors import ValidationError
+from portunus.text import is_ascii_digits
 
 MAX_TARGETS = 8
 DEFAULT_RANGE_MAX_PORTS = 1024
@@ -156,7 +157,7 @@ def parse_port(text: str | int, what: str = "port") -> int:
         value = text
     else:
         s = text.strip()
-        if not s.isdigit():
+        if not is_ascii_digits(s):
             raise ValidationError(
                 "validation.port", f"{what} {text!r} is not a number 1-65535", field=what
             )
@@ -239,7 +240,7 @@ def parse_target(text: str, what: str = "target") -> Target:
     priority = 1
     if "@" in s:
         s, _, prio = s.rpartition("@")
-        if not prio.isdigit() or int(prio) < 1:
+        if not is_ascii_digits(prio) or int(prio) < 1:
             raise ValidationError(
                 "validation.priority",
                 f"{what} {text!r}: priority after @ must be a positive integer",

@@ -29,6 +29,7 @@ from portunus.control.store.rules import StoredRule
 from portunus.errors import PortunusError, ValidationError
 from portunus.logs import log_event
 from portunus.rules import Rule
+from portunus.text import is_ascii_digits
 
 MAX_ACK_TIMEOUT_SECS = 300.0
 # Called after every committed state change; state None = the rule is gone.
@@ -37,7 +38,7 @@ StateSink = Callable[[Rule, str | None], None]
 
 def parse_rule_id(params: dict[str, Any]) -> int:
     raw = params.get("id")
-    if isinstance(raw, str) and raw.strip().isdigit():
+    if isinstance(raw, str) and is_ascii_digits(raw.strip()):
         raw = int(raw.strip())
     if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
         raise ValidationError("validation.id", "id must be a rule id (a positive integer)", field="id")
@@ -155,7 +156,7 @@ class RuleService:
         settled: list[StoredRule] = []
         async with self.store.write() as db:
             for key, res in results.items():
-                if not key.isdigit():
+                if not is_ascii_digits(key):
                     continue
                 stored = await rules_db.get_rule(db, int(key))
                 if stored is None or stored.client_id != client_id:
@@ -199,7 +200,7 @@ class RuleService:
         deleted: list[StoredRule] = []
         async with self.store.write() as db:
             for key in ids:
-                if not str(key).isdigit():
+                if not is_ascii_digits(str(key)):
                     continue
                 stored = await rules_db.get_rule(db, int(key))
                 if stored is None or stored.client_id != client_id or stored.state != "draining":

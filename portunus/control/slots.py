@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 from portunus.errors import PortunusError
 from portunus.rules import Rule
+from portunus.text import is_ascii_digits
 
 
 def _overlaps(a: Rule, b: Rule) -> bool:
@@ -30,7 +31,7 @@ def _conflict(new: Rule, old: Rule, why: str) -> PortunusError:
     return PortunusError(
         "port_conflict",
         f"{new.protocol} port {_ports(new)} on client {new.client}: {why} (rule {old.id})",
-        conflicting_rule=int(old.id) if old.id.isdigit() else old.id,
+        conflicting_rule=int(old.id) if is_ascii_digits(old.id) else old.id,
     )
 
 
@@ -52,7 +53,7 @@ def check_slot(new: Rule, existing: Iterable[Rule]) -> None:
                 "conflict.legacy_to_sni_unsupported",
                 f"port {new.listen_start} on client {new.client} runs plain TCP for rule "
                 f"{plain.id}; an SNI rule cannot join it — remove rule {plain.id} first",
-                conflicting_rule=int(plain.id) if plain.id.isdigit() else plain.id,
+                conflicting_rule=int(plain.id) if is_ascii_digits(plain.id) else plain.id,
             )
         raise _conflict(new, plain, "the port is taken")
     if new.sni is None:

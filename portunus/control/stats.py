@@ -18,6 +18,7 @@ from collections import defaultdict
 from typing import Any
 
 from portunus.rules import Rule
+from portunus.text import is_ascii_digits
 
 RULE_SERIES = {
     "portunus_rule_bytes_in_total": "bytes_in",
@@ -64,7 +65,7 @@ def rule_stats(
             continue
         if s.name in RULE_SERIES:
             totals[RULE_SERIES[s.name]] += s.value
-        elif per_port and s.name in PORT_SERIES and s.labels.get("port", "").isdigit():
+        elif per_port and s.name in PORT_SERIES and is_ascii_digits(s.labels.get("port", "")):
             ports[int(s.labels["port"])][PORT_SERIES[s.name]] += s.value
         elif per_target and s.name in TARGET_SERIES:
             targets[s.labels.get("target", "")][TARGET_SERIES[s.name]] += s.value
@@ -72,7 +73,7 @@ def rule_stats(
             # Up only if every shard that reports the target sees it up.
             label = s.labels.get("target", "")
             up[label] = min(up.get(label, s.value), s.value)
-    out: dict[str, Any] = {"id": int(rule.id) if rule.id.isdigit() else rule.id}
+    out: dict[str, Any] = {"id": int(rule.id) if is_ascii_digits(rule.id) else rule.id}
     out.update({k: int(v) for k, v in totals.items()})
     if per_port:
         if rule.is_range or ports:

@@ -19,6 +19,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+from portunus.text import is_ascii_digits
+
 BUNDLE_VERSION = 1
 FINGERPRINT_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _FIELDS = ("server", "fingerprint", "client_id", "client_name", "token")
@@ -64,7 +66,7 @@ def split_server(text: str) -> tuple[str, int]:
         host, sep, port = s.rpartition(":")
         if not sep or ":" in host:
             raise BundleError(f"server {text!r} is not HOST:PORT (IPv6 goes in brackets)")
-    if not host or not port.isdigit():
+    if not host or not is_ascii_digits(port):
         raise BundleError(f"server {text!r} is not HOST:PORT")
     if not 0 < int(port) < 65536:
         raise BundleError(f"server {text!r}: port must be 1-65535")

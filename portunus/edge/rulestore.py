@@ -18,6 +18,7 @@ from typing import Any
 
 from portunus.edge.bundle import write_private_json
 from portunus.logs import log_event
+from portunus.text import is_ascii_digits
 
 RULES_FILE = "rules.json"
 FILE_VERSION = 1
@@ -87,4 +88,4 @@ class RuleStore:
 
 def _order(rule: dict[str, Any]) -> tuple[int, str]:
     rid = str(rule.get("id"))
-    return (int(rid), "") if rid.isdigit() else (1 << 62, rid)
+    return (int(rid), "") if is_ascii_digits(rid) else (1 << 62, rid)

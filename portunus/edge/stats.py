@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from portunus.control.stats import PORT_SERIES, RULE_SERIES, TARGET_SERIES, TARGET_UP
+from portunus.text import is_ascii_digits
 
 
 class _Acc:
@@ -64,7 +65,7 @@ def rule_totals(metrics_dir: str, rule_ids: Iterable[str]) -> dict[str, dict[str
                     continue
                 if s.name in RULE_SERIES:
                     acc.totals[RULE_SERIES[s.name]] += s.value
-                elif s.name in PORT_SERIES and s.labels.get("port", "").isdigit():
+                elif s.name in PORT_SERIES and is_ascii_digits(s.labels.get("port", "")):
                     acc.ports[int(s.labels["port"])][PORT_SERIES[s.name]] += s.value
                 elif s.name in TARGET_SERIES:
                     acc.targets[s.labels.get("target", "")][TARGET_SERIES[s.name]] += s.value

@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from portunus.logs import log_event
+from portunus.text import is_ascii_digits
 
 FILE_SIZE = 4096
 _MAGIC = 0x50554446  # "PUDF"
@@ -241,7 +242,7 @@ def _sweep_stale(directory: str, mine: str) -> None:
         return
     for name in names:
         prefix, sep, _rest = name.partition("-")
-        if not sep or not name.endswith(".flows") or prefix == mine or not prefix.isdigit():
+        if not sep or not name.endswith(".flows") or prefix == mine or not is_ascii_digits(prefix):
             continue
         if not _alive(int(prefix)):
             try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 
+from portunus.text import is_ascii_digits
+
 
 class Notifier:
     """Sends READY=1 / STATUS= / STOPPING=1 / WATCHDOG=1 when run under systemd."""
@@ -17,7 +19,7 @@ class Notifier:
         usec = os.environ.get("WATCHDOG_USEC", "")
         wpid = os.environ.get("WATCHDOG_PID", "")
         self.watchdog_interval: float | None = None
-        if usec.isdigit() and (not wpid or wpid == str(os.getpid())):
+        if is_ascii_digits(usec) and (not wpid or wpid == str(os.getpid())):
             # Ping at half the deadline, as sd_watchdog_enabled(3) advises.
             self.watchdog_interval = int(usec) / 2_000_000
         self.sock: socket.socket | None = None

@@ -88,10 +88,6 @@ def test_non_text_non_int_rejected(value: object) -> None:
     assert err.value.code == "validation.port"
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "rules.parse_port checks str.isdigit(), which is True for superscripts such as '²', "
-    "then int() raises a bare ValueError: --check crashes with a traceback (exit 1) "
-    "instead of reporting validation.port (exit 2)"))
 @pytest.mark.parametrize("text", ["²", "80-⁹⁰"])
 def test_non_ascii_digit_garbage_is_a_validation_error(text: str) -> None:
     with pytest.raises(ValidationError):

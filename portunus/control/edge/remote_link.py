@@ -19,6 +19,7 @@ from portunus.control.dataplane import DataPlaneEvents, LinkInfo, RuleResult
 from portunus.control.edge.session import EdgeSession
 from portunus.logs import log_event
 from portunus.rules import Rule
+from portunus.text import is_ascii_digits
 
 COUNTERS = ("bytes_in", "bytes_out", "connections_total", "active_connections")
 TARGET_COUNTERS = ("connections_total", "connect_failures_total")
@@ -179,7 +180,7 @@ class RemoteLink:
         (zeros until one arrived).  Per-port/per-target rows come from the frame when
         the client reports them; otherwise a single-port rule's row is its totals."""
         entry = self.stats.get(client_id, {}).get(rule.id, {})
-        out: dict[str, Any] = {"id": int(rule.id) if rule.id.isdigit() else rule.id}
+        out: dict[str, Any] = {"id": int(rule.id) if is_ascii_digits(rule.id) else rule.id}
         out.update({k: _int(entry.get(k)) for k in COUNTERS})
         if per_port:
             ports: dict[int, dict[str, int]] = entry.get("per_port") or {}

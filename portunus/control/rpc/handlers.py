@@ -24,6 +24,7 @@ from portunus.control.store.audit import list_audit
 from portunus.control.store.migrations import format_ts
 from portunus.control.store.rules import count_rules_by_client, require_rule
 from portunus.errors import PortunusError, ValidationError
+from portunus.text import is_ascii_digits
 from portunus.timefmt import parse_when
 
 AUDIT_DEFAULT_LIMIT = 100
@@ -161,7 +162,7 @@ async def audit_list(ctx: ControlContext, who: Principal, params: dict[str, Any]
     cursor_raw = params.get("cursor")
     cursor: int | None = None
     if cursor_raw is not None:
-        if not str(cursor_raw).isdigit():
+        if not is_ascii_digits(str(cursor_raw)):
             raise ValidationError("validation.cursor", "cursor must be a next_cursor value", field="cursor")
         cursor = int(cursor_raw)
     async with ctx.store.read() as db:

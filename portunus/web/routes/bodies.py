@@ -17,6 +17,7 @@ from typing import Any
 from starlette.requests import Request
 
 from portunus.errors import PortunusError
+from portunus.text import is_ascii_digits
 from portunus.web import openapi
 
 MAX_BODY = 1024 * 1024
@@ -49,7 +50,7 @@ class Problem:
 async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
     """The raw body, refusing early on Content-Length and while streaming otherwise."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and is_ascii_digits(declared) and int(declared) > limit:
         raise BodyTooLarge()
     buf = bytearray()
     async for chunk in request.stream():

@@ -20,6 +20,7 @@ from portunus.config import Settings
 from portunus.control.client import ControlClient
 from portunus.errors import PortunusError
 from portunus.logs import log_event
+from portunus.text import is_ascii_digits
 
 Handler = Callable[[Request], Awaitable[Response]]
 _TRUE = ("true", "1", "yes")
@@ -100,7 +101,7 @@ def query_number(
 def rule_id(request: Request) -> int:
     """The ``{id}`` path segment; a non-number can name no rule."""
     raw = request.path_params["id"]
-    if not raw.isdigit() or len(raw) > 18 or int(raw) < 1:
+    if not is_ascii_digits(raw) or len(raw) > 18 or int(raw) < 1:
         raise PortunusError("rule_not_found", f"rule {raw!r} not found (rule ids are positive numbers)", id=raw)
     return int(raw)
 

@@ -160,9 +160,6 @@ def test_run_with_invalid_file_starts_nothing(tmp_path: Path) -> None:
     assert "supervisor.ready" not in res.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "rules.parse_port: '²'.isdigit() is True but int('²') raises ValueError, which "
-    "load_standalone does not catch: --check dies with a traceback and exit 1"))
 def test_check_non_ascii_digits_are_an_error_not_a_crash(tmp_path: Path) -> None:
     path = write(tmp_path, "sup.toml", '[[rule]]\nname = "x"\nlisten_ports = "²"\ntarget = "127.0.0.1:80"\n')
     res = run(["--check", "--config", path])
