@@ -140,6 +140,11 @@ class Supervisor:
         """One turn of the main loop."""
         now = time.monotonic()
         due = [c.due_at for c in self.all_children() if c.due_at is not None and not c.alive]
+        interval = self.notifier.watchdog_interval
+        if interval is not None:
+            # Wake for the next ping: a fixed 1 s tick would stretch the ping gap past
+            # WATCHDOG_USEC/2 and, with WatchdogSec=1, past the deadline itself.
+            due.append(self._last_watchdog + interval)
         if due:
             timeout = max(0.0, min(timeout, min(due) - now))
         for key, events in self.selector.select(timeout):
