@@ -64,6 +64,28 @@ class Child:
         return delay
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel for SIGTERM when the supervisor dies, however it dies.
+
+    Without it a SIGKILLed supervisor leaves its services as orphans that keep
+    their ports (metrics_listen, the API) bound, and the next start fails to bind.
+    Shards get SIGTERM too and drain as on a normal stop.  If the supervisor
+    died between fork() and here, the signal will never come: exit at once.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux / no libc symbol: the channel EOF still ends shards
+    if os.getppid() != parent_pid:
+        raise SystemExit(0)
+
+
 def fork_child(child: Child, cleanup: Callable[[socket.socket | None], None]) -> None:
     """Fork ``child``; in the parent record pid and channel, in the child run it."""
     parent_sock: socket.socket | None = None
@@ -72,12 +94,14 @@ def fork_child(child: Child, cleanup: Callable[[socket.socket | None], None]) ->
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         for s in (parent_sock, child_sock):
             s.set_inheritable(False)
+    parent_pid = os.getpid()
     pid = os.fork()
     if pid == 0:  # ---------------------------------------------------- child
         code = 1
         try:
             for sig in RESET_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
+            _die_with_parent(parent_pid)
             signal.set_wakeup_fd(-1)
             if parent_sock is not None:
                 os.close(parent_sock.detach())

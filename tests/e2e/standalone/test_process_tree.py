@@ -44,10 +44,6 @@ def test_shards_exit_when_the_supervisor_is_killed(standalone, origin, ports) ->
     assert len(proc.events("shard.supervisor_lost")) == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the metrics child has no channel and no parent-death signal: after the supervisor is "
-    "SIGKILLed it lives on as an orphan and keeps metrics_listen bound, so the next start's "
-    "metrics child fails with metrics.bind_failed"))
 def test_no_child_outlives_a_killed_supervisor(standalone, origin, ports) -> None:  # type: ignore[no-untyped-def]
     org = origin(echo)
     proc = standalone([{"name": "o", "listen_port": ports.port(), "target": org.address}], shards=2)
