@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grp
+import http.client
 import os
 import secrets
 import socket
@@ -88,14 +89,20 @@ def ensure_operator_token(settings: Settings) -> str:
     return f"operator token: {path}   (export PORTUNUS_OPERATOR_TOKEN=$(cat {path}))"
 
 
-def _port_answers(listen: str) -> bool:
+def _api_healthy(listen: str) -> bool:
+    """True once ``GET /v1/health`` answers 200: the web process serves *and* reaches
+    control over its socket.  A bare TCP connect is not enough — control opens its
+    socket after syncing the shards, and READY=1 must mean the CLI and API work."""
     host, port = parse_listen(listen)
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    conn = http.client.HTTPConnection(host, port, timeout=0.5)
     try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
+        conn.request("GET", "/v1/health")
+        return conn.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
         return False
+    finally:
+        conn.close()
 
 
 def run(settings: Settings, token_note: str) -> int:
@@ -139,6 +146,6 @@ def run(settings: Settings, token_note: str) -> int:
             Child(name="web", title="portunus: web", entry=web_entry),
         ],
         rule_child="control",
-        ready_checks=[lambda: _port_answers(settings.operator_http_listen)],
+        ready_checks=[lambda: _api_healthy(settings.operator_http_listen)],
     )
     return sup.run()

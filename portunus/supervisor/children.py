@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from portunus import logs
+from portunus.errors import PortunusError
 from portunus.supervisor.framing import Channel
 
 RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT, signal.SIGUSR1)
@@ -117,6 +118,12 @@ def fork_child(child: Child, cleanup: Callable[[socket.socket | None], None]) ->
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
+        except PortunusError as exc:
+            # A refusal with a contract exit code (78: schema newer than this code)
+            # must reach the supervisor as that code, so it halts instead of respawning.
+            logs.log_event("child.refused", level="error", child=child.name, code=exc.code,
+                           message=exc.message, exit_code=exc.exit_code)
+            code = exc.exit_code
         except BaseException as exc:  # noqa: BLE001 - report, never return into the parent's code
             logs.log_event("child.crashed", level="error", child=child.name, error=repr(exc))
         finally:

@@ -89,11 +89,6 @@ def test_ready_once_stored_rules_are_bound(server, origin, ports, notify: FakeNo
 RESTARTS = 8  # ~60 % of starts show the race today: 8 make an accidental pass very unlikely
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: the supervisor announces READY=1 once control has sent its first "
-    "sync and the API port accepts a TCP connect (serve.py ready_checks=_port_answers), "
-    "but control starts its RPC socket only later (after the server cert and the edge "
-    "gateway), so /v1/health is 503 'cannot reach the control socket' at READY"))
 def test_ready_only_once_health_answers(server, origin, ports, notify: FakeNotify) -> None:  # type: ignore[no-untyped-def]
     """Sampled over several restarts (the gap is a race of a few ms): at every
     READY=1, /v1/health must already answer 200 and the API must list the rules."""
@@ -140,10 +135,6 @@ def test_newer_schema_exits_78(server, ports) -> None:  # type: ignore[no-untype
             "a refused start must not touch the database"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: run_control raises SchemaTooNew, the child wrapper "
-    "(portunus/supervisor/children.py) logs child.crashed and exits 1, not 78, so the "
-    "supervisor's halt-on-78 path never fires and control is respawned forever"))
 def test_newer_schema_under_a_running_server_halts_with_78(server, ports) -> None:  # type: ignore[no-untyped-def]
     """The schema moves ahead while serving (another, newer binary migrated it) and
     the control process restarts: it must refuse, and the supervisor must stop the

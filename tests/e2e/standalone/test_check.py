@@ -8,8 +8,6 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from tests.e2e.support import STANDALONE_BIN
 
 VALID = """\

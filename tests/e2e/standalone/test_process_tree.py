@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 
 import psutil
-import pytest
 
 from tests.e2e.support import StandaloneFactory, echo, listening_ports, title_of, wait_for
 
