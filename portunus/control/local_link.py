@@ -9,7 +9,6 @@ process must exit rather than serve a control plane with no data plane.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import socket
 from collections.abc import Callable, Sequence
@@ -20,7 +19,8 @@ from portunus.control.dataplane import LOCAL, DataPlaneEvents, LinkInfo, RuleRes
 from portunus.control.store import utc_now
 from portunus.logs import log_event
 from portunus.rules import Rule
-from portunus.supervisor.framing import Channel, ProtocolError
+from portunus.supervisor.channel_end import SupervisorEnd
+from portunus.supervisor.framing import Channel
 
 # The names remote clients advertise in their hello (docs/edge.md), so list-clients
 # reads the same for every node.
@@ -36,35 +36,25 @@ class LocalLink:
         on_close: Callable[[str], None],
         events: DataPlaneEvents | None = None,
     ) -> None:
-        self.channel = Channel(sock)
+        self.end = SupervisorEnd(sock, self._handle, on_close)
         # Set before start(): the service that consumes the events needs this link first.
         self.events = events
-        self.on_close = on_close
         self._seq = itertools.count(1)
         self._inflight: set[int] = set()
         self._since = utc_now()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._writer_on = False
-        self._gone = False
+
+    @property
+    def channel(self) -> Channel:
+        return self.end.channel
 
     def start(self) -> None:
         """Begin reading frames (inside the running loop of the control process)."""
         assert self.events is not None, "set LocalLink.events before start()"
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self.channel.fileno(), self._on_readable)
+        self.end.start()
 
     def close(self) -> None:
         """Stop watching the channel and close it (control shutdown)."""
-        self._detach()
-        self.channel.close()
-
-    def _detach(self) -> None:
-        fd = self.channel.sock.fileno()
-        if self._loop is not None and fd >= 0:
-            self._loop.remove_reader(fd)
-            if self._writer_on:
-                self._loop.remove_writer(fd)
-        self._writer_on = False
+        self.end.close()
 
     # ------------------------------------------------------------- DataPlane
 
@@ -96,43 +86,10 @@ class LocalLink:
     # ------------------------------------------------------------------ I/O
 
     def _send(self, msg: dict[str, Any]) -> None:
-        if self.channel.closed:
+        if self.end.closed:
             return  # the close callback is already on its way
         self._inflight.add(msg["seq"])  # every apply/sync is answered by "applied"
-        self.channel.send(msg)
-        self._after_write()
-
-    def _after_write(self) -> None:
-        if self.channel.closed:
-            self._lost("the supervisor channel broke while writing")
-            return
-        want = self.channel.wants_write
-        if want != self._writer_on and self._loop is not None:
-            if want:
-                self._loop.add_writer(self.channel.fileno(), self._on_writable)
-            else:
-                self._loop.remove_writer(self.channel.fileno())
-            self._writer_on = want
-
-    def _on_writable(self) -> None:
-        self.channel.flush()
-        self._after_write()
-
-    def _on_readable(self) -> None:
-        try:
-            frames = self.channel.read()
-        except EOFError:
-            self._lost("the supervisor closed the channel")
-            return
-        except ProtocolError as exc:
-            self._lost(f"the supervisor sent a bad frame: {exc}")
-            return
-        for msg, fds in frames:
-            for fd in fds:  # never expected on this channel; do not leak them
-                socket.close(fd)
-            self._handle(msg)
-        if self.channel.closed:
-            self._lost("the supervisor closed the channel")
+        self.end.send(msg)
 
     def _handle(self, msg: dict[str, Any]) -> None:
         kind = msg.get("type")
@@ -160,11 +117,3 @@ class LocalLink:
             log_event("control.supervisor_hello", version=msg.get("version"), shards=msg.get("shards"))
         else:
             log_event("control.bad_frame", level="warning", type=str(kind))
-
-    def _lost(self, why: str) -> None:
-        if self._gone:
-            return
-        self._gone = True
-        self.channel.closed = True
-        self._detach()
-        self.on_close(why)

@@ -34,11 +34,11 @@ from portunus.edge.bundle import Bundle, write_bundle
 from portunus.edge.pinning import FingerprintMismatch, close_quietly, open_pinned
 from portunus.edge.rulestore import RuleStore
 from portunus.edge.stats import rule_totals
-from portunus.edge.supervisor_end import SupervisorEnd
 from portunus.edge.timing import Backoff, LinkTiming
 from portunus.edge.wire import WireError, encode_frame, read_frame, write_frame
 from portunus.logs import log_event
 from portunus.rules import Rule
+from portunus.supervisor.channel_end import SupervisorEnd
 
 CAPABILITIES = ("tcp", "udp", "range", "sni", "proxy_protocol", "dns", "failover")
 # The supervisor halts (no respawn) when a service exits 78; the client CLI then

@@ -1,9 +1,11 @@
-"""The link child's end of the supervisor channel ("Supervisor ↔ rule source").
+"""A rule source's end of the supervisor channel ("Supervisor ↔ rule source").
 
-Same approach as ``portunus.control.local_link``: the shared non-blocking
-``Channel`` driven by ``loop.add_reader``/``add_writer``.  Every frame from the
-supervisor (``hello``, ``applied``, ``removed``) goes to one callback; when the
-channel closes the supervisor is gone and the link must exit.
+Used by the control process (``portunus.control.local_link``) and by the edge
+client's link child (``portunus.edge.link``): the shared non-blocking ``Channel``
+driven by ``loop.add_reader``/``add_writer``.  Every frame from the supervisor
+(``hello``, ``applied``, ``removed``) goes to one callback; fds are never expected
+and are closed.  When the channel closes the supervisor is gone (or broke the
+protocol) and the owner must exit rather than run without a data plane.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from portunus.supervisor.framing import Channel, ProtocolError
 
 
 class SupervisorEnd:
+    """One non-blocking channel end inside an asyncio loop; ``on_close`` fires once."""
+
     def __init__(
         self,
         sock: socket.socket,
