@@ -13,12 +13,11 @@ Format (docs/edge.md): ``{"version": 1, "server": "HOST:PORT", "fingerprint":
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+from portunus.fsutil import replace_file
 from portunus.text import is_ascii_digits
 
 BUNDLE_VERSION = 1
@@ -112,33 +111,4 @@ def write_bundle(path: str, bundle: Bundle) -> None:
 
 def write_private_json(path: str, obj: Any) -> None:
     """Atomically replace ``path`` with ``obj`` as JSON, mode 0600 from creation."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)  # mkstemp: 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: str) -> None:
-    """Make the rename durable (a power cut must not bring the old file back)."""
-    try:
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+    replace_file(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())

@@ -37,6 +37,7 @@ from portunus.control.store.migrations import (
     utc_now,
 )
 from portunus.errors import PortunusError
+from portunus.fsutil import fsync_dir
 
 
 def check_schema(db_path: str) -> None:
@@ -214,14 +215,6 @@ def _settle(db_path: str) -> None:
         pass
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _move_aside(db_path: str, aside: str, keep_name: bool) -> None:
     """Move the settled database to ``aside`` with any sidecars it still has.
     ``keep_name``: hard-link instead, so ``db_path`` never vanishes until the
@@ -260,7 +253,7 @@ def reset(db_path: str) -> str | None:
         return None
     aside = aside_path(db_path)
     _move_aside(db_path, aside, keep_name=False)
-    _fsync_dir(os.path.dirname(os.path.abspath(db_path)))
+    fsync_dir(os.path.dirname(os.path.abspath(db_path)))
     return aside
 
 
@@ -415,7 +408,7 @@ def restore(db_path: str, in_path: str, actor: str, force: bool = False) -> dict
             _move_aside(db_path, aside, keep_name=True)
         os.replace(tmp, db_path)
         _drop_sidecars(db_path)
-        _fsync_dir(data_dir)
+        fsync_dir(data_dir)
     finally:
         for path in (tmp, tmp + "-wal", tmp + "-shm"):
             try:
