@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from portunus import __version__
 from portunus.edge.bundle import FINGERPRINT_RE, Bundle
-from portunus.edge.pinning import close_quietly, open_pinned
+from portunus.edge.pinning import close_quietly, link_error, open_pinned
 from portunus.edge.wire import WireError, read_frame, write_frame
 
 ENROLL_TIMEOUT = 15.0
@@ -79,13 +79,13 @@ async def redeem(target: EnrollTarget, timeout: float = ENROLL_TIMEOUT) -> Bundl
     try:
         reader, writer = await open_pinned(target.host, target.port, target.fingerprint, timeout)
     except (TimeoutError, OSError) as exc:
-        raise EnrollError("unavailable", f"cannot reach {target.server}: {_reason(exc)}") from None
+        raise EnrollError("unavailable", f"cannot reach {target.server}: {link_error(exc)}") from None
     try:
         await write_frame(writer, {"type": "enroll", "code": target.code, "version": __version__})
         reply = await asyncio.wait_for(read_frame(reader), timeout)
     except (TimeoutError, OSError, asyncio.IncompleteReadError, WireError) as exc:
         raise EnrollError(
-            "unavailable", f"{target.server} closed the enrollment without an answer: {_reason(exc)}"
+            "unavailable", f"{target.server} closed the enrollment without an answer: {link_error(exc)}"
         ) from None
     finally:
         await close_quietly(writer)
@@ -105,13 +105,3 @@ async def redeem(target: EnrollTarget, timeout: float = ENROLL_TIMEOUT) -> Bundl
         client_name=str(fields["client_name"]),
         token=str(fields["token"]),
     )
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return "timed out"
-    if isinstance(exc, asyncio.IncompleteReadError):
-        return "connection closed"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__

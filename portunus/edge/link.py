@@ -31,7 +31,7 @@ from portunus import __version__
 from portunus.config import Settings
 from portunus.edge import revoked
 from portunus.edge.bundle import Bundle, write_bundle
-from portunus.edge.pinning import FingerprintMismatch, close_quietly, open_pinned
+from portunus.edge.pinning import FingerprintMismatch, close_quietly, link_error, open_pinned
 from portunus.edge.rulestore import RuleStore
 from portunus.edge.stats import rule_totals
 from portunus.edge.timing import Backoff, LinkTiming
@@ -160,7 +160,7 @@ class EdgeLink:
                           silent_secs=self.timing.dead_secs)
             except (TimeoutError, OSError, asyncio.IncompleteReadError, WireError) as exc:
                 log_event("link.disconnected", level="warning", server=self.bundle.server,
-                          error=_reason(exc))
+                          error=link_error(exc))
             except Exception as exc:  # noqa: BLE001 - a bug must not stop forwarding; retry
                 log_event("link.crashed_session", level="error", error=repr(exc))
             delay = self.backoff.next()
@@ -350,14 +350,6 @@ def _check_rules(raw: Any) -> tuple[list[dict[str, Any]], dict[str, dict[str, An
     return good, rejected
 
 
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return "timed out"
-    if isinstance(exc, asyncio.IncompleteReadError):
-        return "connection closed by the server"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
 
 
 async def serve_link(settings: Settings, bundle: Bundle, channel_sock: socket.socket,

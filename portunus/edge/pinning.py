@@ -74,3 +74,14 @@ async def close_quietly(writer: asyncio.StreamWriter, timeout: float = 2.0) -> N
         await asyncio.wait_for(writer.wait_closed(), timeout)
     except (TimeoutError, OSError, ssl.SSLError):
         writer.transport.abort()
+
+
+def link_error(exc: BaseException) -> str:
+    """A short human reason for a failed exchange with the server, for logs and errors."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return "connection closed by the server"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from portunus.control.auth import Principal
+from portunus.control.dataplane import LinkInfo
 from portunus.control.edge.enrollment import (
     advertised_host,
     build_uri,
@@ -58,18 +59,8 @@ class ClientService:
         self.on_state = on_state or (lambda rule, state: None)
 
     def entry(self, row: ClientRow, rule_count: int) -> dict[str, Any]:
-        """The ``clients.list`` shape of one client."""
-        info = self.link.info(row.client_id)
-        return {
-            "client_id": row.client_id,
-            "client_name": row.name,
-            "connected": info is not None,
-            "remote_addr": info.remote_addr if info else None,
-            "connected_since": info.connected_since if info else None,
-            "version": info.version if info else None,
-            "capabilities": info.capabilities if info else [],
-            "rule_count": rule_count,
-        }
+        """The ``clients.list`` shape of one remote client."""
+        return client_entry(row, self.link.info(row.client_id), rule_count)
 
     async def _audit_error(self, who: Principal, action: str, target: str | None, exc: PortunusError) -> None:
         async with self.store.write() as db:
@@ -201,3 +192,17 @@ class ClientService:
         self.link.kick(row.client_id, REVOKED_GOODBYE, "deleted")
         self.link.forget(row.client_id)
         return {}
+
+
+def client_entry(row: ClientRow, info: LinkInfo | None, rule_count: int) -> dict[str, Any]:
+    """The ``clients.list`` shape of one client, ``info`` from its data plane (None: offline)."""
+    return {
+        "client_id": row.client_id,
+        "client_name": row.name,
+        "connected": info is not None,
+        "remote_addr": info.remote_addr if info else None,
+        "connected_since": info.connected_since if info else None,
+        "version": info.version if info else None,
+        "capabilities": info.capabilities if info else [],
+        "rule_count": rule_count,
+    }

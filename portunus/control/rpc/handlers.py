@@ -14,7 +14,7 @@ from typing import Any
 from portunus.config import Settings
 from portunus.control.auth import Authenticator, Principal
 from portunus.control.dataplane import LOCAL, DataPlane
-from portunus.control.edge.clients import ClientService
+from portunus.control.edge.clients import ClientService, client_entry
 from portunus.control.edge.remote_link import RemoteLink
 from portunus.control.rpc.protocol import Request
 from portunus.control.service import RuleService, parse_rule_id
@@ -102,21 +102,8 @@ async def clients_list(ctx: ControlContext, who: Principal, params: dict[str, An
     async with ctx.store.read() as db:
         clients = await accounts.list_clients(db)
         counts = await count_rules_by_client(db)
-    out = []
-    for c in clients:
-        info = ctx.dataplane.info(c.client_id)
-        out.append(
-            {
-                "client_id": c.client_id,
-                "client_name": c.name,
-                "connected": info is not None,
-                "remote_addr": info.remote_addr if info else None,
-                "connected_since": info.connected_since if info else None,
-                "version": info.version if info else None,
-                "capabilities": info.capabilities if info else [],
-                "rule_count": counts.get(c.client_id, 0),
-            }
-        )
+    out = [client_entry(c, ctx.dataplane.info(c.client_id), counts.get(c.client_id, 0))
+           for c in clients]
     return {"clients": out}
 
 
