@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from portunus.logs import log_event
@@ -69,30 +68,30 @@ class TcpConnection:
         targets = self.rt.target_set.candidates() if self.rt.target_set else list(self.rt.rule.targets)
         if self.rt.all_literal:
             self.candidates = [(t, t.host) for t in targets]
-            self.try_next()
         else:
-            self.ctx.spawn(self._resolve_then_connect(targets))
+            # A name ("" address) is resolved only when the connection falls through
+            # to it: a healthy primary never waits for a backup's DNS.
+            self.candidates = [(t, t.host if is_ip(t.host) else "") for t in targets]
+        self.try_next()
 
-    async def _resolve_then_connect(self, targets: Iterable[Target]) -> None:
-        cands: list[tuple[Target, str]] = []
-        for t in targets:
-            if is_ip(t.host):
-                cands.append((t, t.host))
-                continue
-            try:
-                addrs = await self.ctx.resolver.resolve(t.host, self.rt.rule.prefer_ipv6)
-            except Exception as exc:  # noqa: BLE001 - ResolveError or anything the resolver hit
-                self.rt.dns_failed(t.host, exc)
-                continue
-            cands.extend((t, a) for a in addrs)
+    async def _resolve_then_connect(self, target: Target) -> None:
+        """Replace the unresolved candidate at ``pos`` with its addresses, go on."""
+        try:
+            addrs = await self.ctx.resolver.resolve(target.host, self.rt.rule.prefer_ipv6)
+        except Exception as exc:  # noqa: BLE001 - ResolveError or anything the resolver hit
+            self.rt.dns_failed(target.host, exc)
+            addrs = []
         if self.closed:
             return
-        self.candidates = cands
+        self.candidates[self.pos:self.pos + 1] = [(target, a) for a in addrs]
         self.try_next()
 
     def try_next(self) -> None:
         while self.pos < len(self.candidates):
             target, ip = self.candidates[self.pos]
+            if not ip:
+                self.ctx.spawn(self._resolve_then_connect(target))
+                return
             self.pos += 1
             if self.tried_target is not target:
                 if self.tried_target is not None and self.target_failed:
