@@ -368,6 +368,14 @@ def build_rule(
             f"proxy_protocol {proxy_protocol!r} must be v1 or v2",
             field="proxy_protocol",
         )
+    if protocol == "udp" and (proxy_protocol is not None or any(t.proxy_protocol for t in fixed)):
+        # The shard writes PROXY headers on TCP streams only; accepting it for UDP
+        # would forward bare datagrams to an origin expecting a header.
+        raise ValidationError(
+            "validation.proxy_protocol",
+            "PROXY protocol is TCP-only: a UDP rule cannot send a PROXY header",
+            field="proxy_protocol" if proxy_protocol is not None else "targets",
+        )
     sni = validate_sni_pattern(sni)
     if sni is not None and (protocol != "tcp" or lo != hi):
         raise ValidationError(
