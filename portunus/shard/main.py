@@ -16,7 +16,7 @@ import socket
 import sys
 from typing import Any
 
-from portunus.logs import log_event
+from portunus.logs import flush_throttled, log_event
 from portunus.rules import Rule
 from portunus.shard.runtime import RuleRuntime, ShardContext
 from portunus.shard.tcp import PlainTcpHandler
@@ -58,6 +58,7 @@ class Shard:
     def heartbeat(self) -> None:
         if not self.done.done():
             self.send({"type": "heartbeat"})
+            flush_throttled()  # a per-connection flood that stopped still gets its summary
             self.loop.call_later(HEARTBEAT_SECS, self.heartbeat)
 
     def send(self, msg: dict[str, Any]) -> None:

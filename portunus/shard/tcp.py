@@ -15,7 +15,7 @@ import ipaddress
 import socket
 from typing import TYPE_CHECKING, Any
 
-from portunus.logs import log_event
+from portunus.logs import log_throttled
 from portunus.shard.pumps import HAVE_SPLICE, CopyPump, SplicePump
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ class TcpConnection:
             try:
                 up = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
             except OSError as exc:
-                log_event("tcp.socket_failed", level="error", rule=self.rt.rule.id, error=str(exc))
+                log_throttled("tcp.socket_failed", level="error", rule=self.rt.rule.id, error=str(exc))
                 break
             err = up.connect_ex((ip, port))
             if err == 0:
@@ -118,7 +118,7 @@ class TcpConnection:
                 self.timer = loop.call_later(self.ctx.connect_timeout, self.on_connect_timeout)
                 return
             up.close()
-            log_event("tcp.connect_failed", level="warning", rule=self.rt.rule.id,
+            log_throttled("tcp.connect_failed", level="warning", rule=self.rt.rule.id,
                       target=f"{ip}:{port}", error=errno.errorcode.get(err, str(err)))
         if self.tried_target is not None and self.target_failed:
             self.rt.target_failed(self.tried_target)
@@ -135,7 +135,7 @@ class TcpConnection:
             self.timer = None
         err = up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            log_event("tcp.connect_failed", level="warning", rule=self.rt.rule.id,
+            log_throttled("tcp.connect_failed", level="warning", rule=self.rt.rule.id,
                       target=self.target.label, error=errno.errorcode.get(err, str(err)))
             up.close()
             self.upstream = None
@@ -149,7 +149,7 @@ class TcpConnection:
         if up is None or self.closed:
             return
         self.ctx.loop.remove_writer(up.fileno())
-        log_event("tcp.connect_failed", level="warning", rule=self.rt.rule.id,
+        log_throttled("tcp.connect_failed", level="warning", rule=self.rt.rule.id,
                   target=self.target.label if self.target else "?", error="timeout")
         up.close()
         self.upstream = None
@@ -177,7 +177,7 @@ class TcpConnection:
                 dst = self.client.getsockname()[:2]
                 prelude = build_header(pp, src, dst, "tcp") + prelude
             except (OSError, ValueError) as exc:
-                log_event("proxy_protocol.failed", level="warning", rule=self.rt.rule.id, error=str(exc))
+                log_throttled("proxy_protocol.failed", level="warning", rule=self.rt.rule.id, error=str(exc))
                 self.close()
                 return
         if prelude:
@@ -268,7 +268,7 @@ def accept_batch(ctx: ShardContext, lsock: socket.socket) -> list[socket.socket]
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 # Out of fds: leave the rest in the kernel queue and back off briefly.
                 ctx.accept_backoff(lsock)
-                log_event("tcp.accept_error", level="error", error=str(exc))
+                log_throttled("tcp.accept_error", level="error", error=str(exc))
             break
         conn.setblocking(False)
         try:

@@ -23,7 +23,7 @@ import socket
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from portunus.logs import log_event
+from portunus.logs import log_event, log_throttled
 from portunus.shard import metrics as m
 from portunus.shard.tcp import is_ip
 from portunus.shard.udp_budget import FlowBudget, acquire_budget, release_budget
@@ -126,13 +126,13 @@ class UdpFlow:
             try:
                 up = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
             except OSError as exc:
-                log_event("udp.socket_failed", level="error", rule=self.rt.rule.id, error=str(exc))
+                log_throttled("udp.socket_failed", level="error", rule=self.rt.rule.id, error=str(exc))
                 break
             try:
                 up.connect((ip, target.port + port_index))
             except OSError as exc:
                 up.close()
-                log_event("udp.connect_failed", level="warning", rule=self.rt.rule.id,
+                log_throttled("udp.connect_failed", level="warning", rule=self.rt.rule.id,
                           target=f"{ip}:{target.port + port_index}", error=str(exc))
                 self.rt.target_failed(target)
                 continue
@@ -217,7 +217,7 @@ class UdpFlow:
                 self.refused()
                 break
             except OSError as exc:
-                log_event("udp.recv_failed", level="warning", rule=self.rt.rule.id, error=str(exc))
+                log_throttled("udp.recv_failed", level="warning", rule=self.rt.rule.id, error=str(exc))
                 self.close()
                 break
             if not self.confirmed:
