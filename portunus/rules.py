@@ -76,6 +76,9 @@ class Rule:
 
     ``id`` is the metric label ``rule``: the numeric id on a server or client, the
     ``name`` in standalone mode.  ``listen_start == listen_end`` for one port.
+    ``sni_fallback`` marks a pattern-less rule pushed onto a port already in SNI
+    mode: the port stays in SNI mode while it holds any rule, even when only
+    this fallback is left (set by ``control.slots.check_slot``, stored, on the wire).
     """
 
     id: str
@@ -90,6 +93,7 @@ class Rule:
     prefer_ipv6: bool = False
     rate_limit: dict[str, int] | None = None
     health_check_interval_secs: float = 5.0
+    sni_fallback: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -112,7 +116,7 @@ class Rule:
         return replace(self, **kw)
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "id": self.id,
             "client": self.client,
             "owner": self.owner,
@@ -126,6 +130,9 @@ class Rule:
             "rate_limit": self.rate_limit,
             "health_check_interval_secs": self.health_check_interval_secs,
         }
+        if self.sni_fallback:  # only when set: peers that predate it see the same dict
+            wire["sni_fallback"] = True
+        return wire
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Rule:
@@ -142,6 +149,7 @@ class Rule:
             prefer_ipv6=bool(d.get("prefer_ipv6", False)),
             rate_limit=d.get("rate_limit") or None,
             health_check_interval_secs=float(d.get("health_check_interval_secs", 5.0)),
+            sni_fallback=bool(d.get("sni_fallback", False)),
         )
 
 

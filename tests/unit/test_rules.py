@@ -123,3 +123,12 @@ def test_udp_rule_refuses_proxy_protocol(rule_pp: str | None, target_pp: str | N
     assert err.value.details["field"] == ("proxy_protocol" if rule_pp else "targets")
     tcp = build_rule(id="t", protocol="tcp", listen=(5353, 5353), targets=[target], proxy_protocol=rule_pp)
     assert (tcp.proxy_protocol, tcp.targets[0].proxy_protocol) == (rule_pp, target_pp)
+
+
+def test_sni_fallback_travels_on_the_wire_only_when_set() -> None:
+    plain = build_rule(id="1", protocol="tcp", listen=(443, 443), targets=[Target(host="10.0.0.1", port=80)])
+    assert "sni_fallback" not in plain.to_wire()
+    fallback = plain.with_changes(sni_fallback=True)
+    assert fallback.to_wire()["sni_fallback"] is True
+    assert type(plain).from_wire(fallback.to_wire()) == fallback != plain
+    assert type(plain).from_wire(plain.to_wire()) == plain
