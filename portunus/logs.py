@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
@@ -53,3 +54,71 @@ def log_event(event: str, level: str = "info", **fields: Any) -> None:
         os.write(sys.stderr.fileno(), line.encode())
     except Exception:  # noqa: BLE001 - a broken stderr must not kill the data plane
         pass
+
+
+class LogThrottle:
+    """At most ``limit`` lines per event name per ``window`` seconds, then silence.
+
+    For per-connection events (a failed connect, an fd shortage): a flood of them
+    must not fill the journal or cost the event loop a write per connection.  The
+    lines held back are counted and reported as one ``log.suppressed`` line (with
+    the event name and count) when that event's window ends: on its next call, or
+    on ``flush()``, which a process calls periodically so a flood that stopped is
+    still accounted for.
+    """
+
+    __slots__ = ("limit", "window", "clock", "_windows")
+
+    def __init__(self, limit: int = 10, window: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.window = window
+        self.clock = clock
+        # event -> [window start, lines written in it, lines suppressed in it, level]
+        self._windows: dict[str, list[Any]] = {}
+
+    def allow(self, event: str, level: str = "info") -> bool:
+        """True when a line for ``event`` may be written now (and counts it)."""
+        now = self.clock()
+        w = self._windows.get(event)
+        if w is None:
+            self._windows[event] = [now, 1, 0, level]
+            return True
+        if now - w[0] >= self.window:
+            self._summarize(event, w)
+            w[0], w[1], w[2], w[3] = now, 1, 0, level
+            return True
+        if w[1] < self.limit:
+            w[1] += 1
+            return True
+        w[2] += 1
+        w[3] = level
+        return False
+
+    def flush(self) -> None:
+        """Report the suppressed counts of every window that has ended; forget idle ones."""
+        now = self.clock()
+        for event, w in list(self._windows.items()):
+            if now - w[0] >= self.window:
+                self._summarize(event, w)
+                del self._windows[event]
+
+    def _summarize(self, event: str, w: list[Any]) -> None:
+        if w[2]:
+            log_event("log.suppressed", level=w[3], suppressed_event=event, count=w[2],
+                      window_secs=self.window)
+            w[2] = 0
+
+
+_THROTTLE = LogThrottle()
+
+
+def log_throttled(event: str, level: str = "info", **fields: Any) -> None:
+    """``log_event`` through this process's shared ``LogThrottle`` (per-connection events)."""
+    if _THROTTLE.allow(event, level):
+        log_event(event, level, **fields)
+
+
+def flush_throttled() -> None:
+    """Write the pending ``log.suppressed`` summaries (call about once a second)."""
+    _THROTTLE.flush()

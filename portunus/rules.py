@@ -77,6 +77,9 @@ class Rule:
 
     ``id`` is the metric label ``rule``: the numeric id on a server or client, the
     ``name`` in standalone mode.  ``listen_start == listen_end`` for one port.
+    ``sni_fallback`` marks a pattern-less rule pushed onto a port already in SNI
+    mode: the port stays in SNI mode while it holds any rule, even when only
+    this fallback is left (set by ``control.slots.check_slot``, stored, on the wire).
     """
 
     id: str
@@ -91,6 +94,7 @@ class Rule:
     prefer_ipv6: bool = False
     rate_limit: dict[str, int] | None = None
     health_check_interval_secs: float = 5.0
+    sni_fallback: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -113,7 +117,7 @@ class Rule:
         return replace(self, **kw)
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "id": self.id,
             "client": self.client,
             "owner": self.owner,
@@ -127,6 +131,9 @@ class Rule:
             "rate_limit": self.rate_limit,
             "health_check_interval_secs": self.health_check_interval_secs,
         }
+        if self.sni_fallback:  # only when set: peers that predate it see the same dict
+            wire["sni_fallback"] = True
+        return wire
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Rule:
@@ -143,6 +150,7 @@ class Rule:
             prefer_ipv6=bool(d.get("prefer_ipv6", False)),
             rate_limit=d.get("rate_limit") or None,
             health_check_interval_secs=float(d.get("health_check_interval_secs", 5.0)),
+            sni_fallback=bool(d.get("sni_fallback", False)),
         )
 
 
@@ -368,6 +376,14 @@ def build_rule(
             "validation.proxy_protocol",
             f"proxy_protocol {proxy_protocol!r} must be v1 or v2",
             field="proxy_protocol",
+        )
+    if protocol == "udp" and (proxy_protocol is not None or any(t.proxy_protocol for t in fixed)):
+        # The shard writes PROXY headers on TCP streams only; accepting it for UDP
+        # would forward bare datagrams to an origin expecting a header.
+        raise ValidationError(
+            "validation.proxy_protocol",
+            "PROXY protocol is TCP-only: a UDP rule cannot send a PROXY header",
+            field="proxy_protocol" if proxy_protocol is not None else "targets",
         )
     sni = validate_sni_pattern(sni)
     if sni is not None and (protocol != "tcp" or lo != hi):

@@ -266,7 +266,7 @@ class RuleService:
                 existing = await rules_db.rules_overlapping(
                     db, client.client_id, rule.protocol, rule.listen_start, rule.listen_end
                 )
-                check_slot(rule, [s.rule for s in existing])
+                rule = check_slot(rule, [s.rule for s in existing])
                 rule_id = await rules_db.insert_rule(db, client.client_id, rule)
                 await write_audit(
                     db, principal.user, "rule.push", f"rule:{rule_id}",

@@ -1,11 +1,14 @@
 """Port slots: which rules may share a listening port on one (client, protocol).
 
 Any overlap is a ``port_conflict`` except TLS SNI rules sharing one TCP port.
-A port's mode is derived from the rules on it: it is in SNI mode while any rule
-there has a pattern — the same thing the shard derives from its rule table, so
-control and data plane can never disagree about a port's mode.  On an SNI port
-a rule without a pattern is the (single) fallback; an SNI rule pushed onto a
-plain port is refused (remove the plain rule first).  ``failed`` rules keep
+A (client, port) keeps the mode of its first rule for as long as it holds any
+rule (CONTRACT "TLS SNI routing").  The mode is recorded on the rules
+themselves, so control and data plane read it from the same rule table: a port
+is in SNI mode while any rule there has a pattern or is marked ``sni_fallback``.
+A rule without a pattern pushed onto an SNI port is its (single) fallback and
+gets that mark, which keeps the port in SNI mode when its SNI rules are removed
+and replaced; an SNI rule pushed onto a plain port is refused (remove the plain
+rule first).  ``failed`` rules keep
 their slot (the operator sees them and removes them); ``draining`` rules have
 already given theirs up, so remove-then-push on the same port works at once.
 """
@@ -35,17 +38,21 @@ def _conflict(new: Rule, old: Rule, why: str) -> PortunusError:
     )
 
 
-def check_slot(new: Rule, existing: Iterable[Rule]) -> None:
+def check_slot(new: Rule, existing: Iterable[Rule]) -> Rule:
     """Raise unless ``new`` fits next to ``existing`` (rules of the same client
-    that still hold their slots; non-overlapping ones are ignored)."""
+    that still hold their slots; non-overlapping ones are ignored).
+
+    Returns the rule to store: ``new`` itself, or ``new`` marked ``sni_fallback``
+    when it is the fallback of an SNI-mode port.
+    """
     on_port = [r for r in existing if _overlaps(new, r)]
     if not on_port:
-        return
+        return new
     for old in on_port:
         if new.is_range or old.is_range:
             raise _conflict(new, old, "the ports overlap an existing rule")
     # From here every rule involved is a single-port TCP/UDP rule on the same port.
-    sni_mode = any(r.sni is not None for r in on_port)
+    sni_mode = any(r.sni is not None or r.sni_fallback for r in on_port)
     if not sni_mode:
         plain = on_port[0]
         if new.sni is not None:
@@ -60,7 +67,8 @@ def check_slot(new: Rule, existing: Iterable[Rule]) -> None:
         fallback = next((r for r in on_port if r.sni is None), None)
         if fallback is not None:
             raise _conflict(new, fallback, "the SNI port already has a fallback rule")
-        return
+        return new.with_changes(sni_fallback=True)
     same = next((r for r in on_port if r.sni == new.sni), None)
     if same is not None:
         raise _conflict(new, same, f"SNI pattern {new.sni!r} is already routed on this port")
+    return new

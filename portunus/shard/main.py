@@ -16,7 +16,7 @@ import socket
 import sys
 from typing import Any
 
-from portunus.logs import log_event
+from portunus.logs import flush_throttled, log_event
 from portunus.rules import Rule
 from portunus.shard.runtime import RuleRuntime, ShardContext
 from portunus.shard.tcp import PlainTcpHandler
@@ -58,6 +58,7 @@ class Shard:
     def heartbeat(self) -> None:
         if not self.done.done():
             self.send({"type": "heartbeat"})
+            flush_throttled()  # a per-connection flood that stopped still gets its summary
             self.loop.call_later(HEARTBEAT_SECS, self.heartbeat)
 
     def send(self, msg: dict[str, Any]) -> None:
@@ -168,7 +169,8 @@ class Shard:
         if proto == "udp":
             rt = rts[0]
             return ("udp", id(rt)), lambda s: self._udp_handler(rt, s, port - rt.rule.listen_start)
-        if len(rts) == 1 and rts[0].rule.sni is None:
+        # An SNI port stays one while its fallback is its only rule (sni_fallback).
+        if len(rts) == 1 and rts[0].rule.sni is None and not rts[0].rule.sni_fallback:
             rt = rts[0]
             return ("tcp", id(rt)), lambda s: PlainTcpHandler(self.ctx, rt, port - rt.rule.listen_start)
         sig = ("sni", tuple(sorted(id(rt) for rt in rts)))
@@ -207,7 +209,10 @@ class Shard:
         if handler is not None:
             if hasattr(handler, "close"):
                 handler.close()
-            else:
+            if not hasattr(handler, "start"):
+                # rebuild() registered this accept handler's reader (an SniHandler
+                # has close() too): a reader left on a closed listener's fd would
+                # fire for the next socket that gets the same fd number.
                 try:
                     self.loop.remove_reader(s.fileno())
                 except (ValueError, OSError):

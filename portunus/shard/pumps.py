@@ -18,6 +18,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from portunus.logs import log_throttled
+
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1024 * 1024
@@ -37,11 +39,17 @@ class PipePool:
         self.free: list[tuple[int, int]] = []
         self.limit = limit
         self.size = PIPE_SIZE
+        self.failures = 0  # pipe() refused (EMFILE/ENFILE): connections failed for it
 
     def get(self) -> tuple[int, int]:
+        """A drained pipe; OSError (counted) when the process is out of fds."""
         if self.free:
             return self.free.pop()
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            self.failures += 1
+            raise
         try:
             fcntl.fcntl(w, F_SETPIPE_SZ, self.size)
         except OSError:
@@ -151,7 +159,14 @@ class SplicePump(Pump):
 
     def on_readable(self) -> None:
         if self.pipe is None:
-            self.pipe = self.pool.get()
+            try:
+                self.pipe = self.pool.get()
+            except OSError as exc:
+                # Out of fds for a pipe: raising out of this callback would leave
+                # the connection open with nobody reading it.  Fail it instead.
+                log_throttled("tcp.pipe_failed", level="error", error=str(exc))
+                self.fail(exc)
+                return
         r, w = self.pipe
         splice = os.splice
         while True:

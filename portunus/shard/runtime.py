@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
-from portunus.logs import log_event
+from portunus.logs import log_event, log_throttled
 from portunus.rules import Rule, Target
 from portunus.shard import metrics as m
 from portunus.shard.pumps import PipePool
@@ -130,7 +130,7 @@ class RuleRuntime:
 
     def dns_failed(self, host: str, exc: BaseException) -> None:
         m.DNS_FAILURES.labels(self.rule.client, self.rule.id).inc()
-        log_event("dns.resolve_failed", level="warning", rule=self.rule.id, host=host, error=str(exc))
+        log_throttled("dns.resolve_failed", level="warning", rule=self.rule.id, host=host, error=str(exc))
 
     def stop(self) -> None:
         if self.health_task is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 from typing import TYPE_CHECKING, Any
 
-from portunus.logs import log_event
+from portunus.logs import log_event, log_throttled
 from portunus.shard import metrics as m
 from portunus.shard.sni import MAX_CLIENT_HELLO, ClientHelloError, SniTable, extract_sni
 from portunus.shard.tcp import TcpConnection, accept_batch
@@ -49,7 +49,7 @@ class SniHandler:
         hit = self.table.match(name)
         if hit is None:
             self.misses.inc()
-            log_event("tls.sni_no_match" if name else "tls.no_sni", level="info",
+            log_throttled("tls.sni_no_match" if name else "tls.no_sni", level="info",
                       port=self.port, sni=name)
             peek.client.close()
             return
@@ -121,7 +121,7 @@ class SniPeek:
         self._finish()
         self.handler.parse_failures.inc()
         event = "tls.client_hello_timeout" if reason == "timeout" else "tls.parse_failed"
-        log_event(event, level="info", port=self.handler.port, reason=reason)
+        log_throttled(event, level="info", port=self.handler.port, reason=reason)
         self.client.close()
 
     def abort(self) -> None:

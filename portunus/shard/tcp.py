@@ -13,10 +13,9 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from portunus.logs import log_event
+from portunus.logs import log_throttled
 from portunus.shard.pumps import HAVE_SPLICE, CopyPump, SplicePump
 
 if TYPE_CHECKING:
@@ -69,30 +68,30 @@ class TcpConnection:
         targets = self.rt.target_set.candidates() if self.rt.target_set else list(self.rt.rule.targets)
         if self.rt.all_literal:
             self.candidates = [(t, t.host) for t in targets]
-            self.try_next()
         else:
-            self.ctx.spawn(self._resolve_then_connect(targets))
+            # A name ("" address) is resolved only when the connection falls through
+            # to it: a healthy primary never waits for a backup's DNS.
+            self.candidates = [(t, t.host if is_ip(t.host) else "") for t in targets]
+        self.try_next()
 
-    async def _resolve_then_connect(self, targets: Iterable[Target]) -> None:
-        cands: list[tuple[Target, str]] = []
-        for t in targets:
-            if is_ip(t.host):
-                cands.append((t, t.host))
-                continue
-            try:
-                addrs = await self.ctx.resolver.resolve(t.host, self.rt.rule.prefer_ipv6)
-            except Exception as exc:  # noqa: BLE001 - ResolveError or anything the resolver hit
-                self.rt.dns_failed(t.host, exc)
-                continue
-            cands.extend((t, a) for a in addrs)
+    async def _resolve_then_connect(self, target: Target) -> None:
+        """Replace the unresolved candidate at ``pos`` with its addresses, go on."""
+        try:
+            addrs = await self.ctx.resolver.resolve(target.host, self.rt.rule.prefer_ipv6)
+        except Exception as exc:  # noqa: BLE001 - ResolveError or anything the resolver hit
+            self.rt.dns_failed(target.host, exc)
+            addrs = []
         if self.closed:
             return
-        self.candidates = cands
+        self.candidates[self.pos:self.pos + 1] = [(target, a) for a in addrs]
         self.try_next()
 
     def try_next(self) -> None:
         while self.pos < len(self.candidates):
             target, ip = self.candidates[self.pos]
+            if not ip:
+                self.ctx.spawn(self._resolve_then_connect(target))
+                return
             self.pos += 1
             if self.tried_target is not target:
                 if self.tried_target is not None and self.target_failed:
@@ -104,7 +103,7 @@ class TcpConnection:
             try:
                 up = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
             except OSError as exc:
-                log_event("tcp.socket_failed", level="error", rule=self.rt.rule.id, error=str(exc))
+                log_throttled("tcp.socket_failed", level="error", rule=self.rt.rule.id, error=str(exc))
                 break
             err = up.connect_ex((ip, port))
             if err == 0:
@@ -119,7 +118,7 @@ class TcpConnection:
                 self.timer = loop.call_later(self.ctx.connect_timeout, self.on_connect_timeout)
                 return
             up.close()
-            log_event("tcp.connect_failed", level="warning", rule=self.rt.rule.id,
+            log_throttled("tcp.connect_failed", level="warning", rule=self.rt.rule.id,
                       target=f"{ip}:{port}", error=errno.errorcode.get(err, str(err)))
         if self.tried_target is not None and self.target_failed:
             self.rt.target_failed(self.tried_target)
@@ -136,7 +135,7 @@ class TcpConnection:
             self.timer = None
         err = up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            log_event("tcp.connect_failed", level="warning", rule=self.rt.rule.id,
+            log_throttled("tcp.connect_failed", level="warning", rule=self.rt.rule.id,
                       target=self.target.label, error=errno.errorcode.get(err, str(err)))
             up.close()
             self.upstream = None
@@ -150,7 +149,7 @@ class TcpConnection:
         if up is None or self.closed:
             return
         self.ctx.loop.remove_writer(up.fileno())
-        log_event("tcp.connect_failed", level="warning", rule=self.rt.rule.id,
+        log_throttled("tcp.connect_failed", level="warning", rule=self.rt.rule.id,
                   target=self.target.label if self.target else "?", error="timeout")
         up.close()
         self.upstream = None
@@ -178,7 +177,7 @@ class TcpConnection:
                 dst = self.client.getsockname()[:2]
                 prelude = build_header(pp, src, dst, "tcp") + prelude
             except (OSError, ValueError) as exc:
-                log_event("proxy_protocol.failed", level="warning", rule=self.rt.rule.id, error=str(exc))
+                log_throttled("proxy_protocol.failed", level="warning", rule=self.rt.rule.id, error=str(exc))
                 self.close()
                 return
         if prelude:
@@ -269,7 +268,7 @@ def accept_batch(ctx: ShardContext, lsock: socket.socket) -> list[socket.socket]
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 # Out of fds: leave the rest in the kernel queue and back off briefly.
                 ctx.accept_backoff(lsock)
-                log_event("tcp.accept_error", level="error", error=str(exc))
+                log_throttled("tcp.accept_error", level="error", error=str(exc))
             break
         conn.setblocking(False)
         try:

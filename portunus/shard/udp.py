@@ -21,10 +21,9 @@ from __future__ import annotations
 import math
 import socket
 import weakref
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from portunus.logs import log_event
+from portunus.logs import log_event, log_throttled
 from portunus.shard import metrics as m
 from portunus.shard.tcp import is_ip
 from portunus.shard.udp_budget import FlowBudget, acquire_budget, release_budget
@@ -85,49 +84,55 @@ class UdpFlow:
         targets = rt.target_set.candidates() if rt.target_set else list(rt.rule.targets)
         if rt.all_literal:
             self.candidates = [(t, t.host) for t in targets]
-            self.connect_next()
         else:
-            self.pending = []
-            self.svc.ctx.spawn(self._resolve_then_connect(targets))
+            # A name ("" address) is resolved only when the flow falls through to
+            # it: a healthy primary never waits for a backup's DNS.
+            self.candidates = [(t, t.host if is_ip(t.host) else "") for t in targets]
+        self.connect_next()
 
-    async def _resolve_then_connect(self, targets: Iterable[Target]) -> None:
-        cands: list[tuple[Target, str]] = []
-        for t in targets:
-            if is_ip(t.host):
-                cands.append((t, t.host))
-                continue
-            try:
-                addrs = await self.svc.ctx.resolver.resolve(t.host, self.rt.rule.prefer_ipv6)
-            except Exception as exc:  # noqa: BLE001 - ResolveError or anything the resolver hit
-                self.rt.dns_failed(t.host, exc)
-                continue
-            cands.extend((t, a) for a in addrs)
+    async def _resolve_then_connect(self, target: Target) -> None:
+        """Replace the unresolved candidate at ``pos`` with its addresses, go on."""
+        try:
+            addrs = await self.svc.ctx.resolver.resolve(target.host, self.rt.rule.prefer_ipv6)
+        except Exception as exc:  # noqa: BLE001 - ResolveError or anything the resolver hit
+            self.rt.dns_failed(target.host, exc)
+            addrs = []
         if self.closed:
             return
-        self.candidates = cands
+        self.candidates[self.pos:self.pos + 1] = [(target, a) for a in addrs]
         if self.connect_next():
             pending, self.pending = self.pending or [], None
             for data in pending:
                 self.send_up(data)
 
     def connect_next(self) -> bool:
-        """Open a connected socket to the next candidate; close the flow when none is left."""
+        """Open a connected socket to the next candidate; close the flow when none is left.
+
+        False also while the next candidate's name resolves (the flow stays open).
+        """
         loop = self.svc.ctx.loop
         port_index = self.svc.port_index
         while self.pos < len(self.candidates):
             target, ip = self.candidates[self.pos]
+            if not ip:
+                # Queue the client's datagrams (the refused one first) while it resolves.
+                if self.pending is None:
+                    self.pending = [self.last] if self.last is not None else []
+                    self.last = None
+                self.svc.ctx.spawn(self._resolve_then_connect(target))
+                return False
             self.pos += 1
             family = socket.AF_INET6 if ":" in ip else socket.AF_INET
             try:
                 up = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
             except OSError as exc:
-                log_event("udp.socket_failed", level="error", rule=self.rt.rule.id, error=str(exc))
+                log_throttled("udp.socket_failed", level="error", rule=self.rt.rule.id, error=str(exc))
                 break
             try:
                 up.connect((ip, target.port + port_index))
             except OSError as exc:
                 up.close()
-                log_event("udp.connect_failed", level="warning", rule=self.rt.rule.id,
+                log_throttled("udp.connect_failed", level="warning", rule=self.rt.rule.id,
                           target=f"{ip}:{target.port + port_index}", error=str(exc))
                 self.rt.target_failed(target)
                 continue
@@ -212,7 +217,7 @@ class UdpFlow:
                 self.refused()
                 break
             except OSError as exc:
-                log_event("udp.recv_failed", level="warning", rule=self.rt.rule.id, error=str(exc))
+                log_throttled("udp.recv_failed", level="warning", rule=self.rt.rule.id, error=str(exc))
                 self.close()
                 break
             if not self.confirmed:

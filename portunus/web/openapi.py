@@ -29,7 +29,7 @@ def _port(code: str = "validation.port") -> dict[str, Any]:
 
 
 _PROXY = {"enum": ["v1", "v2", None], "x-error-code": "validation.proxy_protocol",
-          "description": "Send a PROXY protocol header of this version to the target."}
+          "description": "Send a PROXY protocol header of this version to the target (TCP rules only)."}
 
 RATE_LIMIT: dict[str, Any] = {
     "type": ["object", "null"],

@@ -12,7 +12,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from portunus.errors import ValidationError
-from portunus.rules import parse_port_range, parse_target
+from portunus.rules import Target, build_rule, parse_port_range, parse_target
 
 PORT = st.integers(min_value=1, max_value=65535)
 BAD_PORT = st.one_of(st.integers(max_value=0), st.integers(min_value=65536, max_value=10**12))
@@ -107,3 +107,24 @@ def test_target_reversed_range_rejected() -> None:
     with pytest.raises(ValidationError) as err:
         parse_target("db.example:90-80")
     assert err.value.code == "validation.port_range"
+
+
+@pytest.mark.parametrize(("rule_pp", "target_pp"), [("v1", None), ("v2", None), (None, "v2")])
+def test_udp_rule_refuses_proxy_protocol(rule_pp: str | None, target_pp: str | None) -> None:
+    target = Target(host="127.0.0.1", port=53, proxy_protocol=target_pp)
+    with pytest.raises(ValidationError) as err:
+        build_rule(id="u", protocol="udp", listen=(5353, 5353), targets=[target], proxy_protocol=rule_pp)
+    assert err.value.code == "validation.proxy_protocol"
+    assert "TCP-only" in err.value.message
+    assert err.value.details["field"] == ("proxy_protocol" if rule_pp else "targets")
+    tcp = build_rule(id="t", protocol="tcp", listen=(5353, 5353), targets=[target], proxy_protocol=rule_pp)
+    assert (tcp.proxy_protocol, tcp.targets[0].proxy_protocol) == (rule_pp, target_pp)
+
+
+def test_sni_fallback_travels_on_the_wire_only_when_set() -> None:
+    plain = build_rule(id="1", protocol="tcp", listen=(443, 443), targets=[Target(host="10.0.0.1", port=80)])
+    assert "sni_fallback" not in plain.to_wire()
+    fallback = plain.with_changes(sni_fallback=True)
+    assert fallback.to_wire()["sni_fallback"] is True
+    assert type(plain).from_wire(fallback.to_wire()) == fallback != plain
+    assert type(plain).from_wire(plain.to_wire()) == plain

@@ -341,6 +341,44 @@ def test_dns_name_target_resolves_then_forwards_queued_datagrams(h: Harness) -> 
     assert metric("portunus_udp_flows_active", rid) == 1
 
 
+class CountingResolver:
+    """Answers every name with 127.0.0.1 and records the names it was asked for."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def resolve(self, host: str, prefer_ipv6: bool = False) -> list[str]:
+        self.asked.append(host)
+        return ["127.0.0.1"]
+
+
+def test_backup_name_is_not_resolved_while_the_primary_answers(h: Harness) -> None:
+    echo = h.echo()
+    rid, (svc,), (lsock,) = h.services([local(echo.port, 1), local(echo.port, 2, host="backup.test")])
+    resolver = CountingResolver()
+    svc.ctx._resolver = resolver
+    c = h.client()
+    c.sendto(b"hello", lsock.getsockname())
+    assert c.recvfrom(100)[0] == b"hello"
+    assert resolver.asked == []
+
+
+def test_refused_primary_falls_through_to_a_backup_name_resolved_then(h: Harness) -> None:
+    echo = h.echo()
+    dead = dead_port()
+    rid, (svc,), (lsock,) = h.services([local(dead, 1), local(echo.port, 2, host="backup.test")])
+    resolver = CountingResolver()
+    svc.ctx._resolver = resolver
+    c = h.client()
+    c.sendto(b"first", lsock.getsockname())
+    # Refused by the primary, queued while the backup's name resolves, then resent.
+    assert c.recvfrom(100)[0] == b"first"
+    assert resolver.asked == ["backup.test"]
+    c.sendto(b"second", lsock.getsockname())
+    assert c.recvfrom(100)[0] == b"second"
+    assert metric("portunus_rule_connections_total", rid) == 1
+
+
 def test_close_closes_flows_but_not_the_listener(h: Harness) -> None:
     echo = h.echo()
     rid, (svc,), (lsock,) = h.services([local(echo.port)])

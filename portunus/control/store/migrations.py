@@ -109,7 +109,22 @@ CREATE INDEX client_enrollments_by_client ON client_enrollments (client_id);
 CREATE UNIQUE INDEX clients_by_token ON clients (token_hash);
 """
 
-MIGRATIONS: list[str] = [_V1, _V2, _V3]
+# v4: a (client, port) keeps the mode of its first rule for its lifetime, so the
+# fallback of an SNI port records that it joined one (control.slots): with its
+# SNI rules removed the port stays in SNI mode.  Databases from before this
+# flag get it on the fallbacks of ports that hold an SNI rule right now.
+_V4 = """
+ALTER TABLE rules ADD COLUMN sni_fallback INTEGER NOT NULL DEFAULT 0;
+UPDATE rules SET sni_fallback = 1
+ WHERE sni_pattern IS NULL AND protocol = 'tcp' AND listen_start = listen_end
+   AND state != 'draining'
+   AND EXISTS (SELECT 1 FROM rules s
+                WHERE s.client_id = rules.client_id AND s.protocol = 'tcp'
+                  AND s.listen_start = rules.listen_start AND s.listen_end = s.listen_start
+                  AND s.sni_pattern IS NOT NULL AND s.state != 'draining');
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4]
 LATEST = len(MIGRATIONS)
 
 

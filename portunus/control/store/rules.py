@@ -104,6 +104,7 @@ async def _hydrate(db: aiosqlite.Connection, rows: list[aiosqlite.Row]) -> list[
             prefer_ipv6=bool(row["prefer_ipv6"]),
             rate_limit=json.loads(row["rate_limit"]) if row["rate_limit"] else None,
             health_check_interval_secs=row["health_check_interval_secs"],
+            sni_fallback=bool(row["sni_fallback"]),
         )
         out.append(
             StoredRule(
@@ -168,7 +169,7 @@ async def insert_rule(db: aiosqlite.Connection, client_id: str, rule: Rule) -> i
     cur = await db.execute(
         "INSERT INTO rules (client_id, protocol, listen_start, listen_end, sni_pattern, "
         "proxy_protocol, prefer_ipv6, rate_limit, health_check_interval_secs, owner, state, "
-        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+        "created_at, sni_fallback) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
         (
             client_id,
             rule.protocol,
@@ -181,6 +182,7 @@ async def insert_rule(db: aiosqlite.Connection, client_id: str, rule: Rule) -> i
             rule.health_check_interval_secs,
             rule.owner,
             utc_now(),
+            int(rule.sni_fallback),
         ),
     )
     rule_id = cur.lastrowid

@@ -273,12 +273,6 @@ def test_udp_rule_with_a_dns_target(env: Env) -> None:
     assert udp_exchange(port, b"dns udp").endswith(b":dns udp")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG portunus/shard/tcp.py TcpConnection._resolve_then_connect (same in udp.py "
-    "UdpFlow._resolve_then_connect): every target name of the rule is resolved, one after "
-    "the other, before the first connect, so a healthy literal primary waits for the "
-    "backup's lookup: 2 s (resolver timeout) on the first connection and again every ~7 s "
-    "(5 s negative cache + 2 s) while the backup's DNS does not answer"))
 def test_healthy_primary_does_not_wait_for_the_backups_dns(env: Env, dns: FakeDns) -> None:
     port = env.listen["backup"]
     for _ in range(2):

@@ -147,14 +147,6 @@ def test_server_flag_and_body_field(server: ServerFactory, ports: PortAllocator,
     assert bad.code == 2, bad
 
 
-UDP_PP_BUG = (
-    "BUG: a UDP rule accepts proxy_protocol (v1 and v2; CLI, HTTP and TOML; the rule lists "
-    "proxy=v1) but portunus/shard/udp.py never writes a PROXY header, so the origin gets bare "
-    "datagrams and cannot know the client. Fix: refuse it in portunus/rules.py build_rule "
-    "(validation.proxy_protocol for protocol udp, as SNI does with sni_on_unsupported_rule), "
-    "or implement the v2 DGRAM header and refuse only v1")
-
-
 def _udp_first_datagram(listen: int, origin: socket.socket) -> bytes:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
         c.sendto(b"hello", (LOOPBACK, listen))
@@ -165,7 +157,6 @@ def _pp_signature(data: bytes) -> bool:
     return data.startswith(b"PROXY ") or data.startswith(b"\r\n\r\n\x00\r\nQUIT\n")
 
 
-@pytest.mark.xfail(strict=True, reason=UDP_PP_BUG)
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_server_udp_rule_with_proxy_protocol_is_refused_or_honoured(
         server: ServerFactory, ports: PortAllocator, version: str) -> None:
@@ -177,13 +168,17 @@ def test_server_udp_rule_with_proxy_protocol_is_refused_or_honoured(
         res = srv.cli("push-rule", "local", str(listen), f"{LOOPBACK}:{origin.getsockname()[1]}",
                       "--protocol", "udp", "--proxy-protocol", version)
         if res.code == 2:
-            assert "validation." in res.err, res
+            assert "validation.proxy_protocol" in res.err and "TCP-only" in res.err, res
+            status, body = srv.http("POST", "/v1/rules", {
+                "client": "local", "listen_port": listen, "protocol": "udp",
+                "targets": [{"host": LOOPBACK, "port": origin.getsockname()[1],
+                             "proxy_protocol": version}]})
+            assert (status, body["error"]["code"]) == (400, "validation.proxy_protocol"), body
             return
         assert res.code == 0, res
         assert _pp_signature(_udp_first_datagram(listen, origin)), "bare datagram, no PROXY header"
 
 
-@pytest.mark.xfail(strict=True, reason=UDP_PP_BUG)
 def test_standalone_udp_rule_with_proxy_protocol_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "udp-pp.toml"
     path.write_text(standalone_toml({}, [{"name": "u", "protocol": "udp", "listen_port": 21000,
@@ -191,3 +186,7 @@ def test_standalone_udp_rule_with_proxy_protocol_is_refused(tmp_path: Path) -> N
     res = subprocess.run([STANDALONE_BIN, "--check", "--config", str(path)],
                          capture_output=True, text=True, timeout=30, check=False)
     assert res.returncode == 2, res
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1)
+                if text.startswith("proxy_protocol"))
+    assert f"{path}:{line}: validation.proxy_protocol" in res.stderr, res.stderr
+    assert "TCP-only" in res.stderr, res.stderr

@@ -364,14 +364,6 @@ def test_server_sni_validation(srv: ServerProc, ports: PortAllocator, args: list
     assert (status, reply["error"]["code"]) == (400, code), reply
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (CONTRACT 'a (client, port) keeps the mode of its first rule for its lifetime'): "
-    "portunus/control/slots.py derives the mode from the rules present, so removing the last "
-    "SNI rule of an SNI port turns its fallback into a plain rule; re-pushing an SNI rule is "
-    "then refused with conflict.legacy_to_sni_unsupported ('remove rule <fallback> first') and "
-    "the shard (portunus/shard/main.py handler_for) forwards non-TLS bytes to the fallback "
-    "instead of closing them. Fix: record the port's mode with its first rule (e.g. a flag on "
-    "the fallback rule, carried in the wire format) in slots.check_slot and in handler_for"))
 def test_server_sni_port_stays_sni_when_its_sni_rules_are_replaced(
         srv: ServerProc, ports: PortAllocator, tls_origins: Origins) -> None:
     o = tls_origins
@@ -380,6 +372,11 @@ def test_server_sni_port_stays_sni_when_its_sni_rules_are_replaced(
     fb = srv.cli_json("push-rule", "local", str(port), o.fallback.address)
     try:
         srv.remove_rule(first["id"])  # replacing the SNI rule: remove, then push the new one
+        # Only the fallback is left, and the port is still an SNI port: bytes that are
+        # not a ClientHello are closed, not forwarded to the fallback.
+        fallback_seen = len(o.fallback.records)
+        assert closed_after_sending(port, b"GET / HTTP/1.1\r\nHost: example.test\r\n\r\n") < 1.0
+        assert len(o.fallback.records) == fallback_seen
         res = srv.cli("push-rule", "local", str(port), o.wild.address, "--sni", WILD,
                       "--format", "json")
         assert res.code == 0, res

@@ -40,7 +40,7 @@ async def test_fresh_database_gets_every_migration(tmp_path: Path) -> None:
                 assert [tuple(r) for r in await cur.fetchall()] == [("operator", "superadmin")]
     finally:
         await store.close()
-    assert _version(db) == LATEST == 3
+    assert _version(db) == LATEST == 4
     assert {"clients", "rules", "rule_targets", "users", "tokens", "audit", "schema_version"} <= _tables(db)
 
 
@@ -61,6 +61,31 @@ async def test_upgrade_from_v1_keeps_data(tmp_path: Path) -> None:
     conn = sqlite3.connect(db)
     assert conn.execute("SELECT listen_start, state FROM rules").fetchall() == [(8080, "active")]
     conn.close()
+
+
+def test_upgrade_to_v4_marks_the_fallbacks_of_sni_ports(tmp_path: Path) -> None:
+    """A v3 database: the fallback of an SNI port becomes sni_fallback; a plain port's
+    rule, a fallback whose SNI rule is draining and another client's rule do not."""
+    db = str(tmp_path / "state.db")
+    conn = migrations.connect_sync(db)
+    assert migrations.migrate(conn, db, target=3) == 3
+    conn.execute("INSERT INTO clients (client_id, name, created_at) VALUES ('edge1', 'e', 'x')")
+    rows = [  # (client, port, sni_pattern, state)
+        ("local", 443, "api.example.test", "active"),
+        ("local", 443, None, "active"),  # fallback of an SNI port
+        ("local", 8443, None, "active"),  # plain port
+        ("local", 9443, "old.example.test", "draining"),
+        ("local", 9443, None, "active"),  # its SNI rule is going away: plain from now on
+        ("edge1", 443, None, "active"),  # same port, other client
+    ]
+    for client, port, sni, state in rows:
+        conn.execute(
+            "INSERT INTO rules (client_id, protocol, listen_start, listen_end, sni_pattern, state, "
+            "created_at) VALUES (?, 'tcp', ?, ?, ?, ?, 'x')", (client, port, port, sni, state))
+    assert migrations.migrate(conn, db) == LATEST
+    got = conn.execute("SELECT client_id, listen_start, sni_pattern, sni_fallback FROM rules ORDER BY id").fetchall()
+    conn.close()
+    assert [r[3] for r in got] == [0, 1, 0, 0, 0, 0], got
 
 
 def test_migrations_are_idempotent(tmp_path: Path) -> None:

@@ -73,3 +73,20 @@ def test_sni_rule_onto_plain_port_is_refused() -> None:
 
 def test_range_over_sni_port_conflicts() -> None:
     assert code_of(rule("n", 440, 450), [rule("1", 443, sni="a.example.com")]) == "port_conflict"
+
+
+def test_fallback_of_an_sni_port_is_marked_and_keeps_the_port_in_sni_mode() -> None:
+    api = rule("1", 443, sni="api.example.com")
+    stored = check_slot(rule("2", 443), [api])
+    assert stored.sni_fallback and stored.sni is None
+    assert not check_slot(api, []).sni_fallback
+    assert not check_slot(rule("3", 8080), []).sni_fallback
+    # The SNI rule was removed: only the marked fallback is left.  The port is still
+    # in SNI mode: a new SNI rule joins it, a second plain rule is a second fallback.
+    assert not check_slot(rule("4", 443, sni="*.example.com"), [stored]).sni_fallback
+    assert code_of(rule("5", 443), [stored]) == "port_conflict"
+
+
+def test_unmarked_plain_rule_keeps_its_port_plain() -> None:
+    plain = check_slot(rule("1", 443), [])
+    assert code_of(rule("n", 443, sni="api.example.com"), [plain]) == "conflict.legacy_to_sni_unsupported"
