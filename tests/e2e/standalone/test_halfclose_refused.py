@@ -33,8 +33,8 @@ def test_client_half_close_then_full_reply(standalone, origin, ports, path: str)
     request = Pattern(100 * KiB + 3, seed=12)
     with connect(port) as s:
         sent = send_pattern(s, request)
+        shut_at = time.monotonic()  # before: the FIN can reach the origin before shutdown() returns
         s.shutdown(socket.SHUT_WR)
-        shut_at = time.monotonic()
         got = recv_all(s)
     rec = org.wait_connections(1)[0]
     assert rec.done.wait(10) and rec.error is None, rec.error
