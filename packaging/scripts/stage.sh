@@ -9,6 +9,10 @@
 # Usage: stage.sh TOPDIR STAGE WHEELDIR PIP...
 # PIP is a pip >= 22.3 command (for --python); the checkout's .venv has one.
 set -eu
+# The caller's import path must not leak into the target venv: with PYTHONPATH at a
+# checkout (holding portunus.egg-info) pip would call portunus "already installed"
+# and stage a venv without it.
+unset PYTHONPATH PYTHONHOME PYTHONUSERBASE
 top=$(cd "$1" && pwd); stage=$2; wheels=$3; shift 3
 py=/usr/bin/python3.11   # the distribution's interpreter, never whatever is on PATH
 prefix=/opt/portunus

@@ -127,7 +127,7 @@ def run(settings: Settings, bundle: Bundle, capabilities: list[str], stats_inter
     import socket
 
     from portunus.cli.standalone import shard_settings
-    from portunus.edge.link import run_link
+    from portunus.edge.link import EXIT_HALT, run_link
     from portunus.edge.timing import LinkTiming
     from portunus.supervisor.arbiter import Supervisor
     from portunus.supervisor.children import Child
@@ -154,7 +154,11 @@ def run(settings: Settings, bundle: Bundle, capabilities: list[str], stats_inter
         drain_secs=settings.shutdown_drain_timeout_secs,
         metrics_dir=metrics_dir,
         services=[
-            Child(name="link", title="portunus: link", entry=link_entry, wants_channel=True),
+            Child(name="link", title="portunus: link", entry=link_entry, wants_channel=True,
+                  halt_reasons={EXIT_HALT: (
+                      "the server revoked this client, so its token no longer works; re-enroll: "
+                      "`portunus-server enroll-client NAME` on the server, then `portunus-client "
+                      "enroll '<uri>' --out BUNDLE --force` here")}),
             Child(name="metrics", title="portunus: metrics", entry=lambda _s: run_metrics(settings)),
         ],
         rule_child="link",

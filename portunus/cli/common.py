@@ -9,8 +9,11 @@ code always comes from ``PortunusError.exit_code`` and no verb can forget a hint
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pwd
+import stat
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import IO, Any
@@ -55,12 +58,22 @@ def hint_for(err: PortunusError, facts: dict[str, Any]) -> str | None:
                 f"the token from {source} was refused; mint a new one with "
                 f"`{prog} bootstrap-superadmin --name NAME` or use the one `serve` wrote"
             )
+        if err.details.get("denied"):
+            group, user = err.details.get("group"), err.details.get("user", "USER")
+            who = (f"as root or as a member of group {group} (`usermod -aG {group} {user}`, "
+                   "then log in again)") if group else "as root or the owner of the token file"
+            return f"run the CLI {who}, or export {TOKEN_ENV}=TOKEN with a token you were given"
         data_dir = facts.get("data_dir", "<data-dir>")
         return (
             f"give a token in one of three ways: export {TOKEN_ENV}=TOKEN, "
             f"pass --token-file FILE, or make {os.path.join(data_dir, TOKEN_FILE_NAME)} "
             "readable (the first `serve` writes it)"
         )
+    if code == "unavailable" and err.details.get("denied"):
+        group = _reading_group(facts["socket"]) if facts.get("socket") else None
+        if group:
+            return f"run the CLI as root or as a member of group {group} (`usermod -aG {group} {_user()}`)"
+        return "run the CLI as root or as the user `serve` runs as"
     if code == "unavailable":
         data_dir = facts.get("data_dir", "<data-dir>")
         return (
@@ -175,11 +188,16 @@ class WhenType(click.ParamType):
 # ------------------------------------------------------------------ operator context
 
 
-def _read_token(path: str) -> str | None:
-    """The stripped token in ``path``; None if unreadable; raises if readable but empty."""
+def _read_token(path: str, denied: list[str] | None = None) -> str | None:
+    """The stripped token in ``path``; None if unreadable (appended to ``denied`` when
+    that is for lack of permission); raises if readable but empty."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read().strip()
+    except PermissionError:
+        if denied is not None:
+            denied.append(path)
+        return None
     except (OSError, UnicodeDecodeError):
         return None
     if not text:
@@ -202,14 +220,46 @@ def resolve_token(token_file: str | None, data_dir: str) -> tuple[str, str]:
                 "unauthenticated", f"cannot read the token file {token_file} given by --token-file"
             )
         return token, token_file
+    denied: list[str] = []
     for path in (os.path.join(data_dir, TOKEN_FILE_NAME), SYSTEM_TOKEN_FILE):
-        token = _read_token(path)
+        token = _read_token(path, denied)
         if token is not None:
             return token, path
+    if denied:
+        raise _denied_error(denied)
     raise PortunusError(
         "unauthenticated",
         f"no operator token: {TOKEN_ENV} is unset, no --token-file was given and "
         f"neither {os.path.join(data_dir, TOKEN_FILE_NAME)} nor {SYSTEM_TOKEN_FILE} is readable",
+    )
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+def _reading_group(path: str) -> str | None:
+    """The group whose members may read ``path`` (or enter its directory), if any."""
+    for where, bit in ((path, stat.S_IRGRP), (os.path.dirname(path), stat.S_IXGRP)):
+        try:
+            st = os.stat(where)
+            return grp.getgrgid(st.st_gid).gr_name if st.st_mode & bit else None
+        except (OSError, KeyError):
+            continue
+    return None
+
+
+def _denied_error(denied: list[str]) -> PortunusError:
+    """An operator outside the token's group: say so, and who may (exit 4)."""
+    user = _user()
+    groups = [g for g in (_reading_group(p) for p in denied) if g]
+    return PortunusError(
+        "unauthenticated",
+        f"no operator token this user ({user}) may read: permission denied on {' and '.join(denied)}",
+        denied=denied, user=user, group=groups[0] if groups else None,
     )
 
 

@@ -85,8 +85,10 @@ class ServerGroup(ReportingGroup):
 
 
 @click.group(cls=ServerGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+# readable=False: a user outside group portunus cannot list /var/lib/portunus; that is
+# "no token you may read" (exit 4, said by resolve_token), not a usage error.
 @click.option("--data-dir", envvar="PORTUNUS_DATA_DIR", default=SYSTEM_DATA_DIR, show_default=True,
-              show_envvar=True, type=click.Path(file_okay=False),
+              show_envvar=True, type=click.Path(file_okay=False, readable=False),
               help="State directory (state.db, operator.token, TLS key).")
 @click.option("--config", envvar="PORTUNUS_CONFIG", default=None, show_envvar=True,
               type=click.Path(dir_okay=False),

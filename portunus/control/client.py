@@ -15,6 +15,13 @@ _ids = itertools.count(1)
 
 
 def _unavailable(path: str, exc: OSError) -> PortunusError:
+    if isinstance(exc, PermissionError):  # the server may well be running: say who may connect
+        return PortunusError(
+            "unavailable",
+            f"this user may not open the control socket {path} (permission denied); it is for "
+            "root and the members of its group (portunus when installed from the package)",
+            denied=True,
+        )
     return PortunusError(
         "unavailable",
         f"cannot reach the control socket {path} ({exc.strerror or exc}); "

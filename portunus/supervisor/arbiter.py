@@ -283,6 +283,9 @@ class Supervisor:
         if child.index >= 0 and code == EXIT_SHARD_BOOT_ERROR and not child.ready:
             self.halt(f"{child.name} could not start (exit {code}); see its log line above", 1)
             return
+        if child.index < 0 and code in child.halt_reasons:
+            self.halt(f"{child.name} stopped for good (exit {code}): {child.halt_reasons[code]}", code)
+            return
         if child.index < 0 and code == 78:
             self.halt(f"{child.name} refused to start: configuration or schema problem (exit 78)", 78)
             return

@@ -47,6 +47,9 @@ class Child:
     due_at: float | None = None  # when a dead child may be spawned again
     halted: bool = False
     info: dict[str, object] = field(default_factory=dict)
+    # Service exit codes that end the whole tree (never respawned), with what to tell
+    # the operator; e.g. the edge link's 78 means "revoked", not a config problem.
+    halt_reasons: dict[int, str] = field(default_factory=dict)
 
     @property
     def alive(self) -> bool:

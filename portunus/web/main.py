@@ -46,10 +46,23 @@ class _Server(uvicorn.Server):
         yield
 
 
+# uvicorn logs these per Server; this process runs two (API and /metrics) for one
+# pid, so each would appear twice, identical.  They are said once per process.
+_ONCE_PER_PROCESS = frozenset({"Started server process [%d]", "Shutting down", "Finished server process [%d]"})
+
+
 class _JsonLogHandler(logging.Handler):
     """uvicorn's logger records -> ``log_event`` JSON lines on stderr."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._said: set[str] = set()
+
     def emit(self, record: logging.LogRecord) -> None:
+        if record.msg in _ONCE_PER_PROCESS:
+            if record.msg in self._said:
+                return
+            self._said.add(record.msg)
         level = "error" if record.levelno >= logging.ERROR else (
             "warning" if record.levelno >= logging.WARNING else ("info" if record.levelno >= logging.INFO else "debug"))
         fields: dict[str, Any] = {"logger": record.name, "message": record.getMessage()}

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from machine import REPO, Packages
 
+from portunus.cli.client import EXIT_REVOKED
 from portunus.config import Settings, load_standalone
 
 pytestmark = [pytest.mark.packaging, pytest.mark.timeout(900)]
@@ -214,6 +215,11 @@ def test_units_carry_the_contract() -> None:
                          + (" PORTUNUS_RUNTIME_DIR=/run/portunus-client" if "client" in name else "")):
             assert required in lines, f"{name}: {required}"
         assert "Type=notify-reload" not in text  # systemd 253+; Debian 12 has 252
+        no_restart = {int(c) for c in re.search(r"^RestartPreventExitStatus=(.*)$", text, re.M)  # type: ignore[union-attr]
+                      .group(1).split()}
+        assert {2, 78} <= no_restart, name
+        if "client" in name:  # a revoked client would only be refused again: no restart loop
+            assert EXIT_REVOKED in no_restart, name
         assert re.search(r"^WatchdogSec=\d+", text, re.M)
         stop = int(re.search(r"^TimeoutStopSec=(\d+)", text, re.M).group(1))  # type: ignore[union-attr]
         # Drain (30 s default) + the supervisor's grace for shards (5 s) and services (10 s).

@@ -45,14 +45,21 @@ def remove_stale_socket(path: str) -> None:
 
 
 def _set_owner_group(path: str) -> None:
+    """Give the socket to group portunus so members can use the CLI.  Under the
+    packaged unit (User=/Group=portunus) it already is, and chown may be filtered
+    (SystemCallFilter=~@privileged answers EPERM): so no call when the group is
+    right, and a failure is a warning, never a reason not to serve."""
     try:
         gid = grp.getgrnam(SOCKET_GROUP).gr_gid
     except KeyError:
         return
     try:
+        if os.stat(path).st_gid == gid:
+            return
         os.chown(path, -1, gid)
     except OSError as exc:
-        log_event("control.socket_group", level="warning", path=path, error=exc.strerror)
+        log_event("control.socket_group", level="warning", path=path, group=SOCKET_GROUP,
+                  error=exc.strerror or str(exc))
 
 
 class RpcServer:

@@ -142,6 +142,8 @@ def test_revoked_client_exits_and_stays_down(gateway: ThreadedFakeServer, client
     assert code == 4, client.stderr_tail()
     text = client.stderr_text()
     assert "revoked" in text and "portunus-client enroll" in text
+    # The supervisor's own halt line says why too, not "configuration or schema problem".
+    assert "configuration or schema" not in text and "revoked this client" in text, text
     assert client.cached_rules() == []
     again = clients(bundle, name="after-revoke", ready=False, data_dir=client.data_dir)
     assert again.wait_exit(10) == 4

@@ -109,6 +109,11 @@ async def test_health_and_api_over_real_http_then_sigterm_exits_0(web: WebProces
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert any(e["event"] == "web.listening" for e in lines)
     assert all(line.startswith("{") for line in log.splitlines()), log  # JSON lines only
+    # Two uvicorn servers (API, metrics) in one process: their lifecycle lines once each.
+    said = [e["message"] for e in lines if e["event"] == "web.server"]
+    pid = web.proc.pid
+    for message in (f"Started server process [{pid}]", "Shutting down", f"Finished server process [{pid}]"):
+        assert said.count(message) == 1, said
     assert TOKEN not in log
 
 
