@@ -142,7 +142,9 @@ class EdgeLink:
         self._wake.set()
 
     async def _connect_loop(self) -> None:
-        while True:
+        # Every wait in here uses asyncio.timeout, not wait_for: on Python 3.11 wait_for
+        # can swallow the cancel from run()'s shutdown, and the loop would go on forever.
+        while self._done is None or not self._done.done():
             try:
                 await self._session_once()
             except Revoked as exc:
@@ -167,7 +169,8 @@ class EdgeLink:
             log_event("link.reconnecting", in_secs=round(delay, 2))
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 
@@ -182,7 +185,8 @@ class EdgeLink:
                 "type": "hello", "token": self.bundle.token, "client_id": self.bundle.client_id,
                 "version": __version__, "capabilities": self.capabilities,
             })
-            welcome = await asyncio.wait_for(read_frame(reader), self.timing.handshake_timeout)
+            async with asyncio.timeout(self.timing.handshake_timeout):
+                welcome = await read_frame(reader)
             if welcome.get("type") == "error":
                 self._raise_refusal(welcome)
             if welcome.get("type") != "welcome":
@@ -214,7 +218,8 @@ class EdgeLink:
         try:
             while True:
                 try:
-                    msg = await asyncio.wait_for(read_frame(reader), self.timing.dead_secs)
+                    async with asyncio.timeout(self.timing.dead_secs):
+                        msg = await read_frame(reader)
                 except TimeoutError:
                     # No close_notify dance with a peer that stopped answering: it would
                     # only delay the reconnect (and the log line) by the close timeout.

@@ -51,10 +51,11 @@ async def open_pinned(
     """Connect with TLS and check the pin; raise FingerprintMismatch (connection
     closed, nothing sent) or OSError/TimeoutError/ssl.SSLError on failure."""
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(host, port, ssl=client_context(), server_hostname=host),
-        timeout,
-    )
+    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+    # races with completion, and the link's reconnect loop would then never stop.
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=client_context(), server_hostname=host)
     try:
         ssl_obj = writer.get_extra_info("ssl_object")
         der = ssl_obj.getpeercert(binary_form=True) if ssl_obj is not None else None

@@ -32,7 +32,8 @@ def format_event(data: Any, event: str | None = None) -> bytes:
 
 async def _stopped_within(stopping: asyncio.Event, seconds: float) -> bool:
     try:
-        await asyncio.wait_for(stopping.wait(), seconds)
+        async with asyncio.timeout(seconds):  # not wait_for: it can swallow a cancel on 3.11
+            await stopping.wait()
     except TimeoutError:
         return False
     return True

@@ -138,7 +138,8 @@ class EdgeSession:
         """Ends when the session closes or the link breaks (never raises)."""
         while True:
             try:
-                msg = await asyncio.wait_for(self._queue.get(), self.heartbeat_secs)
+                async with asyncio.timeout(self.heartbeat_secs):  # not wait_for: see edge/link.py
+                    msg = await self._queue.get()
             except TimeoutError:
                 msg = _PING
             if msg is _CLOSE:

@@ -120,7 +120,8 @@ class RpcServer:
         while True:
             last = False
             try:
-                line = await asyncio.wait_for(reader.readuntil(b"\n"), self.idle_timeout)
+                async with asyncio.timeout(self.idle_timeout):  # not wait_for: it can swallow a cancel on 3.11
+                    line = await reader.readuntil(b"\n")
             except TimeoutError:
                 await self._reply(writer, encode_error(None, RequestError(
                     f"connection idle for {self.idle_timeout:g} s; closing")))
