@@ -29,14 +29,15 @@ from portunus.cli.common import (
     format_option,
     hint_vars,
 )
+from portunus.cli.push_params import build_push_params, rate_limit_options
 from portunus.config import SYSTEM_DATA_DIR
-from portunus.errors import PortunusError, ValidationError
-from portunus.rules import MAX_TARGETS, RATE_LIMIT_ALL_KEYS, Target, parse_port_range, parse_target
+from portunus.errors import PortunusError
+from portunus.rules import MAX_TARGETS
 
 # Verbs that live in their own module and are imported only when used or listed,
 # so `list-rules` does not pay for importing the whole appliance.
-# LEAD: `serve` is defined in portunus/cli/serve.py (module attribute `serve`, or
-# the module may call `cli.add_command(serve)` itself on import).
+# A module either has an attribute named like the verb or registers it on ``cli``
+# when imported (portunus.cli.clients).
 LAZY_VERBS = {"serve": "portunus.cli.serve", **dict.fromkeys(("backup", "restore", "reset"), "portunus.cli.storage")}
 # portunus.cli.clients registers these verbs on the group when it is imported.
 LAZY_VERBS.update(dict.fromkeys(("enroll-client", "revoke", "rename-client", "delete-client"),
@@ -159,87 +160,6 @@ def bootstrap_superadmin(obj: OperatorContext, name: str, fmt: str) -> None:
 # ------------------------------------------------------------------ rules
 
 
-def _target_entry(t: Target) -> dict[str, Any]:
-    """HTTP-shaped target: ``{host, port}``, or ``{host, port_start, port_end}`` for ranges."""
-    if t.port_end is not None:
-        return {"host": t.host, "port_start": t.port, "port_end": t.port_end, "priority": t.priority}
-    return {"host": t.host, "port": t.port, "priority": t.priority}
-
-
-def build_push_params(
-    *,
-    client: str,
-    listen: str,
-    target: str | None,
-    targets: tuple[str, ...] = (),
-    protocol: str = "tcp",
-    sni: str | None = None,
-    proxy_protocol: str | None = None,
-    prefer_ipv6: bool = False,
-    rate_limit: dict[str, int | None] | None = None,
-    health_check_interval_secs: float | None = None,
-    ack_timeout: float = 2.0,
-) -> dict[str, Any]:
-    """The ``rules.push`` params for push-rule's arguments.
-
-    Only syntax is checked here (ports, host:port@prio, at most 8 targets); the
-    cross-field rules (range lengths, SNI on ranges, range size) are the server's,
-    because only it knows its ``range_rule_max_ports``.  Optional keys are sent only
-    when given, so the server's defaults apply.
-    """
-    lo, hi = parse_port_range(listen, "LISTEN")
-    parsed = [parse_target(target, "TARGET")] if target else []
-    parsed += [parse_target(t, "--target") for t in targets]
-    if not parsed:
-        raise ValidationError(
-            "validation.targets", "give a TARGET (host:port) or at least one --target host:port@prio",
-            field="targets",
-        )
-    if len(parsed) > MAX_TARGETS:
-        raise ValidationError(
-            "validation.targets", f"a rule takes at most {MAX_TARGETS} targets, got {len(parsed)}",
-            field="targets",
-        )
-    params: dict[str, Any] = {"client": client, "protocol": protocol}
-    if lo == hi:
-        params["listen_port"] = lo
-    else:
-        params["listen_port_start"], params["listen_port_end"] = lo, hi
-    params["targets"] = [_target_entry(t) for t in parsed]
-    if sni is not None:
-        params["sni_pattern"] = sni
-    if proxy_protocol is not None:
-        params["proxy_protocol"] = proxy_protocol
-    if prefer_ipv6:
-        params["prefer_ipv6"] = True
-    caps = {k: v for k, v in (rate_limit or {}).items() if v is not None}
-    if caps:
-        params["rate_limit"] = caps
-    if health_check_interval_secs is not None:
-        params["health_check_interval_secs"] = health_check_interval_secs
-    params["ack_timeout"] = ack_timeout
-    return params
-
-
-_CAP_HELP = {
-    "bandwidth_in_bps": "Cap the rate from connecting clients towards the targets",
-    "bandwidth_out_bps": "Cap the rate back to the connecting clients",
-    "new_connections_per_sec": "Cap new connections per second",
-    "concurrent_connections": "Cap connections open at once",
-}
-
-
-def _rate_limit_options(f: Any) -> Any:
-    for key in reversed(RATE_LIMIT_ALL_KEYS):
-        flag = "--" + key.replace("_", "-")
-        if key.endswith("_burst"):
-            text = f"Burst allowed above {flag.removesuffix('-burst')}."
-        else:
-            text = f"{_CAP_HELP.get(key, 'Cap')} (rate_limit.{key})."
-        f = click.option(flag, key, type=click.IntRange(min=1), default=None, metavar="N", help=text)(f)
-    return f
-
-
 @cli.command("push-rule")
 @click.argument("client")
 @click.argument("listen")
@@ -250,7 +170,7 @@ def _rate_limit_options(f: Any) -> Any:
 @click.option("--sni", metavar="PATTERN", help="Route by TLS SNI: exact name or *.domain (TCP, one port).")
 @click.option("--proxy-protocol", type=click.Choice(("v1", "v2")), help="Send a PROXY header to targets.")
 @click.option("--prefer-ipv6", is_flag=True, help="Try AAAA records of DNS targets first.")
-@_rate_limit_options
+@rate_limit_options
 @click.option("--health-check-interval-secs", type=click.FloatRange(min=0, min_open=True), default=None,
               help="How often a failed target is re-tried (server default 5).")
 @click.option("--ack-timeout", type=click.FloatRange(min=0, min_open=True), default=2.0,
