@@ -8,6 +8,11 @@ died, with backoff.  It owns every listening socket (see listeners.py) and the
 rule table (rulebook.py), and takes its rules from a pluggable source: a TOML
 file read here, or a child process (control, or an edge link) that sends
 ``apply``/``sync`` messages over its channel.
+
+The module is longer than most here on purpose: like gunicorn's arbiter it is one
+state machine (signals, children, channels, rules, shutdown) whose transitions are
+easier to check when they read top to bottom in one class; the pieces that stand
+alone already live beside it (children.py, listeners.py, rulebook.py, framing.py).
 """
 
 from __future__ import annotations
