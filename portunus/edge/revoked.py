@@ -47,6 +47,12 @@ def read_marker(data_dir: str, client_id: str) -> dict[str, str] | None:
 def describe(marker: dict[str, str], bundle_path: str) -> str:
     """The operator-facing explanation printed when the client stops or refuses to start."""
     why = marker.get("message") or "revoked"
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds and os.path.dirname(os.path.abspath(bundle_path)) == os.path.abspath(creds):
+        # Under systemd the path we see is the credential copy in /run; the operator
+        # must write the file the unit loads it from.
+        bundle_path = ("<the bundle file of LoadCredential= in portunus-client.service, "
+                       "by default /etc/portunus/client.bundle>")
     return (
         f"this client ({marker.get('client_name', '?')}, id {marker.get('client_id', '?')}) was "
         f"revoked by the server {marker.get('server', '?')} at {marker.get('revoked_at', '?')}: {why}. "
