@@ -16,7 +16,8 @@ import ``from tests.e2e.support import ...``:
   label subset.
 - ``procs``: ``ManagedProc``, a process started in its own session with stderr
   captured to a file, JSON log parsing, children by process title, and a teardown
-  that kills the whole process group.
+  that kills the whole process group; ``ProcFactory``, what the fixtures that
+  start them share; ``clean_env``, the environment they start with.
 - ``standalone`` / ``server``: ``StandaloneProc`` (TOML file and reload) and
   ``ServerProc`` (data dir, CLI, API, control socket), each with its factory.
 - ``notify``: ``FakeNotify``, a fake systemd ``$NOTIFY_SOCKET``.
@@ -31,6 +32,7 @@ from .origins import (
     ConnRecord,
     Handler,
     Origin,
+    OriginFactory,
     client_duplex,
     duplex,
     duplex_on_request,
@@ -44,8 +46,8 @@ from .origins import (
 )
 from .polling import wait_for
 from .ports import LOOPBACK, PortAllocator, connection_refused, listening_ports
-from .procs import VENV_BIN, ManagedProc, pipe_fds, title_of
-from .server import OPERATOR_TOKEN, SERVER_BIN, ApiResponse, ServerFactory, ServerProc
+from .procs import VENV_BIN, ManagedProc, ProcFactory, clean_env, pipe_fds, title_of
+from .server import OPERATOR_TOKEN, SERVER_BIN, ApiResponse, CliResult, ServerFactory, ServerProc
 from .standalone import STANDALONE_BIN, StandaloneFactory, StandaloneProc
 from .streams import (
     Digest,
@@ -62,9 +64,9 @@ from .toml_writer import standalone_toml, toml_value
 
 __all__ = [
     "LOOPBACK", "OPERATOR_TOKEN", "REQUEST", "SERVER_BIN", "STANDALONE_BIN", "VENV_BIN", "ApiResponse",
-    "ConnRecord", "Digest", "FakeNotify", "Handler", "KiB", "ManagedProc", "Metrics", "MiB",
-    "Origin", "Pattern", "PortAllocator", "ServerFactory", "ServerProc",
-    "StandaloneFactory", "StandaloneProc", "client_duplex", "connect", "connection_refused",
+    "CliResult", "ConnRecord", "Digest", "FakeNotify", "Handler", "KiB", "ManagedProc", "Metrics", "MiB",
+    "Origin", "OriginFactory", "Pattern", "PortAllocator", "ProcFactory", "ServerFactory", "ServerProc",
+    "StandaloneFactory", "StandaloneProc", "clean_env", "client_duplex", "connect", "connection_refused",
     "duplex", "duplex_on_request", "echo", "echo_roundtrip", "exchange", "listening_ports", "multiproc_value",
     "pipe_fds", "push_forever", "recv_all", "recv_exact", "request_header", "scrape", "send_pattern", "sink",
     "slow_source", "source", "standalone_toml", "title_of", "toml_value", "wait_for",

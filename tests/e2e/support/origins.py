@@ -115,6 +115,24 @@ class Origin:
         self.close()
 
 
+class OriginFactory:
+    """What the ``origin`` fixtures hand out: ``origins(handler, port=0) -> Origin``
+    (a given port for origins that must sit on one: range targets, a restarted
+    primary); every origin made is closed at ``close``."""
+
+    def __init__(self) -> None:
+        self.made: list[Origin] = []
+
+    def __call__(self, handler: Handler, port: int = 0) -> Origin:
+        o = Origin(handler, port=port)
+        self.made.append(o)
+        return o
+
+    def close(self) -> None:
+        for o in self.made:
+            o.close()
+
+
 def echo(conn: socket.socket, rec: ConnRecord) -> None:
     """Echo everything; pass the client's half-close on."""
     buf = bytearray(256 * KiB)

@@ -1,5 +1,6 @@
 """``ManagedProc``: a Portunus process tree under test, started in its own session
-with its logs captured, torn down by killing the whole process group."""
+with its logs captured, torn down by killing the whole process group;
+``ProcFactory``: what the fixtures that start such trees share."""
 
 from __future__ import annotations
 
@@ -10,13 +11,26 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import psutil
 
+from .metrics import Metrics, scrape
 from .polling import wait_for
+from .ports import LOOPBACK, PortAllocator
 
 VENV_BIN = Path(sys.executable).parent
+# systemd's hand-off variables: a process under test must not talk to the test runner's systemd.
+_SYSTEMD_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """``os.environ`` without systemd's notify/watchdog variables and without any
+    inherited ``PORTUNUS_*`` setting (a runtime dir, token, data dir or log format
+    of the shell running the tests), then ``extra``: what the test means to set."""
+    env = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_VARS and not k.startswith("PORTUNUS_")}
+    env.update(extra or {})
+    return env
 
 
 def title_of(p: psutil.Process) -> str:
@@ -38,14 +52,16 @@ class ManagedProc:
 
     Started in a new session (its own process group), so ``kill_tree`` reaches
     every descendant even if the root already died and they were re-parented.
-    stderr (the JSON log) and stdout go to files under ``workdir``.
+    stderr (the JSON log) and stdout go to files under ``workdir``.  Subclasses
+    say what ``wait_ready`` means for their program.
     """
 
     def __init__(self, argv: list[str], *, workdir: Path, env: dict[str, str] | None = None,
-                 name: str = "proc") -> None:
+                 name: str = "proc", metrics_port: int | None = None) -> None:
         self.argv = argv
         self.workdir = workdir
         self.name = name
+        self.metrics_port = metrics_port
         self.env = dict(env if env is not None else os.environ)
         self.stderr_path = workdir / f"{name}.stderr"
         self.stdout_path = workdir / f"{name}.stdout"
@@ -109,6 +125,35 @@ class ManagedProc:
                     p.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not say when it is ready")
+
+    def wait_supervisor_ready(self, shards: int, timeout: float, since: int = 0) -> None:
+        """``supervisor.ready`` logged after record ``since`` and ``shards`` shard
+        processes running under their titles: the first half of every ``wait_ready``."""
+        self.wait_log("supervisor.ready", since=since, timeout=timeout)
+        wait_for(lambda: len(self.shards()) == shards, timeout,
+                 what=lambda: f"{shards} shard process(es)\n" + self.stderr_tail())
+
+    def cleanup(self) -> None:
+        """Teardown whatever the test's outcome: kill the tree (subclasses also
+        remove what they made outside ``workdir``)."""
+        self.kill_tree()
+
+    # ---- metrics
+
+    @property
+    def metrics_url(self) -> str:
+        assert self.metrics_port is not None, f"{self.name} has no metrics_listen"
+        return f"http://{LOOPBACK}:{self.metrics_port}/metrics"
+
+    def scrape(self) -> Metrics:
+        return scrape(self.metrics_url)
+
+    def wait_metrics(self, timeout: float) -> None:
+        wait_for(lambda: self.scrape() is not None, timeout,
+                 what=lambda: f"{self.metrics_url} to answer\n" + self.stderr_tail())
 
     # ---- process tree
 
@@ -186,3 +231,33 @@ class ManagedProc:
 
         return wait_for(found, timeout, what=lambda: f"log event {names} from {self.name}\n" + self.stderr_tail())
 
+
+
+P = TypeVar("P", bound=ManagedProc)
+
+
+class ProcFactory(Generic[P]):
+    """Starts process trees under ``workdir`` with ports from ``ports`` and kills
+    every one at ``close``, whatever the test's outcome; the stderr tail of any
+    still running is printed first (pytest shows it when the test failed)."""
+
+    def __init__(self, workdir: Path, ports: PortAllocator) -> None:
+        self.workdir = workdir
+        self.ports = ports
+        self.procs: list[P] = []
+
+    def launch(self, proc: P, *, start: bool = True, ready: bool = True) -> P:
+        """Track ``proc`` for teardown, start it and wait until it is ready."""
+        self.procs.append(proc)
+        if start:
+            proc.start()
+            if ready:
+                proc.wait_ready()
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.alive():
+                sys.stdout.write(proc.stderr_tail() + "\n")  # shown by pytest on failure
+            proc.cleanup()
+        self.procs.clear()

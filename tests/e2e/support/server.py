@@ -9,26 +9,20 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from .metrics import Metrics, scrape
 from .polling import wait_for
 from .ports import LOOPBACK, PortAllocator
-from .procs import VENV_BIN, ManagedProc
+from .procs import VENV_BIN, ManagedProc, ProcFactory, clean_env
 from .toml_writer import standalone_toml
 
 # PORTUNUS_E2E_SERVER runs the server tests against another build of portunus-server.
 SERVER_BIN = os.environ.get("PORTUNUS_E2E_SERVER") or str(VENV_BIN / "portunus-server")
-# Inherited variables that would point a server or CLI under test at the wrong place.
-_SERVER_ENV_DROP = (
-    "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "PORTUNUS_NO_SPLICE", "PORTUNUS_OPERATOR_TOKEN",
-    "PORTUNUS_DATA_DIR", "PORTUNUS_CONFIG", "PORTUNUS_SOCKET", "PORTUNUS_TOKEN_FILE", "PORTUNUS_RUNTIME_DIR",
-)
 
 
 class _Default:
@@ -43,7 +37,11 @@ OPERATOR_TOKEN: Any = _Default()
 
 class ApiResponse:
     """One HTTP answer: ``status``, lower-cased ``headers``, raw ``body``; ``json()``
-    parses it and ``error_code`` reads the contract's error envelope."""
+    parses it and ``error_code`` reads the contract's error envelope.
+
+    It also unpacks (and indexes) as ``(status, parsed body or None)``, the shape
+    the feature and edge tests use: ``status, body = srv.http(...)``.
+    """
 
     __slots__ = ("status", "headers", "body")
 
@@ -64,8 +62,35 @@ class ApiResponse:
         err = doc.get("error") if isinstance(doc, dict) else None
         return err.get("code") if isinstance(err, dict) else None
 
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.status, self.json() if self.body else None))
+
+    def __getitem__(self, index: int) -> Any:
+        return tuple(self)[index]
+
     def __repr__(self) -> str:
         return f"<{self.status} {self.body[:300]!r}>"
+
+
+class CliResult(subprocess.CompletedProcess[str]):
+    """A finished CLI run; ``code``/``out``/``err`` name ``returncode``/``stdout``/
+    ``stderr`` shorter and ``json`` parses stdout."""
+
+    @property
+    def code(self) -> int:
+        return self.returncode
+
+    @property
+    def out(self) -> str:
+        return self.stdout
+
+    @property
+    def err(self) -> str:
+        return self.stderr
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.stdout)
 
 
 class ServerProc(ManagedProc):
@@ -85,23 +110,21 @@ class ServerProc(ManagedProc):
                  env: dict[str, str] | None = None, name: str = "server") -> None:
         self.data_dir = data_dir
         self.shard_count = shards
-        self.api_port, self.metrics_port, self.control_port = ports.ports(3)
+        self.api_port, metrics_port, self.control_port = ports.ports(3)
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="ptn-run-", dir="/tmp"))
         self.config_path = data_dir / "server.toml"
         self.settings: dict[str, Any] = {
             "listen_address": LOOPBACK,
             "operator_http_listen": f"{LOOPBACK}:{self.api_port}",
-            "metrics_listen": f"{LOOPBACK}:{self.metrics_port}",
+            "metrics_listen": f"{LOOPBACK}:{metrics_port}",
             "control_listen": f"{LOOPBACK}:{self.control_port}",
             "log_format": "json",
             "shutdown_drain_timeout_secs": 2,
         }
         self.settings.update(settings or {})
-        full_env = {k: v for k, v in os.environ.items() if k not in _SERVER_ENV_DROP}
-        full_env["PORTUNUS_RUNTIME_DIR"] = str(self.runtime_dir)
-        full_env.update(env or {})
+        full_env = clean_env({"PORTUNUS_RUNTIME_DIR": str(self.runtime_dir), **(env or {})})
         argv = [SERVER_BIN, "--data-dir", str(data_dir), "serve", "--shards", str(shards)]
-        super().__init__(argv, workdir=workdir, env=full_env, name=name)
+        super().__init__(argv, workdir=workdir, env=full_env, name=name, metrics_port=metrics_port)
         self.start_mark = 0
         data_dir.mkdir(parents=True, exist_ok=True)
         self.write_config()
@@ -133,10 +156,6 @@ class ServerProc(ManagedProc):
     def api_url(self) -> str:
         return f"http://{LOOPBACK}:{self.api_port}"
 
-    @property
-    def metrics_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.metrics_port}/metrics"
-
     # ---- lifecycle
 
     def start(self) -> None:
@@ -153,9 +172,7 @@ class ServerProc(ManagedProc):
     def wait_ready(self, timeout: float = 20.0) -> None:
         """Ready = ``supervisor.ready`` logged by this run, every shard running under
         its title, control and web running, and /v1/health answering 200."""
-        self.wait_log("supervisor.ready", since=self.start_mark, timeout=timeout)
-        wait_for(lambda: len(self.shards()) == self.shard_count, timeout,
-                 what=lambda: f"{self.shard_count} shard process(es)\n" + self.stderr_tail())
+        self.wait_supervisor_ready(self.shard_count, timeout, since=self.start_mark)
         wait_for(lambda: self.child("control") and self.child("web"), timeout,
                  what=lambda: "control and web processes\n" + self.stderr_tail())
         wait_for(self.health_ok, timeout, what=lambda: "/v1/health 200\n" + self.stderr_tail())
@@ -172,7 +189,7 @@ class ServerProc(ManagedProc):
         return self.titled().get(f"portunus: {name}")
 
     def cleanup(self) -> None:
-        self.kill_tree()
+        super().cleanup()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     # ---- talking to it
@@ -188,15 +205,16 @@ class ServerProc(ManagedProc):
         return out
 
     def cli(self, *args: str, token: Any = None, env: dict[str, str] | None = None,
-            timeout: float = 30.0, data_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+            timeout: float = 30.0, data_dir: Path | None = None) -> CliResult:
         """``portunus-server --data-dir D ARGS...``; never raises on a non-zero exit.
 
         ``token=None`` sets no ``PORTUNUS_OPERATOR_TOKEN`` (the CLI then reads
         D/operator.token, as an operator would); a string or ``OPERATOR_TOKEN`` sets it.
         """
         argv = [SERVER_BIN, "--data-dir", str(data_dir or self.data_dir), *args]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                              env=self.cli_env(token, env), cwd=self.workdir, stdin=subprocess.DEVNULL)
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                             env=self.cli_env(token, env), cwd=self.workdir, stdin=subprocess.DEVNULL)
+        return CliResult(res.args, res.returncode, res.stdout, res.stderr)
 
     def cli_json(self, *args: str, token: Any = None, expect_rc: int = 0) -> Any:
         """``cli(*args, "--format", "json")``, asserting the exit code; the parsed stdout."""
@@ -207,7 +225,7 @@ class ServerProc(ManagedProc):
 
     def http(self, method: str, path: str, body: Any = None, *, token: Any = OPERATOR_TOKEN,
              raw: bytes | None = None, headers: dict[str, str] | None = None,
-             timeout: float = 10.0) -> ApiResponse:
+             timeout: float = 15.0) -> ApiResponse:
         """One request to the API; ``body`` is sent as JSON, ``raw`` as-is; ``token=None``
         sends no Authorization header."""
         hdrs = dict(headers or {})
@@ -227,7 +245,7 @@ class ServerProc(ManagedProc):
             conn.close()
 
     def rpc(self, method: str, params: dict[str, Any] | None = None, *, token: Any = OPERATOR_TOKEN,
-            timeout: float = 15.0) -> Any:
+            timeout: float = 30.0) -> Any:
         """One control-socket request (``portunus.control.client.call_sync``);
         raises ``PortunusError`` on an error reply."""
         from portunus.control.client import call_sync
@@ -240,36 +258,24 @@ class ServerProc(ManagedProc):
         """Rule id -> rule JSON, over the control socket."""
         return {r["id"]: r for r in self.rpc("rules.list")["rules"]}
 
-    def scrape(self) -> Metrics:
-        return scrape(self.metrics_url)
+    def remove_rule(self, rule_id: int, timeout: float = 10.0) -> None:
+        """Remove a rule and wait until its row is gone (its ports released)."""
+        self.rpc("rules.remove", {"id": rule_id})
+        wait_for(lambda: rule_id not in self.rules(), timeout, what=f"rule {rule_id} to be deleted")
 
 
-class ServerFactory:
-    """Starts ServerProcs under ``workdir`` (data dir ``workdir/<name>``) and kills
-    every process tree at ``close``, whatever the test's outcome."""
-
-    def __init__(self, workdir: Path, ports: PortAllocator) -> None:
-        self.workdir = workdir
-        self.ports = ports
-        self.procs: list[ServerProc] = []
+class ServerFactory(ProcFactory[ServerProc]):
+    """Starts ServerProcs under ``workdir`` (data dir ``workdir/<name>``); every
+    tree is killed and its runtime dir removed at ``close``."""
 
     def __call__(self, *, shards: int = 1, settings: dict[str, Any] | None = None,
                  env: dict[str, str] | None = None, ready: bool = True, start: bool = True,
-                 data_dir: Path | None = None) -> ServerProc:
+                 data_dir: Path | None = None,
+                 wrap: Callable[[list[str]], list[str]] | None = None) -> ServerProc:
+        """``wrap`` rewrites the argv (e.g. to run the server in a mount namespace)."""
         name = f"server{len(self.procs)}"
         proc = ServerProc(workdir=self.workdir, data_dir=data_dir or self.workdir / name, ports=self.ports,
                           settings=settings, shards=shards, env=env, name=name)
-        self.procs.append(proc)
-        if start:
-            proc.start()
-            if ready:
-                proc.wait_ready()
-        return proc
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.alive():
-                sys.stdout.write(proc.stderr_tail() + "\n")  # shown by pytest on failure
-            proc.cleanup()
-        self.procs.clear()
-
+        if wrap is not None:
+            proc.argv = wrap(proc.argv)
+        return self.launch(proc, start=start, ready=ready)

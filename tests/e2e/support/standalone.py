@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
-from .metrics import Metrics, scrape
 from .polling import wait_for
-from .ports import LOOPBACK, PortAllocator, listening_ports
-from .procs import VENV_BIN, ManagedProc
+from .ports import LOOPBACK, listening_ports
+from .procs import VENV_BIN, ManagedProc, ProcFactory, clean_env
 from .toml_writer import standalone_toml
 
 # PORTUNUS_E2E_STANDALONE runs the suite against another build (an installed package, a patched tree).
@@ -26,7 +24,6 @@ class StandaloneProc(ManagedProc):
                  settings: dict[str, Any] | None = None, shards: int = 1,
                  env: dict[str, str] | None = None, name: str = "standalone") -> None:
         self.config_path = workdir / f"{name}.toml"
-        self.metrics_port = metrics_port
         self.shard_count = shards
         self.settings: dict[str, Any] = {
             "listen_address": LOOPBACK,
@@ -36,22 +33,15 @@ class StandaloneProc(ManagedProc):
         }
         self.settings.update(settings or {})
         self.rules = list(rules)
-        full_env = {k: v for k, v in os.environ.items()
-                    if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "PORTUNUS_NO_SPLICE")}
-        full_env["PORTUNUS_RUNTIME_DIR"] = str(workdir / f"{name}-run")
-        full_env.update(env or {})
+        full_env = clean_env({"PORTUNUS_RUNTIME_DIR": str(workdir / f"{name}-run"), **(env or {})})
         argv = [STANDALONE_BIN, "--config", str(self.config_path), "--shards", str(shards)]
-        super().__init__(argv, workdir=workdir, env=full_env, name=name)
+        super().__init__(argv, workdir=workdir, env=full_env, name=name, metrics_port=metrics_port)
         self.write_config()
 
     @property
     def metrics_dir(self) -> Path:
         """The PROMETHEUS_MULTIPROC_DIR the supervisor prepared."""
         return Path(self.env["PORTUNUS_RUNTIME_DIR"]) / "metrics"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.metrics_port}/metrics"
 
     def write_config(self, rules: list[dict[str, Any]] | None = None,
                      settings: dict[str, Any] | None = None) -> None:
@@ -81,16 +71,10 @@ class StandaloneProc(ManagedProc):
     def wait_ready(self, timeout: float = 15.0) -> None:
         """Ready = the supervisor logged ``supervisor.ready``, every shard runs under
         its title, /metrics answers and every TCP rule port is in LISTEN."""
-        self.wait_log("supervisor.ready", timeout=timeout)
-        wait_for(lambda: len(self.shards()) == self.shard_count, timeout,
-                 what=lambda: f"{self.shard_count} shard process(es)\n" + self.stderr_tail())
-        wait_for(lambda: self.scrape() is not None, timeout,
-                 what=lambda: f"{self.metrics_url} to answer\n" + self.stderr_tail())
+        self.wait_supervisor_ready(self.shard_count, timeout)
+        self.wait_metrics(timeout)
         for port in self.rule_ports():
             wait_for(lambda p=port: p in listening_ports(), timeout, what=f"port {port} in LISTEN")
-
-    def scrape(self) -> Metrics:
-        return scrape(self.metrics_url)
 
     def reload(self, expect: str | tuple[str, ...] = "config.reloaded", timeout: float = 10.0) -> dict[str, Any]:
         """SIGHUP and wait for the reload's outcome in the log (``config.reloaded``
@@ -104,14 +88,8 @@ class StandaloneProc(ManagedProc):
         return rec
 
 
-
-class StandaloneFactory:
-    """Starts StandaloneProcs in ``workdir`` and kills every one at ``close``."""
-
-    def __init__(self, workdir: Path, ports: PortAllocator) -> None:
-        self.workdir = workdir
-        self.ports = ports
-        self.procs: list[StandaloneProc] = []
+class StandaloneFactory(ProcFactory[StandaloneProc]):
+    """Starts StandaloneProcs in ``workdir``; every tree is killed at ``close``."""
 
     def __call__(self, rules: list[dict[str, Any]], *, shards: int = 1,
                  settings: dict[str, Any] | None = None, env: dict[str, str] | None = None,
@@ -119,19 +97,6 @@ class StandaloneFactory:
         extra_env = dict(env or {})
         if not splice:
             extra_env["PORTUNUS_NO_SPLICE"] = "1"
-        proc = StandaloneProc(workdir=self.workdir, metrics_port=self.ports.port(), rules=rules,
-                              settings=settings, shards=shards, env=extra_env,
-                              name=f"standalone{len(self.procs)}")
-        self.procs.append(proc)
-        proc.start()
-        if ready:
-            proc.wait_ready()
-        return proc
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.alive():
-                sys.stdout.write(proc.stderr_tail() + "\n")  # shown by pytest on failure
-            proc.kill_tree()
-        self.procs.clear()
-
+        return self.launch(StandaloneProc(workdir=self.workdir, metrics_port=self.ports.port(), rules=rules,
+                                          settings=settings, shards=shards, env=extra_env,
+                                          name=f"standalone{len(self.procs)}"), ready=ready)
