@@ -21,6 +21,7 @@ from portunus.control.rpc.handlers import ControlContext, Dispatcher
 from portunus.control.rpc.server import RpcServer
 from portunus.control.service import RuleService
 from portunus.control.store import Store
+from portunus.errors import PortunusError
 from portunus.rules import Rule
 
 OPERATOR_TOKEN = "test-operator-token-0123456789abcdefghijklmnop"
@@ -135,6 +136,21 @@ async def make_harness(settings: Settings, store: Store, fake_plane: FakePlane) 
 @pytest.fixture
 async def harness(make_harness: Any) -> Harness:
     return await make_harness()
+
+
+async def expect_error(coro: Any, code: str) -> PortunusError:
+    """Await ``coro`` expecting a PortunusError with ``code``; returns the error."""
+    with pytest.raises(PortunusError) as info:
+        await coro
+    assert info.value.code == code, info.value.to_dict()
+    return info.value
+
+
+async def audit_trail(conn: Any) -> list[tuple[str, str, str, str | None]]:
+    """The audit log oldest first, as ``(actor, action, outcome, error_code)``;
+    ``conn`` is anything with the RPC ``call`` (a Harness, an Edge)."""
+    entries = (await conn.call("audit.list", {"limit": 1000}))["entries"]
+    return [(e["actor"], e["action"], e["outcome"], e["error_code"]) for e in reversed(entries)]
 
 
 async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
