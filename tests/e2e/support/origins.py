@@ -37,17 +37,19 @@ Handler = Callable[[socket.socket, ConnRecord], None]
 
 
 class Origin:
-    """A TCP server on 127.0.0.1 running ``handler`` in one thread per connection.
+    """A TCP server on 127.0.0.1 (or another loopback ``host``, ``::1`` included)
+    running ``handler`` in one thread per connection.
 
     ``records`` lists every connection in accept order.  ``close`` stops accepting,
     shuts down every open connection (which unblocks the handlers) and joins.
     """
 
-    def __init__(self, handler: Handler, port: int = 0, backlog: int = 1024) -> None:
+    def __init__(self, handler: Handler, port: int = 0, backlog: int = 1024, host: str = LOOPBACK) -> None:
         self.handler = handler
-        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.host = host
+        self.lsock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind((LOOPBACK, port))
+        self.lsock.bind((host, port))
         self.lsock.listen(backlog)
         self.lsock.settimeout(0.1)
         self.port: int = self.lsock.getsockname()[1]
@@ -60,7 +62,7 @@ class Origin:
 
     @property
     def address(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def _accept_loop(self) -> None:
         while not self._stop.is_set():
