@@ -232,7 +232,6 @@ class ManagedProc:
         return wait_for(found, timeout, what=lambda: f"log event {names} from {self.name}\n" + self.stderr_tail())
 
 
-
 P = TypeVar("P", bound=ManagedProc)
 
 
