@@ -1,17 +1,24 @@
-"""Fixtures for end-to-end tests against real Portunus processes (see support.py).
+"""Fixtures for end-to-end tests against real Portunus processes (see support/).
 
 - ``ports``: session-wide PortAllocator (``ports.port()``, ``ports.ports(n)``, ``ports.block(n)``).
-- ``origin``: factory ``origin(handler) -> Origin``; every origin is closed at teardown.
+- ``origin`` / ``origin_at``: factory ``origin(handler, port=0) -> Origin``; every
+  origin is closed at teardown.
 - ``standalone``: factory ``standalone(rules, shards=1, settings=None, env=None,
-  splice=True, ready=True) -> StandaloneProc``; every process tree is SIGKILLed at
-  teardown, whatever the test's outcome.
-- ``standalone_module`` / ``origin_module``: the same, shared by a test module.
+  splice=True, ready=True) -> StandaloneProc``.
+- ``server``: factory ``server(shards=1, settings=None, env=None, ready=True,
+  start=True, data_dir=None, wrap=None) -> ServerProc``.
+- ``origin_module`` / ``standalone_module`` / ``server_module``: the same, shared
+  by a test module (for tests that only use their own rules on their own ports).
+
+Every process tree a factory started is SIGKILLed at teardown, whatever the
+test's outcome.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -20,58 +27,53 @@ _ROOT = Path(__file__).resolve().parents[2]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))  # so test modules can `from tests.e2e.support import ...`
 
-from tests.e2e.support import Handler, Origin, PortAllocator, StandaloneFactory  # noqa: E402
+from tests.e2e.support import OriginFactory, PortAllocator, ServerFactory, StandaloneFactory  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def ports() -> Iterator[PortAllocator]:
-    alloc = PortAllocator()
-    yield alloc
-    alloc.close()
-
-
-class _Origins:
-    def __init__(self) -> None:
-        self.origins: list[Origin] = []
-
-    def __call__(self, handler: Handler) -> Origin:
-        o = Origin(handler)
-        self.origins.append(o)
-        return o
-
-    def close(self) -> None:
-        for o in self.origins:
-            o.close()
+    with closing(PortAllocator()) as alloc:
+        yield alloc
 
 
 @pytest.fixture
-def origin() -> Iterator[Callable[[Handler], Origin]]:
-    made = _Origins()
-    yield made
-    made.close()
+def origin() -> Iterator[OriginFactory]:
+    with closing(OriginFactory()) as made:
+        yield made
+
+
+@pytest.fixture
+def origin_at(origin: OriginFactory) -> OriginFactory:
+    """``origin``, under the name the tests that pass a port use."""
+    return origin
 
 
 @pytest.fixture(scope="module")
-def origin_module() -> Iterator[Callable[[Handler], Origin]]:
-    made = _Origins()
-    yield made
-    made.close()
+def origin_module() -> Iterator[OriginFactory]:
+    with closing(OriginFactory()) as made:
+        yield made
 
 
 @pytest.fixture
 def standalone(tmp_path: Path, ports: PortAllocator) -> Iterator[StandaloneFactory]:
-    factory = StandaloneFactory(tmp_path, ports)
-    try:
+    with closing(StandaloneFactory(tmp_path, ports)) as factory:
         yield factory
-    finally:
-        factory.close()
 
 
 @pytest.fixture(scope="module")
 def standalone_module(tmp_path_factory: pytest.TempPathFactory,
                       ports: PortAllocator) -> Iterator[StandaloneFactory]:
-    factory = StandaloneFactory(tmp_path_factory.mktemp("standalone"), ports)
-    try:
+    with closing(StandaloneFactory(tmp_path_factory.mktemp("standalone"), ports)) as factory:
         yield factory
-    finally:
-        factory.close()
+
+
+@pytest.fixture
+def server(tmp_path: Path, ports: PortAllocator) -> Iterator[ServerFactory]:
+    with closing(ServerFactory(tmp_path, ports)) as factory:
+        yield factory
+
+
+@pytest.fixture(scope="module")
+def server_module(tmp_path_factory: pytest.TempPathFactory, ports: PortAllocator) -> Iterator[ServerFactory]:
+    with closing(ServerFactory(tmp_path_factory.mktemp("server"), ports)) as factory:
+        yield factory

@@ -4,58 +4,23 @@ SIGTERM, and WATCHDOG=1 pings when WATCHDOG_USEC is set."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
-import socket
-import tempfile
-import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.support import echo, listening_ports, wait_for
-
-
-class FakeSystemd:
-    """A SOCK_DGRAM Unix socket collecting notify datagrams as dicts."""
-
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="ptn-notify-", dir="/tmp")  # short: sun_path is 108 bytes
-        self.path = os.path.join(self.dir, "notify")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.setblocking(False)
-        self.messages: list[dict[str, str]] = []
-        self.received_at: list[float] = []
-
-    def poll(self) -> list[dict[str, str]]:
-        while True:
-            try:
-                data = self.sock.recv(65536)
-            except BlockingIOError:
-                return self.messages
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-            self.messages.append(fields)
-            self.received_at.append(time.monotonic())
-
-    def wait(self, key: str, value: str = "1", since: int = 0, timeout: float = 10.0) -> dict[str, str]:
-        return wait_for(lambda: next((m for m in self.poll()[since:] if m.get(key) == value), None),
-                        timeout, what=f"{key}={value} on the notify socket (got {self.messages})")
-
-    def close(self) -> None:
-        self.sock.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+from tests.e2e.support import FakeNotify, echo, listening_ports, wait_for
 
 
 @pytest.fixture
-def systemd() -> Iterator[FakeSystemd]:
-    fake = FakeSystemd()
+def systemd() -> Iterator[FakeNotify]:
+    """The fake systemd the process under test notifies."""
+    fake = FakeNotify()
     yield fake
     fake.close()
 
 
-def test_ready_reloading_and_stopping(standalone, origin, ports, systemd: FakeSystemd) -> None:  # type: ignore[no-untyped-def]
+def test_ready_reloading_and_stopping(standalone, origin, ports, systemd: FakeNotify) -> None:  # type: ignore[no-untyped-def]
     org = origin(echo)
     port = ports.port()
     proc = standalone([{"name": "n", "listen_port": port, "target": org.address}],
@@ -82,7 +47,7 @@ def test_ready_reloading_and_stopping(standalone, origin, ports, systemd: FakeSy
     assert not any(m.get("WATCHDOG") for m in systemd.poll()), "watchdog pings without WATCHDOG_USEC"
 
 
-def _watchdog_run(standalone, origin, ports, systemd: FakeSystemd, pings: int) -> list[float]:  # type: ignore[no-untyped-def]
+def _watchdog_run(standalone, origin, ports, systemd: FakeNotify, pings: int) -> list[float]:  # type: ignore[no-untyped-def]
     org = origin(echo)
     port = ports.port()
     proc = standalone([{"name": "w", "listen_port": port, "target": org.address}],
@@ -94,12 +59,12 @@ def _watchdog_run(standalone, origin, ports, systemd: FakeSystemd, pings: int) -
     return [t for m, t in zip(systemd.messages, systemd.received_at, strict=True) if m.get("WATCHDOG") == "1"]
 
 
-def test_watchdog_pings(standalone, origin, ports, systemd: FakeSystemd) -> None:  # type: ignore[no-untyped-def]
+def test_watchdog_pings(standalone, origin, ports, systemd: FakeNotify) -> None:  # type: ignore[no-untyped-def]
     """WATCHDOG_USEC=1000000: pings keep arriving (3 within ~4 s)."""
     _watchdog_run(standalone, origin, ports, systemd, 3)
 
 
-def test_watchdog_pings_at_half_the_deadline(standalone, origin, ports, systemd: FakeSystemd) -> None:  # type: ignore[no-untyped-def]
+def test_watchdog_pings_at_half_the_deadline(standalone, origin, ports, systemd: FakeNotify) -> None:  # type: ignore[no-untyped-def]
     pings = _watchdog_run(standalone, origin, ports, systemd, 4)
     gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
     assert max(gaps) < 0.75, f"watchdog pings {[round(g, 3) for g in gaps]} s apart; want ~0.5 s (deadline 1 s)"

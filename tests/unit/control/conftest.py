@@ -1,15 +1,22 @@
 """Fixtures for the control process: a store in a temp dir, a fake data plane, and
-the RPC server wired exactly like ``main.serve_control`` but with the fake."""
+the RPC server wired exactly like ``main.serve_control`` but with the fake; and
+``spawn_control`` for the tests that run ``run_control`` in a real child process."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
@@ -21,9 +28,21 @@ from portunus.control.rpc.handlers import ControlContext, Dispatcher
 from portunus.control.rpc.server import RpcServer
 from portunus.control.service import RuleService
 from portunus.control.store import Store
+from portunus.errors import PortunusError
 from portunus.rules import Rule
 
 OPERATOR_TOKEN = "test-operator-token-0123456789abcdefghijklmnop"
+REPO = Path(__file__).resolve().parents[3]
+# The control process as the supervisor starts it: argv = channel fd, data dir,
+# runtime dir, operator token, control_listen.
+CONTROL_CHILD = """
+import socket, sys
+from portunus.config import Settings
+from portunus.control.main import run_control
+s = Settings(data_dir=sys.argv[2], runtime_dir=sys.argv[3], operator_token=sys.argv[4],
+             control_listen=sys.argv[5])
+run_control(s, socket.socket(fileno=int(sys.argv[1])))
+"""
 
 
 class FakePlane:
@@ -77,6 +96,35 @@ class Harness:
     async def call(self, method: str, params: dict[str, Any] | None = None, token: str | None = None) -> Any:
         return await self.client.call(method, params, token=token)
 
+    async def close(self) -> None:
+        await self.server.close()
+        await self.service.stop()
+
+
+class Closable(Protocol):
+    async def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=Closable)
+
+
+@contextlib.asynccontextmanager
+async def closing_each(build: Callable[..., Awaitable[C]]) -> AsyncIterator[Callable[..., Awaitable[C]]]:
+    """The body of a factory fixture: the test gets ``make(**kw)`` (``build(**kw)``,
+    remembered), and everything made is closed once the test is done."""
+    built: list[C] = []
+
+    async def make(**kw: Any) -> C:
+        made = await build(**kw)
+        built.append(made)
+        return made
+
+    try:
+        yield make
+    finally:
+        for made in built:
+            await made.close()
+
 
 @pytest.fixture
 def short_dir() -> Iterator[Path]:
@@ -119,22 +167,28 @@ async def start_harness(settings: Settings, store: Store, plane: FakePlane, idle
 @pytest.fixture
 async def make_harness(settings: Settings, store: Store, fake_plane: FakePlane) -> AsyncIterator[Any]:
     """Factory for a harness with non-default server options; cleaned up after the test."""
-    built: list[Harness] = []
-
-    async def make(**kw: Any) -> Harness:
-        h = await start_harness(settings, store, fake_plane, **kw)
-        built.append(h)
-        return h
-
-    yield make
-    for h in built:
-        await h.server.close()
-        await h.service.stop()
+    async with closing_each(functools.partial(start_harness, settings, store, fake_plane)) as make:
+        yield make
 
 
 @pytest.fixture
 async def harness(make_harness: Any) -> Harness:
     return await make_harness()
+
+
+async def expect_error(coro: Any, code: str) -> PortunusError:
+    """Await ``coro`` expecting a PortunusError with ``code``; returns the error."""
+    with pytest.raises(PortunusError) as info:
+        await coro
+    assert info.value.code == code, info.value.to_dict()
+    return info.value
+
+
+async def audit_trail(conn: Any) -> list[tuple[str, str, str, str | None]]:
+    """The audit log oldest first, as ``(actor, action, outcome, error_code)``;
+    ``conn`` is anything with the RPC ``call`` (a Harness, an Edge)."""
+    entries = (await conn.call("audit.list", {"limit": 1000}))["entries"]
+    return [(e["actor"], e["action"], e["outcome"], e["error_code"]) for e in reversed(entries)]
 
 
 async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
@@ -149,3 +203,24 @@ async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
 @pytest.fixture
 def poll() -> Any:
     return wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn_control(data: Path, run: Path, token: str,
+                  control_listen: str) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """Start ``run_control`` in a child process the way the supervisor does: its
+    channel is one end of a socketpair (we keep the other, returned with the
+    process), its metrics go to ``run/metrics`` (which must exist), stderr is piped."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(run / "metrics"), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CONTROL_CHILD, str(theirs.fileno()), str(data), str(run), token, control_listen],
+        pass_fds=[theirs.fileno()], env=env, stderr=subprocess.PIPE,
+    )
+    theirs.close()
+    return proc, ours

@@ -4,24 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 from portunus.control.store import accounts
 from portunus.errors import PortunusError
 
+from .conftest import audit_trail, expect_error
+
 PUSH: dict[str, Any] = {"listen_port": 30005, "targets": [{"host": "127.0.0.1", "port": 40005}]}
-
-
-async def expect_error(coro: Any, code: str) -> PortunusError:
-    with pytest.raises(PortunusError) as info:
-        await coro
-    assert info.value.code == code, info.value.to_dict()
-    return info.value
-
-
-async def audit_actions(h: Any) -> list[tuple[str, str, str, str | None]]:
-    entries = (await h.call("audit.list", {"limit": 1000}))["entries"]
-    return [(e["actor"], e["action"], e["outcome"], e["error_code"]) for e in reversed(entries)]
 
 
 async def test_push_activates(harness: Any) -> None:
@@ -33,8 +21,8 @@ async def test_push_activates(harness: Any) -> None:
     wire = upsert[0].to_wire()
     assert wire["id"] == "1" and wire["client"] == "local" and wire["owner"] == ""
     assert await harness.call("rules.get", {"id": 1}) == rule
-    assert ("operator", "rule.push", "ok", None) in await audit_actions(harness)
-    assert ("system", "rule.state", "ok", None) in await audit_actions(harness)
+    assert ("operator", "rule.push", "ok", None) in await audit_trail(harness)
+    assert ("system", "rule.state", "ok", None) in await audit_trail(harness)
 
 
 async def test_push_fails_and_keeps_slot(harness: Any) -> None:
@@ -48,8 +36,8 @@ async def test_push_fails_and_keeps_slot(harness: Any) -> None:
     assert got["state"] == "failed"
     harness.plane.auto = ("active", None)
     await expect_error(harness.call("rules.push", PUSH), "port_conflict")
-    assert ("system", "rule.state", "error", "activation_failed") in await audit_actions(harness)
-    assert ("operator", "rule.push", "error", "port_conflict") in await audit_actions(harness)
+    assert ("system", "rule.state", "error", "activation_failed") in await audit_trail(harness)
+    assert ("operator", "rule.push", "error", "port_conflict") in await audit_trail(harness)
     # Nothing of a failed rule is bound: removing it frees the slot at once.
     await harness.call("rules.remove", {"id": 1})
     await expect_error(harness.call("rules.get", {"id": 1}), "rule_not_found")
@@ -108,7 +96,7 @@ async def test_remove_drains_then_deletes(harness: Any, poll: Any) -> None:
         return False
 
     await poll(gone)
-    actions = await audit_actions(harness)
+    actions = await audit_trail(harness)
     assert ("operator", "rule.remove", "ok", None) in actions
     assert ("system", "rule.removed", "ok", None) in actions
     await expect_error(harness.call("rules.remove", {"id": 1}), "rule_not_found")
@@ -159,7 +147,7 @@ async def test_sni_sharing_through_rpc(harness: Any) -> None:
 async def test_validation_errors_are_audited(harness: Any) -> None:
     err = await expect_error(harness.call("rules.push", {"listen_port": 1}), "validation.targets")
     assert err.details["field"] == "targets"
-    assert ("operator", "rule.push", "error", "validation.targets") in await audit_actions(harness)
+    assert ("operator", "rule.push", "error", "validation.targets") in await audit_trail(harness)
 
 
 async def test_update_rate_limit(harness: Any) -> None:

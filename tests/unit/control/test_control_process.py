@@ -6,9 +6,7 @@ import json
 import os
 import select
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,16 +19,9 @@ from portunus.control.client import call_sync
 from portunus.control.store.migrations import connect_sync, migrate
 from portunus.supervisor.framing import Channel
 
+from .conftest import free_port, spawn_control
+
 TOKEN = "process-test-operator-token-abcdefghijklmnopqrstuvwxyz"
-CHILD = """
-import socket, sys
-from portunus.config import Settings
-from portunus.control.main import run_control
-s = Settings(data_dir=sys.argv[2], runtime_dir=sys.argv[3], operator_token=sys.argv[4],
-             control_listen=sys.argv[5])
-run_control(s, socket.socket(fileno=int(sys.argv[1])))
-"""
-ROOT = Path(__file__).resolve().parents[3]
 
 
 def read_frames(chan: Channel, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
@@ -51,12 +42,6 @@ def wait_until(cond: Any, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.02)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Control:
@@ -87,14 +72,7 @@ class Control:
         conn.close()
 
     def start(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics), "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(theirs.fileno()), str(self.data), str(self.run), TOKEN,
-             self.control_listen],
-            pass_fds=[theirs.fileno()], env=env, stderr=subprocess.PIPE,
-        )
-        theirs.close()
+        self.proc, ours = spawn_control(self.data, self.run, TOKEN, self.control_listen)
         self.chan = Channel(ours)
 
     def call(self, method: str, params: dict[str, Any] | None = None) -> Any:

@@ -15,6 +15,8 @@ from portunus.control.rpc.protocol import MAX_REQUEST_BYTES
 from portunus.control.store import bootstrap_superadmin
 from portunus.errors import PortunusError
 
+from .conftest import expect_error
+
 
 async def raw_exchange(path: str, data: bytes, read_until_eof: bool = True) -> list[dict[str, Any]]:
     """Send raw bytes, return every reply line until the server closes."""
@@ -29,13 +31,6 @@ async def raw_exchange(path: str, data: bytes, read_until_eof: bool = True) -> l
     finally:
         writer.close()
     return [json.loads(line) for line in raw.splitlines() if line.strip()]
-
-
-async def expect_error(coro: Any, code: str) -> PortunusError:
-    with pytest.raises(PortunusError) as info:
-        await coro
-    assert info.value.code == code, info.value.to_dict()
-    return info.value
 
 
 # ---------------------------------------------------------------- protocol

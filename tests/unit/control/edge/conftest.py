@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import ssl
 from collections.abc import AsyncIterator
@@ -27,6 +28,8 @@ from portunus.control.rpc.server import RpcServer
 from portunus.control.service import RuleService
 from portunus.control.store import Store
 from portunus.edge.wire import encode_frame, read_frame
+
+from ..conftest import closing_each
 
 OPERATOR_TOKEN = "edge-test-operator-token-0123456789abcdefghijklmn"
 ALL_CAPS = ["tcp", "udp", "range", "sni", "proxy_protocol", "dns", "failover"]
@@ -159,6 +162,13 @@ class Edge:
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         return await self.client.call(method, params)
 
+    async def close(self) -> None:
+        for f in self.edges:
+            await f.close()
+        await self.server.close()
+        await self.gateway.close()
+        await self.service.stop()
+
     def fake(self) -> FakeEdge:
         e = FakeEdge(self.port, self.cert.fingerprint)
         self.edges.append(e)
@@ -206,20 +216,9 @@ async def build_edge(settings: Settings, store: Store, local: Any, **gateway_kw:
 
 @pytest.fixture
 async def make_edge(settings: Settings, store: Store, fake_plane: Any) -> AsyncIterator[Any]:
-    built: list[Edge] = []
-
-    async def make(**gateway_kw: Any) -> Edge:
-        e = await build_edge(settings, store, fake_plane, **gateway_kw)
-        built.append(e)
-        return e
-
-    yield make
-    for e in built:
-        for f in e.edges:
-            await f.close()
-        await e.server.close()
-        await e.gateway.close()
-        await e.service.stop()
+    """Factory for an edge setup with non-default gateway options; closed after the test."""
+    async with closing_each(functools.partial(build_edge, settings, store, fake_plane)) as make:
+        yield make
 
 
 @pytest.fixture

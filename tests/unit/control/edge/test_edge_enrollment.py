@@ -8,23 +8,11 @@ from typing import Any
 import pytest
 
 from portunus.control.auth import hash_token
-from portunus.errors import PortunusError
 
+from ..conftest import audit_trail, expect_error
 from .conftest import uri_parts
 
 URI = re.compile(r"portunus://127\.0\.0\.1:(\d+)/enroll\?code=[A-Za-z0-9_-]{32}&fp=sha256:[0-9a-f]{64}")
-
-
-async def expect_error(coro: Any, code: str) -> PortunusError:
-    with pytest.raises(PortunusError) as info:
-        await coro
-    assert info.value.code == code, info.value.to_dict()
-    return info.value
-
-
-async def audit(edge: Any) -> list[tuple[str, str, str, str | None]]:
-    entries = (await edge.call("audit.list", {"limit": 1000}))["entries"]
-    return [(e["actor"], e["action"], e["outcome"], e["error_code"]) for e in reversed(entries)]
 
 
 async def test_enroll_returns_uri_and_command(edge: Any) -> None:
@@ -44,7 +32,7 @@ async def test_enroll_returns_uri_and_command(edge: Any) -> None:
         async with db.execute("SELECT code_hash FROM client_enrollments") as cur:
             hashes = [r[0] for r in await cur.fetchall()]
     assert hashes == [hash_token(code)]
-    assert ("operator", "client.enroll", "ok", None) in await audit(edge)
+    assert ("operator", "client.enroll", "ok", None) in await audit_trail(edge)
 
 
 async def test_enroll_ipv6_and_default_host(edge: Any) -> None:
@@ -69,7 +57,7 @@ async def test_enroll_validation(edge: Any, params: dict[str, Any], code: str) -
     err = await expect_error(edge.call("clients.enroll", params), code)
     assert err.exit_code == 2
     assert [c["client_name"] for c in (await edge.call("clients.list"))["clients"]] == ["local"]
-    assert ("operator", "client.enroll", "error", code) in await audit(edge)
+    assert ("operator", "client.enroll", "error", code) in await audit_trail(edge)
 
 
 async def test_redeem_gives_a_hashed_token_once(edge: Any) -> None:
@@ -89,7 +77,7 @@ async def test_redeem_gives_a_hashed_token_once(edge: Any) -> None:
     assert refused["type"] == "error" and refused["code"] == "enrollment_invalid"
     assert "already used" in refused["message"]
     await again.closed.wait()  # and the server closes the connection
-    actions = await audit(edge)
+    actions = await audit_trail(edge)
     assert (f"client:{enrolled['client_id']}", "client.enrolled", "ok", None) in actions
     assert ("edge", "client.enroll", "error", "enrollment_invalid") in actions
 

@@ -10,14 +10,9 @@ import pytest
 
 from portunus.errors import PortunusError
 
+from ..conftest import expect_error
+
 PUSH: dict[str, Any] = {"listen_port": 19090, "targets": [{"host": "127.0.0.1", "port": 9090}]}
-
-
-async def expect_error(coro: Any, code: str) -> PortunusError:
-    with pytest.raises(PortunusError) as info:
-        await coro
-    assert info.value.code == code, info.value.to_dict()
-    return info.value
 
 
 async def client_row(edge: Any, client_id: str) -> dict[str, Any] | None:

@@ -7,8 +7,6 @@ import asyncio
 import json
 import os
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,24 +19,10 @@ from portunus.control.edge.gateway import EdgeGateway
 from portunus.control.edge.remote_link import RemoteLink
 from portunus.control.main import start_gateway
 
+from ..conftest import free_port, spawn_control
 from .conftest import FakeEdge, uri_parts
 
 TOKEN = "edge-process-operator-token-abcdefghijklmnopqrstuvwxyz"
-CHILD = """
-import socket, sys
-from portunus.config import Settings
-from portunus.control.main import run_control
-s = Settings(data_dir=sys.argv[2], runtime_dir=sys.argv[3], operator_token=sys.argv[4],
-             control_listen=sys.argv[5])
-run_control(s, socket.socket(fileno=int(sys.argv[1])))
-"""
-ROOT = Path(__file__).resolve().parents[4]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Child:
@@ -48,15 +32,7 @@ class Child:
         self.metrics = base / "run" / "metrics"
         self.metrics.mkdir(parents=True)
         self.sock = str(base / "run" / "control.sock")
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.ours = ours
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics), "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(theirs.fileno()), str(base / "data"), str(base / "run"), TOKEN,
-             f"127.0.0.1:{port}"],
-            pass_fds=[theirs.fileno()], env=env, stderr=subprocess.PIPE,
-        )
-        theirs.close()
+        self.proc, self.ours = spawn_control(base / "data", base / "run", TOKEN, f"127.0.0.1:{port}")
 
     async def wait_ready(self) -> ControlClient:
         client = ControlClient(self.sock, TOKEN, timeout=5)
