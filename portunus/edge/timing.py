@@ -31,7 +31,8 @@ class Backoff:
         self._rng = rng or random.Random()
 
     def next(self) -> float:
-        base = min(self.maximum, self.first * 2 ** self.failures)
+        # Cap the exponent: 2.0 ** 1024 overflows, and a long outage must not end the loop.
+        base = min(self.maximum, self.first * 2.0 ** min(self.failures, 60))
         self.failures += 1
         return min(self.maximum, base * self._rng.uniform(0.8, 1.2))
 

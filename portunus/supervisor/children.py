@@ -61,7 +61,7 @@ class Child:
         if self.failures_in_row == 0:
             delay = BACKOFF_FIRST
         else:
-            delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (self.failures_in_row - 1))
+            delay = min(BACKOFF_MAX, BACKOFF_MIN * 2.0 ** min(self.failures_in_row - 1, 60))  # no overflow
             delay *= random.uniform(0.8, 1.2)  # jitter: restarts of many children do not align
         self.failures_in_row += 1
         self.due_at = now + delay

@@ -32,3 +32,11 @@ def test_reset_starts_over() -> None:
 def test_defaults_match_the_protocol() -> None:
     t = LinkTiming()
     assert (t.heartbeat_secs, t.dead_secs, t.stats_secs, t.backoff_first, t.backoff_max) == (5, 15, 5, 0.5, 30)
+
+
+def test_backoff_survives_a_very_long_outage() -> None:
+    """2 ** 1024 overflows a float: after ~1,000 failed connects (hours of server
+    outage) the delay must still be the maximum, not an OverflowError."""
+    b = Backoff(0.5, 30.0)
+    delays = [b.next() for _ in range(2000)]
+    assert all(0 < d <= 30.0 * 1.2 for d in delays)
