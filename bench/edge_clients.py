@@ -173,6 +173,12 @@ def bench_many(res: Results, srv: ServerProc, fleet: Fleet, args: argparse.Names
     wait_until(lambda: connected_count(srv) == n, f"{n} clients listed as connected", 60, 0.2)
     time.sleep(6)  # one heartbeat + stats round from everyone before memory is read
     res.facts["mem_connected"] = memory(srv)
+    control = srv.child("control")
+    assert control is not None
+    res.facts["control_nofile"] = list(control.rlimit(psutil.RLIMIT_NOFILE))
+    c0, w0 = sum(control.cpu_times()[:2]), time.monotonic()
+    time.sleep(args.idle_secs)  # idle links only: pings + stats every 5 s from each fake
+    res.facts["control_idle_cpu_pct"] = 100 * (sum(control.cpu_times()[:2]) - c0) / (time.monotonic() - w0)
     log(f"{args.lists} x clients.list / GET /v1/clients with {n} connected")
     s = Series(f"`clients.list` over the control socket, {n} connected (connection per call)", "ms")
     for i in range(args.lists + 5):
@@ -362,7 +368,10 @@ def render(res: Results, args: argparse.Namespace) -> str:
         _mem_line(f"… and {len(res.series['push'].values) + 5} pushed rules", f["mem_after_pushes"]),
         "",
         f"Control-process growth per connected client: {per_conn_kib:.1f} KiB; fds per client: "
-        f"{(full['control_fds'] - empty['control_fds']) / n:.2f}. Fleet process RSS: {f['fleet_rss_mib']:.0f} MiB.",
+        f"{(full['control_fds'] - empty['control_fds']) / n:.2f} (control RLIMIT_NOFILE soft/hard: "
+        f"{f['control_nofile'][0]}/{f['control_nofile'][1]}). Control-process CPU with {n} idle links "
+        f"(a `ping` + a `stats` frame per client every 5 s): {f['control_idle_cpu_pct']:.1f} % of one core. "
+        f"Fleet process RSS: {f['fleet_rss_mib']:.0f} MiB.",
         "",
         "Method:",
         f"- Enrollment of {n} clients: codes minted with `clients.enroll` over the control socket "
@@ -403,6 +412,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--restart-clients", type=int, default=100)
     p.add_argument("--rules-each", type=int, default=3)
     p.add_argument("--restarts", type=int, default=3)
+    p.add_argument("--idle-secs", type=float, default=10.0, help="window for the control process's idle CPU")
     p.add_argument("--quick", action="store_true", help="200 clients, 100 lists / pushes, 3 restarts of 100")
     p.add_argument("--out", type=Path, default=HERE / "results" / "edge_clients.md")
     p.add_argument("--json", type=Path, default=None, help="also write the raw samples here")
@@ -442,6 +452,7 @@ def run(settings: Settings) -> list[BenchResult]:
             metrics=[Metric("value", f"{s.name} ({unit})", False)],
             per_forwarder={"portunus": [{"value": v} for v in s.values]},
             extra={"summary": s.summary(), "targets": targets,
+                   "clients": res.facts["restart_clients"] if key == "restart" else res.clients,
                    "memory": {k: res.facts[k] for k in ("mem_empty", "mem_connected", "mem_after_pushes")}},
         ))
     return out

@@ -18,9 +18,11 @@ talks to it over a ``multiprocessing`` pipe; times the fleet reports are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import random
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -179,34 +181,45 @@ async def _enroll_all(uris: list[str], concurrency: int) -> tuple[list[Identity 
 async def _serve(conn: multiprocessing.connection.Connection) -> None:
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[Any] = asyncio.Queue()
-    loop.add_reader(conn.fileno(), lambda: inbox.put_nowait(conn.recv()))
-    fakes: dict[str, FakeClient] = {}
-    try:
+
+    def pump() -> None:
+        # A blocking reader thread, not loop.add_reader: the loop would make the pipe
+        # non-blocking and Connection.recv cannot resume a half-read message.
         while True:
-            cmd, *args = await inbox.get()
-            if cmd == "enroll":
-                conn.send(await _enroll_all(*args))
-            elif cmd == "connect":  # (host, port, fingerprint, [Identity])
-                host, port, fp, idents = args
-                for ident in idents:
-                    fake = FakeClient(ident, host, port, fp)
-                    fake.task = asyncio.create_task(fake.run())
-                    fakes[ident.client_id] = fake
-                conn.send(len(fakes))
-            elif cmd == "status":
-                conn.send({cid: f.status() for cid, f in fakes.items()})
-            elif cmd == "disconnect":
-                tasks = [f.task for f in fakes.values() if f.task is not None]
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                fakes.clear()
-                conn.send(0)
-            elif cmd == "quit":
-                conn.send(0)
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                msg = ("quit",)
+            loop.call_soon_threadsafe(inbox.put_nowait, msg)
+            if msg[0] == "quit":
                 return
-    finally:
-        loop.remove_reader(conn.fileno())
+
+    threading.Thread(target=pump, name="fleet-inbox", daemon=True).start()
+    fakes: dict[str, FakeClient] = {}
+    while True:
+        cmd, *args = await inbox.get()
+        if cmd == "enroll":
+            conn.send(await _enroll_all(*args))
+        elif cmd == "connect":  # (host, port, fingerprint, [Identity])
+            host, port, fp, idents = args
+            for ident in idents:
+                fake = FakeClient(ident, host, port, fp)
+                fake.task = asyncio.create_task(fake.run())
+                fakes[ident.client_id] = fake
+            conn.send(len(fakes))
+        elif cmd == "status":
+            conn.send({cid: f.status() for cid, f in fakes.items()})
+        elif cmd == "disconnect":
+            tasks = [f.task for f in fakes.values() if f.task is not None]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            fakes.clear()
+            conn.send(0)
+        elif cmd == "quit":
+            with contextlib.suppress(OSError):
+                conn.send(0)
+            return
 
 
 def fleet_main(conn: multiprocessing.connection.Connection) -> None:
