@@ -58,7 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.common import raise_nofile  # noqa: E402
+from bench.common import machine_info, raise_nofile  # noqa: E402
 from bench.control_plane import Series, machine, pct, running_server  # noqa: E402
 from bench.edge_fleet import Fleet, Identity  # noqa: E402
 from bench.results import BenchResult, Metric, Settings  # noqa: E402
@@ -305,7 +305,9 @@ def bench_restart(res: Results, srv: ServerProc, fleet: Fleet, args: argparse.Na
 
 def measure(args: argparse.Namespace) -> Results:
     raise_nofile()
-    res = Results(time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), machine(), args.clients)
+    info = machine_info()
+    mach = machine() | {k: info[k] for k in ("cpu_model", "memory_gib", "commit")}
+    res = Results(time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), mach, args.clients)
     ports = PortAllocator()
     tmp = Path(tempfile.mkdtemp(prefix="portunus-edge-bench-"))
     fleet = Fleet()
@@ -317,7 +319,10 @@ def measure(args: argparse.Namespace) -> Results:
     finally:
         fleet.close()
         ports.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if args.keep_logs:
+            log(f"server data dirs and logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     res.machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     return res
 
@@ -341,9 +346,11 @@ def render(res: Results, args: argparse.Namespace) -> str:
     lines = [
         f"## Edge clients (issue 6): {n:,} fake clients, restart → reconnect",
         "",
-        f"Run {res.date} on {m['cpus']} CPU, Python {m['python']}, Linux {m['kernel']}; "
+        f"Run {res.date} on {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB RAM, Python {m['python']}, "
+        f"Linux {m['kernel']}, commit {m['commit']}; "
         "`portunus-server serve --shards 1`, default log level; the fakes run in one other process "
-        f"(bench/edge_fleet.py, uvloop). Load average {m['loadavg'][0]} at start, {m['loadavg_end'][0]} at the end.",
+        f"(bench/edge_fleet.py, uvloop). Load average {m['loadavg'][0]} at start, {m['loadavg_end'][0]} at the end "
+        "(other jobs share the machine; the p99s follow the load).",
         "`python -m bench.edge_clients" + (" --quick" if args.quick else "") + "` (bench/edge_clients.py).",
         "",
         "| target | measured | target | |",
@@ -413,6 +420,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rules-each", type=int, default=3)
     p.add_argument("--restarts", type=int, default=3)
     p.add_argument("--idle-secs", type=float, default=10.0, help="window for the control process's idle CPU")
+    p.add_argument("--keep-logs", action="store_true", help="keep the servers' data dirs and logs")
     p.add_argument("--quick", action="store_true", help="200 clients, 100 lists / pushes, 3 restarts of 100")
     p.add_argument("--out", type=Path, default=HERE / "results" / "edge_clients.md")
     p.add_argument("--json", type=Path, default=None, help="also write the raw samples here")
