@@ -455,9 +455,15 @@ def run(settings: Settings) -> list[BenchResult]:
                        ("restart", f"serve restart → {res.facts['restart_clients']} edge clients reconciled")):
         s = res.series[key]
         unit = "s" if s.unit == "s" else "ms"
+        d = s.summary()
         out.append(BenchResult(
             name=f"edge_clients_{key}", title=title, method=s.name + " (see bench/edge_clients.py)",
-            metrics=[Metric("value", f"{s.name} ({unit})", False)],
+            metrics=[Metric("value", "time (s)" if unit == "s" else "latency (ms)", False)],
+            notes=[f"{d['n']} samples: p50 {_fmt(d['p50'], s.unit)}, p90 {_fmt(d['p90'], s.unit)}, "
+                   f"p99 {_fmt(d['p99'], s.unit)}, max {_fmt(d['max'], s.unit)}; control RSS "
+                   f"{res.facts['mem_empty']['control_rss_mib']:.0f} MiB idle, "
+                   f"{res.facts['mem_connected']['control_rss_mib']:.0f} MiB with {res.clients} connected; "
+                   "details in bench/results/edge_clients.md when run as `python -m bench.edge_clients`"],
             per_forwarder={"portunus": [{"value": v} for v in s.values]},
             extra={"summary": s.summary(), "targets": targets,
                    "clients": res.facts["restart_clients"] if key == "restart" else res.clients,
