@@ -140,6 +140,27 @@ def targets(benches: dict[str, Any]) -> list[dict[str, Any]]:
         if conns != IDLE_TARGET_CONNS:
             entry["why"] = f"scaled from {conns:,} measured connections"
         out.append(entry)
+
+    def summary_target(label: str, name: str, stat: str, bound: float, unit: str, clients: int) -> None:
+        """A target on one statistic of a series-style result (bench/edge_clients.py)."""
+        bench = benches.get(name, {})
+        value = bench.get("summary", {}).get(stat)
+        if value is None:
+            why = "not run" if name not in benches else "no measurement"
+            out.append({"target": label, "value": None, "status": "n/a", "why": why})
+            return
+        shown = f"{value:.2f} s" if unit == "s" else f"{value:.1f} ms"
+        entry = {"target": label, "value": shown, "status": "PASS" if value <= bound else "FAIL"}
+        if bench.get("clients", clients) != clients:
+            entry["why"] = f"measured with {bench['clients']:,} clients"
+        out.append(entry)
+
+    for name, what in (("list_rpc", "`clients.list`"), ("list_http", "`GET /v1/clients`"),
+                       ("push", "push → acked")):
+        summary_target(f"1,000 edge clients: {what} p99 ≤ 100 ms", f"edge_clients_{name}", "p99",
+                       100.0, "ms", 1000)
+    summary_target("server restart → 100 edge clients reconnected and reconciled ≤ 10 s (median)",
+                   "edge_clients_restart", "p50", 10.0, "s", 100)
     return out
 
 

@@ -27,6 +27,15 @@ from bench.results import BenchResult, Settings
 from bench.rounds import log
 
 HERE = Path(__file__).resolve().parent
+
+
+def _edge_clients(settings: Settings) -> list[BenchResult]:
+    """Imported on use: it pulls in the e2e fixtures (tests/e2e/support.py)."""
+    from bench import edge_clients
+
+    return edge_clients.run(settings)
+
+
 BENCHMARKS: dict[str, Callable[[Settings], BenchResult | list[BenchResult]]] = {
     "tcp_throughput_1": tcp_throughput.run_single,
     "tcp_throughput_4": tcp_throughput.run_parallel,
@@ -34,6 +43,7 @@ BENCHMARKS: dict[str, Callable[[Settings], BenchResult | list[BenchResult]]] = {
     "latency": latency.run,
     "idle_memory": idle_memory.run,
     "udp": udp.run,
+    "edge_clients": _edge_clients,
 }
 
 

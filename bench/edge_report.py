@@ -1,0 +1,90 @@
+"""The Markdown and JSON of bench/edge_clients.py's results (kept apart so the
+benchmark module stays about measuring)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bench.edge_clients import Results
+
+
+def fmt(v: float, unit: str) -> str:
+    return f"{v:.2f} s" if unit == "s" else f"{v:.1f} ms"
+
+
+def _mem_line(label: str, m: dict[str, float]) -> str:
+    return (f"| {label} | {m['control_rss_mib']:.1f} | {m['total_rss_mib']:.1f} | {int(m['processes'])} "
+            f"| {int(m['control_fds'])} |")
+
+
+def render(res: Results, args: argparse.Namespace) -> str:
+    m, f, n = res.machine, res.facts, res.clients
+    empty, full = f["mem_empty"], f["mem_connected"]
+    per_conn_kib = (full["control_rss_mib"] - empty["control_rss_mib"]) * 1024 / n
+    lines = [
+        f"## Edge clients (issue 6): {n:,} fake clients, restart → reconnect",
+        "",
+        f"Run {res.date} on {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB RAM, Python {m['python']}, "
+        f"Linux {m['kernel']}, commit {m['commit']}; "
+        "`portunus-server serve --shards 1`, default log level; the fakes run in one other process "
+        f"(bench/edge_fleet.py, uvloop). Load average {m['loadavg'][0]} at start, {m['loadavg_end'][0]} at the end "
+        "(other jobs share the machine; the p99s follow the load).",
+        "`python -m bench.edge_clients" + (" --quick" if args.quick else "") + "` (bench/edge_clients.py).",
+        "",
+        "| target | measured | target | |",
+        "|---|---|---|---|",
+    ]
+    for what, unit, value, target, ok in res.verdicts():
+        lines.append(f"| {what} | {fmt(value, unit)} | ≤ {fmt(target, unit)} | {'PASS' if ok else 'MISS'} |")
+    lines += ["", "| series | n | min | p50 | p90 | p99 | max |", "|---|---|---|---|---|---|---|"]
+    for key in ("list_rpc", "list_http", "push", "restart", "restart_listed", "restart_first", "restart_stop"):
+        s = res.series.get(key)
+        if s is None or not s.values:
+            continue
+        d = s.summary()
+        lines.append(f"| {s.name} | {d['n']} | " + " | ".join(fmt(d[k], s.unit) for k in
+                                                           ("min", "p50", "p90", "p99", "max")) + " |")
+    lines += [
+        "",
+        "| server memory | control RSS MiB | serve tree RSS MiB | processes | control fds |",
+        "|---|---|---|---|---|",
+        _mem_line("ready, no clients", empty),
+        _mem_line(f"{n} clients connected (after one heartbeat + stats round)", full),
+        _mem_line(f"… and {len(res.series['push'].values) + 5} pushed rules", f["mem_after_pushes"]),
+        "",
+        f"Control-process growth per connected client: {per_conn_kib:.1f} KiB; fds per client: "
+        f"{(full['control_fds'] - empty['control_fds']) / n:.2f} (control RLIMIT_NOFILE soft/hard: "
+        f"{f['control_nofile'][0]}/{f['control_nofile'][1]}). Control-process CPU with {n} idle links "
+        f"(a `ping` + a `stats` frame per client every 5 s): {f['control_idle_cpu_pct']:.1f} % of one core. "
+        f"Fleet process RSS: {f['fleet_rss_mib']:.0f} MiB.",
+        "",
+        "Method:",
+        f"- Enrollment of {n} clients: codes minted with `clients.enroll` over the control socket "
+        f"(4 threads) in {f['mint_s']:.1f} s, redeemed with `portunus.edge.enroll.redeem` (pinned TLS, "
+        f"32 concurrent) in {f['redeem_s']:.1f} s; then all {n} fakes connected at once and every one "
+        f"had answered its first `sync` after {f['connect_all_s']:.1f} s.",
+        f"- List: {len(res.series['list_rpc'].values)} sequential `clients.list` via `call_sync` (new socket "
+        f"per call, like the CLI) and as many `GET /v1/clients` on one keep-alive connection, each after 5 "
+        f"warm-ups, while the fakes ping and send `stats` every 5 s ({f['list_bytes'] // 1024} KiB of JSON).",
+        f"- Push: {len(res.series['push'].values)} sequential `rules.push` (after 5 warm-ups) to a random "
+        "connected fake, fresh listen port each; the reply comes after the fake's `applied` (`active`). "
+        f"Fake reconnects during the whole phase: {f['reconnects_during_run']}.",
+        f"- Restart: {f['restart_clients']} clients × {f['restart_rules_each']} rules; `serve` stopped with "
+        f"SIGTERM and spawned {len(res.series['restart'].values)} times. The fakes reconnect with "
+        "`portunus.edge.timing.Backoff` (0.5 s doubling, ±20 % jitter, like the real client), so the time is "
+        "bounded below by the backoff step that first lands after the server is listening again. "
+        "\"Reconciled\" = each fake got a full `sync` with all its rules from the new process and answered "
+        "it; the listed row also waits for `clients.list` + `rules.list` to show every client connected and "
+        "every rule `active`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def to_json(res: Results) -> dict[str, Any]:
+    return {"date": res.date, "machine": res.machine, "clients": res.clients, "facts": res.facts,
+            "series": {k: s.summary() | {"samples": [round(x, 4) for x in s.values]} for k, s in res.series.items()},
+            "targets": [{"what": w, "unit": u, "value": v, "target": t, "pass": ok}
+                        for w, u, v, t, ok in res.verdicts()]}
