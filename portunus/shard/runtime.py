@@ -71,8 +71,12 @@ class RuleRuntime:
         self.health_task: asyncio.Task[None] | None = None
         self.limiter_in: Any = None
         self.limiter_out: Any = None
+        self.limits: Any = None  # ratelimit.RuleLimits while the rule has a rate_limit
+        self.slot: Any = None  # live-connection budget a just-admitted connection releases into
         self.extra: dict[str, Any] = {}
         self._setup_targets()
+        if rule.rate_limit:
+            self._setup_limits()
 
     def _setup_targets(self) -> None:
         rule = self.rule
@@ -84,6 +88,24 @@ class RuleRuntime:
             except ImportError:
                 return
             self.target_set = TargetSet(rule.targets, on_change=self._target_changed)
+
+    def _setup_limits(self) -> None:
+        from portunus.shard.ratelimit import acquire_limits
+
+        rule = self.rule
+        assert rule.rate_limit is not None
+        self.limits = acquire_limits(self.ctx.settings, rule.client, rule.id, self.meters.labels, rule.rate_limit)
+        self.limiter_in = self.limits.bw_in
+        self.limiter_out = self.limits.bw_out
+
+    def release_limits(self) -> None:
+        """Give the limiters back (once): when replaced by an update, or once drained."""
+        if self.limits is not None:
+            from portunus.shard.ratelimit import release_limits
+
+            limits, self.limits = self.limits, None
+            self.limiter_in = self.limiter_out = None
+            release_limits(limits)
 
     def _target_changed(self, target: Target, up: bool) -> None:
         m.TARGET_UP.labels(self.rule.client, self.rule.id, target.label).set(1 if up else 0)
@@ -112,8 +134,18 @@ class RuleRuntime:
     # ---- hooks called by connections
 
     def admit(self) -> bool:
-        """Admission control for new connections (rate limits hook in here)."""
-        return not self.draining
+        """Admission control for a new connection or UDP flow.
+
+        With a rate limit, an admitted connection must take ``self.slot`` right
+        away (same callback) and ``release()`` it when it closes.
+        """
+        if self.draining:
+            return False
+        if self.limits is None:
+            self.slot = None
+            return True
+        ok, self.slot = self.limits.admit()
+        return ok
 
     def target_connected(self, target: Target) -> None:
         m.TARGET_CONNECTIONS.labels(self.rule.client, self.rule.id, target.label).inc()
@@ -136,6 +168,9 @@ class RuleRuntime:
         if self.health_task is not None:
             self.health_task.cancel()
             self.health_task = None
+        # A draining rule keeps pacing its open connections until they are gone.
+        if not self.draining or not self.conns:
+            self.release_limits()
 
     def close_all(self) -> None:
         for conn in list(self.conns):
@@ -171,6 +206,7 @@ class ShardContext:
         return task
 
     def rule_drained(self, rt: RuleRuntime) -> None:
+        rt.release_limits()
         if self.on_drained is not None:
             self.on_drained(rt)
 
