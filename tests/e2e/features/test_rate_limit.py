@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,8 +41,8 @@ MB = 1_000_000
 CAP_IN = 4 * MB
 CAP_OUT = 3 * MB
 UDP_CAP = 500_000
-# The cap has to hold to ±2 % (CONTRACT).  Short runs on a loaded 2-core box
-# get a little more room; the slow tests use the contract's figure.
+# The cap has to hold to ±2 % (CONTRACT); the server test allows 3 % for its
+# 1.5 s runs (a control round trip and two shards starting on a 2-core box).
 TOLERANCE = 0.02
 SKIP_SECS = 0.5
 BUF = bytes(256 * 1024)
@@ -210,7 +211,7 @@ def setup(standalone_module: StandaloneFactory, ports: PortAllocator) -> Iterato
     samples = Samples()
     origins = {
         "sink": Origin(metered_sink(samples)),
-        "push": Origin(pusher(3 * CAP_OUT)),
+        "push": Origin(pusher(2 * CAP_OUT)),
         "echo": Origin(echo_forever),
     }
     udp_echo = UdpPortEcho([ports.port()])
@@ -260,13 +261,29 @@ def test_parallel_uploads_share_one_cap_across_shards(fresh: Setup) -> None:
     assert_rate(f"{len(socks)} uploads over 2 shards", fresh.samples, CAP_IN)
 
 
+@pytest.mark.slow
+def test_ten_second_upload_over_six_connections(fresh: Setup) -> None:
+    """The contract's figure over a long run: ±2 % on the whole transfer too."""
+    socks = spread_connections(fresh.proc, fresh.ports["capped"], "capped", 6)
+    per_conn = 10 * CAP_IN // len(socks)
+    try:
+        parallel([lambda s=s: upload(s, per_conn) for s in socks])
+    finally:
+        for s in socks:
+            s.close()
+    assert fresh.samples.total == per_conn * len(socks)
+    assert_rate(f"{len(socks)} uploads for 10 s", fresh.samples, CAP_IN)
+    _, whole, _ = fresh.samples.rates()
+    assert abs(whole / CAP_IN - 1) <= TOLERANCE
+
+
 def test_one_connection_gets_the_whole_cap(fresh: Setup) -> None:
     """One connection lives in one shard: it must still get the rule's whole cap
     (a per-shard split would give it half), because the shards share one bucket."""
     run = fresh.proc.env["PORTUNUS_RUNTIME_DIR"]
     with connect(fresh.ports["capped"], timeout=30) as s:
-        upload(s, 3 * CAP_IN)
-    assert fresh.samples.total == 3 * CAP_IN
+        upload(s, 2 * CAP_IN)
+    assert fresh.samples.total == 2 * CAP_IN
     assert_rate("1 upload", fresh.samples, CAP_IN)
     assert any(p.endswith(".rl") for p in os.listdir(f"{run}/udp-flows")), "no shared bucket file"
 
@@ -281,8 +298,36 @@ def test_download_cap(fresh: Setup) -> None:
         buf = bytearray(256 * 1024)
         while n := s.recv_into(buf):
             got.add(n)
-    assert got.total == 3 * CAP_OUT
+    assert got.total == 2 * CAP_OUT
     assert_rate("1 download", got, CAP_OUT)
+
+
+def test_client_reset_mid_upload_closes_the_paced_connection(fresh: Setup) -> None:
+    """A client that resets while the paced relay still holds its bytes: the
+    connection (and its upstream) must end, not hang (uvloop drops a reader whose
+    socket reports an error, so the shard sweeps paced connections for resets)."""
+    sink = fresh.origins["sink"]
+    before = len(sink.records)
+    stop = threading.Event()
+    with connect(fresh.ports["capped"], timeout=30) as s:
+
+        def push() -> None:
+            with contextlib.suppress(OSError):
+                while not stop.is_set():
+                    s.sendall(BUF[:65536])
+
+        t = threading.Thread(target=push, daemon=True)
+        t.start()
+        wait_for(lambda: fresh.samples.total > CAP_IN // 4, 5, what="the upload to flow")
+        stop.set()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+        t.join(10)
+    rec = sink.wait_connections(before + 1)[before]
+    wait_for(rec.done.is_set, 5, what="the upstream of the reset connection to close")
+    wait_for(lambda: fresh.proc.scrape().value("portunus_rule_active_connections", rule="capped") == 0, 5,
+             what="no open connection left on the rule")
 
 
 # ------------------------------------------------------------------ connections
@@ -408,8 +453,8 @@ def test_unlimited_rule_keeps_splice(standalone: StandaloneFactory, origin: Call
 # ------------------------------------------------------------------ server: PUT
 
 
-def test_put_rate_limit_applies_to_new_transfers(server: ServerFactory, origin: Callable[..., Origin],
-                                                 ports: PortAllocator) -> None:
+def test_put_rate_limit_applies_to_open_and_new_transfers(
+        server: ServerFactory, origin: Callable[..., Origin], ports: PortAllocator) -> None:
     samples = Samples()
     sink = origin(metered_sink(samples))
     srv = server(shards=2)
@@ -417,20 +462,53 @@ def test_put_rate_limit_applies_to_new_transfers(server: ServerFactory, origin: 
     rule = srv.cli_json("push-rule", "local", str(listen), sink.address, "--bandwidth-in-bps", str(2 * MB))
     assert rule["rate_limit"] == {"bandwidth_in_bps": 2 * MB}
 
-    def measure(cap: float, secs: float = 2.0) -> None:
+    def clear() -> None:
         with samples.lock:
             samples.points.clear()
+
+    def measure(cap: float, secs: float = 1.5) -> None:
+        clear()
         with connect(listen, timeout=30) as s:
             upload(s, int(cap * secs))
-        assert_rate(f"server rule at {cap / MB:.0f} MB/s", samples, cap, tolerance=0.03)
+        assert_rate(f"new connection at {cap / MB:.0f} MB/s", samples, cap, tolerance=0.03)
+
+    def put(rate_limit: dict[str, int] | None) -> None:
+        status, body = srv.http("PUT", f"/v1/rules/{rule['id']}", {"rate_limit": rate_limit})
+        assert status == 200, body
+        assert body["rate_limit"] == rate_limit
 
     measure(2 * MB)
-    status, body = srv.http("PUT", f"/v1/rules/{rule['id']}", {"rate_limit": {"bandwidth_in_bps": 6 * MB}})
-    assert status == 200, body
-    assert body["rate_limit"] == {"bandwidth_in_bps": 6 * MB}
+    # A connection open across the update is re-paced at once.
+    stop = threading.Event()
+    with connect(listen, timeout=30) as s:
+
+        def push() -> None:
+            with contextlib.suppress(OSError):  # ended by the shutdown below
+                while not stop.is_set():
+                    s.sendall(BUF[:65536])
+
+        pusher_ = threading.Thread(target=push, daemon=True)
+        pusher_.start()
+        try:
+            wait_for(lambda: samples.total > 0, 5, what="the open upload to flow")
+            put({"bandwidth_in_bps": 6 * MB})
+            time.sleep(0.2)
+            clear()
+            time.sleep(1.5)
+            steady, _, _ = samples.rates(skip=0.2)
+            print(f"open connection after PUT: {steady / MB:.3f} MB/s")
+            assert abs(steady / (6 * MB) - 1) <= 0.03
+        finally:
+            stop.set()
+            # Reset rather than close: what is still buffered must not flow on
+            # and share the cap with the next measurement.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            pusher_.join(10)
+    wait_for(lambda: all(r.done.is_set() for r in sink.records), 15, what="the open upload to end")
     measure(6 * MB)
-    status, body = srv.http("PUT", f"/v1/rules/{rule['id']}", {"rate_limit": None})
-    assert status == 200, body
+    put(None)
     started = time.monotonic()
     with connect(listen, timeout=30) as s:
         upload(s, 40 * MB)
