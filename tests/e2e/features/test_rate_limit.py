@@ -215,7 +215,7 @@ def setup(standalone_module: StandaloneFactory, ports: PortAllocator) -> Iterato
         "echo": Origin(echo_forever),
     }
     udp_echo = UdpPortEcho([ports.port()])
-    p = {name: ports.port() for name in ("capped", "free", "out", "conc", "cps", "udp")}
+    p = {name: ports.port() for name in ("capped", "free", "out", "conc", "cps", "udp", "udpconc")}
     rules: list[dict[str, Any]] = [
         {"name": "capped", "listen_port": p["capped"], "target": origins["sink"].address,
          "rate_limit": {"bandwidth_in_bps": CAP_IN, "bandwidth_out_bps": CAP_IN}},
@@ -228,6 +228,8 @@ def setup(standalone_module: StandaloneFactory, ports: PortAllocator) -> Iterato
          "rate_limit": {"new_connections_per_sec": 5}},
         {"name": "udp", "protocol": "udp", "listen_port": p["udp"],
          "target": f"{LOOPBACK}:{next(iter(udp_echo.received))}", "rate_limit": {"bandwidth_in_bps": UDP_CAP}},
+        {"name": "udpconc", "protocol": "udp", "listen_port": p["udpconc"],
+         "target": f"{LOOPBACK}:{next(iter(udp_echo.received))}", "rate_limit": {"concurrent_connections": 2}},
     ]
     proc = standalone_module(rules, shards=2)
     try:
@@ -513,3 +515,33 @@ def test_put_rate_limit_applies_to_open_and_new_transfers(
     with connect(listen, timeout=30) as s:
         upload(s, 40 * MB)
     assert 40 * MB / (time.monotonic() - started) > 30 * MB, "the lifted cap still paces"
+
+
+def test_udp_concurrent_flows_cap(setup: Setup) -> None:
+    """concurrent_connections on a UDP rule caps live flows: a third client gets nothing."""
+    port = setup.ports["udpconc"]
+    socks = []
+    try:
+        for _ in range(3):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(0.3)
+            s.connect((LOOPBACK, port))
+            socks.append(s)
+
+        def answered(s: socket.socket) -> bool:
+            for _ in range(3):
+                s.send(b"hi")
+                try:
+                    return s.recv(100).endswith(b":hi")
+                except TimeoutError:
+                    continue
+            return False
+
+        assert answered(socks[0]) and answered(socks[1])
+        assert not answered(socks[2]), "a third UDP flow was let in"
+        assert answered(socks[0]), "a live flow stopped"
+    finally:
+        for s in socks:
+            s.close()
+    assert setup.proc.scrape().value("portunus_rate_limit_refused_total", rule="udpconc",
+                                     limit="concurrent_connections") >= 1
