@@ -9,6 +9,7 @@ rate limiters.  ``ShardContext`` holds what every connection needs from the shar
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Coroutine
 from typing import Any
 
@@ -17,6 +18,8 @@ from portunus.rules import Rule, Target
 from portunus.shard import metrics as m
 from portunus.shard.pumps import PipePool
 from portunus.shard.tcp import is_ip
+
+RESET_SWEEP_SECS = 1.0
 
 
 class PortAccount:
@@ -71,8 +74,13 @@ class RuleRuntime:
         self.health_task: asyncio.Task[None] | None = None
         self.limiter_in: Any = None
         self.limiter_out: Any = None
+        self.limits: Any = None  # ratelimit.RuleLimits while the rule has a rate_limit
+        self.sweep: asyncio.TimerHandle | None = None
+        self.slot: Any = None  # live-connection budget a just-admitted connection releases into
         self.extra: dict[str, Any] = {}
         self._setup_targets()
+        if rule.rate_limit:
+            self._setup_limits()
 
     def _setup_targets(self) -> None:
         rule = self.rule
@@ -84,6 +92,53 @@ class RuleRuntime:
             except ImportError:
                 return
             self.target_set = TargetSet(rule.targets, on_change=self._target_changed)
+
+    def _setup_limits(self) -> None:
+        from portunus.shard.ratelimit import acquire_limits
+
+        rule = self.rule
+        assert rule.rate_limit is not None
+        self.limits = acquire_limits(self.ctx.settings, rule.client, rule.id, self.meters.labels, rule.rate_limit)
+        self.limiter_in = self.limits.bw_in
+        self.limiter_out = self.limits.bw_out
+        if self.limiter_in is not None or self.limiter_out is not None:
+            self.sweep = self.ctx.loop.call_later(RESET_SWEEP_SECS, self._sweep_resets)
+
+    def _sweep_resets(self) -> None:
+        """Close paced connections whose socket holds an error (a peer's reset).
+
+        libuv stops a poll handle when epoll reports EPOLLERR and uvloop then drops
+        the reader without a word, so a reset that lands while a paced pump still
+        has bytes queued to read would leave the connection (and its upstream) open
+        for ever.  Paced pumps always have bytes queued: once a second is cheap here.
+        """
+        self.sweep = None
+        if self.limits is None:
+            return
+        for conn in list(self.conns):
+            if getattr(conn, "pumps", None) is None or conn.closed:
+                continue
+            for sock in (conn.client, conn.upstream):
+                try:
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if sock is not None else 0
+                except OSError:
+                    err = 0
+                if err:
+                    conn.close()
+                    break
+        self.sweep = self.ctx.loop.call_later(RESET_SWEEP_SECS, self._sweep_resets)
+
+    def release_limits(self) -> None:
+        """Give the limiters back (once): when replaced by an update, or once drained."""
+        if self.limits is not None:
+            from portunus.shard.ratelimit import release_limits
+
+            limits, self.limits = self.limits, None
+            self.limiter_in = self.limiter_out = None
+            release_limits(limits)
+        if self.sweep is not None:
+            self.sweep.cancel()
+            self.sweep = None
 
     def _target_changed(self, target: Target, up: bool) -> None:
         m.TARGET_UP.labels(self.rule.client, self.rule.id, target.label).set(1 if up else 0)
@@ -112,8 +167,18 @@ class RuleRuntime:
     # ---- hooks called by connections
 
     def admit(self) -> bool:
-        """Admission control for new connections (rate limits hook in here)."""
-        return not self.draining
+        """Admission control for a new connection or UDP flow.
+
+        With a rate limit, an admitted connection must take ``self.slot`` right
+        away (same callback) and ``release()`` it when it closes.
+        """
+        if self.draining:
+            return False
+        if self.limits is None:
+            self.slot = None
+            return True
+        ok, self.slot = self.limits.admit()
+        return ok
 
     def target_connected(self, target: Target) -> None:
         m.TARGET_CONNECTIONS.labels(self.rule.client, self.rule.id, target.label).inc()
@@ -136,6 +201,9 @@ class RuleRuntime:
         if self.health_task is not None:
             self.health_task.cancel()
             self.health_task = None
+        # A draining rule keeps pacing its open connections until they are gone.
+        if not self.draining or not self.conns:
+            self.release_limits()
 
     def close_all(self) -> None:
         for conn in list(self.conns):
@@ -171,6 +239,7 @@ class ShardContext:
         return task
 
     def rule_drained(self, rt: RuleRuntime) -> None:
+        rt.release_limits()
         if self.on_drained is not None:
             self.on_drained(rt)
 

@@ -40,6 +40,7 @@ class TcpConnection:
     __slots__ = (
         "ctx", "rt", "client", "account", "port_index", "prelude", "upstream",
         "candidates", "pos", "timer", "pumps", "closed", "target", "tried_target", "target_failed",
+        "slot",
     )
 
     def __init__(self, ctx: ShardContext, rt: RuleRuntime, client: socket.socket, port_index: int,
@@ -59,6 +60,7 @@ class TcpConnection:
         self.target: Target | None = None
         self.tried_target: Target | None = None
         self.target_failed = False
+        self.slot, rt.slot = rt.slot, None  # taken by rt.admit() just before (rate limits)
         rt.conns.add(self)
         self.account.opened()
 
@@ -211,12 +213,19 @@ class TcpConnection:
         assert up is not None
         loop = self.ctx.loop
         acc = self.account
-        if HAVE_SPLICE and self.rt.limiter_in is None and self.ctx.use_splice:
+        splice = HAVE_SPLICE and self.ctx.use_splice
+        # A capped direction is paced in userspace; the other one keeps splice.
+        lim_in, lim_out = self.rt.limiter_in, self.rt.limiter_out
+        a: Any
+        b: Any
+        if splice and lim_in is None:
             a = SplicePump(loop, self.client, up, self, acc.add_in, self.ctx.pipes)
+        else:
+            a = CopyPump(loop, self.client, up, self, acc.add_in, lim_in)
+        if splice and lim_out is None:
             b = SplicePump(loop, up, self.client, self, acc.add_out, self.ctx.pipes)
         else:
-            a = CopyPump(loop, self.client, up, self, acc.add_in, self.rt.limiter_in)
-            b = CopyPump(loop, up, self.client, self, acc.add_out, self.rt.limiter_out)
+            b = CopyPump(loop, up, self.client, self, acc.add_out, lim_out)
         self.pumps = (a, b)
         a.start()
         b.start()
@@ -240,6 +249,7 @@ class TcpConnection:
         if self.pumps is not None:
             for p in self.pumps:
                 p.close()
+                p.done = True  # a rate-limit resume timer may still be pending: it must not restart it
         up = self.upstream
         if up is not None:
             if self.pumps is None:
@@ -251,6 +261,9 @@ class TcpConnection:
             self.upstream = None
         self.client.close()
         self.account.closed()
+        if self.slot is not None:
+            self.slot.release()
+            self.slot = None
         self.rt.conns.discard(self)
         if self.rt.draining and not self.rt.conns:
             self.ctx.rule_drained(self.rt)

@@ -57,7 +57,7 @@ class UdpFlow:
 
     __slots__ = (
         "svc", "rt", "addr", "sock", "fd", "target", "candidates", "pos", "seen",
-        "last", "confirmed", "pending", "closed",
+        "last", "confirmed", "pending", "closed", "slot",
     )
 
     def __init__(self, svc: UdpService, addr: Any) -> None:
@@ -76,6 +76,7 @@ class UdpFlow:
         self.confirmed = False
         self.pending: list[bytes] | None = None
         self.closed = False
+        self.slot, svc.rt.slot = svc.rt.slot, None  # taken by rt.admit() just before (rate limits)
 
     # ---------------------------------------------------------------- target
 
@@ -207,6 +208,7 @@ class UdpFlow:
         recv = sock.recv_into
         sendto = svc.sock.sendto
         addr = self.addr
+        limiter = self.rt.limiter_out
         nbytes = count = 0
         for _ in range(BATCH):
             try:
@@ -225,6 +227,9 @@ class UdpFlow:
                 self.last = None
                 if self.target is not None:
                     self.rt.target_connected(self.target)
+            if limiter is not None and not limiter.try_take(n):
+                svc.rl_dropped_out += 1
+                continue
             try:
                 sendto(view[:n], addr)
             except OSError:  # EAGAIN (buffer full) or the client went away: drop
@@ -248,6 +253,9 @@ class UdpFlow:
         if svc.flows.get(self.addr) is self:
             del svc.flows[self.addr]
         svc.flow_closed()
+        if self.slot is not None:
+            self.slot.release()
+            self.slot = None
         rt = self.rt
         rt.conns.discard(self)
         if rt.draining and not rt.conns:
@@ -284,6 +292,8 @@ class UdpService:
         self.bytes_in = self.bytes_out = self.dgrams_in = self.dgrams_out = 0
         self.overflow = 0
         self.dropped = 0
+        self.rl_dropped_in = self.rl_dropped_out = 0  # over the rule's bandwidth cap
+        self.last_rl_log = -DROP_LOG_SECS
         self.last_drop_log = -DROP_LOG_SECS
         self.budget: FlowBudget | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -304,6 +314,7 @@ class UdpService:
         view = self.view
         flows = self.flows
         epoch = self.epoch
+        limiter = self.rt.limiter_in
         nbytes = count = 0
         for _ in range(BATCH):
             try:
@@ -324,6 +335,9 @@ class UdpService:
                     flow.pending.append(bytes(view[:n]))
                 else:
                     self.dropped += 1
+                continue
+            if limiter is not None and not limiter.try_take(n):
+                self.rl_dropped_in += 1
                 continue
             try:
                 sock.send(view[:n])
@@ -353,6 +367,9 @@ class UdpService:
         budget = self.budget
         if budget is None or not budget.try_acquire():
             self.overflow += 1
+            if rt.slot is not None:
+                rt.slot.release()
+                rt.slot = None
             return None
         flow = UdpFlow(self, addr)
         self.flows[addr] = flow
@@ -401,6 +418,8 @@ class UdpService:
         if self.overflow:
             self.m_overflow.inc(self.overflow)
             self.overflow = 0
+        if self.rl_dropped_in or self.rl_dropped_out:
+            self.flush_rate_drops()
         if self.dropped:
             now = self.ctx.loop.time()
             if now - self.last_drop_log >= DROP_LOG_SECS:
@@ -409,6 +428,22 @@ class UdpService:
                           port=self.rt.rule.listen_start + self.port_index, count=self.dropped,
                           reason="socket buffer full or send error")
                 self.dropped = 0
+
+    def flush_rate_drops(self) -> None:
+        """Datagrams dropped over the bandwidth cap: counted, logged at most every DROP_LOG_SECS."""
+        from portunus.shard.ratelimit import DROPPED
+
+        labels = self.rt.meters.labels
+        for direction, n in (("in", self.rl_dropped_in), ("out", self.rl_dropped_out)):
+            if n:
+                DROPPED.labels(*labels, direction).inc(n)
+        now = self.ctx.loop.time()
+        if now - self.last_rl_log >= DROP_LOG_SECS:
+            self.last_rl_log = now
+            log_event("rate_limit.datagrams_dropped", level="warning", rule=self.rt.rule.id,
+                      port=self.rt.rule.listen_start + self.port_index,
+                      dropped_in=self.rl_dropped_in, dropped_out=self.rl_dropped_out)
+        self.rl_dropped_in = self.rl_dropped_out = 0
 
     def close(self) -> None:
         """Stop reading, close every flow, publish the last counts.  Keeps the listener."""
