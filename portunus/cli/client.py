@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, NoReturn
 import click
 
 from portunus import __version__
+from portunus.edge.wire import CAPABILITIES
 from portunus.errors import EXIT_ERROR, EXIT_UNAUTHENTICATED, EXIT_USAGE
 
 if TYPE_CHECKING:
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 
 DEFAULT_DATA_DIR = "/var/lib/portunus-client"
 EXIT_REVOKED = EXIT_UNAUTHENTICATED  # the token is dead for good
-CAPABILITY_NAMES = ("tcp", "udp", "range", "sni", "proxy_protocol", "dns", "failover")
 
 
 def _fail(message: str, code: int, hint: str | None = None) -> NoReturn:
@@ -48,9 +48,9 @@ def _fail(message: str, code: int, hint: str | None = None) -> NoReturn:
               help="Data-plane processes (default: one per CPU).")
 @click.option("--listen-address", default="0.0.0.0", show_default=True, metavar="ADDR",
               help="Address the forwarded ports bind to.")
-@click.option("--disable-capability", "disabled", multiple=True, type=click.Choice(CAPABILITY_NAMES),
+@click.option("--disable-capability", "disabled", multiple=True, type=click.Choice(CAPABILITIES),
               metavar="NAME", help="Do not advertise NAME to the server (repeatable; for testing the "
-                                   f"server's capability gate). One of: {', '.join(CAPABILITY_NAMES)}.")
+                                   f"server's capability gate). One of: {', '.join(CAPABILITIES)}.")
 @click.option("--stats-interval", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
               metavar="SECS", help="How often per-rule counters are reported to the server.")
 @click.option("--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True)
@@ -108,7 +108,7 @@ def main(ctx: click.Context, bundle_path: str | None, data_dir: str, metrics_lis
                         log_format=log_format, shards=shards or 0)
     runtime = os.environ.get("PORTUNUS_RUNTIME_DIR") or os.environ.get("RUNTIME_DIRECTORY")
     settings.runtime_dir = runtime or os.path.join(data_dir, "run")
-    capabilities = [c for c in CAPABILITY_NAMES if c not in disabled]
+    capabilities = [c for c in CAPABILITIES if c not in disabled]
     code = run(settings, bundle, capabilities, stats_interval)
     marker = revoked.read_marker(data_dir, bundle.client_id)
     if marker is not None:

@@ -77,10 +77,10 @@ def build_push_params(
 
 
 _CAP_HELP = {
-    "bandwidth_in_bps": "Cap the rate from connecting clients towards the targets",
-    "bandwidth_out_bps": "Cap the rate back to the connecting clients",
+    "bandwidth_in_bps": "Cap bytes/s from connecting clients towards the targets",
+    "bandwidth_out_bps": "Cap bytes/s back to the connecting clients",
     "new_connections_per_sec": "Cap new connections per second",
-    "concurrent_connections": "Cap connections open at once",
+    "concurrent_connections": "Cap connections (UDP: flows) open at once",
 }
 
 

@@ -17,14 +17,13 @@ from typing import Any
 from portunus import __version__
 from portunus.control.dataplane import LOCAL, DataPlaneEvents, LinkInfo, RuleResult
 from portunus.control.store import utc_now
+from portunus.edge.wire import (
+    CAPABILITIES,  # the names remote clients advertise, so list-clients reads alike
+)
 from portunus.logs import log_event
 from portunus.rules import Rule
 from portunus.supervisor.channel_end import SupervisorEnd
 from portunus.supervisor.framing import Channel
-
-# The names remote clients advertise in their hello (docs/edge.md), so list-clients
-# reads the same for every node.
-CAPABILITIES = ["tcp", "udp", "range", "sni", "proxy_protocol", "dns", "failover", "rate_limit"]
 
 
 class LocalLink:

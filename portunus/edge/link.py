@@ -40,7 +40,6 @@ from portunus.logs import log_event
 from portunus.rules import Rule
 from portunus.supervisor.channel_end import SupervisorEnd
 
-CAPABILITIES = ("tcp", "udp", "range", "sni", "proxy_protocol", "dns", "failover")
 # The supervisor halts (no respawn) when a service exits 78; the client CLI then
 # finds the revoked marker and explains.
 EXIT_HALT = 78

@@ -17,6 +17,7 @@ _WHAT = {
     "udp": "UDP forwarding",
     "proxy_protocol": "PROXY protocol headers",
     "range": "port-range rules",
+    "rate_limit": "rate limits (--bandwidth-*/--new-connections-per-sec/--concurrent-connections)",
 }
 
 
@@ -31,6 +32,9 @@ def required_capabilities(rule: Rule) -> list[str]:
         needs.append("proxy_protocol")
     if rule.is_range:
         needs.append("range")
+    if rule.rate_limit:
+        # A client that does not enforce caps would forward the rule unlimited.
+        needs.append("rate_limit")
     return needs
 
 

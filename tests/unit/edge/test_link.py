@@ -19,9 +19,10 @@ import pytest
 
 from portunus.edge import revoked
 from portunus.edge.bundle import Bundle, read_bundle, write_bundle
-from portunus.edge.link import CAPABILITIES, EXIT_HALT, EdgeLink
+from portunus.edge.link import EXIT_HALT, EdgeLink
 from portunus.edge.rulestore import RuleStore
 from portunus.edge.timing import LinkTiming
+from portunus.edge.wire import CAPABILITIES
 
 from .conftest import FakeSupervisor, bundle_for, wire_rule
 from .fake_server import FakeEdgeServer

@@ -32,7 +32,7 @@ from portunus.edge.wire import encode_frame, read_frame
 from ..conftest import closing_each
 
 OPERATOR_TOKEN = "edge-test-operator-token-0123456789abcdefghijklmn"
-ALL_CAPS = ["tcp", "udp", "range", "sni", "proxy_protocol", "dns", "failover"]
+ALL_CAPS = ["tcp", "udp", "range", "sni", "proxy_protocol", "dns", "failover", "rate_limit"]
 
 
 class FakeEdge:

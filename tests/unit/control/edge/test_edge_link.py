@@ -106,6 +106,7 @@ async def test_push_to_offline_client_stores_nothing(edge: Any) -> None:
     ({"proxy_protocol": "v2"}, "proxy_protocol_unsupported_by_client"),
     ({"listen_port": None, "listen_port_start": 19100, "listen_port_end": 19101,
       "targets": [{"host": "127.0.0.1", "port_start": 9100, "port_end": 9101}]}, "range_unsupported_by_client"),
+    ({"rate_limit": {"bandwidth_in_bps": 1_000_000}}, "rate_limit_unsupported_by_client"),
 ])
 async def test_capability_gate(edge: Any, body: dict[str, Any], code: str) -> None:
     e, enrolled = await edge.connect("plain", caps=["tcp"])
