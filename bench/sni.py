@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import statistics
 import struct
 import subprocess
 import sys
@@ -315,6 +316,19 @@ def measure(flow: str, n: int, timeout: float) -> Callable[[Endpoint], Sample]:
     return one
 
 
+def paired_note(per: dict[str, list[Sample] | str]) -> list[str]:
+    """SNI ÷ plain within each round (they run back to back), a drift-robust view."""
+    sni, plain = per.get(SUBJECT), per.get("portunus-plain")
+    if not isinstance(sni, list) or not isinstance(plain, list) or len(sni) != len(plain):
+        return []
+    pairs = sorted(a["gbps"] / b["gbps"] for a, b in zip(sni, plain, strict=True))
+    return [
+        "SNI ÷ plain paired per round (same round, back to back): median "
+        f"{statistics.median(pairs):.2f}×, range {pairs[0]:.2f}× – {pairs[-1]:.2f}× "
+        f"over {len(pairs)} rounds."
+    ]
+
+
 def run(settings: Settings) -> list[BenchResult]:
     """Both flows, every contender, ``settings.rounds`` interleaved rounds each."""
     sizes = {f: int(settings.duration * BYTES_PER_SEC[f]) for f in ("tls", "raw")}
@@ -355,6 +369,7 @@ def run(settings: Settings) -> list[BenchResult]:
                     ),
                     metrics=[Metric("gbps", "Gbit/s", True)],
                     per_forwarder=per,
+                    notes=paired_note(per),
                     extra={"bytes": n},
                 )
             )
