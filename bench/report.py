@@ -15,6 +15,7 @@ from bench.forwarders import FORWARDERS
 
 IDLE_TARGET_BYTES = 60e6  # "≤ 60 MB for 10k connections", decimal MB (the stricter)
 IDLE_TARGET_CONNS = 10_000
+FAILOVER_TARGET_PCT = 99.0
 
 
 def fmt(value: float | None, digits: int) -> str:
@@ -161,6 +162,31 @@ def targets(benches: dict[str, Any]) -> list[dict[str, Any]]:
                        100.0, "ms", 1000)
     summary_target("server restart → 100 edge clients reconnected and reconciled ≤ 10 s (median)",
                    "edge_clients_restart", "p50", 10.0, "s", 100)
+
+    for flow, what in (("tls", "real TLS"), ("raw", "ClientHello + raw")):
+        ratio_target(
+            f"SNI-routed single-flow throughput ≥ 0.9× the same rule without SNI ({what})",
+            f"sni_{flow}",
+            "gbps",
+            "portunus-plain",
+            ">=",
+            0.9,
+        )
+
+    label = "failover: ≥ 99 % of new connections succeed in the 1st s after the primary dies"
+    fo = benches.get("failover", {}).get("results", {}).get("portunus", {})
+    if "failover" not in benches or "ok_first_s_pct" not in fo:
+        why = "not run" if "failover" not in benches else "no portunus measurement"
+        out.append({"target": label, "value": None, "status": "n/a", "why": why})
+    else:
+        s = fo["ok_first_s_pct"]
+        out.append(
+            {
+                "target": label,
+                "value": f"{s['median']:.2f} % (median; worst round {s['min']:.2f} %)",
+                "status": "PASS" if s["median"] >= FAILOVER_TARGET_PCT else "FAIL",
+            }
+        )
     return out
 
 

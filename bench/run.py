@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from bench import idle_memory, latency, short_conn, tcp_throughput, udp
+from bench import failover, idle_memory, latency, short_conn, sni, tcp_throughput, udp
 from bench.common import machine_info, raise_nofile, stop_all
 from bench.forwarders import FORWARDERS, portunus_bin, portunus_shards
 from bench.report import render, targets
@@ -44,6 +44,8 @@ BENCHMARKS: dict[str, Callable[[Settings], BenchResult | list[BenchResult]]] = {
     "idle_memory": idle_memory.run,
     "udp": udp.run,
     "edge_clients": _edge_clients,
+    "sni": sni.run,
+    "failover": failover.run,
 }
 
 
