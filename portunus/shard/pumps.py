@@ -3,8 +3,9 @@
 ``SplicePump`` is the zero-copy path: ``splice(2)`` from the source socket into a
 pipe and from the pipe into the destination, so payload never enters userspace.
 ``CopyPump`` is the fallback (``recv_into`` a preallocated buffer + ``send``),
-used where splice is unavailable or when a rule caps bandwidth.  Both are driven
-by the event loop's level-triggered readiness callbacks and apply backpressure
+used where splice is unavailable or when a rule caps bandwidth.  ``CopyPump`` is
+driven by the event loop's level-triggered readiness callbacks, ``SplicePump`` by
+the shard's edge-triggered ``Poller`` (poller.py).  Both apply backpressure
 symmetrically: while the destination is full the source is not read, so a slow
 reader never makes a shard's memory grow.
 """
@@ -22,6 +23,7 @@ SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK"
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1024 * 1024
 CHUNK = PIPE_SIZE
+BURST = 8  # chunks one readiness event may move before yielding to other connections
 FLUSH_EVERY = 64 * 1024
 COPY_BUF = 256 * 1024
 HAVE_SPLICE = hasattr(os, "splice")
@@ -138,26 +140,63 @@ class Pump:
 
 
 class SplicePump(Pump):
-    """socket -> pipe -> socket with splice(2)."""
+    """socket -> pipe -> socket with splice(2), edge-triggered.
 
-    __slots__ = ("pool", "pipe", "pending")
+    Both sockets of the relay sit in the shard's ``Poller`` (EPOLLET) for their
+    whole life, so pausing and resuming is a flag, not a syscall.  Because an edge
+    is reported once, ``ready`` remembers that the source may still hold bytes (an
+    edge arrived, or a read stopped before EAGAIN); ``start`` reads at once then.
+    """
+
+    __slots__ = ("pool", "pipe", "pending", "ready")
 
     def __init__(self, loop: Any, src: socket.socket, dst: socket.socket, owner: Any,
-                 account: Callable[[int], None], pool: PipePool) -> None:
+                 account: Callable[[int], None], pool: PipePool, ready: bool = False) -> None:
         super().__init__(loop, src, dst, owner, account)
         self.pool = pool
         self.pipe: tuple[int, int] | None = None  # allocated on first data: idle conns hold none
         self.pending = 0
+        self.ready = ready
+
+    def start(self) -> None:
+        self.reading = True
+        if self.ready:
+            self.on_readable()
+
+    def stop_reading(self) -> None:
+        self.reading = False
+
+    def stop_writing(self) -> None:
+        self.writing = False
+
+    def wait_writable(self) -> None:
+        self.reading = False
+        self.writing = True
+
+    def on_src_event(self) -> None:
+        self.ready = True
+        if self.reading:
+            self.on_readable()
+
+    def on_dst_event(self) -> None:
+        if self.writing:
+            self.on_writable()
+
+    def _again(self) -> None:
+        if self.reading and self.ready:
+            self.on_readable()
 
     def on_readable(self) -> None:
         if self.pipe is None:
             self.pipe = self.pool.get()
         r, w = self.pipe
         splice = os.splice
-        while True:
+        sfd, dfd = self.sfd, self.dfd
+        for _ in range(BURST):
             try:
-                n = splice(self.sfd, w, CHUNK, flags=SPLICE_FLAGS)
+                n = splice(sfd, w, CHUNK, flags=SPLICE_FLAGS)
             except BlockingIOError:
+                self.ready = False  # drained: the next edge says when there is more
                 return
             except InterruptedError:
                 continue
@@ -166,6 +205,7 @@ class SplicePump(Pump):
                 return
             if n == 0:
                 self.eof = True
+                self.ready = False
                 if self.pending == 0:
                     self.finish()
                 else:
@@ -178,7 +218,7 @@ class SplicePump(Pump):
             # Drain the pipe into the destination.
             while self.pending:
                 try:
-                    m = splice(r, self.dfd, self.pending, flags=SPLICE_FLAGS)
+                    m = splice(r, dfd, self.pending, flags=SPLICE_FLAGS)
                 except BlockingIOError:
                     self.wait_writable()
                     return
@@ -188,10 +228,8 @@ class SplicePump(Pump):
                     self.fail(exc)
                     return
                 self.pending -= m
-            if n < CHUNK:
-                # The socket was drained at that moment; level-triggered readiness
-                # calls us again when more arrives (saves one EAGAIN syscall).
-                return
+        # Still readable after a burst: let the loop's other callbacks run first.
+        self.loop.call_soon(self._again)
 
     def on_writable(self) -> None:
         assert self.pipe is not None

@@ -152,6 +152,7 @@ class ShardContext:
         self.use_splice = bool(settings.get("use_splice", True))
         self.pipes = PipePool()
         self._resolver: Any = None
+        self._poller: Any = None
         self.tasks: set[asyncio.Task[Any]] = set()
         self.on_drained: Any = None
         self.on_accept_backoff: Any = None
@@ -163,6 +164,15 @@ class ShardContext:
 
             self._resolver = Resolver()
         return self._resolver
+
+    @property
+    def poller(self) -> Any:
+        """The shard's edge-triggered epoll set for spliced relays (poller.py)."""
+        if self._poller is None:
+            from portunus.shard.poller import Poller
+
+            self._poller = Poller(self.loop)
+        return self._poller
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = self.loop.create_task(coro)

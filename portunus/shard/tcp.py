@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from portunus.logs import log_event
+from portunus.shard.poller import IN_BITS, OUT_BITS
 from portunus.shard.pumps import HAVE_SPLICE, CopyPump, SplicePump
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ class TcpConnection:
     __slots__ = (
         "ctx", "rt", "client", "account", "port_index", "prelude", "upstream",
         "candidates", "pos", "timer", "pumps", "closed", "target", "tried_target", "target_failed",
+        "up_readable",
     )
 
     def __init__(self, ctx: ShardContext, rt: RuleRuntime, client: socket.socket, port_index: int,
@@ -60,6 +62,7 @@ class TcpConnection:
         self.target: Target | None = None
         self.tried_target: Target | None = None
         self.target_failed = False
+        self.up_readable = False  # an EPOLLIN edge on the upstream came before the pumps
         rt.conns.add(self)
         self.account.opened()
 
@@ -109,14 +112,15 @@ class TcpConnection:
             err = up.connect_ex((ip, port))
             if err == 0:
                 self.upstream = up
+                self.ctx.poller.register(up.fileno(), self.on_up_event)
                 self.connected(target)
                 return
             if err == errno.EINPROGRESS:
                 self.upstream = up
                 self.target = target
-                loop = self.ctx.loop
-                loop.add_writer(up.fileno(), self.on_connect_ready)
-                self.timer = loop.call_later(self.ctx.connect_timeout, self.on_connect_timeout)
+                # Registered once for connect and relay alike (edge-triggered, poller.py).
+                self.ctx.poller.register(up.fileno(), self.on_up_event)
+                self.timer = self.ctx.loop.call_later(self.ctx.connect_timeout, self.on_connect_timeout)
                 return
             up.close()
             log_event("tcp.connect_failed", level="warning", rule=self.rt.rule.id,
@@ -127,10 +131,31 @@ class TcpConnection:
         self.rt.connect_failed()
         self.close()
 
+    def on_up_event(self, ev: int) -> None:
+        """Readiness of the upstream socket, from connect to close."""
+        pumps = self.pumps
+        if pumps is not None:
+            if ev & IN_BITS:
+                pumps[1].on_src_event()
+            if ev & OUT_BITS:
+                pumps[0].on_dst_event()
+            return
+        if ev & IN_BITS:
+            self.up_readable = True
+        if self.timer is not None and ev & OUT_BITS:
+            self.on_connect_ready()
+
+    def on_client_event(self, ev: int) -> None:
+        pumps = self.pumps
+        assert pumps is not None
+        if ev & IN_BITS:
+            pumps[0].on_src_event()
+        if ev & OUT_BITS:
+            pumps[1].on_dst_event()
+
     def on_connect_ready(self) -> None:
         up = self.upstream
         assert up is not None and self.target is not None
-        self.ctx.loop.remove_writer(up.fileno())
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -138,6 +163,7 @@ class TcpConnection:
         if err:
             log_event("tcp.connect_failed", level="warning", rule=self.rt.rule.id,
                       target=self.target.label, error=errno.errorcode.get(err, str(err)))
+            self.ctx.poller.forget(up.fileno())
             up.close()
             self.upstream = None
             self.try_next()
@@ -149,7 +175,7 @@ class TcpConnection:
         up = self.upstream
         if up is None or self.closed:
             return
-        self.ctx.loop.remove_writer(up.fileno())
+        self.ctx.poller.forget(up.fileno())
         log_event("tcp.connect_failed", level="warning", rule=self.rt.rule.id,
                   target=self.target.label if self.target else "?", error="timeout")
         up.close()
@@ -213,9 +239,13 @@ class TcpConnection:
         loop = self.ctx.loop
         acc = self.account
         if HAVE_SPLICE and self.rt.limiter_in is None and self.ctx.use_splice:
+            # The client joins the poller now: registering reports the bytes it
+            # already sent as the first edge.
             a = SplicePump(loop, self.client, up, self, acc.add_in, self.ctx.pipes)
-            b = SplicePump(loop, up, self.client, self, acc.add_out, self.ctx.pipes)
+            b = SplicePump(loop, up, self.client, self, acc.add_out, self.ctx.pipes, self.up_readable)
+            self.ctx.poller.register(self.client.fileno(), self.on_client_event)
         else:
+            self.ctx.poller.unregister(up.fileno())  # level-triggered loop readers from here
             a = CopyPump(loop, self.client, up, self, acc.add_in, self.rt.limiter_in)
             b = CopyPump(loop, up, self.client, self, acc.add_out, self.rt.limiter_out)
         self.pumps = (a, b)
@@ -241,15 +271,18 @@ class TcpConnection:
         if self.pumps is not None:
             for p in self.pumps:
                 p.close()
+        poller = self.ctx.poller
         up = self.upstream
         if up is not None:
             if self.pumps is None:
                 try:
-                    loop.remove_writer(up.fileno())
+                    loop.remove_writer(up.fileno())  # a prelude still being written
                 except (ValueError, OSError):
                     pass
+            poller.forget(up.fileno())
             up.close()
             self.upstream = None
+        poller.forget(self.client.fileno())
         self.client.close()
         self.account.closed()
         self.rt.conns.discard(self)
@@ -271,11 +304,7 @@ def accept_batch(ctx: ShardContext, lsock: socket.socket) -> list[socket.socket]
                 ctx.accept_backoff(lsock)
                 log_event("tcp.accept_error", level="error", error=str(exc))
             break
-        conn.setblocking(False)
-        try:
-            conn.setsockopt(*_NODELAY)
-        except OSError:
-            pass
+        conn.setblocking(False)  # TCP_NODELAY is inherited from the listener (main.py)
         out.append(conn)
     return out
 
