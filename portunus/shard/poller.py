@@ -28,6 +28,7 @@ MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | EPOLLET
 # so the next syscall reports them.
 IN_BITS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 OUT_BITS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+HUP_BITS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR  # no more data will come
 MAX_EVENTS = 256
 
 
@@ -52,6 +53,10 @@ class Poller:
         except FileExistsError:
             self.ep.modify(fd, MASK)
 
+    def retarget(self, fd: int, handler: Callable[[int], None]) -> None:
+        """Send a registered fd's events elsewhere (no syscall)."""
+        self.handlers[fd] = handler
+
     def forget(self, fd: int) -> None:
         """Drop ``fd`` without a syscall; the caller closes it, which leaves the set."""
         if self.handlers.pop(fd, None) is not None:
@@ -75,7 +80,7 @@ class Poller:
         stale = self.stale
         stale.clear()
         for fd, ev in events:
-            if fd in stale:
+            if stale and fd in stale:
                 continue
             handler = handlers.get(fd)
             if handler is None:

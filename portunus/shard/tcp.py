@@ -42,7 +42,7 @@ class TcpConnection:
     __slots__ = (
         "ctx", "rt", "client", "account", "port_index", "prelude", "upstream",
         "candidates", "pos", "timer", "pumps", "closed", "target", "tried_target", "target_failed",
-        "up_readable",
+        "up_events",
     )
 
     def __init__(self, ctx: ShardContext, rt: RuleRuntime, client: socket.socket, port_index: int,
@@ -62,7 +62,7 @@ class TcpConnection:
         self.target: Target | None = None
         self.tried_target: Target | None = None
         self.target_failed = False
-        self.up_readable = False  # an EPOLLIN edge on the upstream came before the pumps
+        self.up_events = 0  # upstream readiness seen before the pumps existed
         rt.conns.add(self)
         self.account.opened()
 
@@ -109,6 +109,7 @@ class TcpConnection:
             except OSError as exc:
                 log_event("tcp.socket_failed", level="error", rule=self.rt.rule.id, error=str(exc))
                 break
+            self.up_events = 0
             err = up.connect_ex((ip, port))
             if err == 0:
                 self.upstream = up
@@ -132,26 +133,10 @@ class TcpConnection:
         self.close()
 
     def on_up_event(self, ev: int) -> None:
-        """Readiness of the upstream socket, from connect to close."""
-        pumps = self.pumps
-        if pumps is not None:
-            if ev & IN_BITS:
-                pumps[1].on_src_event()
-            if ev & OUT_BITS:
-                pumps[0].on_dst_event()
-            return
-        if ev & IN_BITS:
-            self.up_readable = True
+        """Readiness of the upstream socket until the pumps take it over."""
+        self.up_events |= ev
         if self.timer is not None and ev & OUT_BITS:
             self.on_connect_ready()
-
-    def on_client_event(self, ev: int) -> None:
-        pumps = self.pumps
-        assert pumps is not None
-        if ev & IN_BITS:
-            pumps[0].on_src_event()
-        if ev & OUT_BITS:
-            pumps[1].on_dst_event()
 
     def on_connect_ready(self) -> None:
         up = self.upstream
@@ -242,8 +227,12 @@ class TcpConnection:
             # The client joins the poller now: registering reports the bytes it
             # already sent as the first edge.
             a = SplicePump(loop, self.client, up, self, acc.add_in, self.ctx.pipes)
-            b = SplicePump(loop, up, self.client, self, acc.add_out, self.ctx.pipes, self.up_readable)
-            self.ctx.poller.register(self.client.fileno(), self.on_client_event)
+            b = SplicePump(loop, up, self.client, self, acc.add_out, self.ctx.pipes)
+            a.peer, b.peer = b, a
+            b.on_event(self.up_events & IN_BITS)  # what the upstream reported before now
+            poller = self.ctx.poller
+            poller.retarget(up.fileno(), b.on_event)
+            poller.register(self.client.fileno(), a.on_event)
         else:
             self.ctx.poller.unregister(up.fileno())  # level-triggered loop readers from here
             a = CopyPump(loop, self.client, up, self, acc.add_in, self.rt.limiter_in)
