@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from bench import idle_memory, latency, short_conn, tcp_throughput, udp
+from bench import control_plane, idle_memory, latency, range_push, short_conn, tcp_throughput, udp
 from bench.common import machine_info, raise_nofile, stop_all
 from bench.forwarders import FORWARDERS, portunus_bin, portunus_shards
 from bench.report import render, targets
@@ -34,6 +34,8 @@ BENCHMARKS: dict[str, Callable[[Settings], BenchResult | list[BenchResult]]] = {
     "latency": latency.run,
     "idle_memory": idle_memory.run,
     "udp": udp.run,
+    "range_push": range_push.run,
+    "control_plane": control_plane.run,
 }
 
 
