@@ -72,6 +72,7 @@ class RuleRuntime:
         self.limiter_in: Any = None
         self.limiter_out: Any = None
         self.extra: dict[str, Any] = {}
+        self.target_meters: dict[Target, Any] = {}  # labels() is not free: once per target
         self._setup_targets()
 
     def _setup_targets(self) -> None:
@@ -116,7 +117,11 @@ class RuleRuntime:
         return not self.draining
 
     def target_connected(self, target: Target) -> None:
-        m.TARGET_CONNECTIONS.labels(self.rule.client, self.rule.id, target.label).inc()
+        child = self.target_meters.get(target)
+        if child is None:
+            child = m.TARGET_CONNECTIONS.labels(self.rule.client, self.rule.id, target.label)
+            self.target_meters[target] = child
+        child.inc()
         if self.target_set is not None:
             self.target_set.report_success(target)
 
