@@ -13,6 +13,7 @@ from typing import Any
 
 from bench.forwarders import FORWARDERS
 
+ANALYSIS = Path(__file__).resolve().parent / "ANALYSIS.md"
 IDLE_TARGET_BYTES = 60e6  # "≤ 60 MB for 10k connections", decimal MB (the stricter)
 IDLE_TARGET_CONNS = 10_000
 
@@ -103,10 +104,15 @@ def targets(benches: dict[str, Any]) -> list[dict[str, Any]]:
             ok = r >= bound if op == ">=" else r <= bound
             out.append({"target": label, "value": f"{r:.2f}×", "status": "PASS" if ok else "FAIL"})
 
+    def not_run(group: str) -> str:
+        """Why a benchmark that reports under ``group_*`` names has no result."""
+        err = benches.get(group, {}).get("error")
+        return f"failed: {short_reason(err, 120)}" if err else "not run"
+
     def ms_target(label: str, name: str, key: str, bound: float) -> None:
         value = _median(benches, name, "portunus", key)
         if name not in benches or value is None:
-            why = "not run" if name not in benches else "no portunus measurement"
+            why = not_run("range_push") if name not in benches else "no portunus measurement"
             out.append({"target": label, "value": None, "status": "n/a", "why": why})
         else:
             ok = value <= bound
@@ -145,7 +151,7 @@ def targets(benches: dict[str, Any]) -> list[dict[str, Any]]:
     cp = next((b for n, b in benches.items() if n.startswith("control_plane_")), None)
     if cp is None:
         out.append({"target": "control-plane targets (issue 4)", "value": None, "status": "n/a",
-                    "why": "not run"})
+                    "why": not_run("control_plane")})
     else:
         for t in cp.get("targets", []):
             unit = t["unit"]
@@ -231,6 +237,10 @@ def render(run: dict[str, Any]) -> str:
         status = t["status"] + (f" ({t['why']})" if t.get("why") else "")
         lines.append(f"| {t['target']} | {t['value'] or '–'} | {status} |")
     lines.append("")
+    # Hand-written profile notes (what bounds each target not met) live next to this
+    # file so that regenerating the tables keeps them.
+    if ANALYSIS.is_file():
+        lines += [ANALYSIS.read_text().rstrip(), ""]
     return "\n".join(lines)
 
 
