@@ -3,8 +3,9 @@
 ``SplicePump`` is the zero-copy path: ``splice(2)`` from the source socket into a
 pipe and from the pipe into the destination, so payload never enters userspace.
 ``CopyPump`` is the fallback (``recv_into`` a preallocated buffer + ``send``),
-used where splice is unavailable or when a rule caps bandwidth.  Both are driven
-by the event loop's level-triggered readiness callbacks and apply backpressure
+used where splice is unavailable or when a rule caps bandwidth.  ``CopyPump`` is
+driven by the event loop's level-triggered readiness callbacks, ``SplicePump`` by
+the shard's edge-triggered ``Poller`` (poller.py).  Both apply backpressure
 symmetrically: while the destination is full the source is not read, so a slow
 reader never makes a shard's memory grow.
 """
@@ -13,17 +14,24 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 import socket
+import termios
 from collections.abc import Callable
 from typing import Any
 
 from portunus.logs import log_throttled
+from portunus.shard.poller import HUP_BITS, IN_BITS, OUT_BITS
 
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1024 * 1024
 CHUNK = PIPE_SIZE
+PAGE = mmap.PAGESIZE  # a pipe holds size // PAGE buffers (slots)
+_INQ = bytearray(4)  # FIONREAD result (a shard is single-threaded)
+TO_LOOP_AFTER = 16  # reads that make a relay long-lived (SplicePump)
+BURST = 8  # chunks one readiness event may move before yielding to other connections
 FLUSH_EVERY = 64 * 1024
 COPY_BUF = 256 * 1024
 HAVE_SPLICE = hasattr(os, "splice")
@@ -146,33 +154,119 @@ class Pump:
 
 
 class SplicePump(Pump):
-    """socket -> pipe -> socket with splice(2)."""
+    """socket -> pipe -> socket with splice(2).
 
-    __slots__ = ("pool", "pipe", "pending")
+    A relay starts with both sockets in the shard's edge-triggered ``Poller``:
+    registering and pausing cost no uvloop poll handles, which is most of what a
+    short connection costs.  Because an edge is reported once, ``ready``
+    remembers that the source may still hold bytes (an edge arrived, or a read
+    stopped before EAGAIN); ``start`` reads at once then.  After ``TO_LOOP_AFTER``
+    reads the relay is long-lived and moves to the loop's level-triggered readers
+    (``et`` False), whose per-event dispatch is cheaper than the poller's nested
+    one: that is what a chatty or bulk connection costs.
+    """
+
+    __slots__ = ("pool", "pipe", "pending", "ready", "hup", "slots", "peer", "et", "reads")
 
     def __init__(self, loop: Any, src: socket.socket, dst: socket.socket, owner: Any,
-                 account: Callable[[int], None], pool: PipePool) -> None:
+                 account: Callable[[int], None], pool: PipePool, ready: bool = False) -> None:
         super().__init__(loop, src, dst, owner, account)
         self.pool = pool
         self.pipe: tuple[int, int] | None = None  # allocated on first data: idle conns hold none
         self.pending = 0
+        self.ready = ready
+        self.hup = False  # the peer's FIN/RST was reported: read on until 0 or an error
+        self.slots = 0  # a lower bound on the pipe's buffer count
+        self.peer: SplicePump | None = None  # the other direction: it writes to our source
+        self.et = True  # driven by the Poller (edge) rather than loop readers (level)
+        self.reads = 0
+
+    def start(self) -> None:
+        if not self.et:
+            super().start()
+            return
+        self.reading = True
+        if self.ready:
+            self.on_readable()
+
+    def stop_reading(self) -> None:
+        if self.et:
+            self.reading = False
+        else:
+            super().stop_reading()
+
+    def stop_writing(self) -> None:
+        if self.et:
+            self.writing = False
+        else:
+            super().stop_writing()
+
+    def wait_writable(self) -> None:
+        if self.et:
+            self.reading = False
+            self.writing = True
+        else:
+            super().wait_writable()
+
+    def _to_loop(self) -> None:
+        """Hand both sockets from the Poller to level-triggered loop callbacks."""
+        peer = self.peer
+        assert peer is not None
+        poller = self.owner.ctx.poller
+        for p in (self, peer):
+            poller.unregister(p.sfd)
+            p.et = False
+        for p in (self, peer):
+            if p.done:
+                continue
+            if p.writing:
+                self.loop.add_writer(p.dfd, p.on_writable)
+            elif p.reading:
+                self.loop.add_reader(p.sfd, p.on_readable)
+
+    def on_event(self, ev: int) -> None:
+        """Poller handler of our source socket, which is also the peer's destination."""
+        if ev & IN_BITS:
+            self.ready = True
+            if ev & HUP_BITS:
+                self.hup = True
+            if self.reading:
+                self.on_readable()
+                self.reads += 1
+                if self.reads > TO_LOOP_AFTER and self.et:
+                    self._to_loop()
+                    return
+        peer = self.peer
+        if peer is not None and peer.writing and ev & OUT_BITS:
+            peer.on_writable()
+
+    def _again(self) -> None:
+        if self.et and self.reading and self.ready:
+            self.on_readable()
 
     def on_readable(self) -> None:
-        if self.pipe is None:
+        pipe = self.pipe
+        if pipe is None:
             try:
-                self.pipe = self.pool.get()
+                pipe = self.pipe = self.pool.get()
             except OSError as exc:
                 # Out of fds for a pipe: raising out of this callback would leave
                 # the connection open with nobody reading it.  Fail it instead.
                 log_throttled("tcp.pipe_failed", level="error", error=str(exc))
                 self.fail(exc)
                 return
-        r, w = self.pipe
+            # The pool's size only ever shrinks, so every pipe it hands out has at least this many.
+            self.slots = self.pool.size // PAGE
+        r, w = pipe
         splice = os.splice
-        while True:
+        sfd, dfd = self.sfd, self.dfd
+        burst = BURST
+        while burst:
+            burst -= 1
             try:
-                n = splice(self.sfd, w, CHUNK, flags=SPLICE_FLAGS)
+                n = splice(sfd, w, CHUNK, None, None, SPLICE_FLAGS)
             except BlockingIOError:
+                self.ready = False  # drained: the next edge says when there is more
                 return
             except InterruptedError:
                 continue
@@ -181,32 +275,47 @@ class SplicePump(Pump):
                 return
             if n == 0:
                 self.eof = True
-                if self.pending == 0:
-                    self.finish()
-                else:
-                    self.wait_writable()
+                self.ready = False
+                self.finish()
                 return
-            self.pending += n
             self.unflushed += n
             if self.unflushed >= FLUSH_EVERY:
                 self.flush_counter()
             # Drain the pipe into the destination.
-            while self.pending:
+            pending = n
+            while pending:
                 try:
-                    m = splice(r, self.dfd, self.pending, flags=SPLICE_FLAGS)
+                    m = splice(r, dfd, pending, None, None, SPLICE_FLAGS)
                 except BlockingIOError:
+                    self.pending = pending
                     self.wait_writable()
                     return
                 except InterruptedError:
                     continue
                 except OSError as exc:
+                    self.pending = pending
                     self.fail(exc)
                     return
-                self.pending -= m
-            if n < CHUNK:
-                # The socket was drained at that moment; level-triggered readiness
-                # calls us again when more arrives (saves one EAGAIN syscall).
+                pending -= m
+            if n < CHUNK and not self.hup and (n < self.slots or self._inq_empty()):
+                # A short read into an empty pipe that cannot have run out of slots
+                # (each holds at least one byte), or FIONREAD says the socket is empty:
+                # saves the EAGAIN splice (and its exception) that would end the edge.
+                # A FIN already queued is not missed: its edge carried EPOLLRDHUP
+                # (``hup``); one arriving after the edge was taken raises a new edge.
+                self.ready = False
                 return
+        # Still readable after a burst: let the loop's other callbacks run first
+        # (level-triggered readiness calls us again by itself).
+        if self.et:
+            self.loop.call_soon(self._again)
+
+    def _inq_empty(self) -> bool:
+        try:
+            fcntl.ioctl(self.sfd, termios.FIONREAD, _INQ)
+        except OSError:
+            return False
+        return _INQ == b"\0\0\0\0"
 
     def on_writable(self) -> None:
         assert self.pipe is not None

@@ -78,6 +78,7 @@ class RuleRuntime:
         self.sweep: asyncio.TimerHandle | None = None
         self.slot: Any = None  # live-connection budget a just-admitted connection releases into
         self.extra: dict[str, Any] = {}
+        self.target_meters: dict[Target, Any] = {}  # labels() is not free: once per target
         self._setup_targets()
         if rule.rate_limit:
             self._setup_limits()
@@ -181,7 +182,11 @@ class RuleRuntime:
         return ok
 
     def target_connected(self, target: Target) -> None:
-        m.TARGET_CONNECTIONS.labels(self.rule.client, self.rule.id, target.label).inc()
+        child = self.target_meters.get(target)
+        if child is None:
+            child = m.TARGET_CONNECTIONS.labels(self.rule.client, self.rule.id, target.label)
+            self.target_meters[target] = child
+        child.inc()
         if self.target_set is not None:
             self.target_set.report_success(target)
 
@@ -220,6 +225,7 @@ class ShardContext:
         self.use_splice = bool(settings.get("use_splice", True))
         self.pipes = PipePool()
         self._resolver: Any = None
+        self._poller: Any = None
         self.tasks: set[asyncio.Task[Any]] = set()
         self.on_drained: Any = None
         self.on_accept_backoff: Any = None
@@ -231,6 +237,15 @@ class ShardContext:
 
             self._resolver = Resolver()
         return self._resolver
+
+    @property
+    def poller(self) -> Any:
+        """The shard's edge-triggered epoll set for spliced relays (poller.py)."""
+        if self._poller is None:
+            from portunus.shard.poller import Poller
+
+            self._poller = Poller(self.loop)
+        return self._poller
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = self.loop.create_task(coro)

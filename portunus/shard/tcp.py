@@ -16,6 +16,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from portunus.logs import log_throttled
+from portunus.shard.poller import IN_BITS, OUT_BITS
 from portunus.shard.pumps import HAVE_SPLICE, CopyPump, SplicePump
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ class TcpConnection:
     __slots__ = (
         "ctx", "rt", "client", "account", "port_index", "prelude", "upstream",
         "candidates", "pos", "timer", "pumps", "closed", "target", "tried_target", "target_failed",
-        "slot",
+        "slot", "up_events",
     )
 
     def __init__(self, ctx: ShardContext, rt: RuleRuntime, client: socket.socket, port_index: int,
@@ -61,6 +62,7 @@ class TcpConnection:
         self.tried_target: Target | None = None
         self.target_failed = False
         self.slot, rt.slot = rt.slot, None  # taken by rt.admit() just before (rate limits)
+        self.up_events = 0  # upstream readiness seen before the pumps existed
         rt.conns.add(self)
         self.account.opened()
 
@@ -107,17 +109,19 @@ class TcpConnection:
             except OSError as exc:
                 log_throttled("tcp.socket_failed", level="error", rule=self.rt.rule.id, error=str(exc))
                 break
+            self.up_events = 0
             err = up.connect_ex((ip, port))
             if err == 0:
                 self.upstream = up
+                self.ctx.poller.register(up.fileno(), self.on_up_event)
                 self.connected(target)
                 return
             if err == errno.EINPROGRESS:
                 self.upstream = up
                 self.target = target
-                loop = self.ctx.loop
-                loop.add_writer(up.fileno(), self.on_connect_ready)
-                self.timer = loop.call_later(self.ctx.connect_timeout, self.on_connect_timeout)
+                # Registered once for connect and relay alike (edge-triggered, poller.py).
+                self.ctx.poller.register(up.fileno(), self.on_up_event)
+                self.timer = self.ctx.loop.call_later(self.ctx.connect_timeout, self.on_connect_timeout)
                 return
             up.close()
             log_throttled("tcp.connect_failed", level="warning", rule=self.rt.rule.id,
@@ -128,10 +132,15 @@ class TcpConnection:
         self.rt.connect_failed()
         self.close()
 
+    def on_up_event(self, ev: int) -> None:
+        """Readiness of the upstream socket until the pumps take it over."""
+        self.up_events |= ev
+        if self.timer is not None and ev & OUT_BITS:
+            self.on_connect_ready()
+
     def on_connect_ready(self) -> None:
         up = self.upstream
         assert up is not None and self.target is not None
-        self.ctx.loop.remove_writer(up.fileno())
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -139,6 +148,7 @@ class TcpConnection:
         if err:
             log_throttled("tcp.connect_failed", level="warning", rule=self.rt.rule.id,
                       target=self.target.label, error=errno.errorcode.get(err, str(err)))
+            self.ctx.poller.forget(up.fileno())
             up.close()
             self.upstream = None
             self.try_next()
@@ -150,7 +160,7 @@ class TcpConnection:
         up = self.upstream
         if up is None or self.closed:
             return
-        self.ctx.loop.remove_writer(up.fileno())
+        self.ctx.poller.forget(up.fileno())
         log_throttled("tcp.connect_failed", level="warning", rule=self.rt.rule.id,
                   target=self.target.label if self.target else "?", error="timeout")
         up.close()
@@ -214,21 +224,37 @@ class TcpConnection:
         loop = self.ctx.loop
         acc = self.account
         splice = HAVE_SPLICE and self.ctx.use_splice
-        # A capped direction is paced in userspace; the other one keeps splice.
         lim_in, lim_out = self.rt.limiter_in, self.rt.limiter_out
         a: Any
         b: Any
-        if splice and lim_in is None:
+        if splice and lim_in is None and lim_out is None:
+            # The plain relay: both directions spliced in the shard's edge-triggered
+            # poller.  The client joins it now: registering reports the bytes it
+            # already sent as the first edge.
             a = SplicePump(loop, self.client, up, self, acc.add_in, self.ctx.pipes)
-        else:
-            a = CopyPump(loop, self.client, up, self, acc.add_in, lim_in)
-        if splice and lim_out is None:
             b = SplicePump(loop, up, self.client, self, acc.add_out, self.ctx.pipes)
+            a.peer, b.peer = b, a
+            b.on_event(self.up_events & IN_BITS)  # what the upstream reported before now
+            poller = self.ctx.poller
+            poller.retarget(up.fileno(), b.on_event)
+            poller.register(self.client.fileno(), a.on_event)
         else:
-            b = CopyPump(loop, up, self.client, self, acc.add_out, lim_out)
+            # A capped direction is paced in userspace (CopyPump); the other one keeps
+            # splice.  Both use the loop's level-triggered readers from here.
+            self.ctx.poller.unregister(up.fileno())
+            a = self._level_pump(self.client, up, acc.add_in, lim_in, splice)
+            b = self._level_pump(up, self.client, acc.add_out, lim_out, splice)
         self.pumps = (a, b)
         a.start()
         b.start()
+
+    def _level_pump(self, src: socket.socket, dst: socket.socket, account: Any, limiter: Any,
+                    splice: bool) -> Any:
+        if splice and limiter is None:
+            pump = SplicePump(self.ctx.loop, src, dst, self, account, self.ctx.pipes)
+            pump.et = False  # loop readers, not the poller: its peer is a CopyPump
+            return pump
+        return CopyPump(self.ctx.loop, src, dst, self, account, limiter)
 
     def pump_done(self, pump: Any) -> None:
         assert self.pumps is not None
@@ -250,15 +276,18 @@ class TcpConnection:
             for p in self.pumps:
                 p.close()
                 p.done = True  # a rate-limit resume timer may still be pending: it must not restart it
+        poller = self.ctx.poller
         up = self.upstream
         if up is not None:
             if self.pumps is None:
                 try:
-                    loop.remove_writer(up.fileno())
+                    loop.remove_writer(up.fileno())  # a prelude still being written
                 except (ValueError, OSError):
                     pass
+            poller.forget(up.fileno())
             up.close()
             self.upstream = None
+        poller.forget(self.client.fileno())
         self.client.close()
         self.account.closed()
         if self.slot is not None:
@@ -272,9 +301,13 @@ class TcpConnection:
 def accept_batch(ctx: ShardContext, lsock: socket.socket) -> list[socket.socket]:
     """Accept up to ACCEPT_BATCH pending connections from a listening socket."""
     out: list[socket.socket] = []
+    # socket.accept() converts family and type to enums on every call; _accept() plus
+    # the constructor with the listener's values is ~0.7 µs cheaper per connection.
+    accept = lsock._accept  # type: ignore[attr-defined]
+    family, proto = lsock.family, lsock.proto
     for _ in range(ACCEPT_BATCH):
         try:
-            conn, _addr = lsock.accept()
+            fd, _addr = accept()
         except (BlockingIOError, InterruptedError):
             break
         except OSError as exc:
@@ -283,11 +316,8 @@ def accept_batch(ctx: ShardContext, lsock: socket.socket) -> list[socket.socket]
                 ctx.accept_backoff(lsock)
                 log_throttled("tcp.accept_error", level="error", error=str(exc))
             break
-        conn.setblocking(False)
-        try:
-            conn.setsockopt(*_NODELAY)
-        except OSError:
-            pass
+        conn = socket.socket(family, socket.SOCK_STREAM, proto, fd)
+        conn.setblocking(False)  # TCP_NODELAY is inherited from the listener (main.py)
         out.append(conn)
     return out
 

@@ -33,7 +33,9 @@ def test_client_half_close_then_full_reply(standalone, origin, ports, path: str)
     request = Pattern(100 * KiB + 3, seed=12)
     with connect(port) as s:
         sent = send_pattern(s, request)
-        shut_at = time.monotonic()  # before: the FIN can reach the origin before shutdown() returns
+        # Taken before the call: a fast relay can hand the EOF to the origin thread
+        # before this thread gets the GIL back from shutdown().
+        shut_at = time.monotonic()
         s.shutdown(socket.SHUT_WR)
         got = recv_all(s)
     rec = org.wait_connections(1)[0]
