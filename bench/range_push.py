@@ -62,23 +62,27 @@ _LINGER_RST = struct.pack("ii", 1, 0)
 
 
 class Blocks:
-    """Fresh blocks of consecutive free ports, each handed out once per run.
+    """Blocks of consecutive free ports for range rules.
 
     A port is taken only if a plain TCP bind succeeds and the abstract-socket lock
     the e2e tests use (``portunus-e2e-port-N``) can be held, so a concurrent test
-    session never gets the same ports.  Locks are held until ``close``.
+    session never gets the same ports.  A block comes back with ``release`` once its
+    rule is gone, and the search wraps around: a full run needs ~9,000 ports in
+    1,024-port blocks, and on a busy machine 20000-32767 never has that many fresh.
     """
 
     def __init__(self, lo: int = PORT_LO, hi: int = PORT_HI) -> None:
+        self.lo = lo
         self.next = lo
         self.hi = hi
-        self.locks: list[socket.socket] = []
+        self.held: dict[int, list[socket.socket]] = {}
 
     def _take(self, port: int) -> socket.socket | None:
         lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             lock.bind(f"\0portunus-e2e-port-{port}")
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the supervisor binds
                 probe.bind((LOOPBACK, port))
         except OSError:
             lock.close()
@@ -86,27 +90,35 @@ class Blocks:
         return lock
 
     def block(self, n: int) -> int:
-        while self.next + n <= self.hi:
+        wrapped = False
+        while True:
+            if self.next + n > self.hi:
+                if wrapped:
+                    raise RuntimeError(f"no block of {n} free ports in {self.lo}-{self.hi - 1}")
+                wrapped, self.next = True, self.lo
             start = self.next
             taken: list[socket.socket] = []
             for p in range(start, start + n):
-                lock = self._take(p)
+                lock = None if any(b <= p < b + len(v) for b, v in self.held.items()) else self._take(p)
                 if lock is None:
                     break
                 taken.append(lock)
             if len(taken) == n:
-                self.locks += taken
+                self.held[start] = taken
                 self.next = start + n
                 return start
             for lock in taken:
                 lock.close()
             self.next = start + len(taken) + 1
-        raise RuntimeError(f"no fresh block of {n} free ports left below {self.hi}")
+
+    def release(self, start: int) -> None:
+        """Give a block back (its rule was removed and its ports are free again)."""
+        for lock in self.held.pop(start, []):
+            lock.close()
 
     def close(self) -> None:
-        for lock in self.locks:
-            lock.close()
-        self.locks.clear()
+        for start in list(self.held):
+            self.release(start)
 
 
 # ------------------------------------------------------------------- server
@@ -223,6 +235,7 @@ def push_once(ctl: Control, blocks: Blocks, n: int, target_first: int) -> Rep:
         return Rep((t_reply - t0) * 1000, (prober.done_at - t0) * 1000)
     finally:
         remove(ctl, rule["id"])
+        blocks.release(first)
 
 
 def remove(ctl: Control, rule_id: int) -> None:

@@ -19,7 +19,6 @@ Without a private directory each shard enforces an even share of every cap.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import mmap
@@ -31,7 +30,7 @@ from typing import Any
 from prometheus_client import Counter
 
 from portunus.logs import log_event
-from portunus.shard.udp_budget import FlowBudget, _alive, budget_dir
+from portunus.shard.udp_budget import FlowBudget, budget_dir, release_shared, sweep_stale
 
 FILE_SIZE = 128
 _MAGIC = 0x50524C42  # "PRLB"
@@ -250,7 +249,7 @@ class RuleLimits:
         directory = budget_dir(settings)
         self.path = os.path.join(directory, f"{owner}-{digest}") if directory else None
         if directory:
-            _sweep_stale(directory, owner)
+            sweep_stale(directory, owner, (".rl", ".conns.flows"))
         self.cells: SharedCells | None = None
         self.bw_in: TokenBucket | None = None
         self.bw_out: TokenBucket | None = None
@@ -350,7 +349,6 @@ class RuleLimits:
 
 
 _LIMITS: dict[tuple[str, str], RuleLimits] = {}
-_SWEPT: set[str] = set()
 
 
 def acquire_limits(settings: dict[str, Any], client: str, rule_id: str, labels: tuple[str, ...],
@@ -366,30 +364,6 @@ def acquire_limits(settings: dict[str, Any], client: str, rule_id: str, labels: 
 
 
 def release_limits(limits: RuleLimits) -> None:
-    limits.users -= 1
-    if limits.users > 0:
-        return
-    for key, other in list(_LIMITS.items()):
-        if other is limits:
-            del _LIMITS[key]
-    limits.close()
+    release_shared(_LIMITS, limits)
 
 
-def _sweep_stale(directory: str, mine: str) -> None:
-    """Delete limiter files of supervisors that are gone (once per process)."""
-    if directory in _SWEPT:
-        return
-    _SWEPT.add(directory)
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return
-    for name in names:
-        prefix, sep, _rest = name.partition("-")
-        if not sep or prefix == mine or not prefix.isdigit():
-            continue
-        if not (name.endswith(".rl") or name.endswith(".conns.flows")):
-            continue
-        if not _alive(int(prefix)):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(directory, name))

@@ -207,7 +207,7 @@ class FlowBudget:
 # ------------------------------------------------------------------ registry
 
 _BUDGETS: dict[tuple[int, str], FlowBudget] = {}
-_SWEPT: set[str] = set()
+_SWEPT: set[tuple[str, tuple[str, ...]]] = set()
 
 
 def budget_dir(settings: dict[str, Any]) -> str | None:
@@ -231,24 +231,36 @@ def budget_dir(settings: dict[str, Any]) -> str | None:
     return None
 
 
-def _sweep_stale(directory: str, mine: str) -> None:
-    """Delete count files left by supervisors that are gone (once per process)."""
-    if directory in _SWEPT:
+def sweep_stale(directory: str, mine: str, suffixes: tuple[str, ...] = (".flows",)) -> None:
+    """Delete shared files (``<supervisor pid>-...<suffix>``) left by supervisors that
+    are gone; once per directory per process (udp budgets and rate limiters alike)."""
+    if (directory, suffixes) in _SWEPT:
         return
-    _SWEPT.add(directory)
+    _SWEPT.add((directory, suffixes))
     try:
         names = os.listdir(directory)
     except OSError:
         return
     for name in names:
         prefix, sep, _rest = name.partition("-")
-        if not sep or not name.endswith(".flows") or prefix == mine or not is_ascii_digits(prefix):
+        if not sep or not name.endswith(suffixes) or prefix == mine or not is_ascii_digits(prefix):
             continue
         if not _alive(int(prefix)):
             try:
                 os.unlink(os.path.join(directory, name))
             except OSError:
                 pass
+
+
+def release_shared(registry: dict[Any, Any], obj: Any) -> None:
+    """Drop one user of a refcounted per-rule object; close it with its last user."""
+    obj.users -= 1
+    if obj.users > 0:
+        return
+    for key, other in list(registry.items()):
+        if other is obj:
+            del registry[key]
+    obj.close()
 
 
 def acquire_budget(settings: dict[str, Any], client: str, rule_id: str) -> FlowBudget:
@@ -272,7 +284,7 @@ def acquire_budget(settings: dict[str, Any], client: str, rule_id: str) -> FlowB
             budget = FlowBudget(max(1, limit // shards))
         else:
             assert directory is not None
-            _sweep_stale(directory, owner)
+            sweep_stale(directory, owner)
         _BUDGETS[key] = budget
     else:
         budget.limit = limit if budget.shared else max(1, limit // shards)
@@ -281,10 +293,4 @@ def acquire_budget(settings: dict[str, Any], client: str, rule_id: str) -> FlowB
 
 
 def release_budget(budget: FlowBudget) -> None:
-    budget.users -= 1
-    if budget.users > 0:
-        return
-    for key, b in list(_BUDGETS.items()):
-        if b is budget:
-            del _BUDGETS[key]
-    budget.close()
+    release_shared(_BUDGETS, budget)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from portunus.shard import ratelimit as rl
+from portunus.shard import udp_budget
 from portunus.shard.ratelimit import (
     CELL_CONN,
     CELL_IN,
@@ -355,7 +356,7 @@ def test_registry_refcounts_and_sweeps(tmp_path: Path, monkeypatch: pytest.Monke
     dead = 2**22 + 12345  # above pid_max's default: no such process
     stale = flows / f"{dead}-0123456789abcdef0123.rl"
     stale.write_bytes(b"\0" * rl.FILE_SIZE)
-    monkeypatch.setattr(rl, "_SWEPT", set())
+    monkeypatch.setattr(udp_budget, "_SWEPT", set())
     monkeypatch.setenv("PORTUNUS_SUPERVISOR_PID", str(os.getpid()))
     a = rl.acquire_limits(settings, "local", "r4", ("local", "r4", ""), {"bandwidth_in_bps": MB})
     b = rl.acquire_limits(settings, "local", "r4", ("local", "r4", ""), {"bandwidth_in_bps": 2 * MB})
