@@ -29,10 +29,9 @@ from typing import Any
 
 from portunus import __version__
 from portunus.edge.enroll import EnrollError, parse_enroll_uri, redeem
-from portunus.edge.link import CAPABILITIES
 from portunus.edge.pinning import FingerprintMismatch, link_error, open_pinned
 from portunus.edge.timing import Backoff, LinkTiming
-from portunus.edge.wire import WireError, encode_frame, read_frame
+from portunus.edge.wire import CAPABILITIES, WireError, encode_frame, read_frame
 
 _TIMING = LinkTiming()
 _ZERO = {"bytes_in": 0, "bytes_out": 0, "connections_total": 0, "active_connections": 0}

@@ -15,6 +15,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -136,9 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             try:
                 out = BENCHMARKS[name](settings)
-            except (RuntimeError, OSError, ValueError) as exc:  # StartError of an origin too
-                log(f"{name}: FAILED {exc}")
-                benches.append({"name": name, "title": name, "error": str(exc)})
+            except Exception as exc:  # noqa: BLE001 - one broken benchmark must not lose the run
+                log(f"{name}: FAILED {exc!r}")
+                traceback.print_exc()
+                benches.append({"name": name, "title": name, "error": f"{type(exc).__name__}: {exc}"})
                 continue
             results = out if isinstance(out, list) else [out]
             for res in results:
