@@ -424,16 +424,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    res = measure(args)
-    text = render(res, args)
+def report(args: argparse.Namespace, res: Any, render_fn: Callable[..., str],
+           to_json_fn: Callable[[Any], Any]) -> int:
+    """Write ``--out`` (and ``--json``), print the report; exit 1 if a target is missed.
+    Shared by the standalone entry points of control_plane and edge_clients."""
+    text = render_fn(res, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     if args.json is not None:
-        args.json.write_text(json.dumps(to_json(res), indent=2) + "\n")
+        args.json.write_text(json.dumps(to_json_fn(res), indent=2) + "\n")
     print(text)
     return 0 if all(ok for *_, ok in res.verdicts()) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return report(args, measure(args), render, to_json)
 
 
 def run(settings: Settings) -> list[BenchResult]:

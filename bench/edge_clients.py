@@ -59,7 +59,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.common import machine_info, raise_nofile  # noqa: E402
-from bench.control_plane import Series, machine, pct, running_server  # noqa: E402
+from bench.control_plane import Series, machine, pct, report, running_server  # noqa: E402
 from bench.edge_fleet import Fleet, Identity  # noqa: E402
 from bench.edge_report import fmt, render, to_json  # noqa: E402
 from bench.results import BenchResult, Metric, Settings  # noqa: E402
@@ -350,14 +350,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    res = measure(args)
-    text = render(res, args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    if args.json is not None:
-        args.json.write_text(json.dumps(to_json(res), indent=2) + "\n")
-    print(text)
-    return 0 if all(ok for *_, ok in res.verdicts()) else 1
+    return report(args, measure(args), render, to_json)
 
 
 def run(settings: Settings) -> list[BenchResult]:
