@@ -100,12 +100,6 @@ class Shard:
                     self._unserve(key, old)
                 s = socket.socket(fileno=fd)
                 s.setblocking(False)
-                if s.type == socket.SOCK_STREAM:
-                    # Accepted sockets inherit it: one setsockopt per listener, not per connection.
-                    try:
-                        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    except OSError:
-                        pass
                 self.listeners[key] = s
             for key in msg.get("remove", []):
                 s = self.listeners.pop(key, None)

@@ -317,7 +317,7 @@ def accept_batch(ctx: ShardContext, lsock: socket.socket) -> list[socket.socket]
                 log_throttled("tcp.accept_error", level="error", error=str(exc))
             break
         conn = socket.socket(family, socket.SOCK_STREAM, proto, fd)
-        conn.setblocking(False)  # TCP_NODELAY is inherited from the listener (main.py)
+        conn.setblocking(False)  # TCP_NODELAY is inherited from the listener (supervisor/listeners.py)
         out.append(conn)
     return out
 

@@ -39,6 +39,9 @@ def _bind_one(proto: str, address: str, port: int) -> socket.socket:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         s.bind((address, port))
         if proto == "tcp":
+            # Accepted sockets inherit it, even those queued before a shard has the
+            # listener: one setsockopt per listener instead of one per connection.
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             s.listen(BACKLOG)
     except BaseException:
         s.close()
