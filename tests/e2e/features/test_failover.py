@@ -78,7 +78,10 @@ def exercise_failover(proc: ManagedProc, scrape: Callable[[], Metrics], rule: st
     mark = proc.log_mark()
     back = origin_at(port_reporter, a_port)
     proc.wait_log("target.up", since=mark, timeout=5, rule=rule, target=f"{LOOPBACK}:{a_port}")
-    # Exactly the 2 successful health probes, before any client connection.
+    # Exactly the 2 successful health probes, before any client connection.  A probe
+    # succeeds once the kernel completes the handshake, which can be before the
+    # origin's accept thread has recorded it: wait for the record, then count.
+    wait_for(lambda: len(back.records) >= 2, 2, what="the origin to record both health probes")
     assert len(back.records) == 2
     wait_for(lambda: target_up(scrape, rule, a_port) == 1, 5, what="target_up of the primary = 1")
     for _ in range(3):
