@@ -198,6 +198,25 @@ class RuleRuntime:
     def connect_failed(self) -> None:
         self.meters.connect_failures.inc()
 
+    def candidates(self) -> list[tuple[Target, str]]:
+        """(target, address) in the order a new connection or flow tries them.
+
+        A name gets the address "" and is resolved only when the connection falls
+        through to it (``resolve``): a healthy primary never waits for a backup's DNS.
+        """
+        targets = self.target_set.candidates() if self.target_set else list(self.rule.targets)
+        if self.all_literal:
+            return [(t, t.host) for t in targets]
+        return [(t, t.host if is_ip(t.host) else "") for t in targets]
+
+    async def resolve(self, target: Target) -> list[str]:
+        """The addresses of a named target; [] (counted and logged) when the lookup fails."""
+        try:
+            return await self.ctx.resolver.resolve(target.host, self.rule.prefer_ipv6)
+        except Exception as exc:  # noqa: BLE001 - ResolveError or anything the resolver hit
+            self.dns_failed(target.host, exc)
+            return []
+
     def dns_failed(self, host: str, exc: BaseException) -> None:
         m.DNS_FAILURES.labels(self.rule.client, self.rule.id).inc()
         log_throttled("dns.resolve_failed", level="warning", rule=self.rule.id, host=host, error=str(exc))

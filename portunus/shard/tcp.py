@@ -69,22 +69,12 @@ class TcpConnection:
     # --------------------------------------------------------------- connect
 
     def start(self) -> None:
-        targets = self.rt.target_set.candidates() if self.rt.target_set else list(self.rt.rule.targets)
-        if self.rt.all_literal:
-            self.candidates = [(t, t.host) for t in targets]
-        else:
-            # A name ("" address) is resolved only when the connection falls through
-            # to it: a healthy primary never waits for a backup's DNS.
-            self.candidates = [(t, t.host if is_ip(t.host) else "") for t in targets]
+        self.candidates = self.rt.candidates()
         self.try_next()
 
     async def _resolve_then_connect(self, target: Target) -> None:
         """Replace the unresolved candidate at ``pos`` with its addresses, go on."""
-        try:
-            addrs = await self.ctx.resolver.resolve(target.host, self.rt.rule.prefer_ipv6)
-        except Exception as exc:  # noqa: BLE001 - ResolveError or anything the resolver hit
-            self.rt.dns_failed(target.host, exc)
-            addrs = []
+        addrs = await self.rt.resolve(target)
         if self.closed:
             return
         self.candidates[self.pos:self.pos + 1] = [(target, a) for a in addrs]

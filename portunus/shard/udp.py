@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 from portunus.logs import log_event, log_throttled
 from portunus.shard import metrics as m
-from portunus.shard.tcp import is_ip
 from portunus.shard.udp_budget import FlowBudget, acquire_budget, release_budget
 
 if TYPE_CHECKING:
@@ -81,23 +80,12 @@ class UdpFlow:
     # ---------------------------------------------------------------- target
 
     def start(self) -> None:
-        rt = self.rt
-        targets = rt.target_set.candidates() if rt.target_set else list(rt.rule.targets)
-        if rt.all_literal:
-            self.candidates = [(t, t.host) for t in targets]
-        else:
-            # A name ("" address) is resolved only when the flow falls through to
-            # it: a healthy primary never waits for a backup's DNS.
-            self.candidates = [(t, t.host if is_ip(t.host) else "") for t in targets]
+        self.candidates = self.rt.candidates()
         self.connect_next()
 
     async def _resolve_then_connect(self, target: Target) -> None:
         """Replace the unresolved candidate at ``pos`` with its addresses, go on."""
-        try:
-            addrs = await self.svc.ctx.resolver.resolve(target.host, self.rt.rule.prefer_ipv6)
-        except Exception as exc:  # noqa: BLE001 - ResolveError or anything the resolver hit
-            self.rt.dns_failed(target.host, exc)
-            addrs = []
+        addrs = await self.rt.resolve(target)
         if self.closed:
             return
         self.candidates[self.pos:self.pos + 1] = [(target, a) for a in addrs]
