@@ -39,11 +39,11 @@ test-packages: $(STAMP)
 
 ## bench: ratio benchmarks against direct, HAProxy, nginx and socat (writes bench/RESULTS.md)
 bench: $(STAMP)
-	../shared/peers/install
+	bench/peers/install
 	$(BIN)/python -m bench.run
 
 bench-quick: $(STAMP)
-	../shared/peers/install
+	bench/peers/install
 	$(BIN)/python -m bench.run --quick
 
 lint: $(STAMP)

@@ -1,4 +1,4 @@
-"""The contenders: direct (no forwarder), Portunus, and the peers from shared/peers.
+"""The contenders: direct (no forwarder), Portunus, and the peers from bench/peers.
 
 Each benchmark opens all of them at once, one listen port each, all pointing at the
 same origin, so a round can visit them back to back. A contender that cannot start is
