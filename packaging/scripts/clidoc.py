@@ -106,8 +106,15 @@ def paragraphs(text: str) -> Iterator[tuple[bool, str]]:
 # ------------------------------------------------------------------ roff
 
 
+# Typography the help texts use, in forms every man output device has (a C locale
+# renders to ASCII and warns about glyphs it lacks).
+_ROFF_CHARS = {"\u2014": "\\(em", "\u2013": "\\(en", "\u2026": "...", "\u2192": "\\(->",
+               "\u2018": "\\(oq", "\u2019": "\\(cq", "\u201c": "\\(lq", "\u201d": "\\(rq"}
+
+
 def _roff(text: str) -> str:
     text = text.replace("\\", "\\e").replace("\b", "")
+    text = "".join(_ROFF_CHARS.get(c, c if c.isascii() else f"\\[u{ord(c):04X}]") for c in text)
     return "\n".join("\\&" + ln if ln.startswith((".", "'")) else ln for ln in text.splitlines())
 
 
