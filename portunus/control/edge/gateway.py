@@ -5,6 +5,11 @@ redeems a one-time code for a token and the connection closes; ``hello``
 authenticates a client by its token and becomes that client's session until
 either side closes it.  Everything after the hello is ``EdgeSession`` and
 ``RemoteLink``'s business.
+
+Until that first frame a connection is anonymous; ``control.edge.preauth`` bounds
+what it may cost.  TLS is therefore started by us after ``accept`` (not by the
+server), so a connection over the anonymous limits is closed before its
+handshake and one deadline covers the handshake and the first frame.
 """
 
 from __future__ import annotations
@@ -15,13 +20,22 @@ import ssl
 from typing import Any
 
 from portunus.control.edge.enrollment import EnrollmentInvalid, client_for_token, redeem
+from portunus.control.edge.preauth import (
+    DEFAULT_HANDSHAKE_TIMEOUT_SECS,
+    PREAUTH_MAX_FRAME,
+    PreauthLimits,
+    PreauthSlot,
+)
 from portunus.control.edge.remote_link import RemoteLink
 from portunus.control.edge.session import DEAD_AFTER_SECS, HEARTBEAT_SECS, EdgeSession
 from portunus.control.store import Store, utc_now, write_audit
-from portunus.edge.wire import WireError, encode_frame, read_frame
-from portunus.logs import log_event
+from portunus.edge.wire import FrameTooLarge, WireError, encode_frame, read_frame
+from portunus.logs import flush_throttled, log_event, log_throttled
 
-HANDSHAKE_TIMEOUT_SECS = 10.0
+HANDSHAKE_TIMEOUT_SECS = DEFAULT_HANDSHAKE_TIMEOUT_SECS
+# Connections the kernel queues while the loop is busy; a flood refused after
+# accept must not also crowd out a real client's SYN.
+_BACKLOG = 1024
 _MAX_CAPABILITIES = 64
 
 
@@ -31,6 +45,14 @@ def _peer(writer: asyncio.StreamWriter) -> str | None:
         host = str(peer[0])
         return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
     return None
+
+
+def _source(writer: asyncio.StreamWriter) -> str:
+    """The address anonymous connections are counted by (one per host, any port)."""
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return "?"
 
 
 def _capabilities(raw: Any) -> list[str]:
@@ -61,6 +83,7 @@ class EdgeGateway:
         heartbeat_secs: float = HEARTBEAT_SECS,
         dead_after_secs: float = DEAD_AFTER_SECS,
         handshake_timeout: float = HANDSHAKE_TIMEOUT_SECS,
+        preauth: PreauthLimits | None = None,
     ) -> None:
         self.store = store
         self.link = link
@@ -70,8 +93,10 @@ class EdgeGateway:
         self.heartbeat_secs = heartbeat_secs
         self.dead_after_secs = dead_after_secs
         self.handshake_timeout = handshake_timeout
+        self.preauth = preauth or PreauthLimits()
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[asyncio.Task[None]] = set()
+        self._flusher: asyncio.Task[None] | None = None
 
     @property
     def bound_port(self) -> int | None:
@@ -83,15 +108,24 @@ class EdgeGateway:
     async def start(self) -> None:
         """Bind and serve; raises ``OSError`` when the address cannot be bound."""
         self._server = await asyncio.start_server(
-            self._on_connect, self.host, self.port, ssl=self.ssl_context,
-            ssl_handshake_timeout=self.handshake_timeout, reuse_address=True,
+            self._on_connect, self.host, self.port, reuse_address=True, backlog=_BACKLOG,
         )
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_logs())
+
+    async def _flush_logs(self) -> None:
+        """Summarize throttled refusal lines once a flood is over (``log.suppressed``)."""
+        while True:
+            await asyncio.sleep(1.0)
+            flush_throttled()
 
     async def close(self) -> None:
         """Stop accepting and close every link (the clients reconnect later)."""
         if self._server is not None:
             self._server.close()
             self._server = None
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
         self.link.close_all("server shutting down")
         if self._conns:
             _, pending = await asyncio.wait(set(self._conns), timeout=2.0)
@@ -103,30 +137,53 @@ class EdgeGateway:
     # ------------------------------------------------------------ connections
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = _peer(writer)
+        slot = self.preauth.admit(_source(writer))
+        if isinstance(slot, str):
+            # Before TLS and before reading anything: a refusal costs one accept.
+            writer.transport.abort()
+            self.preauth.refused(slot, peer)
+            return
         task = asyncio.current_task()
         assert task is not None
         self._conns.add(task)
-        peer = _peer(writer)
         try:
-            try:
-                first = await asyncio.wait_for(read_frame(reader), self.handshake_timeout)
-            except (TimeoutError, asyncio.IncompleteReadError, WireError, ConnectionError, OSError) as exc:
-                log_event("edge.no_first_frame", level="warning", peer=peer,
-                          error=str(exc) or type(exc).__name__)
+            first = await self._first_frame(reader, writer, slot, peer)
+            if first is None:
                 return
             kind = first["type"]
             if kind == "enroll":
                 await self._enroll(first, writer, peer)
             elif kind == "hello":
-                await self._hello(first, reader, writer, peer)
+                await self._hello(first, reader, writer, peer, slot)
             else:
                 await self._refuse(writer, "bad_request", f"expected enroll or hello, got {kind!r}")
-        except (ConnectionError, OSError):
+        except (ConnectionError, OSError, ssl.SSLError):
             pass
         finally:
+            slot.release()
             self._conns.discard(task)
             if not writer.transport.is_closing():
                 writer.transport.abort()
+
+    async def _first_frame(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, slot: PreauthSlot, peer: str | None
+    ) -> dict[str, Any] | None:
+        """TLS handshake and the first frame, under one deadline; None when the
+        connection is over (the reason is counted and logged, throttled)."""
+        try:
+            async with asyncio.timeout(self.handshake_timeout):
+                # The TLS layer's own timer is a backstop; the deadline above is the one that counts.
+                await writer.start_tls(self.ssl_context, ssl_handshake_timeout=self.handshake_timeout + 5)
+                return await read_frame(reader, PREAUTH_MAX_FRAME)
+        except TimeoutError:
+            self.preauth.refused("timeout", peer, timeout_secs=self.handshake_timeout)
+        except FrameTooLarge as exc:
+            self.preauth.refused("frame_too_large", peer, error=str(exc))
+        except (asyncio.IncompleteReadError, WireError, ConnectionError, OSError, ssl.SSLError) as exc:
+            log_throttled("edge.no_first_frame", level="warning", peer=peer,
+                          error=str(exc) or type(exc).__name__)
+        return None
 
     async def _refuse(self, writer: asyncio.StreamWriter, code: str, message: str) -> None:
         """Send one ``error`` frame and close (the link is over)."""
@@ -164,7 +221,8 @@ class EdgeGateway:
         })
 
     async def _hello(
-        self, msg: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str | None
+        self, msg: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+        peer: str | None, slot: PreauthSlot,
     ) -> None:
         async with self.store.read() as db:
             client = await client_for_token(db, msg.get("token"))
@@ -182,6 +240,7 @@ class EdgeGateway:
                       client_id=client.client_id)
             await self._refuse(writer, "revoked", f"client {client.name} ({client.client_id}) was revoked")
             return
+        slot.release()  # authenticated: no longer anonymous, the normal frame limit applies
         session = EdgeSession(
             client.client_id, client.name, reader, writer,
             remote_addr=peer, version=_short(msg.get("version")),
