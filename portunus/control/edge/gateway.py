@@ -7,19 +7,21 @@ either side closes it.  Everything after the hello is ``EdgeSession`` and
 ``RemoteLink``'s business.
 
 Until that first frame a connection is anonymous; ``control.edge.preauth`` bounds
-what it may cost.  TLS is therefore started by us after ``accept`` (not by the
-server), so a connection over the anonymous limits is closed before its
-handshake and one deadline covers the handshake and the first frame.
+what it may cost.  ``control.edge.listener`` accepts and refuses a connection over
+the anonymous limits before its TLS handshake; an admitted one gets one deadline
+for the handshake and the first frame together.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from typing import Any
 
 from portunus.control.edge.enrollment import EnrollmentInvalid, client_for_token, redeem
+from portunus.control.edge.listener import accept_loop, bind
 from portunus.control.edge.preauth import (
     DEFAULT_HANDSHAKE_TIMEOUT_SECS,
     PREAUTH_MAX_FRAME,
@@ -33,26 +35,7 @@ from portunus.edge.wire import FrameTooLarge, WireError, encode_frame, read_fram
 from portunus.logs import flush_throttled, log_event, log_throttled
 
 HANDSHAKE_TIMEOUT_SECS = DEFAULT_HANDSHAKE_TIMEOUT_SECS
-# Connections the kernel queues while the loop is busy; a flood refused after
-# accept must not also crowd out a real client's SYN.
-_BACKLOG = 1024
 _MAX_CAPABILITIES = 64
-
-
-def _peer(writer: asyncio.StreamWriter) -> str | None:
-    peer = writer.get_extra_info("peername")
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host = str(peer[0])
-        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
-    return None
-
-
-def _source(writer: asyncio.StreamWriter) -> str:
-    """The address anonymous connections are counted by (one per host, any port)."""
-    peer = writer.get_extra_info("peername")
-    if isinstance(peer, tuple) and peer:
-        return str(peer[0])
-    return "?"
 
 
 def _capabilities(raw: Any) -> list[str]:
@@ -94,23 +77,23 @@ class EdgeGateway:
         self.dead_after_secs = dead_after_secs
         self.handshake_timeout = handshake_timeout
         self.preauth = preauth or PreauthLimits()
-        self._server: asyncio.AbstractServer | None = None
+        self._sockets: list[socket.socket] = []
+        self._tasks: list[asyncio.Task[None]] = []  # accept loops and the log flusher
         self._conns: set[asyncio.Task[None]] = set()
-        self._flusher: asyncio.Task[None] | None = None
 
     @property
     def bound_port(self) -> int | None:
         """The port actually listened on (differs from ``port`` when that is 0)."""
-        if self._server is None or not self._server.sockets:
+        if not self._sockets:
             return None
-        return int(self._server.sockets[0].getsockname()[1])
+        return int(self._sockets[0].getsockname()[1])
 
     async def start(self) -> None:
         """Bind and serve; raises ``OSError`` when the address cannot be bound."""
-        self._server = await asyncio.start_server(
-            self._on_connect, self.host, self.port, reuse_address=True, backlog=_BACKLOG,
-        )
-        self._flusher = asyncio.get_running_loop().create_task(self._flush_logs())
+        loop = asyncio.get_running_loop()
+        self._sockets = await loop.run_in_executor(None, bind, self.host, self.port)
+        self._tasks = [loop.create_task(accept_loop(s, self.preauth, self._admitted)) for s in self._sockets]
+        self._tasks.append(loop.create_task(self._flush_logs()))
 
     async def _flush_logs(self) -> None:
         """Summarize throttled refusal lines once a flood is over (``log.suppressed``)."""
@@ -120,12 +103,13 @@ class EdgeGateway:
 
     async def close(self) -> None:
         """Stop accepting and close every link (the clients reconnect later)."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        if self._flusher is not None:
-            self._flusher.cancel()
-            self._flusher = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for sock in self._sockets:
+            sock.close()
+        self._sockets = []
         self.link.close_all("server shutting down")
         if self._conns:
             _, pending = await asyncio.wait(set(self._conns), timeout=2.0)
@@ -136,21 +120,18 @@ class EdgeGateway:
 
     # ------------------------------------------------------------ connections
 
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = _peer(writer)
-        slot = self.preauth.admit(_source(writer))
-        if isinstance(slot, str):
-            # Before TLS and before reading anything: a refusal costs one accept.
-            writer.transport.abort()
-            self.preauth.refused(slot, peer)
-            return
-        task = asyncio.current_task()
-        assert task is not None
+    def _admitted(self, conn: socket.socket, peer: str | None, slot: PreauthSlot) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(conn, peer, slot))
         self._conns.add(task)
+        task.add_done_callback(self._conns.discard)
+
+    async def _serve(self, conn: socket.socket, peer: str | None, slot: PreauthSlot) -> None:
+        writer: asyncio.StreamWriter | None = None
         try:
-            first = await self._first_frame(reader, writer, slot, peer)
-            if first is None:
+            opened = await self._first_frame(conn, peer)
+            if opened is None:
                 return
+            reader, writer, first = opened
             kind = first["type"]
             if kind == "enroll":
                 await self._enroll(first, writer, peer)
@@ -158,31 +139,42 @@ class EdgeGateway:
                 await self._hello(first, reader, writer, peer, slot)
             else:
                 await self._refuse(writer, "bad_request", f"expected enroll or hello, got {kind!r}")
-        except (ConnectionError, OSError, ssl.SSLError):
+        except (ConnectionError, OSError):
             pass
         finally:
             slot.release()
-            self._conns.discard(task)
-            if not writer.transport.is_closing():
+            if writer is not None and not writer.transport.is_closing():
                 writer.transport.abort()
 
     async def _first_frame(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, slot: PreauthSlot, peer: str | None
-    ) -> dict[str, Any] | None:
+        self, conn: socket.socket, peer: str | None
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, dict[str, Any]] | None:
         """TLS handshake and the first frame, under one deadline; None when the
         connection is over (the reason is counted and logged, throttled)."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport: asyncio.BaseTransport | None = None
         try:
             async with asyncio.timeout(self.handshake_timeout):
-                # The TLS layer's own timer is a backstop; the deadline above is the one that counts.
-                await writer.start_tls(self.ssl_context, ssl_handshake_timeout=self.handshake_timeout + 5)
-                return await read_frame(reader, PREAUTH_MAX_FRAME)
+                # From here the transport owns ``conn``.  The TLS layer's own timer
+                # is a backstop; the deadline above is the one that counts.
+                transport, _ = await loop.connect_accepted_socket(
+                    lambda: protocol, conn, ssl=self.ssl_context,
+                    ssl_handshake_timeout=self.handshake_timeout + 5,
+                )
+                writer = asyncio.StreamWriter(transport, protocol, reader, loop)  # type: ignore[arg-type]
+                return reader, writer, await read_frame(reader, PREAUTH_MAX_FRAME)
         except TimeoutError:
             self.preauth.refused("timeout", peer, timeout_secs=self.handshake_timeout)
         except FrameTooLarge as exc:
             self.preauth.refused("frame_too_large", peer, error=str(exc))
-        except (asyncio.IncompleteReadError, WireError, ConnectionError, OSError, ssl.SSLError) as exc:
+        except (asyncio.IncompleteReadError, WireError, ConnectionError, OSError) as exc:
             log_throttled("edge.no_first_frame", level="warning", peer=peer,
                           error=str(exc) or type(exc).__name__)
+        # Without a transport, connect_accepted_socket failed and closed ``conn``.
+        if transport is not None:
+            transport.abort()
         return None
 
     async def _refuse(self, writer: asyncio.StreamWriter, code: str, message: str) -> None:
