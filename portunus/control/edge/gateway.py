@@ -152,7 +152,7 @@ class EdgeGateway:
         """TLS handshake and the first frame, under one deadline; None when the
         connection is over (the reason is counted and logged, throttled)."""
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
+        reader = asyncio.StreamReader(limit=PREAUTH_MAX_FRAME)
         protocol = asyncio.StreamReaderProtocol(reader)
         transport: asyncio.BaseTransport | None = None
         try:
