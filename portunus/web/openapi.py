@@ -276,7 +276,7 @@ ERROR_STATUSES: dict[str, str] = {
     "404": "No such object (`not_found`, `rule_not_found`, `client_not_found`)",
     "405": "Method not allowed on this path (`method_not_allowed`)",
     "409": "Conflict (`port_conflict`, `ambiguous_client`, `conflict.*`)",
-    "413": "Request body over 1 MiB (`validation.body_too_large`)",
+    "413": "Request body over 64 KiB (`validation.body_too_large`)",
     "422": "Client or capability state (`client_not_connected`, `activation_failed` with `rule`, "
     "`*_unsupported_by_client`)",
     "429": "Throttled (`throttled`)",
