@@ -25,6 +25,7 @@ from portunus.control.edge.listener import accept_loop, bind
 from portunus.control.edge.preauth import (
     DEFAULT_HANDSHAKE_TIMEOUT_SECS,
     PREAUTH_MAX_FRAME,
+    AuditBudget,
     PreauthLimits,
     PreauthSlot,
 )
@@ -77,6 +78,7 @@ class EdgeGateway:
         self.dead_after_secs = dead_after_secs
         self.handshake_timeout = handshake_timeout
         self.preauth = preauth or PreauthLimits()
+        self.audit_budget = AuditBudget()
         self._sockets: list[socket.socket] = []
         self._tasks: list[asyncio.Task[None]] = []  # accept loops and the log flusher
         self._conns: set[asyncio.Task[None]] = set()
@@ -193,9 +195,15 @@ class EdgeGateway:
             try:
                 client, token = await redeem(db, msg.get("code"))
             except EnrollmentInvalid as exc:
-                # A refused redemption changes nothing but is on the record.
-                await write_audit(db, "edge", "client.enroll", None, outcome="error",
-                                  error_code=exc.code, details={"message": exc.message, "peer": peer})
+                # A refused redemption changes nothing but is on the record (within
+                # the audit budget: anyone can send one per connection).
+                unaudited = self.audit_budget.take()
+                if unaudited is not None:
+                    details: dict[str, Any] = {"message": exc.message, "peer": peer}
+                    if unaudited:
+                        details["unaudited_before"] = unaudited
+                    await write_audit(db, "edge", "client.enroll", None, outcome="error",
+                                      error_code=exc.code, details=details)
                 failure: EnrollmentInvalid | None = exc
             else:
                 failure = None
@@ -204,7 +212,8 @@ class EdgeGateway:
                     details={"peer": peer, "version": _short(msg.get("version"))},
                 )
         if failure is not None:
-            log_event("edge.enroll_refused", level="warning", peer=peer, reason=failure.message)
+            self.preauth.count("enrollment_invalid")
+            log_throttled("edge.enroll_refused", level="warning", peer=peer, reason=failure.message)
             await self._refuse(writer, failure.code, failure.message)
             return
         log_event("edge.enrolled", client_id=client.client_id, client=client.name, peer=peer)
@@ -220,8 +229,9 @@ class EdgeGateway:
             client = await client_for_token(db, msg.get("token"))
         claimed = msg.get("client_id")
         if client is None or (claimed is not None and claimed != client.client_id):
-            log_event("edge.hello_refused", level="warning", peer=peer, reason="unauthenticated",
-                      client_id=_short(claimed))
+            self.preauth.count("unauthenticated")
+            log_throttled("edge.hello_refused", level="warning", peer=peer, reason="unauthenticated",
+                          client_id=_short(claimed))
             await self._refuse(writer, "unauthenticated",
                                "the client token is not valid; enroll the client again")
             return

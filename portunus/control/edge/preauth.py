@@ -11,7 +11,11 @@ authenticates it (``hello`` with a valid client token) or redeems a code
   ``max_per_source`` from one source address; one over either is closed right
   after ``accept`` (no TLS handshake, nothing read);
 - the TLS handshake and the first frame share one deadline
-  (``edge_handshake_timeout_secs``).
+  (``edge_handshake_timeout_secs``);
+- a refused enrollment is audited, but at most ``AUDIT_BURST`` in a row and then
+  one per ``AUDIT_EVERY_SECS`` (``AuditBudget``): a peer that sends one bad code
+  per connection must not grow the audit table at the rate it can connect.  The
+  next audited row says how many went unaudited; every one is counted.
 
 Every refusal is counted (``portunus_edge_preauth_refused_total{reason}``) and
 logged through the process's log throttle, so a flood costs neither a journal
@@ -30,6 +34,7 @@ recomputes them and fails if a legitimate frame would not fit):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from portunus.logs import log_throttled
@@ -39,8 +44,15 @@ DEFAULT_MAX_CONNECTIONS = 128
 DEFAULT_MAX_PER_SOURCE = 16
 DEFAULT_HANDSHAKE_TIMEOUT_SECS = 10.0
 
-# Values of the ``reason`` label, all known up front so /metrics shows zeros.
-REASONS = ("max_connections", "max_per_source", "frame_too_large", "timeout")
+AUDIT_BURST = 30
+AUDIT_EVERY_SECS = 2.0
+
+# Values of the ``reason`` label, all known up front so /metrics shows zeros.  The
+# last two are first frames that were read but carried a bad credential.
+REASONS = (
+    "max_connections", "max_per_source", "frame_too_large", "timeout",
+    "enrollment_invalid", "unauthenticated",
+)
 
 
 class PreauthSlot:
@@ -94,6 +106,10 @@ class PreauthLimits:
         else:
             self.per_source.pop(source, None)
 
+    def count(self, reason: str) -> None:
+        """Count one refusal that the caller logs itself."""
+        self.on_refused(reason)
+
     def refused(self, reason: str, peer: str | None, **fields: object) -> None:
         """Count and (throttled) log one refusal."""
         self.on_refused(reason)
@@ -107,3 +123,29 @@ class PreauthLimits:
             max_per_source=self.max_per_source,
             **fields,
         )
+
+
+class AuditBudget:
+    """A token bucket for audit rows written on behalf of anonymous peers."""
+
+    def __init__(self, burst: int = AUDIT_BURST, every_secs: float = AUDIT_EVERY_SECS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst = burst
+        self.every_secs = every_secs
+        self.clock = clock
+        self.tokens = float(burst)
+        self.stamp = clock()
+        self.skipped = 0
+
+    def take(self) -> int | None:
+        """None when this one goes unaudited; else how many went unaudited before
+        it (the count then starts again)."""
+        now = self.clock()
+        self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) / self.every_secs)
+        self.stamp = now
+        if self.tokens < 1.0:
+            self.skipped += 1
+            return None
+        self.tokens -= 1.0
+        skipped, self.skipped = self.skipped, 0
+        return skipped

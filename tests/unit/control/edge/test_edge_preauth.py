@@ -11,7 +11,7 @@ import struct
 import time
 from typing import Any
 
-from portunus.control.edge.preauth import PREAUTH_MAX_FRAME, PreauthLimits
+from portunus.control.edge.preauth import PREAUTH_MAX_FRAME, AuditBudget, PreauthLimits
 from portunus.edge.wire import encode_frame
 
 
@@ -159,3 +159,39 @@ async def test_one_deadline_covers_the_handshake_and_the_first_frame(make_edge: 
     writer.close()
     assert refused == ["timeout", "timeout"]
     assert edge.gateway.preauth.open == 0
+
+
+def test_audit_budget_is_a_token_bucket_that_reports_what_it_skipped() -> None:
+    now = [0.0]
+    budget = AuditBudget(burst=3, every_secs=2.0, clock=lambda: now[0])
+    assert [budget.take() for _ in range(5)] == [0, 0, 0, None, None]
+    now[0] += 2.0  # one token back
+    assert budget.take() == 2 and budget.take() is None
+    now[0] += 100.0  # never more than the burst
+    assert [budget.take() for _ in range(4)] == [1, 0, 0, None]
+
+
+async def test_bad_credentials_are_counted_and_refused_enrollments_audited_within_budget(
+    make_edge: Any,
+) -> None:
+    refused: list[str] = []
+    edge = await make_edge(preauth=PreauthLimits(on_refused=refused.append))
+    now = [0.0]
+    edge.gateway.audit_budget = AuditBudget(burst=3, every_secs=10.0, clock=lambda: now[0])
+    for i in range(6):
+        e = edge.fake()
+        reply = await e.enroll(f"guess-{i}")
+        assert reply["code"] == "enrollment_invalid"
+        await e.close()
+    now[0] += 10.0
+    e = edge.fake()
+    assert (await e.enroll("one-more"))["code"] == "enrollment_invalid"
+    await e.close()
+    e = edge.fake()
+    assert (await e.hello("not-a-token", None))["code"] == "unauthenticated"
+    await e.close()
+    assert refused == ["enrollment_invalid"] * 7 + ["unauthenticated"]
+    entries = (await edge.call("audit.list", {"limit": 100}))["entries"]
+    rows = [x for x in entries if x["action"] == "client.enroll" and x["actor"] == "edge"]
+    assert len(rows) == 4  # 3 of the first 6, then the one after the refill
+    assert rows[0]["details"].get("unaudited_before") == 3, rows[0]
