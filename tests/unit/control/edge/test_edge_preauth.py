@@ -195,3 +195,17 @@ async def test_bad_credentials_are_counted_and_refused_enrollments_audited_withi
     rows = [x for x in entries if x["action"] == "client.enroll" and x["actor"] == "edge"]
     assert len(rows) == 4  # 3 of the first 6, then the one after the refill
     assert rows[0]["details"].get("unaudited_before") == 3, rows[0]
+
+
+def test_bind_listens_on_each_address_like_asyncio() -> None:
+    from portunus.control.edge.listener import bind
+
+    for host in ("127.0.0.1", "::1"):
+        (sock,) = bind(host, 0)
+        try:
+            assert sock.getsockname()[0] == host and sock.getsockname()[1] > 0
+            assert sock.getblocking() is False
+            if sock.family == socket.AF_INET6:  # v6-only, as asyncio.start_server binds
+                assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+        finally:
+            sock.close()
