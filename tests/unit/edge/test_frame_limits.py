@@ -95,3 +95,23 @@ def test_every_port_in_range_rules_syncs_and_reports_stats_within_max_frame() ->
         },
     }
     assert len(encode_frame(stats)) <= MAX_FRAME
+
+
+def test_a_stats_frame_too_long_for_one_frame_keeps_its_totals() -> None:
+    """Detail rows can outgrow MAX_FRAME (a per_port row for every port of wide ranges
+    with large counters is ~17 MiB); the client then sends the totals alone instead of
+    failing its link every stats interval."""
+    from portunus.edge.link import stats_frame
+
+    counters = {"bytes_in": 2**53, "bytes_out": 2**53, "connections_total": 2**40, "active_connections": 9}
+    totals = {
+        str(i): {**counters, "per_port": [{"port": p, **counters} for p in range(1, 200)],
+                 "per_target": [{"target": "10.0.0.1:80", "connections_total": 1, "up": True}]}
+        for i in range(50)
+    }
+    full = stats_frame(totals)
+    assert full["rules"] is totals  # fits: unchanged
+    slim = stats_frame(totals, max_len=64 * 1024)
+    assert set(slim["rules"]) == set(totals)
+    assert all(entry == counters for entry in slim["rules"].values())
+    assert len(encode_frame(slim)) <= 64 * 1024
