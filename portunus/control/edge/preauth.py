@@ -50,8 +50,12 @@ AUDIT_EVERY_SECS = 2.0
 # Values of the ``reason`` label, all known up front so /metrics shows zeros.  The
 # last two are first frames that were read but carried a bad credential.
 REASONS = (
-    "max_connections", "max_per_source", "frame_too_large", "timeout",
-    "enrollment_invalid", "unauthenticated",
+    "max_connections",
+    "max_per_source",
+    "frame_too_large",
+    "timeout",
+    "enrollment_invalid",
+    "unauthenticated",
 )
 
 
@@ -128,8 +132,12 @@ class PreauthLimits:
 class AuditBudget:
     """A token bucket for audit rows written on behalf of anonymous peers."""
 
-    def __init__(self, burst: int = AUDIT_BURST, every_secs: float = AUDIT_EVERY_SECS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        burst: int = AUDIT_BURST,
+        every_secs: float = AUDIT_EVERY_SECS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.burst = burst
         self.every_secs = every_secs
         self.clock = clock

@@ -103,10 +103,18 @@ def test_a_stats_frame_too_long_for_one_frame_keeps_its_totals() -> None:
     failing its link every stats interval."""
     from portunus.edge.link import stats_frame
 
-    counters = {"bytes_in": 2**53, "bytes_out": 2**53, "connections_total": 2**40, "active_connections": 9}
+    counters = {
+        "bytes_in": 2**53,
+        "bytes_out": 2**53,
+        "connections_total": 2**40,
+        "active_connections": 9,
+    }
     totals = {
-        str(i): {**counters, "per_port": [{"port": p, **counters} for p in range(1, 200)],
-                 "per_target": [{"target": "10.0.0.1:80", "connections_total": 1, "up": True}]}
+        str(i): {
+            **counters,
+            "per_port": [{"port": p, **counters} for p in range(1, 200)],
+            "per_target": [{"target": "10.0.0.1:80", "connections_total": 1, "up": True}],
+        }
         for i in range(50)
     }
     full = stats_frame(totals)

@@ -27,7 +27,6 @@ from portunus.web.main import _config, _Server
 from portunus.web.routes.bodies import MAX_BODY, check, read_body
 
 
-
 def largest_rule_body() -> dict[str, Any]:
     """A RuleBody with every field at the longest its schema allows."""
     host = "h" * 255
