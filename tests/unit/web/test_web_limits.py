@@ -27,20 +27,28 @@ from portunus.web.main import _config, _Server
 from portunus.web.routes.bodies import MAX_BODY, check, read_body
 
 
+def _most(props: dict[str, Any], key: str, unbounded: Any) -> Any:
+    """The schema's maximum (length) for ``key``, else ``unbounded``."""
+    prop = props[key]
+    return prop.get("maximum", prop.get("maxLength", unbounded))
+
+
 def largest_rule_body() -> dict[str, Any]:
     """A RuleBody with every field at the longest its schema allows."""
-    host = "h" * 255
+    rule = openapi.components()["RuleBody"]["properties"]
+    target = openapi.components()["TargetBody"]["properties"]
+    rate = openapi.components()["RateLimit"]["properties"]
     return {
-        "client": "c" * 64,
+        "client": "c" * rule["client"].get("maxLength", 64),
         "protocol": "tcp",
         "listen_port_start": 60000,
         "listen_port_end": 61023,
         "targets": [
             {
-                "host": host,
+                "host": "h" * _most(target, "host", 255),
                 "port_start": 50000,
                 "port_end": 51023,
-                "priority": 10**15,
+                "priority": _most(target, "priority", 10**15),
                 "proxy_protocol": "v2",
             }
             for _ in range(MAX_TARGETS)
@@ -48,8 +56,8 @@ def largest_rule_body() -> dict[str, Any]:
         "sni_pattern": None,
         "proxy_protocol": "v2",
         "prefer_ipv6": True,
-        "rate_limit": {k: 10**15 for k in RATE_LIMIT_ALL_KEYS},
-        "health_check_interval_secs": 86400.125,
+        "rate_limit": {k: _most(rate, k, 10**15) for k in RATE_LIMIT_ALL_KEYS},
+        "health_check_interval_secs": _most(rule, "health_check_interval_secs", 86400.125),
     }
 
 
