@@ -13,6 +13,7 @@ import asyncio
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
@@ -21,6 +22,7 @@ from portunus import __version__
 from portunus.config import Settings
 from portunus.control.client import ControlClient
 from portunus.errors import PortunusError
+from portunus.web.limits import BodyLimit
 from portunus.web.openapi import build_openapi
 from portunus.web.routes import audit, clients, rules, system
 from portunus.web.routes.common import error_response
@@ -53,7 +55,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def create_app(settings: Settings, control: ControlClient | None = None) -> Starlette:
     """Build the API app; ``control`` defaults to a client of ``settings.socket_path``."""
-    app = Starlette(routes=api_routes(), exception_handlers={HTTPException: _http_error})
+    app = Starlette(routes=api_routes(), exception_handlers={HTTPException: _http_error},
+                    middleware=[Middleware(BodyLimit)])
     app.state.settings = settings
     app.state.control = control or ControlClient(settings.socket_path, None, timeout=CONTROL_TIMEOUT)
     app.state.stopping = asyncio.Event()
