@@ -103,6 +103,27 @@ def bootstrap_superadmin(db_path: str, name: str) -> str:
         conn.close()
 
 
+def superadmin_has_password(db_path: str) -> bool:
+    """True once some superadmin can log in with a password (first-run setup is
+    done).  A missing database or one from before users had passwords: False."""
+    if not os.path.exists(db_path):
+        return False
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return False
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        row = conn.execute(
+            "SELECT 1 FROM users WHERE role = 'superadmin' AND password_hash IS NOT NULL LIMIT 1"
+        ).fetchone()
+    except sqlite3.Error:  # no such column/table yet: the migration has not run
+        return False
+    finally:
+        conn.close()
+    return row is not None
+
+
 def schema_version(db_path: str) -> int:
     """The schema version of a database file that nothing else is writing (a
     backup copy); 0 when it has none."""
