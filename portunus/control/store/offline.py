@@ -358,6 +358,9 @@ def _prepare_copy(in_path: str, tmp: str, actor: str, aside: str | None) -> tupl
         if missing:
             raise _not_a_backup(in_path, f"tables missing: {', '.join(missing)}")
         rules = int(conn.execute("SELECT count(*) FROM rules").fetchone()[0])
+        # Login sessions do not outlive a restore: users log in again (users,
+        # their tokens and grants are restored with everything else).
+        conn.execute("DELETE FROM sessions")
         details = {"source": os.path.abspath(in_path), "from_schema_version": found,
                    "schema_version": LATEST, "previous": aside}
         conn.execute(
