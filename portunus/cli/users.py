@@ -90,7 +90,12 @@ def user_add(obj: OperatorContext, user_id: str, role: str, display_name: str | 
 @format_option
 @click.pass_obj
 def user_list(obj: OperatorContext, fmt: str) -> None:
-    """List users and their roles."""
+    """List users and their roles.
+
+    \b
+    Example:
+      portunus-server user-list --format json
+    """
     result = obj.call("users.list")
     if fmt == "json":
         echo_json(result)
@@ -105,7 +110,12 @@ def user_list(obj: OperatorContext, fmt: str) -> None:
 @format_option
 @click.pass_obj
 def user_remove(obj: OperatorContext, user_id: str, fmt: str) -> None:
-    """Remove user ID with its rules (drained like remove-rule), tokens, grants and sessions."""
+    """Remove user ID with its rules (drained like remove-rule), tokens, grants and sessions.
+
+    \b
+    Example:
+      portunus-server user-remove alice
+    """
     result = obj.call("users.remove", {"user_id": user_id})
     if fmt == "json":
         echo_json(result)
@@ -126,7 +136,13 @@ def _ids(ids: list[int]) -> str:
 @format_option
 @click.pass_obj
 def user_passwd(obj: OperatorContext, user_id: str, password_stdin: bool, fmt: str) -> None:
-    """Set user ID's password; the user's Web UI sessions end."""
+    """Set user ID's password; the user's Web UI sessions end.
+
+    \b
+    Examples:
+      portunus-server user-passwd alice                # prints a temporary password
+      printf '%s\\n' "$PW" | portunus-server user-passwd alice --password-stdin
+    """
     params: dict[str, Any] = {"user_id": user_id}
     if password_stdin:
         params["password"] = read_password()
@@ -146,7 +162,12 @@ def user_passwd(obj: OperatorContext, user_id: str, password_stdin: bool, fmt: s
 @format_option
 @click.pass_obj
 def token_issue(obj: OperatorContext, user_id: str, name: str | None, fmt: str) -> None:
-    """Issue an API token acting as USER; printed once (only its hash is kept)."""
+    """Issue an API token acting as USER; printed once (only its hash is kept).
+
+    \b
+    Example:
+      portunus-server token-issue alice --name ci > alice.token
+    """
     params: dict[str, Any] = {"user_id": user_id}
     if name is not None:
         params["name"] = name
@@ -163,7 +184,12 @@ def token_issue(obj: OperatorContext, user_id: str, name: str | None, fmt: str) 
 @format_option
 @click.pass_obj
 def token_list(obj: OperatorContext, user_id: str | None, fmt: str) -> None:
-    """List API tokens (never the tokens themselves)."""
+    """List API tokens (never the tokens themselves).
+
+    \b
+    Example:
+      portunus-server token-list --user alice
+    """
     result = obj.call("tokens.list", {"user_id": user_id} if user_id else {})
     if fmt == "json":
         echo_json(result)
@@ -179,7 +205,12 @@ def token_list(obj: OperatorContext, user_id: str | None, fmt: str) -> None:
 @format_option
 @click.pass_obj
 def token_revoke(obj: OperatorContext, token_id: int, fmt: str) -> None:
-    """Revoke an API token; it fails from the next request on."""
+    """Revoke an API token; it fails from the next request on.
+
+    \b
+    Example:
+      portunus-server token-revoke 7
+    """
     result = obj.call("tokens.revoke", {"token_id": token_id})
     if fmt == "json":
         echo_json(result)
@@ -230,7 +261,12 @@ def _grant_text(g: dict[str, Any]) -> str:
 @format_option
 @click.pass_obj
 def grant_list(obj: OperatorContext, user_id: str | None, fmt: str) -> None:
-    """List grants."""
+    """List grants.
+
+    \b
+    Example:
+      portunus-server grant-list --user alice
+    """
     result = obj.call("grants.list", {"user_id": user_id} if user_id else {})
     if fmt == "json":
         echo_json(result)
@@ -246,7 +282,12 @@ def grant_list(obj: OperatorContext, user_id: str | None, fmt: str) -> None:
 @format_option
 @click.pass_obj
 def grant_revoke(obj: OperatorContext, grant_id: int, fmt: str) -> None:
-    """Revoke grant ID; the user's rules no remaining grant covers are removed (drained)."""
+    """Revoke grant ID; the user's rules no remaining grant covers are removed (drained).
+
+    \b
+    Example:
+      portunus-server grant-revoke 3
+    """
     result = obj.call("grants.revoke", {"grant_id": grant_id})
     if fmt == "json":
         echo_json(result)
