@@ -71,7 +71,7 @@ def populate(db_path: Path, users: int, grants: int, lo: int, hi: int) -> None:
 
 def start(workdir: Path, ports: PortAllocator, shards: int, users: int, grants: int) -> ServerProc:
     srv = ServerProc(workdir=workdir, data_dir=workdir / "data", ports=ports, shards=shards, name=workdir.name,
-                     settings={"shutdown_drain_timeout_secs": 1, "log_level": "warning"})
+                     settings={"shutdown_drain_timeout_secs": 1})
     populate(srv.db_path, users, grants, 20000, 32000)
     srv.start()
     srv.wait_ready(timeout=60)
