@@ -1,12 +1,14 @@
 """The RBAC matrix against a real server: every CLI verb and HTTP route ×
-{superadmin, user with a grant, user without a grant} × {own, another user's
-resource}, each asserting the HTTP status, the error code and the CLI exit code.
+{superadmin, user with a grant, user without a grant, another user} × {own,
+another user's resource}, each asserting the HTTP status, the error code and
+the CLI exit code.
 
 Every case is generated from the one table ``OPS``: a row names the operation's
 CLI argv and HTTP request as templates over a resource, and the outcome per
-actor as ``(own, other's)``.  The resource is made fresh for each case (a
-removed rule cannot be removed twice), owned by the actor ("own") or by
-``carol`` ("other's").
+actor as ``(own, other's)`` (``carol``, the other user, has a grant of her own
+and expects what ``alice`` does).  The resource is made fresh for each case (a
+removed rule cannot be removed twice), owned by the actor ("own") or by the
+other user ("other's": ``carol``'s, or ``alice``'s when ``carol`` acts).
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ from .rbac_world import World, make_world
 
 SA, GRANTED, NOGRANT = "root", "alice", "bob"
 OTHER = "carol"
+ACTORS = (SA, GRANTED, NOGRANT, OTHER)
+
+
+def other_of(actor: str) -> str:
+    return "alice" if actor == OTHER else OTHER
 OK = "ok"
 NA = None  # the case does not exist (bob can own no rule: he has no grant)
 ROLE = "role_required"
@@ -122,7 +129,8 @@ OTHER_OVERRIDES = {"user-remove": "temp_user"}
 def _cases() -> list[Any]:
     out = []
     for op in OPS:
-        for actor, (own, other) in op.expect.items():
+        for actor in ACTORS:
+            own, other = op.expect.get(actor, op.expect[GRANTED])
             for whose, expected in (("own", own), ("other", other)):
                 if expected is NA or (whose == "other" and not op.uses):
                     continue
@@ -152,7 +160,7 @@ def _fill(value: Any, names: dict[str, Any]) -> Any:
 
 
 def _names(world: World, op: Op, actor: str, whose: str) -> dict[str, Any]:
-    owner = actor if whose == "own" else OTHER
+    owner = actor if whose == "own" else other_of(actor)
     names: dict[str, Any] = {}
     for key in op.uses:
         if key == "port":
@@ -163,9 +171,9 @@ def _names(world: World, op: Op, actor: str, whose: str) -> dict[str, Any]:
         names[key] = MAKERS[maker](world, owner)
     if op.name == "push-rule":
         # bob has no grant: his "own" push aims at ports no grant covers.
-        names["port"] = world.port_of(OTHER if whose == "other" else (SA if actor == NOGRANT else actor))
+        names["port"] = world.port_of(owner if whose == "other" else (SA if actor == NOGRANT else actor))
         names["owner_opt"] = "--owner" if whose == "other" else ""
-        names["owner_body"] = OTHER if whose == "other" else None
+        names["owner_body"] = owner if whose == "other" else None
     return names
 
 
@@ -177,7 +185,7 @@ def test_rbac_matrix(world: World, op: Op, actor: str, whose: str, expected: str
         assert op.cli is not None
         argv = [a for a in (_fill(a, names) for a in op.cli) if a != ""]
         if op.name == "push-rule" and whose == "other":
-            argv.append(OTHER)  # the value of --owner
+            argv.append(other_of(actor))  # the value of --owner
         res = world.srv.cli(*[str(a) for a in argv], "--format", "json", token=token)
         if expected == OK:
             assert res.code == 0, (argv, res.code, res.err)
