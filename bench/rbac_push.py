@@ -53,25 +53,41 @@ def populate(db_path: Path, users: int, grants: int, lo: int, hi: int) -> None:
         conn.execute("BEGIN")
         names = ["bench"] + [f"user{i:04d}" for i in range(users)]
         for n, name in enumerate(names):
-            uid = conn.execute("INSERT INTO users (name, role, created_at, display_name) VALUES (?, 'user', ?, ?)",
-                               (name, now, name)).lastrowid
-            rows = [(uid, "local", 1000 + 10 * g, 1005 + 10 * g, "tcp", None, now) for g in range(grants - 1)]
+            uid = conn.execute(
+                "INSERT INTO users (name, role, created_at, display_name) VALUES (?, 'user', ?, ?)",
+                (name, now, name),
+            ).lastrowid
+            rows = [
+                (uid, "local", 1000 + 10 * g, 1005 + 10 * g, "tcp", None, now)
+                for g in range(grants - 1)
+            ]
             if name == "bench":
                 rows.append((uid, "local", lo, hi, "tcp", None, now))
-                conn.execute("INSERT INTO tokens (user_id, token_hash, name, created_at) VALUES (?, ?, 'bench', ?)",
-                             (uid, hash_token(TOKEN), now))
+                conn.execute(
+                    "INSERT INTO tokens (user_id, token_hash, name, created_at) VALUES (?, ?, 'bench', ?)",
+                    (uid, hash_token(TOKEN), now),
+                )
             else:
                 rows.append((uid, "*", 40000 + n, 40000 + n, "tcp,udp", "decoy", now))
-            conn.executemany("INSERT INTO grants (user_id, client_id, port_start, port_end, protocols, note, "
-                             "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            conn.executemany(
+                "INSERT INTO grants (user_id, client_id, port_start, port_end, protocols, note, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
         conn.execute("COMMIT")
     finally:
         conn.close()
 
 
 def start(workdir: Path, ports: PortAllocator, shards: int, users: int, grants: int) -> ServerProc:
-    srv = ServerProc(workdir=workdir, data_dir=workdir / "data", ports=ports, shards=shards, name=workdir.name,
-                     settings={"shutdown_drain_timeout_secs": 1})
+    srv = ServerProc(
+        workdir=workdir,
+        data_dir=workdir / "data",
+        ports=ports,
+        shards=shards,
+        name=workdir.name,
+        settings={"shutdown_drain_timeout_secs": 1},
+    )
     populate(srv.db_path, users, grants, 20000, 32000)
     srv.start()
     srv.wait_ready(timeout=60)
@@ -93,8 +109,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="ptn-bench-rbac-"))
     servers: dict[str, ServerProc] = {}
     try:
-        log(f"starting empty (1 user x {args.grants} grants) and crowded ({args.users + 1} users x "
-            f"{args.grants} grants) servers")
+        log(
+            f"starting empty (1 user x {args.grants} grants) and crowded ({args.users + 1} users x "
+            f"{args.grants} grants) servers"
+        )
         servers["empty"] = start(root / "empty", ports, args.shards, 0, args.grants)
         servers["crowded"] = start(root / "crowded", ports, args.shards, args.users, args.grants)
         series = {k: Series(f"push → active, user with grants, {k}", "ms") for k in servers}
@@ -109,10 +127,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 series[key].values.append(push(servers[key], port, origin))
                 if not accepts(port):
                     not_accepting[key] += 1
-        return {"machine": machine(), "args": vars(args), "series": {k: s.summary() for k, s in series.items()},
-                "not_accepting": not_accepting,
-                "ratio_p99": pct(series["crowded"].values, 99) / pct(series["empty"].values, 99),
-                "ratio_p50": pct(series["crowded"].values, 50) / pct(series["empty"].values, 50)}
+        return {
+            "machine": machine(),
+            "args": vars(args),
+            "series": {k: s.summary() for k, s in series.items()},
+            "not_accepting": not_accepting,
+            "ratio_p99": pct(series["crowded"].values, 99) / pct(series["empty"].values, 99),
+            "ratio_p50": pct(series["crowded"].values, 50) / pct(series["empty"].values, 50),
+        }
     finally:
         for srv in servers.values():
             srv.cleanup()
@@ -124,22 +146,27 @@ def render(res: dict[str, Any]) -> str:
     s = res["series"]
     rows = "\n".join(
         f"| {k} | {v['n']} | {v['p50']:.2f} | {v['p90']:.2f} | {v['p99']:.2f} | {v['max']:.2f} |"
-        for k, v in s.items())
+        for k, v in s.items()
+    )
     ok = res["ratio_p99"] <= TARGET_RATIO
     a = res["args"]
-    return (f"## Push → active with {a['users']:,} users × {a['grants']} grants (`bench.rbac_push`)\n\n"
-            f"Two servers side by side, pushes by a `user` alternating between them (same run): `empty` has "
-            f"only that user, `crowded` {a['users']:,} more users, every user {a['grants']} grants "
-            f"({(a['users'] + 1) * a['grants']:,} grants). Sequential `rules.push` over the control socket, "
-            f"fresh port each, reply = rule `active`.\n\n"
-            f"| server | n | p50 ms | p90 ms | p99 ms | max ms |\n|---|---|---|---|---|---|\n{rows}\n\n"
-            f"crowded ÷ empty: p50 {res['ratio_p50']:.2f}×, p99 {res['ratio_p99']:.2f}× (target ≤ "
-            f"{TARGET_RATIO}×: {'met' if ok else 'MISSED'}); ports not accepting right after the reply: "
-            f"{res['not_accepting']}. Machine: {res['machine']}.\n")
+    return (
+        f"## Push → active with {a['users']:,} users × {a['grants']} grants (`bench.rbac_push`)\n\n"
+        f"Two servers side by side, pushes by a `user` alternating between them (same run): `empty` has "
+        f"only that user, `crowded` {a['users']:,} more users, every user {a['grants']} grants "
+        f"({(a['users'] + 1) * a['grants']:,} grants). Sequential `rules.push` over the control socket, "
+        f"fresh port each, reply = rule `active`.\n\n"
+        f"| server | n | p50 ms | p90 ms | p99 ms | max ms |\n|---|---|---|---|---|---|\n{rows}\n\n"
+        f"crowded ÷ empty: p50 {res['ratio_p50']:.2f}×, p99 {res['ratio_p99']:.2f}× (target ≤ "
+        f"{TARGET_RATIO}×: {'met' if ok else 'MISSED'}); ports not accepting right after the reply: "
+        f"{res['not_accepting']}. Machine: {res['machine']}.\n"
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.rbac_push", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.rbac_push", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--pushes", type=int, default=300)
     p.add_argument("--users", type=int, default=1000)
     p.add_argument("--grants", type=int, default=10)

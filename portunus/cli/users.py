@@ -26,8 +26,11 @@ def read_password() -> str:
     password = line[:-1] if line.endswith("\n") else line
     password = password[:-1] if password.endswith("\r") else password
     if not password:
-        raise PortunusError("validation.password_too_short", "--password-stdin read an empty password",
-                            field="password")
+        raise PortunusError(
+            "validation.password_too_short",
+            "--password-stdin read an empty password",
+            field="password",
+        )
     return password
 
 
@@ -37,8 +40,9 @@ def parse_ports(text: str) -> tuple[int, int]:
         lo = int(lo_text)
         hi = int(hi_text) if hi_text else lo
     except ValueError:
-        raise PortunusError("validation.port_range", f"--ports must be PORT or LO-HI, got {text!r}",
-                            field="ports") from None
+        raise PortunusError(
+            "validation.port_range", f"--ports must be PORT or LO-HI, got {text!r}", field="ports"
+        ) from None
     return lo, hi
 
 
@@ -50,20 +54,39 @@ def _user_text(u: dict[str, Any]) -> list[Any]:
         flags.append("no password")
     if u.get("builtin"):
         flags.append("built-in")
-    return [u.get("user_id"), u.get("role"), u.get("display_name"), ", ".join(flags), u.get("created_at")]
+    return [
+        u.get("user_id"),
+        u.get("role"),
+        u.get("display_name"),
+        ", ".join(flags),
+        u.get("created_at"),
+    ]
 
 
 @click.command("user-add")
 @click.argument("user_id", metavar="ID")
-@click.option("--role", type=click.Choice(("user", "superadmin")), default="user", show_default=True)
-@click.option("--display-name", metavar="NAME", help="Shown in the Web UI (1-64 characters; default: ID).")
-@click.option("--password-stdin", is_flag=True,
-              help="Read the password (12-1024 bytes) from the first line of stdin. Without it a "
-                   "temporary password is printed once and must be changed at first login.")
+@click.option(
+    "--role", type=click.Choice(("user", "superadmin")), default="user", show_default=True
+)
+@click.option(
+    "--display-name", metavar="NAME", help="Shown in the Web UI (1-64 characters; default: ID)."
+)
+@click.option(
+    "--password-stdin",
+    is_flag=True,
+    help="Read the password (12-1024 bytes) from the first line of stdin. Without it a "
+    "temporary password is printed once and must be changed at first login.",
+)
 @format_option
 @click.pass_obj
-def user_add(obj: OperatorContext, user_id: str, role: str, display_name: str | None, password_stdin: bool,
-             fmt: str) -> None:
+def user_add(
+    obj: OperatorContext,
+    user_id: str,
+    role: str,
+    display_name: str | None,
+    password_stdin: bool,
+    fmt: str,
+) -> None:
     """Create user ID ([a-z][a-z0-9_-]{0,31}).
 
     \b
@@ -82,8 +105,10 @@ def user_add(obj: OperatorContext, user_id: str, role: str, display_name: str | 
         return
     click.echo(f"user {result['user_id']} ({result['role']}) created")
     if result.get("temporary_password"):
-        click.echo(f"temporary password (shown once, must be changed at first login): "
-                   f"{result['temporary_password']}")
+        click.echo(
+            f"temporary password (shown once, must be changed at first login): "
+            f"{result['temporary_password']}"
+        )
 
 
 @click.command("user-list")
@@ -101,8 +126,11 @@ def user_list(obj: OperatorContext, fmt: str) -> None:
         echo_json(result)
     else:
         users = result.get("users", [])
-        click.echo(output.table(("ID", "ROLE", "DISPLAY NAME", "FLAGS", "CREATED"), map(_user_text, users))
-                   if users else "no users")
+        click.echo(
+            output.table(("ID", "ROLE", "DISPLAY NAME", "FLAGS", "CREATED"), map(_user_text, users))
+            if users
+            else "no users"
+        )
 
 
 @click.command("user-remove")
@@ -120,9 +148,11 @@ def user_remove(obj: OperatorContext, user_id: str, fmt: str) -> None:
     if fmt == "json":
         echo_json(result)
         return
-    click.echo(f"user {result['user_id']} removed; rules removed: {_ids(result['removed_rule_ids'])}; "
-               f"grants revoked: {_ids(result['revoked_grant_ids'])}; tokens revoked: "
-               f"{_ids(result['revoked_token_ids'])}")
+    click.echo(
+        f"user {result['user_id']} removed; rules removed: {_ids(result['removed_rule_ids'])}; "
+        f"grants revoked: {_ids(result['revoked_grant_ids'])}; tokens revoked: "
+        f"{_ids(result['revoked_token_ids'])}"
+    )
 
 
 def _ids(ids: list[int]) -> str:
@@ -131,8 +161,11 @@ def _ids(ids: list[int]) -> str:
 
 @click.command("user-passwd")
 @click.argument("user_id", metavar="ID")
-@click.option("--password-stdin", is_flag=True,
-              help="Read the new password from stdin; without it a temporary password is printed once.")
+@click.option(
+    "--password-stdin",
+    is_flag=True,
+    help="Read the new password from stdin; without it a temporary password is printed once.",
+)
 @format_option
 @click.pass_obj
 def user_passwd(obj: OperatorContext, user_id: str, password_stdin: bool, fmt: str) -> None:
@@ -150,10 +183,14 @@ def user_passwd(obj: OperatorContext, user_id: str, password_stdin: bool, fmt: s
     if fmt == "json":
         echo_json(result)
         return
-    click.echo(f"password of {result['user_id']} set; {result.get('revoked_sessions', 0)} session(s) ended")
+    click.echo(
+        f"password of {result['user_id']} set; {result.get('revoked_sessions', 0)} session(s) ended"
+    )
     if result.get("temporary_password"):
-        click.echo(f"temporary password (shown once, must be changed at first login): "
-                   f"{result['temporary_password']}")
+        click.echo(
+            f"temporary password (shown once, must be changed at first login): "
+            f"{result['temporary_password']}"
+        )
 
 
 @click.command("token-issue")
@@ -176,7 +213,10 @@ def token_issue(obj: OperatorContext, user_id: str, name: str | None, fmt: str) 
         echo_json(result)
     else:
         click.echo(result["token"])
-        click.echo(f"token {result['token_id']} for {result['user_id']}: shown once, store it now", err=True)
+        click.echo(
+            f"token {result['token_id']} for {result['user_id']}: shown once, store it now",
+            err=True,
+        )
 
 
 @click.command("token-list")
@@ -195,9 +235,24 @@ def token_list(obj: OperatorContext, user_id: str | None, fmt: str) -> None:
         echo_json(result)
         return
     tokens = result.get("tokens", [])
-    click.echo(output.table(("ID", "USER", "NAME", "CREATED", "LAST USED", "REVOKED"), (
-        (t.get("token_id"), t.get("user_id"), t.get("name"), t.get("created_at"), t.get("last_used_at"),
-         t.get("revoked_at")) for t in tokens)) if tokens else "no tokens")
+    click.echo(
+        output.table(
+            ("ID", "USER", "NAME", "CREATED", "LAST USED", "REVOKED"),
+            (
+                (
+                    t.get("token_id"),
+                    t.get("user_id"),
+                    t.get("name"),
+                    t.get("created_at"),
+                    t.get("last_used_at"),
+                    t.get("revoked_at"),
+                )
+                for t in tokens
+            ),
+        )
+        if tokens
+        else "no tokens"
+    )
 
 
 @click.command("token-revoke")
@@ -226,8 +281,15 @@ def token_revoke(obj: OperatorContext, token_id: int, fmt: str) -> None:
 @click.option("--note", help="Free text (at most 256 characters).")
 @format_option
 @click.pass_obj
-def grant_add(obj: OperatorContext, user_id: str, client: str, ports: str, protocols: str, note: str | None,
-              fmt: str) -> None:
+def grant_add(
+    obj: OperatorContext,
+    user_id: str,
+    client: str,
+    ports: str,
+    protocols: str,
+    note: str | None,
+    fmt: str,
+) -> None:
     """Let USER push rules on CLIENT, PROTOCOLS and listen ports LO-HI.
 
     \b
@@ -236,8 +298,13 @@ def grant_add(obj: OperatorContext, user_id: str, client: str, ports: str, proto
     """
     hint_vars(client=client)
     lo, hi = parse_ports(ports)
-    params: dict[str, Any] = {"user_id": user_id, "client": client, "listen_port_start": lo,
-                              "listen_port_end": hi, "protocols": [p.strip() for p in protocols.split(",")]}
+    params: dict[str, Any] = {
+        "user_id": user_id,
+        "client": client,
+        "listen_port_start": lo,
+        "listen_port_end": hi,
+        "protocols": [p.strip() for p in protocols.split(",")],
+    }
     if note is not None:
         params["note"] = note
     result = obj.call("grants.add", params)
@@ -272,9 +339,24 @@ def grant_list(obj: OperatorContext, user_id: str | None, fmt: str) -> None:
         echo_json(result)
         return
     grants = result.get("grants", [])
-    click.echo(output.table(("ID", "USER", "CLIENT", "PROTOCOLS", "PORTS", "NOTE"), (
-        (g.get("grant_id"), g.get("user_id"), g.get("client"), ",".join(g.get("protocols", [])), _span(g),
-         g.get("note")) for g in grants)) if grants else "no grants")
+    click.echo(
+        output.table(
+            ("ID", "USER", "CLIENT", "PROTOCOLS", "PORTS", "NOTE"),
+            (
+                (
+                    g.get("grant_id"),
+                    g.get("user_id"),
+                    g.get("client"),
+                    ",".join(g.get("protocols", [])),
+                    _span(g),
+                    g.get("note"),
+                )
+                for g in grants
+            ),
+        )
+        if grants
+        else "no grants"
+    )
 
 
 @click.command("grant-revoke")
@@ -292,11 +374,26 @@ def grant_revoke(obj: OperatorContext, grant_id: int, fmt: str) -> None:
     if fmt == "json":
         echo_json(result)
     else:
-        click.echo(f"grant {result['grant_id']} revoked; rules removed: {_ids(result['removed_rule_ids'])}")
+        click.echo(
+            f"grant {result['grant_id']} revoked; rules removed: {_ids(result['removed_rule_ids'])}"
+        )
 
 
-VERBS = {c.name: c for c in (user_add, user_list, user_remove, user_passwd, token_issue, token_list,
-                             token_revoke, grant_add, grant_list, grant_revoke)}
+VERBS = {
+    c.name: c
+    for c in (
+        user_add,
+        user_list,
+        user_remove,
+        user_passwd,
+        token_issue,
+        token_list,
+        token_revoke,
+        grant_add,
+        grant_list,
+        grant_revoke,
+    )
+}
 
 
 def _register() -> None:

@@ -34,10 +34,16 @@ def _source(request: Request) -> str:
 
 def _with_cookie(request: Request, answer: dict[str, Any], status: int) -> Response:
     token = str(answer.pop("session_token"))
-    body = {k: answer[k] for k in ("user_id", "display_name", "role", "password_change_required") if k in answer}
+    body = {
+        k: answer[k]
+        for k in ("user_id", "display_name", "role", "password_change_required")
+        if k in answer
+    }
     response = JSONResponse(body, status_code=status)
-    response.headers.append("Set-Cookie", session_cookie(request, token, int(answer.get("max_age_secs",
-                                                                                        SESSION_MAX_AGE))))
+    response.headers.append(
+        "Set-Cookie",
+        session_cookie(request, token, int(answer.get("max_age_secs", SESSION_MAX_AGE))),
+    )
     return response
 
 

@@ -26,8 +26,15 @@ GRANT_PORTS = 64
 def cli_stdin(srv: ServerProc, *args: str, stdin: str, token: Any = None) -> CliResult:
     """``portunus-server ARGS`` with ``stdin`` (for ``--password-stdin``)."""
     argv = [SERVER_BIN, "--data-dir", str(srv.data_dir), *args]
-    res = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30,
-                         env=srv.cli_env(token), cwd=srv.workdir)
+    res = subprocess.run(
+        argv,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=srv.cli_env(token),
+        cwd=srv.workdir,
+    )
     return CliResult(res.args, res.returncode, res.stdout, res.stderr)
 
 
@@ -56,8 +63,11 @@ class World:
     # ---- fresh resources, made by root over the control socket
 
     def rule(self, owner: str) -> int:
-        body = {"client": "local", "listen_port": self.port_of(owner),
-                "targets": [{"host": "127.0.0.1", "port": 9}]}
+        body = {
+            "client": "local",
+            "listen_port": self.port_of(owner),
+            "targets": [{"host": "127.0.0.1", "port": 9}],
+        }
         if owner != "root":
             body["owner"] = owner
         return int(self.rpc("rules.push", body)["id"])
@@ -73,8 +83,17 @@ class World:
     def grant_for(self, owner: str) -> int:
         # A port no rule uses: revoking this grant removes nothing.
         lo = self.port_of("root")
-        return int(self.rpc("grants.add", {"user_id": owner, "client": "local", "listen_port_start": lo,
-                                           "listen_port_end": lo})["grant_id"])
+        return int(
+            self.rpc(
+                "grants.add",
+                {
+                    "user_id": owner,
+                    "client": "local",
+                    "listen_port_start": lo,
+                    "listen_port_end": lo,
+                },
+            )["grant_id"]
+        )
 
     def client(self, revoked: bool = False) -> str:
         name = self.unique("edge")
@@ -86,8 +105,17 @@ class World:
 
 def make_world(srv: ServerProc, ports: PortAllocator) -> World:
     world = World(srv, ports)
-    res = cli_stdin(srv, "user-add", "root", "--role", "superadmin", "--password-stdin", "--format", "json",
-                    stdin=PASSWORD + "\n")
+    res = cli_stdin(
+        srv,
+        "user-add",
+        "root",
+        "--role",
+        "superadmin",
+        "--password-stdin",
+        "--format",
+        "json",
+        stdin=PASSWORD + "\n",
+    )
     assert res.code == 0, res.err
     assert json.loads(res.out)["role"] == "superadmin" and "temporary_password" not in res.out
     world.tokens["operator"] = srv.token
@@ -99,8 +127,16 @@ def make_world(srv: ServerProc, ports: PortAllocator) -> World:
         lo = ports.block(GRANT_PORTS)
         world.ranges[name] = (lo, lo + GRANT_PORTS - 1)
         if name != "root":
-            srv.rpc("grants.add", {"user_id": name, "client": "local", "listen_port_start": lo,
-                                   "listen_port_end": lo + GRANT_PORTS - 1, "protocols": ["tcp"]})
+            srv.rpc(
+                "grants.add",
+                {
+                    "user_id": name,
+                    "client": "local",
+                    "listen_port_start": lo,
+                    "listen_port_end": lo + GRANT_PORTS - 1,
+                    "protocols": ["tcp"],
+                },
+            )
     return world
 
 

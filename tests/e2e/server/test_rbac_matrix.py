@@ -31,6 +31,8 @@ ACTORS = (SA, GRANTED, NOGRANT, OTHER)
 
 def other_of(actor: str) -> str:
     return "alice" if actor == OTHER else OTHER
+
+
 OK = "ok"
 NA = None  # the case does not exist (bob can own no rule: he has no grant)
 ROLE = "role_required"
@@ -62,8 +64,11 @@ class Op:
 
 
 def _push_body(port: str, owner: str | None) -> dict[str, Any]:
-    body: dict[str, Any] = {"client": "local", "listen_port": port,
-                            "targets": [{"host": "127.0.0.1", "port": 9}]}
+    body: dict[str, Any] = {
+        "client": "local",
+        "listen_port": port,
+        "targets": [{"host": "127.0.0.1", "port": 9}],
+    }
     if owner is not None:
         body["owner"] = owner
     return body
@@ -76,50 +81,154 @@ SUPER = {SA: (OK, OK), GRANTED: (ROLE, ROLE), NOGRANT: (ROLE, ROLE)}
 
 OPS: list[Op] = [
     # rules: "other's" push = for carol (--owner), inside carol's grant
-    Op("push-rule", ("port",), ("push-rule", "local", "{port}", "127.0.0.1:9", "{owner_opt}"),
-       ("POST", "/v1/rules", _push_body("{port}", "{owner_body}")),
-       {SA: (OK, OK), GRANTED: (OK, ROLE), NOGRANT: ("client_not_granted", ROLE)}, 201),
+    Op(
+        "push-rule",
+        ("port",),
+        ("push-rule", "local", "{port}", "127.0.0.1:9", "{owner_opt}"),
+        ("POST", "/v1/rules", _push_body("{port}", "{owner_body}")),
+        {SA: (OK, OK), GRANTED: (OK, ROLE), NOGRANT: ("client_not_granted", ROLE)},
+        201,
+    ),
     Op("list-rules", (), ("list-rules",), ("GET", "/v1/rules", None), BOTH_OK),
     Op("get-rule", ("rule",), None, ("GET", "/v1/rules/{rule}", None), OWNED),
-    Op("update-rule", ("rule",), None, ("PUT", "/v1/rules/{rule}", {"rate_limit": {"concurrent_connections": 9}}),
-       OWNED),
-    Op("rule-stats", ("rule",), ("rule-stats", "{rule}"), ("GET", "/v1/rules/{rule}/stats", None), OWNED),
-    Op("remove-rule", ("rule",), ("remove-rule", "{rule}"), ("DELETE", "/v1/rules/{rule}", None), OWNED, 204),
+    Op(
+        "update-rule",
+        ("rule",),
+        None,
+        ("PUT", "/v1/rules/{rule}", {"rate_limit": {"concurrent_connections": 9}}),
+        OWNED,
+    ),
+    Op(
+        "rule-stats",
+        ("rule",),
+        ("rule-stats", "{rule}"),
+        ("GET", "/v1/rules/{rule}/stats", None),
+        OWNED,
+    ),
+    Op(
+        "remove-rule",
+        ("rule",),
+        ("remove-rule", "{rule}"),
+        ("DELETE", "/v1/rules/{rule}", None),
+        OWNED,
+        204,
+    ),
     # clients
     Op("list-clients", (), ("list-clients",), ("GET", "/v1/clients", None), BOTH_OK),
-    Op("enroll-client", ("new_user",), ("enroll-client", "{new_user}"),
-       ("POST", "/v1/client-enrollments", {"name": "{new_user}"}), SUPER, 201),
-    Op("rename-client", ("client", "new_user"), ("rename-client", "{client}", "--name", "{new_user}"),
-       ("PATCH", "/v1/clients/{client}/name", {"name": "{new_user}"}), SUPER),
-    Op("revoke", ("client",), ("revoke", "{client}"), ("POST", "/v1/clients/{client}/revoke", None), SUPER),
-    Op("delete-client", ("revoked_client",), ("delete-client", "{revoked_client}"),
-       ("DELETE", "/v1/clients/{revoked_client}", None), SUPER, 204),
+    Op(
+        "enroll-client",
+        ("new_user",),
+        ("enroll-client", "{new_user}"),
+        ("POST", "/v1/client-enrollments", {"name": "{new_user}"}),
+        SUPER,
+        201,
+    ),
+    Op(
+        "rename-client",
+        ("client", "new_user"),
+        ("rename-client", "{client}", "--name", "{new_user}"),
+        ("PATCH", "/v1/clients/{client}/name", {"name": "{new_user}"}),
+        SUPER,
+    ),
+    Op(
+        "revoke",
+        ("client",),
+        ("revoke", "{client}"),
+        ("POST", "/v1/clients/{client}/revoke", None),
+        SUPER,
+    ),
+    Op(
+        "delete-client",
+        ("revoked_client",),
+        ("delete-client", "{revoked_client}"),
+        ("DELETE", "/v1/clients/{revoked_client}", None),
+        SUPER,
+        204,
+    ),
     Op("audit", (), ("audit", "--limit", "5"), ("GET", "/v1/audit?limit=5", None), SUPER),
     # users: "own" = yourself
-    Op("user-add", ("new_user",), ("user-add", "{new_user}"), ("POST", "/v1/users", {"user_id": "{new_user}"}),
-       SUPER, 201),
+    Op(
+        "user-add",
+        ("new_user",),
+        ("user-add", "{new_user}"),
+        ("POST", "/v1/users", {"user_id": "{new_user}"}),
+        SUPER,
+        201,
+    ),
     Op("user-list", (), ("user-list",), ("GET", "/v1/users", None), SUPER),
     Op("get-user", ("user",), None, ("GET", "/v1/users/{user}", None), SELF_ONLY),
-    Op("user-remove", ("user",), ("user-remove", "{user}"), ("DELETE", "/v1/users/{user}", None),
-       {SA: ("cannot_remove_self", OK), GRANTED: (ROLE, ROLE), NOGRANT: (ROLE, ROLE)}),
+    Op(
+        "user-remove",
+        ("user",),
+        ("user-remove", "{user}"),
+        ("DELETE", "/v1/users/{user}", None),
+        {SA: ("cannot_remove_self", OK), GRANTED: (ROLE, ROLE), NOGRANT: (ROLE, ROLE)},
+    ),
     # A temporary password gates its user: the matrix resets throw-away users only.
-    Op("user-passwd", ("temp_user",), ("user-passwd", "{temp_user}"),
-       ("POST", "/v1/users/{temp_user}/password", {}), SUPER),
+    Op(
+        "user-passwd",
+        ("temp_user",),
+        ("user-passwd", "{temp_user}"),
+        ("POST", "/v1/users/{temp_user}/password", {}),
+        SUPER,
+    ),
     Op("me", (), None, ("GET", "/v1/users/me", None), BOTH_OK),
     # tokens
-    Op("token-issue", ("user",), ("token-issue", "{user}"), ("POST", "/v1/users/{user}/tokens", {}), SELF_ONLY,
-       201),
-    Op("token-list", ("user",), ("token-list", "--user", "{user}"), ("GET", "/v1/users/{user}/tokens", None),
-       SELF_ONLY),
-    Op("token-revoke", ("token",), ("token-revoke", "{token}"), ("DELETE", "/v1/tokens/{token}", None),
-       SELF_ONLY, 204),
+    Op(
+        "token-issue",
+        ("user",),
+        ("token-issue", "{user}"),
+        ("POST", "/v1/users/{user}/tokens", {}),
+        SELF_ONLY,
+        201,
+    ),
+    Op(
+        "token-list",
+        ("user",),
+        ("token-list", "--user", "{user}"),
+        ("GET", "/v1/users/{user}/tokens", None),
+        SELF_ONLY,
+    ),
+    Op(
+        "token-revoke",
+        ("token",),
+        ("token-revoke", "{token}"),
+        ("DELETE", "/v1/tokens/{token}", None),
+        SELF_ONLY,
+        204,
+    ),
     # grants
-    Op("grant-add", ("temp_user",), ("grant-add", "{temp_user}", "--client", "local", "--ports", "40000-40010"),
-       ("POST", "/v1/grants", {"user_id": "{temp_user}", "client": "local", "listen_port_start": 40000,
-                               "listen_port_end": 40010}), SUPER, 201),
-    Op("grant-list", ("user",), ("grant-list", "--user", "{user}"), ("GET", "/v1/grants?user={user}", None),
-       SELF_ONLY),
-    Op("grant-revoke", ("grant",), ("grant-revoke", "{grant}"), ("DELETE", "/v1/grants/{grant}", None), SUPER),
+    Op(
+        "grant-add",
+        ("temp_user",),
+        ("grant-add", "{temp_user}", "--client", "local", "--ports", "40000-40010"),
+        (
+            "POST",
+            "/v1/grants",
+            {
+                "user_id": "{temp_user}",
+                "client": "local",
+                "listen_port_start": 40000,
+                "listen_port_end": 40010,
+            },
+        ),
+        SUPER,
+        201,
+    ),
+    Op(
+        "grant-list",
+        ("user",),
+        ("grant-list", "--user", "{user}"),
+        ("GET", "/v1/grants?user={user}", None),
+        SELF_ONLY,
+    ),
+    Op(
+        "grant-revoke",
+        ("grant",),
+        ("grant-revoke", "{grant}"),
+        ("DELETE", "/v1/grants/{grant}", None),
+        SUPER,
+    ),
 ]
 
 # user-remove of "other's" would remove carol; the superadmin removes a temp user instead.
@@ -137,8 +246,11 @@ def _cases() -> list[Any]:
                 for via in ("cli", "http"):
                     if getattr(op, via) is None:
                         continue
-                    out.append(pytest.param(op, actor, whose, expected, via,
-                                            id=f"{op.name}-{actor}-{whose}-{via}"))
+                    out.append(
+                        pytest.param(
+                            op, actor, whose, expected, via, id=f"{op.name}-{actor}-{whose}-{via}"
+                        )
+                    )
     return out
 
 
@@ -171,7 +283,9 @@ def _names(world: World, op: Op, actor: str, whose: str) -> dict[str, Any]:
         names[key] = MAKERS[maker](world, owner)
     if op.name == "push-rule":
         # bob has no grant: his "own" push aims at ports no grant covers.
-        names["port"] = world.port_of(owner if whose == "other" else (SA if actor == NOGRANT else actor))
+        names["port"] = world.port_of(
+            owner if whose == "other" else (SA if actor == NOGRANT else actor)
+        )
         names["owner_opt"] = "--owner" if whose == "other" else ""
         names["owner_body"] = owner if whose == "other" else None
     return names
@@ -199,7 +313,11 @@ def test_rbac_matrix(world: World, op: Op, actor: str, whose: str, expected: str
         if expected == OK:
             assert got.status == op.ok_status, (method, path, got)
         else:
-            assert (got.status, got.error_code) == (classify(expected)[0], expected), (method, path, got)
+            assert (got.status, got.error_code) == (classify(expected)[0], expected), (
+                method,
+                path,
+                got,
+            )
 
 
 def test_matrix_covers_every_route_and_user_verb() -> None:
@@ -220,11 +338,36 @@ def test_matrix_covers_every_route_and_user_verb() -> None:
         assert isinstance(r, Route)
         served |= {(m, r.path) for m in (r.methods or set()) - {"HEAD"}}
     # Routes every identity uses the same way, tested with sessions, SSE and health.
-    elsewhere = {("POST", "/v1/auth/login"), ("POST", "/v1/auth/logout"), ("POST", "/v1/auth/setup"),
-                 ("POST", "/v1/users/me/password"), ("GET", "/v1/rules/{id}/stats/stream"),
-                 ("GET", "/v1/health"), ("GET", "/v1/openapi.json")}
+    elsewhere = {
+        ("POST", "/v1/auth/login"),
+        ("POST", "/v1/auth/logout"),
+        ("POST", "/v1/auth/setup"),
+        ("POST", "/v1/users/me/password"),
+        ("GET", "/v1/rules/{id}/stats/stream"),
+        ("GET", "/v1/health"),
+        ("GET", "/v1/openapi.json"),
+    }
     assert served - elsewhere <= covered, sorted(served - elsewhere - covered)
     verbs = {op.cli[0] for op in OPS if op.cli}
-    assert {"user-add", "user-list", "user-remove", "user-passwd", "token-issue", "token-list", "token-revoke",
-            "grant-add", "grant-list", "grant-revoke", "push-rule", "remove-rule", "rule-stats", "list-rules",
-            "list-clients", "enroll-client", "rename-client", "revoke", "delete-client", "audit"} <= verbs
+    assert {
+        "user-add",
+        "user-list",
+        "user-remove",
+        "user-passwd",
+        "token-issue",
+        "token-list",
+        "token-revoke",
+        "grant-add",
+        "grant-list",
+        "grant-revoke",
+        "push-rule",
+        "remove-rule",
+        "rule-stats",
+        "list-rules",
+        "list-clients",
+        "enroll-client",
+        "rename-client",
+        "revoke",
+        "delete-client",
+        "audit",
+    } <= verbs

@@ -27,14 +27,26 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
     calls: list[tuple[str, dict[str, Any]]] = []
     answers: dict[str, Any] = {
         "users.add": {"user_id": "alice", "role": "user", "temporary_password": "tmp-secret-xyz"},
-        "users.passwd": {"user_id": "alice", "password_change_required": False, "revoked_sessions": 2},
-        "grants.add": {"grant_id": 4, "user_id": "alice", "client": "edge", "listen_port_start": 10,
-                       "listen_port_end": 20, "protocols": ["tcp", "udp"]},
+        "users.passwd": {
+            "user_id": "alice",
+            "password_change_required": False,
+            "revoked_sessions": 2,
+        },
+        "grants.add": {
+            "grant_id": 4,
+            "user_id": "alice",
+            "client": "edge",
+            "listen_port_start": 10,
+            "listen_port_end": 20,
+            "protocols": ["tcp", "udp"],
+        },
         "grants.revoke": PortunusError("grant_not_found", "no grant 9"),
         "users.remove": PortunusError("role_required", "users.remove needs the superadmin role"),
     }
 
-    def fake(self: Any, method: str, params: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
+    def fake(
+        self: Any, method: str, params: dict[str, Any] | None = None, timeout: float = 30.0
+    ) -> Any:
         calls.append((method, params or {}))
         answer = answers.get(method, {})
         if isinstance(answer, PortunusError):
@@ -45,11 +57,21 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
     return calls
 
 
-def test_user_add_reads_the_password_from_stdin_only(sent: list[tuple[str, dict[str, Any]]]) -> None:
-    res = CliRunner().invoke(cli, ["user-add", "alice", "--role", "superadmin", "--password-stdin"],
-                             input="a long secret password\n")
+def test_user_add_reads_the_password_from_stdin_only(
+    sent: list[tuple[str, dict[str, Any]]],
+) -> None:
+    res = CliRunner().invoke(
+        cli,
+        ["user-add", "alice", "--role", "superadmin", "--password-stdin"],
+        input="a long secret password\n",
+    )
     assert res.exit_code == 0, res.output
-    assert sent == [("users.add", {"user_id": "alice", "role": "superadmin", "password": "a long secret password"})]
+    assert sent == [
+        (
+            "users.add",
+            {"user_id": "alice", "role": "superadmin", "password": "a long secret password"},
+        )
+    ]
     assert "a long secret password" not in res.output
     res = CliRunner().invoke(cli, ["user-add", "alice"])
     assert "tmp-secret-xyz" in res.stdout and sent[-1][1] == {"user_id": "alice", "role": "user"}
@@ -58,11 +80,33 @@ def test_user_add_reads_the_password_from_stdin_only(sent: list[tuple[str, dict[
 
 
 def test_grant_add_sends_ports_and_protocols(sent: list[tuple[str, dict[str, Any]]]) -> None:
-    res = CliRunner().invoke(cli, ["grant-add", "alice", "--client", "edge", "--ports", "10-20",
-                                   "--protocols", "tcp,udp", "--note", "team a"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "grant-add",
+            "alice",
+            "--client",
+            "edge",
+            "--ports",
+            "10-20",
+            "--protocols",
+            "tcp,udp",
+            "--note",
+            "team a",
+        ],
+    )
     assert res.exit_code == 0, res.output
-    assert sent[-1] == ("grants.add", {"user_id": "alice", "client": "edge", "listen_port_start": 10,
-                                       "listen_port_end": 20, "protocols": ["tcp", "udp"], "note": "team a"})
+    assert sent[-1] == (
+        "grants.add",
+        {
+            "user_id": "alice",
+            "client": "edge",
+            "listen_port_start": 10,
+            "listen_port_end": 20,
+            "protocols": ["tcp", "udp"],
+            "note": "team a",
+        },
+    )
     assert "grant 4: alice may use tcp,udp ports 10-20 on edge" in res.stdout
     res = CliRunner().invoke(cli, ["grant-add", "alice", "--client", "*", "--ports", "abc"])
     assert res.exit_code == 2 and "validation.port_range" in res.stderr
