@@ -96,7 +96,13 @@ class SessionService:
         if not isinstance(user_id, str) or not isinstance(password, str):
             raise ValidationError("validation.body", "user_id and password are required strings")
         key = (user_id[:64], source)
-        self.throttle.check(key)
+        try:
+            self.throttle.check(key)
+        except PortunusError as exc:  # a locked-out attempt is on the record too
+            async with self.store.write() as db:
+                await write_audit(db, bounded(user_id), "auth.login", f"user:{bounded(user_id)}",
+                                  outcome="error", error_code=exc.code, details={"source": source})
+            raise
         async with self.store.read() as db:
             user = await users_db.find_user(db, user_id) if len(user_id) <= 64 else None
         sane = len(password.encode("utf-8", "surrogatepass")) <= PASSWORD_MAX_BYTES

@@ -61,6 +61,7 @@ async def test_throttle_locks_after_five_failures_and_doubles(rbac: Rbac) -> Non
         await expect_error(rbac.login("alice", "wrong password!!"), "invalid_login")
     err = await expect_error(rbac.login("alice"), "rate_limited")  # even the right password waits
     assert err.details["retry_after"] == 60 and err.http_status == 429
+    assert (await _audit(rbac))[-1]["error_code"] == "rate_limited"
     # Another source address is a different pair.
     assert await rbac.login("alice", source="127.0.0.2")
     rbac.clock.advance(61)
