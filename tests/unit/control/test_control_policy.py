@@ -25,6 +25,11 @@ def test_every_method_has_a_policy() -> None:
         assert POLICY[method] == SUPERADMIN
 
 
+def test_method_flags_agree_with_the_policy() -> None:
+    for method, (needs_identity, _handler) in METHODS.items():
+        assert needs_identity == (POLICY[method] != PUBLIC), method
+
+
 def test_public_methods_are_exactly_these() -> None:
     assert {m for m, level in POLICY.items() if level == PUBLIC} == {
         "health",
