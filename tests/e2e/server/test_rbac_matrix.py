@@ -1,7 +1,8 @@
 """The RBAC matrix against a real server: every CLI verb and HTTP route ×
 {superadmin, user with a grant, user without a grant, another user} × {own,
-another user's resource}, each asserting the HTTP status, the error code and
-the CLI exit code.
+another user's resource} × {CLI, HTTP with a bearer token, HTTP with a Web UI
+session cookie}, each asserting the HTTP status, the error code and the CLI exit
+code.
 
 Every case is generated from the one table ``OPS``: a row names the operation's
 CLI argv and HTTP request as templates over a resource, and the outcome per
@@ -22,7 +23,7 @@ import pytest
 from portunus.errors import classify
 from tests.e2e.support import PortAllocator, ServerFactory
 
-from .rbac_world import World, make_world
+from .rbac_world import PASSWORD, World, make_world
 
 SA, GRANTED, NOGRANT = "root", "alice", "bob"
 OTHER = "carol"
@@ -243,8 +244,8 @@ def _cases() -> list[Any]:
             for whose, expected in (("own", own), ("other", other)):
                 if expected is NA or (whose == "other" and not op.uses):
                     continue
-                for via in ("cli", "http"):
-                    if getattr(op, via) is None:
+                for via in ("cli", "http", "cookie"):
+                    if getattr(op, "http" if via == "cookie" else via) is None:
                         continue
                     out.append(
                         pytest.param(
@@ -257,6 +258,19 @@ def _cases() -> list[Any]:
 @pytest.fixture(scope="module")
 def world(server_module: ServerFactory, ports: PortAllocator) -> World:
     return make_world(server_module(shards=1), ports)
+
+
+@pytest.fixture(scope="module")
+def sessions(world: World) -> dict[str, str]:
+    """A Web UI session (the cookie's value) per actor, logged in with its password."""
+    out = {}
+    for actor in ACTORS:
+        resp = world.srv.http(
+            "POST", "/v1/auth/login", {"user_id": actor, "password": PASSWORD}, token=None
+        )
+        assert resp.status == 200, resp
+        out[actor] = resp.headers["set-cookie"].split(";")[0].split("=", 1)[1]
+    return out
 
 
 def _fill(value: Any, names: dict[str, Any]) -> Any:
@@ -292,7 +306,11 @@ def _names(world: World, op: Op, actor: str, whose: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("op", "actor", "whose", "expected", "via"), _cases())
-def test_rbac_matrix(world: World, op: Op, actor: str, whose: str, expected: str, via: str) -> None:
+def test_rbac_matrix(
+    world: World, sessions: dict[str, str], op: Op, actor: str, whose: str, expected: str, via: str
+) -> None:
+    """``cookie``: the same HTTP request as a browser session sends it (cookie and
+    ``X-Portunus-CSRF: 1``) must get the same answer as with a bearer token."""
     names = _names(world, op, actor, whose)
     token = world.tokens[actor]
     if via == "cli":
@@ -309,7 +327,13 @@ def test_rbac_matrix(world: World, op: Op, actor: str, whose: str, expected: str
     else:
         assert op.http is not None
         method, path, body = op.http
-        got = world.srv.http(method, _fill(path, names), _fill(body, names), token=token)
+        if via == "cookie":
+            headers = {"Cookie": f"portunus_session={sessions[actor]}", "X-Portunus-CSRF": "1"}
+            got = world.srv.http(
+                method, _fill(path, names), _fill(body, names), token=None, headers=headers
+            )
+        else:
+            got = world.srv.http(method, _fill(path, names), _fill(body, names), token=token)
         if expected == OK:
             assert got.status == op.ok_status, (method, path, got)
         else:
