@@ -113,6 +113,10 @@ async def test_logout_clears_the_cookie(api: httpx.AsyncClient, fake: FakeContro
         and "Max-Age=0" in r.headers["set-cookie"]
     )
     assert fake.calls("auth.logout")[0]["session"] == "sess-abc"
+    fake.replies["auth.logout"] = PortunusError("unauthenticated", "the login session expired; log in again")
+    r = await api.post("/v1/auth/logout", headers={"X-Portunus-CSRF": "1",
+                                                   "Cookie": "portunus_session=gone"})
+    assert r.status_code == 401 and "Max-Age=0" in r.headers["set-cookie"]
 
 
 async def test_setup_creates_and_logs_in(api: httpx.AsyncClient, fake: FakeControl) -> None:
