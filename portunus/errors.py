@@ -41,6 +41,7 @@ _TABLE: dict[str, tuple[int, int]] = {
     "not_found": (404, EXIT_NOT_FOUND),
     "client_not_found": (404, EXIT_NOT_FOUND),
     "rule_not_found": (404, EXIT_NOT_FOUND),
+    "owner_cap_not_found": (404, EXIT_NOT_FOUND),
     "method_not_allowed": (405, EXIT_USAGE),
     "conflict": (409, EXIT_CONFLICT),
     "conflict.": (409, EXIT_CONFLICT),

@@ -21,9 +21,11 @@ from portunus.config import Settings
 from portunus.control.auth import Principal
 from portunus.control.dataplane import LOCAL, DataPlane, RuleResult
 from portunus.control.edge.capabilities import check_capabilities
+from portunus.control.owner_caps import parse_owner
 from portunus.control.rule_body import parse_rate_limit_update, parse_rule_body
 from portunus.control.slots import check_slot
 from portunus.control.store import Store, accounts, write_audit
+from portunus.control.store import owner_caps as owner_caps_db
 from portunus.control.store import rules as rules_db
 from portunus.control.store.rules import StoredRule
 from portunus.errors import PortunusError, ValidationError
@@ -129,10 +131,13 @@ class RuleService:
         re-sent so their rows go away once the node confirms them."""
         async with self.store.read() as db:
             stored = await rules_db.list_rules(db, client_id=client_id)
+            caps = await owner_caps_db.caps_by_owner(db, client_id)
         keep = [s for s in stored if s.state != "draining"]
         gone = [str(s.rule_id) for s in stored if s.state == "draining"]
         for s in stored:
             self.on_state(s.rule, s.state)
+        # Owner caps first: the rules then start inside their owners' envelopes.
+        await self.dataplane.owner_caps(client_id, caps)
         await self.dataplane.sync(client_id, [s.rule for s in keep])
         if gone:
             await self.dataplane.apply(client_id, [], gone)
@@ -244,10 +249,12 @@ class RuleService:
             )
 
     async def push(self, principal: Principal, params: dict[str, Any]) -> dict[str, Any]:
-        body = {k: v for k, v in params.items() if k != "ack_timeout"}
+        body = {k: v for k, v in params.items() if k not in ("ack_timeout", "owner")}
         target = f"client:{body.get('client', 'local')}"
         try:
             timeout = _ack_timeout(params, self.settings.ack_timeout_secs)
+            # Every caller is a superadmin here, who may name the rule's owner.
+            owner = parse_owner(params) if params.get("owner") not in (None, "") else ""
             rule, client_ref = parse_rule_body(body, self.settings.range_rule_max_ports)
             async with self.store.read() as db:
                 client = await accounts.resolve_client(db, client_ref)
@@ -261,7 +268,7 @@ class RuleService:
             if client.client_id != LOCAL:
                 info = self.dataplane.info(client.client_id)
                 check_capabilities(rule, info.capabilities if info else [], client.name, client.client_id)
-            rule = rule.with_changes(client=client.name, owner="")
+            rule = rule.with_changes(client=client.name, owner=owner)
             async with self.store.write() as db:
                 existing = await rules_db.rules_overlapping(
                     db, client.client_id, rule.protocol, rule.listen_start, rule.listen_end

@@ -113,6 +113,8 @@ class Shard:
                 self.remove(str(rid))
             self.rebuild()
             self.send({"type": "applied", "seq": msg.get("seq")})
+        elif kind == "owner_caps":
+            self.owner_caps(msg.get("caps") or {})
         elif kind == "stop":
             self.begin_stop()
 
@@ -131,6 +133,14 @@ class Shard:
             rt.conns |= old.conns
             old.conns.clear()
         self.rules[rule.id] = rt
+
+    def owner_caps(self, caps: dict[str, dict[str, int]]) -> None:
+        """The node's owner caps (the full set) changed: re-point the runtimes of the
+        owners concerned; open paced connections see the new buckets at once."""
+        changed = self.ctx.owners.replace(caps)
+        for rt in self.rules.values():
+            if rt.rule.owner in changed:
+                rt.refresh_limits()
 
     def remove(self, rid: str) -> None:
         rt = self.rules.pop(rid, None)

@@ -147,6 +147,11 @@ class RemoteLink:
             return
         session.send({"type": "sync", "seq": next(self._seq), "rules": [r.to_wire() for r in rules]})
 
+    async def owner_caps(self, client_id: str, caps: dict[str, dict[str, int]]) -> None:
+        session = self.sessions.get(client_id)
+        if session is not None:
+            session.send({"type": "owner_caps", "caps": caps})
+
     # ------------------------------------------------------------- answers
 
     def on_frame(self, session: EdgeSession, msg: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from portunus.control.auth import Authenticator, Principal
 from portunus.control.dataplane import LOCAL, DataPlane
 from portunus.control.edge.clients import ClientService, client_entry
 from portunus.control.edge.remote_link import RemoteLink
+from portunus.control.owner_caps import OwnerCapService
 from portunus.control.rpc.protocol import Request
 from portunus.control.service import RuleService, parse_rule_id
 from portunus.control.stats import rule_stats
@@ -43,6 +44,13 @@ class ControlContext:
     # The edge gateway's parts; None when the control process runs without it.
     remote: RemoteLink | None = None
     clients: ClientService | None = None
+    owner_caps: OwnerCapService | None = None
+
+    @property
+    def caps(self) -> OwnerCapService:
+        if self.owner_caps is None:  # a context built without it (older tests): make it now
+            self.owner_caps = OwnerCapService(self.store, self.dataplane)
+        return self.owner_caps
 
 
 Handler = Callable[[ControlContext, Principal, dict[str, Any]], Awaitable[Any]]
@@ -157,6 +165,22 @@ async def audit_list(ctx: ControlContext, who: Principal, params: dict[str, Any]
     return {"entries": entries, "next_cursor": next_cursor}
 
 
+async def owner_caps_list(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await ctx.caps.list_caps(params)
+
+
+async def owner_caps_get(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await ctx.caps.get_cap(params)
+
+
+async def owner_caps_set(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await ctx.caps.set_cap(who, params)
+
+
+async def owner_caps_delete(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await ctx.caps.delete_cap(who, params)
+
+
 # method -> (needs a token, handler)
 METHODS: dict[str, tuple[bool, Handler]] = {
     "health": (False, health),
@@ -173,6 +197,10 @@ METHODS: dict[str, tuple[bool, Handler]] = {
     "clients.revoke": (True, clients_revoke),
     "clients.delete": (True, clients_delete),
     "audit.list": (True, audit_list),
+    "owner_caps.list": (True, owner_caps_list),
+    "owner_caps.get": (True, owner_caps_get),
+    "owner_caps.set": (True, owner_caps_set),
+    "owner_caps.delete": (True, owner_caps_delete),
 }
 _ANONYMOUS = Principal(user_id=0, user="anonymous", role="", token_id=0)
 
