@@ -1,0 +1,102 @@
+"""owner_caps.list|get|set|delete through the RPC: validation shared with rule caps,
+the pre-flight refusal, the capability gate, audit rows, and what the data plane
+is sent (on every change and on every (re)connect)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from portunus.control.store import accounts
+
+from .conftest import audit_trail, expect_error
+
+CAPS = {"bandwidth_in_bps": 1_000_000, "concurrent_connections": 4}
+
+
+async def test_set_get_list_delete(harness: Any) -> None:
+    got = await harness.call("owner_caps.set", {"client": "local", "owner": "alice", "rate_limit": CAPS})
+    assert got["owner"] == "alice" and got["client"] == "local" and got["client_id"] == "local"
+    assert got["rate_limit"] == CAPS and got["updated_at"].endswith("Z")
+    assert harness.plane.caps_sent[-1] == ("local", {"alice": CAPS})
+    assert await harness.call("owner_caps.get", {"client": "local", "owner": "alice"}) == got
+    # Replaced, not merged: the caps object is the owner's whole envelope.
+    again = await harness.call("owner_caps.set", {"client": "local", "owner": "alice",
+                                                   "rate_limit": {"new_connections_per_sec": 7}})
+    assert again["rate_limit"] == {"new_connections_per_sec": 7}
+    await harness.call("owner_caps.set", {"client": "local", "owner": "bob", "rate_limit": CAPS})
+    assert harness.plane.caps_sent[-1] == ("local", {"alice": {"new_connections_per_sec": 7}, "bob": CAPS})
+    # An owner with rules but no cap is listed too.
+    await harness.call("rules.push", {"listen_port": 30010, "targets": [{"host": "127.0.0.1", "port": 9}],
+                                      "owner": "carol"})
+    listing = await harness.call("owner_caps.list", {"client": "local"})
+    assert [(o["owner"], o["rule_count"], o["rate_limit"]) for o in listing["owners"]] == [
+        ("alice", 0, {"new_connections_per_sec": 7}), ("bob", 0, CAPS), ("carol", 1, None)]
+    assert await harness.call("owner_caps.delete", {"client": "local", "owner": "alice"}) == {}
+    assert harness.plane.caps_sent[-1] == ("local", {"bob": CAPS})
+    err = await expect_error(harness.call("owner_caps.get", {"client": "local", "owner": "alice"}),
+                             "owner_cap_not_found")
+    assert err.http_status == 404 and err.exit_code == 5
+    await expect_error(harness.call("owner_caps.delete", {"client": "local", "owner": "alice"}),
+                       "owner_cap_not_found")
+    trail = await audit_trail(harness)
+    assert trail.count(("operator", "owner_cap.set", "ok", None)) == 3
+    assert ("operator", "owner_cap.delete", "ok", None) in trail
+    assert ("operator", "owner_cap.delete", "error", "owner_cap_not_found") in trail
+
+
+async def test_refusals(harness: Any) -> None:
+    def caps(rate_limit: Any, owner: Any = "alice", client: Any = "local") -> dict[str, Any]:
+        return {"client": client, "owner": owner, "rate_limit": rate_limit}
+
+    err = await expect_error(harness.call("owner_caps.set", caps({})), "preflight")
+    assert err.exit_code == 3 and err.http_status == 400
+    await expect_error(harness.call("owner_caps.set", caps(None)), "preflight")
+    # The same validation as a rule's rate_limit.
+    await expect_error(harness.call("owner_caps.set", caps({"bandwidth_in_bps": 0})), "validation.rate_limit")
+    await expect_error(harness.call("owner_caps.set", caps({"bandwith_in_bps": 5})), "validation.rate_limit")
+    await expect_error(harness.call("owner_caps.set", caps({"bandwidth_in_bps": True})), "validation.rate_limit")
+    await expect_error(harness.call("owner_caps.set", caps(CAPS, owner="Alice")), "validation.owner")
+    await expect_error(harness.call("owner_caps.set", caps(CAPS, owner="")), "validation.owner")
+    await expect_error(harness.call("owner_caps.set", caps(CAPS, client="nope")), "client_not_found")
+    await expect_error(harness.call("owner_caps.list", {"client": "nope"}), "client_not_found")
+    await expect_error(harness.call("owner_caps.set", {**caps(CAPS), "extra": 1}), "validation.unknown_field")
+    assert harness.plane.caps_sent == []  # nothing refused reached the data plane
+    trail = await audit_trail(harness)
+    assert ("operator", "owner_cap.set", "error", "preflight") in trail
+    assert ("operator", "owner_cap.set", "error", "validation.owner") in trail
+
+
+async def test_capability_gate_and_offline_clients(harness: Any) -> None:
+    async with harness.store.write() as db:
+        old = await accounts.insert_client(db, "old-edge")
+        new = await accounts.insert_client(db, "new-edge")
+        away = await accounts.insert_client(db, "away")
+    harness.plane.online |= {old.client_id, new.client_id}
+    harness.plane.capabilities = {old.client_id: ["tcp", "udp"], new.client_id: ["tcp", "rate_limit"]}
+    err = await expect_error(
+        harness.call("owner_caps.set", {"client": "old-edge", "owner": "alice", "rate_limit": CAPS}),
+        "rate_limit_unsupported_by_client")
+    assert err.http_status == 422 and err.details["capability"] == "rate_limit"
+    with_cap = await harness.call("owner_caps.set", {"client": new.client_id, "owner": "alice", "rate_limit": CAPS})
+    assert with_cap["client"] == "new-edge"
+    assert harness.plane.caps_sent[-1] == (new.client_id, {"alice": CAPS})
+    # An offline client's cap is stored; it goes out when the client connects.
+    await harness.call("owner_caps.set", {"client": "away", "owner": "bob", "rate_limit": CAPS})
+    harness.plane.online.add(away.client_id)
+    harness.plane.caps_sent.clear()
+    harness.service.client_connected(away.client_id)
+    await harness.service.drain_events()
+    assert harness.plane.caps_sent == [(away.client_id, {"bob": CAPS})]
+    # ... and the full rule set follows.
+    assert harness.plane.sent[-1][0] == "sync"
+    assert ("operator", "owner_cap.set", "error", "rate_limit_unsupported_by_client") in await audit_trail(harness)
+
+
+async def test_push_with_an_owner(harness: Any) -> None:
+    rule = await harness.call("rules.push", {"listen_port": 30011, "targets": [{"host": "127.0.0.1", "port": 9}],
+                                             "owner": "dave"})
+    assert rule["owner"] == "dave"
+    assert harness.plane.applies()[-1][2][0].owner == "dave"
+    await expect_error(harness.call("rules.push", {"listen_port": 30012, "owner": "D!",
+                                                   "targets": [{"host": "127.0.0.1", "port": 9}]}),
+                       "validation.owner")
