@@ -113,14 +113,15 @@ class RuleRuntime:
         over the rule's and its owner's (docs/owner-caps.md).  Runs at setup and
         whenever the owner's caps change (``Shard.owner_caps``)."""
         rule, owner = self.limits, self.owner_limits
-        if owner is None or not owner.capped:
-            self.owner_gate = None
+        if owner is None:
             self.limiter_in = rule.bw_in if rule is not None else None
             self.limiter_out = rule.bw_out if rule is not None else None
         else:
+            # A pacer even while the owner is uncapped: a cap set later reaches
+            # the rule's open paced connections too.
             from portunus.shard.owner_limits import Pacer
 
-            self.owner_gate = owner if owner.gates_admission else None
+            self.owner_gate = owner if owner.capped and owner.gates_admission else None
             has_in = owner.bw_in is not None or (rule is not None and rule.bw_in is not None)
             has_out = owner.bw_out is not None or (rule is not None and rule.bw_out is not None)
             self.limiter_in = Pacer(rule, owner, "bw_in") if has_in else None

@@ -165,7 +165,9 @@ def test_an_uncapped_owner_keeps_the_fast_path(ctx: ShardContext) -> None:
 def test_owner_caps_change_under_open_pacers(ctx: ShardContext) -> None:
     a = RuleRuntime(ctx, rule("h1", owner="dave"))
     b = RuleRuntime(ctx, rule("h2", owner="dave", rate_limit={"bandwidth_out_bps": 3 * MB}))
-    assert isinstance(b.limiter_out, TokenBucket)  # an uncapped owner: the rule's own bucket
+    # An uncapped owner: the rule's own bucket, through a pacer a later owner cap reaches.
+    assert isinstance(b.limiter_out, Pacer) and b.limiter_out._buckets()[1] is None
+    held_out = b.limiter_out
     changed = ctx.owners.replace({"dave": {"bandwidth_in_bps": 2 * MB}})
     assert changed == {"dave"}
     for rt in (a, b):
@@ -176,6 +178,9 @@ def test_owner_caps_change_under_open_pacers(ctx: ShardContext) -> None:
     owner = ctx.owners.get("dave")
     assert owner is b.limiter_in.owner  # one envelope for both rules
     assert held._buckets()[1] is not None and held._buckets()[1].rate == 2 * MB
+    assert held_out._buckets()[1] is None  # the owner caps bytes in only
+    ctx.owners.replace({"dave": {"bandwidth_in_bps": 2 * MB, "bandwidth_out_bps": MB}})
+    assert held_out._buckets()[1] is not None  # added: the open connection of b is inside it now
     assert ctx.owners.replace({"dave": {"bandwidth_in_bps": 5 * MB}}) == {"dave"}
     assert held._buckets()[1].rate == 5 * MB  # changed in place: the open pump sees it
     assert ctx.owners.replace({}) == {"dave"}

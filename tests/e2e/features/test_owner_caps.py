@@ -1,0 +1,325 @@
+"""Owner caps end to end: one envelope per (client, owner) over all of the owner's
+rules, across the two shards of a real server, layered with each rule's own caps.
+
+Each test uses its own owner (and rules) on one module-wide server, so the
+envelopes do not mix.  Throughput is measured where the bytes land (the origin),
+as in test_rate_limit.py, whose measuring helpers are reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.e2e.features.helpers import ServerFactory, ServerProc
+from tests.e2e.features.test_rate_limit import (
+    BUF,
+    MB,
+    Samples,
+    accepted,
+    assert_rate,
+    echo_forever,
+    metered_sink,
+    parallel,
+    upload,
+)
+from tests.e2e.support import Origin, PortAllocator, connect, multiproc_value, pipe_fds, wait_for
+
+CAP = 4 * MB
+
+
+class Setup:
+    def __init__(self, srv: ServerProc, samples: Samples, sink: Origin, echo: Origin, ports: PortAllocator) -> None:
+        self.srv, self.samples, self.sink, self.echo, self.ports = srv, samples, sink, echo, ports
+
+    def push(self, owner: str, target: Origin, rate_limit: dict[str, int] | None = None) -> tuple[str, int]:
+        """A rule of ``owner`` on a fresh port; (rule id, port)."""
+        port = self.ports.port()
+        body: dict[str, Any] = {"listen_port": port, "targets": [{"host": "127.0.0.1", "port": target.port}],
+                                "owner": owner}
+        if rate_limit:
+            body["rate_limit"] = rate_limit
+        status, rule = self.srv.http("POST", "/v1/rules", body)
+        assert status == 201 and rule["owner"] == owner, rule
+        return str(rule["id"]), port
+
+    def set_cap(self, owner: str, caps: dict[str, int]) -> None:
+        status, body = self.srv.http("PUT", f"/v1/clients/local/owners/{owner}/rate-limit", caps)
+        assert status == 200 and body["rate_limit"] == caps, body
+
+    def shard_counts(self, name: str, **labels: str) -> dict[int, float]:
+        """``name`` per shard pid, from each shard's own multiprocess file."""
+        out = {}
+        for pid in (p.pid for p in self.srv.shards().values()):
+            db = self.srv.runtime_dir / "metrics" / f"counter_{pid}.db"
+            out[pid] = multiproc_value(db, name, **labels) if db.exists() else 0.0
+        return out
+
+    def open_on_shard(self, rule: str, port: int) -> tuple[socket.socket, int]:
+        """One admitted connection and the pid of the shard that took it."""
+        before = self.shard_counts("portunus_rule_connections_total", rule=rule)
+        s = connect(port, timeout=30)
+        try:
+            def landed() -> int | None:
+                now = self.shard_counts("portunus_rule_connections_total", rule=rule)
+                return next((pid for pid, n in now.items() if n > before.get(pid, 0)), None)
+
+            return s, wait_for(landed, 5, what="the connection to be counted")
+        except BaseException:
+            s.close()
+            raise
+
+    def clear(self) -> None:
+        with self.samples.lock:
+            self.samples.points.clear()
+
+
+@pytest.fixture(scope="module")
+def setup(server_module: ServerFactory, ports: PortAllocator) -> Iterator[Setup]:
+    samples = Samples()
+    sink, echo = Origin(metered_sink(samples)), Origin(echo_forever)
+    srv = server_module(shards=2)
+    try:
+        yield Setup(srv, samples, sink, echo, ports)
+    finally:
+        sink.close()
+        echo.close()
+
+
+@pytest.fixture
+def fresh(setup: Setup) -> Setup:
+    setup.clear()
+    return setup
+
+
+def reset(s: socket.socket) -> None:
+    """Abort: what is still buffered must not flow on into the next measurement."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        s.shutdown(socket.SHUT_RDWR)
+    s.close()
+
+
+# ------------------------------------------------------------------ bandwidth
+
+
+def test_two_rules_on_two_shards_share_the_owner_cap(fresh: Setup) -> None:
+    """The contract's figure: the owner's rules together within ±2 % of the cap over
+    10 s, one rule served by each shard.  Rule B has a looser cap of its own
+    (the owner's envelope is the tighter one there)."""
+    a, port_a = fresh.push("alice", fresh.sink)
+    b, port_b = fresh.push("alice", fresh.sink, {"bandwidth_in_bps": 2 * CAP})
+    fresh.set_cap("alice", {"bandwidth_in_bps": CAP})
+    socks: list[socket.socket] = []
+    try:
+        s, shard_a = fresh.open_on_shard(a, port_a)
+        socks.append(s)
+        for _ in range(64):  # the kernel picks the shard by source port: retry until B is on the other
+            s, shard_b = fresh.open_on_shard(b, port_b)
+            if shard_b != shard_a:
+                socks.append(s)
+                break
+            s.close()
+        else:
+            raise AssertionError("64 connections to rule B all landed on rule A's shard")
+        socks += [fresh.open_on_shard(a, port_a)[0], fresh.open_on_shard(b, port_b)[0]]
+        per_conn = 10 * CAP // len(socks)
+        parallel([lambda s=s: upload(s, per_conn) for s in socks], timeout=60)
+    finally:
+        for s in socks:
+            s.close()
+    assert fresh.samples.total == per_conn * len(socks)
+    assert_rate("alice: 2 rules x 2 connections over 2 shards for 10 s", fresh.samples, CAP)
+    _, whole, _ = fresh.samples.rates()
+    assert abs(whole / CAP - 1) <= 0.02 + (CAP / 20) / (CAP * 10)  # the burst is 1/20 s of rate
+
+
+def test_the_tighter_cap_wins(fresh: Setup) -> None:
+    """A rule capped below the owner's envelope runs at its own cap."""
+    rule, port = fresh.push("bella", fresh.sink, {"bandwidth_in_bps": 1 * MB})
+    fresh.set_cap("bella", {"bandwidth_in_bps": CAP})
+    with connect(port, timeout=30) as s:
+        upload(s, int(1.5 * MB))
+    assert_rate("bella: own 1 MB/s under a 4 MB/s owner cap", fresh.samples, 1 * MB, tolerance=0.03)
+
+
+def _open_upload(port: int, samples: Samples) -> tuple[socket.socket, threading.Event, threading.Thread]:
+    s = connect(port, timeout=30)
+    stop = threading.Event()
+
+    def push() -> None:
+        with contextlib.suppress(OSError):
+            while not stop.is_set():
+                s.sendall(BUF[:65536])
+
+    t = threading.Thread(target=push, daemon=True)
+    t.start()
+    wait_for(lambda: samples.total > 0, 5, what="the open upload to flow")
+    return s, stop, t
+
+
+def _steady_rate(setup: Setup, secs: float = 1.5) -> float:
+    time.sleep(0.3)  # the change reaches the shards; the old pace leaves the socket buffers
+    setup.clear()
+    time.sleep(secs)
+    return setup.samples.rates(skip=0.2)[0]
+
+
+def test_hot_update_reaches_an_open_connection(fresh: Setup) -> None:
+    """Tightened, lifted and set again while one upload stays open (an uncapped rule:
+    paced only by the owner's envelope)."""
+    _rule, port = fresh.push("cleo", fresh.sink)
+    fresh.set_cap("cleo", {"bandwidth_in_bps": CAP})
+    s, stop, t = _open_upload(port, fresh.samples)
+    try:
+        assert abs(_steady_rate(fresh) / CAP - 1) <= 0.03
+        fresh.set_cap("cleo", {"bandwidth_in_bps": 2 * MB})
+        rate = _steady_rate(fresh)
+        print(f"open connection after PUT 2 MB/s: {rate / MB:.3f} MB/s")
+        assert abs(rate / (2 * MB) - 1) <= 0.03
+        status, _ = fresh.srv.http("DELETE", "/v1/clients/local/owners/cleo/rate-limit")
+        assert status == 204
+        rate = _steady_rate(fresh, 1.0)
+        print(f"open connection after DELETE: {rate / MB:.1f} MB/s")
+        assert rate > 5 * CAP, "the lifted owner cap still paces the open connection"
+        fresh.set_cap("cleo", {"bandwidth_in_bps": 3 * MB})
+        rate = _steady_rate(fresh)
+        assert abs(rate / (3 * MB) - 1) <= 0.03, f"set again: {rate / MB:.3f} MB/s"
+    finally:
+        stop.set()
+        reset(s)
+        t.join(10)
+
+
+def test_owner_cap_added_over_an_open_paced_connection(fresh: Setup) -> None:
+    """A rule with a cap of its own is paced through its owner's envelope even while
+    the owner has no cap: an owner cap set later reaches its open connections."""
+    _rule, port = fresh.push("dora", fresh.sink, {"bandwidth_in_bps": 6 * MB})
+    s, stop, t = _open_upload(port, fresh.samples)
+    try:
+        assert abs(_steady_rate(fresh) / (6 * MB) - 1) <= 0.03
+        fresh.set_cap("dora", {"bandwidth_in_bps": 2 * MB})
+        rate = _steady_rate(fresh)
+        print(f"open connection after the owner cap: {rate / MB:.3f} MB/s")
+        assert abs(rate / (2 * MB) - 1) <= 0.03
+    finally:
+        stop.set()
+        reset(s)
+        t.join(10)
+
+
+# ------------------------------------------------------------------ connections
+
+
+def _attempt(port: int, held: list[socket.socket], lock: threading.Lock) -> Callable[[], bool]:
+    def run() -> bool:
+        s = connect(port, timeout=10)
+        try:
+            s.sendall(b"x")
+            ok = s.recv(1) == b"x"
+        except (ConnectionResetError, BrokenPipeError):
+            ok = False
+        if ok:
+            with lock:
+                held.append(s)  # kept open until every attempt is done
+        else:
+            s.close()
+        return ok
+
+    return run
+
+
+def test_concurrent_cap_is_never_exceeded(setup: Setup) -> None:
+    """4 x N parallel attempts over two rules of one owner: exactly N get in, on
+    whichever shard they land, and the rest are refused at once and counted."""
+    n = 3
+    rules = [setup.push("edna", setup.echo), setup.push("edna", setup.echo)]
+    setup.set_cap("edna", {"concurrent_connections": n})
+    refused_before = sum(setup.srv.scrape().value("portunus_rate_limit_refused_total", rule=r,
+                                                  limit="owner_concurrent") for r, _ in rules)
+    held: list[socket.socket] = []
+    lock = threading.Lock()
+    results: list[bool] = []
+    barrier = threading.Barrier(4 * n)
+
+    def job(port: int) -> Callable[[], None]:
+        attempt = _attempt(port, held, lock)
+
+        def run() -> None:
+            barrier.wait(10)
+            ok = attempt()
+            with lock:
+                results.append(ok)
+
+        return run
+
+    try:
+        parallel([job(rules[i % 2][1]) for i in range(4 * n)], timeout=30)
+        assert len(results) == 4 * n
+        assert sum(results) == n, f"{sum(results)} of {4 * n} connections admitted under a cap of {n}"
+        active = setup.srv.scrape().value("portunus_rule_active_connections", rule=rules[0][0]) + \
+            setup.srv.scrape().value("portunus_rule_active_connections", rule=rules[1][0])
+        assert active == n
+        refused = sum(setup.srv.scrape().value("portunus_rate_limit_refused_total", rule=r,
+                                               limit="owner_concurrent") for r, _ in rules)
+        assert refused - refused_before == 3 * n
+        # Both shards took attempts (admitted or refused): the count is the node's, not a shard's.
+        seen = {pid for r, _ in rules
+                for name, labels in (("portunus_rule_connections_total", {}),
+                                     ("portunus_rate_limit_refused_total", {"limit": "owner_concurrent"}))
+                for pid, v in setup.shard_counts(name, rule=r, **labels).items() if v}
+        assert len(seen) == 2, "every attempt landed on one shard"
+        # One slot frees when one connection closes, for either rule.
+        held.pop().close()
+        wait_for(lambda: accepted(rules[1][1]) or accepted(rules[0][1]), 5, interval=0.05,
+                 what="a slot after one connection closed")
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_owner_new_connections_per_sec(setup: Setup) -> None:
+    """5/s over two rules of one owner (burst 5): about 5 + 5/s get in, counted by limit."""
+    rules = [setup.push("fern", setup.echo), setup.push("fern", setup.echo)]
+    setup.set_cap("fern", {"new_connections_per_sec": 5})
+    results: list[bool] = []
+    started = time.monotonic()
+    i = 0
+    while time.monotonic() - started < 2.0:
+        results.append(accepted(rules[i % 2][1]))
+        i += 1
+        time.sleep(0.04)
+    elapsed = time.monotonic() - started
+    ok, expected = sum(results), 5 + 5 * elapsed
+    print(f"owner new connections: {ok} of {len(results)} in {elapsed:.2f} s, expected ~{expected:.1f}")
+    assert results[:5] == [True] * 5
+    assert expected - 2 <= ok <= expected + 1
+    refused = sum(setup.srv.scrape().value("portunus_rate_limit_refused_total", rule=r,
+                                           limit="owner_new_connections") for r, _ in rules)
+    assert refused == len(results) - ok
+
+
+def test_connection_caps_keep_splice_and_other_owners_are_untouched(
+        server: ServerFactory, origin: Callable[..., Origin], ports: PortAllocator) -> None:
+    """An owned rule under a connection-only owner cap keeps the zero-copy path
+    (the shard opens its pipes) and runs far above any bandwidth cap; another
+    owner's bandwidth cap does not touch it.  A fresh server: no pooled pipes yet."""
+    setup = Setup(server(), Samples(), origin(metered_sink(Samples())), origin(echo_forever), ports)
+    _rule, port = setup.push("gwen", setup.sink)
+    setup.set_cap("gwen", {"concurrent_connections": 5})
+    setup.set_cap("hana", {"bandwidth_in_bps": 1 * MB})
+    shard = setup.srv.shards()[0].pid
+    baseline = pipe_fds(shard)
+    started = time.monotonic()
+    with connect(port, timeout=30) as s:
+        upload(s, 20 * CAP)
+    rate = 20 * CAP / (time.monotonic() - started)
+    assert rate > 5 * CAP, f"gwen's rule ran at {rate / MB:.1f} MB/s"
+    assert pipe_fds(shard) > baseline, "the owned rule did not splice"
