@@ -323,3 +323,40 @@ def test_connection_caps_keep_splice_and_other_owners_are_untouched(
     rate = 20 * CAP / (time.monotonic() - started)
     assert rate > 5 * CAP, f"gwen's rule ran at {rate / MB:.1f} MB/s"
     assert pipe_fds(shard) > baseline, "the owned rule did not splice"
+
+
+# ------------------------------------------------------------------ operator surface
+
+
+def test_cli_and_http_surface(setup: Setup) -> None:
+    srv = setup.srv
+    setup.push("iris", setup.echo)
+    assert srv.cli("owner-cap", "set", "local", "iris").code == 3  # no caps: pre-flight
+    assert srv.cli("owner-cap", "set", "local", "Iris!", "--concurrent-connections", "2").code == 2
+    assert srv.cli("owner-cap", "get", "local", "iris").code == 5
+    assert srv.cli("owner-cap", "list", "no-such-client").code == 5
+    assert srv.cli("owner-cap", "delete", "local", "iris").code == 5
+    got = srv.cli_json("owner-cap", "set", "local", "iris", "--bandwidth-out-bps", "2000000",
+                       "--bandwidth-out-bps-burst", "200000")
+    assert got["rate_limit"] == {"bandwidth_out_bps": 2000000, "bandwidth_out_bps_burst": 200000}
+    assert srv.cli_json("owner-cap", "get", "local", "iris") == got
+    listing = srv.cli_json("owner-cap", "list", "local")
+    assert {"owner": "iris", "rule_count": 1, "rate_limit": got["rate_limit"],
+            "updated_at": got["updated_at"]} in listing["owners"]
+    status, body = srv.http("GET", "/v1/clients/local/owners")
+    assert status == 200 and body == listing
+    status, body = srv.http("PUT", "/v1/clients/local/owners/iris/rate-limit", {})
+    assert status == 400 and body["error"]["code"] == "preflight"
+    status, body = srv.http("PUT", "/v1/clients/local/owners/iris/rate-limit", {"bandwidth_out_bps": -1})
+    assert status == 400 and body["error"]["code"] == "validation.rate_limit"
+    text = srv.cli("owner-cap", "delete", "local", "iris")
+    assert text.code == 0 and "lifted" in text.out
+    status, _ = srv.http("DELETE", "/v1/clients/local/owners/iris/rate-limit")
+    assert status == 404
+    actions = [(e["action"], e["outcome"], e["error_code"]) for e in srv.cli_json("audit")["entries"]
+               if e["target"] == "client:local/owner:iris"]
+    assert ("owner_cap.set", "ok", None) in actions and ("owner_cap.delete", "ok", None) in actions
+    assert ("owner_cap.set", "error", "preflight") in actions
+    assert ("owner_cap.delete", "error", "owner_cap_not_found") in actions
+    doc = srv.http("GET", "/v1/openapi.json", token=None)[1]
+    assert {"get", "put", "delete"} <= set(doc["paths"]["/v1/clients/{id}/owners/{owner}/rate-limit"])
