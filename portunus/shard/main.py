@@ -18,6 +18,7 @@ from typing import Any
 
 from portunus.logs import flush_throttled, log_event
 from portunus.rules import Rule
+from portunus.shard.repace import repace_rule
 from portunus.shard.runtime import RuleRuntime, ShardContext
 from portunus.shard.tcp import PlainTcpHandler
 from portunus.supervisor.framing import Channel, ProtocolError
@@ -141,6 +142,7 @@ class Shard:
         for rt in self.rules.values():
             if rt.rule.owner in changed:
                 rt.refresh_limits()
+                repace_rule(rt)  # open spliced relays of a newly capped owner: paced now
 
     def remove(self, rid: str) -> None:
         rt = self.rules.pop(rid, None)

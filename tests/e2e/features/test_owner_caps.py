@@ -30,7 +30,15 @@ from tests.e2e.features.test_rate_limit import (
     parallel,
     upload,
 )
-from tests.e2e.support import Origin, PortAllocator, connect, multiproc_value, pipe_fds, wait_for
+from tests.e2e.support import (
+    Origin,
+    PortAllocator,
+    connect,
+    multiproc_value,
+    pipe_fds,
+    recv_exact,
+    wait_for,
+)
 
 CAP = 4 * MB
 
@@ -213,6 +221,43 @@ def test_owner_cap_added_over_an_open_paced_connection(fresh: Setup) -> None:
         stop.set()
         reset(s)
         t.join(10)
+
+
+def test_owner_cap_set_over_an_open_spliced_connection(fresh: Setup) -> None:
+    """An uncapped rule relays with splice; its owner's first bandwidth cap switches
+    the open relay to paced copying at once (the other direction keeps splice)."""
+    _rule, port = fresh.push("gina", fresh.sink)
+    s, stop, t = _open_upload(port, fresh.samples)
+    try:
+        rate = _steady_rate(fresh, 1.0)
+        print(f"open spliced connection: {rate / MB:.1f} MB/s")
+        assert rate > 5 * CAP
+        fresh.set_cap("gina", {"bandwidth_in_bps": 2 * MB})
+        rate = _steady_rate(fresh)
+        print(f"open connection after the first owner cap: {rate / MB:.3f} MB/s")
+        assert abs(rate / (2 * MB) - 1) <= 0.03
+    finally:
+        stop.set()
+        reset(s)
+        t.join(10)
+
+
+def test_a_repaced_relay_still_carries_both_ways(setup: Setup) -> None:
+    _rule, port = setup.push("hedy", setup.echo)
+    with connect(port, timeout=10) as s:
+        s.sendall(b"before")
+        assert recv_exact(s, 6) == b"before"
+        setup.set_cap("hedy", {"bandwidth_out_bps": 1 * MB})
+        time.sleep(0.3)
+        payload = bytes(range(256)) * 2048  # 512 KiB each way, paced back at 1 MB/s
+        t = threading.Thread(target=s.sendall, args=(payload,), daemon=True)
+        started = time.monotonic()
+        t.start()
+        assert recv_exact(s, len(payload)) == payload
+        secs = time.monotonic() - started
+        t.join(5)
+    print(f"512 KiB echoed back in {secs:.2f} s under a 1 MB/s owner cap")
+    assert secs >= 0.4, "the echo back was not paced"
 
 
 # ------------------------------------------------------------------ connections
