@@ -25,6 +25,7 @@ from bench import (
     failover,
     idle_memory,
     latency,
+    owner_caps,
     range_push,
     short_conn,
     sni,
@@ -59,6 +60,7 @@ BENCHMARKS: dict[str, Callable[[Settings], BenchResult | list[BenchResult]]] = {
     "edge_clients": _edge_clients,
     "sni": sni.run,
     "failover": failover.run,
+    "owner_caps": owner_caps.run,
 }
 # range_push needs blocks of 1,024 consecutive unused ports below 32768: it runs first,
 # before the other benchmarks leave tens of thousands of TIME_WAIT sockets on random
