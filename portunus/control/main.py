@@ -118,7 +118,7 @@ async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
             on_state=state_sink,
         )
         ctx = ControlContext(settings, store, Authenticator(store), service, planes, remote, clients,
-                             OwnerCapService(store, planes))
+                             owner_caps=OwnerCapService(store, planes))
         server = RpcServer(settings.socket_path, Dispatcher(ctx))
         await server.start()
         log_event("control.ready", socket=settings.socket_path, db=settings.db_path)

@@ -12,10 +12,12 @@ from typing import Any
 from tests.e2e.edge.clients import ClientFactory
 from tests.e2e.edge.test_edge_server import start_edge, wait_connected
 from tests.e2e.features.helpers import ServerFactory, ServerProc
+from tests.e2e.features.test_owner_caps import make_owner
 from tests.e2e.support import Origin, PortAllocator, connect, echo, recv_exact, wait_for
 
 
 def push_owned(srv: ServerProc, client: str, port: int, target: Origin, owner: str) -> dict[str, Any]:
+    make_owner(srv, owner)
     status, rule = srv.http("POST", "/v1/rules", {"client": client, "listen_port": port, "owner": owner,
                                                   "targets": [{"host": "127.0.0.1", "port": target.port}]})
     assert status == 201 and rule["state"] == "active", rule

@@ -43,12 +43,21 @@ from tests.e2e.support import (
 CAP = 4 * MB
 
 
+def make_owner(srv: ServerProc, user: str) -> None:
+    """A ``user`` granted every port of every client (once per server)."""
+    if any(u["user_id"] == user for u in srv.rpc("users.list")["users"]):
+        return
+    srv.rpc("users.add", {"user_id": user})
+    srv.rpc("grants.add", {"user_id": user, "client": "*", "listen_port_start": 1, "listen_port_end": 65535})
+
+
 class Setup:
     def __init__(self, srv: ServerProc, samples: Samples, sink: Origin, echo: Origin, ports: PortAllocator) -> None:
         self.srv, self.samples, self.sink, self.echo, self.ports = srv, samples, sink, echo, ports
 
     def push(self, owner: str, target: Origin, rate_limit: dict[str, int] | None = None) -> tuple[str, int]:
-        """A rule of ``owner`` on a fresh port; (rule id, port)."""
+        """A rule of ``owner`` (a user made on first use) on a fresh port; (rule id, port)."""
+        make_owner(self.srv, owner)
         port = self.ports.port()
         body: dict[str, Any] = {"listen_port": port, "targets": [{"host": "127.0.0.1", "port": target.port}],
                                 "owner": owner}

@@ -13,6 +13,13 @@ from .conftest import audit_trail, expect_error
 CAPS = {"bandwidth_in_bps": 1_000_000, "concurrent_connections": 4}
 
 
+async def make_owner(harness: Any, user: str) -> None:
+    """A ``user`` with a grant on every client and port: rules can be pushed for it."""
+    await harness.call("users.add", {"user_id": user, "password": "correct horse battery"})
+    await harness.call("grants.add", {"user_id": user, "client": "*", "listen_port_start": 1,
+                                      "listen_port_end": 65535, "protocols": "tcp,udp"})
+
+
 async def test_set_get_list_delete(harness: Any) -> None:
     got = await harness.call("owner_caps.set", {"client": "local", "owner": "alice", "rate_limit": CAPS})
     assert got["owner"] == "alice" and got["client"] == "local" and got["client_id"] == "local"
@@ -26,6 +33,7 @@ async def test_set_get_list_delete(harness: Any) -> None:
     await harness.call("owner_caps.set", {"client": "local", "owner": "bob", "rate_limit": CAPS})
     assert harness.plane.caps_sent[-1] == ("local", {"alice": {"new_connections_per_sec": 7}, "bob": CAPS})
     # An owner with rules but no cap is listed too.
+    await make_owner(harness, "carol")
     await harness.call("rules.push", {"listen_port": 30010, "targets": [{"host": "127.0.0.1", "port": 9}],
                                       "owner": "carol"})
     listing = await harness.call("owner_caps.list", {"client": "local"})
@@ -92,11 +100,24 @@ async def test_capability_gate_and_offline_clients(harness: Any) -> None:
     assert ("operator", "owner_cap.set", "error", "rate_limit_unsupported_by_client") in await audit_trail(harness)
 
 
-async def test_push_with_an_owner(harness: Any) -> None:
+async def test_a_rule_carries_its_owner_to_the_data_plane(harness: Any) -> None:
+    await make_owner(harness, "dave")
     rule = await harness.call("rules.push", {"listen_port": 30011, "targets": [{"host": "127.0.0.1", "port": 9}],
                                              "owner": "dave"})
     assert rule["owner"] == "dave"
     assert harness.plane.applies()[-1][2][0].owner == "dave"
-    await expect_error(harness.call("rules.push", {"listen_port": 30012, "owner": "D!",
-                                                   "targets": [{"host": "127.0.0.1", "port": 9}]}),
-                       "validation.owner")
+
+
+async def test_owner_caps_are_superadmin_only(harness: Any) -> None:
+    """A ``user`` may not read or change anyone's caps, its own included (403, exit 9)."""
+    await make_owner(harness, "erin")
+    token = (await harness.call("tokens.issue", {"user_id": "erin"}))["token"]
+    calls = [("owner_caps.list", {"client": "local"}), ("owner_caps.get", {"client": "local", "owner": "erin"}),
+             ("owner_caps.set", {"client": "local", "owner": "erin", "rate_limit": CAPS}),
+             ("owner_caps.delete", {"client": "local", "owner": "erin"})]
+    for method, params in calls:
+        err = await expect_error(harness.call(method, params, token=token), "role_required")
+        assert err.http_status == 403 and err.exit_code == 9
+    assert harness.plane.caps_sent == []
+    trail = await audit_trail(harness)
+    assert ("erin", "denied.owner_caps.set", "error", "role_required") in trail
