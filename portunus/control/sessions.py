@@ -93,7 +93,9 @@ class SessionService:
             async with self.store.write() as db:
                 await write_audit(db, bounded(user_id), "auth.login", f"user:{bounded(user_id)}",
                                   outcome="error", error_code="invalid_login", details={"source": source})
-            raise PortunusError("invalid_login", "wrong user id or password")
+            exc = PortunusError("invalid_login", "wrong user id or password")
+            exc.audited = True  # type: ignore[attr-defined]  # recorded above, once
+            raise exc
         self.throttle.success(key)
         async with self.store.write() as db:
             return await self._new_session(db, user, source)

@@ -384,7 +384,9 @@ def test_connection_caps_keep_splice_and_other_owners_are_untouched(
 
 def test_cli_and_http_surface(setup: Setup) -> None:
     srv = setup.srv
-    setup.push("iris", setup.echo)
+    make_owner(srv, "iris")
+    rule = srv.cli_json("push-rule", "local", str(setup.ports.port()), setup.echo.address, "--owner", "iris")
+    assert rule["owner"] == "iris"
     assert srv.cli("owner-cap", "set", "local", "iris").code == 3  # no caps: pre-flight
     assert srv.cli("owner-cap", "set", "local", "Iris!", "--concurrent-connections", "2").code == 2
     assert srv.cli("owner-cap", "get", "local", "iris").code == 5

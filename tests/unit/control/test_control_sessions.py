@@ -42,6 +42,7 @@ async def test_wrong_password_and_unknown_user_look_the_same(rbac: Rbac) -> None
     assert [(e["actor"], e["outcome"], e["error_code"]) for e in rows] == [
         ("alice", "error", "invalid_login"), ("nobody", "error", "invalid_login")]
     assert "not the password" not in repr(await _audit(rbac))
+    assert not [e for e in await _audit(rbac) if e["action"] == "denied.auth.login"]  # recorded once
 
 
 async def test_throttle_locks_after_five_failures_and_doubles(rbac: Rbac) -> None:
