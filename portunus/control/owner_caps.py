@@ -143,6 +143,13 @@ class OwnerCapService:
         await self.dataplane.owner_caps(client.client_id, everything)
         return {}
 
+    async def resend(self, client_ids: list[str]) -> None:
+        """Send these clients their (changed) full sets, e.g. after a user's removal."""
+        for client_id in client_ids:
+            async with self.store.read() as db:
+                everything = await caps_db.caps_by_owner(db, client_id)
+            await self.dataplane.owner_caps(client_id, everything)
+
     def _check_capability(self, client: ClientRow) -> None:
         """A connected edge that does not enforce caps would run the owner uncapped.
         An offline client is not checked: it gets its caps when it connects."""

@@ -57,6 +57,14 @@ async def delete_cap(db: aiosqlite.Connection, client_id: str, owner: str) -> bo
     return (cur.rowcount or 0) > 0
 
 
+async def delete_owner(db: aiosqlite.Connection, owner: str) -> list[str]:
+    """Drop an owner's caps on every client (the user is gone); the clients it had caps on."""
+    async with db.execute("SELECT client_id FROM owner_caps WHERE owner = ? ORDER BY client_id", (owner,)) as cur:
+        clients = [r["client_id"] for r in await cur.fetchall()]
+    await db.execute("DELETE FROM owner_caps WHERE owner = ?", (owner,))
+    return clients
+
+
 async def rule_owners(db: aiosqlite.Connection, client_id: str) -> dict[str, int]:
     """``{owner: rule count}`` of the client's owned rules (unowned rules left out)."""
     async with db.execute(

@@ -121,3 +121,18 @@ async def test_owner_caps_are_superadmin_only(harness: Any) -> None:
     assert harness.plane.caps_sent == []
     trail = await audit_trail(harness)
     assert ("erin", "denied.owner_caps.set", "error", "role_required") in trail
+
+
+async def test_removing_a_user_drops_its_caps(harness: Any) -> None:
+    """A later user with the same id must not inherit the caps."""
+    await make_owner(harness, "finn")
+    await make_owner(harness, "gail")
+    for owner in ("finn", "gail"):
+        await harness.call("owner_caps.set", {"client": "local", "owner": owner, "rate_limit": CAPS})
+    out = await harness.call("users.remove", {"user_id": "finn"})
+    assert out["user_id"] == "finn"
+    assert harness.plane.caps_sent[-1] == ("local", {"gail": CAPS})
+    await expect_error(harness.call("owner_caps.get", {"client": "local", "owner": "finn"}), "owner_cap_not_found")
+    entries = (await harness.call("audit.list", {"limit": 10}))["entries"]
+    removal = next(e for e in entries if e["action"] == "user.remove")
+    assert removal["details"]["owner_caps"] == ["local"]
