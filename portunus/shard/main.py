@@ -138,11 +138,16 @@ class Shard:
     def owner_caps(self, caps: dict[str, dict[str, int]]) -> None:
         """The node's owner caps (the full set) changed: re-point the runtimes of the
         owners concerned; open paced connections see the new buckets at once."""
+        from portunus.shard.owner_limits import count_open
+
         changed = self.ctx.owners.replace(caps)
         for rt in self.rules.values():
             if rt.rule.owner in changed:
                 rt.refresh_limits()
                 repace_rule(rt)  # open spliced relays of a newly capped owner: paced now
+                budget = changed[rt.rule.owner]
+                if budget is not None:
+                    count_open(rt.conns, budget)  # open connections count against a new cap
 
     def remove(self, rid: str) -> None:
         rt = self.rules.pop(rid, None)

@@ -134,6 +134,18 @@ class Pacer:
         return True
 
 
+def count_open(conns: Any, budget: FlowBudget) -> None:
+    """Count a runtime's open connections (TCP or UDP flows) into a new owner
+    connection cap: they hold a slot of it from now on and give it back at close,
+    so a cap set below the open count admits nothing new until enough have closed."""
+    for conn in conns:
+        if getattr(conn, "closed", False):
+            continue
+        budget.hold()
+        held = conn.slot
+        conn.slot = PairSlot(held, budget) if held is not None else budget
+
+
 class OwnerTable:
     """A shard's owner caps: ``{owner: OwnerLimits}``, filled by ``owner_caps`` messages."""
 
@@ -148,15 +160,22 @@ class OwnerTable:
             limits = self.owners[owner] = OwnerLimits(self.settings, owner)
         return limits
 
-    def replace(self, caps: dict[str, dict[str, int]]) -> set[str]:
-        """Make the table say ``caps`` (the node's full set); return the owners whose caps changed."""
-        changed: set[str] = set()
+    def replace(self, caps: dict[str, dict[str, int]]) -> dict[str, FlowBudget | None]:
+        """Make the table say ``caps`` (the node's full set).
+
+        Returns the owners whose caps changed, each with its live-connection count
+        if that count is new (a connection cap was set where there was none): the
+        owner's open connections must be counted into it (``count_open``).
+        """
+        changed: dict[str, FlowBudget | None] = {}
         for owner in set(self.owners) | set(caps):
             want = caps.get(owner) or None
             limits = self.get(owner)
             if limits.caps != want:
+                before = limits.concurrent
                 limits.configure(want)
-                changed.add(owner)
+                fresh = limits.concurrent if limits.concurrent is not before else None
+                changed[owner] = fresh
         return changed
 
     def close(self) -> None:

@@ -339,6 +339,33 @@ def test_concurrent_cap_is_never_exceeded(setup: Setup) -> None:
             s.close()
 
 
+def test_a_connection_cap_counts_the_connections_already_open(setup: Setup) -> None:
+    """Set while 3 connections are open (on both rules), a cap of 2 refuses new ones
+    until two of them have closed."""
+    rules = [setup.push("jade", setup.echo), setup.push("jade", setup.echo)]
+    held: list[socket.socket] = []
+    lock = threading.Lock()
+    try:
+        for i in range(3):
+            assert _attempt(rules[i % 2][1], held, lock)()
+        setup.set_cap("jade", {"concurrent_connections": 2})
+        time.sleep(0.3)  # the change reaches both shards
+        assert not accepted(rules[0][1]) and not accepted(rules[1][1])
+        for s in held:  # the open ones are unaffected
+            s.sendall(b"y")
+            assert recv_exact(s, 1) == b"y"
+        held.pop().close()
+        time.sleep(0.3)
+        assert not accepted(rules[1][1]), "admitted with 2 open under a cap of 2"
+        held.pop().close()
+        wait_for(lambda: _attempt(rules[1][1], held, lock)(), 5, interval=0.05,
+                 what="a slot once only one connection is open")
+        assert not accepted(rules[0][1])
+    finally:
+        for s in held:
+            s.close()
+
+
 def test_owner_new_connections_per_sec(setup: Setup) -> None:
     """5/s over two rules of one owner (burst 5): about 5 + 5/s get in, counted by limit."""
     rules = [setup.push("fern", setup.echo), setup.push("fern", setup.echo)]

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from portunus.rules import Rule, Target, build_rule
-from portunus.shard.owner_limits import OwnerLimits, Pacer, PairSlot, admit_both
+from portunus.shard.owner_limits import OwnerLimits, Pacer, PairSlot, admit_both, count_open
 from portunus.shard.ratelimit import REFUSED, RuleLimits, SharedCells, TokenBucket, bandwidth_shape
 from portunus.shard.runtime import RuleRuntime, ShardContext
 
@@ -169,7 +169,7 @@ def test_owner_caps_change_under_open_pacers(ctx: ShardContext) -> None:
     assert isinstance(b.limiter_out, Pacer) and b.limiter_out._buckets()[1] is None
     held_out = b.limiter_out
     changed = ctx.owners.replace({"dave": {"bandwidth_in_bps": 2 * MB}})
-    assert changed == {"dave"}
+    assert set(changed) == {"dave"} and changed["dave"] is None  # no connection cap: nothing to count
     for rt in (a, b):
         rt.refresh_limits()
     assert isinstance(a.limiter_in, Pacer) and a.limiter_out is None
@@ -181,13 +181,13 @@ def test_owner_caps_change_under_open_pacers(ctx: ShardContext) -> None:
     assert held_out._buckets()[1] is None  # the owner caps bytes in only
     ctx.owners.replace({"dave": {"bandwidth_in_bps": 2 * MB, "bandwidth_out_bps": MB}})
     assert held_out._buckets()[1] is not None  # added: the open connection of b is inside it now
-    assert ctx.owners.replace({"dave": {"bandwidth_in_bps": 5 * MB}}) == {"dave"}
+    assert set(ctx.owners.replace({"dave": {"bandwidth_in_bps": 5 * MB}})) == {"dave"}
     assert held._buckets()[1].rate == 5 * MB  # changed in place: the open pump sees it
-    assert ctx.owners.replace({}) == {"dave"}
+    assert set(ctx.owners.replace({})) == {"dave"}
     assert held.grant(10_000) == (10_000, 0.0)  # lifted
     ctx.owners.replace({"dave": {"bandwidth_in_bps": 1 * MB}})
     assert held._buckets()[1] is not None  # set again: the same holder fills up
-    assert ctx.owners.replace({"dave": {"bandwidth_in_bps": 1 * MB}}) == set()  # unchanged
+    assert ctx.owners.replace({"dave": {"bandwidth_in_bps": 1 * MB}}) == {}  # unchanged
     a.refresh_limits()
     ctx.owners.replace({})
     a.refresh_limits()
@@ -212,3 +212,41 @@ def test_runtime_made_after_the_caps_starts_inside_them(ctx: ShardContext) -> No
     assert rt.limiter_in is None and isinstance(rt.limiter_out, Pacer) and rt.sweep is not None
     rt.stop()
     assert rt.sweep is None
+
+
+class Conn:
+    """What count_open touches on a connection or flow."""
+
+    def __init__(self, slot: Any) -> None:
+        self.closed = False
+        self.slot = slot
+
+
+def test_a_new_connection_cap_counts_the_open_connections(ctx: ShardContext) -> None:
+    """Set while 3 connections are open, a cap of 2 admits nothing until two have
+    closed; the open ones release into it (no slot leaks, none counted twice)."""
+    rt = RuleRuntime(ctx, rule("c1", owner="gus", rate_limit={"concurrent_connections": 10}))
+    open_conns = []
+    for _ in range(3):
+        assert rt.admit()
+        open_conns.append(Conn(rt.slot))
+    rt.conns.update(open_conns)
+    changed = ctx.owners.replace({"gus": {"concurrent_connections": 2}})
+    budget = changed["gus"]
+    assert budget is not None
+    count_open(rt.conns, budget)
+    rt.refresh_limits()
+    assert budget.total() == 3
+    assert all(isinstance(c.slot, PairSlot) for c in open_conns)
+    assert not rt.admit()
+    open_conns.pop().slot.release()
+    assert budget.total() == 2 and not rt.admit()
+    open_conns.pop().slot.release()
+    assert rt.admit() and budget.total() == 2
+    rt.slot.release()
+    open_conns.pop().slot.release()
+    assert budget.total() == 0
+    assert rt.limits.concurrent.total() == 0  # the rule's own count came back to zero too
+    # Changing the cap keeps the same count: nothing to add.
+    assert ctx.owners.replace({"gus": {"concurrent_connections": 5}}) == {"gus": None}
+    rt.stop()
