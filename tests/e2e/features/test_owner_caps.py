@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from portunus.shard.udp_budget import FULL_RECHECK_SECS
 from tests.e2e.features.helpers import ServerFactory, ServerProc
 from tests.e2e.features.test_rate_limit import (
     BUF,
@@ -290,40 +291,53 @@ def _attempt(port: int, held: list[socket.socket], lock: threading.Lock) -> Call
     return run
 
 
+def _gated(attempt: Callable[[], bool], barrier: threading.Barrier, results: list[bool],
+           lock: threading.Lock) -> Callable[[], None]:
+    """An attempt that starts when every other one is ready (maximum contention)."""
+
+    def run() -> None:
+        barrier.wait(10)
+        ok = attempt()
+        with lock:
+            results.append(ok)
+
+    return run
+
+
 def test_concurrent_cap_is_never_exceeded(setup: Setup) -> None:
-    """4 x N parallel attempts over two rules of one owner: exactly N get in, on
-    whichever shard they land, and the rest are refused at once and counted."""
-    n = 3
+    """4 x N parallel attempts over two rules of one owner, three rounds: exactly N
+    get in each time, on whichever shard they land, and the rest are refused at
+    once and counted."""
+    n, rounds = 4, 3
     rules = [setup.push("edna", setup.echo), setup.push("edna", setup.echo)]
     setup.set_cap("edna", {"concurrent_connections": n})
-    refused_before = sum(setup.srv.scrape().value("portunus_rate_limit_refused_total", rule=r,
-                                                  limit="owner_concurrent") for r, _ in rules)
+
+    def scraped(name: str, **labels: str) -> float:
+        metrics = setup.srv.scrape()
+        return sum(metrics.value(name, rule=r, **labels) for r, _ in rules)
+
     held: list[socket.socket] = []
     lock = threading.Lock()
-    results: list[bool] = []
-    barrier = threading.Barrier(4 * n)
-
-    def job(port: int) -> Callable[[], None]:
-        attempt = _attempt(port, held, lock)
-
-        def run() -> None:
-            barrier.wait(10)
-            ok = attempt()
-            with lock:
-                results.append(ok)
-
-        return run
-
     try:
-        parallel([job(rules[i % 2][1]) for i in range(4 * n)], timeout=30)
-        assert len(results) == 4 * n
-        assert sum(results) == n, f"{sum(results)} of {4 * n} connections admitted under a cap of {n}"
-        active = setup.srv.scrape().value("portunus_rule_active_connections", rule=rules[0][0]) + \
-            setup.srv.scrape().value("portunus_rule_active_connections", rule=rules[1][0])
-        assert active == n
-        refused = sum(setup.srv.scrape().value("portunus_rate_limit_refused_total", rule=r,
-                                               limit="owner_concurrent") for r, _ in rules)
-        assert refused - refused_before == 3 * n
+        for _ in range(rounds):
+            refused_before = scraped("portunus_rate_limit_refused_total", limit="owner_concurrent")
+            results: list[bool] = []
+            barrier = threading.Barrier(4 * n)
+
+            parallel([_gated(_attempt(rules[i % 2][1], held, lock), barrier, results, lock)
+                      for i in range(4 * n)], timeout=30)
+            assert len(results) == 4 * n
+            assert sum(results) == n, f"{sum(results)} of {4 * n} connections admitted under a cap of {n}"
+            assert scraped("portunus_rule_active_connections") == n
+            refused = scraped("portunus_rate_limit_refused_total", limit="owner_concurrent")
+            assert refused - refused_before == 3 * n
+            for s in held:
+                s.close()
+            held.clear()
+            wait_for(lambda: scraped("portunus_rule_active_connections") == 0, 5, what="every connection closed")
+            # A shard that refused one keeps refusing for FULL_RECHECK_SECS without reading
+            # the shared count (flood protection; only its own releases cut that short).
+            time.sleep(FULL_RECHECK_SECS + 0.1)
         # Both shards took attempts (admitted or refused): the count is the node's, not a shard's.
         seen = {pid for r, _ in rules
                 for name, labels in (("portunus_rule_connections_total", {}),
@@ -331,6 +345,9 @@ def test_concurrent_cap_is_never_exceeded(setup: Setup) -> None:
                 for pid, v in setup.shard_counts(name, rule=r, **labels).items() if v}
         assert len(seen) == 2, "every attempt landed on one shard"
         # One slot frees when one connection closes, for either rule.
+        for i in range(n):
+            assert _attempt(rules[i % 2][1], held, lock)()
+        assert not accepted(rules[0][1])
         held.pop().close()
         wait_for(lambda: accepted(rules[1][1]) or accepted(rules[0][1]), 5, interval=0.05,
                  what="a slot after one connection closed")
