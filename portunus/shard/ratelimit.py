@@ -43,7 +43,7 @@ LOG_EVERY_SECS = 10.0
 _LOCK_TRIES = 64
 
 REFUSED = Counter("portunus_rate_limit_refused_total", "Connections (TCP) or new flows (UDP) refused by a "
-                  "rule's rate limit", ("client", "rule", "owner", "limit"))
+                  "rule's rate limit or its owner's (limit owner_*)", ("client", "rule", "owner", "limit"))
 DROPPED = Counter("portunus_rate_limit_dropped_datagrams_total", "UDP datagrams dropped because the rule's "
                   "bandwidth cap was spent", ("client", "rule", "owner", "direction"))
 

@@ -9,6 +9,8 @@ as in test_rate_limit.py, whose measuring helpers are reused.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import struct
 import threading
@@ -460,3 +462,44 @@ def test_cli_and_http_surface(setup: Setup) -> None:
     assert ("owner_cap.delete", "error", "owner_cap_not_found") in actions
     doc = srv.http("GET", "/v1/openapi.json", token=None)[1]
     assert {"get", "put", "delete"} <= set(doc["paths"]["/v1/clients/{id}/owners/{owner}/rate-limit"])
+
+
+def test_caps_survive_a_shard_respawn_and_a_control_restart(
+        server: ServerFactory, origin: Callable[..., Origin], ports: PortAllocator) -> None:
+    """The supervisor hands a respawned shard the owner caps before its rules; a new
+    control process sends the stored caps again and takes changes."""
+    setup = Setup(server(), Samples(), origin(metered_sink(Samples())), origin(echo_forever), ports)
+    srv = setup.srv
+    _rule, port = setup.push("kira", setup.echo)
+    setup.set_cap("kira", {"concurrent_connections": 1})
+    held: list[socket.socket] = []
+    lock = threading.Lock()
+
+    def exactly(n: int) -> None:
+        for _ in range(n):
+            assert wait_for(lambda: _attempt(port, held, lock)(), 5, interval=0.05, what="a connection admitted")
+        time.sleep(FULL_RECHECK_SECS + 0.1)
+        assert not accepted(port), f"more than {n} connection(s) admitted"
+        for s in held:
+            s.close()
+        held.clear()
+
+    try:
+        exactly(1)
+        victim = srv.shards()[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        wait_for(lambda: (s := srv.shards().get(0)) is not None and s.pid != victim.pid, 10,
+                 what="shard 0 respawned")
+        exactly(1)
+        control = srv.child("control")
+        assert control is not None
+        os.kill(control.pid, signal.SIGKILL)
+        wait_for(lambda: (c := srv.child("control")) is not None and c.pid != control.pid, 10,
+                 what="a new control process")
+        wait_for(srv.health_ok, 10, what="/v1/health after the control restart")
+        exactly(1)
+        setup.set_cap("kira", {"concurrent_connections": 2})
+        exactly(2)
+    finally:
+        for s in held:
+            s.close()
