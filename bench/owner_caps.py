@@ -97,7 +97,10 @@ def steady_rate(points: list[tuple[float, int]], skip: float = SKIP_SECS) -> flo
 
 def blast(ports: list[int], secs: float) -> None:
     """``CONNS`` connections round-robin over ``ports``, each sending for ``secs``."""
-    socks = [socket.create_connection((LOOPBACK, ports[i % len(ports)]), timeout=10) for i in range(CONNS)]
+    socks = [
+        socket.create_connection((LOOPBACK, ports[i % len(ports)]), timeout=10)
+        for i in range(CONNS)
+    ]
     deadline = time.monotonic() + secs
 
     def send(s: socket.socket) -> None:
@@ -119,16 +122,22 @@ def blast(ports: list[int], secs: float) -> None:
         s.close()
 
 
-def push(ctl: Control, port: int, sink: Sink, owner: str, rate_limit: dict[str, int] | None) -> None:
-    body: dict[str, Any] = {"listen_port": port, "targets": [{"host": LOOPBACK, "port": sink.port}],
-                            "owner": owner}
+def push(
+    ctl: Control, port: int, sink: Sink, owner: str, rate_limit: dict[str, int] | None
+) -> None:
+    body: dict[str, Any] = {
+        "listen_port": port,
+        "targets": [{"host": LOOPBACK, "port": sink.port}],
+        "owner": owner,
+    }
     if rate_limit:
         body["rate_limit"] = rate_limit
     ctl.call("rules.push", body)
 
 
-def measure_all(ctl: Control, rounds: int, secs: float, rates: tuple[int, ...] = RATES_MBIT,
-                log: Any = print) -> dict[int, dict[str, list[Sample]]]:
+def measure_all(
+    ctl: Control, rounds: int, secs: float, rates: tuple[int, ...] = RATES_MBIT, log: Any = print
+) -> dict[int, dict[str, list[Sample]]]:
     """Per rate (Mbit/s): samples of both arms ({"ratio", "error_pct", "mbit"})."""
     from bench.common import free_port
 
@@ -142,8 +151,10 @@ def measure_all(ctl: Control, rounds: int, secs: float, rates: tuple[int, ...] =
         out: dict[int, dict[str, list[Sample]]] = {}
         for mbit in rates:
             cap = mbit * 1_000_000 // 8  # bytes per second
-            ctl.call("owner_caps.set", {"client": "local", "owner": "bench",
-                                        "rate_limit": {"bandwidth_in_bps": cap}})
+            ctl.call(
+                "owner_caps.set",
+                {"client": "local", "owner": "bench", "rate_limit": {"bandwidth_in_bps": cap}},
+            )
             rule_id = next(r["id"] for r in ctl.call("rules.list", {"owner": "solo"})["rules"])
             ctl.call("rules.update", {"id": rule_id, "rate_limit": {"bandwidth_in_bps": cap}})
             arms = {"portunus": owner_ports, "portunus-rule": [rule_port]}
@@ -155,10 +166,17 @@ def measure_all(ctl: Control, rounds: int, secs: float, rates: tuple[int, ...] =
                     sink.take()
                     blast(arms[name], secs)
                     rate = steady_rate(sink.take())
-                    got[name].append({"ratio": rate / cap, "error_pct": (rate / cap - 1) * 100,
-                                      "mbit": rate * 8 / 1e6})
-                    log(f"owner_caps {mbit} Mbit/s {name}: {rate * 8 / 1e6:.3f} Mbit/s "
-                        f"({(rate / cap - 1) * 100:+.2f} %)")
+                    got[name].append(
+                        {
+                            "ratio": rate / cap,
+                            "error_pct": (rate / cap - 1) * 100,
+                            "mbit": rate * 8 / 1e6,
+                        }
+                    )
+                    log(
+                        f"owner_caps {mbit} Mbit/s {name}: {rate * 8 / 1e6:.3f} Mbit/s "
+                        f"({(rate / cap - 1) * 100:+.2f} %)"
+                    )
             out[mbit] = got
         return out
     finally:
@@ -168,17 +186,22 @@ def measure_all(ctl: Control, rounds: int, secs: float, rates: tuple[int, ...] =
 def results(measured: dict[int, dict[str, list[Sample]]], secs: float) -> list[BenchResult]:
     out = []
     for mbit, per_arm in measured.items():
-        out.append(BenchResult(
-            name=f"owner_caps_{mbit}mbit",
-            title=f"Owner-cap accuracy at {mbit} Mbit/s (2 rules, 2 shards) vs a rule cap",
-            method=f"{CONNS} connections send flat out for {secs:g} s; sink-side rate after the first "
-                   f"{SKIP_SECS:g} s ÷ the cap; `portunus` = owner cap over 2 rules, `portunus-rule` = "
-                   "one rule's own cap (see bench/owner_caps.py)",
-            metrics=[Metric("ratio", "measured ÷ cap", True, 4), Metric("error_pct", "error (%)", False, 2),
-                     Metric("mbit", "Mbit/s", True, 3)],
-            per_forwarder=dict(per_arm),  # type: ignore[arg-type]
-            extra={"cap_mbit": mbit},
-        ))
+        out.append(
+            BenchResult(
+                name=f"owner_caps_{mbit}mbit",
+                title=f"Owner-cap accuracy at {mbit} Mbit/s (2 rules, 2 shards) vs a rule cap",
+                method=f"{CONNS} connections send flat out for {secs:g} s; sink-side rate after the first "
+                f"{SKIP_SECS:g} s ÷ the cap; `portunus` = owner cap over 2 rules, `portunus-rule` = "
+                "one rule's own cap (see bench/owner_caps.py)",
+                metrics=[
+                    Metric("ratio", "measured ÷ cap", True, 4),
+                    Metric("error_pct", "error (%)", False, 2),
+                    Metric("mbit", "Mbit/s", True, 3),
+                ],
+                per_forwarder=dict(per_arm),  # type: ignore[arg-type]
+                extra={"cap_mbit": mbit},
+            )
+        )
     return out
 
 
@@ -193,7 +216,9 @@ def run(settings: Settings) -> list[BenchResult]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.owner_caps", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.owner_caps", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--secs", type=float, default=6.0)
     args = p.parse_args(argv)
@@ -208,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     for mbit, arms in measured.items():
         for name, samples in arms.items():
             errs = sorted(s["error_pct"] for s in samples)
-            print(f"{mbit:>4} Mbit/s {name:<14} median error {errs[len(errs) // 2]:+.2f} % "
-                  f"(min {errs[0]:+.2f}, max {errs[-1]:+.2f})")
+            print(
+                f"{mbit:>4} Mbit/s {name:<14} median error {errs[len(errs) // 2]:+.2f} % "
+                f"(min {errs[0]:+.2f}, max {errs[-1]:+.2f})"
+            )
     return 0
 
 

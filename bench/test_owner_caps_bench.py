@@ -18,11 +18,24 @@ def test_target_passes_within_two_percent_only() -> None:
     def arm(err: float) -> list[dict[str, float]]:
         return [{"ratio": 1 + err / 100, "error_pct": err, "mbit": 1.0}]
 
-    benches = {r.name: r.as_dict() for r in results(
-        {1: {"portunus": arm(0.5), "portunus-rule": arm(-0.2)},
-         10: {"portunus": arm(-2.5), "portunus-rule": arm(0.1)}}, 6.0)}
+    benches = {
+        r.name: r.as_dict()
+        for r in results(
+            {
+                1: {"portunus": arm(0.5), "portunus-rule": arm(-0.2)},
+                10: {"portunus": arm(-2.5), "portunus-rule": arm(0.1)},
+            },
+            6.0,
+        )
+    }
     got = {t["target"]: t for t in targets(benches) if t["target"].startswith("owner cap")}
     one = got["owner cap at 1 Mbit/s: 2 rules on 2 shards within ±2 % of the cap"]
     assert one["status"] == "PASS" and one["value"] == "+0.50 % (rule cap: -0.20 %)"
-    assert got["owner cap at 10 Mbit/s: 2 rules on 2 shards within ±2 % of the cap"]["status"] == "FAIL"
-    assert got["owner cap at 100 Mbit/s: 2 rules on 2 shards within ±2 % of the cap"]["status"] == "n/a"
+    assert (
+        got["owner cap at 10 Mbit/s: 2 rules on 2 shards within ±2 % of the cap"]["status"]
+        == "FAIL"
+    )
+    assert (
+        got["owner cap at 100 Mbit/s: 2 rules on 2 shards within ±2 % of the cap"]["status"]
+        == "n/a"
+    )

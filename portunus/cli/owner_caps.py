@@ -61,7 +61,9 @@ def set_cap(obj: OperatorContext, client: str, owner: str, fmt: str, **caps: int
     if fmt == "json":
         echo_json(result)
     else:
-        click.echo(f"owner {result['owner']} on client {result['client']}: {caps_text(result['rate_limit'])}")
+        click.echo(
+            f"owner {result['owner']} on client {result['client']}: {caps_text(result['rate_limit'])}"
+        )
 
 
 @owner_cap.command("get")
@@ -77,7 +79,9 @@ def get_cap(obj: OperatorContext, client: str, owner: str, fmt: str) -> None:
         echo_json(result)
         return
     rows = [(k, v) for k, v in sorted(result["rate_limit"].items())]
-    click.echo(f"owner {result['owner']} on client {result['client']} (updated {result['updated_at']})")
+    click.echo(
+        f"owner {result['owner']} on client {result['client']} (updated {result['updated_at']})"
+    )
     click.echo(output.table(("CAP", "VALUE"), rows))
 
 

@@ -28,7 +28,8 @@ def parse_owner(params: dict[str, Any]) -> str:
     owner = params.get("owner")
     if not isinstance(owner, str) or not OWNER_RE.fullmatch(owner):
         raise ValidationError(
-            "validation.owner", "owner must be a user id: a lowercase letter, then up to 31 of a-z 0-9 _ -",
+            "validation.owner",
+            "owner must be a user id: a lowercase letter, then up to 31 of a-z 0-9 _ -",
             field="owner",
         )
     return owner
@@ -38,7 +39,9 @@ def parse_caps(params: dict[str, Any]) -> dict[str, int]:
     """The caps object of ``owner_caps.set``: a rule's rate_limit, and not empty."""
     raw = params.get("rate_limit")
     if raw is not None and not isinstance(raw, dict):
-        raise ValidationError("validation.rate_limit", "rate_limit must be an object", field="rate_limit")
+        raise ValidationError(
+            "validation.rate_limit", "rate_limit must be an object", field="rate_limit"
+        )
     caps = validate_rate_limit(raw)
     if not caps:
         raise PortunusError(
@@ -55,8 +58,11 @@ def _target(client_id: str, owner: str) -> str:
 
 def cap_json(client: ClientRow, cap: caps_db.OwnerCap) -> dict[str, Any]:
     return {
-        "client_id": client.client_id, "client": client.name, "owner": cap.owner,
-        "rate_limit": cap.rate_limit, "updated_at": cap.updated_at,
+        "client_id": client.client_id,
+        "client": client.name,
+        "owner": cap.owner,
+        "rate_limit": cap.rate_limit,
+        "updated_at": cap.updated_at,
     }
 
 
@@ -77,7 +83,8 @@ class OwnerCapService:
             counts = await caps_db.rule_owners(db, client.client_id)
         owners = [
             {
-                "owner": owner, "rule_count": counts.get(owner, 0),
+                "owner": owner,
+                "rule_count": counts.get(owner, 0),
                 "rate_limit": caps[owner].rate_limit if owner in caps else None,
                 "updated_at": caps[owner].updated_at if owner in caps else None,
             }
@@ -99,8 +106,11 @@ class OwnerCapService:
         try:
             unknown = sorted(set(params) - {"client", "owner", "rate_limit"})
             if unknown:
-                raise ValidationError("validation.unknown_field", f"unknown field(s): {', '.join(unknown)}",
-                                      field=unknown[0])
+                raise ValidationError(
+                    "validation.unknown_field",
+                    f"unknown field(s): {', '.join(unknown)}",
+                    field=unknown[0],
+                )
             client = await self._client(params)
             owner = parse_owner(params)
             target = _target(client.client_id, owner)
@@ -109,10 +119,17 @@ class OwnerCapService:
             async with self.store.write() as db:
                 previous = await caps_db.get_cap(db, client.client_id, owner)
                 await caps_db.put_cap(db, client.client_id, owner, caps)
-                await write_audit(db, who.user, "owner_cap.set", target, details={
-                    "rate_limit": caps, "previous": previous.rate_limit if previous else None,
-                    "token_id": who.token_id,
-                })
+                await write_audit(
+                    db,
+                    who.user,
+                    "owner_cap.set",
+                    target,
+                    details={
+                        "rate_limit": caps,
+                        "previous": previous.rate_limit if previous else None,
+                        "token_id": who.token_id,
+                    },
+                )
                 cap = await caps_db.get_cap(db, client.client_id, owner)
                 everything = await caps_db.caps_by_owner(db, client.client_id)
             assert cap is not None
@@ -133,9 +150,16 @@ class OwnerCapService:
                 if previous is None:
                     raise _not_found(client, owner)
                 await caps_db.delete_cap(db, client.client_id, owner)
-                await write_audit(db, who.user, "owner_cap.delete", target, details={
-                    "previous": previous.rate_limit, "token_id": who.token_id,
-                })
+                await write_audit(
+                    db,
+                    who.user,
+                    "owner_cap.delete",
+                    target,
+                    details={
+                        "previous": previous.rate_limit,
+                        "token_id": who.token_id,
+                    },
+                )
                 everything = await caps_db.caps_by_owner(db, client.client_id)
         except PortunusError as exc:
             await self._audit_error(who, "owner_cap.delete", target, exc)
@@ -161,17 +185,29 @@ class OwnerCapService:
                 "rate_limit_unsupported_by_client",
                 f"client {client.name} ({client.client_id}) does not enforce rate limits "
                 f"(it advertised: {', '.join(sorted(info.capabilities)) or 'nothing'}); nothing was stored",
-                client_id=client.client_id, capability="rate_limit",
+                client_id=client.client_id,
+                capability="rate_limit",
             )
 
-    async def _audit_error(self, who: Principal, action: str, target: str, exc: PortunusError) -> None:
+    async def _audit_error(
+        self, who: Principal, action: str, target: str, exc: PortunusError
+    ) -> None:
         async with self.store.write() as db:
-            await write_audit(db, who.user, action, target, outcome="error", error_code=exc.code,
-                              details={"message": exc.message})
+            await write_audit(
+                db,
+                who.user,
+                action,
+                target,
+                outcome="error",
+                error_code=exc.code,
+                details={"message": exc.message},
+            )
 
 
 def _not_found(client: ClientRow, owner: str) -> PortunusError:
     return PortunusError(
-        "owner_cap_not_found", f"owner {owner} has no cap on client {client.name} ({client.client_id})",
-        client_id=client.client_id, owner=owner,
+        "owner_cap_not_found",
+        f"owner {owner} has no cap on client {client.name} ({client.client_id})",
+        client_id=client.client_id,
+        owner=owner,
     )

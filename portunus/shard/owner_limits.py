@@ -64,8 +64,9 @@ class PairSlot:
         self.owner.release()
 
 
-def admit_both(rule: RuleLimits | None, owner: OwnerLimits | None,
-               labels: tuple[str, ...]) -> tuple[bool, Any]:
+def admit_both(
+    rule: RuleLimits | None, owner: OwnerLimits | None, labels: tuple[str, ...]
+) -> tuple[bool, Any]:
     """(admitted, slot to release at close) against the rule's caps, then the owner's.
 
     A refusal by the owner gives back what the rule took, so a refused

@@ -38,8 +38,10 @@ def repace(conn: Any, tries: int) -> None:
     if pumps is None or conn.closed:
         return  # not relaying yet (start_pumps reads the runtime's limiters) or a UDP flow
     limiters = (conn.rt.limiter_in, conn.rt.limiter_out)
-    switch = [isinstance(p, SplicePump) and not p.done and lim is not None
-              for p, lim in zip(pumps, limiters, strict=True)]
+    switch = [
+        isinstance(p, SplicePump) and not p.done and lim is not None
+        for p, lim in zip(pumps, limiters, strict=True)
+    ]
     if not any(switch):
         return
     if any(p.pending for p, s in zip(pumps, switch, strict=True) if s):

@@ -20,7 +20,9 @@ class OwnerCap:
 
 
 def _cap(row: aiosqlite.Row) -> OwnerCap:
-    return OwnerCap(row["client_id"], row["owner"], json.loads(row["rate_limit"]), row["updated_at"])
+    return OwnerCap(
+        row["client_id"], row["owner"], json.loads(row["rate_limit"]), row["updated_at"]
+    )
 
 
 async def list_caps(db: aiosqlite.Connection, client_id: str) -> list[OwnerCap]:
@@ -43,7 +45,9 @@ async def get_cap(db: aiosqlite.Connection, client_id: str, owner: str) -> Owner
     return _cap(row) if row is not None else None
 
 
-async def put_cap(db: aiosqlite.Connection, client_id: str, owner: str, rate_limit: dict[str, Any]) -> None:
+async def put_cap(
+    db: aiosqlite.Connection, client_id: str, owner: str, rate_limit: dict[str, Any]
+) -> None:
     await db.execute(
         "INSERT INTO owner_caps (client_id, owner, rate_limit, updated_at) VALUES (?, ?, ?, ?) "
         "ON CONFLICT (client_id, owner) DO UPDATE SET rate_limit = excluded.rate_limit, "
@@ -53,13 +57,17 @@ async def put_cap(db: aiosqlite.Connection, client_id: str, owner: str, rate_lim
 
 
 async def delete_cap(db: aiosqlite.Connection, client_id: str, owner: str) -> bool:
-    cur = await db.execute("DELETE FROM owner_caps WHERE client_id = ? AND owner = ?", (client_id, owner))
+    cur = await db.execute(
+        "DELETE FROM owner_caps WHERE client_id = ? AND owner = ?", (client_id, owner)
+    )
     return (cur.rowcount or 0) > 0
 
 
 async def delete_owner(db: aiosqlite.Connection, owner: str) -> list[str]:
     """Drop an owner's caps on every client (the user is gone); the clients it had caps on."""
-    async with db.execute("SELECT client_id FROM owner_caps WHERE owner = ? ORDER BY client_id", (owner,)) as cur:
+    async with db.execute(
+        "SELECT client_id FROM owner_caps WHERE owner = ? ORDER BY client_id", (owner,)
+    ) as cur:
         clients = [r["client_id"] for r in await cur.fetchall()]
     await db.execute("DELETE FROM owner_caps WHERE owner = ?", (owner,))
     return clients

@@ -28,7 +28,9 @@ async def get_owner_cap(request: Request) -> Response:
 async def put_owner_cap(request: Request) -> Response:
     bearer_token(request)  # 401 before looking at the body
     caps = await read_json(request, "OwnerCaps")
-    return JSONResponse(await call(request, "owner_caps.set", {**_params(request), "rate_limit": caps}))
+    return JSONResponse(
+        await call(request, "owner_caps.set", {**_params(request), "rate_limit": caps})
+    )
 
 
 @endpoint
@@ -39,6 +41,10 @@ async def delete_owner_cap(request: Request) -> Response:
 
 routes = [
     route("/v1/clients/{id}/owners", GET=list_owners),
-    route("/v1/clients/{id}/owners/{owner}/rate-limit", GET=get_owner_cap, PUT=put_owner_cap,
-          DELETE=delete_owner_cap),
+    route(
+        "/v1/clients/{id}/owners/{owner}/rate-limit",
+        GET=get_owner_cap,
+        PUT=put_owner_cap,
+        DELETE=delete_owner_cap,
+    ),
 ]

@@ -51,19 +51,29 @@ def make_owner(srv: ServerProc, user: str) -> None:
     if any(u["user_id"] == user for u in srv.rpc("users.list")["users"]):
         return
     srv.rpc("users.add", {"user_id": user})
-    srv.rpc("grants.add", {"user_id": user, "client": "*", "listen_port_start": 1, "listen_port_end": 65535})
+    srv.rpc(
+        "grants.add",
+        {"user_id": user, "client": "*", "listen_port_start": 1, "listen_port_end": 65535},
+    )
 
 
 class Setup:
-    def __init__(self, srv: ServerProc, samples: Samples, sink: Origin, echo: Origin, ports: PortAllocator) -> None:
+    def __init__(
+        self, srv: ServerProc, samples: Samples, sink: Origin, echo: Origin, ports: PortAllocator
+    ) -> None:
         self.srv, self.samples, self.sink, self.echo, self.ports = srv, samples, sink, echo, ports
 
-    def push(self, owner: str, target: Origin, rate_limit: dict[str, int] | None = None) -> tuple[str, int]:
+    def push(
+        self, owner: str, target: Origin, rate_limit: dict[str, int] | None = None
+    ) -> tuple[str, int]:
         """A rule of ``owner`` (a user made on first use) on a fresh port; (rule id, port)."""
         make_owner(self.srv, owner)
         port = self.ports.port()
-        body: dict[str, Any] = {"listen_port": port, "targets": [{"host": "127.0.0.1", "port": target.port}],
-                                "owner": owner}
+        body: dict[str, Any] = {
+            "listen_port": port,
+            "targets": [{"host": "127.0.0.1", "port": target.port}],
+            "owner": owner,
+        }
         if rate_limit:
             body["rate_limit"] = rate_limit
         status, rule = self.srv.http("POST", "/v1/rules", body)
@@ -87,6 +97,7 @@ class Setup:
         before = self.shard_counts("portunus_rule_connections_total", rule=rule)
         s = connect(port, timeout=30)
         try:
+
             def landed() -> int | None:
                 now = self.shard_counts("portunus_rule_connections_total", rule=rule)
                 return next((pid for pid, n in now.items() if n > before.get(pid, 0)), None)
@@ -141,7 +152,9 @@ def test_two_rules_on_two_shards_share_the_owner_cap(fresh: Setup) -> None:
     try:
         s, shard_a = fresh.open_on_shard(a, port_a)
         socks.append(s)
-        for _ in range(64):  # the kernel picks the shard by source port: retry until B is on the other
+        for _ in range(
+            64
+        ):  # the kernel picks the shard by source port: retry until B is on the other
             s, shard_b = fresh.open_on_shard(b, port_b)
             if shard_b != shard_a:
                 socks.append(s)
@@ -170,7 +183,9 @@ def test_the_tighter_cap_wins(fresh: Setup) -> None:
     assert_rate("bella: own 1 MB/s under a 4 MB/s owner cap", fresh.samples, 1 * MB, tolerance=0.03)
 
 
-def _open_upload(port: int, samples: Samples) -> tuple[socket.socket, threading.Event, threading.Thread]:
+def _open_upload(
+    port: int, samples: Samples
+) -> tuple[socket.socket, threading.Event, threading.Thread]:
     s = connect(port, timeout=30)
     stop = threading.Event()
 
@@ -293,8 +308,12 @@ def _attempt(port: int, held: list[socket.socket], lock: threading.Lock) -> Call
     return run
 
 
-def _gated(attempt: Callable[[], bool], barrier: threading.Barrier, results: list[bool],
-           lock: threading.Lock) -> Callable[[], None]:
+def _gated(
+    attempt: Callable[[], bool],
+    barrier: threading.Barrier,
+    results: list[bool],
+    lock: threading.Lock,
+) -> Callable[[], None]:
     """An attempt that starts when every other one is ready (maximum contention)."""
 
     def run() -> None:
@@ -326,33 +345,54 @@ def test_concurrent_cap_is_never_exceeded(setup: Setup) -> None:
             results: list[bool] = []
             barrier = threading.Barrier(4 * n)
 
-            parallel([_gated(_attempt(rules[i % 2][1], held, lock), barrier, results, lock)
-                      for i in range(4 * n)], timeout=30)
+            parallel(
+                [
+                    _gated(_attempt(rules[i % 2][1], held, lock), barrier, results, lock)
+                    for i in range(4 * n)
+                ],
+                timeout=30,
+            )
             assert len(results) == 4 * n
-            assert sum(results) == n, f"{sum(results)} of {4 * n} connections admitted under a cap of {n}"
+            assert sum(results) == n, (
+                f"{sum(results)} of {4 * n} connections admitted under a cap of {n}"
+            )
             assert scraped("portunus_rule_active_connections") == n
             refused = scraped("portunus_rate_limit_refused_total", limit="owner_concurrent")
             assert refused - refused_before == 3 * n
             for s in held:
                 s.close()
             held.clear()
-            wait_for(lambda: scraped("portunus_rule_active_connections") == 0, 5, what="every connection closed")
+            wait_for(
+                lambda: scraped("portunus_rule_active_connections") == 0,
+                5,
+                what="every connection closed",
+            )
             # A shard that refused one keeps refusing for FULL_RECHECK_SECS without reading
             # the shared count (flood protection; only its own releases cut that short).
             time.sleep(FULL_RECHECK_SECS + 0.1)
         # Both shards took attempts (admitted or refused): the count is the node's, not a shard's.
-        seen = {pid for r, _ in rules
-                for name, labels in (("portunus_rule_connections_total", {}),
-                                     ("portunus_rate_limit_refused_total", {"limit": "owner_concurrent"}))
-                for pid, v in setup.shard_counts(name, rule=r, **labels).items() if v}
+        seen = {
+            pid
+            for r, _ in rules
+            for name, labels in (
+                ("portunus_rule_connections_total", {}),
+                ("portunus_rate_limit_refused_total", {"limit": "owner_concurrent"}),
+            )
+            for pid, v in setup.shard_counts(name, rule=r, **labels).items()
+            if v
+        }
         assert len(seen) == 2, "every attempt landed on one shard"
         # One slot frees when one connection closes, for either rule.
         for i in range(n):
             assert _attempt(rules[i % 2][1], held, lock)()
         assert not accepted(rules[0][1])
         held.pop().close()
-        wait_for(lambda: accepted(rules[1][1]) or accepted(rules[0][1]), 5, interval=0.05,
-                 what="a slot after one connection closed")
+        wait_for(
+            lambda: accepted(rules[1][1]) or accepted(rules[0][1]),
+            5,
+            interval=0.05,
+            what="a slot after one connection closed",
+        )
     finally:
         for s in held:
             s.close()
@@ -377,8 +417,12 @@ def test_a_connection_cap_counts_the_connections_already_open(setup: Setup) -> N
         time.sleep(0.3)
         assert not accepted(rules[1][1]), "admitted with 2 open under a cap of 2"
         held.pop().close()
-        wait_for(lambda: _attempt(rules[1][1], held, lock)(), 5, interval=0.05,
-                 what="a slot once only one connection is open")
+        wait_for(
+            lambda: _attempt(rules[1][1], held, lock)(),
+            5,
+            interval=0.05,
+            what="a slot once only one connection is open",
+        )
         assert not accepted(rules[0][1])
     finally:
         for s in held:
@@ -398,16 +442,23 @@ def test_owner_new_connections_per_sec(setup: Setup) -> None:
         time.sleep(0.04)
     elapsed = time.monotonic() - started
     ok, expected = sum(results), 5 + 5 * elapsed
-    print(f"owner new connections: {ok} of {len(results)} in {elapsed:.2f} s, expected ~{expected:.1f}")
+    print(
+        f"owner new connections: {ok} of {len(results)} in {elapsed:.2f} s, expected ~{expected:.1f}"
+    )
     assert results[:5] == [True] * 5
     assert expected - 2 <= ok <= expected + 1
-    refused = sum(setup.srv.scrape().value("portunus_rate_limit_refused_total", rule=r,
-                                           limit="owner_new_connections") for r, _ in rules)
+    refused = sum(
+        setup.srv.scrape().value(
+            "portunus_rate_limit_refused_total", rule=r, limit="owner_new_connections"
+        )
+        for r, _ in rules
+    )
     assert refused == len(results) - ok
 
 
 def test_connection_caps_keep_splice_and_other_owners_are_untouched(
-        server: ServerFactory, origin: Callable[..., Origin], ports: PortAllocator) -> None:
+    server: ServerFactory, origin: Callable[..., Origin], ports: PortAllocator
+) -> None:
     """An owned rule under a connection-only owner cap keeps the zero-copy path
     (the shard opens its pipes) and runs far above any bandwidth cap; another
     owner's bandwidth cap does not touch it.  A fresh server: no pooled pipes yet."""
@@ -431,41 +482,63 @@ def test_connection_caps_keep_splice_and_other_owners_are_untouched(
 def test_cli_and_http_surface(setup: Setup) -> None:
     srv = setup.srv
     make_owner(srv, "iris")
-    rule = srv.cli_json("push-rule", "local", str(setup.ports.port()), setup.echo.address, "--owner", "iris")
+    rule = srv.cli_json(
+        "push-rule", "local", str(setup.ports.port()), setup.echo.address, "--owner", "iris"
+    )
     assert rule["owner"] == "iris"
     assert srv.cli("owner-cap", "set", "local", "iris").code == 3  # no caps: pre-flight
     assert srv.cli("owner-cap", "set", "local", "Iris!", "--concurrent-connections", "2").code == 2
     assert srv.cli("owner-cap", "get", "local", "iris").code == 5
     assert srv.cli("owner-cap", "list", "no-such-client").code == 5
     assert srv.cli("owner-cap", "delete", "local", "iris").code == 5
-    got = srv.cli_json("owner-cap", "set", "local", "iris", "--bandwidth-out-bps", "2000000",
-                       "--bandwidth-out-bps-burst", "200000")
+    got = srv.cli_json(
+        "owner-cap",
+        "set",
+        "local",
+        "iris",
+        "--bandwidth-out-bps",
+        "2000000",
+        "--bandwidth-out-bps-burst",
+        "200000",
+    )
     assert got["rate_limit"] == {"bandwidth_out_bps": 2000000, "bandwidth_out_bps_burst": 200000}
     assert srv.cli_json("owner-cap", "get", "local", "iris") == got
     listing = srv.cli_json("owner-cap", "list", "local")
-    assert {"owner": "iris", "rule_count": 1, "rate_limit": got["rate_limit"],
-            "updated_at": got["updated_at"]} in listing["owners"]
+    assert {
+        "owner": "iris",
+        "rule_count": 1,
+        "rate_limit": got["rate_limit"],
+        "updated_at": got["updated_at"],
+    } in listing["owners"]
     status, body = srv.http("GET", "/v1/clients/local/owners")
     assert status == 200 and body == listing
     status, body = srv.http("PUT", "/v1/clients/local/owners/iris/rate-limit", {})
     assert status == 400 and body["error"]["code"] == "preflight"
-    status, body = srv.http("PUT", "/v1/clients/local/owners/iris/rate-limit", {"bandwidth_out_bps": -1})
+    status, body = srv.http(
+        "PUT", "/v1/clients/local/owners/iris/rate-limit", {"bandwidth_out_bps": -1}
+    )
     assert status == 400 and body["error"]["code"] == "validation.rate_limit"
     text = srv.cli("owner-cap", "delete", "local", "iris")
     assert text.code == 0 and "lifted" in text.out
     status, _ = srv.http("DELETE", "/v1/clients/local/owners/iris/rate-limit")
     assert status == 404
-    actions = [(e["action"], e["outcome"], e["error_code"]) for e in srv.cli_json("audit")["entries"]
-               if e["target"] == "client:local/owner:iris"]
+    actions = [
+        (e["action"], e["outcome"], e["error_code"])
+        for e in srv.cli_json("audit")["entries"]
+        if e["target"] == "client:local/owner:iris"
+    ]
     assert ("owner_cap.set", "ok", None) in actions and ("owner_cap.delete", "ok", None) in actions
     assert ("owner_cap.set", "error", "preflight") in actions
     assert ("owner_cap.delete", "error", "owner_cap_not_found") in actions
     doc = srv.http("GET", "/v1/openapi.json", token=None)[1]
-    assert {"get", "put", "delete"} <= set(doc["paths"]["/v1/clients/{id}/owners/{owner}/rate-limit"])
+    assert {"get", "put", "delete"} <= set(
+        doc["paths"]["/v1/clients/{id}/owners/{owner}/rate-limit"]
+    )
 
 
 def test_caps_survive_a_shard_respawn_and_a_control_restart(
-        server: ServerFactory, origin: Callable[..., Origin], ports: PortAllocator) -> None:
+    server: ServerFactory, origin: Callable[..., Origin], ports: PortAllocator
+) -> None:
     """The supervisor hands a respawned shard the owner caps before its rules; a new
     control process sends the stored caps again and takes changes."""
     setup = Setup(server(), Samples(), origin(metered_sink(Samples())), origin(echo_forever), ports)
@@ -477,7 +550,9 @@ def test_caps_survive_a_shard_respawn_and_a_control_restart(
 
     def exactly(n: int) -> None:
         for _ in range(n):
-            assert wait_for(lambda: _attempt(port, held, lock)(), 5, interval=0.05, what="a connection admitted")
+            assert wait_for(
+                lambda: _attempt(port, held, lock)(), 5, interval=0.05, what="a connection admitted"
+            )
         time.sleep(FULL_RECHECK_SECS + 0.1)
         assert not accepted(port), f"more than {n} connection(s) admitted"
         for s in held:
@@ -488,14 +563,20 @@ def test_caps_survive_a_shard_respawn_and_a_control_restart(
         exactly(1)
         victim = srv.shards()[0]
         os.kill(victim.pid, signal.SIGKILL)
-        wait_for(lambda: (s := srv.shards().get(0)) is not None and s.pid != victim.pid, 10,
-                 what="shard 0 respawned")
+        wait_for(
+            lambda: (s := srv.shards().get(0)) is not None and s.pid != victim.pid,
+            10,
+            what="shard 0 respawned",
+        )
         exactly(1)
         control = srv.child("control")
         assert control is not None
         os.kill(control.pid, signal.SIGKILL)
-        wait_for(lambda: (c := srv.child("control")) is not None and c.pid != control.pid, 10,
-                 what="a new control process")
+        wait_for(
+            lambda: (c := srv.child("control")) is not None and c.pid != control.pid,
+            10,
+            what="a new control process",
+        )
         wait_for(srv.health_ok, 10, what="/v1/health after the control restart")
         exactly(1)
         setup.set_cap("kira", {"concurrent_connections": 2})

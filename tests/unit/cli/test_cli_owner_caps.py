@@ -9,20 +9,44 @@ from click.testing import CliRunner
 from portunus.cli.server import cli
 from portunus.errors import PortunusError
 
-CAP = {"client_id": "local", "client": "local", "owner": "alice",
-       "rate_limit": {"bandwidth_in_bps": 1250000, "concurrent_connections": 50},
-       "updated_at": "2026-12-05T10:00:00.000Z"}
+CAP = {
+    "client_id": "local",
+    "client": "local",
+    "owner": "alice",
+    "rate_limit": {"bandwidth_in_bps": 1250000, "concurrent_connections": 50},
+    "updated_at": "2026-12-05T10:00:00.000Z",
+}
 
 
 def test_set_sends_the_caps_and_prints_them(control, run) -> None:
     control.reply("owner_caps.set", CAP)
-    res = run("owner-cap", "set", "local", "alice", "--bandwidth-in-bps", "1250000",
-              "--concurrent-connections", "50", "--bandwidth-in-bps-burst", "100000")
+    res = run(
+        "owner-cap",
+        "set",
+        "local",
+        "alice",
+        "--bandwidth-in-bps",
+        "1250000",
+        "--concurrent-connections",
+        "50",
+        "--bandwidth-in-bps-burst",
+        "100000",
+    )
     assert res.exit_code == 0, res.stderr
     assert control.last["method"] == "owner_caps.set"
-    assert control.last["params"] == {"client": "local", "owner": "alice", "rate_limit": {
-        "bandwidth_in_bps": 1250000, "concurrent_connections": 50, "bandwidth_in_bps_burst": 100000}}
-    assert res.stdout == "owner alice on client local: bandwidth_in_bps=1250000 concurrent_connections=50\n"
+    assert control.last["params"] == {
+        "client": "local",
+        "owner": "alice",
+        "rate_limit": {
+            "bandwidth_in_bps": 1250000,
+            "concurrent_connections": 50,
+            "bandwidth_in_bps_burst": 100000,
+        },
+    }
+    assert (
+        res.stdout
+        == "owner alice on client local: bandwidth_in_bps=1250000 concurrent_connections=50\n"
+    )
 
 
 def test_set_without_caps_is_a_preflight_refusal(control, run) -> None:
@@ -46,14 +70,29 @@ def test_get_list_delete_json_and_text(control, run) -> None:
     text = run("owner-cap", "get", "local", "alice")
     assert ["bandwidth_in_bps", "1250000"] in [line.split() for line in text.stdout.splitlines()]
 
-    listing = {"client_id": "local", "client": "local", "owners": [
-        {"owner": "alice", "rule_count": 2, "rate_limit": CAP["rate_limit"], "updated_at": CAP["updated_at"]},
-        {"owner": "bob", "rule_count": 1, "rate_limit": None, "updated_at": None}]}
+    listing = {
+        "client_id": "local",
+        "client": "local",
+        "owners": [
+            {
+                "owner": "alice",
+                "rule_count": 2,
+                "rate_limit": CAP["rate_limit"],
+                "updated_at": CAP["updated_at"],
+            },
+            {"owner": "bob", "rule_count": 1, "rate_limit": None, "updated_at": None},
+        ],
+    }
     control.reply("owner_caps.list", listing)
     res = run("owner-cap", "list", "local")
     lines = res.stdout.splitlines()
     assert lines[0].split() == ["OWNER", "RULES", "CAPS"]
-    assert lines[1].split() == ["alice", "2", "bandwidth_in_bps=1250000", "concurrent_connections=50"]
+    assert lines[1].split() == [
+        "alice",
+        "2",
+        "bandwidth_in_bps=1250000",
+        "concurrent_connections=50",
+    ]
     assert lines[2].split() == ["bob", "1", "-"]
     assert json.loads(run("owner-cap", "list", "local", "--format", "json").stdout) == listing
 

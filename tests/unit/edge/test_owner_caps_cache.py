@@ -12,8 +12,14 @@ CAPS = {"alice": {"bandwidth_in_bps": 1000, "concurrent_connections": 3}}
 
 
 def test_bad_entries_are_dropped_not_fatal() -> None:
-    raw = {**CAPS, "bob": {"bandwidth_in_bps": 0}, "carol": {"nope": 1}, "dave": "x", "": {"bandwidth_in_bps": 5},
-           "erin": {}}
+    raw = {
+        **CAPS,
+        "bob": {"bandwidth_in_bps": 0},
+        "carol": {"nope": 1},
+        "dave": "x",
+        "": {"bandwidth_in_bps": 5},
+        "erin": {},
+    }
     assert check_owner_caps(raw) == CAPS
     assert check_owner_caps(None) == {} and check_owner_caps([1]) == {}
 

@@ -103,7 +103,9 @@ def test_admission_by_both_layers_leaks_nothing(settings: dict[str, Any]) -> Non
         slots.append(slot)
     assert admit_both(rule, owner, labels) == (False, None)
     assert REFUSED.labels(*labels, "owner_concurrent")._value.get() == before + 1
-    assert rule.concurrent is not None and rule.concurrent.total() == 2  # the refused one gave its slot back
+    assert (
+        rule.concurrent is not None and rule.concurrent.total() == 2
+    )  # the refused one gave its slot back
     slots.pop().release()
     assert owner.concurrent is not None and owner.concurrent.total() == 1
     assert admit_both(rule, owner, labels)[0]
@@ -145,8 +147,14 @@ def ctx(settings: dict[str, Any]) -> Iterator[ShardContext]:
 
 
 def rule(rid: str, owner: str = "", rate_limit: dict[str, Any] | None = None) -> Rule:
-    return build_rule(id=rid, protocol="tcp", listen=(40000, 40000), targets=[Target("127.0.0.1", 40001)],
-                      owner=owner, rate_limit=rate_limit)
+    return build_rule(
+        id=rid,
+        protocol="tcp",
+        listen=(40000, 40000),
+        targets=[Target("127.0.0.1", 40001)],
+        owner=owner,
+        rate_limit=rate_limit,
+    )
 
 
 def test_an_uncapped_owner_keeps_the_fast_path(ctx: ShardContext) -> None:
@@ -169,7 +177,9 @@ def test_owner_caps_change_under_open_pacers(ctx: ShardContext) -> None:
     assert isinstance(b.limiter_out, Pacer) and b.limiter_out._buckets()[1] is None
     held_out = b.limiter_out
     changed = ctx.owners.replace({"dave": {"bandwidth_in_bps": 2 * MB}})
-    assert set(changed) == {"dave"} and changed["dave"] is None  # no connection cap: nothing to count
+    assert (
+        set(changed) == {"dave"} and changed["dave"] is None
+    )  # no connection cap: nothing to count
     for rt in (a, b):
         rt.refresh_limits()
     assert isinstance(a.limiter_in, Pacer) and a.limiter_out is None
