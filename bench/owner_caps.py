@@ -145,6 +145,17 @@ def measure_all(
     try:
         owner_ports = [free_port(), free_port()]
         rule_port = free_port()
+        for user in ("bench", "solo"):  # rule owners are users with a grant for the ports
+            ctl.call("users.add", {"user_id": user})
+            ctl.call(
+                "grants.add",
+                {
+                    "user_id": user,
+                    "client": "local",
+                    "listen_port_start": 1,
+                    "listen_port_end": 65535,
+                },
+            )
         for p in owner_ports:
             push(ctl, p, sink, "bench", None)
         push(ctl, rule_port, sink, "solo", {"bandwidth_in_bps": 125_000})

@@ -16,6 +16,7 @@ from portunus.control.auth import Principal
 from portunus.control.dataplane import LOCAL, DataPlane
 from portunus.control.store import Store, accounts, write_audit
 from portunus.control.store import owner_caps as caps_db
+from portunus.control.store import users as users_db
 from portunus.control.store.accounts import ClientRow
 from portunus.errors import PortunusError, ValidationError
 from portunus.rules import validate_rate_limit
@@ -117,6 +118,8 @@ class OwnerCapService:
             caps = parse_caps(params)
             self._check_capability(client)
             async with self.store.write() as db:
+                # A cap for a user that does not exist would never apply: a typo, refused.
+                await users_db.require_user(db, owner)
                 previous = await caps_db.get_cap(db, client.client_id, owner)
                 await caps_db.put_cap(db, client.client_id, owner, caps)
                 await write_audit(

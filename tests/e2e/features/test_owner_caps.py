@@ -465,6 +465,7 @@ def test_connection_caps_keep_splice_and_other_owners_are_untouched(
     setup = Setup(server(), Samples(), origin(metered_sink(Samples())), origin(echo_forever), ports)
     _rule, port = setup.push("gwen", setup.sink)
     setup.set_cap("gwen", {"concurrent_connections": 5})
+    make_owner(setup.srv, "hana")
     setup.set_cap("hana", {"bandwidth_in_bps": 1 * MB})
     shard = setup.srv.shards()[0].pid
     baseline = pipe_fds(shard)

@@ -29,6 +29,8 @@ async def make_owner(harness: Any, user: str) -> None:
 
 
 async def test_set_get_list_delete(harness: Any) -> None:
+    for user in ("alice", "bob", "carol"):
+        await make_owner(harness, user)
     got = await harness.call(
         "owner_caps.set", {"client": "local", "owner": "alice", "rate_limit": CAPS}
     )
@@ -48,7 +50,6 @@ async def test_set_get_list_delete(harness: Any) -> None:
         {"alice": {"new_connections_per_sec": 7}, "bob": CAPS},
     )
     # An owner with rules but no cap is listed too.
-    await make_owner(harness, "carol")
     await harness.call(
         "rules.push",
         {"listen_port": 30010, "targets": [{"host": "127.0.0.1", "port": 9}], "owner": "carol"},
@@ -76,6 +77,8 @@ async def test_set_get_list_delete(harness: Any) -> None:
 
 
 async def test_refusals(harness: Any) -> None:
+    await make_owner(harness, "alice")
+
     def caps(rate_limit: Any, owner: Any = "alice", client: Any = "local") -> dict[str, Any]:
         return {"client": client, "owner": owner, "rate_limit": rate_limit}
 
@@ -100,6 +103,14 @@ async def test_refusals(harness: Any) -> None:
         harness.call("owner_caps.set", caps(CAPS, client="nope")), "client_not_found"
     )
     await expect_error(harness.call("owner_caps.list", {"client": "nope"}), "client_not_found")
+    # A user id nobody has (a typo would never apply): 404, nothing stored.
+    err = await expect_error(
+        harness.call("owner_caps.set", caps(CAPS, owner="alcie")), "user_not_found"
+    )
+    assert err.http_status == 404 and err.exit_code == 5
+    await expect_error(
+        harness.call("owner_caps.get", {"client": "local", "owner": "alcie"}), "owner_cap_not_found"
+    )
     await expect_error(
         harness.call("owner_caps.set", {**caps(CAPS), "extra": 1}), "validation.unknown_field"
     )
@@ -110,6 +121,8 @@ async def test_refusals(harness: Any) -> None:
 
 
 async def test_capability_gate_and_offline_clients(harness: Any) -> None:
+    for user in ("alice", "bob"):
+        await make_owner(harness, user)
     async with harness.store.write() as db:
         old = await accounts.insert_client(db, "old-edge")
         new = await accounts.insert_client(db, "new-edge")
