@@ -28,6 +28,7 @@ from portunus.control.edge.gateway import EdgeGateway
 from portunus.control.edge.preauth import PreauthLimits
 from portunus.control.edge.remote_link import RemoteLink
 from portunus.control.local_link import LocalLink
+from portunus.control.owner_caps import OwnerCapService
 from portunus.control.rpc.handlers import ControlContext, Dispatcher
 from portunus.control.rpc.server import RpcServer
 from portunus.control.service import RuleService, StateSink
@@ -129,7 +130,8 @@ async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
             port=lambda: (gateway.bound_port if gateway is not None else None) or listen_port,
             on_state=state_sink,
         )
-        ctx = ControlContext(settings, store, Authenticator(store), service, planes, remote, clients)
+        ctx = ControlContext(settings, store, Authenticator(store), service, planes, remote, clients,
+                             owner_caps=OwnerCapService(store, planes))
         server = RpcServer(settings.socket_path, Dispatcher(ctx))
         await server.start()
         log_event("control.ready", socket=settings.socket_path, db=settings.db_path)

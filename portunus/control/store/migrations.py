@@ -162,7 +162,20 @@ CREATE INDEX sessions_by_user ON sessions (user_id);
 CREATE INDEX rules_by_owner ON rules (owner);
 """
 
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V_USERS]
+# Owner caps: one rate-limit envelope per (client, owner) over all of that owner's
+# rules on the client.  ``owner`` is a user id as text (rules.owner), not a key
+# into any users table, so this table stands on its own.
+_V_OWNER_CAPS = """
+CREATE TABLE owner_caps (
+    client_id   TEXT NOT NULL REFERENCES clients(client_id) ON DELETE CASCADE,
+    owner       TEXT NOT NULL,
+    rate_limit  TEXT NOT NULL,             -- JSON object, the keys of a rule's rate_limit
+    updated_at  TEXT NOT NULL,
+    PRIMARY KEY (client_id, owner)
+);
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V_USERS, _V_OWNER_CAPS]
 LATEST = len(MIGRATIONS)
 
 
