@@ -16,6 +16,7 @@ test's outcome.
 
 from __future__ import annotations
 
+import resource
 import sys
 from collections.abc import Iterator
 from contextlib import closing
@@ -30,8 +31,19 @@ if str(_ROOT) not in sys.path:
 from tests.e2e.support import OriginFactory, PortAllocator, ServerFactory, StandaloneFactory  # noqa: E402
 
 
+def _raise_fd_limit() -> None:
+    """Every port the session hands out stays reserved (one lock socket each) until the
+    session ends, so a full run holds well over 1,024 fds: lift the soft limit to the
+    hard one, as the supervisor does for its own processes."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 @pytest.fixture(scope="session")
 def ports() -> Iterator[PortAllocator]:
+    _raise_fd_limit()
     with closing(PortAllocator()) as alloc:
         yield alloc
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import select
+import selectors
 import signal
 import subprocess
 import threading
@@ -25,14 +25,18 @@ TOKEN = "process-test-operator-token-abcdefghijklmnopqrstuvwxyz"
 
 
 def read_frames(chan: Channel, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """Frames from ``chan``; a selector, not select(): the e2e tests before this one
+    hold their reserved ports' locks for the whole session, so fds exceed 1023."""
     got: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
-    while len(got) < n:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"got {len(got)} of {n} frames: {got}")
-        select.select([chan.fileno()], [], [], left)
-        got += [m for m, _ in chan.read()]
+    with selectors.DefaultSelector() as sel:
+        sel.register(chan.fileno(), selectors.EVENT_READ)
+        while len(got) < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"got {len(got)} of {n} frames: {got}")
+            sel.select(left)
+            got += [m for m, _ in chan.read()]
     return got
 
 
