@@ -22,7 +22,7 @@ from portunus.config import Settings
 from portunus.control.client import ControlClient
 from portunus.errors import PortunusError
 from portunus.web.openapi import build_openapi
-from portunus.web.routes import audit, clients, rules, system
+from portunus.web.routes import audit, clients, rules, system, traffic
 from portunus.web.routes.common import error_response
 
 # Control answers rules.push only after the client acknowledged (or ack_timeout
@@ -31,7 +31,7 @@ CONTROL_TIMEOUT = 75.0
 
 
 def api_routes() -> list[BaseRoute]:
-    return [*rules.routes, *clients.routes, *audit.routes, *system.routes]
+    return [*rules.routes, *clients.routes, *audit.routes, *traffic.routes, *system.routes]
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

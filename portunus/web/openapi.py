@@ -247,6 +247,29 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
                        "next_cursor": {"type": ["string", "null"]}},
         "required": ["entries", "next_cursor"],
     },
+    "TrafficPoint": {
+        "type": "object",
+        "description": "One bucket: bytes and new connections in [ts, ts + resolution).",
+        "properties": {"ts": {"type": "integer", "description": "Unix seconds of the bucket start"},
+                       "bytes_in": {"type": "integer"}, "bytes_out": {"type": "integer"},
+                       "connections": {"type": "integer"}},
+        "required": ["ts", "bytes_in", "bytes_out", "connections"],
+    },
+    "Traffic": {
+        "type": "object",
+        "properties": {"resolution": {"enum": ["minute", "hour"]}, "from": {"type": "integer"},
+                       "to": {"type": "integer"}, "series": {"type": "array", "items": ref("TrafficPoint")}},
+        "required": ["resolution", "from", "to", "series"],
+    },
+    "TrafficSummary": {
+        "type": "object",
+        "properties": {"bytes_in_per_sec": {"type": "number"}, "bytes_out_per_sec": {"type": "number"},
+                       "per_rule": {"type": "object"}, "since": {"type": "integer"},
+                       "top_rules": {"type": "array", "items": {"type": "object", "properties": {
+                           "rule": {"type": "integer"}, "bytes_in": {"type": "integer"},
+                           "bytes_out": {"type": "integer"}}}}},
+        "required": ["bytes_in_per_sec", "bytes_out_per_sec", "top_rules"],
+    },
     "Health": {"type": "object", "properties": {"status": {"const": "ok"}}, "required": ["status"]},
     "Error": {
         "type": "object",
@@ -387,6 +410,26 @@ _PATHS: dict[str, dict[str, Any]] = {
                            _q("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
                               "Page size"),
                            _q("cursor", {"type": "string"}, "next_cursor of the previous page")]),
+    },
+    "/v1/traffic": {
+        "get": _op("trafficHistory",
+                   "Stored traffic of a rule, client or owner (1-minute buckets kept 7 days, 1-hour "
+                   "buckets 90 days); users see only their own rules", "200", ref("Traffic"), ("400", "404"),
+                   params=[_q("rule", {"type": "integer", "minimum": 1}, "One rule id"),
+                           _q("client", {"type": "string"}, "Client name or client_id"),
+                           _q("owner", {"type": "string"}, "Owner user"),
+                           _q("from", {"type": "string"}, "Start: RFC 3339, Unix time, or an age like 1h "
+                              "(default: 1 hour before `to`)"),
+                           _q("to", {"type": "string"}, "End (default now)"),
+                           _q("resolution", {"enum": ["minute", "hour"]},
+                              "Bucket width (default minute for up to 2 days within the last 7)")]),
+    },
+    "/v1/traffic/summary": {
+        "get": _op("trafficSummary", "Throughput now (latest sample) and the top rules by bytes",
+                   "200", ref("TrafficSummary"), ("400",),
+                   params=[_q("owner", {"type": "string"}, "Owner user"),
+                           _q("since", {"type": "string"}, "Window of the top list (default 1h)"),
+                           _q("limit", {"type": "integer", "minimum": 1, "maximum": 50}, "Top list size")]),
     },
     "/v1/health": {
         "get": _op("health", "200 when the control process answers; no token needed", "200", ref("Health"),

@@ -23,6 +23,9 @@ from portunus.control.store import Store, accounts
 from portunus.control.store.audit import list_audit
 from portunus.control.store.migrations import format_ts
 from portunus.control.store.rules import count_rules_by_client, require_rule
+from portunus.control.traffic import TrafficSampler
+from portunus.control.traffic import query as traffic_query
+from portunus.control.traffic import summary as traffic_summary
 from portunus.errors import PortunusError, ValidationError
 from portunus.text import is_ascii_digits
 from portunus.timefmt import parse_when
@@ -43,6 +46,7 @@ class ControlContext:
     # The edge gateway's parts; None when the control process runs without it.
     remote: RemoteLink | None = None
     clients: ClientService | None = None
+    traffic: TrafficSampler | None = None
 
 
 Handler = Callable[[ControlContext, Principal, dict[str, Any]], Awaitable[Any]]
@@ -157,6 +161,14 @@ async def audit_list(ctx: ControlContext, who: Principal, params: dict[str, Any]
     return {"entries": entries, "next_cursor": next_cursor}
 
 
+async def traffic_history(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await traffic_query(ctx.store, who, params)
+
+
+async def traffic_now(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await traffic_summary(ctx.store, ctx.traffic, who, params)
+
+
 # method -> (needs a token, handler)
 METHODS: dict[str, tuple[bool, Handler]] = {
     "health": (False, health),
@@ -173,6 +185,8 @@ METHODS: dict[str, tuple[bool, Handler]] = {
     "clients.revoke": (True, clients_revoke),
     "clients.delete": (True, clients_delete),
     "audit.list": (True, audit_list),
+    "traffic.query": (True, traffic_history),
+    "traffic.summary": (True, traffic_now),
 }
 _ANONYMOUS = Principal(user_id=0, user="anonymous", role="", token_id=0)
 
