@@ -1,4 +1,5 @@
-"""The operator HTTP API app: ``/v1/*`` mapped one-to-one onto the control socket RPC.
+"""The operator HTTP app: ``/v1/*`` mapped one-to-one onto the control socket RPC,
+and the Web UI's pages (``portunus.web.ui``) on the same origin.
 
 ``create_app`` runs in the web process (``portunus.web.main``) and in tests, where
 ``settings.socket_path`` points at a fake control server.  Everything the app needs
@@ -13,6 +14,7 @@ import asyncio
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
@@ -24,6 +26,8 @@ from portunus.errors import PortunusError
 from portunus.web.openapi import build_openapi
 from portunus.web.routes import audit, clients, rules, system, traffic
 from portunus.web.routes.common import error_response
+from portunus.web.ui import ui_routes
+from portunus.web.ui.security import SecurityHeaders
 
 # Control answers rules.push only after the client acknowledged (or ack_timeout
 # passed); allow for the longest ack_timeout a request may ask for.
@@ -53,7 +57,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def create_app(settings: Settings, control: ControlClient | None = None) -> Starlette:
     """Build the API app; ``control`` defaults to a client of ``settings.socket_path``."""
-    app = Starlette(routes=api_routes(), exception_handlers={HTTPException: _http_error})
+    app = Starlette(routes=[*api_routes(), *ui_routes()], exception_handlers={HTTPException: _http_error},
+                    middleware=[Middleware(SecurityHeaders)])
     app.state.settings = settings
     app.state.control = control or ControlClient(settings.socket_path, None, timeout=CONTROL_TIMEOUT)
     app.state.stopping = asyncio.Event()

@@ -409,7 +409,9 @@ _PATHS: dict[str, dict[str, Any]] = {
                            _q("until", {"type": "string", "format": "date-time"}, "Newest entry time"),
                            _q("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
                               "Page size"),
-                           _q("cursor", {"type": "string"}, "next_cursor of the previous page")]),
+                           _q("cursor", {"type": "string"}, "next_cursor of the previous page"),
+                           _q("actor", {"type": "string"}, "Only entries of this actor"),
+                           _q("outcome", {"type": "string"}, "Only entries with this outcome (ok, error, denied)")]),
     },
     "/v1/traffic": {
         "get": _op("trafficHistory",

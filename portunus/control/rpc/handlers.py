@@ -156,8 +156,15 @@ async def audit_list(ctx: ControlContext, who: Principal, params: dict[str, Any]
         if not is_ascii_digits(str(cursor_raw)):
             raise ValidationError("validation.cursor", "cursor must be a next_cursor value", field="cursor")
         cursor = int(cursor_raw)
+    filters: dict[str, str] = {}
+    for key in ("actor", "outcome"):
+        value = params.get(key)
+        if value is not None and (not isinstance(value, str) or len(value) > 200):
+            raise ValidationError(f"validation.{key}", f"{key} must be a string", field=key)
+        if value:
+            filters[key] = value
     async with ctx.store.read() as db:
-        entries, next_cursor = await list_audit(db, since, until, limit, cursor)
+        entries, next_cursor = await list_audit(db, since, until, limit, cursor, **filters)
     return {"entries": entries, "next_cursor": next_cursor}
 
 

@@ -1,0 +1,17 @@
+"""The Web UI: server-rendered pages on the operator HTTP listener, next to /v1.
+
+One module per page group; each exposes ``routes``.  Pages call the control RPC
+through the same helper as the /v1 routes, so every operation has one
+implementation and the same error codes in the API and in a form.
+"""
+
+from __future__ import annotations
+
+from starlette.routing import BaseRoute
+
+from portunus.web.ui import audit, clients, dashboard, metrics, render, rules
+
+
+def ui_routes() -> list[BaseRoute]:
+    return [*render.routes, *dashboard.routes, *rules.routes, *clients.routes, *audit.routes,
+            *metrics.routes]
