@@ -13,5 +13,11 @@ from portunus.web.ui import audit, clients, dashboard, metrics, render, rules
 
 
 def ui_routes() -> list[BaseRoute]:
-    return [*render.routes, *dashboard.routes, *rules.routes, *clients.routes, *audit.routes,
-            *metrics.routes]
+    return [
+        *render.routes,
+        *dashboard.routes,
+        *rules.routes,
+        *clients.routes,
+        *audit.routes,
+        *metrics.routes,
+    ]

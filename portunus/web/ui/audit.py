@@ -34,8 +34,14 @@ async def audit_page(request: Request, ident: Identity) -> Response:
         params["cursor"] = request.query_params["cursor"]
     result = await call(request, "audit.list", params)
     query = urlencode(filters)
-    return render(request, "audit.html", entries=result["entries"], next_cursor=result["next_cursor"],
-                  filters=filters, query=query)
+    return render(
+        request,
+        "audit.html",
+        entries=result["entries"],
+        next_cursor=result["next_cursor"],
+        filters=filters,
+        query=query,
+    )
 
 
 def _csv_line(entry: dict[str, Any]) -> str:
@@ -60,7 +66,11 @@ async def audit_export(request: Request, ident: Identity) -> Response:
         page, sent = first, 0
         while True:
             for entry in page["entries"]:
-                text = _csv_line(entry) if fmt == "csv" else json.dumps(entry, separators=(",", ":")) + "\n"
+                text = (
+                    _csv_line(entry)
+                    if fmt == "csv"
+                    else json.dumps(entry, separators=(",", ":")) + "\n"
+                )
                 yield text.encode()
                 sent += 1
             if not page["next_cursor"] or sent >= EXPORT_MAX:
@@ -68,7 +78,10 @@ async def audit_export(request: Request, ident: Identity) -> Response:
             page = await call(request, "audit.list", {**params, "cursor": page["next_cursor"]})
 
     media = "text/csv; charset=utf-8" if fmt == "csv" else "application/x-ndjson"
-    headers = {"Content-Disposition": f'attachment; filename="portunus-audit.{fmt}"', "Cache-Control": "no-store"}
+    headers = {
+        "Content-Disposition": f'attachment; filename="portunus-audit.{fmt}"',
+        "Cache-Control": "no-store",
+    }
     return StreamingResponse(lines(), media_type=media, headers=headers)
 
 

@@ -62,8 +62,9 @@ def _wrap(fn: PageHandler, *, superadmin: bool) -> Callable[[Request], Awaitable
                 check_csrf(request)
             ident = await page_identity(request)
             if superadmin and not ident.is_superadmin:
-                raise PortunusError("role_required", "this page is for superadmins only",
-                                    role_required="superadmin")
+                raise PortunusError(
+                    "role_required", "this page is for superadmins only", role_required="superadmin"
+                )
             return await fn(request, ident)
         except PortunusError as err:
             if err.code == "unauthenticated":
@@ -71,9 +72,16 @@ def _wrap(fn: PageHandler, *, superadmin: bool) -> Callable[[Request], Awaitable
                 return RedirectResponse(f"/login?next={quote(target, safe='/')}", status_code=303)
             return error_page(request, err)
         except Exception as exc:  # noqa: BLE001 - one broken page must not reach uvicorn's logger
-            log_event("web.ui_error", level="error", path=request.url.path, error=repr(exc),
-                      traceback=traceback.format_exc())
-            return error_page(request, PortunusError("internal", "internal error; see the web process log"))
+            log_event(
+                "web.ui_error",
+                level="error",
+                path=request.url.path,
+                error=repr(exc),
+                traceback=traceback.format_exc(),
+            )
+            return error_page(
+                request, PortunusError("internal", "internal error; see the web process log")
+            )
 
     return wrapper
 
@@ -119,4 +127,6 @@ def redirect(url: str) -> Response:
 
 
 def query_dict(request: Request, keys: tuple[str, ...]) -> dict[str, Any]:
-    return {k: request.query_params[k].strip() for k in keys if request.query_params.get(k, "").strip()}
+    return {
+        k: request.query_params[k].strip() for k in keys if request.query_params.get(k, "").strip()
+    }

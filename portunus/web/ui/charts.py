@@ -30,7 +30,9 @@ class Chart:
 def _points(values: list[float], peak: float) -> list[tuple[float, float]]:
     step = WIDTH / (len(values) - 1) if len(values) > 1 else WIDTH
     usable = HEIGHT - 8
-    return [(round(i * step, 1), round(HEIGHT - (v / peak) * usable, 1)) for i, v in enumerate(values)]
+    return [
+        (round(i * step, 1), round(HEIGHT - (v / peak) * usable, 1)) for i, v in enumerate(values)
+    ]
 
 
 def _join(points: list[tuple[float, float]]) -> str:
@@ -45,7 +47,7 @@ def traffic_chart(traffic: dict[str, Any]) -> Chart:
     rin: list[float] = []
     rout: list[float] = []
     for i in range(0, len(series), group):
-        chunk = series[i:i + group]
+        chunk = series[i : i + group]
         rin.append(sum(p["bytes_in"] for p in chunk) / (width * len(chunk)))
         rout.append(sum(p["bytes_out"] for p in chunk) / (width * len(chunk)))
     rin, rout = rin or [0.0], rout or [0.0]
@@ -54,7 +56,13 @@ def traffic_chart(traffic: dict[str, Any]) -> Chart:
     line_in = _points(rin, scale)
     area = [(line_in[0][0], float(HEIGHT)), *line_in, (line_in[-1][0], float(HEIGHT))]
     return Chart(
-        w=WIDTH, h=HEIGHT, line_in=_join(line_in), line_out=_join(_points(rout, scale)), area_in=_join(area),
+        w=WIDTH,
+        h=HEIGHT,
+        line_in=_join(line_in),
+        line_out=_join(_points(rout, scale)),
+        area_in=_join(area),
         grid=tuple(round(HEIGHT - f * (HEIGHT - 8), 1) for f in (0.25, 0.5, 0.75, 1.0)),
-        peak=peak, start=int(traffic.get("from", 0)), end=int(traffic.get("to", 0)),
+        peak=peak,
+        start=int(traffic.get("from", 0)),
+        end=int(traffic.get("to", 0)),
     )

@@ -27,13 +27,20 @@ async def _find(request: Request) -> dict[str, Any]:
     for c in (await call(request, "clients.list"))["clients"]:
         if ref in (c["client_id"], c["client_name"]):
             return dict(c)
-    raise PortunusError("client_not_found", f"no client {ref!r} (revoked clients are not listed)", client=ref)
+    raise PortunusError(
+        "client_not_found", f"no client {ref!r} (revoked clients are not listed)", client=ref
+    )
 
 
 @page
 async def list_clients(request: Request, ident: Identity) -> Response:
     clients = await call(request, "clients.list")
-    return render(request, "clients.html", clients=clients["clients"], notice=request.query_params.get("notice"))
+    return render(
+        request,
+        "clients.html",
+        clients=clients["clients"],
+        notice=request.query_params.get("notice"),
+    )
 
 
 def _enroll_body(form: dict[str, str]) -> dict[str, Any]:
@@ -55,10 +62,18 @@ async def enroll_form(request: Request, ident: Identity) -> Response:
 async def enroll(request: Request, ident: Identity) -> Response:
     form = await read_form(request)
     try:
-        enrollment = await call(request, "clients.enroll", validate_body(_enroll_body(form), "ClientEnrollmentBody"))
+        enrollment = await call(
+            request, "clients.enroll", validate_body(_enroll_body(form), "ClientEnrollmentBody")
+        )
     except PortunusError as err:
-        return render(request, "client_enroll.html", status=err.http_status, values=form,
-                      errors=field_errors(err), error=err)
+        return render(
+            request,
+            "client_enroll.html",
+            status=err.http_status,
+            values=form,
+            errors=field_errors(err),
+            error=err,
+        )
     # The one-time code is in the command: this answer is shown once and never cached.
     return render(request, "client_enrolled.html", status=201, enrollment=enrollment)
 
@@ -66,8 +81,15 @@ async def enroll(request: Request, ident: Identity) -> Response:
 @page
 async def show_client(request: Request, ident: Identity) -> Response:
     client = await _find(request)
-    return render(request, "client_detail.html", client=client, values={"name": client["client_name"]},
-                  errors={}, error=None, notice=request.query_params.get("notice"))
+    return render(
+        request,
+        "client_detail.html",
+        client=client,
+        values={"name": client["client_name"]},
+        errors={},
+        error=None,
+        notice=request.query_params.get("notice"),
+    )
 
 
 @superadmin_page
@@ -80,8 +102,16 @@ async def rename(request: Request, ident: Identity) -> Response:
         if err.http_status == 404:
             raise
         client = await _find(request)
-        return render(request, "client_detail.html", status=err.http_status, client=client, values=form,
-                      errors=field_errors(err), error=err, notice=None)
+        return render(
+            request,
+            "client_detail.html",
+            status=err.http_status,
+            client=client,
+            values=form,
+            errors=field_errors(err),
+            error=err,
+            notice=None,
+        )
     return redirect(f"/clients/{_ref(request)}?notice=renamed")
 
 

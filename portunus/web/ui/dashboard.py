@@ -36,14 +36,21 @@ async def dashboard(request: Request, ident: Identity) -> Response:
     offline = [c for c in client_list if not c.get("connected") and not c.get("revoked")]
     failed = [r for r in rule_list if r["state"] == "failed"]
     return render(
-        request, "dashboard.html",
-        rules_total=len(rule_list), states=[(s, states.get(s, 0)) for s in STATES],
-        clients_total=len(client_list), clients_up=sum(1 for c in client_list if c.get("connected")),
-        summary=summary, top=[(t, by_id.get(t["rule"])) for t in summary["top_rules"]],
-        hour=traffic_chart(hour), day=traffic_chart(day),
+        request,
+        "dashboard.html",
+        rules_total=len(rule_list),
+        states=[(s, states.get(s, 0)) for s in STATES],
+        clients_total=len(client_list),
+        clients_up=sum(1 for c in client_list if c.get("connected")),
+        summary=summary,
+        top=[(t, by_id.get(t["rule"])) for t in summary["top_rules"]],
+        hour=traffic_chart(hour),
+        day=traffic_chart(day),
         hour_bytes=sum(p["bytes_in"] + p["bytes_out"] for p in hour["series"]),
         day_bytes=sum(p["bytes_in"] + p["bytes_out"] for p in day["series"]),
-        failed=failed[:20], failed_more=max(0, len(failed) - 20), offline=offline,
+        failed=failed[:20],
+        failed_more=max(0, len(failed) - 20),
+        offline=offline,
     )
 
 

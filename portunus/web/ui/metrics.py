@@ -27,8 +27,11 @@ KEY_FAMILIES = (
     ("portunus_udp_flows_active", "UDP flows", "count"),
     ("portunus_shard_restarts_total", "Shard restarts", "count"),
 )
-PROCESS = {"portunus_process_resident_memory_bytes": "rss", "portunus_process_cpu_seconds_total": "cpu",
-           "portunus_process_open_fds": "fds"}
+PROCESS = {
+    "portunus_process_resident_memory_bytes": "rss",
+    "portunus_process_cpu_seconds_total": "cpu",
+    "portunus_process_open_fds": "fds",
+}
 
 
 def summarize(text: str) -> tuple[dict[str, float], list[dict[str, Any]], int]:
@@ -67,8 +70,14 @@ async def metrics_page(request: Request, ident: Identity) -> Response:
     text = (await asyncio.to_thread(render_metrics, metrics_dir, supervisor)).decode()
     totals, processes, families = summarize(text)
     key = [(label, totals.get(name, 0.0), kind) for name, label, kind in KEY_FAMILIES]
-    return render(request, "metrics.html", url=metrics_url(request), key=key, processes=processes,
-                  families=families)
+    return render(
+        request,
+        "metrics.html",
+        url=metrics_url(request),
+        key=key,
+        processes=processes,
+        families=families,
+    )
 
 
 routes = [Route("/metrics-summary", metrics_page, methods=["GET", "HEAD"])]

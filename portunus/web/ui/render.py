@@ -114,8 +114,14 @@ ENV.filters.update(bytes=human_bytes, rate=human_rate, when=when, ago=ago)
 ENV.globals.update(asset=asset, version=__version__)
 
 
-def render(request: Request, template: str, status: int = 200, *, headers: dict[str, str] | None = None,
-           **context: Any) -> HTMLResponse:
+def render(
+    request: Request,
+    template: str,
+    status: int = 200,
+    *,
+    headers: dict[str, str] | None = None,
+    **context: Any,
+) -> HTMLResponse:
     """A full page; pages are personal (they show the caller's view), so never cached."""
     context.setdefault("ident", getattr(request.state, "ident", None))
     context.setdefault("path", request.url.path)

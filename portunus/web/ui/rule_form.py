@@ -39,11 +39,18 @@ def _ports(value: str) -> tuple[int | str, int | str] | int | str:
 
 def caps_from_form(form: dict[str, str]) -> dict[str, Any]:
     """``rate_limit.<key>`` inputs -> the caps object (empty inputs are uncapped)."""
-    return {k: _number(form[f"rate_limit.{k}"]) for k in RATE_LIMIT_ALL_KEYS if form.get(f"rate_limit.{k}")}
+    return {
+        k: _number(form[f"rate_limit.{k}"])
+        for k in RATE_LIMIT_ALL_KEYS
+        if form.get(f"rate_limit.{k}")
+    }
 
 
 def rule_body(form: dict[str, str]) -> dict[str, Any]:
-    body: dict[str, Any] = {"client": form.get("client") or "local", "protocol": form.get("protocol") or "tcp"}
+    body: dict[str, Any] = {
+        "client": form.get("client") or "local",
+        "protocol": form.get("protocol") or "tcp",
+    }
     listen = _ports(form.get("listen", ""))
     if isinstance(listen, tuple):
         body["listen_port_start"], body["listen_port_end"] = listen
@@ -92,7 +99,11 @@ def form_field(path: str) -> str:
 
 def target_rows(form: dict[str, str]) -> int:
     """How many target rows to show: the filled ones plus one, at least three."""
-    filled = [i for i in range(MAX_TARGETS) if form.get(f"targets[{i}].host") or form.get(f"targets[{i}].port")]
+    filled = [
+        i
+        for i in range(MAX_TARGETS)
+        if form.get(f"targets[{i}].host") or form.get(f"targets[{i}].port")
+    ]
     return min(MAX_TARGETS, max(TARGET_ROWS, (max(filled) + 2) if filled else 0))
 
 

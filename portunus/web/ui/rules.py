@@ -35,32 +35,63 @@ async def list_rules(request: Request, ident: Identity) -> Response:
     filters = query_dict(request, FILTERS)
     params = {k: filters[k] for k in ("client", "owner") if k in filters}
     rules, clients, summary = await asyncio.gather(
-        call(request, "rules.list", params), call(request, "clients.list"),
+        call(request, "rules.list", params),
+        call(request, "clients.list"),
         call(request, "traffic.summary", {"limit": 1}),
     )
-    shown = [r for r in rules["rules"]
-             if r["state"] == filters.get("state", r["state"]) and r["protocol"] == filters.get("protocol", r["protocol"])]
+    shown = [
+        r
+        for r in rules["rules"]
+        if r["state"] == filters.get("state", r["state"])
+        and r["protocol"] == filters.get("protocol", r["protocol"])
+    ]
     number = _page_number(request)
     start = (number - 1) * PAGE_SIZE
     base = "/rules?" + (urlencode(filters) + "&" if filters else "")
-    return render(request, "rules.html", rules=shown[start:start + PAGE_SIZE], total=len(shown),
-                  page=number, more=len(shown) > start + PAGE_SIZE, base=base, filters=filters,
-                  clients=clients["clients"], rates=summary.get("per_rule", {}),
-                  notice=request.query_params.get("notice"))
+    return render(
+        request,
+        "rules.html",
+        rules=shown[start : start + PAGE_SIZE],
+        total=len(shown),
+        page=number,
+        more=len(shown) > start + PAGE_SIZE,
+        base=base,
+        filters=filters,
+        clients=clients["clients"],
+        rates=summary.get("per_rule", {}),
+        notice=request.query_params.get("notice"),
+    )
 
 
-async def _push_form(request: Request, ident: Identity, form: dict[str, str], status: int = 200,
-                     error: PortunusError | None = None) -> Response:
+async def _push_form(
+    request: Request,
+    ident: Identity,
+    form: dict[str, str],
+    status: int = 200,
+    error: PortunusError | None = None,
+) -> Response:
     clients = await call(request, "clients.list")
     errors = {rule_form.form_field(k): v for k, v in field_errors(error).items()} if error else {}
-    return render(request, "rule_new.html", status=status, values=form, errors=errors, error=error,
-                  clients=clients["clients"], rows=rule_form.target_rows(form), caps=rule_form.CAP_FIELDS)
+    return render(
+        request,
+        "rule_new.html",
+        status=status,
+        values=form,
+        errors=errors,
+        error=error,
+        clients=clients["clients"],
+        rows=rule_form.target_rows(form),
+        caps=rule_form.CAP_FIELDS,
+    )
 
 
 @page
 async def new_rule(request: Request, ident: Identity) -> Response:
-    values = {"protocol": "tcp", "client": request.query_params.get("client", "local"),
-              "targets[0].priority": "1"}
+    values = {
+        "protocol": "tcp",
+        "client": request.query_params.get("client", "local"),
+        "targets[0].priority": "1",
+    }
     return await _push_form(request, ident, values)
 
 
@@ -75,19 +106,37 @@ async def push_rule(request: Request, ident: Identity) -> Response:
     return redirect(f"/rules/{rule['id']}?notice=pushed")
 
 
-async def _detail(request: Request, ident: Identity, *, caps_form: dict[str, str] | None = None,
-                  error: PortunusError | None = None, status: int = 200) -> Response:
+async def _detail(
+    request: Request,
+    ident: Identity,
+    *,
+    caps_form: dict[str, str] | None = None,
+    error: PortunusError | None = None,
+    status: int = 200,
+) -> Response:
     ident_id = rule_id(request)
     rule, stats, history = await asyncio.gather(
         call(request, "rules.get", {"id": ident_id}),
         call(request, "rules.stats", {"id": ident_id, "per_port": True, "per_target": True}),
         call(request, "traffic.query", {"rule": ident_id, "from": "1h"}),
     )
-    values = caps_form if caps_form is not None else rule_form.form_from_caps(rule.get("rate_limit"))
-    return render(request, "rule_detail.html", status=status, rule=rule, stats=stats, history=traffic_chart(history),
-                  live=f"/v1/rules/{ident_id}/stats/stream?interval={LIVE_INTERVAL:g}", values=values,
-                  errors=field_errors(error) if error else {}, error=error, caps=rule_form.CAP_FIELDS,
-                  notice=request.query_params.get("notice"))
+    values = (
+        caps_form if caps_form is not None else rule_form.form_from_caps(rule.get("rate_limit"))
+    )
+    return render(
+        request,
+        "rule_detail.html",
+        status=status,
+        rule=rule,
+        stats=stats,
+        history=traffic_chart(history),
+        live=f"/v1/rules/{ident_id}/stats/stream?interval={LIVE_INTERVAL:g}",
+        values=values,
+        errors=field_errors(error) if error else {},
+        error=error,
+        caps=rule_form.CAP_FIELDS,
+        notice=request.query_params.get("notice"),
+    )
 
 
 @page
@@ -101,7 +150,9 @@ async def update_caps(request: Request, ident: Identity) -> Response:
     caps: dict[str, Any] = rule_form.caps_from_form(form)
     try:
         body = validate_body({"rate_limit": caps or None}, "RuleUpdate")
-        await call(request, "rules.update", {"id": rule_id(request), "rate_limit": body["rate_limit"]})
+        await call(
+            request, "rules.update", {"id": rule_id(request), "rate_limit": body["rate_limit"]}
+        )
     except PortunusError as err:
         if err.code in ("rule_not_found", "not_owner"):
             raise

@@ -14,9 +14,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from portunus.errors import PortunusError
 
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-       "connect-src 'self'; font-src 'self'; form-action 'self'; frame-ancestors 'none'; "
-       "base-uri 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; font-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+    "base-uri 'none'"
+)
 HEADERS = [
     (b"content-security-policy", CSP.encode()),
     (b"x-frame-options", b"DENY"),
@@ -41,8 +43,10 @@ class SecurityHeaders:
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 present = {k.lower() for k, _ in message.get("headers", [])}
-                message["headers"] = [*message.get("headers", []),
-                                      *((k, v) for k, v in HEADERS if k not in present)]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    *((k, v) for k, v in HEADERS if k not in present),
+                ]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -57,8 +61,13 @@ def check_csrf(request: Request) -> None:
     cannot set a custom header) and, when the browser says where it comes from,
     this very origin."""
     if request.headers.get(CSRF_HEADER) != "1":
-        raise PortunusError("csrf_failed", "this form must be sent by the Portunus page itself "
-                            "(header X-Portunus-CSRF: 1 missing); reload the page and try again")
+        raise PortunusError(
+            "csrf_failed",
+            "this form must be sent by the Portunus page itself "
+            "(header X-Portunus-CSRF: 1 missing); reload the page and try again",
+        )
     origin = request.headers.get("origin")
     if origin is not None and origin != own_origin(request):
-        raise PortunusError("csrf_failed", f"cross-origin request from {origin} refused", origin=origin)
+        raise PortunusError(
+            "csrf_failed", f"cross-origin request from {origin} refused", origin=origin
+        )
