@@ -53,6 +53,9 @@ def serve(obj: Any, shards: int | None) -> None:
         click.echo(f"error: cannot prepare {exc.filename}: {exc.strerror}", err=True)
         sys.exit(1)
     token_note = ensure_operator_token(settings)
+    setup_note = ensure_setup_token(settings)
+    if setup_note:
+        token_note += "\n  " + setup_note
     sys.exit(run(settings, token_note))
 
 
@@ -87,6 +90,37 @@ def ensure_operator_token(settings: Settings) -> str:
             except OSError:
                 pass
     return f"operator token: {path}   (export PORTUNUS_OPERATOR_TOKEN=$(cat {path}))"
+
+
+def setup_link(settings: Settings, token: str) -> str:
+    host, port = parse_listen(settings.operator_http_listen)
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/setup?token={token}"
+
+
+def ensure_setup_token(settings: Settings) -> str | None:
+    """First run: while no superadmin has a password, write a fresh one-time
+    setup token to <data-dir>/setup.token (0600, valid 30 minutes from now) and
+    return the line with the setup link; once setup is done, remove any left."""
+    from portunus.control.sessions import SETUP_TOKEN_FILE
+    from portunus.control.store.offline import superadmin_has_password
+
+    path = os.path.join(settings.data_dir, SETUP_TOKEN_FILE)
+    if superadmin_has_password(settings.db_path):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return None
+    token = secrets.token_urlsafe(32)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    os.replace(tmp, path)
+    return (f"first-run setup (valid 30 min): {setup_link(settings, token)}\n"
+            f"    (or: portunus-server --data-dir {settings.data_dir} user-add ID --role superadmin --password-stdin)")
 
 
 def _api_healthy(listen: str) -> bool:

@@ -76,14 +76,20 @@ class ControlClient:
         self.timeout = timeout
 
     async def call(
-        self, method: str, params: dict[str, Any] | None = None, token: str | None = None
+        self, method: str, params: dict[str, Any] | None = None, token: str | None = None,
+        session: str | None = None, csrf: bool = False,
     ) -> Any:
-        req = {
+        """``session``/``csrf``: a Web UI cookie's session token and the web
+        process's verdict on the request's CSRF header and Origin."""
+        req: dict[str, Any] = {
             "id": next(_ids),
             "token": token if token is not None else self.token,
             "method": method,
             "params": params or {},
         }
+        if session is not None:
+            req["session"] = session
+            req["csrf"] = csrf
         try:
             reader, writer = await asyncio.open_unix_connection(self.socket_path, limit=MAX_LINE)
         except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:

@@ -21,10 +21,13 @@ from portunus.config import Settings
 from portunus.control.auth import Principal
 from portunus.control.dataplane import LOCAL, DataPlane, RuleResult
 from portunus.control.edge.capabilities import check_capabilities
+from portunus.control.grants import check_grants
 from portunus.control.rule_body import parse_rate_limit_update, parse_rule_body
 from portunus.control.slots import check_slot
 from portunus.control.store import Store, accounts, write_audit
 from portunus.control.store import rules as rules_db
+from portunus.control.store import users as users_db
+from portunus.control.store.accounts import OPERATOR_USER, ClientRow
 from portunus.control.store.rules import StoredRule
 from portunus.errors import PortunusError, ValidationError
 from portunus.logs import log_event
@@ -242,9 +245,35 @@ class RuleService:
                 db, principal.user, action, target, outcome="error", error_code=exc.code,
                 details={"message": exc.message},
             )
+        exc.audited = True  # type: ignore[attr-defined]  # the dispatcher need not audit it again
+
+    async def _owner(self, principal: Principal, requested: Any, client: ClientRow, rule: Rule) -> str:
+        """Who owns the new rule, and may they push it (their grants)?
+
+        A ``user`` owns what it pushes and needs a grant covering it; a
+        superadmin owns it too, or names another owner (``owner``) whose grants
+        are then checked.  The operator token is a machine credential: its
+        rules have no owner (visible to superadmins only), as before users.
+        """
+        if requested is not None and (not isinstance(requested, str) or len(requested) > 64):
+            raise ValidationError("validation.owner", "owner must be a user id", field="owner")
+        if not principal.is_superadmin:
+            if requested not in (None, "", principal.user):
+                raise PortunusError("role_required", "only a superadmin may push a rule for another owner",
+                                    required_role="superadmin")
+            requested = principal.user
+        elif not requested:
+            return "" if principal.user == OPERATOR_USER else principal.user
+        async with self.store.read() as db:
+            owner = await users_db.require_user(db, requested)
+            grants = await users_db.list_grants(db, owner.id) if owner.role != "superadmin" else []
+        if owner.role != "superadmin":
+            check_grants(grants, owner.name, client.client_id, client.name, rule.protocol,
+                         rule.listen_start, rule.listen_end)
+        return owner.name
 
     async def push(self, principal: Principal, params: dict[str, Any]) -> dict[str, Any]:
-        body = {k: v for k, v in params.items() if k != "ack_timeout"}
+        body = {k: v for k, v in params.items() if k not in ("ack_timeout", "owner")}
         target = f"client:{body.get('client', 'local')}"
         try:
             timeout = _ack_timeout(params, self.settings.ack_timeout_secs)
@@ -252,6 +281,7 @@ class RuleService:
             async with self.store.read() as db:
                 client = await accounts.resolve_client(db, client_ref)
             target = f"client:{client.client_id}"
+            owner = await self._owner(principal, params.get("owner"), client, rule)
             if not self.dataplane.connected(client.client_id):
                 raise PortunusError(
                     "client_not_connected",
@@ -261,7 +291,7 @@ class RuleService:
             if client.client_id != LOCAL:
                 info = self.dataplane.info(client.client_id)
                 check_capabilities(rule, info.capabilities if info else [], client.name, client.client_id)
-            rule = rule.with_changes(client=client.name, owner="")
+            rule = rule.with_changes(client=client.name, owner=owner)
             async with self.store.write() as db:
                 existing = await rules_db.rules_overlapping(
                     db, client.client_id, rule.protocol, rule.listen_start, rule.listen_end
@@ -270,7 +300,7 @@ class RuleService:
                 rule_id = await rules_db.insert_rule(db, client.client_id, rule)
                 await write_audit(
                     db, principal.user, "rule.push", f"rule:{rule_id}",
-                    details={"client_id": client.client_id, "token_id": principal.token_id},
+                    details={"client_id": client.client_id, "token_id": principal.token_id, "owner": owner},
                 )
                 stored = await rules_db.get_rule(db, rule_id)
             assert stored is not None

@@ -24,7 +24,7 @@ from portunus.config import Settings
 from portunus.control.client import ControlClient
 from portunus.errors import PortunusError
 from portunus.web.openapi import build_openapi
-from portunus.web.routes import audit, clients, rules, system, traffic
+from portunus.web.routes import audit, auth, clients, rules, system, traffic, users
 from portunus.web.routes.common import error_response
 from portunus.web.ui import ui_routes
 from portunus.web.ui.security import SecurityHeaders
@@ -35,7 +35,8 @@ CONTROL_TIMEOUT = 75.0
 
 
 def api_routes() -> list[BaseRoute]:
-    return [*rules.routes, *clients.routes, *audit.routes, *traffic.routes, *system.routes]
+    # auth first: /v1/users/me must win over /v1/users/{id}.
+    return [*auth.routes, *rules.routes, *clients.routes, *users.routes, *audit.routes, *traffic.routes, *system.routes]
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -82,6 +82,8 @@ RULE_BODY: dict[str, Any] = {
         "rate_limit": ref("RateLimit"),
         "health_check_interval_secs": {"type": "number", "exclusiveMinimum": 0, "default": 5,
                                        "x-error-code": "validation.health_check_interval_secs"},
+        "owner": {"type": "string", "maxLength": 64, "x-error-code": "validation.owner",
+                  "description": "Superadmin only: push for this user (checked against the user's grants)."},
     },
     "required": ["targets"],
     "additionalProperties": False,
@@ -294,15 +296,18 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
 
 ERROR_STATUSES: dict[str, str] = {
     "400": "Invalid request (`validation.*`, `bad_request`)",
-    "401": "Missing or bad bearer token (`unauthenticated`)",
-    "403": "Not allowed (`forbidden`, `client_not_granted`, `port_outside_grant`, `protocol_not_granted`)",
-    "404": "No such object (`not_found`, `rule_not_found`, `client_not_found`)",
+    "401": "Missing or bad bearer token or session (`unauthenticated`, `invalid_login`, `invalid_setup_token`)",
+    "403": "Not allowed (`role_required`, `not_owner`, `client_not_granted`, `protocol_not_granted`, "
+    "`port_outside_grant`, `csrf_failed`, `password_change_required`)",
+    "404": "No such object (`not_found`, `rule_not_found`, `client_not_found`, `user_not_found`, "
+    "`grant_not_found`, `token_not_found`)",
     "405": "Method not allowed on this path (`method_not_allowed`)",
-    "409": "Conflict (`port_conflict`, `ambiguous_client`, `conflict.*`)",
+    "409": "Conflict (`port_conflict`, `ambiguous_client`, `conflict.*`, `user_exists`, `cannot_remove_self`, "
+    "`last_superadmin`)",
     "413": "Request body over 1 MiB (`validation.body_too_large`)",
     "422": "Client or capability state (`client_not_connected`, `activation_failed` with `rule`, "
     "`*_unsupported_by_client`)",
-    "429": "Throttled (`throttled`)",
+    "429": "Throttled (`throttled`, `rate_limited` with a Retry-After header)",
     "500": "Internal error (`internal`)",
     "503": "The control process is not answering (`unavailable`)",
     "504": "The client did not acknowledge in time (`ack_timeout` with `rule`, which stays pending)",
@@ -443,6 +448,18 @@ _PATHS: dict[str, dict[str, Any]] = {
 }
 
 
+def _merge_users() -> None:
+    """Users, tokens, grants and sessions live in their own module (imported
+    here, at the end, because it builds its operations with ``_op``)."""
+    from portunus.web.openapi_users import PATHS, SCHEMAS
+
+    _SCHEMAS.update(SCHEMAS)
+    _PATHS.update(PATHS)
+
+
+_merge_users()
+
+
 def build_openapi(version: str = "0") -> dict[str, Any]:
     """A fresh copy of the document (callers may not mutate the module's dicts)."""
     responses = {f"E{s}": {"description": d, "content": _json(ref("Error"))} for s, d in ERROR_STATUSES.items()}
@@ -455,13 +472,16 @@ def build_openapi(version: str = "0") -> dict[str, Any]:
             '`{"error": {"code", "message", ...details}}`; the code is stable.',
         },
         "servers": [{"url": "/"}],
-        "security": [{"bearer": []}],
+        "security": [{"bearer": []}, {"session": []}],
         "paths": _PATHS,
         "components": {
             "schemas": _SCHEMAS,
             "responses": responses,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                           "description": "An operator token (operator.token or a user token)."}},
+                                           "description": "An operator token (operator.token or a user token)."},
+                                "session": {"type": "apiKey", "in": "cookie", "name": "portunus_session",
+                                            "description": "Web UI session (POST /v1/auth/login); writes "
+                                            "also need the header X-Portunus-CSRF: 1."}},
         },
     })
 

@@ -41,7 +41,7 @@ async def _stopped_within(stopping: asyncio.Event, seconds: float) -> bool:
 
 async def stats_events(
     client: ControlClient,
-    token: str,
+    creds: dict[str, Any],
     params: dict[str, Any],
     interval: float,
     first: Any,
@@ -54,7 +54,7 @@ async def stats_events(
             yield format_event({"reason": "shutdown"}, event="end")
             return
         try:
-            stats = await client.call("rules.stats", params, token=token)
+            stats = await client.call("rules.stats", params, **creds)
         except PortunusError as err:
             if err.code == "rule_not_found":
                 yield format_event({"reason": "rule_not_found"}, event="end")

@@ -1,7 +1,10 @@
 """The control RPC methods of docs/rpc.md, each a thin call into the services.
 
 ``METHODS`` is the whole API surface: a method absent here does not exist
-(``not_found``).  Every method except ``health`` authenticates the token first.
+(``not_found``).  The ``Dispatcher`` authenticates and then asks
+``policy.authorize`` — the one authorization decision — before any handler
+runs; handlers narrow a ``user`` further to its own rules and granted clients.
+Every refusal (401/403) is an audit row.
 """
 
 from __future__ import annotations
@@ -16,16 +19,20 @@ from portunus.control.auth import Authenticator, Principal
 from portunus.control.dataplane import LOCAL, DataPlane
 from portunus.control.edge.clients import ClientService, client_entry
 from portunus.control.edge.remote_link import RemoteLink
+from portunus.control.policy import PUBLIC, authorize, policy_of, require_owner
 from portunus.control.rpc.protocol import Request
 from portunus.control.service import RuleService, parse_rule_id
+from portunus.control.sessions import SessionService, bounded
 from portunus.control.stats import rule_stats
-from portunus.control.store import Store, accounts
+from portunus.control.store import Store, accounts, write_audit
+from portunus.control.store import users as users_db
 from portunus.control.store.audit import list_audit
 from portunus.control.store.migrations import format_ts
-from portunus.control.store.rules import count_rules_by_client, require_rule
+from portunus.control.store.rules import count_rules_by_client, list_rules, require_rule
 from portunus.control.traffic import TrafficSampler
 from portunus.control.traffic import query as traffic_query
 from portunus.control.traffic import summary as traffic_summary
+from portunus.control.users import UserService
 from portunus.errors import PortunusError, ValidationError
 from portunus.text import is_ascii_digits
 from portunus.timefmt import parse_when
@@ -47,6 +54,14 @@ class ControlContext:
     remote: RemoteLink | None = None
     clients: ClientService | None = None
     traffic: TrafficSampler | None = None
+    users: UserService | None = None
+    sessions: SessionService | None = None
+
+    def __post_init__(self) -> None:
+        if self.users is None:
+            self.users = UserService(self.store, self.settings, self.service)
+        if self.sessions is None:
+            self.sessions = SessionService(self.store, self.settings, self.auth.clock)
 
 
 Handler = Callable[[ControlContext, Principal, dict[str, Any]], Awaitable[Any]]
@@ -57,26 +72,45 @@ async def health(ctx: ControlContext, who: Principal, params: dict[str, Any]) ->
 
 
 async def whoami(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
-    return {"user": who.user, "role": who.role, "token_id": who.token_id}
+    return {"user": who.user, "role": who.role, "token_id": who.token_id,
+            "password_change_required": who.password_change_required}
 
 
 async def rules_push(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
     return await ctx.service.push(who, params)
 
 
+async def _own_rule(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> None:
+    """A ``user`` acts on its own rules only (``not_owner``); a superadmin on all."""
+    if who.is_superadmin:
+        return
+    rule_id = parse_rule_id(params)
+    async with ctx.store.read() as db:
+        stored = await require_rule(db, rule_id)
+    require_owner(who, stored.rule.owner, rule_id)
+
+
 async def rules_list(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    if not who.is_superadmin:
+        owner = params.get("owner")
+        if owner not in (None, "", who.user):
+            raise PortunusError("not_owner", "you may list your own rules only", owner=bounded(owner))
+        params = {**params, "owner": who.user}
     return await ctx.service.list_rules(params)
 
 
 async def rules_get(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    await _own_rule(ctx, who, params)
     return await ctx.service.get_rule(params)
 
 
 async def rules_update(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    await _own_rule(ctx, who, params)
     return await ctx.service.update(who, params)
 
 
 async def rules_remove(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    await _own_rule(ctx, who, params)
     return await ctx.service.remove(who, params)
 
 
@@ -92,6 +126,7 @@ async def rules_stats(ctx: ControlContext, who: Principal, params: dict[str, Any
     per_port, per_target = _flag(params, "per_port"), _flag(params, "per_target")
     async with ctx.store.read() as db:
         stored = await require_rule(db, rule_id)
+    require_owner(who, stored.rule.owner, rule_id)
     if stored.client_id != LOCAL:
         # A remote rule counts on the edge; its latest stats frame is in memory.
         if ctx.remote is None:
@@ -103,9 +138,18 @@ async def rules_stats(ctx: ControlContext, who: Principal, params: dict[str, Any
 
 
 async def clients_list(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    """A ``user`` sees the clients its grants name (all for a ``*`` grant), with
+    the count of its own rules on each."""
     async with ctx.store.read() as db:
         clients = await accounts.list_clients(db)
         counts = await count_rules_by_client(db)
+        if not who.is_superadmin:
+            granted = {g.client_id for g in await users_db.list_grants(db, who.user_id)}
+            if "*" not in granted:
+                clients = [c for c in clients if c.client_id in granted]
+            counts = {}
+            for s in await list_rules(db, owner=who.user):
+                counts[s.client_id] = counts.get(s.client_id, 0) + 1
     out = [client_entry(c, ctx.dataplane.info(c.client_id), counts.get(c.client_id, 0))
            for c in clients]
     return {"clients": out}
@@ -176,26 +220,125 @@ async def traffic_now(ctx: ControlContext, who: Principal, params: dict[str, Any
     return await traffic_summary(ctx.store, ctx.traffic, who, params)
 
 
-# method -> (needs a token, handler)
-METHODS: dict[str, tuple[bool, Handler]] = {
-    "health": (False, health),
-    "auth.whoami": (True, whoami),
-    "rules.push": (True, rules_push),
-    "rules.list": (True, rules_list),
-    "rules.get": (True, rules_get),
-    "rules.update": (True, rules_update),
-    "rules.remove": (True, rules_remove),
-    "rules.stats": (True, rules_stats),
-    "clients.list": (True, clients_list),
-    "clients.enroll": (True, clients_enroll),
-    "clients.rename": (True, clients_rename),
-    "clients.revoke": (True, clients_revoke),
-    "clients.delete": (True, clients_delete),
-    "audit.list": (True, audit_list),
-    "traffic.query": (True, traffic_history),
-    "traffic.summary": (True, traffic_now),
+def _users(ctx: ControlContext) -> UserService:
+    assert ctx.users is not None
+    return ctx.users
+
+
+def _sessions(ctx: ControlContext) -> SessionService:
+    assert ctx.sessions is not None
+    return ctx.sessions
+
+
+async def auth_login(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await _sessions(ctx).login(params)
+
+
+async def auth_setup(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await _sessions(ctx).setup(params)
+
+
+async def auth_logout(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await _sessions(ctx).logout(who)
+
+
+async def users_me(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await _sessions(ctx).me(who)
+
+
+async def users_me_password(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await _sessions(ctx).change_own_password(who, params)
+
+
+async def users_add(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await _users(ctx).add(who, params)
+
+
+async def users_list(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await _users(ctx).list(who, params)
+
+
+async def users_get(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await _users(ctx).get(who, params)
+
+
+async def users_remove(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await _users(ctx).remove(who, params)
+
+
+async def users_passwd(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await _users(ctx).passwd(who, params)
+
+
+async def tokens_issue(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await _users(ctx).issue_token(who, params)
+
+
+async def tokens_list(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await _users(ctx).list_tokens(who, params)
+
+
+async def tokens_revoke(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await _users(ctx).revoke_token(who, params)
+
+
+async def grants_add(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await _users(ctx).add_grant(who, params)
+
+
+async def grants_list(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await _users(ctx).list_grants(who, params)
+
+
+async def grants_revoke(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await _users(ctx).revoke_grant(who, params)
+
+
+# Every method; who may call it is policy.POLICY[method].
+METHODS: dict[str, Handler] = {
+    "health": health,
+    "auth.login": auth_login,
+    "auth.setup": auth_setup,
+    "auth.logout": auth_logout,
+    "auth.whoami": whoami,
+    "users.me": users_me,
+    "users.me.password": users_me_password,
+    "rules.push": rules_push,
+    "rules.list": rules_list,
+    "rules.get": rules_get,
+    "rules.update": rules_update,
+    "rules.remove": rules_remove,
+    "rules.stats": rules_stats,
+    "clients.list": clients_list,
+    "clients.enroll": clients_enroll,
+    "clients.rename": clients_rename,
+    "clients.revoke": clients_revoke,
+    "clients.delete": clients_delete,
+    "audit.list": audit_list,
+    "users.add": users_add,
+    "users.list": users_list,
+    "users.get": users_get,
+    "users.remove": users_remove,
+    "users.passwd": users_passwd,
+    "tokens.issue": tokens_issue,
+    "tokens.list": tokens_list,
+    "tokens.revoke": tokens_revoke,
+    "grants.add": grants_add,
+    "grants.list": grants_list,
+    "grants.revoke": grants_revoke,
+    "traffic.query": traffic_history,
+    "traffic.summary": traffic_now,
 }
 _ANONYMOUS = Principal(user_id=0, user="anonymous", role="", token_id=0)
+
+
+def _target(params: dict[str, Any]) -> str | None:
+    """What a refused request was about, bounded for the audit row."""
+    for key, kind in (("id", "id"), ("user_id", "user"), ("token_id", "token"), ("grant_id", "grant"),
+                      ("client", "client")):
+        if params.get(key) is not None:
+            return f"{kind}:{bounded(params[key])}"
+    return None
 
 
 class Dispatcher:
@@ -205,13 +348,27 @@ class Dispatcher:
         self.ctx = ctx
 
     async def __call__(self, req: Request) -> Any:
-        entry = METHODS.get(req.method)
-        if entry is None:
+        handler = METHODS.get(req.method)
+        if handler is None:
             raise PortunusError(
                 "not_found",
                 f"unknown method {req.method!r}; known: {', '.join(sorted(METHODS))}",
                 method=req.method,
             )
-        needs_token, handler = entry
-        who = await self.ctx.auth.authenticate(req.token) if needs_token else _ANONYMOUS
-        return await handler(self.ctx, who, req.params)
+        who = _ANONYMOUS
+        try:
+            if policy_of(req.method) != PUBLIC:
+                who = await self.ctx.auth.authenticate(req.token, req.session)
+                authorize(req.method, who, req.csrf)
+            return await handler(self.ctx, who, req.params)
+        except PortunusError as exc:
+            if exc.http_status in (401, 403) and not getattr(exc, "audited", False):
+                await self._audit_denied(req, who, exc)
+            raise
+
+    async def _audit_denied(self, req: Request, who: Principal, exc: PortunusError) -> None:
+        details = {"method": req.method, "token_id": who.token_id or None, "session": who.session_id,
+                   "message": bounded(exc.message, 200)}
+        async with self.ctx.store.write() as db:
+            await write_audit(db, who.user, f"denied.{req.method}", _target(req.params), outcome="error",
+                              error_code=exc.code, details=details)

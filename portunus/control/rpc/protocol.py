@@ -25,6 +25,10 @@ class Request:
     method: str
     token: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    # A Web UI session token (the web process forwards the cookie) and the web
+    # process's CSRF verdict for it; bearer callers send neither.
+    session: str | None = None
+    csrf: bool = False
 
 
 class RequestError(PortunusError):
@@ -55,7 +59,9 @@ def parse_request(line: bytes) -> Request:
     if not isinstance(params, dict):
         raise RequestError("params must be a JSON object", rid)
     token = msg.get("token")
-    return Request(id=rid, method=method, token=token if isinstance(token, str) else None, params=params)
+    session = msg.get("session")
+    return Request(id=rid, method=method, token=token if isinstance(token, str) else None, params=params,
+                   session=session if isinstance(session, str) else None, csrf=msg.get("csrf") is True)
 
 
 def encode_result(request_id: Any, result: Any) -> bytes:

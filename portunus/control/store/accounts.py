@@ -99,18 +99,22 @@ class TokenRow:
     user: str
     role: str
     last_used_at: str | None
+    password_change_required: bool = False
 
 
 async def find_token(db: aiosqlite.Connection, token_hash: str) -> TokenRow | None:
+    """A live token (a revoked one is as unknown as a wrong one)."""
     async with db.execute(
-        "SELECT t.id, t.token_hash, t.last_used_at, u.id AS user_id, u.name, u.role "
-        "FROM tokens t JOIN users u ON u.id = t.user_id WHERE t.token_hash = ?",
+        "SELECT t.id, t.token_hash, t.last_used_at, u.id AS user_id, u.name, u.role, "
+        "u.password_change_required "
+        "FROM tokens t JOIN users u ON u.id = t.user_id WHERE t.token_hash = ? AND t.revoked_at IS NULL",
         (token_hash,),
     ) as cur:
         row = await cur.fetchone()
     if row is None:
         return None
-    return TokenRow(row["id"], row["token_hash"], row["user_id"], row["name"], row["role"], row["last_used_at"])
+    return TokenRow(row["id"], row["token_hash"], row["user_id"], row["name"], row["role"], row["last_used_at"],
+                    bool(row["password_change_required"]))
 
 
 async def touch_token(db: aiosqlite.Connection, token_id: int, when: str) -> None:
@@ -149,13 +153,13 @@ async def upsert_operator_token(db: aiosqlite.Connection, token_hash: str) -> tu
         )
     if current is not None:
         await db.execute(
-            "UPDATE tokens SET token_hash = ?, user_id = ?, created_at = ?, last_used_at = NULL "
-            "WHERE id = ?",
+            "UPDATE tokens SET token_hash = ?, user_id = ?, created_at = ?, last_used_at = NULL, "
+            "revoked_at = NULL WHERE id = ?",
             (token_hash, user_id, utc_now(), current["id"]),
         )
         return current["id"], True
     cur3 = await db.execute(
-        "INSERT INTO tokens (user_id, token_hash, label, created_at) VALUES (?, ?, 'operator', ?)",
+        "INSERT INTO tokens (user_id, token_hash, label, name, created_at) VALUES (?, ?, 'operator', 'operator', ?)",
         (user_id, token_hash, utc_now()),
     )
     assert cur3.lastrowid is not None

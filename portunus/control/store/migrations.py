@@ -124,6 +124,44 @@ UPDATE rules SET sni_fallback = 1
                   AND s.sni_pattern IS NOT NULL AND s.state != 'draining');
 """
 
+# Users, roles, grants, per-user tokens and Web UI sessions (docs/users.md).
+# ``users.name`` is the user id operators type (``alice``); ``users.id`` stays
+# the internal key tokens, grants and sessions point at.  Roles narrow to
+# superadmin | user (no shipped code ever created the other v1 role names).
+# Existing rules keep owner '' (visible to superadmins only).  Tokens gain a
+# name and a revocation time (a revoked token stays listed, and never works
+# again); sessions keep only the SHA-256 of the cookie value.
+_V_USERS = """
+ALTER TABLE users ADD COLUMN display_name TEXT;
+ALTER TABLE users ADD COLUMN password_hash TEXT;
+ALTER TABLE users ADD COLUMN password_change_required INTEGER NOT NULL DEFAULT 0;
+UPDATE users SET role = 'user' WHERE role NOT IN ('superadmin', 'user');
+ALTER TABLE tokens ADD COLUMN name TEXT;
+ALTER TABLE tokens ADD COLUMN revoked_at TEXT;
+UPDATE tokens SET name = label WHERE name IS NULL AND label IS NOT NULL;
+CREATE TABLE grants (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id     INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    client_id   TEXT NOT NULL,             -- a client_id, or '*' for every client
+    port_start  INTEGER NOT NULL,
+    port_end    INTEGER NOT NULL,
+    protocols   TEXT NOT NULL,             -- 'tcp', 'udp' or 'tcp,udp'
+    note        TEXT,
+    created_at  TEXT NOT NULL
+);
+CREATE INDEX grants_by_user ON grants (user_id);
+CREATE TABLE sessions (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    token_hash    TEXT NOT NULL UNIQUE,    -- SHA-256 hex of the cookie value
+    user_id       INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    created_at    REAL NOT NULL,           -- Unix seconds: absolute expiry is counted from here
+    last_seen_at  REAL NOT NULL,           -- Unix seconds: idle expiry is counted from here
+    source        TEXT
+);
+CREATE INDEX sessions_by_user ON sessions (user_id);
+CREATE INDEX rules_by_owner ON rules (owner);
+"""
+
 # Traffic history for the Web UI charts and GET /v1/traffic (control.traffic):
 # per-rule byte and connection deltas in 1-minute and 1-hour buckets.  No foreign
 # key to rules: the history of a removed rule stays readable until it ages out,
@@ -143,7 +181,7 @@ CREATE TABLE traffic (
 CREATE INDEX traffic_by_time ON traffic (resolution, bucket);
 """
 
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V_TRAFFIC]
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V_USERS, _V_TRAFFIC]
 LATEST = len(MIGRATIONS)
 
 

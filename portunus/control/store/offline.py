@@ -103,6 +103,27 @@ def bootstrap_superadmin(db_path: str, name: str) -> str:
         conn.close()
 
 
+def superadmin_has_password(db_path: str) -> bool:
+    """True once some superadmin can log in with a password (first-run setup is
+    done).  A missing database or one from before users had passwords: False."""
+    if not os.path.exists(db_path):
+        return False
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return False
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        row = conn.execute(
+            "SELECT 1 FROM users WHERE role = 'superadmin' AND password_hash IS NOT NULL LIMIT 1"
+        ).fetchone()
+    except sqlite3.Error:  # no such column/table yet: the migration has not run
+        return False
+    finally:
+        conn.close()
+    return row is not None
+
+
 def schema_version(db_path: str) -> int:
     """The schema version of a database file that nothing else is writing (a
     backup copy); 0 when it has none."""
@@ -337,6 +358,9 @@ def _prepare_copy(in_path: str, tmp: str, actor: str, aside: str | None) -> tupl
         if missing:
             raise _not_a_backup(in_path, f"tables missing: {', '.join(missing)}")
         rules = int(conn.execute("SELECT count(*) FROM rules").fetchone()[0])
+        # Login sessions do not outlive a restore: users log in again (users,
+        # their tokens and grants are restored with everything else).
+        conn.execute("DELETE FROM sessions")
         details = {"source": os.path.abspath(in_path), "from_schema_version": found,
                    "schema_version": LATEST, "previous": aside}
         conn.execute(

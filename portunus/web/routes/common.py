@@ -1,8 +1,11 @@
-"""What every /v1 handler shares: the token, the control client, errors, query values.
+"""What every /v1 handler shares: the credentials, the control client, errors, query values.
 
 The web process holds no state and makes no decisions: it checks that a request is
-well-formed, forwards the caller's bearer token as the RPC ``token`` and turns the
-control process's answer (or ``PortunusError``) into HTTP.  Tokens are never logged.
+well-formed, forwards the caller's bearer token as the RPC ``token`` (or the Web UI
+cookie's session token as ``session``, with its verdict on the CSRF header and
+Origin) and turns the control process's answer (or ``PortunusError``) into HTTP.
+Control authenticates and authorizes.  Tokens are never logged.  A request with
+no credential at all is answered 401 here without asking control.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import functools
 import traceback
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
@@ -23,6 +27,8 @@ from portunus.logs import log_event
 from portunus.text import is_ascii_digits
 
 Handler = Callable[[Request], Awaitable[Response]]
+SESSION_COOKIE = "portunus_session"
+CSRF_HEADER = "x-portunus-csrf"
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
 
@@ -33,20 +39,57 @@ def error_response(err: PortunusError, headers: dict[str, str] | None = None) ->
     hdrs = dict(headers or {})
     if status == 401:
         hdrs.setdefault("WWW-Authenticate", 'Bearer realm="portunus"')
+    retry = err.details.get("retry_after")
+    if status == 429 and isinstance(retry, int):
+        hdrs.setdefault("Retry-After", str(retry))
     return JSONResponse({"error": err.to_dict()}, status_code=status, headers=hdrs)
 
 
-def bearer_token(request: Request) -> str:
-    """The token of ``Authorization: Bearer <token>``; 401 before control is asked."""
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    token = token.strip()
-    # The token itself is checked, in constant time, by the control process.
-    if scheme.lower() != "bearer" or not token:
-        raise PortunusError(
-            "unauthenticated", "send an operator token as `Authorization: Bearer <token>`"
-        )
-    return token
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What identifies the caller: a bearer token, or a session cookie plus
+    whether the request passed the CSRF rule (checked by control on writes)."""
+
+    token: str | None = None
+    session: str | None = None
+    csrf: bool = False
+
+    def rpc(self) -> dict[str, Any]:
+        return {"token": self.token, "session": self.session, "csrf": self.csrf}
+
+
+def same_origin(request: Request) -> bool:
+    """``X-Portunus-CSRF: 1`` and, when the browser sends ``Origin``, the UI's own."""
+    if request.headers.get(CSRF_HEADER) != "1":
+        return False
+    origin = request.headers.get("origin")
+    return origin is None or origin == f"{request.url.scheme}://{request.url.netloc}"
+
+
+def credentials(request: Request) -> Credentials:
+    """Bearer token, else the session cookie; 401 before control is asked when
+    there is neither.  Both are checked, in constant time, by control."""
+    header = request.headers.get("authorization")
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise PortunusError(
+                "unauthenticated", "send an operator token as `Authorization: Bearer <token>`"
+            )
+        return Credentials(token=token)
+    session = request.cookies.get(SESSION_COOKIE)
+    if session:
+        return Credentials(session=session, csrf=same_origin(request))
+    raise PortunusError(
+        "unauthenticated",
+        "send an operator token as `Authorization: Bearer <token>` (or log in to the Web UI)",
+    )
+
+
+def bearer_token(request: Request) -> Credentials:
+    """The caller's credentials (kept under its old name: the 401 check of a route)."""
+    return credentials(request)
 
 
 def control(request: Request) -> ControlClient:
@@ -60,9 +103,9 @@ def settings(request: Request) -> Settings:
 
 
 async def call(request: Request, method: str, params: dict[str, Any] | None = None) -> Any:
-    """Forward one RPC with the caller's token (the 401 check comes first)."""
-    token = bearer_token(request)
-    return await control(request).call(method, params or {}, token=token)
+    """Forward one RPC with the caller's credentials (the 401 check comes first)."""
+    creds = credentials(request)
+    return await control(request).call(method, params or {}, **creds.rpc())
 
 
 def query_bool(request: Request, name: str) -> bool | None:

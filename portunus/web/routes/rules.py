@@ -78,13 +78,13 @@ async def rule_stats(request: Request) -> Response:
 async def rule_stats_stream(request: Request) -> Response:
     """The first read happens before the stream opens, so a bad id or token is a
     plain JSON error with its status rather than an event inside a 200 stream."""
-    token = bearer_token(request)
+    creds = bearer_token(request)
     params = _stats_params(request)
     interval = query_number(request, "interval", sse.MIN_INTERVAL, sse.MAX_INTERVAL)
     if interval is None:
         interval = settings(request).stats_stream_interval_secs
-    first = await control(request).call("rules.stats", params, token=token)
-    events = sse.stats_events(control(request), token, params, float(interval), first,
+    first = await control(request).call("rules.stats", params, **creds.rpc())
+    events = sse.stats_events(control(request), creds.rpc(), params, float(interval), first,
                               request.app.state.stopping)
     return StreamingResponse(events, media_type="text/event-stream", headers=sse.HEADERS)
 

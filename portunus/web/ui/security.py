@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from portunus.errors import PortunusError
+from portunus.web.routes.common import same_origin
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -26,7 +27,6 @@ HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"cross-origin-opener-policy", b"same-origin"),
 ]
-CSRF_HEADER = "x-portunus-csrf"
 
 
 class SecurityHeaders:
@@ -52,22 +52,10 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-def own_origin(request: Request) -> str:
-    return f"{request.url.scheme}://{request.headers.get('host', '')}"
-
-
 def check_csrf(request: Request) -> None:
-    """A write from the browser needs ``X-Portunus-CSRF: 1`` (a cross-site form
+    """A form post from the browser needs ``X-Portunus-CSRF: 1`` (a cross-site form
     cannot set a custom header) and, when the browser says where it comes from,
-    this very origin."""
-    if request.headers.get(CSRF_HEADER) != "1":
-        raise PortunusError(
-            "csrf_failed",
-            "this form must be sent by the Portunus page itself "
-            "(header X-Portunus-CSRF: 1 missing); reload the page and try again",
-        )
-    origin = request.headers.get("origin")
-    if origin is not None and origin != own_origin(request):
-        raise PortunusError(
-            "csrf_failed", f"cross-origin request from {origin} refused", origin=origin
-        )
+    this very origin: the same rule (``same_origin``) as the API's cookie writes."""
+    if not same_origin(request):
+        raise PortunusError("csrf_failed", "this form must be sent by the Portunus page itself "
+                            "(X-Portunus-CSRF header and same Origin); reload the page and try again")

@@ -224,3 +224,7 @@ def spawn_control(data: Path, run: Path, token: str,
     )
     theirs.close()
     return proc, ours
+
+
+# Users, sessions and grants: the ``rbac`` harness (tests/unit/control/rbac_harness.py).
+from .rbac_harness import cheap_argon2, rbac  # noqa: E402, F401

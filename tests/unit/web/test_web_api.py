@@ -12,7 +12,7 @@ from portunus.web.app import create_app
 
 from .fakes import AUTH, TOKEN, FakeControl
 
-PUBLIC = {"/v1/health", "/v1/openapi.json"}
+PUBLIC = {"/v1/health", "/v1/openapi.json", "/v1/auth/login", "/v1/auth/setup"}
 
 
 def protected_endpoints(settings: Settings) -> list[tuple[str, str]]:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 
 import httpx
 import pytest
 
+from portunus.control.policy import POLICY
 from portunus.errors import PortunusError
 from portunus.web.ui.render import ASSET_VERSION
 
@@ -61,6 +63,13 @@ SUMMARY = {
     "per_rule": {"7": {"bytes_in_per_sec": 10.0, "bytes_out_per_sec": 1.0}},
     "top_rules": [{"rule": 7, "bytes_in": 600, "bytes_out": 60}],
 }
+
+
+@pytest.fixture(autouse=True)
+def every_rpc_has_a_policy(fake: FakeControl) -> Iterator[None]:
+    """Pages decide nothing: each RPC they send is one control authorizes."""
+    yield
+    assert {q["method"] for q in fake.requests} <= set(POLICY)
 
 
 @pytest.fixture(autouse=True)
