@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
-from portunus.web.ui import audit, clients, dashboard, metrics, render, rules
+from portunus.web.ui import account, audit, clients, dashboard, metrics, render, rules, users
 
 
 def ui_routes() -> list[BaseRoute]:
     return [
         *render.routes,
+        *account.routes,
         *dashboard.routes,
         *rules.routes,
         *clients.routes,
+        *users.routes,
         *audit.routes,
         *metrics.routes,
     ]

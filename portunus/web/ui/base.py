@@ -27,6 +27,7 @@ from portunus.web.ui.security import check_csrf
 
 PageHandler = Callable[[Request, "Identity"], Awaitable[Response]]
 FORM_LIMIT = 64 * 1024
+PASSWORD_PAGE = "/account/password"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,8 @@ class Identity:
 
     user: str
     role: str
+    display_name: str = ""
+    password_change_required: bool = False
 
     @property
     def is_superadmin(self) -> bool:
@@ -42,9 +45,15 @@ class Identity:
 
 
 async def page_identity(request: Request) -> Identity:
-    """Who the browser is; raises ``unauthenticated`` when it cannot say."""
-    who = await call(request, "auth.whoami")
-    ident = Identity(str(who.get("user", "")), str(who.get("role", "")))
+    """Who the browser is (session cookie, or a bearer token for tools); raises
+    ``unauthenticated`` when it cannot say."""
+    me = await call(request, "users.me")
+    ident = Identity(
+        str(me.get("user_id", "")),
+        str(me.get("role", "")),
+        str(me.get("display_name") or ""),
+        bool(me.get("password_change_required")),
+    )
     request.state.ident = ident
     return ident
 
@@ -61,6 +70,9 @@ def _wrap(fn: PageHandler, *, superadmin: bool) -> Callable[[Request], Awaitable
             if request.method == "POST":
                 check_csrf(request)
             ident = await page_identity(request)
+            if ident.password_change_required and request.url.path != PASSWORD_PAGE:
+                # control refuses everything else too (password_change_required): say it once, here
+                return RedirectResponse(PASSWORD_PAGE, status_code=303)
             if superadmin and not ident.is_superadmin:
                 raise PortunusError(
                     "role_required", "this page is for superadmins only", role_required="superadmin"

@@ -108,7 +108,6 @@ ENV = jinja2.Environment(
     autoescape=True,
     trim_blocks=True,
     lstrip_blocks=True,
-    undefined=jinja2.StrictUndefined,
 )
 ENV.filters.update(bytes=human_bytes, rate=human_rate, when=when, ago=ago)
 ENV.globals.update(asset=asset, version=__version__)

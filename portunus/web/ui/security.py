@@ -57,5 +57,8 @@ def check_csrf(request: Request) -> None:
     cannot set a custom header) and, when the browser says where it comes from,
     this very origin: the same rule (``same_origin``) as the API's cookie writes."""
     if not same_origin(request):
-        raise PortunusError("csrf_failed", "this form must be sent by the Portunus page itself "
-                            "(X-Portunus-CSRF header and same Origin); reload the page and try again")
+        raise PortunusError(
+            "csrf_failed",
+            "this form must be sent by the Portunus page itself "
+            "(X-Portunus-CSRF header and same Origin); reload the page and try again",
+        )

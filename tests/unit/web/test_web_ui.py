@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -65,6 +66,15 @@ SUMMARY = {
 }
 
 
+def me(user: str, role: str, change: bool = False) -> dict[str, Any]:
+    return {
+        "user_id": user,
+        "display_name": user.title(),
+        "role": role,
+        "password_change_required": change,
+    }
+
+
 @pytest.fixture(autouse=True)
 def every_rpc_has_a_policy(fake: FakeControl) -> Iterator[None]:
     """Pages decide nothing: each RPC they send is one control authorizes."""
@@ -82,7 +92,7 @@ def replies(fake: FakeControl) -> None:
     }
     fake.replies.update(
         {
-            "auth.whoami": {"user": "operator", "role": "superadmin", "token_id": 1},
+            "users.me": me("operator", "superadmin"),
             "clients.list": CLIENTS,
             "rules.list": {"rules": [RULE, failed]},
             "rules.get": RULE,
@@ -316,7 +326,7 @@ async def test_enroll_shows_the_command_once_with_copy_button(
 async def test_user_sees_no_admin_navigation_and_gets_the_permission_page(
     api: httpx.AsyncClient, fake: FakeControl
 ) -> None:
-    fake.replies["auth.whoami"] = {"user": "alice", "role": "user", "token_id": 5}
+    fake.replies["users.me"] = me("alice", "user")
     r = await api.get("/", headers=AUTH)
     assert r.status_code == 200 and 'href="/audit"' not in r.text and "Administration" not in r.text
     for path in ("/audit", "/clients/enroll", "/metrics-summary", "/audit/export"):
