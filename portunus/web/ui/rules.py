@@ -71,6 +71,8 @@ async def _push_form(
     error: PortunusError | None = None,
 ) -> Response:
     clients = await call(request, "clients.list")
+    # A user pushes inside their grants: show them next to the form (control enforces them).
+    grants = [] if ident.is_superadmin else (await call(request, "grants.list", {"user_id": ident.user}))["grants"]
     errors = {rule_form.form_field(k): v for k, v in field_errors(error).items()} if error else {}
     return render(
         request,
@@ -80,6 +82,7 @@ async def _push_form(
         errors=errors,
         error=error,
         clients=clients["clients"],
+        grants=grants,
         rows=rule_form.target_rows(form),
         caps=rule_form.CAP_FIELDS,
     )
