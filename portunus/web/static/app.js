@@ -120,7 +120,7 @@
         var max = Math.max(1, Math.max.apply(null, rin.concat(rout)));
         drawLine(svg.querySelector(".in"), rin, max, w, h);
         drawLine(svg.querySelector(".out"), rout, max, w, h);
-        var top = svg.querySelector(".axis-max");
+        var top = box.querySelector(".axis-max");
         if (top) { top.textContent = human(max, "/s"); }
       }
     };

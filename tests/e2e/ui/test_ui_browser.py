@@ -154,6 +154,12 @@ def test_browser_flows(
         )
         assert live.get_attribute("data-live") == f"/v1/rules/{rule_id}/stats/stream?interval=1"
         shoot(page, shots, "rule-live-desktop")
+        # the control process samples counters into the traffic history (every 10 s; the
+        # first reading is a baseline): the rule's history and the dashboard show the bytes
+        wait_for(lambda: sum(p["bytes_in"] for p in srv.http("GET", f"/v1/traffic?rule={rule_id}").json()["series"])
+                 > 0, 40, what="traffic history of the rule")
+        page.goto(base + "/")
+        assert page.locator(f'a[href="/rules/{rule_id}"]').count() == 1  # top rules by bytes
         state = ctx.storage_state()
         both_widths(
             browser,
