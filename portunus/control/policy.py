@@ -52,6 +52,7 @@ POLICY: dict[str, str] = {
     "tokens.revoke": USER,
     "grants.list": USER,
     "traffic.query": USER,
+    "rules.counts": USER,
     "traffic.summary": USER,
     "clients.enroll": SUPERADMIN,
     "clients.rename": SUPERADMIN,
@@ -74,7 +75,7 @@ POLICY: dict[str, str] = {
 READS: frozenset[str] = frozenset({
     "health", "auth.whoami", "users.me", "rules.list", "rules.get", "rules.stats", "clients.list",
     "audit.list", "users.list", "users.get", "tokens.list", "grants.list", "owner_caps.list",
-    "owner_caps.get", "traffic.query", "traffic.summary",
+    "owner_caps.get", "traffic.query", "traffic.summary", "rules.counts",
 })
 
 

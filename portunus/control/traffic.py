@@ -23,13 +23,12 @@ from typing import Any
 from portunus.control.auth import Principal
 from portunus.control.store import Store
 from portunus.control.store import traffic as db_traffic
-from portunus.control.store.rules import StoredRule, list_rules
 from portunus.errors import PortunusError, ValidationError
 from portunus.logs import log_event
 from portunus.timefmt import parse_when
 
 Reading = tuple[int, int, int]  # bytes_in, bytes_out, connections_total (cumulative)
-ReadCounters = Callable[[Sequence[StoredRule]], Awaitable[dict[int, Reading]]]
+ReadCounters = Callable[[Sequence[db_traffic.RuleKey]], Awaitable[dict[int, Reading]]]
 SAMPLE_INTERVAL = 10.0
 PRUNE_EVERY = 3600.0
 MAX_POINTS = 10_000
@@ -64,7 +63,7 @@ class TrafficSampler:
         self._task: asyncio.Task[None] | None = None
 
     def deltas(
-        self, rules: Sequence[StoredRule], readings: dict[int, Reading]
+        self, rules: Sequence[db_traffic.RuleKey], readings: dict[int, Reading]
     ) -> list[db_traffic.Delta]:
         """Pure step: compare ``readings`` with the last ones and remember them."""
         out: list[db_traffic.Delta] = []
@@ -80,7 +79,7 @@ class TrafficSampler:
             if previous is None:
                 continue
             moved = tuple(counter_delta(p, c) for p, c in zip(previous, current, strict=True))
-            out.append(db_traffic.Delta(rid, stored.client_id, stored.rule.owner, *moved))
+            out.append(db_traffic.Delta(rid, stored.client_id, stored.owner, *moved))
         for gone in set(self.last) - live:
             del self.last[gone]
             self.rates.pop(gone, None)
@@ -90,7 +89,7 @@ class TrafficSampler:
         """One reading of every rule; returns how many rules moved."""
         now = self.clock()
         async with self.store.read() as db:
-            rules = await list_rules(db)
+            rules = await db_traffic.rule_keys(db)
         readings = await self.read_counters(rules)
         deltas = self.deltas(rules, readings)
         span = now - self._last_ts if self._last_ts is not None else 0.0
@@ -131,7 +130,7 @@ def counters_reader(metrics_dir: str, remote: Any) -> ReadCounters:
     from portunus.control.dataplane import LOCAL
     from portunus.control.stats import rule_totals
 
-    async def read(rules: Sequence[StoredRule]) -> dict[int, Reading]:
+    async def read(rules: Sequence[db_traffic.RuleKey]) -> dict[int, Reading]:
         local = await asyncio.to_thread(rule_totals, metrics_dir) if metrics_dir else {}
         out: dict[int, Reading] = {}
         for stored in rules:
@@ -250,13 +249,13 @@ async def summary(
     owner = scope_owner(who, params)
     window = _time(params, "since", time.time() - 3600)
     limit = params.get("limit", 10)
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= TOP_RULES_MAX:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= TOP_RULES_MAX:
         raise ValidationError(
-            "validation.limit", f"limit must be an integer 1-{TOP_RULES_MAX}", field="limit"
+            "validation.limit", f"limit must be an integer 0-{TOP_RULES_MAX}", field="limit"
         )
     async with store.read() as db:
-        top = await db_traffic.top_rules(db, window, limit, owner)
-        mine = None if owner is None else {s.rule_id for s in await list_rules(db, owner=owner)}
+        top = await db_traffic.top_rules(db, window, limit, owner) if limit else []
+        mine = None if owner is None else {k.rule_id for k in await db_traffic.rule_keys(db, owner)}
     rates = sampler.rates if sampler is not None else {}
     now_in = sum(r[0] for rid, r in rates.items() if mine is None or rid in mine)
     now_out = sum(r[1] for rid, r in rates.items() if mine is None or rid in mine)

@@ -157,7 +157,9 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
         },
         "required": ["id", "client", "protocol", "targets", "state"],
     },
-    "RuleList": {"type": "object", "properties": {"rules": {"type": "array", "items": ref("Rule")}},
+    "RuleList": {"type": "object", "properties": {"rules": {"type": "array", "items": ref("Rule")},
+                                                  "total": {"type": "integer",
+                                                            "description": "Matching rules (with ?limit=)"}},
                  "required": ["rules"]},
     "Stats": {
         "type": "object",
@@ -354,7 +356,12 @@ _PATHS: dict[str, dict[str, Any]] = {
     "/v1/rules": {
         "get": _op("listRules", "List rules, ordered by id", "200", ref("RuleList"), ("400", "404", "409"),
                    params=[_q("client", {"type": "string"}, "Client name or client_id"),
-                           _q("owner", {"type": "string"}, "Owner user")]),
+                           _q("owner", {"type": "string"}, "Owner user"),
+                           _q("state", {"enum": ["pending", "active", "failed", "draining"]}, "Only this state"),
+                           _q("protocol", {"enum": ["tcp", "udp"]}, "Only this protocol"),
+                           _q("limit", {"type": "integer", "minimum": 0, "maximum": 1000},
+                              "Page size; with it the answer also carries `total`"),
+                           _q("offset", {"type": "integer", "minimum": 0}, "Rules to skip (with limit)")]),
         "post": _op("pushRule", "Push a rule; answers once the client acknowledged it", "201", ref("Rule"),
                     ("400", "404", "409", "413", "422", "504"), body="RuleBody",
                     params=[_q("ack_timeout", {"type": "number", "exclusiveMinimum": 0, "maximum": 60},
@@ -436,7 +443,7 @@ _PATHS: dict[str, dict[str, Any]] = {
                    "200", ref("TrafficSummary"), ("400",),
                    params=[_q("owner", {"type": "string"}, "Owner user"),
                            _q("since", {"type": "string"}, "Window of the top list (default 1h)"),
-                           _q("limit", {"type": "integer", "minimum": 1, "maximum": 50}, "Top list size")]),
+                           _q("limit", {"type": "integer", "minimum": 0, "maximum": 50}, "Top list size (0: none)")]),
     },
     "/v1/health": {
         "get": _op("health", "200 when the control process answers; no token needed", "200", ref("Health"),

@@ -21,6 +21,7 @@ from portunus.control.edge.clients import ClientService, client_entry
 from portunus.control.edge.remote_link import RemoteLink
 from portunus.control.policy import PUBLIC, authorize, policy_of, require_owner
 from portunus.control.rpc.protocol import Request
+from portunus.control.rule_list import RULE_STATES
 from portunus.control.service import RuleService, parse_rule_id
 from portunus.control.sessions import SessionService, bounded
 from portunus.control.stats import rule_stats
@@ -28,7 +29,12 @@ from portunus.control.store import Store, accounts, write_audit
 from portunus.control.store import users as users_db
 from portunus.control.store.audit import list_audit
 from portunus.control.store.migrations import format_ts
-from portunus.control.store.rules import count_rules_by_client, list_rules, require_rule
+from portunus.control.store.rules import (
+    count_rules_by_client,
+    count_rules_by_state,
+    list_rules,
+    require_rule,
+)
 from portunus.control.traffic import TrafficSampler
 from portunus.control.traffic import query as traffic_query
 from portunus.control.traffic import summary as traffic_summary
@@ -97,6 +103,13 @@ async def rules_list(ctx: ControlContext, who: Principal, params: dict[str, Any]
             raise PortunusError("not_owner", "you may list your own rules only", owner=bounded(owner))
         params = {**params, "owner": who.user}
     return await ctx.service.list_rules(params)
+
+
+async def rules_counts(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    """Rules per state (a user: their own), for the dashboard without listing them all."""
+    async with ctx.store.read() as db:
+        by_state = await count_rules_by_state(db, None if who.is_superadmin else who.user)
+    return {"by_state": {s: by_state.get(s, 0) for s in RULE_STATES}, "total": sum(by_state.values())}
 
 
 async def rules_get(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
@@ -305,6 +318,7 @@ METHODS: dict[str, Handler] = {
     "users.me.password": users_me_password,
     "rules.push": rules_push,
     "rules.list": rules_list,
+    "rules.counts": rules_counts,
     "rules.get": rules_get,
     "rules.update": rules_update,
     "rules.remove": rules_remove,

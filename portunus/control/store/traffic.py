@@ -34,6 +34,23 @@ class Delta:
     connections: int
 
 
+@dataclass(frozen=True, slots=True)
+class RuleKey:
+    """What the sampler needs of a rule (not the whole hydrated rule)."""
+
+    rule_id: int
+    client_id: str
+    owner: str
+
+
+async def rule_keys(db: aiosqlite.Connection, owner: str | None = None) -> list[RuleKey]:
+    sql, args = "SELECT id, client_id, owner FROM rules", ()
+    if owner is not None:
+        sql, args = sql + " WHERE owner = ?", (owner,)
+    async with db.execute(sql + " ORDER BY id", args) as cur:
+        return [RuleKey(r[0], r[1], r[2]) async for r in cur]
+
+
 def bucket_of(ts: float, resolution: int) -> int:
     return int(ts) // resolution * resolution
 

@@ -27,7 +27,7 @@ async def traffic_summary(request: Request) -> Response:
     params: dict[str, Any] = {
         k: request.query_params[k] for k in ("owner", "since") if request.query_params.get(k)
     }
-    limit = query_number(request, "limit", 1, 50, integer=True)
+    limit = query_number(request, "limit", 0, 50, integer=True)
     if limit is not None:
         params["limit"] = limit
     return JSONResponse(await call(request, "traffic.summary", params))

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from portunus.control.auth import Principal
 from portunus.control.store import Store
 from portunus.control.store import traffic as db_traffic
-from portunus.control.store.rules import StoredRule, insert_rule
+from portunus.control.store.rules import insert_rule
 from portunus.control.traffic import Reading, TrafficSampler, counter_delta, query, summary
 from portunus.errors import PortunusError
 from portunus.rules import Rule, Target
@@ -49,7 +49,7 @@ class Counters:
     def __init__(self) -> None:
         self.now: dict[int, Reading] = {}
 
-    async def __call__(self, rules: Sequence[StoredRule]) -> dict[int, Reading]:
+    async def __call__(self, rules: Sequence[db_traffic.RuleKey]) -> dict[int, Reading]:
         return {s.rule_id: self.now[s.rule_id] for s in rules if s.rule_id in self.now}
 
 

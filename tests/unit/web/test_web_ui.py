@@ -66,6 +66,12 @@ SUMMARY = {
 }
 
 
+def _listed(rules: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
+    """rules.list as control answers it: filtered by state, with total when paged."""
+    shown = [r for r in rules if params.get("state") in (None, r["state"])]
+    return {"rules": shown, "total": len(shown)} if "limit" in params else {"rules": shown}
+
+
 def me(user: str, role: str, change: bool = False) -> dict[str, Any]:
     return {
         "user_id": user,
@@ -94,7 +100,8 @@ def replies(fake: FakeControl) -> None:
         {
             "users.me": me("operator", "superadmin"),
             "clients.list": CLIENTS,
-            "rules.list": {"rules": [RULE, failed]},
+            "rules.list": lambda params: _listed([RULE, failed], params),
+            "rules.counts": {"by_state": {"active": 1, "pending": 0, "failed": 1, "draining": 0}, "total": 2},
             "rules.get": RULE,
             "rules.stats": {
                 **STATS,
@@ -185,7 +192,7 @@ async def test_rules_list_filters_in_the_query_string(
 ) -> None:
     r = await api.get("/rules?client=local&state=failed", headers=AUTH)
     assert r.status_code == 200
-    assert fake.calls("rules.list")[-1]["params"] == {"client": "local"}
+    assert fake.calls("rules.list")[-1]["params"] == {"client": "local", "state": "failed", "limit": 50, "offset": 0}
     assert 'href="/rules/8"' in r.text and 'href="/rules/7"' not in r.text
 
 
