@@ -178,7 +178,10 @@ CREATE TABLE traffic (
     connections INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (resolution, rule_id, bucket)
 ) WITHOUT ROWID;
-CREATE INDEX traffic_by_time ON traffic (resolution, bucket);
+-- covering: the dashboard's time-range reads (all rules, or by client/owner) never
+-- touch the table itself
+CREATE INDEX traffic_by_time ON traffic
+    (resolution, bucket, rule_id, client_id, owner, bytes_in, bytes_out, connections);
 """
 
 MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V_USERS, _V_TRAFFIC]

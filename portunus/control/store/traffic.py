@@ -149,7 +149,7 @@ async def top_rules(
         where += " AND owner = ?"
         args.append(owner)
     sql = (
-        f"SELECT rule_id, sum(bytes_in), sum(bytes_out) FROM traffic WHERE {where} "
+        f"SELECT rule_id, sum(bytes_in), sum(bytes_out) FROM traffic INDEXED BY traffic_by_time WHERE {where} "
         "GROUP BY rule_id ORDER BY sum(bytes_in) + sum(bytes_out) DESC LIMIT ?"
     )
     async with db.execute(sql, [*args, limit]) as cur:
