@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN      = $(VENV)/bin
 STAMP    = $(VENV)/.installed
 
-.PHONY: run run-standalone test test-all test-slow test-packages bench bench-quick lint deps clean deb rpm screenshots
+.PHONY: run run-standalone test test-all test-slow test-packages bench bench-quick lint deps clean deb rpm reference screenshots
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -43,15 +43,19 @@ screenshots: $(STAMP)
 
 ## bench: ratio benchmarks against direct, HAProxy, nginx and socat (writes bench/RESULTS.md)
 bench: $(STAMP)
-	../shared/peers/install
+	bench/peers/install
 	$(BIN)/python -m bench.run
 
 bench-quick: $(STAMP)
-	../shared/peers/install
+	bench/peers/install
 	$(BIN)/python -m bench.run --quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check portunus tests bench
+
+## reference: regenerate docs/reference/cli.md from the click commands (a test checks it)
+reference: $(STAMP)
+	$(BIN)/python packaging/scripts/clidoc.py markdown > docs/reference/cli.md
 
 deb rpm: $(STAMP)
 	$(MAKE) -C packaging $@

@@ -30,7 +30,7 @@ import psutil
 
 LOOPBACK = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[1]
-PEERS_DIR = Path(os.environ.get("PORTUNUS_PEERS_DIR", "/work/shared/peers"))
+PEERS_DIR = Path(os.environ.get("PORTUNUS_PEERS_DIR", str(REPO / "bench" / "peers")))
 # Spawned servers hold 10k+ sockets in the idle-connection benchmark (two per
 # forwarded connection); root may raise the hard limit, anyone else gets the old one.
 CHILD_NOFILE = 65536

@@ -1,4 +1,4 @@
-"""The contenders: direct (no forwarder), Portunus, and the peers from shared/peers.
+"""The contenders: direct (no forwarder), Portunus, and the peers from bench/peers.
 
 Each benchmark opens all of them at once, one listen port each, all pointing at the
 same origin, so a round can visit them back to back. A contender that cannot start is
@@ -62,7 +62,7 @@ def portunus_shards() -> int | None:
 
 
 def portunus_toml(listen_port: int, target_port: int, metrics_port: int, udp: bool) -> str:
-    """The standalone config of CONTRACT.md "Standalone TOML" with one rule."""
+    """The standalone config (docs/reference/config.md) with one rule."""
     return (
         f'metrics_listen = "{LOOPBACK}:{metrics_port}"\n'
         f'listen_address = "{LOOPBACK}"\n'

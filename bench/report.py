@@ -264,7 +264,7 @@ def render(run: dict[str, Any]) -> str:
         "starting contender rotates every round, so machine drift hits all of them alike. "
         "Tables show the median over rounds, the min – max and interquartile range of the "
         "headline value, the medians of the secondary values, and portunus ÷ contender "
-        "(the ratio of medians). Peers run from /work/shared/peers/run-peer: nginx with "
+        "(the ratio of medians). Peers run from bench/peers/run-peer: nginx with "
         "one worker per CPU, haproxy with nbthread = CPUs and splice-auto, socat with fork. "
         f"Durations: iperf3/wrk {s.get('duration')} s, sockperf TCP ping-pong "
         f"{s.get('latency_secs')} s, UDP {s.get('udp_secs')} s per measurement.",

@@ -31,7 +31,7 @@ from bench import (
     tcp_throughput,
     udp,
 )
-from bench.common import machine_info, raise_nofile, stop_all
+from bench.common import REPO, machine_info, raise_nofile, stop_all
 from bench.forwarders import FORWARDERS, portunus_bin, portunus_shards
 from bench.report import render, targets
 from bench.results import BenchResult, Settings
@@ -103,6 +103,16 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through every services() scope
 
 
+def _repo_relative(path: str | None) -> str | None:
+    """A binary inside the checkout as a repo-relative path: results name no machine's paths."""
+    if path is None:
+        return None
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
@@ -115,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     run: dict[str, object] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": machine_info(),
-        "portunus_bin": portunus_bin(),
+        "portunus_bin": _repo_relative(portunus_bin()),
         "portunus_shards": portunus_shards(),
         "load_start": [round(x, 2) for x in os.getloadavg()],
         "settings": {

@@ -1,7 +1,7 @@
 """Settings for the three entry points, and the standalone TOML loader.
 
 One ``Settings`` dataclass carries every key of server.toml / standalone TOML with
-its default from CONTRACT.md; unknown keys are errors (a typo must not silently
+its documented default (docs/reference/config.md); unknown keys are errors (a typo must not silently
 fall back to a default).  The standalone loader reports *every* problem with the
 line it sits on (``file:line: message``), because ``tomllib`` gives values but no
 positions: we find positions by scanning the text for the ``[[rule]]`` headers and
@@ -98,7 +98,7 @@ _STR_KEYS = {
 
 
 def resolve_runtime_dir(data_dir: str) -> str:
-    """CONTRACT: PORTUNUS_RUNTIME_DIR, else /run/portunus for the system data dir,
+    """PORTUNUS_RUNTIME_DIR, else /run/portunus for the system data dir,
     else <data-dir>/run (so a developer can run from a checkout without root)."""
     env = os.environ.get("PORTUNUS_RUNTIME_DIR")
     if env:

@@ -1,7 +1,7 @@
 """Errors as values an operator can act on.
 
 Every failure that crosses a process boundary (control socket, HTTP, CLI) is a
-``PortunusError`` with a stable ``code`` from CONTRACT.md.  The HTTP status and the
+``PortunusError`` with a stable ``code`` (docs/reference/errors.md).  The HTTP status and the
 CLI exit code are derived from the code in one place, here, so the CLI and the API
 can never disagree about what a failure means.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-# CLI exit codes (CONTRACT.md "Exit codes").
+# CLI exit codes (docs/reference/exit-codes.md).
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2

@@ -5,6 +5,8 @@
 #   STAGE/usr/bin/portunus-*  symlinks to its console scripts
 #   STAGE/etc/portunus/*.toml commented server.toml, sample standalone.toml
 #   STAGE/usr/lib/sysusers.d/portunus.conf
+#   STAGE/usr/share/man/man1, bash-completion, zsh, fish: from the click commands
+#   STAGE/usr/share/doc/portunus/reference/*.md, STAGE/usr/share/portunus/monitoring
 # Extension modules are stripped; no byte code yet (each format compiles its own).
 # Usage: stage.sh TOPDIR STAGE WHEELDIR PIP...
 # PIP is a pip >= 22.3 command (for --python); the checkout's .venv has one.
@@ -62,5 +64,17 @@ for s in portunus-server portunus-client portunus-standalone; do
 done
 install -m 0644 "$here/etc/server.toml" "$here/etc/standalone.toml" "$stage/etc/portunus/"
 install -m 0644 "$here/sysusers/portunus.conf" "$stage/usr/lib/sysusers.d/portunus.conf"
+
+# Man pages and bash/zsh/fish completion, rendered from the click commands by the
+# staged interpreter (-B: no byte code in the stage); the reference docs; the
+# Grafana dashboard and Prometheus alert rules.
+share=$stage/usr/share
+"$venv/bin/python" -B "$here/scripts/clidoc.py" man "$share/man/man1"
+gzip -9n "$share"/man/man1/*.1
+"$venv/bin/python" -B "$here/scripts/clidoc.py" completion "$share"
+install -d "$share/doc/portunus/reference" "$share/portunus/monitoring"
+install -m 0644 "$top"/docs/reference/*.md "$share/doc/portunus/reference/"
+install -m 0644 "$here/monitoring/portunus-dashboard.json" "$here/monitoring/portunus-alerts.yml" \
+    "$share/portunus/monitoring/"
 # Files must not depend on the builder's umask.
 chmod -R u+rwX,go+rX,go-w "$stage"

@@ -1,7 +1,7 @@
 """``backup``, ``restore`` and ``reset``: the offline storage verbs.
 
-The only verbs that touch state.db directly (CONTRACT: "never to SQLite directly,
-except the offline storage verbs").  ``backup`` is safe next to a live server
+The only verbs that touch state.db directly (every other verb goes through the
+control process).  ``backup`` is safe next to a live server
 (SQLite's online backup API).  ``restore`` and ``reset`` replace the file the
 control process has open, and the server has no online restore, so both refuse
 while it runs: the control socket answering ``health`` is the first sign, a lock

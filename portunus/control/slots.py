@@ -2,7 +2,7 @@
 
 Any overlap is a ``port_conflict`` except TLS SNI rules sharing one TCP port.
 A (client, port) keeps the mode of its first rule for as long as it holds any
-rule (CONTRACT "TLS SNI routing").  The mode is recorded on the rules
+rule.  The mode is recorded on the rules
 themselves, so control and data plane read it from the same rule table: a port
 is in SNI mode while any rule there has a pattern or is marked ``sni_fallback``.
 A rule without a pattern pushed onto an SNI port is its (single) fallback and

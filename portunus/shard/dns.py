@@ -3,12 +3,12 @@
 A shard resolves a target's host when it opens a connection to it.  Answers are
 cached per name with the record TTL clamped to ``[min_ttl, max_ttl]``; concurrent
 callers for one name share one lookup; when the resolver fails after an answer
-expired, the old answer is served for ``stale_secs`` (CONTRACT.md "Data plane
-behaviour").  Lookups go through a small UDP stub client (TCP when the answer is
-truncated) against the nameservers of resolv.conf, after /etc/hosts.  Only when no
-nameserver is configured does it fall back to ``loop.getaddrinfo``, which runs in
-a thread pool; calling ``socket.getaddrinfo`` here would stall every connection of
-the shard for as long as the system resolver takes.
+expired, the old answer is served for ``stale_secs``.  Lookups go through a small
+UDP stub client (TCP when the answer is truncated) against the nameservers of
+resolv.conf, after /etc/hosts.  Only when no nameserver is configured does it fall
+back to ``loop.getaddrinfo``, which runs in a thread pool; calling
+``socket.getaddrinfo`` here would stall every connection of the shard for as long
+as the system resolver takes.
 """
 
 from __future__ import annotations

@@ -4,9 +4,8 @@ One ``TargetSet`` per rule per shard.  The connection handler walks
 ``candidates()`` in order and reports each connect attempt; a failed connect falls
 through to the next candidate inside the same client connection.  A target that
 fails ``fail_threshold`` connects within ``fail_window`` seconds is marked down and
-only comes back after ``recover_successes`` consecutive health probes succeed
-(CONTRACT.md "Data plane behaviour", "Failover").  When every target is down they
-are all tried anyway, in priority order: a guess beats refusing the client.
+only comes back after ``recover_successes`` consecutive health probes succeed.
+When every target is down they are all tried anyway, in priority order: a guess beats refusing the client.
 """
 
 from __future__ import annotations

@@ -9,8 +9,6 @@ exactly our header (a wrong v2 length would eat or leak payload bytes).
 from __future__ import annotations
 
 import errno
-import os
-import shutil
 import socket
 import socketserver
 import subprocess
@@ -23,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from portunus.shard.proxyproto import build_header
+from tests.e2e.features.nginx_origin import NGINX_STREAM_MODULE, require_nginx
 
-NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 LOG_FORMAT = (
     "$remote_port|$proxy_protocol_addr|$proxy_protocol_port"
     "|$proxy_protocol_server_addr|$proxy_protocol_server_port"
@@ -94,13 +92,7 @@ def echo_origin() -> Iterator[int]:
 
 @pytest.fixture(scope="module")
 def nginx(tmp_path_factory: pytest.TempPathFactory, echo_origin: int) -> Iterator[Nginx]:
-    binary = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None
-    )
-    if binary is None:
-        pytest.skip("nginx binary not installed (run /work/shared/peers/install)")
-    if not NGINX_STREAM_MODULE.exists():
-        pytest.skip(f"nginx stream module missing at {NGINX_STREAM_MODULE}")
+    binary = require_nginx()
     tmp = tmp_path_factory.mktemp("nginx-pp")
     port = _free_port()
     conf = tmp / "nginx.conf"

@@ -21,6 +21,17 @@ pytestmark = [pytest.mark.packaging, pytest.mark.timeout(900)]
 UNITS = ("portunus.service", "portunus-client.service", "portunus-standalone.service")
 SCRIPTS = ("portunus-server", "portunus-client", "portunus-standalone")
 CONFFILES = ["/etc/portunus/server.toml", "/etc/portunus/standalone.toml"]
+# Shipped beside the programs: man pages, shell completion, the reference, and the
+# Grafana dashboard + Prometheus alert rules.
+EXTRAS = (
+    *(f"/usr/share/man/man1/{s}.1.gz" for s in SCRIPTS),
+    *(f"/usr/share/bash-completion/completions/{s}" for s in SCRIPTS),
+    *(f"/usr/share/zsh/vendor-completions/_{s}" for s in SCRIPTS),
+    *(f"/usr/share/fish/vendor_completions.d/{s}.fish" for s in SCRIPTS),
+    *(f"/usr/share/doc/portunus/reference/{p.name}" for p in (REPO / "docs/reference").glob("*.md")),
+    "/usr/share/portunus/monitoring/portunus-dashboard.json",
+    "/usr/share/portunus/monitoring/portunus-alerts.yml",
+)
 
 
 def _out(*cmd: str) -> str:
@@ -68,6 +79,8 @@ def test_deb_contents(packages: Packages) -> None:
     for c in CONFFILES:
         assert files[c][0] == "-rw-r--r--"
     assert "/usr/share/doc/portunus/copyright" in files
+    for extra in EXTRAS:
+        assert files[extra][0] == "-rw-r--r--", extra
     # Byte code is compiled by postinst, not shipped; no venv activation scripts.
     assert not [f for f in files if f.endswith(".pyc") or "__pycache__" in f]
     assert not [f for f in files if "/bin/activate" in f]
@@ -120,6 +133,7 @@ def test_rpm_metadata(packages: Packages) -> None:
     for u in UNITS:
         assert f"/usr/lib/systemd/system/{u}" in files
     assert "/usr/lib/sysusers.d/portunus.conf" in files
+    assert set(EXTRAS) <= files, sorted(set(EXTRAS) - files)
     assert any(f.endswith(".pyc") for f in files)  # rpm owns its byte code
     scripts = _out("rpm", "-qp", "--scripts", rpm)
     for phase in ("preinstall", "postinstall", "preuninstall", "postuninstall"):
@@ -153,6 +167,22 @@ def test_rpm_installs_into_rpm_root(packages: Packages, tmp_path: Path) -> None:
     assert int.from_bytes(pyc.read_bytes()[4:8], "little") == 0b11
     owners = _out("rpm", "-qplv", str(packages.rpm))
     assert re.search(r"^drwxr-x---\s+\d+\s+portunus\s+portunus\s.*/var/lib/portunus$", owners, re.M)
+
+
+def test_deb_man_pages_and_completion_work(packages: Packages, tmp_path: Path) -> None:
+    """The packaged man pages render without a groff warning and name every verb;
+    the bash completion asks the installed program for its completions."""
+    subprocess.run(["dpkg-deb", "-x", str(packages.deb), str(tmp_path)], check=True)
+    man = tmp_path / "usr/share/man/man1/portunus-server.1.gz"
+    if shutil.which("man") is not None:
+        res = subprocess.run(["man", "--warnings", "-l", str(man)], capture_output=True, text=True,
+                             timeout=60, env={"MANWIDTH": "100", "PATH": "/usr/bin:/bin"})
+        assert res.returncode == 0 and res.stderr == "", res.stderr
+        for verb in ("push-rule", "list-rules", "remove-rule", "rule-stats", "serve"):
+            assert f"portunus-server {verb}" in res.stdout, verb
+    bash = (tmp_path / "usr/share/bash-completion/completions/portunus-server").read_text()
+    assert "_PORTUNUS_SERVER_COMPLETE=bash_complete" in bash
+    assert "complete -o nosort -F _portunus_server_completion portunus-server" in bash
 
 
 # ------------------------------------------------------------ config files

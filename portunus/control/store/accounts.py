@@ -45,7 +45,7 @@ async def list_clients(db: aiosqlite.Connection) -> list[ClientRow]:
 
 
 async def resolve_client(db: aiosqlite.Connection, ref: str, include_revoked: bool = False) -> ClientRow:
-    """Find a client by id or by name (CONTRACT "Clients by name or id").
+    """Find a client by id or by name (every verb and route takes either).
 
     An exact id wins over a name; ``local`` is the reserved name of this node.
     Several clients with the name → ``ambiguous_client`` listing their ids.

@@ -13,7 +13,7 @@ from portunus.web.routes.common import bearer_token, call, endpoint, route
 
 
 def client_ref(request: Request) -> str:
-    """The ``{id}`` path segment: a client id or name (CONTRACT "Clients by name or id")."""
+    """The ``{id}`` path segment: a client id or name."""
     return str(request.path_params["id"])
 
 

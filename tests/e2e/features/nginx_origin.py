@@ -15,6 +15,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from tests.e2e.support import LOOPBACK, wait_for
 
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
@@ -22,10 +24,24 @@ LOG_FORMAT = ("$server_port|$proxy_protocol_addr|$proxy_protocol_port"
               "|$proxy_protocol_server_addr|$proxy_protocol_server_port|$bytes_received")
 
 
-def nginx_binary() -> str | None:
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
-    if found is None or not NGINX_STREAM_MODULE.exists():
-        return None
+INSTALL_HINT = "apt-get install nginx libnginx-mod-stream, or bench/peers/install"
+
+
+def _nginx_path() -> str | None:
+    return shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+
+
+def require_nginx() -> str:
+    """The nginx binary, or skip the calling test with what is missing.
+
+    nginx is an optional peer (README: the e2e tests use it "when present"), so a
+    machine without it skips these tests rather than failing them.
+    """
+    found = _nginx_path()
+    if found is None:
+        pytest.skip(f"nginx is not installed ({INSTALL_HINT})")
+    if not NGINX_STREAM_MODULE.exists():
+        pytest.skip(f"nginx stream module missing at {NGINX_STREAM_MODULE} ({INSTALL_HINT})")
     return found
 
 
@@ -44,8 +60,7 @@ class NginxProxyOrigin:
     ``upstreams[i]``."""
 
     def __init__(self, workdir: Path, listen_ports: list[int], upstreams: list[int]) -> None:
-        binary = nginx_binary()
-        assert binary is not None, "nginx with the stream module is not installed"
+        binary = require_nginx()
         self.dir = workdir
         self.ports = listen_ports
         self.access_log = workdir / "access.log"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.features.helpers import ServerFactory
-from tests.e2e.features.nginx_origin import NginxProxyOrigin, nginx_binary
+from tests.e2e.features.nginx_origin import NginxProxyOrigin, require_nginx
 from tests.e2e.support import (
     LOOPBACK,
     STANDALONE_BIN,
@@ -41,8 +41,7 @@ class Nginx:
 @pytest.fixture(scope="module")
 def nginx(tmp_path_factory: pytest.TempPathFactory, ports: PortAllocator,
           origin_module: Callable[..., Origin]) -> Iterator[Nginx]:
-    if nginx_binary() is None:
-        pytest.skip("nginx with the stream module is not installed (run /work/shared/peers/install)")
+    require_nginx()
     upstream = origin_module(echo)
     port = ports.port()
     n = NginxProxyOrigin(tmp_path_factory.mktemp("nginx"), [port], [upstream.port])
@@ -110,6 +109,7 @@ def test_standalone_range_rule_header_names_each_listen_port(
         standalone: StandaloneFactory, ports: PortAllocator, tmp_path: Path,
         origin: Callable[..., Origin]) -> None:
     """On a range, the header's destination is the port the client actually used."""
+    require_nginx()
     upstream = origin(echo)
     first_pp, listen = ports.block(3), ports.block(3)
     n = NginxProxyOrigin(tmp_path, [first_pp + i for i in range(3)], [upstream.port] * 3)

@@ -41,7 +41,7 @@ MB = 1_000_000
 CAP_IN = 4 * MB
 CAP_OUT = 3 * MB
 UDP_CAP = 500_000
-# The cap has to hold to ±2 % (CONTRACT); the server test allows 3 % for its
+# The cap has to hold to ±2 % (the product's accuracy target); the server test allows 3 % for its
 # 1.5 s runs (a control round trip and two shards starting on a 2-core box).
 TOLERANCE = 0.02
 SKIP_SECS = 0.5

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.features.helpers import ServerFactory, ServerProc, port_reporter, reached_port
-from tests.e2e.features.nginx_origin import NginxProxyOrigin, nginx_binary
+from tests.e2e.features.nginx_origin import NginxProxyOrigin, require_nginx
 from tests.e2e.features.tls import (
     Pki,
     split_into_records,
@@ -252,8 +252,7 @@ def test_standalone_sni_with_proxy_protocol(standalone: StandaloneFactory, ports
                                             tls_origins: Origins, tmp_path: Path) -> None:
     """PROXY header first, then the replayed ClientHello: nginx strips the header and
     passes the TLS bytes on to the origin, and the handshake still completes."""
-    if nginx_binary() is None:
-        pytest.skip("nginx with the stream module is not installed")
+    require_nginx()
     pp_port, listen = ports.ports(2)
     nginx = NginxProxyOrigin(tmp_path, [pp_port], [tls_origins.wild.port])
     try:

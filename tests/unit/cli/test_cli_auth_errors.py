@@ -111,7 +111,7 @@ def test_unavailable_socket_exit_1_with_hint(run, tmp_path) -> None:
     assert lines[1].startswith("hint: ") and "serve" in lines[1] and "--socket" in lines[1]
 
 
-# Expected exit codes written out from CONTRACT.md "Exit codes", not read from errors.py.
+# Expected exit codes written out from docs/reference/exit-codes.md, not read from errors.py.
 CODES = [
     ("validation.port", 2), ("validation.sni_on_unsupported_rule", 2), ("bad_request", 2),
     ("preflight", 3), ("unauthenticated", 4), ("not_found", 5), ("rule_not_found", 5),
