@@ -234,6 +234,7 @@ def test_browser_flows(
     )
     assert mine.status == 201 and theirs.status == 201, (mine, theirs)
     page.get_by_role("button", name="Sign out").click()
+    page.wait_for_url(f"{base}/login?notice=signed-out")
 
     sign_in(page, base, "alice", temporary)
     page.wait_for_url(base + "/account/password")
