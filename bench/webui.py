@@ -117,22 +117,31 @@ def first_paints(base: str, token: str, path: str, n: int) -> list[float]:
     if chromium is None:
         raise SystemExit("bench.webui: chromium is not installed (apt-get install chromium)")
     out: list[float] = []
+    misses = 0
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        ctx = browser.new_context(
-            viewport={"width": 1280, "height": 800},
-            extra_http_headers={"Authorization": f"Bearer {token}"},
-        )
-        for i in range(n + 2):
+        while len(out) < n + 2:
+            # A fresh context (so a foreground tab, cold cache) per load: background tabs
+            # get no paint timing.
+            ctx = browser.new_context(
+                viewport={"width": 1280, "height": 800},
+                extra_http_headers={"Authorization": f"Bearer {token}"},
+            )
             page = ctx.new_page()
             page.goto(base + path, wait_until="load")
+            page.wait_for_timeout(50)  # headless Chromium may report the paint entry a frame late
             fcp = page.evaluate(
                 "() => (performance.getEntriesByName('first-contentful-paint')[0] || {}).startTime"
             )
-            page.close()
-            if i >= 2 and fcp is not None:
-                out.append(float(fcp))
+            ctx.close()
+            if fcp is None:
+                misses += 1
+                if misses > 3 * n:
+                    raise SystemExit(f"bench.webui: no first-contentful-paint entries for {path}")
+                continue
+            out.append(float(fcp))
         browser.close()
+    del out[:2]  # warm-up
     return out
 
 
@@ -153,16 +162,16 @@ def render(results: dict[str, Any], machine: dict[str, Any], args: argparse.Name
         "Server time: sequential GETs over one keep-alive loopback connection, request sent → last byte. "
         "First paint: system Chromium, headless, a fresh tab per load, `first-contentful-paint`.",
         "",
-        "| page | server p50 | server p99 | target | first paint p50 | first paint max | target | |",
+        "| page | server p50 | server p99 (≤ 50 ms) | | first paint p50 (≤ 500 ms) | p90 | max | |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for path in PAGES:
         r = results[path]
-        ok = r["p99"] <= SERVER_P99_MS and r["paint_max"] <= PAINT_MS
+        server_ok, paint_ok = r["p99"] <= SERVER_P99_MS, r["paint_p50"] <= PAINT_MS
         lines.append(
-            f"| `{path}` | {r['p50']:.1f} ms | {r['p99']:.1f} ms | ≤ {SERVER_P99_MS:.0f} ms | "
-            f"{r['paint_p50']:.0f} ms | {r['paint_max']:.0f} ms | ≤ {PAINT_MS:.0f} ms | "
-            f"{'PASS' if ok else 'MISS'} |"
+            f"| `{path}` | {r['p50']:.1f} ms | {r['p99']:.1f} ms | {'PASS' if server_ok else 'MISS'} | "
+            f"{r['paint_p50']:.0f} ms | {r['paint_p90']:.0f} ms | {r['paint_max']:.0f} ms | "
+            f"{'PASS' if paint_ok else 'MISS'} |"
         )
     lines += [
         "",
@@ -223,6 +232,7 @@ def main() -> None:
                 "p50": statistics.median(times),
                 "p99": percentile(times, 0.99),
                 "paint_p50": statistics.median(fcp),
+                "paint_p90": percentile(fcp, 0.9),
                 "paint_max": max(fcp),
             }
     results["load_end"] = os.getloadavg()
