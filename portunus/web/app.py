@@ -27,6 +27,7 @@ from portunus.web.openapi import build_openapi
 from portunus.web.routes import audit, auth, clients, rules, system, traffic, users
 from portunus.web.routes.common import error_response
 from portunus.web.ui import ui_routes
+from portunus.web.ui.render import render
 from portunus.web.ui.security import SecurityHeaders
 
 # Control answers rules.push only after the client acknowledged (or ack_timeout
@@ -51,6 +52,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         err = PortunusError("method_not_allowed", f"{where} is not allowed; allowed: {allowed}", allowed=allowed)
     elif exc.status_code != 404:
         err = PortunusError("bad_request", exc.detail)
+    if not request.url.path.startswith("/v1/") and "text/html" in request.headers.get("accept", ""):
+        # a browser on a page URL that does not exist: a page, not a JSON envelope
+        page = render(request, "error.html", status=exc.status_code, error=err, ident=None)
+        page.headers.update(headers)
+        return page
     response = error_response(err, headers=headers)
     response.status_code = exc.status_code
     return response

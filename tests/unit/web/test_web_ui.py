@@ -426,3 +426,11 @@ async def test_traffic_route_forwards_the_query(api: httpx.AsyncClient, fake: Fa
     assert (await api.get("/v1/traffic")).status_code == 401
     r = await api.get("/v1/traffic/summary?limit=5", headers=AUTH)
     assert r.status_code == 200 and fake.calls("traffic.summary")[0]["params"] == {"limit": 5}
+
+
+async def test_unknown_page_is_an_html_page_for_browsers(api: httpx.AsyncClient) -> None:
+    r = await api.get("/no-such-page", headers={"Accept": "text/html,application/xhtml+xml"})
+    assert r.status_code == 404 and r.headers["content-type"].startswith("text/html")
+    assert "not_found" in r.text
+    r = await api.get("/v1/no-such-route", headers={"Accept": "text/html"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
