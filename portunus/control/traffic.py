@@ -216,6 +216,14 @@ async def query(
         raise ValidationError("validation.rule", "rule must be a rule id", field="rule")
     client_id: str | None = None
     async with store.read() as db:
+        if rule_id and owner is not None:
+            holder = await db_traffic.rule_owner(db, int(rule_id))
+            if holder is not None and holder != owner:
+                raise PortunusError(
+                    "not_owner",
+                    f"rule {rule_id} belongs to another user; you may read your own rules only",
+                    id=int(rule_id),
+                )
         if params.get("client"):
             from portunus.control.store.accounts import resolve_client
 

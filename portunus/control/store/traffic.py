@@ -51,6 +51,19 @@ async def rule_keys(db: aiosqlite.Connection, owner: str | None = None) -> list[
         return [RuleKey(r[0], r[1], r[2]) async for r in cur]
 
 
+async def rule_owner(db: aiosqlite.Connection, rule_id: int) -> str | None:
+    """The owner of a rule, or of a removed rule's history; None when neither exists."""
+    for sql in (
+        "SELECT owner FROM rules WHERE id = ?",
+        "SELECT owner FROM traffic WHERE rule_id = ? LIMIT 1",
+    ):
+        async with db.execute(sql, (rule_id,)) as cur:
+            row = await cur.fetchone()
+        if row is not None:
+            return str(row[0])
+    return None
+
+
 def bucket_of(ts: float, resolution: int) -> int:
     return int(ts) // resolution * resolution
 

@@ -203,10 +203,13 @@ async def test_users_read_only_their_own_traffic(store: Store) -> None:
     with pytest.raises(PortunusError) as err:
         await query(store, ALICE, {**window, "owner": "bob"}, now=T0 + 60)
     assert err.value.code == "not_owner"
-    # a user naming another's rule gets that rule filtered by their own ownership: nothing
-    assert (await query(store, ALICE, {**window, "rule": theirs}, now=T0 + 60))["series"][0][
+    # another's rule, by id: refused like every other read of it
+    with pytest.raises(PortunusError) as err:
+        await query(store, ALICE, {**window, "rule": theirs}, now=T0 + 60)
+    assert err.value.code == "not_owner"
+    assert (await query(store, ALICE, {**window, "rule": mine}, now=T0 + 60))["series"][0][
         "bytes_in"
-    ] == 0
+    ] == 5
 
 
 async def test_query_validates_its_inputs(store: Store) -> None:
