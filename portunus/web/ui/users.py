@@ -142,6 +142,39 @@ async def add_grant(request: Request, ident: Identity) -> Response:
     return redirect(f"/users/{_uid(request)}?notice=grant")
 
 
+def _inside(rule: dict[str, Any], grant: dict[str, Any]) -> bool:
+    lo = rule.get("listen_port", rule.get("listen_port_start", 0))
+    hi = rule.get("listen_port", rule.get("listen_port_end", 0))
+    on_client = grant.get("client_id") in ("*", rule.get("client_id"))
+    return (
+        on_client
+        and rule.get("protocol") in grant.get("protocols", [])
+        and (grant["listen_port_start"] <= lo and hi <= grant["listen_port_end"])
+    )
+
+
+@superadmin_page
+async def confirm_revoke_grant(request: Request, ident: Identity) -> Response:
+    """Preview: the user's rules inside this grant.  Control removes those of them that
+    no remaining grant covers; the page lists them all as at risk and says so."""
+    uid, gid = _uid(request), str(request.path_params["gid"])
+    grants, rules = await asyncio.gather(
+        call(request, "grants.list", {"user_id": uid}), call(request, "rules.list", {"owner": uid})
+    )
+    grant = next((g for g in grants["grants"] if str(g["grant_id"]) == gid), None)
+    if grant is None:
+        raise PortunusError("grant_not_found", f"user {uid} has no grant {gid}", grant_id=gid)
+    inside = [r for r in rules["rules"] if _inside(r, grant)]
+    return render(
+        request,
+        "grant_revoke.html",
+        user_id=uid,
+        grant=grant,
+        rules=inside,
+        others=len(grants["grants"]) - 1,
+    )
+
+
 @superadmin_page
 async def revoke_grant(request: Request, ident: Identity) -> Response:
     answer = await call(
@@ -210,6 +243,7 @@ routes = [
     Route("/users/{id}", show_user, methods=["GET", "HEAD"]),
     Route("/users/{id}/password", reset_password, methods=["POST"]),
     Route("/users/{id}/grants", add_grant, methods=["POST"]),
+    Route("/users/{id}/grants/{gid}/revoke", confirm_revoke_grant, methods=["GET", "HEAD"]),
     Route("/users/{id}/grants/{gid}/revoke", revoke_grant, methods=["POST"]),
     Route("/users/{id}/tokens", issue_token, methods=["POST"]),
     Route("/users/{id}/tokens/{tid}/revoke", revoke_token, methods=["POST"]),

@@ -301,3 +301,51 @@ async def test_users_pages_are_superadmin_only(api: httpx.AsyncClient, fake: Fak
         r = await api.get(path, headers=AUTH)
         assert r.status_code == 403 and "Not permitted" in r.text, path
     assert not fake.calls("users.list") and not fake.calls("users.get")
+
+
+async def test_grant_revoke_previews_the_rules_at_risk(
+    api: httpx.AsyncClient, fake: FakeControl
+) -> None:
+    grant = {
+        "grant_id": 4,
+        "user_id": "bob",
+        "client": "*",
+        "client_id": "*",
+        "listen_port_start": 30000,
+        "listen_port_end": 30099,
+        "protocols": ["tcp"],
+        "note": None,
+    }
+    inside = {
+        "id": 12,
+        "client": "local",
+        "client_id": "local",
+        "protocol": "tcp",
+        "listen_port": 30005,
+    }
+    outside = {
+        "id": 13,
+        "client": "local",
+        "client_id": "local",
+        "protocol": "tcp",
+        "listen_port": 31000,
+    }
+    fake.replies.update(
+        {
+            "grants.list": {"grants": [grant]},
+            "rules.list": {"rules": [inside, outside]},
+            "grants.revoke": {"grant_id": 4, "removed_rule_ids": [12]},
+        }
+    )
+    r = await api.get("/users/bob/grants/4/revoke", headers=AUTH)
+    assert (
+        r.status_code == 200 and 'href="/rules/12"' in r.text and 'href="/rules/13"' not in r.text
+    )
+    assert not fake.calls("grants.revoke")
+    assert (await api.get("/users/bob/grants/9/revoke", headers=AUTH)).status_code == 404
+    r = await api.post("/users/bob/grants/4/revoke", content="", headers={**FORM, **AUTH})
+    assert (
+        r.status_code == 303
+        and r.headers["location"] == "/users/bob?notice=grant-revoked&removed=12"
+    )
+    assert fake.calls("grants.revoke")[0]["params"] == {"grant_id": 4}
