@@ -434,3 +434,18 @@ async def test_unknown_page_is_an_html_page_for_browsers(api: httpx.AsyncClient)
     assert "not_found" in r.text
     r = await api.get("/v1/no-such-route", headers={"Accept": "text/html"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_assets_and_templates_ship_as_package_data() -> None:
+    """The wheel (and so the .deb and .rpm, built from it) carries every asset and template."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["portunus"]
+    web = root / "portunus"
+    files = [p.relative_to(web).as_posix() for sub in ("web/static", "web/templates") for p in (web / sub).rglob("*")
+             if p.is_file()]
+    assert files and all(any(fnmatch.fnmatch(f, g) for g in globs) for f in files), files
+    assert all("/" not in f.split("/", 2)[2] for f in files)  # flat: the globs are one level deep
