@@ -47,6 +47,13 @@ def _edge_clients(settings: Settings) -> list[BenchResult]:
     return edge_clients.run(settings)
 
 
+def _preauth_flood(settings: Settings) -> BenchResult:
+    """Imported on use, like edge_clients: it starts servers with the e2e fixtures."""
+    from bench import preauth_flood
+
+    return preauth_flood.run(settings)
+
+
 BENCHMARKS: dict[str, Callable[[Settings], BenchResult | list[BenchResult]]] = {
     "tcp_throughput_1": tcp_throughput.run_single,
     "tcp_throughput_4": tcp_throughput.run_parallel,
@@ -59,6 +66,7 @@ BENCHMARKS: dict[str, Callable[[Settings], BenchResult | list[BenchResult]]] = {
     "edge_clients": _edge_clients,
     "sni": sni.run,
     "failover": failover.run,
+    "preauth_flood": _preauth_flood,
 }
 # range_push needs blocks of 1,024 consecutive unused ports below 32768: it runs first,
 # before the other benchmarks leave tens of thousands of TIME_WAIT sockets on random

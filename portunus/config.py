@@ -53,6 +53,10 @@ class Settings:
     operator_token: str | None = None
     ack_timeout_secs: float = 2.0
     stats_stream_interval_secs: float = 1.0
+    # Edge gateway, before a peer authenticated (portunus.control.edge.preauth).
+    edge_preauth_max_connections: int = 128
+    edge_preauth_max_per_source: int = 16
+    edge_handshake_timeout_secs: float = 10.0
     shards: int = 0  # 0 = one per CPU
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -84,8 +88,11 @@ _FLOAT_KEYS = {
     "connect_timeout_secs",
     "ack_timeout_secs",
     "stats_stream_interval_secs",
+    "edge_handshake_timeout_secs",
 }
-_INT_KEYS = {"range_rule_max_ports", "udp_max_flows"}
+_INT_KEYS = {"range_rule_max_ports", "udp_max_flows", "edge_preauth_max_connections", "edge_preauth_max_per_source"}
+# Keys whose zero would disable what they bound (a deadline of 0 s refuses everyone).
+_POSITIVE_FLOAT_KEYS = {"edge_handshake_timeout_secs": 300.0}
 _STR_KEYS = {
     "operator_http_listen",
     "metrics_listen",
@@ -121,6 +128,9 @@ def _check_setting(key: str, value: Any) -> Any:
     if key in _FLOAT_KEYS:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ValueError(f"{key} must be a non-negative number")
+        most = _POSITIVE_FLOAT_KEYS.get(key)
+        if most is not None and not 0 < value <= most:
+            raise ValueError(f"{key} must be a number of seconds above 0 and at most {most:g}")
         return float(value)
     if key in _INT_KEYS:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

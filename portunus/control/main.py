@@ -25,6 +25,7 @@ from portunus.control.dataplane import LOCAL, DataPlanes
 from portunus.control.edge.cert import ensure_server_cert
 from portunus.control.edge.clients import ClientService
 from portunus.control.edge.gateway import EdgeGateway
+from portunus.control.edge.preauth import PreauthLimits
 from portunus.control.edge.remote_link import RemoteLink
 from portunus.control.local_link import LocalLink
 from portunus.control.rpc.handlers import ControlContext, Dispatcher
@@ -55,6 +56,15 @@ def _clients_gauge() -> Callable[[int], None] | None:
     from portunus.control.edge.metrics import ClientsConnectedGauge
 
     return ClientsConnectedGauge()
+
+
+def _preauth_limits(settings: Settings) -> PreauthLimits:
+    on_refused: Callable[[str], None] | None = None
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from portunus.control.edge.metrics import PreauthRefusedCounter
+
+        on_refused = PreauthRefusedCounter()
+    return PreauthLimits(settings.edge_preauth_max_connections, settings.edge_preauth_max_per_source, on_refused)
 
 
 async def start_gateway(gateway: EdgeGateway, control_listen: str) -> bool:
@@ -111,7 +121,10 @@ async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
         await service.sync_client(LOCAL)
         listen_host, listen_port = parse_listen(settings.control_listen, "control_listen")
         cert = await asyncio.to_thread(ensure_server_cert, settings.data_dir, listen_host)
-        gateway = EdgeGateway(store, remote, cert.ssl_context(), listen_host, listen_port)
+        gateway = EdgeGateway(
+            store, remote, cert.ssl_context(), listen_host, listen_port,
+            handshake_timeout=settings.edge_handshake_timeout_secs, preauth=_preauth_limits(settings),
+        )
         await start_gateway(gateway, settings.control_listen)
         clients = ClientService(
             store, remote, cert.fingerprint, listen_host,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import signal
 import socket
@@ -35,8 +36,8 @@ from portunus.edge.pinning import FingerprintMismatch, close_quietly, link_error
 from portunus.edge.rulestore import RuleStore
 from portunus.edge.stats import rule_totals
 from portunus.edge.timing import Backoff, LinkTiming
-from portunus.edge.wire import WireError, encode_frame, read_frame, write_frame
-from portunus.logs import log_event
+from portunus.edge.wire import MAX_FRAME, WireError, encode_frame, read_frame, write_frame
+from portunus.logs import log_event, log_throttled
 from portunus.rules import Rule
 from portunus.supervisor.channel_end import SupervisorEnd
 
@@ -60,6 +61,22 @@ class Refused(Exception):
 
 class LinkDead(Exception):
     """No frame from the server within ``dead_secs``."""
+
+
+_DETAIL_ROWS = ("per_port", "per_target")
+
+
+def stats_frame(totals: dict[str, dict[str, Any]], max_len: int = MAX_FRAME) -> dict[str, Any]:
+    """The ``stats`` frame; without the per-port/per-target rows when they would
+    make it longer than a frame may be (a client with ranges over most ports and
+    busy counters), so the totals still reach the server and the link stays up."""
+    msg = {"type": "stats", "rules": totals}
+    if len(json.dumps(msg, separators=(",", ":"))) <= max_len:
+        return msg
+    log_throttled("link.stats_detail_dropped", level="warning", rules=len(totals), limit=max_len,
+                  hint="the per-port and per-target rows do not fit one frame; totals are sent")
+    return {"type": "stats", "rules": {rid: {k: v for k, v in entry.items() if k not in _DETAIL_ROWS}
+                                       for rid, entry in totals.items()}}
 
 
 @dataclass
@@ -255,7 +272,7 @@ class EdgeLink:
             except (OSError, ValueError) as exc:  # a file vanishing mid-read: next round
                 log_event("link.stats_unreadable", level="warning", error=str(exc))
                 continue
-            session.send({"type": "stats", "rules": totals})
+            session.send(stats_frame(totals))
 
     # ============================================================ server -> us
 

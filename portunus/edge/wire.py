@@ -11,6 +11,14 @@ from typing import Any
 # (docs/edge.md); the server gates rules on them.  ``local`` advertises the same.
 CAPABILITIES = ("tcp", "udp", "range", "sni", "proxy_protocol", "dns", "failover", "rate_limit")
 
+# The limit of every frame after the link authenticated (before: see
+# control.edge.preauth.PREAUTH_MAX_FRAME).  The largest legitimate frame is a full
+# ``sync``; measured for this build (tests/unit/edge/test_frame_limits.py): a typical
+# one-port rule is 302 bytes on the wire, so 16 MiB carries ~55,000 of them, while
+# a client holding a one-port rule on every TCP and UDP port (131,070 rules) would
+# need 39.6 MB.  The limit is thus already below the largest legitimate frame and
+# is not raised: it bounds what one authenticated peer can make either side buffer.
+# A sync over it is not sent; the server cuts the link and logs why.
 MAX_FRAME = 16 * 1024 * 1024
 _HEADER = struct.Struct(">I")
 
@@ -19,12 +27,18 @@ class WireError(Exception):
     """The peer sent something that is not a frame; close the link."""
 
 
-async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
-    """Read one frame; raises asyncio.IncompleteReadError on EOF, WireError on garbage."""
+class FrameTooLarge(WireError):
+    """The length prefix announces more than the reader accepts; the body was not read."""
+
+
+async def read_frame(reader: asyncio.StreamReader, max_len: int = MAX_FRAME) -> dict[str, Any]:
+    """Read one frame of at most ``max_len`` bytes; raises asyncio.IncompleteReadError
+    on EOF, ``FrameTooLarge`` on a longer length prefix (before reading any of the
+    body, so an announced size costs no memory), WireError on garbage."""
     header = await reader.readexactly(_HEADER.size)
     (length,) = _HEADER.unpack(header)
-    if length > MAX_FRAME:
-        raise WireError(f"frame of {length} bytes exceeds {MAX_FRAME}")
+    if length > max_len:
+        raise FrameTooLarge(f"frame of {length} bytes exceeds {max_len}")
     body = await reader.readexactly(length)
     try:
         msg = json.loads(body)

@@ -23,6 +23,7 @@ from portunus import __version__
 from portunus.config import Settings
 from portunus.control.client import ControlClient
 from portunus.errors import PortunusError
+from portunus.web.limits import BodyLimit
 from portunus.web.openapi import build_openapi
 from portunus.web.routes import audit, auth, clients, rules, system, traffic, users
 from portunus.web.routes.common import error_response
@@ -65,7 +66,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 def create_app(settings: Settings, control: ControlClient | None = None) -> Starlette:
     """Build the API app; ``control`` defaults to a client of ``settings.socket_path``."""
     app = Starlette(routes=[*api_routes(), *ui_routes()], exception_handlers={HTTPException: _http_error},
-                    middleware=[Middleware(SecurityHeaders)])
+                    middleware=[Middleware(SecurityHeaders), Middleware(BodyLimit)])
     app.state.settings = settings
     app.state.control = control or ControlClient(settings.socket_path, None, timeout=CONTROL_TIMEOUT)
     app.state.stopping = asyncio.Event()

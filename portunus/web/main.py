@@ -31,6 +31,7 @@ from portunus.config import Settings, parse_listen
 from portunus.errors import PortunusError
 from portunus.logs import log_event
 from portunus.web.app import create_app
+from portunus.web.limits import KEEP_ALIVE_SECS, MAX_HEADER_BYTES, GuardedH11Protocol
 
 WEB_BOOT_ERROR = 3
 # Seconds uvicorn waits for open requests on shutdown; SSE streams end on their own
@@ -114,9 +115,12 @@ def _metrics_app(settings: Settings) -> Any:
 
 
 def _config(app: Any) -> uvicorn.Config:
+    # Header, body, slow-request and connection limits: see portunus.web.limits.
     return uvicorn.Config(
         app, log_config=None, access_log=False, lifespan="off", loop="none", ws="none",
         server_header=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECS,
+        http=GuardedH11Protocol, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        timeout_keep_alive=KEEP_ALIVE_SECS,
     )
 
 

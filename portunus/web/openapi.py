@@ -304,18 +304,20 @@ ERROR_STATUSES: dict[str, str] = {
     "404": "No such object (`not_found`, `rule_not_found`, `client_not_found`, `user_not_found`, "
     "`grant_not_found`, `token_not_found`)",
     "405": "Method not allowed on this path (`method_not_allowed`)",
+    "408": "The request (headers and body) was not complete within 10 s (`request_timeout`)",
     "409": "Conflict (`port_conflict`, `ambiguous_client`, `conflict.*`, `user_exists`, `cannot_remove_self`, "
     "`last_superadmin`)",
-    "413": "Request body over 1 MiB (`validation.body_too_large`)",
+    "413": "Request body over 64 KiB (`validation.body_too_large`)",
     "422": "Client or capability state (`client_not_connected`, `activation_failed` with `rule`, "
     "`*_unsupported_by_client`)",
     "429": "Throttled (`throttled`, `rate_limited` with a Retry-After header)",
     "500": "Internal error (`internal`)",
-    "503": "The control process is not answering (`unavailable`)",
+    "503": "The control process is not answering, or the listener has too many open connections "
+    "(`unavailable`)",
     "504": "The client did not acknowledge in time (`ack_timeout` with `rule`, which stays pending)",
 }
 
-_COMMON = ("401", "403", "405", "429", "500", "503")
+_COMMON = ("401", "403", "405", "408", "429", "500", "503")
 _ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
 _CLIENT_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
                  "description": "A client_id or a client name"}

@@ -280,3 +280,35 @@ def test_unreadable_and_non_toml_files(tmp_path: Path) -> None:
     assert exc.value.errors == [f"{bad}: not UTF-8 text"]
     [(line, msg)] = errors(tmp_path, 'a = 1\n\nb = = 2\n')
     assert line == 3 and msg.startswith("TOML syntax error")
+
+
+def test_edge_preauth_keys_default_and_load(tmp_path: Path) -> None:
+    from portunus.config import load_server_settings
+
+    s = load_server_settings(str(tmp_path), None)
+    assert (s.edge_preauth_max_connections, s.edge_preauth_max_per_source) == (128, 16)
+    assert s.edge_handshake_timeout_secs == 10.0
+    conf = tmp_path / "server.toml"
+    conf.write_text("edge_preauth_max_connections = 500\nedge_preauth_max_per_source = 2\n"
+                    "edge_handshake_timeout_secs = 2.5\n")
+    s = load_server_settings(str(tmp_path), str(conf))
+    assert (s.edge_preauth_max_connections, s.edge_preauth_max_per_source) == (500, 2)
+    assert s.edge_handshake_timeout_secs == 2.5
+
+
+@pytest.mark.parametrize(("line_text", "needle"), [
+    ("edge_preauth_max_connections = 0", "edge_preauth_max_connections must be a positive integer"),
+    ("edge_preauth_max_per_source = 1.5", "edge_preauth_max_per_source must be a positive integer"),
+    ("edge_handshake_timeout_secs = 0", "above 0 and at most 300"),
+    ("edge_handshake_timeout_secs = 301", "above 0 and at most 300"),
+    ('edge_handshake_timeout_secs = "10"', "must be a non-negative number"),
+])
+def test_bad_edge_preauth_keys(tmp_path: Path, line_text: str, needle: str) -> None:
+    from portunus.config import load_server_settings
+
+    conf = tmp_path / "server.toml"
+    conf.write_text(f"# first\n{line_text}\n")
+    with pytest.raises(ConfigError) as info:
+        load_server_settings(str(tmp_path), str(conf))
+    (err,) = info.value.errors
+    assert err.startswith(f"{conf}:2: ") and needle in err, err

@@ -5,32 +5,38 @@ redeems a one-time code for a token and the connection closes; ``hello``
 authenticates a client by its token and becomes that client's session until
 either side closes it.  Everything after the hello is ``EdgeSession`` and
 ``RemoteLink``'s business.
+
+Until that first frame a connection is anonymous; ``control.edge.preauth`` bounds
+what it may cost.  ``control.edge.listener`` accepts and refuses a connection over
+the anonymous limits before its TLS handshake; an admitted one gets one deadline
+for the handshake and the first frame together.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from typing import Any
 
 from portunus.control.edge.enrollment import EnrollmentInvalid, client_for_token, redeem
+from portunus.control.edge.listener import accept_loop, bind
+from portunus.control.edge.preauth import (
+    DEFAULT_HANDSHAKE_TIMEOUT_SECS,
+    PREAUTH_MAX_FRAME,
+    AuditBudget,
+    PreauthLimits,
+    PreauthSlot,
+)
 from portunus.control.edge.remote_link import RemoteLink
 from portunus.control.edge.session import DEAD_AFTER_SECS, HEARTBEAT_SECS, EdgeSession
 from portunus.control.store import Store, utc_now, write_audit
-from portunus.edge.wire import WireError, encode_frame, read_frame
-from portunus.logs import log_event
+from portunus.edge.wire import FrameTooLarge, WireError, encode_frame, read_frame
+from portunus.logs import flush_throttled, log_event, log_throttled
 
-HANDSHAKE_TIMEOUT_SECS = 10.0
+HANDSHAKE_TIMEOUT_SECS = DEFAULT_HANDSHAKE_TIMEOUT_SECS
 _MAX_CAPABILITIES = 64
-
-
-def _peer(writer: asyncio.StreamWriter) -> str | None:
-    peer = writer.get_extra_info("peername")
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host = str(peer[0])
-        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
-    return None
 
 
 def _capabilities(raw: Any) -> list[str]:
@@ -61,6 +67,7 @@ class EdgeGateway:
         heartbeat_secs: float = HEARTBEAT_SECS,
         dead_after_secs: float = DEAD_AFTER_SECS,
         handshake_timeout: float = HANDSHAKE_TIMEOUT_SECS,
+        preauth: PreauthLimits | None = None,
     ) -> None:
         self.store = store
         self.link = link
@@ -70,28 +77,41 @@ class EdgeGateway:
         self.heartbeat_secs = heartbeat_secs
         self.dead_after_secs = dead_after_secs
         self.handshake_timeout = handshake_timeout
-        self._server: asyncio.AbstractServer | None = None
+        self.preauth = preauth or PreauthLimits()
+        self.audit_budget = AuditBudget()
+        self._sockets: list[socket.socket] = []
+        self._tasks: list[asyncio.Task[None]] = []  # accept loops and the log flusher
         self._conns: set[asyncio.Task[None]] = set()
 
     @property
     def bound_port(self) -> int | None:
         """The port actually listened on (differs from ``port`` when that is 0)."""
-        if self._server is None or not self._server.sockets:
+        if not self._sockets:
             return None
-        return int(self._server.sockets[0].getsockname()[1])
+        return int(self._sockets[0].getsockname()[1])
 
     async def start(self) -> None:
         """Bind and serve; raises ``OSError`` when the address cannot be bound."""
-        self._server = await asyncio.start_server(
-            self._on_connect, self.host, self.port, ssl=self.ssl_context,
-            ssl_handshake_timeout=self.handshake_timeout, reuse_address=True,
-        )
+        loop = asyncio.get_running_loop()
+        self._sockets = await loop.run_in_executor(None, bind, self.host, self.port)
+        self._tasks = [loop.create_task(accept_loop(s, self.preauth, self._admitted)) for s in self._sockets]
+        self._tasks.append(loop.create_task(self._flush_logs()))
+
+    async def _flush_logs(self) -> None:
+        """Summarize throttled refusal lines once a flood is over (``log.suppressed``)."""
+        while True:
+            await asyncio.sleep(1.0)
+            flush_throttled()
 
     async def close(self) -> None:
         """Stop accepting and close every link (the clients reconnect later)."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for sock in self._sockets:
+            sock.close()
+        self._sockets = []
         self.link.close_all("server shutting down")
         if self._conns:
             _, pending = await asyncio.wait(set(self._conns), timeout=2.0)
@@ -102,31 +122,62 @@ class EdgeGateway:
 
     # ------------------------------------------------------------ connections
 
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    def _admitted(self, conn: socket.socket, peer: str | None, slot: PreauthSlot) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(conn, peer, slot))
         self._conns.add(task)
-        peer = _peer(writer)
+        task.add_done_callback(self._conns.discard)
+
+    async def _serve(self, conn: socket.socket, peer: str | None, slot: PreauthSlot) -> None:
+        writer: asyncio.StreamWriter | None = None
         try:
-            try:
-                first = await asyncio.wait_for(read_frame(reader), self.handshake_timeout)
-            except (TimeoutError, asyncio.IncompleteReadError, WireError, ConnectionError, OSError) as exc:
-                log_event("edge.no_first_frame", level="warning", peer=peer,
-                          error=str(exc) or type(exc).__name__)
+            opened = await self._first_frame(conn, peer)
+            if opened is None:
                 return
+            reader, writer, first = opened
             kind = first["type"]
             if kind == "enroll":
                 await self._enroll(first, writer, peer)
             elif kind == "hello":
-                await self._hello(first, reader, writer, peer)
+                await self._hello(first, reader, writer, peer, slot)
             else:
                 await self._refuse(writer, "bad_request", f"expected enroll or hello, got {kind!r}")
         except (ConnectionError, OSError):
             pass
         finally:
-            self._conns.discard(task)
-            if not writer.transport.is_closing():
+            slot.release()
+            if writer is not None and not writer.transport.is_closing():
                 writer.transport.abort()
+
+    async def _first_frame(
+        self, conn: socket.socket, peer: str | None
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, dict[str, Any]] | None:
+        """TLS handshake and the first frame, under one deadline; None when the
+        connection is over (the reason is counted and logged, throttled)."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=PREAUTH_MAX_FRAME)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport: asyncio.BaseTransport | None = None
+        try:
+            async with asyncio.timeout(self.handshake_timeout):
+                # From here the transport owns ``conn``.  The TLS layer's own timer
+                # is a backstop; the deadline above is the one that counts.
+                transport, _ = await loop.connect_accepted_socket(
+                    lambda: protocol, conn, ssl=self.ssl_context,
+                    ssl_handshake_timeout=self.handshake_timeout + 5,
+                )
+                writer = asyncio.StreamWriter(transport, protocol, reader, loop)  # type: ignore[arg-type]
+                return reader, writer, await read_frame(reader, PREAUTH_MAX_FRAME)
+        except TimeoutError:
+            self.preauth.refused("timeout", peer, timeout_secs=self.handshake_timeout)
+        except FrameTooLarge as exc:
+            self.preauth.refused("frame_too_large", peer, error=str(exc))
+        except (asyncio.IncompleteReadError, WireError, ConnectionError, OSError) as exc:
+            log_throttled("edge.no_first_frame", level="warning", peer=peer,
+                          error=str(exc) or type(exc).__name__)
+        # Without a transport, connect_accepted_socket failed and closed ``conn``.
+        if transport is not None:
+            transport.abort()
+        return None
 
     async def _refuse(self, writer: asyncio.StreamWriter, code: str, message: str) -> None:
         """Send one ``error`` frame and close (the link is over)."""
@@ -144,9 +195,15 @@ class EdgeGateway:
             try:
                 client, token = await redeem(db, msg.get("code"))
             except EnrollmentInvalid as exc:
-                # A refused redemption changes nothing but is on the record.
-                await write_audit(db, "edge", "client.enroll", None, outcome="error",
-                                  error_code=exc.code, details={"message": exc.message, "peer": peer})
+                # A refused redemption changes nothing but is on the record (within
+                # the audit budget: anyone can send one per connection).
+                unaudited = self.audit_budget.take()
+                if unaudited is not None:
+                    details: dict[str, Any] = {"message": exc.message, "peer": peer}
+                    if unaudited:
+                        details["unaudited_before"] = unaudited
+                    await write_audit(db, "edge", "client.enroll", None, outcome="error",
+                                      error_code=exc.code, details=details)
                 failure: EnrollmentInvalid | None = exc
             else:
                 failure = None
@@ -155,7 +212,8 @@ class EdgeGateway:
                     details={"peer": peer, "version": _short(msg.get("version"))},
                 )
         if failure is not None:
-            log_event("edge.enroll_refused", level="warning", peer=peer, reason=failure.message)
+            self.preauth.count("enrollment_invalid")
+            log_throttled("edge.enroll_refused", level="warning", peer=peer, reason=failure.message)
             await self._refuse(writer, failure.code, failure.message)
             return
         log_event("edge.enrolled", client_id=client.client_id, client=client.name, peer=peer)
@@ -164,14 +222,16 @@ class EdgeGateway:
         })
 
     async def _hello(
-        self, msg: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str | None
+        self, msg: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+        peer: str | None, slot: PreauthSlot,
     ) -> None:
         async with self.store.read() as db:
             client = await client_for_token(db, msg.get("token"))
         claimed = msg.get("client_id")
         if client is None or (claimed is not None and claimed != client.client_id):
-            log_event("edge.hello_refused", level="warning", peer=peer, reason="unauthenticated",
-                      client_id=_short(claimed))
+            self.preauth.count("unauthenticated")
+            log_throttled("edge.hello_refused", level="warning", peer=peer, reason="unauthenticated",
+                          client_id=_short(claimed))
             await self._refuse(writer, "unauthenticated",
                                "the client token is not valid; enroll the client again")
             return
@@ -182,6 +242,7 @@ class EdgeGateway:
                       client_id=client.client_id)
             await self._refuse(writer, "revoked", f"client {client.name} ({client.client_id}) was revoked")
             return
+        slot.release()  # authenticated: no longer anonymous, the normal frame limit applies
         session = EdgeSession(
             client.client_id, client.name, reader, writer,
             remote_addr=peer, version=_short(msg.get("version")),

@@ -1,6 +1,7 @@
-"""``portunus_clients_connected``: remote clients with a live session.
+"""Edge gateway series: ``portunus_clients_connected`` and
+``portunus_edge_preauth_refused_total{reason}``.
 
-Written only by the control process, so ``livemostrecent`` like
+Written only by the control process, so the gauge is ``livemostrecent`` like
 ``portunus_rule_state``: the supervisor's ``mark_process_dead`` drops a dead
 control process's file and the newest value wins if two briefly coexist.
 prometheus_client is imported lazily for the reason given in ``control.stats``.
@@ -22,3 +23,25 @@ class ClientsConnectedGauge:
 
     def __call__(self, count: int) -> None:
         self._gauge.set(float(count))
+
+
+class PreauthRefusedCounter:
+    """``portunus_edge_preauth_refused_total{reason}``: anonymous edge connections
+    closed by ``control.edge.preauth`` (over a limit, oversized first frame, deadline)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter
+
+        from portunus.control.edge.preauth import REASONS
+
+        self._counter = Counter(
+            "portunus_edge_preauth_refused_total",
+            "Edge gateway connections closed before authenticating, by reason",
+            ("reason",),
+            registry=None,
+        )
+        for reason in REASONS:
+            self._counter.labels(reason=reason)
+
+    def __call__(self, reason: str) -> None:
+        self._counter.labels(reason=reason).inc()

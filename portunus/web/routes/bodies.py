@@ -20,7 +20,12 @@ from portunus.errors import PortunusError
 from portunus.text import is_ascii_digits
 from portunus.web import openapi
 
-MAX_BODY = 1024 * 1024
+# The largest legitimate body, a rule with 8 targets and every field at its
+# longest, is 3,929 bytes pretty-printed (tests/unit/web/test_web_limits.py
+# measures it): 64 KiB leaves room for growth while what an anonymous peer can
+# make the web process hold stays small (web.limits.BodyLimit applies the same
+# limit to every route).
+MAX_BODY = 64 * 1024
 _REF = "#/components/schemas/"
 
 
@@ -29,7 +34,7 @@ class BodyTooLarge(PortunusError):
 
     def __init__(self) -> None:
         super().__init__(
-            "validation.body_too_large", f"request body exceeds {MAX_BODY} bytes (1 MiB)", limit=MAX_BODY
+            "validation.body_too_large", f"request body exceeds {MAX_BODY} bytes (64 KiB)", limit=MAX_BODY
         )
 
     @property

@@ -225,6 +225,31 @@ def test_standalone_silent_client_is_closed_after_the_peek_timeout(env: Env) -> 
              what="parse_failures_total += 1 after the timeout")
 
 
+def test_standalone_trickled_client_hello_is_cut_at_the_same_deadline(env: Env) -> None:
+    """The 5 s are for the whole ClientHello, not between bytes: a peer that keeps
+    sending one byte at a time cannot hold the peek open."""
+    port = str(env.shared)
+    failures0 = env.proc.scrape().value("portunus_tls_sni_listener_parse_failures_total", port=port)
+    hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40)  # never completes
+    t0 = time.monotonic()
+    with socket.create_connection((LOOPBACK, env.shared), timeout=15) as s:
+        try:
+            for byte in hello:  # 12.75 s at one byte per 0.25 s
+                s.sendall(bytes([byte]))
+                time.sleep(0.25)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        elapsed = time.monotonic() - t0
+        try:
+            assert s.recv(64) == b""
+        except ConnectionResetError:
+            pass
+    assert 4.5 <= elapsed < 7.0, elapsed
+    wait_for(lambda: env.proc.scrape().value("portunus_tls_sni_listener_parse_failures_total",
+                                             port=port) == failures0 + 1, 5,
+             what="parse_failures_total += 1 after the timeout")
+
+
 def test_standalone_bulk_transfer_after_routing(env: Env) -> None:
     payload = bytes(range(256)) * 4096  # 1 MiB both ways through the spliced relay
     line = tls_visit(env.shared, env.origins.pki.client_context(), "www.example.test",

@@ -146,8 +146,10 @@ async def test_unreadable_bodies_are_400(api: httpx.AsyncClient, content: bytes,
     assert words in r.json()["error"]["message"]
 
 
-async def test_body_over_one_mib_is_413(api: httpx.AsyncClient, fake: FakeControl) -> None:
-    big = json.dumps({"listen_port": 80, "targets": [{"host": "h", "port": 1}], "pad": "x" * (1 << 20)})
+async def test_body_over_max_body_is_413(api: httpx.AsyncClient, fake: FakeControl) -> None:
+    from portunus.web.routes.bodies import MAX_BODY
+
+    big = json.dumps({"listen_port": 80, "targets": [{"host": "h", "port": 1}], "pad": "x" * MAX_BODY})
     r = await api.post("/v1/rules", content=big, headers=AUTH)
     assert r.status_code == 413
     assert r.json()["error"]["code"] == "validation.body_too_large"

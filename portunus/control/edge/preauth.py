@@ -1,0 +1,159 @@
+"""Admission of edge connections that have not authenticated yet.
+
+``control_listen`` defaults to 0.0.0.0:7443, so anyone who can reach the server
+talks to the gateway before presenting a credential.  Until its first frame
+authenticates it (``hello`` with a valid client token) or redeems a code
+(``enroll``), a connection is anonymous, and what it may cost is bounded here:
+
+- its first frame is at most ``PREAUTH_MAX_FRAME`` bytes; a longer length prefix
+  closes the connection before any of the body is read;
+- at most ``max_connections`` connections are anonymous at once, and at most
+  ``max_per_source`` from one source address; one over either is closed right
+  after ``accept`` (no TLS handshake, nothing read);
+- the TLS handshake and the first frame share one deadline
+  (``edge_handshake_timeout_secs``);
+- a refused enrollment is audited, but at most ``AUDIT_BURST`` in a row and then
+  one per ``AUDIT_EVERY_SECS`` (``AuditBudget``): a peer that sends one bad code
+  per connection must not grow the audit table at the rate it can connect.  The
+  next audited row says how many went unaudited; every one is counted.
+
+Every refusal is counted (``portunus_edge_preauth_refused_total{reason}``) and
+logged through the process's log throttle, so a flood costs neither a journal
+line nor a metrics write per connection beyond the counter increment.
+
+Sizes measured for this build (tests/unit/control/edge/test_edge_preauth.py
+recomputes them and fails if a legitimate frame would not fit):
+
+- ``hello`` as ``portunus-client`` sends it: 223 bytes with its 4-byte prefix
+  (43-character token, 26-character client id, the 8 capabilities); ``enroll``:
+  81 bytes.
+- The largest ``hello`` whose every field the server still reads (a 512-character
+  token, the 64 capabilities of 64 characters it keeps, a 64-character version):
+  4,966 bytes.  ``PREAUTH_MAX_FRAME`` (8 KiB) is that with a margin of 65 %.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from portunus.logs import log_throttled
+
+PREAUTH_MAX_FRAME = 8 * 1024
+DEFAULT_MAX_CONNECTIONS = 128
+DEFAULT_MAX_PER_SOURCE = 16
+DEFAULT_HANDSHAKE_TIMEOUT_SECS = 10.0
+
+AUDIT_BURST = 30
+AUDIT_EVERY_SECS = 2.0
+
+# Values of the ``reason`` label, all known up front so /metrics shows zeros.  The
+# last two are first frames that were read but carried a bad credential.
+REASONS = (
+    "max_connections",
+    "max_per_source",
+    "frame_too_large",
+    "timeout",
+    "enrollment_invalid",
+    "unauthenticated",
+)
+
+
+class PreauthSlot:
+    """One admitted anonymous connection; ``release`` when it authenticated or ended."""
+
+    __slots__ = ("_limits", "source", "_held")
+
+    def __init__(self, limits: PreauthLimits, source: str) -> None:
+        self._limits = limits
+        self.source = source
+        self._held = True
+
+    def release(self) -> None:
+        """Idempotent: the gateway releases on authentication and again on close."""
+        if self._held:
+            self._held = False
+            self._limits._release(self.source)
+
+
+class PreauthLimits:
+    """Counts anonymous connections, globally and per source address."""
+
+    def __init__(
+        self,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_per_source: int = DEFAULT_MAX_PER_SOURCE,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> None:
+        self.max_connections = max_connections
+        self.max_per_source = max_per_source
+        self.on_refused = on_refused or (lambda reason: None)
+        self.open = 0
+        self.per_source: dict[str, int] = {}
+
+    def admit(self, source: str) -> PreauthSlot | str:
+        """A slot for a fresh connection from ``source``, or the refusal reason."""
+        if self.open >= self.max_connections:
+            return "max_connections"
+        held = self.per_source.get(source, 0)
+        if held >= self.max_per_source:
+            return "max_per_source"
+        self.open += 1
+        self.per_source[source] = held + 1
+        return PreauthSlot(self, source)
+
+    def _release(self, source: str) -> None:
+        self.open -= 1
+        left = self.per_source.get(source, 0) - 1
+        if left > 0:
+            self.per_source[source] = left
+        else:
+            self.per_source.pop(source, None)
+
+    def count(self, reason: str) -> None:
+        """Count one refusal that the caller logs itself."""
+        self.on_refused(reason)
+
+    def refused(self, reason: str, peer: str | None, **fields: object) -> None:
+        """Count and (throttled) log one refusal."""
+        self.on_refused(reason)
+        log_throttled(
+            f"edge.preauth_refused.{reason}",
+            level="warning",
+            reason=reason,
+            peer=peer,
+            open=self.open,
+            max_connections=self.max_connections,
+            max_per_source=self.max_per_source,
+            **fields,
+        )
+
+
+class AuditBudget:
+    """A token bucket for audit rows written on behalf of anonymous peers."""
+
+    def __init__(
+        self,
+        burst: int = AUDIT_BURST,
+        every_secs: float = AUDIT_EVERY_SECS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.burst = burst
+        self.every_secs = every_secs
+        self.clock = clock
+        self.tokens = float(burst)
+        self.stamp = clock()
+        self.skipped = 0
+
+    def take(self) -> int | None:
+        """None when this one goes unaudited; else how many went unaudited before
+        it (the count then starts again)."""
+        now = self.clock()
+        self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) / self.every_secs)
+        self.stamp = now
+        if self.tokens < 1.0:
+            self.skipped += 1
+            return None
+        self.tokens -= 1.0
+        skipped, self.skipped = self.skipped, 0
+        return skipped

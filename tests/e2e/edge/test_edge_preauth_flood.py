@@ -1,0 +1,155 @@
+"""An unauthenticated flood against the real gateway: the control process's memory
+stays bounded, refusals are counted (and logged, throttled), and real clients
+connect and get pushes meanwhile.
+
+Loopback offers one source address here (127.0.0.1; ``localhost`` does not
+resolve to ::1 on every machine), so the flood and the real clients share the
+per-source quota.  Hence two phases: a burst far over the limits (the memory
+bound and the refusals), then a flood that holds most of the quota, but not all
+of it, while the real clients connect (with distinct sources, the per-source
+limit is what keeps a flood from one address from taking every slot; the unit
+tests cover that).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from tests.e2e.edge.clients import ClientFactory, enroll
+from tests.e2e.edge.test_edge_server import mint, push, start_edge, wait_connected
+from tests.e2e.support import LOOPBACK, PortAllocator, ServerFactory, echo, echo_roundtrip, wait_for
+from tests.e2e.support.hostile import Flood
+
+MIB = 2**20
+# The anonymous limits under test: one source may hold 64 slots of 128, so the
+# burst keeps 64 connections admitted, each costing what an admitted anonymous
+# connection may cost (TLS state, at most 8 KiB of frame); the steady flood holds
+# ~54 and leaves the real clients room.
+LIMITS = {
+    "edge_preauth_max_connections": 128,
+    "edge_preauth_max_per_source": 64,
+    "edge_handshake_timeout_secs": 3,
+}
+# Before the limits, 40 such connections took a control process from 44 to 677 MiB.
+RSS_BOUND = 32 * MIB  # measured 15-18 MiB of growth (a flood, two clients, two pushes)
+
+
+class RssSampler:
+    """The peak RSS of one process, sampled every 50 ms in a thread."""
+
+    def __init__(self, proc: psutil.Process) -> None:
+        self.proc = proc
+        self.peak = proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def settled_rss(proc: psutil.Process) -> int:
+    """RSS once two readings 0.3 s apart agree within 256 KiB."""
+    last = proc.memory_info().rss
+    for _ in range(30):
+        time.sleep(0.3)
+        now = proc.memory_info().rss
+        if abs(now - last) < 256 * 1024:
+            return now
+        last = now
+    return last
+
+
+def test_flood_of_anonymous_peers(
+    server: ServerFactory, clients: ClientFactory, tmp_path: Path, ports: PortAllocator, origin: Any
+) -> None:
+    srv = server(settings=LIMITS)
+    control = srv.child("control")
+    assert control is not None
+    first = start_edge(srv, clients, tmp_path, "edge-01")
+    # Enrolled before the flood: `enroll` is one attempt, the running link retries.
+    minted = mint(srv, "edge-02")
+    second_bundle = tmp_path / "edge-02.json"
+    assert enroll(minted["uri"], second_bundle).returncode == 0
+    o = origin(echo)
+    port_a, port_b = ports.ports(2)
+    baseline = settled_rss(control)
+
+    burst = Flood(
+        LOOPBACK,
+        srv.control_port,
+        {"oversized": 150, "slow_tls": 100, "slow_frame": 50},
+        body_bytes=15 * MIB,
+        hold_secs=20,
+    )
+    steady = Flood(
+        LOOPBACK,
+        srv.control_port,
+        {"oversized": 4, "slow_tls": 30, "slow_frame": 20},
+        body_bytes=15 * MIB,
+        hold_secs=20,
+    )
+    with RssSampler(control) as rss:
+        with burst:
+            # Longer than the deadline, so held connections time out and come back.
+            time.sleep(LIMITS["edge_handshake_timeout_secs"] + 2)
+        with steady:
+            started = time.monotonic()
+            wait_for(
+                lambda: steady.attempts >= 200, 60, what=lambda: f"200 attempts: {steady.outcomes}"
+            )
+            # Meanwhile: a connected client gets a push, a new one connects and gets one.
+            assert push(srv, "edge-01", port_a, o.address)["state"] == "active"
+            assert echo_roundtrip(port_a)
+            clients(second_bundle, name="edge-02")
+            wait_connected(srv, minted["client_id"], timeout=30)
+            assert push(srv, "edge-02", port_b, o.address)["state"] == "active"
+            assert echo_roundtrip(port_b)
+            # Let the held ones reach their deadline at least once.
+            time.sleep(
+                max(0.0, started + LIMITS["edge_handshake_timeout_secs"] + 1.5 - time.monotonic())
+            )
+    print(
+        f"burst: {burst.attempts} attempts, {dict(burst.outcomes)}; steady: {steady.attempts} attempts, "
+        f"{dict(steady.outcomes)}; control RSS {baseline / MIB:.1f} MiB -> peak {rss.peak / MIB:.1f} MiB"
+    )
+
+    assert rss.peak - baseline < RSS_BOUND, (baseline, rss.peak)
+    assert burst.attempts > 1000, burst.outcomes
+    # No connection outlived the deadline; in the steady flood (below the quota)
+    # every kind got in and was closed by the gateway.
+    for flood in (burst, steady):
+        for kind in ("oversized", "slow_tls", "slow_frame"):
+            assert flood.outcomes[f"{kind}.held"] == 0, flood.outcomes
+            assert flood is burst or flood.outcomes[f"{kind}.closed"] > 0, flood.outcomes
+    assert burst.outcomes["oversized.closed"] > 0, burst.outcomes
+    assert burst.outcomes["slow_tls.refused"] + burst.outcomes["oversized.refused"] > 0, (
+        burst.outcomes
+    )
+    metrics = srv.scrape()
+    refused = {
+        r: metrics.value("portunus_edge_preauth_refused_total", reason=r)
+        for r in ("max_connections", "max_per_source", "frame_too_large", "timeout")
+    }
+    oversized = burst.outcomes["oversized.closed"] + steady.outcomes["oversized.closed"]
+    assert refused["frame_too_large"] >= oversized * 0.9, (refused, oversized)
+    assert refused["max_per_source"] > 0 and refused["timeout"] > 0, refused
+    assert refused["max_connections"] == 0, refused  # one source never reaches the global limit
+    assert srv.scrape().value("portunus_clients_connected") == 2
+    # The refusals were logged, but throttled: far fewer lines than refusals.
+    lines = [e for e in srv.logs() if str(e.get("event", "")).startswith("edge.preauth_refused")]
+    assert 0 < len(lines) < sum(refused.values()) / 5, (len(lines), refused)
+    assert first.proc.alive()

@@ -1,0 +1,211 @@
+"""What an unauthenticated peer may cost the gateway (control.edge.preauth): the
+first-frame limit, the anonymous connection limits, one deadline for the TLS
+handshake and the first frame, and the slot given back on authentication."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import struct
+import time
+from typing import Any
+
+from portunus.control.edge.preauth import PREAUTH_MAX_FRAME, AuditBudget, PreauthLimits
+from portunus.edge.wire import encode_frame
+
+
+def _tls() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def _until_closed(reader: asyncio.StreamReader, timeout: float = 5.0) -> float:
+    """Seconds until the server closes (EOF or reset); fails if it stays open."""
+    start = time.monotonic()
+    try:
+        async with asyncio.timeout(timeout):
+            while await reader.read(65536):
+                pass
+    except (ConnectionError, ssl.SSLError):
+        pass
+    return time.monotonic() - start
+
+
+async def _tcp(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+def test_limits_count_globally_and_per_source() -> None:
+    refused: list[str] = []
+    limits = PreauthLimits(max_connections=3, max_per_source=2, on_refused=refused.append)
+    a1, a2 = limits.admit("10.0.0.1"), limits.admit("10.0.0.1")
+    assert limits.admit("10.0.0.1") == "max_per_source"
+    b1 = limits.admit("10.0.0.2")
+    assert limits.admit("10.0.0.3") == "max_connections"
+    assert not isinstance(a1, str) and not isinstance(a2, str) and not isinstance(b1, str)
+    a1.release()
+    a1.release()  # idempotent: released on authentication and again at close
+    assert limits.open == 2 and limits.per_source == {"10.0.0.1": 1, "10.0.0.2": 1}
+    assert not isinstance(limits.admit("10.0.0.3"), str)
+    a2.release()
+    b1.release()
+    assert limits.per_source == {"10.0.0.3": 1}
+    limits.refused("timeout", "10.0.0.9:1")
+    assert refused == ["timeout"]
+
+
+async def test_oversized_first_frame_closes_without_reading_the_body(make_edge: Any) -> None:
+    refused: list[str] = []
+    edge = await make_edge(preauth=PreauthLimits(on_refused=refused.append))
+    reader, writer = await asyncio.open_connection("127.0.0.1", edge.port, ssl=_tls())
+    # Only the header: a gateway that waited for the announced body would stay open.
+    writer.write(struct.pack(">I", PREAUTH_MAX_FRAME + 1))
+    await writer.drain()
+    assert await _until_closed(reader) < 2.0
+    assert refused == ["frame_too_large"]
+    assert edge.gateway.preauth.open == 0
+    writer.close()
+
+
+async def test_largest_first_frame_allowed_is_read(make_edge: Any) -> None:
+    edge = await make_edge()
+    e = edge.fake()
+    await e.connect()
+    msg = {"type": "hello", "token": "not-a-token", "pad": ""}
+    msg["pad"] = "x" * (PREAUTH_MAX_FRAME - len(encode_frame(msg)) + 4)
+    assert len(encode_frame(msg)) - 4 == PREAUTH_MAX_FRAME
+    await e.send(msg)
+    reply = await e.recv()
+    assert reply["type"] == "error" and reply["code"] == "unauthenticated"
+
+
+async def test_after_hello_the_normal_limit_applies_and_the_slot_is_free(
+    make_edge: Any, poll: Any
+) -> None:
+    edge = await make_edge()
+    e, enrolled = await edge.connect("edge-01")
+    assert edge.gateway.preauth.open == 0  # authenticated: no longer counted
+    await e.send({"type": "future-feature", "pad": "x" * (64 * PREAUTH_MAX_FRAME)})
+    await e.send({"type": "ping"})
+    await asyncio.sleep(0.2)
+    assert edge.link.connected(enrolled["client_id"]) and not e.closed.is_set()
+
+
+async def test_connections_over_the_global_limit_are_refused_before_tls(
+    make_edge: Any, poll: Any
+) -> None:
+    refused: list[str] = []
+    edge = await make_edge(
+        preauth=PreauthLimits(max_connections=2, max_per_source=10, on_refused=refused.append)
+    )
+    held = [await _tcp(edge.port) for _ in range(2)]
+
+    async def both_admitted() -> bool:
+        return edge.gateway.preauth.open == 2
+
+    await poll(both_admitted)
+    reader, writer = await _tcp(edge.port)
+    assert await _until_closed(reader) < 1.0
+    assert refused == ["max_connections"]
+    writer.close()
+    for _, w in held:
+        w.close()
+
+    async def all_released() -> bool:
+        return edge.gateway.preauth.open == 0
+
+    await poll(all_released)
+    e, _ = await edge.connect("edge-01")  # a real client gets in once the flood is gone
+    assert not e.closed.is_set()
+
+
+async def test_connections_over_the_per_source_limit_are_refused(make_edge: Any, poll: Any) -> None:
+    refused: list[str] = []
+    edge = await make_edge(
+        preauth=PreauthLimits(max_connections=50, max_per_source=3, on_refused=refused.append)
+    )
+    held = [await _tcp(edge.port) for _ in range(3)]
+
+    async def admitted() -> bool:
+        return edge.gateway.preauth.per_source.get("127.0.0.1") == 3
+
+    await poll(admitted)
+    reader, writer = await _tcp(edge.port)
+    assert await _until_closed(reader) < 1.0
+    assert refused == ["max_per_source"]
+    for _, w in [*held, (reader, writer)]:
+        w.close()
+
+
+async def test_one_deadline_covers_the_handshake_and_the_first_frame(make_edge: Any) -> None:
+    refused: list[str] = []
+    edge = await make_edge(handshake_timeout=1.0, preauth=PreauthLimits(on_refused=refused.append))
+    # Silent TCP: no ClientHello at all.
+    reader, writer = await _tcp(edge.port)
+    took = await _until_closed(reader)
+    assert 0.8 < took < 1.8, took
+    writer.close()
+    # Slow handshake, then no frame: the deadline started at accept, not after TLS.
+    sock = socket.create_connection(("127.0.0.1", edge.port))
+    started = time.monotonic()
+    await asyncio.sleep(0.6)
+    reader, writer = await asyncio.open_connection(sock=sock, ssl=_tls(), server_hostname="")
+    await _until_closed(reader)
+    took = time.monotonic() - started
+    assert 0.8 < took < 1.5, took  # separate deadlines would give 1.6 s
+    writer.close()
+    assert refused == ["timeout", "timeout"]
+    assert edge.gateway.preauth.open == 0
+
+
+def test_audit_budget_is_a_token_bucket_that_reports_what_it_skipped() -> None:
+    now = [0.0]
+    budget = AuditBudget(burst=3, every_secs=2.0, clock=lambda: now[0])
+    assert [budget.take() for _ in range(5)] == [0, 0, 0, None, None]
+    now[0] += 2.0  # one token back
+    assert budget.take() == 2 and budget.take() is None
+    now[0] += 100.0  # never more than the burst
+    assert [budget.take() for _ in range(4)] == [1, 0, 0, None]
+
+
+async def test_bad_credentials_are_counted_and_refused_enrollments_audited_within_budget(
+    make_edge: Any,
+) -> None:
+    refused: list[str] = []
+    edge = await make_edge(preauth=PreauthLimits(on_refused=refused.append))
+    now = [0.0]
+    edge.gateway.audit_budget = AuditBudget(burst=3, every_secs=10.0, clock=lambda: now[0])
+    for i in range(6):
+        e = edge.fake()
+        reply = await e.enroll(f"guess-{i}")
+        assert reply["code"] == "enrollment_invalid"
+        await e.close()
+    now[0] += 10.0
+    e = edge.fake()
+    assert (await e.enroll("one-more"))["code"] == "enrollment_invalid"
+    await e.close()
+    e = edge.fake()
+    assert (await e.hello("not-a-token", None))["code"] == "unauthenticated"
+    await e.close()
+    assert refused == ["enrollment_invalid"] * 7 + ["unauthenticated"]
+    entries = (await edge.call("audit.list", {"limit": 100}))["entries"]
+    rows = [x for x in entries if x["action"] == "client.enroll" and x["actor"] == "edge"]
+    assert len(rows) == 4  # 3 of the first 6, then the one after the refill
+    assert rows[0]["details"].get("unaudited_before") == 3, rows[0]
+
+
+def test_bind_listens_on_each_address_like_asyncio() -> None:
+    from portunus.control.edge.listener import bind
+
+    for host in ("127.0.0.1", "::1"):
+        (sock,) = bind(host, 0)
+        try:
+            assert sock.getsockname()[0] == host and sock.getsockname()[1] > 0
+            assert sock.getblocking() is False
+            if sock.family == socket.AF_INET6:  # v6-only, as asyncio.start_server binds
+                assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+        finally:
+            sock.close()
