@@ -131,7 +131,8 @@ async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
             port=lambda: (gateway.bound_port if gateway is not None else None) or listen_port,
             on_state=state_sink,
         )
-        sampler = TrafficSampler(store, counters_reader(settings.metrics_dir, remote))
+        sampler = TrafficSampler(store, counters_reader(settings.metrics_dir, remote),
+                                 interval=settings.traffic_sample_interval_secs)
         sampler.start()
         ctx = ControlContext(settings, store, Authenticator(store), service, planes, remote, clients,
                              traffic=sampler)

@@ -29,6 +29,7 @@ from portunus.timefmt import parse_when
 
 Reading = tuple[int, int, int]  # bytes_in, bytes_out, connections_total (cumulative)
 ReadCounters = Callable[[Sequence[db_traffic.RuleKey]], Awaitable[dict[int, Reading]]]
+ZERO: Reading = (0, 0, 0)
 SAMPLE_INTERVAL = 10.0
 PRUNE_EVERY = 3600.0
 MAX_POINTS = 10_000
@@ -56,6 +57,8 @@ class TrafficSampler:
         self.interval = interval
         self.clock = clock
         self.last: dict[int, Reading] = {}
+        # highest rule id at the previous sample; None before the first one
+        self.max_seen: int | None = None
         # bytes/s of the latest sample per rule: "throughput now" on the dashboard
         self.rates: dict[int, tuple[float, float]] = {}
         self._last_ts: float | None = None
@@ -65,12 +68,19 @@ class TrafficSampler:
     def deltas(
         self, rules: Sequence[db_traffic.RuleKey], readings: dict[int, Reading]
     ) -> list[db_traffic.Delta]:
-        """Pure step: compare ``readings`` with the last ones and remember them."""
+        """Pure step: compare ``readings`` with the last ones and remember them.
+
+        A rule created since the previous sample (ids only grow) started counting
+        from zero, so its first reading is all traffic; a rule that existed before
+        this process's first sample has unknown history, so its first reading is
+        only the baseline."""
         out: list[db_traffic.Delta] = []
         live: set[int] = set()
         for stored in rules:
             rid = stored.rule_id
             live.add(rid)
+            if rid not in self.last and self.max_seen is not None and rid > self.max_seen:
+                self.last[rid] = ZERO
             current = readings.get(rid)
             if current is None:  # counters unknown right now (client offline): keep the baseline
                 continue
@@ -80,6 +90,7 @@ class TrafficSampler:
                 continue
             moved = tuple(counter_delta(p, c) for p, c in zip(previous, current, strict=True))
             out.append(db_traffic.Delta(rid, stored.client_id, stored.owner, *moved))
+        self.max_seen = max([self.max_seen or 0, *live])
         for gone in set(self.last) - live:
             del self.last[gone]
             self.rates.pop(gone, None)

@@ -88,6 +88,30 @@ async def test_first_reading_is_a_baseline_not_a_spike(store: Store) -> None:
     assert sampler.rates[rid] == (70.0, 30.0)
 
 
+async def test_a_rule_created_between_samples_counts_from_zero(store: Store) -> None:
+    """Its counters started with it: traffic before its first sample is not lost."""
+    counters, clock = Counters(), Clock()
+    sampler = TrafficSampler(store, counters, clock=clock)
+    old = await _rule(store, 30020)
+    counters.now[old] = (500, 500, 5)
+    await sampler.sample_once()  # first sample of this process: a baseline for the old rule
+    new = await _rule(store, 30021)
+    counters.now[new] = (4000, 1000, 2)  # moved before the sampler ever saw it
+    clock.t += 10
+    await sampler.sample_once()
+    window = {"from": int(T0), "to": int(T0 + 60)}
+    got = await query(store, ADMIN, {**window, "rule": new}, now=T0 + 60)
+    assert got["series"][0] == {
+        "ts": int(T0),
+        "bytes_in": 4000,
+        "bytes_out": 1000,
+        "connections": 2,
+    }
+    assert (await query(store, ADMIN, {**window, "rule": old}, now=T0 + 60))["series"][0][
+        "bytes_in"
+    ] == 0
+
+
 async def test_counter_restart_gives_no_negative_or_spiked_sample(store: Store) -> None:
     rid = await _rule(store, 30002)
     counters, clock = Counters(), Clock()
