@@ -425,7 +425,7 @@ _PATHS: dict[str, dict[str, Any]] = {
                               "Page size"),
                            _q("cursor", {"type": "string"}, "next_cursor of the previous page"),
                            _q("actor", {"type": "string"}, "Only entries of this actor"),
-                           _q("outcome", {"type": "string"}, "Only entries with this outcome (ok, error, denied)")]),
+                           _q("outcome", {"type": "string"}, "Only entries with this outcome (ok or error)")]),
     },
     "/v1/traffic": {
         "get": _op("trafficHistory",
