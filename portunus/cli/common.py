@@ -96,7 +96,16 @@ def hint_for(err: PortunusError, facts: dict[str, Any]) -> str | None:
     if code == "conflict.legacy_to_sni_unsupported":
         return "a port is plain TCP or SNI-routed for its whole life; remove the existing rule on it first"
     if code == "forbidden" or code in ("client_not_granted", "port_outside_grant", "protocol_not_granted"):
-        return "your token's user lacks a grant for this; ask a superadmin"
+        return f"your token's user lacks a grant for this; ask a superadmin (`{prog} grant-list` shows yours)"
+    if code == "role_required":
+        return "this needs a superadmin's token"
+    if code == "not_owner":
+        return f"`{prog} list-rules` shows the rules you own"
+    if code == "password_change_required":
+        return "change the temporary password first (Web UI, or POST /v1/users/me/password)"
+    if code in ("user_not_found", "grant_not_found", "token_not_found"):
+        kind = code.split("_")[0]
+        return f"`{prog} {kind}-list` shows the {kind}s"
     if code.startswith("validation"):
         verb = facts.get("verb")
         return f"see `{verb} --help` for the accepted forms" if verb else None

@@ -42,6 +42,9 @@ LAZY_VERBS = {"serve": "portunus.cli.serve", **dict.fromkeys(("backup", "restore
 # portunus.cli.clients registers these verbs on the group when it is imported.
 LAZY_VERBS.update(dict.fromkeys(("enroll-client", "revoke", "rename-client", "delete-client"),
                                 "portunus.cli.clients"))
+LAZY_VERBS.update(dict.fromkeys(("user-add", "user-list", "user-remove", "user-passwd", "token-issue",
+                                 "token-list", "token-revoke", "grant-add", "grant-list", "grant-revoke"),
+                                "portunus.cli.users"))
 
 # Extra seconds the socket waits beyond --ack-timeout, so the server's own
 # ack_timeout error (with the pending rule) arrives before the CLI gives up.
@@ -175,12 +178,13 @@ def bootstrap_superadmin(obj: OperatorContext, name: str, fmt: str) -> None:
               help="How often a failed target is re-tried (server default 5).")
 @click.option("--ack-timeout", type=click.FloatRange(min=0, min_open=True), default=2.0,
               show_default=True, metavar="SECS", help="How long to wait for the data plane to confirm.")
+@click.option("--owner", metavar="USER", help="Superadmin only: push for USER (checked against USER's grants).")
 @format_option
 @click.pass_obj
 def push_rule(obj: OperatorContext, client: str, listen: str, target: str | None,
               extra_targets: tuple[str, ...], protocol: str, sni: str | None,
               proxy_protocol: str | None, prefer_ipv6: bool,
-              health_check_interval_secs: float | None, ack_timeout: float, fmt: str,
+              health_check_interval_secs: float | None, ack_timeout: float, owner: str | None, fmt: str,
               **caps: int | None) -> None:
     """Forward LISTEN on CLIENT to TARGET; wait until it is active.
 
@@ -200,6 +204,8 @@ def push_rule(obj: OperatorContext, client: str, listen: str, target: str | None
         sni=sni, proxy_protocol=proxy_protocol, prefer_ipv6=prefer_ipv6, rate_limit=caps,
         health_check_interval_secs=health_check_interval_secs, ack_timeout=ack_timeout,
     )
+    if owner is not None:
+        params["owner"] = owner
     try:
         rule = obj.call("rules.push", params, timeout=ack_timeout + ACK_SOCKET_SLACK)
     except PortunusError as exc:

@@ -23,8 +23,15 @@ def _span(lo: int, hi: int) -> str:
     return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
-def check_grants(grants: Sequence[GrantRow], user: str, client_id: str, client_name: str,
-                 protocol: str, lo: int, hi: int) -> None:
+def check_grants(
+    grants: Sequence[GrantRow],
+    user: str,
+    client_id: str,
+    client_name: str,
+    protocol: str,
+    lo: int,
+    hi: int,
+) -> None:
     """Raise the first refusal in contract order; return when one grant covers all."""
     on_client = [g for g in grants if g.covers_client(client_id)]
     if not on_client:
@@ -32,7 +39,8 @@ def check_grants(grants: Sequence[GrantRow], user: str, client_id: str, client_n
             "client_not_granted",
             f"user {user} has no grant on client {client_name} ({client_id}); a superadmin can add one: "
             f"grant-add {user} --client {client_name} --ports {_span(lo, hi)} --protocols {protocol}",
-            client_id=client_id, user_id=user,
+            client_id=client_id,
+            user_id=user,
         )
     with_proto = [g for g in on_client if protocol in g.protocols]
     if not with_proto:
@@ -40,7 +48,9 @@ def check_grants(grants: Sequence[GrantRow], user: str, client_id: str, client_n
         raise PortunusError(
             "protocol_not_granted",
             f"user {user} may use only {', '.join(held)} on client {client_name}; {protocol} is not granted",
-            client_id=client_id, protocol=protocol, user_id=user,
+            client_id=client_id,
+            protocol=protocol,
+            user_id=user,
         )
     if any(g.port_start <= lo and hi <= g.port_end for g in with_proto):
         return
@@ -49,18 +59,29 @@ def check_grants(grants: Sequence[GrantRow], user: str, client_id: str, client_n
         "port_outside_grant",
         f"listen ports {_span(lo, hi)} ({protocol}) on client {client_name} are not inside one grant of "
         f"user {user} (granted: {ranges}); one grant must cover the whole range",
-        client_id=client_id, protocol=protocol, ports=_span(lo, hi), granted=ranges, user_id=user,
+        client_id=client_id,
+        protocol=protocol,
+        ports=_span(lo, hi),
+        granted=ranges,
+        user_id=user,
     )
 
 
 def parse_port_range(params: dict[str, Any]) -> tuple[int, int]:
-    lo, hi = params.get("listen_port_start"), params.get("listen_port_end", params.get("listen_port_start"))
+    lo, hi = (
+        params.get("listen_port_start"),
+        params.get("listen_port_end", params.get("listen_port_start")),
+    )
     for value in (lo, hi):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-            raise ValidationError("validation.port_range", "ports must be integers 1-65535", field="ports")
+            raise ValidationError(
+                "validation.port_range", "ports must be integers 1-65535", field="ports"
+            )
     assert isinstance(lo, int) and isinstance(hi, int)
     if lo > hi:
-        raise ValidationError("validation.port_range", f"port range {lo}-{hi} is reversed", field="ports")
+        raise ValidationError(
+            "validation.port_range", f"port range {lo}-{hi} is reversed", field="ports"
+        )
     return lo, hi
 
 
@@ -69,10 +90,16 @@ def parse_protocols(value: Any) -> tuple[str, ...]:
         return ("tcp",)
     if isinstance(value, str):
         value = [p.strip() for p in value.split(",")]
-    if (not isinstance(value, list) or not value
-            or any(not isinstance(p, str) or p not in PROTOCOLS for p in value)):
-        raise ValidationError("validation.protocols", "protocols must be a non-empty list of tcp, udp",
-                              field="protocols")
+    if (
+        not isinstance(value, list)
+        or not value
+        or any(not isinstance(p, str) or p not in PROTOCOLS for p in value)
+    ):
+        raise ValidationError(
+            "validation.protocols",
+            "protocols must be a non-empty list of tcp, udp",
+            field="protocols",
+        )
     return tuple(p for p in PROTOCOLS if p in value)
 
 
@@ -80,6 +107,7 @@ def parse_note(value: Any) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or len(value) > NOTE_MAX or any(ord(c) < 32 for c in value):
-        raise ValidationError("validation.note", f"note must be text of at most {NOTE_MAX} characters",
-                              field="note")
+        raise ValidationError(
+            "validation.note", f"note must be text of at most {NOTE_MAX} characters", field="note"
+        )
     return value or None

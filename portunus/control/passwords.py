@@ -55,8 +55,11 @@ def validate_role(value: object) -> str:
 def validate_display_name(value: object) -> str | None:
     if value is None:
         return None
-    if (not isinstance(value, str) or not 1 <= len(value) <= DISPLAY_NAME_MAX
-            or any(ord(c) < 32 or ord(c) == 127 for c in value)):
+    if (
+        not isinstance(value, str)
+        or not 1 <= len(value) <= DISPLAY_NAME_MAX
+        or any(ord(c) < 32 or ord(c) == 127 for c in value)
+    ):
         raise ValidationError(
             "validation.display_name",
             f"display_name must be 1-{DISPLAY_NAME_MAX} characters without control characters",
@@ -71,11 +74,17 @@ def validate_password(value: object, field: str = "password") -> str:
         raise ValidationError("validation.password", f"{field} must be a string", field=field)
     size = len(value.encode("utf-8", "surrogatepass"))
     if size < PASSWORD_MIN_BYTES:
-        raise ValidationError("validation.password_too_short",
-                              f"{field} must be at least {PASSWORD_MIN_BYTES} bytes", field=field)
+        raise ValidationError(
+            "validation.password_too_short",
+            f"{field} must be at least {PASSWORD_MIN_BYTES} bytes",
+            field=field,
+        )
     if size > PASSWORD_MAX_BYTES:
-        raise ValidationError("validation.password_too_long",
-                              f"{field} must be at most {PASSWORD_MAX_BYTES} bytes", field=field)
+        raise ValidationError(
+            "validation.password_too_long",
+            f"{field} must be at most {PASSWORD_MAX_BYTES} bytes",
+            field=field,
+        )
     return value
 
 

@@ -72,17 +72,35 @@ POLICY: dict[str, str] = {
 }
 
 # Methods that change nothing: a session may call them without the CSRF header.
-READS: frozenset[str] = frozenset({
-    "health", "auth.whoami", "users.me", "rules.list", "rules.get", "rules.stats", "clients.list",
-    "audit.list", "users.list", "users.get", "tokens.list", "grants.list", "owner_caps.list",
-    "owner_caps.get", "traffic.query", "traffic.summary", "rules.counts",
-})
+READS: frozenset[str] = frozenset(
+    {
+        "health",
+        "auth.whoami",
+        "users.me",
+        "rules.list",
+        "rules.get",
+        "rules.stats",
+        "clients.list",
+        "audit.list",
+        "users.list",
+        "users.get",
+        "tokens.list",
+        "grants.list",
+        "owner_caps.list",
+        "owner_caps.get",
+        "rules.counts",
+        "traffic.query",
+        "traffic.summary",
+    }
+)
 
 
 def policy_of(method: str) -> str:
     level = POLICY.get(method)
     if level is None:
-        raise PortunusError("internal", f"method {method!r} has no authorization policy; refusing it")
+        raise PortunusError(
+            "internal", f"method {method!r} has no authorization policy; refusing it"
+        )
     return level
 
 
@@ -104,14 +122,18 @@ def authorize(method: str, who: Principal, csrf: bool) -> None:
             "change your password first (POST /v1/users/me/password, or the Web UI)",
         )
     if level == SUPERADMIN and not who.is_superadmin:
-        raise PortunusError("role_required", f"{method} needs the superadmin role", required_role="superadmin")
+        raise PortunusError(
+            "role_required", f"{method} needs the superadmin role", required_role="superadmin"
+        )
 
 
 def require_self(who: Principal, user_id: str, what: str) -> None:
     """A ``user`` may act on its own tokens and grants only."""
     if not who.is_superadmin and user_id != who.user:
         raise PortunusError(
-            "role_required", f"{what} of another user need the superadmin role", required_role="superadmin"
+            "role_required",
+            f"{what} of another user need the superadmin role",
+            required_role="superadmin",
         )
 
 
@@ -120,6 +142,7 @@ def require_owner(who: Principal, owner: str, rule_id: int) -> None:
     (created before users existed) belong to the superadmins."""
     if not who.is_superadmin and owner != who.user:
         raise PortunusError(
-            "not_owner", f"rule {rule_id} belongs to another user; you may act on your own rules only",
+            "not_owner",
+            f"rule {rule_id} belongs to another user; you may act on your own rules only",
             id=rule_id,
         )

@@ -60,7 +60,9 @@ def remove_setup_token(settings: Settings) -> None:
 
 
 class SessionService:
-    def __init__(self, store: Store, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, store: Store, settings: Settings, clock: Callable[[], float] = time.time
+    ) -> None:
         self.store = store
         self.settings = settings
         self.clock = clock
@@ -71,11 +73,22 @@ class SessionService:
         now = self.clock()
         await users_db.delete_expired_sessions(db, now - SESSION_IDLE_SECS, now - SESSION_MAX_SECS)
         session_id = await users_db.insert_session(db, hash_token(token), user.id, now, source)
-        await write_audit(db, user.name, "auth.login", f"user:{user.name}",
-                          details={"session_id": session_id, "source": source})
-        return {"user_id": user.name, "display_name": user.display_name or user.name, "role": user.role,
-                "password_change_required": user.password_change_required, "session_token": token,
-                "idle_timeout_secs": int(SESSION_IDLE_SECS), "max_age_secs": int(SESSION_MAX_SECS)}
+        await write_audit(
+            db,
+            user.name,
+            "auth.login",
+            f"user:{user.name}",
+            details={"session_id": session_id, "source": source},
+        )
+        return {
+            "user_id": user.name,
+            "display_name": user.display_name or user.name,
+            "role": user.role,
+            "password_change_required": user.password_change_required,
+            "session_token": token,
+            "idle_timeout_secs": int(SESSION_IDLE_SECS),
+            "max_age_secs": int(SESSION_MAX_SECS),
+        }
 
     async def login(self, params: dict[str, Any]) -> dict[str, Any]:
         user_id, password = params.get("user_id"), params.get("password")
@@ -83,17 +96,34 @@ class SessionService:
         if not isinstance(user_id, str) or not isinstance(password, str):
             raise ValidationError("validation.body", "user_id and password are required strings")
         key = (user_id[:64], source)
-        self.throttle.check(key)
+        try:
+            self.throttle.check(key)
+        except PortunusError as exc:  # a locked-out attempt is on the record too
+            async with self.store.write() as db:
+                await write_audit(db, bounded(user_id), "auth.login", f"user:{bounded(user_id)}",
+                                  outcome="error", error_code=exc.code, details={"source": source})
+            raise
         async with self.store.read() as db:
             user = await users_db.find_user(db, user_id) if len(user_id) <= 64 else None
         sane = len(password.encode("utf-8", "surrogatepass")) <= PASSWORD_MAX_BYTES
-        ok = await verify_password(user.password_hash if user and sane else None, password if sane else "")
+        ok = await verify_password(
+            user.password_hash if user and sane else None, password if sane else ""
+        )
         if not ok or user is None:
             self.throttle.failure(key)
             async with self.store.write() as db:
-                await write_audit(db, bounded(user_id), "auth.login", f"user:{bounded(user_id)}",
-                                  outcome="error", error_code="invalid_login", details={"source": source})
-            raise PortunusError("invalid_login", "wrong user id or password")
+                await write_audit(
+                    db,
+                    bounded(user_id),
+                    "auth.login",
+                    f"user:{bounded(user_id)}",
+                    outcome="error",
+                    error_code="invalid_login",
+                    details={"source": source},
+                )
+            exc = PortunusError("invalid_login", "wrong user id or password")
+            exc.audited = True  # type: ignore[attr-defined]  # recorded above, once
+            raise exc
         self.throttle.success(key)
         async with self.store.write() as db:
             return await self._new_session(db, user, source)
@@ -102,8 +132,13 @@ class SessionService:
         async with self.store.write() as db:
             if who.session_id is not None:
                 await users_db.delete_session(db, who.session_id)
-            await write_audit(db, who.user, "auth.logout", f"user:{who.user}",
-                              details={"session_id": who.session_id})
+            await write_audit(
+                db,
+                who.user,
+                "auth.logout",
+                f"user:{who.user}",
+                details={"session_id": who.session_id},
+            )
         return {}
 
     async def me(self, who: Principal) -> dict[str, Any]:
@@ -121,20 +156,38 @@ class SessionService:
         self.throttle.check(key)
         async with self.store.read() as db:
             user = await users_db.user_by_id(db, who.user_id)
-        if user is None or not isinstance(current, str) or not await verify_password(user.password_hash, current):
+        if (
+            user is None
+            or not isinstance(current, str)
+            or not await verify_password(user.password_hash, current)
+        ):
             self.throttle.failure(key)
             async with self.store.write() as db:
-                await write_audit(db, who.user, "user.password", f"user:{who.user}", outcome="error",
-                                  error_code="validation.current_password")
-            raise ValidationError("validation.current_password", "the current password is wrong",
-                                  field="current_password")
+                await write_audit(
+                    db,
+                    who.user,
+                    "user.password",
+                    f"user:{who.user}",
+                    outcome="error",
+                    error_code="validation.current_password",
+                )
+            raise ValidationError(
+                "validation.current_password",
+                "the current password is wrong",
+                field="current_password",
+            )
         self.throttle.success(key)
         digest = await hash_password(new)
         async with self.store.write() as db:
             await users_db.set_password(db, user.id, digest, change_required=False)
             revoked = await users_db.delete_sessions_of(db, user.id, keep=who.session_id)
-            await write_audit(db, who.user, "user.password", f"user:{who.user}",
-                              details={"self": True, "revoked_sessions": revoked})
+            await write_audit(
+                db,
+                who.user,
+                "user.password",
+                f"user:{who.user}",
+                details={"self": True, "revoked_sessions": revoked},
+            )
         return {}
 
     def _check_setup_token(self, token: object) -> None:
@@ -144,13 +197,20 @@ class SessionService:
                 expected = f.read().strip()
             born = os.stat(path).st_mtime
         except (FileNotFoundError, UnicodeDecodeError):
-            raise PortunusError("invalid_setup_token", "no setup link is pending; restart serve for one") from None
-        if (not isinstance(token, str) or not expected
-                or not hmac.compare_digest(token.encode(), expected.encode())):
+            raise PortunusError(
+                "invalid_setup_token", "no setup link is pending; restart serve for one"
+            ) from None
+        if (
+            not isinstance(token, str)
+            or not expected
+            or not hmac.compare_digest(token.encode(), expected.encode())
+        ):
             raise PortunusError("invalid_setup_token", "the setup token is not valid")
         if self.clock() - born > SETUP_VALID_SECS:
-            raise PortunusError("invalid_setup_token",
-                                "the setup link expired (30 minutes); restart serve for a new one")
+            raise PortunusError(
+                "invalid_setup_token",
+                "the setup link expired (30 minutes); restart serve for a new one",
+            )
 
     async def setup(self, params: dict[str, Any]) -> dict[str, Any]:
         """Redeem the first-run token: create the first superadmin with a password."""
@@ -158,8 +218,10 @@ class SessionService:
             async with self.store.read() as db:
                 done = await users_db.superadmin_has_password(db)
             if done:
-                raise PortunusError("conflict.setup_done",
-                                    "a superadmin with a password exists already; log in instead")
+                raise PortunusError(
+                    "conflict.setup_done",
+                    "a superadmin with a password exists already; log in instead",
+                )
             self._check_setup_token(params.get("token"))
             user_id = validate_user_id(params.get("user_id"))
             display = validate_display_name(params.get("display_name"))
@@ -167,16 +229,29 @@ class SessionService:
             digest = await hash_password(password)
             async with self.store.write() as db:
                 if await users_db.find_user(db, user_id) is not None:
-                    raise PortunusError("user_exists", f"user {user_id} exists already", user_id=user_id)
-                new_id = await users_db.insert_user(db, user_id, "superadmin", display, digest, False, utc_now())
-                await write_audit(db, "setup", "user.add", f"user:{user_id}",
-                                  details={"role": "superadmin", "via": "setup"})
+                    raise PortunusError(
+                        "user_exists", f"user {user_id} exists already", user_id=user_id
+                    )
+                new_id = await users_db.insert_user(
+                    db, user_id, "superadmin", display, digest, False, utc_now()
+                )
+                await write_audit(
+                    db,
+                    "setup",
+                    "user.add",
+                    f"user:{user_id}",
+                    details={"role": "superadmin", "via": "setup"},
+                )
                 user = await users_db.user_by_id(db, new_id)
                 assert user is not None
-                out = await self._new_session(db, user, bounded(params.get("source") or "unknown", _SOURCE_MAX))
+                out = await self._new_session(
+                    db, user, bounded(params.get("source") or "unknown", _SOURCE_MAX)
+                )
         except PortunusError as exc:
             async with self.store.write() as db:
-                await write_audit(db, "anonymous", "auth.setup", None, outcome="error", error_code=exc.code)
+                await write_audit(
+                    db, "anonymous", "auth.setup", None, outcome="error", error_code=exc.code
+                )
             exc.audited = True  # type: ignore[attr-defined]
             raise
         remove_setup_token(self.settings)

@@ -60,7 +60,9 @@ class LoginThrottle:
         while pair.failures and now - pair.failures[0] > WINDOW_SECS:
             pair.failures.popleft()
         if len(pair.failures) >= MAX_FAILURES:
-            pair.lock_secs = LOCK_FIRST_SECS if pair.lock_secs == 0 else min(pair.lock_secs * 2, LOCK_MAX_SECS)
+            pair.lock_secs = (
+                LOCK_FIRST_SECS if pair.lock_secs == 0 else min(pair.lock_secs * 2, LOCK_MAX_SECS)
+            )
             pair.locked_until = now + pair.lock_secs
             pair.failures.clear()
         while len(self._pairs) > MAX_KEYS:

@@ -41,7 +41,9 @@ def _int_id(params: dict[str, Any], key: str, missing: str, what: str) -> int:
     if isinstance(raw, str) and is_ascii_digits(raw.strip()) and len(raw.strip()) <= 18:
         raw = int(raw.strip())
     if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
-        raise PortunusError(missing, f"no {what} {bounded(raw)!s} ({what} ids are positive numbers)", id=raw)
+        raise PortunusError(
+            missing, f"no {what} {bounded(raw)!s} ({what} ids are positive numbers)", id=raw
+        )
     return raw
 
 
@@ -59,10 +61,19 @@ class UserService:
         self.settings = settings
         self.rules = rules
 
-    async def _refused(self, who: Principal, action: str, target: str | None, exc: PortunusError) -> None:
+    async def _refused(
+        self, who: Principal, action: str, target: str | None, exc: PortunusError
+    ) -> None:
         async with self.store.write() as db:
-            await write_audit(db, who.user, action, target, outcome="error", error_code=exc.code,
-                              details={"message": exc.message, "token_id": who.token_id or None})
+            await write_audit(
+                db,
+                who.user,
+                action,
+                target,
+                outcome="error",
+                error_code=exc.code,
+                details={"message": exc.message, "token_id": who.token_id or None},
+            )
         exc.audited = True  # type: ignore[attr-defined]
 
     async def _drain(self, who: Principal, rule_ids: list[int]) -> list[int]:
@@ -85,8 +96,11 @@ class UserService:
         try:
             unknown = sorted(set(params) - {"user_id", "display_name", "role", "password"})
             if unknown:
-                raise ValidationError("validation.unknown_field", f"unknown field(s): {', '.join(unknown)}",
-                                      field=unknown[0])
+                raise ValidationError(
+                    "validation.unknown_field",
+                    f"unknown field(s): {', '.join(unknown)}",
+                    field=unknown[0],
+                )
             user_id = validate_user_id(params.get("user_id"))
             role = validate_role(params.get("role", "user"))
             display = validate_display_name(params.get("display_name"))
@@ -95,10 +109,19 @@ class UserService:
             digest = await hash_password(password)
             async with self.store.write() as db:
                 if await users_db.find_user(db, user_id) is not None:
-                    raise PortunusError("user_exists", f"user {user_id} exists already", user_id=user_id)
-                new_id = await users_db.insert_user(db, user_id, role, display, digest, given is None, utc_now())
-                await write_audit(db, who.user, "user.add", target,
-                                  details={"role": role, "temporary_password": given is None})
+                    raise PortunusError(
+                        "user_exists", f"user {user_id} exists already", user_id=user_id
+                    )
+                new_id = await users_db.insert_user(
+                    db, user_id, role, display, digest, given is None, utc_now()
+                )
+                await write_audit(
+                    db,
+                    who.user,
+                    "user.add",
+                    target,
+                    details={"role": role, "temporary_password": given is None},
+                )
                 user = await users_db.user_by_id(db, new_id)
         except PortunusError as exc:
             await self._refused(who, "user.add", target, exc)
@@ -130,21 +153,37 @@ class UserService:
                 if user.id == who.user_id:
                     raise PortunusError("cannot_remove_self", "you cannot remove your own user")
                 if user.name == OPERATOR_USER:
-                    raise PortunusError("conflict", "`operator` holds the operator token and cannot be removed")
-                if user.role == "superadmin" and await users_db.count_superadmins(db, except_id=user.id) == 0:
-                    raise PortunusError("last_superadmin", f"{name} is the last superadmin; add another first")
+                    raise PortunusError(
+                        "conflict", "`operator` holds the operator token and cannot be removed"
+                    )
+                if (
+                    user.role == "superadmin"
+                    and await users_db.count_superadmins(db, except_id=user.id) == 0
+                ):
+                    raise PortunusError(
+                        "last_superadmin", f"{name} is the last superadmin; add another first"
+                    )
                 tokens = await users_db.live_token_ids(db, user.id)
                 grants = [g.id for g in await users_db.list_grants(db, user.id)]
                 rules = [s.rule_id for s in await rules_db.list_rules(db, owner=user.name)]
                 await users_db.delete_user(db, user.id)  # tokens, grants, sessions go with it
-                await write_audit(db, who.user, "user.remove", target,
-                                  details={"tokens": tokens, "grants": grants, "rules": rules})
+                await write_audit(
+                    db,
+                    who.user,
+                    "user.remove",
+                    target,
+                    details={"tokens": tokens, "grants": grants, "rules": rules},
+                )
         except PortunusError as exc:
             await self._refused(who, "user.remove", target, exc)
             raise
         removed = await self._drain(who, rules)
-        return {"user_id": user.name, "removed_rule_ids": removed, "revoked_grant_ids": grants,
-                "revoked_token_ids": tokens}
+        return {
+            "user_id": user.name,
+            "removed_rule_ids": removed,
+            "revoked_grant_ids": grants,
+            "revoked_token_ids": tokens,
+        }
 
     async def passwd(self, who: Principal, params: dict[str, Any]) -> dict[str, Any]:
         """Set a user's password (or a temporary one) and end that user's sessions."""
@@ -158,15 +197,23 @@ class UserService:
                 user = await users_db.require_user(db, name)
                 await users_db.set_password(db, user.id, digest, change_required=given is None)
                 revoked = await users_db.delete_sessions_of(db, user.id)
-                await write_audit(db, who.user, "user.password", target,
-                                  details={"temporary_password": given is None, "revoked_sessions": revoked})
+                await write_audit(
+                    db,
+                    who.user,
+                    "user.password",
+                    target,
+                    details={"temporary_password": given is None, "revoked_sessions": revoked},
+                )
         except PortunusError as exc:
             await self._refused(who, "user.password", target, exc)
             raise
         if user.role == "superadmin" and given is not None:
             remove_setup_token(self.settings)
-        out: dict[str, Any] = {"user_id": user.name, "password_change_required": given is None,
-                               "revoked_sessions": revoked}
+        out: dict[str, Any] = {
+            "user_id": user.name,
+            "password_change_required": given is None,
+            "revoked_sessions": revoked,
+        }
         if given is None:
             out["temporary_password"] = password
         return out
@@ -179,20 +226,38 @@ class UserService:
             name = _user_ref(params)
             require_self(who, name, "tokens")
             label = params.get("name")
-            if label is not None and (not isinstance(label, str) or not 1 <= len(label) <= TOKEN_NAME_MAX
-                                      or not label.isprintable()):
-                raise ValidationError("validation.name", f"name must be 1-{TOKEN_NAME_MAX} printable characters",
-                                      field="name")
+            if label is not None and (
+                not isinstance(label, str)
+                or not 1 <= len(label) <= TOKEN_NAME_MAX
+                or not label.isprintable()
+            ):
+                raise ValidationError(
+                    "validation.name",
+                    f"name must be 1-{TOKEN_NAME_MAX} printable characters",
+                    field="name",
+                )
             token = secrets.token_urlsafe(32)
             now = utc_now()
             async with self.store.write() as db:
                 user = await users_db.require_user(db, name)
                 token_id = await users_db.insert_token(db, user.id, hash_token(token), label, now)
-                await write_audit(db, who.user, "token.issue", target, details={"token_id": token_id, "name": label})
+                await write_audit(
+                    db,
+                    who.user,
+                    "token.issue",
+                    target,
+                    details={"token_id": token_id, "name": label},
+                )
         except PortunusError as exc:
             await self._refused(who, "token.issue", target, exc)
             raise
-        return {"token_id": token_id, "token": token, "name": label, "created_at": now, "user_id": user.name}
+        return {
+            "token_id": token_id,
+            "token": token,
+            "name": label,
+            "created_at": now,
+            "user_id": user.name,
+        }
 
     async def list_tokens(self, who: Principal, params: dict[str, Any]) -> dict[str, Any]:
         name = params.get("user_id")
@@ -214,28 +279,44 @@ class UserService:
             async with self.store.write() as db:
                 found = await users_db.get_token(db, token_id)
                 if found is None:
-                    raise PortunusError("token_not_found", f"no token {token_id}", token_id=token_id)
+                    raise PortunusError(
+                        "token_not_found", f"no token {token_id}", token_id=token_id
+                    )
                 require_self(who, found["user_id"], "tokens")
                 if found["label"] == "operator":
-                    raise PortunusError("conflict", "the operator token is managed by operator.token / "
-                                        "server.toml; replace it there")
+                    raise PortunusError(
+                        "conflict",
+                        "the operator token is managed by operator.token / "
+                        "server.toml; replace it there",
+                    )
                 await users_db.revoke_token(db, token_id, now)
-                await write_audit(db, who.user, "token.revoke", target, details={"user": found["user_id"]})
+                await write_audit(
+                    db, who.user, "token.revoke", target, details={"user": found["user_id"]}
+                )
         except PortunusError as exc:
             await self._refused(who, "token.revoke", target, exc)
             raise
-        return {"token_id": token_id, "user_id": found["user_id"], "revoked_at": found["revoked_at"] or now}
+        return {
+            "token_id": token_id,
+            "user_id": found["user_id"],
+            "revoked_at": found["revoked_at"] or now,
+        }
 
     # ------------------------------------------------------------ grants
 
     async def add_grant(self, who: Principal, params: dict[str, Any]) -> dict[str, Any]:
         target = f"user:{bounded(params.get('user_id'))}"
         try:
-            unknown = sorted(set(params) - {"user_id", "client", "listen_port_start", "listen_port_end",
-                                            "protocols", "note"})
+            unknown = sorted(
+                set(params)
+                - {"user_id", "client", "listen_port_start", "listen_port_end", "protocols", "note"}
+            )
             if unknown:
-                raise ValidationError("validation.unknown_field", f"unknown field(s): {', '.join(unknown)}",
-                                      field=unknown[0])
+                raise ValidationError(
+                    "validation.unknown_field",
+                    f"unknown field(s): {', '.join(unknown)}",
+                    field=unknown[0],
+                )
             name = _user_ref(params)
             lo, hi = parse_port_range(params)
             protocols = parse_protocols(params.get("protocols"))
@@ -247,10 +328,21 @@ class UserService:
                     client_id = "*"
                 else:
                     client_id = (await accounts.resolve_client(db, client_ref)).client_id  # type: ignore[arg-type]
-                grant_id = await users_db.insert_grant(db, user.id, client_id, lo, hi, protocols, note, utc_now())
-                await write_audit(db, who.user, "grant.add", target,
-                                  details={"grant_id": grant_id, "client_id": client_id, "ports": f"{lo}-{hi}",
-                                           "protocols": list(protocols)})
+                grant_id = await users_db.insert_grant(
+                    db, user.id, client_id, lo, hi, protocols, note, utc_now()
+                )
+                await write_audit(
+                    db,
+                    who.user,
+                    "grant.add",
+                    target,
+                    details={
+                        "grant_id": grant_id,
+                        "client_id": client_id,
+                        "ports": f"{lo}-{hi}",
+                        "protocols": list(protocols),
+                    },
+                )
                 grant = await users_db.get_grant(db, grant_id)
         except PortunusError as exc:
             await self._refused(who, "grant.add", target, exc)
@@ -279,18 +371,35 @@ class UserService:
             async with self.store.write() as db:
                 grant = await users_db.get_grant(db, grant_id)
                 if grant is None:
-                    raise PortunusError("grant_not_found", f"no grant {grant_id}", grant_id=grant_id)
+                    raise PortunusError(
+                        "grant_not_found", f"no grant {grant_id}", grant_id=grant_id
+                    )
                 await users_db.delete_grant(db, grant_id)
                 user = await users_db.user_by_id(db, grant.user_id)
                 left = await users_db.list_grants(db, grant.user_id)
                 owned = await rules_db.list_rules(db, owner=grant.user)
-                doomed = [] if user is None or user.role == "superadmin" else [
-                    s.rule_id for s in owned
-                    if s.state != "draining" and not any(
-                        g.covers(s.client_id, s.rule.protocol, s.rule.listen_start, s.rule.listen_end) for g in left)
-                ]
-                await write_audit(db, who.user, "grant.revoke", target,
-                                  details={"user": grant.user, "rules": doomed})
+                doomed = (
+                    []
+                    if user is None or user.role == "superadmin"
+                    else [
+                        s.rule_id
+                        for s in owned
+                        if s.state != "draining"
+                        and not any(
+                            g.covers(
+                                s.client_id, s.rule.protocol, s.rule.listen_start, s.rule.listen_end
+                            )
+                            for g in left
+                        )
+                    ]
+                )
+                await write_audit(
+                    db,
+                    who.user,
+                    "grant.revoke",
+                    target,
+                    details={"user": grant.user, "rules": doomed},
+                )
         except PortunusError as exc:
             await self._refused(who, "grant.revoke", target, exc)
             raise

@@ -8,109 +8,264 @@ from typing import Any
 
 from portunus.web.openapi import _op, _q, ref
 
-_USER_ID = {"type": "string", "minLength": 1, "maxLength": 64, "x-error-code": "validation.user_id",
-            "description": "New ids: a lower-case letter, then up to 31 of a-z 0-9 _ -."}
-_PASSWORD = {"type": "string", "minLength": 1, "maxLength": 4096, "x-error-code": "validation.password",
-             "description": "12-1024 bytes (UTF-8); stored as Argon2id, never echoed."}
-_DISPLAY = {"type": "string", "minLength": 1, "maxLength": 64, "x-error-code": "validation.display_name"}
-_PORT_RANGE = {"type": "integer", "minimum": 1, "maximum": 65535, "x-error-code": "validation.port_range"}
+_USER_ID = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 64,
+    "x-error-code": "validation.user_id",
+    "description": "New ids: a lower-case letter, then up to 31 of a-z 0-9 _ -.",
+}
+_PASSWORD = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 4096,
+    "x-error-code": "validation.password",
+    "description": "12-1024 bytes (UTF-8); stored as Argon2id, never echoed.",
+}
+_DISPLAY = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 64,
+    "x-error-code": "validation.display_name",
+}
+_PORT_RANGE = {
+    "type": "integer",
+    "minimum": 1,
+    "maximum": 65535,
+    "x-error-code": "validation.port_range",
+}
 
 
 def _body(props: dict[str, Any], required: list[str], description: str) -> dict[str, Any]:
-    return {"type": "object", "description": description, "properties": props, "required": required,
-            "additionalProperties": False, "x-error-code": "validation.body"}
+    return {
+        "type": "object",
+        "description": description,
+        "properties": props,
+        "required": required,
+        "additionalProperties": False,
+        "x-error-code": "validation.body",
+    }
 
 
 _USER = {
     "type": "object",
     "properties": {
-        "user_id": {"type": "string"}, "display_name": {"type": "string"},
-        "role": {"enum": ["superadmin", "user"]}, "password_change_required": {"type": "boolean"},
-        "has_password": {"type": "boolean"}, "builtin": {"type": "boolean"},
+        "user_id": {"type": "string"},
+        "display_name": {"type": "string"},
+        "role": {"enum": ["superadmin", "user"]},
+        "password_change_required": {"type": "boolean"},
+        "has_password": {"type": "boolean"},
+        "builtin": {"type": "boolean"},
         "created_at": {"type": "string", "format": "date-time"},
-        "temporary_password": {"type": "string", "description": "Only when created without a password: "
-                               "shown once, must be changed at first login."},
+        "temporary_password": {
+            "type": "string",
+            "description": "Only when created without a password: "
+            "shown once, must be changed at first login.",
+        },
     },
     "required": ["user_id", "display_name", "role", "password_change_required"],
 }
-_ME = {"type": "object", "properties": {k: _USER["properties"][k] for k in
-                                        ("user_id", "display_name", "role", "password_change_required")},
-       "required": ["user_id", "display_name", "role", "password_change_required"]}
+_ME = {
+    "type": "object",
+    "properties": {
+        k: _USER["properties"][k]
+        for k in ("user_id", "display_name", "role", "password_change_required")
+    },
+    "required": ["user_id", "display_name", "role", "password_change_required"],
+}
 _TOKEN = {
     "type": "object",
-    "properties": {"token_id": {"type": "integer"}, "user_id": {"type": "string"}, "name": {"type": ["string", "null"]},
-                   "created_at": {"type": "string"}, "last_used_at": {"type": ["string", "null"]},
-                   "revoked_at": {"type": ["string", "null"]}},
+    "properties": {
+        "token_id": {"type": "integer"},
+        "user_id": {"type": "string"},
+        "name": {"type": ["string", "null"]},
+        "created_at": {"type": "string"},
+        "last_used_at": {"type": ["string", "null"]},
+        "revoked_at": {"type": ["string", "null"]},
+    },
     "required": ["token_id", "user_id", "name", "created_at"],
 }
 _GRANT = {
     "type": "object",
-    "properties": {"grant_id": {"type": "integer"}, "user_id": {"type": "string"},
-                   "client": {"type": "string", "description": "Client name, or `*` for every client."},
-                   "client_id": {"type": "string"}, "listen_port_start": {"type": "integer"},
-                   "listen_port_end": {"type": "integer"},
-                   "protocols": {"type": "array", "items": {"enum": ["tcp", "udp"]}},
-                   "note": {"type": ["string", "null"]}, "created_at": {"type": "string"}},
-    "required": ["grant_id", "user_id", "client", "listen_port_start", "listen_port_end", "protocols"],
+    "properties": {
+        "grant_id": {"type": "integer"},
+        "user_id": {"type": "string"},
+        "client": {"type": "string", "description": "Client name, or `*` for every client."},
+        "client_id": {"type": "string"},
+        "listen_port_start": {"type": "integer"},
+        "listen_port_end": {"type": "integer"},
+        "protocols": {"type": "array", "items": {"enum": ["tcp", "udp"]}},
+        "note": {"type": ["string", "null"]},
+        "created_at": {"type": "string"},
+    },
+    "required": [
+        "grant_id",
+        "user_id",
+        "client",
+        "listen_port_start",
+        "listen_port_end",
+        "protocols",
+    ],
 }
 _IDS = {"type": "array", "items": {"type": "integer"}}
 
 SCHEMAS: dict[str, dict[str, Any]] = {
-    "LoginBody": _body({"user_id": _USER_ID, "password": _PASSWORD}, ["user_id", "password"], "Log in."),
-    "SetupBody": _body({"token": {"type": "string", "minLength": 1, "maxLength": 512,
-                                  "x-error-code": "validation.token"},
-                        "user_id": _USER_ID, "password": _PASSWORD, "display_name": _DISPLAY},
-                       ["token", "user_id", "password"],
-                       "Redeem the first-run setup token: creates the first superadmin."),
-    "OwnPasswordBody": _body({"current_password": _PASSWORD, "new_password": _PASSWORD},
-                             ["current_password", "new_password"], "Change your own password."),
-    "UserBody": _body({"user_id": _USER_ID, "display_name": _DISPLAY,
-                       "role": {"enum": ["superadmin", "user"], "default": "user", "x-error-code": "validation.role"},
-                       "password": _PASSWORD}, ["user_id"],
-                      "A new user; without a password a temporary one is answered once."),
-    "PasswordBody": _body({"password": _PASSWORD}, [],
-                          "Set a user's password; without one a temporary password is answered once."),
-    "TokenBody": _body({"name": {"type": "string", "minLength": 1, "maxLength": 64,
-                                 "x-error-code": "validation.name"}}, [], "A new API token for the user."),
-    "GrantBody": _body({"user_id": _USER_ID,
-                        "client": {"type": "string", "minLength": 1, "maxLength": 64,
-                                   "x-error-code": "validation.client",
-                                   "description": "Client name or id, or `*` for every client."},
-                        "listen_port_start": _PORT_RANGE, "listen_port_end": _PORT_RANGE,
-                        "protocols": {"type": "array", "minItems": 1, "maxItems": 2,
-                                      "items": {"enum": ["tcp", "udp"]}, "x-error-code": "validation.protocols"},
-                        "note": {"type": ["string", "null"], "maxLength": 256, "x-error-code": "validation.note"}},
-                       ["user_id", "client", "listen_port_start", "listen_port_end"],
-                       "Allow a user to push rules on a client, protocol and listen-port range."),
+    "LoginBody": _body(
+        {"user_id": _USER_ID, "password": _PASSWORD}, ["user_id", "password"], "Log in."
+    ),
+    "SetupBody": _body(
+        {
+            "token": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 512,
+                "x-error-code": "validation.token",
+            },
+            "user_id": _USER_ID,
+            "password": _PASSWORD,
+            "display_name": _DISPLAY,
+        },
+        ["token", "user_id", "password"],
+        "Redeem the first-run setup token: creates the first superadmin.",
+    ),
+    "OwnPasswordBody": _body(
+        {"current_password": _PASSWORD, "new_password": _PASSWORD},
+        ["current_password", "new_password"],
+        "Change your own password.",
+    ),
+    "UserBody": _body(
+        {
+            "user_id": _USER_ID,
+            "display_name": _DISPLAY,
+            "role": {
+                "enum": ["superadmin", "user"],
+                "default": "user",
+                "x-error-code": "validation.role",
+            },
+            "password": _PASSWORD,
+        },
+        ["user_id"],
+        "A new user; without a password a temporary one is answered once.",
+    ),
+    "PasswordBody": _body(
+        {"password": _PASSWORD},
+        [],
+        "Set a user's password; without one a temporary password is answered once.",
+    ),
+    "TokenBody": _body(
+        {
+            "name": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 64,
+                "x-error-code": "validation.name",
+            }
+        },
+        [],
+        "A new API token for the user.",
+    ),
+    "GrantBody": _body(
+        {
+            "user_id": _USER_ID,
+            "client": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 64,
+                "x-error-code": "validation.client",
+                "description": "Client name or id, or `*` for every client.",
+            },
+            "listen_port_start": _PORT_RANGE,
+            "listen_port_end": _PORT_RANGE,
+            "protocols": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 2,
+                "items": {"enum": ["tcp", "udp"]},
+                "x-error-code": "validation.protocols",
+            },
+            "note": {
+                "type": ["string", "null"],
+                "maxLength": 256,
+                "x-error-code": "validation.note",
+            },
+        },
+        ["user_id", "client", "listen_port_start", "listen_port_end"],
+        "Allow a user to push rules on a client, protocol and listen-port range.",
+    ),
     "User": _USER,
     "Me": _ME,
-    "UserList": {"type": "object", "properties": {"users": {"type": "array", "items": ref("User")}},
-                 "required": ["users"]},
-    "UserRemoved": {"type": "object", "properties": {"user_id": {"type": "string"}, "removed_rule_ids": _IDS,
-                                                     "revoked_grant_ids": _IDS, "revoked_token_ids": _IDS},
-                    "required": ["user_id", "removed_rule_ids", "revoked_grant_ids", "revoked_token_ids"]},
-    "PasswordSet": {"type": "object", "properties": {"user_id": {"type": "string"},
-                                                     "password_change_required": {"type": "boolean"},
-                                                     "revoked_sessions": {"type": "integer"},
-                                                     "temporary_password": {"type": "string"}},
-                    "required": ["user_id", "password_change_required"]},
+    "UserList": {
+        "type": "object",
+        "properties": {"users": {"type": "array", "items": ref("User")}},
+        "required": ["users"],
+    },
+    "UserRemoved": {
+        "type": "object",
+        "properties": {
+            "user_id": {"type": "string"},
+            "removed_rule_ids": _IDS,
+            "revoked_grant_ids": _IDS,
+            "revoked_token_ids": _IDS,
+        },
+        "required": ["user_id", "removed_rule_ids", "revoked_grant_ids", "revoked_token_ids"],
+    },
+    "PasswordSet": {
+        "type": "object",
+        "properties": {
+            "user_id": {"type": "string"},
+            "password_change_required": {"type": "boolean"},
+            "revoked_sessions": {"type": "integer"},
+            "temporary_password": {"type": "string"},
+        },
+        "required": ["user_id", "password_change_required"],
+    },
     "Token": _TOKEN,
-    "IssuedToken": {"type": "object", "properties": {**_TOKEN["properties"], "token": {
-        "type": "string", "description": "Shown once; only its hash is stored."}},
-        "required": ["token_id", "token", "name", "created_at"]},
-    "TokenList": {"type": "object", "properties": {"tokens": {"type": "array", "items": ref("Token")}},
-                  "required": ["tokens"]},
+    "IssuedToken": {
+        "type": "object",
+        "properties": {
+            **_TOKEN["properties"],
+            "token": {"type": "string", "description": "Shown once; only its hash is stored."},
+        },
+        "required": ["token_id", "token", "name", "created_at"],
+    },
+    "TokenList": {
+        "type": "object",
+        "properties": {"tokens": {"type": "array", "items": ref("Token")}},
+        "required": ["tokens"],
+    },
     "Grant": _GRANT,
-    "GrantList": {"type": "object", "properties": {"grants": {"type": "array", "items": ref("Grant")}},
-                  "required": ["grants"]},
-    "GrantRevoked": {"type": "object", "properties": {"grant_id": {"type": "integer"}, "removed_rule_ids": _IDS},
-                     "required": ["grant_id", "removed_rule_ids"]},
+    "GrantList": {
+        "type": "object",
+        "properties": {"grants": {"type": "array", "items": ref("Grant")}},
+        "required": ["grants"],
+    },
+    "GrantRevoked": {
+        "type": "object",
+        "properties": {"grant_id": {"type": "integer"}, "removed_rule_ids": _IDS},
+        "required": ["grant_id", "removed_rule_ids"],
+    },
 }
 
-_USER_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}, "description": "User id"}
-_NUM_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
-_COOKIE = {"Set-Cookie": {"description": "portunus_session=…; HttpOnly; SameSite=Strict; Path=/ (+ Secure "
-                                         "over https)", "schema": {"type": "string"}}}
+_USER_PARAM = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "User id",
+}
+_NUM_PARAM = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "integer", "minimum": 1},
+}
+_COOKIE = {
+    "Set-Cookie": {
+        "description": "portunus_session=…; HttpOnly; SameSite=Strict; Path=/ (+ Secure "
+        "over https)",
+        "schema": {"type": "string"},
+    }
+}
 
 
 def _with_cookie(op: dict[str, Any], status: str) -> dict[str, Any]:
@@ -120,59 +275,134 @@ def _with_cookie(op: dict[str, Any], status: str) -> dict[str, Any]:
 
 PATHS: dict[str, dict[str, Any]] = {
     "/v1/auth/login": {
-        "post": _with_cookie(_op("login", "Log in to the Web UI: sets the session cookie", "200", ref("Me"),
-                                 ("400", "401", "413", "429", "503"), body="LoginBody", public=True), "200"),
+        "post": _with_cookie(
+            _op(
+                "login",
+                "Log in to the Web UI: sets the session cookie",
+                "200",
+                ref("Me"),
+                ("400", "401", "413", "429", "503"),
+                body="LoginBody",
+                public=True,
+            ),
+            "200",
+        ),
     },
     "/v1/auth/setup": {
-        "post": _with_cookie(_op("setup", "First run: redeem the setup token, create the first superadmin "
-                                 "and log in", "201", ref("Me"), ("400", "401", "409", "413", "503"),
-                                 body="SetupBody", public=True), "201"),
+        "post": _with_cookie(
+            _op(
+                "setup",
+                "First run: redeem the setup token, create the first superadmin and log in",
+                "201",
+                ref("Me"),
+                ("400", "401", "409", "413", "503"),
+                body="SetupBody",
+                public=True,
+            ),
+            "201",
+        ),
     },
     "/v1/auth/logout": {
         "post": _op("logout", "End this session and clear the cookie", "204", None, ()),
     },
     "/v1/users/me": {"get": _op("me", "Who is calling", "200", ref("Me"), ())},
     "/v1/users/me/password": {
-        "post": _op("changeMyPassword", "Change your own password; your other sessions end", "204", None,
-                    ("400", "413"), body="OwnPasswordBody"),
+        "post": _op(
+            "changeMyPassword",
+            "Change your own password; your other sessions end",
+            "204",
+            None,
+            ("400", "413"),
+            body="OwnPasswordBody",
+        ),
     },
     "/v1/users": {
         "get": _op("listUsers", "Every user (superadmin)", "200", ref("UserList"), ()),
-        "post": _op("addUser", "Create a user (superadmin)", "201", ref("User"), ("400", "409", "413"),
-                    body="UserBody"),
+        "post": _op(
+            "addUser",
+            "Create a user (superadmin)",
+            "201",
+            ref("User"),
+            ("400", "409", "413"),
+            body="UserBody",
+        ),
     },
     "/v1/users/{id}": {
         "parameters": [_USER_PARAM],
         "get": _op("getUser", "One user (superadmin, or yourself)", "200", ref("User"), ("404",)),
-        "delete": _op("removeUser", "Remove a user with its rules (drained), tokens, grants and sessions",
-                      "200", ref("UserRemoved"), ("404", "409")),
+        "delete": _op(
+            "removeUser",
+            "Remove a user with its rules (drained), tokens, grants and sessions",
+            "200",
+            ref("UserRemoved"),
+            ("404", "409"),
+        ),
     },
     "/v1/users/{id}/password": {
         "parameters": [_USER_PARAM],
-        "post": _op("setUserPassword", "Set a user's password (superadmin); the user's sessions end", "200",
-                    ref("PasswordSet"), ("400", "404", "413"), body="PasswordBody"),
+        "post": _op(
+            "setUserPassword",
+            "Set a user's password (superadmin); the user's sessions end",
+            "200",
+            ref("PasswordSet"),
+            ("400", "404", "413"),
+            body="PasswordBody",
+        ),
     },
     "/v1/users/{id}/tokens": {
         "parameters": [_USER_PARAM],
-        "get": _op("listTokens", "A user's API tokens (superadmin, or your own)", "200", ref("TokenList"),
-                   ("404",)),
-        "post": _op("issueToken", "Issue an API token acting as the user; shown once", "201", ref("IssuedToken"),
-                    ("400", "404", "413"), body="TokenBody"),
+        "get": _op(
+            "listTokens",
+            "A user's API tokens (superadmin, or your own)",
+            "200",
+            ref("TokenList"),
+            ("404",),
+        ),
+        "post": _op(
+            "issueToken",
+            "Issue an API token acting as the user; shown once",
+            "201",
+            ref("IssuedToken"),
+            ("400", "404", "413"),
+            body="TokenBody",
+        ),
     },
     "/v1/tokens/{id}": {
         "parameters": [_NUM_PARAM],
-        "delete": _op("revokeToken", "Revoke a token; it fails from the next request on", "204", None,
-                      ("404", "409")),
+        "delete": _op(
+            "revokeToken",
+            "Revoke a token; it fails from the next request on",
+            "204",
+            None,
+            ("404", "409"),
+        ),
     },
     "/v1/grants": {
-        "get": _op("listGrants", "Grants (superadmin: all or ?user=; a user: its own)", "200", ref("GrantList"),
-                   ("404",), params=[_q("user", {"type": "string"}, "Only this user's grants")]),
-        "post": _op("addGrant", "Grant a user a client, protocols and a listen-port range (superadmin)", "201",
-                    ref("Grant"), ("400", "404", "409", "413"), body="GrantBody"),
+        "get": _op(
+            "listGrants",
+            "Grants (superadmin: all or ?user=; a user: its own)",
+            "200",
+            ref("GrantList"),
+            ("404",),
+            params=[_q("user", {"type": "string"}, "Only this user's grants")],
+        ),
+        "post": _op(
+            "addGrant",
+            "Grant a user a client, protocols and a listen-port range (superadmin)",
+            "201",
+            ref("Grant"),
+            ("400", "404", "409", "413"),
+            body="GrantBody",
+        ),
     },
     "/v1/grants/{id}": {
         "parameters": [_NUM_PARAM],
-        "delete": _op("revokeGrant", "Revoke a grant; the user's rules it alone covered are removed (drained)",
-                      "200", ref("GrantRevoked"), ("404",)),
+        "delete": _op(
+            "revokeGrant",
+            "Revoke a grant; the user's rules it alone covered are removed (drained)",
+            "200",
+            ref("GrantRevoked"),
+            ("404",),
+        ),
     },
 }

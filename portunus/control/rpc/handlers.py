@@ -307,41 +307,42 @@ async def grants_revoke(ctx: ControlContext, who: Principal, params: dict[str, A
     return await _users(ctx).revoke_grant(who, params)
 
 
-# Every method; who may call it is policy.POLICY[method].
-METHODS: dict[str, Handler] = {
-    "health": health,
-    "auth.login": auth_login,
-    "auth.setup": auth_setup,
-    "auth.logout": auth_logout,
-    "auth.whoami": whoami,
-    "users.me": users_me,
-    "users.me.password": users_me_password,
-    "rules.push": rules_push,
-    "rules.list": rules_list,
-    "rules.counts": rules_counts,
-    "rules.get": rules_get,
-    "rules.update": rules_update,
-    "rules.remove": rules_remove,
-    "rules.stats": rules_stats,
-    "clients.list": clients_list,
-    "clients.enroll": clients_enroll,
-    "clients.rename": clients_rename,
-    "clients.revoke": clients_revoke,
-    "clients.delete": clients_delete,
-    "audit.list": audit_list,
-    "users.add": users_add,
-    "users.list": users_list,
-    "users.get": users_get,
-    "users.remove": users_remove,
-    "users.passwd": users_passwd,
-    "tokens.issue": tokens_issue,
-    "tokens.list": tokens_list,
-    "tokens.revoke": tokens_revoke,
-    "grants.add": grants_add,
-    "grants.list": grants_list,
-    "grants.revoke": grants_revoke,
-    "traffic.query": traffic_history,
-    "traffic.summary": traffic_now,
+# method -> (needs an identity, handler).  Who may call it is policy.POLICY[method];
+# the flag must agree with it (tests/unit/control/test_control_policy.py).
+METHODS: dict[str, tuple[bool, Handler]] = {
+    "health": (False, health),
+    "auth.whoami": (True, whoami),
+    "rules.push": (True, rules_push),
+    "rules.list": (True, rules_list),
+    "rules.counts": (True, rules_counts),
+    "rules.get": (True, rules_get),
+    "rules.update": (True, rules_update),
+    "rules.remove": (True, rules_remove),
+    "rules.stats": (True, rules_stats),
+    "clients.list": (True, clients_list),
+    "clients.enroll": (True, clients_enroll),
+    "clients.rename": (True, clients_rename),
+    "clients.revoke": (True, clients_revoke),
+    "clients.delete": (True, clients_delete),
+    "audit.list": (True, audit_list),
+    "auth.login": (False, auth_login),
+    "auth.setup": (False, auth_setup),
+    "auth.logout": (True, auth_logout),
+    "users.me": (True, users_me),
+    "users.me.password": (True, users_me_password),
+    "users.add": (True, users_add),
+    "users.list": (True, users_list),
+    "users.get": (True, users_get),
+    "users.remove": (True, users_remove),
+    "users.passwd": (True, users_passwd),
+    "tokens.issue": (True, tokens_issue),
+    "tokens.list": (True, tokens_list),
+    "tokens.revoke": (True, tokens_revoke),
+    "grants.add": (True, grants_add),
+    "grants.list": (True, grants_list),
+    "grants.revoke": (True, grants_revoke),
+    "traffic.query": (True, traffic_history),
+    "traffic.summary": (True, traffic_now),
 }
 _ANONYMOUS = Principal(user_id=0, user="anonymous", role="", token_id=0)
 
@@ -362,13 +363,14 @@ class Dispatcher:
         self.ctx = ctx
 
     async def __call__(self, req: Request) -> Any:
-        handler = METHODS.get(req.method)
-        if handler is None:
+        entry = METHODS.get(req.method)
+        if entry is None:
             raise PortunusError(
                 "not_found",
                 f"unknown method {req.method!r}; known: {', '.join(sorted(METHODS))}",
                 method=req.method,
             )
+        _needs_identity, handler = entry
         who = _ANONYMOUS
         try:
             if policy_of(req.method) != PUBLIC:

@@ -42,8 +42,15 @@ class UserRow:
 
 
 def _user(row: aiosqlite.Row) -> UserRow:
-    return UserRow(row["id"], row["name"], row["role"], row["display_name"], row["password_hash"],
-                   bool(row["password_change_required"]), row["created_at"])
+    return UserRow(
+        row["id"],
+        row["name"],
+        row["role"],
+        row["display_name"],
+        row["password_hash"],
+        bool(row["password_change_required"]),
+        row["created_at"],
+    )
 
 
 async def find_user(db: aiosqlite.Connection, name: str) -> UserRow | None:
@@ -61,7 +68,9 @@ async def user_by_id(db: aiosqlite.Connection, user_id: int) -> UserRow | None:
 async def require_user(db: aiosqlite.Connection, name: str) -> UserRow:
     found = await find_user(db, name)
     if found is None:
-        raise PortunusError("user_not_found", f"no user {name!r}; `user-list` shows the users", user_id=name)
+        raise PortunusError(
+            "user_not_found", f"no user {name!r}; `user-list` shows the users", user_id=name
+        )
     return found
 
 
@@ -70,8 +79,15 @@ async def list_users(db: aiosqlite.Connection) -> list[UserRow]:
         return [_user(r) for r in await cur.fetchall()]
 
 
-async def insert_user(db: aiosqlite.Connection, name: str, role: str, display_name: str | None,
-                      password_hash: str | None, change_required: bool, now: str) -> int:
+async def insert_user(
+    db: aiosqlite.Connection,
+    name: str,
+    role: str,
+    display_name: str | None,
+    password_hash: str | None,
+    change_required: bool,
+    now: str,
+) -> int:
     cur = await db.execute(
         "INSERT INTO users (name, role, created_at, display_name, password_hash, password_change_required) "
         "VALUES (?, ?, ?, ?, ?, ?)",
@@ -81,7 +97,9 @@ async def insert_user(db: aiosqlite.Connection, name: str, role: str, display_na
     return cur.lastrowid
 
 
-async def set_password(db: aiosqlite.Connection, user_id: int, password_hash: str, change_required: bool) -> None:
+async def set_password(
+    db: aiosqlite.Connection, user_id: int, password_hash: str, change_required: bool
+) -> None:
     await db.execute(
         "UPDATE users SET password_hash = ?, password_change_required = ? WHERE id = ?",
         (password_hash, int(change_required), user_id),
@@ -126,8 +144,9 @@ def token_json(row: aiosqlite.Row) -> dict[str, Any]:
 _TOKENS = "SELECT t.*, u.name AS user_name FROM tokens t JOIN users u ON u.id = t.user_id"
 
 
-async def insert_token(db: aiosqlite.Connection, user_id: int, token_hash: str, name: str | None,
-                       now: str) -> int:
+async def insert_token(
+    db: aiosqlite.Connection, user_id: int, token_hash: str, name: str | None, now: str
+) -> int:
     cur = await db.execute(
         "INSERT INTO tokens (user_id, token_hash, name, created_at) VALUES (?, ?, ?, ?)",
         (user_id, token_hash, name, now),
@@ -153,7 +172,9 @@ async def get_token(db: aiosqlite.Connection, token_id: int) -> dict[str, Any] |
 
 
 async def revoke_token(db: aiosqlite.Connection, token_id: int, now: str) -> None:
-    await db.execute("UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (now, token_id))
+    await db.execute(
+        "UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (now, token_id)
+    )
 
 
 async def live_token_ids(db: aiosqlite.Connection, user_id: int) -> list[int]:
@@ -183,11 +204,19 @@ class GrantRow:
         return self.client_id == "*" or self.client_id == client_id
 
     def covers(self, client_id: str, protocol: str, lo: int, hi: int) -> bool:
-        return (self.covers_client(client_id) and protocol in self.protocols
-                and self.port_start <= lo and hi <= self.port_end)
+        return (
+            self.covers_client(client_id)
+            and protocol in self.protocols
+            and self.port_start <= lo
+            and hi <= self.port_end
+        )
 
     def ports(self) -> str:
-        return str(self.port_start) if self.port_start == self.port_end else f"{self.port_start}-{self.port_end}"
+        return (
+            str(self.port_start)
+            if self.port_start == self.port_end
+            else f"{self.port_start}-{self.port_end}"
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -203,18 +232,37 @@ class GrantRow:
         }
 
 
-_GRANTS = ("SELECT g.*, u.name AS user_name, c.name AS client_name FROM grants g "
-           "JOIN users u ON u.id = g.user_id LEFT JOIN clients c ON c.client_id = g.client_id")
+_GRANTS = (
+    "SELECT g.*, u.name AS user_name, c.name AS client_name FROM grants g "
+    "JOIN users u ON u.id = g.user_id LEFT JOIN clients c ON c.client_id = g.client_id"
+)
 
 
 def _grant(row: aiosqlite.Row) -> GrantRow:
-    return GrantRow(row["id"], row["user_id"], row["user_name"], row["client_id"], row["client_name"],
-                    row["port_start"], row["port_end"], tuple(row["protocols"].split(",")), row["note"],
-                    row["created_at"])
+    return GrantRow(
+        row["id"],
+        row["user_id"],
+        row["user_name"],
+        row["client_id"],
+        row["client_name"],
+        row["port_start"],
+        row["port_end"],
+        tuple(row["protocols"].split(",")),
+        row["note"],
+        row["created_at"],
+    )
 
 
-async def insert_grant(db: aiosqlite.Connection, user_id: int, client_id: str, lo: int, hi: int,
-                       protocols: tuple[str, ...], note: str | None, now: str) -> int:
+async def insert_grant(
+    db: aiosqlite.Connection,
+    user_id: int,
+    client_id: str,
+    lo: int,
+    hi: int,
+    protocols: tuple[str, ...],
+    note: str | None,
+    now: str,
+) -> int:
     cur = await db.execute(
         "INSERT INTO grants (user_id, client_id, port_start, port_end, protocols, note, created_at) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -251,8 +299,9 @@ class SessionRow:
     last_seen_at: float
 
 
-async def insert_session(db: aiosqlite.Connection, token_hash: str, user_id: int, now: float,
-                         source: str | None) -> int:
+async def insert_session(
+    db: aiosqlite.Connection, token_hash: str, user_id: int, now: float, source: str | None
+) -> int:
     cur = await db.execute(
         "INSERT INTO sessions (token_hash, user_id, created_at, last_seen_at, source) VALUES (?, ?, ?, ?, ?)",
         (token_hash, user_id, now, now, source),
@@ -267,7 +316,9 @@ async def find_session(db: aiosqlite.Connection, token_hash: str) -> tuple[Sessi
         row = await cur.fetchone()
     if row is None:
         return None
-    return SessionRow(row["id"], row["user_id"], row["created_at"], row["last_seen_at"]), row["token_hash"]
+    return SessionRow(row["id"], row["user_id"], row["created_at"], row["last_seen_at"]), row[
+        "token_hash"
+    ]
 
 
 async def touch_session(db: aiosqlite.Connection, session_id: int, now: float) -> None:
@@ -278,12 +329,20 @@ async def delete_session(db: aiosqlite.Connection, session_id: int) -> None:
     await db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
 
 
-async def delete_sessions_of(db: aiosqlite.Connection, user_id: int, keep: int | None = None) -> int:
-    cur = await db.execute("DELETE FROM sessions WHERE user_id = ? AND id != ?",
-                           (user_id, keep if keep is not None else -1))
+async def delete_sessions_of(
+    db: aiosqlite.Connection, user_id: int, keep: int | None = None
+) -> int:
+    cur = await db.execute(
+        "DELETE FROM sessions WHERE user_id = ? AND id != ?",
+        (user_id, keep if keep is not None else -1),
+    )
     return cur.rowcount or 0
 
 
-async def delete_expired_sessions(db: aiosqlite.Connection, idle_before: float, created_before: float) -> None:
-    await db.execute("DELETE FROM sessions WHERE last_seen_at < ? OR created_at < ?",
-                     (idle_before, created_before))
+async def delete_expired_sessions(
+    db: aiosqlite.Connection, idle_before: float, created_before: float
+) -> None:
+    await db.execute(
+        "DELETE FROM sessions WHERE last_seen_at < ? OR created_at < ?",
+        (idle_before, created_before),
+    )

@@ -13,8 +13,17 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from portunus.errors import PortunusError
 from portunus.web.routes.bodies import read_json
-from portunus.web.routes.common import SESSION_COOKIE, bearer_token, call, control, endpoint, route
+from portunus.web.routes.common import (
+    SESSION_COOKIE,
+    bearer_token,
+    call,
+    control,
+    endpoint,
+    error_response,
+    route,
+)
 
 SESSION_MAX_AGE = 7 * 24 * 3600
 
@@ -34,10 +43,16 @@ def _source(request: Request) -> str:
 
 def _with_cookie(request: Request, answer: dict[str, Any], status: int) -> Response:
     token = str(answer.pop("session_token"))
-    body = {k: answer[k] for k in ("user_id", "display_name", "role", "password_change_required") if k in answer}
+    body = {
+        k: answer[k]
+        for k in ("user_id", "display_name", "role", "password_change_required")
+        if k in answer
+    }
     response = JSONResponse(body, status_code=status)
-    response.headers.append("Set-Cookie", session_cookie(request, token, int(answer.get("max_age_secs",
-                                                                                        SESSION_MAX_AGE))))
+    response.headers.append(
+        "Set-Cookie",
+        session_cookie(request, token, int(answer.get("max_age_secs", SESSION_MAX_AGE))),
+    )
     return response
 
 
@@ -57,8 +72,16 @@ async def setup(request: Request) -> Response:
 
 @endpoint
 async def logout(request: Request) -> Response:
-    await call(request, "auth.logout")
-    response = Response(status_code=204)
+    """A session that is already gone (expired, revoked) still gets its cookie
+    cleared, with the 401 that says so."""
+    try:
+        await call(request, "auth.logout")
+    except PortunusError as err:
+        if err.code != "unauthenticated":
+            raise
+        response: Response = error_response(err)
+    else:
+        response = Response(status_code=204)
     response.headers.append("Set-Cookie", session_cookie(request, "", 0))
     return response
 

@@ -47,7 +47,9 @@ async def set_password(request: Request) -> Response:
 async def issue_token(request: Request) -> Response:
     bearer_token(request)
     body = await read_json(request, "TokenBody")
-    return JSONResponse(await call(request, "tokens.issue", {**body, "user_id": _id(request)}), status_code=201)
+    return JSONResponse(
+        await call(request, "tokens.issue", {**body, "user_id": _id(request)}), status_code=201
+    )
 
 
 @endpoint

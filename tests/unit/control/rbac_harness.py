@@ -48,8 +48,15 @@ class Rbac:
     clock: Clock
     ctx: ControlContext
 
-    async def call(self, method: str, params: dict[str, Any] | None = None, *, token: str | None = OPERATOR_TOKEN,
-                   session: str | None = None, csrf: bool = False) -> Any:
+    async def call(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        token: str | None = OPERATOR_TOKEN,
+        session: str | None = None,
+        csrf: bool = False,
+    ) -> Any:
         client = ControlClient(self.settings.socket_path, None, timeout=10)
         return await client.call(method, params, token=token, session=session, csrf=csrf)
 
@@ -62,8 +69,9 @@ class Rbac:
         return str((await self.call("tokens.issue", {"user_id": user_id}))["token"])
 
     async def login(self, user_id: str, password: str = PASSWORD, source: str = "127.0.0.1") -> str:
-        answer = await self.call("auth.login", {"user_id": user_id, "password": password, "source": source},
-                                 token=None)
+        answer = await self.call(
+            "auth.login", {"user_id": user_id, "password": password, "source": source}, token=None
+        )
         return str(answer["session_token"])
 
     async def close(self) -> None:
@@ -74,7 +82,9 @@ class Rbac:
 @pytest.fixture(autouse=True)
 def cheap_argon2(monkeypatch: pytest.MonkeyPatch) -> None:
     """Argon2id with tiny costs: the tests hash dozens of passwords."""
-    monkeypatch.setattr(passwords, "_hasher", PasswordHasher(time_cost=1, memory_cost=64, parallelism=1))
+    monkeypatch.setattr(
+        passwords, "_hasher", PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
+    )
     passwords._dummy_hash.cache_clear()
 
 

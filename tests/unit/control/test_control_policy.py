@@ -25,8 +25,17 @@ def test_every_method_has_a_policy() -> None:
         assert POLICY[method] == SUPERADMIN
 
 
+def test_method_flags_agree_with_the_policy() -> None:
+    for method, (needs_identity, _handler) in METHODS.items():
+        assert needs_identity == (POLICY[method] != PUBLIC), method
+
+
 def test_public_methods_are_exactly_these() -> None:
-    assert {m for m, level in POLICY.items() if level == PUBLIC} == {"health", "auth.login", "auth.setup"}
+    assert {m for m, level in POLICY.items() if level == PUBLIC} == {
+        "health",
+        "auth.login",
+        "auth.setup",
+    }
 
 
 @pytest.mark.parametrize("method", sorted(m for m, level in POLICY.items() if level == SUPERADMIN))
@@ -46,9 +55,14 @@ def test_unknown_policy_is_refused_not_served() -> None:
 @pytest.mark.parametrize("method", sorted(m for m in METHODS if POLICY[m] != PUBLIC))
 async def test_no_method_answers_without_identity(rbac: Rbac, method: str) -> None:
     for token, session in ((None, None), ("not-a-token", None), (None, "not-a-session")):
-        err = await expect_error(rbac.call(method, {"id": 1}, token=token, session=session), "unauthenticated")
+        err = await expect_error(
+            rbac.call(method, {"id": 1}, token=token, session=session), "unauthenticated"
+        )
         assert err.exit_code == 4
-    denied = [e for e in (await rbac.call("audit.list", {"limit": 10}))["entries"]
-              if e["action"] == f"denied.{method}"]
+    denied = [
+        e
+        for e in (await rbac.call("audit.list", {"limit": 10}))["entries"]
+        if e["action"] == f"denied.{method}"
+    ]
     assert len(denied) == 3 and {e["error_code"] for e in denied} == {"unauthenticated"}
     assert all(e["actor"] == "anonymous" for e in denied)

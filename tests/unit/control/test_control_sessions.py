@@ -21,12 +21,18 @@ async def _audit(h: Rbac) -> list[dict[str, Any]]:
 
 async def test_login_then_session_acts_as_the_user(rbac: Rbac) -> None:
     await rbac.user("alice")
-    answer = await rbac.call("auth.login", {"user_id": "alice", "password": PASSWORD, "source": "127.0.0.1"},
-                             token=None)
+    answer = await rbac.call(
+        "auth.login", {"user_id": "alice", "password": PASSWORD, "source": "127.0.0.1"}, token=None
+    )
     assert answer["user_id"] == "alice" and answer["role"] == "user"
     assert answer["password_change_required"] is False and len(answer["session_token"]) >= 40
     me = await rbac.call("users.me", token=None, session=answer["session_token"])
-    assert me == {"user_id": "alice", "display_name": "alice", "role": "user", "password_change_required": False}
+    assert me == {
+        "user_id": "alice",
+        "display_name": "alice",
+        "role": "user",
+        "password_change_required": False,
+    }
     async with rbac.store.read() as db:
         async with db.execute("SELECT token_hash FROM sessions") as cur:
             stored = [r[0] for r in await cur.fetchall()]
@@ -40,8 +46,13 @@ async def test_wrong_password_and_unknown_user_look_the_same(rbac: Rbac) -> None
     assert wrong.message == unknown.message and wrong.exit_code == 4
     rows = [e for e in await _audit(rbac) if e["action"] == "auth.login"]
     assert [(e["actor"], e["outcome"], e["error_code"]) for e in rows] == [
-        ("alice", "error", "invalid_login"), ("nobody", "error", "invalid_login")]
+        ("alice", "error", "invalid_login"),
+        ("nobody", "error", "invalid_login"),
+    ]
     assert "not the password" not in repr(await _audit(rbac))
+    assert not [
+        e for e in await _audit(rbac) if e["action"] == "denied.auth.login"
+    ]  # recorded once
 
 
 async def test_throttle_locks_after_five_failures_and_doubles(rbac: Rbac) -> None:
@@ -50,6 +61,7 @@ async def test_throttle_locks_after_five_failures_and_doubles(rbac: Rbac) -> Non
         await expect_error(rbac.login("alice", "wrong password!!"), "invalid_login")
     err = await expect_error(rbac.login("alice"), "rate_limited")  # even the right password waits
     assert err.details["retry_after"] == 60 and err.http_status == 429
+    assert (await _audit(rbac))[-1]["error_code"] == "rate_limited"
     # Another source address is a different pair.
     assert await rbac.login("alice", source="127.0.0.2")
     rbac.clock.advance(61)
@@ -66,7 +78,9 @@ async def test_throttle_locks_after_five_failures_and_doubles(rbac: Rbac) -> Non
         rbac.clock.advance(previous + 1)
         for _ in range(5):
             await expect_error(rbac.login("alice", "wrong password!!"), "invalid_login")
-        assert (await expect_error(rbac.login("alice"), "rate_limited")).details["retry_after"] == expected
+        assert (await expect_error(rbac.login("alice"), "rate_limited")).details[
+            "retry_after"
+        ] == expected
         previous = expected
     # Fifteen quiet minutes after the lockout: forgotten, the next lockout is 60 s again.
     rbac.clock.advance(900 + 900 + 1)
@@ -79,7 +93,9 @@ async def test_session_idle_and_absolute_expiry(rbac: Rbac) -> None:
     await rbac.user("alice")
     session = await rbac.login("alice")
     rbac.clock.advance(SESSION_IDLE_SECS - 60)
-    assert (await rbac.call("users.me", token=None, session=session))["user_id"] == "alice"  # touched
+    assert (await rbac.call("users.me", token=None, session=session))[
+        "user_id"
+    ] == "alice"  # touched
     rbac.clock.advance(SESSION_IDLE_SECS - 60)
     assert (await rbac.call("users.me", token=None, session=session))["user_id"] == "alice"
     rbac.clock.advance(SESSION_IDLE_SECS + 1)
@@ -109,7 +125,9 @@ async def test_csrf_is_required_on_session_writes_only(rbac: Rbac) -> None:
     err = await expect_error(rbac.call("auth.logout", token=None, session=session), "csrf_failed")
     assert err.http_status == 403 and err.exit_code == 9
     denied = [e for e in await _audit(rbac) if e["error_code"] == "csrf_failed"]
-    assert denied and denied[-1]["actor"] == "alice" and denied[-1]["action"] == "denied.auth.logout"
+    assert (
+        denied and denied[-1]["actor"] == "alice" and denied[-1]["action"] == "denied.auth.logout"
+    )
     await rbac.call("auth.logout", token=None, session=session, csrf=True)
 
 
@@ -120,21 +138,49 @@ async def test_password_change_required_gates_everything_else(rbac: Rbac) -> Non
     first = await rbac.login("bob", temp)
     second = await rbac.login("bob", temp)
     for method in ("rules.list", "clients.list", "grants.list"):
-        err = await expect_error(rbac.call(method, token=None, session=first), "password_change_required")
+        err = await expect_error(
+            rbac.call(method, token=None, session=first), "password_change_required"
+        )
         assert err.http_status == 403
-    assert (await rbac.call("users.me", token=None, session=first))["password_change_required"] is True
-    await expect_error(rbac.call("users.me.password", {"current_password": "wrong wrong wrong",
-                                                       "new_password": "a brand new secret"},
-                                 token=None, session=first, csrf=True), "validation.current_password")
-    await expect_error(rbac.call("users.me.password", {"current_password": temp, "new_password": "short"},
-                                 token=None, session=first, csrf=True), "validation.password_too_short")
-    await rbac.call("users.me.password", {"current_password": temp, "new_password": "a brand new secret"},
-                    token=None, session=first, csrf=True)
+    assert (await rbac.call("users.me", token=None, session=first))[
+        "password_change_required"
+    ] is True
+    await expect_error(
+        rbac.call(
+            "users.me.password",
+            {"current_password": "wrong wrong wrong", "new_password": "a brand new secret"},
+            token=None,
+            session=first,
+            csrf=True,
+        ),
+        "validation.current_password",
+    )
+    await expect_error(
+        rbac.call(
+            "users.me.password",
+            {"current_password": temp, "new_password": "short"},
+            token=None,
+            session=first,
+            csrf=True,
+        ),
+        "validation.password_too_short",
+    )
+    await rbac.call(
+        "users.me.password",
+        {"current_password": temp, "new_password": "a brand new secret"},
+        token=None,
+        session=first,
+        csrf=True,
+    )
     assert (await rbac.call("rules.list", token=None, session=first))["rules"] == []
-    await expect_error(rbac.call("users.me", token=None, session=second), "unauthenticated")  # others end
+    await expect_error(
+        rbac.call("users.me", token=None, session=second), "unauthenticated"
+    )  # others end
     await expect_error(rbac.login("bob", temp), "invalid_login")
     assert await rbac.login("bob", "a brand new secret")
-    assert "a brand new secret" not in repr(await _audit(rbac)) and temp not in repr(await _audit(rbac))
+    assert "a brand new secret" not in repr(await _audit(rbac)) and temp not in repr(
+        await _audit(rbac)
+    )
 
 
 async def test_admin_passwd_revokes_sessions(rbac: Rbac) -> None:
@@ -167,20 +213,30 @@ async def test_setup_token_creates_the_first_superadmin_once(rbac: Rbac) -> None
     body = {"token": "setup-token-0123456789", "user_id": "root", "password": PASSWORD}
     await expect_error(rbac.call("auth.setup", body, token=None), "invalid_setup_token")  # no file
     path = _write_setup(rbac)
-    await expect_error(rbac.call("auth.setup", {**body, "token": "setup-token-0123456780"}, token=None),
-                       "invalid_setup_token")
-    await expect_error(rbac.call("auth.setup", {**body, "password": "short"}, token=None),
-                       "validation.password_too_short")
+    await expect_error(
+        rbac.call("auth.setup", {**body, "token": "setup-token-0123456780"}, token=None),
+        "invalid_setup_token",
+    )
+    await expect_error(
+        rbac.call("auth.setup", {**body, "password": "short"}, token=None),
+        "validation.password_too_short",
+    )
     rbac.clock.advance(SETUP_VALID_SECS + 1)
     await expect_error(rbac.call("auth.setup", body, token=None), "invalid_setup_token")
     os.utime(path, (rbac.clock.now, rbac.clock.now))
     answer = await rbac.call("auth.setup", {**body, "display_name": "Root"}, token=None)
-    assert (answer["user_id"], answer["role"], answer["display_name"]) == ("root", "superadmin", "Root")
+    assert (answer["user_id"], answer["role"], answer["display_name"]) == (
+        "root",
+        "superadmin",
+        "Root",
+    )
     assert not os.path.exists(path)
     me = await rbac.call("users.me", token=None, session=answer["session_token"])
     assert me["role"] == "superadmin"
     _write_setup(rbac)
-    await expect_error(rbac.call("auth.setup", {**body, "user_id": "root2"}, token=None), "conflict.setup_done")
+    await expect_error(
+        rbac.call("auth.setup", {**body, "user_id": "root2"}, token=None), "conflict.setup_done"
+    )
 
 
 async def test_superadmin_with_password_via_users_add_ends_setup(rbac: Rbac) -> None:
@@ -198,11 +254,15 @@ async def test_passwords_are_argon2id_and_bounded(rbac: Rbac) -> None:
     assert user is not None and user.password_hash is not None
     assert user.password_hash.startswith("$argon2id$") and PASSWORD not in user.password_hash
     # Bytes, not characters: 5 x 2 + 1 = 11 bytes is short, 6 x 2 = 12 bytes is enough.
-    await expect_error(rbac.call("users.add", {"user_id": "x1", "password": "é" * 5 + "a"}),
-                       "validation.password_too_short")
+    await expect_error(
+        rbac.call("users.add", {"user_id": "x1", "password": "é" * 5 + "a"}),
+        "validation.password_too_short",
+    )
     assert (await rbac.call("users.add", {"user_id": "x2", "password": "é" * 6}))["user_id"] == "x2"
-    err = await expect_error(rbac.call("users.add", {"user_id": "x3", "password": "p" * 1025}),
-                             "validation.password_too_long")
+    err = await expect_error(
+        rbac.call("users.add", {"user_id": "x3", "password": "p" * 1025}),
+        "validation.password_too_long",
+    )
     assert "ppp" not in err.message
     err2 = await expect_error(rbac.login("alice", "p" * 5000), "invalid_login")
     assert isinstance(err2, PortunusError)

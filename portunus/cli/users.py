@@ -1,0 +1,407 @@
+"""``portunus-server`` verbs for users, API tokens and grants (docs/users.md):
+user-add, user-list, user-remove, user-passwd, token-issue, token-list,
+token-revoke, grant-add, grant-list, grant-revoke.
+
+Imported lazily through ``server.LAZY_VERBS``; importing it registers the verbs
+on the ``portunus-server`` group.  Passwords come from stdin only
+(``--password-stdin``), never from an argument (argv is visible to every local
+user); without one, the server makes a temporary password, printed once.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from portunus.cli import output
+from portunus.cli.common import OperatorContext, echo_json, format_option, hint_vars
+from portunus.errors import PortunusError
+
+
+def read_password() -> str:
+    """The first line of stdin, without its line ending (nothing else is stripped)."""
+    line = sys.stdin.readline()
+    password = line[:-1] if line.endswith("\n") else line
+    password = password[:-1] if password.endswith("\r") else password
+    if not password:
+        raise PortunusError(
+            "validation.password_too_short",
+            "--password-stdin read an empty password",
+            field="password",
+        )
+    return password
+
+
+def parse_ports(text: str) -> tuple[int, int]:
+    lo_text, _, hi_text = text.partition("-")
+    try:
+        lo = int(lo_text)
+        hi = int(hi_text) if hi_text else lo
+    except ValueError:
+        raise PortunusError(
+            "validation.port_range", f"--ports must be PORT or LO-HI, got {text!r}", field="ports"
+        ) from None
+    return lo, hi
+
+
+def _user_text(u: dict[str, Any]) -> list[Any]:
+    flags = []
+    if u.get("password_change_required"):
+        flags.append("must change password")
+    if not u.get("has_password"):
+        flags.append("no password")
+    if u.get("builtin"):
+        flags.append("built-in")
+    return [
+        u.get("user_id"),
+        u.get("role"),
+        u.get("display_name"),
+        ", ".join(flags),
+        u.get("created_at"),
+    ]
+
+
+@click.command("user-add")
+@click.argument("user_id", metavar="ID")
+@click.option(
+    "--role", type=click.Choice(("user", "superadmin")), default="user", show_default=True
+)
+@click.option(
+    "--display-name", metavar="NAME", help="Shown in the Web UI (1-64 characters; default: ID)."
+)
+@click.option(
+    "--password-stdin",
+    is_flag=True,
+    help="Read the password (12-1024 bytes) from the first line of stdin. Without it a "
+    "temporary password is printed once and must be changed at first login.",
+)
+@format_option
+@click.pass_obj
+def user_add(
+    obj: OperatorContext,
+    user_id: str,
+    role: str,
+    display_name: str | None,
+    password_stdin: bool,
+    fmt: str,
+) -> None:
+    """Create user ID ([a-z][a-z0-9_-]{0,31}).
+
+    \b
+    Examples:
+      portunus-server user-add alice --display-name "Alice Martin"
+      printf '%s\\n' "$PW" | portunus-server user-add root --role superadmin --password-stdin
+    """
+    params: dict[str, Any] = {"user_id": user_id, "role": role}
+    if display_name is not None:
+        params["display_name"] = display_name
+    if password_stdin:
+        params["password"] = read_password()
+    result = obj.call("users.add", params)
+    if fmt == "json":
+        echo_json(result)
+        return
+    click.echo(f"user {result['user_id']} ({result['role']}) created")
+    if result.get("temporary_password"):
+        click.echo(
+            f"temporary password (shown once, must be changed at first login): "
+            f"{result['temporary_password']}"
+        )
+
+
+@click.command("user-list")
+@format_option
+@click.pass_obj
+def user_list(obj: OperatorContext, fmt: str) -> None:
+    """List users and their roles.
+
+    \b
+    Example:
+      portunus-server user-list --format json
+    """
+    result = obj.call("users.list")
+    if fmt == "json":
+        echo_json(result)
+    else:
+        users = result.get("users", [])
+        click.echo(
+            output.table(("ID", "ROLE", "DISPLAY NAME", "FLAGS", "CREATED"), map(_user_text, users))
+            if users
+            else "no users"
+        )
+
+
+@click.command("user-remove")
+@click.argument("user_id", metavar="ID")
+@format_option
+@click.pass_obj
+def user_remove(obj: OperatorContext, user_id: str, fmt: str) -> None:
+    """Remove user ID with its rules (drained like remove-rule), tokens, grants and sessions.
+
+    \b
+    Example:
+      portunus-server user-remove alice
+    """
+    result = obj.call("users.remove", {"user_id": user_id})
+    if fmt == "json":
+        echo_json(result)
+        return
+    click.echo(
+        f"user {result['user_id']} removed; rules removed: {_ids(result['removed_rule_ids'])}; "
+        f"grants revoked: {_ids(result['revoked_grant_ids'])}; tokens revoked: "
+        f"{_ids(result['revoked_token_ids'])}"
+    )
+
+
+def _ids(ids: list[int]) -> str:
+    return ", ".join(str(i) for i in ids) if ids else "none"
+
+
+@click.command("user-passwd")
+@click.argument("user_id", metavar="ID")
+@click.option(
+    "--password-stdin",
+    is_flag=True,
+    help="Read the new password from stdin; without it a temporary password is printed once.",
+)
+@format_option
+@click.pass_obj
+def user_passwd(obj: OperatorContext, user_id: str, password_stdin: bool, fmt: str) -> None:
+    """Set user ID's password; the user's Web UI sessions end.
+
+    \b
+    Examples:
+      portunus-server user-passwd alice                # prints a temporary password
+      printf '%s\\n' "$PW" | portunus-server user-passwd alice --password-stdin
+    """
+    params: dict[str, Any] = {"user_id": user_id}
+    if password_stdin:
+        params["password"] = read_password()
+    result = obj.call("users.passwd", params)
+    if fmt == "json":
+        echo_json(result)
+        return
+    click.echo(
+        f"password of {result['user_id']} set; {result.get('revoked_sessions', 0)} session(s) ended"
+    )
+    if result.get("temporary_password"):
+        click.echo(
+            f"temporary password (shown once, must be changed at first login): "
+            f"{result['temporary_password']}"
+        )
+
+
+@click.command("token-issue")
+@click.argument("user_id", metavar="USER")
+@click.option("--name", help="A label for the token (1-64 characters).")
+@format_option
+@click.pass_obj
+def token_issue(obj: OperatorContext, user_id: str, name: str | None, fmt: str) -> None:
+    """Issue an API token acting as USER; printed once (only its hash is kept).
+
+    \b
+    Example:
+      portunus-server token-issue alice --name ci > alice.token
+    """
+    params: dict[str, Any] = {"user_id": user_id}
+    if name is not None:
+        params["name"] = name
+    result = obj.call("tokens.issue", params)
+    if fmt == "json":
+        echo_json(result)
+    else:
+        click.echo(result["token"])
+        click.echo(
+            f"token {result['token_id']} for {result['user_id']}: shown once, store it now",
+            err=True,
+        )
+
+
+@click.command("token-list")
+@click.option("--user", "user_id", metavar="USER", help="Only this user's tokens.")
+@format_option
+@click.pass_obj
+def token_list(obj: OperatorContext, user_id: str | None, fmt: str) -> None:
+    """List API tokens (never the tokens themselves).
+
+    \b
+    Example:
+      portunus-server token-list --user alice
+    """
+    result = obj.call("tokens.list", {"user_id": user_id} if user_id else {})
+    if fmt == "json":
+        echo_json(result)
+        return
+    tokens = result.get("tokens", [])
+    click.echo(
+        output.table(
+            ("ID", "USER", "NAME", "CREATED", "LAST USED", "REVOKED"),
+            (
+                (
+                    t.get("token_id"),
+                    t.get("user_id"),
+                    t.get("name"),
+                    t.get("created_at"),
+                    t.get("last_used_at"),
+                    t.get("revoked_at"),
+                )
+                for t in tokens
+            ),
+        )
+        if tokens
+        else "no tokens"
+    )
+
+
+@click.command("token-revoke")
+@click.argument("token_id", metavar="TOKEN_ID", type=int)
+@format_option
+@click.pass_obj
+def token_revoke(obj: OperatorContext, token_id: int, fmt: str) -> None:
+    """Revoke an API token; it fails from the next request on.
+
+    \b
+    Example:
+      portunus-server token-revoke 7
+    """
+    result = obj.call("tokens.revoke", {"token_id": token_id})
+    if fmt == "json":
+        echo_json(result)
+    else:
+        click.echo(f"token {result['token_id']} of {result['user_id']} revoked")
+
+
+@click.command("grant-add")
+@click.argument("user_id", metavar="USER")
+@click.option("--client", required=True, help="Client name or id, or '*' for every client.")
+@click.option("--ports", required=True, metavar="LO[-HI]", help="Listen ports the user may use.")
+@click.option("--protocols", default="tcp", show_default=True, metavar="tcp,udp")
+@click.option("--note", help="Free text (at most 256 characters).")
+@format_option
+@click.pass_obj
+def grant_add(
+    obj: OperatorContext,
+    user_id: str,
+    client: str,
+    ports: str,
+    protocols: str,
+    note: str | None,
+    fmt: str,
+) -> None:
+    """Let USER push rules on CLIENT, PROTOCOLS and listen ports LO-HI.
+
+    \b
+    Example:
+      portunus-server grant-add alice --client edge-01 --ports 30000-30099 --protocols tcp,udp
+    """
+    hint_vars(client=client)
+    lo, hi = parse_ports(ports)
+    params: dict[str, Any] = {
+        "user_id": user_id,
+        "client": client,
+        "listen_port_start": lo,
+        "listen_port_end": hi,
+        "protocols": [p.strip() for p in protocols.split(",")],
+    }
+    if note is not None:
+        params["note"] = note
+    result = obj.call("grants.add", params)
+    if fmt == "json":
+        echo_json(result)
+    else:
+        click.echo(f"grant {result['grant_id']}: {_grant_text(result)}")
+
+
+def _span(g: dict[str, Any]) -> str:
+    lo, hi = g.get("listen_port_start"), g.get("listen_port_end")
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def _grant_text(g: dict[str, Any]) -> str:
+    return f"{g.get('user_id')} may use {','.join(g.get('protocols', []))} ports {_span(g)} on {g.get('client')}"
+
+
+@click.command("grant-list")
+@click.option("--user", "user_id", metavar="USER", help="Only this user's grants.")
+@format_option
+@click.pass_obj
+def grant_list(obj: OperatorContext, user_id: str | None, fmt: str) -> None:
+    """List grants.
+
+    \b
+    Example:
+      portunus-server grant-list --user alice
+    """
+    result = obj.call("grants.list", {"user_id": user_id} if user_id else {})
+    if fmt == "json":
+        echo_json(result)
+        return
+    grants = result.get("grants", [])
+    click.echo(
+        output.table(
+            ("ID", "USER", "CLIENT", "PROTOCOLS", "PORTS", "NOTE"),
+            (
+                (
+                    g.get("grant_id"),
+                    g.get("user_id"),
+                    g.get("client"),
+                    ",".join(g.get("protocols", [])),
+                    _span(g),
+                    g.get("note"),
+                )
+                for g in grants
+            ),
+        )
+        if grants
+        else "no grants"
+    )
+
+
+@click.command("grant-revoke")
+@click.argument("grant_id", metavar="ID", type=int)
+@format_option
+@click.pass_obj
+def grant_revoke(obj: OperatorContext, grant_id: int, fmt: str) -> None:
+    """Revoke grant ID; the user's rules no remaining grant covers are removed (drained).
+
+    \b
+    Example:
+      portunus-server grant-revoke 3
+    """
+    result = obj.call("grants.revoke", {"grant_id": grant_id})
+    if fmt == "json":
+        echo_json(result)
+    else:
+        click.echo(
+            f"grant {result['grant_id']} revoked; rules removed: {_ids(result['removed_rule_ids'])}"
+        )
+
+
+VERBS = {
+    c.name: c
+    for c in (
+        user_add,
+        user_list,
+        user_remove,
+        user_passwd,
+        token_issue,
+        token_list,
+        token_revoke,
+        grant_add,
+        grant_list,
+        grant_revoke,
+    )
+}
+
+
+def _register() -> None:
+    from portunus.cli.server import cli
+
+    for name, command in VERBS.items():
+        if name not in cli.commands:
+            cli.add_command(command, name)
+
+
+_register()
