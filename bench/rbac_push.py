@@ -129,7 +129,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     not_accepting[key] += 1
         return {
             "machine": machine(),
-            "args": vars(args),
+            # Output paths are the caller's files, not facts of the run.
+            "args": {k: v for k, v in vars(args).items() if k not in ("out", "json")},
             "series": {k: s.summary() for k, s in series.items()},
             "not_accepting": not_accepting,
             "ratio_p99": pct(series["crowded"].values, 99) / pct(series["empty"].values, 99),

@@ -211,6 +211,18 @@ def targets(benches: dict[str, Any]) -> list[dict[str, Any]]:
             0.9,
         )
 
+    for mbit in (1, 10, 100):
+        name = f"owner_caps_{mbit}mbit"
+        label = f"owner cap at {mbit} Mbit/s: 2 rules on 2 shards within ±2 % of the cap"
+        err = _median(benches, name, "portunus", "error_pct")
+        if err is None:
+            why = not_run("owner_caps") if name not in benches else "no portunus measurement"
+            out.append({"target": label, "value": None, "status": "n/a", "why": why})
+            continue
+        rule_err = _median(benches, name, "portunus-rule", "error_pct")
+        shown = f"{err:+.2f} %" + (f" (rule cap: {rule_err:+.2f} %)" if rule_err is not None else "")
+        out.append({"target": label, "value": shown, "status": "PASS" if abs(err) <= 2.0 else "FAIL"})
+
     label = "failover: ≥ 99 % of new connections succeed in the 1st s after the primary dies"
     fo = benches.get("failover", {}).get("results", {}).get("portunus", {})
     if "failover" not in benches or "ok_first_s_pct" not in fo:

@@ -25,6 +25,7 @@ from bench import (
     failover,
     idle_memory,
     latency,
+    owner_caps,
     range_push,
     short_conn,
     sni,
@@ -67,6 +68,8 @@ BENCHMARKS: dict[str, Callable[[Settings], BenchResult | list[BenchResult]]] = {
     "sni": sni.run,
     "failover": failover.run,
     "preauth_flood": _preauth_flood,
+
+    "owner_caps": owner_caps.run,
 }
 # range_push needs blocks of 1,024 consecutive unused ports below 32768: it runs first,
 # before the other benchmarks leave tens of thousands of TIME_WAIT sockets on random

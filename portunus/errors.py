@@ -53,6 +53,7 @@ _TABLE: dict[str, tuple[int, int]] = {
     "not_found": (404, EXIT_NOT_FOUND),
     "client_not_found": (404, EXIT_NOT_FOUND),
     "rule_not_found": (404, EXIT_NOT_FOUND),
+    "owner_cap_not_found": (404, EXIT_NOT_FOUND),
     "method_not_allowed": (405, EXIT_USAGE),
     "request_timeout": (408, EXIT_ERROR),
     "conflict": (409, EXIT_CONFLICT),

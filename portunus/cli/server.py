@@ -45,6 +45,7 @@ LAZY_VERBS.update(dict.fromkeys(("enroll-client", "revoke", "rename-client", "de
 LAZY_VERBS.update(dict.fromkeys(("user-add", "user-list", "user-remove", "user-passwd", "token-issue",
                                  "token-list", "token-revoke", "grant-add", "grant-list", "grant-revoke"),
                                 "portunus.cli.users"))
+LAZY_VERBS["owner-cap"] = "portunus.cli.owner_caps"
 
 # Extra seconds the socket waits beyond --ack-timeout, so the server's own
 # ack_timeout error (with the pending rule) arrives before the CLI gives up.

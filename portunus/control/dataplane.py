@@ -60,6 +60,10 @@ class DataPlane(Protocol):
     async def sync(self, client_id: str, rules: Sequence[Rule]) -> None:
         """Send the full desired set: unchanged rules keep their connections."""
 
+    async def owner_caps(self, client_id: str, caps: dict[str, dict[str, int]]) -> None:
+        """Send the node's full set of owner caps ``{owner: rate_limit}``; no answer.
+        Like ``apply``, never raises for a lost link (resent on reconnect)."""
+
 
 class DataPlanes:
     """Routes ``local`` to the local supervisor link and every other client to the
@@ -89,3 +93,8 @@ class DataPlanes:
         link = self._link(client_id)
         if link is not None:
             await link.sync(client_id, rules)
+
+    async def owner_caps(self, client_id: str, caps: dict[str, dict[str, int]]) -> None:
+        link = self._link(client_id)
+        if link is not None:
+            await link.owner_caps(client_id, caps)

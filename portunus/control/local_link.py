@@ -82,6 +82,10 @@ class LocalLink:
     async def sync(self, client_id: str, rules: Sequence[Rule]) -> None:
         self._send({"type": "sync", "seq": next(self._seq), "rules": [r.to_wire() for r in rules]})
 
+    async def owner_caps(self, client_id: str, caps: dict[str, dict[str, int]]) -> None:
+        if not self.end.closed:  # not answered: no seq to track
+            self.end.send({"type": "owner_caps", "caps": caps})
+
     # ------------------------------------------------------------------ I/O
 
     def _send(self, msg: dict[str, Any]) -> None:

@@ -28,6 +28,7 @@ from portunus.control.edge.gateway import EdgeGateway
 from portunus.control.edge.preauth import PreauthLimits
 from portunus.control.edge.remote_link import RemoteLink
 from portunus.control.local_link import LocalLink
+from portunus.control.owner_caps import OwnerCapService
 from portunus.control.rpc.handlers import ControlContext, Dispatcher
 from portunus.control.rpc.server import RpcServer
 from portunus.control.service import RuleService, StateSink
@@ -135,7 +136,7 @@ async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
                                  interval=settings.traffic_sample_interval_secs)
         sampler.start()
         ctx = ControlContext(settings, store, Authenticator(store), service, planes, remote, clients,
-                             traffic=sampler)
+                             traffic=sampler, owner_caps=OwnerCapService(store, planes))
         server = RpcServer(settings.socket_path, Dispatcher(ctx))
         await server.start()
         log_event("control.ready", socket=settings.socket_path, db=settings.db_path)

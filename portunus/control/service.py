@@ -26,6 +26,7 @@ from portunus.control.rule_body import parse_rate_limit_update, parse_rule_body
 from portunus.control.rule_list import list_filters, list_page
 from portunus.control.slots import check_slot
 from portunus.control.store import Store, accounts, write_audit
+from portunus.control.store import owner_caps as owner_caps_db
 from portunus.control.store import rules as rules_db
 from portunus.control.store import users as users_db
 from portunus.control.store.accounts import OPERATOR_USER, ClientRow
@@ -133,10 +134,13 @@ class RuleService:
         re-sent so their rows go away once the node confirms them."""
         async with self.store.read() as db:
             stored = await rules_db.list_rules(db, client_id=client_id)
+            caps = await owner_caps_db.caps_by_owner(db, client_id)
         keep = [s for s in stored if s.state != "draining"]
         gone = [str(s.rule_id) for s in stored if s.state == "draining"]
         for s in stored:
             self.on_state(s.rule, s.state)
+        # Owner caps first: the rules then start inside their owners' envelopes.
+        await self.dataplane.owner_caps(client_id, caps)
         await self.dataplane.sync(client_id, [s.rule for s in keep])
         if gone:
             await self.dataplane.apply(client_id, [], gone)

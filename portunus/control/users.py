@@ -15,6 +15,7 @@ from typing import Any
 from portunus.config import Settings
 from portunus.control.auth import Principal, hash_token
 from portunus.control.grants import parse_note, parse_port_range, parse_protocols
+from portunus.control.owner_caps import OwnerCapService
 from portunus.control.passwords import (
     hash_password,
     temporary_password,
@@ -27,6 +28,7 @@ from portunus.control.policy import require_self
 from portunus.control.service import RuleService
 from portunus.control.sessions import bounded, remove_setup_token
 from portunus.control.store import Store, accounts, utc_now, write_audit
+from portunus.control.store import owner_caps as owner_caps_db
 from portunus.control.store import rules as rules_db
 from portunus.control.store import users as users_db
 from portunus.control.store.accounts import OPERATOR_USER
@@ -167,17 +169,20 @@ class UserService:
                 grants = [g.id for g in await users_db.list_grants(db, user.id)]
                 rules = [s.rule_id for s in await rules_db.list_rules(db, owner=user.name)]
                 await users_db.delete_user(db, user.id)  # tokens, grants, sessions go with it
+                # A later user of the same id must not inherit this one's owner caps.
+                capped = await owner_caps_db.delete_owner(db, user.name)
                 await write_audit(
                     db,
                     who.user,
                     "user.remove",
                     target,
-                    details={"tokens": tokens, "grants": grants, "rules": rules},
+                    details={"tokens": tokens, "grants": grants, "rules": rules, "owner_caps": capped},
                 )
         except PortunusError as exc:
             await self._refused(who, "user.remove", target, exc)
             raise
         removed = await self._drain(who, rules)
+        await OwnerCapService(self.store, self.rules.dataplane).resend(capped)
         return {
             "user_id": user.name,
             "removed_rule_ids": removed,

@@ -33,7 +33,7 @@ from portunus.config import Settings
 from portunus.edge import revoked
 from portunus.edge.bundle import Bundle, write_bundle
 from portunus.edge.pinning import FingerprintMismatch, close_quietly, link_error, open_pinned
-from portunus.edge.rulestore import RuleStore
+from portunus.edge.rulestore import RuleStore, check_owner_caps
 from portunus.edge.stats import rule_totals
 from portunus.edge.timing import Backoff, LinkTiming
 from portunus.edge.wire import MAX_FRAME, WireError, encode_frame, read_frame, write_frame
@@ -137,6 +137,8 @@ class EdgeLink:
         self._done = loop.create_future()
         self.sup.start()
         cached = self.store.load()
+        if self.store.owner_caps:  # before the rules: they start inside their owners' envelopes
+            self.sup.send({"type": "owner_caps", "caps": self.store.owner_caps})
         self._to_supervisor({"type": "sync", "rules": cached}, _Pending(None, None))
         log_event("link.cached_rules_applied", rules=len(cached), path=self.store.path)
         task = asyncio.create_task(self._connect_loop())
@@ -290,6 +292,11 @@ class EdgeLink:
             self.store.apply(good, remove)
             self._to_supervisor({"type": "apply", "upsert": good, "remove": remove},
                                 _Pending(session.number, msg.get("seq"), rejected))
+        elif kind == "owner_caps":
+            caps = check_owner_caps(msg.get("caps"))
+            self.store.set_owner_caps(caps)
+            self.sup.send({"type": "owner_caps", "caps": caps})
+            log_event("link.owner_caps", owners=len(caps))
         elif kind == "renamed":
             name = msg.get("client_name")
             if isinstance(name, str) and name:

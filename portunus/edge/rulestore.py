@@ -17,7 +17,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from portunus.edge.bundle import write_private_json
+from portunus.errors import PortunusError
 from portunus.logs import log_event
+from portunus.rules import validate_rate_limit
 from portunus.text import is_ascii_digits
 
 RULES_FILE = "rules.json"
@@ -31,6 +33,7 @@ class RuleStore:
         self.path = os.path.join(data_dir, RULES_FILE)
         self.client_id = client_id
         self.rules: dict[str, dict[str, Any]] = {}
+        self.owner_caps: dict[str, dict[str, int]] = {}  # the server's last ``owner_caps``
 
     def load(self) -> list[dict[str, Any]]:
         """Read the file at start; a missing, foreign or damaged file means "no rules"
@@ -48,6 +51,7 @@ class RuleStore:
             log_event("link.rules_file_ignored", level="warning", path=self.path,
                       reason="written for another client id (a new bundle?)")
             return []
+        self.owner_caps = check_owner_caps(raw.get("owner_caps"))
         rules = raw.get("rules")
         if not isinstance(rules, list):
             return []
@@ -66,9 +70,14 @@ class RuleStore:
             self.rules[str(r["id"])] = r
         self.save()
 
+    def set_owner_caps(self, caps: dict[str, dict[str, int]]) -> None:
+        self.owner_caps = caps
+        self.save()
+
     def clear(self) -> None:
         """Forget everything (a revoked client must not forward at its next start)."""
         self.rules = {}
+        self.owner_caps = {}
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -80,10 +89,29 @@ class RuleStore:
                 "version": FILE_VERSION,
                 "client_id": self.client_id,
                 "rules": sorted(self.rules.values(), key=_order),
+                "owner_caps": self.owner_caps,
             })
         except OSError as exc:
             # Forwarding goes on; only a restart while the server is down would miss it.
             log_event("link.rules_file_write_failed", level="error", path=self.path, error=str(exc))
+
+
+def check_owner_caps(raw: Any) -> dict[str, dict[str, int]]:
+    """``{owner: rate_limit}`` from the server (or the file) with every entry checked
+    the way the server checks a cap; a bad entry is dropped and logged, not fatal."""
+    out: dict[str, dict[str, int]] = {}
+    for owner, caps in (raw if isinstance(raw, dict) else {}).items():
+        try:
+            checked = validate_rate_limit(caps) if isinstance(caps, dict) else None
+        except PortunusError as exc:
+            checked, why = None, exc.message
+        else:
+            why = "not a caps object"
+        if isinstance(owner, str) and owner and checked:
+            out[owner] = checked
+        else:
+            log_event("link.owner_cap_ignored", level="warning", owner=str(owner)[:64], reason=why)
+    return out
 
 
 def _order(rule: dict[str, Any]) -> tuple[int, str]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from portunus.logs import flush_throttled, log_event
 from portunus.rules import Rule
+from portunus.shard.repace import repace_rule
 from portunus.shard.runtime import RuleRuntime, ShardContext
 from portunus.shard.tcp import PlainTcpHandler
 from portunus.supervisor.framing import Channel, ProtocolError
@@ -113,6 +114,8 @@ class Shard:
                 self.remove(str(rid))
             self.rebuild()
             self.send({"type": "applied", "seq": msg.get("seq")})
+        elif kind == "owner_caps":
+            self.owner_caps(msg.get("caps") or {})
         elif kind == "stop":
             self.begin_stop()
 
@@ -131,6 +134,20 @@ class Shard:
             rt.conns |= old.conns
             old.conns.clear()
         self.rules[rule.id] = rt
+
+    def owner_caps(self, caps: dict[str, dict[str, int]]) -> None:
+        """The node's owner caps (the full set) changed: re-point the runtimes of the
+        owners concerned; open paced connections see the new buckets at once."""
+        from portunus.shard.owner_limits import count_open
+
+        changed = self.ctx.owners.replace(caps)
+        for rt in self.rules.values():
+            if rt.rule.owner in changed:
+                rt.refresh_limits()
+                repace_rule(rt)  # open spliced relays of a newly capped owner: paced now
+                budget = changed[rt.rule.owner]
+                if budget is not None:
+                    count_open(rt.conns, budget)  # open connections count against a new cap
 
     def remove(self, rid: str) -> None:
         rt = self.rules.pop(rid, None)

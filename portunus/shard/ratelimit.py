@@ -43,7 +43,7 @@ LOG_EVERY_SECS = 10.0
 _LOCK_TRIES = 64
 
 REFUSED = Counter("portunus_rate_limit_refused_total", "Connections (TCP) or new flows (UDP) refused by a "
-                  "rule's rate limit", ("client", "rule", "owner", "limit"))
+                  "rule's rate limit or its owner's (limit owner_*)", ("client", "rule", "owner", "limit"))
 DROPPED = Counter("portunus_rate_limit_dropped_datagrams_total", "UDP datagrams dropped because the rule's "
                   "bandwidth cap was spent", ("client", "rule", "owner", "direction"))
 
@@ -237,7 +237,12 @@ class RuleLimits:
 
     Shared by the runtimes of the rule (an update builds a new runtime before the
     old one goes), refcounted through ``acquire_limits``/``release_limits``.
+    ``owner_limits.OwnerLimits`` is the same set for all of an owner's rules.
     """
+
+    # The ``limit`` label of portunus_rate_limit_refused_total for each refusal.
+    CONCURRENT = "concurrent_connections"
+    NEW_CONNECTIONS = "new_connections_per_sec"
 
     def __init__(self, settings: dict[str, Any], client: str, rule_id: str, labels: tuple[str, ...]) -> None:
         self.rule_id = rule_id
@@ -311,29 +316,41 @@ class RuleLimits:
                 log_event("rate_limit.unshared", level="warning", rule=self.rule_id, error=str(exc))
             self.concurrent = self.concurrent or FlowBudget(max(1, cap // self.shards))
 
-    def admit(self) -> tuple[bool, FlowBudget | None]:
-        """(admitted, the live-connection budget the caller must ``release`` into)."""
+    def admit(self, labels: tuple[str, ...] | None = None) -> tuple[bool, FlowBudget | None]:
+        """(admitted, the live-connection budget the caller must ``release`` into).
+
+        ``labels`` are the refused connection's rule labels (default: this rule's).
+        """
         slot = self.concurrent
         if slot is not None and not slot.try_acquire():
-            self.refuse("concurrent_connections")
+            self.refuse(self.CONCURRENT, labels)
             return False, None
         rate = self.conn_rate
         if rate is not None and not rate.try_take(1.0):
             if slot is not None:
                 slot.release()
-            self.refuse("new_connections_per_sec")
+            self.refuse(self.NEW_CONNECTIONS, labels)
             return False, None
         return True, slot
 
-    def refuse(self, limit: str) -> None:
-        REFUSED.labels(*self.labels, limit).inc()
+    def unadmit(self, slot: FlowBudget | None) -> None:
+        """Give back what ``admit`` took (another layer refused the connection)."""
+        if slot is not None:
+            slot.release()
+        if self.conn_rate is not None:
+            self.conn_rate.refund(1)
+
+    def refuse(self, limit: str, labels: tuple[str, ...] | None = None) -> None:
+        labels = labels or self.labels
+        REFUSED.labels(*labels, limit).inc()
         self.refused[limit] = self.refused.get(limit, 0) + 1
         now = time.monotonic()
         if now - self.last_log >= LOG_EVERY_SECS:
             self.last_log = now
             counts, self.refused = self.refused, {}
             for name, count in counts.items():
-                log_event("rate_limit.refused", level="warning", rule=self.rule_id, limit=name, count=count)
+                log_event("rate_limit.refused", level="warning", rule=labels[1], owner=labels[2],
+                          limit=name, count=count)
 
     def close(self) -> None:
         for b in (self.bw_in, self.bw_out, self.conn_rate):

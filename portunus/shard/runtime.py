@@ -75,6 +75,10 @@ class RuleRuntime:
         self.limiter_in: Any = None
         self.limiter_out: Any = None
         self.limits: Any = None  # ratelimit.RuleLimits while the rule has a rate_limit
+        # owner_limits.OwnerLimits of the rule's owner (None without an owner), and
+        # the same object as owner_gate while the owner caps connections.
+        self.owner_limits: Any = ctx.owners.get(rule.owner) if rule.owner else None
+        self.owner_gate: Any = None
         self.sweep: asyncio.TimerHandle | None = None
         self.slot: Any = None  # live-connection budget a just-admitted connection releases into
         self.extra: dict[str, Any] = {}
@@ -82,6 +86,8 @@ class RuleRuntime:
         self._setup_targets()
         if rule.rate_limit:
             self._setup_limits()
+        elif self.owner_limits is not None and self.owner_limits.capped:
+            self.refresh_limits()
 
     def _setup_targets(self) -> None:
         rule = self.rule
@@ -100,9 +106,28 @@ class RuleRuntime:
         rule = self.rule
         assert rule.rate_limit is not None
         self.limits = acquire_limits(self.ctx.settings, rule.client, rule.id, self.meters.labels, rule.rate_limit)
-        self.limiter_in = self.limits.bw_in
-        self.limiter_out = self.limits.bw_out
-        if self.limiter_in is not None or self.limiter_out is not None:
+        self.refresh_limits()
+
+    def refresh_limits(self) -> None:
+        """Pick the limiters new connections use: the rule's own buckets, or pacers
+        over the rule's and its owner's (docs/owner-caps.md).  Runs at setup and
+        whenever the owner's caps change (``Shard.owner_caps``)."""
+        rule, owner = self.limits, self.owner_limits
+        if owner is None:
+            self.limiter_in = rule.bw_in if rule is not None else None
+            self.limiter_out = rule.bw_out if rule is not None else None
+        else:
+            # A pacer even while the owner is uncapped: a cap set later reaches
+            # the rule's open paced connections too.
+            from portunus.shard.owner_limits import Pacer
+
+            self.owner_gate = owner if owner.capped and owner.gates_admission else None
+            has_in = owner.bw_in is not None or (rule is not None and rule.bw_in is not None)
+            has_out = owner.bw_out is not None or (rule is not None and rule.bw_out is not None)
+            self.limiter_in = Pacer(rule, owner, "bw_in") if has_in else None
+            self.limiter_out = Pacer(rule, owner, "bw_out") if has_out else None
+        paced = self.limiter_in is not None or self.limiter_out is not None
+        if paced and self.sweep is None:
             self.sweep = self.ctx.loop.call_later(RESET_SWEEP_SECS, self._sweep_resets)
 
     def _sweep_resets(self) -> None:
@@ -114,7 +139,7 @@ class RuleRuntime:
         for ever.  Paced pumps always have bytes queued: once a second is cheap here.
         """
         self.sweep = None
-        if self.limits is None:
+        if self.limiter_in is None and self.limiter_out is None:
             return
         for conn in list(self.conns):
             if getattr(conn, "pumps", None) is None or conn.closed:
@@ -135,8 +160,8 @@ class RuleRuntime:
             from portunus.shard.ratelimit import release_limits
 
             limits, self.limits = self.limits, None
-            self.limiter_in = self.limiter_out = None
             release_limits(limits)
+        self.limiter_in = self.limiter_out = self.owner_gate = None
         if self.sweep is not None:
             self.sweep.cancel()
             self.sweep = None
@@ -175,10 +200,15 @@ class RuleRuntime:
         """
         if self.draining:
             return False
-        if self.limits is None:
-            self.slot = None
-            return True
-        ok, self.slot = self.limits.admit()
+        if self.owner_gate is None:
+            if self.limits is None:
+                self.slot = None
+                return True
+            ok, self.slot = self.limits.admit()
+            return ok
+        from portunus.shard.owner_limits import admit_both
+
+        ok, self.slot = admit_both(self.limits, self.owner_gate, self.meters.labels)
         return ok
 
     def target_connected(self, target: Target) -> None:
@@ -245,6 +275,7 @@ class ShardContext:
         self.pipes = PipePool()
         self._resolver: Any = None
         self._poller: Any = None
+        self._owners: Any = None
         self.tasks: set[asyncio.Task[Any]] = set()
         self.on_drained: Any = None
         self.on_accept_backoff: Any = None
@@ -256,6 +287,15 @@ class ShardContext:
 
             self._resolver = Resolver()
         return self._resolver
+
+    @property
+    def owners(self) -> Any:
+        """The shard's owner caps (owner_limits.OwnerTable), made on first use."""
+        if self._owners is None:
+            from portunus.shard.owner_limits import OwnerTable
+
+            self._owners = OwnerTable(self.settings)
+        return self._owners
 
     @property
     def poller(self) -> Any:

@@ -176,6 +176,14 @@ class FlowBudget:
             if locked:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
 
+    def hold(self) -> None:
+        """Count a flow that is already open (it was admitted before this budget
+        existed): it must count against the cap from now on, and release into it."""
+        self.local += 1
+        self.full_until = 0.0
+        if self._words is not None:
+            self._words[self._slot] = self.local
+
     def release(self) -> None:
         """One flow of this process ended."""
         if self.local > 0:

@@ -79,6 +79,7 @@ class Supervisor:
         self.rule_child = rule_child  # name of the service whose channel is the rule source
         self.ready_checks = list(ready_checks or [])
         self.pending_drain: dict[str, set[int]] = {}
+        self.owner_caps: dict[str, Any] = {}  # {owner: rate_limit}: the node's owner caps
         self.signals: SimpleQueue[int] = SimpleQueue()
         self.selector = selectors.DefaultSelector()
         self.notifier = Notifier()
@@ -399,6 +400,14 @@ class Supervisor:
         elif kind == "sync":
             results, delta = self.book.sync([Rule.from_wire(w) for w in msg.get("rules", [])])
             child.ready = True
+        elif kind == "owner_caps":
+            # The full set, already validated by the source; no answer is expected.
+            caps = msg.get("caps")
+            self.owner_caps = dict(caps) if isinstance(caps, dict) else {}
+            for shard in self.shards:
+                if shard.alive:
+                    self.send(shard, {"type": "owner_caps", "caps": self.owner_caps})
+            return
         else:
             return
         self.broadcast(delta)
@@ -442,6 +451,8 @@ class Supervisor:
     def _send_everything(self, shard: Child) -> None:
         self.send(shard, {"type": "config", "shard": shard.index, "settings": self.shard_settings})
         self._send_listeners(shard, None)
+        if self.owner_caps:  # before the rules, so their runtimes start inside the envelopes
+            self.send(shard, {"type": "owner_caps", "caps": self.owner_caps})
         self.send(shard, {"type": "rules", "upsert": [r.to_wire() for r in self.book.rules.values()],
                           "remove": []})
 

@@ -25,7 +25,7 @@ from portunus.control.client import ControlClient
 from portunus.errors import PortunusError
 from portunus.web.limits import BodyLimit
 from portunus.web.openapi import build_openapi
-from portunus.web.routes import audit, auth, clients, rules, system, traffic, users
+from portunus.web.routes import audit, auth, clients, owners, rules, system, traffic, users
 from portunus.web.routes.common import error_response
 from portunus.web.ui import ui_routes
 from portunus.web.ui.render import render
@@ -38,7 +38,8 @@ CONTROL_TIMEOUT = 75.0
 
 def api_routes() -> list[BaseRoute]:
     # auth first: /v1/users/me must win over /v1/users/{id}.
-    return [*auth.routes, *rules.routes, *clients.routes, *users.routes, *audit.routes, *traffic.routes, *system.routes]
+    return [*auth.routes, *rules.routes, *clients.routes, *owners.routes, *users.routes, *audit.routes,
+            *traffic.routes, *system.routes]
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

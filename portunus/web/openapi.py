@@ -41,6 +41,13 @@ RATE_LIMIT: dict[str, Any] = {
     "x-unknown-field-message": "unknown rate_limit key {field}; known: " + ", ".join(RATE_LIMIT_ALL_KEYS),
 }
 
+OWNER_CAPS: dict[str, Any] = {
+    **RATE_LIMIT,
+    "type": "object",
+    "description": "An owner's caps on one client, over all of the owner's rules there (the keys of a "
+    "rule's rate_limit; *_bps in bytes per second). At least one cap is required.",
+}
+
 TARGET_BODY: dict[str, Any] = {
     "type": "object",
     "description": "One upstream: `port` for a single-port rule, `port_start`+`port_end` for a range rule.",
@@ -126,6 +133,25 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
     "TargetBody": TARGET_BODY,
     "RuleBody": RULE_BODY,
     "RuleUpdate": RULE_UPDATE,
+    "OwnerCaps": OWNER_CAPS,
+    "OwnerCap": {
+        "type": "object",
+        "properties": {"client_id": {"type": "string"}, "client": {"type": "string"},
+                       "owner": {"type": "string"}, "rate_limit": ref("RateLimit"),
+                       "updated_at": {"type": "string", "format": "date-time"}},
+    },
+    "OwnerList": {
+        "type": "object",
+        "properties": {
+            "client_id": {"type": "string"}, "client": {"type": "string"},
+            "owners": {"type": "array", "items": {
+                "type": "object",
+                "properties": {"owner": {"type": "string"}, "rule_count": {"type": "integer"},
+                               "rate_limit": ref("RateLimit"),
+                               "updated_at": {"type": ["string", "null"], "format": "date-time"}},
+            }},
+        },
+    },
     "Target": {
         "type": "object",
         "properties": {"host": {"type": "string"}, "port": {"type": "integer"},
@@ -416,6 +442,20 @@ _PATHS: dict[str, dict[str, Any]] = {
         "parameters": [_CLIENT_PARAM],
         "post": _op("revokeClient", "Revoke a client: its session closes at once and its token stops working",
                     "200", ref("ClientRevoked"), ("404", "409")),
+    },
+    "/v1/clients/{id}/owners": {
+        "parameters": [_CLIENT_PARAM],
+        "get": _op("listOwners", "Owners with rules or caps on a client, and their caps", "200",
+                   ref("OwnerList"), ("404", "409")),
+    },
+    "/v1/clients/{id}/owners/{owner}/rate-limit": {
+        "parameters": [_CLIENT_PARAM, {"name": "owner", "in": "path", "required": True,
+                                       "schema": {"type": "string"}, "description": "The owner's user id"}],
+        "get": _op("getOwnerCap", "An owner's caps on a client", "200", ref("OwnerCap"), ("400", "404", "409")),
+        "put": _op("setOwnerCap", "Set an owner's caps on a client (applies to open connections at once); "
+                   "no caps at all is refused with `preflight`", "200", ref("OwnerCap"),
+                   ("400", "404", "409", "413", "422"), body="OwnerCaps"),
+        "delete": _op("deleteOwnerCap", "Lift an owner's caps on a client", "204", None, ("400", "404", "409")),
     },
     "/v1/audit": {
         "get": _op("listAudit", "Audit trail, newest first", "200", ref("AuditPage"), ("400",),

@@ -147,6 +147,13 @@ class RemoteLink:
             return
         session.send({"type": "sync", "seq": next(self._seq), "rules": [r.to_wire() for r in rules]})
 
+    async def owner_caps(self, client_id: str, caps: dict[str, dict[str, int]]) -> None:
+        session = self.sessions.get(client_id)
+        # A client that does not enforce caps is not sent any (owner_caps.set refuses
+        # them while it is connected; ones stored while it was away stay stored).
+        if session is not None and "rate_limit" in session.capabilities:
+            session.send({"type": "owner_caps", "caps": caps})
+
     # ------------------------------------------------------------- answers
 
     def on_frame(self, session: EdgeSession, msg: dict[str, Any]) -> None:

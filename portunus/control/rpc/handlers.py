@@ -19,6 +19,7 @@ from portunus.control.auth import Authenticator, Principal
 from portunus.control.dataplane import LOCAL, DataPlane
 from portunus.control.edge.clients import ClientService, client_entry
 from portunus.control.edge.remote_link import RemoteLink
+from portunus.control.owner_caps import OwnerCapService
 from portunus.control.policy import PUBLIC, authorize, policy_of, require_owner
 from portunus.control.rpc.protocol import Request
 from portunus.control.rule_list import RULE_STATES
@@ -62,12 +63,20 @@ class ControlContext:
     traffic: TrafficSampler | None = None
     users: UserService | None = None
     sessions: SessionService | None = None
+    owner_caps: OwnerCapService | None = None
 
     def __post_init__(self) -> None:
         if self.users is None:
             self.users = UserService(self.store, self.settings, self.service)
         if self.sessions is None:
             self.sessions = SessionService(self.store, self.settings, self.auth.clock)
+        if self.owner_caps is None:
+            self.owner_caps = OwnerCapService(self.store, self.dataplane)
+
+    @property
+    def caps(self) -> OwnerCapService:
+        assert self.owner_caps is not None
+        return self.owner_caps
 
 
 Handler = Callable[[ControlContext, Principal, dict[str, Any]], Awaitable[Any]]
@@ -233,6 +242,22 @@ async def traffic_now(ctx: ControlContext, who: Principal, params: dict[str, Any
     return await traffic_summary(ctx.store, ctx.traffic, who, params)
 
 
+async def owner_caps_list(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await ctx.caps.list_caps(params)
+
+
+async def owner_caps_get(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await ctx.caps.get_cap(params)
+
+
+async def owner_caps_set(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await ctx.caps.set_cap(who, params)
+
+
+async def owner_caps_delete(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await ctx.caps.delete_cap(who, params)
+
+
 def _users(ctx: ControlContext) -> UserService:
     assert ctx.users is not None
     return ctx.users
@@ -343,6 +368,10 @@ METHODS: dict[str, tuple[bool, Handler]] = {
     "grants.revoke": (True, grants_revoke),
     "traffic.query": (True, traffic_history),
     "traffic.summary": (True, traffic_now),
+    "owner_caps.list": (True, owner_caps_list),
+    "owner_caps.get": (True, owner_caps_get),
+    "owner_caps.set": (True, owner_caps_set),
+    "owner_caps.delete": (True, owner_caps_delete),
 }
 _ANONYMOUS = Principal(user_id=0, user="anonymous", role="", token_id=0)
 

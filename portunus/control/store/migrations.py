@@ -162,6 +162,19 @@ CREATE INDEX sessions_by_user ON sessions (user_id);
 CREATE INDEX rules_by_owner ON rules (owner);
 """
 
+# Owner caps: one rate-limit envelope per (client, owner) over all of that owner's
+# rules on the client.  ``owner`` is a user id as text (rules.owner), not a key
+# into any users table, so this table stands on its own.
+_V_OWNER_CAPS = """
+CREATE TABLE owner_caps (
+    client_id   TEXT NOT NULL REFERENCES clients(client_id) ON DELETE CASCADE,
+    owner       TEXT NOT NULL,
+    rate_limit  TEXT NOT NULL,             -- JSON object, the keys of a rule's rate_limit
+    updated_at  TEXT NOT NULL,
+    PRIMARY KEY (client_id, owner)
+);
+"""
+
 # Traffic history for the Web UI charts and GET /v1/traffic (control.traffic):
 # per-rule byte and connection deltas in 1-minute and 1-hour buckets.  No foreign
 # key to rules: the history of a removed rule stays readable until it ages out,
@@ -184,7 +197,7 @@ CREATE INDEX traffic_by_time ON traffic
     (resolution, bucket, rule_id, client_id, owner, bytes_in, bytes_out, connections);
 """
 
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V_USERS, _V_TRAFFIC]
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V_USERS, _V_OWNER_CAPS, _V_TRAFFIC]
 LATEST = len(MIGRATIONS)
 
 

@@ -57,12 +57,17 @@ class FakePlane:
         self.auto: tuple[str, str | None] | None = ("active", None)
         self.auto_remove = False
         self.events: DataPlaneEvents | None = None
+        self.caps_sent: list[tuple[str, dict[str, dict[str, int]]]] = []
+        self.capabilities: dict[str, list[str]] = {}
 
     def connected(self, client_id: str) -> bool:
         return client_id in self.online
 
     def info(self, client_id: str) -> LinkInfo | None:
-        return LinkInfo(connected_since="2024-01-01T00:00:00.000Z", version="test") if client_id in self.online else None
+        if client_id not in self.online:
+            return None
+        return LinkInfo(connected_since="2024-01-01T00:00:00.000Z", version="test",
+                        capabilities=self.capabilities.get(client_id, []))
 
     async def apply(self, client_id: str, upsert: Sequence[Rule], remove: Sequence[str]) -> None:
         self.sent.append(("apply", client_id, list(upsert), list(remove)))
@@ -75,6 +80,9 @@ class FakePlane:
 
     async def sync(self, client_id: str, rules: Sequence[Rule]) -> None:
         self.sent.append(("sync", client_id, list(rules), []))
+
+    async def owner_caps(self, client_id: str, caps: dict[str, dict[str, int]]) -> None:
+        self.caps_sent.append((client_id, dict(caps)))
 
     def answer(self, client_id: str, results: dict[str, tuple[str, str | None]]) -> None:
         assert self.events is not None

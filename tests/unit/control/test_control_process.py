@@ -101,7 +101,8 @@ def test_sync_push_and_sigterm(control: Control) -> None:
     control.seed_rule(30099, state="draining")  # left by a control process that died
     control.start()
     assert control.chan is not None and control.proc is not None
-    (sync,) = read_frames(control.chan, 1)
+    caps, sync = read_frames(control.chan, 2)
+    assert caps == {"type": "owner_caps", "caps": {}}  # the node's full set, before the rules
     assert sync["type"] == "sync" and [r["id"] for r in sync["rules"]] == ["1"]
     assert sync["rules"][0]["listen_start"] == 30100 and sync["rules"][0]["client"] == "local"
     control.chan.send({"type": "hello", "version": 1, "shards": 1})
@@ -140,7 +141,7 @@ def test_sync_push_and_sigterm(control: Control) -> None:
 def test_exits_when_supervisor_goes_away(control: Control) -> None:
     control.start()
     assert control.chan is not None
-    read_frames(control.chan, 1)  # the initial (empty) sync
+    read_frames(control.chan, 2)  # the owner caps and the initial (empty) sync
     wait_until(lambda: os.path.exists(control.sock_path))
     control.chan.close()
     control.chan = None

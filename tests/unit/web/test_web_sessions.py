@@ -145,12 +145,8 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/v1/users"): {"user_id": "bob"},
     ("POST", "/v1/users/{id}/password"): {},
     ("POST", "/v1/users/{id}/tokens"): {},
-    ("POST", "/v1/grants"): {
-        "user_id": "bob",
-        "client": "*",
-        "listen_port_start": 1,
-        "listen_port_end": 2,
-    },
+    ("POST", "/v1/grants"): {"user_id": "bob", "client": "*", "listen_port_start": 1, "listen_port_end": 2},
+    ("PUT", "/v1/clients/{id}/owners/{owner}/rate-limit"): {"bandwidth_in_bps": 1000},
 }
 NO_RPC = {("GET", "/v1/openapi.json")}
 
