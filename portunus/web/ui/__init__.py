@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
-from portunus.web.ui import account, audit, clients, dashboard, metrics, render, rules, users
+from portunus.web.ui import (
+    account,
+    audit,
+    clients,
+    dashboard,
+    metrics,
+    owner_caps,
+    render,
+    rules,
+    users,
+)
 
 
 def ui_routes() -> list[BaseRoute]:
@@ -20,6 +30,7 @@ def ui_routes() -> list[BaseRoute]:
         *rules.routes,
         *clients.routes,
         *users.routes,
+        *owner_caps.routes,
         *audit.routes,
         *metrics.routes,
     ]

@@ -156,8 +156,17 @@ def test_browser_flows(
         shoot(page, shots, "rule-live-desktop")
         # the control process samples counters into the traffic history (every 10 s; the
         # first reading is a baseline): the rule's history and the dashboard show the bytes
-        wait_for(lambda: sum(p["bytes_in"] for p in srv.http("GET", f"/v1/traffic?rule={rule_id}").json()["series"])
-                 > 0, 40, what="traffic history of the rule")
+        wait_for(
+            lambda: (
+                sum(
+                    p["bytes_in"]
+                    for p in srv.http("GET", f"/v1/traffic?rule={rule_id}").json()["series"]
+                )
+                > 0
+            ),
+            40,
+            what="traffic history of the rule",
+        )
         page.goto(base + "/")
         assert page.locator(f'a[href="/rules/{rule_id}"]').count() == 1  # top rules by bytes
         state = ctx.storage_state()
@@ -176,6 +185,7 @@ def test_browser_flows(
                 "metrics": "/metrics-summary",
                 "users": "/users",
                 "user-new": "/users/new",
+                "owner-caps": "/owner-caps",
             },
         )
     finally:
@@ -233,6 +243,16 @@ def test_browser_flows(
         {"listen_port": ports.port(), "targets": [{"host": "127.0.0.1", "port": up.port}]},
     )
     assert mine.status == 201 and theirs.status == 201, (mine, theirs)
+
+    # ---- an owner cap for alice on the local node, from the owner-caps page
+    page.goto(base + "/owner-caps?client=local")
+    page.get_by_label("Owner (user id)").fill("alice")
+    page.get_by_label("Concurrent connections", exact=True).fill("10")
+    page.get_by_role("button", name="Save caps").click()
+    page.wait_for_url(f"{base}/owner-caps?client=local&notice=set")
+    cap = srv.http("GET", "/v1/clients/local/owners/alice/rate-limit")
+    assert cap.status == 200 and cap.json()["rate_limit"] == {"concurrent_connections": 10}, cap
+    shoot(page, shots, "owner-caps-desktop")
     page.get_by_role("button", name="Sign out").click()
     page.wait_for_url(f"{base}/login?notice=signed-out")
 
@@ -282,7 +302,15 @@ def test_every_form_control_has_a_label_and_is_reachable_by_tab(
         viewport=width, extra_http_headers={"Authorization": f"Bearer {srv.token}"}
     )
     page = ctx.new_page()
-    for path in ("/rules", "/rules/new", "/clients/enroll", "/audit", "/users/new", "/login"):
+    for path in (
+        "/rules",
+        "/rules/new",
+        "/clients/enroll",
+        "/audit",
+        "/users/new",
+        "/owner-caps",
+        "/login",
+    ):
         page.goto(srv.api_url + path)
         unlabeled = page.evaluate("""() => [...document.querySelectorAll('input:not([type=hidden]), select, textarea')]
             .filter(el => !el.labels || el.labels.length === 0).map(el => el.name)""")
