@@ -33,6 +33,7 @@ from bench.common import LOOPBACK, REPO, free_port, http_ok, machine_info, servi
 RULES, CLIENTS, BUSY_RULES = 1000, 100, 100
 SERVER_P99_MS, PAINT_MS = 50.0, 500.0
 PAGES = ("/", "/rules")
+FLOOR = "/v1/health"  # one trivial RPC: what the machine's load alone costs a request
 MARK_START, MARK_END = "<!-- webui -->", "<!-- /webui -->"
 
 
@@ -102,7 +103,7 @@ def server_times(port: int, token: str, path: str, n: int) -> list[float]:
             resp = conn.getresponse()
             body = resp.read()
             took = (time.perf_counter() - t0) * 1000
-            assert resp.status == 200 and len(body) > 1000, (path, resp.status)
+            assert resp.status == 200 and (len(body) > 1000 or path == FLOOR), (path, resp.status)
             if i >= 5:  # warm-up
                 out.append(took)
     finally:
@@ -173,6 +174,11 @@ def render(results: dict[str, Any], machine: dict[str, Any], args: argparse.Name
             f"{r['paint_p50']:.0f} ms | {r['paint_p90']:.0f} ms | {r['paint_max']:.0f} ms | "
             f"{'PASS' if paint_ok else 'MISS'} |"
         )
+    floor = results[FLOOR]
+    lines.append(
+        f"| `{FLOOR}` (reference: one trivial RPC, no page) | {floor['p50']:.1f} ms | "
+        f"{floor['p99']:.1f} ms | | | | | |"
+    )
     lines += [
         "",
         f"({results['n']} server samples and {results['paints']} page loads per page.) "
@@ -231,6 +237,8 @@ def main() -> None:
             )
         )
         token = (data / "operator.token").read_text().strip()
+        floor = server_times(api, token, FLOOR, n)
+        results[FLOOR] = {"p50": statistics.median(floor), "p99": percentile(floor, 0.99)}
         for path in PAGES:
             times = server_times(api, token, path, n)
             fcp = first_paints(f"http://{LOOPBACK}:{api}", token, path, paints)

@@ -297,7 +297,10 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
                        "per_rule": {"type": "object"}, "since": {"type": "integer"},
                        "top_rules": {"type": "array", "items": {"type": "object", "properties": {
                            "rule": {"type": "integer"}, "bytes_in": {"type": "integer"},
-                           "bytes_out": {"type": "integer"}}}}},
+                           "bytes_out": {"type": "integer"}, "client": {"type": ["string", "null"]},
+                           "protocol": {"type": ["string", "null"]}, "listen": {"type": ["string", "null"]},
+                           "state": {"type": ["string", "null"],
+                                     "description": "null once the rule is removed"}}}}},
         "required": ["bytes_in_per_sec", "bytes_out_per_sec", "top_rules"],
     },
     "Health": {"type": "object", "properties": {"status": {"const": "ok"}}, "required": ["status"]},

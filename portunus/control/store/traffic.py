@@ -155,15 +155,33 @@ async def series(
 
 async def top_rules(
     db: aiosqlite.Connection, since: int, limit: int, owner: str | None = None
-) -> list[dict[str, int]]:
-    """Rules by bytes moved since ``since`` (minute buckets), most first."""
+) -> list[dict[str, Any]]:
+    """Rules by bytes moved since ``since`` (minute buckets), most first, with what a
+    list shows of each (client, protocol, ports, state; null once the rule is gone)."""
     where, args = "resolution = ? AND bucket >= ?", [MINUTE, bucket_of(since, MINUTE)]
     if owner is not None:
         where += " AND owner = ?"
         args.append(owner)
     sql = (
-        f"SELECT rule_id, sum(bytes_in), sum(bytes_out) FROM traffic INDEXED BY traffic_by_time WHERE {where} "
-        "GROUP BY rule_id ORDER BY sum(bytes_in) + sum(bytes_out) DESC LIMIT ?"
+        "SELECT t.rule_id, t.bytes_in, t.bytes_out, c.name, r.protocol, r.listen_start, r.listen_end, r.state "
+        "FROM (SELECT rule_id, sum(bytes_in) AS bytes_in, sum(bytes_out) AS bytes_out "
+        f"      FROM traffic INDEXED BY traffic_by_time WHERE {where} "
+        "      GROUP BY rule_id ORDER BY sum(bytes_in) + sum(bytes_out) DESC LIMIT ?) t "
+        "LEFT JOIN rules r ON r.id = t.rule_id LEFT JOIN clients c ON c.client_id = r.client_id "
+        "ORDER BY t.bytes_in + t.bytes_out DESC"
     )
     async with db.execute(sql, [*args, limit]) as cur:
-        return [{"rule": r[0], "bytes_in": r[1], "bytes_out": r[2]} async for r in cur]
+        return [
+            {
+                "rule": r[0],
+                "bytes_in": r[1],
+                "bytes_out": r[2],
+                "client": r[3],
+                "protocol": r[4],
+                "listen": None
+                if r[5] is None
+                else (str(r[5]) if r[5] == r[6] else f"{r[5]}-{r[6]}"),
+                "state": r[7],
+            }
+            async for r in cur
+        ]

@@ -5,13 +5,11 @@ clients).  Five RPCs, issued together."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from portunus.errors import PortunusError
 from portunus.web.routes.common import call
 from portunus.web.ui.base import Identity, page
 from portunus.web.ui.charts import traffic_chart
@@ -20,17 +18,6 @@ from portunus.web.ui.render import render
 STATES = ("active", "pending", "failed", "draining")
 TOP = 8
 FAILED_SHOWN = 20
-
-
-async def _rule_or_none(request: Request, rule_id: int) -> dict[str, Any] | None:
-    """A top rule may have been removed since its traffic was recorded."""
-    try:
-        rule: dict[str, Any] = await call(request, "rules.get", {"id": rule_id})
-    except PortunusError as err:
-        if err.code in ("rule_not_found", "not_owner"):
-            return None
-        raise
-    return rule
 
 
 @page
@@ -45,9 +32,6 @@ async def dashboard(request: Request, ident: Identity) -> Response:
         call(request, "traffic.query", {"from": "1h"}),
         call(request, "traffic.query", {"from": "24h", "resolution": "hour"}),
     )
-    top_rules = await asyncio.gather(
-        *(_rule_or_none(request, t["rule"]) for t in summary["top_rules"])
-    )
     client_list = [c for c in clients["clients"] if c.get("client_id") != "local"]
     offline = [c for c in client_list if not c.get("connected")]
     return render(
@@ -58,7 +42,7 @@ async def dashboard(request: Request, ident: Identity) -> Response:
         clients_total=len(client_list),
         clients_up=len(client_list) - len(offline),
         summary=summary,
-        top=list(zip(summary["top_rules"], top_rules, strict=True)),
+        top=summary["top_rules"],
         hour=traffic_chart(hour),
         day=traffic_chart(day),
         hour_bytes=sum(p["bytes_in"] + p["bytes_out"] for p in hour["series"]),

@@ -260,6 +260,15 @@ async def test_summary_top_rules_and_rates(store: Store) -> None:
     await sampler.sample_once()
     out = await summary(store, sampler, ADMIN, {"since": int(T0 - 60)})
     assert [r["rule"] for r in out["top_rules"]] == [b, a]
+    assert out["top_rules"][1] == {
+        "rule": a,
+        "bytes_in": 100,
+        "bytes_out": 0,
+        "client": "local",
+        "protocol": "tcp",
+        "listen": "30010",
+        "state": "pending",
+    }
     assert out["bytes_in_per_sec"] == 510.0
     mine = await summary(store, sampler, ALICE, {"since": int(T0 - 60)})
     assert [r["rule"] for r in mine["top_rules"]] == [a] and mine["bytes_in_per_sec"] == 10.0
