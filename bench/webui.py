@@ -182,12 +182,15 @@ def render(results: dict[str, Any], machine: dict[str, Any], args: argparse.Name
     lines += [
         "",
         f"({results['n']} server samples and {results['paints']} page loads per page.) "
-        "What the pages cost: the dashboard issues 6 control RPCs (rule counts by state, the failed rules, "
-        "clients, the traffic summary, the hour and day series) plus one `rules.get` per top rule; the "
-        "rules page 3 (one page of 50 rules, read with LIMIT/OFFSET; clients; rates). Each RPC takes "
-        "0.3-2.5 ms in control with this data set; the rest is the web process (JSON decode, Jinja2) "
-        "and, at a load average far above the CPU count, waiting for a CPU, which is what the p99 "
-        "shows: on a machine this busy p50 is the figure that reflects the code.",
+        "What the pages cost: the dashboard issues 7 control RPCs (who is asking, rule counts by state, "
+        "the failed rules, clients, the traffic summary with its top rules, the hour and day series), the "
+        "rules page 4 (one page of 50 rules read with LIMIT/OFFSET, clients, rates); each takes 0.3-2.5 ms "
+        "in control with this data set, the rest is the web process (JSON, Jinja2). The p99 tail looks like CPU "
+        "contention rather than the code: with the load average at 5-7 runnable processes per CPU, a page that "
+        "needs ~10 ms of CPU across three processes is preempted at least once in a few percent of "
+        "requests (the slow ones are scattered through the run, not periodic); the one-hop `/v1/health` "
+        "row shows the machine's own tail. This could not be re-run on a quiet machine; p50 is the "
+        "figure that reflects the code.",
         MARK_END,
     ]
     return "\n".join(lines)
