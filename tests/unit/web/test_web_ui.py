@@ -101,7 +101,10 @@ def replies(fake: FakeControl) -> None:
             "users.me": me("operator", "superadmin"),
             "clients.list": CLIENTS,
             "rules.list": lambda params: _listed([RULE, failed], params),
-            "rules.counts": {"by_state": {"active": 1, "pending": 0, "failed": 1, "draining": 0}, "total": 2},
+            "rules.counts": {
+                "by_state": {"active": 1, "pending": 0, "failed": 1, "draining": 0},
+                "total": 2,
+            },
             "rules.get": RULE,
             "rules.stats": {
                 **STATS,
@@ -192,7 +195,12 @@ async def test_rules_list_filters_in_the_query_string(
 ) -> None:
     r = await api.get("/rules?client=local&state=failed", headers=AUTH)
     assert r.status_code == 200
-    assert fake.calls("rules.list")[-1]["params"] == {"client": "local", "state": "failed", "limit": 50, "offset": 0}
+    assert fake.calls("rules.list")[-1]["params"] == {
+        "client": "local",
+        "state": "failed",
+        "limit": 50,
+        "offset": 0,
+    }
     assert 'href="/rules/8"' in r.text and 'href="/rules/7"' not in r.text
 
 
@@ -443,9 +451,15 @@ def test_assets_and_templates_ship_as_package_data() -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[3]
-    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["portunus"]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["portunus"]
     web = root / "portunus"
-    files = [p.relative_to(web).as_posix() for sub in ("web/static", "web/templates") for p in (web / sub).rglob("*")
-             if p.is_file()]
+    files = [
+        p.relative_to(web).as_posix()
+        for sub in ("web/static", "web/templates")
+        for p in (web / sub).rglob("*")
+        if p.is_file()
+    ]
     assert files and all(any(fnmatch.fnmatch(f, g) for g in globs) for f in files), files
     assert all("/" not in f.split("/", 2)[2] for f in files)  # flat: the globs are one level deep

@@ -351,34 +351,64 @@ async def test_grant_revoke_previews_the_rules_at_risk(
     assert fake.calls("grants.revoke")[0]["params"] == {"grant_id": 4}
 
 
-OWNERS = {"client_id": "local", "client": "local", "owners": [
-    {"owner": "alice", "rule_count": 2, "rate_limit": {"bandwidth_in_bps": 1000}, "updated_at": "2026-12-05T10:00:00Z"},
-    {"owner": "bob", "rule_count": 1, "rate_limit": None, "updated_at": None}]}
+OWNERS = {
+    "client_id": "local",
+    "client": "local",
+    "owners": [
+        {
+            "owner": "alice",
+            "rule_count": 2,
+            "rate_limit": {"bandwidth_in_bps": 1000},
+            "updated_at": "2026-12-05T10:00:00Z",
+        },
+        {"owner": "bob", "rule_count": 1, "rate_limit": None, "updated_at": None},
+    ],
+}
 
 
 async def test_owner_caps_page_lists_and_sets(api: httpx.AsyncClient, fake: FakeControl) -> None:
-    fake.replies.update({"clients.list": {"clients": [{"client_id": "local", "client_name": "local"}]},
-                         "owner_caps.list": OWNERS,
-                         "owner_caps.get": {"owner": "alice", "rate_limit": {"bandwidth_in_bps": 1000}},
-                         "owner_caps.set": {"owner": "bob"}, "owner_caps.delete": {}})
+    fake.replies.update(
+        {
+            "clients.list": {"clients": [{"client_id": "local", "client_name": "local"}]},
+            "owner_caps.list": OWNERS,
+            "owner_caps.get": {"owner": "alice", "rate_limit": {"bandwidth_in_bps": 1000}},
+            "owner_caps.set": {"owner": "bob"},
+            "owner_caps.delete": {},
+        }
+    )
     r = await api.get("/owner-caps?client=local&owner=alice", headers=AUTH)
     assert r.status_code == 200 and "bandwidth_in_bps=1000" in r.text and 'value="1000"' in r.text
     assert fake.calls("owner_caps.list")[0]["params"] == {"client": "local"}
     body = urlencode({"client": "local", "owner": "bob", "rate_limit.concurrent_connections": "5"})
     r = await api.post("/owner-caps/set", content=body, headers={**FORM, **AUTH})
     assert r.status_code == 303 and r.headers["location"] == "/owner-caps?client=local&notice=set"
-    assert fake.calls("owner_caps.set")[0]["params"] == {"client": "local", "owner": "bob",
-                                                         "rate_limit": {"concurrent_connections": 5}}
+    assert fake.calls("owner_caps.set")[0]["params"] == {
+        "client": "local",
+        "owner": "bob",
+        "rate_limit": {"concurrent_connections": 5},
+    }
     bad = urlencode({"client": "local", "owner": "bob", "rate_limit.concurrent_connections": "0"})
     r = await api.post("/owner-caps/set", content=bad, headers={**FORM, **AUTH})
-    assert r.status_code == 400 and "validation.rate_limit" in r.text and 'aria-invalid="true"' in r.text
+    assert (
+        r.status_code == 400
+        and "validation.rate_limit" in r.text
+        and 'aria-invalid="true"' in r.text
+    )
     fake.replies["owner_caps.set"] = PortunusError("preflight", "give at least one cap")
-    r = await api.post("/owner-caps/set", content=urlencode({"client": "local", "owner": "bob"}),
-                       headers={**FORM, **AUTH})
+    r = await api.post(
+        "/owner-caps/set",
+        content=urlencode({"client": "local", "owner": "bob"}),
+        headers={**FORM, **AUTH},
+    )
     assert r.status_code == 400 and "preflight" in r.text
-    r = await api.post("/owner-caps/delete", content=urlencode({"client": "local", "owner": "alice"}),
-                       headers={**FORM, **AUTH})
-    assert r.status_code == 303 and fake.calls("owner_caps.delete")[0]["params"] == {"client": "local",
-                                                                                     "owner": "alice"}
+    r = await api.post(
+        "/owner-caps/delete",
+        content=urlencode({"client": "local", "owner": "alice"}),
+        headers={**FORM, **AUTH},
+    )
+    assert r.status_code == 303 and fake.calls("owner_caps.delete")[0]["params"] == {
+        "client": "local",
+        "owner": "alice",
+    }
     fake.replies["users.me"] = me("alice", "user")
     assert (await api.get("/owner-caps", headers=AUTH)).status_code == 403
