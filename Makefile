@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN      = $(VENV)/bin
 STAMP    = $(VENV)/.installed
 
-.PHONY: run run-standalone test test-all test-slow test-packages bench bench-quick lint deps clean deb rpm reference
+.PHONY: run run-standalone test test-all test-slow test-packages bench bench-quick lint deps clean deb rpm reference screenshots
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -36,6 +36,10 @@ test-all: $(STAMP)
 ## test-packages: build .deb/.rpm and install them in a booted Debian root (needs root)
 test-packages: $(STAMP)
 	$(BIN)/python -m pytest -q -m packaging tests/packaging
+
+## screenshots: refresh docs/screenshots/ from the Web UI browser tests (needs chromium)
+screenshots: $(STAMP)
+	PORTUNUS_SCREENSHOTS=docs/screenshots $(BIN)/python -m pytest -q tests/e2e/ui/test_ui_browser.py
 
 ## bench: ratio benchmarks against direct, HAProxy, nginx and socat (writes bench/RESULTS.md)
 bench: $(STAMP)

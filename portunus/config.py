@@ -53,6 +53,8 @@ class Settings:
     operator_token: str | None = None
     ack_timeout_secs: float = 2.0
     stats_stream_interval_secs: float = 1.0
+    # Web UI traffic history: how often control samples every rule's counters.
+    traffic_sample_interval_secs: float = 10.0
     # Edge gateway, before a peer authenticated (portunus.control.edge.preauth).
     edge_preauth_max_connections: int = 128
     edge_preauth_max_per_source: int = 16
@@ -89,10 +91,11 @@ _FLOAT_KEYS = {
     "ack_timeout_secs",
     "stats_stream_interval_secs",
     "edge_handshake_timeout_secs",
+    "traffic_sample_interval_secs",
 }
 _INT_KEYS = {"range_rule_max_ports", "udp_max_flows", "edge_preauth_max_connections", "edge_preauth_max_per_source"}
 # Keys whose zero would disable what they bound (a deadline of 0 s refuses everyone).
-_POSITIVE_FLOAT_KEYS = {"edge_handshake_timeout_secs": 300.0}
+_POSITIVE_FLOAT_KEYS = {"edge_handshake_timeout_secs": 300.0, "traffic_sample_interval_secs": 3600.0}
 _STR_KEYS = {
     "operator_http_listen",
     "metrics_listen",

@@ -162,7 +162,7 @@ def run(settings: Settings, token_note: str) -> int:
 
     click.echo(
         f"portunus-server {__version__}: data {settings.data_dir}, {settings.shard_count()} shard(s)\n"
-        f"  API:     http://{settings.operator_http_listen}/v1   (no Web UI in this release)\n"
+        f"  Web UI:  http://{settings.operator_http_listen}/   API: http://{settings.operator_http_listen}/v1\n"
         f"  metrics: http://{settings.metrics_listen}/metrics\n"
         f"  control: {settings.socket_path}\n"
         f"  {token_note}\n"

@@ -33,6 +33,7 @@ from portunus.control.rpc.handlers import ControlContext, Dispatcher
 from portunus.control.rpc.server import RpcServer
 from portunus.control.service import RuleService, StateSink
 from portunus.control.store import Store
+from portunus.control.traffic import TrafficSampler, counters_reader
 from portunus.logs import configure, log_event
 
 
@@ -100,6 +101,7 @@ async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
     link: LocalLink | None = None
     service: RuleService | None = None
     gateway: EdgeGateway | None = None
+    sampler: TrafficSampler | None = None
     try:
         token = read_operator_token(settings)
         if token is not None:
@@ -130,8 +132,11 @@ async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
             port=lambda: (gateway.bound_port if gateway is not None else None) or listen_port,
             on_state=state_sink,
         )
+        sampler = TrafficSampler(store, counters_reader(settings.metrics_dir, remote),
+                                 interval=settings.traffic_sample_interval_secs)
+        sampler.start()
         ctx = ControlContext(settings, store, Authenticator(store), service, planes, remote, clients,
-                             owner_caps=OwnerCapService(store, planes))
+                             traffic=sampler, owner_caps=OwnerCapService(store, planes))
         server = RpcServer(settings.socket_path, Dispatcher(ctx))
         await server.start()
         log_event("control.ready", socket=settings.socket_path, db=settings.db_path)
@@ -139,6 +144,8 @@ async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
     finally:
         if server is not None:
             await server.close()
+        if sampler is not None:
+            await sampler.stop()
         if gateway is not None:
             await gateway.close()
         if service is not None:

@@ -51,6 +51,9 @@ POLICY: dict[str, str] = {
     "tokens.list": USER,
     "tokens.revoke": USER,
     "grants.list": USER,
+    "traffic.query": USER,
+    "rules.counts": USER,
+    "traffic.summary": USER,
     "clients.enroll": SUPERADMIN,
     "clients.rename": SUPERADMIN,
     "clients.revoke": SUPERADMIN,
@@ -85,6 +88,9 @@ READS: frozenset[str] = frozenset(
         "grants.list",
         "owner_caps.list",
         "owner_caps.get",
+        "rules.counts",
+        "traffic.query",
+        "traffic.summary",
     }
 )
 

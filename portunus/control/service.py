@@ -23,6 +23,7 @@ from portunus.control.dataplane import LOCAL, DataPlane, RuleResult
 from portunus.control.edge.capabilities import check_capabilities
 from portunus.control.grants import check_grants
 from portunus.control.rule_body import parse_rate_limit_update, parse_rule_body
+from portunus.control.rule_list import list_filters, list_page
 from portunus.control.slots import check_slot
 from portunus.control.store import Store, accounts, write_audit
 from portunus.control.store import owner_caps as owner_caps_db
@@ -347,11 +348,16 @@ class RuleService:
         owner = params.get("owner")
         if owner is not None and not isinstance(owner, str):
             raise ValidationError("validation.owner", "owner must be a string", field="owner")
+        filters = list_filters(params)
+        page = list_page(params)
         async with self.store.read() as db:
             if params.get("client") is not None:
                 client_id = (await accounts.resolve_client(db, params["client"])).client_id
-            found = await rules_db.list_rules(db, client_id=client_id, owner=owner)
-        return {"rules": [s.to_json() for s in found]}
+            found = await rules_db.list_rules(db, client_id=client_id, owner=owner, **filters, **page)
+            if not page:
+                return {"rules": [s.to_json() for s in found]}
+            total = await rules_db.count_rules(db, client_id, owner, **filters)
+        return {"rules": [s.to_json() for s in found], "total": total}
 
     async def update(self, principal: Principal, params: dict[str, Any]) -> dict[str, Any]:
         """Hot-update the caps; the node answers like for a push (within the default

@@ -94,6 +94,18 @@ def rule_stats(
     return out
 
 
+def rule_totals(metrics_dir: str) -> dict[str, tuple[int, int, int]]:
+    """``rule id -> (bytes_in, bytes_out, connections_total)`` for every local rule
+    in one pass over the files (the traffic sampler reads all rules at once)."""
+    index = {"bytes_in": 0, "bytes_out": 1, "connections_total": 2}
+    sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+    for s in _samples(metrics_dir):
+        key = RULE_SERIES.get(s.name)
+        if key in index and "rule" in s.labels:
+            sums[s.labels["rule"]][index[key]] += s.value
+    return {rule: (int(v[0]), int(v[1]), int(v[2])) for rule, v in sums.items()}
+
+
 class RuleStateGauge:
     """``portunus_rule_state{client,rule,owner,state}``: 1 for the current state, 0
     for the others, written by the control process on every state change.

@@ -1,4 +1,5 @@
-"""The operator HTTP API app: ``/v1/*`` mapped one-to-one onto the control socket RPC.
+"""The operator HTTP app: ``/v1/*`` mapped one-to-one onto the control socket RPC,
+and the Web UI's pages (``portunus.web.ui``) on the same origin.
 
 ``create_app`` runs in the web process (``portunus.web.main``) and in tests, where
 ``settings.socket_path`` points at a fake control server.  Everything the app needs
@@ -24,8 +25,11 @@ from portunus.control.client import ControlClient
 from portunus.errors import PortunusError
 from portunus.web.limits import BodyLimit
 from portunus.web.openapi import build_openapi
-from portunus.web.routes import audit, auth, clients, owners, rules, system, users
+from portunus.web.routes import audit, auth, clients, owners, rules, system, traffic, users
 from portunus.web.routes.common import error_response
+from portunus.web.ui import ui_routes
+from portunus.web.ui.render import render
+from portunus.web.ui.security import SecurityHeaders
 
 # Control answers rules.push only after the client acknowledged (or ack_timeout
 # passed); allow for the longest ack_timeout a request may ask for.
@@ -35,7 +39,7 @@ CONTROL_TIMEOUT = 75.0
 def api_routes() -> list[BaseRoute]:
     # auth first: /v1/users/me must win over /v1/users/{id}.
     return [*auth.routes, *rules.routes, *clients.routes, *owners.routes, *users.routes, *audit.routes,
-            *system.routes]
+            *traffic.routes, *system.routes]
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -50,6 +54,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         err = PortunusError("method_not_allowed", f"{where} is not allowed; allowed: {allowed}", allowed=allowed)
     elif exc.status_code != 404:
         err = PortunusError("bad_request", exc.detail)
+    if not request.url.path.startswith("/v1/") and "text/html" in request.headers.get("accept", ""):
+        # a browser on a page URL that does not exist: a page, not a JSON envelope
+        page = render(request, "error.html", status=exc.status_code, error=err, ident=None)
+        page.headers.update(headers)
+        return page
     response = error_response(err, headers=headers)
     response.status_code = exc.status_code
     return response
@@ -57,8 +66,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def create_app(settings: Settings, control: ControlClient | None = None) -> Starlette:
     """Build the API app; ``control`` defaults to a client of ``settings.socket_path``."""
-    app = Starlette(routes=api_routes(), exception_handlers={HTTPException: _http_error},
-                    middleware=[Middleware(BodyLimit)])
+    app = Starlette(routes=[*api_routes(), *ui_routes()], exception_handlers={HTTPException: _http_error},
+                    middleware=[Middleware(SecurityHeaders), Middleware(BodyLimit)])
     app.state.settings = settings
     app.state.control = control or ControlClient(settings.socket_path, None, timeout=CONTROL_TIMEOUT)
     app.state.stopping = asyncio.Event()

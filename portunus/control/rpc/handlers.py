@@ -22,6 +22,7 @@ from portunus.control.edge.remote_link import RemoteLink
 from portunus.control.owner_caps import OwnerCapService
 from portunus.control.policy import PUBLIC, authorize, policy_of, require_owner
 from portunus.control.rpc.protocol import Request
+from portunus.control.rule_list import RULE_STATES
 from portunus.control.service import RuleService, parse_rule_id
 from portunus.control.sessions import SessionService, bounded
 from portunus.control.stats import rule_stats
@@ -29,7 +30,15 @@ from portunus.control.store import Store, accounts, write_audit
 from portunus.control.store import users as users_db
 from portunus.control.store.audit import list_audit
 from portunus.control.store.migrations import format_ts
-from portunus.control.store.rules import count_rules_by_client, list_rules, require_rule
+from portunus.control.store.rules import (
+    count_rules_by_client,
+    count_rules_by_state,
+    list_rules,
+    require_rule,
+)
+from portunus.control.traffic import TrafficSampler
+from portunus.control.traffic import query as traffic_query
+from portunus.control.traffic import summary as traffic_summary
 from portunus.control.users import UserService
 from portunus.errors import PortunusError, ValidationError
 from portunus.text import is_ascii_digits
@@ -51,6 +60,7 @@ class ControlContext:
     # The edge gateway's parts; None when the control process runs without it.
     remote: RemoteLink | None = None
     clients: ClientService | None = None
+    traffic: TrafficSampler | None = None
     users: UserService | None = None
     sessions: SessionService | None = None
     owner_caps: OwnerCapService | None = None
@@ -102,6 +112,13 @@ async def rules_list(ctx: ControlContext, who: Principal, params: dict[str, Any]
             raise PortunusError("not_owner", "you may list your own rules only", owner=bounded(owner))
         params = {**params, "owner": who.user}
     return await ctx.service.list_rules(params)
+
+
+async def rules_counts(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    """Rules per state (a user: their own), for the dashboard without listing them all."""
+    async with ctx.store.read() as db:
+        by_state = await count_rules_by_state(db, None if who.is_superadmin else who.user)
+    return {"by_state": {s: by_state.get(s, 0) for s in RULE_STATES}, "total": sum(by_state.values())}
 
 
 async def rules_get(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
@@ -205,9 +222,24 @@ async def audit_list(ctx: ControlContext, who: Principal, params: dict[str, Any]
         if not is_ascii_digits(str(cursor_raw)):
             raise ValidationError("validation.cursor", "cursor must be a next_cursor value", field="cursor")
         cursor = int(cursor_raw)
+    filters: dict[str, str] = {}
+    for key in ("actor", "outcome"):
+        value = params.get(key)
+        if value is not None and (not isinstance(value, str) or len(value) > 200):
+            raise ValidationError(f"validation.{key}", f"{key} must be a string", field=key)
+        if value:
+            filters[key] = value
     async with ctx.store.read() as db:
-        entries, next_cursor = await list_audit(db, since, until, limit, cursor)
+        entries, next_cursor = await list_audit(db, since, until, limit, cursor, **filters)
     return {"entries": entries, "next_cursor": next_cursor}
+
+
+async def traffic_history(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await traffic_query(ctx.store, who, params)
+
+
+async def traffic_now(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    return await traffic_summary(ctx.store, ctx.traffic, who, params)
 
 
 async def owner_caps_list(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
@@ -307,6 +339,7 @@ METHODS: dict[str, tuple[bool, Handler]] = {
     "auth.whoami": (True, whoami),
     "rules.push": (True, rules_push),
     "rules.list": (True, rules_list),
+    "rules.counts": (True, rules_counts),
     "rules.get": (True, rules_get),
     "rules.update": (True, rules_update),
     "rules.remove": (True, rules_remove),
@@ -333,6 +366,8 @@ METHODS: dict[str, tuple[bool, Handler]] = {
     "grants.add": (True, grants_add),
     "grants.list": (True, grants_list),
     "grants.revoke": (True, grants_revoke),
+    "traffic.query": (True, traffic_history),
+    "traffic.summary": (True, traffic_now),
     "owner_caps.list": (True, owner_caps_list),
     "owner_caps.get": (True, owner_caps_get),
     "owner_caps.set": (True, owner_caps_set),

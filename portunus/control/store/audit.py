@@ -14,6 +14,8 @@ async def list_audit(
     until: str | None = None,
     limit: int = 100,
     cursor: int | None = None,
+    actor: str | None = None,
+    outcome: str | None = None,
 ) -> tuple[list[dict[str, Any]], str | None]:
     """Newest first.  ``cursor`` is the id of the last entry of the previous page;
     ids are monotonic, so paging by id never skips or repeats a row even while
@@ -26,6 +28,10 @@ async def list_audit(
     if until is not None:
         clauses.append("ts < ?")
         args.append(until)
+    for column, value in (("actor", actor), ("outcome", outcome)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            args.append(value)
     if cursor is not None:
         clauses.append("id < ?")
         args.append(cursor)

@@ -175,7 +175,29 @@ CREATE TABLE owner_caps (
 );
 """
 
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V_USERS, _V_OWNER_CAPS]
+# Traffic history for the Web UI charts and GET /v1/traffic (control.traffic):
+# per-rule byte and connection deltas in 1-minute and 1-hour buckets.  No foreign
+# key to rules: the history of a removed rule stays readable until it ages out,
+# and client_id/owner are copied so ?client= and ?owner= need no join.
+_V_TRAFFIC = """
+CREATE TABLE traffic (
+    resolution  INTEGER NOT NULL,          -- bucket width in seconds: 60 or 3600
+    bucket      INTEGER NOT NULL,          -- Unix seconds of the bucket start
+    rule_id     INTEGER NOT NULL,
+    client_id   TEXT NOT NULL,
+    owner       TEXT NOT NULL DEFAULT '',
+    bytes_in    INTEGER NOT NULL DEFAULT 0,
+    bytes_out   INTEGER NOT NULL DEFAULT 0,
+    connections INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (resolution, rule_id, bucket)
+) WITHOUT ROWID;
+-- covering: the dashboard's time-range reads (all rules, or by client/owner) never
+-- touch the table itself
+CREATE INDEX traffic_by_time ON traffic
+    (resolution, bucket, rule_id, client_id, owner, bytes_in, bytes_out, connections);
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V_USERS, _V_OWNER_CAPS, _V_TRAFFIC]
 LATEST = len(MIGRATIONS)
 
 

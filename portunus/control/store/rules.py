@@ -138,18 +138,51 @@ async def require_rule(db: aiosqlite.Connection, rule_id: int) -> StoredRule:
 
 
 async def list_rules(
-    db: aiosqlite.Connection, client_id: str | None = None, owner: str | None = None
+    db: aiosqlite.Connection,
+    client_id: str | None = None,
+    owner: str | None = None,
+    *,
+    state: str | None = None,
+    protocol: str | None = None,
+    limit: int | None = None,
+    offset: int = 0,
 ) -> list[StoredRule]:
+    """Rules by id; ``limit``/``offset`` page in SQL, so a page of a long list
+    hydrates only its own rows."""
+    where, args = _filters(client_id, owner, state, protocol)
+    page = ""
+    if limit is not None:
+        page = " LIMIT ? OFFSET ?"
+        args = (*args, limit, offset)
+    async with db.execute(f"{_SELECT} {where} ORDER BY r.id{page}", args) as cur:
+        rows = list(await cur.fetchall())
+    return await _hydrate(db, rows)
+
+
+def _filters(client_id: str | None, owner: str | None, state: str | None = None,
+             protocol: str | None = None) -> tuple[str, tuple[Any, ...]]:
     clauses: list[str] = []
     args: list[Any] = []
-    if client_id is not None:
-        clauses.append("r.client_id = ?")
-        args.append(client_id)
-    if owner is not None:
-        clauses.append("r.owner = ?")
-        args.append(owner)
-    where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-    return await _query(db, where, tuple(args))
+    for column, value in (("r.client_id", client_id), ("r.owner", owner), ("r.state", state),
+                          ("r.protocol", protocol)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            args.append(value)
+    return ("WHERE " + " AND ".join(clauses)) if clauses else "", tuple(args)
+
+
+async def count_rules(db: aiosqlite.Connection, client_id: str | None = None, owner: str | None = None,
+                      state: str | None = None, protocol: str | None = None) -> int:
+    where, args = _filters(client_id, owner, state, protocol)
+    async with db.execute(f"SELECT COUNT(*) FROM rules r {where}", args) as cur:
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def count_rules_by_state(db: aiosqlite.Connection, owner: str | None = None) -> dict[str, int]:
+    where, args = _filters(None, owner)
+    async with db.execute(f"SELECT r.state, COUNT(*) FROM rules r {where} GROUP BY r.state", args) as cur:
+        return {row[0]: row[1] for row in await cur.fetchall()}
 
 
 async def rules_overlapping(

@@ -87,7 +87,12 @@ def parse_json(raw: bytes) -> Any:
 
 async def read_json(request: Request, schema_name: str) -> dict[str, Any]:
     """Read, parse and check a body against ``components.schemas[schema_name]``."""
-    doc = parse_json(await read_body(request))
+    return validate_body(parse_json(await read_body(request)), schema_name)
+
+
+def validate_body(doc: Any, schema_name: str) -> dict[str, Any]:
+    """Check an already-parsed body; the Web UI's forms come through here too, so a
+    form shows the same codes and messages as the API."""
     problems = check(doc, openapi.schema(schema_name))
     if problems:
         first = problems[0]

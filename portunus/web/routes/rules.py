@@ -24,7 +24,12 @@ from portunus.web.routes.common import (
 
 @endpoint
 async def list_rules(request: Request) -> Response:
-    params = {k: request.query_params[k] for k in ("client", "owner") if k in request.query_params}
+    params: dict[str, Any] = {k: request.query_params[k] for k in ("client", "owner", "state", "protocol")
+                              if k in request.query_params}
+    for key, hi in (("limit", 1000), ("offset", 10**9)):
+        value = query_number(request, key, 0, hi, integer=True)
+        if value is not None:
+            params[key] = value
     return JSONResponse(await call(request, "rules.list", params))
 
 

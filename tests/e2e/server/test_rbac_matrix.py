@@ -117,6 +117,9 @@ OPS: list[Op] = [
         OWNED,
         204,
     ),
+    # traffic history (Web UI charts): a rule's series is its owner's; the summary is scoped
+    Op("rule-traffic", ("rule",), None, ("GET", "/v1/traffic?rule={rule}", None), OWNED),
+    Op("traffic-summary", (), None, ("GET", "/v1/traffic/summary", None), BOTH_OK),
     # clients
     Op("list-clients", (), ("list-clients",), ("GET", "/v1/clients", None), BOTH_OK),
     Op(
