@@ -13,6 +13,8 @@ from typing import Any
 import click
 
 from portunus import __version__
+from portunus.bounds import SHARDS
+from portunus.cli.numbers import BoundedNumber
 from portunus.config import ConfigError, Settings, load_server_settings, parse_listen
 from portunus.errors import EXIT_SCHEMA_TOO_NEW, PortunusError
 
@@ -20,7 +22,7 @@ EX_CONFIG = 78
 
 
 @click.command()
-@click.option("--shards", type=click.IntRange(min=1), default=None,
+@click.option("--shards", type=BoundedNumber(SHARDS), default=None,
               help="Data-plane processes (default: one per CPU).")
 @click.pass_obj
 def serve(obj: Any, shards: int | None) -> None:

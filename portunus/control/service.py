@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from portunus.bounds import ACK_TIMEOUT, RULE_ID
 from portunus.config import Settings
 from portunus.control.auth import Principal
 from portunus.control.dataplane import LOCAL, DataPlane, RuleResult
@@ -31,29 +32,22 @@ from portunus.logs import log_event
 from portunus.rules import Rule
 from portunus.text import is_ascii_digits
 
-MAX_ACK_TIMEOUT_SECS = 300.0
+MAX_ACK_TIMEOUT_SECS = ACK_TIMEOUT.hi
 # Called after every committed state change; state None = the rule is gone.
 StateSink = Callable[[Rule, str | None], None]
 
 
 def parse_rule_id(params: dict[str, Any]) -> int:
     raw = params.get("id")
-    if isinstance(raw, str) and is_ascii_digits(raw.strip()):
+    if isinstance(raw, str) and is_ascii_digits(raw.strip()) and len(raw.strip()) <= 19:
         raw = int(raw.strip())
-    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+    if not RULE_ID.contains(raw):
         raise ValidationError("validation.id", "id must be a rule id (a positive integer)", field="id")
     return raw
 
 
 def _ack_timeout(params: dict[str, Any], default: float) -> float:
-    raw = params.get("ack_timeout", default)
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not 0 < raw <= MAX_ACK_TIMEOUT_SECS:
-        raise ValidationError(
-            "validation.ack_timeout",
-            f"ack_timeout must be a number of seconds in (0, {MAX_ACK_TIMEOUT_SECS:g}]",
-            field="ack_timeout",
-        )
-    return float(raw)
+    return float(ACK_TIMEOUT.check(params.get("ack_timeout", default), "ack_timeout"))
 
 
 class RuleService:

@@ -14,6 +14,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from portunus.bounds import (
+    ENROLL_TTL,
+    HEALTH_CHECK_INTERVAL,
+    MAX_NAME_LEN,
+    PRIORITY,
+    RATE_LIMIT_VALUE,
+)
 from portunus.rules import MAX_TARGETS, RATE_LIMIT_ALL_KEYS
 
 JSON = "application/json"
@@ -34,7 +41,8 @@ _PROXY = {"enum": ["v1", "v2", None], "x-error-code": "validation.proxy_protocol
 RATE_LIMIT: dict[str, Any] = {
     "type": ["object", "null"],
     "description": "Caps; every key optional, null or absent = uncapped. `*_burst` sizes the bucket.",
-    "properties": {k: {"type": ["integer", "null"], "minimum": 1} for k in RATE_LIMIT_ALL_KEYS},
+    "properties": {k: {"type": ["integer", "null"], "minimum": 1, "maximum": RATE_LIMIT_VALUE.hi}
+                   for k in RATE_LIMIT_ALL_KEYS},
     "additionalProperties": False,
     "x-error-code": "validation.rate_limit",
     "x-unknown-field-code": "validation.rate_limit",
@@ -49,8 +57,8 @@ TARGET_BODY: dict[str, Any] = {
         "port": _port(),
         "port_start": _port(),
         "port_end": _port(),
-        "priority": {"type": "integer", "minimum": 1, "default": 1, "x-error-code": "validation.priority",
-                     "description": "Lower is preferred; equal priorities are tried in order."},
+        "priority": PRIORITY.schema(default=1, **{"x-error-code": "validation.priority"},
+                                    description="Lower is preferred; equal priorities are tried in order."),
         "proxy_protocol": _PROXY,
     },
     "required": ["host"],
@@ -68,6 +76,7 @@ RULE_BODY: dict[str, Any] = {
     "description": "A rule to push. Exactly one of listen_port or listen_port_start+listen_port_end.",
     "properties": {
         "client": {"type": ["string", "integer"], "default": "local", "x-error-code": "validation.client",
+                   "maxLength": 2 * MAX_NAME_LEN,
                    "description": "Client name or client_id; `local` is the server itself."},
         "protocol": {"enum": ["tcp", "udp"], "default": "tcp", "x-error-code": "validation.protocol"},
         "listen_port": _port(),
@@ -80,8 +89,8 @@ RULE_BODY: dict[str, Any] = {
         "proxy_protocol": _PROXY,
         "prefer_ipv6": {"type": "boolean", "default": False, "x-error-code": "validation.prefer_ipv6"},
         "rate_limit": ref("RateLimit"),
-        "health_check_interval_secs": {"type": "number", "exclusiveMinimum": 0, "default": 5,
-                                       "x-error-code": "validation.health_check_interval_secs"},
+        "health_check_interval_secs": HEALTH_CHECK_INTERVAL.schema(
+            default=5, **{"x-error-code": "validation.health_check_interval_secs"}),
     },
     "required": ["targets"],
     "additionalProperties": False,
@@ -193,8 +202,7 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
             "address": {"type": "string", "minLength": 1, "maxLength": 255, "x-error-code": "validation.address",
                         "description": "Host the client dials (default: the host of control_listen, "
                         "else the server's FQDN)."},
-            "ttl_secs": {"type": "integer", "minimum": 1, "maximum": 604800, "default": 600,
-                         "x-error-code": "validation.ttl_secs"},
+            "ttl_secs": ENROLL_TTL.schema(default=600, **{"x-error-code": "validation.ttl_secs"}),
         },
         "required": ["name"],
         "additionalProperties": False,
