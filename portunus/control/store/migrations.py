@@ -124,7 +124,16 @@ UPDATE rules SET sni_fallback = 1
                   AND s.sni_pattern IS NOT NULL AND s.state != 'draining');
 """
 
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4]
+# Numbers stored before every boundary checked them against portunus.bounds: an
+# `inf` health-check interval made GET /v1/rules answer 500 until the rule was
+# removed.  Clamp into the documented range [0.1, 3600] (NaN never got stored:
+# SQLite turns it into NULL and the NOT NULL constraint refused the row).
+_V_HOSTILE = """
+UPDATE rules SET health_check_interval_secs = 3600.0 WHERE health_check_interval_secs > 3600;
+UPDATE rules SET health_check_interval_secs = 0.1 WHERE health_check_interval_secs < 0.1;
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V_HOSTILE]
 LATEST = len(MIGRATIONS)
 
 
