@@ -6,7 +6,7 @@ the edge wire refuse the same values with the same words.  Every bound is
 finite: ``inf``, ``nan`` and ``1e400`` (which JSON parses to ``inf``) are refused
 everywhere, because a non-finite number that reaches the store or a timer turns
 into a 500, invalid JSON output or a process that cannot be stopped.  The ranges
-are documented in README.md ("Limits"); keep the two in step.
+are documented in docs/limits.md; keep the two in step.
 """
 
 from __future__ import annotations
