@@ -13,10 +13,10 @@ import json
 import math
 import shutil
 import tempfile
-from urllib.parse import quote
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -38,22 +38,50 @@ numbers = st.one_of(
     st.integers(-(2**70), 2**70),
     st.integers(0, 70000),
     st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from([0, 1, -1, 0.1, 0.05, 3600, 3601, 65535, 65536, 10**12, 10**12 + 1, 2**63, 1e308,
-                     math.inf, -math.inf, math.nan]),
+    st.sampled_from(
+        [
+            0,
+            1,
+            -1,
+            0.1,
+            0.05,
+            3600,
+            3601,
+            65535,
+            65536,
+            10**12,
+            10**12 + 1,
+            2**63,
+            1e308,
+            math.inf,
+            -math.inf,
+            math.nan,
+        ]
+    ),
 )
-scalars = st.one_of(st.none(), st.booleans(), numbers, st.text(max_size=40), st.text(min_size=200, max_size=600))
+scalars = st.one_of(
+    st.none(), st.booleans(), numbers, st.text(max_size=40), st.text(min_size=200, max_size=600)
+)
 json_values = st.recursive(
-    scalars, lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=10), c, max_size=5), max_leaves=15
+    scalars,
+    lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=10), c, max_size=5),
+    max_leaves=15,
 )
 ports = st.one_of(st.integers(20000, 20100), numbers, scalars)
-hosts = st.one_of(st.sampled_from(["127.0.0.1", "::1", "h.example", "bad host", "", "a" * 300]), scalars)
+hosts = st.one_of(
+    st.sampled_from(["127.0.0.1", "::1", "h.example", "bad host", "", "a" * 300]), scalars
+)
 target = st.dictionaries(
-    st.sampled_from(["host", "port", "port_start", "port_end", "priority", "proxy_protocol", "weight"]),
+    st.sampled_from(
+        ["host", "port", "port_start", "port_end", "priority", "proxy_protocol", "weight"]
+    ),
     st.one_of(hosts, ports, st.sampled_from(["v1", "v2", "v3"]), json_values),
     max_size=6,
 )
 caps = st.dictionaries(
-    st.sampled_from(["bandwidth_in_bps", "new_connections_per_sec", "concurrent_connections_burst", "nope"]),
+    st.sampled_from(
+        ["bandwidth_in_bps", "new_connections_per_sec", "concurrent_connections_burst", "nope"]
+    ),
     st.one_of(numbers, st.none(), scalars),
     max_size=4,
 )
@@ -66,7 +94,9 @@ rule_body = st.fixed_dictionaries(
         "listen_port_start": ports,
         "listen_port_end": ports,
         "targets": st.one_of(st.lists(target, max_size=10), json_values),
-        "sni_pattern": st.one_of(st.sampled_from(["a.example", "*.example", "*", "a" * 300]), scalars),
+        "sni_pattern": st.one_of(
+            st.sampled_from(["a.example", "*.example", "*", "a" * 300]), scalars
+        ),
         "proxy_protocol": st.one_of(st.sampled_from(["v1", "v2", "v3"]), scalars),
         "prefer_ipv6": scalars,
         "rate_limit": st.one_of(caps, json_values),
@@ -79,8 +109,19 @@ VALID = {"listen_port": 20500, "targets": [{"host": "127.0.0.1", "port": 9}]}
 near_valid = st.tuples(
     st.integers(20000, 20999),
     st.dictionaries(
-        st.sampled_from(["health_check_interval_secs", "rate_limit", "targets", "sni_pattern", "client",
-                         "prefer_ipv6", "protocol", "proxy_protocol", "listen_port"]),
+        st.sampled_from(
+            [
+                "health_check_interval_secs",
+                "rate_limit",
+                "targets",
+                "sni_pattern",
+                "client",
+                "prefer_ipv6",
+                "protocol",
+                "proxy_protocol",
+                "listen_port",
+            ]
+        ),
         st.one_of(numbers, scalars, caps, st.lists(target, max_size=3), json_values),
         max_size=2,
     ),
@@ -91,17 +132,28 @@ non_finite = st.tuples(
     st.integers(20000, 20999),
     st.sampled_from(["health", "cap", "priority", "port"]),
     st.sampled_from([math.inf, -math.inf, math.nan]),
-).map(lambda t: {
-    **VALID, "listen_port": t[0],
-    **({"health_check_interval_secs": t[2]} if t[1] == "health" else {}),
-    **({"rate_limit": {"bandwidth_in_bps": t[2]}} if t[1] == "cap" else {}),
-    **({"targets": [{"host": "127.0.0.1", "port": 9, "priority": t[2]}]} if t[1] == "priority" else {}),
-    **({"targets": [{"host": "127.0.0.1", "port": t[2]}]} if t[1] == "port" else {}),
-})
+).map(
+    lambda t: {
+        **VALID,
+        "listen_port": t[0],
+        **({"health_check_interval_secs": t[2]} if t[1] == "health" else {}),
+        **({"rate_limit": {"bandwidth_in_bps": t[2]}} if t[1] == "cap" else {}),
+        **(
+            {"targets": [{"host": "127.0.0.1", "port": 9, "priority": t[2]}]}
+            if t[1] == "priority"
+            else {}
+        ),
+        **({"targets": [{"host": "127.0.0.1", "port": t[2]}]} if t[1] == "port" else {}),
+    }
+)
 enrollment = st.fixed_dictionaries(
     {},
-    optional={"name": st.one_of(st.text(max_size=80), scalars), "address": hosts, "ttl_secs": numbers,
-              "extra": json_values},
+    optional={
+        "name": st.one_of(st.text(max_size=80), scalars),
+        "address": hosts,
+        "ttl_secs": numbers,
+        "extra": json_values,
+    },
 )
 
 
@@ -172,7 +224,9 @@ def stack() -> Iterator[Stack]:
 def stored(r: httpx.Response) -> bool:
     """201, or the contract's 504 ``ack_timeout``: the rule is stored pending and
     turns active when the node answers (a tiny ``?ack_timeout=`` gets this)."""
-    return r.status_code == 201 or (r.status_code == 504 and r.json()["error"]["code"] == "ack_timeout")
+    return r.status_code == 201 or (
+        r.status_code == 504 and r.json()["error"]["code"] == "ack_timeout"
+    )
 
 
 def check_answer(r: httpx.Response) -> None:
@@ -187,14 +241,20 @@ def check_answer(r: httpx.Response) -> None:
 
 
 @settings(max_examples=max(300, settings.default.max_examples))
-@given(body=st.one_of(rule_body, near_valid, non_finite), ack=st.one_of(st.none(), st.none(), st.none(), st.text(max_size=8), numbers.map(str)), overflow=st.booleans())
+@given(
+    body=st.one_of(rule_body, near_valid, non_finite),
+    ack=st.one_of(st.none(), st.none(), st.none(), st.text(max_size=8), numbers.map(str)),
+    overflow=st.booleans(),
+)
 def test_push_bodies_never_5xx_and_refusals_store_nothing(
     stack: Stack, body: dict[str, Any], ack: Any, overflow: bool
 ) -> None:
     async def go() -> None:
         before = await stack.count("rules")
         params = {} if ack is None else {"ack_timeout": ack}
-        r = await stack.http.post("/v1/rules", content=encode(body, overflow), headers=AUTH, params=params)
+        r = await stack.http.post(
+            "/v1/rules", content=encode(body, overflow), headers=AUTH, params=params
+        )
         check_answer(r)
         after = await stack.count("rules")
         assert after == before + (1 if stored(r) else 0), (r.status_code, r.text[:300])
@@ -220,8 +280,12 @@ def test_raw_bodies_never_5xx(stack: Stack, raw: bytes, path: str) -> None:
     stack.run(go())
 
 
-@given(body=st.one_of(st.fixed_dictionaries({"rate_limit": st.one_of(caps, json_values)}), json_values),
-       rid=st.one_of(st.integers(-5, 5), st.text(max_size=25), st.integers(2**62, 2**70)))
+@given(
+    body=st.one_of(
+        st.fixed_dictionaries({"rate_limit": st.one_of(caps, json_values)}), json_values
+    ),
+    rid=st.one_of(st.integers(-5, 5), st.text(max_size=25), st.integers(2**62, 2**70)),
+)
 def test_rule_updates_and_ids_never_5xx(stack: Stack, body: Any, rid: Any) -> None:
     async def go() -> None:
         path = "/v1/rules/" + quote(str(rid), safe="")
@@ -234,12 +298,16 @@ def test_rule_updates_and_ids_never_5xx(stack: Stack, body: Any, rid: Any) -> No
 
 
 @given(body=enrollment)
-def test_enrollments_never_5xx_and_refusals_store_nothing(stack: Stack, body: dict[str, Any]) -> None:
+def test_enrollments_never_5xx_and_refusals_store_nothing(
+    stack: Stack, body: dict[str, Any]
+) -> None:
     async def go() -> None:
         before = await stack.count("clients")
         r = await stack.http.post("/v1/client-enrollments", content=encode(body), headers=AUTH)
         check_answer(r)
-        assert await stack.count("clients") == before + (1 if r.status_code == 201 else 0), r.text[:300]
+        assert await stack.count("clients") == before + (1 if r.status_code == 201 else 0), r.text[
+            :300
+        ]
         audit = await stack.http.get("/v1/audit", params={"limit": 5}, headers=AUTH)
         assert audit.status_code == 200
         for entry in audit.json()["entries"]:
@@ -248,8 +316,13 @@ def test_enrollments_never_5xx_and_refusals_store_nothing(stack: Stack, body: di
     stack.run(go())
 
 
-@given(query=st.dictionaries(st.sampled_from(["limit", "since", "until", "cursor", "client", "owner"]),
-                             st.one_of(st.text(max_size=30), numbers.map(str)), max_size=4))
+@given(
+    query=st.dictionaries(
+        st.sampled_from(["limit", "since", "until", "cursor", "client", "owner"]),
+        st.one_of(st.text(max_size=30), numbers.map(str)),
+        max_size=4,
+    )
+)
 def test_query_strings_never_5xx(stack: Stack, query: dict[str, str]) -> None:
     async def go() -> None:
         for path in ("/v1/audit", "/v1/rules", "/v1/clients"):
