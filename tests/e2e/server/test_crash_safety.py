@@ -39,14 +39,20 @@ def check_database(db_path: Path) -> dict[int, str]:
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
         rules = dict(conn.execute("SELECT id, state FROM rules").fetchall())
-        targets = dict(conn.execute("SELECT rule_id, count(*) FROM rule_targets GROUP BY rule_id").fetchall())
+        targets = dict(
+            conn.execute("SELECT rule_id, count(*) FROM rule_targets GROUP BY rule_id").fetchall()
+        )
         for rid, state in rules.items():
             assert state in STATES, (rid, state)
             assert targets.get(rid, 0) >= 1, f"rule {rid} was stored without its targets"
         orphans = set(targets) - set(rules)
         assert not orphans, f"targets of rules that do not exist: {orphans}"
-        audited = {int(t.split(":")[1]) for (t,) in conn.execute(
-            "SELECT target FROM audit WHERE action = 'rule.push' AND outcome = 'ok'")}
+        audited = {
+            int(t.split(":")[1])
+            for (t,) in conn.execute(
+                "SELECT target FROM audit WHERE action = 'rule.push' AND outcome = 'ok'"
+            )
+        }
         assert set(rules) <= audited, f"rules without their audit row: {set(rules) - audited}"
         return rules
     finally:
@@ -64,7 +70,11 @@ def stopped(proc: psutil.Process) -> Iterator[None]:
 
 
 def body(port: int, target: int) -> dict[str, Any]:
-    return {"client": "local", "listen_port": port, "targets": [{"host": "127.0.0.1", "port": target}]}
+    return {
+        "client": "local",
+        "listen_port": port,
+        "targets": [{"host": "127.0.0.1", "port": target}],
+    }
 
 
 def all_active(srv: ServerProc) -> dict[int, dict[str, Any]]:
@@ -90,18 +100,30 @@ def test_kill_control_between_stored_and_acked(server, origin, ports) -> None:  
     assert control is not None
     answer: dict[str, Any] = {}
     with stopped(psutil.Process(srv.pid)):  # the supervisor cannot ack while stopped
-        pusher = threading.Thread(target=lambda: answer.update(
-            res=srv.cli("push-rule", "local", str(port), org.address, "--ack-timeout", "30")), daemon=True)
+        pusher = threading.Thread(
+            target=lambda: answer.update(
+                res=srv.cli("push-rule", "local", str(port), org.address, "--ack-timeout", "30")
+            ),
+            daemon=True,
+        )
         pusher.start()
         # Stored: the rule is committed as pending before it is sent.
-        wait_for(lambda: any(r["state"] == "pending" for r in srv.rules().values()), 10,
-                 what="the push committed as pending")
+        wait_for(
+            lambda: any(r["state"] == "pending" for r in srv.rules().values()),
+            10,
+            what="the push committed as pending",
+        )
         os.kill(control.pid, signal.SIGKILL)
         pusher.join(15)
     assert answer["res"].returncode != 0, "a push whose control died cannot have been acknowledged"
-    wait_for(lambda: (c := srv.child("control")) is not None and c.pid != control.pid, 15,
-             what="a new control process")
-    [rid] = wait_for(lambda: all_active(srv), 15, what=lambda: f"the stored rule re-applied: {srv.rules()}")
+    wait_for(
+        lambda: (c := srv.child("control")) is not None and c.pid != control.pid,
+        15,
+        what="a new control process",
+    )
+    [rid] = wait_for(
+        lambda: all_active(srv), 15, what=lambda: f"the stored rule re-applied: {srv.rules()}"
+    )
     assert echo_roundtrip(port), "the re-applied rule does not forward"
     assert stop_and_check(srv) == {rid: "active"}
 
@@ -118,7 +140,9 @@ def test_kill_web_mid_request(server, origin, ports) -> None:  # type: ignore[no
 
     def push(port: int) -> None:
         try:
-            answers.append(srv.http("POST", "/v1/rules?ack_timeout=30", body(port, org.port), timeout=30))
+            answers.append(
+                srv.http("POST", "/v1/rules?ack_timeout=30", body(port, org.port), timeout=30)
+            )
         except OSError as exc:  # the web process died under the request
             answers.append(exc)
 
@@ -126,17 +150,27 @@ def test_kill_web_mid_request(server, origin, ports) -> None:  # type: ignore[no
         threads = [threading.Thread(target=push, args=(p,), daemon=True) for p in listen]
         for t in threads:
             t.start()
-        wait_for(lambda: sum(r["state"] == "pending" for r in srv.rules().values()) == 3, 10,
-                 what=lambda: f"three pushes waiting for their ack: {srv.rules()}")
+        wait_for(
+            lambda: sum(r["state"] == "pending" for r in srv.rules().values()) == 3,
+            10,
+            what=lambda: f"three pushes waiting for their ack: {srv.rules()}",
+        )
         os.kill(web.pid, signal.SIGKILL)
         for t in threads:
             t.join(15)
     assert len(answers) == 3 and all(isinstance(a, OSError) for a in answers), answers
-    wait_for(lambda: (w := srv.child("web")) is not None and w.pid != web.pid, 15, what="a new web process")
+    wait_for(
+        lambda: (w := srv.child("web")) is not None and w.pid != web.pid,
+        15,
+        what="a new web process",
+    )
     wait_for(srv.health_ok, 15, what="/v1/health after the web restart")
     # The requests died with the web process, but control stored and applied the rules.
-    rules = wait_for(lambda: len(all_active(srv)) == 4 and all_active(srv), 15,
-                     what=lambda: f"every rule active: {srv.rules()}")
+    rules = wait_for(
+        lambda: len(all_active(srv)) == 4 and all_active(srv),
+        15,
+        what=lambda: f"every rule active: {srv.rules()}",
+    )
     assert acked.json()["id"] in rules
     assert set(listen) <= {r["listen_port"] for r in rules.values()}
     for p in listen:
@@ -183,7 +217,9 @@ def test_kill_supervisor_under_load(server, origin, ports) -> None:  # type: ign
 
     srv.start()
     srv.wait_ready(30)
-    rules = wait_for(lambda: all_active(srv), 20, what=lambda: f"every rule active again: {srv.rules()}")
+    rules = wait_for(
+        lambda: all_active(srv), 20, what=lambda: f"every rule active again: {srv.rules()}"
+    )
     assert set(acked) <= set(rules)
     assert set(rules) == set(stored)
     assert echo_roundtrip(base_port)
