@@ -294,6 +294,10 @@ ERROR_STATUSES: dict[str, str] = {
 }
 
 _COMMON = ("401", "403", "405", "429", "500", "503")
+# ?since= / ?until=: RFC 3339, a Unix time, `now` or an age (30m, 1h30m, 2d), so
+# not `format: date-time` (which would call `1h` invalid).
+_WHEN = {"type": "string", "minLength": 1, "maxLength": 64,
+         "description": "An RFC 3339 time (2024-05-01T12:00:00Z), a Unix time, `now`, or an age like 1h30m"}
 _ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
 _CLIENT_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
                  "description": "A client_id or a client name"}
@@ -390,8 +394,8 @@ _PATHS: dict[str, dict[str, Any]] = {
     },
     "/v1/audit": {
         "get": _op("listAudit", "Audit trail, newest first", "200", ref("AuditPage"), ("400",),
-                   params=[_q("since", {"type": "string", "format": "date-time"}, "Oldest entry time"),
-                           _q("until", {"type": "string", "format": "date-time"}, "Newest entry time"),
+                   params=[_q("since", _WHEN, "Oldest entry time"),
+                           _q("until", _WHEN, "Newest entry time (exclusive)"),
                            _q("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
                               "Page size"),
                            _q("cursor", {"type": "string"}, "next_cursor of the previous page")]),

@@ -17,8 +17,10 @@ async def list_audit(request: Request) -> Response:
     """``since``/``until`` are passed through as given: the control process owns
     their parsing, so the CLI and the API accept the same time formats."""
     bearer_token(request)
+    # Present but empty (``?until=``) is passed on too: control refuses it (400)
+    # rather than the page silently ignoring the filter.
     params: dict[str, Any] = {k: request.query_params[k] for k in ("since", "until", "cursor")
-                              if request.query_params.get(k)}
+                              if k in request.query_params}
     limit = query_number(request, "limit", 1, MAX_LIMIT, integer=True)
     if limit is not None:
         params["limit"] = limit

@@ -92,3 +92,10 @@ async def test_thousands_of_unknown_keys_give_a_bounded_answer(
     assert r.status_code == 400
     assert len(r.content) < 40_000  # 50 problems of at most ~400 bytes; unbounded it is ~1.3 MB
     assert len(r.json()["error"]["errors"]) <= 50
+
+
+async def test_empty_audit_filters_reach_control(api: httpx.AsyncClient, fake: FakeControl) -> None:
+    """``?until=`` is a filter the caller gave: it must be refused, not ignored."""
+    fake.replies["audit.list"] = {"entries": [], "next_cursor": None}
+    await api.get("/v1/audit?until=&since=", headers=AUTH)
+    assert fake.calls("audit.list")[-1]["params"] == {"until": "", "since": ""}
