@@ -174,6 +174,7 @@ def load_server_settings(data_dir: str, config_path: str | None) -> Settings:
                 path = candidate
                 break
     if path is not None:
+        settings.extra["config_path"] = path  # serve checks its mode if it holds operator_token
         text = _read(path)
         doc = _parse_toml(path, text)
         errs = apply_settings(settings, doc)

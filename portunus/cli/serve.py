@@ -55,6 +55,13 @@ def serve(obj: Any, shards: int | None) -> None:
         click.echo(f"error: cannot prepare {exc.filename}: {exc.strerror}", err=True)
         sys.exit(1)
     token_note = ensure_operator_token(settings)
+    from portunus.cli.secret_files import EXIT_INSECURE, insecure, secret_paths
+
+    problems = insecure(secret_paths(settings))
+    if problems:
+        for line in problems:
+            click.echo(line, err=True)
+        sys.exit(EXIT_INSECURE)
     sys.exit(run(settings, token_note))
 
 
