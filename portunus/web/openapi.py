@@ -380,7 +380,7 @@ _PATHS: dict[str, dict[str, Any]] = {
     "/v1/clients/{id}": {
         "parameters": [_CLIENT_PARAM],
         "delete": _op("deleteClient", "Delete a revoked client and its rules", "204", None,
-                      ("404", "409")),
+                      ("400", "404", "409")),
     },
     "/v1/clients/{id}/name": {
         "parameters": [_CLIENT_PARAM],
@@ -390,7 +390,7 @@ _PATHS: dict[str, dict[str, Any]] = {
     "/v1/clients/{id}/revoke": {
         "parameters": [_CLIENT_PARAM],
         "post": _op("revokeClient", "Revoke a client: its session closes at once and its token stops working",
-                    "200", ref("ClientRevoked"), ("404", "409")),
+                    "200", ref("ClientRevoked"), ("400", "404", "409")),
     },
     "/v1/audit": {
         "get": _op("listAudit", "Audit trail, newest first", "200", ref("AuditPage"), ("400",),
