@@ -46,6 +46,16 @@ def parse_rule_id(params: dict[str, Any]) -> int:
     return raw
 
 
+def _rule_key(key: object) -> int | None:
+    """A rule id a data plane answered about, or None: the answer comes from an edge
+    client, and a 20-digit id would overflow SQLite and stop the answer worker."""
+    text = str(key)
+    if not is_ascii_digits(text) or len(text) > 19:
+        return None
+    value = int(text)
+    return value if RULE_ID.contains(value) else None
+
+
 def _ack_timeout(params: dict[str, Any], default: float) -> float:
     return float(ACK_TIMEOUT.check(params.get("ack_timeout", default), "ack_timeout"))
 
@@ -150,9 +160,10 @@ class RuleService:
         settled: list[StoredRule] = []
         async with self.store.write() as db:
             for key, res in results.items():
-                if not is_ascii_digits(key):
+                rule_id = _rule_key(key)
+                if rule_id is None:
                     continue
-                stored = await rules_db.get_rule(db, int(key))
+                stored = await rules_db.get_rule(db, rule_id)
                 if stored is None or stored.client_id != client_id:
                     continue
                 # A draining rule is never revived by a late answer about it; an
@@ -194,9 +205,10 @@ class RuleService:
         deleted: list[StoredRule] = []
         async with self.store.write() as db:
             for key in ids:
-                if not is_ascii_digits(str(key)):
+                rule_id = _rule_key(key)
+                if rule_id is None:
                     continue
-                stored = await rules_db.get_rule(db, int(key))
+                stored = await rules_db.get_rule(db, rule_id)
                 if stored is None or stored.client_id != client_id or stored.state != "draining":
                     continue
                 await rules_db.delete_rule(db, stored.rule_id)
