@@ -29,6 +29,7 @@ _PATTERNS = (
 class _File:
     path: Path
     offset: int = 0
+    newlines: int = 0  # line breaks before ``offset``
     secrets_seen: int = 0  # how many of WATCH.secrets the whole file was checked for
 
 
@@ -65,20 +66,28 @@ class SecretWatch:
             files = list(self.files.values())
         found: list[str] = []
         for f in files:
-            try:
-                data = f.path.read_bytes()
-            except FileNotFoundError:
-                continue
             new_secrets = secrets[f.secrets_seen:]
             old_secrets = secrets[: f.secrets_seen]
-            checks = [(0, s) for s in new_secrets] + [(f.offset, s) for s in old_secrets]
+            try:
+                size = f.path.stat().st_size
+                if not new_secrets and size <= f.offset:
+                    continue  # nothing new to look at
+                base = 0 if new_secrets else f.offset
+                with f.path.open("rb") as fh:
+                    fh.seek(base)
+                    data = fh.read()
+            except FileNotFoundError:
+                continue
+            checks = [(0, s) for s in new_secrets] + [(max(f.offset - base, 0), s) for s in old_secrets]
             for start, secret in checks:
                 at = data.find(secret.encode(), start)
                 if at >= 0:
-                    line = data.count(b"\n", 0, at) + 1
+                    line = (f.newlines if base else 0) + data.count(b"\n", 0, at) + 1
                     found.append(f"{f.path}:{line}: contains a secret ({secret[:4]}…, {len(secret)} chars)")
             # Resume at the last complete line: a secret is never split by the offset.
-            f.offset = data.rfind(b"\n") + 1
+            end = data.rfind(b"\n") + 1
+            f.newlines = (f.newlines if base else 0) + data.count(b"\n", 0, end)
+            f.offset = base + end
             f.secrets_seen = len(secrets)
         return found
 
