@@ -157,7 +157,7 @@ def label(p: psutil.Process, root_name: str) -> str:
     except psutil.Error:
         title = "?"
     if title.startswith("portunus: "):
-        title = title[len("portunus: "):]
+        title = title[len("portunus: ") :]
     elif "portunus-server" in title or "portunus-client" in title:
         title = "supervisor"
     return f"{root_name} {title}".strip()
@@ -180,7 +180,9 @@ def med(values: list[int]) -> float:
     return float(statistics.median(values)) if values else 0.0
 
 
-def analyse(samples: list[tuple[float, dict[str, tuple[int, int]]]], warmup: float) -> list[dict[str, Any]]:
+def analyse(
+    samples: list[tuple[float, dict[str, tuple[int, int]]]], warmup: float
+) -> list[dict[str, Any]]:
     """Per process: median fds/RSS over the first and the last minute after warm-up."""
     after = [(t, s) for t, s in samples if t >= warmup]
     if not after:
@@ -197,17 +199,29 @@ def analyse(samples: list[tuple[float, dict[str, tuple[int, int]]]], warmup: flo
         if not (f_fds and l_fds):
             rows.append({"process": name, "note": "not present for the whole run (restarted?)"})
             continue
-        row = {"process": name, "fds_first": med(f_fds), "fds_last": med(l_fds),
-               "rss_first_mib": med(f_rss) / 2**20, "rss_last_mib": med(l_rss) / 2**20}
+        row = {
+            "process": name,
+            "fds_first": med(f_fds),
+            "fds_last": med(l_fds),
+            "rss_first_mib": med(f_rss) / 2**20,
+            "rss_last_mib": med(l_rss) / 2**20,
+        }
         row["fds_change"] = (row["fds_last"] - row["fds_first"]) / max(row["fds_first"], 1)
-        row["rss_change"] = (row["rss_last_mib"] - row["rss_first_mib"]) / max(row["rss_first_mib"], 1e-9)
+        row["rss_change"] = (row["rss_last_mib"] - row["rss_first_mib"]) / max(
+            row["rss_first_mib"], 1e-9
+        )
         row["flat"] = abs(row["fds_change"]) <= FLAT and abs(row["rss_change"]) <= FLAT
         rows.append(row)
     return rows
 
 
-def render(args: argparse.Namespace, rows: list[dict[str, Any]], c: Counters, seconds: float,
-           load: tuple[Any, Any]) -> str:
+def render(
+    args: argparse.Namespace,
+    rows: list[dict[str, Any]],
+    c: Counters,
+    seconds: float,
+    load: tuple[Any, Any],
+) -> str:
     unexpected = len(c.tcp_errors) + len(c.edge_errors) + len(c.churn_errors)
     lines = [
         "## Soak",
@@ -239,8 +253,10 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], c: Counters, se
         f"{c.removes:,} removes, {c.reconnects} edge reconnects ({c.edge_tolerated} edge connections failed "
         "within 2 s of a reconnect, tolerated).",
         f"Unexpected errors: {unexpected} (TCP {len(c.tcp_errors)}, edge {len(c.edge_errors)}, "
-        f"churn {len(c.churn_errors)})" + (f"; first: {(c.tcp_errors + c.edge_errors + c.churn_errors)[:3]}"
-                                             if unexpected else "."),
+        f"churn {len(c.churn_errors)})"
+        + (
+            f"; first: {(c.tcp_errors + c.edge_errors + c.churn_errors)[:3]}" if unexpected else "."
+        ),
         "",
     ]
     return "\n".join(lines)
@@ -261,7 +277,9 @@ def put_in_results(section: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0)
-    ap.add_argument("--warmup", type=float, default=2.0, help="minutes excluded from the comparison")
+    ap.add_argument(
+        "--warmup", type=float, default=2.0, help="minutes excluded from the comparison"
+    )
     ap.add_argument("--conn-rate", type=int, default=500)
     ap.add_argument("--udp-flows", type=int, default=20)
     ap.add_argument("--churn-every", type=float, default=0.5)
@@ -273,18 +291,28 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="soak-", dir="/tmp"))
     ports = PortAllocator()
-    srv = ServerProc(workdir=work, data_dir=work / "data", ports=ports, shards=args.shards, name="server",
-                     settings={"shutdown_drain_timeout_secs": 1})
+    srv = ServerProc(
+        workdir=work,
+        data_dir=work / "data",
+        ports=ports,
+        shards=args.shards,
+        name="server",
+        settings={"shutdown_drain_timeout_secs": 1},
+    )
     procs: list[Any] = [srv]
     stop = threading.Event()
     c = Counters()
     threads: list[threading.Thread] = []
-    origin = subprocess.Popen([sys.executable, str(REPO / "bench" / "echo_origin.py"), str(ports.port())])
+    origin = subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "echo_origin.py"), str(ports.port())]
+    )
     try:
         origin_port = int(origin.args[-1])
         udp_origin = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         udp_origin.bind((LOOPBACK, 0))
-        threads.append(threading.Thread(target=udp_echo_server, args=(udp_origin, stop), daemon=True))
+        threads.append(
+            threading.Thread(target=udp_echo_server, args=(udp_origin, stop), daemon=True)
+        )
         srv.start()
         srv.wait_ready(timeout=60)
         token = srv.token
@@ -293,23 +321,45 @@ def main() -> int:
             return call_sync(srv.socket_path, token, method, params, 30.0)
 
         tcp_port, udp_port, churn_port, edge_port = ports.ports(4)
-        rpc("rules.push", {"client": "local", "listen_port": tcp_port,
-                           "targets": [{"host": LOOPBACK, "port": origin_port}]})
-        rpc("rules.push", {"client": "local", "protocol": "udp", "listen_port": udp_port,
-                           "targets": [{"host": LOOPBACK, "port": udp_origin.getsockname()[1]}]})
+        rpc(
+            "rules.push",
+            {
+                "client": "local",
+                "listen_port": tcp_port,
+                "targets": [{"host": LOOPBACK, "port": origin_port}],
+            },
+        )
+        rpc(
+            "rules.push",
+            {
+                "client": "local",
+                "protocol": "udp",
+                "listen_port": udp_port,
+                "targets": [{"host": LOOPBACK, "port": udp_origin.getsockname()[1]}],
+            },
+        )
         # The edge client: enrolled like an operator would, then a rule on it.
         minted = rpc("clients.enroll", {"name": "soak-edge", "address": LOOPBACK})
         bundle = work / "edge.json"
         res = enroll(minted["uri"], bundle)
         if res.returncode != 0:
             raise RuntimeError(f"enroll failed: {res.stderr}")
-        client = ClientProc(workdir=work, bundle=bundle, metrics_port=ports.port(), shards=1, name="edge")
+        client = ClientProc(
+            workdir=work, bundle=bundle, metrics_port=ports.port(), shards=1, name="edge"
+        )
         procs.append(client)
         client.start()
         client.wait_ready(60)
         client.wait_connected(timeout=30)
-        rpc("rules.push", {"client": "soak-edge", "listen_port": edge_port,
-                           "targets": [{"host": LOOPBACK, "port": origin_port}], "ack_timeout": 30})
+        rpc(
+            "rules.push",
+            {
+                "client": "soak-edge",
+                "listen_port": edge_port,
+                "targets": [{"host": LOOPBACK, "port": origin_port}],
+                "ack_timeout": 30,
+            },
+        )
         last_reconnect = [0.0]
 
         def tcp() -> None:
@@ -331,8 +381,14 @@ def main() -> int:
 
         def churn() -> None:
             try:
-                rule = rpc("rules.push", {"client": "local", "listen_port": churn_port,
-                                          "targets": [{"host": LOOPBACK, "port": origin_port}]})
+                rule = rpc(
+                    "rules.push",
+                    {
+                        "client": "local",
+                        "listen_port": churn_port,
+                        "targets": [{"host": LOOPBACK, "port": origin_port}],
+                    },
+                )
                 c.add("pushes")
                 rpc("rules.remove", {"id": rule["id"]})
                 c.add("removes")
@@ -345,9 +401,13 @@ def main() -> int:
                 c.add("churn_errors", f"{time.strftime('%H:%M:%S')} {exc}")
 
         for _ in range(4):
-            threads.append(threading.Thread(target=paced, args=(stop, args.conn_rate / 4, tcp), daemon=True))
+            threads.append(
+                threading.Thread(target=paced, args=(stop, args.conn_rate / 4, tcp), daemon=True)
+            )
         threads.append(threading.Thread(target=paced, args=(stop, 20, edge), daemon=True))
-        threads.append(threading.Thread(target=paced, args=(stop, 1 / args.churn_every, churn), daemon=True))
+        threads.append(
+            threading.Thread(target=paced, args=(stop, 1 / args.churn_every, churn), daemon=True)
+        )
         for _ in range(args.udp_flows):
             threads.append(threading.Thread(target=udp_flow, args=(udp_port, stop, c), daemon=True))
         load_start = [round(x, 2) for x in os.getloadavg()]
@@ -367,8 +427,11 @@ def main() -> int:
                     c.add("reconnects")
                     next_reconnect += args.reconnect_every
                 time.sleep(0.2)
-            print(f"soak: {elapsed / 60:.1f} min, tcp {c.tcp_ok} ok / {len(c.tcp_errors)} errors, "
-                  f"churn {c.pushes}, edge {c.edge_ok}", flush=True)
+            print(
+                f"soak: {elapsed / 60:.1f} min, tcp {c.tcp_ok} ok / {len(c.tcp_errors)} errors, "
+                f"churn {c.pushes}, edge {c.edge_ok}",
+                flush=True,
+            )
         samples.append((time.monotonic() - t_start, sample(roots)))
         seconds = time.monotonic() - t_start
         stop.set()
@@ -378,10 +441,19 @@ def main() -> int:
         rows = analyse(samples, args.warmup * 60)
         section = render(args, rows, c, seconds, (load_start, load_end))
         (RESULTS / "soak.md").write_text(section)
-        (RESULTS / "soak.json").write_text(json.dumps({
-            "args": vars(args), "seconds": seconds, "rows": rows, "samples": samples,
-            "counters": {k: v for k, v in vars(c).items() if k != "lock"},
-        }, indent=1, default=str))
+        (RESULTS / "soak.json").write_text(
+            json.dumps(
+                {
+                    "args": vars(args),
+                    "seconds": seconds,
+                    "rows": rows,
+                    "samples": samples,
+                    "counters": {k: v for k, v in vars(c).items() if k != "lock"},
+                },
+                indent=1,
+                default=str,
+            )
+        )
         if not args.no_results_md:
             put_in_results(section)
         print(section)

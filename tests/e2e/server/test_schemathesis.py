@@ -91,6 +91,10 @@ def test_api_conforms_and_never_5xx(case: Any, api: tuple[ServerProc, int]) -> N
         base_url=srv.api_url,
         headers={"Authorization": f"Bearer {srv.token}"},
         timeout=15,
-        checks=[not_a_server_error_but_ack_timeout, status_code_conformance, content_type_conformance,
-                response_schema_conformance],
+        checks=[
+            not_a_server_error_but_ack_timeout,
+            status_code_conformance,
+            content_type_conformance,
+            response_schema_conformance,
+        ],
     )

@@ -26,7 +26,9 @@ def test_secret_file_readable_by_others_refuses_to_start(server, name: str) -> N
     srv.start()
     assert srv.wait_exit(20) == 78
     err = srv.stderr_text()
-    assert f"error: insecure permissions: {path} is accessible by other users (mode 0644)" in err, err
+    assert f"error: insecure permissions: {path} is accessible by other users (mode 0644)" in err, (
+        err
+    )
     assert f"chmod o-rwx {path}" in err
     assert not srv.events("supervisor.ready", since=mark), "it started anyway"
     os.chmod(path, 0o600)
@@ -50,7 +52,9 @@ def test_the_log_scan_finds_a_leaked_secret(tmp_path: Path) -> None:
     log = tmp_path / "x.stderr"
     log.write_text('{"event":"a"}\n')
     watch.watch(log)
-    watch.harvest("portunus-client enroll 'portunus://h:7443/enroll?code=AbCdEfGhIjKlMnOpQrStUv_-12&fp=sha256:00'")
+    watch.harvest(
+        "portunus-client enroll 'portunus://h:7443/enroll?code=AbCdEfGhIjKlMnOpQrStUv_-12&fp=sha256:00'"
+    )
     watch.harvest('{"client_id": "c1", "token": "pcl_0123456789abcdefghij"}')
     watch.note("short")  # too short to scan for: it would match by accident
     assert watch.secrets == ["AbCdEfGhIjKlMnOpQrStUv_-12", "pcl_0123456789abcdefghij"]

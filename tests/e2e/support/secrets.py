@@ -66,7 +66,7 @@ class SecretWatch:
             files = list(self.files.values())
         found: list[str] = []
         for f in files:
-            new_secrets = secrets[f.secrets_seen:]
+            new_secrets = secrets[f.secrets_seen :]
             old_secrets = secrets[: f.secrets_seen]
             try:
                 size = f.path.stat().st_size
@@ -78,12 +78,16 @@ class SecretWatch:
                     data = fh.read()
             except FileNotFoundError:
                 continue
-            checks = [(0, s) for s in new_secrets] + [(max(f.offset - base, 0), s) for s in old_secrets]
+            checks = [(0, s) for s in new_secrets] + [
+                (max(f.offset - base, 0), s) for s in old_secrets
+            ]
             for start, secret in checks:
                 at = data.find(secret.encode(), start)
                 if at >= 0:
                     line = (f.newlines if base else 0) + data.count(b"\n", 0, at) + 1
-                    found.append(f"{f.path}:{line}: contains a secret ({secret[:4]}…, {len(secret)} chars)")
+                    found.append(
+                        f"{f.path}:{line}: contains a secret ({secret[:4]}…, {len(secret)} chars)"
+                    )
             # Resume at the last complete line: a secret is never split by the offset.
             end = data.rfind(b"\n") + 1
             f.newlines = (f.newlines if base else 0) + data.count(b"\n", 0, end)
