@@ -14,6 +14,7 @@ from typing import Any
 from bench.forwarders import FORWARDERS
 
 ANALYSIS = Path(__file__).resolve().parent / "ANALYSIS.md"
+SOAK = Path(__file__).resolve().parent / "results" / "soak.md"
 IDLE_TARGET_BYTES = 60e6  # "≤ 60 MB for 10k connections", decimal MB (the stricter)
 IDLE_TARGET_CONNS = 10_000
 FAILOVER_TARGET_PCT = 99.0
@@ -296,6 +297,9 @@ def render(run: dict[str, Any]) -> str:
         status = t["status"] + (f" ({t['why']})" if t.get("why") else "")
         lines.append(f"| {t['target']} | {t['value'] or '–'} | {status} |")
     lines.append("")
+    # The soak (bench/soak.py, 10+ min, run on its own) keeps its last table here.
+    if SOAK.is_file():
+        lines += [SOAK.read_text().rstrip(), ""]
     # Hand-written profile notes (what bounds each target not met) live next to this
     # file so that regenerating the tables keeps them.
     if ANALYSIS.is_file():

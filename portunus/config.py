@@ -17,15 +17,21 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from portunus.bounds import HEALTH_CHECK_INTERVAL, MAX_NAME_LEN, PRIORITY
+from portunus.bounds import SETTINGS as SETTING_BOUNDS
 from portunus.errors import PortunusError
 from portunus.rules import (
+    PROTOCOLS,
     PROXY_VERSIONS,
     Rule,
     Target,
     build_rule,
+    clip,
     parse_port_range,
     parse_target,
     validate_host,
+    validate_rate_limit,
+    validate_sni_pattern,
 )
 
 SYSTEM_DATA_DIR = "/var/lib/portunus"
@@ -94,8 +100,6 @@ _FLOAT_KEYS = {
     "traffic_sample_interval_secs",
 }
 _INT_KEYS = {"range_rule_max_ports", "udp_max_flows", "edge_preauth_max_connections", "edge_preauth_max_per_source"}
-# Keys whose zero would disable what they bound (a deadline of 0 s refuses everyone).
-_POSITIVE_FLOAT_KEYS = {"edge_handshake_timeout_secs": 300.0, "traffic_sample_interval_secs": 3600.0}
 _STR_KEYS = {
     "operator_http_listen",
     "metrics_listen",
@@ -128,17 +132,8 @@ def parse_listen(text: str, what: str = "listen address") -> tuple[str, int]:
 
 def _check_setting(key: str, value: Any) -> Any:
     """Type-check one top-level key; return the coerced value or raise ValueError."""
-    if key in _FLOAT_KEYS:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"{key} must be a non-negative number")
-        most = _POSITIVE_FLOAT_KEYS.get(key)
-        if most is not None and not 0 < value <= most:
-            raise ValueError(f"{key} must be a number of seconds above 0 and at most {most:g}")
-        return float(value)
-    if key in _INT_KEYS:
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{key} must be a positive integer")
-        return value
+    if key in _FLOAT_KEYS or key in _INT_KEYS:
+        return SETTING_BOUNDS[key].check(value, key, "validation.config")
     if key in _STR_KEYS:
         if not isinstance(value, str):
             raise ValueError(f"{key} must be a string")
@@ -187,16 +182,23 @@ def load_server_settings(data_dir: str, config_path: str | None) -> Settings:
                 path = candidate
                 break
     if path is not None:
+        settings.extra["config_path"] = path  # serve checks its mode if it holds operator_token
         text = _read(path)
         doc = _parse_toml(path, text)
         errs = apply_settings(settings, doc)
         if errs:
             locator = _Locator(text)
-            raise ConfigError([f"{path}:{locator.top_key(k)}: {m}" for k, m in errs])
+            raise ConfigError(_in_line_order([(locator.top_key(k), f"{path}:{locator.top_key(k)}: {m}")
+                                              for k, m in errs]))
     return settings
 
 
 # ------------------------------------------------------------- standalone
+
+
+def _in_line_order(errors: list[tuple[int, str]]) -> list[str]:
+    """Messages sorted by line (stable: same-line errors keep their order)."""
+    return [msg for _line, msg in sorted(errors, key=lambda e: e[0])]
 
 
 def _read(path: str) -> str:
@@ -259,20 +261,26 @@ _RULE_KEYS = {
     "name", "protocol", "listen_port", "listen_ports", "target", "targets", "sni",
     "proxy_protocol", "prefer_ipv6", "rate_limit", "health_check_interval_secs",
 }
+_RULE_NAME = re.compile(rf"[A-Za-z0-9_.\-]{{1,{MAX_NAME_LEN}}}")
 _TARGET_KEYS = {"host", "port", "port_end", "ports", "priority", "proxy_protocol"}
 
 
 def _rule_from_table(t: dict[str, Any], max_ports: int) -> tuple[Rule | None, list[tuple[str | None, str]]]:
-    """Build one standalone rule; return it or the ``(key, message)`` errors."""
+    """Build one standalone rule; return it or *every* ``(key, message)`` error.
+
+    Each key is checked on its own first, so ``--check`` lists every bad key of a
+    rule at once; ``build_rule`` then adds only the cross-field checks."""
     errs: list[tuple[str | None, str]] = []
     for key in t:
         if key not in _RULE_KEYS:
-            errs.append((key, f"unknown key {key!r} in [[rule]]"))
+            errs.append((key, f"unknown key {clip(key)!r} in [[rule]]"))
     name = t.get("name")
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name or ""):
+    if not isinstance(name, str) or not _RULE_NAME.fullmatch(name or ""):
         errs.append(("name" if "name" in t else None,
-                     "every [[rule]] needs name = \"...\" (letters, digits, _ . -; at most 64)"))
+                     f"every [[rule]] needs name = \"...\" (letters, digits, _ . -; at most {MAX_NAME_LEN})"))
     protocol = t.get("protocol", "tcp")
+    if protocol not in PROTOCOLS:
+        errs.append(("protocol", f"validation.protocol: protocol {clip(protocol)!r} must be \"tcp\" or \"udp\""))
     if "listen_port" in t and "listen_ports" in t:
         errs.append(("listen_ports", "give listen_port or listen_ports, not both"))
     listen: tuple[int, int] | None = None
@@ -283,7 +291,8 @@ def _rule_from_table(t: dict[str, Any], max_ports: int) -> tuple[Rule | None, li
                 raise PortunusError("validation.port", "listen_port must be a number; use listen_ports = \"LO-HI\" for a range")
             listen = parse_port_range(v, "listen_port")
         elif "listen_ports" in t:
-            listen = parse_port_range(t["listen_ports"] if isinstance(t["listen_ports"], str) else str(t["listen_ports"]), "listen_ports")
+            raw_ports = t["listen_ports"]
+            listen = parse_port_range(raw_ports if isinstance(raw_ports, (str, int)) else "?", "listen_ports")
         else:
             errs.append((None, "[[rule]] needs listen_port = PORT or listen_ports = \"LO-HI\""))
     except PortunusError as exc:
@@ -291,25 +300,53 @@ def _rule_from_table(t: dict[str, Any], max_ports: int) -> tuple[Rule | None, li
     targets: list[Target] = []
     if "target" in t and "targets" in t:
         errs.append(("targets", "give target or targets, not both"))
-    try:
-        if "target" in t:
+    if "target" in t:
+        try:
             if not isinstance(t["target"], str):
                 raise PortunusError("validation.target", "target must be \"host:port\"")
             targets.append(parse_target(t["target"]))
-        elif "targets" in t:
-            raw = t["targets"]
-            if not isinstance(raw, list) or not raw:
-                raise PortunusError("validation.targets", "targets must be a non-empty list of {host, port, priority}")
-            for i, item in enumerate(raw):
-                targets.append(_target_from_table(item, i))
+        except PortunusError as exc:
+            errs.append(("target", exc.message))
+    elif "targets" in t:
+        raw = t["targets"]
+        if not isinstance(raw, list) or not raw:
+            errs.append(("targets", "targets must be a non-empty list of {host, port, priority}"))
         else:
-            errs.append((None, "[[rule]] needs target = \"host:port\" or targets = [...]"))
-    except PortunusError as exc:
-        errs.append(("target" if "target" in t else "targets", exc.message))
+            for i, item in enumerate(raw):
+                try:
+                    targets.append(_target_from_table(item, i))
+                except PortunusError as exc:
+                    errs.append(("targets", exc.message))
+    else:
+        errs.append((None, "[[rule]] needs target = \"host:port\" or targets = [...]"))
     pp = t.get("proxy_protocol")
     if pp is not None and pp not in PROXY_VERSIONS:
         errs.append(("proxy_protocol", "proxy_protocol must be \"v1\" or \"v2\""))
         pp = None
+    sni = t.get("sni")
+    try:
+        if sni is not None and not isinstance(sni, str):
+            raise PortunusError("validation.sni_pattern", "sni must be a string: a host name or *.domain")
+        validate_sni_pattern(sni)
+    except PortunusError as exc:
+        errs.append(("sni", f"{exc.code}: {exc.message}"))
+    prefer_ipv6 = t.get("prefer_ipv6", False)
+    if not isinstance(prefer_ipv6, bool):
+        errs.append(("prefer_ipv6", "prefer_ipv6 must be true or false"))
+    rate_limit = t.get("rate_limit")
+    if rate_limit is not None and not isinstance(rate_limit, dict):
+        errs.append(("rate_limit", "rate_limit must be a table of caps"))
+    elif rate_limit:
+        for key, value in rate_limit.items():
+            try:
+                validate_rate_limit({key: value})
+            except PortunusError as exc:
+                errs.append(("rate_limit", f"{exc.code}: {exc.message}"))
+    interval = t.get("health_check_interval_secs", 5.0)
+    try:
+        interval = HEALTH_CHECK_INTERVAL.check(interval, "health_check_interval_secs")
+    except PortunusError as exc:
+        errs.append(("health_check_interval_secs", f"{exc.code}: {exc.message}"))
     if errs or listen is None:
         return None, errs
     try:
@@ -318,11 +355,11 @@ def _rule_from_table(t: dict[str, Any], max_ports: int) -> tuple[Rule | None, li
             protocol=protocol,
             listen=listen,
             targets=targets,
-            sni=t.get("sni"),
+            sni=sni,
             proxy_protocol=pp,
-            prefer_ipv6=bool(t.get("prefer_ipv6", False)),
-            rate_limit=t.get("rate_limit"),
-            health_check_interval_secs=float(t.get("health_check_interval_secs", 5.0)),
+            prefer_ipv6=prefer_ipv6,
+            rate_limit=rate_limit,
+            health_check_interval_secs=interval,
             range_max_ports=max_ports,
         )
     except PortunusError as exc:
@@ -343,16 +380,16 @@ def _target_from_table(item: Any, i: int) -> Target:
         raise PortunusError("validation.targets", f"targets[{i}] has unknown key(s) {', '.join(sorted(unknown))}")
     if "host" not in item or ("port" not in item and "ports" not in item):
         raise PortunusError("validation.targets", f"targets[{i}] needs host and port")
-    host = validate_host(str(item["host"]))
+    if not isinstance(item["host"], str):
+        raise PortunusError("validation.target_host", f"targets[{i}].host must be a string")
+    host = validate_host(item["host"])
     if "ports" in item:
         lo, hi = parse_port_range(str(item["ports"]), f"targets[{i}].ports")
     else:
         lo, hi = parse_port_range(item["port"], f"targets[{i}].port")
         if "port_end" in item:
             hi = parse_port_range(item["port_end"], f"targets[{i}].port_end")[0]
-    prio = item.get("priority", 1)
-    if isinstance(prio, bool) or not isinstance(prio, int) or prio < 1:
-        raise PortunusError("validation.priority", f"targets[{i}].priority must be a positive integer")
+    prio = PRIORITY.check(item.get("priority", 1), f"targets[{i}].priority", "validation.priority")
     pp = item.get("proxy_protocol")
     if pp is not None and pp not in PROXY_VERSIONS:
         raise PortunusError("validation.proxy_protocol", f"targets[{i}].proxy_protocol must be \"v1\" or \"v2\"")
@@ -365,29 +402,35 @@ def load_standalone(path: str) -> tuple[Settings, list[Rule]]:
     doc = _parse_toml(path, text)
     loc = _Locator(text)
     settings = Settings(data_dir=os.path.abspath(os.path.dirname(path) or "."))
-    errors: list[str] = []
+    errors: list[tuple[int, str]] = []
+
+    def error(line: int, msg: str) -> None:
+        errors.append((line, f"{path}:{line}: {msg}"))
+
     for key, msg in apply_settings(settings, doc, skip={"rule", "shards"}):
-        errors.append(f"{path}:{loc.top_key(key)}: {msg}")
+        error(loc.top_key(key), msg)
     if "shards" in doc:
-        v = doc["shards"]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            errors.append(f"{path}:{loc.top_key('shards')}: shards must be a non-negative integer")
-        else:
-            settings.shards = v
+        try:
+            settings.shards = SETTING_BOUNDS["shards"].check(doc["shards"], "shards", "validation.config")
+        except PortunusError as exc:
+            error(loc.top_key("shards"), exc.message)
     raw_rules = doc.get("rule", [])
     if not isinstance(raw_rules, list):
-        errors.append(f"{path}:{loc.top_key('rule')}: rule must be an array of tables: write [[rule]]")
+        error(loc.top_key("rule"), "rule must be an array of tables: write [[rule]]")
         raw_rules = []
     rules: list[Rule] = []
     seen_names: dict[str, int] = {}
     for i, table in enumerate(raw_rules):
+        if not isinstance(table, dict):
+            error(loc.rule_key(i, None), "rule must be an array of tables: write [[rule]]")
+            continue
         rule, errs = _rule_from_table(table, settings.range_rule_max_ports)
         for key, msg in errs:
-            errors.append(f"{path}:{loc.rule_key(i, key)}: {msg}")
+            error(loc.rule_key(i, key), msg)
         if rule is None:
             continue
         if rule.id in seen_names:
-            errors.append(f"{path}:{loc.rule_key(i, 'name')}: duplicate rule name {rule.id!r} (first at rule #{seen_names[rule.id] + 1})")
+            error(loc.rule_key(i, "name"), f"duplicate rule name {rule.id!r} (first at rule #{seen_names[rule.id] + 1})")
             continue
         seen_names[rule.id] = i
         rules.append(rule)
@@ -405,11 +448,11 @@ def load_standalone(path: str) -> tuple[Settings, list[Rule]]:
                 else:
                     continue
             idx = raw_rules.index(next(t for t in raw_rules if t.get("name") == a.id))
-            errors.append(
-                f"{path}:{loc.rule_key(idx, 'listen_port' if 'listen_port' in raw_rules[idx] else 'listen_ports')}: "
-                f"port_conflict: rule {a.id!r} overlaps the ports of rule {b.id!r} on {a.protocol}"
+            error(
+                loc.rule_key(idx, "listen_port" if "listen_port" in raw_rules[idx] else "listen_ports"),
+                f"port_conflict: rule {a.id!r} overlaps the ports of rule {b.id!r} on {a.protocol}",
             )
     if errors:
-        raise ConfigError(errors)
+        raise ConfigError(_in_line_order(errors))
     settings.runtime_dir = os.environ.get("PORTUNUS_RUNTIME_DIR") or ""
     return settings, rules

@@ -15,6 +15,14 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from portunus.bounds import (
+    HEALTH_CHECK_INTERVAL,
+    MAX_HOST_LEN,
+    MAX_SNI_LEN,
+    PORT,
+    PRIORITY,
+    RATE_LIMIT_VALUE,
+)
 from portunus.errors import ValidationError
 from portunus.text import is_ascii_digits
 
@@ -154,7 +162,35 @@ class Rule:
         )
 
 
+def check_wire_numbers(d: dict[str, Any]) -> None:
+    """Refuse a wire rule from a peer whose numbers are not finite and in range
+    (``portunus.bounds``): the edge link checks every rule the server sends before
+    the supervisor sees it, so one bad rule fails alone."""
+    PORT.check(d.get("listen_start"), "listen_start", "validation.port")
+    PORT.check(d.get("listen_end"), "listen_end", "validation.port")
+    for i, t in enumerate(d.get("targets") or ()):
+        if not isinstance(t, dict):
+            raise ValidationError("validation.targets", f"targets[{i}] must be an object", field="targets")
+        PORT.check(t.get("port"), f"targets[{i}].port", "validation.port")
+        if t.get("port_end") is not None:
+            PORT.check(t.get("port_end"), f"targets[{i}].port_end", "validation.port")
+        PRIORITY.check(t.get("priority", 1), f"targets[{i}].priority", "validation.priority")
+    HEALTH_CHECK_INTERVAL.check(d.get("health_check_interval_secs", 5.0), "health_check_interval_secs")
+    caps = d.get("rate_limit")
+    if caps is not None and not isinstance(caps, dict):
+        raise ValidationError("validation.rate_limit", "rate_limit must be an object", field="rate_limit")
+    validate_rate_limit(caps)
+
+
 # ---------------------------------------------------------------- parsing
+
+
+def clip(value: Any, limit: int = 80) -> Any:
+    """A string cut for an error message (a refusal must not echo a megabyte back);
+    other values unchanged."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]}…"
+    return value
 
 
 def parse_port(text: str | int, what: str = "port") -> int:
@@ -165,9 +201,9 @@ def parse_port(text: str | int, what: str = "port") -> int:
         value = text
     else:
         s = text.strip()
-        if not is_ascii_digits(s):
+        if not is_ascii_digits(s) or len(s) > 5:  # int() of 5000 digits raises, not refuses
             raise ValidationError(
-                "validation.port", f"{what} {text!r} is not a number 1-65535", field=what
+                "validation.port", f"{what} {text[:20]!r} is not a number 1-65535", field=what
             )
         value = int(s)
     if not 1 <= value <= 65535:
@@ -209,10 +245,11 @@ def validate_host(host: str, what: str = "target host") -> str:
     except ValueError:
         pass
     name = h[:-1] if h.endswith(".") else h
-    if len(name) > 253 or not all(_HOST_LABEL.match(lbl) for lbl in name.split(".")):
+    if len(name) > MAX_HOST_LEN or not all(_HOST_LABEL.match(lbl) for lbl in name.split(".")):
         raise ValidationError(
             "validation.target_host",
-            f"{what} {host!r} is neither an IP address nor a valid DNS name",
+            f"{what} {clip(host)!r} is neither an IP address nor a valid DNS name "
+            f"(at most {MAX_HOST_LEN} characters)",
             field="host",
         )
     return name.lower()
@@ -225,18 +262,18 @@ def split_host_port(text: str, what: str = "target") -> tuple[str, str]:
         end = s.find("]")
         if end < 0 or s[end + 1 : end + 2] != ":":
             raise ValidationError(
-                "validation.target", f"{what} {text!r}: write [IPv6]:PORT", field=what
+                "validation.target", f"{what} {clip(text)!r}: write [IPv6]:PORT", field=what
             )
         return s[1:end], s[end + 2 :]
     host, sep, port = s.rpartition(":")
     if not sep or not host:
         raise ValidationError(
-            "validation.target", f"{what} {text!r} must be HOST:PORT", field=what
+            "validation.target", f"{what} {clip(text)!r} must be HOST:PORT", field=what
         )
     if ":" in host:
         raise ValidationError(
             "validation.target",
-            f"{what} {text!r}: put an IPv6 address in brackets, e.g. [::1]:80",
+            f"{what} {clip(text)!r}: put an IPv6 address in brackets, e.g. [::1]:80",
             field=what,
         )
     return host, port
@@ -248,10 +285,10 @@ def parse_target(text: str, what: str = "target") -> Target:
     priority = 1
     if "@" in s:
         s, _, prio = s.rpartition("@")
-        if not is_ascii_digits(prio) or int(prio) < 1:
+        if not is_ascii_digits(prio) or len(prio) > 4 or not PRIORITY.contains(int(prio)):
             raise ValidationError(
                 "validation.priority",
-                f"{what} {text!r}: priority after @ must be a positive integer",
+                f"{what} {text[:80]!r}: priority after @ must be an integer in {PRIORITY.text()}",
                 field=what,
             )
         priority = int(prio)
@@ -277,10 +314,11 @@ def validate_sni_pattern(pattern: str | None) -> str | None:
             field="sni_pattern",
         )
     body = p[2:] if p.startswith("*.") else p
-    if "*" in body or not all(_HOST_LABEL.match(lbl) for lbl in body.split(".")):
+    if len(p) > MAX_SNI_LEN or "*" in body or not all(_HOST_LABEL.match(lbl) for lbl in body.split(".")):
         raise ValidationError(
             "validation.sni_pattern",
-            f"SNI pattern {pattern!r} must be an exact name or a single-label wildcard like *.example.com",
+            f"SNI pattern {clip(pattern)!r} must be an exact name or a single-label wildcard like "
+            f"*.example.com (at most {MAX_SNI_LEN} characters)",
             field="sni_pattern",
         )
     return p
@@ -294,18 +332,12 @@ def validate_rate_limit(raw: dict[str, Any] | None) -> dict[str, int] | None:
         if key not in RATE_LIMIT_ALL_KEYS:
             raise ValidationError(
                 "validation.rate_limit",
-                f"unknown rate_limit key {key!r}; known: {', '.join(RATE_LIMIT_ALL_KEYS)}",
+                f"unknown rate_limit key {clip(key)!r}; known: {', '.join(RATE_LIMIT_ALL_KEYS)}",
                 field=f"rate_limit.{key}",
             )
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValidationError(
-                "validation.rate_limit",
-                f"rate_limit.{key} must be a positive integer",
-                field=f"rate_limit.{key}",
-            )
-        out[key] = value
+        out[key] = RATE_LIMIT_VALUE.check(value, f"rate_limit.{key}", "validation.rate_limit")
     return out or None
 
 
@@ -331,7 +363,7 @@ def build_rule(
     """
     if protocol not in PROTOCOLS:
         raise ValidationError(
-            "validation.protocol", f"protocol {protocol!r} must be tcp or udp", field="protocol"
+            "validation.protocol", f"protocol {clip(protocol)!r} must be tcp or udp", field="protocol"
         )
     lo, hi = listen
     count = hi - lo + 1
@@ -363,18 +395,19 @@ def build_rule(
         if t.proxy_protocol is not None and t.proxy_protocol not in PROXY_VERSIONS:
             raise ValidationError(
                 "validation.proxy_protocol",
-                f"proxy_protocol {t.proxy_protocol!r} must be v1 or v2",
+                f"proxy_protocol {clip(t.proxy_protocol)!r} must be v1 or v2",
                 field="proxy_protocol",
             )
-        if t.priority < 1:
+        if not PRIORITY.contains(t.priority):
             raise ValidationError(
-                "validation.priority", "target priority must be >= 1", field="targets"
+                "validation.priority", f"target priority must be an integer in {PRIORITY.text()}",
+                field="targets",
             )
         fixed.append(t)
     if proxy_protocol is not None and proxy_protocol not in PROXY_VERSIONS:
         raise ValidationError(
             "validation.proxy_protocol",
-            f"proxy_protocol {proxy_protocol!r} must be v1 or v2",
+            f"proxy_protocol {clip(proxy_protocol)!r} must be v1 or v2",
             field="proxy_protocol",
         )
     if protocol == "udp" and (proxy_protocol is not None or any(t.proxy_protocol for t in fixed)):
@@ -392,12 +425,9 @@ def build_rule(
             "SNI routing works only on single-port TCP rules (not UDP, not port ranges)",
             field="sni_pattern",
         )
-    if health_check_interval_secs <= 0:
-        raise ValidationError(
-            "validation.health_check_interval_secs",
-            "health_check_interval_secs must be > 0",
-            field="health_check_interval_secs",
-        )
+    health_check_interval_secs = HEALTH_CHECK_INTERVAL.check(
+        health_check_interval_secs, "health_check_interval_secs"
+    )
     fixed.sort(key=lambda t: t.priority)
     return Rule(
         id=str(id),

@@ -28,10 +28,13 @@ def parse_when(value: str | int | float, now: datetime | None = None) -> datetim
     if compact == "now":
         return now
     if compact and _RELATIVE.sub("", compact) == "":
-        secs = sum(int(n) * _UNIT_SECS[u] for n, u in _RELATIVE.findall(compact))
-        return now - timedelta(seconds=secs)
+        try:  # "99999999999999d" overflows timedelta/datetime: a refusal, not a crash
+            secs = sum(int(n) * _UNIT_SECS[u] for n, u in _RELATIVE.findall(compact))
+            return now - timedelta(seconds=secs)
+        except (OverflowError, ValueError):
+            raise ValueError(f"{value[:40]!r} is too far back; use {FORMS}") from None
     try:
         when = datetime.fromisoformat(value.strip())
     except ValueError:
-        raise ValueError(f"{value!r} is not {FORMS}") from None
+        raise ValueError(f"{value[:40]!r} is not {FORMS}") from None
     return (when if when.tzinfo is not None else when.replace(tzinfo=UTC)).astimezone(UTC)

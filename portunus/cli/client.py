@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, NoReturn
 import click
 
 from portunus import __version__
+from portunus.bounds import CLI_INTERVAL, SHARDS
+from portunus.cli.numbers import BoundedNumber
 from portunus.edge.wire import CAPABILITIES
 from portunus.errors import EXIT_ERROR, EXIT_UNAUTHENTICATED, EXIT_USAGE
 
@@ -44,14 +46,14 @@ def _fail(message: str, code: int, hint: str | None = None) -> NoReturn:
                    "forwards after a restart even while the server is down.")
 @click.option("--metrics-listen", default="127.0.0.1:7081", show_default=True, metavar="HOST:PORT",
               help="Serve Prometheus /metrics here.")
-@click.option("--shards", type=click.IntRange(min=1), default=None,
+@click.option("--shards", type=BoundedNumber(SHARDS), default=None,
               help="Data-plane processes (default: one per CPU).")
 @click.option("--listen-address", default="0.0.0.0", show_default=True, metavar="ADDR",
               help="Address the forwarded ports bind to.")
 @click.option("--disable-capability", "disabled", multiple=True, type=click.Choice(CAPABILITIES),
               metavar="NAME", help="Do not advertise NAME to the server (repeatable; for testing the "
                                    f"server's capability gate). One of: {', '.join(CAPABILITIES)}.")
-@click.option("--stats-interval", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+@click.option("--stats-interval", type=BoundedNumber(CLI_INTERVAL), default=5.0, show_default=True,
               metavar="SECS", help="How often per-rule counters are reported to the server.")
 @click.option("--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True)
 @click.version_option(__version__, prog_name="portunus-client")
@@ -171,7 +173,7 @@ def run(settings: Settings, bundle: Bundle, capabilities: list[str], stats_inter
 @click.option("--out", "out_path", required=True, metavar="FILE",
               help="Where to write the bundle (mode 0600). It holds this client's token: keep it private.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at FILE.")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=15.0, show_default=True, metavar="SECS")
+@click.option("--timeout", type=BoundedNumber(CLI_INTERVAL), default=15.0, show_default=True, metavar="SECS")
 def enroll(uri: str, out_path: str, force: bool, timeout: float) -> None:
     """Redeem a one-time enrollment URI for a bundle.
 

@@ -11,14 +11,16 @@ from typing import Any
 
 import click
 
+from portunus.bounds import ENROLL_TTL
 from portunus.cli.common import OperatorContext, echo_json, format_option, hint_vars
+from portunus.cli.numbers import BoundedNumber
 
 
 @click.command("enroll-client")
 @click.argument("name")
 @click.option("--address", metavar="HOST",
               help="Host the client dials (default: the host of control_listen, else this machine's FQDN).")
-@click.option("--ttl-secs", type=click.IntRange(1, 7 * 86400), default=600, show_default=True,
+@click.option("--ttl-secs", type=BoundedNumber(ENROLL_TTL), default=600, show_default=True,
               help="How long the one-time code stays valid.")
 @format_option
 @click.pass_obj

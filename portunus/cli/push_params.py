@@ -10,6 +10,8 @@ from typing import Any
 
 import click
 
+from portunus.bounds import RATE_LIMIT_VALUE
+from portunus.cli.numbers import BoundedNumber
 from portunus.errors import ValidationError
 from portunus.rules import MAX_TARGETS, RATE_LIMIT_ALL_KEYS, Target, parse_port_range, parse_target
 
@@ -92,5 +94,5 @@ def rate_limit_options(f: Any) -> Any:
             text = f"Burst allowed above {flag.removesuffix('-burst')}."
         else:
             text = f"{_CAP_HELP.get(key, 'Cap')} (rate_limit.{key})."
-        f = click.option(flag, key, type=click.IntRange(min=1), default=None, metavar="N", help=text)(f)
+        f = click.option(flag, key, type=BoundedNumber(RATE_LIMIT_VALUE), default=None, metavar="N", help=text)(f)
     return f

@@ -13,6 +13,8 @@ from typing import Any
 import click
 
 from portunus import __version__
+from portunus.bounds import SHARDS
+from portunus.cli.numbers import BoundedNumber
 from portunus.config import ConfigError, Settings, load_server_settings, parse_listen
 from portunus.errors import EXIT_SCHEMA_TOO_NEW, PortunusError
 
@@ -20,7 +22,7 @@ EX_CONFIG = 78
 
 
 @click.command()
-@click.option("--shards", type=click.IntRange(min=1), default=None,
+@click.option("--shards", type=BoundedNumber(SHARDS), default=None,
               help="Data-plane processes (default: one per CPU).")
 @click.pass_obj
 def serve(obj: Any, shards: int | None) -> None:
@@ -53,6 +55,13 @@ def serve(obj: Any, shards: int | None) -> None:
         click.echo(f"error: cannot prepare {exc.filename}: {exc.strerror}", err=True)
         sys.exit(1)
     token_note = ensure_operator_token(settings)
+    from portunus.cli.secret_files import EXIT_INSECURE, insecure, secret_paths
+
+    problems = insecure(secret_paths(settings))
+    if problems:
+        for line in problems:
+            click.echo(line, err=True)
+        sys.exit(EXIT_INSECURE)
     setup_note = ensure_setup_token(settings)
     if setup_note:
         token_note += "\n  " + setup_note

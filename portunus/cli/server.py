@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from portunus import __version__
+from portunus.bounds import ACK_TIMEOUT, AUDIT_LIMIT, HEALTH_CHECK_INTERVAL, RULE_ID
 from portunus.cli import output
 from portunus.cli.common import (
     PROG,
@@ -29,6 +30,7 @@ from portunus.cli.common import (
     format_option,
     hint_vars,
 )
+from portunus.cli.numbers import BoundedNumber
 from portunus.cli.push_params import build_push_params, rate_limit_options
 from portunus.config import SYSTEM_DATA_DIR
 from portunus.errors import PortunusError
@@ -175,9 +177,9 @@ def bootstrap_superadmin(obj: OperatorContext, name: str, fmt: str) -> None:
 @click.option("--proxy-protocol", type=click.Choice(("v1", "v2")), help="Send a PROXY header to targets.")
 @click.option("--prefer-ipv6", is_flag=True, help="Try AAAA records of DNS targets first.")
 @rate_limit_options
-@click.option("--health-check-interval-secs", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--health-check-interval-secs", type=BoundedNumber(HEALTH_CHECK_INTERVAL), default=None,
               help="How often a failed target is re-tried (server default 5).")
-@click.option("--ack-timeout", type=click.FloatRange(min=0, min_open=True), default=2.0,
+@click.option("--ack-timeout", type=BoundedNumber(ACK_TIMEOUT), default=2.0,
               show_default=True, metavar="SECS", help="How long to wait for the data plane to confirm.")
 @click.option("--owner", metavar="USER", help="Superadmin only: push for USER (checked against USER's grants).")
 @format_option
@@ -242,7 +244,7 @@ def list_rules(obj: OperatorContext, client: str | None, owner: str | None, fmt:
 
 
 @cli.command("rule-stats")
-@click.argument("rule_id", metavar="ID", type=int)
+@click.argument("rule_id", metavar="ID", type=BoundedNumber(RULE_ID))
 @click.option("--per-port", is_flag=True, help="Add a row per listen port (range rules).")
 @click.option("--per-target", is_flag=True, help="Add a row per target.")
 @format_option
@@ -270,7 +272,7 @@ def rule_stats(obj: OperatorContext, rule_id: int, per_port: bool, per_target: b
 
 
 @cli.command("remove-rule")
-@click.argument("rule_id", metavar="ID", type=int)
+@click.argument("rule_id", metavar="ID", type=BoundedNumber(RULE_ID))
 @format_option
 @click.pass_obj
 def remove_rule(obj: OperatorContext, rule_id: int, fmt: str) -> None:
@@ -314,7 +316,7 @@ def list_clients(obj: OperatorContext, fmt: str) -> None:
 @cli.command("audit")
 @click.option("--since", type=WhenType(), help="From this time: RFC 3339 or an age like 30m, 1h, 2d.")
 @click.option("--until", type=WhenType(), help="Up to this time (same forms as --since).")
-@click.option("--limit", type=click.IntRange(1, 1000), default=None,
+@click.option("--limit", type=BoundedNumber(AUDIT_LIMIT), default=None,
               help="At most N entries (server default 100, max 1000).")
 @format_option
 @click.pass_obj

@@ -15,6 +15,8 @@ import tempfile
 import click
 
 from portunus import __version__
+from portunus.bounds import CLI_INTERVAL, SHARDS
+from portunus.cli.numbers import BoundedNumber
 from portunus.config import ConfigError, Settings, load_standalone
 
 DEFAULT_CONFIG = "/etc/portunus/standalone.toml"
@@ -24,7 +26,7 @@ DEFAULT_CONFIG = "/etc/portunus/standalone.toml"
 @click.option("--config", "config_path", envvar="PORTUNUS_CONFIG", default=DEFAULT_CONFIG,
               show_default=True, help="Standalone TOML file ([[rule]] tables).")
 @click.option("--check", is_flag=True, help="Validate the file and exit: 0 valid, 2 invalid (file:line: reason).")
-@click.option("--shards", type=click.IntRange(min=1), default=None,
+@click.option("--shards", type=BoundedNumber(SHARDS), default=None,
               help="Data-plane processes (default: one per CPU, or `shards` in the file).")
 @click.version_option(__version__, prog_name="portunus-standalone")
 @click.pass_context
@@ -123,7 +125,7 @@ def _banner(path: str, settings: Settings, rules: list) -> None:  # type: ignore
 @main.command()
 @click.option("--config", "config_path", default=None, help="Standalone TOML file (to find metrics_listen).")
 @click.option("--watch", is_flag=True, help="Refresh every second with rates.")
-@click.option("--interval", type=float, default=1.0, show_default=True, help="Refresh interval for --watch.")
+@click.option("--interval", type=BoundedNumber(CLI_INTERVAL), default=1.0, show_default=True, help="Refresh interval for --watch.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.pass_context
 def stats(ctx: click.Context, config_path: str | None, watch: bool, interval: float, fmt: str) -> None:

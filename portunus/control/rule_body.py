@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from portunus.bounds import HEALTH_CHECK_INTERVAL, MAX_NAME_LEN, PRIORITY
 from portunus.errors import PortunusError, ValidationError
 from portunus.rules import (
     Rule,
     Target,
     build_rule,
+    clip,
     parse_port,
     validate_host,
     validate_rate_limit,
@@ -35,7 +37,14 @@ BODY_KEYS = frozenset(
         "health_check_interval_secs",
     }
 )
+MAX_CLIENT_REF = 2 * MAX_NAME_LEN  # a client name or a client id
 TARGET_KEYS = frozenset({"host", "port", "port_start", "port_end", "priority", "proxy_protocol"})
+
+
+def _names(keys: list[str], shown: int = 5) -> str:
+    """Unknown keys for a message: a few, each clipped (a body may hold thousands)."""
+    text = ", ".join(clip(k, 40) for k in keys[:shown])
+    return text + (f" (+{len(keys) - shown} more)" if len(keys) > shown else "")
 
 
 def _opt_str(body: dict[str, Any], key: str) -> str | None:
@@ -88,7 +97,7 @@ def _target(item: Any, i: int) -> Target:
     unknown = sorted(set(item) - TARGET_KEYS)
     if unknown:
         raise ValidationError(
-            "validation.targets", f"{where} has unknown key(s): {', '.join(unknown)}", field=where
+            "validation.targets", f"{where} has unknown key(s): {_names(unknown)}", field=where
         )
     host = item.get("host")
     if not isinstance(host, str):
@@ -110,11 +119,7 @@ def _target(item: Any, i: int) -> Target:
         raise ValidationError(
             "validation.targets", f"{where} needs port, or port_start + port_end", field=where
         )
-    prio = item.get("priority", 1)
-    if isinstance(prio, bool) or not isinstance(prio, int) or prio < 1:
-        raise ValidationError(
-            "validation.priority", f"{where}.priority must be a positive integer", field=f"{where}.priority"
-        )
+    prio = PRIORITY.check(item.get("priority", 1), f"{where}.priority", "validation.priority")
     pp = item.get("proxy_protocol")
     if pp is not None and not isinstance(pp, str):
         raise ValidationError(
@@ -139,14 +144,17 @@ def parse_rule_body(body: Any, range_max_ports: int) -> tuple[Rule, str]:
     if unknown:
         raise ValidationError(
             "validation.unknown_field",
-            f"unknown rule field(s): {', '.join(unknown)}; known: {', '.join(sorted(BODY_KEYS))}",
-            field=unknown[0],
+            f"unknown rule field(s): {_names(unknown)}; known: {', '.join(sorted(BODY_KEYS))}",
+            field=clip(unknown[0]),
         )
     client = body.get("client", "local")
     if isinstance(client, int) and not isinstance(client, bool):
         client = str(client)  # a client named "7" typed without quotes
-    if not isinstance(client, str) or not client.strip():
-        raise ValidationError("validation.client", "client must be a client name or id", field="client")
+    if not isinstance(client, str) or not client.strip() or len(client) > MAX_CLIENT_REF:
+        raise ValidationError(
+            "validation.client", f"client must be a client name or id (at most {MAX_CLIENT_REF} characters)",
+            field="client",
+        )
     protocol = body.get("protocol", "tcp")
     if not isinstance(protocol, str):
         raise ValidationError("validation.protocol", "protocol must be \"tcp\" or \"udp\"", field="protocol")
@@ -163,13 +171,9 @@ def parse_rule_body(body: Any, range_max_ports: int) -> tuple[Rule, str]:
     rate_limit = body.get("rate_limit")
     if rate_limit is not None and not isinstance(rate_limit, dict):
         raise ValidationError("validation.rate_limit", "rate_limit must be an object", field="rate_limit")
-    interval = body.get("health_check_interval_secs", 5.0)
-    if isinstance(interval, bool) or not isinstance(interval, (int, float)):
-        raise ValidationError(
-            "validation.health_check_interval_secs",
-            "health_check_interval_secs must be a number",
-            field="health_check_interval_secs",
-        )
+    interval = HEALTH_CHECK_INTERVAL.check(
+        body.get("health_check_interval_secs", 5.0), "health_check_interval_secs"
+    )
     try:
         rule = build_rule(
             id="0",
@@ -180,7 +184,7 @@ def parse_rule_body(body: Any, range_max_ports: int) -> tuple[Rule, str]:
             proxy_protocol=_opt_str(body, "proxy_protocol"),
             prefer_ipv6=prefer_ipv6,
             rate_limit=rate_limit,
-            health_check_interval_secs=float(interval),
+            health_check_interval_secs=interval,
             range_max_ports=range_max_ports,
         )
     except PortunusError as exc:

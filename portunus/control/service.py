@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from portunus.bounds import ACK_TIMEOUT, RULE_ID
 from portunus.config import Settings
 from portunus.control.auth import Principal
 from portunus.control.dataplane import LOCAL, DataPlane, RuleResult
@@ -36,29 +37,32 @@ from portunus.logs import log_event
 from portunus.rules import Rule
 from portunus.text import is_ascii_digits
 
-MAX_ACK_TIMEOUT_SECS = 300.0
+MAX_ACK_TIMEOUT_SECS = ACK_TIMEOUT.hi
 # Called after every committed state change; state None = the rule is gone.
 StateSink = Callable[[Rule, str | None], None]
 
 
 def parse_rule_id(params: dict[str, Any]) -> int:
     raw = params.get("id")
-    if isinstance(raw, str) and is_ascii_digits(raw.strip()):
+    if isinstance(raw, str) and is_ascii_digits(raw.strip()) and len(raw.strip()) <= 19:
         raw = int(raw.strip())
-    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+    if not RULE_ID.contains(raw):
         raise ValidationError("validation.id", "id must be a rule id (a positive integer)", field="id")
     return raw
 
 
+def _rule_key(key: object) -> int | None:
+    """A rule id a data plane answered about, or None: the answer comes from an edge
+    client, and a 20-digit id would overflow SQLite and stop the answer worker."""
+    text = str(key)
+    if not is_ascii_digits(text) or len(text) > 19:
+        return None
+    value = int(text)
+    return value if RULE_ID.contains(value) else None
+
+
 def _ack_timeout(params: dict[str, Any], default: float) -> float:
-    raw = params.get("ack_timeout", default)
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not 0 < raw <= MAX_ACK_TIMEOUT_SECS:
-        raise ValidationError(
-            "validation.ack_timeout",
-            f"ack_timeout must be a number of seconds in (0, {MAX_ACK_TIMEOUT_SECS:g}]",
-            field="ack_timeout",
-        )
-    return float(raw)
+    return float(ACK_TIMEOUT.check(params.get("ack_timeout", default), "ack_timeout"))
 
 
 class RuleService:
@@ -164,9 +168,10 @@ class RuleService:
         settled: list[StoredRule] = []
         async with self.store.write() as db:
             for key, res in results.items():
-                if not is_ascii_digits(key):
+                rule_id = _rule_key(key)
+                if rule_id is None:
                     continue
-                stored = await rules_db.get_rule(db, int(key))
+                stored = await rules_db.get_rule(db, rule_id)
                 if stored is None or stored.client_id != client_id:
                     continue
                 # A draining rule is never revived by a late answer about it; an
@@ -208,9 +213,10 @@ class RuleService:
         deleted: list[StoredRule] = []
         async with self.store.write() as db:
             for key in ids:
-                if not is_ascii_digits(str(key)):
+                rule_id = _rule_key(key)
+                if rule_id is None:
                     continue
-                stored = await rules_db.get_rule(db, int(key))
+                stored = await rules_db.get_rule(db, rule_id)
                 if stored is None or stored.client_id != client_id or stored.state != "draining":
                     continue
                 await rules_db.delete_rule(db, stored.rule_id)

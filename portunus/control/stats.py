@@ -14,6 +14,7 @@ forks us — importing it at module import could freeze the wrong choice.
 from __future__ import annotations
 
 import os
+import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -133,3 +134,9 @@ class RuleStateGauge:
     def __call__(self, rule: Rule, state: str | None) -> None:
         for s in STATES:
             self._gauge.labels(rule.client, rule.id, rule.owner, s).set(1.0 if s == state else 0.0)
+        if state is None:
+            # The zeros stay in the file; the in-process children would otherwise
+            # pile up for every rule ever pushed (a churn soak grew control's RSS).
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "not implemented in multi-process mode"
+                self._gauge.remove_by_labels({"client": rule.client, "rule": rule.id})

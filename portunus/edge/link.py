@@ -37,8 +37,9 @@ from portunus.edge.rulestore import RuleStore, check_owner_caps
 from portunus.edge.stats import rule_totals
 from portunus.edge.timing import Backoff, LinkTiming
 from portunus.edge.wire import MAX_FRAME, WireError, encode_frame, read_frame, write_frame
+from portunus.errors import PortunusError
 from portunus.logs import log_event, log_throttled
-from portunus.rules import Rule
+from portunus.rules import Rule, check_wire_numbers
 from portunus.supervisor.channel_end import SupervisorEnd
 
 # The supervisor halts (no respawn) when a service exits 78; the client CLI then
@@ -372,7 +373,10 @@ def _check_rules(raw: Any) -> tuple[list[dict[str, Any]], dict[str, dict[str, An
         try:
             if not isinstance(w, dict):
                 raise TypeError("not an object")
+            check_wire_numbers(w)
             good.append(Rule.from_wire(w).to_wire())
+        except PortunusError as exc:
+            rejected[rid] = {"state": "failed", "reason": f"malformed rule: {exc.message}"}
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             rejected[rid] = {"state": "failed", "reason": f"malformed rule: {exc!r}"}
     return good, rejected

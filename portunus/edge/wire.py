@@ -7,6 +7,8 @@ import json
 import struct
 from typing import Any
 
+from portunus import safejson
+
 # Every feature a node of this build can run, as advertised in the link's hello
 # (docs/edge.md); the server gates rules on them.  ``local`` advertises the same.
 CAPABILITIES = ("tcp", "udp", "range", "sni", "proxy_protocol", "dns", "failover", "rate_limit")
@@ -41,8 +43,8 @@ async def read_frame(reader: asyncio.StreamReader, max_len: int = MAX_FRAME) -> 
         raise FrameTooLarge(f"frame of {length} bytes exceeds {max_len}")
     body = await reader.readexactly(length)
     try:
-        msg = json.loads(body)
-    except ValueError as exc:
+        msg = safejson.loads(body)
+    except safejson.JsonRejected as exc:
         raise WireError(f"frame is not JSON: {exc}") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise WireError("frame is not a JSON object with a type")

@@ -18,6 +18,7 @@ from typing import Any
 
 from portunus.logs import flush_throttled, log_event
 from portunus.rules import Rule
+from portunus.shard import metrics as m
 from portunus.shard.repace import repace_rule
 from portunus.shard.runtime import RuleRuntime, ShardContext
 from portunus.shard.tcp import PlainTcpHandler
@@ -170,6 +171,7 @@ class Shard:
     def _rule_drained(self, rt: RuleRuntime) -> None:
         self.draining.pop(rt.rule.id, None)
         if rt.rule.id not in self.rules:
+            m.forget_rule(rt.rule.client, rt.rule.id)
             self.send({"type": "drained", "ids": [rt.rule.id]})
         self._maybe_finish_stop()
 

@@ -14,6 +14,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from portunus.bounds import (
+    ENROLL_TTL,
+    HEALTH_CHECK_INTERVAL,
+    MAX_NAME_LEN,
+    PRIORITY,
+    RATE_LIMIT_VALUE,
+)
 from portunus.rules import MAX_TARGETS, RATE_LIMIT_ALL_KEYS
 
 JSON = "application/json"
@@ -34,7 +41,8 @@ _PROXY = {"enum": ["v1", "v2", None], "x-error-code": "validation.proxy_protocol
 RATE_LIMIT: dict[str, Any] = {
     "type": ["object", "null"],
     "description": "Caps; every key optional, null or absent = uncapped. `*_burst` sizes the bucket.",
-    "properties": {k: {"type": ["integer", "null"], "minimum": 1} for k in RATE_LIMIT_ALL_KEYS},
+    "properties": {k: {"type": ["integer", "null"], "minimum": 1, "maximum": RATE_LIMIT_VALUE.hi}
+                   for k in RATE_LIMIT_ALL_KEYS},
     "additionalProperties": False,
     "x-error-code": "validation.rate_limit",
     "x-unknown-field-code": "validation.rate_limit",
@@ -56,8 +64,8 @@ TARGET_BODY: dict[str, Any] = {
         "port": _port(),
         "port_start": _port(),
         "port_end": _port(),
-        "priority": {"type": "integer", "minimum": 1, "default": 1, "x-error-code": "validation.priority",
-                     "description": "Lower is preferred; equal priorities are tried in order."},
+        "priority": PRIORITY.schema(default=1, **{"x-error-code": "validation.priority"},
+                                    description="Lower is preferred; equal priorities are tried in order."),
         "proxy_protocol": _PROXY,
     },
     "required": ["host"],
@@ -75,6 +83,7 @@ RULE_BODY: dict[str, Any] = {
     "description": "A rule to push. Exactly one of listen_port or listen_port_start+listen_port_end.",
     "properties": {
         "client": {"type": ["string", "integer"], "default": "local", "x-error-code": "validation.client",
+                   "maxLength": 2 * MAX_NAME_LEN,
                    "description": "Client name or client_id; `local` is the server itself."},
         "protocol": {"enum": ["tcp", "udp"], "default": "tcp", "x-error-code": "validation.protocol"},
         "listen_port": _port(),
@@ -87,8 +96,8 @@ RULE_BODY: dict[str, Any] = {
         "proxy_protocol": _PROXY,
         "prefer_ipv6": {"type": "boolean", "default": False, "x-error-code": "validation.prefer_ipv6"},
         "rate_limit": ref("RateLimit"),
-        "health_check_interval_secs": {"type": "number", "exclusiveMinimum": 0, "default": 5,
-                                       "x-error-code": "validation.health_check_interval_secs"},
+        "health_check_interval_secs": HEALTH_CHECK_INTERVAL.schema(
+            default=5, **{"x-error-code": "validation.health_check_interval_secs"}),
         "owner": {"type": "string", "maxLength": 64, "x-error-code": "validation.owner",
                   "description": "Superadmin only: push for this user (checked against the user's grants)."},
     },
@@ -223,8 +232,7 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
             "address": {"type": "string", "minLength": 1, "maxLength": 255, "x-error-code": "validation.address",
                         "description": "Host the client dials (default: the host of control_listen, "
                         "else the server's FQDN)."},
-            "ttl_secs": {"type": "integer", "minimum": 1, "maximum": 604800, "default": 600,
-                         "x-error-code": "validation.ttl_secs"},
+            "ttl_secs": ENROLL_TTL.schema(default=600, **{"x-error-code": "validation.ttl_secs"}),
         },
         "required": ["name"],
         "additionalProperties": False,
@@ -347,6 +355,10 @@ ERROR_STATUSES: dict[str, str] = {
 }
 
 _COMMON = ("401", "403", "405", "408", "429", "500", "503")
+# ?since= / ?until=: RFC 3339, a Unix time, `now` or an age (30m, 1h30m, 2d), so
+# not `format: date-time` (which would call `1h` invalid).
+_WHEN = {"type": "string", "minLength": 1, "maxLength": 64,
+         "description": "An RFC 3339 time (2024-05-01T12:00:00Z), a Unix time, `now`, or an age like 1h30m"}
 _ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
 _CLIENT_PARAM = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
                  "description": "A client_id or a client name"}
@@ -434,7 +446,7 @@ _PATHS: dict[str, dict[str, Any]] = {
     "/v1/clients/{id}": {
         "parameters": [_CLIENT_PARAM],
         "delete": _op("deleteClient", "Delete a revoked client and its rules", "204", None,
-                      ("404", "409")),
+                      ("400", "404", "409")),
     },
     "/v1/clients/{id}/name": {
         "parameters": [_CLIENT_PARAM],
@@ -444,7 +456,7 @@ _PATHS: dict[str, dict[str, Any]] = {
     "/v1/clients/{id}/revoke": {
         "parameters": [_CLIENT_PARAM],
         "post": _op("revokeClient", "Revoke a client: its session closes at once and its token stops working",
-                    "200", ref("ClientRevoked"), ("404", "409")),
+                    "200", ref("ClientRevoked"), ("400", "404", "409")),
     },
     "/v1/clients/{id}/owners": {
         "parameters": [_CLIENT_PARAM],
@@ -462,8 +474,8 @@ _PATHS: dict[str, dict[str, Any]] = {
     },
     "/v1/audit": {
         "get": _op("listAudit", "Audit trail, newest first", "200", ref("AuditPage"), ("400",),
-                   params=[_q("since", {"type": "string", "format": "date-time"}, "Oldest entry time"),
-                           _q("until", {"type": "string", "format": "date-time"}, "Newest entry time"),
+                   params=[_q("since", _WHEN, "Oldest entry time"),
+                           _q("until", _WHEN, "Newest entry time (exclusive)"),
                            _q("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
                               "Page size"),
                            _q("cursor", {"type": "string"}, "next_cursor of the previous page"),

@@ -11,7 +11,8 @@
   by a test module (for tests that only use their own rules on their own ports).
 
 Every process tree a factory started is SIGKILLed at teardown, whatever the
-test's outcome.
+test's outcome.  After every test, every log line of every process is scanned for
+the secrets the test met (support/secrets.py); one found fails the test.
 """
 
 from __future__ import annotations
@@ -28,7 +29,23 @@ _ROOT = Path(__file__).resolve().parents[2]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))  # so test modules can `from tests.e2e.support import ...`
 
-from tests.e2e.support import OriginFactory, PortAllocator, ServerFactory, StandaloneFactory  # noqa: E402
+from tests.e2e.support import (  # noqa: E402
+    WATCH,
+    OriginFactory,
+    PortAllocator,
+    ServerFactory,
+    StandaloneFactory,
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_secrets_in_logs() -> Iterator[None]:
+    """After every e2e test: no log line of any process holds a secret the tests
+    came to know (operator token, enrollment codes, client tokens; support/secrets.py)."""
+    yield
+    leaks = WATCH.scan()
+    if leaks:
+        pytest.fail("secrets in logs:\n" + "\n".join(leaks), pytrace=False)
 
 
 def _raise_fd_limit() -> None:

@@ -133,7 +133,7 @@ def test_targets_ranges_by_ports_or_port_end(tmp_path: Path) -> None:
     ("[]", "non-empty list"),
     ('[{ host = "h", port = 1, weight = 3 }]', "unknown key(s) weight"),
     ('[{ port = 1 }]', "needs host and port"),
-    ('[{ host = "h", port = 1, priority = 0 }]', "priority must be a positive integer"),
+    ('[{ host = "h", port = 1, priority = 0 }]', "priority must be an integer in 1-1000, got 0"),
     ('[{ host = "h", port = 1, proxy_protocol = "v3" }]', "proxy_protocol"),
     ('["h:1"]', "must be a table"),
     ('[{ host = "bad host", port = 1 }]', "neither an IP address nor a valid DNS name"),
@@ -244,17 +244,17 @@ def test_shards_zero_means_one_per_cpu(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("line_text", "needle"), [
     ('bogus = 1', "unknown key 'bogus'"),
     ('log_format = "xml"', 'log_format must be "json" or "text"'),
-    ('shutdown_drain_timeout_secs = "5"', "must be a non-negative number"),
-    ('shutdown_drain_timeout_secs = -1', "must be a non-negative number"),
-    ('connect_timeout_secs = true', "must be a non-negative number"),
-    ('udp_max_flows = 0', "must be a positive integer"),
-    ('range_rule_max_ports = 1.5', "must be a positive integer"),
+    ('shutdown_drain_timeout_secs = "5"', "must be a number in [0, 3600], got a string"),
+    ('shutdown_drain_timeout_secs = -1', "must be a number in [0, 3600], got -1"),
+    ('connect_timeout_secs = true', "must be a number in (0, 300], got true"),
+    ('udp_max_flows = 0', "must be an integer in 1-1000000, got 0"),
+    ('range_rule_max_ports = 1.5', "must be an integer in 1-65535, got 1.5"),
     ('metrics_listen = "nope"', "metrics_listen"),
     ('metrics_listen = "127.0.0.1:0"', "outside 1-65535"),
     ('listen_address = "not an address"', "neither an IP address nor a valid DNS name"),
     ('log_level = 3', "log_level must be a string"),
-    ('shards = -1', "shards must be a non-negative integer"),
-    ('shards = true', "shards must be a non-negative integer"),
+    ('shards = -1', "shards must be an integer in 0-256, got -1"),
+    ('shards = true', "shards must be an integer in 0-256, got true"),
 ])
 def test_bad_settings(tmp_path: Path, line_text: str, needle: str) -> None:
     errs = errors(tmp_path, f'# settings first\n{line_text}\n' + RULE)

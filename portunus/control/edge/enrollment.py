@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 import aiosqlite
 
+from portunus.bounds import ENROLL_TTL, MAX_NAME_LEN
 from portunus.control.auth import hash_token
 from portunus.control.store.accounts import LOCAL_CLIENT_ID, ClientRow, new_ulid
 from portunus.control.store.migrations import format_ts, utc_now
@@ -24,8 +25,7 @@ from portunus.errors import PortunusError, ValidationError
 from portunus.rules import validate_host
 
 DEFAULT_TTL_SECS = 600
-MAX_TTL_SECS = 7 * 86400
-MAX_NAME_LEN = 64
+MAX_TTL_SECS = int(ENROLL_TTL.hi)
 MAX_SECRET_LEN = 512
 
 
@@ -57,11 +57,7 @@ def validate_client_name(raw: object) -> str:
 def validate_ttl(raw: object) -> int:
     if raw is None:
         return DEFAULT_TTL_SECS
-    if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= MAX_TTL_SECS:
-        raise ValidationError(
-            "validation.ttl_secs", f"ttl_secs must be an integer from 1 to {MAX_TTL_SECS}", field="ttl_secs"
-        )
-    return raw
+    return int(ENROLL_TTL.check(raw, "ttl_secs"))
 
 
 def advertised_host(address: object, listen_host: str) -> str:

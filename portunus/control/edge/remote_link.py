@@ -25,8 +25,17 @@ COUNTERS = ("bytes_in", "bytes_out", "connections_total", "active_connections")
 TARGET_COUNTERS = ("connections_total", "connect_failures_total")
 
 
+MAX_REASON = 500  # a client's failure reason is stored and shown: keep it bounded
+
+
 def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+    """A counter from a client: a non-negative int that fits a 64-bit counter, else 0."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+    return value if ok else 0
+
+
+def _reason(value: Any) -> str | None:
+    return value[:MAX_REASON] if isinstance(value, str) else None
 
 
 def _parse_stats(raw: Any) -> dict[str, dict[str, Any]]:
@@ -166,7 +175,7 @@ class RemoteLink:
                 log_event("edge.bad_frame", level="warning", client_id=client_id, type=kind)
                 return
             results = {
-                str(rule_id): RuleResult(res["state"], res.get("reason") if isinstance(res.get("reason"), str) else None)
+                str(rule_id)[:20]: RuleResult(res["state"], _reason(res.get("reason")))
                 for rule_id, res in raw.items()
                 if isinstance(res, dict) and res.get("state") in ("active", "failed")
             }

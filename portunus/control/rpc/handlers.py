@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from portunus.bounds import RULE_ID
 from portunus.config import Settings
 from portunus.control.auth import Authenticator, Principal
 from portunus.control.dataplane import LOCAL, DataPlane
@@ -204,6 +205,8 @@ def parse_time(value: Any, key: str) -> str:
     The web passes since/until through untouched, so this is where they are checked."""
     try:
         return format_ts(parse_when(value))
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00 has no UTC time
+        raise ValidationError(f"validation.{key}", f"{key}: out of range", field=key) from None
     except ValueError as exc:
         raise ValidationError(f"validation.{key}", f"{key}: {exc}", field=key) from None
 
@@ -219,7 +222,7 @@ async def audit_list(ctx: ControlContext, who: Principal, params: dict[str, Any]
     cursor_raw = params.get("cursor")
     cursor: int | None = None
     if cursor_raw is not None:
-        if not is_ascii_digits(str(cursor_raw)):
+        if not is_ascii_digits(str(cursor_raw)) or not RULE_ID.contains(int(str(cursor_raw)[:20])):
             raise ValidationError("validation.cursor", "cursor must be a next_cursor value", field="cursor")
         cursor = int(cursor_raw)
     filters: dict[str, str] = {}

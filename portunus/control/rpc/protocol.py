@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from portunus import safejson
 from portunus.errors import PortunusError
 
 MAX_REQUEST_BYTES = 1024 * 1024
@@ -42,9 +43,9 @@ class RequestError(PortunusError):
 
 def parse_request(line: bytes) -> Request:
     try:
-        msg = json.loads(line)
-    except (UnicodeDecodeError, ValueError):
-        raise RequestError("the request is not valid JSON", fatal=True) from None
+        msg = safejson.loads(line)
+    except safejson.JsonRejected as exc:
+        raise RequestError(f"the request is not valid JSON: {exc}", fatal=True) from None
     if not isinstance(msg, dict):
         raise RequestError("the request must be a JSON object", fatal=True)
     rid = msg.get("id")

@@ -21,6 +21,7 @@ from typing import Any
 
 import aiosqlite
 
+from portunus.control.store.audit_values import audit_text, audit_value
 from portunus.control.store.migrations import BUSY_TIMEOUT_MS, connect_sync, migrate, utc_now
 
 
@@ -88,17 +89,18 @@ async def write_audit(
     error_code: str | None = None,
     details: dict[str, Any] | None = None,
 ) -> None:
-    """Append one audit row inside the caller's transaction."""
+    """Append one audit row inside the caller's transaction; every value is bounded
+    and escaped (``audit_values``), whatever the caller passes."""
     await db.execute(
         "INSERT INTO audit (ts, actor, action, target, outcome, error_code, details) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)",
         (
             utc_now(),
-            actor,
-            action,
-            target,
-            outcome,
-            error_code,
-            json.dumps(details, separators=(",", ":"), default=str) if details else None,
+            audit_text(actor),
+            audit_text(action),
+            audit_text(target) if target is not None else None,
+            audit_text(outcome),
+            audit_text(error_code) if error_code is not None else None,
+            json.dumps(audit_value(details), separators=(",", ":")) if details else None,
         ),
     )

@@ -197,7 +197,17 @@ CREATE INDEX traffic_by_time ON traffic
     (resolution, bucket, rule_id, client_id, owner, bytes_in, bytes_out, connections);
 """
 
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V_USERS, _V_OWNER_CAPS, _V_TRAFFIC]
+
+# Numbers stored before every boundary checked them against portunus.bounds: an
+# `inf` health-check interval made GET /v1/rules answer 500 until the rule was
+# removed.  Clamp into the documented range [0.1, 3600] (NaN never got stored:
+# SQLite turns it into NULL and the NOT NULL constraint refused the row).
+_V_HOSTILE = """
+UPDATE rules SET health_check_interval_secs = 3600.0 WHERE health_check_interval_secs > 3600;
+UPDATE rules SET health_check_interval_secs = 0.1 WHERE health_check_interval_secs < 0.1;
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V_USERS, _V_OWNER_CAPS, _V_TRAFFIC, _V_HOSTILE]
 LATEST = len(MIGRATIONS)
 
 

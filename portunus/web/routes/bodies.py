@@ -16,6 +16,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from portunus import safejson
 from portunus.errors import PortunusError
 from portunus.text import is_ascii_digits
 from portunus.web import openapi
@@ -26,6 +27,7 @@ from portunus.web import openapi
 # make the web process hold stays small (web.limits.BodyLimit applies the same
 # limit to every route).
 MAX_BODY = 64 * 1024
+MAX_PROBLEMS = 50  # listed in one error answer; a hostile body can hold thousands
 _REF = "#/components/schemas/"
 
 
@@ -49,7 +51,11 @@ class Problem:
     message: str
 
     def as_dict(self) -> dict[str, str]:
-        return {"field": self.field or "body", "code": self.code, "message": self.message}
+        return {"field": _clip(self.field or "body"), "code": self.code, "message": _clip(self.message, 300)}
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
@@ -65,23 +71,13 @@ async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
     return bytes(buf)
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def parse_json(raw: bytes) -> Any:
+    """UTF-8 JSON (RFC 8259), finite numbers, nested at most ``MAX_JSON_DEPTH`` deep."""
     if not raw.strip():
         raise PortunusError("validation.body", "request body is empty; send a JSON object")
     try:
-        # RFC 8259: UTF-8 only (json.loads(bytes) would also guess UTF-16/32).
-        return json.loads(raw.decode("utf-8-sig"), parse_constant=_no_constants)
-    except UnicodeDecodeError:
-        raise PortunusError("validation.json", "request body is not UTF-8 JSON") from None
-    except json.JSONDecodeError as exc:
-        raise PortunusError(
-            "validation.json", f"request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
-        ) from None
-    except ValueError as exc:
+        return safejson.loads(raw)
+    except safejson.JsonRejected as exc:
         raise PortunusError("validation.json", f"request body is not valid JSON: {exc}") from None
 
 
@@ -97,7 +93,8 @@ def validate_body(doc: Any, schema_name: str) -> dict[str, Any]:
     if problems:
         first = problems[0]
         raise PortunusError(
-            first.code, first.message, field=first.field or "body", errors=[p.as_dict() for p in problems]
+            first.code, _clip(first.message, 300), field=_clip(first.field or "body"),
+            errors=[p.as_dict() for p in problems[:MAX_PROBLEMS]],
         )
     assert isinstance(doc, dict)  # the schemas of request bodies are all objects
     return doc

@@ -8,26 +8,33 @@ tree it started at teardown.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.support import LOOPBACK, VENV_BIN, ManagedProc, ProcFactory, clean_env
+from tests.e2e.support import LOOPBACK, VENV_BIN, WATCH, ManagedProc, ProcFactory, clean_env
 
 CLIENT_BIN = os.environ.get("PORTUNUS_E2E_CLIENT") or str(VENV_BIN / "portunus-client")
 
 
 def enroll(uri: str, out: Path, *extra: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([CLIENT_BIN, "enroll", uri, "--out", str(out), *extra], capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    WATCH.harvest(uri)
+    res = subprocess.run([CLIENT_BIN, "enroll", uri, "--out", str(out), *extra], capture_output=True,
+                         text=True, timeout=timeout, check=False)
+    with contextlib.suppress(OSError):
+        WATCH.harvest(out.read_text())  # the bundle: the client token
+    return res
 
 
 class ClientProc(ManagedProc):
     def __init__(self, *, workdir: Path, bundle: Path, metrics_port: int, shards: int = 1,
                  extra: list[str] | None = None, name: str = "client", data_dir: Path | None = None) -> None:
         self.bundle = bundle
+        with contextlib.suppress(OSError):
+            WATCH.harvest(bundle.read_text())
         self.data_dir = data_dir or workdir / f"{name}-data"
         self.shard_count = shards
         argv = [CLIENT_BIN, "--bundle", str(bundle), "--data-dir", str(self.data_dir),

@@ -151,6 +151,7 @@ def _v1_database(path: Path, port: int, target_port: int) -> None:
                      "VALUES (?, 0, '127.0.0.1', ?, 1)", (rid, target_port))
     finally:
         conn.close()
+    os.chmod(path, 0o600)  # as every Portunus since v1 leaves it (serve refuses a wider mode)
 
 
 def test_version_1_database_migrates_on_start(server, origin, ports, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -21,6 +21,7 @@ import ``from tests.e2e.support import ...``:
 - ``standalone`` / ``server``: ``StandaloneProc`` (TOML file and reload) and
   ``ServerProc`` (data dir, CLI, API, control socket), each with its factory.
 - ``notify``: ``FakeNotify``, a fake systemd ``$NOTIFY_SOCKET``.
+- ``secrets``: ``WATCH``, the secrets the tests met and the logs scanned for them.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from .origins import (
 from .polling import wait_for
 from .ports import LOOPBACK, PortAllocator, connection_refused, listening_ports
 from .procs import VENV_BIN, ManagedProc, ProcFactory, clean_env, pipe_fds, title_of
+from .secrets import WATCH, SecretWatch
 from .server import OPERATOR_TOKEN, SERVER_BIN, ApiResponse, CliResult, ServerFactory, ServerProc
 from .standalone import STANDALONE_BIN, StandaloneFactory, StandaloneProc
 from .streams import (
@@ -63,9 +65,9 @@ from .streams import (
 from .toml_writer import standalone_toml, toml_value
 
 __all__ = [
-    "LOOPBACK", "OPERATOR_TOKEN", "REQUEST", "SERVER_BIN", "STANDALONE_BIN", "VENV_BIN", "ApiResponse",
+    "LOOPBACK", "OPERATOR_TOKEN", "REQUEST", "SERVER_BIN", "STANDALONE_BIN", "VENV_BIN", "WATCH", "ApiResponse",
     "CliResult", "ConnRecord", "Digest", "FakeNotify", "Handler", "KiB", "ManagedProc", "Metrics", "MiB",
-    "Origin", "OriginFactory", "Pattern", "PortAllocator", "ProcFactory", "ServerFactory", "ServerProc",
+    "Origin", "OriginFactory", "Pattern", "PortAllocator", "ProcFactory", "SecretWatch", "ServerFactory", "ServerProc",
     "StandaloneFactory", "StandaloneProc", "clean_env", "client_duplex", "connect", "connection_refused",
     "duplex", "duplex_on_request", "echo", "echo_roundtrip", "exchange", "listening_ports", "multiproc_value",
     "pipe_fds", "push_forever", "recv_all", "recv_exact", "request_header", "scrape", "send_pattern", "sink",

@@ -18,6 +18,7 @@ import psutil
 from .metrics import Metrics, scrape
 from .polling import wait_for
 from .ports import LOOPBACK, PortAllocator
+from .secrets import WATCH
 
 VENV_BIN = Path(sys.executable).parent
 # systemd's hand-off variables: a process under test must not talk to the test runner's systemd.
@@ -77,6 +78,8 @@ class ManagedProc:
                 cwd=self.workdir, start_new_session=True,
             )
         self.known_pids.add(self.proc.pid)
+        WATCH.watch(self.stderr_path)
+        WATCH.watch(self.stdout_path)
 
     @property
     def pid(self) -> int:

@@ -19,6 +19,7 @@ import psutil
 from .polling import wait_for
 from .ports import LOOPBACK, PortAllocator
 from .procs import VENV_BIN, ManagedProc, ProcFactory, clean_env
+from .secrets import WATCH
 from .toml_writer import standalone_toml
 
 # PORTUNUS_E2E_SERVER runs the server tests against another build of portunus-server.
@@ -141,8 +142,11 @@ class ServerProc(ManagedProc):
     def token(self) -> str:
         """The operator token ``serve`` wrote to D/operator.token on first start."""
         if isinstance(self.settings.get("operator_token"), str):
-            return str(self.settings["operator_token"])
-        return (self.data_dir / "operator.token").read_text().strip()
+            token = str(self.settings["operator_token"])
+        else:
+            token = (self.data_dir / "operator.token").read_text().strip()
+        WATCH.note(token)
+        return token
 
     @property
     def db_path(self) -> Path:
@@ -214,6 +218,8 @@ class ServerProc(ManagedProc):
         argv = [SERVER_BIN, "--data-dir", str(data_dir or self.data_dir), *args]
         res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                              env=self.cli_env(token, env), cwd=self.workdir, stdin=subprocess.DEVNULL)
+        WATCH.harvest(res.stdout)
+        WATCH.harvest(res.stderr)
         return CliResult(res.args, res.returncode, res.stdout, res.stderr)
 
     def cli_json(self, *args: str, token: Any = None, expect_rc: int = 0) -> Any:
@@ -240,7 +246,9 @@ class ServerProc(ManagedProc):
         try:
             conn.request(method, path, body=data, headers=hdrs)
             resp = conn.getresponse()
-            return ApiResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+            answer = ApiResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+            WATCH.harvest(answer.body)
+            return answer
         finally:
             conn.close()
 
@@ -252,7 +260,9 @@ class ServerProc(ManagedProc):
 
         if token is OPERATOR_TOKEN:
             token = self.token
-        return call_sync(self.socket_path, token, method, params or {}, timeout)
+        result = call_sync(self.socket_path, token, method, params or {}, timeout)
+        WATCH.harvest(json.dumps(result, default=str))
+        return result
 
     def rules(self) -> dict[int, dict[str, Any]]:
         """Rule id -> rule JSON, over the control socket."""

@@ -40,7 +40,7 @@ async def test_fresh_database_gets_every_migration(tmp_path: Path) -> None:
                 assert [tuple(r) for r in await cur.fetchall()] == [("operator", "superadmin")]
     finally:
         await store.close()
-    assert _version(db) == LATEST == 7
+    assert _version(db) == LATEST == 8
     assert {"clients", "rules", "rule_targets", "users", "tokens", "audit", "schema_version"} <= _tables(db)
 
 
@@ -146,3 +146,26 @@ def test_split_statements_respects_quotes() -> None:
     stmts = migrations.split_statements(script)
     assert len(stmts) == 2
     assert stmts[0].startswith("CREATE TABLE a") and stmts[1].endswith("('c;d');")
+
+
+async def test_upgrade_clamps_non_finite_health_check_intervals(tmp_path: Path) -> None:
+    """A rule stored with an `inf` interval before the bounds existed lists again."""
+    db = tmp_path / "state.db"
+    conn = migrations.connect_sync(str(db))
+    version = migrations.migrate(conn, str(db), target=4)
+    assert version == 4
+    for port, interval in ((8080, float("inf")), (8081, 0.001), (8082, 7.5)):
+        conn.execute(
+            "INSERT INTO rules (client_id, protocol, listen_start, listen_end, state, created_at, "
+            "health_check_interval_secs) VALUES ('local', 'tcp', ?, ?, 'active', 'x', ?)",
+            (port, port, interval),
+        )
+    conn.close()
+    store = await Store.open(str(db))
+    try:
+        async with store.read() as c, c.execute(
+            "SELECT listen_start, health_check_interval_secs FROM rules ORDER BY listen_start"
+        ) as cur:
+            assert [tuple(r) for r in await cur.fetchall()] == [(8080, 3600.0), (8081, 0.1), (8082, 7.5)]
+    finally:
+        await store.close()
