@@ -25,6 +25,12 @@ _PATTERNS = (
 )
 
 
+# An error envelope's ``"code": "cannot_remove_self"`` is not a secret: error codes
+# are lowercase words with ``_`` and ``.``; a random secret of 16+ URL-safe base64
+# characters without any digit or capital is a one-in-a-million draw.
+_ERROR_CODE = re.compile(r"[a-z][a-z_.]*")
+
+
 @dataclass
 class _File:
     path: Path
@@ -53,7 +59,8 @@ class SecretWatch:
             text = text.decode("utf-8", "replace")
         for pattern in _PATTERNS:
             for m in pattern.finditer(text):
-                self.note(m.group(1))
+                if not _ERROR_CODE.fullmatch(m.group(1)):
+                    self.note(m.group(1))
 
     def watch(self, path: Path) -> None:
         with self.lock:
