@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from portunus import __version__
-from portunus.cli import output
+from portunus.cli import output, paging
 from portunus.cli.common import (
     PROG,
     OperatorContext,
@@ -288,20 +288,34 @@ def remove_rule(obj: OperatorContext, rule_id: int, fmt: str) -> None:
 
 
 @cli.command("list-clients")
+@paging.limit_option
+@paging.cursor_option
+@paging.all_option
+@click.option("--connected/--disconnected", default=None, help="Only connected / only offline clients.")
+@click.option("--name-prefix", default=None, help="Only clients whose name starts with this (case-sensitive).")
 @format_option
 @click.pass_obj
-def list_clients(obj: OperatorContext, fmt: str) -> None:
-    """List enrolled clients (edges) and whether they are connected.
+def list_clients(obj: OperatorContext, limit: int | None, cursor: str | None, every: bool,
+                 connected: bool | None, name_prefix: str | None, fmt: str) -> None:
+    """List enrolled clients (edges) and whether they are connected: one page
+    (local first, then enrollment order), or every one with --all.
 
     \b
-    Example:
+    Examples:
       portunus-server list-clients --format json
+      portunus-server list-clients --connected --name-prefix edge- --all
     """
-    result = obj.call("clients.list")
+    params: dict[str, Any] = {}
+    if connected is not None:
+        params["connected"] = connected
+    if name_prefix:
+        params["name_prefix"] = name_prefix
+    result = paging.fetch(obj.call, "clients.list", params, "clients", limit, cursor, every)
     if fmt == "json":
         echo_json(result)
-    else:
-        click.echo(output.clients_table(result.get("clients", [])))
+        return
+    click.echo(output.clients_table(result.get("clients", [])))
+    paging.more_hint(result, "clients")
 
 
 @cli.command("audit")

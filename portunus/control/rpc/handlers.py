@@ -14,15 +14,16 @@ from typing import Any
 from portunus.config import Settings
 from portunus.control.auth import Authenticator, Principal
 from portunus.control.dataplane import LOCAL, DataPlane
-from portunus.control.edge.clients import ClientService, client_entry
+from portunus.control.edge import client_pages
+from portunus.control.edge.clients import ClientService
 from portunus.control.edge.remote_link import RemoteLink
 from portunus.control.rpc.protocol import Request
 from portunus.control.service import RuleService, parse_rule_id
 from portunus.control.stats import rule_stats
-from portunus.control.store import Store, accounts
+from portunus.control.store import Store
 from portunus.control.store.audit import list_audit
 from portunus.control.store.migrations import format_ts
-from portunus.control.store.rules import count_rules_by_client, require_rule
+from portunus.control.store.rules import require_rule
 from portunus.errors import PortunusError, ValidationError
 from portunus.text import is_ascii_digits
 from portunus.timefmt import parse_when
@@ -99,12 +100,14 @@ async def rules_stats(ctx: ControlContext, who: Principal, params: dict[str, Any
 
 
 async def clients_list(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    """One page: ``{clients, next_cursor, total}`` (control.edge.client_pages)."""
     async with ctx.store.read() as db:
-        clients = await accounts.list_clients(db)
-        counts = await count_rules_by_client(db)
-    out = [client_entry(c, ctx.dataplane.info(c.client_id), counts.get(c.client_id, 0))
-           for c in clients]
-    return {"clients": out}
+        return await client_pages.list_page(db, ctx.dataplane, ctx.remote, params)
+
+
+async def clients_get(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    async with ctx.store.read() as db:
+        return await client_pages.get_one(db, ctx.dataplane, params.get("id"))
 
 
 def _clients(ctx: ControlContext) -> ClientService:
@@ -168,6 +171,7 @@ METHODS: dict[str, tuple[bool, Handler]] = {
     "rules.remove": (True, rules_remove),
     "rules.stats": (True, rules_stats),
     "clients.list": (True, clients_list),
+    "clients.get": (True, clients_get),
     "clients.enroll": (True, clients_enroll),
     "clients.rename": (True, clients_rename),
     "clients.revoke": (True, clients_revoke),
