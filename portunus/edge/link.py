@@ -7,7 +7,13 @@ Runs in its own process, forked by the client's supervisor with a channel
 - server ``sync``/``apply`` -> persisted to ``rules.json`` -> supervisor;
 - supervisor ``applied``/``removed`` -> server (``applied`` only to the session
   that asked: a reconnect brings a fresh full ``sync`` anyway);
-- every ``stats_secs`` a ``stats`` frame read from the multiprocess metrics dir.
+- every ``stats_secs`` a ``stats`` frame read from the multiprocess metrics dir,
+  sent only when the counters changed since the last one this session sent.
+
+The hello advertises ``quiet_link``: a server that knows it answers with a
+slower cadence in the welcome (``heartbeat_secs`` for our pings, ``ping_secs``
+for its own), so ten thousand idle clients do not keep the server busy; an older
+server's welcome has ``heartbeat_secs`` only and the original cadence holds.
 
 At start, before connecting, it hands the supervisor the persisted rule set, so
 forwarding goes on while the server is down.  A lost link is retried forever
@@ -59,6 +65,9 @@ class Refused(Exception):
         self.message = message
 
 
+QUIET_LINK = "quiet_link"
+
+
 class LinkDead(Exception):
     """No frame from the server within ``dead_secs``."""
 
@@ -85,12 +94,14 @@ class _Session:
 
     number: int
     writer: asyncio.StreamWriter
+    last_tx: float = 0.0  # loop time of the latest frame sent (pings only fill silence)
 
     def send(self, msg: dict[str, Any]) -> None:
         # Called from supervisor callbacks (not coroutines): the transport buffers;
         # a stuck server is caught by the dead-link timer, not here.
         if not self.writer.transport.is_closing():
             self.writer.write(encode_frame(msg))
+            self.last_tx = asyncio.get_running_loop().time()
 
 
 @dataclass
@@ -199,7 +210,7 @@ class EdgeLink:
         try:
             await write_frame(writer, {
                 "type": "hello", "token": self.bundle.token, "client_id": self.bundle.client_id,
-                "version": __version__, "capabilities": self.capabilities,
+                "version": __version__, "capabilities": [*self.capabilities, QUIET_LINK],
             })
             async with asyncio.timeout(self.timing.handshake_timeout):
                 welcome = await read_frame(reader)
@@ -217,13 +228,12 @@ class EdgeLink:
         session = _Session(next(self._sessions), writer)
         self._session = session
         self.backoff.reset()
-        hb = welcome.get("heartbeat_secs")
-        heartbeat = float(hb) if isinstance(hb, (int, float)) and 0 < hb <= 3600 else self.timing.heartbeat_secs
+        heartbeat, dead_secs = link_cadence(welcome, self.timing)
         name = welcome.get("client_name")
         peer = writer.get_extra_info("peername")
         log_event("link.connected", server=self.bundle.server, client_id=self.bundle.client_id,
                   client_name=name or self.bundle.client_name, local=str(writer.get_extra_info("sockname")),
-                  peer=str(peer), heartbeat_secs=heartbeat)
+                  peer=str(peer), heartbeat_secs=heartbeat, dead_secs=dead_secs)
         if isinstance(name, str) and name and name != self.bundle.client_name:
             self._rename(name)
         if self._removed_backlog:
@@ -234,7 +244,7 @@ class EdgeLink:
         try:
             while True:
                 try:
-                    async with asyncio.timeout(self.timing.dead_secs):
+                    async with asyncio.timeout(dead_secs):
                         msg = await read_frame(reader)
                 except TimeoutError:
                     # No close_notify dance with a peer that stopped answering: it would
@@ -259,11 +269,17 @@ class EdgeLink:
         raise Refused(code, text)
 
     async def _pinger(self, session: _Session, every: float) -> None:
+        """A ping when nothing else went out for ``every`` seconds."""
+        loop = asyncio.get_running_loop()
+        session.last_tx = loop.time()
         while True:
-            await asyncio.sleep(every)
-            session.send({"type": "ping"})
+            await asyncio.sleep(max(0.0, session.last_tx + every - loop.time()))
+            if loop.time() - session.last_tx >= every * 0.99:
+                session.send({"type": "ping"})
 
     async def _stats_loop(self, session: _Session) -> None:
+        """Counters that did not move are not sent again: the server keeps the latest."""
+        last: dict[str, dict[str, Any]] | None = None
         while True:
             await asyncio.sleep(self.timing.stats_secs)
             ids = list(self.store.rules)
@@ -272,7 +288,10 @@ class EdgeLink:
             except (OSError, ValueError) as exc:  # a file vanishing mid-read: next round
                 log_event("link.stats_unreadable", level="warning", error=str(exc))
                 continue
+            if totals == last:
+                continue
             session.send(stats_frame(totals))
+            last = totals
 
     # ============================================================ server -> us
 
@@ -353,6 +372,22 @@ class EdgeLink:
 
     def _supervisor_lost(self, why: str) -> None:
         self.stop(1, f"supervisor channel: {why}")
+
+
+def link_cadence(welcome: dict[str, Any], timing: LinkTiming) -> tuple[float, float]:
+    """``(our ping interval, dead after)`` from the server's welcome: a quiet-link
+    server names its own ping interval (``ping_secs``), and the link is dead after
+    two of them without a frame; an older one has ``heartbeat_secs`` only."""
+
+    def secs(key: str) -> float | None:
+        v = welcome.get(key)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 3600
+        return float(v) if ok else None
+
+    heartbeat = secs("heartbeat_secs") or timing.heartbeat_secs
+    ping = secs("ping_secs")
+    dead = max(timing.dead_secs, 2 * ping + heartbeat) if ping is not None else timing.dead_secs
+    return heartbeat, dead
 
 
 def _check_rules(raw: Any) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:

@@ -11,6 +11,7 @@ import pytest
 from portunus.errors import PortunusError
 
 from ..conftest import expect_error
+from .conftest import ALL_CAPS
 
 PUSH: dict[str, Any] = {"listen_port": 19090, "targets": [{"host": "127.0.0.1", "port": 9090}]}
 
@@ -289,3 +290,26 @@ async def test_unknown_frames_are_ignored_and_garbage_closes(edge: Any) -> None:
     e.writer.write(b"\x00\x00\x00\x02[]")
     await e.writer.drain()
     await asyncio.wait_for(e.closed.wait(), 3)
+
+
+async def test_quiet_link_cadence_is_negotiated(make_edge: Any, poll: Any) -> None:
+    """A client advertising quiet_link gets the slow cadence in its welcome, is pinged
+    at it and dropped after its dead interval; an older client keeps heartbeat_secs."""
+    edge = await make_edge(heartbeat_secs=0.1, dead_after_secs=5.0, quiet=(0.3, 0.2, 0.8))
+    _, enrolled = await edge.enroll("quiet")
+    q = edge.fake()
+    loop = asyncio.get_running_loop()
+    welcome = await q.hello(enrolled["token"], enrolled["client_id"], [*ALL_CAPS, "quiet_link"])
+    t0 = loop.time()  # the hello was the last frame from q
+    assert {k: welcome[k] for k in ("heartbeat_secs", "ping_secs", "dead_after_secs")} == {
+        "heartbeat_secs": 0.3, "ping_secs": 0.2, "dead_after_secs": 0.8}
+    _, old_enrolled = await edge.enroll("old")
+    old = edge.fake()
+    old_welcome = await old.hello(old_enrolled["token"], old_enrolled["client_id"])
+    assert old_welcome["heartbeat_secs"] == 0.1 and "ping_secs" not in old_welcome
+    await q.recv("ping", timeout=2)
+    await asyncio.wait_for(q.closed.wait(), 3)  # silent quiet client: dropped after ~0.8 s
+    assert 0.7 <= loop.time() - t0 <= 2.0
+    assert not edge.link.connected(enrolled["client_id"])
+    # The older client (5 s dead interval here) is still up: it was not swept with the quiet one.
+    assert edge.link.connected(old_enrolled["client_id"])
