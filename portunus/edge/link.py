@@ -41,7 +41,7 @@ from portunus.edge.bundle import Bundle, write_bundle
 from portunus.edge.pinning import FingerprintMismatch, close_quietly, link_error, open_pinned
 from portunus.edge.rulestore import RuleStore
 from portunus.edge.stats import rule_totals
-from portunus.edge.timing import Backoff, LinkTiming
+from portunus.edge.timing import Backoff, LinkTiming, busy_delay
 from portunus.edge.wire import MAX_FRAME, WireError, encode_frame, read_frame, write_frame
 from portunus.logs import log_event, log_throttled
 from portunus.rules import Rule
@@ -59,10 +59,11 @@ class Revoked(Exception):
 class Refused(Exception):
     """The server refused the session (``unauthenticated`` or another error frame)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry_after: object = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
 
 QUIET_LINK = "quiet_link"
@@ -172,6 +173,7 @@ class EdgeLink:
         # Every wait in here uses asyncio.timeout, not wait_for: on Python 3.11 wait_for
         # can swallow the cancel from run()'s shutdown, and the loop would go on forever.
         while self._done is None or not self._done.done():
+            delay: float | None = None
             try:
                 await self._session_once()
             except Revoked as exc:
@@ -181,9 +183,14 @@ class EdgeLink:
                 log_event("link.fingerprint_mismatch", level="error", expected=exc.expected,
                           got=exc.got, server=exc.where, error=str(exc))
             except Refused as exc:
-                log_event("link.refused", level="error", code=exc.code, message=exc.message,
-                          server=self.bundle.server,
-                          hint="the server does not accept this bundle's token; enroll again if it was deleted")
+                if exc.code == "busy":  # load shedding: come back when the server said, spread
+                    delay = busy_delay(exc.retry_after, self.backoff)
+                    log_event("link.server_busy", level="warning", server=self.bundle.server,
+                              retry_after=exc.retry_after, in_secs=round(delay, 2))
+                else:
+                    log_event("link.refused", level="error", code=exc.code, message=exc.message,
+                              server=self.bundle.server,
+                              hint="the server does not accept this bundle's token; enroll again if it was deleted")
             except LinkDead:
                 log_event("link.dead", level="warning", server=self.bundle.server,
                           silent_secs=self.timing.dead_secs)
@@ -192,7 +199,8 @@ class EdgeLink:
                           error=link_error(exc))
             except Exception as exc:  # noqa: BLE001 - a bug must not stop forwarding; retry
                 log_event("link.crashed_session", level="error", error=repr(exc))
-            delay = self.backoff.next()
+            if delay is None:
+                delay = self.backoff.next()
             log_event("link.reconnecting", in_secs=round(delay, 2))
             self._wake.clear()
             try:
@@ -221,7 +229,7 @@ class EdgeLink:
             await self._serve(reader, writer, welcome)
         finally:
             self._session = None
-            await close_quietly(writer)
+            await close_quietly(writer, reader=reader)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      welcome: dict[str, Any]) -> None:
@@ -266,7 +274,7 @@ class EdgeLink:
         text = str(msg.get("message") or "")
         if code == "revoked":
             raise Revoked(text or "the server revoked this client")
-        raise Refused(code, text)
+        raise Refused(code, text, msg.get("retry_after"))
 
     async def _pinger(self, session: _Session, every: float) -> None:
         """A ping when nothing else went out for ``every`` seconds."""
