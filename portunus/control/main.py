@@ -27,6 +27,7 @@ from portunus.control.edge.clients import ClientService
 from portunus.control.edge.gateway import EdgeGateway
 from portunus.control.edge.preauth import PreauthLimits
 from portunus.control.edge.remote_link import RemoteLink
+from portunus.control.edge.shedding import Shedder
 from portunus.control.local_link import LocalLink
 from portunus.control.rpc.handlers import ControlContext, Dispatcher
 from portunus.control.rpc.server import RpcServer
@@ -122,6 +123,7 @@ async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
         gateway = EdgeGateway(
             store, remote, cert.ssl_context(), listen_host, listen_port,
             handshake_timeout=settings.edge_handshake_timeout_secs, preauth=_preauth_limits(settings),
+            shedder=Shedder(service.backlog),
         )
         await start_gateway(gateway, settings.control_listen)
         clients = ClientService(

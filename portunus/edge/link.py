@@ -67,6 +67,21 @@ class Refused(Exception):
 
 
 QUIET_LINK = "quiet_link"
+# On a quiet link the server pings rarely; the kernel cuts the connection when our
+# own pings stay unacknowledged this long (server host or network gone).
+QUIET_USER_TIMEOUT_MS = 30_000
+
+
+def user_timeout(writer: asyncio.StreamWriter, ms: int) -> None:
+    """TCP_USER_TIMEOUT on the link's socket where the platform has it (Linux)."""
+    sock = writer.get_extra_info("socket")
+    opt = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if sock is None or opt is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, opt, ms)
+    except OSError as exc:
+        log_event("link.user_timeout_unset", level="warning", error=str(exc))
 
 
 class LinkDead(Exception):
@@ -237,6 +252,8 @@ class EdgeLink:
         self._session = session
         self.backoff.reset()
         heartbeat, dead_secs = link_cadence(welcome, self.timing)
+        if "ping_secs" in welcome:
+            user_timeout(writer, QUIET_USER_TIMEOUT_MS)
         name = welcome.get("client_name")
         peer = writer.get_extra_info("peername")
         log_event("link.connected", server=self.bundle.server, client_id=self.bundle.client_id,

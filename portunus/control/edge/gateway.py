@@ -21,6 +21,7 @@ import ssl
 from typing import Any
 
 from portunus.control.edge.enrollment import EnrollmentInvalid, client_for_token, redeem
+from portunus.control.edge.heap import release_free_heap
 from portunus.control.edge.listener import accept_loop, bind
 from portunus.control.edge.preauth import (
     DEFAULT_HANDSHAKE_TIMEOUT_SECS,
@@ -39,11 +40,18 @@ from portunus.control.edge.session import (
     QUIET_PING_SECS,
     EdgeSession,
 )
+from portunus.control.edge.shedding import Shedder
 from portunus.control.store import Store, utc_now, write_audit
 from portunus.edge.wire import FrameTooLarge, WireError, encode_frame, read_frame
 from portunus.logs import flush_throttled, log_event, log_throttled
 
 HANDSHAKE_TIMEOUT_SECS = DEFAULT_HANDSHAKE_TIMEOUT_SECS
+# A storm of TLS handshakes (a fleet reconnecting after a restart) leaves the
+# allocator's high-water mark behind: ~20 KiB per link that glibc keeps but nobody
+# uses (measured with bench.edge_clients).  After that many handshakes, at most every
+# TRIM_EVERY_SECS, the free heap is given back to the kernel.
+TRIM_AFTER_HANDSHAKES = 256
+TRIM_EVERY_SECS = 10.0
 _MAX_CAPABILITIES = 64
 
 
@@ -77,6 +85,7 @@ class EdgeGateway:
         handshake_timeout: float = HANDSHAKE_TIMEOUT_SECS,
         preauth: PreauthLimits | None = None,
         quiet: tuple[float, float, float] = (QUIET_HEARTBEAT_SECS, QUIET_PING_SECS, QUIET_DEAD_AFTER_SECS),
+        shedder: Shedder | None = None,
     ) -> None:
         self.store = store
         self.link = link
@@ -87,12 +96,14 @@ class EdgeGateway:
         self.dead_after_secs = dead_after_secs
         # quiet_link clients: (their heartbeat, our ping, dead after), see session.py
         self.quiet = quiet
+        self.shedder = shedder or Shedder(None)
         self.handshake_timeout = handshake_timeout
         self.preauth = preauth or PreauthLimits()
         self.audit_budget = AuditBudget()
         self._sockets: list[socket.socket] = []
         self._tasks: list[asyncio.Task[None]] = []  # accept loops and the log flusher
         self._conns: set[asyncio.Task[None]] = set()
+        self._handshakes = 0  # connections admitted since the heap was last trimmed
 
     @property
     def bound_port(self) -> int | None:
@@ -119,11 +130,15 @@ class EdgeGateway:
         (EdgeSession.sweep), instead of two timers per link."""
         loop = asyncio.get_running_loop()
         every = self.sweep_every()
+        trimmed_at = loop.time()
         while True:
             await asyncio.sleep(every)
             now = loop.time()
             for session in list(self.link.sessions.values()):
                 session.sweep(now)
+            if self._handshakes >= TRIM_AFTER_HANDSHAKES and now - trimmed_at >= TRIM_EVERY_SECS:
+                self._handshakes, trimmed_at = 0, now
+                release_free_heap()
 
     async def _flush_logs(self) -> None:
         """Summarize throttled refusal lines once a flood is over (``log.suppressed``)."""
@@ -151,6 +166,7 @@ class EdgeGateway:
     # ------------------------------------------------------------ connections
 
     def _admitted(self, conn: socket.socket, peer: str | None, slot: PreauthSlot) -> None:
+        self._handshakes += 1
         task = asyncio.get_running_loop().create_task(self._serve(conn, peer, slot))
         self._conns.add(task)
         task.add_done_callback(self._conns.discard)
@@ -269,6 +285,12 @@ class EdgeGateway:
             log_event("edge.hello_refused", level="warning", peer=peer, reason="revoked",
                       client_id=client.client_id)
             await self._refuse(writer, "revoked", f"client {client.name} ({client.client_id}) was revoked")
+            return
+        retry_after = self.shedder.retry_after()
+        if retry_after is not None:
+            log_throttled("edge.busy", level="warning", peer=peer, client_id=client.client_id,
+                          retry_after=retry_after, backlog=self.shedder.backlog())
+            await self._goodbye(writer, self.shedder.busy_frame(retry_after))
             return
         slot.release()  # authenticated: no longer anonymous, the normal frame limit applies
         capabilities = _capabilities(msg.get("capabilities"))

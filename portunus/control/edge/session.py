@@ -13,8 +13,8 @@ and no timer of its own:
   ``dead_after_secs``.
 
 Two cadences (docs/edge.md): a client that advertises ``quiet_link`` is told to
-ping every ``QUIET_HEARTBEAT_SECS`` and is pinged every ``QUIET_PING_SECS``
-(dropped after ``QUIET_DEAD_AFTER_SECS`` of silence, within 30 s); an older
+ping every ``QUIET_HEARTBEAT_SECS`` (20 s) and is pinged every ``QUIET_PING_SECS``
+(60 s), and dropped after ``QUIET_DEAD_AFTER_SECS`` (30 s) of silence; an older
 client keeps the original 5 s both ways and 15 s dead.
 """
 
@@ -29,8 +29,13 @@ from portunus.edge.wire import WireError, encode_frame, read_frame
 HEARTBEAT_SECS = 5.0
 DEAD_AFTER_SECS = 15.0
 QUIET_LINK = "quiet_link"
-QUIET_HEARTBEAT_SECS = 10.0  # the client pings at least this often
-QUIET_PING_SECS = 25.0  # the server pings a quiet link it has sent nothing to for this long
+# Frames cost the server CPU per link: at 10,000 idle links, 20 s / 60 s is ~670 frames/s.
+# A TCP link loses no frame, so one client ping per 20 s still shows a dead or hung
+# client within 30 s (10 s of slack for a busy loop).  The client detects a lost
+# network in 30 s without our pings (TCP_USER_TIMEOUT under its own pings, see
+# edge/link.py); our pings only tell it the server process still answers.
+QUIET_HEARTBEAT_SECS = 20.0  # the client pings at least this often
+QUIET_PING_SECS = 60.0  # the server pings a quiet link it has sent nothing to for this long
 QUIET_DEAD_AFTER_SECS = 30.0
 # After a server-initiated close (revoke), the transport is aborted if the
 # goodbye frame has not drained by then: revoke must take effect within 1 s.

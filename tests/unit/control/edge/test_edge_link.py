@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from portunus.control.edge.heap import release_free_heap
+from portunus.control.edge.shedding import Shedder
 from portunus.errors import PortunusError
 
 from ..conftest import expect_error
@@ -313,3 +315,41 @@ async def test_quiet_link_cadence_is_negotiated(make_edge: Any, poll: Any) -> No
     assert not edge.link.connected(enrolled["client_id"])
     # The older client (5 s dead interval here) is still up: it was not swept with the quiet one.
     assert edge.link.connected(old_enrolled["client_id"])
+
+
+async def test_busy_server_sheds_hello_with_retry_after(make_edge: Any) -> None:
+    """A deep event backlog: an authenticated hello is answered busy + retry_after and
+    closed, nothing attached; when the backlog drains the same client gets in."""
+    backlog = [5000]
+    edge = await make_edge(shedder=Shedder(lambda: backlog[0], limit=2000))
+    _, enrolled = await edge.enroll("storm")
+    e = edge.fake()
+    answer = await e.hello(enrolled["token"], enrolled["client_id"])
+    assert answer["type"] == "error" and answer["code"] == "busy"
+    assert answer["retry_after"] == 5 and "retry in 5 s" in answer["message"]
+    await asyncio.wait_for(e.closed.wait(), 3)
+    assert not edge.link.connected(enrolled["client_id"])
+    # A bad token is still told so, not "busy".
+    bad = edge.fake()
+    assert (await bad.hello("not-a-token", None))["code"] == "unauthenticated"
+    backlog[0] = 0
+    ok = edge.fake()
+    assert (await ok.hello(enrolled["token"], enrolled["client_id"]))["type"] == "welcome"
+
+
+def test_shedder_retry_after_grows_with_the_backlog() -> None:
+    depth = [0]
+    s = Shedder(lambda: depth[0], limit=1000)
+    assert s.retry_after() is None
+    depth[0] = 999
+    assert s.retry_after() is None
+    depth[0] = 1000
+    assert s.retry_after() == 2
+    depth[0] = 10_000
+    assert s.retry_after() == 20
+    depth[0] = 10**9
+    assert s.retry_after() == 60
+
+
+def test_heap_release_is_safe_to_call() -> None:
+    assert release_free_heap() in (True, False)
