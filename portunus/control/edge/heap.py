@@ -17,6 +17,13 @@ from collections.abc import Callable
 
 _trim: Callable[[int], int] | None = None
 _loaded = False
+_M_MMAP_THRESHOLD = -3  # glibc malloc.h
+# Each TLS link's event-loop buffer is one 256 KiB allocation of which a page or two is
+# ever written.  glibc raises its mmap threshold past that size after the first such
+# buffer is freed, and from then on they come from the heap, where freed ones fragment
+# it; a fixed threshold keeps every one its own mapping (RSS = pages written, returned
+# to the kernel on free).  Measured: 81 -> 63 KiB per idle link at 1,000 links.
+MMAP_THRESHOLD = 128 * 1024
 
 
 def _load() -> Callable[[int], int] | None:
@@ -30,6 +37,20 @@ def _load() -> Callable[[int], int] | None:
     fn.argtypes = [ctypes.c_size_t]
     fn.restype = ctypes.c_int
     return fn  # type: ignore[no-any-return]
+
+
+def pin_mmap_threshold(size: int = MMAP_THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold (no dynamic raise); True when it took."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, size))
 
 
 def release_free_heap() -> bool:

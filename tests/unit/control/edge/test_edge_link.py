@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from portunus.control.edge.heap import release_free_heap
+from portunus.control.edge.heap import pin_mmap_threshold, release_free_heap
 from portunus.control.edge.shedding import Shedder
 from portunus.errors import PortunusError
 
@@ -353,3 +353,4 @@ def test_shedder_retry_after_grows_with_the_backlog() -> None:
 
 def test_heap_release_is_safe_to_call() -> None:
     assert release_free_heap() in (True, False)
+    assert pin_mmap_threshold() in (True, False)
