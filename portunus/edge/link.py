@@ -401,8 +401,9 @@ class EdgeLink:
 
 def link_cadence(welcome: dict[str, Any], timing: LinkTiming) -> tuple[float, float]:
     """``(our ping interval, dead after)`` from the server's welcome: a quiet-link
-    server names its own ping interval (``ping_secs``), and the link is dead after
-    two of them without a frame; an older one has ``heartbeat_secs`` only."""
+    welcome (it has ``ping_secs``) names the dead interval for both sides
+    (``dead_after_secs``; else two of its pings plus one of ours); an older
+    server's has ``heartbeat_secs`` only and ``timing.dead_secs`` holds."""
 
     def secs(key: str) -> float | None:
         v = welcome.get(key)
@@ -411,8 +412,9 @@ def link_cadence(welcome: dict[str, Any], timing: LinkTiming) -> tuple[float, fl
 
     heartbeat = secs("heartbeat_secs") or timing.heartbeat_secs
     ping = secs("ping_secs")
-    dead = max(timing.dead_secs, 2 * ping + heartbeat) if ping is not None else timing.dead_secs
-    return heartbeat, dead
+    if ping is None:
+        return heartbeat, timing.dead_secs
+    return heartbeat, max(timing.dead_secs, secs("dead_after_secs") or 2 * ping + heartbeat)
 
 
 def _check_rules(raw: Any) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:

@@ -14,8 +14,8 @@ and no timer of its own:
 
 Two cadences (docs/edge.md): a client that advertises ``quiet_link`` is told to
 ping every ``QUIET_HEARTBEAT_SECS`` (20 s) and is pinged every ``QUIET_PING_SECS``
-(60 s), and dropped after ``QUIET_DEAD_AFTER_SECS`` (30 s) of silence; an older
-client keeps the original 5 s both ways and 15 s dead.
+(20 s), and either side drops the link after ``QUIET_DEAD_AFTER_SECS`` (30 s) of
+silence; an older client keeps the original 5 s both ways and 15 s dead.
 """
 
 from __future__ import annotations
@@ -29,14 +29,13 @@ from portunus.edge.wire import WireError, encode_frame, read_frame
 HEARTBEAT_SECS = 5.0
 DEAD_AFTER_SECS = 15.0
 QUIET_LINK = "quiet_link"
-# Frames cost the server CPU per link: at 10,000 idle links, 20 s / 60 s is ~670 frames/s.
-# A TCP link loses no frame, so one client ping per 20 s still shows a dead or hung
-# client within 30 s (10 s of slack for a busy loop).  The client detects a lost
-# network in 30 s without our pings (TCP_USER_TIMEOUT under its own pings, see
-# edge/link.py); our pings only tell it the server process still answers.
+# Frames cost the server CPU per link: at 10,000 idle links, 20 s both ways is 1,000
+# frames/s (the 5 s cadence with stats: 6,000).  A TCP link loses no frame, so one
+# ping per 20 s still shows a dead or hung peer within 30 s, to either side (10 s of
+# slack for a busy loop).  The client also sets TCP_USER_TIMEOUT (edge/link.py).
 QUIET_HEARTBEAT_SECS = 20.0  # the client pings at least this often
-QUIET_PING_SECS = 60.0  # the server pings a quiet link it has sent nothing to for this long
-QUIET_DEAD_AFTER_SECS = 30.0
+QUIET_PING_SECS = 20.0  # the server pings a quiet link it has sent nothing to for this long
+QUIET_DEAD_AFTER_SECS = 30.0  # either side drops a quiet link silent this long
 # After a server-initiated close (revoke), the transport is aborted if the
 # goodbye frame has not drained by then: revoke must take effect within 1 s.
 CLOSE_GRACE_SECS = 0.5

@@ -171,7 +171,8 @@ def test_link_cadence_from_the_welcome() -> None:
     timing = LinkTiming()
     assert link_cadence({"heartbeat_secs": 5}, timing) == (5.0, 15.0)  # an older server
     assert link_cadence({}, timing) == (5.0, 15.0)
-    assert link_cadence({"heartbeat_secs": 10, "ping_secs": 25, "dead_after_secs": 30}, timing) == (10.0, 60.0)
+    assert link_cadence({"heartbeat_secs": 20, "ping_secs": 20, "dead_after_secs": 30}, timing) == (20.0, 30.0)
+    assert link_cadence({"heartbeat_secs": 10, "ping_secs": 25}, timing) == (10.0, 60.0)
     assert link_cadence({"heartbeat_secs": True, "ping_secs": -1}, timing) == (5.0, 15.0)
     assert link_cadence({"heartbeat_secs": 0.1, "ping_secs": 0.2}, FAST) == (0.1, 0.6)
 
