@@ -59,6 +59,7 @@ def more_hint(result: dict[str, Any], key: str) -> None:
         total = result.get("total")
         of = f" of {total}" if isinstance(total, int) else ""
         click.echo(
-            f"({shown}{of} shown; --all for every one, or --cursor {result['next_cursor']} for the next page)",
+            f"(more {key}: {shown}{of} shown; --all for every one, or --cursor {result['next_cursor']} "
+            "for the next page)",
             err=True,
         )

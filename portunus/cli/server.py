@@ -321,12 +321,13 @@ def list_clients(obj: OperatorContext, limit: int | None, cursor: str | None, ev
 @cli.command("audit")
 @click.option("--since", type=WhenType(), help="From this time: RFC 3339 or an age like 30m, 1h, 2d.")
 @click.option("--until", type=WhenType(), help="Up to this time (same forms as --since).")
-@click.option("--limit", type=click.IntRange(1, 1000), default=None,
-              help="At most N entries (server default 100, max 1000).")
+@paging.limit_option
+@paging.cursor_option
+@paging.all_option
 @format_option
 @click.pass_obj
 def audit(obj: OperatorContext, since: str | None, until: str | None, limit: int | None,
-          fmt: str) -> None:
+          cursor: str | None, every: bool, fmt: str) -> None:
     """Show the audit trail of operator actions, newest first.
 
     \b
@@ -335,16 +336,15 @@ def audit(obj: OperatorContext, since: str | None, until: str | None, limit: int
       portunus-server audit --since 2024-05-01T00:00:00Z --until 2024-05-02T00:00:00Z --limit 1000
     """
     params: dict[str, Any] = {}
-    for key, value in (("since", since), ("until", until), ("limit", limit)):
+    for key, value in (("since", since), ("until", until)):
         if value is not None:
             params[key] = value
-    result = obj.call("audit.list", params)
+    result = paging.fetch(obj.call, "audit.list", params, "entries", limit, cursor, every)
     if fmt == "json":
         echo_json(result)
         return
     click.echo(output.audit_table(result.get("entries", [])))
-    if result.get("next_cursor"):
-        click.echo("(more entries: narrow with --since/--until or raise --limit)", err=True)
+    paging.more_hint(result, "entries")
 
 
 def main() -> None:

@@ -23,9 +23,9 @@ from portunus.control.stats import rule_stats
 from portunus.control.store import Store
 from portunus.control.store.audit import list_audit
 from portunus.control.store.migrations import format_ts
+from portunus.control.store.paging import decode_cursor, encode_cursor, parse_limit
 from portunus.control.store.rules import require_rule
 from portunus.errors import PortunusError, ValidationError
-from portunus.text import is_ascii_digits
 from portunus.timefmt import parse_when
 
 AUDIT_DEFAULT_LIMIT = 100
@@ -142,22 +142,17 @@ def parse_time(value: Any, key: str) -> str:
 
 
 async def audit_list(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    """Newest first, paged with the shared cursor codec (store.paging): the key is the
+    last entry's id, so appends while paging neither repeat nor skip a row."""
     since = parse_time(params["since"], "since") if params.get("since") is not None else None
     until = parse_time(params["until"], "until") if params.get("until") is not None else None
-    limit = params.get("limit", AUDIT_DEFAULT_LIMIT)
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= AUDIT_MAX_LIMIT:
-        raise ValidationError(
-            "validation.limit", f"limit must be an integer 1-{AUDIT_MAX_LIMIT}", field="limit"
-        )
-    cursor_raw = params.get("cursor")
-    cursor: int | None = None
-    if cursor_raw is not None:
-        if not is_ascii_digits(str(cursor_raw)):
-            raise ValidationError("validation.cursor", "cursor must be a next_cursor value", field="cursor")
-        cursor = int(cursor_raw)
+    limit = parse_limit(params.get("limit"), AUDIT_DEFAULT_LIMIT, AUDIT_MAX_LIMIT)
+    key = decode_cursor("audit", params.get("cursor"), arity=1)
+    if key is not None and (not isinstance(key[0], int) or key[0] < 0):
+        raise ValidationError("validation.cursor", "cursor is not a next_cursor of this audit list", field="cursor")
     async with ctx.store.read() as db:
-        entries, next_cursor = await list_audit(db, since, until, limit, cursor)
-    return {"entries": entries, "next_cursor": next_cursor}
+        entries, last_id = await list_audit(db, since, until, limit, None if key is None else int(key[0]))
+    return {"entries": entries, "next_cursor": None if last_id is None else encode_cursor("audit", [int(last_id)])}
 
 
 # method -> (needs a token, handler)
