@@ -373,9 +373,11 @@ def measure(args: argparse.Namespace) -> Results:
     tmp = Path(tempfile.mkdtemp(prefix="portunus-edge-bench-"))
     fleet = Fleet()
     try:
-        with running_server(tmp / "many", ports, 1) as srv:
+        extra = {"edge_preauth_max_per_source": args.per_source} if args.per_source else None
+        res.facts["per_source"] = args.per_source or 16
+        with running_server(tmp / "many", ports, 1, extra) as srv:
             bench_many(res, srv, fleet, args)
-        with running_server(tmp / "restart", ports, 1) as srv:
+        with running_server(tmp / "restart", ports, 1, extra) as srv:
             bench_restart(res, srv, fleet, args)
     finally:
         fleet.close()
@@ -399,6 +401,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--restarts", type=int, default=3)
     p.add_argument("--idle-secs", type=float, default=10.0, help="window for the control process's idle CPU")
     p.add_argument("--keep-logs", action="store_true", help="keep the servers' data dirs and logs")
+    p.add_argument("--per-source", type=int, default=None,
+                   help="edge_preauth_max_per_source for the servers (default: the server's, 16). Every fake "
+                        "dials from 127.0.0.1, one source; 128 (= the global limit) makes the fleet look like "
+                        "many hosts, as a real fleet is")
     p.add_argument("--legacy-link", action="store_true",
                    help="fakes without quiet_link: ping + stats every 5 s (clients before issue 16)")
     p.add_argument("--quick", action="store_true", help="200 clients, 100 lists / pushes, 3 restarts of 100")

@@ -38,6 +38,7 @@ def render(res: Results, args: argparse.Namespace) -> str:
         "`python -m bench.edge_clients" + (" --quick" if args.quick else "")
         + f" --clients {n} --restart-clients {f['restart_clients']} --rules-each {f['restart_rules_each']}"
         + f" --restarts {len(res.series['restart'].values)}" + (" --legacy-link" if args.legacy_link else "")
+        + (f" --per-source {args.per_source}" if args.per_source else "")
         + "` (bench/edge_clients.py).",
         "",
         "| target | measured | target | |",
@@ -66,7 +67,7 @@ def render(res: Results, args: argparse.Namespace) -> str:
         f"{(full['control_fds'] - empty['control_fds']) / n:.2f} (control RLIMIT_NOFILE soft/hard: "
         f"{f['control_nofile'][0]}/{f['control_nofile'][1]}). Control-process CPU with {n} idle links "
         + ("(a `ping` + a `stats` frame per client every 5 s, server ping every 5 s)" if args.legacy_link else
-           "(`quiet_link`: a client `ping` every 10 s, a server `ping` every 25 s, `stats` only on change)")
+           "(`quiet_link`: a `ping` each way every 20 s, `stats` only on change)")
         + f": {f['control_idle_cpu_pct']:.1f} % of one core. Fleet process RSS: {f['fleet_rss_mib']:.0f} MiB. "
         f"Full walk of the list (`limit` 1000, {f['walk_pages']} pages): {f['walk_all_s'] * 1000:.0f} ms. "
         f"`busy` refusals: {f['busy_refusals']} while connecting the fleet, {f['restart_busy_refusals']} "
