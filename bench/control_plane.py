@@ -110,10 +110,11 @@ def log(msg: str) -> None:
 
 
 @contextmanager
-def running_server(workdir: Path, ports: PortAllocator, shards: int | None) -> Iterator[ServerProc]:
+def running_server(workdir: Path, ports: PortAllocator, shards: int | None,
+                   settings: dict[str, Any] | None = None) -> Iterator[ServerProc]:
     srv = ServerProc(workdir=workdir, data_dir=workdir / "data", ports=ports,
                      shards=shards or (os.cpu_count() or 1), name="server",
-                     settings={"shutdown_drain_timeout_secs": 1})
+                     settings={"shutdown_drain_timeout_secs": 1, **(settings or {})})
     try:
         srv.start()
         srv.wait_ready(timeout=60)

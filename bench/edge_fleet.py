@@ -3,11 +3,16 @@
 Each fake speaks the edge link protocol of docs/edge.md at the frame level and
 nothing more: pinned TLS (``portunus.edge.pinning.open_pinned``), ``hello`` →
 ``welcome``, every ``sync``/``apply`` answered at once with ``applied`` (every
-rule ``active``) and ``removed`` for removals, a ``ping`` and a ``stats`` frame
-every heartbeat (5 s, the real client's cadence for both), dead-link detection
-after 15 s, and reconnects with the real client's jittered exponential backoff
-(``portunus.edge.timing.Backoff``, 0.5 s doubling to 30 s).  No supervisor, no
-shards: the point is to load the *server* with many links cheaply.
+rule ``active``) and ``removed`` for removals, and the real client's cadence
+(``portunus.edge.link.link_cadence``): with ``quiet`` (the default, like the
+real client) the hello advertises ``quiet_link``, a ``ping`` goes out when
+nothing else did for the welcome's ``heartbeat_secs`` and a ``stats`` frame only
+when the counters changed (a fake's stay zero: once per session); without it a
+``ping`` and a ``stats`` frame every heartbeat (5 s), as clients before
+``quiet_link`` did.  Reconnects use the real client's jittered exponential
+backoff (``portunus.edge.timing.Backoff``) and honour a ``busy`` refusal's
+``retry_after`` the way the real client does (``portunus.edge.timing.busy_delay``).
+No supervisor, no shards: the point is to load the *server* with many links cheaply.
 
 The fleet runs in its own process (``Fleet``), so the harness that times RPC and
 HTTP calls does not share a GIL with a thousand TLS connections.  The harness
@@ -29,8 +34,9 @@ from typing import Any
 
 from portunus import __version__
 from portunus.edge.enroll import EnrollError, parse_enroll_uri, redeem
+from portunus.edge.link import QUIET_LINK, link_cadence
 from portunus.edge.pinning import FingerprintMismatch, link_error, open_pinned
-from portunus.edge.timing import Backoff, LinkTiming
+from portunus.edge.timing import Backoff, LinkTiming, busy_delay
 from portunus.edge.wire import CAPABILITIES, WireError, encode_frame, read_frame
 
 _TIMING = LinkTiming()
@@ -39,6 +45,14 @@ _ZERO = {"bytes_in": 0, "bytes_out": 0, "connections_total": 0, "active_connecti
 
 class Revoked(Exception):
     """The server said ``error: revoked``: this fake stops for good."""
+
+
+class Busy(Exception):
+    """The server said ``error: busy`` with a ``retry_after``."""
+
+    def __init__(self, retry_after: object) -> None:
+        super().__init__("busy")
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -53,9 +67,10 @@ class FakeClient:
     """One simulated edge client: a reconnecting TLS link that acks everything."""
 
     __slots__ = ("ident", "host", "port", "fingerprint", "backoff", "rules", "connected", "sessions",
-                 "syncs", "synced_at", "sync_rules", "applies", "failures", "last_error", "task")
+                 "syncs", "synced_at", "sync_rules", "applies", "failures", "last_error", "task", "quiet",
+                 "busy", "last_tx")
 
-    def __init__(self, ident: Identity, host: str, port: int, fingerprint: str) -> None:
+    def __init__(self, ident: Identity, host: str, port: int, fingerprint: str, quiet: bool = True) -> None:
         self.ident = ident
         self.host = host
         self.port = port
@@ -71,19 +86,26 @@ class FakeClient:
         self.failures = 0
         self.last_error = ""
         self.task: asyncio.Task[None] | None = None
+        self.quiet = quiet
+        self.busy = 0  # busy refusals received
+        self.last_tx = 0.0
 
     async def run(self) -> None:
         """Connect, serve, and reconnect after backoff until revoked or cancelled."""
         while True:
+            delay = None
             try:
                 await self._session()
             except Revoked:
                 return
+            except Busy as exc:
+                self.busy += 1
+                delay = busy_delay(exc.retry_after, self.backoff)
             except (OSError, TimeoutError, asyncio.IncompleteReadError, WireError, FingerprintMismatch) as exc:
                 self.failures += 1
                 self.last_error = link_error(exc)
             self.connected = False
-            await asyncio.sleep(self.backoff.next())
+            await asyncio.sleep(delay if delay is not None else self.backoff.next())
 
     async def _session(self) -> None:
         reader, writer = await open_pinned(self.host, self.port, self.fingerprint, _TIMING.connect_timeout)
@@ -91,24 +113,27 @@ class FakeClient:
         try:
             writer.write(encode_frame({
                 "type": "hello", "token": self.ident.token, "client_id": self.ident.client_id,
-                "version": __version__, "capabilities": list(CAPABILITIES),
+                "version": __version__,
+                "capabilities": [*CAPABILITIES, QUIET_LINK] if self.quiet else list(CAPABILITIES),
             }))
             async with asyncio.timeout(_TIMING.handshake_timeout):
                 welcome = await read_frame(reader)
             if welcome.get("type") == "error":
                 if welcome.get("code") == "revoked":
                     raise Revoked()
+                if welcome.get("code") == "busy":
+                    raise Busy(welcome.get("retry_after"))
                 raise WireError(f"refused: {welcome.get('code')}")
             if welcome.get("type") != "welcome":
                 raise WireError(f"expected welcome, got {welcome.get('type')!r}")
             self.connected = True
             self.sessions += 1
             self.backoff.reset()
-            hb = welcome.get("heartbeat_secs")
-            every = float(hb) if isinstance(hb, (int, float)) and 0 < hb <= 3600 else _TIMING.heartbeat_secs
-            ticker = asyncio.create_task(self._ticker(writer, every))
+            every, dead = link_cadence(welcome, _TIMING)
+            ticker = asyncio.create_task(self._ticker(writer, every) if not self.quiet
+                                         else self._quiet_ticker(writer, every))
             while True:
-                async with asyncio.timeout(_TIMING.dead_secs):
+                async with asyncio.timeout(dead):
                     msg = await read_frame(reader)
                 self._on_frame(writer, msg)
         finally:
@@ -126,13 +151,30 @@ class FakeClient:
             writer.write(encode_frame({"type": "ping"}) + encode_frame(stats))
             await asyncio.sleep(every)
 
+    async def _quiet_ticker(self, writer: asyncio.StreamWriter, every: float) -> None:
+        """quiet_link: one stats frame (the counters never change), then a ping only
+        when nothing else went out for ``every``."""
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(random.uniform(0, every))
+        self._send(writer, {"type": "stats", "rules": {rid: _ZERO for rid in self.rules}})
+        while not writer.transport.is_closing():
+            wait = self.last_tx + every - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            self._send(writer, {"type": "ping"})
+
+    def _send(self, writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
+        writer.write(encode_frame(msg))
+        self.last_tx = asyncio.get_running_loop().time()
+
     def _on_frame(self, writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
         kind = msg["type"]
         if kind == "sync":
             ids = [str(r.get("id")) for r in msg.get("rules") or [] if isinstance(r, dict)]
             self.rules = set(ids)
-            writer.write(encode_frame({"type": "applied", "seq": msg.get("seq"),
-                                       "results": {i: {"state": "active"} for i in ids}}))
+            self._send(writer, {"type": "applied", "seq": msg.get("seq"),
+                                "results": {i: {"state": "active"} for i in ids}})
             self.syncs += 1
             self.synced_at = time.monotonic()
             self.sync_rules = len(ids)
@@ -146,14 +188,15 @@ class FakeClient:
             if gone:
                 out += encode_frame({"type": "removed", "ids": gone})
             writer.write(out)
+            self.last_tx = asyncio.get_running_loop().time()
             self.applies += 1
         elif kind == "error" and msg.get("code") == "revoked":
             raise Revoked()
         # ping, renamed, unknown: nothing to answer
 
-    def status(self) -> tuple[bool, int, int, float, int, int, str]:
+    def status(self) -> tuple[bool, int, int, float, int, int, str, int]:
         return (self.connected, self.sessions, self.syncs, self.synced_at, self.sync_rules,
-                self.failures, self.last_error)
+                self.failures, self.last_error, self.busy)
 
 
 # ------------------------------------------------------------------ fleet process
@@ -165,12 +208,21 @@ async def _enroll_all(uris: list[str], concurrency: int) -> tuple[list[Identity 
     sem = asyncio.Semaphore(concurrency)
 
     async def one(uri: str) -> Identity | str:
-        async with sem:
-            try:
-                b = await redeem(parse_enroll_uri(uri))
-            except (EnrollError, FingerprintMismatch) as exc:
-                return str(exc)
-            return Identity(b.client_id, b.token)
+        backoff = Backoff(_TIMING.backoff_first, _TIMING.backoff_max)
+        for _ in range(20):
+            async with sem:
+                try:
+                    b = await redeem(parse_enroll_uri(uri))
+                except EnrollError as exc:
+                    if exc.code not in ("busy", "unavailable"):
+                        return str(exc)
+                    delay = busy_delay(exc.retry_after, backoff)
+                except FingerprintMismatch as exc:
+                    return str(exc)
+                else:
+                    return Identity(b.client_id, b.token)
+            await asyncio.sleep(delay)
+        return "gave up after 20 busy/unavailable answers"
 
     t0 = time.monotonic()
     out = await asyncio.gather(*(one(u) for u in uris))
@@ -199,10 +251,10 @@ async def _serve(conn: multiprocessing.connection.Connection) -> None:
         cmd, *args = await inbox.get()
         if cmd == "enroll":
             conn.send(await _enroll_all(*args))
-        elif cmd == "connect":  # (host, port, fingerprint, [Identity])
-            host, port, fp, idents = args
+        elif cmd == "connect":  # (host, port, fingerprint, [Identity], quiet)
+            host, port, fp, idents, quiet = args
             for ident in idents:
-                fake = FakeClient(ident, host, port, fp)
+                fake = FakeClient(ident, host, port, fp, quiet)
                 fake.task = asyncio.create_task(fake.run())
                 fakes[ident.client_id] = fake
             conn.send(len(fakes))
@@ -250,10 +302,10 @@ class Fleet:
     def enroll(self, uris: list[str], concurrency: int) -> tuple[list[Identity | str], float]:
         return self.call("enroll", uris, concurrency, timeout=600.0)  # type: ignore[no-any-return]
 
-    def connect(self, host: str, port: int, fingerprint: str, idents: list[Identity]) -> None:
-        self.call("connect", host, port, fingerprint, idents)
+    def connect(self, host: str, port: int, fingerprint: str, idents: list[Identity], quiet: bool = True) -> None:
+        self.call("connect", host, port, fingerprint, idents, quiet)
 
-    def status(self) -> dict[str, tuple[bool, int, int, float, int, int, str]]:
+    def status(self) -> dict[str, tuple[bool, int, int, float, int, int, str, int]]:
         return self.call("status")  # type: ignore[no-any-return]
 
     def disconnect(self) -> None:

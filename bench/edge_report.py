@@ -11,7 +11,11 @@ if TYPE_CHECKING:
 
 
 def fmt(v: float, unit: str) -> str:
-    return f"{v:.2f} s" if unit == "s" else f"{v:.1f} ms"
+    if unit == "s":
+        return f"{v:.2f} s"
+    if unit == "lines":
+        return f"{v:.0f}"
+    return f"{v:.1f} {unit}"
 
 
 def _mem_line(label: str, m: dict[str, float]) -> str:
@@ -24,14 +28,18 @@ def render(res: Results, args: argparse.Namespace) -> str:
     empty, full = f["mem_empty"], f["mem_connected"]
     per_conn_kib = (full["control_rss_mib"] - empty["control_rss_mib"]) * 1024 / n
     lines = [
-        f"## Edge clients (issue 6): {n:,} fake clients, restart → reconnect",
+        f"## Edge clients (issues 6, 16): {n:,} fake clients, restart storm of {f['restart_clients']:,}",
         "",
         f"Run {res.date} on {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB RAM, Python {m['python']}, "
         f"Linux {m['kernel']}, commit {m['commit']}; "
         "`portunus-server serve --shards 1`, default log level; the fakes run in one other process "
         f"(bench/edge_fleet.py, uvloop). Load average {m['loadavg'][0]} at start, {m['loadavg_end'][0]} at the end "
         "(other jobs share the machine; the p99s follow the load).",
-        "`python -m bench.edge_clients" + (" --quick" if args.quick else "") + "` (bench/edge_clients.py).",
+        "`python -m bench.edge_clients" + (" --quick" if args.quick else "")
+        + f" --clients {n} --restart-clients {f['restart_clients']} --rules-each {f['restart_rules_each']}"
+        + f" --restarts {len(res.series['restart'].values)}" + (" --legacy-link" if args.legacy_link else "")
+        + (f" --per-source {args.per_source}" if args.per_source else "")
+        + "` (bench/edge_clients.py).",
         "",
         "| target | measured | target | |",
         "|---|---|---|---|",
@@ -39,7 +47,8 @@ def render(res: Results, args: argparse.Namespace) -> str:
     for what, unit, value, target, ok in res.verdicts():
         lines.append(f"| {what} | {fmt(value, unit)} | ≤ {fmt(target, unit)} | {'PASS' if ok else 'MISS'} |")
     lines += ["", "| series | n | min | p50 | p90 | p99 | max |", "|---|---|---|---|---|---|---|"]
-    for key in ("list_rpc", "list_http", "push", "restart", "restart_listed", "restart_first", "restart_stop"):
+    for key in ("list_rpc", "list_http", "get_rpc", "push", "restart", "restart_p99", "restart_listed",
+                "restart_first", "restart_stop"):
         s = res.series.get(key)
         if s is None or not s.values:
             continue
@@ -57,17 +66,23 @@ def render(res: Results, args: argparse.Namespace) -> str:
         f"Control-process growth per connected client: {per_conn_kib:.1f} KiB; fds per client: "
         f"{(full['control_fds'] - empty['control_fds']) / n:.2f} (control RLIMIT_NOFILE soft/hard: "
         f"{f['control_nofile'][0]}/{f['control_nofile'][1]}). Control-process CPU with {n} idle links "
-        f"(a `ping` + a `stats` frame per client every 5 s): {f['control_idle_cpu_pct']:.1f} % of one core. "
-        f"Fleet process RSS: {f['fleet_rss_mib']:.0f} MiB.",
+        + ("(a `ping` + a `stats` frame per client every 5 s, server ping every 5 s)" if args.legacy_link else
+           "(`quiet_link`: a `ping` each way every 20 s, `stats` only on change)")
+        + f": {f['control_idle_cpu_pct']:.1f} % of one core. Fleet process RSS: {f['fleet_rss_mib']:.0f} MiB. "
+        f"Full walk of the list (`limit` 1000, {f['walk_pages']} pages): {f['walk_all_s'] * 1000:.0f} ms. "
+        f"`busy` refusals: {f['busy_refusals']} while connecting the fleet, {f['restart_busy_refusals']} "
+        "over the restarts (cumulative per fake).",
         "",
         "Method:",
         f"- Enrollment of {n} clients: codes minted with `clients.enroll` over the control socket "
         f"(4 threads) in {f['mint_s']:.1f} s, redeemed with `portunus.edge.enroll.redeem` (pinned TLS, "
         f"32 concurrent) in {f['redeem_s']:.1f} s; then all {n} fakes connected at once and every one "
         f"had answered its first `sync` after {f['connect_all_s']:.1f} s.",
-        f"- List: {len(res.series['list_rpc'].values)} sequential `clients.list` via `call_sync` (new socket "
-        f"per call, like the CLI) and as many `GET /v1/clients` on one keep-alive connection, each after 5 "
-        f"warm-ups, while the fakes ping and send `stats` every 5 s ({f['list_bytes'] // 1024} KiB of JSON).",
+        f"- List: {len(res.series['list_rpc'].values)} sequential `clients.list` pages (default limit 100, "
+        "a random cursor of a full walk each) via `call_sync` (new socket per call, like the CLI), as many "
+        "`clients.get` of a random client by name, and as many `GET /v1/clients` on one keep-alive connection "
+        "(every other one `?connected=true&name_prefix=fake-`), each after 5 warm-ups, while the fakes stay "
+        f"connected ({f['list_bytes'] // 1024} KiB of JSON per page).",
         f"- Push: {len(res.series['push'].values)} sequential `rules.push` (after 5 warm-ups) to a random "
         "connected fake, fresh listen port each; the reply comes after the fake's `applied` (`active`). "
         f"Fake reconnects during the whole phase: {f['reconnects_during_run']}.",
@@ -76,8 +91,11 @@ def render(res: Results, args: argparse.Namespace) -> str:
         "`portunus.edge.timing.Backoff` (0.5 s doubling, ±20 % jitter, like the real client), so the time is "
         "bounded below by the backoff step that first lands after the server is listening again. "
         "\"Reconciled\" = each fake got a full `sync` with all its rules from the new process and answered "
-        "it; the listed row also waits for `clients.list` + `rules.list` to show every client connected and "
-        "every rule `active`.",
+        "it; the p99 row is, per restart, the 99th percentile over the fakes of that time; the listed row "
+        "also waits for `clients.list` + `rules.list` to show every client connected and every rule `active`.",
+        f"- Server log lines with a traceback or asyncio 'Fatal error': {f['server_tracebacks']}"
+        + (f" (first: `{(f['tracebacks_many'] + f['tracebacks_restart'])[0][:200]}`)" if f['server_tracebacks']
+           else "") + ".",
         "",
     ]
     return "\n".join(lines)

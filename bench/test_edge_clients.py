@@ -62,4 +62,6 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
     assert res.facts["mem_connected"]["control_fds"] >= res.facts["mem_empty"]["control_fds"] + 6
     assert res.facts["reconnects_during_run"] == 0
     text = edge_clients.render(res, args)
-    assert "restart → 4 reconnected + reconciled" in text
+    assert "restart → 4 × 2 rules reconnected + reconciled" in text
+    assert res.facts["server_tracebacks"] == 0
+    assert len(res.series["get_rpc"].values) == 5

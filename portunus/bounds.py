@@ -100,7 +100,8 @@ RATE_LIMIT_VALUE = Bound(1, 10**12, integer=True)
 HEALTH_CHECK_INTERVAL = Bound(0.1, 3600)
 ACK_TIMEOUT = Bound(0, 300, lo_open=True)
 ENROLL_TTL = Bound(1, 7 * 86400, integer=True)
-AUDIT_LIMIT = Bound(1, 1000, integer=True)
+LIST_LIMIT = Bound(1, 1000, integer=True)  # ?limit= of every paged list
+AUDIT_LIMIT = LIST_LIMIT
 STATS_INTERVAL = Bound(0.2, 60)  # ?interval= of the SSE stream
 CLI_INTERVAL = Bound(0.1, 3600)  # --interval / --stats-interval / --timeout of the CLIs
 SHARDS = Bound(1, 256, integer=True)  # --shards; `shards = 0` in TOML means one per CPU

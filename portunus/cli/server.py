@@ -19,8 +19,8 @@ from typing import Any
 import click
 
 from portunus import __version__
-from portunus.bounds import ACK_TIMEOUT, AUDIT_LIMIT, HEALTH_CHECK_INTERVAL, RULE_ID
-from portunus.cli import output
+from portunus.bounds import ACK_TIMEOUT, HEALTH_CHECK_INTERVAL, RULE_ID
+from portunus.cli import output, paging
 from portunus.cli.common import (
     PROG,
     OperatorContext,
@@ -297,31 +297,46 @@ def remove_rule(obj: OperatorContext, rule_id: int, fmt: str) -> None:
 
 
 @cli.command("list-clients")
+@paging.limit_option
+@paging.cursor_option
+@paging.all_option
+@click.option("--connected/--disconnected", default=None, help="Only connected / only offline clients.")
+@click.option("--name-prefix", default=None, help="Only clients whose name starts with this (case-sensitive).")
 @format_option
 @click.pass_obj
-def list_clients(obj: OperatorContext, fmt: str) -> None:
-    """List enrolled clients (edges) and whether they are connected.
+def list_clients(obj: OperatorContext, limit: int | None, cursor: str | None, every: bool,
+                 connected: bool | None, name_prefix: str | None, fmt: str) -> None:
+    """List enrolled clients (edges) and whether they are connected: one page
+    (local first, then enrollment order), or every one with --all.
 
     \b
-    Example:
+    Examples:
       portunus-server list-clients --format json
+      portunus-server list-clients --connected --name-prefix edge- --all
     """
-    result = obj.call("clients.list")
+    params: dict[str, Any] = {}
+    if connected is not None:
+        params["connected"] = connected
+    if name_prefix:
+        params["name_prefix"] = name_prefix
+    result = paging.fetch(obj.call, "clients.list", params, "clients", limit, cursor, every)
     if fmt == "json":
         echo_json(result)
-    else:
-        click.echo(output.clients_table(result.get("clients", [])))
+        return
+    click.echo(output.clients_table(result.get("clients", [])))
+    paging.more_hint(result, "clients")
 
 
 @cli.command("audit")
 @click.option("--since", type=WhenType(), help="From this time: RFC 3339 or an age like 30m, 1h, 2d.")
 @click.option("--until", type=WhenType(), help="Up to this time (same forms as --since).")
-@click.option("--limit", type=BoundedNumber(AUDIT_LIMIT), default=None,
-              help="At most N entries (server default 100, max 1000).")
+@paging.limit_option
+@paging.cursor_option
+@paging.all_option
 @format_option
 @click.pass_obj
 def audit(obj: OperatorContext, since: str | None, until: str | None, limit: int | None,
-          fmt: str) -> None:
+          cursor: str | None, every: bool, fmt: str) -> None:
     """Show the audit trail of operator actions, newest first.
 
     \b
@@ -330,16 +345,15 @@ def audit(obj: OperatorContext, since: str | None, until: str | None, limit: int
       portunus-server audit --since 2024-05-01T00:00:00Z --until 2024-05-02T00:00:00Z --limit 1000
     """
     params: dict[str, Any] = {}
-    for key, value in (("since", since), ("until", until), ("limit", limit)):
+    for key, value in (("since", since), ("until", until)):
         if value is not None:
             params[key] = value
-    result = obj.call("audit.list", params)
+    result = paging.fetch(obj.call, "audit.list", params, "entries", limit, cursor, every)
     if fmt == "json":
         echo_json(result)
         return
     click.echo(output.audit_table(result.get("entries", [])))
-    if result.get("next_cursor"):
-        click.echo("(more entries: narrow with --since/--until or raise --limit)", err=True)
+    paging.more_hint(result, "entries")
 
 
 def main() -> None:

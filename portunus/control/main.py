@@ -25,8 +25,10 @@ from portunus.control.dataplane import LOCAL, DataPlanes
 from portunus.control.edge.cert import ensure_server_cert
 from portunus.control.edge.clients import ClientService
 from portunus.control.edge.gateway import EdgeGateway
+from portunus.control.edge.heap import pin_mmap_threshold
 from portunus.control.edge.preauth import PreauthLimits
 from portunus.control.edge.remote_link import RemoteLink
+from portunus.control.edge.shedding import Shedder
 from portunus.control.local_link import LocalLink
 from portunus.control.owner_caps import OwnerCapService
 from portunus.control.rpc.handlers import ControlContext, Dispatcher
@@ -110,6 +112,7 @@ async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
         else:
             log_event("control.no_operator_token", level="warning", path=settings.token_path)
         link = LocalLink(channel_sock, on_close=lambda why: stop(f"supervisor channel: {why}"))
+        pin_mmap_threshold()  # before any link: see control.edge.heap
         remote = RemoteLink(on_count=_clients_gauge())
         planes = DataPlanes(link, remote)
         state_sink = _state_sink()
@@ -125,6 +128,7 @@ async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
         gateway = EdgeGateway(
             store, remote, cert.ssl_context(), listen_host, listen_port,
             handshake_timeout=settings.edge_handshake_timeout_secs, preauth=_preauth_limits(settings),
+            shedder=Shedder(service.backlog),
         )
         await start_gateway(gateway, settings.control_listen)
         clients = ClientService(

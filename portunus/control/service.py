@@ -113,6 +113,10 @@ class RuleService:
     def client_connected(self, client_id: str) -> None:
         self._events.put_nowait(("connected", client_id, None))
 
+    def backlog(self) -> int:
+        """Node events not handled yet (the gateway sheds hellos when this is deep)."""
+        return self._events.qsize()
+
     async def _run_events(self) -> None:
         while True:
             kind, client_id, payload = await self._events.get()

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from portunus import __version__
 from portunus.edge.bundle import FINGERPRINT_RE, Bundle
-from portunus.edge.pinning import close_quietly, link_error, open_pinned
+from portunus.edge.pinning import link_error, open_pinned
 from portunus.edge.wire import WireError, read_frame, write_frame
 
 ENROLL_TIMEOUT = 15.0
@@ -25,10 +25,11 @@ class EnrollError(Exception):
     """Enrollment did not produce a bundle; ``code`` is the server's error code or a
     local one (``bad_uri``, ``unavailable``, ``protocol``)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry_after: object = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.retry_after = retry_after  # with ``busy``: seconds the server asks us to wait
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,14 @@ async def redeem(target: EnrollTarget, timeout: float = ENROLL_TIMEOUT) -> Bundl
             "unavailable", f"{target.server} closed the enrollment without an answer: {link_error(exc)}"
         ) from None
     finally:
-        await close_quietly(writer)
+        # The exchange is over either way and the server closes right after its
+        # answer: no TLS close_notify dance with a socket the peer already shut
+        # (under an enrollment storm that dance is what failed, noisily).
+        writer.transport.abort()
     kind = reply.get("type")
     if kind == "error":
-        raise EnrollError(str(reply.get("code") or "enrollment_invalid"), str(reply.get("message") or ""))
+        raise EnrollError(str(reply.get("code") or "enrollment_invalid"), str(reply.get("message") or ""),
+                          reply.get("retry_after"))
     if kind != "enrolled":
         raise EnrollError("protocol", f"the server answered {kind!r} instead of 'enrolled'")
     fields = {k: reply.get(k) for k in ("client_id", "client_name", "token")}

@@ -7,7 +7,13 @@ Runs in its own process, forked by the client's supervisor with a channel
 - server ``sync``/``apply`` -> persisted to ``rules.json`` -> supervisor;
 - supervisor ``applied``/``removed`` -> server (``applied`` only to the session
   that asked: a reconnect brings a fresh full ``sync`` anyway);
-- every ``stats_secs`` a ``stats`` frame read from the multiprocess metrics dir.
+- every ``stats_secs`` a ``stats`` frame read from the multiprocess metrics dir,
+  sent only when the counters changed since the last one this session sent.
+
+The hello advertises ``quiet_link``: a server that knows it answers with a
+slower cadence in the welcome (``heartbeat_secs`` for our pings, ``ping_secs``
+for its own), so ten thousand idle clients do not keep the server busy; an older
+server's welcome has ``heartbeat_secs`` only and the original cadence holds.
 
 At start, before connecting, it hands the supervisor the persisted rule set, so
 forwarding goes on while the server is down.  A lost link is retried forever
@@ -35,7 +41,7 @@ from portunus.edge.bundle import Bundle, write_bundle
 from portunus.edge.pinning import FingerprintMismatch, close_quietly, link_error, open_pinned
 from portunus.edge.rulestore import RuleStore, check_owner_caps
 from portunus.edge.stats import rule_totals
-from portunus.edge.timing import Backoff, LinkTiming
+from portunus.edge.timing import Backoff, LinkTiming, busy_delay
 from portunus.edge.wire import MAX_FRAME, WireError, encode_frame, read_frame, write_frame
 from portunus.errors import PortunusError
 from portunus.logs import log_event, log_throttled
@@ -54,10 +60,29 @@ class Revoked(Exception):
 class Refused(Exception):
     """The server refused the session (``unauthenticated`` or another error frame)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry_after: object = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.retry_after = retry_after
+
+
+QUIET_LINK = "quiet_link"
+# On a quiet link the server pings rarely; the kernel cuts the connection when our
+# own pings stay unacknowledged this long (server host or network gone).
+QUIET_USER_TIMEOUT_MS = 30_000
+
+
+def user_timeout(writer: asyncio.StreamWriter, ms: int) -> None:
+    """TCP_USER_TIMEOUT on the link's socket where the platform has it (Linux)."""
+    sock = writer.get_extra_info("socket")
+    opt = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if sock is None or opt is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, opt, ms)
+    except OSError as exc:
+        log_event("link.user_timeout_unset", level="warning", error=str(exc))
 
 
 class LinkDead(Exception):
@@ -86,12 +111,14 @@ class _Session:
 
     number: int
     writer: asyncio.StreamWriter
+    last_tx: float = 0.0  # loop time of the latest frame sent (pings only fill silence)
 
     def send(self, msg: dict[str, Any]) -> None:
         # Called from supervisor callbacks (not coroutines): the transport buffers;
         # a stuck server is caught by the dead-link timer, not here.
         if not self.writer.transport.is_closing():
             self.writer.write(encode_frame(msg))
+            self.last_tx = asyncio.get_running_loop().time()
 
 
 @dataclass
@@ -164,6 +191,7 @@ class EdgeLink:
         # Every wait in here uses asyncio.timeout, not wait_for: on Python 3.11 wait_for
         # can swallow the cancel from run()'s shutdown, and the loop would go on forever.
         while self._done is None or not self._done.done():
+            delay: float | None = None
             try:
                 await self._session_once()
             except Revoked as exc:
@@ -173,9 +201,14 @@ class EdgeLink:
                 log_event("link.fingerprint_mismatch", level="error", expected=exc.expected,
                           got=exc.got, server=exc.where, error=str(exc))
             except Refused as exc:
-                log_event("link.refused", level="error", code=exc.code, message=exc.message,
-                          server=self.bundle.server,
-                          hint="the server does not accept this bundle's token; enroll again if it was deleted")
+                if exc.code == "busy":  # load shedding: come back when the server said, spread
+                    delay = busy_delay(exc.retry_after, self.backoff)
+                    log_event("link.server_busy", level="warning", server=self.bundle.server,
+                              retry_after=exc.retry_after, in_secs=round(delay, 2))
+                else:
+                    log_event("link.refused", level="error", code=exc.code, message=exc.message,
+                              server=self.bundle.server,
+                              hint="the server does not accept this bundle's token; enroll again if it was deleted")
             except LinkDead:
                 log_event("link.dead", level="warning", server=self.bundle.server,
                           silent_secs=self.timing.dead_secs)
@@ -184,7 +217,8 @@ class EdgeLink:
                           error=link_error(exc))
             except Exception as exc:  # noqa: BLE001 - a bug must not stop forwarding; retry
                 log_event("link.crashed_session", level="error", error=repr(exc))
-            delay = self.backoff.next()
+            if delay is None:
+                delay = self.backoff.next()
             log_event("link.reconnecting", in_secs=round(delay, 2))
             self._wake.clear()
             try:
@@ -202,7 +236,7 @@ class EdgeLink:
         try:
             await write_frame(writer, {
                 "type": "hello", "token": self.bundle.token, "client_id": self.bundle.client_id,
-                "version": __version__, "capabilities": self.capabilities,
+                "version": __version__, "capabilities": [*self.capabilities, QUIET_LINK],
             })
             async with asyncio.timeout(self.timing.handshake_timeout):
                 welcome = await read_frame(reader)
@@ -213,20 +247,21 @@ class EdgeLink:
             await self._serve(reader, writer, welcome)
         finally:
             self._session = None
-            await close_quietly(writer)
+            await close_quietly(writer, reader=reader)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      welcome: dict[str, Any]) -> None:
         session = _Session(next(self._sessions), writer)
         self._session = session
         self.backoff.reset()
-        hb = welcome.get("heartbeat_secs")
-        heartbeat = float(hb) if isinstance(hb, (int, float)) and 0 < hb <= 3600 else self.timing.heartbeat_secs
+        heartbeat, dead_secs = link_cadence(welcome, self.timing)
+        if "ping_secs" in welcome:
+            user_timeout(writer, QUIET_USER_TIMEOUT_MS)
         name = welcome.get("client_name")
         peer = writer.get_extra_info("peername")
         log_event("link.connected", server=self.bundle.server, client_id=self.bundle.client_id,
                   client_name=name or self.bundle.client_name, local=str(writer.get_extra_info("sockname")),
-                  peer=str(peer), heartbeat_secs=heartbeat)
+                  peer=str(peer), heartbeat_secs=heartbeat, dead_secs=dead_secs)
         if isinstance(name, str) and name and name != self.bundle.client_name:
             self._rename(name)
         if self._removed_backlog:
@@ -237,7 +272,7 @@ class EdgeLink:
         try:
             while True:
                 try:
-                    async with asyncio.timeout(self.timing.dead_secs):
+                    async with asyncio.timeout(dead_secs):
                         msg = await read_frame(reader)
                 except TimeoutError:
                     # No close_notify dance with a peer that stopped answering: it would
@@ -259,14 +294,20 @@ class EdgeLink:
         text = str(msg.get("message") or "")
         if code == "revoked":
             raise Revoked(text or "the server revoked this client")
-        raise Refused(code, text)
+        raise Refused(code, text, msg.get("retry_after"))
 
     async def _pinger(self, session: _Session, every: float) -> None:
+        """A ping when nothing else went out for ``every`` seconds."""
+        loop = asyncio.get_running_loop()
+        session.last_tx = loop.time()
         while True:
-            await asyncio.sleep(every)
-            session.send({"type": "ping"})
+            await asyncio.sleep(max(0.0, session.last_tx + every - loop.time()))
+            if loop.time() - session.last_tx >= every * 0.99:
+                session.send({"type": "ping"})
 
     async def _stats_loop(self, session: _Session) -> None:
+        """Counters that did not move are not sent again: the server keeps the latest."""
+        last: dict[str, dict[str, Any]] | None = None
         while True:
             await asyncio.sleep(self.timing.stats_secs)
             ids = list(self.store.rules)
@@ -275,7 +316,10 @@ class EdgeLink:
             except (OSError, ValueError) as exc:  # a file vanishing mid-read: next round
                 log_event("link.stats_unreadable", level="warning", error=str(exc))
                 continue
+            if totals == last:
+                continue
             session.send(stats_frame(totals))
+            last = totals
 
     # ============================================================ server -> us
 
@@ -361,6 +405,24 @@ class EdgeLink:
 
     def _supervisor_lost(self, why: str) -> None:
         self.stop(1, f"supervisor channel: {why}")
+
+
+def link_cadence(welcome: dict[str, Any], timing: LinkTiming) -> tuple[float, float]:
+    """``(our ping interval, dead after)`` from the server's welcome: a quiet-link
+    welcome (it has ``ping_secs``) names the dead interval for both sides
+    (``dead_after_secs``; else two of its pings plus one of ours); an older
+    server's has ``heartbeat_secs`` only and ``timing.dead_secs`` holds."""
+
+    def secs(key: str) -> float | None:
+        v = welcome.get(key)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 3600
+        return float(v) if ok else None
+
+    heartbeat = secs("heartbeat_secs") or timing.heartbeat_secs
+    ping = secs("ping_secs")
+    if ping is None:
+        return heartbeat, timing.dead_secs
+    return heartbeat, max(timing.dead_secs, secs("dead_after_secs") or 2 * ping + heartbeat)
 
 
 def _check_rules(raw: Any) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:

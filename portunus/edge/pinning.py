@@ -68,8 +68,14 @@ async def open_pinned(
     return reader, writer
 
 
-async def close_quietly(writer: asyncio.StreamWriter, timeout: float = 2.0) -> None:
-    """Close a TLS stream without letting a dead peer hold us up."""
+async def close_quietly(writer: asyncio.StreamWriter, timeout: float = 2.0,
+                        reader: asyncio.StreamReader | None = None) -> None:
+    """Close a TLS stream without letting a dead peer hold us up.  When ``reader``
+    saw the peer close, abort at once: a close_notify to a socket the server already
+    shut fails, and aborting mid-shutdown is what makes uvloop log tracebacks."""
+    if reader is not None and (reader.at_eof() or reader.exception() is not None):
+        writer.transport.abort()
+        return
     writer.close()
     try:
         await asyncio.wait_for(writer.wait_closed(), timeout)

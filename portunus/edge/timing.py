@@ -38,3 +38,14 @@ class Backoff:
 
     def reset(self) -> None:
         self.failures = 0
+
+
+def busy_delay(retry_after: object, backoff: Backoff, rng: random.Random | None = None) -> float:
+    """The wait after the server refused with ``busy``: its ``retry_after`` (seconds,
+    0 < x ≤ 300) times a random factor in [1, 2), so a wave of refused clients comes
+    back spread over that window instead of at once; without a usable ``retry_after``
+    the next backoff step."""
+    ok = isinstance(retry_after, (int, float)) and not isinstance(retry_after, bool) and 0 < retry_after <= 300
+    if not ok:
+        return backoff.next()
+    return float(retry_after) * (rng or random).uniform(1.0, 2.0)  # type: ignore[arg-type]

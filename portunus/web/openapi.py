@@ -222,7 +222,10 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
         },
         "required": ["client_id", "client_name", "connected"],
     },
-    "ClientList": {"type": "object", "properties": {"clients": {"type": "array", "items": ref("Client")}},
+    "ClientList": {"type": "object", "properties": {
+        "clients": {"type": "array", "items": ref("Client")},
+        "next_cursor": {"type": ["string", "null"], "description": "Pass as ?cursor= for the next page; null on the last"},
+        "total": {"type": "integer", "description": "Clients matching the filters, all pages"}},
                    "required": ["clients"]},
     "ClientEnrollmentBody": {
         "type": "object",
@@ -437,7 +440,14 @@ _PATHS: dict[str, dict[str, Any]] = {
                                                   "x-event-data": ref("Stats")}}),
     },
     "/v1/clients": {
-        "get": _op("listClients", "Enrolled clients and their connection state", "200", ref("ClientList"), ()),
+        "get": _op("listClients", "Enrolled clients and their connection state, one page (local first, then "
+                   "enrollment order)", "200", ref("ClientList"), ("400",),
+                   params=[_q("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                              "Page size"),
+                           _q("cursor", {"type": "string"}, "next_cursor of the previous page"),
+                           _q("connected", {"type": "boolean"}, "Only connected (true) or disconnected (false) clients"),
+                           _q("name_prefix", {"type": "string", "minLength": 1, "maxLength": 64},
+                              "Only clients whose name starts with this (case-sensitive)")]),
     },
     "/v1/client-enrollments": {
         "post": _op("enrollClient", "Enroll an edge client; answers the one-time enrollment URI and command",
@@ -445,6 +455,7 @@ _PATHS: dict[str, dict[str, Any]] = {
     },
     "/v1/clients/{id}": {
         "parameters": [_CLIENT_PARAM],
+        "get": _op("getClient", "One client by id or name", "200", ref("Client"), ("404", "409")),
         "delete": _op("deleteClient", "Delete a revoked client and its rules", "204", None,
                       ("400", "404", "409")),
     },

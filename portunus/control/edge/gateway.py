@@ -21,6 +21,7 @@ import ssl
 from typing import Any
 
 from portunus.control.edge.enrollment import EnrollmentInvalid, client_for_token, redeem
+from portunus.control.edge.heap import release_free_heap
 from portunus.control.edge.listener import accept_loop, bind
 from portunus.control.edge.preauth import (
     DEFAULT_HANDSHAKE_TIMEOUT_SECS,
@@ -30,12 +31,27 @@ from portunus.control.edge.preauth import (
     PreauthSlot,
 )
 from portunus.control.edge.remote_link import RemoteLink
-from portunus.control.edge.session import DEAD_AFTER_SECS, HEARTBEAT_SECS, EdgeSession
+from portunus.control.edge.session import (
+    DEAD_AFTER_SECS,
+    HEARTBEAT_SECS,
+    QUIET_DEAD_AFTER_SECS,
+    QUIET_HEARTBEAT_SECS,
+    QUIET_LINK,
+    QUIET_PING_SECS,
+    EdgeSession,
+)
+from portunus.control.edge.shedding import Shedder
 from portunus.control.store import Store, utc_now, write_audit
 from portunus.edge.wire import FrameTooLarge, WireError, encode_frame, read_frame
 from portunus.logs import flush_throttled, log_event, log_throttled
 
 HANDSHAKE_TIMEOUT_SECS = DEFAULT_HANDSHAKE_TIMEOUT_SECS
+# A storm of TLS handshakes (a fleet reconnecting after a restart) leaves the
+# allocator's high-water mark behind: ~20 KiB per link that glibc keeps but nobody
+# uses (measured with bench.edge_clients).  After that many handshakes, at most every
+# TRIM_EVERY_SECS, the free heap is given back to the kernel.
+TRIM_AFTER_HANDSHAKES = 256
+TRIM_EVERY_SECS = 10.0
 _MAX_CAPABILITIES = 64
 
 
@@ -68,6 +84,8 @@ class EdgeGateway:
         dead_after_secs: float = DEAD_AFTER_SECS,
         handshake_timeout: float = HANDSHAKE_TIMEOUT_SECS,
         preauth: PreauthLimits | None = None,
+        quiet: tuple[float, float, float] = (QUIET_HEARTBEAT_SECS, QUIET_PING_SECS, QUIET_DEAD_AFTER_SECS),
+        shedder: Shedder | None = None,
     ) -> None:
         self.store = store
         self.link = link
@@ -76,12 +94,16 @@ class EdgeGateway:
         self.port = port
         self.heartbeat_secs = heartbeat_secs
         self.dead_after_secs = dead_after_secs
+        # quiet_link clients: (their heartbeat, our ping, dead after), see session.py
+        self.quiet = quiet
+        self.shedder = shedder or Shedder(None)
         self.handshake_timeout = handshake_timeout
         self.preauth = preauth or PreauthLimits()
         self.audit_budget = AuditBudget()
         self._sockets: list[socket.socket] = []
         self._tasks: list[asyncio.Task[None]] = []  # accept loops and the log flusher
         self._conns: set[asyncio.Task[None]] = set()
+        self._handshakes = 0  # connections admitted since the heap was last trimmed
 
     @property
     def bound_port(self) -> int | None:
@@ -96,6 +118,27 @@ class EdgeGateway:
         self._sockets = await loop.run_in_executor(None, bind, self.host, self.port)
         self._tasks = [loop.create_task(accept_loop(s, self.preauth, self._admitted)) for s in self._sockets]
         self._tasks.append(loop.create_task(self._flush_logs()))
+        self._tasks.append(loop.create_task(self._sweep()))
+
+    def sweep_every(self) -> float:
+        """The sweeper's tick: a quarter of the shortest interval, 20 ms to 1 s."""
+        shortest = min(self.heartbeat_secs, self.dead_after_secs, *self.quiet)
+        return max(0.02, min(1.0, shortest / 4))
+
+    async def _sweep(self) -> None:
+        """One timer for every link: ping the quiet ones, drop the dead ones
+        (EdgeSession.sweep), instead of two timers per link."""
+        loop = asyncio.get_running_loop()
+        every = self.sweep_every()
+        trimmed_at = loop.time()
+        while True:
+            await asyncio.sleep(every)
+            now = loop.time()
+            for session in list(self.link.sessions.values()):
+                session.sweep(now)
+            if self._handshakes >= TRIM_AFTER_HANDSHAKES and now - trimmed_at >= TRIM_EVERY_SECS:
+                self._handshakes, trimmed_at = 0, now
+                release_free_heap()
 
     async def _flush_logs(self) -> None:
         """Summarize throttled refusal lines once a flood is over (``log.suppressed``)."""
@@ -123,6 +166,7 @@ class EdgeGateway:
     # ------------------------------------------------------------ connections
 
     def _admitted(self, conn: socket.socket, peer: str | None, slot: PreauthSlot) -> None:
+        self._handshakes += 1
         task = asyncio.get_running_loop().create_task(self._serve(conn, peer, slot))
         self._conns.add(task)
         task.add_done_callback(self._conns.discard)
@@ -242,17 +286,29 @@ class EdgeGateway:
                       client_id=client.client_id)
             await self._refuse(writer, "revoked", f"client {client.name} ({client.client_id}) was revoked")
             return
+        retry_after = self.shedder.retry_after()
+        if retry_after is not None:
+            log_throttled("edge.busy", level="warning", peer=peer, client_id=client.client_id,
+                          retry_after=retry_after, backlog=self.shedder.backlog())
+            await self._goodbye(writer, self.shedder.busy_frame(retry_after))
+            return
         slot.release()  # authenticated: no longer anonymous, the normal frame limit applies
+        capabilities = _capabilities(msg.get("capabilities"))
+        welcome: dict[str, Any] = {"type": "welcome", "client_id": client.client_id, "client_name": client.name}
+        if QUIET_LINK in capabilities:
+            beat, ping, dead = self.quiet
+            welcome.update(heartbeat_secs=_number(beat), ping_secs=_number(ping), dead_after_secs=_number(dead))
+        else:
+            ping, dead = self.heartbeat_secs, self.dead_after_secs
+            welcome["heartbeat_secs"] = _number(ping)
         session = EdgeSession(
             client.client_id, client.name, reader, writer,
             remote_addr=peer, version=_short(msg.get("version")),
-            capabilities=_capabilities(msg.get("capabilities")), connected_since=utc_now(),
-            on_frame=self.link.on_frame,
-            heartbeat_secs=self.heartbeat_secs, dead_after_secs=self.dead_after_secs,
+            capabilities=capabilities, connected_since=utc_now(),
+            on_frame=self.link.on_frame, heartbeat_secs=ping, dead_after_secs=dead,
         )
-        # Queued before attach(), so no apply/sync can overtake the welcome.
-        session.send({"type": "welcome", "client_id": client.client_id, "client_name": client.name,
-                      "heartbeat_secs": _number(self.heartbeat_secs)})
+        # Written before attach(), so no apply/sync can overtake the welcome.
+        session.send(welcome)
         self.link.attach(session)
         assert self.link.events is not None
         self.link.events.client_connected(client.client_id)

@@ -24,9 +24,9 @@ line nor a metrics write per connection beyond the counter increment.
 Sizes measured for this build (tests/unit/control/edge/test_edge_preauth.py
 recomputes them and fails if a legitimate frame would not fit):
 
-- ``hello`` as ``portunus-client`` sends it: 223 bytes with its 4-byte prefix
-  (43-character token, 26-character client id, the 8 capabilities); ``enroll``:
-  81 bytes.
+- ``hello`` as ``portunus-client`` sends it: 236 bytes with its 4-byte prefix
+  (43-character token, 26-character client id, the 8 rule capabilities and
+  ``quiet_link``); ``enroll``: 81 bytes.
 - The largest ``hello`` whose every field the server still reads (a 512-character
   token, the 64 capabilities of 64 characters it keeps, a 64-character version):
   4,966 bytes.  ``PREAUTH_MAX_FRAME`` (8 KiB) is that with a margin of 65 %.

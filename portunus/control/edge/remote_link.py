@@ -83,7 +83,19 @@ class RemoteLink:
         # attach, so a hello racing a revoke cannot slip in (see gateway._hello).
         self.banned: set[str] = set()
         self._seq = itertools.count(1)
+        self._sorted: list[str] | None = None  # session ids in order, rebuilt after a change
         self.on_count(0)
+
+    def live_ids(self) -> list[str]:
+        """Ids of the clients with a session, sorted (the order of ``clients.list``);
+        cached between attaches/detaches so a page of ``connected: true`` costs a bisect."""
+        if self._sorted is None:
+            self._sorted = sorted(self.sessions)
+        return self._sorted
+
+    def live_name(self, client_id: str) -> str:
+        session = self.sessions.get(client_id)
+        return session.client_name if session is not None else ""
 
     # ------------------------------------------------------------- sessions
 
@@ -93,12 +105,14 @@ class RemoteLink:
         self.sessions[session.client_id] = session
         if old is not None and old is not session:
             old.close(None, "replaced by a new session of the same client")
+        self._sorted = None
         self.on_count(len(self.sessions))
 
     def detach(self, session: EdgeSession) -> None:
         """Forget ``session`` if it is still the client's link (not if replaced)."""
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
+            self._sorted = None
             self.on_count(len(self.sessions))
 
     def kick(self, client_id: str, goodbye: dict[str, Any] | None, reason: str) -> bool:

@@ -14,11 +14,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from portunus.bounds import RULE_ID
 from portunus.config import Settings
 from portunus.control.auth import Authenticator, Principal
 from portunus.control.dataplane import LOCAL, DataPlane
-from portunus.control.edge.clients import ClientService, client_entry
+from portunus.control.edge import client_pages
+from portunus.control.edge.clients import ClientService
 from portunus.control.edge.remote_link import RemoteLink
 from portunus.control.owner_caps import OwnerCapService
 from portunus.control.policy import PUBLIC, authorize, policy_of, require_owner
@@ -27,22 +27,17 @@ from portunus.control.rule_list import RULE_STATES
 from portunus.control.service import RuleService, parse_rule_id
 from portunus.control.sessions import SessionService, bounded
 from portunus.control.stats import rule_stats
-from portunus.control.store import Store, accounts, write_audit
+from portunus.control.store import Store, write_audit
 from portunus.control.store import users as users_db
 from portunus.control.store.audit import list_audit
 from portunus.control.store.migrations import format_ts
-from portunus.control.store.rules import (
-    count_rules_by_client,
-    count_rules_by_state,
-    list_rules,
-    require_rule,
-)
+from portunus.control.store.paging import decode_cursor, encode_cursor, parse_limit
+from portunus.control.store.rules import count_rules_by_state, require_rule
 from portunus.control.traffic import TrafficSampler
 from portunus.control.traffic import query as traffic_query
 from portunus.control.traffic import summary as traffic_summary
 from portunus.control.users import UserService
 from portunus.errors import PortunusError, ValidationError
-from portunus.text import is_ascii_digits
 from portunus.timefmt import parse_when
 
 AUDIT_DEFAULT_LIMIT = 100
@@ -161,21 +156,28 @@ async def rules_stats(ctx: ControlContext, who: Principal, params: dict[str, Any
 
 
 async def clients_list(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
-    """A ``user`` sees the clients its grants name (all for a ``*`` grant), with
-    the count of its own rules on each."""
+    """One page: ``{clients, next_cursor, total}`` (control.edge.client_pages).  A
+    ``user`` sees the clients its grants name (all for a ``*`` grant), with the
+    count of its own rules on each."""
     async with ctx.store.read() as db:
-        clients = await accounts.list_clients(db)
-        counts = await count_rules_by_client(db)
-        if not who.is_superadmin:
-            granted = {g.client_id for g in await users_db.list_grants(db, who.user_id)}
-            if "*" not in granted:
-                clients = [c for c in clients if c.client_id in granted]
-            counts = {}
-            for s in await list_rules(db, owner=who.user):
-                counts[s.client_id] = counts.get(s.client_id, 0) + 1
-    out = [client_entry(c, ctx.dataplane.info(c.client_id), counts.get(c.client_id, 0))
-           for c in clients]
-    return {"clients": out}
+        only, owner = await _client_scope(db, who)
+        return await client_pages.list_page(
+            db, ctx.dataplane, ctx.remote, params, only=only, owner=owner
+        )
+
+
+async def _client_scope(db: Any, who: Principal) -> tuple[set[str] | None, str | None]:
+    """(client ids a caller may see or None for all, owner whose rules are counted)."""
+    if who.is_superadmin:
+        return None, None
+    granted = {g.client_id for g in await users_db.list_grants(db, who.user_id)}
+    return (None if "*" in granted else granted), who.user
+
+
+async def clients_get(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    async with ctx.store.read() as db:
+        only, owner = await _client_scope(db, who)
+        return await client_pages.get_one(db, ctx.dataplane, params.get("id"), only=only, owner=owner)
 
 
 def _clients(ctx: ControlContext) -> ClientService:
@@ -212,29 +214,26 @@ def parse_time(value: Any, key: str) -> str:
 
 
 async def audit_list(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    """Newest first, paged with the shared cursor codec (store.paging): the key is the
+    last entry's id, so appends while paging neither repeat nor skip a row."""
     since = parse_time(params["since"], "since") if params.get("since") is not None else None
     until = parse_time(params["until"], "until") if params.get("until") is not None else None
-    limit = params.get("limit", AUDIT_DEFAULT_LIMIT)
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= AUDIT_MAX_LIMIT:
-        raise ValidationError(
-            "validation.limit", f"limit must be an integer 1-{AUDIT_MAX_LIMIT}", field="limit"
-        )
-    cursor_raw = params.get("cursor")
-    cursor: int | None = None
-    if cursor_raw is not None:
-        if not is_ascii_digits(str(cursor_raw)) or not RULE_ID.contains(int(str(cursor_raw)[:20])):
-            raise ValidationError("validation.cursor", "cursor must be a next_cursor value", field="cursor")
-        cursor = int(cursor_raw)
+    limit = parse_limit(params.get("limit"), AUDIT_DEFAULT_LIMIT, AUDIT_MAX_LIMIT)
+    key = decode_cursor("audit", params.get("cursor"), arity=1)
+    if key is not None and (not isinstance(key[0], int) or key[0] < 0):
+        raise ValidationError("validation.cursor", "cursor is not a next_cursor of this audit list", field="cursor")
     filters: dict[str, str] = {}
-    for key in ("actor", "outcome"):
-        value = params.get(key)
+    for name in ("actor", "outcome"):
+        value = params.get(name)
         if value is not None and (not isinstance(value, str) or len(value) > 200):
-            raise ValidationError(f"validation.{key}", f"{key} must be a string", field=key)
+            raise ValidationError(f"validation.{name}", f"{name} must be a string", field=name)
         if value:
-            filters[key] = value
+            filters[name] = value
     async with ctx.store.read() as db:
-        entries, next_cursor = await list_audit(db, since, until, limit, cursor, **filters)
-    return {"entries": entries, "next_cursor": next_cursor}
+        entries, last_id = await list_audit(
+            db, since, until, limit, None if key is None else int(key[0]), **filters
+        )
+    return {"entries": entries, "next_cursor": None if last_id is None else encode_cursor("audit", [int(last_id)])}
 
 
 async def traffic_history(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
@@ -348,6 +347,7 @@ METHODS: dict[str, tuple[bool, Handler]] = {
     "rules.remove": (True, rules_remove),
     "rules.stats": (True, rules_stats),
     "clients.list": (True, clients_list),
+    "clients.get": (True, clients_get),
     "clients.enroll": (True, clients_enroll),
     "clients.rename": (True, clients_rename),
     "clients.revoke": (True, clients_revoke),

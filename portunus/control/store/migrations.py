@@ -207,7 +207,15 @@ UPDATE rules SET health_check_interval_secs = 3600.0 WHERE health_check_interval
 UPDATE rules SET health_check_interval_secs = 0.1 WHERE health_check_interval_secs < 0.1;
 """
 
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V_USERS, _V_OWNER_CAPS, _V_TRAFFIC, _V_HOSTILE]
+# fleet: ``clients.list`` pages and counts ten thousand clients without reading
+# every row: the live (not revoked) clients by id for ``total``, and by name for
+# ``name_prefix`` and its count (control.edge.client_pages).
+_V_FLEET = """
+CREATE INDEX clients_live ON clients (client_id) WHERE revoked_at IS NULL;
+CREATE INDEX clients_live_by_name ON clients (name) WHERE revoked_at IS NULL;
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V_USERS, _V_OWNER_CAPS, _V_TRAFFIC, _V_HOSTILE, _V_FLEET]
 LATEST = len(MIGRATIONS)
 
 

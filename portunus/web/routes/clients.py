@@ -8,8 +8,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from portunus.control.store.paging import MAX_LIMIT
 from portunus.web.routes.bodies import read_json
-from portunus.web.routes.common import bearer_token, call, endpoint, route
+from portunus.web.routes.common import bearer_token, call, endpoint, query_bool, query_number, route
 
 
 def client_ref(request: Request) -> str:
@@ -19,7 +20,23 @@ def client_ref(request: Request) -> str:
 
 @endpoint
 async def list_clients(request: Request) -> Response:
-    return JSONResponse(await call(request, "clients.list"))
+    """One page (``?limit=&cursor=&connected=&name_prefix=``); the control process
+    validates the cursor and the prefix, so the CLI and the API agree."""
+    bearer_token(request)
+    params: dict[str, Any] = {k: request.query_params[k] for k in ("cursor", "name_prefix")
+                              if request.query_params.get(k)}
+    limit = query_number(request, "limit", 1, MAX_LIMIT, integer=True)
+    if limit is not None:
+        params["limit"] = limit
+    connected = query_bool(request, "connected")
+    if connected is not None:
+        params["connected"] = connected
+    return JSONResponse(await call(request, "clients.list", params))
+
+
+@endpoint
+async def get_client(request: Request) -> Response:
+    return JSONResponse(await call(request, "clients.get", {"id": client_ref(request)}))
 
 
 @endpoint
@@ -50,7 +67,7 @@ async def delete_client(request: Request) -> Response:
 routes = [
     route("/v1/clients", GET=list_clients),
     route("/v1/client-enrollments", POST=enroll_client),
-    route("/v1/clients/{id}", DELETE=delete_client),
+    route("/v1/clients/{id}", GET=get_client, DELETE=delete_client),
     route("/v1/clients/{id}/name", PATCH=rename_client),
     route("/v1/clients/{id}/revoke", POST=revoke_client),
 ]

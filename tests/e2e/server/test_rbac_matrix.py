@@ -122,6 +122,14 @@ OPS: list[Op] = [
     Op("traffic-summary", (), None, ("GET", "/v1/traffic/summary", None), BOTH_OK),
     # clients
     Op("list-clients", (), ("list-clients",), ("GET", "/v1/clients", None), BOTH_OK),
+    # one client: a user sees only the clients its grants name (bob has none)
+    Op(
+        "show-client",
+        (),
+        None,
+        ("GET", "/v1/clients/local", None),
+        {SA: (OK, NA), GRANTED: (OK, NA), NOGRANT: ("client_not_found", NA)},
+    ),
     Op(
         "enroll-client",
         ("new_user",),

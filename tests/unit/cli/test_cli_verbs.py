@@ -157,6 +157,32 @@ def test_list_clients(control, run) -> None:
     assert json.loads(res.stdout) == CLIENTS
 
 
+def _paged_clients(params: dict) -> dict:
+    """Three pages of one client each, keyed by an opaque cursor like the server's."""
+    pages = {None: ("a", "p2"), "p2": ("b", "p3"), "p3": ("c", None)}
+    name, nxt = pages[params.get("cursor")]
+    row = {**CLIENTS["clients"][1], "client_id": f"id-{name}", "client_name": name}
+    return {"clients": [row], "next_cursor": nxt, "total": 3}
+
+
+def test_list_clients_pages(control, run) -> None:
+    control.reply("clients.list", _paged_clients)
+    res = run("list-clients", "--limit", "1", "--connected", "--name-prefix", "e")
+    assert res.exit_code == 0
+    assert control.last["params"] == {"limit": 1, "connected": True, "name_prefix": "e"}
+    assert "--cursor p2" in res.stderr and "1 of 3 shown" in res.stderr
+    res = run("list-clients", "--limit", "1", "--cursor", "p3", "--format", "json")
+    assert [c["client_name"] for c in json.loads(res.stdout)["clients"]] == ["c"]
+    assert control.last["params"] == {"limit": 1, "cursor": "p3"}
+    res = run("list-clients", "--all", "--limit", "1", "--disconnected", "--format", "json")
+    got = json.loads(res.stdout)
+    assert [c["client_name"] for c in got["clients"]] == ["a", "b", "c"] and got["next_cursor"] is None
+    assert [r["params"] for r in control.requests[-3:]] == [
+        {"connected": False, "limit": 1}, {"connected": False, "limit": 1, "cursor": "p2"},
+        {"connected": False, "limit": 1, "cursor": "p3"}]
+    assert run("list-clients", "--limit", "1001").exit_code == 2
+
+
 AUDIT = {"entries": [
     {"id": 2, "ts": "2024-05-01T12:00:01Z", "actor": "alice", "action": "rule.push",
      "target": "rule:7", "outcome": "error", "error_code": "port_conflict"},

@@ -208,6 +208,11 @@ async def test_audit_paging_and_filters(harness: Any) -> None:
     await expect_error(harness.call("audit.list", {"limit": 0}), "validation.limit")
     await expect_error(harness.call("audit.list", {"limit": 1001}), "validation.limit")
     await expect_error(harness.call("audit.list", {"since": "yesterday-ish"}), "validation.since")
+    # The cursor is opaque and checked: an edited one, a bare id, or another list's is refused.
+    cur = page1["next_cursor"]
+    for bad in (cur[:-2], str(page1["entries"][-1]["id"]), (await harness.call("clients.list", {"limit": 1}))
+                .get("next_cursor") or "x"):
+        await expect_error(harness.call("audit.list", {"cursor": bad}), "validation.cursor")
 
 
 async def test_stats_of_unknown_rule_and_empty_metrics(harness: Any) -> None:

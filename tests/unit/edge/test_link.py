@@ -19,7 +19,7 @@ import pytest
 
 from portunus.edge import revoked
 from portunus.edge.bundle import Bundle, read_bundle, write_bundle
-from portunus.edge.link import EXIT_HALT, EdgeLink
+from portunus.edge.link import EXIT_HALT, EdgeLink, link_cadence
 from portunus.edge.rulestore import RuleStore
 from portunus.edge.timing import LinkTiming
 from portunus.edge.wire import CAPABILITIES
@@ -112,7 +112,7 @@ async def test_hello_sync_apply_and_answers_are_relayed(fake: FakeEdgeServer, st
     r = start(bundle_for(fake), capabilities=["tcp", "udp"])
     await connected(fake, r)
     hello = fake.clients[CID].hellos[0]
-    assert (hello["token"], hello["client_id"], hello["capabilities"]) == (f"token-{CID}", CID, ["tcp", "udp"])
+    assert (hello["token"], hello["client_id"], hello["capabilities"]) == (f"token-{CID}", CID, ["tcp", "udp", "quiet_link"])
     applied = fake.frames(CID, "applied")
     assert len(applied) == 1, "the answer to the start-up sync must not reach the server"
 
@@ -161,6 +161,20 @@ async def test_pings_and_stats_flow(fake: FakeEdgeServer, start: Callable[..., R
     stats = await fake.wait(lambda: fake.frames(CID, "stats"))
     assert stats[-1]["rules"] == {"8": {"bytes_in": 0, "bytes_out": 0, "connections_total": 0,
                                         "active_connections": 0}}
+    # Idle counters are not sent again: one stats frame while many pings flow.
+    pings = len(fake.frames(CID, "ping"))
+    await fake.wait(lambda: len(fake.frames(CID, "ping")) >= pings + 5)
+    assert len(fake.frames(CID, "stats")) == 1
+
+
+def test_link_cadence_from_the_welcome() -> None:
+    timing = LinkTiming()
+    assert link_cadence({"heartbeat_secs": 5}, timing) == (5.0, 15.0)  # an older server
+    assert link_cadence({}, timing) == (5.0, 15.0)
+    assert link_cadence({"heartbeat_secs": 20, "ping_secs": 20, "dead_after_secs": 30}, timing) == (20.0, 30.0)
+    assert link_cadence({"heartbeat_secs": 10, "ping_secs": 25}, timing) == (10.0, 60.0)
+    assert link_cadence({"heartbeat_secs": True, "ping_secs": -1}, timing) == (5.0, 15.0)
+    assert link_cadence({"heartbeat_secs": 0.1, "ping_secs": 0.2}, FAST) == (0.1, 0.6)
 
 
 async def test_a_silent_server_is_declared_dead_and_redialled(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from portunus.edge.timing import Backoff, LinkTiming
+from portunus.edge.timing import Backoff, LinkTiming, busy_delay
 
 
 def test_doubles_to_the_cap_with_bounded_jitter() -> None:
@@ -40,3 +40,15 @@ def test_backoff_survives_a_very_long_outage() -> None:
     b = Backoff(0.5, 30.0)
     delays = [b.next() for _ in range(2000)]
     assert all(0 < d <= 30.0 * 1.2 for d in delays)
+
+
+def test_busy_delay_spreads_retry_after() -> None:
+    rng = random.Random(3)
+    b = Backoff(0.5, 30, random.Random(1))
+    delays = [busy_delay(4, b, rng) for _ in range(200)]
+    assert all(4.0 <= d < 8.0 for d in delays)
+    assert max(delays) - min(delays) > 3.0  # spread over the window, not one wave
+    assert b.failures == 0  # the server's answer, not our backoff, sets the wait
+    for bad in (None, 0, -1, True, "5", 301):
+        first = busy_delay(bad, Backoff(0.5, 30, random.Random(1)), rng)
+        assert 0.4 <= first <= 0.6  # falls back to the backoff's first step

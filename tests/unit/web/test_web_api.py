@@ -85,6 +85,25 @@ async def test_clients_list(api: httpx.AsyncClient, fake: FakeControl) -> None:
     assert fake.calls("clients.list")[0]["token"] == TOKEN
 
 
+async def test_clients_list_forwards_paging_and_filters(api: httpx.AsyncClient, fake: FakeControl) -> None:
+    fake.replies["clients.list"] = {"clients": [], "next_cursor": None, "total": 0}
+    r = await api.get("/v1/clients?limit=5&cursor=abc&connected=false&name_prefix=edge-", headers=AUTH)
+    assert r.status_code == 200
+    assert fake.calls("clients.list")[0]["params"] == {
+        "limit": 5, "cursor": "abc", "connected": False, "name_prefix": "edge-"}
+    for bad in ("limit=0", "limit=1001", "limit=x", "connected=maybe"):
+        r = await api.get(f"/v1/clients?{bad}", headers=AUTH)
+        assert r.status_code == 400, bad
+    assert len(fake.calls("clients.list")) == 1
+
+
+async def test_client_get_by_ref(api: httpx.AsyncClient, fake: FakeControl) -> None:
+    fake.replies["clients.get"] = {"client_id": "c1", "client_name": "edge-01"}
+    r = await api.get("/v1/clients/edge-01", headers=AUTH)
+    assert (r.status_code, r.json()["client_id"]) == (200, "c1")
+    assert fake.calls("clients.get")[0]["params"] == {"id": "edge-01"}
+
+
 async def test_audit_forwards_paging(api: httpx.AsyncClient, fake: FakeControl) -> None:
     page = {"entries": [{"id": 3, "ts": "2026-01-01T00:00:00Z", "actor": "admin", "action": "rules.push",
                          "target": "rule 7", "outcome": "ok", "error_code": None}], "next_cursor": "c2"}

@@ -8,9 +8,12 @@ from typing import Any
 
 import pytest
 
+from portunus.control.edge.heap import pin_mmap_threshold, release_free_heap
+from portunus.control.edge.shedding import Shedder
 from portunus.errors import PortunusError
 
 from ..conftest import expect_error
+from .conftest import ALL_CAPS
 
 PUSH: dict[str, Any] = {"listen_port": 19090, "targets": [{"host": "127.0.0.1", "port": 9090}]}
 
@@ -289,3 +292,65 @@ async def test_unknown_frames_are_ignored_and_garbage_closes(edge: Any) -> None:
     e.writer.write(b"\x00\x00\x00\x02[]")
     await e.writer.drain()
     await asyncio.wait_for(e.closed.wait(), 3)
+
+
+async def test_quiet_link_cadence_is_negotiated(make_edge: Any, poll: Any) -> None:
+    """A client advertising quiet_link gets the slow cadence in its welcome, is pinged
+    at it and dropped after its dead interval; an older client keeps heartbeat_secs."""
+    edge = await make_edge(heartbeat_secs=0.1, dead_after_secs=5.0, quiet=(0.3, 0.2, 0.8))
+    _, enrolled = await edge.enroll("quiet")
+    q = edge.fake()
+    loop = asyncio.get_running_loop()
+    welcome = await q.hello(enrolled["token"], enrolled["client_id"], [*ALL_CAPS, "quiet_link"])
+    t0 = loop.time()  # the hello was the last frame from q
+    assert {k: welcome[k] for k in ("heartbeat_secs", "ping_secs", "dead_after_secs")} == {
+        "heartbeat_secs": 0.3, "ping_secs": 0.2, "dead_after_secs": 0.8}
+    _, old_enrolled = await edge.enroll("old")
+    old = edge.fake()
+    old_welcome = await old.hello(old_enrolled["token"], old_enrolled["client_id"])
+    assert old_welcome["heartbeat_secs"] == 0.1 and "ping_secs" not in old_welcome
+    await q.recv("ping", timeout=2)
+    await asyncio.wait_for(q.closed.wait(), 3)  # silent quiet client: dropped after ~0.8 s
+    assert 0.7 <= loop.time() - t0 <= 2.0
+    assert not edge.link.connected(enrolled["client_id"])
+    # The older client (5 s dead interval here) is still up: it was not swept with the quiet one.
+    assert edge.link.connected(old_enrolled["client_id"])
+
+
+async def test_busy_server_sheds_hello_with_retry_after(make_edge: Any) -> None:
+    """A deep event backlog: an authenticated hello is answered busy + retry_after and
+    closed, nothing attached; when the backlog drains the same client gets in."""
+    backlog = [5000]
+    edge = await make_edge(shedder=Shedder(lambda: backlog[0], limit=2000))
+    _, enrolled = await edge.enroll("storm")
+    e = edge.fake()
+    answer = await e.hello(enrolled["token"], enrolled["client_id"])
+    assert answer["type"] == "error" and answer["code"] == "busy"
+    assert answer["retry_after"] == 5 and "retry in 5 s" in answer["message"]
+    await asyncio.wait_for(e.closed.wait(), 3)
+    assert not edge.link.connected(enrolled["client_id"])
+    # A bad token is still told so, not "busy".
+    bad = edge.fake()
+    assert (await bad.hello("not-a-token", None))["code"] == "unauthenticated"
+    backlog[0] = 0
+    ok = edge.fake()
+    assert (await ok.hello(enrolled["token"], enrolled["client_id"]))["type"] == "welcome"
+
+
+def test_shedder_retry_after_grows_with_the_backlog() -> None:
+    depth = [0]
+    s = Shedder(lambda: depth[0], limit=1000)
+    assert s.retry_after() is None
+    depth[0] = 999
+    assert s.retry_after() is None
+    depth[0] = 1000
+    assert s.retry_after() == 2
+    depth[0] = 10_000
+    assert s.retry_after() == 20
+    depth[0] = 10**9
+    assert s.retry_after() == 60
+
+
+def test_heap_release_is_safe_to_call() -> None:
+    assert release_free_heap() in (True, False)
+    assert pin_mmap_threshold() in (True, False)
