@@ -351,6 +351,7 @@ def test_matrix_covers_every_route_and_user_verb() -> None:
     def generic(path: str) -> str:
         path = re.sub(r"^/v1/clients/[^/]+/owners", "/v1/clients/{id}/owners", path)
         path = re.sub(r"/owners/[^/]+/rate-limit$", "/owners/{owner}/rate-limit", path)
+        path = re.sub(r"^/v1/clients/local$", "/v1/clients/{id}", path)  # the reserved node name
         for key in ("rule", "temp_user", "user", "token", "grant", "revoked_client", "client"):
             path = path.replace("{" + key + "}", "{id}")
         return path.split("?")[0]
