@@ -408,6 +408,7 @@ async def test_every_input_has_a_label(api: httpx.AsyncClient, fake: FakeControl
         "/rules",
         "/rules/new",
         "/rules/7",
+        "/clients",
         "/clients/enroll",
         "/clients/01EDGE",
         "/audit",
