@@ -1,4 +1,5 @@
-"""Client pages: the list with connection state, enrollment (the one-time command
+"""Client pages: the paged list with connection state (filters: connected/offline,
+name prefix; ``clients.list`` pages by an opaque cursor), enrollment (the one-time command
 shown once, with a copy button), rename, revoke and delete.  Enrollment, rename,
 revoke and delete are superadmin operations; the control process enforces that,
 and the pages follow its answer."""
@@ -6,6 +7,7 @@ and the pages follow its answer."""
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlencode
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -17,28 +19,55 @@ from portunus.web.routes.common import call
 from portunus.web.ui.base import Identity, field_errors, page, read_form, redirect, superadmin_page
 from portunus.web.ui.render import render
 
+PAGE = 100
+CURSOR_MAX = 256
+
 
 def _ref(request: Request) -> str:
     return str(request.path_params["id"])
 
 
 async def _find(request: Request) -> dict[str, Any]:
-    ref = _ref(request)
-    for c in (await call(request, "clients.list"))["clients"]:
-        if ref in (c["client_id"], c["client_name"]):
-            return dict(c)
-    raise PortunusError(
-        "client_not_found", f"no client {ref!r} (revoked clients are not listed)", client=ref
-    )
+    """One client by id or name: control answers ``client_not_found`` (also for a
+    client outside a user's grants)."""
+    return dict(await call(request, "clients.get", {"id": _ref(request)}))
+
+
+def _list_filters(request: Request) -> tuple[dict[str, str], dict[str, Any]]:
+    """The filters as kept in the query string, and as ``clients.list`` params.
+    ``connected`` is ``true``/``false`` or absent; anything else is ignored."""
+    shown: dict[str, str] = {}
+    params: dict[str, Any] = {}
+    connected = request.query_params.get("connected", "")
+    if connected in ("true", "false"):
+        shown["connected"] = connected
+        params["connected"] = connected == "true"
+    prefix = request.query_params.get("name_prefix", "").strip()
+    if prefix:
+        shown["name_prefix"] = prefix
+        params["name_prefix"] = prefix  # control checks its length (validation.name_prefix)
+    return shown, params
 
 
 @page
 async def list_clients(request: Request, ident: Identity) -> Response:
-    clients = await call(request, "clients.list")
+    """One page of ``PAGE`` clients; the next page is the same filters plus the
+    opaque ``next_cursor`` (a bad cursor is control's ``validation.cursor``)."""
+    filters, params = _list_filters(request)
+    params["limit"] = PAGE
+    cursor = request.query_params.get("cursor", "")
+    if cursor and len(cursor) <= CURSOR_MAX:  # opaque (store.paging); control checks it
+        params["cursor"] = cursor
+    result = await call(request, "clients.list", params)
     return render(
         request,
         "clients.html",
-        clients=clients["clients"],
+        clients=result["clients"],
+        total=result["total"],
+        next_cursor=result["next_cursor"],
+        paged="cursor" in params,
+        filters=filters,
+        query=urlencode(filters),
         notice=request.query_params.get("notice"),
     )
 

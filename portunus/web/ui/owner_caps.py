@@ -16,12 +16,12 @@ from portunus.web.routes.bodies import validate_body
 from portunus.web.routes.common import call
 from portunus.web.ui import rule_form
 from portunus.web.ui.base import Identity, field_errors, read_form, redirect, superadmin_page
+from portunus.web.ui.client_choice import client_choice
 from portunus.web.ui.render import render
 
 
 async def _page(request: Request, client: str, **extra: object) -> Response:
-    clients = await call(request, "clients.list")
-    names = [c["client_name"] for c in clients["clients"]]
+    choice = await client_choice(request)
     owners = await call(request, "owner_caps.list", {"client": client}) if client else None
     context: dict[str, object] = {"values": {}, "errors": {}, "error": None, "editing": None}
     context.update(extra)
@@ -31,7 +31,7 @@ async def _page(request: Request, client: str, **extra: object) -> Response:
         "owner_caps.html",
         status=status,
         client=client,
-        clients=names,
+        choice=choice,
         owners=owners,
         caps=rule_form.CAP_FIELDS,
         notice=request.query_params.get("notice"),

@@ -17,6 +17,7 @@ from portunus.web.routes.common import call, rule_id
 from portunus.web.ui import rule_form
 from portunus.web.ui.base import Identity, field_errors, page, query_dict, read_form, redirect
 from portunus.web.ui.charts import traffic_chart
+from portunus.web.ui.client_choice import client_choice
 from portunus.web.ui.render import render
 
 PAGE_SIZE = 50
@@ -35,9 +36,9 @@ async def list_rules(request: Request, ident: Identity) -> Response:
     filters = query_dict(request, FILTERS)
     number = _page_number(request)
     params: dict[str, Any] = {**filters, "limit": PAGE_SIZE, "offset": (number - 1) * PAGE_SIZE}
-    rules, clients, summary = await asyncio.gather(
+    rules, choice, summary = await asyncio.gather(
         call(request, "rules.list", params),
-        call(request, "clients.list"),
+        client_choice(request, first=(("", "All clients"),)),
         call(request, "traffic.summary", {"limit": 0}),
     )
     base = "/rules?" + (urlencode(filters) + "&" if filters else "")
@@ -50,7 +51,7 @@ async def list_rules(request: Request, ident: Identity) -> Response:
         more=rules["total"] > number * PAGE_SIZE,
         base=base,
         filters=filters,
-        clients=clients["clients"],
+        choice=choice,
         rates=summary.get("per_rule", {}),
         notice=request.query_params.get("notice"),
     )
@@ -63,7 +64,7 @@ async def _push_form(
     status: int = 200,
     error: PortunusError | None = None,
 ) -> Response:
-    clients = await call(request, "clients.list")
+    choice = await client_choice(request, mark_offline=True)
     # A user pushes inside their grants: show them next to the form (control enforces them).
     grants = (
         []
@@ -78,7 +79,7 @@ async def _push_form(
         values=form,
         errors=errors,
         error=error,
-        clients=clients["clients"],
+        choice=choice,
         grants=grants,
         rows=rule_form.target_rows(form),
         caps=rule_form.CAP_FIELDS,

@@ -15,6 +15,7 @@ from portunus.errors import PortunusError
 from portunus.web.routes.bodies import validate_body
 from portunus.web.routes.common import call
 from portunus.web.ui.base import Identity, field_errors, read_form, redirect, superadmin_page
+from portunus.web.ui.client_choice import client_choice
 from portunus.web.ui.render import render
 
 
@@ -68,11 +69,11 @@ async def add_user(request: Request, ident: Identity) -> Response:
 
 async def _user_view(request: Request, **extra: Any) -> Response:
     uid = _uid(request)
-    user, grants, tokens, clients = await asyncio.gather(
+    user, grants, tokens, choice = await asyncio.gather(
         call(request, "users.get", {"user_id": uid}),
         call(request, "grants.list", {"user_id": uid}),
         call(request, "tokens.list", {"user_id": uid}),
-        call(request, "clients.list"),
+        client_choice(request, first=(("*", "* (every client)"),)),
     )
     context: dict[str, Any] = {
         "values": {"protocols": "tcp"},
@@ -82,9 +83,6 @@ async def _user_view(request: Request, **extra: Any) -> Response:
         "notice": request.query_params.get("notice"),
     }
     context.update(extra)
-    options = [("*", "* (every client)")] + [
-        (c["client_name"], c["client_name"]) for c in clients["clients"]
-    ]
     return render(
         request,
         "user_detail.html",
@@ -92,7 +90,7 @@ async def _user_view(request: Request, **extra: Any) -> Response:
         user=user,
         grants=grants["grants"],
         tokens=tokens["tokens"],
-        client_options=options,
+        choice=choice,
         **context,
     )
 

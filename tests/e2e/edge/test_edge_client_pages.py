@@ -57,3 +57,44 @@ def test_pages_filters_and_one_client(server: ServerFactory, clients: ClientFact
     assert status == 200 and same["client_name"] == "live-1"
     status, err = srv.http("GET", "/v1/clients/nobody")
     assert status == 404 and err["error"]["code"] == "client_not_found", err
+
+
+def test_web_ui_pages_the_clients(server: ServerFactory) -> None:
+    """The Web UI over the real control: the clients page follows the real cursor with
+    its filters, the dashboard counts from ``total``, a client's page is clients.get."""
+    import html
+    import re
+
+    srv = server()
+    ids = sorted(mint(srv, f"off-{i:03d}")["client_id"] for i in range(120))
+
+    def page(path: str) -> str:
+        answer = srv.http("GET", path)
+        assert answer.status == 200, (path, answer)
+        return answer.body.decode()
+
+    def next_link(text: str) -> str | None:
+        found = re.search(r'<a href="([^"]+)">Next page →</a>', text)
+        return html.unescape(found.group(1)) if found else None
+
+    first = page("/clients")
+    assert "121 clients" in first and first.count('<a href="/clients/') == 100
+    link = next_link(first)
+    assert link is not None and link.startswith("/clients?cursor=")
+    second = page(link)
+    assert f'<a href="/clients/{ids[-1]}">' in second and next_link(second) is None
+
+    # filters ride along with the cursor; local is connected, so every match is an edge
+    offline = page("/clients?connected=false&name_prefix=off-")
+    assert "120 clients match the filters" in offline and ">local</a>" not in offline
+    link = next_link(offline)
+    assert link is not None and "connected=false&name_prefix=off-&cursor=" in link
+    last = page(link)
+    assert last.count('<a href="/clients/') == 20 and f'<a href="/clients/{ids[-1]}">' in last
+    assert page("/clients?name_prefix=off-0").count('<a href="/clients/') == 100  # off-000..099
+
+    dash = page("/")
+    assert "0 / 120" in dash and "120 clients offline" in dash and "and 110 more" in dash
+    assert "off-050" in page("/clients/off-050")
+    missing = srv.http("GET", "/clients/nobody")
+    assert missing.status == 404 and b"client_not_found" in missing.body

@@ -68,3 +68,46 @@ class FakeControl:
             writer.close()
 
 
+
+
+def paged_clients(clients: list[dict[str, Any]]) -> Any:
+    """``clients.list`` as control answers it: ``local`` first then list order,
+    filtered by ``connected``/``name_prefix``, ``limit`` rows after ``cursor``, and
+    ``total`` counting every match."""
+
+    def answer(params: dict[str, Any]) -> dict[str, Any]:
+        match = [
+            c
+            for c in clients
+            if params.get("connected") in (None, c.get("connected"))
+            and c["client_name"].startswith(params.get("name_prefix", ""))
+        ]
+        start = 0
+        if params.get("cursor"):
+            ids = [c["client_id"] for c in match]
+            after = params["cursor"].removeprefix("cur-")
+            if after not in ids:
+                return PortunusError("validation.cursor", "bad cursor")  # type: ignore[return-value]
+            start = ids.index(after) + 1
+        limit = params.get("limit", 100)
+        shown = match[start : start + limit]
+        more = len(match) > start + limit
+        return {
+            "clients": shown,
+            "next_cursor": f"cur-{shown[-1]['client_id']}" if more else None,
+            "total": len(match),
+        }
+
+    return answer
+
+
+def client_by_ref(clients: list[dict[str, Any]]) -> Any:
+    """``clients.get``: by id or name, else ``client_not_found``."""
+
+    def answer(params: dict[str, Any]) -> Any:
+        for c in clients:
+            if params.get("id") in (c["client_id"], c["client_name"]):
+                return c
+        return PortunusError("client_not_found", f"no client {params.get('id')!r}")
+
+    return answer

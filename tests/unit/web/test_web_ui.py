@@ -16,7 +16,7 @@ from portunus.control.policy import POLICY
 from portunus.errors import PortunusError
 from portunus.web.ui.render import ASSET_VERSION
 
-from .fakes import AUTH, RULE, STATS, TOKEN, FakeControl
+from .fakes import AUTH, RULE, STATS, TOKEN, FakeControl, client_by_ref, paged_clients
 
 POST = {
     **AUTH,
@@ -24,30 +24,28 @@ POST = {
     "Origin": "http://api",
     "Content-Type": "application/x-www-form-urlencoded",
 }
-CLIENTS = {
-    "clients": [
-        {
-            "client_id": "local",
-            "client_name": "local",
-            "connected": True,
-            "remote_addr": None,
-            "connected_since": None,
-            "version": None,
-            "capabilities": [],
-            "rule_count": 1,
-        },
-        {
-            "client_id": "01EDGE",
-            "client_name": "edge-1",
-            "connected": False,
-            "remote_addr": None,
-            "connected_since": None,
-            "version": None,
-            "capabilities": [],
-            "rule_count": 0,
-        },
-    ]
-}
+CLIENTS = [
+    {
+        "client_id": "local",
+        "client_name": "local",
+        "connected": True,
+        "remote_addr": None,
+        "connected_since": None,
+        "version": None,
+        "capabilities": [],
+        "rule_count": 1,
+    },
+    {
+        "client_id": "01EDGE",
+        "client_name": "edge-1",
+        "connected": False,
+        "remote_addr": None,
+        "connected_since": None,
+        "version": None,
+        "capabilities": [],
+        "rule_count": 0,
+    },
+]
 TRAFFIC = {
     "resolution": "minute",
     "from": 0,
@@ -99,7 +97,8 @@ def replies(fake: FakeControl) -> None:
     fake.replies.update(
         {
             "users.me": me("operator", "superadmin"),
-            "clients.list": CLIENTS,
+            "clients.list": paged_clients(CLIENTS),
+            "clients.get": client_by_ref(CLIENTS),
             "rules.list": lambda params: _listed([RULE, failed], params),
             "rules.counts": {
                 "by_state": {"active": 1, "pending": 0, "failed": 1, "draining": 0},
@@ -409,6 +408,7 @@ async def test_every_input_has_a_label(api: httpx.AsyncClient, fake: FakeControl
         "/rules",
         "/rules/new",
         "/rules/7",
+        "/clients",
         "/clients/enroll",
         "/clients/01EDGE",
         "/audit",

@@ -39,7 +39,7 @@ def replies(fake: FakeControl) -> None:
     fake.replies.update(
         {
             "users.me": me("operator", "superadmin"),
-            "clients.list": {"clients": []},
+            "clients.list": {"clients": [], "next_cursor": None, "total": 0},
             "rules.list": {"rules": []},
             "traffic.summary": {
                 "bytes_in_per_sec": 0,
@@ -369,7 +369,11 @@ OWNERS = {
 async def test_owner_caps_page_lists_and_sets(api: httpx.AsyncClient, fake: FakeControl) -> None:
     fake.replies.update(
         {
-            "clients.list": {"clients": [{"client_id": "local", "client_name": "local"}]},
+            "clients.list": {
+                "clients": [{"client_id": "local", "client_name": "local"}],
+                "next_cursor": None,
+                "total": 1,
+            },
             "owner_caps.list": OWNERS,
             "owner_caps.get": {"owner": "alice", "rate_limit": {"bandwidth_in_bps": 1000}},
             "owner_caps.set": {"owner": "bob"},
