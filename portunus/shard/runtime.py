@@ -16,7 +16,7 @@ from typing import Any
 from portunus.logs import log_event, log_throttled
 from portunus.rules import Rule, Target
 from portunus.shard import metrics as m
-from portunus.shard.pumps import PipePool
+from portunus.shard.pumps import SPLICE_AFTER, PipePool
 from portunus.shard.tcp import is_ip
 
 RESET_SWEEP_SECS = 1.0
@@ -243,6 +243,8 @@ class ShardContext:
         self.connect_timeout = float(settings.get("connect_timeout_secs", 5.0))
         self.use_splice = bool(settings.get("use_splice", True))
         self.pipes = PipePool()
+        # Bytes a spliced relay copies one way before it takes a pipe (pumps.py).
+        self.splice_after = int(settings.get("splice_after", SPLICE_AFTER))
         self._resolver: Any = None
         self._poller: Any = None
         self.tasks: set[asyncio.Task[Any]] = set()

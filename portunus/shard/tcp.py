@@ -221,8 +221,9 @@ class TcpConnection:
             # The plain relay: both directions spliced in the shard's edge-triggered
             # poller.  The client joins it now: registering reports the bytes it
             # already sent as the first edge.
-            a = SplicePump(loop, self.client, up, self, acc.add_in, self.ctx.pipes)
-            b = SplicePump(loop, up, self.client, self, acc.add_out, self.ctx.pipes)
+            after = self.ctx.splice_after
+            a = SplicePump(loop, self.client, up, self, acc.add_in, self.ctx.pipes, splice_after=after)
+            b = SplicePump(loop, up, self.client, self, acc.add_out, self.ctx.pipes, splice_after=after)
             a.peer, b.peer = b, a
             b.on_event(self.up_events & IN_BITS)  # what the upstream reported before now
             poller = self.ctx.poller
@@ -241,7 +242,8 @@ class TcpConnection:
     def _level_pump(self, src: socket.socket, dst: socket.socket, account: Any, limiter: Any,
                     splice: bool) -> Any:
         if splice and limiter is None:
-            pump = SplicePump(self.ctx.loop, src, dst, self, account, self.ctx.pipes)
+            pump = SplicePump(self.ctx.loop, src, dst, self, account, self.ctx.pipes,
+                              splice_after=self.ctx.splice_after)
             pump.et = False  # loop readers, not the poller: its peer is a CopyPump
             return pump
         return CopyPump(self.ctx.loop, src, dst, self, account, limiter)
