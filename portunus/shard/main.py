@@ -18,6 +18,7 @@ from typing import Any
 
 from portunus.logs import flush_throttled, log_event
 from portunus.rules import Rule
+from portunus.shard.native import announce as announce_native
 from portunus.shard.runtime import RuleRuntime, ShardContext
 from portunus.shard.tcp import PlainTcpHandler
 from portunus.supervisor.framing import Channel, ProtocolError
@@ -35,6 +36,7 @@ class Shard:
         self.loop = loop
         self.channel = Channel(sock)
         self.ctx = ShardContext(loop, {})
+        announce_native(index, self.ctx.native_why)
         self.ctx.on_drained = self._rule_drained
         self.ctx.on_accept_backoff = self._accept_backoff
         self.listeners: dict[str, socket.socket] = {}

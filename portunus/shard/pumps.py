@@ -39,7 +39,7 @@ HAVE_SPLICE = hasattr(os, "splice")
 # to splice(2) only once it has moved this many bytes one way: for a short
 # connection two splices per chunk (and the pipe) cost more than two copies
 # (bench/ANALYSIS.md, "Copy first, then splice").  0 splices from the first byte.
-DEFAULT_SPLICE_AFTER = 64 * 1024
+DEFAULT_SPLICE_AFTER = 16 * 1024
 
 
 def splice_after_from_env(value: str | None) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 from portunus.logs import log_event, log_throttled
 from portunus.rules import Rule, Target
 from portunus.shard import metrics as m
+from portunus.shard.native import load as native_load
 from portunus.shard.pumps import SPLICE_AFTER, PipePool
 from portunus.shard.tcp import is_ip
 
@@ -245,6 +246,9 @@ class ShardContext:
         self.pipes = PipePool()
         # Bytes a spliced relay copies one way before it takes a pipe (pumps.py).
         self.splice_after = int(settings.get("splice_after", SPLICE_AFTER))
+        # The native relay (native.py): the type, or None with the reason (None = off on purpose).
+        self.native_type, self.native_why = native_load() if settings.get("native", True) else (None, None)
+        self._native: Any = None
         self._resolver: Any = None
         self._poller: Any = None
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -267,6 +271,15 @@ class ShardContext:
 
             self._poller = Poller(self.loop)
         return self._poller
+
+    @property
+    def native(self) -> Any:
+        """The shard's native relay (native.py), or None when it is off or missing."""
+        if self._native is None and self.native_type is not None:
+            from portunus.shard.native import NativeRelay
+
+            self._native = NativeRelay(self.loop, self.native_type, self.splice_after)
+        return self._native
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = self.loop.create_task(coro)

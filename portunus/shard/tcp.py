@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +42,7 @@ class TcpConnection:
     __slots__ = (
         "ctx", "rt", "client", "account", "port_index", "prelude", "upstream",
         "candidates", "pos", "timer", "pumps", "closed", "target", "tried_target", "target_failed",
-        "slot", "up_events",
+        "slot", "up_events", "native",
     )
 
     def __init__(self, ctx: ShardContext, rt: RuleRuntime, client: socket.socket, port_index: int,
@@ -63,6 +64,7 @@ class TcpConnection:
         self.target_failed = False
         self.slot, rt.slot = rt.slot, None  # taken by rt.admit() just before (rate limits)
         self.up_events = 0  # upstream readiness seen before the pumps existed
+        self.native: int | None = None  # handle in the shard's native relay, when it relays us
         rt.conns.add(self)
         self.account.opened()
 
@@ -218,6 +220,10 @@ class TcpConnection:
         a: Any
         b: Any
         if splice and lim_in is None and lim_out is None:
+            native = self.ctx.native
+            if native is not None:
+                self._to_native(native)
+                return
             # The plain relay: both directions spliced in the shard's edge-triggered
             # poller.  The client joins it now: registering reports the bytes it
             # already sent as the first edge.
@@ -238,6 +244,26 @@ class TcpConnection:
         self.pumps = (a, b)
         a.start()
         b.start()
+
+    def _to_native(self, native: Any) -> None:
+        """Hand both sockets to the native relay (native.py); it reports bytes and the close."""
+        up = self.upstream
+        assert up is not None
+        self.ctx.poller.unregister(up.fileno())
+        self.upstream = None
+        cfd, ufd = self.client.detach(), up.detach()
+        try:
+            self.native = native.add(self, cfd, ufd)
+        except OSError as exc:
+            os.close(cfd)
+            os.close(ufd)
+            log_throttled("tcp.native_failed", level="error", rule=self.rt.rule.id, error=str(exc))
+            self.close()
+
+    def native_closed(self) -> None:
+        """The native relay closed both sockets (EOF both ways or an error)."""
+        self.native = None
+        self.close()
 
     def _level_pump(self, src: socket.socket, dst: socket.socket, account: Any, limiter: Any,
                     splice: bool) -> Any:
@@ -264,6 +290,13 @@ class TcpConnection:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.native is not None:
+            handle, self.native = self.native, None
+            din, dout = self.ctx.native.close(handle)
+            if din:
+                self.account.add_in(din)
+            if dout:
+                self.account.add_out(dout)
         if self.pumps is not None:
             for p in self.pumps:
                 p.close()
