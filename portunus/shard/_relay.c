@@ -24,8 +24,13 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
+#include <time.h>
 #include <unistd.h>
 
 #define FLUSH_EVERY (64 * 1024)
@@ -35,13 +40,55 @@
 #define CHUNK PIPE_SIZE
 #define POOL_LIMIT 256
 #define SPLICE_FLAGS (SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+#define ACCEPT_BATCH 64
+#define TICK_MS 50          /* connect timeouts and accept back-off are checked this often */
+#define BACKOFF_MS 100      /* a listener out of fds pauses this long */
 
 typedef struct Conn Conn;
+typedef struct Listener Listener;
+
+enum { END_CONN, END_LISTENER, END_TIMER };
 
 typedef struct {
+    int kind;
+    int side; /* END_CONN: 0 client fd, 1 upstream fd */
     Conn *conn;
-    int side; /* 0: client fd, 1: upstream fd */
+    Listener *lst;
 } End;
+
+typedef struct {
+    struct sockaddr_storage addr;
+    socklen_t len;
+    int family;
+    int target; /* index into the Python side's target list */
+} Cand;
+
+typedef struct {
+    int refs;
+    int n;
+    Cand c[];
+} Cands;
+
+/* A listening socket served natively: accepts, connects through `cands`,
+ * relays.  Counters are summed per poll() and reported for the Prometheus registry. */
+struct Listener {
+    int lfd;
+    Py_ssize_t handle;
+    PyObject *token;
+    int listening; /* in the epoll set (unlisten() takes it out; its connections carry on) */
+    int paused;
+    long long resume_ms;
+    int refs; /* connections + 1 while registered */
+    Cands *cands;
+    long long timeout_ms;
+    long long opened, closed, bytes_in, bytes_out, connect_failures, live;
+    int ntargets;
+    long long *ok, *fail;
+    int *last_err; /* per target: errno of its last failed attempt (ETIMEDOUT: timeout) */
+    int accept_errno;
+    int dirty;
+    End end;
+};
 
 typedef struct {
     char *held;          /* copy phase: bytes the destination has not taken */
@@ -57,9 +104,14 @@ struct Conn {
     int fd[2];
     End end[2];
     Dir dir[2]; /* dir[i] reads fd[i] and writes fd[1 - i]; 0 = bytes in, 1 = bytes out */
-    PyObject *token;
+    PyObject *token;   /* add()ed connections: reported one by one */
+    Listener *lst;     /* accepted natively: counted on the listener */
     Py_ssize_t handle;
     int closed;
+    int connecting;
+    Cands *cands;
+    int pos, cur_target, target_failed, last_err;
+    long long deadline_ms;
     Conn *next_dead;
 };
 
@@ -82,13 +134,55 @@ typedef struct {
     int in_poll;
     PyObject *reports; /* the list poll() is filling; NULL outside poll() */
     int report_failed;
+    Listener **lsts;
+    Py_ssize_t nlsts;
+    int tfd;
+    int timer_armed;
+    End tend;
 } Relay;
+
+static long long now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void cands_unref(Cands *cs) {
+    if (cs != NULL && --cs->refs == 0) free(cs);
+}
+
+static void listener_unref(Listener *l) {
+    if (--l->refs) return;
+    cands_unref(l->cands);
+    Py_XDECREF(l->token);
+    free(l->ok);
+    free(l->fail);
+    free(l->last_err);
+    free(l);
+}
+
+static void arm_timer(Relay *r) {
+    if (r->timer_armed) return;
+    struct itimerspec it = {{0, TICK_MS * 1000000L}, {0, TICK_MS * 1000000L}};
+    if (timerfd_settime(r->tfd, 0, &it, NULL) == 0) r->timer_armed = 1;
+}
 
 /* ----------------------------------------------------------------- reports */
 
 static void report(Relay *r, Conn *c, int closed, int err) {
     long long din = c->dir[0].unflushed, dout = c->dir[1].unflushed;
     c->dir[0].unflushed = c->dir[1].unflushed = 0;
+    if (c->lst != NULL) {
+        Listener *l = c->lst;
+        l->bytes_in += din;
+        l->bytes_out += dout;
+        if (closed) {
+            l->closed++;
+            l->live--;
+        }
+        l->dirty = 1;
+        return;
+    }
     if (r->reports == NULL) return; /* close() outside poll(): the caller reads them */
     PyObject *t = Py_BuildValue("(OLLii)", c->token, din, dout, closed, err);
     if (t == NULL || PyList_Append(r->reports, t) < 0) r->report_failed = 1;
@@ -130,11 +224,14 @@ static void pipe_put(Relay *r, Dir *x) {
 
 /* -------------------------------------------------------------- connections */
 
+static void conn_free(Conn *c);
+
 static void conn_close(Relay *r, Conn *c, int err) {
     if (c->closed) return;
     c->closed = 1;
+    c->connecting = 0;
     close(c->fd[0]);
-    close(c->fd[1]); /* closing removes both from the epoll set */
+    if (c->fd[1] >= 0) close(c->fd[1]); /* closing removes both from the epoll set */
     for (int d = 0; d < 2; d++) {
         pipe_put(r, &c->dir[d]);
         free(c->dir[d].held);
@@ -153,17 +250,22 @@ static void conn_close(Relay *r, Conn *c, int err) {
         c->next_dead = r->dead;
         r->dead = c;
     } else {
-        Py_CLEAR(c->token);
-        free(c);
+        conn_free(c);
     }
+}
+
+static void conn_free(Conn *c) {
+    Py_CLEAR(c->token);
+    cands_unref(c->cands);
+    if (c->lst != NULL) listener_unref(c->lst);
+    free(c);
 }
 
 static void free_dead(Relay *r) {
     while (r->dead) {
         Conn *c = r->dead;
         r->dead = c->next_dead;
-        Py_CLEAR(c->token);
-        free(c);
+        conn_free(c);
     }
 }
 
@@ -313,6 +415,192 @@ static void on_writable(Relay *r, Conn *c, int d) {
     pump(r, c, d);
 }
 
+/* --------------------------------------------------- native accept, connect */
+
+static int grow_slots(Relay *r) {
+    if (r->nfree || r->nslots < r->cap) return 0;
+    Py_ssize_t cap = r->cap ? 2 * r->cap : 256;
+    Conn **s = realloc(r->slots, (size_t)cap * sizeof(Conn *));
+    if (s == NULL) return -1;
+    r->slots = s;
+    Py_ssize_t *f = realloc(r->free_ids, (size_t)cap * sizeof(Py_ssize_t));
+    if (f == NULL) return -1;
+    r->free_ids = f;
+    r->cap = cap;
+    return 0;
+}
+
+static Conn *conn_new(Relay *r, int cfd) {
+    if (grow_slots(r) < 0) return NULL;
+    Conn *c = calloc(1, sizeof(Conn));
+    if (c == NULL) return NULL;
+    c->fd[0] = cfd;
+    c->fd[1] = -1;
+    c->cur_target = -1;
+    for (int i = 0; i < 2; i++) {
+        c->end[i].kind = END_CONN;
+        c->end[i].conn = c;
+        c->end[i].side = i;
+        c->dir[i].pr = c->dir[i].pw = -1;
+        c->dir[i].copy_left = r->splice_after;
+    }
+    c->handle = r->nfree ? r->free_ids[--r->nfree] : r->nslots++;
+    r->slots[c->handle] = c;
+    r->live++;
+    return c;
+}
+
+static int watch(Relay *r, Conn *c, int side) {
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = &c->end[side]};
+    return epoll_ctl(r->ep, EPOLL_CTL_ADD, c->fd[side], &ev);
+}
+
+static void count_target(Listener *l, int target, int ok, int err) {
+    if (target < 0 || target >= l->ntargets) return;
+    (ok ? l->ok : l->fail)[target]++;
+    if (!ok) l->last_err[target] = err;
+    l->dirty = 1;
+}
+
+static void connected(Relay *r, Conn *c) {
+    c->connecting = 0;
+    c->target_failed = 0;
+    count_target(c->lst, c->cur_target, 1, 0);
+    /* Bytes either side sent meanwhile were flagged by their edges (handle_event). */
+    if (c->dir[1].ready) pump(r, c, 1);
+    if (!c->closed && c->dir[0].ready) pump(r, c, 0);
+}
+
+/* Connect to the next candidate; fall through on an immediate failure. */
+static void try_next(Relay *r, Conn *c) {
+    Listener *l = c->lst;
+    Cands *cs = c->cands;
+    while (c->pos < cs->n) {
+        Cand *cd = &cs->c[c->pos++];
+        if (c->cur_target != cd->target) {
+            if (c->cur_target >= 0 && c->target_failed) count_target(l, c->cur_target, 0, c->last_err);
+            c->cur_target = cd->target;
+            c->target_failed = 1;
+        }
+        int u = socket(cd->family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (u < 0) {
+            c->last_err = errno;
+            break;
+        }
+        int one = 1;
+        (void)setsockopt(u, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        int rc = connect(u, (struct sockaddr *)&cd->addr, cd->len);
+        c->last_err = errno;
+        if (rc == 0 || errno == EINPROGRESS) {
+            c->fd[1] = u;
+            if (watch(r, c, 1) < 0) {
+                close(u);
+                c->fd[1] = -1;
+                break;
+            }
+            if (rc == 0) {
+                connected(r, c);
+            } else {
+                c->connecting = 1;
+                c->deadline_ms = now_ms() + l->timeout_ms;
+                arm_timer(r);
+            }
+            return;
+        }
+        close(u);
+    }
+    if (c->cur_target >= 0 && c->target_failed) count_target(l, c->cur_target, 0, c->last_err);
+    c->target_failed = 0;
+    l->connect_failures++;
+    l->dirty = 1;
+    conn_close(r, c, 0);
+}
+
+static void connect_failed_now(Relay *r, Conn *c, int err) {
+    c->last_err = err;
+    close(c->fd[1]); /* leaves the epoll set */
+    c->fd[1] = -1;
+    c->connecting = 0;
+    try_next(r, c);
+}
+
+static void on_upstream_connect(Relay *r, Conn *c) {
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (getsockopt(c->fd[1], SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = errno;
+    if (err) connect_failed_now(r, c, err);
+    else connected(r, c);
+}
+
+static void pause_listener(Relay *r, Listener *l) {
+    struct epoll_event ev = {.events = 0, .data.ptr = &l->end};
+    if (epoll_ctl(r->ep, EPOLL_CTL_MOD, l->lfd, &ev) == 0) {
+        l->paused = 1;
+        l->resume_ms = now_ms() + BACKOFF_MS;
+        arm_timer(r);
+    }
+}
+
+static void on_accept(Relay *r, Listener *l) {
+    for (int i = 0; i < ACCEPT_BATCH; i++) {
+        int fd = accept4(l->lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED) continue;
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                /* Out of fds: leave the rest in the kernel queue and back off briefly. */
+                l->accept_errno = errno;
+                l->dirty = 1;
+                pause_listener(r, l);
+            }
+            return;
+        }
+        Conn *c = conn_new(r, fd);
+        if (c == NULL) {
+            close(fd);
+            return;
+        }
+        c->lst = l;
+        l->refs++;
+        l->opened++;
+        l->live++;
+        l->dirty = 1;
+        c->cands = l->cands;
+        l->cands->refs++;
+        if (watch(r, c, 0) < 0) {
+            conn_close(r, c, errno);
+            continue;
+        }
+        try_next(r, c);
+    }
+}
+
+static void on_tick(Relay *r) {
+    uint64_t n;
+    if (read(r->tfd, &n, sizeof n) < 0) { /* nothing: spurious */ }
+    long long now = now_ms();
+    int busy = 0;
+    for (Py_ssize_t i = 0; i < r->nslots; i++) {
+        Conn *c = r->slots[i];
+        if (c == NULL || !c->connecting) continue;
+        if (c->deadline_ms <= now) connect_failed_now(r, c, ETIMEDOUT);
+        if (r->slots[i] == c && c->connecting) busy = 1;
+    }
+    for (Py_ssize_t i = 0; i < r->nlsts; i++) {
+        Listener *l = r->lsts[i];
+        if (l == NULL || !l->paused) continue;
+        if (l->resume_ms <= now) {
+            struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &l->end};
+            if (epoll_ctl(r->ep, EPOLL_CTL_MOD, l->lfd, &ev) == 0) l->paused = 0;
+        }
+        if (l->paused) busy = 1;
+    }
+    if (!busy) {
+        struct itimerspec off = {{0, 0}, {0, 0}};
+        timerfd_settime(r->tfd, 0, &off, NULL);
+        r->timer_armed = 0;
+    }
+}
+
 /* ------------------------------------------------------------- Python type */
 
 static int Relay_init(Relay *self, PyObject *args, PyObject *kwds) {
@@ -341,12 +629,23 @@ static int Relay_init(Relay *self, PyObject *args, PyObject *kwds) {
     }
     self->bufsize = (size_t)bufsize;
     self->splice_after = splice_after;
+    self->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (self->tfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    self->tend.kind = END_TIMER;
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &self->tend};
+    if (epoll_ctl(self->ep, EPOLL_CTL_ADD, self->tfd, &ev) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
     return 0;
 }
 
 static PyObject *Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     Relay *self = (Relay *)type->tp_alloc(type, 0);
-    if (self != NULL) self->ep = -1;
+    if (self != NULL) self->ep = self->tfd = -1;
     return (PyObject *)self;
 }
 
@@ -355,9 +654,21 @@ static void close_all(Relay *r) {
         if (r->slots[i]) conn_close(r, r->slots[i], 0);
 }
 
+static void drop_listener(Relay *r, Py_ssize_t h) {
+    Listener *l = r->lsts[h];
+    r->lsts[h] = NULL;
+    if (l->listening) epoll_ctl(r->ep, EPOLL_CTL_DEL, l->lfd, NULL);
+    l->listening = 0;
+    listener_unref(l);
+}
+
 static void Relay_dealloc(Relay *self) {
     close_all(self);
     free_dead(self);
+    for (Py_ssize_t i = 0; i < self->nlsts; i++)
+        if (self->lsts[i]) drop_listener(self, i);
+    free(self->lsts);
+    if (self->tfd >= 0) close(self->tfd);
     for (int i = 0; i < 2 * self->pool_n; i++) close(self->pool[i]);
     if (self->ep >= 0) close(self->ep);
     free(self->buf);
@@ -389,31 +700,16 @@ static PyObject *Relay_add(Relay *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "negative fd");
         return NULL;
     }
-    if (self->nfree == 0 && self->nslots == self->cap) {
-        Py_ssize_t cap = self->cap ? 2 * self->cap : 256;
-        Conn **s = realloc(self->slots, (size_t)cap * sizeof(Conn *));
-        if (s == NULL) return PyErr_NoMemory();
-        self->slots = s;
-        Py_ssize_t *f = realloc(self->free_ids, (size_t)cap * sizeof(Py_ssize_t));
-        if (f == NULL) return PyErr_NoMemory();
-        self->free_ids = f;
-        self->cap = cap;
-    }
-    Conn *c = calloc(1, sizeof(Conn));
+    Conn *c = conn_new(self, cfd);
     if (c == NULL) return PyErr_NoMemory();
-    c->fd[0] = cfd;
     c->fd[1] = ufd;
     for (int i = 0; i < 2; i++) {
-        c->end[i].conn = c;
-        c->end[i].side = i;
-        c->dir[i].pr = c->dir[i].pw = -1;
-        c->dir[i].copy_left = self->splice_after;
-    }
-    for (int i = 0; i < 2; i++) {
-        struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = &c->end[i]};
-        if (epoll_ctl(self->ep, EPOLL_CTL_ADD, c->fd[i], &ev) < 0) {
+        if (watch(self, c, i) < 0) {
             int e = errno;
-            if (i == 1) epoll_ctl(self->ep, EPOLL_CTL_DEL, c->fd[0], NULL);
+            if (i == 1) epoll_ctl(self->ep, EPOLL_CTL_DEL, cfd, NULL);
+            self->slots[c->handle] = NULL;
+            self->free_ids[self->nfree++] = c->handle;
+            self->live--;
             free(c);
             errno = e;
             return PyErr_SetFromErrno(PyExc_OSError);
@@ -421,9 +717,6 @@ static PyObject *Relay_add(Relay *self, PyObject *args) {
     }
     Py_INCREF(token);
     c->token = token;
-    c->handle = self->nfree ? self->free_ids[--self->nfree] : self->nslots++;
-    self->slots[c->handle] = c;
-    self->live++;
     return PyLong_FromSsize_t(c->handle);
 }
 
@@ -444,16 +737,38 @@ static PyObject *Relay_close(Relay *self, PyObject *arg) {
     return Py_BuildValue("(LL)", din, dout);
 }
 
-PyDoc_STRVAR(poll_doc, "poll() -> (reports, more)\n\n"
-             "Handle what is ready; reports are (token, bytes_in, bytes_out, closed, errno).\n"
+PyDoc_STRVAR(poll_doc, "poll() -> (reports, listener_reports, more)\n\n"
+             "Handle what is ready; reports are (token, bytes_in, bytes_out, closed, errno),\n"
+             "listener_reports (token, opened, closed, bytes_in, bytes_out, connect_failures,\n"
+             "ok_per_target, failed_per_target, last_errno_per_target, live, accept_errno).\n"
              "more: some connection yielded after a burst; call poll() again soon.");
 
 static void handle_event(Relay *r, struct epoll_event *ev) {
     End *e = ev->data.ptr;
+    if (e->kind == END_LISTENER) {
+        if (e->lst->listening && !e->lst->paused) on_accept(r, e->lst);
+        return;
+    }
+    if (e->kind == END_TIMER) {
+        on_tick(r);
+        return;
+    }
     Conn *c = e->conn;
     if (c->closed) return;
     int i = e->side;
     uint32_t m = ev->events;
+    if (c->connecting) {
+        /* Until the target answers only remember what the client did. */
+        if (i == 0) {
+            if (m & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) c->dir[0].ready = 1;
+            if (m & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) c->dir[0].hup = 1;
+        } else if (m & (EPOLLOUT | EPOLLHUP | EPOLLERR)) {
+            if (m & EPOLLIN) c->dir[1].ready = 1; /* the target spoke first */
+            if (m & EPOLLRDHUP) c->dir[1].hup = 1;
+            on_upstream_connect(r, c);
+        }
+        return;
+    }
     if (m & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
         Dir *x = &c->dir[i];
         x->ready = 1;
@@ -462,6 +777,29 @@ static void handle_event(Relay *r, struct epoll_event *ev) {
     }
     if (!c->closed && (m & (EPOLLOUT | EPOLLHUP | EPOLLERR)) && c->dir[1 - i].writing)
         on_writable(r, c, 1 - i);
+}
+
+/* (token, opened, closed, bytes_in, bytes_out, connect_failures, ok, fail, live, accept_errno) */
+static PyObject *listener_report(Listener *l) {
+    PyObject *ok = PyTuple_New(l->ntargets), *fail = PyTuple_New(l->ntargets), *errs = PyTuple_New(l->ntargets);
+    if (ok == NULL || fail == NULL || errs == NULL) {
+        Py_XDECREF(ok);
+        Py_XDECREF(fail);
+        Py_XDECREF(errs);
+        return NULL;
+    }
+    for (int i = 0; i < l->ntargets; i++) {
+        PyTuple_SET_ITEM(ok, i, PyLong_FromLongLong(l->ok[i]));
+        PyTuple_SET_ITEM(fail, i, PyLong_FromLongLong(l->fail[i]));
+        PyTuple_SET_ITEM(errs, i, PyLong_FromLong(l->last_err[i]));
+        l->ok[i] = l->fail[i] = 0;
+    }
+    PyObject *t = Py_BuildValue("(OLLLLLNNNLi)", l->token, l->opened, l->closed, l->bytes_in, l->bytes_out,
+                                l->connect_failures, ok, fail, errs, l->live, l->accept_errno);
+    l->opened = l->closed = l->bytes_in = l->bytes_out = l->connect_failures = 0;
+    l->accept_errno = 0;
+    l->dirty = 0;
+    return t;
 }
 
 static PyObject *Relay_poll(Relay *self, PyObject *noargs) {
@@ -501,7 +839,196 @@ static PyObject *Relay_poll(Relay *self, PyObject *noargs) {
         if (!PyErr_Occurred()) PyErr_NoMemory();
         return NULL;
     }
-    return Py_BuildValue("(NO)", reports, (self->nagain || n == MAX_EVENTS) ? Py_True : Py_False);
+    PyObject *lreports = PyList_New(0);
+    if (lreports == NULL) {
+        Py_DECREF(reports);
+        return NULL;
+    }
+    /* Listeners no longer registered may still have connections (and counts). */
+    for (Py_ssize_t i = 0; i < self->nlsts; i++) {
+        Listener *l = self->lsts[i];
+        if (l == NULL || !l->dirty) continue;
+        PyObject *t = listener_report(l);
+        if (t == NULL || PyList_Append(lreports, t) < 0) {
+            Py_XDECREF(t);
+            Py_DECREF(reports);
+            Py_DECREF(lreports);
+            return NULL;
+        }
+        Py_DECREF(t);
+    }
+    return Py_BuildValue("(NNO)", reports, lreports, (self->nagain || n == MAX_EVENTS) ? Py_True : Py_False);
+}
+
+/* [(ip, port, target_index), ...] -> Cands (new reference count 1) */
+static Cands *parse_cands(PyObject *seq, int ntargets) {
+    PyObject *fast = PySequence_Fast(seq, "candidates must be a sequence");
+    if (fast == NULL) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    Cands *cs = calloc(1, sizeof(Cands) + (size_t)n * sizeof(Cand));
+    if (cs == NULL) {
+        Py_DECREF(fast);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    cs->refs = 1;
+    cs->n = (int)n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const char *ip;
+        int port, target;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "sii", &ip, &port, &target)) goto fail;
+        if (port <= 0 || port > 65535 || target < 0 || target >= ntargets) {
+            PyErr_SetString(PyExc_ValueError, "candidate port or target index out of range");
+            goto fail;
+        }
+        Cand *cd = &cs->c[i];
+        cd->target = target;
+        struct sockaddr_in *a4 = (struct sockaddr_in *)&cd->addr;
+        struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&cd->addr;
+        if (inet_pton(AF_INET, ip, &a4->sin_addr) == 1) {
+            a4->sin_family = cd->family = AF_INET;
+            a4->sin_port = htons((uint16_t)port);
+            cd->len = sizeof *a4;
+        } else if (inet_pton(AF_INET6, ip, &a6->sin6_addr) == 1) {
+            a6->sin6_family = cd->family = AF_INET6;
+            a6->sin6_port = htons((uint16_t)port);
+            cd->len = sizeof *a6;
+        } else {
+            PyErr_Format(PyExc_ValueError, "not an IP address: %s", ip);
+            goto fail;
+        }
+    }
+    Py_DECREF(fast);
+    return cs;
+fail:
+    Py_DECREF(fast);
+    free(cs);
+    return NULL;
+}
+
+static Listener *get_listener(Relay *self, PyObject *arg) {
+    Py_ssize_t h = PyLong_AsSsize_t(arg);
+    if (h == -1 && PyErr_Occurred()) return NULL;
+    if (h < 0 || h >= self->nlsts || self->lsts[h] == NULL) {
+        PyErr_SetString(PyExc_KeyError, "no such listener");
+        return NULL;
+    }
+    return self->lsts[h];
+}
+
+PyDoc_STRVAR(listen_doc, "listen(listen_fd, token, ntargets, candidates, connect_timeout) -> handle\n\n"
+             "Accept on a listening socket (still the caller's) and relay each connection to the\n"
+             "first candidate (ip, port, target_index) that accepts, within connect_timeout s each.");
+
+static PyObject *Relay_listen(Relay *self, PyObject *args) {
+    int lfd, ntargets;
+    PyObject *token, *seq;
+    double timeout;
+    if (!PyArg_ParseTuple(args, "iOiOd", &lfd, &token, &ntargets, &seq, &timeout)) return NULL;
+    if (check(self) < 0) return NULL;
+    if (lfd < 0 || ntargets < 1 || ntargets > 4096 || !(timeout > 0)) {
+        PyErr_SetString(PyExc_ValueError, "bad listen fd, target count or timeout");
+        return NULL;
+    }
+    Cands *cs = parse_cands(seq, ntargets);
+    if (cs == NULL) return NULL;
+    Listener *l = calloc(1, sizeof(Listener));
+    long long *ok = calloc((size_t)ntargets, sizeof(long long)), *fail = calloc((size_t)ntargets, sizeof(long long));
+    int *last_err = calloc((size_t)ntargets, sizeof(int));
+    Py_ssize_t h = 0;
+    while (h < self->nlsts && self->lsts[h] != NULL) h++;
+    if (h == self->nlsts) {
+        Listener **n = realloc(self->lsts, (size_t)(self->nlsts + 1) * sizeof(Listener *));
+        if (n != NULL) {
+            self->lsts = n;
+            self->lsts[self->nlsts++] = NULL;
+        }
+    }
+    if (l == NULL || ok == NULL || fail == NULL || last_err == NULL || h == self->nlsts) {
+        free(l);
+        free(ok);
+        free(fail);
+        free(last_err);
+        cands_unref(cs);
+        return PyErr_NoMemory();
+    }
+    l->lfd = lfd;
+    l->handle = h;
+    l->cands = cs;
+    l->ntargets = ntargets;
+    l->ok = ok;
+    l->fail = fail;
+    l->last_err = last_err;
+    l->timeout_ms = (long long)(timeout * 1000);
+    l->end.kind = END_LISTENER;
+    l->end.lst = l;
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &l->end};
+    if (epoll_ctl(self->ep, EPOLL_CTL_ADD, lfd, &ev) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        free(l);
+        free(ok);
+        free(fail);
+        free(last_err);
+        cands_unref(cs);
+        return NULL;
+    }
+    Py_INCREF(token);
+    l->token = token;
+    l->listening = 1;
+    l->refs = 1;
+    self->lsts[h] = l;
+    return PyLong_FromSsize_t(h);
+}
+
+static PyObject *Relay_set_candidates(Relay *self, PyObject *args) {
+    PyObject *hobj, *seq;
+    if (!PyArg_ParseTuple(args, "OO", &hobj, &seq)) return NULL;
+    Listener *l = get_listener(self, hobj);
+    if (l == NULL) return NULL;
+    Cands *cs = parse_cands(seq, l->ntargets);
+    if (cs == NULL) return NULL;
+    cands_unref(l->cands); /* connections in progress keep theirs */
+    l->cands = cs;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Relay_unlisten(Relay *self, PyObject *arg) {
+    Listener *l = get_listener(self, arg);
+    if (l == NULL) return NULL;
+    if (l->listening) {
+        epoll_ctl(self->ep, EPOLL_CTL_DEL, l->lfd, NULL);
+        l->listening = 0;
+        l->paused = 0;
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(close_listener_doc, "close_listener(handle) -> listener report\n\n"
+             "Close every connection the listener accepted; returns its counts not yet reported.");
+
+static PyObject *Relay_close_listener(Relay *self, PyObject *arg) {
+    Listener *l = get_listener(self, arg);
+    if (l == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < self->nslots; i++) {
+        Conn *c = self->slots[i];
+        if (c != NULL && c->lst == l) conn_close(self, c, 0);
+    }
+    return listener_report(l);
+}
+
+PyDoc_STRVAR(forget_listener_doc, "forget_listener(handle) -> listener report\n\n"
+             "Stop accepting and drop the listener once its last connection closed (live == 0).");
+
+static PyObject *Relay_forget_listener(Relay *self, PyObject *arg) {
+    Listener *l = get_listener(self, arg);
+    if (l == NULL) return NULL;
+    if (l->live) {
+        PyErr_SetString(PyExc_ValueError, "listener still has connections");
+        return NULL;
+    }
+    PyObject *t = listener_report(l);
+    if (t != NULL) drop_listener(self, l->handle);
+    return t;
 }
 
 static PyObject *Relay_fileno(Relay *self, PyObject *noargs) {
@@ -522,6 +1049,11 @@ static PyMethodDef Relay_methods[] = {
     {"add", (PyCFunction)Relay_add, METH_VARARGS, add_doc},
     {"close", (PyCFunction)Relay_close, METH_O, close_doc},
     {"poll", (PyCFunction)Relay_poll, METH_NOARGS, poll_doc},
+    {"listen", (PyCFunction)Relay_listen, METH_VARARGS, listen_doc},
+    {"set_candidates", (PyCFunction)Relay_set_candidates, METH_VARARGS, "set_candidates(handle, candidates)"},
+    {"unlisten", (PyCFunction)Relay_unlisten, METH_O, "unlisten(handle): stop accepting; connections carry on."},
+    {"close_listener", (PyCFunction)Relay_close_listener, METH_O, close_listener_doc},
+    {"forget_listener", (PyCFunction)Relay_forget_listener, METH_O, forget_listener_doc},
     {"fileno", (PyCFunction)Relay_fileno, METH_NOARGS, "The relay's epoll fd, for the loop's add_reader."},
     {"close_all", (PyCFunction)Relay_close_all, METH_NOARGS, "Close every connection (no reports)."},
     {NULL, NULL, 0, NULL},

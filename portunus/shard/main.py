@@ -19,6 +19,8 @@ from typing import Any
 from portunus.logs import flush_throttled, log_event
 from portunus.rules import Rule
 from portunus.shard.native import announce as announce_native
+from portunus.shard.native_tcp import NativeTcpHandler
+from portunus.shard.native_tcp import eligible as native_eligible
 from portunus.shard.runtime import RuleRuntime, ShardContext
 from portunus.shard.tcp import PlainTcpHandler
 from portunus.supervisor.framing import Channel, ProtocolError
@@ -174,6 +176,8 @@ class Shard:
         # An SNI port stays one while its fallback is its only rule (sni_fallback).
         if len(rts) == 1 and rts[0].rule.sni is None and not rts[0].rule.sni_fallback:
             rt = rts[0]
+            if native_eligible(self.ctx, rt):
+                return ("ntcp", id(rt)), lambda s: NativeTcpHandler(self.ctx, rt, port - rt.rule.listen_start, s)
             return ("tcp", id(rt)), lambda s: PlainTcpHandler(self.ctx, rt, port - rt.rule.listen_start)
         sig = ("sni", tuple(sorted(id(rt) for rt in rts)))
         return sig, lambda s: self._sni_handler(port, rts)

@@ -62,9 +62,19 @@ class NativeRelay:
         """Close one connection now; the bytes it moved since its last report."""
         return self.relay.close(handle)
 
+    def listen(self, handler: Any, lfd: int, ntargets: int, candidates: list[tuple[str, int, int]],
+               timeout: float) -> int:
+        """Accept on ``lfd`` natively; ``handler.report(...)`` gets the batched counts."""
+        return self.relay.listen(lfd, handler, ntargets, candidates, timeout)
+
     def dispatch(self) -> None:
         self.scheduled = False
-        reports, more = self.relay.poll()
+        reports, lreports, more = self.relay.poll()
+        for rep in lreports:
+            try:
+                rep[0].report(*rep[1:])
+            except Exception as exc:  # noqa: BLE001 - one rule's bookkeeping must not lose the batch
+                log_event("tcp.handler_error", level="error", error=repr(exc))
         for conn, din, dout, closed, err in reports:
             acc = conn.account
             if din:

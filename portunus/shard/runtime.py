@@ -72,6 +72,7 @@ class RuleRuntime:
         self.draining = False
         self.all_literal = all(is_ip(t.host) for t in rule.targets)
         self.target_set: Any = None
+        self.on_targets: list[Any] = []  # called when a target goes up or down
         self.health_task: asyncio.Task[None] | None = None
         self.limiter_in: Any = None
         self.limiter_out: Any = None
@@ -144,6 +145,8 @@ class RuleRuntime:
 
     def _target_changed(self, target: Target, up: bool) -> None:
         m.TARGET_UP.labels(self.rule.client, self.rule.id, target.label).set(1 if up else 0)
+        for hook in self.on_targets:
+            hook()  # native listeners take the new candidate order (native_tcp.py)
         log_event("target.up" if up else "target.down", level="info" if up else "warning",
                   rule=self.rule.id, target=target.label)
         if not up:
