@@ -33,10 +33,10 @@ test-python-relay: $(STAMP)
 	PORTUNUS_NATIVE=0 $(BIN)/python -m pytest -q tests/e2e
 
 ## test-asan: the TCP data-plane tests against an AddressSanitizer build of the native relay
-ASAN_TESTS = tests/unit/test_pumps.py tests/e2e/standalone/test_transfer.py \
+ASAN_TESTS = tests/unit/test_pumps.py tests/unit/test_native_tcp.py tests/e2e/standalone/test_transfer.py \
 	tests/e2e/standalone/test_backpressure.py tests/e2e/standalone/test_client_reset.py \
 	tests/e2e/standalone/test_halfclose_refused.py tests/e2e/standalone/test_metrics.py \
-	tests/e2e/features/test_sni.py tests/e2e/features/test_proxy_protocol.py
+	tests/e2e/features/test_sni.py tests/e2e/features/test_proxy_protocol.py tests/e2e/features/test_failover.py
 test-asan: $(STAMP)
 	CFLAGS="-fsanitize=address -fno-omit-frame-pointer -g -O1" $(BIN)/pip install -q -e . --no-deps
 	LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
