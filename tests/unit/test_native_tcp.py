@@ -255,3 +255,49 @@ def test_drain_timeout_closes_native_connections(loop: asyncio.AbstractEventLoop
     p.close()
     for s in (client, up, origin):
         s.close()
+
+
+def test_out_of_fds_at_accept_backs_off_then_serves(
+        loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """accept4 fails with EMFILE: logged, the listener rests (100 ms, a timerfd tick
+    resumes it), and the waiting client is served once fds are back."""
+    import os
+    import resource
+
+    monkeypatch.setitem(logs._state, "format", "json")
+    origin = listener()
+    p = Port(loop, [origin.getsockname()[1]])
+    native = p.ctx.native
+    got: list[bytes] = []
+    server = serve_once(origin, b"served", got)
+    client = socket.create_connection(p.addr, timeout=10)  # queued in the kernel's backlog
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    try:
+        top = max(int(x) for x in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1, hard))
+        while True:
+            try:
+                fillers.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError:
+                break
+        # Drive the relay by hand: running the loop itself would need fds.
+        assert select.select([native.relay.fileno()], [], [], 5)[0]
+        native.dispatch()
+        assert p.handler.live == 0  # nothing accepted: the client waits in the queue
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    client.sendall(b"q")
+    client.shutdown(socket.SHUT_WR)
+    run_until(loop, lambda: not server.is_alive())
+    client.settimeout(10)
+    run_until(loop, lambda: bool(select.select([client], [], [], 0)[0]))
+    assert client.recv(100) == b"served" and got == [b"q"]
+    events = [json.loads(x) for x in capfd.readouterr().err.splitlines() if x.startswith("{")]
+    assert "tcp.accept_error" in [e["event"] for e in events]
+    client.close()
+    p.close()
+    origin.close()
