@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import (
@@ -168,29 +169,32 @@ def main() -> None:
                 flush=True,
             )
     base = names[0]
+    refs = [base] + [r for r in ("nginx",) if r in per and r != base]
+
+    def paired(n: str, ref: str, key: Callable[[dict[str, float]], float]) -> float:
+        return statistics.median(key(a) / key(b) for a, b in zip(per[n], per[ref], strict=True))
+
+    def total(s: dict[str, float]) -> float:
+        return s["user_us"] + s["sys_us"]
+
     print(
         f"\nbody {args.size} B, wrk -t{THREADS} -c{CONNECTIONS} -d{args.duration}s, "
-        f"{args.rounds} rounds, medians"
+        f"{args.rounds} rounds, medians; ratios are medians of per-round (paired) ratios"
     )
-    print(
-        "| forwarder | requests/s | user µs/conn | sys µs/conn | total µs/conn | "
-        f"paired total ÷ {base} | paired rate ÷ {base} | errors |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    head = "".join(f" total ÷ {r} | rate ÷ {r} |" for r in refs)
+    print(f"| forwarder | requests/s | user µs/conn | sys µs/conn | total µs/conn |{head} errors |")
+    print("|---|---|---|---|---|" + "---|---|" * len(refs) + "---|")
     for n in names:
         med = {
             k: statistics.median(s[k] for s in per[n])
             for k in ("rps", "user_us", "sys_us", "errors")
         }
-        tot = [s["user_us"] + s["sys_us"] for s in per[n]]
-        btot = [s["user_us"] + s["sys_us"] for s in per[base]]
-        cpu_ratio = statistics.median(a / b for a, b in zip(tot, btot, strict=True))
-        rate_ratio = statistics.median(
-            a["rps"] / b["rps"] for a, b in zip(per[n], per[base], strict=True)
+        cols = "".join(
+            f" {paired(n, r, total):.2f} | {paired(n, r, lambda s: s['rps']):.2f} |" for r in refs
         )
         print(
             f"| {n} | {med['rps']:,.0f} | {med['user_us']:.1f} | {med['sys_us']:.1f} | "
-            f"{statistics.median(tot):.1f} | {cpu_ratio:.2f} | {rate_ratio:.2f} | {med['errors']:.0f} |"
+            f"{statistics.median(total(s) for s in per[n]):.1f} |{cols} {med['errors']:.0f} |"
         )
 
 

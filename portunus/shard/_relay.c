@@ -40,6 +40,7 @@
 #define CHUNK PIPE_SIZE
 #define POOL_LIMIT 256
 #define SPLICE_FLAGS (SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+#define BULK_READ (16 * 1024) /* a read at least this large says the direction is bulk */
 #define ACCEPT_BATCH 64
 #define TICK_MS 50          /* connect timeouts and accept back-off are checked this often */
 #define BACKOFF_MS 100      /* a listener out of fds pauses this long */
@@ -97,7 +98,7 @@ typedef struct {
     size_t pending;      /* bytes in the pipe */
     long long copy_left; /* bytes still to copy before splicing */
     long long unflushed; /* bytes not yet reported */
-    unsigned ready : 1, writing : 1, eof : 1, done : 1, hup : 1, again : 1;
+    unsigned ready : 1, writing : 1, eof : 1, done : 1, hup : 1, again : 1, spliced : 1;
 } Dir;
 
 struct Conn {
@@ -339,7 +340,7 @@ static void pump(Relay *r, Conn *c, int d) {
             schedule_again(r, c, d);
             return;
         }
-        if (x->copy_left > 0) {
+        if (!x->spliced) {
             ssize_t n = recv(src, r->buf, r->bufsize, 0);
             if (n < 0) {
                 if (errno == EINTR) continue;
@@ -354,6 +355,9 @@ static void pump(Relay *r, Conn *c, int d) {
                 return;
             }
             x->copy_left -= n;
+            /* Splice once enough has moved and the reads are bulk-sized: small
+             * messages (interactive, ping-pong) are cheaper copied for good. */
+            if (x->copy_left <= 0 && n >= BULK_READ) x->spliced = 1;
             size_t off = 0;
             while (off < (size_t)n) {
                 ssize_t m = send(dst, r->buf + off, (size_t)n - off, MSG_NOSIGNAL);
@@ -443,6 +447,7 @@ static Conn *conn_new(Relay *r, int cfd) {
         c->end[i].side = i;
         c->dir[i].pr = c->dir[i].pw = -1;
         c->dir[i].copy_left = r->splice_after;
+        c->dir[i].spliced = r->splice_after == 0;
     }
     c->handle = r->nfree ? r->free_ids[--r->nfree] : r->nslots++;
     r->slots[c->handle] = c;

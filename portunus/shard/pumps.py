@@ -36,9 +36,10 @@ FLUSH_EVERY = 64 * 1024
 COPY_BUF = 256 * 1024
 HAVE_SPLICE = hasattr(os, "splice")
 # A spliced relay copies its first bytes through one shard-wide buffer and switches
-# to splice(2) only once it has moved this many bytes one way: for a short
-# connection two splices per chunk (and the pipe) cost more than two copies
-# (bench/ANALYSIS.md, "Copy first, then splice").  0 splices from the first byte.
+# to splice(2) only once it has moved this many bytes one way and a read was
+# bulk-sized (BULK_READ): for a short connection or small messages two splices per
+# chunk (and the pipe) cost more than two copies (bench/ANALYSIS.md, "Copy first,
+# then splice").  0 splices from the first byte.
 DEFAULT_SPLICE_AFTER = 16 * 1024
 
 
@@ -53,6 +54,7 @@ def splice_after_from_env(value: str | None) -> int:
 
 SPLICE_AFTER = splice_after_from_env(os.environ.get("PORTUNUS_SPLICE_AFTER"))
 FIRST_BUF = 64 * 1024  # the shared copy-first buffer
+BULK_READ = 16 * 1024  # a read this large (after SPLICE_AFTER bytes) switches a relay to splice
 
 _FATAL = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
 
@@ -186,21 +188,23 @@ class SplicePump(Pump):
     (``et`` False), whose per-event dispatch is cheaper than the poller's nested
     one: that is what a chatty or bulk connection costs.
 
-    The first ``splice_after`` bytes are copied instead (``recv_into`` the pool's
+    The first ``splice_after`` bytes, and everything after them until a read is
+    bulk-sized (``BULK_READ``), are copied instead (``recv_into`` the pool's
     shared buffer, ``send``): most short connections end before that and never
     take a pipe.  Bytes the destination does not accept at once are kept in
     ``held`` (the shared buffer is free again when the callback returns).
     """
 
     __slots__ = ("pool", "pipe", "pending", "ready", "hup", "slots", "peer", "et", "reads",
-                 "copy_left", "held")
+                 "copy_left", "spliced", "held")
 
     def __init__(self, loop: Any, src: socket.socket, dst: socket.socket, owner: Any,
                  account: Callable[[int], None], pool: PipePool, ready: bool = False,
                  splice_after: int = SPLICE_AFTER) -> None:
         super().__init__(loop, src, dst, owner, account)
         self.pool = pool
-        self.copy_left = splice_after  # bytes still to copy before splicing (<= 0: splice)
+        self.copy_left = splice_after  # bytes still to copy before splicing
+        self.spliced = splice_after == 0  # switched to the pipe (see _copy_readable)
         self.held = b""  # copied bytes the destination has not taken yet
         self.pipe: tuple[int, int] | None = None  # allocated on first data: idle conns hold none
         self.pending = 0
@@ -275,7 +279,7 @@ class SplicePump(Pump):
             self.on_readable()
 
     def on_readable(self) -> None:
-        if self.copy_left > 0:
+        if not self.spliced:
             self._copy_readable()
             return
         pipe = self.pipe
@@ -370,6 +374,10 @@ class SplicePump(Pump):
             if self.unflushed >= FLUSH_EVERY:
                 self.flush_counter()
             self.copy_left -= n
+            if self.copy_left <= 0 and n >= BULK_READ:
+                # Enough has moved and the reads are bulk-sized: splice from here.
+                # Small messages (interactive, ping-pong) stay copied for good.
+                self.spliced = True
             sent = 0
             while sent < n:
                 try:
@@ -388,7 +396,7 @@ class SplicePump(Pump):
                 # queue and its backlog); bytes arriving later raise a new edge.
                 self.ready = False
                 return
-            if self.copy_left <= 0:
+            if self.spliced:
                 self.on_readable()  # the rest of this edge goes through the pipe
                 return
         if self.et:

@@ -257,6 +257,24 @@ def test_splice_after_zero_splices_from_the_first_byte(loop: asyncio.AbstractEve
     assert got["counted"] == (10, 20)
 
 
+def test_small_messages_stay_copied_past_the_threshold(loop: asyncio.AbstractEventLoop, path: str) -> None:
+    """Ping-pong of 64-byte messages, far past splice_after: no read is bulk-sized,
+    so no pipe is taken (small messages are cheaper copied)."""
+    r = Relayed(loop, path, 1024)
+    for i in range(200):  # 12.8 KiB each way
+        msg = bytes([i]) * 64
+        r.client.sendall(msg)
+        assert recv_soon(loop, r.origin, 64) == msg
+        r.origin.sendall(msg)
+        assert recv_soon(loop, r.client, 64) == msg
+    r.client.close()
+    r.origin.close()
+    r.finish()
+    assert pooled_pipes(r.ctx) == 0
+    assert r.counted() == (200 * 64, 200 * 64)
+    r.close()
+
+
 def test_late_origin_gets_everything_in_order(loop: asyncio.AbstractEventLoop, path: str) -> None:
     """The origin does not read for a while (EAGAIN on every send to it): nothing is lost."""
     up, down = os.urandom(24 * 1024 * 1024), os.urandom(100)
