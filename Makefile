@@ -8,7 +8,7 @@ STAMP    = $(VENV)/.installed
 
 # setup.py builds the optional native relay (portunus/shard/_relay.c) when a C
 # compiler is present; without one the install still succeeds (Python relay).
-$(STAMP): pyproject.toml setup.py portunus/shard/_relay.c
+$(STAMP): pyproject.toml setup.py $(wildcard portunus/shard/*.c portunus/shard/*.h)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

@@ -7,7 +7,8 @@ setup(
     ext_modules=[
         Extension(
             "portunus.shard._relay",
-            ["portunus/shard/_relay.c"],
+            ["portunus/shard/_relay.c", "portunus/shard/relay_io.c", "portunus/shard/relay_connect.c"],
+            depends=["portunus/shard/relay.h"],
             optional=True,
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
         )
