@@ -20,6 +20,9 @@ from portunus.logs import flush_throttled, log_event
 from portunus.rules import Rule
 from portunus.shard import metrics as m
 from portunus.shard.repace import repace_rule
+from portunus.shard.native import announce as announce_native
+from portunus.shard.native_tcp import NativeTcpHandler
+from portunus.shard.native_tcp import eligible as native_eligible
 from portunus.shard.runtime import RuleRuntime, ShardContext
 from portunus.shard.tcp import PlainTcpHandler
 from portunus.supervisor.framing import Channel, ProtocolError
@@ -37,6 +40,7 @@ class Shard:
         self.loop = loop
         self.channel = Channel(sock)
         self.ctx = ShardContext(loop, {})
+        announce_native(index, self.ctx.native_why)
         self.ctx.on_drained = self._rule_drained
         self.ctx.on_accept_backoff = self._accept_backoff
         self.listeners: dict[str, socket.socket] = {}
@@ -191,6 +195,8 @@ class Shard:
         # An SNI port stays one while its fallback is its only rule (sni_fallback).
         if len(rts) == 1 and rts[0].rule.sni is None and not rts[0].rule.sni_fallback:
             rt = rts[0]
+            if native_eligible(self.ctx, rt):
+                return ("ntcp", id(rt)), lambda s: NativeTcpHandler(self.ctx, rt, port - rt.rule.listen_start, s)
             return ("tcp", id(rt)), lambda s: PlainTcpHandler(self.ctx, rt, port - rt.rule.listen_start)
         sig = ("sni", tuple(sorted(id(rt) for rt in rts)))
         return sig, lambda s: self._sni_handler(port, rts)

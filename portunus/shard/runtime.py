@@ -16,7 +16,8 @@ from typing import Any
 from portunus.logs import log_event, log_throttled
 from portunus.rules import Rule, Target
 from portunus.shard import metrics as m
-from portunus.shard.pumps import PipePool
+from portunus.shard.native import load as native_load
+from portunus.shard.pumps import SPLICE_AFTER, PipePool
 from portunus.shard.tcp import is_ip
 
 RESET_SWEEP_SECS = 1.0
@@ -71,6 +72,7 @@ class RuleRuntime:
         self.draining = False
         self.all_literal = all(is_ip(t.host) for t in rule.targets)
         self.target_set: Any = None
+        self.on_targets: list[Any] = []  # called when a target goes up or down
         self.health_task: asyncio.Task[None] | None = None
         self.limiter_in: Any = None
         self.limiter_out: Any = None
@@ -168,6 +170,8 @@ class RuleRuntime:
 
     def _target_changed(self, target: Target, up: bool) -> None:
         m.TARGET_UP.labels(self.rule.client, self.rule.id, target.label).set(1 if up else 0)
+        for hook in self.on_targets:
+            hook()  # native listeners take the new candidate order (native_tcp.py)
         log_event("target.up" if up else "target.down", level="info" if up else "warning",
                   rule=self.rule.id, target=target.label)
         if not up:
@@ -273,6 +277,11 @@ class ShardContext:
         self.connect_timeout = float(settings.get("connect_timeout_secs", 5.0))
         self.use_splice = bool(settings.get("use_splice", True))
         self.pipes = PipePool()
+        # Bytes a spliced relay copies one way before it takes a pipe (pumps.py).
+        self.splice_after = int(settings.get("splice_after", SPLICE_AFTER))
+        # The native relay (native.py): the type, or None with the reason (None = off on purpose).
+        self.native_type, self.native_why = native_load() if settings.get("native", True) else (None, None)
+        self._native: Any = None
         self._resolver: Any = None
         self._poller: Any = None
         self._owners: Any = None
@@ -305,6 +314,15 @@ class ShardContext:
 
             self._poller = Poller(self.loop)
         return self._poller
+
+    @property
+    def native(self) -> Any:
+        """The shard's native relay (native.py), or None when it is off or missing."""
+        if self._native is None and self.native_type is not None:
+            from portunus.shard.native import NativeRelay
+
+            self._native = NativeRelay(self.loop, self.native_type, self.splice_after)
+        return self._native
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = self.loop.create_task(coro)
