@@ -31,6 +31,10 @@ from portunus.rules import (
 SYSTEM_DATA_DIR = "/var/lib/portunus"
 SYSTEM_RUNTIME_DIR = "/run/portunus"
 SYSTEM_CONFIG = "/etc/portunus/server.toml"
+# /metrics defaults differ per program so the three can share one host:
+# server 7081 (metrics_listen), edge client 7082 (--metrics-listen), standalone 7083.
+CLIENT_METRICS_LISTEN = "127.0.0.1:7082"
+STANDALONE_METRICS_LISTEN = "127.0.0.1:7083"
 
 
 @dataclass
@@ -55,6 +59,7 @@ class Settings:
     stats_stream_interval_secs: float = 1.0
     shards: int = 0  # 0 = one per CPU
     extra: dict[str, Any] = field(default_factory=dict)
+    config_path: str = ""  # the file these settings were read from ("" = defaults only)
 
     @property
     def socket_path(self) -> str:
@@ -77,7 +82,7 @@ class Settings:
 
 
 _TYPES: dict[str, type] = {f.name: f.type if isinstance(f.type, type) else object for f in fields(Settings)}
-_SETTING_KEYS = {f.name for f in fields(Settings)} - {"extra", "data_dir", "runtime_dir", "shards"}
+_SETTING_KEYS = {f.name for f in fields(Settings)} - {"extra", "data_dir", "runtime_dir", "shards", "config_path"}
 _FLOAT_KEYS = {
     "shutdown_drain_timeout_secs",
     "udp_flow_idle_secs",
@@ -174,6 +179,7 @@ def load_server_settings(data_dir: str, config_path: str | None) -> Settings:
                 path = candidate
                 break
     if path is not None:
+        settings.config_path = os.path.abspath(path)
         text = _read(path)
         doc = _parse_toml(path, text)
         errs = apply_settings(settings, doc)
@@ -351,7 +357,8 @@ def load_standalone(path: str) -> tuple[Settings, list[Rule]]:
     text = _read(path)
     doc = _parse_toml(path, text)
     loc = _Locator(text)
-    settings = Settings(data_dir=os.path.abspath(os.path.dirname(path) or "."))
+    settings = Settings(data_dir=os.path.abspath(os.path.dirname(path) or "."),
+                        metrics_listen=STANDALONE_METRICS_LISTEN)
     errors: list[str] = []
     for key, msg in apply_settings(settings, doc, skip={"rule", "shards"}):
         errors.append(f"{path}:{loc.top_key(key)}: {msg}")

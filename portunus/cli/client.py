@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, NoReturn
 import click
 
 from portunus import __version__
+from portunus.config import CLIENT_METRICS_LISTEN
 from portunus.edge.wire import CAPABILITIES
 from portunus.errors import EXIT_ERROR, EXIT_UNAUTHENTICATED, EXIT_USAGE
 
@@ -42,8 +43,8 @@ def _fail(message: str, code: int, hint: str | None = None) -> NoReturn:
 @click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True, metavar="DIR", envvar="PORTUNUS_CLIENT_DATA_DIR",
               help="Where the client keeps rules.json (the last rules the server sent), so it "
                    "forwards after a restart even while the server is down.")
-@click.option("--metrics-listen", default="127.0.0.1:7081", show_default=True, metavar="HOST:PORT",
-              help="Serve Prometheus /metrics here.")
+@click.option("--metrics-listen", default=CLIENT_METRICS_LISTEN, show_default=True, metavar="HOST:PORT",
+              help="Serve Prometheus /metrics here (not the server's 7081, so both can run on one host).")
 @click.option("--shards", type=click.IntRange(min=1), default=None,
               help="Data-plane processes (default: one per CPU).")
 @click.option("--listen-address", default="0.0.0.0", show_default=True, metavar="ADDR",
@@ -126,12 +127,16 @@ def run(settings: Settings, bundle: Bundle, capabilities: list[str], stats_inter
 
     import socket
 
-    from portunus.cli.standalone import shard_settings
-    from portunus.edge.link import EXIT_HALT, run_link
+    from portunus.cli.standalone import bind_metrics, shard_settings
+    from portunus.edge.link import run_link
     from portunus.edge.timing import LinkTiming
     from portunus.supervisor.arbiter import Supervisor
     from portunus.supervisor.children import Child
+    from portunus.supervisor.policy import Role
     from portunus.web.metrics import run_metrics
+
+    metrics_sock = bind_metrics(settings.metrics_listen, "--metrics-listen", "the portunus-client command line")
+    instance = {"kind": "client", "config": os.path.abspath(bundle.path) if bundle.path else ""}
 
     timing = LinkTiming(stats_secs=stats_interval)
 
@@ -154,14 +159,12 @@ def run(settings: Settings, bundle: Bundle, capabilities: list[str], stats_inter
         drain_secs=settings.shutdown_drain_timeout_secs,
         metrics_dir=metrics_dir,
         services=[
-            Child(name="link", title="portunus: link", entry=link_entry, wants_channel=True,
-                  halt_reasons={EXIT_HALT: (
-                      "the server revoked this client, so its token no longer works; re-enroll: "
-                      "`portunus-server enroll-client NAME` on the server, then `portunus-client "
-                      "enroll '<uri>' --out BUNDLE --force` here")}),
-            Child(name="metrics", title="portunus: metrics", entry=lambda _s: run_metrics(settings)),
+            Child(name="link", title="portunus: link", entry=link_entry, wants_channel=True, role=Role.LINK),
+            Child(name="metrics", title="portunus: metrics", role=Role.METRICS, wants_channel=True,
+                  sockets=[metrics_sock], entry=lambda ch: run_metrics(settings, metrics_sock, ch, instance)),
         ],
         rule_child="link",
+        own_sockets=[metrics_sock],
     )
     return sup.run()
 

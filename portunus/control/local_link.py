@@ -82,6 +82,10 @@ class LocalLink:
     async def sync(self, client_id: str, rules: Sequence[Rule]) -> None:
         self._send({"type": "sync", "seq": next(self._seq), "rules": [r.to_wire() for r in rules]})
 
+    def say_up(self) -> None:
+        """Tell the supervisor control has fully started (socket served, gateway bound)."""
+        self.end.send({"type": "up"})
+
     # ------------------------------------------------------------------ I/O
 
     def _send(self, msg: dict[str, Any]) -> None:

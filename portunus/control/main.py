@@ -4,9 +4,11 @@ Start order matters: the store is migrated and the operator token installed
 before the socket exists, so the first request a CLI manages to send is already
 served with the full state; the initial ``sync`` goes out before the socket
 opens too, so the data plane starts re-binding stored rules without waiting for
-anyone to ask.  The edge gateway binds after that; a gateway that cannot bind
-(port taken) is logged as an error naming ``control_listen`` and the rest keeps
-running, because local forwarding must not depend on remote clients.
+anyone to ask.  The edge gateway serves the socket the supervisor bound for it
+(``serve`` binds every own listener before it forks, so a taken ``control_listen``
+fails the start).  Run without one (tests), control binds it itself; a failure
+is logged naming ``control_listen`` and control exits ``LISTEN_FAILED``, which
+the supervisor treats as fatal.  Control says ``up`` when all of that is done.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from portunus.control.rpc.handlers import ControlContext, Dispatcher
 from portunus.control.rpc.server import RpcServer
 from portunus.control.service import RuleService, StateSink
 from portunus.control.store import Store
+from portunus.exitcodes import ChildExit
 from portunus.logs import configure, log_event
 
 
@@ -56,23 +59,28 @@ def _clients_gauge() -> Callable[[int], None] | None:
     return ClientsConnectedGauge()
 
 
+class GatewayBindFailed(Exception):
+    """control_listen could not be bound (already logged); fatal to control."""
+
+
 async def start_gateway(gateway: EdgeGateway, control_listen: str) -> bool:
-    """Bind the edge gateway; a failure is logged and the rest keeps running
-    (local forwarding and the operator API must not depend on the gateway)."""
+    """Serve the edge gateway; a bind failure is logged (naming the key) and
+    returns False."""
     try:
         await gateway.start()
     except OSError as exc:
         log_event(
             "edge.gateway_bind_failed", level="error", control_listen=control_listen,
             error=exc.strerror or str(exc),
-            hint="remote clients cannot connect until control_listen in server.toml is free or changed",
+            hint="set control_listen in server.toml to a free address",
         )
         return False
     log_event("edge.gateway_ready", control_listen=control_listen, port=gateway.bound_port)
     return True
 
 
-async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
+async def serve_control(settings: Settings, channel_sock: socket.socket,
+                        gateway_sock: socket.socket | None = None) -> str:
     """Run until SIGTERM/SIGINT or until the supervisor channel closes; return why."""
     loop = asyncio.get_running_loop()
     stopping: asyncio.Future[str] = loop.create_future()
@@ -109,8 +117,10 @@ async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
         await service.sync_client(LOCAL)
         listen_host, listen_port = parse_listen(settings.control_listen, "control_listen")
         cert = await asyncio.to_thread(ensure_server_cert, settings.data_dir, listen_host)
-        gateway = EdgeGateway(store, remote, cert.ssl_context(), listen_host, listen_port)
-        await start_gateway(gateway, settings.control_listen)
+        gateway = EdgeGateway(store, remote, cert.ssl_context(), listen_host, listen_port, sock=gateway_sock)
+        if not await start_gateway(gateway, settings.control_listen):
+            gateway = None
+            raise GatewayBindFailed(settings.control_listen)
         clients = ClientService(
             store, remote, cert.fingerprint, listen_host,
             port=lambda: (gateway.bound_port if gateway is not None else None) or listen_port,
@@ -120,6 +130,7 @@ async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
         server = RpcServer(settings.socket_path, Dispatcher(ctx))
         await server.start()
         log_event("control.ready", socket=settings.socket_path, db=settings.db_path)
+        link.say_up()
         return await stopping
     finally:
         if server is not None:
@@ -133,13 +144,16 @@ async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
         await store.close()
 
 
-def run_control(settings: Settings, channel_sock: socket.socket) -> None:
+def run_control(settings: Settings, channel_sock: socket.socket, gateway_sock: socket.socket | None = None) -> None:
     """Body of the forked control process; returns when it should exit 0.
 
     Raises on a fatal start error (``SchemaTooNew`` is a ``PortunusError`` with
     exit code 78) — the caller logs it and exits non-zero.
     """
     configure(process="control")
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        why = runner.run(serve_control(settings, channel_sock))
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            why = runner.run(serve_control(settings, channel_sock, gateway_sock))
+    except GatewayBindFailed:
+        raise SystemExit(ChildExit.LISTEN_FAILED) from None
     log_event("control.stopped", reason=why)

@@ -36,13 +36,14 @@ from portunus.edge.rulestore import RuleStore
 from portunus.edge.stats import rule_totals
 from portunus.edge.timing import Backoff, LinkTiming
 from portunus.edge.wire import WireError, encode_frame, read_frame, write_frame
+from portunus.exitcodes import ChildExit
 from portunus.logs import log_event
 from portunus.rules import Rule
 from portunus.supervisor.channel_end import SupervisorEnd
 
-# The supervisor halts (no respawn) when a service exits 78; the client CLI then
-# finds the revoked marker and explains.
-EXIT_HALT = 78
+# The supervisor halts (no respawn) when the link exits REVOKED and the client exits
+# ServiceExit.REVOKED (4); the client CLI then finds the revoked marker and explains.
+EXIT_HALT = int(ChildExit.REVOKED)
 
 
 class Revoked(Exception):
@@ -122,6 +123,7 @@ class EdgeLink:
         cached = self.store.load()
         self._to_supervisor({"type": "sync", "rules": cached}, _Pending(None, None))
         log_event("link.cached_rules_applied", rules=len(cached), path=self.store.path)
+        self.sup.send({"type": "up"})  # started: a death from here on is not a boot failure
         task = asyncio.create_task(self._connect_loop())
         try:
             return await self._done
@@ -132,7 +134,9 @@ class EdgeLink:
 
     def stop(self, code: int, why: str) -> None:
         if self._done is not None and not self._done.done():
-            log_event("link.stopping", reason=why, exit_code=code)
+            # child_exit, not exit_code: the process exits with the supervisor's code
+            # (ServiceExit), which the supervisor.halt / supervisor.stopped lines carry.
+            log_event("link.stopping", reason=why, child_exit=code)
             self._done.set_result(code)
 
     def reconnect_now(self) -> None:

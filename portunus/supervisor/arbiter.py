@@ -27,16 +27,17 @@ from collections.abc import Callable
 from queue import Empty, SimpleQueue
 from typing import Any
 
+from portunus.exitcodes import ServiceExit
 from portunus.logs import log_event
 from portunus.rules import Rule
 from portunus.supervisor.children import Child, fork_child
 from portunus.supervisor.framing import MAX_FDS_PER_FRAME, ProtocolError
 from portunus.supervisor.listeners import ListenerTable
 from portunus.supervisor.notify import Notifier
+from portunus.supervisor.policy import Death, DeathLog, Role, decide
 from portunus.supervisor.rulebook import Delta, RuleBook
 
 HEARTBEAT_TIMEOUT = 10.0
-EXIT_SHARD_BOOT_ERROR = 3
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT)
 
 
@@ -63,6 +64,7 @@ class Supervisor:
         services: list[Child] | None = None,
         rule_child: str | None = None,
         ready_checks: list[Callable[[], bool]] | None = None,
+        own_sockets: list[socket.socket] | None = None,
     ) -> None:
         self.shard_settings = shard_settings
         self.drain_secs = drain_secs
@@ -72,12 +74,14 @@ class Supervisor:
         self.book = RuleBook(self.listeners)
         self.shards = [
             Child(name=f"shard-{i}", title=f"portunus: shard {i}", entry=self._shard_entry(i),
-                  wants_channel=True, index=i)
+                  wants_channel=True, index=i, role=Role.SHARD)
             for i in range(shards)
         ]
         self.services = services or []
         self.rule_child = rule_child  # name of the service whose channel is the rule source
         self.ready_checks = list(ready_checks or [])
+        self.own_sockets = list(own_sockets or [])  # API, metrics, gateway: bound before forking
+        self.deaths = DeathLog()
         self.pending_drain: dict[str, set[int]] = {}
         self.signals: SimpleQueue[int] = SimpleQueue()
         self.selector = selectors.DefaultSelector()
@@ -106,7 +110,7 @@ class Supervisor:
         except Exception as exc:
             log_event("supervisor.crashed", level="error", error=repr(exc))
             self.kill_all(signal.SIGKILL)
-            return 1
+            return ServiceExit.ERROR
         finally:
             self.notifier.close()
         return self.exit_code
@@ -219,7 +223,7 @@ class Supervisor:
         return [*self.services, *self.shards]
 
     def spawn(self, child: Child) -> None:
-        fork_child(child, self._child_cleanup)
+        fork_child(child, lambda keep: self._child_cleanup(child, keep))
         if child.channel is not None:
             self.selector.register(child.channel.sock, selectors.EVENT_READ, child)
         if child.index >= 0:
@@ -228,10 +232,14 @@ class Supervisor:
             child.channel.send({"type": "hello", "version": 1, "shards": len(self.shards)})
         log_event("child.started", child=child.name, pid=child.pid)
 
-    def _child_cleanup(self, keep: socket.socket | None) -> None:
-        """In a freshly forked child: drop every fd the supervisor holds."""
+    def _child_cleanup(self, child: Child, keep: socket.socket | None) -> None:
+        """In a freshly forked child: drop every fd the supervisor holds, except
+        the own listeners this child serves."""
         for s in self.listeners.all_sockets():
             os.close(s.detach())
+        for s in self.own_sockets:
+            if not any(s is mine for mine in child.sockets):
+                os.close(s.detach())
         for c in self.all_children():
             if c.channel is not None:
                 os.close(c.channel.sock.detach())
@@ -263,12 +271,13 @@ class Supervisor:
             self._child_exited(child, status)
 
     def _child_exited(self, child: Child, status: int) -> None:
+        code: int | None
         if os.WIFEXITED(status):
             how, code = f"exit {os.WEXITSTATUS(status)}", os.WEXITSTATUS(status)
         elif os.WIFSIGNALED(status):
-            how, code = f"signal {signal.Signals(os.WTERMSIG(status)).name}", -1
+            how, code = f"signal {signal.Signals(os.WTERMSIG(status)).name}", None
         else:
-            how, code = f"status {status}", -1
+            how, code = f"status {status}", None
         if child.channel is not None:
             try:
                 self.selector.unregister(child.channel.sock)
@@ -285,16 +294,14 @@ class Supervisor:
         if self.stopping:
             log_event("child.exited", child=child.name, pid=old_pid, how=how)
             return
-        if child.index >= 0 and code == EXIT_SHARD_BOOT_ERROR and not child.ready:
-            self.halt(f"{child.name} could not start (exit {code}); see its log line above", 1)
+        now = time.monotonic()
+        death = Death(code=code, how=how, was_up=child.up)
+        verdict = decide(child.role, death, self.deaths.record(child.name, now))
+        if verdict is not None:
+            child.halted = True
+            self.halt(f"{child.name} {verdict.why}", verdict.code, child=child.name, pid=old_pid, how=how)
             return
-        if child.index < 0 and code in child.halt_reasons:
-            self.halt(f"{child.name} stopped for good (exit {code}): {child.halt_reasons[code]}", code)
-            return
-        if child.index < 0 and code == 78:
-            self.halt(f"{child.name} refused to start: configuration or schema problem (exit 78)", 78)
-            return
-        delay = child.schedule_restart(time.monotonic())
+        delay = child.schedule_restart(now)
         child.restarts += 1
         if child.index >= 0 and self._restarts is not None:
             self._restarts.labels(str(child.index)).inc()
@@ -326,10 +333,11 @@ class Supervisor:
                 self._signal(shard, signal.SIGKILL)
                 shard.last_heartbeat = now
 
-    def halt(self, reason: str, code: int) -> None:
-        log_event("supervisor.halt", level="error", reason=reason)
+    def halt(self, reason: str, code: int, **fields: Any) -> None:
+        """Stop the whole service with ``code``; the one log line that says why."""
+        log_event("supervisor.halt", level="error", reason=reason, exit_code=int(code), **fields)
         self.halt_reason = reason
-        self.exit_code = code
+        self.exit_code = int(code)
         self.stopping = True
 
     def _signal(self, child: Child, sig: int) -> None:
@@ -362,7 +370,9 @@ class Supervisor:
         for msg, fds in frames:
             for fd in fds:
                 os.close(fd)  # children never send us fds
-            if child.index >= 0:
+            if msg.get("type") == "up":
+                child.up = True
+            elif child.index >= 0:
                 self.on_shard_message(child, msg)
             elif child.name == self.rule_child:
                 self.on_source_message(child, msg)
@@ -379,7 +389,7 @@ class Supervisor:
         kind = msg.get("type")
         shard.last_heartbeat = time.monotonic()
         if kind == "ready":
-            shard.ready = True
+            shard.ready = shard.up = True
         elif kind == "drained":
             for rid in msg.get("ids", []):
                 waiting = self.pending_drain.get(str(rid))
@@ -463,7 +473,11 @@ class Supervisor:
         return text + (f"; {failed} failed" if failed else "")
 
     def maybe_ready(self) -> None:
+        """READY=1 once, when every child is up, the rule source has synced and the
+        ready checks (the API answers) pass."""
         if self.announced_ready or self.stopping:
+            return
+        if not all(c.up for c in self.all_children()):
             return
         if self.rule_child is not None:
             source = next((c for c in self.services if c.name == self.rule_child), None)
@@ -500,6 +514,8 @@ class Supervisor:
         for child in self.services:
             self._signal(child, signal.SIGTERM)
         self._wait_for(self.services, time.monotonic() + 10.0)
+        for s in self.own_sockets:
+            s.close()
         log_event("supervisor.stopped", exit_code=self.exit_code)
 
     def _wait_for(self, children: list[Child], deadline: float) -> None:

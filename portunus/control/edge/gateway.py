@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from typing import Any
 
@@ -61,6 +62,7 @@ class EdgeGateway:
         heartbeat_secs: float = HEARTBEAT_SECS,
         dead_after_secs: float = DEAD_AFTER_SECS,
         handshake_timeout: float = HANDSHAKE_TIMEOUT_SECS,
+        sock: socket.socket | None = None,
     ) -> None:
         self.store = store
         self.link = link
@@ -70,6 +72,7 @@ class EdgeGateway:
         self.heartbeat_secs = heartbeat_secs
         self.dead_after_secs = dead_after_secs
         self.handshake_timeout = handshake_timeout
+        self.sock = sock  # bound by the supervisor (own_listeners.py); None: bind host:port here
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[asyncio.Task[None]] = set()
 
@@ -81,7 +84,14 @@ class EdgeGateway:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        """Bind and serve; raises ``OSError`` when the address cannot be bound."""
+        """Serve (binding first unless given a socket); raises ``OSError`` when the
+        address cannot be bound."""
+        if self.sock is not None:
+            self._server = await asyncio.start_server(
+                self._on_connect, sock=self.sock, ssl=self.ssl_context,
+                ssl_handshake_timeout=self.handshake_timeout,
+            )
+            return
         self._server = await asyncio.start_server(
             self._on_connect, self.host, self.port, ssl=self.ssl_context,
             ssl_handshake_timeout=self.handshake_timeout, reuse_address=True,
