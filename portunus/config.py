@@ -136,6 +136,8 @@ def _check_setting(key: str, value: Any) -> Any:
             raise ValueError(f"{key} must be a string")
         if key == "log_format" and value not in ("json", "text"):
             raise ValueError("log_format must be \"json\" or \"text\"")
+        if key == "log_level" and value not in ("debug", "info", "warning", "error"):
+            raise ValueError("log_level must be \"debug\", \"info\", \"warning\" or \"error\"")
         if key.endswith("_listen"):
             parse_listen(value, key)
         if key == "listen_address":

@@ -137,6 +137,7 @@ def run(settings: Settings, token_note: str, config_path: str | None = None) -> 
     from portunus.supervisor.arbiter import Supervisor
     from portunus.supervisor.children import Child
     from portunus.supervisor.policy import Role
+    from portunus.supervisor.reload import SettingsReloader
 
     def control_entry(sock: socket.socket | None) -> None:
         from portunus.control.main import run_control
@@ -173,5 +174,9 @@ def run(settings: Settings, token_note: str, config_path: str | None = None) -> 
         rule_child="control",
         ready_checks=[lambda: _api_healthy(settings.operator_http_listen)],
         own_sockets=[o.sock for o in own.values()],
+        reloader=SettingsReloader(
+            settings, lambda: load_server_settings(settings.data_dir, config_path or settings.config_path or None),
+            settings.config_path or config_path or os.path.join(settings.data_dir, "server.toml"),
+        ).reload,
     )
     return sup.run()

@@ -42,6 +42,7 @@ LAZY_VERBS = {"serve": "portunus.cli.serve", **dict.fromkeys(("backup", "restore
 # portunus.cli.clients registers these verbs on the group when it is imported.
 LAZY_VERBS.update(dict.fromkeys(("enroll-client", "revoke", "rename-client", "delete-client"),
                                 "portunus.cli.clients"))
+LAZY_VERBS["check-config"] = "portunus.cli.check_config"  # registers itself, like clients
 
 # Extra seconds the socket waits beyond --ack-timeout, so the server's own
 # ack_timeout error (with the pending rule) arrives before the CLI gives up.

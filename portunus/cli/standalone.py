@@ -77,10 +77,13 @@ def run(config_path: str, settings: Settings, rules: list) -> int:  # type: igno
     from portunus.supervisor.arbiter import Supervisor
     from portunus.supervisor.children import Child
     from portunus.supervisor.policy import Role
+    from portunus.supervisor.reload import SettingsReloader
     from portunus.supervisor.sources import TomlSource
     from portunus.web.metrics import run_metrics
 
     metrics_sock = bind_metrics(settings.metrics_listen, "metrics_listen", config_path)
+    source = TomlSource(config_path, initial=rules)
+    reloader = SettingsReloader(settings, source.loaded_settings, config_path)
     _banner(config_path, settings, rules)
     instance = {"kind": "standalone", "config": os.path.realpath(config_path)}
     services = [Child(name="metrics", title="portunus: metrics", role=Role.METRICS, wants_channel=True,
@@ -92,9 +95,11 @@ def run(config_path: str, settings: Settings, rules: list) -> int:  # type: igno
         shard_settings=shard_settings(settings),
         drain_secs=settings.shutdown_drain_timeout_secs,
         metrics_dir=metrics_dir,
-        source=TomlSource(config_path, initial=rules),
+        source=source,
         services=services,
         own_sockets=[metrics_sock],
+        # Top-level settings of the same file: the rules' reload logs the outcome.
+        reloader=lambda: reloader.reload(log_outcome=False),
     )
     try:
         return sup.run()
@@ -129,6 +134,8 @@ def shard_settings(settings: Settings, client: str = "local") -> dict[str, objec
         "use_splice": os.environ.get("PORTUNUS_NO_SPLICE") != "1",
         "shards": settings.shard_count(),
         "runtime_dir": settings.runtime_dir,
+        "log_format": settings.log_format,
+        "log_level": settings.log_level,
     }
 
 

@@ -41,6 +41,8 @@ class LocalLink:
         self._seq = itertools.count(1)
         self._inflight: set[int] = set()
         self._since = utc_now()
+        # A reload's settings (supervisor/reload.py): applied to the live Settings.
+        self.on_settings: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def channel(self) -> Channel:
@@ -116,6 +118,10 @@ class LocalLink:
             ids = msg.get("ids")
             if isinstance(ids, list) and self.events is not None:
                 self.events.rules_removed(LOCAL, [str(i) for i in ids])
+        elif kind == "settings":
+            changed = msg.get("settings")
+            if isinstance(changed, dict) and self.on_settings is not None:
+                self.on_settings(changed)
         elif kind == "hello":
             log_event("control.supervisor_hello", version=msg.get("version"), shards=msg.get("shards"))
         else:

@@ -35,6 +35,7 @@ from portunus.control.service import RuleService, StateSink
 from portunus.control.store import Store
 from portunus.exitcodes import ChildExit
 from portunus.logs import configure, log_event
+from portunus.supervisor.reload import apply_settings
 
 
 def _state_sink() -> StateSink | None:
@@ -91,6 +92,9 @@ async def serve_control(settings: Settings, channel_sock: socket.socket,
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop, signal.Signals(sig).name)
+    # A reload reaches control as a "settings" frame from the supervisor, never as a
+    # signal: a stray SIGHUP (kill -HUP to the whole group) must not end control.
+    loop.add_signal_handler(signal.SIGHUP, lambda: log_event("control.sighup_ignored"))
 
     store = await Store.open(settings.db_path)
     server: RpcServer | None = None
@@ -105,6 +109,7 @@ async def serve_control(settings: Settings, channel_sock: socket.socket,
         else:
             log_event("control.no_operator_token", level="warning", path=settings.token_path)
         link = LocalLink(channel_sock, on_close=lambda why: stop(f"supervisor channel: {why}"))
+        link.on_settings = lambda changed: apply_settings(settings, changed)
         remote = RemoteLink(on_count=_clients_gauge())
         planes = DataPlanes(link, remote)
         state_sink = _state_sink()

@@ -16,6 +16,7 @@ import socket
 import sys
 from typing import Any
 
+from portunus.logs import configure as configure_logs
 from portunus.logs import flush_throttled, log_event
 from portunus.rules import Rule
 from portunus.shard.runtime import RuleRuntime, ShardContext
@@ -93,6 +94,11 @@ class Shard:
             self.ctx.connect_timeout = float(self.ctx.settings.get("connect_timeout_secs", 5.0))
             self.ctx.use_splice = bool(self.ctx.settings.get("use_splice", True))
             self.drain_secs = float(self.ctx.settings.get("shutdown_drain_timeout_secs", 30.0))
+            configure_logs(fmt=self.ctx.settings.get("log_format"), level=self.ctx.settings.get("log_level"))
+            for handler in self.handlers.values():
+                retune = getattr(handler, "retune", None)
+                if retune is not None:
+                    retune()  # a reload: UDP handlers take the new flow limits now
         elif kind == "listeners":
             for key, fd in zip(msg.get("add", []), fds, strict=True):
                 old = self.listeners.pop(key, None)

@@ -65,6 +65,7 @@ class Supervisor:
         rule_child: str | None = None,
         ready_checks: list[Callable[[], bool]] | None = None,
         own_sockets: list[socket.socket] | None = None,
+        reloader: Callable[[], dict[str, Any] | None] | None = None,
     ) -> None:
         self.shard_settings = shard_settings
         self.drain_secs = drain_secs
@@ -82,6 +83,7 @@ class Supervisor:
         self.ready_checks = list(ready_checks or [])
         self.own_sockets = list(own_sockets or [])  # API, metrics, gateway: bound before forking
         self.deaths = DeathLog()
+        self.reloader = reloader  # SIGHUP: re-read settings; returns the reloadable changes or None
         self.pending_drain: dict[str, set[int]] = {}
         self.signals: SimpleQueue[int] = SimpleQueue()
         self.selector = selectors.DefaultSelector()
@@ -200,19 +202,36 @@ class Supervisor:
         self.stopping = True
 
     def handle_sighup(self) -> None:
+        """Reload: rules from an in-process source, settings from the file.  No
+        child is restarted and no socket closed; an invalid file changes nothing."""
         log_event("supervisor.reload", source=self.source.name)
         self.notifier.reloading()
         try:
             rules = self.source.load()
+            changed = self.reloader() if self.reloader is not None else None
         except Exception as exc:  # noqa: BLE001 - a bad reload changes nothing
             log_event("supervisor.reload_failed", level="error", error=str(exc))
-            rules = None
+            rules = changed = None
         if rules is not None:
             self.apply_sync(rules)
+        if changed:
+            self.push_settings(changed)
         for child in self.services:
-            if child.alive and child.name == self.rule_child:
-                self._signal(child, signal.SIGHUP)
+            if child.alive and child.role is Role.LINK:
+                self._signal(child, signal.SIGHUP)  # the edge link: reconnect now
         self.notifier.ready(self.status_line())
+
+    def push_settings(self, changed: dict[str, Any]) -> None:
+        """Hand reloaded settings to every live child, and to respawns to come."""
+        if "shutdown_drain_timeout_secs" in changed:
+            self.drain_secs = float(changed["shutdown_drain_timeout_secs"])
+        for key, value in changed.items():
+            if key in self.shard_settings:
+                self.shard_settings[key] = value
+        for shard in self.shards:
+            self.send(shard, {"type": "config", "shard": shard.index, "settings": self.shard_settings})
+        for child in self.services:
+            self.send(child, {"type": "settings", "settings": changed})
 
     def handle_sigchld(self) -> None:
         pass  # reap_children runs every turn

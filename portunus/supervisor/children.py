@@ -108,6 +108,10 @@ def fork_child(child: Child, cleanup: Callable[[socket.socket | None], None]) ->
         try:
             for sig in RESET_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
+            # A reload is the supervisor's business: it tells children over their
+            # channel.  A stray SIGHUP (to the whole group) must not kill one; children
+            # that want it (the edge link: reconnect now) install their own handler.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             _die_with_parent(parent_pid)
             signal.set_wakeup_fd(-1)
             if parent_sock is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import traceback
@@ -103,6 +104,29 @@ def _config(app: Any) -> uvicorn.Config:
     )
 
 
+def _watch_channel(loop: asyncio.AbstractEventLoop, sock: socket.socket, settings: Settings) -> None:
+    """Apply a reload's ``settings`` frames from the supervisor to the live Settings."""
+    from portunus.supervisor.framing import Channel, ProtocolError
+    from portunus.supervisor.reload import apply_settings
+
+    channel = Channel(sock)
+
+    def readable() -> None:
+        try:
+            frames = channel.read()
+        except (EOFError, ProtocolError, OSError):
+            loop.remove_reader(sock.fileno())
+            return
+        for msg, fds in frames:
+            for fd in fds:
+                os.close(fd)
+            if msg.get("type") == "settings" and isinstance(msg.get("settings"), dict):
+                apply_settings(settings, msg["settings"])
+                route_uvicorn_logs(settings.log_level)
+
+    loop.add_reader(sock.fileno(), readable)
+
+
 async def serve_all(api: Any, pairs: list[tuple[Any, socket.socket]],
                     on_up: Callable[[], None] | None = None) -> None:
     """Serve each ``(app, socket)`` until SIGTERM/SIGINT or until any server stops;
@@ -157,6 +181,11 @@ def run_web(settings: Settings, api_sock: socket.socket | None = None,
         raise SystemExit(ChildExit.LISTEN_FAILED) from None
     log_event("web.listening", api=settings.operator_http_listen,
               metrics=settings.metrics_listen if metrics is not None else None)
-    uvloop.run(serve_all(api, pairs, on_up=(lambda: say_up(channel)) if channel is not None else None))
+    async def main() -> None:
+        if channel is not None:
+            _watch_channel(asyncio.get_running_loop(), channel, settings)
+        await serve_all(api, pairs, on_up=(lambda: say_up(channel)) if channel is not None else None)
+
+    uvloop.run(main())
     log_event("web.stopped")
 

@@ -217,7 +217,12 @@ def test_units_carry_the_contract() -> None:
         assert "Type=notify-reload" not in text  # systemd 253+; Debian 12 has 252
         no_restart = {int(c) for c in re.search(r"^RestartPreventExitStatus=(.*)$", text, re.M)  # type: ignore[union-attr]
                       .group(1).split()}
-        assert {2, 78} <= no_restart, name
+        assert {2, 70, 78} <= no_restart, name  # usage, a child that cannot start, config
+        if name in ("portunus.service", "portunus-standalone.service"):
+            # A reload validates first, so a broken file fails `systemctl reload` visibly.
+            reloads = re.findall(r"^ExecReload=(.*)$", text, re.M)
+            assert len(reloads) == 2 and ("check-config" in reloads[0] or "--check" in reloads[0]), name
+            assert "kill -HUP" in reloads[1], name
         if "client" in name:  # a revoked client would only be refused again: no restart loop
             assert EXIT_REVOKED in no_restart, name
         assert re.search(r"^WatchdogSec=\d+", text, re.M)
