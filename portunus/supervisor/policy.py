@@ -43,17 +43,17 @@ class Halt:
 
 
 REVOKED_HINT = (
-    "the server revoked this client, so its token no longer works; re-enroll: "
+    "stopped: the server revoked this client, so its token no longer works; re-enroll: "
     "`portunus-server enroll-client NAME` on the server, then `portunus-client "
     "enroll '<uri>' --out BUNDLE --force` here"
 )
 
 TABLE: dict[tuple[Role | None, int], Halt] = {
     (None, ChildExit.CONFIG): Halt(
-        ServiceExit.CONFIG, "configuration or database schema problem (exit 78)"
+        ServiceExit.CONFIG, "stopped: configuration or database schema problem (exit 78)"
     ),
     (None, ChildExit.LISTEN_FAILED): Halt(
-        ServiceExit.LISTEN_FAILED, "a listening address could not be bound"
+        ServiceExit.LISTEN_FAILED, "stopped: a listening address could not be bound"
     ),
     (Role.LINK, ChildExit.REVOKED): Halt(ServiceExit.REVOKED, REVOKED_HINT),
 }
@@ -78,12 +78,12 @@ def decide(role: Role, death: Death, recent_deaths: int) -> Halt | None:
         if not death.was_up:
             return Halt(
                 ServiceExit.BOOT_FAILED,
-                f"it could not start ({death.how}); its own log line above says why",
+                f"could not start ({death.how}); its own log line above says why",
             )
     if recent_deaths >= CRASH_LOOP_DEATHS:
         return Halt(
             ServiceExit.CRASH_LOOP,
-            f"it died {recent_deaths} times within {CRASH_LOOP_WINDOW_SECS:.0f} s ({death.how} last)",
+            f"died {recent_deaths} times within {CRASH_LOOP_WINDOW_SECS:.0f} s ({death.how} last)",
         )
     return None
 
