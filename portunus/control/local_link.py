@@ -118,6 +118,15 @@ class LocalLink:
             ids = msg.get("ids")
             if isinstance(ids, list) and self.events is not None:
                 self.events.rules_removed(LOCAL, [str(i) for i in ids])
+        elif kind == "retried":
+            # A failed rule the supervisor managed to bind later (its port freed).
+            raw = msg.get("results")
+            if isinstance(raw, dict) and self.events is not None:
+                self.events.rules_applied(LOCAL, {
+                    str(rid): RuleResult(res["state"], res.get("reason"))
+                    for rid, res in raw.items()
+                    if isinstance(res, dict) and res.get("state") in ("active", "failed")
+                })
         elif kind == "settings":
             changed = msg.get("settings")
             if isinstance(changed, dict) and self.on_settings is not None:

@@ -23,6 +23,7 @@ import uvloop
 
 from portunus.config import Settings, parse_listen
 from portunus.control.auth import Authenticator, install_operator_token, read_operator_token
+from portunus.control.counters import RuleCounters
 from portunus.control.dataplane import LOCAL, DataPlanes
 from portunus.control.edge.cert import ensure_server_cert
 from portunus.control.edge.clients import ClientService
@@ -101,6 +102,7 @@ async def serve_control(settings: Settings, channel_sock: socket.socket,
     link: LocalLink | None = None
     service: RuleService | None = None
     gateway: EdgeGateway | None = None
+    counters: RuleCounters | None = None
     try:
         token = read_operator_token(settings)
         if token is not None:
@@ -132,6 +134,10 @@ async def serve_control(settings: Settings, channel_sock: socket.socket,
             on_state=state_sink,
         )
         ctx = ControlContext(settings, store, Authenticator(store), service, planes, remote, clients)
+        counters = RuleCounters(store, settings, remote)
+        await counters.load()
+        counters.start()
+        ctx.counters = counters
         server = RpcServer(settings.socket_path, Dispatcher(ctx))
         await server.start()
         log_event("control.ready", socket=settings.socket_path, db=settings.db_path)
@@ -140,6 +146,8 @@ async def serve_control(settings: Settings, channel_sock: socket.socket,
     finally:
         if server is not None:
             await server.close()
+        if counters is not None:
+            await counters.stop()
         if gateway is not None:
             await gateway.close()
         if service is not None:

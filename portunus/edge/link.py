@@ -259,7 +259,9 @@ class EdgeLink:
             except (OSError, ValueError) as exc:  # a file vanishing mid-read: next round
                 log_event("link.stats_unreadable", level="warning", error=str(exc))
                 continue
-            session.send({"type": "stats", "rules": totals})
+            # "run": counters restart with each run of this client's supervisor; the
+            # server banks the previous run's totals when it changes.
+            session.send({"type": "stats", "rules": totals, "run": os.environ.get("PORTUNUS_RUN_ID", "")})
 
     # ============================================================ server -> us
 
@@ -329,6 +331,10 @@ class EdgeLink:
             live = self._session
             if pending.session is not None and live is not None and live.number == pending.session:
                 live.send({"type": "applied", "seq": pending.server_seq, "results": results})
+        elif kind == "retried":
+            # A failed rule bound later (its port freed): tell the server, unasked.
+            if self._session is not None:
+                self._session.send({"type": "applied", "seq": None, "results": dict(msg.get("results") or {})})
         elif kind == "removed":
             ids = [str(i) for i in msg.get("ids") or []]
             if self._session is not None:

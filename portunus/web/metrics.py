@@ -13,6 +13,7 @@ import asyncio
 import os
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -84,12 +85,88 @@ class InstanceCollector:
         yield info
 
 
-def render_metrics(metrics_dir: str, supervisor_pid: int | None, instance: dict[str, str] | None = None) -> bytes:
+# Rule series that a restart must not reset, and the key of each in the totals file.
+_CARRIED = {
+    "portunus_rule_bytes_in": "bytes_in",
+    "portunus_rule_bytes_out": "bytes_out",
+    "portunus_rule_connections": "connections_total",
+}
+_ACTIVE = "portunus_rule_active_connections"
+
+
+class CarriedCollector:
+    """The shards' series, with each local rule's total from earlier runs added and
+    every edge client's rules appended (labels ``client`` = the client's name), from
+    the control process's ``rule_counters.json`` (portunus/control/counters.py)."""
+
+    def __init__(self, metrics_dir: str, totals: dict[str, Any]) -> None:
+        self.metrics_dir = metrics_dir
+        self.totals = totals
+
+    def collect(self) -> Iterator[object]:
+        from prometheus_client.multiprocess import MultiProcessCollector
+        from prometheus_client.samples import Sample
+
+        local = self.totals.get("local") or {}
+        remote = self.totals.get("remote") or {}
+        missing = {*_CARRIED, _ACTIVE}
+        for family in [*MultiProcessCollector(None, path=self.metrics_dir).collect(),  # type: ignore[arg-type]
+                       *_empty_families()]:
+            if family.name in _CARRIED or family.name == _ACTIVE:
+                if family.name not in missing:
+                    continue  # the shards have it: skip the empty stand-in
+                missing.discard(family.name)
+            key = _CARRIED.get(family.name)
+            if key is None and family.name != _ACTIVE:
+                yield family
+                continue
+            seen: set[str] = set()
+            samples = []
+            for smp in family.samples:
+                rid = smp.labels.get("rule", "")
+                extra = local.get(rid) if key is not None and smp.name == family.name + "_total" else None
+                if extra is not None and smp.labels.get("client") == extra.get("client"):
+                    seen.add(rid)
+                    smp = Sample(smp.name, smp.labels, smp.value + float(extra.get(key) or 0), smp.timestamp)
+                samples.append(smp)
+            if key is not None:
+                for rid, row in local.items():
+                    if rid not in seen:  # counted in earlier runs, no live series yet
+                        samples.append(Sample(family.name + "_total", _labels(rid, row), float(row.get(key) or 0)))
+            for rid, row in remote.items():
+                value = row.get(key if key is not None else "active_connections")
+                suffix = "_total" if key is not None else ""
+                samples.append(Sample(family.name + suffix, _labels(rid, row), float(value or 0)))
+            family.samples = samples
+            yield family
+
+
+def _empty_families() -> list[Any]:
+    """Stand-ins for rule series no shard has written yet (no local rule at all),
+    so edge clients' rules and earlier runs' totals are exported even then."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    labels = ["client", "rule", "owner"]
+    out: list[Any] = [CounterMetricFamily(name, "Rule counter (see portunus_rule_* help)", labels=labels)
+                      for name in _CARRIED]
+    out.append(GaugeMetricFamily(_ACTIVE, "Open connections", labels=labels))
+    return out
+
+
+def _labels(rule_id: str, row: dict[str, Any]) -> dict[str, str]:
+    return {"client": str(row.get("client", "")), "rule": rule_id, "owner": str(row.get("owner", ""))}
+
+
+def render_metrics(metrics_dir: str, supervisor_pid: int | None, instance: dict[str, str] | None = None,
+                   totals: dict[str, Any] | None = None) -> bytes:
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=metrics_dir)
+    if totals and (totals.get("local") or totals.get("remote")):
+        registry.register(CarriedCollector(metrics_dir, totals))  # type: ignore[arg-type]
+    else:
+        MultiProcessCollector(registry, path=metrics_dir)
     if supervisor_pid:
         registry.register(ProcessCollector(supervisor_pid))  # type: ignore[arg-type]
     if instance:
@@ -102,12 +179,16 @@ def render_metrics(metrics_dir: str, supervisor_pid: int | None, instance: dict[
 def create_metrics_app(settings: Settings, instance: dict[str, str] | None = None) -> Starlette:
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", settings.metrics_dir)
     supervisor_pid = int(os.environ.get("PORTUNUS_SUPERVISOR_PID", "0")) or None
+    server = instance is None
     instance = instance or {"kind": "server", "config": ""}
 
     async def metrics(request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        return Response(render_metrics(metrics_dir, supervisor_pid, instance), media_type=CONTENT_TYPE_LATEST)
+        from portunus.control.counters import read_totals_file
+
+        totals = read_totals_file(settings.runtime_dir) if server else None
+        return Response(render_metrics(metrics_dir, supervisor_pid, instance, totals), media_type=CONTENT_TYPE_LATEST)
 
     return Starlette(routes=[Route("/metrics", metrics)])
 

@@ -43,6 +43,7 @@ class ControlContext:
     # The edge gateway's parts; None when the control process runs without it.
     remote: RemoteLink | None = None
     clients: ClientService | None = None
+    counters: Any = None  # control/counters.py RuleCounters: totals across restarts
 
 
 Handler = Callable[[ControlContext, Principal, dict[str, Any]], Awaitable[Any]]
@@ -76,6 +77,12 @@ async def rules_remove(ctx: ControlContext, who: Principal, params: dict[str, An
     return await ctx.service.remove(who, params)
 
 
+async def rules_retry(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    from portunus.control.retry_rule import retry_rule
+
+    return await retry_rule(ctx.service, who, params)
+
+
 def _flag(params: dict[str, Any], key: str) -> bool:
     value = params.get(key, False)
     if not isinstance(value, bool):
@@ -92,10 +99,14 @@ async def rules_stats(ctx: ControlContext, who: Principal, params: dict[str, Any
         # A remote rule counts on the edge; its latest stats frame is in memory.
         if ctx.remote is None:
             raise PortunusError("unavailable", "the edge gateway is not running in this control process")
-        return ctx.remote.rule_stats(stored.client_id, stored.rule, per_port, per_target)
-    return await asyncio.to_thread(
+        live = ctx.remote.rule_stats(stored.client_id, stored.rule, per_port, per_target)
+        if ctx.counters is not None:
+            return ctx.counters.remote_stats(stored.client_id, rule_id, live)
+        return live
+    live = await asyncio.to_thread(
         rule_stats, ctx.settings.metrics_dir, stored.rule, per_port, per_target
     )
+    return ctx.counters.local_stats(rule_id, live) if ctx.counters is not None else live
 
 
 async def clients_list(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
@@ -166,6 +177,7 @@ METHODS: dict[str, tuple[bool, Handler]] = {
     "rules.get": (True, rules_get),
     "rules.update": (True, rules_update),
     "rules.remove": (True, rules_remove),
+    "rules.retry": (True, rules_retry),
     "rules.stats": (True, rules_stats),
     "clients.list": (True, clients_list),
     "clients.enroll": (True, clients_enroll),

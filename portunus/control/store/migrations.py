@@ -124,7 +124,22 @@ UPDATE rules SET sni_fallback = 1
                   AND s.sni_pattern IS NOT NULL AND s.state != 'draining');
 """
 
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4]
+# Rule counters carried across restarts (portunus/control/counters.py).
+_V_OPS = """
+CREATE TABLE rule_counters (
+    rule_id             INTEGER PRIMARY KEY REFERENCES rules(id) ON DELETE CASCADE,
+    carried_bytes_in    INTEGER NOT NULL DEFAULT 0,   -- counted by earlier runs
+    carried_bytes_out   INTEGER NOT NULL DEFAULT 0,
+    carried_connections INTEGER NOT NULL DEFAULT 0,
+    last_bytes_in       INTEGER NOT NULL DEFAULT 0,   -- counted by run, at the last snapshot
+    last_bytes_out      INTEGER NOT NULL DEFAULT 0,
+    last_connections    INTEGER NOT NULL DEFAULT 0,
+    run                 TEXT,                         -- PORTUNUS_RUN_ID of the counting supervisor
+    updated_at          TEXT NOT NULL
+);
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V_OPS]
 LATEST = len(MIGRATIONS)
 
 

@@ -1,0 +1,59 @@
+"""Rule verbs of ``portunus-server`` kept out of server.py: ``retry-rule``.
+
+Imported lazily through ``server.LAZY_VERBS``; importing it registers the verbs.
+"""
+
+from __future__ import annotations
+
+import click
+
+from portunus.cli import output
+from portunus.cli.common import OperatorContext, echo_json, format_option, hint_vars
+from portunus.errors import PortunusError
+
+
+@click.command("retry-rule")
+@click.argument("rule_id", metavar="ID", type=int)
+@format_option
+@click.pass_obj
+def retry_rule(obj: OperatorContext, rule_id: int, fmt: str) -> None:
+    """Try to bind a failed rule again now (e.g. after freeing its port).
+
+    A failed rule is retried by itself too, after 1 s, then 2, 4, ... up to every
+    30 s; this does not wait.  Exit 0 when the rule is active, 6 (activation_failed)
+    when it still cannot be bound.
+
+    \b
+    Example:
+      portunus-server retry-rule 7
+    """
+    hint_vars(rule_id=rule_id)
+    try:
+        rule = obj.call("rules.retry", {"id": rule_id})
+    except PortunusError as exc:
+        # Still failed: print the rule (with its failure_reason) for scripts, like push-rule.
+        if (
+            fmt == "json"
+            and exc.code in ("activation_failed", "ack_timeout")
+            and isinstance(exc.details.get("rule"), dict)
+        ):
+            echo_json(exc.details["rule"])
+        raise
+    if fmt == "json":
+        echo_json(rule)
+    else:
+        click.echo(output.rule_line(rule))
+
+
+VERBS = {c.name: c for c in (retry_rule,)}
+
+
+def _register() -> None:
+    from portunus.cli.server import cli
+
+    for name, command in VERBS.items():
+        if name not in cli.commands:
+            cli.add_command(command, name)
+
+
+_register()
