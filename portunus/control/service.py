@@ -163,7 +163,7 @@ class RuleService:
                     continue
                 # A draining rule is never revived by a late answer about it; an
                 # unchanged state (a re-sync, a caps update) writes nothing.
-                if stored.state == "draining" or (
+                if stored.state in ("draining", "revoked") or (
                     stored.state == res.state and stored.failure_reason == res.reason
                 ):
                     settled.append(stored)
@@ -315,7 +315,8 @@ class RuleService:
             raise ValidationError("validation.owner", "owner must be a string", field="owner")
         async with self.store.read() as db:
             if params.get("client") is not None:
-                client_id = (await accounts.resolve_client(db, params["client"])).client_id
+                # A revoked client's rules stay listed (state "revoked").
+                client_id = (await accounts.resolve_client(db, params["client"], include_revoked=True)).client_id
             found = await rules_db.list_rules(db, client_id=client_id, owner=owner)
         return {"rules": [s.to_json() for s in found]}
 

@@ -148,7 +148,7 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
             "health_check_interval_secs": {"type": "number"},
             "rate_limit": ref("RateLimit"),
             "owner": {"type": ["string", "null"]},
-            "state": {"enum": ["pending", "active", "failed", "draining"]},
+            "state": {"enum": ["pending", "active", "failed", "draining", "revoked"]},
             "failure_reason": {"type": ["string", "null"],
                                "examples": ["port_in_use (port 30005 already bound)"]},
             "created_at": {"type": "string", "format": "date-time"},

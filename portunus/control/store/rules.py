@@ -16,7 +16,7 @@ from portunus.control.store.migrations import utc_now
 from portunus.errors import PortunusError
 from portunus.rules import Rule, Target
 
-STATES = ("pending", "active", "failed", "draining")
+STATES = ("pending", "active", "failed", "draining", "revoked")  # revoked: its client was
 
 _SELECT = (
     "SELECT r.*, c.name AS client_name FROM rules r JOIN clients c ON c.client_id = r.client_id"
