@@ -43,7 +43,7 @@ LAZY_VERBS = {"serve": "portunus.cli.serve", **dict.fromkeys(("backup", "restore
 LAZY_VERBS.update(dict.fromkeys(("enroll-client", "revoke", "rename-client", "delete-client"),
                                 "portunus.cli.clients"))
 LAZY_VERBS["check-config"] = "portunus.cli.check_config"  # registers itself, like clients
-LAZY_VERBS["retry-rule"] = "portunus.cli.rule_ops"
+LAZY_VERBS.update(dict.fromkeys(("retry-rule", "update-rule"), "portunus.cli.rule_ops"))
 
 # Extra seconds the socket waits beyond --ack-timeout, so the server's own
 # ack_timeout error (with the pending rule) arrives before the CLI gives up.

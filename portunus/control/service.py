@@ -21,7 +21,8 @@ from portunus.config import Settings
 from portunus.control.auth import Principal
 from portunus.control.dataplane import LOCAL, DataPlane, RuleResult
 from portunus.control.edge.capabilities import check_capabilities
-from portunus.control.rule_body import parse_rate_limit_update, parse_rule_body
+from portunus.control.rule_body import parse_rule_body
+from portunus.control.rule_update import parse_rule_update
 from portunus.control.slots import check_slot
 from portunus.control.store import Store, accounts, write_audit
 from portunus.control.store import rules as rules_db
@@ -327,16 +328,25 @@ class RuleService:
         target = f"rule:{params.get('id')}"
         try:
             rule_id = parse_rule_id(params)
-            rate_limit = parse_rate_limit_update(params)
             async with self.store.write() as db:
                 stored = await rules_db.require_rule(db, rule_id)
                 if stored.state == "draining":
                     raise PortunusError("conflict", f"rule {rule_id} is being removed", id=rule_id)
-                await rules_db.set_rate_limit(db, rule_id, rate_limit)
-                await write_audit(
-                    db, principal.user, "rule.update", target,
-                    details={"rate_limit": rate_limit, "previous": stored.rule.rate_limit},
-                )
+                changes = parse_rule_update(params, stored.rule)  # rate_limit and/or targets
+                details: dict[str, Any] = {}
+                if "rate_limit" in changes:
+                    await rules_db.set_rate_limit(db, rule_id, changes["rate_limit"])
+                    details.update(rate_limit=changes["rate_limit"], previous=stored.rule.rate_limit)
+                if "targets" in changes:
+                    if stored.client_id != LOCAL:
+                        info = self.dataplane.info(stored.client_id)
+                        if info is not None:
+                            check_capabilities(stored.rule.with_changes(targets=changes["targets"]),
+                                               info.capabilities, stored.rule.client, stored.client_id)
+                    await rules_db.set_targets(db, rule_id, changes["targets"])
+                    details.update(targets=[t.label for t in changes["targets"]],
+                                   previous_targets=[t.label for t in stored.rule.targets])
+                await write_audit(db, principal.user, "rule.update", target, details=details)
                 updated = await rules_db.get_rule(db, rule_id)
             assert updated is not None
         except PortunusError as exc:

@@ -99,14 +99,16 @@ RULE_BODY: dict[str, Any] = {
 
 RULE_UPDATE: dict[str, Any] = {
     "type": "object",
-    "description": "Only the caps of an existing rule can change.",
-    "properties": {"rate_limit": ref("RateLimit")},
-    "required": ["rate_limit"],
+    "description": "Change the caps and/or the targets of an existing rule in place: same id, "
+    "the listener never closes, open connections keep their target, new ones use the new targets.",
+    "properties": {"rate_limit": ref("RateLimit"),
+                   "targets": {"type": "array", "minItems": 1, "maxItems": MAX_TARGETS, "items": ref("TargetBody"),
+                               "x-error-code": "validation.targets"}},
     "additionalProperties": False,
     "x-error-code": "validation.body",
     "x-unknown-field-code": "validation.immutable_field",
-    "x-unknown-field-message": "{field} cannot be changed on an existing rule (only rate_limit can); "
-    "remove the rule and push a new one",
+    "x-unknown-field-message": "{field} cannot be changed on an existing rule (only rate_limit and targets "
+    "can); remove the rule and push a new one",
 }
 
 _COUNTERS = {

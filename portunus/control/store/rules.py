@@ -7,6 +7,7 @@ so that a change and its audit row share the caller's transaction.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,6 +213,16 @@ async def set_rate_limit(
     await db.execute(
         "UPDATE rules SET rate_limit = ? WHERE id = ?",
         (json.dumps(rate_limit) if rate_limit else None, rule_id),
+    )
+
+
+async def set_targets(db: aiosqlite.Connection, rule_id: int, targets: Sequence[Target]) -> None:
+    """Replace a rule's targets (an update in place: same id, same listener)."""
+    await db.execute("DELETE FROM rule_targets WHERE rule_id = ?", (rule_id,))
+    await db.executemany(
+        "INSERT INTO rule_targets (rule_id, position, host, port, port_end, priority, "
+        "proxy_protocol) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(rule_id, i, t.host, t.port, t.port_end, t.priority, t.proxy_protocol) for i, t in enumerate(targets)],
     )
 
 
