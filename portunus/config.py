@@ -252,7 +252,7 @@ class _Locator:
 
 _RULE_KEYS = {
     "name", "protocol", "listen_port", "listen_ports", "target", "targets", "sni",
-    "proxy_protocol", "prefer_ipv6", "rate_limit", "health_check_interval_secs",
+    "proxy_protocol", "prefer_ipv6", "rate_limit", "health_check_interval_secs", "idle_timeout_secs",
 }
 _TARGET_KEYS = {"host", "port", "port_end", "ports", "priority", "proxy_protocol"}
 
@@ -319,6 +319,7 @@ def _rule_from_table(t: dict[str, Any], max_ports: int) -> tuple[Rule | None, li
             rate_limit=t.get("rate_limit"),
             health_check_interval_secs=float(t.get("health_check_interval_secs", 5.0)),
             range_max_ports=max_ports,
+            idle_timeout_secs=t.get("idle_timeout_secs"),
         )
     except PortunusError as exc:
         field_map = {"protocol": "protocol", "sni_pattern": "sni", "listen": "listen_ports" if "listen_ports" in t else "listen_port"}

@@ -19,6 +19,7 @@ from portunus.errors import ValidationError
 from portunus.text import is_ascii_digits
 
 MAX_TARGETS = 8
+MAX_IDLE_TIMEOUT_SECS = 7 * 86400
 DEFAULT_RANGE_MAX_PORTS = 1024
 PROTOCOLS = ("tcp", "udp")
 PROXY_VERSIONS = ("v1", "v2")
@@ -95,6 +96,8 @@ class Rule:
     rate_limit: dict[str, int] | None = None
     health_check_interval_secs: float = 5.0
     sni_fallback: bool = False
+    # Close a connection (TCP) or flow (UDP) that moved no byte for this long; None = off.
+    idle_timeout_secs: float | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -133,6 +136,8 @@ class Rule:
         }
         if self.sni_fallback:  # only when set: peers that predate it see the same dict
             wire["sni_fallback"] = True
+        if self.idle_timeout_secs is not None:  # likewise
+            wire["idle_timeout_secs"] = self.idle_timeout_secs
         return wire
 
     @classmethod
@@ -151,6 +156,7 @@ class Rule:
             rate_limit=d.get("rate_limit") or None,
             health_check_interval_secs=float(d.get("health_check_interval_secs", 5.0)),
             sni_fallback=bool(d.get("sni_fallback", False)),
+            idle_timeout_secs=float(d["idle_timeout_secs"]) if d.get("idle_timeout_secs") is not None else None,
         )
 
 
@@ -323,6 +329,7 @@ def build_rule(
     rate_limit: dict[str, Any] | None = None,
     health_check_interval_secs: float = 5.0,
     range_max_ports: int = DEFAULT_RANGE_MAX_PORTS,
+    idle_timeout_secs: float | None = None,
 ) -> Rule:
     """Validate the cross-field constraints and return a ``Rule``.
 
@@ -398,6 +405,15 @@ def build_rule(
             "health_check_interval_secs must be > 0",
             field="health_check_interval_secs",
         )
+    if idle_timeout_secs is not None and (
+        isinstance(idle_timeout_secs, bool) or not isinstance(idle_timeout_secs, (int, float))
+        or not 0 < idle_timeout_secs <= MAX_IDLE_TIMEOUT_SECS
+    ):
+        raise ValidationError(
+            "validation.idle_timeout_secs",
+            f"idle_timeout_secs must be a number of seconds in (0, {MAX_IDLE_TIMEOUT_SECS}] (omit it for no timeout)",
+            field="idle_timeout_secs",
+        )
     fixed.sort(key=lambda t: t.priority)
     return Rule(
         id=str(id),
@@ -412,4 +428,5 @@ def build_rule(
         prefer_ipv6=prefer_ipv6,
         rate_limit=validate_rate_limit(rate_limit),
         health_check_interval_secs=health_check_interval_secs,
+        idle_timeout_secs=float(idle_timeout_secs) if idle_timeout_secs is not None else None,
     )

@@ -66,9 +66,10 @@ def main(ctx: click.Context, bundle_path: str | None, data_dir: str, metrics_lis
     1. On the server, mint a one-time code:
          portunus-server enroll-client edge-01 --address SERVER-IP
     2. Here, redeem it (checks the server certificate against the URI's fp):
-         portunus-client enroll 'portunus://…/enroll?code=…&fp=sha256:…' --out /etc/portunus/client.json
+         portunus-client enroll 'portunus://…/enroll?code=…&fp=sha256:…' --out /etc/portunus/client.bundle
     3. Run the edge:
-         portunus-client --bundle /etc/portunus/client.json
+         portunus-client --bundle /etc/portunus/client.bundle
+       (or: systemctl enable --now portunus-client, which loads that file)
     4. On the server, push rules to it like to `local`:
          portunus-server push-rule edge-01 19090 127.0.0.1:9090
 
@@ -181,7 +182,7 @@ def enroll(uri: str, out_path: str, force: bool, timeout: float) -> None:
     \b
     URI is what `portunus-server enroll-client NAME` printed; quote it, the & in it
     means something to the shell:
-        portunus-client enroll 'portunus://10.0.0.1:7443/enroll?code=…&fp=sha256:…' --out client.json
+        portunus-client enroll 'portunus://10.0.0.1:7443/enroll?code=…&fp=sha256:…' --out /etc/portunus/client.bundle
     The server certificate must match the URI's fp (SHA-256 of the certificate) or
     nothing is sent. The code works once; an expired or used one is refused.
     """

@@ -177,13 +177,15 @@ def bootstrap_superadmin(obj: OperatorContext, name: str, fmt: str) -> None:
               help="How often a failed target is re-tried (server default 5).")
 @click.option("--ack-timeout", type=click.FloatRange(min=0, min_open=True), default=2.0,
               show_default=True, metavar="SECS", help="How long to wait for the data plane to confirm.")
+@click.option("--idle-timeout", "idle_timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECS", help="Close a connection (UDP: flow) idle this long (default: never).")
 @format_option
 @click.pass_obj
 def push_rule(obj: OperatorContext, client: str, listen: str, target: str | None,
               extra_targets: tuple[str, ...], protocol: str, sni: str | None,
               proxy_protocol: str | None, prefer_ipv6: bool,
               health_check_interval_secs: float | None, ack_timeout: float, fmt: str,
-              **caps: int | None) -> None:
+              idle_timeout: float | None = None, **caps: int | None) -> None:
     """Forward LISTEN on CLIENT to TARGET; wait until it is active.
 
     CLIENT is a client name or id (`local` = this server). LISTEN is PORT or LO-HI;
@@ -201,6 +203,7 @@ def push_rule(obj: OperatorContext, client: str, listen: str, target: str | None
         client=client, listen=listen, target=target, targets=extra_targets, protocol=protocol,
         sni=sni, proxy_protocol=proxy_protocol, prefer_ipv6=prefer_ipv6, rate_limit=caps,
         health_check_interval_secs=health_check_interval_secs, ack_timeout=ack_timeout,
+        idle_timeout_secs=idle_timeout,
     )
     try:
         rule = obj.call("rules.push", params, timeout=ack_timeout + ACK_SOCKET_SLACK)

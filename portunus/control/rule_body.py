@@ -33,6 +33,7 @@ BODY_KEYS = frozenset(
         "prefer_ipv6",
         "rate_limit",
         "health_check_interval_secs",
+        "idle_timeout_secs",
     }
 )
 TARGET_KEYS = frozenset({"host", "port", "port_start", "port_end", "priority", "proxy_protocol"})
@@ -182,6 +183,7 @@ def parse_rule_body(body: Any, range_max_ports: int) -> tuple[Rule, str]:
             rate_limit=rate_limit,
             health_check_interval_secs=float(interval),
             range_max_ports=range_max_ports,
+            idle_timeout_secs=body.get("idle_timeout_secs"),
         )
     except PortunusError as exc:
         if exc.details.get("field") == "listen":

@@ -9,7 +9,7 @@ from typing import Any
 
 # Every feature a node of this build can run, as advertised in the link's hello
 # (docs/edge.md); the server gates rules on them.  ``local`` advertises the same.
-CAPABILITIES = ("tcp", "udp", "range", "sni", "proxy_protocol", "dns", "failover", "rate_limit")
+CAPABILITIES = ("tcp", "udp", "range", "sni", "proxy_protocol", "dns", "failover", "rate_limit", "idle_timeout")
 
 MAX_FRAME = 16 * 1024 * 1024
 _HEADER = struct.Struct(">I")

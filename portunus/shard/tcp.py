@@ -41,7 +41,7 @@ class TcpConnection:
     __slots__ = (
         "ctx", "rt", "client", "account", "port_index", "prelude", "upstream",
         "candidates", "pos", "timer", "pumps", "closed", "target", "tried_target", "target_failed",
-        "slot", "up_events",
+        "slot", "up_events", "idle_sig", "idle_since",
     )
 
     def __init__(self, ctx: ShardContext, rt: RuleRuntime, client: socket.socket, port_index: int,
@@ -63,6 +63,8 @@ class TcpConnection:
         self.target_failed = False
         self.slot, rt.slot = rt.slot, None  # taken by rt.admit() just before (rate limits)
         self.up_events = 0  # upstream readiness seen before the pumps existed
+        self.idle_sig: tuple[int, int, int, int] | None = None
+        self.idle_since = 0.0
         rt.conns.add(self)
         self.account.opened()
 
@@ -245,6 +247,21 @@ class TcpConnection:
             pump.et = False  # loop readers, not the poller: its peer is a CopyPump
             return pump
         return CopyPump(self.ctx.loop, src, dst, self, account, limiter)
+
+    def idle_check(self, now: float, idle_secs: float) -> None:
+        """Close this connection when no byte moved either way for ``idle_secs``
+        (the rule's idle_timeout_secs; RuleRuntime sweeps).  A connection still
+        connecting is left to the connect timeout."""
+        if self.closed or self.pumps is None:
+            return
+        a, b = self.pumps
+        sig = (a.unflushed, a.flushes, b.unflushed, b.flushes)
+        if sig != self.idle_sig:
+            self.idle_sig, self.idle_since = sig, now
+            return
+        if now - self.idle_since >= idle_secs:
+            log_throttled("tcp.idle_timeout", rule=self.rt.rule.id, idle_secs=idle_secs)
+            self.close()
 
     def pump_done(self, pump: Any) -> None:
         assert self.pumps is not None

@@ -250,11 +250,11 @@ class UdpFlow:
             svc.ctx.rule_drained(rt)
 
 
-def _sweep_timing(settings: dict[str, Any]) -> tuple[float, int]:
-    """``(tick secs, ticks until a flow is idle)`` for udp_flow_idle_secs: sweep often
-    enough to reap within a quarter of the idle time, and at least once a second so
-    counters reach /metrics within a second."""
-    idle = max(0.0, float(settings.get("udp_flow_idle_secs", 60.0)))
+def _sweep_timing(settings: dict[str, Any], rule_idle: float | None = None) -> tuple[float, int]:
+    """``(tick secs, ticks until a flow is idle)`` for the rule's idle_timeout_secs,
+    else udp_flow_idle_secs: sweep often enough to reap within a quarter of the idle
+    time, and at least once a second so counters reach /metrics within a second."""
+    idle = rule_idle if rule_idle is not None else max(0.0, float(settings.get("udp_flow_idle_secs", 60.0)))
     tick = min(1.0, max(0.05, idle / 4))
     return tick, math.ceil(idle / tick)
 
@@ -278,7 +278,7 @@ class UdpService:
         self.m_overflow = m.UDP_OVERFLOW.labels(*labels)
         self.m_dgrams_in = m.DATAGRAMS_IN.labels(*labels)
         self.m_dgrams_out = m.DATAGRAMS_OUT.labels(*labels)
-        self.tick, self.idle_ticks = _sweep_timing(ctx.settings)
+        self.tick, self.idle_ticks = _sweep_timing(ctx.settings, rt.rule.idle_timeout_secs)
         self.flows: dict[Any, UdpFlow] = {}
         self.view = _buffer_for(ctx.loop)
         self.epoch = 0
@@ -296,7 +296,7 @@ class UdpService:
     def retune(self) -> None:
         """A reload changed udp_flow_idle_secs / udp_max_flows: apply them to this
         port now (its flows, sweep and budget), not only to ports started later."""
-        self.tick, self.idle_ticks = _sweep_timing(self.ctx.settings)
+        self.tick, self.idle_ticks = _sweep_timing(self.ctx.settings, self.rt.rule.idle_timeout_secs)
         if self.budget is not None:
             limit = max(1, int(self.ctx.settings.get("udp_max_flows", 1024)))
             shards = max(1, int(self.ctx.settings.get("shards", 1) or 1))

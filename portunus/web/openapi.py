@@ -82,6 +82,10 @@ RULE_BODY: dict[str, Any] = {
         "rate_limit": ref("RateLimit"),
         "health_check_interval_secs": {"type": "number", "exclusiveMinimum": 0, "default": 5,
                                        "x-error-code": "validation.health_check_interval_secs"},
+        "idle_timeout_secs": {"type": ["number", "null"], "exclusiveMinimum": 0, "default": None,
+                              "x-error-code": "validation.idle_timeout_secs",
+                              "description": "Close a connection (UDP: flow) that moved no byte for this "
+                                             "long; omit or null for no timeout."},
     },
     "required": ["targets"],
     "additionalProperties": False,
@@ -148,6 +152,7 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
             "proxy_protocol": {"type": ["string", "null"]},
             "prefer_ipv6": {"type": "boolean"},
             "health_check_interval_secs": {"type": "number"},
+            "idle_timeout_secs": {"type": ["number", "null"]},
             "rate_limit": ref("RateLimit"),
             "owner": {"type": ["string", "null"]},
             "state": {"enum": ["pending", "active", "failed", "draining", "revoked"]},

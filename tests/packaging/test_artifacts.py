@@ -126,6 +126,15 @@ def test_rpm_metadata(packages: Packages) -> None:
         assert f"{phase} scriptlet" in scripts
     assert "systemd-sysusers --replace=/usr/lib/sysusers.d/portunus.conf" in scripts
     assert "/etc/portunus/operator.token" in scripts
+    assert "sudo" not in scripts  # minimal systems have none
+    # The systemd macros (or their stand-ins): erase disables the units, so no
+    # multi-user.target.wants link is left dangling.
+    preun = scripts.split("preuninstall scriptlet", 1)[1].split("postuninstall scriptlet", 1)[0]
+    assert "disable --now" in preun or "systemd-update-helper" in preun, preun
+    for unit in UNITS:
+        assert unit in preun, preun
+    for tool in ("/usr/sbin/useradd", "/usr/sbin/groupadd", "/usr/bin/getent"):
+        assert tool in requires, requires  # Requires(pre): the user tools
 
 
 def test_rpm_installs_into_rpm_root(packages: Packages, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ UNITS = ("portunus.service", "portunus-client.service", "portunus-standalone.ser
 NEXT_STEPS = (
     "Portunus installed. Start it:  systemctl enable --now portunus",
     "Operator token: /etc/portunus/operator.token",
-    "First rule:     sudo -u portunus portunus-server push-rule local 18080 127.0.0.1:8080",
+    "First rule:     portunus-server push-rule local 18080 127.0.0.1:8080   (as root or a member of group portunus)",
 )
 MAX_EXPOSURE = 2.0
 
@@ -89,11 +89,15 @@ def test_install_first_run(vm: Machine, packages: Packages) -> None:
         assert vm.run("systemctl", "is-enabled", unit, check=False).stdout.strip() == "disabled"
 
 
-def test_client_unit_waits_for_enrollment(vm: Machine) -> None:
-    """Without /etc/portunus/client.bundle the edge unit is skipped, not failed."""
-    vm.run("systemctl", "start", "portunus-client.service")
-    props = vm.show("portunus-client.service", "ActiveState", "ConditionResult", "Result")
-    assert props == {"ActiveState": "inactive", "ConditionResult": "no", "Result": "success"}, props
+def test_client_unit_says_it_needs_enrollment(vm: Machine) -> None:
+    """Without /etc/portunus/client.bundle the edge unit does not start, visibly: the
+    start fails and `systemctl status` names the missing file (no silent skip)."""
+    res = vm.run("systemctl", "start", "portunus-client.service", check=False)
+    assert res.returncode != 0, res.stdout + res.stderr
+    props = vm.show("portunus-client.service", "ActiveState", "AssertResult")
+    assert props == {"ActiveState": "inactive", "AssertResult": "no"}, props
+    status = vm.run("systemctl", "status", "portunus-client.service", check=False).stdout
+    assert "AssertPathExists=/etc/portunus/client.bundle" in status, status
 
 
 def test_units_verify_clean_and_exposure(vm: Machine) -> None:

@@ -137,6 +137,8 @@ CREATE TABLE rule_counters (
     run                 TEXT,                         -- PORTUNUS_RUN_ID of the counting supervisor
     updated_at          TEXT NOT NULL
 );
+-- Per-rule idle timeout (NULL = off): connections / flows idle this long are closed.
+ALTER TABLE rules ADD COLUMN idle_timeout_secs REAL;
 """
 
 MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V_OPS]

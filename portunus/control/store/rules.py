@@ -51,6 +51,7 @@ class StoredRule:
             proxy_protocol=r.proxy_protocol,
             prefer_ipv6=r.prefer_ipv6,
             health_check_interval_secs=r.health_check_interval_secs,
+            idle_timeout_secs=r.idle_timeout_secs,
             rate_limit=r.rate_limit,
             owner=r.owner,
             state=self.state,
@@ -106,6 +107,7 @@ async def _hydrate(db: aiosqlite.Connection, rows: list[aiosqlite.Row]) -> list[
             rate_limit=json.loads(row["rate_limit"]) if row["rate_limit"] else None,
             health_check_interval_secs=row["health_check_interval_secs"],
             sni_fallback=bool(row["sni_fallback"]),
+            idle_timeout_secs=row["idle_timeout_secs"],
         )
         out.append(
             StoredRule(
@@ -170,7 +172,7 @@ async def insert_rule(db: aiosqlite.Connection, client_id: str, rule: Rule) -> i
     cur = await db.execute(
         "INSERT INTO rules (client_id, protocol, listen_start, listen_end, sni_pattern, "
         "proxy_protocol, prefer_ipv6, rate_limit, health_check_interval_secs, owner, state, "
-        "created_at, sni_fallback) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+        "created_at, sni_fallback, idle_timeout_secs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
         (
             client_id,
             rule.protocol,
@@ -184,6 +186,7 @@ async def insert_rule(db: aiosqlite.Connection, client_id: str, rule: Rule) -> i
             rule.owner,
             utc_now(),
             int(rule.sni_fallback),
+            rule.idle_timeout_secs,
         ),
     )
     rule_id = cur.lastrowid

@@ -64,7 +64,8 @@ def test_enroll_push_forward_and_report(gateway: ThreadedFakeServer, clients: Cl
     client = clients(bundle, extra=["--stats-interval", "1"])
     client.wait_connected()
     hello = gateway.call_fn(lambda: gateway.server.clients["01HEDGE01"].hellos[0])
-    assert hello["capabilities"] == ["tcp", "udp", "range", "sni", "proxy_protocol", "dns", "failover", "rate_limit"]
+    assert hello["capabilities"] == ["tcp", "udp", "range", "sni", "proxy_protocol", "dns", "failover", "rate_limit",
+                                     "idle_timeout"]
     o: Origin = origin(echo)
     port = ports.port()
     ack = push(gateway, "01HEDGE01", [rule("11", port, o.port)])
@@ -88,7 +89,7 @@ def test_capability_switched_off_is_not_advertised(gateway: ThreadedFakeServer, 
     client = clients(bundle, extra=["--disable-capability", "sni", "--disable-capability", "udp"])
     client.wait_connected()
     hello = gateway.call_fn(lambda: gateway.server.clients["01HEDGE01"].hellos[0])
-    assert hello["capabilities"] == ["tcp", "range", "proxy_protocol", "dns", "failover", "rate_limit"]
+    assert hello["capabilities"] == ["tcp", "range", "proxy_protocol", "dns", "failover", "rate_limit", "idle_timeout"]
 
 
 def test_server_gone_client_restarts_then_reconciles(gateway: ThreadedFakeServer, clients: ClientFactory,
