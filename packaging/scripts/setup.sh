@@ -62,8 +62,8 @@ portunus_token_path() {
 portunus_next_steps() {
     echo "Portunus installed. Start it:  systemctl enable --now portunus"
     echo "Operator token: $(portunus_token_path) (readable by root and group portunus; the CLI finds it)"
-    # No sudo: minimal systems have none. Root, or a member of group portunus
-    # (usermod -aG portunus NAME), runs the CLI as is.
+    # Root, or a member of group portunus (usermod -aG portunus NAME), runs the CLI
+    # as is: no privilege-escalation tool needed (minimal systems have none).
     echo "First rule:     portunus-server push-rule local 18080 127.0.0.1:8080   (as root or a member of group portunus)"
 }
 

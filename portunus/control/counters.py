@@ -25,6 +25,9 @@ The snapshot also writes ``<runtime>/rule_counters.json`` for the web process's
 /metrics: the carried base of each local rule (added to the shards' series) and
 the full totals of each edge rule (exported with the edge client's name as
 ``client``), so /metrics counts across restarts and shows edge clients' rules.
+Control takes a snapshot before it says ``up``; a file left by an earlier run (its
+``run`` differs) is read as that run's final ``known`` totals, so /metrics never
+goes backwards across a restart, not even for a scrape in between.
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ class RuleCounters:
         self.carry: dict[int, Carry] = {}
         self._dirty: set[int] = set()
         self._task: asyncio.Task[None] | None = None
+        self._exported: dict[str, Any] | None = None
 
     async def load(self) -> None:
         async with self.store.read() as db:
@@ -163,7 +167,7 @@ class RuleCounters:
             if local
             else {}
         )
-        export: dict[str, Any] = {"local": {}, "remote": {}}
+        export: dict[str, Any] = {"run": self.run, "local": {}, "remote": {}}
         for s in stored:
             carry = self.carry.setdefault(s.rule_id, Carry())
             if s.client_id == LOCAL:
@@ -180,11 +184,14 @@ class RuleCounters:
                 self._dirty.add(s.rule_id)
             if s.client_id == LOCAL:
                 base = carry.base(self.run)
-                if any(base.values()):
+                if any(base.values()) or any(carry.last.values()):
+                    # "known": what a later run starts from, for a web process that reads
+                    # this file before the next run's first snapshot replaced it.
                     export["local"][str(s.rule_id)] = {
                         "client": s.rule.client,
                         "owner": s.rule.owner,
                         **base,
+                        "known": carry.known(),
                     }
             else:
                 connected = self.remote is not None and self.remote.connected(s.client_id)
@@ -192,9 +199,11 @@ class RuleCounters:
                     s, carry.total(live, run), live, connected
                 )
         await self._persist()
-        await asyncio.to_thread(
-            write_private_json, os.path.join(self.settings.runtime_dir, TOTALS_FILE), export
-        )
+        if export != self._exported:  # idle rules: no rewrite every snapshot
+            await asyncio.to_thread(
+                write_private_json, os.path.join(self.settings.runtime_dir, TOTALS_FILE), export
+            )
+            self._exported = export
 
     @staticmethod
     def _remote_row(

@@ -136,6 +136,7 @@ async def serve_control(settings: Settings, channel_sock: socket.socket,
         ctx = ControlContext(settings, store, Authenticator(store), service, planes, remote, clients)
         counters = RuleCounters(store, settings, remote)
         await counters.load()
+        await counters.snapshot()  # this run's file, before anything says up
         counters.start()
         ctx.counters = counters
         server = RpcServer(settings.socket_path, Dispatcher(ctx))

@@ -109,6 +109,9 @@ class CarriedCollector:
 
         local = self.totals.get("local") or {}
         remote = self.totals.get("remote") or {}
+        if self.totals.get("run") != os.environ.get("PORTUNUS_RUN_ID"):
+            # Written by an earlier run: its final totals are this run's base.
+            local = {rid: {**row, **(row.get("known") or {})} for rid, row in local.items()}
         missing = {*_CARRIED, _ACTIVE}
         for family in [*MultiProcessCollector(None, path=self.metrics_dir).collect(),  # type: ignore[arg-type]
                        *_empty_families()]:

@@ -181,7 +181,7 @@ def test_server_toml_lists_every_setting_with_its_default() -> None:
     text = (REPO / "packaging/etc/server.toml").read_text()
     assert not [ln for ln in text.splitlines() if ln and not ln.startswith("#")], "every line commented"
     listed = _commented_settings(text)
-    keys = {f.name for f in fields(Settings)} - {"extra", "data_dir", "runtime_dir", "shards"}
+    keys = {f.name for f in fields(Settings)} - {"extra", "data_dir", "runtime_dir", "shards", "config_path"}
     assert set(listed) == keys
     values = tomllib.loads("\n".join(f"{k} = {v}" for k, v in listed.items()))
     defaults = Settings()
