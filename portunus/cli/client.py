@@ -133,10 +133,13 @@ def run(settings: Settings, bundle: Bundle, capabilities: list[str], stats_inter
     from portunus.edge.timing import LinkTiming
     from portunus.supervisor.arbiter import Supervisor
     from portunus.supervisor.children import Child
+    from portunus.supervisor.fdstore import FdStore
     from portunus.supervisor.policy import Role
     from portunus.web.metrics import run_metrics
 
-    metrics_sock = bind_metrics(settings.metrics_listen, "--metrics-listen", "the portunus-client command line")
+    store = FdStore()  # sockets systemd kept across a restart, when the unit has a store
+    metrics_sock = bind_metrics(settings.metrics_listen, "--metrics-listen", "the portunus-client command line",
+                                store)
     instance = {"kind": "client", "config": os.path.abspath(bundle.path) if bundle.path else ""}
 
     timing = LinkTiming(stats_secs=stats_interval)
@@ -166,6 +169,7 @@ def run(settings: Settings, bundle: Bundle, capabilities: list[str], stats_inter
         ],
         rule_child="link",
         own_sockets=[metrics_sock],
+        fdstore=store,
     )
     return sup.run()
 

@@ -106,7 +106,7 @@ def _api_healthy(listen: str) -> bool:
         conn.close()
 
 
-def bind_own_listeners(settings: Settings, config_path: str | None) -> dict[str, Any]:
+def bind_own_listeners(settings: Settings, config_path: str | None, store: Any = None) -> dict[str, Any]:
     """Bind the API, metrics and edge gateway sockets before anything forks; a
     taken or invalid address ends ``serve`` here with exit 73 (LISTEN_FAILED)."""
     from portunus.logs import log_event
@@ -118,7 +118,7 @@ def bind_own_listeners(settings: Settings, config_path: str | None) -> dict[str,
             ("operator_http_listen", settings.operator_http_listen, "operator HTTP API"),
             ("metrics_listen", settings.metrics_listen, "metrics endpoint"),
             ("control_listen", settings.control_listen, "edge gateway"),
-        ], where)
+        ], where, store)
     except BindError as exc:
         log_event("supervisor.listen_failed", level="error", message=str(exc),
                   exit_code=int(ServiceExit.LISTEN_FAILED))
@@ -130,7 +130,10 @@ def run(settings: Settings, token_note: str, config_path: str | None = None) -> 
     from portunus.supervisor.bootstrap import prepare_metrics_dir, prepare_process
 
     prepare_process("portunus: supervisor", settings.log_format, settings.log_level)
-    own = bind_own_listeners(settings, config_path)
+    from portunus.supervisor.fdstore import FdStore
+
+    store = FdStore()  # sockets systemd kept across a restart, when the unit has a store
+    own = bind_own_listeners(settings, config_path, store)
     prepare_metrics_dir(settings.runtime_dir)
 
     from portunus.cli.standalone import shard_settings
@@ -174,6 +177,7 @@ def run(settings: Settings, token_note: str, config_path: str | None = None) -> 
         rule_child="control",
         ready_checks=[lambda: _api_healthy(settings.operator_http_listen)],
         own_sockets=[o.sock for o in own.values()],
+        fdstore=store,
         reloader=SettingsReloader(
             settings, lambda: load_server_settings(settings.data_dir, config_path or settings.config_path or None),
             settings.config_path or config_path or os.path.join(settings.data_dir, "server.toml"),

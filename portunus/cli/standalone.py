@@ -12,6 +12,7 @@ import shutil
 import socket
 import sys
 import tempfile
+from typing import Any
 
 import click
 
@@ -76,12 +77,14 @@ def run(config_path: str, settings: Settings, rules: list) -> int:  # type: igno
 
     from portunus.supervisor.arbiter import Supervisor
     from portunus.supervisor.children import Child
+    from portunus.supervisor.fdstore import FdStore
     from portunus.supervisor.policy import Role
     from portunus.supervisor.reload import SettingsReloader
     from portunus.supervisor.sources import TomlSource
     from portunus.web.metrics import run_metrics
 
-    metrics_sock = bind_metrics(settings.metrics_listen, "metrics_listen", config_path)
+    store = FdStore()  # sockets systemd kept across a restart, when the unit has a store
+    metrics_sock = bind_metrics(settings.metrics_listen, "metrics_listen", config_path, store)
     source = TomlSource(config_path, initial=rules)
     reloader = SettingsReloader(settings, source.loaded_settings, config_path)
     _banner(config_path, settings, rules)
@@ -98,6 +101,7 @@ def run(config_path: str, settings: Settings, rules: list) -> int:  # type: igno
         source=source,
         services=services,
         own_sockets=[metrics_sock],
+        fdstore=store,
         # Top-level settings of the same file: the rules' reload logs the outcome.
         reloader=lambda: reloader.reload(log_outcome=False),
     )
@@ -108,15 +112,15 @@ def run(config_path: str, settings: Settings, rules: list) -> int:  # type: igno
             shutil.rmtree(private, ignore_errors=True)
 
 
-def bind_metrics(listen: str, key: str, where: str) -> socket.socket:
+def bind_metrics(listen: str, key: str, where: str, store: Any = None) -> socket.socket:
     """Bind /metrics before anything forks: a taken address ends the start here
     with exit 73 (LISTEN_FAILED), naming the address and the key to change."""
     from portunus.exitcodes import ServiceExit
     from portunus.logs import log_event
-    from portunus.supervisor.own_listeners import BindError, bind
+    from portunus.supervisor.own_listeners import BindError, bind_kept
 
     try:
-        return bind(listen, key, "metrics endpoint", where)
+        return bind_kept(listen, key, "metrics endpoint", where, store)
     except BindError as exc:
         log_event("supervisor.listen_failed", level="error", message=str(exc),
                   exit_code=int(ServiceExit.LISTEN_FAILED))

@@ -31,6 +31,7 @@ from portunus.exitcodes import ServiceExit
 from portunus.logs import log_event
 from portunus.rules import Rule
 from portunus.supervisor.children import Child
+from portunus.supervisor.fdstore import FdStore
 from portunus.supervisor.framing import ProtocolError
 from portunus.supervisor.lifecycle import HEARTBEAT_TIMEOUT, ChildManager
 from portunus.supervisor.listeners import ListenerTable
@@ -69,12 +70,13 @@ class Supervisor(ChildManager, RuleRouter):
         ready_checks: list[Callable[[], bool]] | None = None,
         own_sockets: list[socket.socket] | None = None,
         reloader: Callable[[], dict[str, Any] | None] | None = None,
+        fdstore: FdStore | None = None,
     ) -> None:
         self.shard_settings = shard_settings
         self.drain_secs = drain_secs
         self.metrics_dir = metrics_dir
         self.source = source or RuleSource()
-        self.listeners = ListenerTable(listen_address, shards)
+        self.listeners = ListenerTable(listen_address, shards, fdstore)
         self.book = RuleBook(self.listeners)
         self.shards = [
             Child(name=f"shard-{i}", title=f"portunus: shard {i}", entry=self._shard_entry(i),
@@ -287,6 +289,8 @@ class Supervisor(ChildManager, RuleRouter):
         if not all(check() for check in self.ready_checks):
             return
         self.announced_ready = True
+        if self.listeners.store is not None:
+            self.listeners.store.drop_unclaimed()  # kept for rules removed while we were down
         self.notifier.ready(self.status_line())
         log_event("supervisor.ready", rules=len(self.book.rules), failed=len(self.book.failed),
                   shards=len(self.shards), pid=os.getpid())

@@ -72,6 +72,10 @@ class ChildManager:
         for s in self.own_sockets:
             if not any(s is mine for mine in child.sockets):
                 os.close(s.detach())
+        if self.listeners.store is not None:
+            for socks in self.listeners.store.inherited.values():  # not claimed (yet)
+                for s in socks:
+                    os.close(s.detach())
         for c in self.all_children():
             if c.channel is not None:
                 os.close(c.channel.sock.detach())

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from portunus.config import parse_listen
 from portunus.errors import PortunusError
+from portunus.supervisor.fdstore import FdStore
 
 
 class BindError(Exception):
@@ -53,14 +54,34 @@ def bind(listen: str, key: str, what: str, where: str = "server.toml") -> socket
     return sock
 
 
-def bind_all(specs: list[tuple[str, str, str]], where: str) -> dict[str, OwnListener]:
-    """Bind every ``(key, address, what)``; all or none (a failure closes the rest)."""
+def bind_all(specs: list[tuple[str, str, str]], where: str, store: FdStore | None = None) -> dict[str, OwnListener]:
+    """Bind every ``(key, address, what)``; all or none (a failure closes the rest).
+    With systemd's fd store, a socket kept across a restart is adopted first."""
     bound: dict[str, OwnListener] = {}
     try:
         for key, address, what in specs:
-            bound[key] = OwnListener(key, address, bind(address, key, what, where))
+            bound[key] = OwnListener(key, address, bind_kept(address, key, what, where, store))
     except BindError:
         for own in bound.values():
             own.sock.close()
         raise
     return bound
+
+
+def bind_kept(listen: str, key: str, what: str, where: str, store: FdStore | None) -> socket.socket:
+    """``bind``, preferring the socket systemd kept for ``own.<key>``; the result is
+    handed (back) to the store."""
+    sock = None
+    if store is not None:
+        try:
+            host, port = parse_listen(listen, key)
+        except PortunusError:
+            host, port = "", 0
+        kept = store.adopt(f"own.{key}", "tcp", host, port)
+        if kept:
+            sock = kept[0]
+            sock.setblocking(False)
+    sock = sock or bind(listen, key, what, where)
+    if store is not None:
+        store.store(f"own.{key}", [sock])
+    return sock

@@ -190,6 +190,32 @@ def test_upgrade_keeps_token_and_restarts_running_units(vm: Machine, packages: P
         vm.run("systemctl", "stop", unit, check=False)
 
 
+def test_no_refused_connection_across_reload_restart_and_upgrade(vm: Machine, packages: Packages,
+                                                                echo_port: int) -> None:
+    """The fd store (FileDescriptorStoreMax=, PORTUNUS_FDSTORE=1) keeps every listener
+    across `systemctl restart` and the restart of a package upgrade: a connect loop
+    through each operation sees no refused connection."""
+    unit = "portunus-standalone.service"
+    fwd, metrics = free_port(vm), free_port(vm)
+    vm.write("/etc/portunus/standalone.toml", _standalone_toml(fwd, echo_port, metrics))
+    vm.run("systemctl", "start", unit, timeout=60)
+    newer = f"{packages.version}+test2"
+    vm.sh(f"""rm -rf /tmp/up2; dpkg-deb -R /mnt/pkgs/{packages.deb.name} /tmp/up2
+              sed -i 's/^Version: .*/Version: {newer}/' /tmp/up2/DEBIAN/control
+              dpkg-deb --root-owner-group -b /tmp/up2 /tmp/portunus-newer2.deb >/dev/null""")
+    try:
+        for cmd in (["systemctl", "reload", unit], ["systemctl", "restart", unit],
+                    ["apt-get", "install", "-y", "/tmp/portunus-newer2.deb"]):
+            pid = vm.show(unit, "MainPID")["MainPID"]
+            res = json.loads(vm.run(*PROBE, "loop", str(fwd), "--", *cmd, timeout=400).stdout)
+            assert res["command_rc"] == 0, res
+            assert res["refused"] == 0 and res["other"] == [] and res["ok"] > 0, (cmd, res, vm.journal(unit))
+            if cmd[1] != "reload":
+                assert vm.show(unit, "MainPID")["MainPID"] != pid, cmd  # it did restart
+    finally:
+        vm.run("systemctl", "stop", unit, check=False)
+
+
 def _cli(vm: Machine, *args: str, user: str = "portunus", check: bool = True):  # type: ignore[no-untyped-def]
     return vm.run("portunus-server", *args, user=user, check=check, timeout=60)
 
