@@ -97,7 +97,7 @@ def test_client_unit_says_it_needs_enrollment(vm: Machine) -> None:
     props = vm.show("portunus-client.service", "ActiveState", "AssertResult")
     assert props == {"ActiveState": "inactive", "AssertResult": "no"}, props
     status = vm.run("systemctl", "status", "portunus-client.service", check=False).stdout
-    assert "AssertPathExists=/etc/portunus/client.bundle" in status, status
+    assert "Assertion failed" in status and "needs /etc/portunus/client.bundle" in status, status
 
 
 def test_units_verify_clean_and_exposure(vm: Machine) -> None:
