@@ -254,7 +254,18 @@ def test_server_service(vm: Machine, echo_port: int) -> None:
         held = json.loads(vm.run(*PROBE, "hold", str(fwd), "--", "systemctl", "reload", unit).stdout)
         assert held["command_rc"] == 0 and held["same_connection_after"] and held["new_connection_after"], held
 
-        vm.run("systemctl", "restart", unit, timeout=120)
+        # The offline storage verbs are for root or the service user; a group member is
+        # told so (state.db is 0600), root may.
+        denied_backup = _cli(vm, "backup", "--out", "/tmp/alice.db", user="alice", check=False)
+        assert denied_backup.returncode == 9, denied_backup.stderr
+        assert "runuser -u portunus -- portunus-server backup" in denied_backup.stderr
+        assert _cli(vm, "backup", "--out", "/tmp/root.db", user="root", check=False).returncode == 0
+
+        # A restart refuses no connection on the forwarded port (fd store).
+        looped = json.loads(vm.run(*PROBE, "loop", str(fwd), "--", "systemctl", "restart", unit,
+                                   timeout=300).stdout)
+        assert looped["command_rc"] == 0 and looped["refused"] == 0 and looped["other"] == [], \
+            (looped, vm.journal(unit))
         assert active(vm, unit) == "active"
         listed = json.loads(_cli(vm, "list-rules", "--format", "json").stdout)
         assert [(r["id"], r["state"]) for r in listed["rules"]] == [(rule["id"], "active")]
