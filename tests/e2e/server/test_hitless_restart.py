@@ -241,3 +241,74 @@ def test_restart_with_the_fd_store_refuses_nothing(
     # would be just as hitless.
     systemd.poll()
     assert len(systemd.store[f"tcp/{port}"]) == 2, systemd.store
+
+
+def test_udp_port_is_never_unreachable_across_a_restart(
+    server, ports, systemd: FakeSystemd
+) -> None:  # type: ignore[no-untyped-def]
+    """A UDP rule: datagrams sent while the old process stops and the new one starts
+    wait in the kept socket; no ICMP port-unreachable (ECONNREFUSED) comes back."""
+    echo_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo_sock.bind(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def udp_echo() -> None:
+        echo_sock.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                data, addr = echo_sock.recvfrom(2048)
+                echo_sock.sendto(data, addr)
+            except (TimeoutError, OSError):
+                continue
+
+    threading.Thread(target=udp_echo, daemon=True).start()
+    srv: ServerProc = server(shards=2, env={"NOTIFY_SOCKET": systemd.path, "PORTUNUS_FDSTORE": "1"})
+    port = ports.port()
+    srv.cli_json(
+        "push-rule",
+        "local",
+        str(port),
+        f"127.0.0.1:{echo_sock.getsockname()[1]}",
+        "--protocol",
+        "udp",
+    )
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.connect(("127.0.0.1", port))
+    client.settimeout(0.05)
+    refused: list[str] = []
+    answers = 0
+    restarted = threading.Event()
+
+    def restart() -> None:
+        srv.send_signal(signal.SIGTERM)
+        assert srv.wait_exit(30) == 0
+        systemd.start(srv)
+        srv.wait_ready()
+        restarted.set()
+
+    try:
+        t = threading.Thread(target=restart, daemon=True)
+        t.start()
+        deadline = time.monotonic() + 40
+        after = 0
+        i = 0
+        while time.monotonic() < deadline and after < 50:
+            i += 1
+            try:
+                client.send(f"d{i}".encode())
+                client.recv(64)
+                answers += 1
+                if restarted.is_set():
+                    after += 1
+            except ConnectionRefusedError as exc:
+                refused.append(repr(exc))
+            except TimeoutError:
+                pass
+        t.join(30)
+    finally:
+        stop.set()
+        client.close()
+        echo_sock.close()
+    assert restarted.is_set(), srv.stderr_tail()
+    assert refused == [], f"{len(refused)} ICMP port-unreachable across the restart"
+    assert after >= 50, f"only {after} answers after the restart"
