@@ -136,7 +136,12 @@ async def serve_control(settings: Settings, channel_sock: socket.socket,
         ctx = ControlContext(settings, store, Authenticator(store), service, planes, remote, clients)
         counters = RuleCounters(store, settings, remote)
         await counters.load()
-        await counters.snapshot()  # this run's file, before anything says up
+        try:
+            await counters.snapshot()  # this run's file, before anything says up
+        except Exception as exc:  # noqa: BLE001 - counters must never stop control
+            # e.g. a shard's metrics file caught while it is being created; the
+            # periodic snapshot catches up, and web reads an old file as "known".
+            log_event("counters.snapshot_failed", level="warning", error=repr(exc))
         counters.start()
         ctx.counters = counters
         server = RpcServer(settings.socket_path, Dispatcher(ctx))

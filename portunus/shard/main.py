@@ -90,7 +90,9 @@ class Shard:
     def dispatch(self, msg: dict[str, Any], fds: list[int]) -> None:
         kind = msg.get("type")
         if kind == "config":
-            self.ctx.settings.update(msg.get("settings", {}))
+            new = msg.get("settings", {})
+            changed = sorted(k for k, v in new.items() if self.ctx.settings.get(k) != v) if self.ctx.settings else []
+            self.ctx.settings.update(new)
             self.ctx.connect_timeout = float(self.ctx.settings.get("connect_timeout_secs", 5.0))
             self.ctx.use_splice = bool(self.ctx.settings.get("use_splice", True))
             self.drain_secs = float(self.ctx.settings.get("shutdown_drain_timeout_secs", 30.0))
@@ -99,6 +101,8 @@ class Shard:
                 retune = getattr(handler, "retune", None)
                 if retune is not None:
                     retune()  # a reload: UDP handlers take the new flow limits now
+            if changed:  # a reload (the first config frame sets everything)
+                log_event("shard.reconfigured", shard=self.index, keys=changed)
         elif kind == "listeners":
             for key, fd in zip(msg.get("add", []), fds, strict=True):
                 old = self.listeners.pop(key, None)
