@@ -16,13 +16,14 @@ import socket
 import sys
 from typing import Any
 
+from portunus.logs import configure as configure_logs
 from portunus.logs import flush_throttled, log_event
 from portunus.rules import Rule
 from portunus.shard import metrics as m
-from portunus.shard.repace import repace_rule
 from portunus.shard.native import announce as announce_native
 from portunus.shard.native_tcp import NativeTcpHandler
 from portunus.shard.native_tcp import eligible as native_eligible
+from portunus.shard.repace import repace_rule
 from portunus.shard.runtime import RuleRuntime, ShardContext
 from portunus.shard.tcp import PlainTcpHandler
 from portunus.supervisor.framing import Channel, ProtocolError
@@ -95,10 +96,19 @@ class Shard:
     def dispatch(self, msg: dict[str, Any], fds: list[int]) -> None:
         kind = msg.get("type")
         if kind == "config":
-            self.ctx.settings.update(msg.get("settings", {}))
+            new = msg.get("settings", {})
+            changed = sorted(k for k, v in new.items() if self.ctx.settings.get(k) != v) if self.ctx.settings else []
+            self.ctx.settings.update(new)
             self.ctx.connect_timeout = float(self.ctx.settings.get("connect_timeout_secs", 5.0))
             self.ctx.use_splice = bool(self.ctx.settings.get("use_splice", True))
             self.drain_secs = float(self.ctx.settings.get("shutdown_drain_timeout_secs", 30.0))
+            configure_logs(fmt=self.ctx.settings.get("log_format"), level=self.ctx.settings.get("log_level"))
+            for handler in self.handlers.values():
+                retune = getattr(handler, "retune", None)
+                if retune is not None:
+                    retune()  # a reload: UDP handlers take the new flow limits now
+            if changed:  # a reload (the first config frame sets everything)
+                log_event("shard.reconfigured", shard=self.index, keys=changed)
         elif kind == "listeners":
             for key, fd in zip(msg.get("add", []), fds, strict=True):
                 old = self.listeners.pop(key, None)

@@ -40,6 +40,10 @@ def eligible(ctx: ShardContext, rt: RuleRuntime) -> bool:
         # set at any time and must gate every connection, open or new, which the
         # native relay does not do yet.
         and rt.owner_limits is None
+        # The idle timeout is swept in Python (TcpConnection.idle_check reads the
+        # pumps' counters); the native relay has no idle clock, so such a rule
+        # would silently never time out there.
+        and rule.idle_timeout_secs is None
         and rt.limiter_in is None
         and rt.limiter_out is None
         and rt.all_literal

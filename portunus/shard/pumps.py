@@ -101,7 +101,7 @@ class Pump:
 
     __slots__ = (
         "loop", "src", "dst", "sfd", "dfd", "owner", "account", "unflushed",
-        "reading", "writing", "eof", "done", "paused",
+        "reading", "writing", "eof", "done", "paused", "flushes",
     )
 
     def __init__(self, loop: Any, src: socket.socket, dst: socket.socket, owner: Any,
@@ -114,6 +114,7 @@ class Pump:
         self.owner = owner  # the relay: told when this direction finishes or fails
         self.account = account  # called with byte counts, at most every FLUSH_EVERY
         self.unflushed = 0
+        self.flushes = 0  # with unflushed: changes whenever a byte moved (idle timeouts)
         self.reading = False
         self.writing = False
         self.eof = False
@@ -143,6 +144,7 @@ class Pump:
     def flush_counter(self) -> None:
         if self.unflushed:
             n, self.unflushed = self.unflushed, 0
+            self.flushes += 1
             self.account(n)
 
     def finish(self) -> None:

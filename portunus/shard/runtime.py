@@ -85,6 +85,9 @@ class RuleRuntime:
         self.slot: Any = None  # live-connection budget a just-admitted connection releases into
         self.extra: dict[str, Any] = {}
         self.target_meters: dict[Target, Any] = {}  # labels() is not free: once per target
+        self.idle_timer: asyncio.TimerHandle | None = None
+        if rule.idle_timeout_secs is not None and rule.protocol == "tcp":
+            self.idle_timer = ctx.loop.call_later(self._idle_tick(), self._sweep_idle)
         self._setup_targets()
         if rule.rate_limit:
             self._setup_limits()
@@ -255,10 +258,32 @@ class RuleRuntime:
         m.DNS_FAILURES.labels(self.rule.client, self.rule.id).inc()
         log_throttled("dns.resolve_failed", level="warning", rule=self.rule.id, host=host, error=str(exc))
 
+    def _idle_tick(self) -> float:
+        idle = self.rule.idle_timeout_secs or 1.0
+        return min(1.0, max(0.05, idle / 4))
+
+    def _sweep_idle(self) -> None:
+        """Close this rule's TCP connections idle for idle_timeout_secs (a peer that
+        vanished without a FIN or RST would otherwise hold them for ever)."""
+        self.idle_timer = None
+        idle = self.rule.idle_timeout_secs
+        if idle is None or (self.draining and not self.conns):
+            return
+        now = self.ctx.loop.time()
+        for conn in list(self.conns):
+            check = getattr(conn, "idle_check", None)
+            if check is not None:
+                check(now, idle)
+        self.idle_timer = self.ctx.loop.call_later(self._idle_tick(), self._sweep_idle)
+
     def stop(self) -> None:
         if self.health_task is not None:
             self.health_task.cancel()
             self.health_task = None
+        if self.idle_timer is not None and not self.draining:
+            # Replaced by an update: the new runtime sweeps the connections it took over.
+            self.idle_timer.cancel()
+            self.idle_timer = None
         # A draining rule keeps pacing its open connections until they are gone.
         if not self.draining or not self.conns:
             self.release_limits()

@@ -42,7 +42,7 @@ class TcpConnection:
     __slots__ = (
         "ctx", "rt", "client", "account", "port_index", "prelude", "upstream",
         "candidates", "pos", "timer", "pumps", "closed", "target", "tried_target", "target_failed",
-        "slot", "up_events", "native",
+        "slot", "up_events", "native", "idle_sig", "idle_since",
     )
 
     def __init__(self, ctx: ShardContext, rt: RuleRuntime, client: socket.socket, port_index: int,
@@ -65,6 +65,8 @@ class TcpConnection:
         self.slot, rt.slot = rt.slot, None  # taken by rt.admit() just before (rate limits)
         self.up_events = 0  # upstream readiness seen before the pumps existed
         self.native: int | None = None  # handle in the shard's native relay, when it relays us
+        self.idle_sig: tuple[int, int, int, int] | None = None
+        self.idle_since = 0.0
         rt.conns.add(self)
         self.account.opened()
 
@@ -223,7 +225,9 @@ class TcpConnection:
             native = self.ctx.native
             # An owned rule's relays stay where repace_rule can reach them: an owner
             # cap set later must pace open connections too (docs/owner-caps.md).
-            if native is not None and self.rt.owner_limits is None:
+            # A rule with idle_timeout_secs stays too: idle_check reads the pumps'
+            # counters, and the native relay keeps no idle clock.
+            if native is not None and self.rt.owner_limits is None and self.rt.rule.idle_timeout_secs is None:
                 self._to_native(native)
                 return
             # The plain relay: both directions spliced in the shard's edge-triggered
@@ -275,6 +279,21 @@ class TcpConnection:
             pump.et = False  # loop readers, not the poller: its peer is a CopyPump
             return pump
         return CopyPump(self.ctx.loop, src, dst, self, account, limiter)
+
+    def idle_check(self, now: float, idle_secs: float) -> None:
+        """Close this connection when no byte moved either way for ``idle_secs``
+        (the rule's idle_timeout_secs; RuleRuntime sweeps).  A connection still
+        connecting is left to the connect timeout."""
+        if self.closed or self.pumps is None:
+            return
+        a, b = self.pumps
+        sig = (a.unflushed, a.flushes, b.unflushed, b.flushes)
+        if sig != self.idle_sig:
+            self.idle_sig, self.idle_since = sig, now
+            return
+        if now - self.idle_since >= idle_secs:
+            log_throttled("tcp.idle_timeout", rule=self.rt.rule.id, idle_secs=idle_secs)
+            self.close()
 
     def pump_done(self, pump: Any) -> None:
         assert self.pumps is not None
