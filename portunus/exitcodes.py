@@ -34,7 +34,8 @@ class ServiceExit(IntEnum):
     )
     CRASH_LOOP = 75  # a child died too often after a good start (EX_TEMPFAIL: try again later)
     CONFIG = (
-        78  # invalid configuration at start, or a database schema newer than this code (EX_CONFIG)
+        78  # invalid configuration at start, a database schema newer than this code, or a
+        # secret file others may read (cli/secret_files.py) (EX_CONFIG)
     )
 
 
@@ -59,5 +60,6 @@ SERVICE_EXIT_MEANING: dict[ServiceExit, str] = {
     ServiceExit.BOOT_FAILED: "a child process could not start; the child's log line says why",
     ServiceExit.LISTEN_FAILED: "an own listener (API, metrics, edge gateway) could not be bound",
     ServiceExit.CRASH_LOOP: "a child died too often after a good start (crash loop)",
-    ServiceExit.CONFIG: "invalid configuration, or a database schema newer than this code",
+    ServiceExit.CONFIG: "invalid configuration, a database schema newer than this code, "
+    "or a file holding secrets that other users may read",
 }

@@ -91,6 +91,25 @@ def test_reload_diff_splits_reloadable_from_restart_keys() -> None:
     assert old.udp_max_flows == 7 and old.metrics_listen == "127.0.0.1:7081"
 
 
+def test_gateway_and_traffic_keys_need_a_restart() -> None:
+    """Control builds the gateway's pre-auth limits and the traffic sampler once at
+    start; a reload must say so instead of pretending to apply them."""
+    new = Settings(
+        edge_preauth_max_connections=5,
+        edge_preauth_max_per_source=2,
+        edge_handshake_timeout_secs=3.0,
+        traffic_sample_interval_secs=60.0,
+    )
+    changed, restart = diff(Settings(), new)
+    assert changed == {}
+    assert restart == [
+        "edge_handshake_timeout_secs",
+        "edge_preauth_max_connections",
+        "edge_preauth_max_per_source",
+        "traffic_sample_interval_secs",
+    ]
+
+
 def test_every_reloadable_key_is_a_setting() -> None:
     assert RELOADABLE <= set(vars(Settings()))
 

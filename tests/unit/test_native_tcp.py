@@ -301,3 +301,20 @@ def test_out_of_fds_at_accept_backs_off_then_serves(
     client.close()
     p.close()
     origin.close()
+
+
+def test_a_rule_with_an_idle_timeout_keeps_the_python_relay(loop: asyncio.AbstractEventLoop) -> None:
+    """The native relay keeps no idle clock: a rule with idle_timeout_secs must not
+    be served natively, or its idle connections would never be closed."""
+    ctx = ShardContext(loop, {"use_splice": True, "connect_timeout_secs": 5.0})
+    targets = [Target(host=LOOPBACK, port=9, priority=1)]
+    plain = build_rule(id=f"native-{next(_ids)}", protocol="tcp", listen=(1, 1), targets=targets)
+    idle = build_rule(id=f"native-{next(_ids)}", protocol="tcp", listen=(1, 1), targets=targets,
+                      idle_timeout_secs=30)
+    assert eligible(ctx, RuleRuntime(ctx, plain))
+    rt = RuleRuntime(ctx, idle)
+    try:
+        assert not eligible(ctx, rt)
+    finally:
+        if rt.idle_timer is not None:
+            rt.idle_timer.cancel()
