@@ -20,6 +20,7 @@ from portunus import __version__
 from portunus.bounds import CLI_INTERVAL, SHARDS
 from portunus.cli.numbers import BoundedNumber
 from portunus.config import ConfigError, Settings, load_standalone
+from portunus.exitcodes import ServiceExit
 
 DEFAULT_CONFIG = "/etc/portunus/standalone.toml"
 
@@ -57,7 +58,7 @@ def main(ctx: click.Context, config_path: str, check: bool, shards: int | None) 
         for line in exc.errors:
             click.echo(line, err=True)
         click.echo(f"{config_path}: {len(exc.errors)} error(s); nothing started", err=True)
-        sys.exit(2)
+        sys.exit(ServiceExit.CONFIG_INVALID)
     if check:
         click.echo(f"{config_path}: ok ({len(rules)} rule(s))")
         return
