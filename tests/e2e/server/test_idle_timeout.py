@@ -56,6 +56,27 @@ def test_idle_tcp_connection_is_closed_busy_one_stays(server, origin, ports) -> 
     assert srv.events("tcp.idle_timeout")
 
 
+def test_idle_timeout_holds_when_python_connects_and_the_relay_could_be_native(  # type: ignore[no-untyped-def]
+    server, origin, ports
+) -> None:
+    """A target given by name is connected in Python and then, for a plain rule, handed
+    to the native relay (tcp.start_pumps); with idle_timeout_secs it must stay in
+    Python, where the idle clock is, or the idle connection would live forever."""
+    srv: ServerProc = server(shards=1)
+    org = origin(echo)
+    port = ports.port()
+    srv.cli_json("push-rule", "local", str(port), f"localhost:{org.port}", "--idle-timeout", "1")
+    idle = connect(port)
+    try:
+        idle.sendall(b"hi")
+        assert recv_exact(idle, 2) == b"hi"
+        took = _closed_by_peer(idle, 4.0)
+        assert took is not None, "the idle connection to a named target is still open after 4 s"
+    finally:
+        idle.close()
+    assert srv.events("tcp.idle_timeout")
+
+
 def test_udp_flow_reaped_after_the_rules_idle_timeout(standalone, ports) -> None:  # type: ignore[no-untyped-def]
     echo_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     echo_sock.bind((LOOPBACK, 0))
