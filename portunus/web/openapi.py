@@ -463,7 +463,7 @@ _PATHS: dict[str, dict[str, Any]] = {
     },
     "/v1/clients/{id}": {
         "parameters": [_CLIENT_PARAM],
-        "get": _op("getClient", "One client by id or name", "200", ref("Client"), ("404", "409")),
+        "get": _op("getClient", "One client by id or name", "200", ref("Client"), ("400", "404", "409")),
         "delete": _op("deleteClient", "Delete a revoked client and its rules", "204", None,
                       ("400", "404", "409")),
     },

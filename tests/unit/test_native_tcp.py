@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import select
 import socket
 import threading
 import time
@@ -25,6 +24,8 @@ from portunus.shard import metrics as m
 from portunus.shard.native_tcp import NativeTcpHandler, eligible
 from portunus.shard.runtime import RuleRuntime, ShardContext
 
+from .fdwait import readable
+
 try:
     from portunus.shard import _relay  # noqa: F401
 except ImportError:
@@ -32,6 +33,8 @@ except ImportError:
 
 LOOPBACK = "127.0.0.1"
 _ids = iter(range(1_000_000))
+
+
 
 
 @pytest.fixture
@@ -227,7 +230,7 @@ def test_stopping_the_handler_keeps_open_connections(loop: asyncio.AbstractEvent
     assert p.rt.conns == {p.handler.conns}  # counted while open, for the drain
     p.handler.close()  # stop accepting
     client.sendall(b"still here")
-    run_until(loop, lambda: bool(select.select([up], [], [], 0)[0]))
+    run_until(loop, lambda: readable(up))
     assert up.recv(100) == b"still here"
     client.close()
     up.close()
@@ -283,7 +286,7 @@ def test_out_of_fds_at_accept_backs_off_then_serves(
             except OSError:
                 break
         # Drive the relay by hand: running the loop itself would need fds.
-        assert select.select([native.relay.fileno()], [], [], 5)[0]
+        assert readable(native.relay.fileno(), 5)
         native.dispatch()
         assert p.handler.live == 0  # nothing accepted: the client waits in the queue
     finally:
@@ -294,7 +297,7 @@ def test_out_of_fds_at_accept_backs_off_then_serves(
     client.shutdown(socket.SHUT_WR)
     run_until(loop, lambda: not server.is_alive())
     client.settimeout(10)
-    run_until(loop, lambda: bool(select.select([client], [], [], 0)[0]))
+    run_until(loop, lambda: readable(client))
     assert client.recv(100) == b"served" and got == [b"q"]
     events = [json.loads(x) for x in capfd.readouterr().err.splitlines() if x.startswith("{")]
     assert "tcp.accept_error" in [e["event"] for e in events]

@@ -15,7 +15,6 @@ import asyncio
 import errno
 import json
 import os
-import select
 import socket
 import threading
 import time
@@ -31,7 +30,11 @@ from portunus.shard import pumps
 from portunus.shard.runtime import RuleRuntime, ShardContext
 from portunus.shard.tcp import TcpConnection
 
+from .fdwait import readable
+
 pytestmark = pytest.mark.skipif(not pumps.HAVE_SPLICE, reason="no os.splice on this platform")
+
+
 
 
 def listener() -> socket.socket:
@@ -137,7 +140,7 @@ def recv_all(s: socket.socket) -> bytes:
 
 def recv_soon(loop: asyncio.AbstractEventLoop, s: socket.socket, n: int) -> bytes:
     """recv once the relay (which needs the loop running) has delivered something."""
-    run_until(loop, lambda: bool(select.select([s], [], [], 0)[0]))
+    run_until(loop, lambda: readable(s))
     return s.recv(n)
 
 
@@ -381,7 +384,7 @@ def test_native_pipe_exhaustion_fails_the_connection_cleanly(
         r.client.sendall(b"hello")
         # Drive the relay by hand: running the loop itself would need fds.
         native = r.ctx._native
-        assert select.select([native.relay.fileno()], [], [], 5)[0]
+        assert readable(native.relay.fileno(), 5)
         native.dispatch()
     finally:
         for fd in fillers:
