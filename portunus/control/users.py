@@ -76,7 +76,7 @@ class UserService:
                 error_code=exc.code,
                 details={"message": exc.message, "token_id": who.token_id or None},
             )
-        exc.audited = True  # type: ignore[attr-defined]
+        exc.audited = True
 
     async def _drain(self, who: Principal, rule_ids: list[int]) -> list[int]:
         """Remove rules through the ordinary remove path; ids actually removed."""
