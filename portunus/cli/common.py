@@ -119,7 +119,9 @@ class CliError(click.ClickException):
         super().__init__(error.message)
         self.error = error
         self.hint = hint
-        self.exit_code = error.exit_code
+        # click types exit_code as a ClassVar, yet only ever reads it from the instance
+        # (``sys.exit(e.exit_code)``); ours depends on the error, so it is per instance.
+        self.exit_code = error.exit_code  # type: ignore[misc]
 
     def show(self, file: IO[Any] | None = None) -> None:
         click.echo(f"error: {self.error.code}: {self.error.message}", err=True)

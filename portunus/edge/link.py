@@ -415,8 +415,9 @@ def link_cadence(welcome: dict[str, Any], timing: LinkTiming) -> tuple[float, fl
 
     def secs(key: str) -> float | None:
         v = welcome.get(key)
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 3600
-        return float(v) if ok else None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 3600:
+            return None
+        return float(v)
 
     heartbeat = secs("heartbeat_secs") or timing.heartbeat_secs
     ping = secs("ping_secs")
