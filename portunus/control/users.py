@@ -332,7 +332,7 @@ class UserService:
                 if client_ref == "*":
                     client_id = "*"
                 else:
-                    client_id = (await accounts.resolve_client(db, client_ref)).client_id  # type: ignore[arg-type]
+                    client_id = (await accounts.resolve_client(db, client_ref)).client_id
                 grant_id = await users_db.insert_grant(
                     db, user.id, client_id, lo, hi, protocols, note, utc_now()
                 )

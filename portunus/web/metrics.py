@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -18,6 +19,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from portunus.config import Settings
+
+if TYPE_CHECKING:  # for the annotation only: prometheus_client is imported late, on purpose
+    from prometheus_client.metrics_core import Metric
 
 
 def _process_label(title: str) -> str | None:
@@ -32,7 +36,7 @@ class ProcessCollector:
     def __init__(self, supervisor_pid: int) -> None:
         self.supervisor_pid = supervisor_pid
 
-    def collect(self) -> Iterator[object]:
+    def collect(self) -> Iterator[Metric]:
         import psutil
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -72,7 +76,7 @@ def render_metrics(metrics_dir: str, supervisor_pid: int | None) -> bytes:
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=metrics_dir)
     if supervisor_pid:
-        registry.register(ProcessCollector(supervisor_pid))  # type: ignore[arg-type]
+        registry.register(ProcessCollector(supervisor_pid))
     text = generate_latest(registry)
     # Drop the detail series (and their HELP/TYPE lines) from the exposition.
     return b"\n".join(ln for ln in text.split(b"\n") if b"portunus_detail_" not in ln)
