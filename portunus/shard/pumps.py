@@ -12,7 +12,6 @@ reader never makes a shard's memory grow.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import mmap
 import os
@@ -35,8 +34,6 @@ BURST = 8  # chunks one readiness event may move before yielding to other connec
 FLUSH_EVERY = 64 * 1024
 COPY_BUF = 256 * 1024
 HAVE_SPLICE = hasattr(os, "splice")
-
-_FATAL = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
 
 
 class PipePool:
@@ -419,7 +416,3 @@ class CopyPump(Pump):
 
     def on_writable(self) -> None:
         self.on_writable_inner(from_read=False)
-
-
-def is_fatal(exc: BaseException) -> bool:
-    return isinstance(exc, _FATAL) or (isinstance(exc, OSError) and exc.errno in (errno.EPIPE, errno.ECONNRESET))
