@@ -117,8 +117,6 @@ class Shard:
             self.send({"type": "applied", "seq": msg.get("seq")})
         elif kind == "owner_caps":
             self.owner_caps(msg.get("caps") or {})
-        elif kind == "stop":
-            self.begin_stop()
 
     # ---------------------------------------------------------------- rules
 
