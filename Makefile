@@ -4,9 +4,11 @@ VENV    ?= .venv
 BIN      = $(VENV)/bin
 STAMP    = $(VENV)/.installed
 
-.PHONY: run run-standalone test test-all test-slow test-packages bench bench-quick lint deps clean deb rpm reference screenshots
+.PHONY: run run-standalone test test-all test-slow test-packages test-python-relay test-asan bench bench-quick lint deps clean deb rpm reference screenshots
 
-$(STAMP): pyproject.toml
+# setup.py builds the optional native relay (portunus/shard/_relay.c) when a C
+# compiler is present; without one the install still succeeds (Python relay).
+$(STAMP): pyproject.toml setup.py $(wildcard portunus/shard/*.c portunus/shard/*.h)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
@@ -25,6 +27,21 @@ run-standalone: $(STAMP)
 ## test: unit + end-to-end tests (the default CI run)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+## test-python-relay: the end-to-end tests with the native relay off (PORTUNUS_NATIVE=0)
+test-python-relay: $(STAMP)
+	PORTUNUS_NATIVE=0 $(BIN)/python -m pytest -q tests/e2e
+
+## test-asan: the TCP data-plane tests against an AddressSanitizer build of the native relay
+ASAN_TESTS = tests/unit/test_pumps.py tests/unit/test_native_tcp.py tests/e2e/standalone/test_transfer.py \
+	tests/e2e/standalone/test_backpressure.py tests/e2e/standalone/test_client_reset.py \
+	tests/e2e/standalone/test_halfclose_refused.py tests/e2e/standalone/test_metrics.py \
+	tests/e2e/features/test_sni.py tests/e2e/features/test_proxy_protocol.py tests/e2e/features/test_failover.py
+test-asan: $(STAMP)
+	CFLAGS="-fsanitize=address -fno-omit-frame-pointer -g -O1" $(BIN)/pip install -q -e . --no-deps
+	LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+		$(BIN)/python -m pytest -q -p no:cacheprovider $(ASAN_TESTS); rc=$$?; \
+		$(BIN)/pip install -q -e . --no-deps; exit $$rc
 
 ## test-slow: the long end-to-end tests (200 MiB transfers, 10k idle connections)
 test-slow: $(STAMP)

@@ -98,6 +98,8 @@ PORT = Bound(1, 65535, integer=True)
 PRIORITY = Bound(1, 1000, integer=True)
 RATE_LIMIT_VALUE = Bound(1, 10**12, integer=True)
 HEALTH_CHECK_INTERVAL = Bound(0.1, 3600)
+# A rule's idle_timeout_secs (absent/null = never); 0 would close every connection at once.
+IDLE_TIMEOUT = Bound(0, 7 * 86400, lo_open=True)
 ACK_TIMEOUT = Bound(0, 300, lo_open=True)
 ENROLL_TTL = Bound(1, 7 * 86400, integer=True)
 LIST_LIMIT = Bound(1, 1000, integer=True)  # ?limit= of every paged list

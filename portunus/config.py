@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from portunus.bounds import HEALTH_CHECK_INTERVAL, MAX_NAME_LEN, PRIORITY
+from portunus.bounds import HEALTH_CHECK_INTERVAL, IDLE_TIMEOUT, MAX_NAME_LEN, PRIORITY
 from portunus.bounds import SETTINGS as SETTING_BOUNDS
 from portunus.errors import PortunusError
 from portunus.rules import (
@@ -37,6 +37,10 @@ from portunus.rules import (
 SYSTEM_DATA_DIR = "/var/lib/portunus"
 SYSTEM_RUNTIME_DIR = "/run/portunus"
 SYSTEM_CONFIG = "/etc/portunus/server.toml"
+# /metrics defaults differ per program so the three can share one host:
+# server 7081 (metrics_listen), edge client 7082 (--metrics-listen), standalone 7083.
+CLIENT_METRICS_LISTEN = "127.0.0.1:7082"
+STANDALONE_METRICS_LISTEN = "127.0.0.1:7083"
 
 
 @dataclass
@@ -67,6 +71,7 @@ class Settings:
     edge_handshake_timeout_secs: float = 10.0
     shards: int = 0  # 0 = one per CPU
     extra: dict[str, Any] = field(default_factory=dict)
+    config_path: str = ""  # the file these settings were read from ("" = defaults only)
 
     @property
     def socket_path(self) -> str:
@@ -89,7 +94,7 @@ class Settings:
 
 
 _TYPES: dict[str, type] = {f.name: f.type if isinstance(f.type, type) else object for f in fields(Settings)}
-_SETTING_KEYS = {f.name for f in fields(Settings)} - {"extra", "data_dir", "runtime_dir", "shards"}
+_SETTING_KEYS = {f.name for f in fields(Settings)} - {"extra", "data_dir", "runtime_dir", "shards", "config_path"}
 _FLOAT_KEYS = {
     "shutdown_drain_timeout_secs",
     "udp_flow_idle_secs",
@@ -139,6 +144,8 @@ def _check_setting(key: str, value: Any) -> Any:
             raise ValueError(f"{key} must be a string")
         if key == "log_format" and value not in ("json", "text"):
             raise ValueError("log_format must be \"json\" or \"text\"")
+        if key == "log_level" and value not in ("debug", "info", "warning", "error"):
+            raise ValueError("log_level must be \"debug\", \"info\", \"warning\" or \"error\"")
         if key.endswith("_listen"):
             parse_listen(value, key)
         if key == "listen_address":
@@ -182,7 +189,8 @@ def load_server_settings(data_dir: str, config_path: str | None) -> Settings:
                 path = candidate
                 break
     if path is not None:
-        settings.extra["config_path"] = path  # serve checks its mode if it holds operator_token
+        # reload re-reads it; serve checks its mode if it holds operator_token
+        settings.config_path = os.path.abspath(path)
         text = _read(path)
         doc = _parse_toml(path, text)
         errs = apply_settings(settings, doc)
@@ -259,7 +267,7 @@ class _Locator:
 
 _RULE_KEYS = {
     "name", "protocol", "listen_port", "listen_ports", "target", "targets", "sni",
-    "proxy_protocol", "prefer_ipv6", "rate_limit", "health_check_interval_secs",
+    "proxy_protocol", "prefer_ipv6", "rate_limit", "health_check_interval_secs", "idle_timeout_secs",
 }
 _RULE_NAME = re.compile(rf"[A-Za-z0-9_.\-]{{1,{MAX_NAME_LEN}}}")
 _TARGET_KEYS = {"host", "port", "port_end", "ports", "priority", "proxy_protocol"}
@@ -347,6 +355,12 @@ def _rule_from_table(t: dict[str, Any], max_ports: int) -> tuple[Rule | None, li
         interval = HEALTH_CHECK_INTERVAL.check(interval, "health_check_interval_secs")
     except PortunusError as exc:
         errs.append(("health_check_interval_secs", f"{exc.code}: {exc.message}"))
+    idle_timeout = t.get("idle_timeout_secs")
+    if idle_timeout is not None:
+        try:
+            idle_timeout = IDLE_TIMEOUT.check(idle_timeout, "idle_timeout_secs")
+        except PortunusError as exc:
+            errs.append(("idle_timeout_secs", f"{exc.code}: {exc.message}"))
     if errs or listen is None or not isinstance(name, str):
         return None, errs
     try:
@@ -361,6 +375,7 @@ def _rule_from_table(t: dict[str, Any], max_ports: int) -> tuple[Rule | None, li
             rate_limit=rate_limit,
             health_check_interval_secs=interval,
             range_max_ports=max_ports,
+            idle_timeout_secs=idle_timeout,
         )
     except PortunusError as exc:
         field_map = {"protocol": "protocol", "sni_pattern": "sni", "listen": "listen_ports" if "listen_ports" in t else "listen_port"}
@@ -401,7 +416,8 @@ def load_standalone(path: str) -> tuple[Settings, list[Rule]]:
     text = _read(path)
     doc = _parse_toml(path, text)
     loc = _Locator(text)
-    settings = Settings(data_dir=os.path.abspath(os.path.dirname(path) or "."))
+    settings = Settings(data_dir=os.path.abspath(os.path.dirname(path) or "."),
+                        metrics_listen=STANDALONE_METRICS_LISTEN)
     errors: list[tuple[int, str]] = []
 
     def error(line: int, msg: str) -> None:

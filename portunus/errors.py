@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from portunus.exitcodes import ServiceExit
+
 # CLI exit codes (docs/reference/exit-codes.md).
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -23,7 +25,7 @@ EXIT_NOT_CONNECTED = 8
 EXIT_FORBIDDEN = 9
 EXIT_CONFLICT = 10
 # sysexits EX_CONFIG: the database schema is newer than this code.
-EXIT_SCHEMA_TOO_NEW = 78
+EXIT_SCHEMA_TOO_NEW = int(ServiceExit.CONFIG)  # the same EX_CONFIG serve exits with
 
 # code (or code prefix ending in ".") -> (HTTP status, exit code)
 _TABLE: dict[str, tuple[int, int]] = {

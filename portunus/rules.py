@@ -17,6 +17,7 @@ from typing import Any
 
 from portunus.bounds import (
     HEALTH_CHECK_INTERVAL,
+    IDLE_TIMEOUT,
     MAX_HOST_LEN,
     MAX_SNI_LEN,
     PORT,
@@ -103,6 +104,8 @@ class Rule:
     rate_limit: dict[str, int] | None = None
     health_check_interval_secs: float = 5.0
     sni_fallback: bool = False
+    # Close a connection (TCP) or flow (UDP) that moved no byte for this long; None = off.
+    idle_timeout_secs: float | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -141,6 +144,8 @@ class Rule:
         }
         if self.sni_fallback:  # only when set: peers that predate it see the same dict
             wire["sni_fallback"] = True
+        if self.idle_timeout_secs is not None:  # likewise
+            wire["idle_timeout_secs"] = self.idle_timeout_secs
         return wire
 
     @classmethod
@@ -159,6 +164,7 @@ class Rule:
             rate_limit=d.get("rate_limit") or None,
             health_check_interval_secs=float(d.get("health_check_interval_secs", 5.0)),
             sni_fallback=bool(d.get("sni_fallback", False)),
+            idle_timeout_secs=float(d["idle_timeout_secs"]) if d.get("idle_timeout_secs") is not None else None,
         )
 
 
@@ -176,6 +182,8 @@ def check_wire_numbers(d: dict[str, Any]) -> None:
             PORT.check(t.get("port_end"), f"targets[{i}].port_end", "validation.port")
         PRIORITY.check(t.get("priority", 1), f"targets[{i}].priority", "validation.priority")
     HEALTH_CHECK_INTERVAL.check(d.get("health_check_interval_secs", 5.0), "health_check_interval_secs")
+    if d.get("idle_timeout_secs") is not None:
+        IDLE_TIMEOUT.check(d["idle_timeout_secs"], "idle_timeout_secs")
     caps = d.get("rate_limit")
     if caps is not None and not isinstance(caps, dict):
         raise ValidationError("validation.rate_limit", "rate_limit must be an object", field="rate_limit")
@@ -355,6 +363,7 @@ def build_rule(
     rate_limit: dict[str, Any] | None = None,
     health_check_interval_secs: float = 5.0,
     range_max_ports: int = DEFAULT_RANGE_MAX_PORTS,
+    idle_timeout_secs: float | None = None,
 ) -> Rule:
     """Validate the cross-field constraints and return a ``Rule``.
 
@@ -428,6 +437,8 @@ def build_rule(
     health_check_interval_secs = HEALTH_CHECK_INTERVAL.check(
         health_check_interval_secs, "health_check_interval_secs"
     )
+    if idle_timeout_secs is not None:
+        idle_timeout_secs = IDLE_TIMEOUT.check(idle_timeout_secs, "idle_timeout_secs")
     fixed.sort(key=lambda t: t.priority)
     return Rule(
         id=str(id),
@@ -442,4 +453,5 @@ def build_rule(
         prefer_ipv6=prefer_ipv6,
         rate_limit=validate_rate_limit(rate_limit),
         health_check_interval_secs=health_check_interval_secs,
+        idle_timeout_secs=float(idle_timeout_secs) if idle_timeout_secs is not None else None,
     )

@@ -32,8 +32,8 @@ portunus_dirs() {
 
 portunus_token() {
     # The operator token: root-owned so the service cannot rewrite its own
-    # credential, readable by group portunus so `sudo -u portunus portunus-server ...`
-    # and members of the group need no environment variable.
+    # credential, readable by group portunus so root, the portunus user and members
+    # of the group need no environment variable.
     token=/etc/portunus/operator.token
     if [ ! -e "$token" ]; then
         (umask 077 && /opt/portunus/bin/python3.11 -c \
@@ -62,7 +62,9 @@ portunus_token_path() {
 portunus_next_steps() {
     echo "Portunus installed. Start it:  systemctl enable --now portunus"
     echo "Operator token: $(portunus_token_path) (readable by root and group portunus; the CLI finds it)"
-    echo "First rule:     sudo -u portunus portunus-server push-rule local 18080 127.0.0.1:8080"
+    # Root, or a member of group portunus (usermod -aG portunus NAME), runs the CLI
+    # as is: no privilege-escalation tool needed (minimal systems have none).
+    echo "First rule:     portunus-server push-rule local 18080 127.0.0.1:8080   (as root or a member of group portunus)"
 }
 
 portunus_compile() {

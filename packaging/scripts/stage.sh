@@ -25,12 +25,18 @@ mkdir -p "$stage/opt" "$wheels"
 stage=$(cd "$stage" && pwd)
 venv=$stage$prefix
 
-# The project's own wheel first (pure Python), then everything as binary wheels:
-# no compiler at build time, and manylinux wheels keep the rpm usable off Debian.
+# The project's own wheel first (Python plus the native relay, compiled here: needs
+# gcc and the python3.11 headers), then everything else as binary wheels; manylinux
+# wheels keep the rpm usable off Debian.
 "$@" wheel --quiet --no-deps --wheel-dir "$wheels" "$top"
 $py -m venv --without-pip "$venv"
 "$@" --python "$venv/bin/python" install --quiet --no-compile --only-binary=:all: \
     --no-warn-script-location --disable-pip-version-check "$wheels"/portunus-*.whl
+# The extension is optional for a checkout, not for a package.
+if ! ls "$venv"/lib/python3.11/site-packages/portunus/shard/_relay.*.so >/dev/null 2>&1; then
+    echo "stage.sh: the native relay (portunus/shard/_relay.c) was not built: install gcc and python3.11-dev" >&2
+    exit 1
+fi
 
 # Console scripts carry the staging path in their shebang: point them at the final
 # prefix.  Only regular files: bin/python* are symlinks to /usr/bin/python3.11.

@@ -20,6 +20,7 @@ import click
 from portunus import __version__
 from portunus.bounds import CLI_INTERVAL, SHARDS
 from portunus.cli.numbers import BoundedNumber
+from portunus.config import CLIENT_METRICS_LISTEN
 from portunus.edge.wire import CAPABILITIES
 from portunus.errors import EXIT_ERROR, EXIT_UNAUTHENTICATED, EXIT_USAGE
 
@@ -44,8 +45,8 @@ def _fail(message: str, code: int, hint: str | None = None) -> NoReturn:
 @click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True, metavar="DIR", envvar="PORTUNUS_CLIENT_DATA_DIR",
               help="Where the client keeps rules.json (the last rules the server sent), so it "
                    "forwards after a restart even while the server is down.")
-@click.option("--metrics-listen", default="127.0.0.1:7081", show_default=True, metavar="HOST:PORT",
-              help="Serve Prometheus /metrics here.")
+@click.option("--metrics-listen", default=CLIENT_METRICS_LISTEN, show_default=True, metavar="HOST:PORT",
+              help="Serve Prometheus /metrics here (not the server's 7081, so both can run on one host).")
 @click.option("--shards", type=BoundedNumber(SHARDS), default=None,
               help="Data-plane processes (default: one per CPU).")
 @click.option("--listen-address", default="0.0.0.0", show_default=True, metavar="ADDR",
@@ -67,9 +68,10 @@ def main(ctx: click.Context, bundle_path: str | None, data_dir: str, metrics_lis
     1. On the server, mint a one-time code:
          portunus-server enroll-client edge-01 --address SERVER-IP
     2. Here, redeem it (checks the server certificate against the URI's fp):
-         portunus-client enroll 'portunus://…/enroll?code=…&fp=sha256:…' --out /etc/portunus/client.json
+         portunus-client enroll 'portunus://…/enroll?code=…&fp=sha256:…' --out /etc/portunus/client.bundle
     3. Run the edge:
-         portunus-client --bundle /etc/portunus/client.json
+         portunus-client --bundle /etc/portunus/client.bundle
+       (or: systemctl enable --now portunus-client, which loads that file)
     4. On the server, push rules to it like to `local`:
          portunus-server push-rule edge-01 19090 127.0.0.1:9090
 
@@ -128,12 +130,19 @@ def run(settings: Settings, bundle: Bundle, capabilities: list[str], stats_inter
 
     import socket
 
-    from portunus.cli.standalone import shard_settings
-    from portunus.edge.link import EXIT_HALT, run_link
+    from portunus.cli.standalone import bind_metrics, shard_settings
+    from portunus.edge.link import run_link
     from portunus.edge.timing import LinkTiming
     from portunus.supervisor.arbiter import Supervisor
     from portunus.supervisor.children import Child
+    from portunus.supervisor.fdstore import FdStore
+    from portunus.supervisor.policy import Role
     from portunus.web.metrics import run_metrics
+
+    store = FdStore()  # sockets systemd kept across a restart, when the unit has a store
+    metrics_sock = bind_metrics(settings.metrics_listen, "--metrics-listen", "the portunus-client command line",
+                                store)
+    instance = {"kind": "client", "config": os.path.abspath(bundle.path) if bundle.path else ""}
 
     timing = LinkTiming(stats_secs=stats_interval)
 
@@ -156,14 +165,13 @@ def run(settings: Settings, bundle: Bundle, capabilities: list[str], stats_inter
         drain_secs=settings.shutdown_drain_timeout_secs,
         metrics_dir=metrics_dir,
         services=[
-            Child(name="link", title="portunus: link", entry=link_entry, wants_channel=True,
-                  halt_reasons={EXIT_HALT: (
-                      "the server revoked this client, so its token no longer works; re-enroll: "
-                      "`portunus-server enroll-client NAME` on the server, then `portunus-client "
-                      "enroll '<uri>' --out BUNDLE --force` here")}),
-            Child(name="metrics", title="portunus: metrics", entry=lambda _s: run_metrics(settings)),
+            Child(name="link", title="portunus: link", entry=link_entry, wants_channel=True, role=Role.LINK),
+            Child(name="metrics", title="portunus: metrics", role=Role.METRICS, wants_channel=True,
+                  sockets=[metrics_sock], entry=lambda ch: run_metrics(settings, metrics_sock, ch, instance)),
         ],
         rule_child="link",
+        own_sockets=[metrics_sock],
+        fdstore=store,
     )
     return sup.run()
 
@@ -180,7 +188,7 @@ def enroll(uri: str, out_path: str, force: bool, timeout: float) -> None:
     \b
     URI is what `portunus-server enroll-client NAME` printed; quote it, the & in it
     means something to the shell:
-        portunus-client enroll 'portunus://10.0.0.1:7443/enroll?code=…&fp=sha256:…' --out client.json
+        portunus-client enroll 'portunus://10.0.0.1:7443/enroll?code=…&fp=sha256:…' --out /etc/portunus/client.bundle
     The server certificate must match the URI's fp (SHA-256 of the certificate) or
     nothing is sent. The code works once; an expired or used one is refused.
     """

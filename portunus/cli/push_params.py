@@ -36,6 +36,7 @@ def build_push_params(
     rate_limit: dict[str, int | None] | None = None,
     health_check_interval_secs: float | None = None,
     ack_timeout: float = 2.0,
+    idle_timeout_secs: float | None = None,
 ) -> dict[str, Any]:
     """The ``rules.push`` params for push-rule's arguments.
 
@@ -74,6 +75,8 @@ def build_push_params(
         params["rate_limit"] = caps
     if health_check_interval_secs is not None:
         params["health_check_interval_secs"] = health_check_interval_secs
+    if idle_timeout_secs is not None:
+        params["idle_timeout_secs"] = idle_timeout_secs
     params["ack_timeout"] = ack_timeout
     return params
 

@@ -14,13 +14,14 @@ import os
 import stat
 
 from portunus.config import Settings
+from portunus.exitcodes import ServiceExit
 
-EXIT_INSECURE = 78  # EX_CONFIG, as for an invalid server.toml
+EXIT_INSECURE = ServiceExit.CONFIG  # EX_CONFIG, as for an invalid server.toml
 
 
 def secret_paths(settings: Settings) -> list[str]:
     paths = [settings.db_path, os.path.join(settings.data_dir, "server.key"), settings.token_path]
-    config_path = settings.extra.get("config_path")
+    config_path = settings.config_path
     if config_path and settings.operator_token:
         paths.append(config_path)
     return paths

@@ -16,9 +16,10 @@ from portunus import __version__
 from portunus.bounds import SHARDS
 from portunus.cli.numbers import BoundedNumber
 from portunus.config import ConfigError, Settings, load_server_settings, parse_listen
-from portunus.errors import EXIT_SCHEMA_TOO_NEW, PortunusError
+from portunus.errors import PortunusError
+from portunus.exitcodes import ServiceExit
 
-EX_CONFIG = 78
+EX_CONFIG = ServiceExit.CONFIG
 
 
 @click.command()
@@ -50,7 +51,7 @@ def serve(obj: Any, shards: int | None) -> None:
         check_schema(settings.db_path)
     except PortunusError as exc:
         click.echo(f"error: {exc.code}: {exc.message}", err=True)
-        sys.exit(EXIT_SCHEMA_TOO_NEW if exc.code == "schema_too_new" else 1)
+        sys.exit(ServiceExit.CONFIG if exc.code == "schema_too_new" else ServiceExit.ERROR)
     except OSError as exc:
         click.echo(f"error: cannot prepare {exc.filename}: {exc.strerror}", err=True)
         sys.exit(1)
@@ -65,7 +66,7 @@ def serve(obj: Any, shards: int | None) -> None:
     setup_note = ensure_setup_token(settings)
     if setup_note:
         token_note += "\n  " + setup_note
-    sys.exit(run(settings, token_note))
+    sys.exit(run(settings, token_note, obj.config))
 
 
 def prepare_dirs(settings: Settings) -> None:
@@ -148,26 +149,52 @@ def _api_healthy(listen: str) -> bool:
         conn.close()
 
 
-def run(settings: Settings, token_note: str) -> int:
+def bind_own_listeners(settings: Settings, config_path: str | None, store: Any = None) -> dict[str, Any]:
+    """Bind the API, metrics and edge gateway sockets before anything forks; a
+    taken or invalid address ends ``serve`` here with exit 73 (LISTEN_FAILED)."""
+    from portunus.logs import log_event
+    from portunus.supervisor.own_listeners import BindError, bind_all
+
+    where = settings.config_path or config_path or os.path.join(settings.data_dir, "server.toml")
+    try:
+        return bind_all([
+            ("operator_http_listen", settings.operator_http_listen, "operator HTTP API"),
+            ("metrics_listen", settings.metrics_listen, "metrics endpoint"),
+            ("control_listen", settings.control_listen, "edge gateway"),
+        ], where, store)
+    except BindError as exc:
+        log_event("supervisor.listen_failed", level="error", message=str(exc),
+                  exit_code=int(ServiceExit.LISTEN_FAILED))
+        click.echo(f"error: listen_failed: {exc}", err=True)
+        sys.exit(ServiceExit.LISTEN_FAILED)
+
+
+def run(settings: Settings, token_note: str, config_path: str | None = None) -> int:
     from portunus.supervisor.bootstrap import prepare_metrics_dir, prepare_process
 
     prepare_process("portunus: supervisor", settings.log_format, settings.log_level)
+    from portunus.supervisor.fdstore import FdStore
+
+    store = FdStore()  # sockets systemd kept across a restart, when the unit has a store
+    own = bind_own_listeners(settings, config_path, store)
     prepare_metrics_dir(settings.runtime_dir)
 
     from portunus.cli.standalone import shard_settings
     from portunus.supervisor.arbiter import Supervisor
     from portunus.supervisor.children import Child
+    from portunus.supervisor.policy import Role
+    from portunus.supervisor.reload import SettingsReloader
 
     def control_entry(sock: socket.socket | None) -> None:
         from portunus.control.main import run_control
 
         assert sock is not None
-        run_control(settings, sock)
+        run_control(settings, sock, own["control_listen"].sock)
 
-    def web_entry(_sock: socket.socket | None) -> None:
+    def web_entry(sock: socket.socket | None) -> None:
         from portunus.web.main import run_web
 
-        run_web(settings)
+        run_web(settings, own["operator_http_listen"].sock, own["metrics_listen"].sock, sock)
 
     click.echo(
         f"portunus-server {__version__}: data {settings.data_dir}, {settings.shard_count()} shard(s)\n"
@@ -185,10 +212,18 @@ def run(settings: Settings, token_note: str) -> int:
         drain_secs=settings.shutdown_drain_timeout_secs,
         metrics_dir=settings.metrics_dir,
         services=[
-            Child(name="control", title="portunus: control", entry=control_entry, wants_channel=True),
-            Child(name="web", title="portunus: web", entry=web_entry),
+            Child(name="control", title="portunus: control", entry=control_entry, wants_channel=True,
+                  role=Role.CONTROL, sockets=[own["control_listen"].sock]),
+            Child(name="web", title="portunus: web", entry=web_entry, wants_channel=True, role=Role.WEB,
+                  sockets=[own["operator_http_listen"].sock, own["metrics_listen"].sock]),
         ],
         rule_child="control",
         ready_checks=[lambda: _api_healthy(settings.operator_http_listen)],
+        own_sockets=[o.sock for o in own.values()],
+        fdstore=store,
+        reloader=SettingsReloader(
+            settings, lambda: load_server_settings(settings.data_dir, config_path or settings.config_path or None),
+            settings.config_path or config_path or os.path.join(settings.data_dir, "server.toml"),
+        ).reload,
     )
     return sup.run()

@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from portunus import __version__
-from portunus.bounds import ACK_TIMEOUT, HEALTH_CHECK_INTERVAL, RULE_ID
+from portunus.bounds import ACK_TIMEOUT, HEALTH_CHECK_INTERVAL, IDLE_TIMEOUT, RULE_ID
 from portunus.cli import output, paging
 from portunus.cli.common import (
     PROG,
@@ -48,6 +48,8 @@ LAZY_VERBS.update(dict.fromkeys(("user-add", "user-list", "user-remove", "user-p
                                  "token-list", "token-revoke", "grant-add", "grant-list", "grant-revoke"),
                                 "portunus.cli.users"))
 LAZY_VERBS["owner-cap"] = "portunus.cli.owner_caps"
+LAZY_VERBS["check-config"] = "portunus.cli.check_config"  # registers itself, like clients
+LAZY_VERBS.update(dict.fromkeys(("retry-rule", "update-rule"), "portunus.cli.rule_ops"))
 
 # Extra seconds the socket waits beyond --ack-timeout, so the server's own
 # ack_timeout error (with the pending rule) arrives before the CLI gives up.
@@ -182,13 +184,15 @@ def bootstrap_superadmin(obj: OperatorContext, name: str, fmt: str) -> None:
 @click.option("--ack-timeout", type=BoundedNumber(ACK_TIMEOUT), default=2.0,
               show_default=True, metavar="SECS", help="How long to wait for the data plane to confirm.")
 @click.option("--owner", metavar="USER", help="Superadmin only: push for USER (checked against USER's grants).")
+@click.option("--idle-timeout", "idle_timeout", type=BoundedNumber(IDLE_TIMEOUT), default=None,
+              metavar="SECS", help="Close a connection (UDP: flow) idle this long (default: never).")
 @format_option
 @click.pass_obj
 def push_rule(obj: OperatorContext, client: str, listen: str, target: str | None,
               extra_targets: tuple[str, ...], protocol: str, sni: str | None,
               proxy_protocol: str | None, prefer_ipv6: bool,
               health_check_interval_secs: float | None, ack_timeout: float, owner: str | None, fmt: str,
-              **caps: int | None) -> None:
+              idle_timeout: float | None = None, **caps: int | None) -> None:
     """Forward LISTEN on CLIENT to TARGET; wait until it is active.
 
     CLIENT is a client name or id (`local` = this server). LISTEN is PORT or LO-HI;
@@ -206,6 +210,7 @@ def push_rule(obj: OperatorContext, client: str, listen: str, target: str | None
         client=client, listen=listen, target=target, targets=extra_targets, protocol=protocol,
         sni=sni, proxy_protocol=proxy_protocol, prefer_ipv6=prefer_ipv6, rate_limit=caps,
         health_check_interval_secs=health_check_interval_secs, ack_timeout=ack_timeout,
+        idle_timeout_secs=idle_timeout,
     )
     if owner is not None:
         params["owner"] = owner

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 import tempfile
+from typing import Any
 
 import click
 
@@ -18,6 +20,7 @@ from portunus import __version__
 from portunus.bounds import CLI_INTERVAL, SHARDS
 from portunus.cli.numbers import BoundedNumber
 from portunus.config import ConfigError, Settings, load_standalone
+from portunus.exitcodes import ServiceExit
 from portunus.rules import Rule
 
 DEFAULT_CONFIG = "/etc/portunus/standalone.toml"
@@ -36,7 +39,7 @@ def main(ctx: click.Context, config_path: str, check: bool, shards: int | None) 
 
     \b
     Example forward.toml:
-        metrics_listen = "127.0.0.1:7081"
+        metrics_listen = "127.0.0.1:7083"   # the default; the server uses 7081
         [[rule]]
         name = "web"
         listen_port = 8080
@@ -56,7 +59,7 @@ def main(ctx: click.Context, config_path: str, check: bool, shards: int | None) 
         for line in exc.errors:
             click.echo(line, err=True)
         click.echo(f"{config_path}: {len(exc.errors)} error(s); nothing started", err=True)
-        sys.exit(2)
+        sys.exit(ServiceExit.CONFIG_INVALID)
     if check:
         click.echo(f"{config_path}: ok ({len(rules)} rule(s))")
         return
@@ -78,25 +81,55 @@ def run(config_path: str, settings: Settings, rules: list[Rule]) -> int:
 
     from portunus.supervisor.arbiter import Supervisor
     from portunus.supervisor.children import Child
+    from portunus.supervisor.fdstore import FdStore
+    from portunus.supervisor.policy import Role
+    from portunus.supervisor.reload import SettingsReloader
     from portunus.supervisor.sources import TomlSource
     from portunus.web.metrics import run_metrics
 
+    store = FdStore()  # sockets systemd kept across a restart, when the unit has a store
+    metrics_sock = bind_metrics(settings.metrics_listen, "metrics_listen", config_path, store)
+    source = TomlSource(config_path, initial=rules)
+    reloader = SettingsReloader(settings, source.loaded_settings, config_path)
     _banner(config_path, settings, rules)
-    services = [Child(name="metrics", title="portunus: metrics", entry=lambda _s: run_metrics(settings))]
+    instance = {"kind": "standalone", "config": os.path.realpath(config_path)}
+    services = [Child(name="metrics", title="portunus: metrics", role=Role.METRICS, wants_channel=True,
+                      sockets=[metrics_sock],
+                      entry=lambda ch: run_metrics(settings, metrics_sock, ch, instance))]
     sup = Supervisor(
         shards=settings.shard_count(),
         listen_address=settings.listen_address,
         shard_settings=shard_settings(settings),
         drain_secs=settings.shutdown_drain_timeout_secs,
         metrics_dir=metrics_dir,
-        source=TomlSource(config_path, initial=rules),
+        source=source,
         services=services,
+        own_sockets=[metrics_sock],
+        fdstore=store,
+        # Top-level settings of the same file: the rules' reload logs the outcome.
+        reloader=lambda: reloader.reload(log_outcome=False),
     )
     try:
         return sup.run()
     finally:
         if private:
             shutil.rmtree(private, ignore_errors=True)
+
+
+def bind_metrics(listen: str, key: str, where: str, store: Any = None) -> socket.socket:
+    """Bind /metrics before anything forks: a taken address ends the start here
+    with exit 73 (LISTEN_FAILED), naming the address and the key to change."""
+    from portunus.exitcodes import ServiceExit
+    from portunus.logs import log_event
+    from portunus.supervisor.own_listeners import BindError, bind_kept
+
+    try:
+        return bind_kept(listen, key, "metrics endpoint", where, store)
+    except BindError as exc:
+        log_event("supervisor.listen_failed", level="error", message=str(exc),
+                  exit_code=int(ServiceExit.LISTEN_FAILED))
+        click.echo(f"error: listen_failed: {exc}", err=True)
+        sys.exit(ServiceExit.LISTEN_FAILED)
 
 
 def shard_settings(settings: Settings, client: str = "local") -> dict[str, object]:
@@ -109,6 +142,8 @@ def shard_settings(settings: Settings, client: str = "local") -> dict[str, objec
         "use_splice": os.environ.get("PORTUNUS_NO_SPLICE") != "1",
         "shards": settings.shard_count(),
         "runtime_dir": settings.runtime_dir,
+        "log_format": settings.log_format,
+        "log_level": settings.log_level,
     }
 
 
@@ -132,7 +167,9 @@ def _banner(path: str, settings: Settings, rules: list[Rule]) -> None:
 def stats(ctx: click.Context, config_path: str | None, watch: bool, interval: float, fmt: str) -> None:
     """Live per-rule counters: bytes in/out, connections, rates.
 
-    Reads the running instance's /metrics (metrics_listen in the file).
+    Reads the running instance's /metrics (metrics_listen in the file), and
+    refuses (exit 1, wrong_instance) when that endpoint is served by another
+    program or by portunus-standalone with another config.
     """
     from portunus.cli.standalone_stats import show_stats
 
@@ -143,4 +180,4 @@ def stats(ctx: click.Context, config_path: str | None, watch: bool, interval: fl
         for line in exc.errors:
             click.echo(line, err=True)
         sys.exit(2)
-    sys.exit(show_stats(settings.metrics_listen, watch, interval, fmt))
+    sys.exit(show_stats(settings.metrics_listen, watch, interval, fmt, os.path.realpath(path)))

@@ -19,13 +19,22 @@ FIELDS = {
 }
 
 
-def scrape(metrics_listen: str) -> dict[str, dict[str, float]]:
+class WrongInstance(Exception):
+    """The endpoint is served by another program or another config; ``str()`` says which."""
+
+
+def scrape(metrics_listen: str, config: str | None = None) -> dict[str, dict[str, float]]:
+    """Per-rule counters from ``metrics_listen``; with ``config``, only when that
+    endpoint is served by ``portunus-standalone --config <config>``."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://{metrics_listen}/metrics", timeout=5) as resp:
         text = resp.read().decode()
     rules: dict[str, dict[str, float]] = {}
-    for family in text_string_to_metric_families(text):
+    families = list(text_string_to_metric_families(text))
+    if config is not None:
+        _check_instance(families, metrics_listen, config)
+    for family in families:
         key = FIELDS.get(family.name)
         if key is None:
             continue
@@ -36,6 +45,23 @@ def scrape(metrics_listen: str) -> dict[str, dict[str, float]]:
             row = rules.setdefault(rule, dict.fromkeys(FIELDS.values(), 0.0))
             row[key] += sample.value
     return rules
+
+
+def _check_instance(families: list[Any], metrics_listen: str, config: str) -> None:
+    info = next((f for f in families if f.name == "portunus_instance_info"), None)
+    labels = info.samples[0].labels if info is not None and info.samples else {}
+    if labels.get("kind") == "standalone" and labels.get("config") == config:
+        return
+    if not labels:
+        who = "a program that is not portunus-standalone"
+    elif labels.get("kind") != "standalone":
+        who = f"portunus-{labels.get('kind')}" if labels.get("kind") in ("server", "client") else "another program"
+    else:
+        who = f"portunus-standalone --config {labels.get('config')}"
+    raise WrongInstance(
+        f"http://{metrics_listen}/metrics is served by {who}, not by portunus-standalone --config {config}; "
+        f"its rules are not shown. Is this config running? If so, give it its own metrics_listen"
+    )
 
 
 def human(n: float) -> str:
@@ -61,11 +87,14 @@ def table(rules: dict[str, dict[str, float]], rates: dict[str, tuple[float, floa
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
-def show_stats(metrics_listen: str, watch: bool, interval: float, fmt: str) -> int:
+def show_stats(metrics_listen: str, watch: bool, interval: float, fmt: str, config: str | None = None) -> int:
     prev: tuple[float, dict[str, dict[str, float]]] | None = None
     while True:
         try:
-            rules = scrape(metrics_listen)
+            rules = scrape(metrics_listen, config)
+        except WrongInstance as exc:
+            click.echo(f"error: wrong_instance: {exc}", err=True)
+            return 1
         except (urllib.error.URLError, OSError) as exc:
             click.echo(f"error: unavailable: cannot read http://{metrics_listen}/metrics ({exc}); "
                        "is portunus-standalone running with this config?", err=True)

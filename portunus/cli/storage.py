@@ -65,6 +65,26 @@ def _size(n: int) -> str:
     return f"{n / 1024:.1f} KiB" if n < 1024 * 1024 else f"{n / (1024 * 1024):.1f} MiB"
 
 
+def require_db_access(db: str, verb: str) -> None:
+    """state.db is 0600, owned by the service user (it holds token hashes), and
+    these verbs write it (the audit row, the replaced file): membership in group
+    portunus is not enough.  Say so, and how, instead of a bare sqlite error."""
+    if os.path.exists(db) and not os.access(db, os.R_OK | os.W_OK):
+        raise PortunusError(
+            "forbidden",
+            f"cannot open {db} for {verb}: it is readable and writable only by its owner "
+            "(the portunus user). Run the offline storage verbs as root, or as the service "
+            f"user: runuser -u portunus -- portunus-server {verb} ...",
+        )
+    directory = os.path.dirname(db) or "."
+    if os.path.isdir(directory) and not os.access(directory, os.W_OK | os.X_OK):
+        raise PortunusError(
+            "forbidden",
+            f"cannot write in {directory} for {verb} (SQLite needs it for its journal). Run as root, "
+            f"or as the service user: runuser -u portunus -- portunus-server {verb} ...",
+        )
+
+
 def _is_live_file(db: str, out: str) -> bool:
     """``--out`` naming state.db or its -wal/-shm would overwrite the live data."""
     for path in (db, db + "-wal", db + "-shm"):
@@ -90,6 +110,7 @@ def backup(obj: OperatorContext, out: str, fmt: str) -> None:
       portunus-server backup --out /root/portunus-$(date +%F).db
     """
     db = obj.db_path
+    require_db_access(db, "backup")
     if os.path.isdir(out):
         out = os.path.join(out, f"portunus-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.db")
     out = os.path.abspath(out)
@@ -142,6 +163,7 @@ def restore(obj: OperatorContext, in_path: str, force: bool, fmt: str) -> None:
       systemctl start portunus
     """
     hint_vars(data_dir=obj.data_dir)
+    require_db_access(obj.db_path, "restore")
     refuse_if_running(obj, "restore")
     try:
         result = offline.restore(obj.db_path, in_path, local_actor(), force=force)
@@ -183,6 +205,7 @@ def reset(obj: OperatorContext, confirm: bool, fmt: str) -> None:
             "reset moves every rule, user, token and enrolled client aside; add --confirm to do it",
             field="confirm",
         )
+    require_db_access(obj.db_path, "reset")
     refuse_if_running(obj, "reset")
     try:
         moved = offline.reset(obj.db_path)

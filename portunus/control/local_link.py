@@ -41,6 +41,8 @@ class LocalLink:
         self._seq = itertools.count(1)
         self._inflight: set[int] = set()
         self._since = utc_now()
+        # A reload's settings (supervisor/reload.py): applied to the live Settings.
+        self.on_settings: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def channel(self) -> Channel:
@@ -86,6 +88,10 @@ class LocalLink:
         if not self.end.closed:  # not answered: no seq to track
             self.end.send({"type": "owner_caps", "caps": caps})
 
+    def say_up(self) -> None:
+        """Tell the supervisor control has fully started (socket served, gateway bound)."""
+        self.end.send({"type": "up"})
+
     # ------------------------------------------------------------------ I/O
 
     def _send(self, msg: dict[str, Any]) -> None:
@@ -116,6 +122,19 @@ class LocalLink:
             ids = msg.get("ids")
             if isinstance(ids, list) and self.events is not None:
                 self.events.rules_removed(LOCAL, [str(i) for i in ids])
+        elif kind == "retried":
+            # A failed rule the supervisor managed to bind later (its port freed).
+            raw = msg.get("results")
+            if isinstance(raw, dict) and self.events is not None:
+                self.events.rules_applied(LOCAL, {
+                    str(rid): RuleResult(res["state"], res.get("reason"))
+                    for rid, res in raw.items()
+                    if isinstance(res, dict) and res.get("state") in ("active", "failed")
+                })
+        elif kind == "settings":
+            changed = msg.get("settings")
+            if isinstance(changed, dict) and self.on_settings is not None:
+                self.on_settings(changed)
         elif kind == "hello":
             log_event("control.supervisor_hello", version=msg.get("version"), shards=msg.get("shards"))
         else:

@@ -4,9 +4,11 @@ Start order matters: the store is migrated and the operator token installed
 before the socket exists, so the first request a CLI manages to send is already
 served with the full state; the initial ``sync`` goes out before the socket
 opens too, so the data plane starts re-binding stored rules without waiting for
-anyone to ask.  The edge gateway binds after that; a gateway that cannot bind
-(port taken) is logged as an error naming ``control_listen`` and the rest keeps
-running, because local forwarding must not depend on remote clients.
+anyone to ask.  The edge gateway serves the socket the supervisor bound for it
+(``serve`` binds every own listener before it forks, so a taken ``control_listen``
+fails the start).  Run without one (tests), control binds it itself; a failure
+is logged naming ``control_listen`` and control exits ``LISTEN_FAILED``, which
+the supervisor treats as fatal.  Control says ``up`` when all of that is done.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import uvloop
 
 from portunus.config import Settings, parse_listen
 from portunus.control.auth import Authenticator, install_operator_token, read_operator_token
+from portunus.control.counters import RuleCounters
 from portunus.control.dataplane import LOCAL, DataPlanes
 from portunus.control.edge.cert import ensure_server_cert
 from portunus.control.edge.clients import ClientService
@@ -36,7 +39,9 @@ from portunus.control.rpc.server import RpcServer
 from portunus.control.service import RuleService, StateSink
 from portunus.control.store import Store
 from portunus.control.traffic import TrafficSampler, counters_reader
+from portunus.exitcodes import ChildExit
 from portunus.logs import configure, log_event
+from portunus.supervisor.reload import apply_settings
 
 
 def _state_sink() -> StateSink | None:
@@ -70,23 +75,28 @@ def _preauth_limits(settings: Settings) -> PreauthLimits:
     return PreauthLimits(settings.edge_preauth_max_connections, settings.edge_preauth_max_per_source, on_refused)
 
 
+class GatewayBindFailed(Exception):
+    """control_listen could not be bound (already logged); fatal to control."""
+
+
 async def start_gateway(gateway: EdgeGateway, control_listen: str) -> bool:
-    """Bind the edge gateway; a failure is logged and the rest keeps running
-    (local forwarding and the operator API must not depend on the gateway)."""
+    """Serve the edge gateway; a bind failure is logged (naming the key) and
+    returns False."""
     try:
         await gateway.start()
     except OSError as exc:
         log_event(
             "edge.gateway_bind_failed", level="error", control_listen=control_listen,
             error=exc.strerror or str(exc),
-            hint="remote clients cannot connect until control_listen in server.toml is free or changed",
+            hint="set control_listen in server.toml to a free address",
         )
         return False
     log_event("edge.gateway_ready", control_listen=control_listen, port=gateway.bound_port)
     return True
 
 
-async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
+async def serve_control(settings: Settings, channel_sock: socket.socket,
+                        gateway_sock: socket.socket | None = None) -> str:
     """Run until SIGTERM/SIGINT or until the supervisor channel closes; return why."""
     loop = asyncio.get_running_loop()
     stopping: asyncio.Future[str] = loop.create_future()
@@ -97,6 +107,9 @@ async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop, signal.Signals(sig).name)
+    # A reload reaches control as a "settings" frame from the supervisor, never as a
+    # signal: a stray SIGHUP (kill -HUP to the whole group) must not end control.
+    loop.add_signal_handler(signal.SIGHUP, lambda: log_event("control.sighup_ignored"))
 
     store = await Store.open(settings.db_path)
     server: RpcServer | None = None
@@ -104,6 +117,7 @@ async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
     service: RuleService | None = None
     gateway: EdgeGateway | None = None
     sampler: TrafficSampler | None = None
+    counters: RuleCounters | None = None
     try:
         token = read_operator_token(settings)
         if token is not None:
@@ -113,6 +127,7 @@ async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
             log_event("control.no_operator_token", level="warning", path=settings.token_path)
         link = LocalLink(channel_sock, on_close=lambda why: stop(f"supervisor channel: {why}"))
         pin_mmap_threshold()  # before any link: see control.edge.heap
+        link.on_settings = lambda changed: apply_settings(settings, changed)
         remote = RemoteLink(on_count=_clients_gauge())
         planes = DataPlanes(link, remote)
         state_sink = _state_sink()
@@ -129,8 +144,11 @@ async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
             store, remote, cert.ssl_context(), listen_host, listen_port,
             handshake_timeout=settings.edge_handshake_timeout_secs, preauth=_preauth_limits(settings),
             shedder=Shedder(service.backlog),
+            sock=gateway_sock,
         )
-        await start_gateway(gateway, settings.control_listen)
+        if not await start_gateway(gateway, settings.control_listen):
+            gateway = None
+            raise GatewayBindFailed(settings.control_listen)
         clients = ClientService(
             store, remote, cert.fingerprint, listen_host,
             port=lambda: (gateway.bound_port if gateway is not None else None) or listen_port,
@@ -141,15 +159,28 @@ async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
         sampler.start()
         ctx = ControlContext(settings, store, Authenticator(store), service, planes, remote, clients,
                              traffic=sampler, owner_caps=OwnerCapService(store, planes))
+        counters = RuleCounters(store, settings, remote)
+        await counters.load()
+        try:
+            await counters.snapshot()  # this run's file, before anything says up
+        except Exception as exc:  # noqa: BLE001 - counters must never stop control
+            # e.g. a shard's metrics file caught while it is being created; the
+            # periodic snapshot catches up, and web reads an old file as "known".
+            log_event("counters.snapshot_failed", level="warning", error=repr(exc))
+        counters.start()
+        ctx.counters = counters
         server = RpcServer(settings.socket_path, Dispatcher(ctx))
         await server.start()
         log_event("control.ready", socket=settings.socket_path, db=settings.db_path)
+        link.say_up()
         return await stopping
     finally:
         if server is not None:
             await server.close()
         if sampler is not None:
             await sampler.stop()
+        if counters is not None:
+            await counters.stop()
         if gateway is not None:
             await gateway.close()
         if service is not None:
@@ -159,13 +190,16 @@ async def serve_control(settings: Settings, channel_sock: socket.socket) -> str:
         await store.close()
 
 
-def run_control(settings: Settings, channel_sock: socket.socket) -> None:
+def run_control(settings: Settings, channel_sock: socket.socket, gateway_sock: socket.socket | None = None) -> None:
     """Body of the forked control process; returns when it should exit 0.
 
     Raises on a fatal start error (``SchemaTooNew`` is a ``PortunusError`` with
     exit code 78) — the caller logs it and exits non-zero.
     """
     configure(process="control")
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        why = runner.run(serve_control(settings, channel_sock))
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            why = runner.run(serve_control(settings, channel_sock, gateway_sock))
+    except GatewayBindFailed:
+        raise SystemExit(ChildExit.LISTEN_FAILED) from None
     log_event("control.stopped", reason=why)

@@ -44,6 +44,7 @@ POLICY: dict[str, str] = {
     "rules.get": USER,
     "rules.update": USER,
     "rules.remove": USER,
+    "rules.retry": USER,
     "rules.stats": USER,
     "clients.list": USER,
     "clients.get": USER,

@@ -35,6 +35,7 @@ BODY_KEYS = frozenset(
         "prefer_ipv6",
         "rate_limit",
         "health_check_interval_secs",
+        "idle_timeout_secs",
     }
 )
 MAX_CLIENT_REF = 2 * MAX_NAME_LEN  # a client name or a client id
@@ -186,6 +187,7 @@ def parse_rule_body(body: Any, range_max_ports: int) -> tuple[Rule, str]:
             rate_limit=rate_limit,
             health_check_interval_secs=interval,
             range_max_ports=range_max_ports,
+            idle_timeout_secs=body.get("idle_timeout_secs"),
         )
     except PortunusError as exc:
         if exc.details.get("field") == "listen":

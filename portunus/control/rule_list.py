@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
+from portunus.control.store.rules import STATES
 from portunus.errors import ValidationError
 
-RULE_STATES = ("pending", "active", "failed", "draining")
+RULE_STATES = STATES  # one list: "revoked" too (a revoked client's rules)
 LIST_MAX = 1000
 
 

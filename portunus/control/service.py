@@ -23,8 +23,9 @@ from portunus.control.auth import Principal
 from portunus.control.dataplane import LOCAL, DataPlane, RuleResult
 from portunus.control.edge.capabilities import check_capabilities
 from portunus.control.grants import check_grants
-from portunus.control.rule_body import parse_rate_limit_update, parse_rule_body
+from portunus.control.rule_body import parse_rule_body
 from portunus.control.rule_list import list_filters, list_page
+from portunus.control.rule_update import parse_rule_update
 from portunus.control.slots import check_slot
 from portunus.control.store import Store, accounts, write_audit
 from portunus.control.store import owner_caps as owner_caps_db
@@ -180,7 +181,7 @@ class RuleService:
                     continue
                 # A draining rule is never revived by a late answer about it; an
                 # unchanged state (a re-sync, a caps update) writes nothing.
-                if stored.state == "draining" or (
+                if stored.state in ("draining", "revoked") or (
                     stored.state == res.state and stored.failure_reason == res.reason
                 ):
                     settled.append(stored)
@@ -362,7 +363,8 @@ class RuleService:
         page = list_page(params)
         async with self.store.read() as db:
             if params.get("client") is not None:
-                client_id = (await accounts.resolve_client(db, params["client"])).client_id
+                # A revoked client's rules stay listed (state "revoked").
+                client_id = (await accounts.resolve_client(db, params["client"], include_revoked=True)).client_id
             found = await rules_db.list_rules(db, client_id=client_id, owner=owner, **filters, **page)
             if not page:
                 return {"rules": [s.to_json() for s in found]}
@@ -376,16 +378,25 @@ class RuleService:
         target = f"rule:{params.get('id')}"
         try:
             rule_id = parse_rule_id(params)
-            rate_limit = parse_rate_limit_update(params)
             async with self.store.write() as db:
                 stored = await rules_db.require_rule(db, rule_id)
                 if stored.state == "draining":
                     raise PortunusError("conflict", f"rule {rule_id} is being removed", id=rule_id)
-                await rules_db.set_rate_limit(db, rule_id, rate_limit)
-                await write_audit(
-                    db, principal.user, "rule.update", target,
-                    details={"rate_limit": rate_limit, "previous": stored.rule.rate_limit},
-                )
+                changes = parse_rule_update(params, stored.rule)  # rate_limit and/or targets
+                details: dict[str, Any] = {}
+                if "rate_limit" in changes:
+                    await rules_db.set_rate_limit(db, rule_id, changes["rate_limit"])
+                    details.update(rate_limit=changes["rate_limit"], previous=stored.rule.rate_limit)
+                if "targets" in changes:
+                    if stored.client_id != LOCAL:
+                        info = self.dataplane.info(stored.client_id)
+                        if info is not None:
+                            check_capabilities(stored.rule.with_changes(targets=changes["targets"]),
+                                               info.capabilities, stored.rule.client, stored.client_id)
+                    await rules_db.set_targets(db, rule_id, changes["targets"])
+                    details.update(targets=[t.label for t in changes["targets"]],
+                                   previous_targets=[t.label for t in stored.rule.targets])
+                await write_audit(db, principal.user, "rule.update", target, details=details)
                 updated = await rules_db.get_rule(db, rule_id)
             assert updated is not None
         except PortunusError as exc:

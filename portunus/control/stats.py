@@ -38,7 +38,7 @@ TARGET_SERIES = {
     "portunus_detail_target_connect_failures_total": "connect_failures_total",
 }
 TARGET_UP = "portunus_target_up"
-STATES = ("pending", "active", "failed", "draining")
+STATES = ("pending", "active", "failed", "draining", "revoked")
 
 
 def _samples(metrics_dir: str) -> list[Any]:
@@ -125,7 +125,7 @@ class RuleStateGauge:
 
         self._gauge = Gauge(
             "portunus_rule_state",
-            "1 for the rule's current state (pending, active, failed, draining), 0 for the others",
+            "1 for the rule's current state (pending, active, failed, draining, revoked), 0 for the others",
             ("client", "rule", "owner", "state"),
             multiprocess_mode="livemostrecent",
             registry=None,

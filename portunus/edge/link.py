@@ -44,13 +44,14 @@ from portunus.edge.stats import rule_totals
 from portunus.edge.timing import Backoff, LinkTiming, busy_delay
 from portunus.edge.wire import MAX_FRAME, WireError, encode_frame, read_frame, write_frame
 from portunus.errors import PortunusError
+from portunus.exitcodes import ChildExit
 from portunus.logs import log_event, log_throttled
 from portunus.rules import Rule, check_wire_numbers
 from portunus.supervisor.channel_end import SupervisorEnd
 
-# The supervisor halts (no respawn) when a service exits 78; the client CLI then
-# finds the revoked marker and explains.
-EXIT_HALT = 78
+# The supervisor halts (no respawn) when the link exits REVOKED and the client exits
+# ServiceExit.REVOKED (4); the client CLI then finds the revoked marker and explains.
+EXIT_HALT = int(ChildExit.REVOKED)
 
 
 class Revoked(Exception):
@@ -92,17 +93,18 @@ class LinkDead(Exception):
 _DETAIL_ROWS = ("per_port", "per_target")
 
 
-def stats_frame(totals: dict[str, dict[str, Any]], max_len: int = MAX_FRAME) -> dict[str, Any]:
+def stats_frame(totals: dict[str, dict[str, Any]], max_len: int = MAX_FRAME, run: str = "") -> dict[str, Any]:
     """The ``stats`` frame; without the per-port/per-target rows when they would
     make it longer than a frame may be (a client with ranges over most ports and
     busy counters), so the totals still reach the server and the link stays up."""
-    msg = {"type": "stats", "rules": totals}
+    msg = {"type": "stats", "rules": totals, "run": run}
     if len(json.dumps(msg, separators=(",", ":"))) <= max_len:
         return msg
     log_throttled("link.stats_detail_dropped", level="warning", rules=len(totals), limit=max_len,
                   hint="the per-port and per-target rows do not fit one frame; totals are sent")
-    return {"type": "stats", "rules": {rid: {k: v for k, v in entry.items() if k not in _DETAIL_ROWS}
-                                       for rid, entry in totals.items()}}
+    return {"type": "stats", "run": run,
+            "rules": {rid: {k: v for k, v in entry.items() if k not in _DETAIL_ROWS}
+                      for rid, entry in totals.items()}}
 
 
 @dataclass
@@ -169,6 +171,7 @@ class EdgeLink:
             self.sup.send({"type": "owner_caps", "caps": self.store.owner_caps})
         self._to_supervisor({"type": "sync", "rules": cached}, _Pending(None, None))
         log_event("link.cached_rules_applied", rules=len(cached), path=self.store.path)
+        self.sup.send({"type": "up"})  # started: a death from here on is not a boot failure
         task = asyncio.create_task(self._connect_loop())
         try:
             return await self._done
@@ -179,7 +182,9 @@ class EdgeLink:
 
     def stop(self, code: int, why: str) -> None:
         if self._done is not None and not self._done.done():
-            log_event("link.stopping", reason=why, exit_code=code)
+            # child_exit, not exit_code: the process exits with the supervisor's code
+            # (ServiceExit), which the supervisor.halt / supervisor.stopped lines carry.
+            log_event("link.stopping", reason=why, child_exit=code)
             self._done.set_result(code)
 
     def reconnect_now(self) -> None:
@@ -318,7 +323,9 @@ class EdgeLink:
                 continue
             if totals == last:
                 continue
-            session.send(stats_frame(totals))
+            # "run": counters restart with each run of this client's supervisor; the
+            # server banks the previous run's totals when it changes.
+            session.send(stats_frame(totals, run=os.environ.get("PORTUNUS_RUN_ID", "")))
             last = totals
 
     # ============================================================ server -> us
@@ -395,6 +402,10 @@ class EdgeLink:
             live = self._session
             if pending.session is not None and live is not None and live.number == pending.session:
                 live.send({"type": "applied", "seq": pending.server_seq, "results": results})
+        elif kind == "retried":
+            # A failed rule bound later (its port freed): tell the server, unasked.
+            if self._session is not None:
+                self._session.send({"type": "applied", "seq": None, "results": dict(msg.get("results") or {})})
         elif kind == "removed":
             ids = [str(i) for i in msg.get("ids") or []]
             if self._session is not None:

@@ -16,9 +16,13 @@ import socket
 import sys
 from typing import Any
 
+from portunus.logs import configure as configure_logs
 from portunus.logs import flush_throttled, log_event
 from portunus.rules import Rule
 from portunus.shard import metrics as m
+from portunus.shard.native import announce as announce_native
+from portunus.shard.native_tcp import NativeTcpHandler
+from portunus.shard.native_tcp import eligible as native_eligible
 from portunus.shard.repace import repace_rule
 from portunus.shard.runtime import RuleRuntime, ShardContext
 from portunus.shard.tcp import PlainTcpHandler
@@ -37,6 +41,7 @@ class Shard:
         self.loop = loop
         self.channel = Channel(sock)
         self.ctx = ShardContext(loop, {})
+        announce_native(index, self.ctx.native_why)
         self.ctx.on_drained = self._rule_drained
         self.ctx.on_accept_backoff = self._accept_backoff
         self.listeners: dict[str, socket.socket] = {}
@@ -91,10 +96,19 @@ class Shard:
     def dispatch(self, msg: dict[str, Any], fds: list[int]) -> None:
         kind = msg.get("type")
         if kind == "config":
-            self.ctx.settings.update(msg.get("settings", {}))
+            new = msg.get("settings", {})
+            changed = sorted(k for k, v in new.items() if self.ctx.settings.get(k) != v) if self.ctx.settings else []
+            self.ctx.settings.update(new)
             self.ctx.connect_timeout = float(self.ctx.settings.get("connect_timeout_secs", 5.0))
             self.ctx.use_splice = bool(self.ctx.settings.get("use_splice", True))
             self.drain_secs = float(self.ctx.settings.get("shutdown_drain_timeout_secs", 30.0))
+            configure_logs(fmt=self.ctx.settings.get("log_format"), level=self.ctx.settings.get("log_level"))
+            for handler in self.handlers.values():
+                retune = getattr(handler, "retune", None)
+                if retune is not None:
+                    retune()  # a reload: UDP handlers take the new flow limits now
+            if changed:  # a reload (the first config frame sets everything)
+                log_event("shard.reconfigured", shard=self.index, keys=changed)
         elif kind == "listeners":
             for key, fd in zip(msg.get("add", []), fds, strict=True):
                 old = self.listeners.pop(key, None)
@@ -189,6 +203,8 @@ class Shard:
         # An SNI port stays one while its fallback is its only rule (sni_fallback).
         if len(rts) == 1 and rts[0].rule.sni is None and not rts[0].rule.sni_fallback:
             rt = rts[0]
+            if native_eligible(self.ctx, rt):
+                return ("ntcp", id(rt)), lambda s: NativeTcpHandler(self.ctx, rt, port - rt.rule.listen_start, s)
             return ("tcp", id(rt)), lambda s: PlainTcpHandler(self.ctx, rt, port - rt.rule.listen_start)
         sig = ("sni", tuple(sorted(id(rt) for rt in rts)))
         return sig, lambda s: self._sni_handler(port, rts)

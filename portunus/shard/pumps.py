@@ -34,6 +34,26 @@ BURST = 8  # chunks one readiness event may move before yielding to other connec
 FLUSH_EVERY = 64 * 1024
 COPY_BUF = 256 * 1024
 HAVE_SPLICE = hasattr(os, "splice")
+# A spliced relay copies its first bytes through one shard-wide buffer and switches
+# to splice(2) only once it has moved this many bytes one way and a read was
+# bulk-sized (BULK_READ): for a short connection or small messages two splices per
+# chunk (and the pipe) cost more than two copies (bench/ANALYSIS.md, "Copy first,
+# then splice").  0 splices from the first byte.
+DEFAULT_SPLICE_AFTER = 16 * 1024
+
+
+def splice_after_from_env(value: str | None) -> int:
+    """$PORTUNUS_SPLICE_AFTER as bytes; unset or not a non-negative integer: the default."""
+    try:
+        n = int(value) if value is not None else DEFAULT_SPLICE_AFTER
+    except ValueError:
+        return DEFAULT_SPLICE_AFTER
+    return n if n >= 0 else DEFAULT_SPLICE_AFTER
+
+
+SPLICE_AFTER = splice_after_from_env(os.environ.get("PORTUNUS_SPLICE_AFTER"))
+FIRST_BUF = 64 * 1024  # the shared copy-first buffer
+BULK_READ = 16 * 1024  # a read this large (after SPLICE_AFTER bytes) switches a relay to splice
 
 
 class PipePool:
@@ -45,6 +65,9 @@ class PipePool:
         self.limit = limit
         self.size = PIPE_SIZE
         self.failures = 0  # pipe() refused (EMFILE/ENFILE): connections failed for it
+        # The copy-first buffer, shared by every relay of the shard (single-threaded):
+        # a relay never leaves bytes in it between callbacks (see SplicePump.held).
+        self.buf = memoryview(bytearray(FIRST_BUF))
 
     def get(self) -> tuple[int, int]:
         """A drained pipe; OSError (counted) when the process is out of fds."""
@@ -75,7 +98,7 @@ class Pump:
 
     __slots__ = (
         "loop", "src", "dst", "sfd", "dfd", "owner", "account", "unflushed",
-        "reading", "writing", "eof", "done", "paused",
+        "reading", "writing", "eof", "done", "paused", "flushes",
     )
 
     def __init__(self, loop: Any, src: socket.socket, dst: socket.socket, owner: Any,
@@ -88,6 +111,7 @@ class Pump:
         self.owner = owner  # the relay: told when this direction finishes or fails
         self.account = account  # called with byte counts, at most every FLUSH_EVERY
         self.unflushed = 0
+        self.flushes = 0  # with unflushed: changes whenever a byte moved (idle timeouts)
         self.reading = False
         self.writing = False
         self.eof = False
@@ -117,6 +141,7 @@ class Pump:
     def flush_counter(self) -> None:
         if self.unflushed:
             n, self.unflushed = self.unflushed, 0
+            self.flushes += 1
             self.account(n)
 
     def finish(self) -> None:
@@ -161,14 +186,25 @@ class SplicePump(Pump):
     reads the relay is long-lived and moves to the loop's level-triggered readers
     (``et`` False), whose per-event dispatch is cheaper than the poller's nested
     one: that is what a chatty or bulk connection costs.
+
+    The first ``splice_after`` bytes, and everything after them until a read is
+    bulk-sized (``BULK_READ``), are copied instead (``recv_into`` the pool's
+    shared buffer, ``send``): most short connections end before that and never
+    take a pipe.  Bytes the destination does not accept at once are kept in
+    ``held`` (the shared buffer is free again when the callback returns).
     """
 
-    __slots__ = ("pool", "pipe", "pending", "ready", "hup", "slots", "peer", "et", "reads")
+    __slots__ = ("pool", "pipe", "pending", "ready", "hup", "slots", "peer", "et", "reads",
+                 "copy_left", "spliced", "held")
 
     def __init__(self, loop: Any, src: socket.socket, dst: socket.socket, owner: Any,
-                 account: Callable[[int], None], pool: PipePool, ready: bool = False) -> None:
+                 account: Callable[[int], None], pool: PipePool, ready: bool = False,
+                 splice_after: int = SPLICE_AFTER) -> None:
         super().__init__(loop, src, dst, owner, account)
         self.pool = pool
+        self.copy_left = splice_after  # bytes still to copy before splicing
+        self.spliced = splice_after == 0  # switched to the pipe (see _copy_readable)
+        self.held = b""  # copied bytes the destination has not taken yet
         self.pipe: tuple[int, int] | None = None  # allocated on first data: idle conns hold none
         self.pending = 0
         self.ready = ready
@@ -242,6 +278,9 @@ class SplicePump(Pump):
             self.on_readable()
 
     def on_readable(self) -> None:
+        if not self.spliced:
+            self._copy_readable()
+            return
         pipe = self.pipe
         if pipe is None:
             try:
@@ -307,6 +346,61 @@ class SplicePump(Pump):
         if self.et:
             self.loop.call_soon(self._again)
 
+    def _copy_readable(self) -> None:
+        """The copy-first phase: recv_into the shared buffer, send it all or hold the rest."""
+        buf = self.pool.buf
+        size = len(buf)
+        recv_into, send = self.src.recv_into, self.dst.send
+        burst = BURST
+        while burst:
+            burst -= 1
+            try:
+                n = recv_into(buf)
+            except BlockingIOError:
+                self.ready = False
+                return
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                self.fail(exc)
+                return
+            if n == 0:
+                self.eof = True
+                self.ready = False
+                self.finish()
+                return
+            self.unflushed += n
+            if self.unflushed >= FLUSH_EVERY:
+                self.flush_counter()
+            self.copy_left -= n
+            if self.copy_left <= 0 and n >= BULK_READ:
+                # Enough has moved and the reads are bulk-sized: splice from here.
+                # Small messages (interactive, ping-pong) stay copied for good.
+                self.spliced = True
+            sent = 0
+            while sent < n:
+                try:
+                    sent += send(buf[sent:n])
+                except BlockingIOError:
+                    self.held = bytes(buf[sent:n])
+                    self.wait_writable()
+                    return
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    self.fail(exc)
+                    return
+            if n < size and not self.hup:
+                # A short read took everything queued (TCP recv drains the receive
+                # queue and its backlog); bytes arriving later raise a new edge.
+                self.ready = False
+                return
+            if self.spliced:
+                self.on_readable()  # the rest of this edge goes through the pipe
+                return
+        if self.et:
+            self.loop.call_soon(self._again)
+
     def _inq_empty(self) -> bool:
         try:
             fcntl.ioctl(self.sfd, termios.FIONREAD, _INQ)
@@ -315,8 +409,18 @@ class SplicePump(Pump):
         return _INQ == b"\0\0\0\0"
 
     def on_writable(self) -> None:
-        assert self.pipe is not None
-        r = self.pipe[0]
+        while self.held:
+            try:
+                m = self.dst.send(self.held)
+            except BlockingIOError:
+                return
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                self.fail(exc)
+                return
+            self.held = self.held[m:]
+        r = self.pipe[0] if self.pipe is not None else -1
         while self.pending:
             try:
                 m = os.splice(r, self.dfd, self.pending, flags=SPLICE_FLAGS)

@@ -16,7 +16,8 @@ from typing import Any
 from portunus.logs import log_event, log_throttled
 from portunus.rules import Rule, Target
 from portunus.shard import metrics as m
-from portunus.shard.pumps import PipePool
+from portunus.shard.native import load as native_load
+from portunus.shard.pumps import SPLICE_AFTER, PipePool
 from portunus.shard.tcp import is_ip
 
 RESET_SWEEP_SECS = 1.0
@@ -71,6 +72,7 @@ class RuleRuntime:
         self.draining = False
         self.all_literal = all(is_ip(t.host) for t in rule.targets)
         self.target_set: Any = None
+        self.on_targets: list[Any] = []  # called when a target goes up or down
         self.health_task: asyncio.Task[None] | None = None
         self.limiter_in: Any = None
         self.limiter_out: Any = None
@@ -83,6 +85,9 @@ class RuleRuntime:
         self.slot: Any = None  # live-connection budget a just-admitted connection releases into
         self.extra: dict[str, Any] = {}
         self.target_meters: dict[Target, Any] = {}  # labels() is not free: once per target
+        self.idle_timer: asyncio.TimerHandle | None = None
+        if rule.idle_timeout_secs is not None and rule.protocol == "tcp":
+            self.idle_timer = ctx.loop.call_later(self._idle_tick(), self._sweep_idle)
         self._setup_targets()
         if rule.rate_limit:
             self._setup_limits()
@@ -168,6 +173,8 @@ class RuleRuntime:
 
     def _target_changed(self, target: Target, up: bool) -> None:
         m.TARGET_UP.labels(self.rule.client, self.rule.id, target.label).set(1 if up else 0)
+        for hook in self.on_targets:
+            hook()  # native listeners take the new candidate order (native_tcp.py)
         log_event("target.up" if up else "target.down", level="info" if up else "warning",
                   rule=self.rule.id, target=target.label)
         if not up:
@@ -251,10 +258,32 @@ class RuleRuntime:
         m.DNS_FAILURES.labels(self.rule.client, self.rule.id).inc()
         log_throttled("dns.resolve_failed", level="warning", rule=self.rule.id, host=host, error=str(exc))
 
+    def _idle_tick(self) -> float:
+        idle = self.rule.idle_timeout_secs or 1.0
+        return min(1.0, max(0.05, idle / 4))
+
+    def _sweep_idle(self) -> None:
+        """Close this rule's TCP connections idle for idle_timeout_secs (a peer that
+        vanished without a FIN or RST would otherwise hold them for ever)."""
+        self.idle_timer = None
+        idle = self.rule.idle_timeout_secs
+        if idle is None or (self.draining and not self.conns):
+            return
+        now = self.ctx.loop.time()
+        for conn in list(self.conns):
+            check = getattr(conn, "idle_check", None)
+            if check is not None:
+                check(now, idle)
+        self.idle_timer = self.ctx.loop.call_later(self._idle_tick(), self._sweep_idle)
+
     def stop(self) -> None:
         if self.health_task is not None:
             self.health_task.cancel()
             self.health_task = None
+        if self.idle_timer is not None and not self.draining:
+            # Replaced by an update: the new runtime sweeps the connections it took over.
+            self.idle_timer.cancel()
+            self.idle_timer = None
         # A draining rule keeps pacing its open connections until they are gone.
         if not self.draining or not self.conns:
             self.release_limits()
@@ -273,6 +302,11 @@ class ShardContext:
         self.connect_timeout = float(settings.get("connect_timeout_secs", 5.0))
         self.use_splice = bool(settings.get("use_splice", True))
         self.pipes = PipePool()
+        # Bytes a spliced relay copies one way before it takes a pipe (pumps.py).
+        self.splice_after = int(settings.get("splice_after", SPLICE_AFTER))
+        # The native relay (native.py): the type, or None with the reason (None = off on purpose).
+        self.native_type, self.native_why = native_load() if settings.get("native", True) else (None, None)
+        self._native: Any = None
         self._resolver: Any = None
         self._poller: Any = None
         self._owners: Any = None
@@ -305,6 +339,15 @@ class ShardContext:
 
             self._poller = Poller(self.loop)
         return self._poller
+
+    @property
+    def native(self) -> Any:
+        """The shard's native relay (native.py), or None when it is off or missing."""
+        if self._native is None and self.native_type is not None:
+            from portunus.shard.native import NativeRelay
+
+            self._native = NativeRelay(self.loop, self.native_type, self.splice_after)
+        return self._native
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = self.loop.create_task(coro)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +42,7 @@ class TcpConnection:
     __slots__ = (
         "ctx", "rt", "client", "account", "port_index", "prelude", "upstream",
         "candidates", "pos", "timer", "pumps", "closed", "target", "tried_target", "target_failed",
-        "slot", "up_events",
+        "slot", "up_events", "native", "idle_sig", "idle_since",
     )
 
     def __init__(self, ctx: ShardContext, rt: RuleRuntime, client: socket.socket, port_index: int,
@@ -63,6 +64,9 @@ class TcpConnection:
         self.target_failed = False
         self.slot, rt.slot = rt.slot, None  # taken by rt.admit() just before (rate limits)
         self.up_events = 0  # upstream readiness seen before the pumps existed
+        self.native: int | None = None  # handle in the shard's native relay, when it relays us
+        self.idle_sig: tuple[int, int, int, int] | None = None
+        self.idle_since = 0.0
         rt.conns.add(self)
         self.account.opened()
 
@@ -218,11 +222,20 @@ class TcpConnection:
         a: Any
         b: Any
         if splice and lim_in is None and lim_out is None:
+            native = self.ctx.native
+            # An owned rule's relays stay where repace_rule can reach them: an owner
+            # cap set later must pace open connections too (docs/owner-caps.md).
+            # A rule with idle_timeout_secs stays too: idle_check reads the pumps'
+            # counters, and the native relay keeps no idle clock.
+            if native is not None and self.rt.owner_limits is None and self.rt.rule.idle_timeout_secs is None:
+                self._to_native(native)
+                return
             # The plain relay: both directions spliced in the shard's edge-triggered
             # poller.  The client joins it now: registering reports the bytes it
             # already sent as the first edge.
-            a = SplicePump(loop, self.client, up, self, acc.add_in, self.ctx.pipes)
-            b = SplicePump(loop, up, self.client, self, acc.add_out, self.ctx.pipes)
+            after = self.ctx.splice_after
+            a = SplicePump(loop, self.client, up, self, acc.add_in, self.ctx.pipes, splice_after=after)
+            b = SplicePump(loop, up, self.client, self, acc.add_out, self.ctx.pipes, splice_after=after)
             a.peer, b.peer = b, a
             b.on_event(self.up_events & IN_BITS)  # what the upstream reported before now
             poller = self.ctx.poller
@@ -238,13 +251,49 @@ class TcpConnection:
         a.start()
         b.start()
 
+    def _to_native(self, native: Any) -> None:
+        """Hand both sockets to the native relay (native.py); it reports bytes and the close."""
+        up = self.upstream
+        assert up is not None
+        self.ctx.poller.unregister(up.fileno())
+        self.upstream = None
+        cfd, ufd = self.client.detach(), up.detach()
+        try:
+            self.native = native.add(self, cfd, ufd)
+        except OSError as exc:
+            os.close(cfd)
+            os.close(ufd)
+            log_throttled("tcp.native_failed", level="error", rule=self.rt.rule.id, error=str(exc))
+            self.close()
+
+    def native_closed(self) -> None:
+        """The native relay closed both sockets (EOF both ways or an error)."""
+        self.native = None
+        self.close()
+
     def _level_pump(self, src: socket.socket, dst: socket.socket, account: Any, limiter: Any,
                     splice: bool) -> Any:
         if splice and limiter is None:
-            pump = SplicePump(self.ctx.loop, src, dst, self, account, self.ctx.pipes)
+            pump = SplicePump(self.ctx.loop, src, dst, self, account, self.ctx.pipes,
+                              splice_after=self.ctx.splice_after)
             pump.et = False  # loop readers, not the poller: its peer is a CopyPump
             return pump
         return CopyPump(self.ctx.loop, src, dst, self, account, limiter)
+
+    def idle_check(self, now: float, idle_secs: float) -> None:
+        """Close this connection when no byte moved either way for ``idle_secs``
+        (the rule's idle_timeout_secs; RuleRuntime sweeps).  A connection still
+        connecting is left to the connect timeout."""
+        if self.closed or self.pumps is None:
+            return
+        a, b = self.pumps
+        sig = (a.unflushed, a.flushes, b.unflushed, b.flushes)
+        if sig != self.idle_sig:
+            self.idle_sig, self.idle_since = sig, now
+            return
+        if now - self.idle_since >= idle_secs:
+            log_throttled("tcp.idle_timeout", rule=self.rt.rule.id, idle_secs=idle_secs)
+            self.close()
 
     def pump_done(self, pump: Any) -> None:
         assert self.pumps is not None
@@ -262,6 +311,13 @@ class TcpConnection:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.native is not None:
+            handle, self.native = self.native, None
+            din, dout = self.ctx.native.close(handle)
+            if din:
+                self.account.add_in(din)
+            if dout:
+                self.account.add_out(dout)
         if self.pumps is not None:
             for p in self.pumps:
                 p.close()

@@ -250,6 +250,15 @@ class UdpFlow:
             svc.ctx.rule_drained(rt)
 
 
+def _sweep_timing(settings: dict[str, Any], rule_idle: float | None = None) -> tuple[float, int]:
+    """``(tick secs, ticks until a flow is idle)`` for the rule's idle_timeout_secs,
+    else udp_flow_idle_secs: sweep often enough to reap within a quarter of the idle
+    time, and at least once a second so counters reach /metrics within a second."""
+    idle = rule_idle if rule_idle is not None else max(0.0, float(settings.get("udp_flow_idle_secs", 60.0)))
+    tick = min(1.0, max(0.05, idle / 4))
+    return tick, math.ceil(idle / tick)
+
+
 class UdpService:
     """Serves one UDP port of one rule in one shard.
 
@@ -269,11 +278,7 @@ class UdpService:
         self.m_overflow = m.UDP_OVERFLOW.labels(*labels)
         self.m_dgrams_in = m.DATAGRAMS_IN.labels(*labels)
         self.m_dgrams_out = m.DATAGRAMS_OUT.labels(*labels)
-        idle = max(0.0, float(ctx.settings.get("udp_flow_idle_secs", 60.0)))
-        # Sweep often enough to reap within a quarter of the idle time, and at least
-        # once a second so counters reach /metrics within a second.
-        self.tick = min(1.0, max(0.05, idle / 4))
-        self.idle_ticks = math.ceil(idle / self.tick)
+        self.tick, self.idle_ticks = _sweep_timing(ctx.settings, rt.rule.idle_timeout_secs)
         self.flows: dict[Any, UdpFlow] = {}
         self.view = _buffer_for(ctx.loop)
         self.epoch = 0
@@ -287,6 +292,15 @@ class UdpService:
         self.timer: asyncio.TimerHandle | None = None
         self.reading = False
         self.closed = False
+
+    def retune(self) -> None:
+        """A reload changed udp_flow_idle_secs / udp_max_flows: apply them to this
+        port now (its flows, sweep and budget), not only to ports started later."""
+        self.tick, self.idle_ticks = _sweep_timing(self.ctx.settings, self.rt.rule.idle_timeout_secs)
+        if self.budget is not None:
+            limit = max(1, int(self.ctx.settings.get("udp_max_flows", 1024)))
+            shards = max(1, int(self.ctx.settings.get("shards", 1) or 1))
+            self.budget.limit = limit if self.budget.shared else max(1, limit // shards)
 
     def start(self) -> None:
         self.budget = acquire_budget(self.ctx.settings, self.rt.rule.client, self.rt.rule.id)

@@ -9,10 +9,10 @@ rule table (rulebook.py), and takes its rules from a pluggable source: a TOML
 file read here, or a child process (control, or an edge link) that sends
 ``apply``/``sync`` messages over its channel.
 
-The module is longer than most here on purpose: like gunicorn's arbiter it is one
-state machine (signals, children, channels, rules, shutdown) whose transitions are
-easier to check when they read top to bottom in one class; the pieces that stand
-alone already live beside it (children.py, listeners.py, rulebook.py, framing.py).
+This module holds the main loop, signals, channels, readiness and shutdown; the
+class mixes in the two halves that stand on their own: process management
+(lifecycle.py: spawn, reap, respawn or halt after policy.py) and rule routing
+(routing.py: rules to shards, answers to the source, retries, reloaded settings).
 """
 
 from __future__ import annotations
@@ -27,16 +27,21 @@ from collections.abc import Callable
 from queue import Empty, SimpleQueue
 from typing import Any
 
+from portunus.exitcodes import ServiceExit
 from portunus.logs import log_event
 from portunus.rules import Rule
-from portunus.supervisor.children import Child, fork_child
-from portunus.supervisor.framing import MAX_FDS_PER_FRAME, ProtocolError
+from portunus.supervisor.children import Child
+from portunus.supervisor.fdstore import FdStore
+from portunus.supervisor.framing import ProtocolError
+from portunus.supervisor.lifecycle import HEARTBEAT_TIMEOUT, ChildManager
 from portunus.supervisor.listeners import ListenerTable
 from portunus.supervisor.notify import Notifier
-from portunus.supervisor.rulebook import Delta, RuleBook
+from portunus.supervisor.policy import DeathLog, Role
+from portunus.supervisor.retry import RetrySchedule
+from portunus.supervisor.routing import RuleRouter
+from portunus.supervisor.rulebook import RuleBook
 
-HEARTBEAT_TIMEOUT = 10.0
-EXIT_SHARD_BOOT_ERROR = 3
+__all__ = ["HEARTBEAT_TIMEOUT", "RuleSource", "Supervisor"]
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT)
 
 
@@ -50,7 +55,7 @@ class RuleSource:
         return None
 
 
-class Supervisor:
+class Supervisor(ChildManager, RuleRouter):
     def __init__(
         self,
         *,
@@ -63,21 +68,28 @@ class Supervisor:
         services: list[Child] | None = None,
         rule_child: str | None = None,
         ready_checks: list[Callable[[], bool]] | None = None,
+        own_sockets: list[socket.socket] | None = None,
+        reloader: Callable[[], dict[str, Any] | None] | None = None,
+        fdstore: FdStore | None = None,
     ) -> None:
         self.shard_settings = shard_settings
         self.drain_secs = drain_secs
         self.metrics_dir = metrics_dir
         self.source = source or RuleSource()
-        self.listeners = ListenerTable(listen_address, shards)
+        self.listeners = ListenerTable(listen_address, shards, fdstore)
         self.book = RuleBook(self.listeners)
         self.shards = [
             Child(name=f"shard-{i}", title=f"portunus: shard {i}", entry=self._shard_entry(i),
-                  wants_channel=True, index=i)
+                  wants_channel=True, index=i, role=Role.SHARD)
             for i in range(shards)
         ]
         self.services = services or []
         self.rule_child = rule_child  # name of the service whose channel is the rule source
         self.ready_checks = list(ready_checks or [])
+        self.own_sockets = list(own_sockets or [])  # API, metrics, gateway: bound before forking
+        self.deaths = DeathLog()
+        self.retries = RetrySchedule()  # failed rules: try binding again with backoff
+        self.reloader = reloader  # SIGHUP: re-read settings; returns the reloadable changes or None
         self.pending_drain: dict[str, set[int]] = {}
         self.owner_caps: dict[str, Any] = {}  # {owner: rate_limit}: the node's owner caps
         self.signals: SimpleQueue[int] = SimpleQueue()
@@ -107,7 +119,7 @@ class Supervisor:
         except Exception as exc:
             log_event("supervisor.crashed", level="error", error=repr(exc))
             self.kill_all(signal.SIGKILL)
-            return 1
+            return ServiceExit.ERROR
         finally:
             self.notifier.close()
         return self.exit_code
@@ -151,6 +163,9 @@ class Supervisor:
             # Wake for the next ping: a fixed 1 s tick would stretch the ping gap past
             # WATCHDOG_USEC/2 and, with WatchdogSec=1, past the deadline itself.
             due.append(self._last_watchdog + interval)
+        retry_at = self.retries.next_at()
+        if retry_at is not None:
+            due.append(retry_at)
         if due:
             timeout = max(0.0, min(timeout, min(due) - now))
         for key, events in self.selector.select(timeout):
@@ -162,6 +177,7 @@ class Supervisor:
         self.reap_children()
         self.check_heartbeats()
         self.manage_children()
+        self.retry_failed()
         self.maybe_ready()
         self.watchdog()
 
@@ -197,152 +213,27 @@ class Supervisor:
         self.stopping = True
 
     def handle_sighup(self) -> None:
+        """Reload: rules from an in-process source, settings from the file.  No
+        child is restarted and no socket closed; an invalid file changes nothing."""
         log_event("supervisor.reload", source=self.source.name)
         self.notifier.reloading()
         try:
             rules = self.source.load()
+            changed = self.reloader() if self.reloader is not None else None
         except Exception as exc:  # noqa: BLE001 - a bad reload changes nothing
             log_event("supervisor.reload_failed", level="error", error=str(exc))
-            rules = None
+            rules = changed = None
         if rules is not None:
             self.apply_sync(rules)
+        if changed:
+            self.push_settings(changed)
         for child in self.services:
-            if child.alive and child.name == self.rule_child:
-                self._signal(child, signal.SIGHUP)
+            if child.alive and child.role is Role.LINK:
+                self._signal(child, signal.SIGHUP)  # the edge link: reconnect now
         self.notifier.ready(self.status_line())
 
     def handle_sigchld(self) -> None:
         pass  # reap_children runs every turn
-
-    # ============================================================ children
-
-    def all_children(self) -> list[Child]:
-        return [*self.services, *self.shards]
-
-    def spawn(self, child: Child) -> None:
-        fork_child(child, self._child_cleanup)
-        if child.channel is not None:
-            self.selector.register(child.channel.sock, selectors.EVENT_READ, child)
-        if child.index >= 0:
-            self._send_everything(child)
-        elif child.name == self.rule_child and child.channel is not None:
-            child.channel.send({"type": "hello", "version": 1, "shards": len(self.shards)})
-        log_event("child.started", child=child.name, pid=child.pid)
-
-    def _child_cleanup(self, keep: socket.socket | None) -> None:
-        """In a freshly forked child: drop every fd the supervisor holds."""
-        for s in self.listeners.all_sockets():
-            os.close(s.detach())
-        for c in self.all_children():
-            if c.channel is not None:
-                os.close(c.channel.sock.detach())
-        self.selector.close()
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
-        self.notifier.close()
-
-    def _shard_entry(self, index: int) -> Callable[[socket.socket | None], None]:
-        def entry(sock: socket.socket | None) -> None:
-            from portunus.shard.main import run_shard
-
-            assert sock is not None
-            run_shard(index, sock)
-
-        return entry
-
-    def reap_children(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            child = next((c for c in self.all_children() if c.pid == pid), None)
-            if child is None:
-                continue  # not ours (or already forgotten)
-            self._child_exited(child, status)
-
-    def _child_exited(self, child: Child, status: int) -> None:
-        if os.WIFEXITED(status):
-            how, code = f"exit {os.WEXITSTATUS(status)}", os.WEXITSTATUS(status)
-        elif os.WIFSIGNALED(status):
-            how, code = f"signal {signal.Signals(os.WTERMSIG(status)).name}", -1
-        else:
-            how, code = f"status {status}", -1
-        if child.channel is not None:
-            try:
-                self.selector.unregister(child.channel.sock)
-            except (KeyError, ValueError):
-                pass
-            child.channel.close()
-            child.channel = None
-        old_pid, child.pid = child.pid, 0
-        self._mark_dead(old_pid)
-        if child.index >= 0:
-            for waiting in self.pending_drain.values():
-                waiting.discard(child.index)
-            self._finish_drains()
-        if self.stopping:
-            log_event("child.exited", child=child.name, pid=old_pid, how=how)
-            return
-        if child.index >= 0 and code == EXIT_SHARD_BOOT_ERROR and not child.ready:
-            self.halt(f"{child.name} could not start (exit {code}); see its log line above", 1)
-            return
-        if child.index < 0 and code in child.halt_reasons:
-            self.halt(f"{child.name} stopped for good (exit {code}): {child.halt_reasons[code]}", code)
-            return
-        if child.index < 0 and code == 78:
-            self.halt(f"{child.name} refused to start: configuration or schema problem (exit 78)", 78)
-            return
-        delay = child.schedule_restart(time.monotonic())
-        child.restarts += 1
-        if child.index >= 0 and self._restarts is not None:
-            self._restarts.labels(str(child.index)).inc()
-        log_event("shard.restarted" if child.index >= 0 else "child.restarting", level="warning",
-                  child=child.name, pid=old_pid, how=how, restart_in_secs=round(delay, 3))
-
-    def _mark_dead(self, pid: int) -> None:
-        try:
-            from prometheus_client import multiprocess
-
-            multiprocess.mark_process_dead(pid, self.metrics_dir)
-        except Exception:  # noqa: BLE001 - metrics must never stop supervision
-            pass
-
-    def manage_children(self) -> None:
-        if self.stopping:
-            return
-        now = time.monotonic()
-        for child in self.all_children():
-            if not child.alive and not child.halted and child.due_at is not None and child.due_at <= now:
-                self.spawn(child)
-
-    def check_heartbeats(self) -> None:
-        now = time.monotonic()
-        for shard in self.shards:
-            if shard.alive and now - shard.last_heartbeat > HEARTBEAT_TIMEOUT:
-                log_event("shard.unresponsive", level="error", child=shard.name, pid=shard.pid,
-                          silent_secs=round(now - shard.last_heartbeat, 1))
-                self._signal(shard, signal.SIGKILL)
-                shard.last_heartbeat = now
-
-    def halt(self, reason: str, code: int) -> None:
-        log_event("supervisor.halt", level="error", reason=reason)
-        self.halt_reason = reason
-        self.exit_code = code
-        self.stopping = True
-
-    def _signal(self, child: Child, sig: int) -> None:
-        if child.alive:
-            try:
-                os.kill(child.pid, sig)
-            except ProcessLookupError:
-                pass  # already dead; reaped next turn
-
-    def kill_all(self, sig: int) -> None:
-        for child in self.all_children():
-            self._signal(child, sig)
 
     # ============================================================ channels
 
@@ -363,7 +254,9 @@ class Supervisor:
         for msg, fds in frames:
             for fd in fds:
                 os.close(fd)  # children never send us fds
-            if child.index >= 0:
+            if msg.get("type") == "up":
+                child.up = True
+            elif child.index >= 0:
                 self.on_shard_message(child, msg)
             elif child.name == self.rule_child:
                 self.on_source_message(child, msg)
@@ -376,96 +269,6 @@ class Supervisor:
         if channel.wants_write:
             self.selector.modify(channel.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, child)
 
-    def on_shard_message(self, shard: Child, msg: dict[str, Any]) -> None:
-        kind = msg.get("type")
-        shard.last_heartbeat = time.monotonic()
-        if kind == "ready":
-            shard.ready = True
-        elif kind == "drained":
-            for rid in msg.get("ids", []):
-                waiting = self.pending_drain.get(str(rid))
-                if waiting is not None:
-                    waiting.discard(shard.index)
-            self._finish_drains()
-
-    def on_source_message(self, child: Child, msg: dict[str, Any]) -> None:
-        kind = msg.get("type")
-        unknown: list[str] = []
-        if kind == "apply":
-            upsert = [Rule.from_wire(w) for w in msg.get("upsert", [])]
-            remove = [str(r) for r in msg.get("remove", [])]
-            # Nothing to drain for a rule we never bound (e.g. one that failed): say so now.
-            unknown = [rid for rid in remove if rid not in self.book.rules]
-            results, delta = self.book.apply(upsert, remove)
-        elif kind == "sync":
-            results, delta = self.book.sync([Rule.from_wire(w) for w in msg.get("rules", [])])
-            child.ready = True
-        elif kind == "owner_caps":
-            # The full set, already validated by the source; no answer is expected.
-            caps = msg.get("caps")
-            self.owner_caps = dict(caps) if isinstance(caps, dict) else {}
-            for shard in self.shards:
-                if shard.alive:
-                    self.send(shard, {"type": "owner_caps", "caps": self.owner_caps})
-            return
-        else:
-            return
-        self.broadcast(delta)
-        self.send(child, {"type": "applied", "seq": msg.get("seq"), "results": results})
-        if unknown:
-            self.send(child, {"type": "removed", "ids": unknown})
-        self.notifier.status(self.status_line())
-
-    # ============================================================== rules
-
-    def apply_sync(self, rules: list[Rule]) -> None:
-        _results, delta = self.book.sync(rules)
-        self.broadcast(delta)
-        self.notifier.status(self.status_line())
-
-    def broadcast(self, delta: Delta) -> None:
-        """Tell every live shard about a change, in the order that keeps it consistent."""
-        if not delta:
-            return
-        for rid in delta.remove:
-            self.pending_drain[rid] = {s.index for s in self.shards if s.alive}
-        for shard in self.shards:
-            if not shard.alive:
-                continue  # it gets everything when it is respawned
-            self._send_listeners(shard, delta.new_keys)
-            self.send(shard, {
-                "type": "rules",
-                "upsert": [r.to_wire() for r in delta.upsert],
-                "remove": delta.remove,
-            })
-            if delta.gone_keys:
-                self.send(shard, {"type": "listeners", "remove": delta.gone_keys})
-        self._finish_drains()
-
-    def _send_listeners(self, shard: Child, keys: list[str] | None) -> None:
-        pairs = self.listeners.fds_for_shard(shard.index, keys)
-        for i in range(0, len(pairs), MAX_FDS_PER_FRAME):
-            batch = pairs[i : i + MAX_FDS_PER_FRAME]
-            self.send(shard, {"type": "listeners", "add": [k for k, _ in batch]}, [fd for _, fd in batch])
-
-    def _send_everything(self, shard: Child) -> None:
-        self.send(shard, {"type": "config", "shard": shard.index, "settings": self.shard_settings})
-        self._send_listeners(shard, None)
-        if self.owner_caps:  # before the rules, so their runtimes start inside the envelopes
-            self.send(shard, {"type": "owner_caps", "caps": self.owner_caps})
-        self.send(shard, {"type": "rules", "upsert": [r.to_wire() for r in self.book.rules.values()],
-                          "remove": []})
-
-    def _finish_drains(self) -> None:
-        done = [rid for rid, waiting in self.pending_drain.items() if not waiting]
-        if not done:
-            return
-        for rid in done:
-            del self.pending_drain[rid]
-        source = next((c for c in self.services if c.name == self.rule_child), None)
-        if source is not None:
-            self.send(source, {"type": "removed", "ids": done})
-
     # ============================================================ status
 
     def status_line(self) -> str:
@@ -474,7 +277,11 @@ class Supervisor:
         return text + (f"; {failed} failed" if failed else "")
 
     def maybe_ready(self) -> None:
+        """READY=1 once, when every child is up, the rule source has synced and the
+        ready checks (the API answers) pass."""
         if self.announced_ready or self.stopping:
+            return
+        if not all(c.up for c in self.all_children()):
             return
         if self.rule_child is not None:
             source = next((c for c in self.services if c.name == self.rule_child), None)
@@ -483,6 +290,8 @@ class Supervisor:
         if not all(check() for check in self.ready_checks):
             return
         self.announced_ready = True
+        if self.listeners.store is not None:
+            self.listeners.store.drop_unclaimed()  # kept for rules removed while we were down
         self.notifier.ready(self.status_line())
         log_event("supervisor.ready", rules=len(self.book.rules), failed=len(self.book.failed),
                   shards=len(self.shards), pid=os.getpid())
@@ -511,6 +320,8 @@ class Supervisor:
         for child in self.services:
             self._signal(child, signal.SIGTERM)
         self._wait_for(self.services, time.monotonic() + 10.0)
+        for s in self.own_sockets:
+            s.close()
         log_event("supervisor.stopped", exit_code=self.exit_code)
 
     def _wait_for(self, children: list[Child], deadline: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 
 from portunus import logs
 
@@ -18,6 +19,8 @@ def prepare_process(title: str, log_format: str, log_level: str = "info") -> Non
     except ImportError:
         pass
     os.environ["PORTUNUS_SUPERVISOR_PID"] = str(os.getpid())
+    # One id per run of the service: counters restart with it (control/counters.py).
+    os.environ["PORTUNUS_RUN_ID"] = uuid.uuid4().hex
 
 
 def prepare_metrics_dir(runtime_dir: str | None) -> str:

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 from portunus import logs
 from portunus.errors import PortunusError
-from portunus.supervisor.framing import Channel
+from portunus.supervisor.framing import Channel, encode
+from portunus.supervisor.policy import Role
 
 RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT, signal.SIGUSR1)
 BACKOFF_FIRST = 0.0  # the first restart is immediate: the accept queue is waiting
@@ -47,9 +48,11 @@ class Child:
     due_at: float | None = None  # when a dead child may be spawned again
     halted: bool = False
     info: dict[str, object] = field(default_factory=dict)
-    # Service exit codes that end the whole tree (never respawned), with what to tell
-    # the operator; e.g. the edge link's 78 means "revoked", not a config problem.
-    halt_reasons: dict[int, str] = field(default_factory=dict)
+    role: Role = Role.SHARD
+    up: bool = False  # said "up" (shards: "ready") since its last start
+    # Own listeners (supervisor/own_listeners.py) this child serves; every other
+    # child closes its inherited copies.
+    sockets: list[socket.socket] = field(default_factory=list)
 
     @property
     def alive(self) -> bool:
@@ -105,6 +108,10 @@ def fork_child(child: Child, cleanup: Callable[[socket.socket | None], None]) ->
         try:
             for sig in RESET_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
+            # A reload is the supervisor's business: it tells children over their
+            # channel.  A stray SIGHUP (to the whole group) must not kill one; children
+            # that want it (the edge link: reconnect now) install their own handler.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             _die_with_parent(parent_pid)
             signal.set_wakeup_fd(-1)
             if parent_sock is not None:
@@ -142,4 +149,15 @@ def fork_child(child: Child, cleanup: Callable[[socket.socket | None], None]) ->
     child.channel = Channel(parent_sock) if parent_sock is not None else None
     child.started_at = child.last_heartbeat = time.monotonic()
     child.ready = False
+    child.up = False
     child.due_at = None
+
+
+def say_up(channel: socket.socket) -> None:
+    """In a child without a rule-source channel end (web, metrics): tell the
+    supervisor this child is up, with one ``up`` frame.  A child that dies before
+    it said so could not start (see policy.py)."""
+    try:
+        channel.sendall(encode({"type": "up"}))
+    except OSError:
+        pass  # the supervisor is gone; PDEATHSIG ends us

@@ -15,6 +15,7 @@ import socket
 from collections.abc import Iterable
 
 from portunus.rules import Rule
+from portunus.supervisor.fdstore import FdStore
 
 BACKLOG = 4096
 
@@ -52,11 +53,12 @@ def _bind_one(proto: str, address: str, port: int) -> socket.socket:
 class ListenerTable:
     """key (``tcp/8080``) -> one socket per shard, with a refcount of rules."""
 
-    def __init__(self, address: str, shards: int) -> None:
+    def __init__(self, address: str, shards: int, store: FdStore | None = None) -> None:
         self.address = address
         self.shards = shards
         self.sockets: dict[str, list[socket.socket]] = {}
         self.refs: dict[str, int] = {}
+        self.store = store  # systemd's fd store (fdstore.py), when the unit has one
 
     def acquire(self, rule: Rule) -> list[str]:
         """Bind every port of ``rule`` not yet bound; return the newly bound keys.
@@ -69,9 +71,11 @@ class ListenerTable:
                 key = f"{rule.protocol}/{port}"
                 if key in self.sockets:
                     continue
-                socks: list[socket.socket] = []
+                # Sockets systemd kept across our restart (fdstore.py) first: they
+                # hold the connections that queued while we were down.
+                socks = self.store.adopt(key, rule.protocol, self.address, port, self.shards) if self.store else []
                 new[key] = socks
-                for _ in range(self.shards):
+                while len(socks) < self.shards:
                     try:
                         socks.append(_bind_one(rule.protocol, self.address, port))
                     except OSError as exc:
@@ -82,6 +86,9 @@ class ListenerTable:
                     s.close()
             raise
         self.sockets.update(new)
+        if self.store is not None:
+            for key, socks in new.items():
+                self.store.store(key, socks)
         for key in rule.listener_keys():
             self.refs[key] = self.refs.get(key, 0) + 1
         return list(new)
@@ -97,6 +104,8 @@ class ListenerTable:
             self.refs.pop(key, None)
             for s in self.sockets.pop(key, []):
                 s.close()
+            if self.store is not None:
+                self.store.remove(key)
             gone.append(key)
         return gone
 

@@ -37,12 +37,15 @@ class RuleBook:
         self.listeners = listeners
         self.rules: dict[str, Rule] = {}
         self.failed: dict[str, str] = {}  # id -> reason, for status and stats
+        self.failed_rules: dict[str, Rule] = {}  # id -> the rule, to retry its binding
 
-    def apply(self, upsert: list[Rule], remove: list[str]) -> tuple[dict[str, Result], Delta]:
+    def apply(self, upsert: list[Rule], remove: list[str], *,
+              quiet_failures: bool = False) -> tuple[dict[str, Result], Delta]:
         delta = Delta()
         results: dict[str, Result] = {}
         for rid in remove:
             self.failed.pop(rid, None)
+            self.failed_rules.pop(rid, None)
             self._drop(rid, delta)
         for rule in upsert:
             old = self.rules.get(rule.id)
@@ -61,10 +64,13 @@ class RuleBook:
                 keys = self.listeners.acquire(rule)
             except BindError as exc:
                 self.failed[rule.id] = exc.reason
+                self.failed_rules[rule.id] = rule
                 results[rule.id] = {"state": "failed", "reason": exc.reason}
-                log_event("rule.failed", level="error", rule=rule.id, reason=exc.reason)
+                log_event("rule.failed", level="debug" if quiet_failures else "error", rule=rule.id,
+                          reason=exc.reason)
                 continue
             self.failed.pop(rule.id, None)
+            self.failed_rules.pop(rule.id, None)
             self.rules[rule.id] = rule
             delta.new_keys.extend(keys)
             delta.upsert.append(rule)
@@ -81,6 +87,7 @@ class RuleBook:
         remove = [rid for rid in self.rules if rid not in ids]
         for rid in [f for f in self.failed if f not in ids]:
             self.failed.pop(rid, None)
+            self.failed_rules.pop(rid, None)
         return self.apply(desired, remove)
 
     def _drop(self, rid: str, delta: Delta) -> None:

@@ -1,10 +1,13 @@
 """The web process: the /v1 API and /metrics, two uvicorn servers on one uvloop loop.
 
 ``run_web`` runs in a child the supervisor forked (it has already reset signal
-handlers and set the process title).  We bind both listening sockets ourselves
-before serving, so a taken port fails fast with a message that names the address
-and the config key to change, and exits ``WEB_BOOT_ERROR`` (the same "cannot even
-start" code as a shard) rather than uvicorn's generic startup failure.
+handlers and set the process title).  Under ``serve`` the supervisor has bound
+both listening sockets already (supervisor/own_listeners.py) and the child
+inherits them; run on its own (tests) it binds them itself, and a taken port
+fails fast with a message that names the address and the config key to change,
+exiting ``ChildExit.LISTEN_FAILED`` rather than uvicorn's generic startup failure.
+Once both servers serve, it says ``up`` on its supervisor channel (when it has
+one): the supervisor counts a child that dies before that as unable to start.
 
 Signals belong to the process, not to one server: uvicorn's per-server signal
 capture (which re-raises SIGTERM after shutdown, i.e. dies by signal) is disabled,
@@ -19,21 +22,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import uvicorn
 
-from portunus.config import Settings, parse_listen
-from portunus.errors import PortunusError
+from portunus.config import Settings
+from portunus.exitcodes import ChildExit
 from portunus.logs import log_event
+from portunus.supervisor.children import say_up
+from portunus.supervisor.own_listeners import BindError, bind
 from portunus.web.app import create_app
 from portunus.web.limits import KEEP_ALIVE_SECS, MAX_HEADER_BYTES, GuardedH11Protocol
 
-WEB_BOOT_ERROR = 3
+__all__ = ["BindError", "bind", "run_web", "serve_all"]
 # Seconds uvicorn waits for open requests on shutdown; SSE streams end on their own
 # (app.state.stopping), so this only bounds a slow control call.
 GRACEFUL_SHUTDOWN_SECS = 5
@@ -83,28 +89,6 @@ def route_uvicorn_logs(level: str = "info") -> None:
     access.disabled = True
 
 
-class BindError(Exception):
-    """A listening socket could not be opened; ``str()`` is the operator's message."""
-
-
-def bind(listen: str, key: str, what: str) -> socket.socket:
-    """Open the listening socket for ``listen`` (the value of config key ``key``)."""
-    try:
-        host, port = parse_listen(listen, key)
-    except PortunusError as exc:
-        raise BindError(f"{key} = {listen!r} is not a valid address: {exc.message}") from None
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        sock = socket.create_server((host, port), family=family, backlog=1024)
-    except OSError as exc:
-        raise BindError(
-            f"cannot listen on {listen} for the {what}: {exc.strerror or exc}; "
-            f"set {key} in server.toml to a free address"
-        ) from None
-    sock.setblocking(False)
-    return sock
-
-
 def _metrics_app(settings: Settings) -> Any:
     try:
         from portunus.web.metrics import create_metrics_app
@@ -124,8 +108,33 @@ def _config(app: Any) -> uvicorn.Config:
     )
 
 
-async def serve_all(api: Any, pairs: list[tuple[Any, socket.socket]]) -> None:
-    """Serve each ``(app, socket)`` until SIGTERM/SIGINT or until any server stops."""
+def _watch_channel(loop: asyncio.AbstractEventLoop, sock: socket.socket, settings: Settings) -> None:
+    """Apply a reload's ``settings`` frames from the supervisor to the live Settings."""
+    from portunus.supervisor.framing import Channel, ProtocolError
+    from portunus.supervisor.reload import apply_settings
+
+    channel = Channel(sock)
+
+    def readable() -> None:
+        try:
+            frames = channel.read()
+        except (EOFError, ProtocolError, OSError):
+            loop.remove_reader(sock.fileno())
+            return
+        for msg, fds in frames:
+            for fd in fds:
+                os.close(fd)
+            if msg.get("type") == "settings" and isinstance(msg.get("settings"), dict):
+                apply_settings(settings, msg["settings"])
+                route_uvicorn_logs(settings.log_level)
+
+    loop.add_reader(sock.fileno(), readable)
+
+
+async def serve_all(api: Any, pairs: list[tuple[Any, socket.socket]],
+                    on_up: Callable[[], None] | None = None) -> None:
+    """Serve each ``(app, socket)`` until SIGTERM/SIGINT or until any server stops;
+    ``on_up`` runs once every server has started."""
     servers = [(_Server(_config(app)), sock) for app, sock in pairs]
     loop = asyncio.get_running_loop()
 
@@ -141,6 +150,10 @@ async def serve_all(api: Any, pairs: list[tuple[Any, socket.socket]]) -> None:
     loop.add_signal_handler(signal.SIGHUP, lambda: log_event("web.sighup_ignored"))
     tasks = [asyncio.create_task(server.serve(sockets=[sock])) for server, sock in servers]
     try:
+        while on_up is not None and not all(s.started for s, _ in servers) and not any(t.done() for t in tasks):
+            await asyncio.sleep(0.01)
+        if on_up is not None and all(s.started for s, _ in servers):
+            on_up()
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         stop()
         await asyncio.gather(*tasks)
@@ -149,9 +162,10 @@ async def serve_all(api: Any, pairs: list[tuple[Any, socket.socket]]) -> None:
             loop.remove_signal_handler(sig)
 
 
-def run_web(settings: Settings) -> None:
+def run_web(settings: Settings, api_sock: socket.socket | None = None,
+            metrics_sock: socket.socket | None = None, channel: socket.socket | None = None) -> None:
     """Entry point of the forked web child; returns on SIGTERM (exit 0), raises
-    ``SystemExit(WEB_BOOT_ERROR)`` when a port cannot be bound."""
+    ``SystemExit(ChildExit.LISTEN_FAILED)`` when it must bind a port itself and cannot."""
     import uvloop
 
     route_uvicorn_logs(settings.log_level)
@@ -159,15 +173,23 @@ def run_web(settings: Settings) -> None:
     metrics = _metrics_app(settings)
     pairs: list[tuple[Any, socket.socket]] = []
     try:
-        pairs.append((api, bind(settings.operator_http_listen, "operator_http_listen", "operator HTTP API")))
+        pairs.append((api, api_sock or bind(settings.operator_http_listen, "operator_http_listen",
+                                            "operator HTTP API")))
         if metrics is not None:
-            pairs.append((metrics, bind(settings.metrics_listen, "metrics_listen", "metrics endpoint")))
+            pairs.append((metrics, metrics_sock or bind(settings.metrics_listen, "metrics_listen",
+                                                        "metrics endpoint")))
     except BindError as exc:
         for _, sock in pairs:
             sock.close()
         log_event("web.bind_failed", level="error", message=str(exc))
-        raise SystemExit(WEB_BOOT_ERROR) from None
+        raise SystemExit(ChildExit.LISTEN_FAILED) from None
     log_event("web.listening", api=settings.operator_http_listen,
               metrics=settings.metrics_listen if metrics is not None else None)
-    uvloop.run(serve_all(api, pairs))
+    async def main() -> None:
+        if channel is not None:
+            _watch_channel(asyncio.get_running_loop(), channel, settings)
+        await serve_all(api, pairs, on_up=(lambda: say_up(channel)) if channel is not None else None)
+
+    uvloop.run(main())
     log_event("web.stopped")
+

@@ -17,6 +17,7 @@ from typing import Any
 from portunus.bounds import (
     ENROLL_TTL,
     HEALTH_CHECK_INTERVAL,
+    IDLE_TIMEOUT,
     MAX_NAME_LEN,
     PRIORITY,
     RATE_LIMIT_VALUE,
@@ -100,6 +101,10 @@ RULE_BODY: dict[str, Any] = {
             default=5, **{"x-error-code": "validation.health_check_interval_secs"}),
         "owner": {"type": "string", "maxLength": 64, "x-error-code": "validation.owner",
                   "description": "Superadmin only: push for this user (checked against the user's grants)."},
+        "idle_timeout_secs": IDLE_TIMEOUT.schema(
+            type=["number", "null"], default=None, **{"x-error-code": "validation.idle_timeout_secs"},
+            description="Close a connection (UDP: flow) that moved no byte for this long; omit or null "
+                        "for no timeout."),
     },
     "required": ["targets"],
     "additionalProperties": False,
@@ -117,14 +122,16 @@ RULE_BODY: dict[str, Any] = {
 
 RULE_UPDATE: dict[str, Any] = {
     "type": "object",
-    "description": "Only the caps of an existing rule can change.",
-    "properties": {"rate_limit": ref("RateLimit")},
-    "required": ["rate_limit"],
+    "description": "Change the caps and/or the targets of an existing rule in place: same id, "
+    "the listener never closes, open connections keep their target, new ones use the new targets.",
+    "properties": {"rate_limit": ref("RateLimit"),
+                   "targets": {"type": "array", "minItems": 1, "maxItems": MAX_TARGETS, "items": ref("TargetBody"),
+                               "x-error-code": "validation.targets"}},
     "additionalProperties": False,
     "x-error-code": "validation.body",
     "x-unknown-field-code": "validation.immutable_field",
-    "x-unknown-field-message": "{field} cannot be changed on an existing rule (only rate_limit can); "
-    "remove the rule and push a new one",
+    "x-unknown-field-message": "{field} cannot be changed on an existing rule (only rate_limit and targets "
+    "can); remove the rule and push a new one",
 }
 
 _COUNTERS = {
@@ -183,9 +190,10 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
             "proxy_protocol": {"type": ["string", "null"]},
             "prefer_ipv6": {"type": "boolean"},
             "health_check_interval_secs": {"type": "number"},
+            "idle_timeout_secs": {"type": ["number", "null"]},
             "rate_limit": ref("RateLimit"),
             "owner": {"type": ["string", "null"]},
-            "state": {"enum": ["pending", "active", "failed", "draining"]},
+            "state": {"enum": ["pending", "active", "failed", "draining", "revoked"]},
             "failure_reason": {"type": ["string", "null"],
                                "examples": ["port_in_use (port 30005 already bound)"]},
             "created_at": {"type": "string", "format": "date-time"},
@@ -403,7 +411,7 @@ _PATHS: dict[str, dict[str, Any]] = {
         "get": _op("listRules", "List rules, ordered by id", "200", ref("RuleList"), ("400", "404", "409"),
                    params=[_q("client", {"type": "string"}, "Client name or client_id"),
                            _q("owner", {"type": "string"}, "Owner user"),
-                           _q("state", {"enum": ["pending", "active", "failed", "draining"]}, "Only this state"),
+                           _q("state", {"enum": ["pending", "active", "failed", "draining", "revoked"]}, "Only this state"),
                            _q("protocol", {"enum": ["tcp", "udp"]}, "Only this protocol"),
                            _q("limit", {"type": "integer", "minimum": 0, "maximum": 1000},
                               "Page size; with it the answer also carries `total`"),

@@ -251,7 +251,8 @@ _USER_PARAM = {
     "in": "path",
     "required": True,
     "schema": {"type": "string"},
-    "description": "User id",
+    # A longer id is refused (400 validation.user_id) before it is looked up.
+    "description": "User id (at most 64 characters)",
 }
 _NUM_PARAM = {
     "name": "id",
@@ -329,13 +330,13 @@ PATHS: dict[str, dict[str, Any]] = {
     },
     "/v1/users/{id}": {
         "parameters": [_USER_PARAM],
-        "get": _op("getUser", "One user (superadmin, or yourself)", "200", ref("User"), ("404",)),
+        "get": _op("getUser", "One user (superadmin, or yourself)", "200", ref("User"), ("400", "404")),
         "delete": _op(
             "removeUser",
             "Remove a user with its rules (drained), tokens, grants and sessions",
             "200",
             ref("UserRemoved"),
-            ("404", "409"),
+            ("400", "404", "409"),
         ),
     },
     "/v1/users/{id}/password": {
@@ -356,7 +357,7 @@ PATHS: dict[str, dict[str, Any]] = {
             "A user's API tokens (superadmin, or your own)",
             "200",
             ref("TokenList"),
-            ("404",),
+            ("400", "404"),
         ),
         "post": _op(
             "issueToken",

@@ -8,6 +8,8 @@ package cannot make its own test pass).
     probe.py roundtrip PORT [BYTES]   send random bytes, check the echo; print JSON
     probe.py hold PORT -- CMD ...     roundtrip, run CMD, roundtrip again on the SAME
                                       connection, then on a new one; print JSON
+    probe.py loop PORT -- CMD ...     a connect loop while CMD runs and 2 s more:
+                                      counts ok / refused / other; print JSON
 """
 
 from __future__ import annotations
@@ -90,6 +92,46 @@ def hold(port: int, cmd: list[str]) -> dict[str, object]:
     return out
 
 
+def loop(port: int, cmd: list[str], after: float = 2.0) -> dict[str, object]:
+    """Connect to ``port`` over and over (3 threads, 64 KiB round trips) while ``cmd``
+    runs and ``after`` seconds more; count refusals and other failures."""
+    import threading
+
+    counts = {"ok": 0, "refused": 0}
+    other: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+                    ok = exchange(s, 65536)
+                with lock:
+                    if ok:
+                        counts["ok"] += 1
+                    else:
+                        other.append("short echo")
+            except ConnectionRefusedError:
+                with lock:
+                    counts["refused"] += 1
+            except OSError as exc:
+                with lock:
+                    other.append(str(exc))
+
+    threads = [threading.Thread(target=run, daemon=True) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    time.sleep(after)
+    stop.set()
+    for t in threads:
+        t.join(70)
+    return {**counts, "other": other[:10], "command_rc": proc.returncode,
+            "command_output": (proc.stdout + proc.stderr)[-2000:]}
+
+
 def main(argv: list[str]) -> int:
     verb = argv[0]
     if verb == "freeport":
@@ -108,6 +150,10 @@ def main(argv: list[str]) -> int:
     if verb == "hold":
         sep = argv.index("--")
         print(json.dumps(hold(int(argv[1]), argv[sep + 1 :])))
+        return 0
+    if verb == "loop":
+        sep = argv.index("--")
+        print(json.dumps(loop(int(argv[1]), argv[sep + 1 :])))
         return 0
     print(__doc__, file=sys.stderr)
     return 2

@@ -140,6 +140,15 @@ def test_rpm_metadata(packages: Packages) -> None:
         assert f"{phase} scriptlet" in scripts
     assert "systemd-sysusers --replace=/usr/lib/sysusers.d/portunus.conf" in scripts
     assert "/etc/portunus/operator.token" in scripts
+    assert "sudo" not in scripts  # minimal systems have none
+    # The systemd macros (or their stand-ins): erase disables the units, so no
+    # multi-user.target.wants link is left dangling.
+    preun = scripts.split("preuninstall scriptlet", 1)[1].split("postuninstall scriptlet", 1)[0]
+    assert "disable --now" in preun or "systemd-update-helper" in preun, preun
+    for unit in UNITS:
+        assert unit in preun, preun
+    for tool in ("/usr/sbin/useradd", "/usr/sbin/groupadd", "/usr/bin/getent"):
+        assert tool in requires, requires  # Requires(pre): the user tools
 
 
 def test_rpm_installs_into_rpm_root(packages: Packages, tmp_path: Path) -> None:
@@ -202,7 +211,7 @@ def test_server_toml_lists_every_setting_with_its_default() -> None:
     text = (REPO / "packaging/etc/server.toml").read_text()
     assert not [ln for ln in text.splitlines() if ln and not ln.startswith("#")], "every line commented"
     listed = _commented_settings(text)
-    keys = {f.name for f in fields(Settings)} - {"extra", "data_dir", "runtime_dir", "shards"}
+    keys = {f.name for f in fields(Settings)} - {"extra", "data_dir", "runtime_dir", "shards", "config_path"}
     assert set(listed) == keys
     values = tomllib.loads("\n".join(f"{k} = {v}" for k, v in listed.items()))
     defaults = Settings()
@@ -247,7 +256,12 @@ def test_units_carry_the_contract() -> None:
         assert "Type=notify-reload" not in text  # systemd 253+; Debian 12 has 252
         no_restart = {int(c) for c in re.search(r"^RestartPreventExitStatus=(.*)$", text, re.M)  # type: ignore[union-attr]
                       .group(1).split()}
-        assert {2, 78} <= no_restart, name
+        assert {2, 70, 78} <= no_restart, name  # usage, a child that cannot start, config
+        if name in ("portunus.service", "portunus-standalone.service"):
+            # A reload validates first, so a broken file fails `systemctl reload` visibly.
+            reloads = re.findall(r"^ExecReload=(.*)$", text, re.M)
+            assert len(reloads) == 2 and ("check-config" in reloads[0] or "--check" in reloads[0]), name
+            assert "kill -HUP" in reloads[1], name
         if "client" in name:  # a revoked client would only be refused again: no restart loop
             assert EXIT_REVOKED in no_restart, name
         assert re.search(r"^WatchdogSec=\d+", text, re.M)

@@ -22,7 +22,7 @@ UNITS = ("portunus.service", "portunus-client.service", "portunus-standalone.ser
 NEXT_STEPS = (
     "Portunus installed. Start it:  systemctl enable --now portunus",
     "Operator token: /etc/portunus/operator.token",
-    "First rule:     sudo -u portunus portunus-server push-rule local 18080 127.0.0.1:8080",
+    "First rule:     portunus-server push-rule local 18080 127.0.0.1:8080   (as root or a member of group portunus)",
 )
 MAX_EXPOSURE = 2.0
 
@@ -89,11 +89,15 @@ def test_install_first_run(vm: Machine, packages: Packages) -> None:
         assert vm.run("systemctl", "is-enabled", unit, check=False).stdout.strip() == "disabled"
 
 
-def test_client_unit_waits_for_enrollment(vm: Machine) -> None:
-    """Without /etc/portunus/client.bundle the edge unit is skipped, not failed."""
-    vm.run("systemctl", "start", "portunus-client.service")
-    props = vm.show("portunus-client.service", "ActiveState", "ConditionResult", "Result")
-    assert props == {"ActiveState": "inactive", "ConditionResult": "no", "Result": "success"}, props
+def test_client_unit_says_it_needs_enrollment(vm: Machine) -> None:
+    """Without /etc/portunus/client.bundle the edge unit does not start, visibly: the
+    start fails and `systemctl status` names the missing file (no silent skip)."""
+    res = vm.run("systemctl", "start", "portunus-client.service", check=False)
+    assert res.returncode != 0, res.stdout + res.stderr
+    props = vm.show("portunus-client.service", "ActiveState", "AssertResult")
+    assert props == {"ActiveState": "inactive", "AssertResult": "no"}, props
+    status = vm.run("systemctl", "status", "portunus-client.service", check=False).stdout
+    assert "Assertion failed" in status and "needs /etc/portunus/client.bundle" in status, status
 
 
 def test_units_verify_clean_and_exposure(vm: Machine) -> None:
@@ -186,6 +190,32 @@ def test_upgrade_keeps_token_and_restarts_running_units(vm: Machine, packages: P
         vm.run("systemctl", "stop", unit, check=False)
 
 
+def test_no_refused_connection_across_reload_restart_and_upgrade(vm: Machine, packages: Packages,
+                                                                echo_port: int) -> None:
+    """The fd store (FileDescriptorStoreMax=, PORTUNUS_FDSTORE=1) keeps every listener
+    across `systemctl restart` and the restart of a package upgrade: a connect loop
+    through each operation sees no refused connection."""
+    unit = "portunus-standalone.service"
+    fwd, metrics = free_port(vm), free_port(vm)
+    vm.write("/etc/portunus/standalone.toml", _standalone_toml(fwd, echo_port, metrics))
+    vm.run("systemctl", "start", unit, timeout=60)
+    newer = f"{packages.version}+test2"
+    vm.sh(f"""rm -rf /tmp/up2; dpkg-deb -R /mnt/pkgs/{packages.deb.name} /tmp/up2
+              sed -i 's/^Version: .*/Version: {newer}/' /tmp/up2/DEBIAN/control
+              dpkg-deb --root-owner-group -b /tmp/up2 /tmp/portunus-newer2.deb >/dev/null""")
+    try:
+        for cmd in (["systemctl", "reload", unit], ["systemctl", "restart", unit],
+                    ["apt-get", "install", "-y", "/tmp/portunus-newer2.deb"]):
+            pid = vm.show(unit, "MainPID")["MainPID"]
+            res = json.loads(vm.run(*PROBE, "loop", str(fwd), "--", *cmd, timeout=400).stdout)
+            assert res["command_rc"] == 0, res
+            assert res["refused"] == 0 and res["other"] == [] and res["ok"] > 0, (cmd, res, vm.journal(unit))
+            if cmd[1] != "reload":
+                assert vm.show(unit, "MainPID")["MainPID"] != pid, cmd  # it did restart
+    finally:
+        vm.run("systemctl", "stop", unit, check=False)
+
+
 def _cli(vm: Machine, *args: str, user: str = "portunus", check: bool = True):  # type: ignore[no-untyped-def]
     return vm.run("portunus-server", *args, user=user, check=check, timeout=60)
 
@@ -224,7 +254,18 @@ def test_server_service(vm: Machine, echo_port: int) -> None:
         held = json.loads(vm.run(*PROBE, "hold", str(fwd), "--", "systemctl", "reload", unit).stdout)
         assert held["command_rc"] == 0 and held["same_connection_after"] and held["new_connection_after"], held
 
-        vm.run("systemctl", "restart", unit, timeout=120)
+        # The offline storage verbs are for root or the service user; a group member is
+        # told so (state.db is 0600), root may.
+        denied_backup = _cli(vm, "backup", "--out", "/tmp/alice.db", user="alice", check=False)
+        assert denied_backup.returncode == 9, denied_backup.stderr
+        assert "runuser -u portunus -- portunus-server backup" in denied_backup.stderr
+        assert _cli(vm, "backup", "--out", "/tmp/root.db", user="root", check=False).returncode == 0
+
+        # A restart refuses no connection on the forwarded port (fd store).
+        looped = json.loads(vm.run(*PROBE, "loop", str(fwd), "--", "systemctl", "restart", unit,
+                                   timeout=300).stdout)
+        assert looped["command_rc"] == 0 and looped["refused"] == 0 and looped["other"] == [], \
+            (looped, vm.journal(unit))
         assert active(vm, unit) == "active"
         listed = json.loads(_cli(vm, "list-rules", "--format", "json").stdout)
         assert [(r["id"], r["state"]) for r in listed["rules"]] == [(rule["id"], "active")]

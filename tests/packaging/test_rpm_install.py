@@ -45,13 +45,17 @@ def test_rpm_install_run_erase(boot: Callable[[str], Machine], packages: Package
     vm.write("/etc/portunus/standalone.toml",
              f'metrics_listen = "127.0.0.1:{metrics}"\nlisten_address = "127.0.0.1"\nshards = 1\n'
              f'[[rule]]\nname = "echo"\nlisten_port = {fwd}\ntarget = "127.0.0.1:{echo}"\n')
-    vm.run("systemctl", "start", "portunus-standalone", timeout=60)
+    vm.run("systemctl", "enable", "--now", "portunus-standalone", timeout=60)
+    wants = "/etc/systemd/system/multi-user.target.wants/portunus-standalone.service"
+    assert vm.exists(wants)
     result = json.loads(vm.run(*PROBE, "roundtrip", str(fwd), str(1 << 20), check=False).stdout)
     assert result["ok"], vm.journal("portunus-standalone.service")
 
-    # %preun stops the units on erase; state and the token stay (rpm has no purge).
+    # %preun (%systemd_preun) stops and disables the units on erase: no enablement
+    # link is left pointing at a removed unit file.  State and the token stay.
     vm.run("rpm", "-e", "portunus", timeout=120)
     assert vm.run("systemctl", "is-active", "portunus-standalone", check=False).stdout.strip() == "inactive"
+    assert not vm.exists(wants), "rpm -e left a dangling multi-user.target.wants link"
     assert not vm.exists("/opt/portunus/bin") and not vm.exists("/usr/lib/systemd/system/portunus.service")
     assert vm.exists("/var/lib/portunus") and vm.exists("/etc/portunus/operator.token")
     # The edited config is kept as .rpmsave (%config(noreplace)).

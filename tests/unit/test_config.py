@@ -42,7 +42,7 @@ RULE = '[[rule]]\nname = "web"\nlisten_port = 8080\ntarget = "10.0.0.5:80"\n'
 
 def test_minimal_rule_and_defaults(tmp_path: Path) -> None:
     s, rules = load(tmp_path, RULE)
-    assert s.metrics_listen == "127.0.0.1:7081"
+    assert s.metrics_listen == "127.0.0.1:7083"  # not the server's 7081: both may run on one host
     assert s.listen_address == "0.0.0.0"
     assert s.shutdown_drain_timeout_secs == 30.0
     assert s.connect_timeout_secs == 5.0

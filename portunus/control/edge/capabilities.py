@@ -18,6 +18,7 @@ _WHAT = {
     "proxy_protocol": "PROXY protocol headers",
     "range": "port-range rules",
     "rate_limit": "rate limits (--bandwidth-*/--new-connections-per-sec/--concurrent-connections)",
+    "idle_timeout": "per-rule idle timeouts (--idle-timeout)",
 }
 
 
@@ -35,6 +36,9 @@ def required_capabilities(rule: Rule) -> list[str]:
     if rule.rate_limit:
         # A client that does not enforce caps would forward the rule unlimited.
         needs.append("rate_limit")
+    if rule.idle_timeout_secs is not None:
+        # A client that does not know it would keep idle connections open for ever.
+        needs.append("idle_timeout")
     return needs
 
 

@@ -137,6 +137,7 @@ class ClientService:
         revoked``).  Revoking a revoked client again changes nothing."""
         target = f"client:{params.get('id')}"
         banned: str | None = None
+        revoked_rules: list[Any] = []
         try:
             ref = _ref(params)
             async with self.store.write() as db:
@@ -152,12 +153,20 @@ class ClientService:
                     await db.execute(
                         "UPDATE clients SET revoked_at = ? WHERE client_id = ?", (row.revoked_at, row.client_id)
                     )
+                # Its rules no longer forward anywhere: they leave "active" for "revoked"
+                # (kept, listed, counted; deleting the client removes them).
+                revoked_rules = [s for s in await rules_db.list_rules(db, client_id=row.client_id)
+                                 if s.state != "revoked"]
+                await db.execute("UPDATE rules SET state = 'revoked', failure_reason = NULL WHERE client_id = ?",
+                                 (row.client_id,))
                 await write_audit(db, who.user, "client.revoke", target, details={"already_revoked": already})
         except PortunusError as exc:
             if banned is not None:  # nothing was committed: the client may come back
                 self.link.banned.discard(banned)
             await self._audit_error(who, "client.revoke", target, exc)
             raise
+        for s in revoked_rules:
+            self.on_state(s.rule, "revoked")
         kicked = self.link.kick(row.client_id, REVOKED_GOODBYE, "revoked")
         out = self.entry(row, await self._rule_count(row.client_id))
         out.update(connected=False, revoked_at=row.revoked_at, disconnected=kicked)

@@ -86,6 +86,7 @@ class EdgeGateway:
         preauth: PreauthLimits | None = None,
         quiet: tuple[float, float, float] = (QUIET_HEARTBEAT_SECS, QUIET_PING_SECS, QUIET_DEAD_AFTER_SECS),
         shedder: Shedder | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         self.store = store
         self.link = link
@@ -100,6 +101,7 @@ class EdgeGateway:
         self.handshake_timeout = handshake_timeout
         self.preauth = preauth or PreauthLimits()
         self.audit_budget = AuditBudget()
+        self.sock = sock  # bound by the supervisor (own_listeners.py); None: bind host:port here
         self._sockets: list[socket.socket] = []
         self._tasks: list[asyncio.Task[None]] = []  # accept loops and the log flusher
         self._conns: set[asyncio.Task[None]] = set()
@@ -113,9 +115,14 @@ class EdgeGateway:
         return int(self._sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        """Bind and serve; raises ``OSError`` when the address cannot be bound."""
+        """Serve (binding first unless given a socket); raises ``OSError`` when the
+        address cannot be bound."""
         loop = asyncio.get_running_loop()
-        self._sockets = await loop.run_in_executor(None, bind, self.host, self.port)
+        if self.sock is not None:
+            self.sock.setblocking(False)  # accept_loop uses loop.sock_accept
+            self._sockets = [self.sock]
+        else:
+            self._sockets = await loop.run_in_executor(None, bind, self.host, self.port)
         self._tasks = [loop.create_task(accept_loop(s, self.preauth, self._admitted)) for s in self._sockets]
         self._tasks.append(loop.create_task(self._flush_logs()))
         self._tasks.append(loop.create_task(self._sweep()))

@@ -79,6 +79,9 @@ class RemoteLink:
         self.on_count = on_count or (lambda n: None)
         self.sessions: dict[str, EdgeSession] = {}
         self.stats: dict[str, dict[str, dict[str, Any]]] = {}
+        # The client's run id from its stats frames: a new one means its counters
+        # restarted from zero (portunus/control/counters.py banks the old ones).
+        self.runs: dict[str, str | None] = {}
         # Clients revoked by this process: checked by the gateway right before
         # attach, so a hello racing a revoke cannot slip in (see gateway._hello).
         self.banned: set[str] = set()
@@ -202,6 +205,8 @@ class RemoteLink:
                 self.events.rules_removed(client_id, [str(i) for i in ids])
         elif kind == "stats":
             self.stats[client_id] = _parse_stats(msg.get("rules"))
+            run = msg.get("run")
+            self.runs[client_id] = run[:64] if isinstance(run, str) else None
         # "ping" needs no answer (any frame proves the link alive); unknown types are
         # ignored for forward compatibility (docs/edge.md).
 

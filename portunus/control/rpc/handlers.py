@@ -60,6 +60,7 @@ class ControlContext:
     users: UserService | None = None
     sessions: SessionService | None = None
     owner_caps: OwnerCapService | None = None
+    counters: Any = None  # control/counters.py RuleCounters: totals across restarts
 
     def __post_init__(self) -> None:
         if self.users is None:
@@ -132,6 +133,13 @@ async def rules_remove(ctx: ControlContext, who: Principal, params: dict[str, An
     return await ctx.service.remove(who, params)
 
 
+async def rules_retry(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
+    from portunus.control.retry_rule import retry_rule
+
+    await _own_rule(ctx, who, params)  # like rules.update: a user retries its own rules only
+    return await retry_rule(ctx.service, who, params)
+
+
 def _flag(params: dict[str, Any], key: str) -> bool:
     value = params.get(key, False)
     if not isinstance(value, bool):
@@ -149,10 +157,14 @@ async def rules_stats(ctx: ControlContext, who: Principal, params: dict[str, Any
         # A remote rule counts on the edge; its latest stats frame is in memory.
         if ctx.remote is None:
             raise PortunusError("unavailable", "the edge gateway is not running in this control process")
-        return ctx.remote.rule_stats(stored.client_id, stored.rule, per_port, per_target)
-    return await asyncio.to_thread(
+        live = ctx.remote.rule_stats(stored.client_id, stored.rule, per_port, per_target)
+        if ctx.counters is not None:
+            return ctx.counters.remote_stats(stored.client_id, rule_id, live)
+        return live
+    live = await asyncio.to_thread(
         rule_stats, ctx.settings.metrics_dir, stored.rule, per_port, per_target
     )
+    return ctx.counters.local_stats(rule_id, live) if ctx.counters is not None else live
 
 
 async def clients_list(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
@@ -346,6 +358,7 @@ METHODS: dict[str, tuple[bool, Handler]] = {
     "rules.get": (True, rules_get),
     "rules.update": (True, rules_update),
     "rules.remove": (True, rules_remove),
+    "rules.retry": (True, rules_retry),
     "rules.stats": (True, rules_stats),
     "clients.list": (True, clients_list),
     "clients.get": (True, clients_get),

@@ -215,7 +215,24 @@ CREATE INDEX clients_live ON clients (client_id) WHERE revoked_at IS NULL;
 CREATE INDEX clients_live_by_name ON clients (name) WHERE revoked_at IS NULL;
 """
 
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V_USERS, _V_OWNER_CAPS, _V_TRAFFIC, _V_HOSTILE, _V_FLEET]
+# Rule counters carried across restarts (portunus/control/counters.py).
+_V_OPS = """
+CREATE TABLE rule_counters (
+    rule_id             INTEGER PRIMARY KEY REFERENCES rules(id) ON DELETE CASCADE,
+    carried_bytes_in    INTEGER NOT NULL DEFAULT 0,   -- counted by earlier runs
+    carried_bytes_out   INTEGER NOT NULL DEFAULT 0,
+    carried_connections INTEGER NOT NULL DEFAULT 0,
+    last_bytes_in       INTEGER NOT NULL DEFAULT 0,   -- counted by run, at the last snapshot
+    last_bytes_out      INTEGER NOT NULL DEFAULT 0,
+    last_connections    INTEGER NOT NULL DEFAULT 0,
+    run                 TEXT,                         -- PORTUNUS_RUN_ID of the counting supervisor
+    updated_at          TEXT NOT NULL
+);
+-- Per-rule idle timeout (NULL = off): connections / flows idle this long are closed.
+ALTER TABLE rules ADD COLUMN idle_timeout_secs REAL;
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V_USERS, _V_OWNER_CAPS, _V_TRAFFIC, _V_HOSTILE, _V_FLEET, _V_OPS]
 LATEST = len(MIGRATIONS)
 
 

@@ -7,6 +7,7 @@ so that a change and its audit row share the caller's transaction.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ from portunus.control.store.migrations import utc_now
 from portunus.errors import PortunusError
 from portunus.rules import Rule, Target
 
-STATES = ("pending", "active", "failed", "draining")
+STATES = ("pending", "active", "failed", "draining", "revoked")  # revoked: its client was
 
 _SELECT = (
     "SELECT r.*, c.name AS client_name FROM rules r JOIN clients c ON c.client_id = r.client_id"
@@ -50,6 +51,7 @@ class StoredRule:
             proxy_protocol=r.proxy_protocol,
             prefer_ipv6=r.prefer_ipv6,
             health_check_interval_secs=r.health_check_interval_secs,
+            idle_timeout_secs=r.idle_timeout_secs,
             rate_limit=r.rate_limit,
             owner=r.owner,
             state=self.state,
@@ -105,6 +107,7 @@ async def _hydrate(db: aiosqlite.Connection, rows: list[aiosqlite.Row]) -> list[
             rate_limit=json.loads(row["rate_limit"]) if row["rate_limit"] else None,
             health_check_interval_secs=row["health_check_interval_secs"],
             sni_fallback=bool(row["sni_fallback"]),
+            idle_timeout_secs=row["idle_timeout_secs"],
         )
         out.append(
             StoredRule(
@@ -202,7 +205,7 @@ async def insert_rule(db: aiosqlite.Connection, client_id: str, rule: Rule) -> i
     cur = await db.execute(
         "INSERT INTO rules (client_id, protocol, listen_start, listen_end, sni_pattern, "
         "proxy_protocol, prefer_ipv6, rate_limit, health_check_interval_secs, owner, state, "
-        "created_at, sni_fallback) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+        "created_at, sni_fallback, idle_timeout_secs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
         (
             client_id,
             rule.protocol,
@@ -216,6 +219,7 @@ async def insert_rule(db: aiosqlite.Connection, client_id: str, rule: Rule) -> i
             rule.owner,
             utc_now(),
             int(rule.sni_fallback),
+            rule.idle_timeout_secs,
         ),
     )
     rule_id = cur.lastrowid
@@ -245,6 +249,16 @@ async def set_rate_limit(
     await db.execute(
         "UPDATE rules SET rate_limit = ? WHERE id = ?",
         (json.dumps(rate_limit) if rate_limit else None, rule_id),
+    )
+
+
+async def set_targets(db: aiosqlite.Connection, rule_id: int, targets: Sequence[Target]) -> None:
+    """Replace a rule's targets (an update in place: same id, same listener)."""
+    await db.execute("DELETE FROM rule_targets WHERE rule_id = ?", (rule_id,))
+    await db.executemany(
+        "INSERT INTO rule_targets (rule_id, position, host, port, port_end, priority, "
+        "proxy_protocol) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(rule_id, i, t.host, t.port, t.port_end, t.priority, t.proxy_protocol) for i, t in enumerate(targets)],
     )
 
 

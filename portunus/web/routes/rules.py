@@ -7,6 +7,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from portunus.errors import ValidationError
 from portunus.web import sse
 from portunus.web.routes.bodies import read_json
 from portunus.web.routes.common import (
@@ -55,7 +56,11 @@ async def update_rule(request: Request) -> Response:
     bearer_token(request)
     ident = rule_id(request)
     body = await read_json(request, "RuleUpdate")
-    return JSONResponse(await call(request, "rules.update", {"id": ident, "rate_limit": body["rate_limit"]}))
+    params = {k: body[k] for k in ("rate_limit", "targets") if k in body}
+    if not params:
+        raise ValidationError("validation.rate_limit", "give rate_limit and/or targets to change",
+                              field="rate_limit")
+    return JSONResponse(await call(request, "rules.update", {"id": ident, **params}))
 
 
 @endpoint

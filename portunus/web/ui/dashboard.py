@@ -16,7 +16,7 @@ from portunus.web.ui.base import Identity, page
 from portunus.web.ui.charts import traffic_chart
 from portunus.web.ui.render import render
 
-STATES = ("active", "pending", "failed", "draining")
+STATES = ("active", "pending", "failed", "draining", "revoked")
 TOP = 8
 FAILED_SHOWN = 20
 OFFLINE_SHOWN = 10

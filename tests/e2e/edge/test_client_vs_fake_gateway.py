@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ def test_enroll_push_forward_and_report(gateway: ThreadedFakeServer, clients: Cl
     client.wait_connected()
     hello = gateway.call_fn(lambda: gateway.server.clients["01HEDGE01"].hellos[0])
     assert hello["capabilities"] == ["tcp", "udp", "range", "sni", "proxy_protocol", "dns", "failover", "rate_limit",
-                                     "quiet_link"]
+                                     "idle_timeout", "quiet_link"]
     o: Origin = origin(echo)
     port = ports.port()
     ack = push(gateway, "01HEDGE01", [rule("11", port, o.port)])
@@ -88,7 +89,7 @@ def test_capability_switched_off_is_not_advertised(gateway: ThreadedFakeServer, 
     client = clients(bundle, extra=["--disable-capability", "sni", "--disable-capability", "udp"])
     client.wait_connected()
     hello = gateway.call_fn(lambda: gateway.server.clients["01HEDGE01"].hellos[0])
-    assert hello["capabilities"] == ["tcp", "range", "proxy_protocol", "dns", "failover", "rate_limit", "quiet_link"]
+    assert hello["capabilities"] == ["tcp", "range", "proxy_protocol", "dns", "failover", "rate_limit", "idle_timeout", "quiet_link"]
 
 
 def test_server_gone_client_restarts_then_reconciles(gateway: ThreadedFakeServer, clients: ClientFactory,
@@ -145,6 +146,11 @@ def test_revoked_client_exits_and_stays_down(gateway: ThreadedFakeServer, client
     assert "revoked" in text and "portunus-client enroll" in text
     # The supervisor's own halt line says why too, not "configuration or schema problem".
     assert "configuration or schema" not in text and "revoked this client" in text, text
+    # Every exit code the log states is the one the process exits with.
+    stated = {rec["exit_code"] for rec in client.logs() if "exit_code" in rec}
+    assert stated == {4}, stated
+    halt = client.wait_log("supervisor.halt")
+    assert halt["child"] == "link" and halt["exit_code"] == 4
     assert client.cached_rules() == []
     again = clients(bundle, name="after-revoke", ready=False, data_dir=client.data_dir)
     assert again.wait_exit(10) == 4
@@ -177,3 +183,20 @@ def test_used_or_expired_code_is_refused(gateway: ThreadedFakeServer, tmp_path: 
     res = enroll(gateway.server.uri(code), tmp_path / "b.json")
     assert res.returncode == 1 and "enrollment_invalid" in res.stderr
     assert ("already used" if why == "used" else "expired") in res.stderr
+
+
+def test_busy_metrics_port_fails_the_start(gateway: ThreadedFakeServer, clients: ClientFactory,
+                                           tmp_path: Path) -> None:
+    """The client binds /metrics before it forks: a taken --metrics-listen ends the
+    start with 73 and the flag to change, instead of a metrics child respawned forever."""
+    bundle = enrolled(gateway, tmp_path)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        client = clients(bundle, ready=False, extra=["--metrics-listen", f"127.0.0.1:{taken}"])
+        code = client.wait_exit(15)
+    assert code == 73, client.stderr_tail()
+    line = next(ln for ln in client.stderr_text().splitlines() if ln.startswith("error: listen_failed:"))
+    assert f"127.0.0.1:{taken}" in line and "--metrics-listen" in line, line
+    assert client.events("supervisor.ready") == []

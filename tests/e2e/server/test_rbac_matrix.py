@@ -98,10 +98,19 @@ OPS: list[Op] = [
     Op(
         "update-rule",
         ("rule",),
-        None,
+        ("update-rule", "{rule}", "--target", "127.0.0.1:10"),
         ("PUT", "/v1/rules/{rule}", {"rate_limit": {"concurrent_connections": 9}}),
         OWNED,
     ),
+    Op(
+        "update-rule-targets",
+        ("rule",),
+        None,
+        ("PUT", "/v1/rules/{rule}", {"targets": [{"host": "127.0.0.1", "port": 10}]}),
+        OWNED,
+    ),
+    # retry-rule has no HTTP route (RPC rules.retry only)
+    Op("retry-rule", ("rule",), ("retry-rule", "{rule}"), None, OWNED),
     Op(
         "rule-stats",
         ("rule",),
@@ -378,4 +387,4 @@ def test_matrix_covers_every_route_and_user_verb() -> None:
     assert {"user-add", "user-list", "user-remove", "user-passwd", "token-issue", "token-list", "token-revoke",
             "grant-add", "grant-list", "grant-revoke", "push-rule", "remove-rule", "rule-stats", "list-rules",
             "list-clients", "enroll-client", "rename-client", "revoke", "delete-client", "audit",
-            "owner-cap"} <= verbs
+            "owner-cap", "update-rule", "retry-rule"} <= verbs

@@ -298,7 +298,7 @@ def test_upgrade_in_place_and_backup_restore_keep_users(
         "INSERT INTO rule_targets (rule_id, position, host, port, priority) VALUES (1, 0, '127.0.0.1', 9, 1)"
     )
     conn.close()
-    srv.db_path.chmod(0o600)  # as Portunus creates it: serve refuses a world-readable state.db
+    srv.db_path.chmod(0o600)  # as Portunus creates it: serve refuses a state.db others can read
     srv.start()
     srv.wait_ready()
     w = make_world(srv, ports)

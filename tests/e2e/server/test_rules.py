@@ -31,7 +31,7 @@ from tests.e2e.support import (
 RULE_KEYS = {
     "id", "client", "client_id", "protocol", "listen_port", "targets", "sni_pattern", "proxy_protocol",
     "prefer_ipv6", "health_check_interval_secs", "rate_limit", "owner", "state", "failure_reason",
-    "created_at",
+    "created_at", "idle_timeout_secs",
 }
 STATS_KEYS = {"id", "bytes_in", "bytes_out", "connections_total", "active_connections"}
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")

@@ -123,3 +123,35 @@ def test_invalid_reload_changes_nothing(standalone, origin, ports) -> None:  # t
     finally:
         open_conn.close()
     assert proc.alive()
+
+
+def test_rule_changing_relay_path_keeps_open_connections(standalone, origin, ports) -> None:  # type: ignore[no-untyped-def]
+    """A plain rule (native relay where built) gains a rate limit (Python relay) and
+    loses it again: open connections carry on across both switches on the path they
+    started on, and new connections are served on the new path each time."""
+    o = origin(echo)
+    port = ports.port()
+    plain = {"name": "switch", "listen_port": port, "target": o.address}
+    capped = {**plain, "rate_limit": {"concurrent_connections": 100}}
+    proc = standalone([plain], shards=1)
+    first = connect(port)
+    second = None
+    try:
+        assert roundtrip_on(first, b"plain\n") == b"plain\n"
+        proc.write_config(rules=[capped])
+        proc.reload("config.reloaded")
+        second = connect(port)
+        assert roundtrip_on(second, b"capped\n") == b"capped\n"
+        assert roundtrip_on(first, b"still plain\n") == b"still plain\n"
+        proc.write_config(rules=[plain])
+        proc.reload("config.reloaded")
+        assert echo_roundtrip(port)
+        assert roundtrip_on(first, b"first\n") == b"first\n"
+        assert roundtrip_on(second, b"second\n") == b"second\n"
+        big = bytes(range(256)) * 1024  # 256 KiB: past the copy-first bytes on both paths
+        assert roundtrip_on(first, big) == big and roundtrip_on(second, big) == big
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
+    assert proc.alive()

@@ -25,11 +25,18 @@ VENV_BIN = Path(sys.executable).parent
 _SYSTEMD_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
+# Data-plane switches the suite is run under on purpose (make test-python-relay runs the
+# end-to-end tests with PORTUNUS_NATIVE=0): passed on to the processes under test.
+_PASS_THROUGH = ("PORTUNUS_NATIVE", "PORTUNUS_SPLICE_AFTER")
+
+
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """``os.environ`` without systemd's notify/watchdog variables and without any
     inherited ``PORTUNUS_*`` setting (a runtime dir, token, data dir or log format
-    of the shell running the tests), then ``extra``: what the test means to set."""
-    env = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_VARS and not k.startswith("PORTUNUS_")}
+    of the shell running the tests) except the relay switches in ``_PASS_THROUGH``,
+    then ``extra``: what the test means to set."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in _SYSTEMD_VARS and (not k.startswith("PORTUNUS_") or k in _PASS_THROUGH)}
     env.update(extra or {})
     return env
 

@@ -40,8 +40,9 @@ async def test_fresh_database_gets_every_migration(tmp_path: Path) -> None:
                 assert [tuple(r) for r in await cur.fetchall()] == [("operator", "superadmin")]
     finally:
         await store.close()
-    assert _version(db) == LATEST == len(migrations.MIGRATIONS)
-    assert {"clients", "rules", "rule_targets", "users", "tokens", "audit", "schema_version"} <= _tables(db)
+    assert _version(db) == LATEST == len(migrations.MIGRATIONS) == 10
+    assert {"clients", "rules", "rule_targets", "users", "tokens", "audit", "schema_version",
+            "rule_counters"} <= _tables(db)
 
 
 async def test_upgrade_from_v1_keeps_data(tmp_path: Path) -> None:

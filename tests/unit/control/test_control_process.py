@@ -114,6 +114,8 @@ def test_sync_push_and_sigterm(control: Control) -> None:
     wait_until(lambda: os.path.exists(control.sock_path))
     assert control.call("health") == {"status": "ok"}
     assert control.call("auth.whoami")["user"] == "operator"
+    (up,) = read_frames(control.chan, 1)
+    assert up == {"type": "up"}, "control says up once its socket and gateway serve"
 
     result: dict[str, Any] = {}
 

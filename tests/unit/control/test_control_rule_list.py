@@ -29,7 +29,7 @@ async def test_paging_and_filters(harness: Any) -> None:
     assert "total" not in await harness.call("rules.list")  # the contract's shape without a limit
     counts = await harness.call("rules.counts")
     assert counts == {
-        "by_state": {"pending": 0, "active": 7, "failed": 0, "draining": 0},
+        "by_state": {"pending": 0, "active": 7, "failed": 0, "draining": 0, "revoked": 0},
         "total": 7,
     }
 

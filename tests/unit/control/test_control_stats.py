@@ -154,7 +154,7 @@ def test_rule_state_gauge(tmp_path: Path) -> None:
         )
 
     run("pending", "active")
-    assert read_state(tmp_path) == {"pending": 0.0, "active": 1.0, "failed": 0.0, "draining": 0.0}
+    assert read_state(tmp_path) == {"pending": 0.0, "active": 1.0, "failed": 0.0, "draining": 0.0, "revoked": 0.0}
     assert any(p.name.startswith("gauge_livemostrecent_") for p in tmp_path.iterdir())
     run("draining", "gone")  # a second control pid: the newest values win
-    assert read_state(tmp_path) == {"pending": 0.0, "active": 0.0, "failed": 0.0, "draining": 0.0}
+    assert read_state(tmp_path) == {"pending": 0.0, "active": 0.0, "failed": 0.0, "draining": 0.0, "revoked": 0.0}

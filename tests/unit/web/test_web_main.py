@@ -138,7 +138,7 @@ async def test_taken_port_exits_with_boot_error_naming_the_key(short_dir: str, s
         addr = f"127.0.0.1:{taken.getsockname()[1]}"
         proc = WebProcess(short_dir, f"127.0.0.1:{free_port()}", addr)
         spawn.append(proc)
-        assert await proc.wait_exit(20) == 3
+        assert await proc.wait_exit(20) == 73  # ChildExit.LISTEN_FAILED
     log = proc.log()
     assert "metrics_listen" in log
     assert addr in log

@@ -206,7 +206,7 @@ async def test_update_takes_only_rate_limit(api: httpx.AsyncClient, fake: FakeCo
     assert r.status_code == 400
     err = r.json()["error"]
     assert (err["code"], err["field"]) == ("validation.immutable_field", "listen_port")
-    assert "only rate_limit" in err["message"]
+    assert "only rate_limit and targets" in err["message"]
     r = await api.put("/v1/rules/7", json={}, headers=AUTH)
     assert r.json()["error"]["code"] == "validation.rate_limit"
     assert len(fake.calls("rules.update")) == 2

@@ -18,6 +18,7 @@ from portunus.control.edge.cert import ensure_server_cert
 from portunus.control.edge.gateway import EdgeGateway
 from portunus.control.edge.remote_link import RemoteLink
 from portunus.control.main import start_gateway
+from portunus.exitcodes import ChildExit
 
 from ..conftest import free_port, spawn_control
 from .conftest import FakeEdge, uri_parts
@@ -93,21 +94,23 @@ async def test_gateway_serves_in_the_control_process(short_dir: Path, children: 
     assert enrolled["token"] not in json.dumps(logs)
 
 
-async def test_taken_control_listen_keeps_the_control_plane(short_dir: Path, children: list[Child]) -> None:
+async def test_taken_control_listen_is_fatal_to_control(short_dir: Path, children: list[Child]) -> None:
+    """Run without a socket from the supervisor, control binds control_listen itself;
+    a taken address is logged naming the key and control exits LISTEN_FAILED (73),
+    which the supervisor's policy turns into a halt instead of a respawn loop."""
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         port = squatter.getsockname()[1]
         child = Child(short_dir, port)
         children.append(child)
-        client = await child.wait_ready()
-        assert await client.call("health") == {"status": "ok"}
-        rule = await client.call("rules.list")
-        assert rule == {"rules": []}
+        assert child.proc.wait(timeout=20) == ChildExit.LISTEN_FAILED
         logs = child.stop()
     failed = [x for x in logs if x["event"] == "edge.gateway_bind_failed"]
     assert failed and failed[0]["level"] == "error"
     assert failed[0]["control_listen"] == f"127.0.0.1:{port}"
+    assert "control_listen" in failed[0]["hint"]
+    assert not any(x["event"] == "control.ready" for x in logs)
 
 
 async def test_start_gateway_reports_a_bind_failure(tmp_path: Path, capfd: Any) -> None:

@@ -1,0 +1,515 @@
+/* Native relay for plain TCP connections: the Python type (this file), the
+ * byte moving (relay_io.c), native accept/connect (relay_connect.c), relay.h.
+ *
+ * A shard hands a connected (client, upstream) pair of non-blocking fds to a
+ * Relay, which owns them from then on: both live in the relay's own
+ * edge-triggered epoll set, and the shard's uvloop loop watches that one epoll
+ * fd (Relay.fileno()) and calls Relay.poll() when it is readable.  poll() moves
+ * the bytes without entering the interpreter per event and returns a batch of
+ * reports for Python: byte counts (every 64 KiB of a direction and at close)
+ * and closes, so the Prometheus counters stay in Python.
+ *
+ * Each direction copies its first `splice_after` bytes through one shared
+ * buffer (recv/send) and then splices through a pipe from a pool: for a short
+ * connection two splices and a pipe cost more than two copies.  Bytes the
+ * destination does not take are held (copy) or left in the pipe (splice) and
+ * the source is not read until they are delivered (backpressure).  EOF on one
+ * side is passed on as shutdown(SHUT_WR) once everything before it was
+ * delivered; the connection closes when both directions are done or on the
+ * first error.
+ */
+#include "relay.h"
+
+/* ------------------------------------------------------------- Python type */
+
+static int Relay_init(Relay *self, PyObject *args, PyObject *kwds) {
+    static char *kw[] = {"splice_after", "bufsize", NULL};
+    long long splice_after = 16 * 1024;
+    Py_ssize_t bufsize = 64 * 1024;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|Ln", kw, &splice_after, &bufsize)) return -1;
+    if (bufsize < 1024 || splice_after < 0) {
+        PyErr_SetString(PyExc_ValueError, "bufsize >= 1024 and splice_after >= 0");
+        return -1;
+    }
+    if (self->ep >= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "Relay already initialised");
+        return -1;
+    }
+    self->ep = epoll_create1(EPOLL_CLOEXEC);
+    if (self->ep < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    self->buf = malloc((size_t)bufsize);
+    self->pool = malloc(2 * POOL_LIMIT * sizeof(int));
+    if (self->buf == NULL || self->pool == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->bufsize = (size_t)bufsize;
+    self->splice_after = splice_after;
+    self->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (self->tfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    self->tend.kind = END_TIMER;
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &self->tend};
+    if (epoll_ctl(self->ep, EPOLL_CTL_ADD, self->tfd, &ev) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    Relay *self = (Relay *)type->tp_alloc(type, 0);
+    if (self != NULL) self->ep = self->tfd = -1;
+    return (PyObject *)self;
+}
+
+static void close_all(Relay *r) {
+    for (Py_ssize_t i = 0; i < r->nslots; i++)
+        if (r->slots[i]) conn_close(r, r->slots[i], 0);
+}
+
+static void drop_listener(Relay *r, Py_ssize_t h) {
+    Listener *l = r->lsts[h];
+    r->lsts[h] = NULL;
+    if (l->listening) epoll_ctl(r->ep, EPOLL_CTL_DEL, l->lfd, NULL);
+    l->listening = 0;
+    listener_unref(l);
+}
+
+static void Relay_dealloc(Relay *self) {
+    close_all(self);
+    free_dead(self);
+    for (Py_ssize_t i = 0; i < self->nlsts; i++)
+        if (self->lsts[i]) drop_listener(self, i);
+    free(self->lsts);
+    if (self->tfd >= 0) close(self->tfd);
+    for (int i = 0; i < 2 * self->pool_n; i++) close(self->pool[i]);
+    if (self->ep >= 0) close(self->ep);
+    free(self->buf);
+    free(self->pool);
+    free(self->slots);
+    free(self->free_ids);
+    free(self->again);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int check(Relay *self) {
+    if (self->ep < 0) {
+        PyErr_SetString(PyExc_ValueError, "Relay is closed");
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(add_doc, "add(client_fd, upstream_fd, token) -> handle\n\n"
+             "Take ownership of two connected non-blocking sockets and relay between them.\n"
+             "On failure (OSError) the fds are still the caller's.");
+
+static PyObject *Relay_add(Relay *self, PyObject *args) {
+    int cfd, ufd;
+    PyObject *token;
+    if (!PyArg_ParseTuple(args, "iiO", &cfd, &ufd, &token)) return NULL;
+    if (check(self) < 0) return NULL;
+    if (cfd < 0 || ufd < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative fd");
+        return NULL;
+    }
+    Conn *c = conn_new(self, cfd);
+    if (c == NULL) return PyErr_NoMemory();
+    c->fd[1] = ufd;
+    for (int i = 0; i < 2; i++) {
+        if (watch(self, c, i) < 0) {
+            int e = errno;
+            if (i == 1) epoll_ctl(self->ep, EPOLL_CTL_DEL, cfd, NULL);
+            self->slots[c->handle] = NULL;
+            self->free_ids[self->nfree++] = c->handle;
+            self->live--;
+            free(c);
+            errno = e;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+    }
+    Py_INCREF(token);
+    c->token = token;
+    return PyLong_FromSsize_t(c->handle);
+}
+
+PyDoc_STRVAR(close_doc, "close(handle) -> (bytes_in, bytes_out)\n\n"
+             "Close a connection now (both fds); returns the bytes not yet reported.");
+
+static PyObject *Relay_close(Relay *self, PyObject *arg) {
+    Py_ssize_t h = PyLong_AsSsize_t(arg);
+    if (h == -1 && PyErr_Occurred()) return NULL;
+    if (h < 0 || h >= self->nslots || self->slots[h] == NULL) {
+        PyErr_SetString(PyExc_KeyError, "no such connection");
+        return NULL;
+    }
+    Conn *c = self->slots[h];
+    long long din = c->dir[0].unflushed, dout = c->dir[1].unflushed;
+    c->dir[0].unflushed = c->dir[1].unflushed = 0;
+    conn_close(self, c, 0);
+    return Py_BuildValue("(LL)", din, dout);
+}
+
+PyDoc_STRVAR(poll_doc, "poll() -> (reports, listener_reports, more)\n\n"
+             "Handle what is ready; reports are (token, bytes_in, bytes_out, closed, errno),\n"
+             "listener_reports (token, opened, closed, bytes_in, bytes_out, connect_failures,\n"
+             "ok_per_target, failed_per_target, last_errno_per_target, live, accept_errno).\n"
+             "more: some connection yielded after a burst; call poll() again soon.");
+
+static void handle_event(Relay *r, struct epoll_event *ev) {
+    End *e = ev->data.ptr;
+    if (e->kind == END_LISTENER) {
+        if (e->lst->listening && !e->lst->paused) on_accept(r, e->lst);
+        return;
+    }
+    if (e->kind == END_TIMER) {
+        on_tick(r);
+        return;
+    }
+    Conn *c = e->conn;
+    if (c->closed) return;
+    int i = e->side;
+    uint32_t m = ev->events;
+    if (c->connecting) {
+        /* Until the target answers only remember what the client did. */
+        if (i == 0) {
+            if (m & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) c->dir[0].ready = 1;
+            if (m & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) c->dir[0].hup = 1;
+        } else if (m & (EPOLLOUT | EPOLLHUP | EPOLLERR)) {
+            if (m & EPOLLIN) c->dir[1].ready = 1; /* the target spoke first */
+            if (m & EPOLLRDHUP) c->dir[1].hup = 1;
+            on_upstream_connect(r, c);
+        }
+        return;
+    }
+    if (m & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
+        Dir *x = &c->dir[i];
+        x->ready = 1;
+        if (m & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) x->hup = 1;
+        if (!x->writing) pump(r, c, i);
+    }
+    if (!c->closed && (m & (EPOLLOUT | EPOLLHUP | EPOLLERR)) && c->dir[1 - i].writing)
+        on_writable(r, c, 1 - i);
+}
+
+/* (token, opened, closed, bytes_in, bytes_out, connect_failures, ok, fail, live, accept_errno) */
+static PyObject *listener_report(Listener *l) {
+    PyObject *ok = PyTuple_New(l->ntargets), *fail = PyTuple_New(l->ntargets), *errs = PyTuple_New(l->ntargets);
+    if (ok == NULL || fail == NULL || errs == NULL) {
+        Py_XDECREF(ok);
+        Py_XDECREF(fail);
+        Py_XDECREF(errs);
+        return NULL;
+    }
+    for (int i = 0; i < l->ntargets; i++) {
+        PyTuple_SET_ITEM(ok, i, PyLong_FromLongLong(l->ok[i]));
+        PyTuple_SET_ITEM(fail, i, PyLong_FromLongLong(l->fail[i]));
+        PyTuple_SET_ITEM(errs, i, PyLong_FromLong(l->last_err[i]));
+        l->ok[i] = l->fail[i] = 0;
+    }
+    PyObject *t = Py_BuildValue("(OLLLLLNNNLi)", l->token, l->opened, l->closed, l->bytes_in, l->bytes_out,
+                                l->connect_failures, ok, fail, errs, l->live, l->accept_errno);
+    l->opened = l->closed = l->bytes_in = l->bytes_out = l->connect_failures = 0;
+    l->accept_errno = 0;
+    l->dirty = 0;
+    return t;
+}
+
+static PyObject *Relay_poll(Relay *self, PyObject *noargs) {
+    if (check(self) < 0) return NULL;
+    PyObject *reports = PyList_New(0);
+    if (reports == NULL) return NULL;
+    self->reports = reports;
+    self->report_failed = 0;
+    self->in_poll = 1;
+    /* Directions that yielded after a burst last time go first. */
+    Py_ssize_t n_again = self->nagain;
+    if (n_again) {
+        Conn **todo = malloc((size_t)n_again * sizeof(Conn *));
+        if (todo != NULL) {
+            memcpy(todo, self->again, (size_t)n_again * sizeof(Conn *));
+            self->nagain = 0;
+            for (Py_ssize_t i = 0; i < n_again; i++) {
+                Conn *c = todo[i];
+                if (c == NULL || c->closed) continue;
+                for (int d = 0; d < 2; d++) {
+                    if (!c->dir[d].again) continue;
+                    c->dir[d].again = 0;
+                    pump(self, c, d);
+                }
+            }
+            free(todo);
+        }
+    }
+    struct epoll_event evs[MAX_EVENTS];
+    int n = epoll_wait(self->ep, evs, MAX_EVENTS, 0);
+    for (int i = 0; i < n; i++) handle_event(self, &evs[i]);
+    self->in_poll = 0;
+    free_dead(self);
+    self->reports = NULL;
+    if (self->report_failed) {
+        Py_DECREF(reports);
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        return NULL;
+    }
+    PyObject *lreports = PyList_New(0);
+    if (lreports == NULL) {
+        Py_DECREF(reports);
+        return NULL;
+    }
+    /* Listeners no longer registered may still have connections (and counts). */
+    for (Py_ssize_t i = 0; i < self->nlsts; i++) {
+        Listener *l = self->lsts[i];
+        if (l == NULL || !l->dirty) continue;
+        PyObject *t = listener_report(l);
+        if (t == NULL || PyList_Append(lreports, t) < 0) {
+            Py_XDECREF(t);
+            Py_DECREF(reports);
+            Py_DECREF(lreports);
+            return NULL;
+        }
+        Py_DECREF(t);
+    }
+    return Py_BuildValue("(NNO)", reports, lreports, (self->nagain || n == MAX_EVENTS) ? Py_True : Py_False);
+}
+
+/* [(ip, port, target_index), ...] -> Cands (new reference count 1) */
+static Cands *parse_cands(PyObject *seq, int ntargets) {
+    PyObject *fast = PySequence_Fast(seq, "candidates must be a sequence");
+    if (fast == NULL) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    Cands *cs = calloc(1, sizeof(Cands) + (size_t)n * sizeof(Cand));
+    if (cs == NULL) {
+        Py_DECREF(fast);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    cs->refs = 1;
+    cs->n = (int)n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const char *ip;
+        int port, target;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "sii", &ip, &port, &target)) goto fail;
+        if (port <= 0 || port > 65535 || target < 0 || target >= ntargets) {
+            PyErr_SetString(PyExc_ValueError, "candidate port or target index out of range");
+            goto fail;
+        }
+        Cand *cd = &cs->c[i];
+        cd->target = target;
+        struct sockaddr_in *a4 = (struct sockaddr_in *)&cd->addr;
+        struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&cd->addr;
+        if (inet_pton(AF_INET, ip, &a4->sin_addr) == 1) {
+            a4->sin_family = cd->family = AF_INET;
+            a4->sin_port = htons((uint16_t)port);
+            cd->len = sizeof *a4;
+        } else if (inet_pton(AF_INET6, ip, &a6->sin6_addr) == 1) {
+            a6->sin6_family = cd->family = AF_INET6;
+            a6->sin6_port = htons((uint16_t)port);
+            cd->len = sizeof *a6;
+        } else {
+            PyErr_Format(PyExc_ValueError, "not an IP address: %s", ip);
+            goto fail;
+        }
+    }
+    Py_DECREF(fast);
+    return cs;
+fail:
+    Py_DECREF(fast);
+    free(cs);
+    return NULL;
+}
+
+static Listener *get_listener(Relay *self, PyObject *arg) {
+    Py_ssize_t h = PyLong_AsSsize_t(arg);
+    if (h == -1 && PyErr_Occurred()) return NULL;
+    if (h < 0 || h >= self->nlsts || self->lsts[h] == NULL) {
+        PyErr_SetString(PyExc_KeyError, "no such listener");
+        return NULL;
+    }
+    return self->lsts[h];
+}
+
+PyDoc_STRVAR(listen_doc, "listen(listen_fd, token, ntargets, candidates, connect_timeout) -> handle\n\n"
+             "Accept on a listening socket (still the caller's) and relay each connection to the\n"
+             "first candidate (ip, port, target_index) that accepts, within connect_timeout s each.");
+
+static PyObject *Relay_listen(Relay *self, PyObject *args) {
+    int lfd, ntargets;
+    PyObject *token, *seq;
+    double timeout;
+    if (!PyArg_ParseTuple(args, "iOiOd", &lfd, &token, &ntargets, &seq, &timeout)) return NULL;
+    if (check(self) < 0) return NULL;
+    if (lfd < 0 || ntargets < 1 || ntargets > 4096 || !(timeout > 0)) {
+        PyErr_SetString(PyExc_ValueError, "bad listen fd, target count or timeout");
+        return NULL;
+    }
+    Cands *cs = parse_cands(seq, ntargets);
+    if (cs == NULL) return NULL;
+    Listener *l = calloc(1, sizeof(Listener));
+    long long *ok = calloc((size_t)ntargets, sizeof(long long)), *fail = calloc((size_t)ntargets, sizeof(long long));
+    int *last_err = calloc((size_t)ntargets, sizeof(int));
+    Py_ssize_t h = 0;
+    while (h < self->nlsts && self->lsts[h] != NULL) h++;
+    if (h == self->nlsts) {
+        Listener **n = realloc(self->lsts, (size_t)(self->nlsts + 1) * sizeof(Listener *));
+        if (n != NULL) {
+            self->lsts = n;
+            self->lsts[self->nlsts++] = NULL;
+        }
+    }
+    if (l == NULL || ok == NULL || fail == NULL || last_err == NULL || h == self->nlsts) {
+        free(l);
+        free(ok);
+        free(fail);
+        free(last_err);
+        cands_unref(cs);
+        return PyErr_NoMemory();
+    }
+    l->lfd = lfd;
+    l->handle = h;
+    l->cands = cs;
+    l->ntargets = ntargets;
+    l->ok = ok;
+    l->fail = fail;
+    l->last_err = last_err;
+    l->timeout_ms = (long long)(timeout * 1000);
+    l->end.kind = END_LISTENER;
+    l->end.lst = l;
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &l->end};
+    if (epoll_ctl(self->ep, EPOLL_CTL_ADD, lfd, &ev) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        free(l);
+        free(ok);
+        free(fail);
+        free(last_err);
+        cands_unref(cs);
+        return NULL;
+    }
+    Py_INCREF(token);
+    l->token = token;
+    l->listening = 1;
+    l->refs = 1;
+    self->lsts[h] = l;
+    return PyLong_FromSsize_t(h);
+}
+
+static PyObject *Relay_set_candidates(Relay *self, PyObject *args) {
+    PyObject *hobj, *seq;
+    if (!PyArg_ParseTuple(args, "OO", &hobj, &seq)) return NULL;
+    Listener *l = get_listener(self, hobj);
+    if (l == NULL) return NULL;
+    Cands *cs = parse_cands(seq, l->ntargets);
+    if (cs == NULL) return NULL;
+    cands_unref(l->cands); /* connections in progress keep theirs */
+    l->cands = cs;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Relay_unlisten(Relay *self, PyObject *arg) {
+    Listener *l = get_listener(self, arg);
+    if (l == NULL) return NULL;
+    if (l->listening) {
+        epoll_ctl(self->ep, EPOLL_CTL_DEL, l->lfd, NULL);
+        l->listening = 0;
+        l->paused = 0;
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(close_listener_doc, "close_listener(handle) -> listener report\n\n"
+             "Close every connection the listener accepted; returns its counts not yet reported.");
+
+static PyObject *Relay_close_listener(Relay *self, PyObject *arg) {
+    Listener *l = get_listener(self, arg);
+    if (l == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < self->nslots; i++) {
+        Conn *c = self->slots[i];
+        if (c != NULL && c->lst == l) conn_close(self, c, 0);
+    }
+    return listener_report(l);
+}
+
+PyDoc_STRVAR(forget_listener_doc, "forget_listener(handle) -> listener report\n\n"
+             "Stop accepting and drop the listener once its last connection closed (live == 0).");
+
+static PyObject *Relay_forget_listener(Relay *self, PyObject *arg) {
+    Listener *l = get_listener(self, arg);
+    if (l == NULL) return NULL;
+    if (l->live) {
+        PyErr_SetString(PyExc_ValueError, "listener still has connections");
+        return NULL;
+    }
+    PyObject *t = listener_report(l);
+    if (t != NULL) drop_listener(self, l->handle);
+    return t;
+}
+
+static PyObject *Relay_fileno(Relay *self, PyObject *noargs) {
+    if (check(self) < 0) return NULL;
+    return PyLong_FromLong(self->ep);
+}
+
+static PyObject *Relay_close_all(Relay *self, PyObject *noargs) {
+    close_all(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Relay_len(Relay *self, void *closure) { return PyLong_FromSsize_t(self->live); }
+static PyObject *Relay_pipe_failures(Relay *self, void *closure) { return PyLong_FromLong(self->pipe_failures); }
+static PyObject *Relay_pooled_pipes(Relay *self, void *closure) { return PyLong_FromLong(self->pool_n); }
+
+static PyMethodDef Relay_methods[] = {
+    {"add", (PyCFunction)Relay_add, METH_VARARGS, add_doc},
+    {"close", (PyCFunction)Relay_close, METH_O, close_doc},
+    {"poll", (PyCFunction)Relay_poll, METH_NOARGS, poll_doc},
+    {"listen", (PyCFunction)Relay_listen, METH_VARARGS, listen_doc},
+    {"set_candidates", (PyCFunction)Relay_set_candidates, METH_VARARGS, "set_candidates(handle, candidates)"},
+    {"unlisten", (PyCFunction)Relay_unlisten, METH_O, "unlisten(handle): stop accepting; connections carry on."},
+    {"close_listener", (PyCFunction)Relay_close_listener, METH_O, close_listener_doc},
+    {"forget_listener", (PyCFunction)Relay_forget_listener, METH_O, forget_listener_doc},
+    {"fileno", (PyCFunction)Relay_fileno, METH_NOARGS, "The relay's epoll fd, for the loop's add_reader."},
+    {"close_all", (PyCFunction)Relay_close_all, METH_NOARGS, "Close every connection (no reports)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Relay_getset[] = {
+    {"live", (getter)Relay_len, NULL, "open connections", NULL},
+    {"pipe_failures", (getter)Relay_pipe_failures, NULL, "pipe2() refusals (EMFILE/ENFILE)", NULL},
+    {"pooled_pipes", (getter)Relay_pooled_pipes, NULL, "drained pipes kept for reuse", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject RelayType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "portunus.shard._relay.Relay",
+    .tp_basicsize = sizeof(Relay),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Relays plain TCP connections in native code (see the module source).",
+    .tp_new = Relay_new,
+    .tp_init = (initproc)Relay_init,
+    .tp_dealloc = (destructor)Relay_dealloc,
+    .tp_methods = Relay_methods,
+    .tp_getset = Relay_getset,
+};
+
+static struct PyModuleDef relaymodule = {
+    PyModuleDef_HEAD_INIT, "_relay", "Native relay for plain TCP connections.", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__relay(void) {
+    if (PyType_Ready(&RelayType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&relaymodule);
+    if (m == NULL) return NULL;
+    Py_INCREF(&RelayType);
+    if (PyModule_AddObject(m, "Relay", (PyObject *)&RelayType) < 0) {
+        Py_DECREF(&RelayType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,184 @@
+"""Rule routing half of the supervisor: rules from the source, bindings, and what
+every shard must be told (``Supervisor`` in arbiter.py mixes it in).
+
+``RuleBook`` (rulebook.py) decides what is bound; this fans the resulting deltas
+out to the shards in the order that keeps them consistent, answers the rule
+source, retries failed rules (retry.py) and hands reloaded settings to children.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from portunus.logs import log_event
+from portunus.rules import Rule
+from portunus.supervisor.children import Child
+from portunus.supervisor.framing import MAX_FDS_PER_FRAME
+from portunus.supervisor.listeners import ListenerTable
+from portunus.supervisor.notify import Notifier
+from portunus.supervisor.retry import RetrySchedule
+from portunus.supervisor.rulebook import Delta, RuleBook
+
+
+class RuleRouter:
+    """Rules and settings to children; state lives on the ``Supervisor`` instance."""
+
+    services: list[Child]
+    shards: list[Child]
+    listeners: ListenerTable
+    book: RuleBook
+    retries: RetrySchedule
+    notifier: Notifier
+    pending_drain: dict[str, set[int]]
+    owner_caps: dict[str, Any]  # {owner: rate_limit}: the node's owner caps
+    rule_child: str | None
+    shard_settings: dict[str, Any]
+    drain_secs: float
+    stopping: bool
+
+    if TYPE_CHECKING:  # provided by the other half of Supervisor
+
+        def send(self, child: Child, msg: dict[str, Any], fds: list[int] | None = None) -> None: ...
+
+        def status_line(self) -> str: ...
+
+    def on_shard_message(self, shard: Child, msg: dict[str, Any]) -> None:
+        kind = msg.get("type")
+        shard.last_heartbeat = time.monotonic()
+        if kind == "ready":
+            shard.ready = shard.up = True
+        elif kind == "drained":
+            for rid in msg.get("ids", []):
+                waiting = self.pending_drain.get(str(rid))
+                if waiting is not None:
+                    waiting.discard(shard.index)
+            self._finish_drains()
+
+    def on_source_message(self, child: Child, msg: dict[str, Any]) -> None:
+        kind = msg.get("type")
+        unknown: list[str] = []
+        if kind == "apply":
+            upsert = [Rule.from_wire(w) for w in msg.get("upsert", [])]
+            remove = [str(r) for r in msg.get("remove", [])]
+            # Nothing to drain for a rule we never bound (e.g. one that failed): say so now.
+            unknown = [rid for rid in remove if rid not in self.book.rules]
+            results, delta = self.book.apply(upsert, remove)
+            for rule in upsert:  # an upsert is a fresh try (retry-rule): back off from the start
+                if rule.id in self.book.failed_rules:
+                    self.retries.restart(rule.id, time.monotonic())
+        elif kind == "sync":
+            results, delta = self.book.sync([Rule.from_wire(w) for w in msg.get("rules", [])])
+            child.ready = True
+        elif kind == "owner_caps":
+            # The full set, already validated by the source; no answer is expected.
+            caps = msg.get("caps")
+            self.owner_caps = dict(caps) if isinstance(caps, dict) else {}
+            for shard in self.shards:
+                if shard.alive:
+                    self.send(shard, {"type": "owner_caps", "caps": self.owner_caps})
+            return
+        else:
+            return
+        self.broadcast(delta)
+        self.retries.track(set(self.book.failed_rules), time.monotonic())
+        self.send(child, {"type": "applied", "seq": msg.get("seq"), "results": results})
+        if unknown:
+            self.send(child, {"type": "removed", "ids": unknown})
+        self.notifier.status(self.status_line())
+
+    def apply_sync(self, rules: list[Rule]) -> None:
+        _results, delta = self.book.sync(rules)
+        self.broadcast(delta)
+        self.retries.track(set(self.book.failed_rules), time.monotonic())
+        self.notifier.status(self.status_line())
+
+    def retry_failed(self) -> None:
+        """Try again to bind the failed rules that are due (supervisor/retry.py); tell
+        the rule source about each that became active."""
+        if self.stopping:
+            return
+        now = time.monotonic()
+        for rid in self.retries.due(now):
+            rule = self.book.failed_rules.get(rid)
+            if rule is None:
+                continue
+            results, delta = self.book.apply([rule], [], quiet_failures=True)
+            if results.get(rid, {}).get("state") != "active":
+                self.retries.failed_again(rid, now)
+                continue
+            log_event("rule.retry_succeeded", rule=rid)
+            self.broadcast(delta)
+            source = next((c for c in self.services if c.name == self.rule_child), None)
+            if source is not None:
+                self.send(source, {"type": "retried", "results": results})
+            self.notifier.status(self.status_line())
+        self.retries.track(set(self.book.failed_rules), now)
+
+    def broadcast(self, delta: Delta) -> None:
+        """Tell every live shard about a change, in the order that keeps it consistent."""
+        if not delta:
+            return
+        for rid in delta.remove:
+            self.pending_drain[rid] = {s.index for s in self.shards if s.alive}
+        for shard in self.shards:
+            if not shard.alive:
+                continue  # it gets everything when it is respawned
+            self._send_listeners(shard, delta.new_keys)
+            self.send(
+                shard,
+                {
+                    "type": "rules",
+                    "upsert": [r.to_wire() for r in delta.upsert],
+                    "remove": delta.remove,
+                },
+            )
+            if delta.gone_keys:
+                self.send(shard, {"type": "listeners", "remove": delta.gone_keys})
+        self._finish_drains()
+
+    def _send_listeners(self, shard: Child, keys: list[str] | None) -> None:
+        pairs = self.listeners.fds_for_shard(shard.index, keys)
+        for i in range(0, len(pairs), MAX_FDS_PER_FRAME):
+            batch = pairs[i : i + MAX_FDS_PER_FRAME]
+            self.send(
+                shard, {"type": "listeners", "add": [k for k, _ in batch]}, [fd for _, fd in batch]
+            )
+
+    def _send_everything(self, shard: Child) -> None:
+        self.send(shard, {"type": "config", "shard": shard.index, "settings": self.shard_settings})
+        self._send_listeners(shard, None)
+        if self.owner_caps:  # before the rules, so their runtimes start inside the envelopes
+            self.send(shard, {"type": "owner_caps", "caps": self.owner_caps})
+        self.send(
+            shard,
+            {
+                "type": "rules",
+                "upsert": [r.to_wire() for r in self.book.rules.values()],
+                "remove": [],
+            },
+        )
+
+    def _finish_drains(self) -> None:
+        done = [rid for rid, waiting in self.pending_drain.items() if not waiting]
+        if not done:
+            return
+        for rid in done:
+            del self.pending_drain[rid]
+        source = next((c for c in self.services if c.name == self.rule_child), None)
+        if source is not None:
+            self.send(source, {"type": "removed", "ids": done})
+
+    def push_settings(self, changed: dict[str, Any]) -> None:
+        """Hand reloaded settings to every live child, and to respawns to come."""
+        if "shutdown_drain_timeout_secs" in changed:
+            self.drain_secs = float(changed["shutdown_drain_timeout_secs"])
+        for key, value in changed.items():
+            if key in self.shard_settings:
+                self.shard_settings[key] = value
+        for shard in self.shards:
+            self.send(
+                shard, {"type": "config", "shard": shard.index, "settings": self.shard_settings}
+            )
+        for child in self.services:
+            self.send(child, {"type": "settings", "settings": changed})
