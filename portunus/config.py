@@ -154,7 +154,7 @@ def _check_setting(key: str, value: Any) -> Any:
     raise ValueError(f"unknown key {key!r}")
 
 
-def apply_settings(settings: Settings, table: dict[str, Any], skip: set[str] = frozenset()) -> list[tuple[str, str]]:
+def apply_settings(settings: Settings, table: dict[str, Any], skip: frozenset[str] | set[str] = frozenset()) -> list[tuple[str, str]]:
     """Apply top-level keys to settings; return ``[(key, error message)]``."""
     errors: list[tuple[str, str]] = []
     for key, value in table.items():
@@ -279,9 +279,9 @@ def _rule_from_table(t: dict[str, Any], max_ports: int) -> tuple[Rule | None, li
     Each key is checked on its own first, so ``--check`` lists every bad key of a
     rule at once; ``build_rule`` then adds only the cross-field checks."""
     errs: list[tuple[str | None, str]] = []
-    for key in t:
-        if key not in _RULE_KEYS:
-            errs.append((key, f"unknown key {clip(key)!r} in [[rule]]"))
+    for unknown in t:
+        if unknown not in _RULE_KEYS:
+            errs.append((unknown, f"unknown key {clip(unknown)!r} in [[rule]]"))
     name = t.get("name")
     if not isinstance(name, str) or not _RULE_NAME.fullmatch(name or ""):
         errs.append(("name" if "name" in t else None,
@@ -361,7 +361,7 @@ def _rule_from_table(t: dict[str, Any], max_ports: int) -> tuple[Rule | None, li
             idle_timeout = IDLE_TIMEOUT.check(idle_timeout, "idle_timeout_secs")
         except PortunusError as exc:
             errs.append(("idle_timeout_secs", f"{exc.code}: {exc.message}"))
-    if errs or listen is None:
+    if errs or listen is None or not isinstance(name, str):
         return None, errs
     try:
         rule = build_rule(
@@ -441,8 +441,8 @@ def load_standalone(path: str) -> tuple[Settings, list[Rule]]:
             error(loc.rule_key(i, None), "rule must be an array of tables: write [[rule]]")
             continue
         rule, errs = _rule_from_table(table, settings.range_rule_max_ports)
-        for key, msg in errs:
-            error(loc.rule_key(i, key), msg)
+        for rule_key, msg in errs:
+            error(loc.rule_key(i, rule_key), msg)
         if rule is None:
             continue
         if rule.id in seen_names:

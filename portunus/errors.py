@@ -88,6 +88,10 @@ def classify(code: str) -> tuple[int, int]:
 class PortunusError(Exception):
     """A failure with a stable code, a message for people, and optional details."""
 
+    # Set by a service that already wrote the refusal's audit row, so the RPC
+    # dispatcher does not audit it a second time.
+    audited: bool = False
+
     def __init__(self, code: str, message: str, **details: Any) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code

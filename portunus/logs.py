@@ -14,10 +14,18 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
-_state = {"format": os.environ.get("PORTUNUS_LOG_FORMAT", "json"), "process": "", "level": 20}
+
+
+class _LogState(TypedDict):
+    format: str  # "json" or "text"
+    process: str
+    level: int
+
+
+_state: _LogState = {"format": os.environ.get("PORTUNUS_LOG_FORMAT", "json"), "process": "", "level": 20}
 
 
 def configure(fmt: str | None = None, process: str | None = None, level: str | None = None) -> None:
@@ -36,7 +44,7 @@ def configure(fmt: str | None = None, process: str | None = None, level: str | N
 
 def log_event(event: str, level: str = "info", **fields: Any) -> None:
     """Write one log line; never raises (logging must not take a process down)."""
-    if _LEVELS.get(level, 20) < int(_state["level"]):
+    if _LEVELS.get(level, 20) < _state["level"]:
         return
     try:
         now = time.time()

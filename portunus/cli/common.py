@@ -2,9 +2,9 @@
 ``--format``, time arguments, and turning a ``PortunusError`` into the contract's
 ``error: <code>: <message>`` + ``hint:`` lines and exit code.
 
-Errors are raised, never printed-and-exited, inside verbs: ``ReportingGroup`` (or
-``ReportingCommand`` for a group-less CLI) converts them at the top so the exit
-code always comes from ``PortunusError.exit_code`` and no verb can forget a hint.
+Errors are raised, never printed-and-exited, inside verbs: ``ReportingGroup``
+converts them at the top so the exit code always comes from
+``PortunusError.exit_code`` and no verb can forget a hint.
 """
 
 from __future__ import annotations
@@ -119,7 +119,9 @@ class CliError(click.ClickException):
         super().__init__(error.message)
         self.error = error
         self.hint = hint
-        self.exit_code = error.exit_code
+        # click types exit_code as a ClassVar, yet only ever reads it from the instance
+        # (``sys.exit(e.exit_code)``); ours depends on the error, so it is per instance.
+        self.exit_code = error.exit_code  # type: ignore[misc]
 
     def show(self, file: IO[Any] | None = None) -> None:
         click.echo(f"error: {self.error.code}: {self.error.message}", err=True)
@@ -137,16 +139,6 @@ def _to_cli_error(ctx: click.Context, exc: PortunusError) -> CliError:
 
 class ReportingGroup(click.Group):
     """A group whose verbs may raise ``PortunusError`` freely."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except PortunusError as exc:
-            raise _to_cli_error(ctx, exc) from None
-
-
-class ReportingCommand(click.Command):
-    """The same for a CLI that is one command (no verbs)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

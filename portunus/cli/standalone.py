@@ -21,6 +21,7 @@ from portunus.bounds import CLI_INTERVAL, SHARDS
 from portunus.cli.numbers import BoundedNumber
 from portunus.config import ConfigError, Settings, load_standalone
 from portunus.exitcodes import ServiceExit
+from portunus.rules import Rule
 
 DEFAULT_CONFIG = "/etc/portunus/standalone.toml"
 
@@ -67,7 +68,7 @@ def main(ctx: click.Context, config_path: str, check: bool, shards: int | None) 
     sys.exit(run(config_path, settings, rules))
 
 
-def run(config_path: str, settings: Settings, rules: list) -> int:  # type: ignore[type-arg]
+def run(config_path: str, settings: Settings, rules: list[Rule]) -> int:
     from portunus.supervisor.bootstrap import prepare_metrics_dir, prepare_process
 
     prepare_process("portunus: supervisor (standalone)", settings.log_format, settings.log_level)
@@ -146,7 +147,7 @@ def shard_settings(settings: Settings, client: str = "local") -> dict[str, objec
     }
 
 
-def _banner(path: str, settings: Settings, rules: list) -> None:  # type: ignore[type-arg]
+def _banner(path: str, settings: Settings, rules: list[Rule]) -> None:
     lines = [f"portunus-standalone {__version__}: {len(rules)} rule(s) from {path}, "
              f"{settings.shard_count()} shard(s), listening on {settings.listen_address}"]
     for r in rules:

@@ -28,7 +28,6 @@ from portunus.control.store import Store, accounts, utc_now, write_audit
 from portunus.control.store import users as users_db
 from portunus.errors import PortunusError
 
-ROLES = ("superadmin", "user")
 MAX_TOKEN_LEN = 512
 SESSION_IDLE_SECS = 8 * 3600.0
 SESSION_MAX_SECS = 7 * 24 * 3600.0

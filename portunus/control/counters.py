@@ -176,10 +176,11 @@ class RuleCounters:
             else:
                 reports = self.remote.stats.get(s.client_id) if self.remote is not None else None
                 run = self.remote.runs.get(s.client_id) if self.remote is not None else None
-                live = (reports or {}).get(str(s.rule_id))
-                if live is None:  # nothing reported this run: keep what we have
+                reported = (reports or {}).get(str(s.rule_id))
+                if reported is None:  # nothing reported this run: keep what we have
                     export["remote"][str(s.rule_id)] = self._remote_row(s, carry.known(), {}, False)
                     continue
+                live = reported
             if carry.advance(live, run):
                 self._dirty.add(s.rule_id)
             if s.client_id == LOCAL:

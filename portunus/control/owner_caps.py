@@ -74,7 +74,7 @@ class OwnerCapService:
 
     async def _client(self, params: dict[str, Any]) -> ClientRow:
         async with self.store.read() as db:
-            return await accounts.resolve_client(db, params.get("client"))  # type: ignore[arg-type]
+            return await accounts.resolve_client(db, params.get("client"))
 
     async def list_caps(self, params: dict[str, Any]) -> dict[str, Any]:
         """Every owner with rules or a cap on the client, capped or not."""

@@ -47,7 +47,7 @@ def parse_rule_id(params: dict[str, Any]) -> int:
     raw = params.get("id")
     if isinstance(raw, str) and is_ascii_digits(raw.strip()) and len(raw.strip()) <= 19:
         raw = int(raw.strip())
-    if not RULE_ID.contains(raw):
+    if not isinstance(raw, int) or not RULE_ID.contains(raw):
         raise ValidationError("validation.id", "id must be a rule id (a positive integer)", field="id")
     return raw
 
@@ -261,7 +261,7 @@ class RuleService:
                 db, principal.user, action, target, outcome="error", error_code=exc.code,
                 details={"message": exc.message},
             )
-        exc.audited = True  # type: ignore[attr-defined]  # the dispatcher need not audit it again
+        exc.audited = True  # the dispatcher need not audit it again
 
     async def _owner(self, principal: Principal, requested: Any, client: ClientRow, rule: Rule) -> str:
         """Who owns the new rule, and may they push it (their grants)?

@@ -121,9 +121,9 @@ class SessionService:
                     error_code="invalid_login",
                     details={"source": source},
                 )
-            exc = PortunusError("invalid_login", "wrong user id or password")
-            exc.audited = True  # type: ignore[attr-defined]  # recorded above, once
-            raise exc
+            refused = PortunusError("invalid_login", "wrong user id or password")
+            refused.audited = True  # recorded above, once
+            raise refused
         self.throttle.success(key)
         async with self.store.write() as db:
             return await self._new_session(db, user, source)
@@ -252,7 +252,7 @@ class SessionService:
                 await write_audit(
                     db, "anonymous", "auth.setup", None, outcome="error", error_code=exc.code
                 )
-            exc.audited = True  # type: ignore[attr-defined]
+            exc.audited = True
             raise
         remove_setup_token(self.settings)
         return out

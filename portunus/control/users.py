@@ -76,7 +76,7 @@ class UserService:
                 error_code=exc.code,
                 details={"message": exc.message, "token_id": who.token_id or None},
             )
-        exc.audited = True  # type: ignore[attr-defined]
+        exc.audited = True
 
     async def _drain(self, who: Principal, rule_ids: list[int]) -> list[int]:
         """Remove rules through the ordinary remove path; ids actually removed."""
@@ -332,7 +332,7 @@ class UserService:
                 if client_ref == "*":
                     client_id = "*"
                 else:
-                    client_id = (await accounts.resolve_client(db, client_ref)).client_id  # type: ignore[arg-type]
+                    client_id = (await accounts.resolve_client(db, client_ref)).client_id
                 grant_id = await users_db.insert_grant(
                     db, user.id, client_id, lo, hi, protocols, note, utc_now()
                 )

@@ -287,8 +287,8 @@ class EdgeLink:
                 self._from_server(session, msg)
                 # Surface a crashed helper task instead of carrying on half-alive.
                 for t in tasks:
-                    if t.done() and not t.cancelled() and t.exception() is not None:
-                        raise t.exception()  # type: ignore[misc]
+                    if t.done() and not t.cancelled() and (crash := t.exception()) is not None:
+                        raise crash
         finally:
             for t in tasks:
                 t.cancel()
@@ -388,7 +388,8 @@ class EdgeLink:
     def _from_supervisor(self, msg: dict[str, Any]) -> None:
         kind = msg.get("type")
         if kind == "applied":
-            pending = self._pending.pop(msg.get("seq"), None)  # type: ignore[arg-type]
+            seq = msg.get("seq")
+            pending = self._pending.pop(seq, None) if isinstance(seq, int) else None
             if pending is None:
                 log_event("link.unexpected_seq", level="warning", seq=msg.get("seq"))
                 return
@@ -426,8 +427,9 @@ def link_cadence(welcome: dict[str, Any], timing: LinkTiming) -> tuple[float, fl
 
     def secs(key: str) -> float | None:
         v = welcome.get(key)
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 3600
-        return float(v) if ok else None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 3600:
+            return None
+        return float(v)
 
     heartbeat = secs("heartbeat_secs") or timing.heartbeat_secs
     ping = secs("ping_secs")

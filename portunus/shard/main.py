@@ -118,9 +118,9 @@ class Shard:
                 s.setblocking(False)
                 self.listeners[key] = s
             for key in msg.get("remove", []):
-                s = self.listeners.pop(key, None)
-                if s is not None:
-                    self._unserve(key, s)
+                gone = self.listeners.pop(key, None)
+                if gone is not None:
+                    self._unserve(key, gone)
             self.rebuild()
         elif kind == "rules":
             for wire in msg.get("upsert", []):
@@ -131,8 +131,6 @@ class Shard:
             self.send({"type": "applied", "seq": msg.get("seq")})
         elif kind == "owner_caps":
             self.owner_caps(msg.get("caps") or {})
-        elif kind == "stop":
-            self.begin_stop()
 
     # ---------------------------------------------------------------- rules
 
@@ -264,7 +262,7 @@ class Shard:
                 self.loop.call_later(0.1, self._resume_accept, key, s, handler)
 
     def _resume_accept(self, key: str, s: socket.socket, handler: Any) -> None:
-        if self.handlers.get(key) is handler and s.fileno() >= 0:
+        if key in self.handlers and self.handlers[key] is handler and s.fileno() >= 0:
             self.loop.add_reader(s.fileno(), handler.on_accept, s)
 
     # ----------------------------------------------------------------- stop

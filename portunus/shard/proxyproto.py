@@ -92,8 +92,8 @@ def build_header(
         if isinstance(dip, ipaddress.IPv4Address):
             dip = _mapped(dip)
     if version == "v1":
-        family = "TCP4" if sip.version == 4 else "TCP6"
-        line = f"PROXY {family} {_text(sip)} {_text(dip)} {sport} {dport}\r\n"
+        v1_family = "TCP4" if sip.version == 4 else "TCP6"
+        line = f"PROXY {v1_family} {_text(sip)} {_text(dip)} {sport} {dport}\r\n"
         return line.encode("ascii")
     family = _V2_AF_INET if sip.version == 4 else _V2_AF_INET6
     body = sip.packed + dip.packed + struct.pack("!HH", sport, dport)

@@ -12,7 +12,6 @@ reader never makes a shard's memory grow.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import mmap
 import os
@@ -55,8 +54,6 @@ def splice_after_from_env(value: str | None) -> int:
 SPLICE_AFTER = splice_after_from_env(os.environ.get("PORTUNUS_SPLICE_AFTER"))
 FIRST_BUF = 64 * 1024  # the shared copy-first buffer
 BULK_READ = 16 * 1024  # a read this large (after SPLICE_AFTER bytes) switches a relay to splice
-
-_FATAL = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
 
 
 class PipePool:
@@ -523,7 +520,3 @@ class CopyPump(Pump):
 
     def on_writable(self) -> None:
         self.on_writable_inner(from_read=False)
-
-
-def is_fatal(exc: BaseException) -> bool:
-    return isinstance(exc, _FATAL) or (isinstance(exc, OSError) and exc.errno in (errno.EPIPE, errno.ECONNRESET))

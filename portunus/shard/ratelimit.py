@@ -81,8 +81,8 @@ class SharedCells:
                 raise
             self.fd = fd
             raw = memoryview(self.mm)
-        self.q: memoryview | None = raw.cast("q")
-        self.d: memoryview | None = raw.cast("d")
+        self.q: memoryview[int] | None = raw.cast("q")
+        self.d: memoryview[float] | None = raw.cast("d")
 
     @property
     def shared(self) -> bool:

@@ -305,7 +305,8 @@ class ShardContext:
         # Bytes a spliced relay copies one way before it takes a pipe (pumps.py).
         self.splice_after = int(settings.get("splice_after", SPLICE_AFTER))
         # The native relay (native.py): the type, or None with the reason (None = off on purpose).
-        self.native_type, self.native_why = native_load() if settings.get("native", True) else (None, None)
+        native: tuple[Any, str | None] = native_load() if settings.get("native", True) else (None, None)
+        self.native_type, self.native_why = native
         self._native: Any = None
         self._resolver: Any = None
         self._poller: Any = None

@@ -349,7 +349,7 @@ def accept_batch(ctx: ShardContext, lsock: socket.socket) -> list[socket.socket]
     out: list[socket.socket] = []
     # socket.accept() converts family and type to enums on every call; _accept() plus
     # the constructor with the listener's values is ~0.7 µs cheaper per connection.
-    accept = lsock._accept  # type: ignore[attr-defined]
+    accept = lsock._accept  # type: ignore[attr-defined]  # CPython private, not in typeshed
     family, proto = lsock.family, lsock.proto
     for _ in range(ACCEPT_BATCH):
         try:

@@ -71,6 +71,8 @@ class GuardedH11Protocol(H11Protocol):
         super().__init__(*args, **kwargs)
         self._deadline: asyncio.TimerHandle | None = None
 
+    # A stream server always hands its protocol an asyncio.Transport; uvicorn's
+    # H11Protocol narrows the BaseProtocol signature the same way (and ignores it too).
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         over = len(self.connections) >= self.max_connections
         super().connection_made(transport)

@@ -13,7 +13,7 @@ import asyncio
 import os
 import socket
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -21,6 +21,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from portunus.config import Settings
+
+if TYPE_CHECKING:  # for the annotation only: prometheus_client is imported late, on purpose
+    from prometheus_client.metrics_core import Metric
 
 
 def _process_label(title: str) -> str | None:
@@ -35,7 +38,7 @@ class ProcessCollector:
     def __init__(self, supervisor_pid: int) -> None:
         self.supervisor_pid = supervisor_pid
 
-    def collect(self) -> Iterator[object]:
+    def collect(self) -> Iterator[Metric]:
         import psutil
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -76,7 +79,7 @@ class InstanceCollector:
     def __init__(self, instance: dict[str, str]) -> None:
         self.instance = instance
 
-    def collect(self) -> Iterator[object]:
+    def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import GaugeMetricFamily
 
         labels = sorted(self.instance)
@@ -103,7 +106,7 @@ class CarriedCollector:
         self.metrics_dir = metrics_dir
         self.totals = totals
 
-    def collect(self) -> Iterator[object]:
+    def collect(self) -> Iterator[Metric]:
         from prometheus_client.multiprocess import MultiProcessCollector
         from prometheus_client.samples import Sample
 
@@ -113,7 +116,7 @@ class CarriedCollector:
             # Written by an earlier run: its final totals are this run's base.
             local = {rid: {**row, **(row.get("known") or {})} for rid, row in local.items()}
         missing = {*_CARRIED, _ACTIVE}
-        for family in [*MultiProcessCollector(None, path=self.metrics_dir).collect(),  # type: ignore[arg-type]
+        for family in [*MultiProcessCollector(None, path=self.metrics_dir).collect(),
                        *_empty_families()]:
             if family.name in _CARRIED or family.name == _ACTIVE:
                 if family.name not in missing:
@@ -167,13 +170,13 @@ def render_metrics(metrics_dir: str, supervisor_pid: int | None, instance: dict[
 
     registry = CollectorRegistry()
     if totals and (totals.get("local") or totals.get("remote")):
-        registry.register(CarriedCollector(metrics_dir, totals))  # type: ignore[arg-type]
+        registry.register(CarriedCollector(metrics_dir, totals))
     else:
         MultiProcessCollector(registry, path=metrics_dir)
     if supervisor_pid:
-        registry.register(ProcessCollector(supervisor_pid))  # type: ignore[arg-type]
+        registry.register(ProcessCollector(supervisor_pid))
     if instance:
-        registry.register(InstanceCollector(instance))  # type: ignore[arg-type]
+        registry.register(InstanceCollector(instance))
     text = generate_latest(registry)
     # Drop the detail series (and their HELP/TYPE lines) from the exposition.
     return b"\n".join(ln for ln in text.split(b"\n") if b"portunus_detail_" not in ln)

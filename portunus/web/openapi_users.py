@@ -47,7 +47,7 @@ def _body(props: dict[str, Any], required: list[str], description: str) -> dict[
     }
 
 
-_USER = {
+_USER: dict[str, Any] = {
     "type": "object",
     "properties": {
         "user_id": {"type": "string"},
@@ -73,7 +73,7 @@ _ME = {
     },
     "required": ["user_id", "display_name", "role", "password_change_required"],
 }
-_TOKEN = {
+_TOKEN: dict[str, Any] = {
     "type": "object",
     "properties": {
         "token_id": {"type": "integer"},

@@ -103,8 +103,9 @@ async def _rows_by_id(
 
 async def _count(db: aiosqlite.Connection, prefix: str | None) -> int:
     """Live clients (``local`` included) matching ``prefix``, from a partial index."""
+    args: tuple[str, ...] = ()
     if prefix is None:
-        sql, args = f"SELECT COUNT(*) FROM clients INDEXED BY clients_live WHERE {_LIVE}", ()
+        sql = f"SELECT COUNT(*) FROM clients INDEXED BY clients_live WHERE {_LIVE}"
     else:
         sql = f"SELECT COUNT(*) FROM clients INDEXED BY clients_live_by_name WHERE {_LIVE} AND name >= ? AND name < ?"
         args = _prefix_bounds(prefix)

@@ -207,7 +207,7 @@ class EdgeGateway:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=PREAUTH_MAX_FRAME)
         protocol = asyncio.StreamReaderProtocol(reader)
-        transport: asyncio.BaseTransport | None = None
+        transport: asyncio.Transport | None = None
         try:
             async with asyncio.timeout(self.handshake_timeout):
                 # From here the transport owns ``conn``.  The TLS layer's own timer
@@ -216,7 +216,7 @@ class EdgeGateway:
                     lambda: protocol, conn, ssl=self.ssl_context,
                     ssl_handshake_timeout=self.handshake_timeout + 5,
                 )
-                writer = asyncio.StreamWriter(transport, protocol, reader, loop)  # type: ignore[arg-type]
+                writer = asyncio.StreamWriter(transport, protocol, reader, loop)
                 return reader, writer, await read_frame(reader, PREAUTH_MAX_FRAME)
         except TimeoutError:
             self.preauth.refused("timeout", peer, timeout_secs=self.handshake_timeout)

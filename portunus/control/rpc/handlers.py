@@ -232,7 +232,8 @@ async def audit_list(ctx: ControlContext, who: Principal, params: dict[str, Any]
     until = parse_time(params["until"], "until") if params.get("until") is not None else None
     limit = parse_limit(params.get("limit"), AUDIT_DEFAULT_LIMIT, AUDIT_MAX_LIMIT)
     key = decode_cursor("audit", params.get("cursor"), arity=1)
-    if key is not None and (not isinstance(key[0], int) or key[0] < 0):
+    after = None if key is None else key[0]
+    if after is not None and (not isinstance(after, int) or after < 0):
         raise ValidationError("validation.cursor", "cursor is not a next_cursor of this audit list", field="cursor")
     filters: dict[str, str] = {}
     for name in ("actor", "outcome"):
@@ -243,7 +244,7 @@ async def audit_list(ctx: ControlContext, who: Principal, params: dict[str, Any]
             filters[name] = value
     async with ctx.store.read() as db:
         entries, last_id = await list_audit(
-            db, since, until, limit, None if key is None else int(key[0]), **filters
+            db, since, until, limit, after, **filters
         )
     return {"entries": entries, "next_cursor": None if last_id is None else encode_cursor("audit", [int(last_id)])}
 

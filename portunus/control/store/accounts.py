@@ -44,7 +44,7 @@ async def list_clients(db: aiosqlite.Connection) -> list[ClientRow]:
         return [_client(r) for r in await cur.fetchall()]
 
 
-async def resolve_client(db: aiosqlite.Connection, ref: str, include_revoked: bool = False) -> ClientRow:
+async def resolve_client(db: aiosqlite.Connection, ref: object, include_revoked: bool = False) -> ClientRow:
     """Find a client by id or by name (every verb and route takes either).
 
     An exact id wins over a name; ``local`` is the reserved name of this node.

@@ -44,7 +44,8 @@ class RuleKey:
 
 
 async def rule_keys(db: aiosqlite.Connection, owner: str | None = None) -> list[RuleKey]:
-    sql, args = "SELECT id, client_id, owner FROM rules", ()
+    sql = "SELECT id, client_id, owner FROM rules"
+    args: tuple[str, ...] = ()
     if owner is not None:
         sql, args = sql + " WHERE owner = ?", (owner,)
     async with db.execute(sql + " ORDER BY id", args) as cur:
@@ -158,7 +159,8 @@ async def top_rules(
 ) -> list[dict[str, Any]]:
     """Rules by bytes moved since ``since`` (minute buckets), most first, with what a
     list shows of each (client, protocol, ports, state; null once the rule is gone)."""
-    where, args = "resolution = ? AND bucket >= ?", [MINUTE, bucket_of(since, MINUTE)]
+    where = "resolution = ? AND bucket >= ?"
+    args: list[object] = [MINUTE, bucket_of(since, MINUTE)]
     if owner is not None:
         where += " AND owner = ?"
         args.append(owner)

@@ -56,7 +56,7 @@ async def update_rule(request: Request) -> Response:
     bearer_token(request)
     ident = rule_id(request)
     body = await read_json(request, "RuleUpdate")
-    params = {k: body[k] for k in ("rate_limit", "targets") if k in body}
+    params: dict[str, Any] = {k: body[k] for k in ("rate_limit", "targets") if k in body}
     if not params:
         raise ValidationError("validation.rate_limit", "give rate_limit and/or targets to change",
                               field="rate_limit")

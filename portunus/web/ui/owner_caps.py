@@ -5,6 +5,7 @@ against the same OwnerCaps schema as the API's PUT body."""
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import quote
 
 from starlette.requests import Request
@@ -23,7 +24,7 @@ from portunus.web.ui.render import render
 async def _page(request: Request, client: str, **extra: object) -> Response:
     choice = await client_choice(request)
     owners = await call(request, "owner_caps.list", {"client": client}) if client else None
-    context: dict[str, object] = {"values": {}, "errors": {}, "error": None, "editing": None}
+    context: dict[str, Any] = {"values": {}, "errors": {}, "error": None, "editing": None}
     context.update(extra)
     status = int(str(context.pop("status", 200)))
     return render(
