@@ -69,6 +69,7 @@ bench-quick: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check portunus tests bench
+	$(BIN)/ruff format --check portunus tests bench
 	$(BIN)/mypy
 
 ## reference: regenerate docs/reference/cli.md from the click commands (a test checks it)

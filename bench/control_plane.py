@@ -98,8 +98,17 @@ class Series:
         v = self.values
         if not v:
             return {"name": self.name, "unit": self.unit, "n": 0}
-        return {"name": self.name, "unit": self.unit, "n": len(v), "min": min(v), "p50": pct(v, 50),
-                "p90": pct(v, 90), "p99": pct(v, 99), "max": max(v), "note": self.note}
+        return {
+            "name": self.name,
+            "unit": self.unit,
+            "n": len(v),
+            "min": min(v),
+            "p50": pct(v, 50),
+            "p90": pct(v, 90),
+            "p99": pct(v, 99),
+            "max": max(v),
+            "note": self.note,
+        }
 
 
 def log(msg: str) -> None:
@@ -110,11 +119,17 @@ def log(msg: str) -> None:
 
 
 @contextmanager
-def running_server(workdir: Path, ports: PortAllocator, shards: int | None,
-                   settings: dict[str, Any] | None = None) -> Iterator[ServerProc]:
-    srv = ServerProc(workdir=workdir, data_dir=workdir / "data", ports=ports,
-                     shards=shards or (os.cpu_count() or 1), name="server",
-                     settings={"shutdown_drain_timeout_secs": 1, **(settings or {})})
+def running_server(
+    workdir: Path, ports: PortAllocator, shards: int | None, settings: dict[str, Any] | None = None
+) -> Iterator[ServerProc]:
+    srv = ServerProc(
+        workdir=workdir,
+        data_dir=workdir / "data",
+        ports=ports,
+        shards=shards or (os.cpu_count() or 1),
+        name="server",
+        settings={"shutdown_drain_timeout_secs": 1, **(settings or {})},
+    )
     try:
         srv.start()
         srv.wait_ready(timeout=60)
@@ -124,7 +139,11 @@ def running_server(workdir: Path, ports: PortAllocator, shards: int | None,
 
 
 def push_params(port: int, target_port: int) -> dict[str, Any]:
-    return {"client": "local", "listen_port": port, "targets": [{"host": LOOPBACK, "port": target_port}]}
+    return {
+        "client": "local",
+        "listen_port": port,
+        "targets": [{"host": LOOPBACK, "port": target_port}],
+    }
 
 
 def accepts(port: int) -> bool:
@@ -136,12 +155,16 @@ def accepts(port: int) -> bool:
 # ------------------------------------------------------------------ 1. RPC pushes
 
 
-def bench_rpc_push(srv: ServerProc, ports: PortAllocator, origin: Origin, n: int) -> tuple[Series, int]:
+def bench_rpc_push(
+    srv: ServerProc, ports: PortAllocator, origin: Origin, n: int
+) -> tuple[Series, int]:
     """``n`` timed ``rules.push`` round trips; returns the series and how many
     ports did not accept a connect right after their reply."""
     token = srv.token
     for _ in range(5):  # warm-up: imports, SQLite pages, first binds
-        call_sync(srv.socket_path, token, "rules.push", push_params(ports.port(), origin.port), 10.0)
+        call_sync(
+            srv.socket_path, token, "rules.push", push_params(ports.port(), origin.port), 10.0
+        )
     series = Series("push → active, control socket RPC", "ms")
     not_accepting = 0
     for i in range(n):
@@ -159,7 +182,9 @@ def bench_rpc_push(srv: ServerProc, ports: PortAllocator, origin: Origin, n: int
 # ------------------------------------------------------------------ 2. CLI pushes
 
 
-def bench_cli_push(srv: ServerProc, ports: PortAllocator, origin: Origin, n: int) -> tuple[Series, Series]:
+def bench_cli_push(
+    srv: ServerProc, ports: PortAllocator, origin: Origin, n: int
+) -> tuple[Series, Series]:
     env = srv.cli_env(srv.token)
     floor = Series("`portunus-server --version` (interpreter + click start)", "ms")
     for _ in range(max(5, n // 10)):
@@ -169,12 +194,22 @@ def bench_cli_push(srv: ServerProc, ports: PortAllocator, origin: Origin, n: int
     series = Series("push → active, `portunus-server push-rule` process", "ms")
     for i in range(n + 3):
         port = ports.port()
-        argv = [SERVER_BIN, "--data-dir", str(srv.data_dir), "push-rule", "local", str(port), origin.address]
+        argv = [
+            SERVER_BIN,
+            "--data-dir",
+            str(srv.data_dir),
+            "push-rule",
+            "local",
+            str(port),
+            origin.address,
+        ]
         t0 = time.perf_counter()
         res = subprocess.run(argv, env=env, capture_output=True, text=True)
         took = (time.perf_counter() - t0) * 1000
         if res.returncode != 0 or " active: " not in res.stdout:
-            raise RuntimeError(f"CLI push {i} failed ({res.returncode}): {res.stderr or res.stdout}")
+            raise RuntimeError(
+                f"CLI push {i} failed ({res.returncode}): {res.stderr or res.stdout}"
+            )
         if i >= 3:  # 3 warm-ups (page cache)
             series.values.append(took)
     return series, floor
@@ -203,8 +238,11 @@ def _spin(cond: Callable[[], bool], srv: ServerProc, what: str, timeout: float =
 
 def bench_start(srv: ServerProc, ports_bound: list[int], starts: int, label: str) -> StartTimes:
     """Stop/start ``serve`` ``starts`` times; time spawn → READY=1 / health / all bound."""
-    out = StartTimes(Series(f"spawn → READY=1 ({label})", "s"), Series(f"spawn → /v1/health 200 ({label})", "s"),
-                     Series(f"spawn → every stored port in LISTEN ({label})", "s"))
+    out = StartTimes(
+        Series(f"spawn → READY=1 ({label})", "s"),
+        Series(f"spawn → /v1/health 200 ({label})", "s"),
+        Series(f"spawn → every stored port in LISTEN ({label})", "s"),
+    )
     want = set(ports_bound)
     for _ in range(starts):
         if srv.alive():
@@ -287,19 +325,35 @@ class Results:
         out = [
             ("push → active p50 (RPC)", "ms", pct(rpc, 50), TARGETS["rpc_p50_ms"]),
             ("push → active p99 (RPC)", "ms", pct(rpc, 99), TARGETS["rpc_p99_ms"]),
-            (f"serve start → READY, {self.facts['stored']} rules (p50 of {len(self.series['ready'].values)})",
-             "s", pct(self.series["ready"].values, 50), TARGETS["ready_s"]),
-            (f"serve start → READY, {self.facts['stored']} rules (worst)", "s",
-             max(self.series["ready"].values), TARGETS["ready_s"]),
-            (f"GET /v1/rules p99, {self.facts['stored']} rules (keep-alive)", "ms",
-             pct(self.series["list"].values, 99), TARGETS["list_p99_ms"]),
+            (
+                f"serve start → READY, {self.facts['stored']} rules (p50 of {len(self.series['ready'].values)})",
+                "s",
+                pct(self.series["ready"].values, 50),
+                TARGETS["ready_s"],
+            ),
+            (
+                f"serve start → READY, {self.facts['stored']} rules (worst)",
+                "s",
+                max(self.series["ready"].values),
+                TARGETS["ready_s"],
+            ),
+            (
+                f"GET /v1/rules p99, {self.facts['stored']} rules (keep-alive)",
+                "ms",
+                pct(self.series["list"].values, 99),
+                TARGETS["list_p99_ms"],
+            ),
         ]
         return [(w, u, v, t, v <= t) for w, u, v, t in out]
 
 
 def machine() -> dict[str, Any]:
-    return {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
-            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def measure(args: argparse.Namespace) -> Results:
@@ -312,9 +366,13 @@ def measure(args: argparse.Namespace) -> Results:
         # 1 + 2: pushes on one server (rules accumulate: the last push sees ~600 rules).
         with running_server(tmp / "push", ports, shards) as srv:
             log(f"{args.rpc_pushes} pushes over the control socket")
-            res.series["rpc"], res.facts["rpc_not_accepting"] = bench_rpc_push(srv, ports, origin, args.rpc_pushes)
+            res.series["rpc"], res.facts["rpc_not_accepting"] = bench_rpc_push(
+                srv, ports, origin, args.rpc_pushes
+            )
             log(f"{args.cli_pushes} pushes via the CLI")
-            res.series["cli"], res.series["cli_floor"] = bench_cli_push(srv, ports, origin, args.cli_pushes)
+            res.series["cli"], res.series["cli_floor"] = bench_cli_push(
+                srv, ports, origin, args.cli_pushes
+            )
         # 3 + 4: start with no rules (baseline), then with --stored rules.
         with running_server(tmp / "stored", ports, shards) as srv:
             log(f"start → READY with no rules, {args.starts} starts")
@@ -330,15 +388,22 @@ def measure(args: argparse.Namespace) -> Results:
             res.facts["stored"] = args.stored
             log(f"start → READY with {args.stored} rules, {args.starts} starts")
             full = bench_start(srv, stored_ports, args.starts, f"{args.stored} rules")
-            res.series["ready"], res.series["health"], res.series["bound"] = full.ready, full.health, full.bound
-            gaps = [(h - r) * 1000 for r, h in zip(full.ready.values, full.health.values, strict=True)]
+            res.series["ready"], res.series["health"], res.series["bound"] = (
+                full.ready,
+                full.health,
+                full.bound,
+            )
+            gaps = [
+                (h - r) * 1000 for r, h in zip(full.ready.values, full.health.values, strict=True)
+            ]
             res.facts["ready_before_health_ms"] = round(max(gaps), 1)
             res.facts["ports_missing_at_ready"] = max(full.missing_at_ready)
             states = {r["state"] for r in srv.rules().values()}
             res.facts["states_after_start"] = sorted(states)
             log(f"{args.lists} x GET /v1/rules with {args.stored} rules")
-            res.series["list"], res.series["list_fresh"], res.facts["list_bytes"] = \
-                bench_list(srv, args.lists, args.stored)
+            res.series["list"], res.series["list_fresh"], res.facts["list_bytes"] = bench_list(
+                srv, args.lists, args.stored
+            )
     finally:
         origin.close()
         ports.close()
@@ -362,21 +427,38 @@ def render(res: Results, args: argparse.Namespace) -> str:
         f"Run {res.date} on {m['cpus']} CPU, Python {m['python']}, Linux {m['kernel']}; "
         f"`portunus-server serve --shards {res.shards}`, default log level; load average "
         f"{m['loadavg'][0]} at start, {m['loadavg_end'][0]} at the end (other jobs shared the machine).",
-        "`python -m bench.control_plane" + (" --quick" if args.quick else "") + "` (bench/control_plane.py).",
+        "`python -m bench.control_plane"
+        + (" --quick" if args.quick else "")
+        + "` (bench/control_plane.py).",
         "",
         "| target | measured | target | |",
         "|---|---|---|---|",
     ]
     for what, unit, value, target, ok in res.verdicts():
-        lines.append(f"| {what} | {_fmt(value, unit)} | ≤ {_fmt(target, unit)} | {'PASS' if ok else 'MISS'} |")
+        lines.append(
+            f"| {what} | {_fmt(value, unit)} | ≤ {_fmt(target, unit)} | {'PASS' if ok else 'MISS'} |"
+        )
     lines += ["", "| series | n | min | p50 | p90 | p99 | max |", "|---|---|---|---|---|---|---|"]
-    for key in ("rpc", "cli", "cli_floor", "ready_empty", "ready", "health", "bound", "list", "list_fresh"):
+    for key in (
+        "rpc",
+        "cli",
+        "cli_floor",
+        "ready_empty",
+        "ready",
+        "health",
+        "bound",
+        "list",
+        "list_fresh",
+    ):
         s = res.series.get(key)
         if s is None or not s.values:
             continue
         d = s.summary()
-        lines.append(f"| {s.name} | {d['n']} | " + " | ".join(_fmt(d[k], s.unit) for k in
-                                                           ("min", "p50", "p90", "p99", "max")) + " |")
+        lines.append(
+            f"| {s.name} | {d['n']} | "
+            + " | ".join(_fmt(d[k], s.unit) for k in ("min", "p50", "p90", "p99", "max"))
+            + " |"
+        )
     lines += [
         "",
         "Method:",
@@ -401,22 +483,37 @@ def render(res: Results, args: argparse.Namespace) -> str:
 
 
 def to_json(res: Results) -> dict[str, Any]:
-    return {"date": res.date, "machine": res.machine, "shards": res.shards, "facts": res.facts,
-            "series": {k: s.summary() | {"samples": [round(x, 4) for x in s.values]} for k, s in res.series.items()},
-            "targets": [{"what": w, "unit": u, "value": v, "target": t, "pass": ok}
-                        for w, u, v, t, ok in res.verdicts()]}
+    return {
+        "date": res.date,
+        "machine": res.machine,
+        "shards": res.shards,
+        "facts": res.facts,
+        "series": {
+            k: s.summary() | {"samples": [round(x, 4) for x in s.values]}
+            for k, s in res.series.items()
+        },
+        "targets": [
+            {"what": w, "unit": u, "value": v, "target": t, "pass": ok}
+            for w, u, v, t, ok in res.verdicts()
+        ],
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.control_plane", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.control_plane",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--rpc-pushes", type=int, default=500)
     p.add_argument("--cli-pushes", type=int, default=100)
     p.add_argument("--stored", type=int, default=1000)
     p.add_argument("--starts", type=int, default=5)
     p.add_argument("--lists", type=int, default=300)
     p.add_argument("--shards", type=int, default=None, help="server shards (default: one per CPU)")
-    p.add_argument("--quick", action="store_true", help="100 RPC / 20 CLI pushes, 3 starts, 100 lists")
+    p.add_argument(
+        "--quick", action="store_true", help="100 RPC / 20 CLI pushes, 3 starts, 100 lists"
+    )
     p.add_argument("--out", type=Path, default=HERE / "results" / "control_plane.md")
     p.add_argument("--json", type=Path, default=None, help="also write the raw samples here")
     args = p.parse_args(argv)
@@ -425,8 +522,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def report(args: argparse.Namespace, res: Any, render_fn: Callable[..., str],
-           to_json_fn: Callable[[Any], Any]) -> int:
+def report(
+    args: argparse.Namespace,
+    res: Any,
+    render_fn: Callable[..., str],
+    to_json_fn: Callable[[Any], Any],
+) -> int:
     """Write ``--out`` (and ``--json``), print the report; exit 1 if a target is missed.
     Shared by the standalone entry points of control_plane and edge_clients."""
     text = render_fn(res, args)
@@ -448,17 +549,24 @@ def run(settings: Settings) -> list[BenchResult]:
     args = parse_args(["--quick"] if settings.quick else [])
     res = measure(args)
     out: list[BenchResult] = []
-    for key, title in (("rpc", "Push → active over the control socket"), ("cli", "Push → active via the CLI"),
-                       ("ready", f"serve start → READY with {res.facts['stored']} rules"),
-                       ("list", f"GET /v1/rules with {res.facts['stored']} rules")):
+    for key, title in (
+        ("rpc", "Push → active over the control socket"),
+        ("cli", "Push → active via the CLI"),
+        ("ready", f"serve start → READY with {res.facts['stored']} rules"),
+        ("list", f"GET /v1/rules with {res.facts['stored']} rules"),
+    ):
         s = res.series[key]
         unit = "s" if s.unit == "s" else "ms"
-        out.append(BenchResult(
-            name=f"control_plane_{key}", title=title, method=s.name + " (see bench/control_plane.py)",
-            metrics=[Metric("value", f"{s.name} ({unit})", False)],
-            per_forwarder={"portunus": [{"value": v} for v in s.values]},
-            extra={"summary": s.summary(), "targets": to_json(res)["targets"]},
-        ))
+        out.append(
+            BenchResult(
+                name=f"control_plane_{key}",
+                title=title,
+                method=s.name + " (see bench/control_plane.py)",
+                metrics=[Metric("value", f"{s.name} ({unit})", False)],
+                per_forwarder={"portunus": [{"value": v} for v in s.values]},
+                extra={"summary": s.summary(), "targets": to_json(res)["targets"]},
+            )
+        )
     return out
 
 

@@ -70,8 +70,14 @@ from tests.e2e.support import LOOPBACK, PortAllocator, ServerProc  # noqa: E402
 HERE = Path(__file__).resolve().parent
 # Issue 16 (10,000 clients on one server): a page of the list and one client by name are
 # fast whatever the fleet; a restart storm reconciles everyone (p99 over the clients).
-TARGETS = {"list_p99_ms": 50.0, "get_p99_ms": 5.0, "push_p99_ms": 100.0, "restart_p99_s": 30.0,
-           "kib_per_client": 20.0, "idle_cpu_pct": 5.0}
+TARGETS = {
+    "list_p99_ms": 50.0,
+    "get_p99_ms": 5.0,
+    "push_p99_ms": 100.0,
+    "restart_p99_s": 30.0,
+    "kib_per_client": 20.0,
+    "idle_cpu_pct": 5.0,
+}
 MiB = 2**20
 
 
@@ -82,7 +88,9 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------ helpers
 
 
-def rpc(srv: ServerProc, method: str, params: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
+def rpc(
+    srv: ServerProc, method: str, params: dict[str, Any] | None = None, timeout: float = 30.0
+) -> Any:
     return call_sync(srv.socket_path, srv.token, method, params or {}, timeout)
 
 
@@ -98,8 +106,12 @@ def memory(srv: ServerProc) -> dict[str, float]:
         except psutil.Error:
             continue
     assert control is not None
-    return {"control_rss_mib": control.memory_info().rss / MiB, "total_rss_mib": total / MiB,
-            "control_fds": float(control.num_fds()), "processes": float(len(procs))}
+    return {
+        "control_rss_mib": control.memory_info().rss / MiB,
+        "total_rss_mib": total / MiB,
+        "control_fds": float(control.num_fds()),
+        "processes": float(len(procs)),
+    }
 
 
 def wait_until(cond: Callable[[], bool], what: str, timeout: float, every: float = 0.02) -> float:
@@ -112,13 +124,21 @@ def wait_until(cond: Callable[[], bool], what: str, timeout: float, every: float
     return time.monotonic()
 
 
-def enroll(srv: ServerProc, fleet: Fleet, n: int, prefix: str) -> tuple[list[Identity], str, dict[str, float]]:
+def enroll(
+    srv: ServerProc, fleet: Fleet, n: int, prefix: str
+) -> tuple[list[Identity], str, dict[str, float]]:
     """Mint ``n`` codes and redeem them; returns identities, the pinned fingerprint
     and the timings (seconds)."""
     t0 = time.monotonic()
     with ThreadPoolExecutor(4) as pool:
-        minted = list(pool.map(
-            lambda i: rpc(srv, "clients.enroll", {"name": f"{prefix}-{i:04d}", "address": LOOPBACK}), range(n)))
+        minted = list(
+            pool.map(
+                lambda i: rpc(
+                    srv, "clients.enroll", {"name": f"{prefix}-{i:04d}", "address": LOOPBACK}
+                ),
+                range(n),
+            )
+        )
     t_mint = time.monotonic() - t0
     uris = [m["uri"] for m in minted]
     got, t_redeem = fleet.enroll(uris, 32)
@@ -159,21 +179,55 @@ class Results:
     def verdicts(self) -> list[tuple[str, str, float, float, bool]]:
         n, f = self.clients, self.facts
         out = [
-            (f"`clients.list` page (100) p99, {n} connected (control socket)", "ms",
-             pct(self.series["list_rpc"].values, 99), TARGETS["list_p99_ms"]),
-            (f"`GET /v1/clients` page (100) p99, {n} connected (HTTP keep-alive)", "ms",
-             pct(self.series["list_http"].values, 99), TARGETS["list_p99_ms"]),
-            (f"`clients.get` by name p99, {n} connected (control socket)", "ms",
-             pct(self.series["get_rpc"].values, 99), TARGETS["get_p99_ms"]),
-            (f"push → acked p99, {n} connected", "ms", pct(self.series["push"].values, 99), TARGETS["push_p99_ms"]),
-            (f"control RSS growth per idle connected client, {n} connected", "KiB",
-             f["kib_per_client"], TARGETS["kib_per_client"]),
-            (f"control CPU with {n} idle links", "%", f["control_idle_cpu_pct"], TARGETS["idle_cpu_pct"]),
-            (f"restart → {f['restart_clients']} × {f['restart_rules_each']} rules reconnected + reconciled, "
-             f"p99 over clients (worst of {len(self.series['restart_p99'].values)} restarts)", "s",
-             max(self.series["restart_p99"].values), TARGETS["restart_p99_s"]),
-            ("unhandled exceptions in the server logs (enrollment + restarts)", "lines",
-             float(f["server_tracebacks"]), 0.0),
+            (
+                f"`clients.list` page (100) p99, {n} connected (control socket)",
+                "ms",
+                pct(self.series["list_rpc"].values, 99),
+                TARGETS["list_p99_ms"],
+            ),
+            (
+                f"`GET /v1/clients` page (100) p99, {n} connected (HTTP keep-alive)",
+                "ms",
+                pct(self.series["list_http"].values, 99),
+                TARGETS["list_p99_ms"],
+            ),
+            (
+                f"`clients.get` by name p99, {n} connected (control socket)",
+                "ms",
+                pct(self.series["get_rpc"].values, 99),
+                TARGETS["get_p99_ms"],
+            ),
+            (
+                f"push → acked p99, {n} connected",
+                "ms",
+                pct(self.series["push"].values, 99),
+                TARGETS["push_p99_ms"],
+            ),
+            (
+                f"control RSS growth per idle connected client, {n} connected",
+                "KiB",
+                f["kib_per_client"],
+                TARGETS["kib_per_client"],
+            ),
+            (
+                f"control CPU with {n} idle links",
+                "%",
+                f["control_idle_cpu_pct"],
+                TARGETS["idle_cpu_pct"],
+            ),
+            (
+                f"restart → {f['restart_clients']} × {f['restart_rules_each']} rules reconnected + reconciled, "
+                f"p99 over clients (worst of {len(self.series['restart_p99'].values)} restarts)",
+                "s",
+                max(self.series["restart_p99"].values),
+                TARGETS["restart_p99_s"],
+            ),
+            (
+                "unhandled exceptions in the server logs (enrollment + restarts)",
+                "lines",
+                float(f["server_tracebacks"]),
+                0.0,
+            ),
         ]
         return [(w, u, v, t, v <= t) for w, u, v, t in out]
 
@@ -196,14 +250,19 @@ def bench_many(res: Results, srv: ServerProc, fleet: Fleet, args: argparse.Names
     wait_until(lambda: connected_count(srv) == n, f"{n} clients listed as connected", 60, 0.2)
     time.sleep(12)  # one heartbeat + stats round from everyone before memory is read
     res.facts["mem_connected"] = memory(srv)
-    res.facts["kib_per_client"] = (res.facts["mem_connected"]["control_rss_mib"]
-                                   - res.facts["mem_empty"]["control_rss_mib"]) * 1024 / n
+    res.facts["kib_per_client"] = (
+        (res.facts["mem_connected"]["control_rss_mib"] - res.facts["mem_empty"]["control_rss_mib"])
+        * 1024
+        / n
+    )
     control = srv.child("control")
     assert control is not None
     res.facts["control_nofile"] = list(control.rlimit(psutil.RLIMIT_NOFILE))
     c0, w0 = sum(control.cpu_times()[:2]), time.monotonic()
     time.sleep(args.idle_secs)  # idle links only: pings + stats every 5 s from each fake
-    res.facts["control_idle_cpu_pct"] = 100 * (sum(control.cpu_times()[:2]) - c0) / (time.monotonic() - w0)
+    res.facts["control_idle_cpu_pct"] = (
+        100 * (sum(control.cpu_times()[:2]) - c0) / (time.monotonic() - w0)
+    )
     log(f"{args.lists} x clients.list / GET /v1/clients pages with {n} connected")
     # A page at a random place in the list: the cursors of a full walk, taken first.
     cursors: list[str | None] = [None]
@@ -215,8 +274,10 @@ def bench_many(res: Results, srv: ServerProc, fleet: Fleet, args: argparse.Names
     res.facts["walk_all_s"] = time.perf_counter() - t
     res.facts["walk_pages"] = len(cursors)
     rng = random.Random(16)
-    s = Series(f"`clients.list` one page (default 100, random cursor), {n} connected (connection per call)",
-               "ms")
+    s = Series(
+        f"`clients.list` one page (default 100, random cursor), {n} connected (connection per call)",
+        "ms",
+    )
     for i in range(args.lists + 5):
         params = {"cursor": c} if (c := rng.choice(cursors)) else {}
         t = time.perf_counter()
@@ -255,13 +316,18 @@ def bench_many(res: Results, srv: ServerProc, fleet: Fleet, args: argparse.Names
 
 def http_list(srv: ServerProc, n: int, expect: int) -> Series:
     headers = {"Authorization": f"Bearer {srv.token}"}
-    s = Series(f"`GET /v1/clients` one page (default 100), {expect} connected, keep-alive connection", "ms")
+    s = Series(
+        f"`GET /v1/clients` one page (default 100), {expect} connected, keep-alive connection", "ms"
+    )
     conn = http.client.HTTPConnection(LOOPBACK, srv.api_port, timeout=30)
     try:
         for i in range(n + 5):
             t = time.perf_counter()
-            conn.request("GET", "/v1/clients" if i % 2 else "/v1/clients?connected=true&name_prefix=fake-",
-                         headers=headers)
+            conn.request(
+                "GET",
+                "/v1/clients" if i % 2 else "/v1/clients?connected=true&name_prefix=fake-",
+                headers=headers,
+            )
             resp = conn.getresponse()
             body = resp.read()
             took = (time.perf_counter() - t) * 1000
@@ -270,8 +336,10 @@ def http_list(srv: ServerProc, n: int, expect: int) -> Series:
             if i == 0:
                 up = json.loads(body)["total"]
                 if up != expect:
-                    raise RuntimeError(f"GET /v1/clients?connected=true&name_prefix=fake- total {up}, "
-                                       f"expected {expect}")
+                    raise RuntimeError(
+                        f"GET /v1/clients?connected=true&name_prefix=fake- total {up}, "
+                        f"expected {expect}"
+                    )
             if i >= 5:
                 s.values.append(took)
     finally:
@@ -284,10 +352,15 @@ def bench_push(srv: ServerProc, client_ids: list[str], n: int) -> Series:
     only need to be unique per client: a counter does."""
     rng = random.Random(6)
     ports = iter(range(10000, 65536))
-    s = Series(f"push → acked (`rules.push` to a random one of {len(client_ids)} connected fakes)", "ms")
+    s = Series(
+        f"push → acked (`rules.push` to a random one of {len(client_ids)} connected fakes)", "ms"
+    )
     for i in range(n + 5):
-        params = {"client": rng.choice(client_ids), "listen_port": next(ports),
-                  "targets": [{"host": LOOPBACK, "port": 9}]}
+        params = {
+            "client": rng.choice(client_ids),
+            "listen_port": next(ports),
+            "targets": [{"host": LOOPBACK, "port": 9}],
+        }
         t = time.perf_counter()
         rule = rpc(srv, "rules.push", params, 10.0)
         took = (time.perf_counter() - t) * 1000
@@ -310,14 +383,24 @@ def bench_restart(res: Results, srv: ServerProc, fleet: Fleet, args: argparse.Na
 
     def push_all(ident: Identity) -> None:
         for k in range(each):
-            rpc(srv, "rules.push", {"client": ident.client_id, "listen_port": 10001 + k,
-                                    "targets": [{"host": LOOPBACK, "port": 9}]}, 30.0)
+            rpc(
+                srv,
+                "rules.push",
+                {
+                    "client": ident.client_id,
+                    "listen_port": 10001 + k,
+                    "targets": [{"host": LOOPBACK, "port": 9}],
+                },
+                30.0,
+            )
 
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(push_all, idents))
     want_ids = {i.client_id for i in idents}
     fakes = Series(f"spawn → every fake answered a full sync ({n} clients × {each} rules)", "s")
-    listed = Series(f"spawn → `clients.list` all {n} connected and all {n * each} rules active", "s")
+    listed = Series(
+        f"spawn → `clients.list` all {n} connected and all {n * each} rules active", "s"
+    )
     stops = Series("SIGTERM → serve exited", "s")
     first = Series("spawn → first fake re-synced", "s")
     p99s = Series(f"spawn → p99 over the {n} fakes of their re-sync", "s")
@@ -332,7 +415,11 @@ def bench_restart(res: Results, srv: ServerProc, fleet: Fleet, args: argparse.Na
 
         def fresh(t0: float = t0) -> list[float]:
             st = fleet.status()
-            return [v[3] for cid, v in st.items() if cid in want_ids and v[0] and v[3] > t0 and v[4] == each]
+            return [
+                v[3]
+                for cid, v in st.items()
+                if cid in want_ids and v[0] and v[3] > t0 and v[4] == each
+            ]
 
         wait_until(lambda: len(fresh()) == n, f"{n} fakes re-synced after restart {r}", 300, 0.1)
         done = fresh()
@@ -350,12 +437,19 @@ def bench_restart(res: Results, srv: ServerProc, fleet: Fleet, args: argparse.Na
 
         listed.values.append(wait_until(reconciled, "list shows all reconciled", 120, 0.2) - t0)
         srv.wait_ready(timeout=60)
-    res.series.update(restart=fakes, restart_listed=listed, restart_first=first, restart_stop=stops,
-                      restart_p99=p99s)
+    res.series.update(
+        restart=fakes,
+        restart_listed=listed,
+        restart_first=first,
+        restart_stop=stops,
+        restart_p99=p99s,
+    )
     st = fleet.status()
     res.facts["restart_busy_refusals"] = sum(v[7] for v in st.values() if v)
     res.facts["tracebacks_restart"] = tracebacks(srv)
-    res.facts["server_tracebacks"] = len(res.facts["tracebacks_restart"]) + len(res.facts["tracebacks_many"])
+    res.facts["server_tracebacks"] = len(res.facts["tracebacks_restart"]) + len(
+        res.facts["tracebacks_many"]
+    )
     res.facts["restart_clients"] = n
     res.facts["restart_rules_each"] = each
     fleet.disconnect()
@@ -391,23 +485,37 @@ def measure(args: argparse.Namespace) -> Results:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.edge_clients", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.edge_clients",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--clients", type=int, default=1000)
     p.add_argument("--lists", type=int, default=300)
     p.add_argument("--pushes", type=int, default=300)
     p.add_argument("--restart-clients", type=int, default=100)
     p.add_argument("--rules-each", type=int, default=3)
     p.add_argument("--restarts", type=int, default=3)
-    p.add_argument("--idle-secs", type=float, default=10.0, help="window for the control process's idle CPU")
+    p.add_argument(
+        "--idle-secs", type=float, default=10.0, help="window for the control process's idle CPU"
+    )
     p.add_argument("--keep-logs", action="store_true", help="keep the servers' data dirs and logs")
-    p.add_argument("--per-source", type=int, default=None,
-                   help="edge_preauth_max_per_source for the servers (default: the server's, 16). Every fake "
-                        "dials from 127.0.0.1, one source; 128 (= the global limit) makes the fleet look like "
-                        "many hosts, as a real fleet is")
-    p.add_argument("--legacy-link", action="store_true",
-                   help="fakes without quiet_link: ping + stats every 5 s (clients before issue 16)")
-    p.add_argument("--quick", action="store_true", help="200 clients, 100 lists / pushes, 3 restarts of 100")
+    p.add_argument(
+        "--per-source",
+        type=int,
+        default=None,
+        help="edge_preauth_max_per_source for the servers (default: the server's, 16). Every fake "
+        "dials from 127.0.0.1, one source; 128 (= the global limit) makes the fleet look like "
+        "many hosts, as a real fleet is",
+    )
+    p.add_argument(
+        "--legacy-link",
+        action="store_true",
+        help="fakes without quiet_link: ping + stats every 5 s (clients before issue 16)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="200 clients, 100 lists / pushes, 3 restarts of 100"
+    )
     p.add_argument("--out", type=Path, default=HERE / "results" / "edge_clients.md")
     p.add_argument("--json", type=Path, default=None, help="also write the raw samples here")
     args = p.parse_args(argv)
@@ -428,26 +536,39 @@ def run(settings: Settings) -> list[BenchResult]:
     res = measure(args)
     targets = to_json(res)["targets"]
     out: list[BenchResult] = []
-    for key, title in (("list_rpc", f"clients.list with {res.clients} edge clients connected"),
-                       ("list_http", f"GET /v1/clients with {res.clients} edge clients connected"),
-                       ("push", f"Push → acked with {res.clients} edge clients connected"),
-                       ("restart", f"serve restart → {res.facts['restart_clients']} edge clients reconciled")):
+    for key, title in (
+        ("list_rpc", f"clients.list with {res.clients} edge clients connected"),
+        ("list_http", f"GET /v1/clients with {res.clients} edge clients connected"),
+        ("push", f"Push → acked with {res.clients} edge clients connected"),
+        ("restart", f"serve restart → {res.facts['restart_clients']} edge clients reconciled"),
+    ):
         s = res.series[key]
         unit = "s" if s.unit == "s" else "ms"
         d = s.summary()
-        out.append(BenchResult(
-            name=f"edge_clients_{key}", title=title, method=s.name + " (see bench/edge_clients.py)",
-            metrics=[Metric("value", "time (s)" if unit == "s" else "latency (ms)", False)],
-            notes=[f"{d['n']} samples: p50 {fmt(d['p50'], s.unit)}, p90 {fmt(d['p90'], s.unit)}, "
-                   f"p99 {fmt(d['p99'], s.unit)}, max {fmt(d['max'], s.unit)}; control RSS "
-                   f"{res.facts['mem_empty']['control_rss_mib']:.0f} MiB idle, "
-                   f"{res.facts['mem_connected']['control_rss_mib']:.0f} MiB with {res.clients} connected; "
-                   "details in bench/results/edge_clients.md when run as `python -m bench.edge_clients`"],
-            per_forwarder={"portunus": [{"value": v} for v in s.values]},
-            extra={"summary": s.summary(), "targets": targets,
-                   "clients": res.facts["restart_clients"] if key == "restart" else res.clients,
-                   "memory": {k: res.facts[k] for k in ("mem_empty", "mem_connected", "mem_after_pushes")}},
-        ))
+        out.append(
+            BenchResult(
+                name=f"edge_clients_{key}",
+                title=title,
+                method=s.name + " (see bench/edge_clients.py)",
+                metrics=[Metric("value", "time (s)" if unit == "s" else "latency (ms)", False)],
+                notes=[
+                    f"{d['n']} samples: p50 {fmt(d['p50'], s.unit)}, p90 {fmt(d['p90'], s.unit)}, "
+                    f"p99 {fmt(d['p99'], s.unit)}, max {fmt(d['max'], s.unit)}; control RSS "
+                    f"{res.facts['mem_empty']['control_rss_mib']:.0f} MiB idle, "
+                    f"{res.facts['mem_connected']['control_rss_mib']:.0f} MiB with {res.clients} connected; "
+                    "details in bench/results/edge_clients.md when run as `python -m bench.edge_clients`"
+                ],
+                per_forwarder={"portunus": [{"value": v} for v in s.values]},
+                extra={
+                    "summary": s.summary(),
+                    "targets": targets,
+                    "clients": res.facts["restart_clients"] if key == "restart" else res.clients,
+                    "memory": {
+                        k: res.facts[k] for k in ("mem_empty", "mem_connected", "mem_after_pushes")
+                    },
+                },
+            )
+        )
     return out
 
 

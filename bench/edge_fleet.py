@@ -66,11 +66,30 @@ class Identity:
 class FakeClient:
     """One simulated edge client: a reconnecting TLS link that acks everything."""
 
-    __slots__ = ("ident", "host", "port", "fingerprint", "backoff", "rules", "connected", "sessions",
-                 "syncs", "synced_at", "sync_rules", "applies", "failures", "last_error", "task", "quiet",
-                 "busy", "last_tx")
+    __slots__ = (
+        "ident",
+        "host",
+        "port",
+        "fingerprint",
+        "backoff",
+        "rules",
+        "connected",
+        "sessions",
+        "syncs",
+        "synced_at",
+        "sync_rules",
+        "applies",
+        "failures",
+        "last_error",
+        "task",
+        "quiet",
+        "busy",
+        "last_tx",
+    )
 
-    def __init__(self, ident: Identity, host: str, port: int, fingerprint: str, quiet: bool = True) -> None:
+    def __init__(
+        self, ident: Identity, host: str, port: int, fingerprint: str, quiet: bool = True
+    ) -> None:
         self.ident = ident
         self.host = host
         self.port = port
@@ -101,21 +120,37 @@ class FakeClient:
             except Busy as exc:
                 self.busy += 1
                 delay = busy_delay(exc.retry_after, self.backoff)
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, WireError, FingerprintMismatch) as exc:
+            except (
+                OSError,
+                TimeoutError,
+                asyncio.IncompleteReadError,
+                WireError,
+                FingerprintMismatch,
+            ) as exc:
                 self.failures += 1
                 self.last_error = link_error(exc)
             self.connected = False
             await asyncio.sleep(delay if delay is not None else self.backoff.next())
 
     async def _session(self) -> None:
-        reader, writer = await open_pinned(self.host, self.port, self.fingerprint, _TIMING.connect_timeout)
+        reader, writer = await open_pinned(
+            self.host, self.port, self.fingerprint, _TIMING.connect_timeout
+        )
         ticker: asyncio.Task[None] | None = None
         try:
-            writer.write(encode_frame({
-                "type": "hello", "token": self.ident.token, "client_id": self.ident.client_id,
-                "version": __version__,
-                "capabilities": [*CAPABILITIES, QUIET_LINK] if self.quiet else list(CAPABILITIES),
-            }))
+            writer.write(
+                encode_frame(
+                    {
+                        "type": "hello",
+                        "token": self.ident.token,
+                        "client_id": self.ident.client_id,
+                        "version": __version__,
+                        "capabilities": [*CAPABILITIES, QUIET_LINK]
+                        if self.quiet
+                        else list(CAPABILITIES),
+                    }
+                )
+            )
             async with asyncio.timeout(_TIMING.handshake_timeout):
                 welcome = await read_frame(reader)
             if welcome.get("type") == "error":
@@ -130,8 +165,9 @@ class FakeClient:
             self.sessions += 1
             self.backoff.reset()
             every, dead = link_cadence(welcome, _TIMING)
-            ticker = asyncio.create_task(self._ticker(writer, every) if not self.quiet
-                                         else self._quiet_ticker(writer, every))
+            ticker = asyncio.create_task(
+                self._ticker(writer, every) if not self.quiet else self._quiet_ticker(writer, every)
+            )
             while True:
                 async with asyncio.timeout(dead):
                     msg = await read_frame(reader)
@@ -173,8 +209,14 @@ class FakeClient:
         if kind == "sync":
             ids = [str(r.get("id")) for r in msg.get("rules") or [] if isinstance(r, dict)]
             self.rules = set(ids)
-            self._send(writer, {"type": "applied", "seq": msg.get("seq"),
-                                "results": {i: {"state": "active"} for i in ids}})
+            self._send(
+                writer,
+                {
+                    "type": "applied",
+                    "seq": msg.get("seq"),
+                    "results": {i: {"state": "active"} for i in ids},
+                },
+            )
             self.syncs += 1
             self.synced_at = time.monotonic()
             self.sync_rules = len(ids)
@@ -183,8 +225,13 @@ class FakeClient:
             gone = [str(i) for i in msg.get("remove") or []]
             self.rules.update(ids)
             self.rules.difference_update(gone)
-            out = encode_frame({"type": "applied", "seq": msg.get("seq"),
-                                "results": {i: {"state": "active"} for i in ids}})
+            out = encode_frame(
+                {
+                    "type": "applied",
+                    "seq": msg.get("seq"),
+                    "results": {i: {"state": "active"} for i in ids},
+                }
+            )
             if gone:
                 out += encode_frame({"type": "removed", "ids": gone})
             writer.write(out)
@@ -195,8 +242,16 @@ class FakeClient:
         # ping, renamed, unknown: nothing to answer
 
     def status(self) -> tuple[bool, int, int, float, int, int, str, int]:
-        return (self.connected, self.sessions, self.syncs, self.synced_at, self.sync_rules,
-                self.failures, self.last_error, self.busy)
+        return (
+            self.connected,
+            self.sessions,
+            self.syncs,
+            self.synced_at,
+            self.sync_rules,
+            self.failures,
+            self.last_error,
+            self.busy,
+        )
 
 
 # ------------------------------------------------------------------ fleet process
@@ -296,13 +351,17 @@ class Fleet:
     def call(self, *msg: Any, timeout: float = 60.0) -> Any:
         self.conn.send(msg)
         if not self.conn.poll(timeout):
-            raise RuntimeError(f"the fake-client fleet did not answer {msg[0]!r} within {timeout:g} s")
+            raise RuntimeError(
+                f"the fake-client fleet did not answer {msg[0]!r} within {timeout:g} s"
+            )
         return self.conn.recv()
 
     def enroll(self, uris: list[str], concurrency: int) -> tuple[list[Identity | str], float]:
         return self.call("enroll", uris, concurrency, timeout=600.0)  # type: ignore[no-any-return]
 
-    def connect(self, host: str, port: int, fingerprint: str, idents: list[Identity], quiet: bool = True) -> None:
+    def connect(
+        self, host: str, port: int, fingerprint: str, idents: list[Identity], quiet: bool = True
+    ) -> None:
         self.call("connect", host, port, fingerprint, idents, quiet)
 
     def status(self) -> dict[str, tuple[bool, int, int, float, int, int, str, int]]:

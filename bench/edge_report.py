@@ -19,8 +19,10 @@ def fmt(v: float, unit: str) -> str:
 
 
 def _mem_line(label: str, m: dict[str, float]) -> str:
-    return (f"| {label} | {m['control_rss_mib']:.1f} | {m['total_rss_mib']:.1f} | {int(m['processes'])} "
-            f"| {int(m['control_fds'])} |")
+    return (
+        f"| {label} | {m['control_rss_mib']:.1f} | {m['total_rss_mib']:.1f} | {int(m['processes'])} "
+        f"| {int(m['control_fds'])} |"
+    )
 
 
 def render(res: Results, args: argparse.Namespace) -> str:
@@ -35,9 +37,11 @@ def render(res: Results, args: argparse.Namespace) -> str:
         "`portunus-server serve --shards 1`, default log level; the fakes run in one other process "
         f"(bench/edge_fleet.py, uvloop). Load average {m['loadavg'][0]} at start, {m['loadavg_end'][0]} at the end "
         "(other jobs share the machine; the p99s follow the load).",
-        "`python -m bench.edge_clients" + (" --quick" if args.quick else "")
+        "`python -m bench.edge_clients"
+        + (" --quick" if args.quick else "")
         + f" --clients {n} --restart-clients {f['restart_clients']} --rules-each {f['restart_rules_each']}"
-        + f" --restarts {len(res.series['restart'].values)}" + (" --legacy-link" if args.legacy_link else "")
+        + f" --restarts {len(res.series['restart'].values)}"
+        + (" --legacy-link" if args.legacy_link else "")
         + (f" --per-source {args.per_source}" if args.per_source else "")
         + "` (bench/edge_clients.py).",
         "",
@@ -45,29 +49,48 @@ def render(res: Results, args: argparse.Namespace) -> str:
         "|---|---|---|---|",
     ]
     for what, unit, value, target, ok in res.verdicts():
-        lines.append(f"| {what} | {fmt(value, unit)} | ≤ {fmt(target, unit)} | {'PASS' if ok else 'MISS'} |")
+        lines.append(
+            f"| {what} | {fmt(value, unit)} | ≤ {fmt(target, unit)} | {'PASS' if ok else 'MISS'} |"
+        )
     lines += ["", "| series | n | min | p50 | p90 | p99 | max |", "|---|---|---|---|---|---|---|"]
-    for key in ("list_rpc", "list_http", "get_rpc", "push", "restart", "restart_p99", "restart_listed",
-                "restart_first", "restart_stop"):
+    for key in (
+        "list_rpc",
+        "list_http",
+        "get_rpc",
+        "push",
+        "restart",
+        "restart_p99",
+        "restart_listed",
+        "restart_first",
+        "restart_stop",
+    ):
         s = res.series.get(key)
         if s is None or not s.values:
             continue
         d = s.summary()
-        lines.append(f"| {s.name} | {d['n']} | " + " | ".join(fmt(d[k], s.unit) for k in
-                                                           ("min", "p50", "p90", "p99", "max")) + " |")
+        lines.append(
+            f"| {s.name} | {d['n']} | "
+            + " | ".join(fmt(d[k], s.unit) for k in ("min", "p50", "p90", "p99", "max"))
+            + " |"
+        )
     lines += [
         "",
         "| server memory | control RSS MiB | serve tree RSS MiB | processes | control fds |",
         "|---|---|---|---|---|",
         _mem_line("ready, no clients", empty),
         _mem_line(f"{n} clients connected (after one heartbeat + stats round)", full),
-        _mem_line(f"… and {len(res.series['push'].values) + 5} pushed rules", f["mem_after_pushes"]),
+        _mem_line(
+            f"… and {len(res.series['push'].values) + 5} pushed rules", f["mem_after_pushes"]
+        ),
         "",
         f"Control-process growth per connected client: {per_conn_kib:.1f} KiB; fds per client: "
         f"{(full['control_fds'] - empty['control_fds']) / n:.2f} (control RLIMIT_NOFILE soft/hard: "
         f"{f['control_nofile'][0]}/{f['control_nofile'][1]}). Control-process CPU with {n} idle links "
-        + ("(a `ping` + a `stats` frame per client every 5 s, server ping every 5 s)" if args.legacy_link else
-           "(`quiet_link`: a `ping` each way every 20 s, `stats` only on change)")
+        + (
+            "(a `ping` + a `stats` frame per client every 5 s, server ping every 5 s)"
+            if args.legacy_link
+            else "(`quiet_link`: a `ping` each way every 20 s, `stats` only on change)"
+        )
         + f": {f['control_idle_cpu_pct']:.1f} % of one core. Fleet process RSS: {f['fleet_rss_mib']:.0f} MiB. "
         f"Full walk of the list (`limit` 1000, {f['walk_pages']} pages): {f['walk_all_s'] * 1000:.0f} ms. "
         f"`busy` refusals: {f['busy_refusals']} while connecting the fleet, {f['restart_busy_refusals']} "
@@ -90,19 +113,33 @@ def render(res: Results, args: argparse.Namespace) -> str:
         f"SIGTERM and spawned {len(res.series['restart'].values)} times. The fakes reconnect with "
         "`portunus.edge.timing.Backoff` (0.5 s doubling, ±20 % jitter, like the real client), so the time is "
         "bounded below by the backoff step that first lands after the server is listening again. "
-        "\"Reconciled\" = each fake got a full `sync` with all its rules from the new process and answered "
+        '"Reconciled" = each fake got a full `sync` with all its rules from the new process and answered '
         "it; the p99 row is, per restart, the 99th percentile over the fakes of that time; the listed row "
         "also waits for `clients.list` + `rules.list` to show every client connected and every rule `active`.",
         f"- Server log lines with a traceback or asyncio 'Fatal error': {f['server_tracebacks']}"
-        + (f" (first: `{(f['tracebacks_many'] + f['tracebacks_restart'])[0][:200]}`)" if f['server_tracebacks']
-           else "") + ".",
+        + (
+            f" (first: `{(f['tracebacks_many'] + f['tracebacks_restart'])[0][:200]}`)"
+            if f["server_tracebacks"]
+            else ""
+        )
+        + ".",
         "",
     ]
     return "\n".join(lines)
 
 
 def to_json(res: Results) -> dict[str, Any]:
-    return {"date": res.date, "machine": res.machine, "clients": res.clients, "facts": res.facts,
-            "series": {k: s.summary() | {"samples": [round(x, 4) for x in s.values]} for k, s in res.series.items()},
-            "targets": [{"what": w, "unit": u, "value": v, "target": t, "pass": ok}
-                        for w, u, v, t, ok in res.verdicts()]}
+    return {
+        "date": res.date,
+        "machine": res.machine,
+        "clients": res.clients,
+        "facts": res.facts,
+        "series": {
+            k: s.summary() | {"samples": [round(x, 4) for x in s.values]}
+            for k, s in res.series.items()
+        },
+        "targets": [
+            {"what": w, "unit": u, "value": v, "target": t, "pass": ok}
+            for w, u, v, t, ok in res.verdicts()
+        ],
+    }

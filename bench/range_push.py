@@ -82,7 +82,9 @@ class Blocks:
         try:
             lock.bind(f"\0portunus-e2e-port-{port}")
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the supervisor binds
+                probe.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+                )  # as the supervisor binds
                 probe.bind((LOOPBACK, port))
         except OSError:
             lock.close()
@@ -99,7 +101,11 @@ class Blocks:
             start = self.next
             taken: list[socket.socket] = []
             for p in range(start, start + n):
-                lock = None if any(b <= p < b + len(v) for b, v in self.held.items()) else self._take(p)
+                lock = (
+                    None
+                    if any(b <= p < b + len(v) for b, v in self.held.items())
+                    else self._take(p)
+                )
                 if lock is None:
                     break
                 taken.append(lock)
@@ -143,8 +149,12 @@ class Control:
 
 def server_bin() -> str:
     env = os.environ.get("PORTUNUS_SERVER_BIN")
-    candidates = [env, shutil.which("portunus-server"), str(REPO / ".venv" / "bin" / "portunus-server"),
-                  str(Path(sys.executable).parent / "portunus-server")]
+    candidates = [
+        env,
+        shutil.which("portunus-server"),
+        str(REPO / ".venv" / "bin" / "portunus-server"),
+        str(Path(sys.executable).parent / "portunus-server"),
+    ]
     for cand in candidates:
         if cand and os.access(cand, os.X_OK):
             return cand
@@ -164,8 +174,12 @@ def start_server(log_dir: Path, shards: int | None) -> Control:
         "shutdown_drain_timeout_secs": 1,
         "operator_token": token,
     }
-    Path(data_dir, "server.toml").write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in conf.items()))
-    argv = [server_bin(), "--data-dir", data_dir, "serve"] + (["--shards", str(shards)] if shards else [])
+    Path(data_dir, "server.toml").write_text(
+        "".join(f"{k} = {json.dumps(v)}\n" for k, v in conf.items())
+    )
+    argv = [server_bin(), "--data-dir", data_dir, "serve"] + (
+        ["--shards", str(shards)] if shards else []
+    )
     ctl = Control(os.path.join(data_dir, "run", "control.sock"), token, data_dir=data_dir)
 
     def ready() -> bool:
@@ -216,11 +230,16 @@ class Prober(threading.Thread):
 
 def push_once(ctl: Control, blocks: Blocks, n: int, target_first: int) -> Rep:
     first = blocks.block(n)
-    params = {"client": "local", "protocol": "tcp",
-              "listen_port_start": first, "listen_port_end": first + n - 1,
-              "targets": [{"host": LOOPBACK, "port_start": target_first,
-                           "port_end": target_first + n - 1}],
-              "ack_timeout": 10}
+    params = {
+        "client": "local",
+        "protocol": "tcp",
+        "listen_port_start": first,
+        "listen_port_end": first + n - 1,
+        "targets": [
+            {"host": LOOPBACK, "port_start": target_first, "port_end": target_first + n - 1}
+        ],
+        "ack_timeout": 10,
+    }
     prober = Prober(first, n)
     prober.start()
     t0 = time.perf_counter()
@@ -264,12 +283,21 @@ class SizeResult:
         acc = sorted(r.accepting_ms for r in self.reps)
         rep = sorted(r.reply_ms for r in self.reps)
         return {
-            "ports": self.ports, "n": len(self.reps),
-            "accepting_ms": {"p50": self.p50("accepting_ms"), "min": acc[0], "max": acc[-1],
-                             "p90": acc[min(len(acc) - 1, int(0.9 * len(acc)))],
-                             "samples": [round(x, 3) for x in (r.accepting_ms for r in self.reps)]},
-            "reply_ms": {"p50": self.p50("reply_ms"), "min": rep[0], "max": rep[-1],
-                         "samples": [round(x, 3) for x in (r.reply_ms for r in self.reps)]},
+            "ports": self.ports,
+            "n": len(self.reps),
+            "accepting_ms": {
+                "p50": self.p50("accepting_ms"),
+                "min": acc[0],
+                "max": acc[-1],
+                "p90": acc[min(len(acc) - 1, int(0.9 * len(acc)))],
+                "samples": [round(x, 3) for x in (r.accepting_ms for r in self.reps)],
+            },
+            "reply_ms": {
+                "p50": self.p50("reply_ms"),
+                "min": rep[0],
+                "max": rep[-1],
+                "samples": [round(x, 3) for x in (r.reply_ms for r in self.reps)],
+            },
             "target_ms": TARGETS_MS.get(self.ports),
         }
 
@@ -284,8 +312,10 @@ def measure(ctl: Control, sizes: list[tuple[int, int]], log: Any = print) -> lis
             res = SizeResult(n)
             for i in range(reps):
                 res.reps.append(push_once(ctl, blocks, n, target_first))
-                log(f"  {n} ports #{i + 1}: reply {res.reps[-1].reply_ms:.2f} ms, "
-                    f"all accepting {res.reps[-1].accepting_ms:.2f} ms")
+                log(
+                    f"  {n} ports #{i + 1}: reply {res.reps[-1].reply_ms:.2f} ms, "
+                    f"all accepting {res.reps[-1].accepting_ms:.2f} ms"
+                )
             out.append(res)
         return out
     finally:
@@ -328,7 +358,8 @@ def render(results: list[SizeResult], shards: str, date: str) -> str:
         verdict = "–" if target is None else ("PASS" if acc["p50"] <= target else "FAIL")
         lines.append(
             f"| {r.ports} | {s['n']} | {acc['p50']:.2f} ms | {acc['min']:.2f} – {acc['max']:.2f} ms "
-            f"| {acc['p90']:.2f} ms | {rep['p50']:.2f} ms | ≤ {target:.0f} ms | {verdict} |")
+            f"| {acc['p90']:.2f} ms | {rep['p50']:.2f} ms | ≤ {target:.0f} ms | {verdict} |"
+        )
     lines += ["", "Samples (ms, push → all accepting):", ""]
     for r in results:
         lines.append(f"- {r.ports} ports: " + ", ".join(f"{x.accepting_ms:.2f}" for x in r.reps))
@@ -349,22 +380,29 @@ def run(settings: Settings) -> list[BenchResult]:
     out: list[BenchResult] = []
     for r in results:
         samples = [{"accepting_ms": x.accepting_ms, "reply_ms": x.reply_ms} for x in r.reps]
-        out.append(BenchResult(
-            name=f"range_push_{r.ports}",
-            title=f"Range rule push → {r.ports} ports accepting",
-            method="rules.push over the control socket; a prober connects to every port "
-                   "in order; fresh port block per repetition (see bench/range_push.py)",
-            metrics=[Metric("accepting_ms", "push → all accepting (ms)", False),
-                     Metric("reply_ms", "push → RPC reply (ms)", False)],
-            per_forwarder={"portunus": samples},  # type: ignore[dict-item]
-            extra={"target_ms": TARGETS_MS.get(r.ports)},
-        ))
+        out.append(
+            BenchResult(
+                name=f"range_push_{r.ports}",
+                title=f"Range rule push → {r.ports} ports accepting",
+                method="rules.push over the control socket; a prober connects to every port "
+                "in order; fresh port block per repetition (see bench/range_push.py)",
+                metrics=[
+                    Metric("accepting_ms", "push → all accepting (ms)", False),
+                    Metric("reply_ms", "push → RPC reply (ms)", False),
+                ],
+                per_forwarder={"portunus": samples},  # type: ignore[dict-item]
+                extra={"target_ms": TARGETS_MS.get(r.ports)},
+            )
+        )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.range_push", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.range_push",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--reps-100", type=int, default=20)
     p.add_argument("--reps-1024", type=int, default=5)
     p.add_argument("--shards", type=int, default=None, help="server shards (default: one per CPU)")
@@ -375,8 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     log_dir = Path(tempfile.mkdtemp(prefix="portunus-range-push-logs-"))
     if args.socket:
-        token = Path(args.token_file).read_text().strip() if args.token_file else \
-            os.environ.get("PORTUNUS_OPERATOR_TOKEN", "")
+        token = (
+            Path(args.token_file).read_text().strip()
+            if args.token_file
+            else os.environ.get("PORTUNUS_OPERATOR_TOKEN", "")
+        )
         ctl = Control(args.socket, token)
         shards = "the running server's"
     else:
@@ -384,19 +425,35 @@ def main(argv: list[str] | None = None) -> int:
         shards = str(args.shards or os.cpu_count())
     date = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     try:
-        results = measure(ctl, [(100, args.reps_100), (1024, args.reps_1024)],
-                          log=lambda m: print(m, file=sys.stderr, flush=True))
+        results = measure(
+            ctl,
+            [(100, args.reps_100), (1024, args.reps_1024)],
+            log=lambda m: print(m, file=sys.stderr, flush=True),
+        )
     finally:
         ctl.close()
         shutil.rmtree(log_dir, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(results, shards, date))
     if args.json is not None:
-        args.json.write_text(json.dumps({"date": date, "machine": machine(), "shards": shards,
-                                         "sizes": [r.summary() for r in results]}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "date": date,
+                    "machine": machine(),
+                    "shards": shards,
+                    "sizes": [r.summary() for r in results],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     print(args.out.read_text())
-    failed = [r.ports for r in results if TARGETS_MS.get(r.ports) is not None
-              and r.p50("accepting_ms") > TARGETS_MS[r.ports]]
+    failed = [
+        r.ports
+        for r in results
+        if TARGETS_MS.get(r.ports) is not None and r.p50("accepting_ms") > TARGETS_MS[r.ports]
+    ]
     return 1 if failed else 0
 
 

@@ -118,7 +118,9 @@ def targets(benches: dict[str, Any]) -> list[dict[str, Any]]:
             out.append({"target": label, "value": None, "status": "n/a", "why": why})
         else:
             ok = value <= bound
-            out.append({"target": label, "value": f"{value:.1f} ms", "status": "PASS" if ok else "FAIL"})
+            out.append(
+                {"target": label, "value": f"{value:.1f} ms", "status": "PASS" if ok else "FAIL"}
+            )
 
     ratio_target(
         "single-flow TCP throughput ≥ 0.85× direct",
@@ -152,17 +154,25 @@ def targets(benches: dict[str, Any]) -> list[dict[str, Any]]:
     # itself, on each of its results; read them from the first one present.
     cp = next((b for n, b in benches.items() if n.startswith("control_plane_")), None)
     if cp is None:
-        out.append({"target": "control-plane targets (issue 4)", "value": None, "status": "n/a",
-                    "why": not_run("control_plane")})
+        out.append(
+            {
+                "target": "control-plane targets (issue 4)",
+                "value": None,
+                "status": "n/a",
+                "why": not_run("control_plane"),
+            }
+        )
     else:
         for t in cp.get("targets", []):
             unit = t["unit"]
             shown = f"{t['value']:.2f} {unit}" if unit == "s" else f"{t['value']:.1f} {unit}"
-            out.append({
-                "target": f"{t['what']} ≤ {t['target']:g} {unit}",
-                "value": shown,
-                "status": "PASS" if t["pass"] else "FAIL",
-            })
+            out.append(
+                {
+                    "target": f"{t['what']} ≤ {t['target']:g} {unit}",
+                    "value": shown,
+                    "status": "PASS" if t["pass"] else "FAIL",
+                }
+            )
 
     label = "idle RSS growth ≤ 60 MB for 10k connections"
     idle = _median(benches, "idle_memory", "portunus", "idle_10k_mib")
@@ -181,7 +191,9 @@ def targets(benches: dict[str, Any]) -> list[dict[str, Any]]:
             entry["why"] = f"scaled from {conns:,} measured connections"
         out.append(entry)
 
-    def summary_target(label: str, name: str, stat: str, bound: float, unit: str, clients: int) -> None:
+    def summary_target(
+        label: str, name: str, stat: str, bound: float, unit: str, clients: int
+    ) -> None:
         """A target on one statistic of a series-style result (bench/edge_clients.py)."""
         bench = benches.get(name, {})
         value = bench.get("summary", {}).get(stat)
@@ -195,12 +207,27 @@ def targets(benches: dict[str, Any]) -> list[dict[str, Any]]:
             entry["why"] = f"measured with {bench['clients']:,} clients"
         out.append(entry)
 
-    for name, what in (("list_rpc", "`clients.list`"), ("list_http", "`GET /v1/clients`"),
-                       ("push", "push → acked")):
-        summary_target(f"1,000 edge clients: {what} p99 ≤ 100 ms", f"edge_clients_{name}", "p99",
-                       100.0, "ms", 1000)
-    summary_target("server restart → 100 edge clients reconnected and reconciled ≤ 10 s (median)",
-                   "edge_clients_restart", "p50", 10.0, "s", 100)
+    for name, what in (
+        ("list_rpc", "`clients.list`"),
+        ("list_http", "`GET /v1/clients`"),
+        ("push", "push → acked"),
+    ):
+        summary_target(
+            f"1,000 edge clients: {what} p99 ≤ 100 ms",
+            f"edge_clients_{name}",
+            "p99",
+            100.0,
+            "ms",
+            1000,
+        )
+    summary_target(
+        "server restart → 100 edge clients reconnected and reconciled ≤ 10 s (median)",
+        "edge_clients_restart",
+        "p50",
+        10.0,
+        "s",
+        100,
+    )
 
     for flow, what in (("tls", "real TLS"), ("raw", "ClientHello + raw")):
         ratio_target(
@@ -221,8 +248,12 @@ def targets(benches: dict[str, Any]) -> list[dict[str, Any]]:
             out.append({"target": label, "value": None, "status": "n/a", "why": why})
             continue
         rule_err = _median(benches, name, "portunus-rule", "error_pct")
-        shown = f"{err:+.2f} %" + (f" (rule cap: {rule_err:+.2f} %)" if rule_err is not None else "")
-        out.append({"target": label, "value": shown, "status": "PASS" if abs(err) <= 2.0 else "FAIL"})
+        shown = f"{err:+.2f} %" + (
+            f" (rule cap: {rule_err:+.2f} %)" if rule_err is not None else ""
+        )
+        out.append(
+            {"target": label, "value": shown, "status": "PASS" if abs(err) <= 2.0 else "FAIL"}
+        )
 
     label = "failover: ≥ 99 % of new connections succeed in the 1st s after the primary dies"
     fo = benches.get("failover", {}).get("results", {}).get("portunus", {})

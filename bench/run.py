@@ -68,7 +68,6 @@ BENCHMARKS: dict[str, Callable[[Settings], BenchResult | list[BenchResult]]] = {
     "sni": sni.run,
     "failover": failover.run,
     "preauth_flood": _preauth_flood,
-
     "owner_caps": owner_caps.run,
 }
 # range_push needs blocks of 1,024 consecutive unused ports below 32768: it runs first,
@@ -161,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - one broken benchmark must not lose the run
                 log(f"{name}: FAILED {exc!r}")
                 traceback.print_exc()
-                benches.append({"name": name, "title": name, "error": f"{type(exc).__name__}: {exc}"})
+                benches.append(
+                    {"name": name, "title": name, "error": f"{type(exc).__name__}: {exc}"}
+                )
                 continue
             results = out if isinstance(out, list) else [out]
             for res in results:

@@ -302,8 +302,7 @@ def open_contenders(
 def endpoints(cont: Contenders, flow: str) -> dict[str, Endpoint | str]:
     idx = 0 if flow == "tls" else 1
     return {
-        name: c if isinstance(c, str) else Endpoint(name, c[idx], c[2])
-        for name, c in cont.items()
+        name: c if isinstance(c, str) else Endpoint(name, c[idx], c[2]) for name, c in cont.items()
     }
 
 

@@ -25,9 +25,14 @@ def _bench(name: str, values: list[float], clients: int) -> dict[str, Any]:
     from bench.control_plane import Series
 
     s = Series(name, "ms", values)
-    return BenchResult(name=name, title=name, method="m", metrics=[Metric("value", "v", False)],
-                       per_forwarder={"portunus": [{"value": v} for v in values]},
-                       extra={"summary": s.summary(), "clients": clients}).as_dict()
+    return BenchResult(
+        name=name,
+        title=name,
+        method="m",
+        metrics=[Metric("value", "v", False)],
+        per_forwarder={"portunus": [{"value": v} for v in values]},
+        extra={"summary": s.summary(), "clients": clients},
+    ).as_dict()
 
 
 def test_edge_targets_pass_fail_and_scale() -> None:
@@ -52,10 +57,26 @@ def test_edge_targets_pass_fail_and_scale() -> None:
 def test_tiny_run_end_to_end(tmp_path: Path) -> None:
     """Enroll, connect, list, push and restart with a handful of fakes: every step
     checks what the server says (connected counts, ``active`` acks, re-syncs)."""
-    args = edge_clients.parse_args([
-        "--clients", "6", "--lists", "5", "--pushes", "5", "--restart-clients", "4",
-        "--rules-each", "2", "--restarts", "1", "--idle-secs", "1", "--out", str(tmp_path / "out.md"),
-    ])
+    args = edge_clients.parse_args(
+        [
+            "--clients",
+            "6",
+            "--lists",
+            "5",
+            "--pushes",
+            "5",
+            "--restart-clients",
+            "4",
+            "--rules-each",
+            "2",
+            "--restarts",
+            "1",
+            "--idle-secs",
+            "1",
+            "--out",
+            str(tmp_path / "out.md"),
+        ]
+    )
     res = edge_clients.measure(args)
     assert len(res.series["push"].values) == 5
     assert len(res.series["restart"].values) == 1

@@ -93,8 +93,16 @@ class Settings:
         return self.shards if self.shards > 0 else (os.cpu_count() or 1)
 
 
-_TYPES: dict[str, type] = {f.name: f.type if isinstance(f.type, type) else object for f in fields(Settings)}
-_SETTING_KEYS = {f.name for f in fields(Settings)} - {"extra", "data_dir", "runtime_dir", "shards", "config_path"}
+_TYPES: dict[str, type] = {
+    f.name: f.type if isinstance(f.type, type) else object for f in fields(Settings)
+}
+_SETTING_KEYS = {f.name for f in fields(Settings)} - {
+    "extra",
+    "data_dir",
+    "runtime_dir",
+    "shards",
+    "config_path",
+}
 _FLOAT_KEYS = {
     "shutdown_drain_timeout_secs",
     "udp_flow_idle_secs",
@@ -104,7 +112,12 @@ _FLOAT_KEYS = {
     "edge_handshake_timeout_secs",
     "traffic_sample_interval_secs",
 }
-_INT_KEYS = {"range_rule_max_ports", "udp_max_flows", "edge_preauth_max_connections", "edge_preauth_max_per_source"}
+_INT_KEYS = {
+    "range_rule_max_ports",
+    "udp_max_flows",
+    "edge_preauth_max_connections",
+    "edge_preauth_max_per_source",
+}
 _STR_KEYS = {
     "operator_http_listen",
     "metrics_listen",
@@ -143,9 +156,9 @@ def _check_setting(key: str, value: Any) -> Any:
         if not isinstance(value, str):
             raise ValueError(f"{key} must be a string")
         if key == "log_format" and value not in ("json", "text"):
-            raise ValueError("log_format must be \"json\" or \"text\"")
+            raise ValueError('log_format must be "json" or "text"')
         if key == "log_level" and value not in ("debug", "info", "warning", "error"):
-            raise ValueError("log_level must be \"debug\", \"info\", \"warning\" or \"error\"")
+            raise ValueError('log_level must be "debug", "info", "warning" or "error"')
         if key.endswith("_listen"):
             parse_listen(value, key)
         if key == "listen_address":
@@ -154,7 +167,9 @@ def _check_setting(key: str, value: Any) -> Any:
     raise ValueError(f"unknown key {key!r}")
 
 
-def apply_settings(settings: Settings, table: dict[str, Any], skip: frozenset[str] | set[str] = frozenset()) -> list[tuple[str, str]]:
+def apply_settings(
+    settings: Settings, table: dict[str, Any], skip: frozenset[str] | set[str] = frozenset()
+) -> list[tuple[str, str]]:
     """Apply top-level keys to settings; return ``[(key, error message)]``."""
     errors: list[tuple[str, str]] = []
     for key, value in table.items():
@@ -196,8 +211,11 @@ def load_server_settings(data_dir: str, config_path: str | None) -> Settings:
         errs = apply_settings(settings, doc)
         if errs:
             locator = _Locator(text)
-            raise ConfigError(_in_line_order([(locator.top_key(k), f"{path}:{locator.top_key(k)}: {m}")
-                                              for k, m in errs]))
+            raise ConfigError(
+                _in_line_order(
+                    [(locator.top_key(k), f"{path}:{locator.top_key(k)}: {m}") for k, m in errs]
+                )
+            )
     return settings
 
 
@@ -266,14 +284,26 @@ class _Locator:
 
 
 _RULE_KEYS = {
-    "name", "protocol", "listen_port", "listen_ports", "target", "targets", "sni",
-    "proxy_protocol", "prefer_ipv6", "rate_limit", "health_check_interval_secs", "idle_timeout_secs",
+    "name",
+    "protocol",
+    "listen_port",
+    "listen_ports",
+    "target",
+    "targets",
+    "sni",
+    "proxy_protocol",
+    "prefer_ipv6",
+    "rate_limit",
+    "health_check_interval_secs",
+    "idle_timeout_secs",
 }
 _RULE_NAME = re.compile(rf"[A-Za-z0-9_.\-]{{1,{MAX_NAME_LEN}}}")
 _TARGET_KEYS = {"host", "port", "port_end", "ports", "priority", "proxy_protocol"}
 
 
-def _rule_from_table(t: dict[str, Any], max_ports: int) -> tuple[Rule | None, list[tuple[str | None, str]]]:
+def _rule_from_table(
+    t: dict[str, Any], max_ports: int
+) -> tuple[Rule | None, list[tuple[str | None, str]]]:
     """Build one standalone rule; return it or *every* ``(key, message)`` error.
 
     Each key is checked on its own first, so ``--check`` lists every bad key of a
@@ -284,11 +314,17 @@ def _rule_from_table(t: dict[str, Any], max_ports: int) -> tuple[Rule | None, li
             errs.append((unknown, f"unknown key {clip(unknown)!r} in [[rule]]"))
     name = t.get("name")
     if not isinstance(name, str) or not _RULE_NAME.fullmatch(name or ""):
-        errs.append(("name" if "name" in t else None,
-                     f"every [[rule]] needs name = \"...\" (letters, digits, _ . -; at most {MAX_NAME_LEN})"))
+        errs.append(
+            (
+                "name" if "name" in t else None,
+                f'every [[rule]] needs name = "..." (letters, digits, _ . -; at most {MAX_NAME_LEN})',
+            )
+        )
     protocol = t.get("protocol", "tcp")
     if protocol not in PROTOCOLS:
-        errs.append(("protocol", f"validation.protocol: protocol {clip(protocol)!r} must be \"tcp\" or \"udp\""))
+        errs.append(
+            ("protocol", f'validation.protocol: protocol {clip(protocol)!r} must be "tcp" or "udp"')
+        )
     if "listen_port" in t and "listen_ports" in t:
         errs.append(("listen_ports", "give listen_port or listen_ports, not both"))
     listen: tuple[int, int] | None = None
@@ -296,13 +332,18 @@ def _rule_from_table(t: dict[str, Any], max_ports: int) -> tuple[Rule | None, li
         if "listen_port" in t:
             v = t["listen_port"]
             if not isinstance(v, int) or isinstance(v, bool):
-                raise PortunusError("validation.port", "listen_port must be a number; use listen_ports = \"LO-HI\" for a range")
+                raise PortunusError(
+                    "validation.port",
+                    'listen_port must be a number; use listen_ports = "LO-HI" for a range',
+                )
             listen = parse_port_range(v, "listen_port")
         elif "listen_ports" in t:
             raw_ports = t["listen_ports"]
-            listen = parse_port_range(raw_ports if isinstance(raw_ports, (str, int)) else "?", "listen_ports")
+            listen = parse_port_range(
+                raw_ports if isinstance(raw_ports, (str, int)) else "?", "listen_ports"
+            )
         else:
-            errs.append((None, "[[rule]] needs listen_port = PORT or listen_ports = \"LO-HI\""))
+            errs.append((None, '[[rule]] needs listen_port = PORT or listen_ports = "LO-HI"'))
     except PortunusError as exc:
         errs.append(("listen_port" if "listen_port" in t else "listen_ports", exc.message))
     targets: list[Target] = []
@@ -311,7 +352,7 @@ def _rule_from_table(t: dict[str, Any], max_ports: int) -> tuple[Rule | None, li
     if "target" in t:
         try:
             if not isinstance(t["target"], str):
-                raise PortunusError("validation.target", "target must be \"host:port\"")
+                raise PortunusError("validation.target", 'target must be "host:port"')
             targets.append(parse_target(t["target"]))
         except PortunusError as exc:
             errs.append(("target", exc.message))
@@ -326,15 +367,17 @@ def _rule_from_table(t: dict[str, Any], max_ports: int) -> tuple[Rule | None, li
                 except PortunusError as exc:
                     errs.append(("targets", exc.message))
     else:
-        errs.append((None, "[[rule]] needs target = \"host:port\" or targets = [...]"))
+        errs.append((None, '[[rule]] needs target = "host:port" or targets = [...]'))
     pp = t.get("proxy_protocol")
     if pp is not None and pp not in PROXY_VERSIONS:
-        errs.append(("proxy_protocol", "proxy_protocol must be \"v1\" or \"v2\""))
+        errs.append(("proxy_protocol", 'proxy_protocol must be "v1" or "v2"'))
         pp = None
     sni = t.get("sni")
     try:
         if sni is not None and not isinstance(sni, str):
-            raise PortunusError("validation.sni_pattern", "sni must be a string: a host name or *.domain")
+            raise PortunusError(
+                "validation.sni_pattern", "sni must be a string: a host name or *.domain"
+            )
         validate_sni_pattern(sni)
     except PortunusError as exc:
         errs.append(("sni", f"{exc.code}: {exc.message}"))
@@ -378,7 +421,11 @@ def _rule_from_table(t: dict[str, Any], max_ports: int) -> tuple[Rule | None, li
             idle_timeout_secs=idle_timeout,
         )
     except PortunusError as exc:
-        field_map = {"protocol": "protocol", "sni_pattern": "sni", "listen": "listen_ports" if "listen_ports" in t else "listen_port"}
+        field_map = {
+            "protocol": "protocol",
+            "sni_pattern": "sni",
+            "listen": "listen_ports" if "listen_ports" in t else "listen_port",
+        }
         key = exc.details.get("field")
         key = field_map.get(key, key) if isinstance(key, str) else None
         if key is not None and key not in t:
@@ -389,10 +436,14 @@ def _rule_from_table(t: dict[str, Any], max_ports: int) -> tuple[Rule | None, li
 
 def _target_from_table(item: Any, i: int) -> Target:
     if not isinstance(item, dict):
-        raise PortunusError("validation.targets", f"targets[{i}] must be a table {{host=..., port=...}}")
+        raise PortunusError(
+            "validation.targets", f"targets[{i}] must be a table {{host=..., port=...}}"
+        )
     unknown = set(item) - _TARGET_KEYS
     if unknown:
-        raise PortunusError("validation.targets", f"targets[{i}] has unknown key(s) {', '.join(sorted(unknown))}")
+        raise PortunusError(
+            "validation.targets", f"targets[{i}] has unknown key(s) {', '.join(sorted(unknown))}"
+        )
     if "host" not in item or ("port" not in item and "ports" not in item):
         raise PortunusError("validation.targets", f"targets[{i}] needs host and port")
     if not isinstance(item["host"], str):
@@ -407,8 +458,12 @@ def _target_from_table(item: Any, i: int) -> Target:
     prio = PRIORITY.check(item.get("priority", 1), f"targets[{i}].priority", "validation.priority")
     pp = item.get("proxy_protocol")
     if pp is not None and pp not in PROXY_VERSIONS:
-        raise PortunusError("validation.proxy_protocol", f"targets[{i}].proxy_protocol must be \"v1\" or \"v2\"")
-    return Target(host=host, port=lo, port_end=hi if hi != lo else None, priority=prio, proxy_protocol=pp)
+        raise PortunusError(
+            "validation.proxy_protocol", f'targets[{i}].proxy_protocol must be "v1" or "v2"'
+        )
+    return Target(
+        host=host, port=lo, port_end=hi if hi != lo else None, priority=prio, proxy_protocol=pp
+    )
 
 
 def load_standalone(path: str) -> tuple[Settings, list[Rule]]:
@@ -416,8 +471,10 @@ def load_standalone(path: str) -> tuple[Settings, list[Rule]]:
     text = _read(path)
     doc = _parse_toml(path, text)
     loc = _Locator(text)
-    settings = Settings(data_dir=os.path.abspath(os.path.dirname(path) or "."),
-                        metrics_listen=STANDALONE_METRICS_LISTEN)
+    settings = Settings(
+        data_dir=os.path.abspath(os.path.dirname(path) or "."),
+        metrics_listen=STANDALONE_METRICS_LISTEN,
+    )
     errors: list[tuple[int, str]] = []
 
     def error(line: int, msg: str) -> None:
@@ -427,7 +484,9 @@ def load_standalone(path: str) -> tuple[Settings, list[Rule]]:
         error(loc.top_key(key), msg)
     if "shards" in doc:
         try:
-            settings.shards = SETTING_BOUNDS["shards"].check(doc["shards"], "shards", "validation.config")
+            settings.shards = SETTING_BOUNDS["shards"].check(
+                doc["shards"], "shards", "validation.config"
+            )
         except PortunusError as exc:
             error(loc.top_key("shards"), exc.message)
     raw_rules = doc.get("rule", [])
@@ -446,14 +505,21 @@ def load_standalone(path: str) -> tuple[Settings, list[Rule]]:
         if rule is None:
             continue
         if rule.id in seen_names:
-            error(loc.rule_key(i, "name"), f"duplicate rule name {rule.id!r} (first at rule #{seen_names[rule.id] + 1})")
+            error(
+                loc.rule_key(i, "name"),
+                f"duplicate rule name {rule.id!r} (first at rule #{seen_names[rule.id] + 1})",
+            )
             continue
         seen_names[rule.id] = i
         rules.append(rule)
     # Port slots: overlapping ports on one protocol conflict, except SNI rules sharing a port.
     for i, a in enumerate(rules):
         for b in rules[:i]:
-            if a.protocol != b.protocol or a.listen_end < b.listen_start or b.listen_end < a.listen_start:
+            if (
+                a.protocol != b.protocol
+                or a.listen_end < b.listen_start
+                or b.listen_end < a.listen_start
+            ):
                 continue
             both_single = not a.is_range and not b.is_range
             if both_single and (a.sni or b.sni):
@@ -465,7 +531,9 @@ def load_standalone(path: str) -> tuple[Settings, list[Rule]]:
                     continue
             idx = raw_rules.index(next(t for t in raw_rules if t.get("name") == a.id))
             error(
-                loc.rule_key(idx, "listen_port" if "listen_port" in raw_rules[idx] else "listen_ports"),
+                loc.rule_key(
+                    idx, "listen_port" if "listen_port" in raw_rules[idx] else "listen_ports"
+                ),
                 f"port_conflict: rule {a.id!r} overlaps the ports of rule {b.id!r} on {a.protocol}",
             )
     if errors:

@@ -25,7 +25,11 @@ class _LogState(TypedDict):
     level: int
 
 
-_state: _LogState = {"format": os.environ.get("PORTUNUS_LOG_FORMAT", "json"), "process": "", "level": 20}
+_state: _LogState = {
+    "format": os.environ.get("PORTUNUS_LOG_FORMAT", "json"),
+    "process": "",
+    "level": 20,
+}
 
 
 def configure(fmt: str | None = None, process: str | None = None, level: str | None = None) -> None:
@@ -77,8 +81,9 @@ class LogThrottle:
 
     __slots__ = ("limit", "window", "clock", "_windows")
 
-    def __init__(self, limit: int = 10, window: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, limit: int = 10, window: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.limit = limit
         self.window = window
         self.clock = clock
@@ -113,8 +118,13 @@ class LogThrottle:
 
     def _summarize(self, event: str, w: list[Any]) -> None:
         if w[2]:
-            log_event("log.suppressed", level=w[3], suppressed_event=event, count=w[2],
-                      window_secs=self.window)
+            log_event(
+                "log.suppressed",
+                level=w[3],
+                suppressed_event=event,
+                count=w[2],
+                window_secs=self.window,
+            )
             w[2] = 0
 
 

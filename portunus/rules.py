@@ -164,7 +164,9 @@ class Rule:
             rate_limit=d.get("rate_limit") or None,
             health_check_interval_secs=float(d.get("health_check_interval_secs", 5.0)),
             sni_fallback=bool(d.get("sni_fallback", False)),
-            idle_timeout_secs=float(d["idle_timeout_secs"]) if d.get("idle_timeout_secs") is not None else None,
+            idle_timeout_secs=float(d["idle_timeout_secs"])
+            if d.get("idle_timeout_secs") is not None
+            else None,
         )
 
 
@@ -176,17 +178,23 @@ def check_wire_numbers(d: dict[str, Any]) -> None:
     PORT.check(d.get("listen_end"), "listen_end", "validation.port")
     for i, t in enumerate(d.get("targets") or ()):
         if not isinstance(t, dict):
-            raise ValidationError("validation.targets", f"targets[{i}] must be an object", field="targets")
+            raise ValidationError(
+                "validation.targets", f"targets[{i}] must be an object", field="targets"
+            )
         PORT.check(t.get("port"), f"targets[{i}].port", "validation.port")
         if t.get("port_end") is not None:
             PORT.check(t.get("port_end"), f"targets[{i}].port_end", "validation.port")
         PRIORITY.check(t.get("priority", 1), f"targets[{i}].priority", "validation.priority")
-    HEALTH_CHECK_INTERVAL.check(d.get("health_check_interval_secs", 5.0), "health_check_interval_secs")
+    HEALTH_CHECK_INTERVAL.check(
+        d.get("health_check_interval_secs", 5.0), "health_check_interval_secs"
+    )
     if d.get("idle_timeout_secs") is not None:
         IDLE_TIMEOUT.check(d["idle_timeout_secs"], "idle_timeout_secs")
     caps = d.get("rate_limit")
     if caps is not None and not isinstance(caps, dict):
-        raise ValidationError("validation.rate_limit", "rate_limit must be an object", field="rate_limit")
+        raise ValidationError(
+            "validation.rate_limit", "rate_limit must be an object", field="rate_limit"
+        )
     validate_rate_limit(caps)
 
 
@@ -322,7 +330,11 @@ def validate_sni_pattern(pattern: str | None) -> str | None:
             field="sni_pattern",
         )
     body = p[2:] if p.startswith("*.") else p
-    if len(p) > MAX_SNI_LEN or "*" in body or not all(_HOST_LABEL.match(lbl) for lbl in body.split(".")):
+    if (
+        len(p) > MAX_SNI_LEN
+        or "*" in body
+        or not all(_HOST_LABEL.match(lbl) for lbl in body.split("."))
+    ):
         raise ValidationError(
             "validation.sni_pattern",
             f"SNI pattern {clip(pattern)!r} must be an exact name or a single-label wildcard like "
@@ -372,7 +384,9 @@ def build_rule(
     """
     if protocol not in PROTOCOLS:
         raise ValidationError(
-            "validation.protocol", f"protocol {clip(protocol)!r} must be tcp or udp", field="protocol"
+            "validation.protocol",
+            f"protocol {clip(protocol)!r} must be tcp or udp",
+            field="protocol",
         )
     lo, hi = listen
     count = hi - lo + 1
@@ -383,7 +397,9 @@ def build_rule(
             field="listen",
         )
     if not targets:
-        raise ValidationError("validation.targets", "a rule needs at least one target", field="targets")
+        raise ValidationError(
+            "validation.targets", "a rule needs at least one target", field="targets"
+        )
     if len(targets) > MAX_TARGETS:
         raise ValidationError(
             "validation.targets",
@@ -409,7 +425,8 @@ def build_rule(
             )
         if not PRIORITY.contains(t.priority):
             raise ValidationError(
-                "validation.priority", f"target priority must be an integer in {PRIORITY.text()}",
+                "validation.priority",
+                f"target priority must be an integer in {PRIORITY.text()}",
                 field="targets",
             )
         fixed.append(t)

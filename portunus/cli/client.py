@@ -40,28 +40,75 @@ def _fail(message: str, code: int, hint: str | None = None) -> NoReturn:
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--bundle", "bundle_path", envvar="PORTUNUS_BUNDLE", metavar="FILE",
-              help="The bundle `enroll` wrote (server address, pinned fingerprint, token).")
-@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True, metavar="DIR", envvar="PORTUNUS_CLIENT_DATA_DIR",
-              help="Where the client keeps rules.json (the last rules the server sent), so it "
-                   "forwards after a restart even while the server is down.")
-@click.option("--metrics-listen", default=CLIENT_METRICS_LISTEN, show_default=True, metavar="HOST:PORT",
-              help="Serve Prometheus /metrics here (not the server's 7081, so both can run on one host).")
-@click.option("--shards", type=BoundedNumber(SHARDS), default=None,
-              help="Data-plane processes (default: one per CPU).")
-@click.option("--listen-address", default="0.0.0.0", show_default=True, metavar="ADDR",
-              help="Address the forwarded ports bind to.")
-@click.option("--disable-capability", "disabled", multiple=True, type=click.Choice(CAPABILITIES),
-              metavar="NAME", help="Do not advertise NAME to the server (repeatable; for testing the "
-                                   f"server's capability gate). One of: {', '.join(CAPABILITIES)}.")
-@click.option("--stats-interval", type=BoundedNumber(CLI_INTERVAL), default=5.0, show_default=True,
-              metavar="SECS", help="How often per-rule counters are reported to the server.")
-@click.option("--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True)
+@click.option(
+    "--bundle",
+    "bundle_path",
+    envvar="PORTUNUS_BUNDLE",
+    metavar="FILE",
+    help="The bundle `enroll` wrote (server address, pinned fingerprint, token).",
+)
+@click.option(
+    "--data-dir",
+    default=DEFAULT_DATA_DIR,
+    show_default=True,
+    metavar="DIR",
+    envvar="PORTUNUS_CLIENT_DATA_DIR",
+    help="Where the client keeps rules.json (the last rules the server sent), so it "
+    "forwards after a restart even while the server is down.",
+)
+@click.option(
+    "--metrics-listen",
+    default=CLIENT_METRICS_LISTEN,
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Serve Prometheus /metrics here (not the server's 7081, so both can run on one host).",
+)
+@click.option(
+    "--shards",
+    type=BoundedNumber(SHARDS),
+    default=None,
+    help="Data-plane processes (default: one per CPU).",
+)
+@click.option(
+    "--listen-address",
+    default="0.0.0.0",
+    show_default=True,
+    metavar="ADDR",
+    help="Address the forwarded ports bind to.",
+)
+@click.option(
+    "--disable-capability",
+    "disabled",
+    multiple=True,
+    type=click.Choice(CAPABILITIES),
+    metavar="NAME",
+    help="Do not advertise NAME to the server (repeatable; for testing the "
+    f"server's capability gate). One of: {', '.join(CAPABILITIES)}.",
+)
+@click.option(
+    "--stats-interval",
+    type=BoundedNumber(CLI_INTERVAL),
+    default=5.0,
+    show_default=True,
+    metavar="SECS",
+    help="How often per-rule counters are reported to the server.",
+)
+@click.option(
+    "--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True
+)
 @click.version_option(__version__, prog_name="portunus-client")
 @click.pass_context
-def main(ctx: click.Context, bundle_path: str | None, data_dir: str, metrics_listen: str,
-         shards: int | None, listen_address: str, disabled: tuple[str, ...], stats_interval: float,
-         log_format: str) -> None:
+def main(
+    ctx: click.Context,
+    bundle_path: str | None,
+    data_dir: str,
+    metrics_listen: str,
+    shards: int | None,
+    listen_address: str,
+    disabled: tuple[str, ...],
+    stats_interval: float,
+    log_format: str,
+) -> None:
     """Forward the ports a Portunus server assigns to this machine.
 
     \b
@@ -103,13 +150,21 @@ def main(ctx: click.Context, bundle_path: str | None, data_dir: str, metrics_lis
     try:
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
     except OSError as exc:
-        _fail(f"cannot create the data dir {data_dir}: {exc.strerror}", EXIT_ERROR,
-              "pass --data-dir DIR (a directory this user can write)")
+        _fail(
+            f"cannot create the data dir {data_dir}: {exc.strerror}",
+            EXIT_ERROR,
+            "pass --data-dir DIR (a directory this user can write)",
+        )
     marker = revoked.read_marker(data_dir, bundle.client_id)
     if marker is not None:
         _fail(revoked.describe(marker, bundle_path), EXIT_REVOKED)
-    settings = Settings(data_dir=data_dir, metrics_listen=metrics_listen, listen_address=listen_address,
-                        log_format=log_format, shards=shards or 0)
+    settings = Settings(
+        data_dir=data_dir,
+        metrics_listen=metrics_listen,
+        listen_address=listen_address,
+        log_format=log_format,
+        shards=shards or 0,
+    )
     runtime = os.environ.get("PORTUNUS_RUNTIME_DIR") or os.environ.get("RUNTIME_DIRECTORY")
     settings.runtime_dir = runtime or os.path.join(data_dir, "run")
     capabilities = [c for c in CAPABILITIES if c not in disabled]
@@ -140,8 +195,9 @@ def run(settings: Settings, bundle: Bundle, capabilities: list[str], stats_inter
     from portunus.web.metrics import run_metrics
 
     store = FdStore()  # sockets systemd kept across a restart, when the unit has a store
-    metrics_sock = bind_metrics(settings.metrics_listen, "--metrics-listen", "the portunus-client command line",
-                                store)
+    metrics_sock = bind_metrics(
+        settings.metrics_listen, "--metrics-listen", "the portunus-client command line", store
+    )
     instance = {"kind": "client", "config": os.path.abspath(bundle.path) if bundle.path else ""}
 
     timing = LinkTiming(stats_secs=stats_interval)
@@ -165,9 +221,21 @@ def run(settings: Settings, bundle: Bundle, capabilities: list[str], stats_inter
         drain_secs=settings.shutdown_drain_timeout_secs,
         metrics_dir=metrics_dir,
         services=[
-            Child(name="link", title="portunus: link", entry=link_entry, wants_channel=True, role=Role.LINK),
-            Child(name="metrics", title="portunus: metrics", role=Role.METRICS, wants_channel=True,
-                  sockets=[metrics_sock], entry=lambda ch: run_metrics(settings, metrics_sock, ch, instance)),
+            Child(
+                name="link",
+                title="portunus: link",
+                entry=link_entry,
+                wants_channel=True,
+                role=Role.LINK,
+            ),
+            Child(
+                name="metrics",
+                title="portunus: metrics",
+                role=Role.METRICS,
+                wants_channel=True,
+                sockets=[metrics_sock],
+                entry=lambda ch: run_metrics(settings, metrics_sock, ch, instance),
+            ),
         ],
         rule_child="link",
         own_sockets=[metrics_sock],
@@ -178,10 +246,17 @@ def run(settings: Settings, bundle: Bundle, capabilities: list[str], stats_inter
 
 @main.command()
 @click.argument("uri")
-@click.option("--out", "out_path", required=True, metavar="FILE",
-              help="Where to write the bundle (mode 0600). It holds this client's token: keep it private.")
+@click.option(
+    "--out",
+    "out_path",
+    required=True,
+    metavar="FILE",
+    help="Where to write the bundle (mode 0600). It holds this client's token: keep it private.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing bundle at FILE.")
-@click.option("--timeout", type=BoundedNumber(CLI_INTERVAL), default=15.0, show_default=True, metavar="SECS")
+@click.option(
+    "--timeout", type=BoundedNumber(CLI_INTERVAL), default=15.0, show_default=True, metavar="SECS"
+)
 def enroll(uri: str, out_path: str, force: bool, timeout: float) -> None:
     """Redeem a one-time enrollment URI for a bundle.
 
@@ -205,10 +280,13 @@ def enroll(uri: str, out_path: str, force: bool, timeout: float) -> None:
     try:
         bundle = asyncio.run(redeem(target, timeout))
     except FingerprintMismatch as exc:
-        _fail(f"certificate fingerprint mismatch: expected {exc.expected}, got {exc.got} "
-              f"from {exc.where}", EXIT_ERROR,
-              "nothing was sent and the code is still unused. Check that the URI is the one "
-              "enroll-client printed for this server; if the server was reinstalled, mint a new one")
+        _fail(
+            f"certificate fingerprint mismatch: expected {exc.expected}, got {exc.got} "
+            f"from {exc.where}",
+            EXIT_ERROR,
+            "nothing was sent and the code is still unused. Check that the URI is the one "
+            "enroll-client printed for this server; if the server was reinstalled, mint a new one",
+        )
     except EnrollError as exc:
         hint = {
             "enrollment_invalid": "mint a new code on the server: portunus-server enroll-client NAME",
@@ -218,21 +296,35 @@ def enroll(uri: str, out_path: str, force: bool, timeout: float) -> None:
     try:
         write_bundle(out_path, bundle)
     except OSError as exc:
-        _fail(f"enrolled as {bundle.client_name} ({bundle.client_id}) but cannot write {out_path}: "
-              f"{exc.strerror}", EXIT_ERROR, "the code is used up; mint a new one and enroll again")
-    click.echo(f"enrolled as {bundle.client_name} (client id {bundle.client_id}) with {bundle.server}")
+        _fail(
+            f"enrolled as {bundle.client_name} ({bundle.client_id}) but cannot write {out_path}: "
+            f"{exc.strerror}",
+            EXIT_ERROR,
+            "the code is used up; mint a new one and enroll again",
+        )
+    click.echo(
+        f"enrolled as {bundle.client_name} (client id {bundle.client_id}) with {bundle.server}"
+    )
     click.echo(f"bundle written to {out_path} (mode 0600; it holds this client's token)")
     click.echo(f"run: portunus-client --bundle {out_path}")
 
 
 def _check_writable(path: str, force: bool) -> None:
     if os.path.exists(path) and not force:
-        _fail(f"{path} exists", EXIT_USAGE, "pass --force to replace it (the old bundle's token stops "
-                                            "being used here), or choose another --out")
+        _fail(
+            f"{path} exists",
+            EXIT_USAGE,
+            "pass --force to replace it (the old bundle's token stops "
+            "being used here), or choose another --out",
+        )
     directory = os.path.dirname(path)
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
     except OSError as exc:
         _fail(f"cannot create {directory}: {exc.strerror}", EXIT_ERROR)
     if not os.access(directory, os.W_OK):
-        _fail(f"cannot write to {directory}", EXIT_ERROR, "choose another --out or run as a user who can")
+        _fail(
+            f"cannot write to {directory}",
+            EXIT_ERROR,
+            "choose another --out or run as a user who can",
+        )

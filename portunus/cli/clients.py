@@ -18,13 +18,23 @@ from portunus.cli.numbers import BoundedNumber
 
 @click.command("enroll-client")
 @click.argument("name")
-@click.option("--address", metavar="HOST",
-              help="Host the client dials (default: the host of control_listen, else this machine's FQDN).")
-@click.option("--ttl-secs", type=BoundedNumber(ENROLL_TTL), default=600, show_default=True,
-              help="How long the one-time code stays valid.")
+@click.option(
+    "--address",
+    metavar="HOST",
+    help="Host the client dials (default: the host of control_listen, else this machine's FQDN).",
+)
+@click.option(
+    "--ttl-secs",
+    type=BoundedNumber(ENROLL_TTL),
+    default=600,
+    show_default=True,
+    help="How long the one-time code stays valid.",
+)
 @format_option
 @click.pass_obj
-def enroll_client(obj: OperatorContext, name: str, address: str | None, ttl_secs: int, fmt: str) -> None:
+def enroll_client(
+    obj: OperatorContext, name: str, address: str | None, ttl_secs: int, fmt: str
+) -> None:
     """Enroll a new edge client NAME; print the command to run on it.
 
     The command carries a one-time code (valid --ttl-secs) and the fingerprint of

@@ -60,8 +60,14 @@ def hint_for(err: PortunusError, facts: dict[str, Any]) -> str | None:
             )
         if err.details.get("denied"):
             group, user = err.details.get("group"), err.details.get("user", "USER")
-            who = (f"as root or as a member of group {group} (`usermod -aG {group} {user}`, "
-                   "then log in again)") if group else "as root or the owner of the token file"
+            who = (
+                (
+                    f"as root or as a member of group {group} (`usermod -aG {group} {user}`, "
+                    "then log in again)"
+                )
+                if group
+                else "as root or the owner of the token file"
+            )
             return f"run the CLI {who}, or export {TOKEN_ENV}=TOKEN with a token you were given"
         data_dir = facts.get("data_dir", "<data-dir>")
         return (
@@ -95,7 +101,11 @@ def hint_for(err: PortunusError, facts: dict[str, Any]) -> str | None:
         return f"`{prog} list-rules` shows the rule ids"
     if code == "conflict.legacy_to_sni_unsupported":
         return "a port is plain TCP or SNI-routed for its whole life; remove the existing rule on it first"
-    if code == "forbidden" or code in ("client_not_granted", "port_outside_grant", "protocol_not_granted"):
+    if code == "forbidden" or code in (
+        "client_not_granted",
+        "port_outside_grant",
+        "protocol_not_granted",
+    ):
         return f"your token's user lacks a grant for this; ask a superadmin (`{prog} grant-list` shows yours)"
     if code == "role_required":
         return "this needs a superadmin's token"
@@ -167,6 +177,7 @@ def echo_json(data: Any) -> None:
 
 
 # ------------------------------------------------------------------ time
+
 
 def parse_when(text: str, now: datetime | None = None) -> str:
     """An operator time (RFC 3339, Unix time, ``now`` or an age like ``1h30m``)
@@ -260,7 +271,9 @@ def _denied_error(denied: list[str]) -> PortunusError:
     return PortunusError(
         "unauthenticated",
         f"no operator token this user ({user}) may read: permission denied on {' and '.join(denied)}",
-        denied=denied, user=user, group=groups[0] if groups else None,
+        denied=denied,
+        user=user,
+        group=groups[0] if groups else None,
     )
 
 
@@ -298,7 +311,9 @@ class OperatorContext:
         try:
             return call_sync(self.socket_path, token, method, params or {}, timeout)
         except ValueError as exc:  # a reply line that is not JSON
-            raise PortunusError("internal", f"unreadable reply from the control process: {exc}") from None
+            raise PortunusError(
+                "internal", f"unreadable reply from the control process: {exc}"
+            ) from None
         except OSError as exc:  # reset mid-reply, path too long, ...
             raise PortunusError(
                 "unavailable", f"control socket {self.socket_path}: {exc.strerror or exc}"

@@ -19,7 +19,12 @@ from portunus.rules import MAX_TARGETS, RATE_LIMIT_ALL_KEYS, Target, parse_port_
 def _target_entry(t: Target) -> dict[str, Any]:
     """HTTP-shaped target: ``{host, port}``, or ``{host, port_start, port_end}`` for ranges."""
     if t.port_end is not None:
-        return {"host": t.host, "port_start": t.port, "port_end": t.port_end, "priority": t.priority}
+        return {
+            "host": t.host,
+            "port_start": t.port,
+            "port_end": t.port_end,
+            "priority": t.priority,
+        }
     return {"host": t.host, "port": t.port, "priority": t.priority}
 
 
@@ -50,12 +55,14 @@ def build_push_params(
     parsed += [parse_target(t, "--target") for t in targets]
     if not parsed:
         raise ValidationError(
-            "validation.targets", "give a TARGET (host:port) or at least one --target host:port@prio",
+            "validation.targets",
+            "give a TARGET (host:port) or at least one --target host:port@prio",
             field="targets",
         )
     if len(parsed) > MAX_TARGETS:
         raise ValidationError(
-            "validation.targets", f"a rule takes at most {MAX_TARGETS} targets, got {len(parsed)}",
+            "validation.targets",
+            f"a rule takes at most {MAX_TARGETS} targets, got {len(parsed)}",
             field="targets",
         )
     params: dict[str, Any] = {"client": client, "protocol": protocol}
@@ -97,5 +104,7 @@ def rate_limit_options(f: Any) -> Any:
             text = f"Burst allowed above {flag.removesuffix('-burst')}."
         else:
             text = f"{_CAP_HELP.get(key, 'Cap')} (rate_limit.{key})."
-        f = click.option(flag, key, type=BoundedNumber(RATE_LIMIT_VALUE), default=None, metavar="N", help=text)(f)
+        f = click.option(
+            flag, key, type=BoundedNumber(RATE_LIMIT_VALUE), default=None, metavar="N", help=text
+        )(f)
     return f

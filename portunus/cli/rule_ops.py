@@ -51,8 +51,13 @@ def retry_rule(obj: OperatorContext, rule_id: int, fmt: str) -> None:
 
 @click.command("update-rule")
 @click.argument("rule_id", metavar="ID", type=BoundedNumber(RULE_ID))
-@click.option("--target", "targets", multiple=True, metavar="HOST:PORT[@PRIO]",
-              help=f"The rule's new targets (repeat, up to {MAX_TARGETS}); they replace the old list.")
+@click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    metavar="HOST:PORT[@PRIO]",
+    help=f"The rule's new targets (repeat, up to {MAX_TARGETS}); they replace the old list.",
+)
 @format_option
 @click.pass_obj
 def update_rule(obj: OperatorContext, rule_id: int, targets: tuple[str, ...], fmt: str) -> None:
@@ -70,7 +75,9 @@ def update_rule(obj: OperatorContext, rule_id: int, targets: tuple[str, ...], fm
         raise PortunusError("validation.targets", "give at least one --target host:port@prio")
     parsed = [parse_target(t, "--target") for t in targets]
     if len(parsed) > MAX_TARGETS:
-        raise PortunusError("validation.targets", f"a rule takes at most {MAX_TARGETS} targets, got {len(parsed)}")
+        raise PortunusError(
+            "validation.targets", f"a rule takes at most {MAX_TARGETS} targets, got {len(parsed)}"
+        )
     rule = obj.call("rules.update", {"id": rule_id, "targets": [_target_entry(t) for t in parsed]})
     if fmt == "json":
         echo_json(rule)

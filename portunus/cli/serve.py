@@ -23,8 +23,12 @@ EX_CONFIG = ServiceExit.CONFIG
 
 
 @click.command()
-@click.option("--shards", type=BoundedNumber(SHARDS), default=None,
-              help="Data-plane processes (default: one per CPU).")
+@click.option(
+    "--shards",
+    type=BoundedNumber(SHARDS),
+    default=None,
+    help="Data-plane processes (default: one per CPU).",
+)
 @click.pass_obj
 def serve(obj: Any, shards: int | None) -> None:
     """Run the appliance: control process, HTTP API + UI, metrics and one shard per CPU.
@@ -129,8 +133,10 @@ def ensure_setup_token(settings: Settings) -> str | None:
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     os.replace(tmp, path)
-    return (f"first-run setup (valid 30 min): {setup_link(settings, token)}\n"
-            f"    (or: portunus-server --data-dir {settings.data_dir} user-add ID --role superadmin --password-stdin)")
+    return (
+        f"first-run setup (valid 30 min): {setup_link(settings, token)}\n"
+        f"    (or: portunus-server --data-dir {settings.data_dir} user-add ID --role superadmin --password-stdin)"
+    )
 
 
 def _api_healthy(listen: str) -> bool:
@@ -149,7 +155,9 @@ def _api_healthy(listen: str) -> bool:
         conn.close()
 
 
-def bind_own_listeners(settings: Settings, config_path: str | None, store: Any = None) -> dict[str, Any]:
+def bind_own_listeners(
+    settings: Settings, config_path: str | None, store: Any = None
+) -> dict[str, Any]:
     """Bind the API, metrics and edge gateway sockets before anything forks; a
     taken or invalid address ends ``serve`` here with exit 73 (LISTEN_FAILED)."""
     from portunus.logs import log_event
@@ -157,14 +165,22 @@ def bind_own_listeners(settings: Settings, config_path: str | None, store: Any =
 
     where = settings.config_path or config_path or os.path.join(settings.data_dir, "server.toml")
     try:
-        return bind_all([
-            ("operator_http_listen", settings.operator_http_listen, "operator HTTP API"),
-            ("metrics_listen", settings.metrics_listen, "metrics endpoint"),
-            ("control_listen", settings.control_listen, "edge gateway"),
-        ], where, store)
+        return bind_all(
+            [
+                ("operator_http_listen", settings.operator_http_listen, "operator HTTP API"),
+                ("metrics_listen", settings.metrics_listen, "metrics endpoint"),
+                ("control_listen", settings.control_listen, "edge gateway"),
+            ],
+            where,
+            store,
+        )
     except BindError as exc:
-        log_event("supervisor.listen_failed", level="error", message=str(exc),
-                  exit_code=int(ServiceExit.LISTEN_FAILED))
+        log_event(
+            "supervisor.listen_failed",
+            level="error",
+            message=str(exc),
+            exit_code=int(ServiceExit.LISTEN_FAILED),
+        )
         click.echo(f"error: listen_failed: {exc}", err=True)
         sys.exit(ServiceExit.LISTEN_FAILED)
 
@@ -212,17 +228,32 @@ def run(settings: Settings, token_note: str, config_path: str | None = None) -> 
         drain_secs=settings.shutdown_drain_timeout_secs,
         metrics_dir=settings.metrics_dir,
         services=[
-            Child(name="control", title="portunus: control", entry=control_entry, wants_channel=True,
-                  role=Role.CONTROL, sockets=[own["control_listen"].sock]),
-            Child(name="web", title="portunus: web", entry=web_entry, wants_channel=True, role=Role.WEB,
-                  sockets=[own["operator_http_listen"].sock, own["metrics_listen"].sock]),
+            Child(
+                name="control",
+                title="portunus: control",
+                entry=control_entry,
+                wants_channel=True,
+                role=Role.CONTROL,
+                sockets=[own["control_listen"].sock],
+            ),
+            Child(
+                name="web",
+                title="portunus: web",
+                entry=web_entry,
+                wants_channel=True,
+                role=Role.WEB,
+                sockets=[own["operator_http_listen"].sock, own["metrics_listen"].sock],
+            ),
         ],
         rule_child="control",
         ready_checks=[lambda: _api_healthy(settings.operator_http_listen)],
         own_sockets=[o.sock for o in own.values()],
         fdstore=store,
         reloader=SettingsReloader(
-            settings, lambda: load_server_settings(settings.data_dir, config_path or settings.config_path or None),
+            settings,
+            lambda: load_server_settings(
+                settings.data_dir, config_path or settings.config_path or None
+            ),
             settings.config_path or config_path or os.path.join(settings.data_dir, "server.toml"),
         ).reload,
     )

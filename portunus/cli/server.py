@@ -40,13 +40,33 @@ from portunus.rules import MAX_TARGETS
 # so `list-rules` does not pay for importing the whole appliance.
 # A module either has an attribute named like the verb or registers it on ``cli``
 # when imported (portunus.cli.clients).
-LAZY_VERBS = {"serve": "portunus.cli.serve", **dict.fromkeys(("backup", "restore", "reset"), "portunus.cli.storage")}
+LAZY_VERBS = {
+    "serve": "portunus.cli.serve",
+    **dict.fromkeys(("backup", "restore", "reset"), "portunus.cli.storage"),
+}
 # portunus.cli.clients registers these verbs on the group when it is imported.
-LAZY_VERBS.update(dict.fromkeys(("enroll-client", "revoke", "rename-client", "delete-client"),
-                                "portunus.cli.clients"))
-LAZY_VERBS.update(dict.fromkeys(("user-add", "user-list", "user-remove", "user-passwd", "token-issue",
-                                 "token-list", "token-revoke", "grant-add", "grant-list", "grant-revoke"),
-                                "portunus.cli.users"))
+LAZY_VERBS.update(
+    dict.fromkeys(
+        ("enroll-client", "revoke", "rename-client", "delete-client"), "portunus.cli.clients"
+    )
+)
+LAZY_VERBS.update(
+    dict.fromkeys(
+        (
+            "user-add",
+            "user-list",
+            "user-remove",
+            "user-passwd",
+            "token-issue",
+            "token-list",
+            "token-revoke",
+            "grant-add",
+            "grant-list",
+            "grant-revoke",
+        ),
+        "portunus.cli.users",
+    )
+)
 LAZY_VERBS["owner-cap"] = "portunus.cli.owner_caps"
 LAZY_VERBS["check-config"] = "portunus.cli.check_config"  # registers itself, like clients
 LAZY_VERBS.update(dict.fromkeys(("retry-rule", "update-rule"), "portunus.cli.rule_ops"))
@@ -76,7 +96,9 @@ class ServerGroup(ReportingGroup):
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         names = set(self.commands)
-        names.update(n for n, mod in LAZY_VERBS.items() if importlib.util.find_spec(mod) is not None)
+        names.update(
+            n for n, mod in LAZY_VERBS.items() if importlib.util.find_spec(mod) is not None
+        )
         return sorted(names)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
@@ -93,25 +115,54 @@ class ServerGroup(ReportingGroup):
         return self.commands.get(cmd_name)
 
 
-@click.group(cls=ServerGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=ServerGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]}
+)
 # readable=False: a user outside group portunus cannot list /var/lib/portunus; that is
 # "no token you may read" (exit 4, said by resolve_token), not a usage error.
-@click.option("--data-dir", envvar="PORTUNUS_DATA_DIR", default=SYSTEM_DATA_DIR, show_default=True,
-              show_envvar=True, type=click.Path(file_okay=False, readable=False),
-              help="State directory (state.db, operator.token, TLS key).")
-@click.option("--config", envvar="PORTUNUS_CONFIG", default=None, show_envvar=True,
-              type=click.Path(dir_okay=False),
-              help="server.toml (default: <data-dir>/server.toml, then /etc/portunus/server.toml).")
-@click.option("--socket", envvar="PORTUNUS_SOCKET", default=None, show_envvar=True, metavar="PATH",
-              help="Control socket (default: <runtime-dir>/control.sock; the runtime dir is "
-                   "$PORTUNUS_RUNTIME_DIR, /run/portunus for the system data dir, else <data-dir>/run).")
-@click.option("--token-file", envvar="PORTUNUS_TOKEN_FILE", default=None, show_envvar=True,
-              type=click.Path(dir_okay=False),
-              help="File holding the operator token (used when $PORTUNUS_OPERATOR_TOKEN is unset).")
+@click.option(
+    "--data-dir",
+    envvar="PORTUNUS_DATA_DIR",
+    default=SYSTEM_DATA_DIR,
+    show_default=True,
+    show_envvar=True,
+    type=click.Path(file_okay=False, readable=False),
+    help="State directory (state.db, operator.token, TLS key).",
+)
+@click.option(
+    "--config",
+    envvar="PORTUNUS_CONFIG",
+    default=None,
+    show_envvar=True,
+    type=click.Path(dir_okay=False),
+    help="server.toml (default: <data-dir>/server.toml, then /etc/portunus/server.toml).",
+)
+@click.option(
+    "--socket",
+    envvar="PORTUNUS_SOCKET",
+    default=None,
+    show_envvar=True,
+    metavar="PATH",
+    help="Control socket (default: <runtime-dir>/control.sock; the runtime dir is "
+    "$PORTUNUS_RUNTIME_DIR, /run/portunus for the system data dir, else <data-dir>/run).",
+)
+@click.option(
+    "--token-file",
+    envvar="PORTUNUS_TOKEN_FILE",
+    default=None,
+    show_envvar=True,
+    type=click.Path(dir_okay=False),
+    help="File holding the operator token (used when $PORTUNUS_OPERATOR_TOKEN is unset).",
+)
 @click.version_option(__version__, prog_name=PROG)
 @click.pass_context
-def cli(ctx: click.Context, data_dir: str, config: str | None, socket: str | None,
-        token_file: str | None) -> None:
+def cli(
+    ctx: click.Context,
+    data_dir: str,
+    config: str | None,
+    socket: str | None,
+    token_file: str | None,
+) -> None:
     """Run and steer a Portunus port-forwarding server.
 
     Global options go before the verb; --format goes after it.
@@ -173,26 +224,67 @@ def bootstrap_superadmin(obj: OperatorContext, name: str, fmt: str) -> None:
 @click.argument("listen")
 @click.argument("target", required=False)
 @click.option("--protocol", type=click.Choice(("tcp", "udp")), default="tcp", show_default=True)
-@click.option("--target", "extra_targets", multiple=True, metavar="HOST:PORT@PRIO",
-              help=f"Another target with its priority (1 = first choice); repeat, up to {MAX_TARGETS}.")
-@click.option("--sni", metavar="PATTERN", help="Route by TLS SNI: exact name or *.domain (TCP, one port).")
-@click.option("--proxy-protocol", type=click.Choice(("v1", "v2")), help="Send a PROXY header to targets.")
+@click.option(
+    "--target",
+    "extra_targets",
+    multiple=True,
+    metavar="HOST:PORT@PRIO",
+    help=f"Another target with its priority (1 = first choice); repeat, up to {MAX_TARGETS}.",
+)
+@click.option(
+    "--sni", metavar="PATTERN", help="Route by TLS SNI: exact name or *.domain (TCP, one port)."
+)
+@click.option(
+    "--proxy-protocol", type=click.Choice(("v1", "v2")), help="Send a PROXY header to targets."
+)
 @click.option("--prefer-ipv6", is_flag=True, help="Try AAAA records of DNS targets first.")
 @rate_limit_options
-@click.option("--health-check-interval-secs", type=BoundedNumber(HEALTH_CHECK_INTERVAL), default=None,
-              help="How often a failed target is re-tried (server default 5).")
-@click.option("--ack-timeout", type=BoundedNumber(ACK_TIMEOUT), default=2.0,
-              show_default=True, metavar="SECS", help="How long to wait for the data plane to confirm.")
-@click.option("--owner", metavar="USER", help="Superadmin only: push for USER (checked against USER's grants).")
-@click.option("--idle-timeout", "idle_timeout", type=BoundedNumber(IDLE_TIMEOUT), default=None,
-              metavar="SECS", help="Close a connection (UDP: flow) idle this long (default: never).")
+@click.option(
+    "--health-check-interval-secs",
+    type=BoundedNumber(HEALTH_CHECK_INTERVAL),
+    default=None,
+    help="How often a failed target is re-tried (server default 5).",
+)
+@click.option(
+    "--ack-timeout",
+    type=BoundedNumber(ACK_TIMEOUT),
+    default=2.0,
+    show_default=True,
+    metavar="SECS",
+    help="How long to wait for the data plane to confirm.",
+)
+@click.option(
+    "--owner",
+    metavar="USER",
+    help="Superadmin only: push for USER (checked against USER's grants).",
+)
+@click.option(
+    "--idle-timeout",
+    "idle_timeout",
+    type=BoundedNumber(IDLE_TIMEOUT),
+    default=None,
+    metavar="SECS",
+    help="Close a connection (UDP: flow) idle this long (default: never).",
+)
 @format_option
 @click.pass_obj
-def push_rule(obj: OperatorContext, client: str, listen: str, target: str | None,
-              extra_targets: tuple[str, ...], protocol: str, sni: str | None,
-              proxy_protocol: str | None, prefer_ipv6: bool,
-              health_check_interval_secs: float | None, ack_timeout: float, owner: str | None, fmt: str,
-              idle_timeout: float | None = None, **caps: int | None) -> None:
+def push_rule(
+    obj: OperatorContext,
+    client: str,
+    listen: str,
+    target: str | None,
+    extra_targets: tuple[str, ...],
+    protocol: str,
+    sni: str | None,
+    proxy_protocol: str | None,
+    prefer_ipv6: bool,
+    health_check_interval_secs: float | None,
+    ack_timeout: float,
+    owner: str | None,
+    fmt: str,
+    idle_timeout: float | None = None,
+    **caps: int | None,
+) -> None:
     """Forward LISTEN on CLIENT to TARGET; wait until it is active.
 
     CLIENT is a client name or id (`local` = this server). LISTEN is PORT or LO-HI;
@@ -207,9 +299,17 @@ def push_rule(obj: OperatorContext, client: str, listen: str, target: str | None
     """
     hint_vars(client=client)
     params = build_push_params(
-        client=client, listen=listen, target=target, targets=extra_targets, protocol=protocol,
-        sni=sni, proxy_protocol=proxy_protocol, prefer_ipv6=prefer_ipv6, rate_limit=caps,
-        health_check_interval_secs=health_check_interval_secs, ack_timeout=ack_timeout,
+        client=client,
+        listen=listen,
+        target=target,
+        targets=extra_targets,
+        protocol=protocol,
+        sni=sni,
+        proxy_protocol=proxy_protocol,
+        prefer_ipv6=prefer_ipv6,
+        rate_limit=caps,
+        health_check_interval_secs=health_check_interval_secs,
+        ack_timeout=ack_timeout,
         idle_timeout_secs=idle_timeout,
     )
     if owner is not None:
@@ -218,8 +318,11 @@ def push_rule(obj: OperatorContext, client: str, listen: str, target: str | None
         rule = obj.call("rules.push", params, timeout=ack_timeout + ACK_SOCKET_SLACK)
     except PortunusError as exc:
         # The rule exists (failed or pending): scripts need its id to clean up or poll.
-        if fmt == "json" and exc.code in ("activation_failed", "ack_timeout") \
-                and isinstance(exc.details.get("rule"), dict):
+        if (
+            fmt == "json"
+            and exc.code in ("activation_failed", "ack_timeout")
+            and isinstance(exc.details.get("rule"), dict)
+        ):
             echo_json(exc.details["rule"])
         raise
     if fmt == "json":
@@ -254,7 +357,9 @@ def list_rules(obj: OperatorContext, client: str | None, owner: str | None, fmt:
 @click.option("--per-target", is_flag=True, help="Add a row per target.")
 @format_option
 @click.pass_obj
-def rule_stats(obj: OperatorContext, rule_id: int, per_port: bool, per_target: bool, fmt: str) -> None:
+def rule_stats(
+    obj: OperatorContext, rule_id: int, per_port: bool, per_target: bool, fmt: str
+) -> None:
     """Show a rule's byte and connection counters.
 
     bytes in = from the connecting client towards the target; bytes out = back.
@@ -305,12 +410,23 @@ def remove_rule(obj: OperatorContext, rule_id: int, fmt: str) -> None:
 @paging.limit_option
 @paging.cursor_option
 @paging.all_option
-@click.option("--connected/--disconnected", default=None, help="Only connected / only offline clients.")
-@click.option("--name-prefix", default=None, help="Only clients whose name starts with this (case-sensitive).")
+@click.option(
+    "--connected/--disconnected", default=None, help="Only connected / only offline clients."
+)
+@click.option(
+    "--name-prefix", default=None, help="Only clients whose name starts with this (case-sensitive)."
+)
 @format_option
 @click.pass_obj
-def list_clients(obj: OperatorContext, limit: int | None, cursor: str | None, every: bool,
-                 connected: bool | None, name_prefix: str | None, fmt: str) -> None:
+def list_clients(
+    obj: OperatorContext,
+    limit: int | None,
+    cursor: str | None,
+    every: bool,
+    connected: bool | None,
+    name_prefix: str | None,
+    fmt: str,
+) -> None:
     """List enrolled clients (edges) and whether they are connected: one page
     (local first, then enrollment order), or every one with --all.
 
@@ -333,15 +449,24 @@ def list_clients(obj: OperatorContext, limit: int | None, cursor: str | None, ev
 
 
 @cli.command("audit")
-@click.option("--since", type=WhenType(), help="From this time: RFC 3339 or an age like 30m, 1h, 2d.")
+@click.option(
+    "--since", type=WhenType(), help="From this time: RFC 3339 or an age like 30m, 1h, 2d."
+)
 @click.option("--until", type=WhenType(), help="Up to this time (same forms as --since).")
 @paging.limit_option
 @paging.cursor_option
 @paging.all_option
 @format_option
 @click.pass_obj
-def audit(obj: OperatorContext, since: str | None, until: str | None, limit: int | None,
-          cursor: str | None, every: bool, fmt: str) -> None:
+def audit(
+    obj: OperatorContext,
+    since: str | None,
+    until: str | None,
+    limit: int | None,
+    cursor: str | None,
+    every: bool,
+    fmt: str,
+) -> None:
     """Show the audit trail of operator actions, newest first.
 
     \b

@@ -1,8 +1,8 @@
 """``portunus-standalone``: forward from a TOML file, no control plane.
 
-    portunus-standalone --check --config F   validate (exit 0 ok, 2 invalid)
-    portunus-standalone --config F           run; SIGHUP re-reads F
-    portunus-standalone stats --config F     live per-rule counters
+portunus-standalone --check --config F   validate (exit 0 ok, 2 invalid)
+portunus-standalone --config F           run; SIGHUP re-reads F
+portunus-standalone stats --config F     live per-rule counters
 """
 
 from __future__ import annotations
@@ -27,11 +27,25 @@ DEFAULT_CONFIG = "/etc/portunus/standalone.toml"
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", envvar="PORTUNUS_CONFIG", default=DEFAULT_CONFIG,
-              show_default=True, help="Standalone TOML file ([[rule]] tables).")
-@click.option("--check", is_flag=True, help="Validate the file and exit: 0 valid, 2 invalid (file:line: reason).")
-@click.option("--shards", type=BoundedNumber(SHARDS), default=None,
-              help="Data-plane processes (default: one per CPU, or `shards` in the file).")
+@click.option(
+    "--config",
+    "config_path",
+    envvar="PORTUNUS_CONFIG",
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    help="Standalone TOML file ([[rule]] tables).",
+)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Validate the file and exit: 0 valid, 2 invalid (file:line: reason).",
+)
+@click.option(
+    "--shards",
+    type=BoundedNumber(SHARDS),
+    default=None,
+    help="Data-plane processes (default: one per CPU, or `shards` in the file).",
+)
 @click.version_option(__version__, prog_name="portunus-standalone")
 @click.pass_context
 def main(ctx: click.Context, config_path: str, check: bool, shards: int | None) -> None:
@@ -93,9 +107,16 @@ def run(config_path: str, settings: Settings, rules: list[Rule]) -> int:
     reloader = SettingsReloader(settings, source.loaded_settings, config_path)
     _banner(config_path, settings, rules)
     instance = {"kind": "standalone", "config": os.path.realpath(config_path)}
-    services = [Child(name="metrics", title="portunus: metrics", role=Role.METRICS, wants_channel=True,
-                      sockets=[metrics_sock],
-                      entry=lambda ch: run_metrics(settings, metrics_sock, ch, instance))]
+    services = [
+        Child(
+            name="metrics",
+            title="portunus: metrics",
+            role=Role.METRICS,
+            wants_channel=True,
+            sockets=[metrics_sock],
+            entry=lambda ch: run_metrics(settings, metrics_sock, ch, instance),
+        )
+    ]
     sup = Supervisor(
         shards=settings.shard_count(),
         listen_address=settings.listen_address,
@@ -126,8 +147,12 @@ def bind_metrics(listen: str, key: str, where: str, store: Any = None) -> socket
     try:
         return bind_kept(listen, key, "metrics endpoint", where, store)
     except BindError as exc:
-        log_event("supervisor.listen_failed", level="error", message=str(exc),
-                  exit_code=int(ServiceExit.LISTEN_FAILED))
+        log_event(
+            "supervisor.listen_failed",
+            level="error",
+            message=str(exc),
+            exit_code=int(ServiceExit.LISTEN_FAILED),
+        )
         click.echo(f"error: listen_failed: {exc}", err=True)
         sys.exit(ServiceExit.LISTEN_FAILED)
 
@@ -148,23 +173,41 @@ def shard_settings(settings: Settings, client: str = "local") -> dict[str, objec
 
 
 def _banner(path: str, settings: Settings, rules: list[Rule]) -> None:
-    lines = [f"portunus-standalone {__version__}: {len(rules)} rule(s) from {path}, "
-             f"{settings.shard_count()} shard(s), listening on {settings.listen_address}"]
+    lines = [
+        f"portunus-standalone {__version__}: {len(rules)} rule(s) from {path}, "
+        f"{settings.shard_count()} shard(s), listening on {settings.listen_address}"
+    ]
     for r in rules:
         listen = str(r.listen_start) if not r.is_range else f"{r.listen_start}-{r.listen_end}"
         extra = f" sni={r.sni}" if r.sni else ""
-        lines.append(f"  {r.id}: {r.protocol} {listen} -> {', '.join(t.label for t in r.targets)}{extra}")
-    lines.append(f"  metrics: http://{settings.metrics_listen}/metrics   (stats: portunus-standalone stats --config {path})")
+        lines.append(
+            f"  {r.id}: {r.protocol} {listen} -> {', '.join(t.label for t in r.targets)}{extra}"
+        )
+    lines.append(
+        f"  metrics: http://{settings.metrics_listen}/metrics   (stats: portunus-standalone stats --config {path})"
+    )
     click.echo("\n".join(lines), err=True)
 
 
 @main.command()
-@click.option("--config", "config_path", default=None, help="Standalone TOML file (to find metrics_listen).")
+@click.option(
+    "--config", "config_path", default=None, help="Standalone TOML file (to find metrics_listen)."
+)
 @click.option("--watch", is_flag=True, help="Refresh every second with rates.")
-@click.option("--interval", type=BoundedNumber(CLI_INTERVAL), default=1.0, show_default=True, help="Refresh interval for --watch.")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option(
+    "--interval",
+    type=BoundedNumber(CLI_INTERVAL),
+    default=1.0,
+    show_default=True,
+    help="Refresh interval for --watch.",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
 @click.pass_context
-def stats(ctx: click.Context, config_path: str | None, watch: bool, interval: float, fmt: str) -> None:
+def stats(
+    ctx: click.Context, config_path: str | None, watch: bool, interval: float, fmt: str
+) -> None:
     """Live per-rule counters: bytes in/out, connections, rates.
 
     Reads the running instance's /metrics (metrics_listen in the file), and

@@ -55,7 +55,11 @@ def _check_instance(families: list[Any], metrics_listen: str, config: str) -> No
     if not labels:
         who = "a program that is not portunus-standalone"
     elif labels.get("kind") != "standalone":
-        who = f"portunus-{labels.get('kind')}" if labels.get("kind") in ("server", "client") else "another program"
+        who = (
+            f"portunus-{labels.get('kind')}"
+            if labels.get("kind") in ("server", "client")
+            else "another program"
+        )
     else:
         who = f"portunus-standalone --config {labels.get('config')}"
     raise WrongInstance(
@@ -73,21 +77,32 @@ def human(n: float) -> str:
 
 
 def table(rules: dict[str, dict[str, float]], rates: dict[str, tuple[float, float]] | None) -> str:
-    head = ["RULE", "BYTES_IN", "BYTES_OUT", "CONNS", "ACTIVE"] + (["IN/s", "OUT/s"] if rates is not None else [])
+    head = ["RULE", "BYTES_IN", "BYTES_OUT", "CONNS", "ACTIVE"] + (
+        ["IN/s", "OUT/s"] if rates is not None else []
+    )
     rows = [head]
     for name in sorted(rules):
         r = rules[name]
-        row = [name, human(r["bytes_in"]), human(r["bytes_out"]), f"{r['connections_total']:.0f}",
-               f"{r['active_connections']:.0f}"]
+        row = [
+            name,
+            human(r["bytes_in"]),
+            human(r["bytes_out"]),
+            f"{r['connections_total']:.0f}",
+            f"{r['active_connections']:.0f}",
+        ]
         if rates is not None:
             rin, rout = rates.get(name, (0.0, 0.0))
             row += [human(rin) + "/s", human(rout) + "/s"]
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
 
 
-def show_stats(metrics_listen: str, watch: bool, interval: float, fmt: str, config: str | None = None) -> int:
+def show_stats(
+    metrics_listen: str, watch: bool, interval: float, fmt: str, config: str | None = None
+) -> int:
     prev: tuple[float, dict[str, dict[str, float]]] | None = None
     while True:
         try:
@@ -96,24 +111,35 @@ def show_stats(metrics_listen: str, watch: bool, interval: float, fmt: str, conf
             click.echo(f"error: wrong_instance: {exc}", err=True)
             return 1
         except (urllib.error.URLError, OSError) as exc:
-            click.echo(f"error: unavailable: cannot read http://{metrics_listen}/metrics ({exc}); "
-                       "is portunus-standalone running with this config?", err=True)
+            click.echo(
+                f"error: unavailable: cannot read http://{metrics_listen}/metrics ({exc}); "
+                "is portunus-standalone running with this config?",
+                err=True,
+            )
             return 1
         now = time.monotonic()
         rates: dict[str, tuple[float, float]] | None = None
         if prev is not None:
             dt = max(now - prev[0], 1e-6)
             rates = {
-                k: ((v["bytes_in"] - prev[1].get(k, v)["bytes_in"]) / dt,
-                    (v["bytes_out"] - prev[1].get(k, v)["bytes_out"]) / dt)
+                k: (
+                    (v["bytes_in"] - prev[1].get(k, v)["bytes_in"]) / dt,
+                    (v["bytes_out"] - prev[1].get(k, v)["bytes_out"]) / dt,
+                )
                 for k, v in rules.items()
             }
         if fmt == "json":
-            out: dict[str, Any] = {"rules": [{"rule": k, **{f: int(v) for f, v in r.items()}}
-                                             for k, r in sorted(rules.items())]}
+            out: dict[str, Any] = {
+                "rules": [
+                    {"rule": k, **{f: int(v) for f, v in r.items()}}
+                    for k, r in sorted(rules.items())
+                ]
+            }
             if rates is not None:
                 for row in out["rules"]:
-                    row["bytes_in_per_sec"], row["bytes_out_per_sec"] = rates.get(row["rule"], (0.0, 0.0))
+                    row["bytes_in_per_sec"], row["bytes_out_per_sec"] = rates.get(
+                        row["rule"], (0.0, 0.0)
+                    )
             click.echo(json.dumps(out))
         else:
             if watch and sys.stdout.isatty():

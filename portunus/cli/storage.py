@@ -88,15 +88,22 @@ def require_db_access(db: str, verb: str) -> None:
 def _is_live_file(db: str, out: str) -> bool:
     """``--out`` naming state.db or its -wal/-shm would overwrite the live data."""
     for path in (db, db + "-wal", db + "-shm"):
-        if out == path or (os.path.exists(path) and os.path.exists(out) and os.path.samefile(path, out)):
+        if out == path or (
+            os.path.exists(path) and os.path.exists(out) and os.path.samefile(path, out)
+        ):
             return True
     return False
 
 
 @click.command("backup")
-@click.option("--out", "out", required=True, metavar="FILE",
-              help="Where to write the copy (0600; replaced atomically). A directory gets "
-                   "portunus-<UTC time>.db inside it.")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    metavar="FILE",
+    help="Where to write the copy (0600; replaced atomically). A directory gets "
+    "portunus-<UTC time>.db inside it.",
+)
 @format_option
 @click.pass_obj
 def backup(obj: OperatorContext, out: str, fmt: str) -> None:
@@ -116,7 +123,9 @@ def backup(obj: OperatorContext, out: str, fmt: str) -> None:
     out = os.path.abspath(out)
     hint_vars(data_dir=obj.data_dir)
     if _is_live_file(db, out):
-        raise PortunusError("validation.out", f"--out {out} is the live database itself", field="out")
+        raise PortunusError(
+            "validation.out", f"--out {out} is the live database itself", field="out"
+        )
     try:
         offline.backup(db, out)
         size = os.path.getsize(out)
@@ -127,24 +136,41 @@ def backup(obj: OperatorContext, out: str, fmt: str) -> None:
         raise PortunusError("io_error", f"cannot copy {db} to {out}: {exc}") from None
     audited = True
     try:
-        offline.append_audit(db, local_actor(), "storage.backup", f"file:{out}",
-                             {"bytes": size, "schema_version": version})
+        offline.append_audit(
+            db,
+            local_actor(),
+            "storage.backup",
+            f"file:{out}",
+            {"bytes": size, "schema_version": version},
+        )
     except (OSError, sqlite3.Error) as exc:
         audited = False
-        click.echo(f"warning: the backup is complete but could not be recorded in the audit trail: {exc}",
-                   err=True)
+        click.echo(
+            f"warning: the backup is complete but could not be recorded in the audit trail: {exc}",
+            err=True,
+        )
     if fmt == "json":
-        echo_json({"database": db, "out": out, "bytes": size, "schema_version": version,
-                   "audited": audited})
+        echo_json(
+            {
+                "database": db,
+                "out": out,
+                "bytes": size,
+                "schema_version": version,
+                "audited": audited,
+            }
+        )
     else:
         click.echo(f"backed up {db} to {out} ({_size(size)}, schema version {version})")
 
 
 @click.command("restore")
 @click.option("--in", "in_path", required=True, metavar="FILE", help="A file written by `backup`.")
-@click.option("--force", is_flag=True,
-              help="Replace a database that already holds rules, clients, users or tokens. "
-                   "Never overrides the checks on FILE or the refusal while the server runs.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace a database that already holds rules, clients, users or tokens. "
+    "Never overrides the checks on FILE or the refusal while the server runs.",
+)
 @format_option
 @click.pass_obj
 def restore(obj: OperatorContext, in_path: str, force: bool, fmt: str) -> None:
@@ -173,13 +199,20 @@ def restore(obj: OperatorContext, in_path: str, force: bool, fmt: str) -> None:
         echo_json(result)
         return
     migrated = result["from_schema_version"] != result["schema_version"]
-    schema = (f"schema version {result['from_schema_version']} -> {result['schema_version']}" if migrated
-              else f"schema version {result['schema_version']}")
-    click.echo(f"restored {result['source']} into {result['database']} ({result['rules']} rules, {schema})")
+    schema = (
+        f"schema version {result['from_schema_version']} -> {result['schema_version']}"
+        if migrated
+        else f"schema version {result['schema_version']}"
+    )
+    click.echo(
+        f"restored {result['source']} into {result['database']} ({result['rules']} rules, {schema})"
+    )
     if result["previous"]:
         click.echo(f"the previous database is kept as {result['previous']}")
-    click.echo("start the server to apply the restored rules (systemctl start portunus, "
-               "or portunus-server serve)")
+    click.echo(
+        "start the server to apply the restored rules (systemctl start portunus, "
+        "or portunus-server serve)"
+    )
 
 
 @click.command("reset")
@@ -216,6 +249,8 @@ def reset(obj: OperatorContext, confirm: bool, fmt: str) -> None:
     elif moved is None:
         click.echo(f"no database at {obj.db_path}; nothing to reset")
     else:
-        click.echo(f"moved {obj.db_path} to {moved}\n"
-                   "the next start begins with an empty database "
-                   f"(undo: portunus-server restore --in {moved})")
+        click.echo(
+            f"moved {obj.db_path} to {moved}\n"
+            "the next start begins with an empty database "
+            f"(undo: portunus-server restore --in {moved})"
+        )

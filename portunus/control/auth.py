@@ -104,8 +104,13 @@ class Authenticator:
             self._touched[row.token_id] = now
             async with self.store.write() as db:
                 await accounts.touch_token(db, row.token_id, utc_now())
-        return Principal(row.user_id, row.user, row.role, row.token_id,
-                         password_change_required=row.password_change_required)
+        return Principal(
+            row.user_id,
+            row.user,
+            row.role,
+            row.token_id,
+            password_change_required=row.password_change_required,
+        )
 
     async def _session(self, session: str) -> Principal:
         digest = hash_token(session)
@@ -123,8 +128,14 @@ class Authenticator:
         if now - row.last_seen_at >= TOUCH_INTERVAL_SECS:
             async with self.store.write() as db:
                 await users_db.touch_session(db, row.id, now)
-        return Principal(user.id, user.name, user.role, 0, session_id=row.id,
-                         password_change_required=user.password_change_required)
+        return Principal(
+            user.id,
+            user.name,
+            user.role,
+            0,
+            session_id=row.id,
+            password_change_required=user.password_change_required,
+        )
 
 
 def read_operator_token(settings: Settings) -> str | None:
@@ -146,7 +157,10 @@ async def install_operator_token(store: Store, token: str) -> int:
         token_id, changed = await accounts.upsert_operator_token(db, hash_token(token))
         if changed:
             await write_audit(
-                db, "system", "token.operator_install", f"user:{accounts.OPERATOR_USER}",
+                db,
+                "system",
+                "token.operator_install",
+                f"user:{accounts.OPERATOR_USER}",
                 details={"token_id": token_id},
             )
     return token_id

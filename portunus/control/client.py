@@ -58,11 +58,15 @@ def call_sync(
                 if len(buf) > MAX_LINE:
                     raise PortunusError("internal", "reply from control exceeds the size limit")
     except TimeoutError:
-        raise PortunusError("unavailable", f"no reply from the control socket within {timeout:g} s") from None
+        raise PortunusError(
+            "unavailable", f"no reply from the control socket within {timeout:g} s"
+        ) from None
     except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
         raise _unavailable(socket_path, exc) from None
     if not buf:
-        raise PortunusError("unavailable", "the control process closed the connection without a reply")
+        raise PortunusError(
+            "unavailable", "the control process closed the connection without a reply"
+        )
     return _result(json.loads(buf))
 
 
@@ -76,8 +80,12 @@ class ControlClient:
         self.timeout = timeout
 
     async def call(
-        self, method: str, params: dict[str, Any] | None = None, token: str | None = None,
-        session: str | None = None, csrf: bool = False,
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        token: str | None = None,
+        session: str | None = None,
+        csrf: bool = False,
     ) -> Any:
         """``session``/``csrf``: a Web UI cookie's session token and the web
         process's verdict on the request's CSRF header and Origin."""
@@ -99,9 +107,13 @@ class ControlClient:
             await writer.drain()
             line = await asyncio.wait_for(reader.readline(), self.timeout)
         except TimeoutError:
-            raise PortunusError("unavailable", "no reply from the control process in time") from None
+            raise PortunusError(
+                "unavailable", "no reply from the control process in time"
+            ) from None
         finally:
             writer.close()
         if not line:
-            raise PortunusError("unavailable", "the control process closed the connection without a reply")
+            raise PortunusError(
+                "unavailable", "the control process closed the connection without a reply"
+            )
         return _result(json.loads(line))

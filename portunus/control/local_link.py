@@ -126,16 +126,21 @@ class LocalLink:
             # A failed rule the supervisor managed to bind later (its port freed).
             raw = msg.get("results")
             if isinstance(raw, dict) and self.events is not None:
-                self.events.rules_applied(LOCAL, {
-                    str(rid): RuleResult(res["state"], res.get("reason"))
-                    for rid, res in raw.items()
-                    if isinstance(res, dict) and res.get("state") in ("active", "failed")
-                })
+                self.events.rules_applied(
+                    LOCAL,
+                    {
+                        str(rid): RuleResult(res["state"], res.get("reason"))
+                        for rid, res in raw.items()
+                        if isinstance(res, dict) and res.get("state") in ("active", "failed")
+                    },
+                )
         elif kind == "settings":
             changed = msg.get("settings")
             if isinstance(changed, dict) and self.on_settings is not None:
                 self.on_settings(changed)
         elif kind == "hello":
-            log_event("control.supervisor_hello", version=msg.get("version"), shards=msg.get("shards"))
+            log_event(
+                "control.supervisor_hello", version=msg.get("version"), shards=msg.get("shards")
+            )
         else:
             log_event("control.bad_frame", level="warning", type=str(kind))

@@ -72,7 +72,9 @@ def _preauth_limits(settings: Settings) -> PreauthLimits:
         from portunus.control.edge.metrics import PreauthRefusedCounter
 
         on_refused = PreauthRefusedCounter()
-    return PreauthLimits(settings.edge_preauth_max_connections, settings.edge_preauth_max_per_source, on_refused)
+    return PreauthLimits(
+        settings.edge_preauth_max_connections, settings.edge_preauth_max_per_source, on_refused
+    )
 
 
 class GatewayBindFailed(Exception):
@@ -86,7 +88,9 @@ async def start_gateway(gateway: EdgeGateway, control_listen: str) -> bool:
         await gateway.start()
     except OSError as exc:
         log_event(
-            "edge.gateway_bind_failed", level="error", control_listen=control_listen,
+            "edge.gateway_bind_failed",
+            level="error",
+            control_listen=control_listen,
             error=exc.strerror or str(exc),
             hint="set control_listen in server.toml to a free address",
         )
@@ -95,8 +99,9 @@ async def start_gateway(gateway: EdgeGateway, control_listen: str) -> bool:
     return True
 
 
-async def serve_control(settings: Settings, channel_sock: socket.socket,
-                        gateway_sock: socket.socket | None = None) -> str:
+async def serve_control(
+    settings: Settings, channel_sock: socket.socket, gateway_sock: socket.socket | None = None
+) -> str:
     """Run until SIGTERM/SIGINT or until the supervisor channel closes; return why."""
     loop = asyncio.get_running_loop()
     stopping: asyncio.Future[str] = loop.create_future()
@@ -141,8 +146,13 @@ async def serve_control(settings: Settings, channel_sock: socket.socket,
         listen_host, listen_port = parse_listen(settings.control_listen, "control_listen")
         cert = await asyncio.to_thread(ensure_server_cert, settings.data_dir, listen_host)
         gateway = EdgeGateway(
-            store, remote, cert.ssl_context(), listen_host, listen_port,
-            handshake_timeout=settings.edge_handshake_timeout_secs, preauth=_preauth_limits(settings),
+            store,
+            remote,
+            cert.ssl_context(),
+            listen_host,
+            listen_port,
+            handshake_timeout=settings.edge_handshake_timeout_secs,
+            preauth=_preauth_limits(settings),
             shedder=Shedder(service.backlog),
             sock=gateway_sock,
         )
@@ -150,15 +160,30 @@ async def serve_control(settings: Settings, channel_sock: socket.socket,
             gateway = None
             raise GatewayBindFailed(settings.control_listen)
         clients = ClientService(
-            store, remote, cert.fingerprint, listen_host,
+            store,
+            remote,
+            cert.fingerprint,
+            listen_host,
             port=lambda: (gateway.bound_port if gateway is not None else None) or listen_port,
             on_state=state_sink,
         )
-        sampler = TrafficSampler(store, counters_reader(settings.metrics_dir, remote),
-                                 interval=settings.traffic_sample_interval_secs)
+        sampler = TrafficSampler(
+            store,
+            counters_reader(settings.metrics_dir, remote),
+            interval=settings.traffic_sample_interval_secs,
+        )
         sampler.start()
-        ctx = ControlContext(settings, store, Authenticator(store), service, planes, remote, clients,
-                             traffic=sampler, owner_caps=OwnerCapService(store, planes))
+        ctx = ControlContext(
+            settings,
+            store,
+            Authenticator(store),
+            service,
+            planes,
+            remote,
+            clients,
+            traffic=sampler,
+            owner_caps=OwnerCapService(store, planes),
+        )
         counters = RuleCounters(store, settings, remote)
         await counters.load()
         try:
@@ -190,7 +215,9 @@ async def serve_control(settings: Settings, channel_sock: socket.socket,
         await store.close()
 
 
-def run_control(settings: Settings, channel_sock: socket.socket, gateway_sock: socket.socket | None = None) -> None:
+def run_control(
+    settings: Settings, channel_sock: socket.socket, gateway_sock: socket.socket | None = None
+) -> None:
     """Body of the forked control process; returns when it should exit 0.
 
     Raises on a fatal start error (``SchemaTooNew`` is a ``PortunusError`` with

@@ -94,7 +94,9 @@ def _listen(body: dict[str, Any]) -> tuple[tuple[int, int], str]:
 def _target(item: Any, i: int) -> Target:
     where = f"targets[{i}]"
     if not isinstance(item, dict):
-        raise ValidationError("validation.targets", f"{where} must be an object {{host, port}}", field=where)
+        raise ValidationError(
+            "validation.targets", f"{where} must be an object {{host, port}}", field=where
+        )
     unknown = sorted(set(item) - TARGET_KEYS)
     if unknown:
         raise ValidationError(
@@ -102,10 +104,14 @@ def _target(item: Any, i: int) -> Target:
         )
     host = item.get("host")
     if not isinstance(host, str):
-        raise ValidationError("validation.target_host", f"{where}.host must be a string", field=f"{where}.host")
+        raise ValidationError(
+            "validation.target_host", f"{where}.host must be a string", field=f"{where}.host"
+        )
     if "port" in item and ("port_start" in item or "port_end" in item):
         raise ValidationError(
-            "validation.targets", f"{where}: give port or port_start + port_end, not both", field=where
+            "validation.targets",
+            f"{where}: give port or port_start + port_end, not both",
+            field=where,
         )
     if "port" in item:
         lo = hi = parse_port(item["port"], f"{where}.port")
@@ -114,7 +120,9 @@ def _target(item: Any, i: int) -> Target:
         hi = parse_port(item["port_end"], f"{where}.port_end")
         if lo > hi:
             raise ValidationError(
-                "validation.port_range", f"{where}: port_start must be <= port_end", field=f"{where}.port_start"
+                "validation.port_range",
+                f"{where}: port_start must be <= port_end",
+                field=f"{where}.port_start",
             )
     else:
         raise ValidationError(
@@ -124,7 +132,8 @@ def _target(item: Any, i: int) -> Target:
     pp = item.get("proxy_protocol")
     if pp is not None and not isinstance(pp, str):
         raise ValidationError(
-            "validation.proxy_protocol", f"{where}.proxy_protocol must be \"v1\" or \"v2\"",
+            "validation.proxy_protocol",
+            f'{where}.proxy_protocol must be "v1" or "v2"',
             field=f"{where}.proxy_protocol",
         )
     return Target(
@@ -153,25 +162,34 @@ def parse_rule_body(body: Any, range_max_ports: int) -> tuple[Rule, str]:
         client = str(client)  # a client named "7" typed without quotes
     if not isinstance(client, str) or not client.strip() or len(client) > MAX_CLIENT_REF:
         raise ValidationError(
-            "validation.client", f"client must be a client name or id (at most {MAX_CLIENT_REF} characters)",
+            "validation.client",
+            f"client must be a client name or id (at most {MAX_CLIENT_REF} characters)",
             field="client",
         )
     protocol = body.get("protocol", "tcp")
     if not isinstance(protocol, str):
-        raise ValidationError("validation.protocol", "protocol must be \"tcp\" or \"udp\"", field="protocol")
+        raise ValidationError(
+            "validation.protocol", 'protocol must be "tcp" or "udp"', field="protocol"
+        )
     listen, listen_field = _listen(body)
     raw_targets = body.get("targets")
     if not isinstance(raw_targets, list) or not raw_targets:
         raise ValidationError(
-            "validation.targets", "targets must be a non-empty list of {host, port, priority}", field="targets"
+            "validation.targets",
+            "targets must be a non-empty list of {host, port, priority}",
+            field="targets",
         )
     targets = [_target(t, i) for i, t in enumerate(raw_targets)]
     prefer_ipv6 = body.get("prefer_ipv6", False)
     if not isinstance(prefer_ipv6, bool):
-        raise ValidationError("validation.prefer_ipv6", "prefer_ipv6 must be true or false", field="prefer_ipv6")
+        raise ValidationError(
+            "validation.prefer_ipv6", "prefer_ipv6 must be true or false", field="prefer_ipv6"
+        )
     rate_limit = body.get("rate_limit")
     if rate_limit is not None and not isinstance(rate_limit, dict):
-        raise ValidationError("validation.rate_limit", "rate_limit must be an object", field="rate_limit")
+        raise ValidationError(
+            "validation.rate_limit", "rate_limit must be an object", field="rate_limit"
+        )
     interval = HEALTH_CHECK_INTERVAL.check(
         body.get("health_check_interval_secs", 5.0), "health_check_interval_secs"
     )
@@ -211,5 +229,7 @@ def parse_rate_limit_update(params: dict[str, Any]) -> dict[str, int] | None:
         raise ValidationError("validation.rate_limit", "rate_limit is required", field="rate_limit")
     raw = params["rate_limit"]
     if raw is not None and not isinstance(raw, dict):
-        raise ValidationError("validation.rate_limit", "rate_limit must be an object or null", field="rate_limit")
+        raise ValidationError(
+            "validation.rate_limit", "rate_limit must be an object or null", field="rate_limit"
+        )
     return validate_rate_limit(raw)

@@ -48,7 +48,9 @@ def parse_rule_id(params: dict[str, Any]) -> int:
     if isinstance(raw, str) and is_ascii_digits(raw.strip()) and len(raw.strip()) <= 19:
         raw = int(raw.strip())
     if not isinstance(raw, int) or not RULE_ID.contains(raw):
-        raise ValidationError("validation.id", "id must be a rule id (a positive integer)", field="id")
+        raise ValidationError(
+            "validation.id", "id must be a rule id (a positive integer)", field="id"
+        )
     return raw
 
 
@@ -130,7 +132,10 @@ class RuleService:
                     await self.sync_client(client_id)
             except Exception:  # noqa: BLE001 - one bad answer must not stop the worker
                 log_event(
-                    "control.event_failed", level="error", kind=kind, client_id=client_id,
+                    "control.event_failed",
+                    level="error",
+                    kind=kind,
+                    client_id=client_id,
                     traceback=traceback.format_exc(),
                 )
             finally:
@@ -160,10 +165,16 @@ class RuleService:
         supervisor that outlived us drains them anyway once the sync leaves them
         out (draining rules hold no port slot, so the early delete frees nothing)."""
         async with self.store.write() as db:
-            stale = [s for s in await rules_db.list_rules(db, client_id=client_id) if s.state == "draining"]
+            stale = [
+                s
+                for s in await rules_db.list_rules(db, client_id=client_id)
+                if s.state == "draining"
+            ]
             for s in stale:
                 await rules_db.delete_rule(db, s.rule_id)
-                await write_audit(db, "system", "rule.removed", f"rule:{s.rule_id}", details={"at_start": True})
+                await write_audit(
+                    db, "system", "rule.removed", f"rule:{s.rule_id}", details={"at_start": True}
+                )
         for s in stale:
             self.on_state(s.rule, None)
             log_event("rule.removed", rule=s.rule_id, client=s.rule.client, at_start=True)
@@ -198,17 +209,27 @@ class RuleService:
                     details={"from": stored.state, "to": res.state, "reason": reason},
                 )
                 new = StoredRule(
-                    stored.rule_id, stored.client_id, stored.rule, res.state, reason, stored.created_at
+                    stored.rule_id,
+                    stored.client_id,
+                    stored.rule,
+                    res.state,
+                    reason,
+                    stored.created_at,
                 )
                 changed.append((new, stored.state))
                 settled.append(new)
         for new, old_state in changed:
             self.on_state(new.rule, new.state)
             if new.state == "active":
-                log_event("rule.activated", rule=new.rule_id, client=new.rule.client, previous=old_state)
+                log_event(
+                    "rule.activated", rule=new.rule_id, client=new.rule.client, previous=old_state
+                )
             else:
                 log_event(
-                    "rule.failed", level="warning", rule=new.rule_id, client=new.rule.client,
+                    "rule.failed",
+                    level="warning",
+                    rule=new.rule_id,
+                    client=new.rule.client,
                     reason=new.failure_reason,
                 )
         for s in settled:
@@ -254,16 +275,25 @@ class RuleService:
 
     # ---------------------------------------------------------- operations
 
-    async def _audit_error(self, principal: Principal, action: str, target: str | None, exc: PortunusError) -> None:
+    async def _audit_error(
+        self, principal: Principal, action: str, target: str | None, exc: PortunusError
+    ) -> None:
         """A refused operation changes nothing but is still on the record."""
         async with self.store.write() as db:
             await write_audit(
-                db, principal.user, action, target, outcome="error", error_code=exc.code,
+                db,
+                principal.user,
+                action,
+                target,
+                outcome="error",
+                error_code=exc.code,
                 details={"message": exc.message},
             )
         exc.audited = True  # the dispatcher need not audit it again
 
-    async def _owner(self, principal: Principal, requested: Any, client: ClientRow, rule: Rule) -> str:
+    async def _owner(
+        self, principal: Principal, requested: Any, client: ClientRow, rule: Rule
+    ) -> str:
         """Who owns the new rule, and may they push it (their grants)?
 
         A ``user`` owns what it pushes and needs a grant covering it; a
@@ -275,8 +305,11 @@ class RuleService:
             raise ValidationError("validation.owner", "owner must be a user id", field="owner")
         if not principal.is_superadmin:
             if requested not in (None, "", principal.user):
-                raise PortunusError("role_required", "only a superadmin may push a rule for another owner",
-                                    required_role="superadmin")
+                raise PortunusError(
+                    "role_required",
+                    "only a superadmin may push a rule for another owner",
+                    required_role="superadmin",
+                )
             requested = principal.user
         elif not requested:
             return "" if principal.user == OPERATOR_USER else principal.user
@@ -284,8 +317,15 @@ class RuleService:
             owner = await users_db.require_user(db, requested)
             grants = await users_db.list_grants(db, owner.id) if owner.role != "superadmin" else []
         if owner.role != "superadmin":
-            check_grants(grants, owner.name, client.client_id, client.name, rule.protocol,
-                         rule.listen_start, rule.listen_end)
+            check_grants(
+                grants,
+                owner.name,
+                client.client_id,
+                client.name,
+                rule.protocol,
+                rule.listen_start,
+                rule.listen_end,
+            )
         return owner.name
 
     async def push(self, principal: Principal, params: dict[str, Any]) -> dict[str, Any]:
@@ -306,7 +346,9 @@ class RuleService:
                 )
             if client.client_id != LOCAL:
                 info = self.dataplane.info(client.client_id)
-                check_capabilities(rule, info.capabilities if info else [], client.name, client.client_id)
+                check_capabilities(
+                    rule, info.capabilities if info else [], client.name, client.client_id
+                )
             rule = rule.with_changes(client=client.name, owner=owner)
             async with self.store.write() as db:
                 existing = await rules_db.rules_overlapping(
@@ -315,8 +357,15 @@ class RuleService:
                 rule = check_slot(rule, [s.rule for s in existing])
                 rule_id = await rules_db.insert_rule(db, client.client_id, rule)
                 await write_audit(
-                    db, principal.user, "rule.push", f"rule:{rule_id}",
-                    details={"client_id": client.client_id, "token_id": principal.token_id, "owner": owner},
+                    db,
+                    principal.user,
+                    "rule.push",
+                    f"rule:{rule_id}",
+                    details={
+                        "client_id": client.client_id,
+                        "token_id": principal.token_id,
+                        "owner": owner,
+                    },
                 )
                 stored = await rules_db.get_rule(db, rule_id)
             assert stored is not None
@@ -325,9 +374,14 @@ class RuleService:
             raise
         self.on_state(stored.rule, "pending")
         log_event(
-            "rule.pushed", rule=stored.rule_id, client=client.name, user=principal.user,
+            "rule.pushed",
+            rule=stored.rule_id,
+            client=client.name,
+            user=principal.user,
             protocol=rule.protocol,
-            listen=f"{rule.listen_start}-{rule.listen_end}" if rule.is_range else str(rule.listen_start),
+            listen=f"{rule.listen_start}-{rule.listen_end}"
+            if rule.is_range
+            else str(rule.listen_start),
         )
         answered = await self._send_and_wait(stored, timeout)
         if answered is None:
@@ -339,7 +393,8 @@ class RuleService:
             )
         if answered.state == "failed":
             raise PortunusError(
-                "activation_failed", answered.failure_reason or "the data plane refused the rule",
+                "activation_failed",
+                answered.failure_reason or "the data plane refused the rule",
                 rule=answered.to_json(),
             )
         return answered.to_json()
@@ -364,8 +419,12 @@ class RuleService:
         async with self.store.read() as db:
             if params.get("client") is not None:
                 # A revoked client's rules stay listed (state "revoked").
-                client_id = (await accounts.resolve_client(db, params["client"], include_revoked=True)).client_id
-            found = await rules_db.list_rules(db, client_id=client_id, owner=owner, **filters, **page)
+                client_id = (
+                    await accounts.resolve_client(db, params["client"], include_revoked=True)
+                ).client_id
+            found = await rules_db.list_rules(
+                db, client_id=client_id, owner=owner, **filters, **page
+            )
             if not page:
                 return {"rules": [s.to_json() for s in found]}
             total = await rules_db.count_rules(db, client_id, owner, **filters)
@@ -386,16 +445,24 @@ class RuleService:
                 details: dict[str, Any] = {}
                 if "rate_limit" in changes:
                     await rules_db.set_rate_limit(db, rule_id, changes["rate_limit"])
-                    details.update(rate_limit=changes["rate_limit"], previous=stored.rule.rate_limit)
+                    details.update(
+                        rate_limit=changes["rate_limit"], previous=stored.rule.rate_limit
+                    )
                 if "targets" in changes:
                     if stored.client_id != LOCAL:
                         info = self.dataplane.info(stored.client_id)
                         if info is not None:
-                            check_capabilities(stored.rule.with_changes(targets=changes["targets"]),
-                                               info.capabilities, stored.rule.client, stored.client_id)
+                            check_capabilities(
+                                stored.rule.with_changes(targets=changes["targets"]),
+                                info.capabilities,
+                                stored.rule.client,
+                                stored.client_id,
+                            )
                     await rules_db.set_targets(db, rule_id, changes["targets"])
-                    details.update(targets=[t.label for t in changes["targets"]],
-                                   previous_targets=[t.label for t in stored.rule.targets])
+                    details.update(
+                        targets=[t.label for t in changes["targets"]],
+                        previous_targets=[t.label for t in stored.rule.targets],
+                    )
                 await write_audit(db, principal.user, "rule.update", target, details=details)
                 updated = await rules_db.get_rule(db, rule_id)
             assert updated is not None
@@ -423,7 +490,9 @@ class RuleService:
                 immediate = not connected or stored.state == "failed"
                 if immediate:
                     await rules_db.delete_rule(db, rule_id)
-                    await write_audit(db, principal.user, "rule.remove", target, details={"immediate": True})
+                    await write_audit(
+                        db, principal.user, "rule.remove", target, details={"immediate": True}
+                    )
                 elif stored.state != "draining":
                     await rules_db.set_state(db, rule_id, "draining", None)
                     await write_audit(db, principal.user, "rule.remove", target)
@@ -435,7 +504,11 @@ class RuleService:
             log_event("rule.removed", rule=rule_id, client=stored.rule.client, user=principal.user)
         else:
             self.on_state(stored.rule, "draining")
-            self._settle(StoredRule(rule_id, stored.client_id, stored.rule, "draining", None, stored.created_at))
+            self._settle(
+                StoredRule(
+                    rule_id, stored.client_id, stored.rule, "draining", None, stored.created_at
+                )
+            )
         if connected:
             await self.dataplane.apply(stored.client_id, [], [str(rule_id)])
         return {}

@@ -100,8 +100,15 @@ class SessionService:
             self.throttle.check(key)
         except PortunusError as exc:  # a locked-out attempt is on the record too
             async with self.store.write() as db:
-                await write_audit(db, bounded(user_id), "auth.login", f"user:{bounded(user_id)}",
-                                  outcome="error", error_code=exc.code, details={"source": source})
+                await write_audit(
+                    db,
+                    bounded(user_id),
+                    "auth.login",
+                    f"user:{bounded(user_id)}",
+                    outcome="error",
+                    error_code=exc.code,
+                    details={"source": source},
+                )
             raise
         async with self.store.read() as db:
             user = await users_db.find_user(db, user_id) if len(user_id) <= 64 else None

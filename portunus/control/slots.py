@@ -23,7 +23,11 @@ from portunus.text import is_ascii_digits
 
 
 def _overlaps(a: Rule, b: Rule) -> bool:
-    return a.protocol == b.protocol and a.listen_start <= b.listen_end and b.listen_start <= a.listen_end
+    return (
+        a.protocol == b.protocol
+        and a.listen_start <= b.listen_end
+        and b.listen_start <= a.listen_end
+    )
 
 
 def _ports(r: Rule) -> str:

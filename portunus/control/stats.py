@@ -58,8 +58,12 @@ def rule_stats(
     """Totals for one rule (labels ``rule`` = its id); blocking file reads, so the
     caller runs it in a thread."""
     totals: dict[str, float] = dict.fromkeys(RULE_SERIES.values(), 0.0)
-    ports: dict[int, dict[str, float]] = defaultdict(lambda: dict.fromkeys(PORT_SERIES.values(), 0.0))
-    targets: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(TARGET_SERIES.values(), 0.0))
+    ports: dict[int, dict[str, float]] = defaultdict(
+        lambda: dict.fromkeys(PORT_SERIES.values(), 0.0)
+    )
+    targets: dict[str, dict[str, float]] = defaultdict(
+        lambda: dict.fromkeys(TARGET_SERIES.values(), 0.0)
+    )
     up: dict[str, float] = {}
     for s in _samples(metrics_dir):
         if s.labels.get("rule") != rule.id:
@@ -80,7 +84,9 @@ def rule_stats(
         if rule.is_range or ports:
             rows = [{"port": p, **{k: int(v) for k, v in ports[p].items()}} for p in rule.ports]
         else:  # single-port rules have no detail series: the rule totals are the port's
-            rows = [{"port": rule.listen_start, **{k: int(totals[k]) for k in PORT_SERIES.values()}}]
+            rows = [
+                {"port": rule.listen_start, **{k: int(totals[k]) for k in PORT_SERIES.values()}}
+            ]
         out["per_port"] = rows
     if per_target:
         out["per_target"] = [
@@ -138,5 +144,7 @@ class RuleStateGauge:
             # The zeros stay in the file; the in-process children would otherwise
             # pile up for every rule ever pushed (a churn soak grew control's RSS).
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # "not implemented in multi-process mode"
+                warnings.simplefilter(
+                    "ignore", UserWarning
+                )  # "not implemented in multi-process mode"
                 self._gauge.remove_by_labels({"client": rule.client, "rule": rule.id})

@@ -176,7 +176,12 @@ class UserService:
                     who.user,
                     "user.remove",
                     target,
-                    details={"tokens": tokens, "grants": grants, "rules": rules, "owner_caps": capped},
+                    details={
+                        "tokens": tokens,
+                        "grants": grants,
+                        "rules": rules,
+                        "owner_caps": capped,
+                    },
                 )
         except PortunusError as exc:
             await self._refused(who, "user.remove", target, exc)

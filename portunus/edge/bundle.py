@@ -82,7 +82,9 @@ def read_bundle(path: str) -> Bundle:
             f"{path}: no such bundle; create it with: portunus-client enroll 'portunus://…' --out {path}"
         ) from None
     except PermissionError:
-        raise BundleError(f"{path}: permission denied (the bundle is mode 0600; run as its owner)") from None
+        raise BundleError(
+            f"{path}: permission denied (the bundle is mode 0600; run as its owner)"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: cannot read: {exc}") from None
     except ValueError as exc:
@@ -90,12 +92,16 @@ def read_bundle(path: str) -> Bundle:
     if not isinstance(raw, dict):
         raise BundleError(f"{path}: not a bundle (expected a JSON object)")
     if raw.get("version") != BUNDLE_VERSION:
-        raise BundleError(f"{path}: bundle version {raw.get('version')!r} is not supported (expected 1)")
+        raise BundleError(
+            f"{path}: bundle version {raw.get('version')!r} is not supported (expected 1)"
+        )
     missing = [k for k in _FIELDS if not isinstance(raw.get(k), str) or not raw.get(k)]
     if missing:
         raise BundleError(f"{path}: bundle lacks {', '.join(missing)}; enroll again")
     if not FINGERPRINT_RE.fullmatch(raw["fingerprint"]):
-        raise BundleError(f"{path}: fingerprint {raw['fingerprint']!r} is not sha256:<64 lowercase hex>")
+        raise BundleError(
+            f"{path}: fingerprint {raw['fingerprint']!r} is not sha256:<64 lowercase hex>"
+        )
     bundle = Bundle(**{k: raw[k] for k in _FIELDS}, path=path)
     try:
         bundle.host_port()

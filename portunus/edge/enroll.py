@@ -55,11 +55,15 @@ def parse_enroll_uri(uri: str) -> EnrollTarget:
     try:
         host, port = parts.hostname, parts.port
     except ValueError:
-        raise EnrollError("bad_uri", f"the URI's port is not a number 1-65535 ({_QUOTE_HINT})") from None
+        raise EnrollError(
+            "bad_uri", f"the URI's port is not a number 1-65535 ({_QUOTE_HINT})"
+        ) from None
     if not host or port is None or not 0 < port < 65536:
         raise EnrollError("bad_uri", f"the URI must name HOST:PORT ({_QUOTE_HINT})")
     if parts.path.rstrip("/") != "/enroll":
-        raise EnrollError("bad_uri", f"the URI path must be /enroll, not {parts.path or '(empty)'!r}")
+        raise EnrollError(
+            "bad_uri", f"the URI path must be /enroll, not {parts.path or '(empty)'!r}"
+        )
     query = parse_qs(parts.query, keep_blank_values=True)
     codes, fps = query.get("code", []), query.get("fp", [])
     if len(codes) != 1 or not codes[0]:
@@ -80,13 +84,16 @@ async def redeem(target: EnrollTarget, timeout: float = ENROLL_TIMEOUT) -> Bundl
     try:
         reader, writer = await open_pinned(target.host, target.port, target.fingerprint, timeout)
     except (TimeoutError, OSError) as exc:
-        raise EnrollError("unavailable", f"cannot reach {target.server}: {link_error(exc)}") from None
+        raise EnrollError(
+            "unavailable", f"cannot reach {target.server}: {link_error(exc)}"
+        ) from None
     try:
         await write_frame(writer, {"type": "enroll", "code": target.code, "version": __version__})
         reply = await asyncio.wait_for(read_frame(reader), timeout)
     except (TimeoutError, OSError, asyncio.IncompleteReadError, WireError) as exc:
         raise EnrollError(
-            "unavailable", f"{target.server} closed the enrollment without an answer: {link_error(exc)}"
+            "unavailable",
+            f"{target.server} closed the enrollment without an answer: {link_error(exc)}",
         ) from None
     finally:
         # The exchange is over either way and the server closes right after its
@@ -95,8 +102,11 @@ async def redeem(target: EnrollTarget, timeout: float = ENROLL_TIMEOUT) -> Bundl
         writer.transport.abort()
     kind = reply.get("type")
     if kind == "error":
-        raise EnrollError(str(reply.get("code") or "enrollment_invalid"), str(reply.get("message") or ""),
-                          reply.get("retry_after"))
+        raise EnrollError(
+            str(reply.get("code") or "enrollment_invalid"),
+            str(reply.get("message") or ""),
+            reply.get("retry_after"),
+        )
     if kind != "enrolled":
         raise EnrollError("protocol", f"the server answered {kind!r} instead of 'enrolled'")
     fields = {k: reply.get(k) for k in ("client_id", "client_name", "token")}

@@ -93,18 +93,30 @@ class LinkDead(Exception):
 _DETAIL_ROWS = ("per_port", "per_target")
 
 
-def stats_frame(totals: dict[str, dict[str, Any]], max_len: int = MAX_FRAME, run: str = "") -> dict[str, Any]:
+def stats_frame(
+    totals: dict[str, dict[str, Any]], max_len: int = MAX_FRAME, run: str = ""
+) -> dict[str, Any]:
     """The ``stats`` frame; without the per-port/per-target rows when they would
     make it longer than a frame may be (a client with ranges over most ports and
     busy counters), so the totals still reach the server and the link stays up."""
     msg = {"type": "stats", "rules": totals, "run": run}
     if len(json.dumps(msg, separators=(",", ":"))) <= max_len:
         return msg
-    log_throttled("link.stats_detail_dropped", level="warning", rules=len(totals), limit=max_len,
-                  hint="the per-port and per-target rows do not fit one frame; totals are sent")
-    return {"type": "stats", "run": run,
-            "rules": {rid: {k: v for k, v in entry.items() if k not in _DETAIL_ROWS}
-                      for rid, entry in totals.items()}}
+    log_throttled(
+        "link.stats_detail_dropped",
+        level="warning",
+        rules=len(totals),
+        limit=max_len,
+        hint="the per-port and per-target rows do not fit one frame; totals are sent",
+    )
+    return {
+        "type": "stats",
+        "run": run,
+        "rules": {
+            rid: {k: v for k, v in entry.items() if k not in _DETAIL_ROWS}
+            for rid, entry in totals.items()
+        },
+    }
 
 
 @dataclass
@@ -203,23 +215,47 @@ class EdgeLink:
                 self._revoked(str(exc))
                 return
             except FingerprintMismatch as exc:
-                log_event("link.fingerprint_mismatch", level="error", expected=exc.expected,
-                          got=exc.got, server=exc.where, error=str(exc))
+                log_event(
+                    "link.fingerprint_mismatch",
+                    level="error",
+                    expected=exc.expected,
+                    got=exc.got,
+                    server=exc.where,
+                    error=str(exc),
+                )
             except Refused as exc:
                 if exc.code == "busy":  # load shedding: come back when the server said, spread
                     delay = busy_delay(exc.retry_after, self.backoff)
-                    log_event("link.server_busy", level="warning", server=self.bundle.server,
-                              retry_after=exc.retry_after, in_secs=round(delay, 2))
+                    log_event(
+                        "link.server_busy",
+                        level="warning",
+                        server=self.bundle.server,
+                        retry_after=exc.retry_after,
+                        in_secs=round(delay, 2),
+                    )
                 else:
-                    log_event("link.refused", level="error", code=exc.code, message=exc.message,
-                              server=self.bundle.server,
-                              hint="the server does not accept this bundle's token; enroll again if it was deleted")
+                    log_event(
+                        "link.refused",
+                        level="error",
+                        code=exc.code,
+                        message=exc.message,
+                        server=self.bundle.server,
+                        hint="the server does not accept this bundle's token; enroll again if it was deleted",
+                    )
             except LinkDead:
-                log_event("link.dead", level="warning", server=self.bundle.server,
-                          silent_secs=self.timing.dead_secs)
+                log_event(
+                    "link.dead",
+                    level="warning",
+                    server=self.bundle.server,
+                    silent_secs=self.timing.dead_secs,
+                )
             except (TimeoutError, OSError, asyncio.IncompleteReadError, WireError) as exc:
-                log_event("link.disconnected", level="warning", server=self.bundle.server,
-                          error=link_error(exc))
+                log_event(
+                    "link.disconnected",
+                    level="warning",
+                    server=self.bundle.server,
+                    error=link_error(exc),
+                )
             except Exception as exc:  # noqa: BLE001 - a bug must not stop forwarding; retry
                 log_event("link.crashed_session", level="error", error=repr(exc))
             if delay is None:
@@ -237,12 +273,20 @@ class EdgeLink:
     async def _session_once(self) -> None:
         """Connect, say hello, serve until the link ends (always by an exception)."""
         host, port = self.bundle.host_port()
-        reader, writer = await open_pinned(host, port, self.bundle.fingerprint, self.timing.connect_timeout)
+        reader, writer = await open_pinned(
+            host, port, self.bundle.fingerprint, self.timing.connect_timeout
+        )
         try:
-            await write_frame(writer, {
-                "type": "hello", "token": self.bundle.token, "client_id": self.bundle.client_id,
-                "version": __version__, "capabilities": [*self.capabilities, QUIET_LINK],
-            })
+            await write_frame(
+                writer,
+                {
+                    "type": "hello",
+                    "token": self.bundle.token,
+                    "client_id": self.bundle.client_id,
+                    "version": __version__,
+                    "capabilities": [*self.capabilities, QUIET_LINK],
+                },
+            )
             async with asyncio.timeout(self.timing.handshake_timeout):
                 welcome = await read_frame(reader)
             if welcome.get("type") == "error":
@@ -254,8 +298,9 @@ class EdgeLink:
             self._session = None
             await close_quietly(writer, reader=reader)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     welcome: dict[str, Any]) -> None:
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, welcome: dict[str, Any]
+    ) -> None:
         session = _Session(next(self._sessions), writer)
         self._session = session
         self.backoff.reset()
@@ -264,16 +309,25 @@ class EdgeLink:
             user_timeout(writer, QUIET_USER_TIMEOUT_MS)
         name = welcome.get("client_name")
         peer = writer.get_extra_info("peername")
-        log_event("link.connected", server=self.bundle.server, client_id=self.bundle.client_id,
-                  client_name=name or self.bundle.client_name, local=str(writer.get_extra_info("sockname")),
-                  peer=str(peer), heartbeat_secs=heartbeat, dead_secs=dead_secs)
+        log_event(
+            "link.connected",
+            server=self.bundle.server,
+            client_id=self.bundle.client_id,
+            client_name=name or self.bundle.client_name,
+            local=str(writer.get_extra_info("sockname")),
+            peer=str(peer),
+            heartbeat_secs=heartbeat,
+            dead_secs=dead_secs,
+        )
         if isinstance(name, str) and name and name != self.bundle.client_name:
             self._rename(name)
         if self._removed_backlog:
             session.send({"type": "removed", "ids": self._removed_backlog})
             self._removed_backlog = []
-        tasks = [asyncio.create_task(self._pinger(session, heartbeat)),
-                 asyncio.create_task(self._stats_loop(session))]
+        tasks = [
+            asyncio.create_task(self._pinger(session, heartbeat)),
+            asyncio.create_task(self._stats_loop(session)),
+        ]
         try:
             while True:
                 try:
@@ -335,15 +389,18 @@ class EdgeLink:
         if kind == "sync":
             good, rejected = _check_rules(msg.get("rules"))
             self.store.replace(good)
-            self._to_supervisor({"type": "sync", "rules": good},
-                                _Pending(session.number, msg.get("seq"), rejected))
+            self._to_supervisor(
+                {"type": "sync", "rules": good}, _Pending(session.number, msg.get("seq"), rejected)
+            )
             log_event("link.sync", rules=len(good), rejected=len(rejected), seq=msg.get("seq"))
         elif kind == "apply":
             good, rejected = _check_rules(msg.get("upsert"))
             remove = [str(r) for r in msg.get("remove") or [] if isinstance(r, (str, int))]
             self.store.apply(good, remove)
-            self._to_supervisor({"type": "apply", "upsert": good, "remove": remove},
-                                _Pending(session.number, msg.get("seq"), rejected))
+            self._to_supervisor(
+                {"type": "apply", "upsert": good, "remove": remove},
+                _Pending(session.number, msg.get("seq"), rejected),
+            )
         elif kind == "owner_caps":
             caps = check_owner_caps(msg.get("caps"))
             self.store.set_owner_caps(caps)
@@ -364,13 +421,24 @@ class EdgeLink:
             try:
                 write_bundle(self.bundle.path, self.bundle)
             except OSError as exc:
-                log_event("link.bundle_write_failed", level="warning", path=self.bundle.path, error=str(exc),
-                          hint="the name is informational on the client; rules and the link are unaffected")
+                log_event(
+                    "link.bundle_write_failed",
+                    level="warning",
+                    path=self.bundle.path,
+                    error=str(exc),
+                    hint="the name is informational on the client; rules and the link are unaffected",
+                )
 
     def _revoked(self, message: str) -> None:
-        log_event("link.revoked", level="error", client_id=self.bundle.client_id,
-                  client_name=self.bundle.client_name, server=self.bundle.server, message=message,
-                  hint="the client stops; enroll it again with a new code to bring it back")
+        log_event(
+            "link.revoked",
+            level="error",
+            client_id=self.bundle.client_id,
+            client_name=self.bundle.client_name,
+            server=self.bundle.server,
+            message=message,
+            hint="the client stops; enroll it again with a new code to bring it back",
+        )
         self.store.clear()
         try:
             revoked.write_marker(self.data_dir, self.bundle, message)
@@ -395,8 +463,11 @@ class EdgeLink:
                 return
             results = dict(msg.get("results") or {})
             results.update(pending.rejected)
-            failed = {rid: r.get("reason") for rid, r in results.items()
-                      if isinstance(r, dict) and r.get("state") == "failed"}
+            failed = {
+                rid: r.get("reason")
+                for rid, r in results.items()
+                if isinstance(r, dict) and r.get("state") == "failed"
+            }
             if failed:
                 log_event("link.rules_failed", level="warning", failed=failed)
             live = self._session
@@ -405,7 +476,9 @@ class EdgeLink:
         elif kind == "retried":
             # A failed rule bound later (its port freed): tell the server, unasked.
             if self._session is not None:
-                self._session.send({"type": "applied", "seq": None, "results": dict(msg.get("results") or {})})
+                self._session.send(
+                    {"type": "applied", "seq": None, "results": dict(msg.get("results") or {})}
+                )
         elif kind == "removed":
             ids = [str(i) for i in msg.get("ids") or []]
             if self._session is not None:
@@ -457,10 +530,13 @@ def _check_rules(raw: Any) -> tuple[list[dict[str, Any]], dict[str, dict[str, An
     return good, rejected
 
 
-
-
-async def serve_link(settings: Settings, bundle: Bundle, channel_sock: socket.socket,
-                     capabilities: Sequence[str], timing: LinkTiming | None = None) -> int:
+async def serve_link(
+    settings: Settings,
+    bundle: Bundle,
+    channel_sock: socket.socket,
+    capabilities: Sequence[str],
+    timing: LinkTiming | None = None,
+) -> int:
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or settings.metrics_dir
     link = EdgeLink(bundle, settings.data_dir, channel_sock, capabilities, metrics_dir, timing)
     loop = asyncio.get_running_loop()
@@ -471,8 +547,13 @@ async def serve_link(settings: Settings, bundle: Bundle, channel_sock: socket.so
     return await link.run()
 
 
-def run_link(settings: Settings, bundle: Bundle, channel_sock: socket.socket,
-             capabilities: Sequence[str], timing: LinkTiming | None = None) -> None:
+def run_link(
+    settings: Settings,
+    bundle: Bundle,
+    channel_sock: socket.socket,
+    capabilities: Sequence[str],
+    timing: LinkTiming | None = None,
+) -> None:
     """Entry point of the link child (never returns; exits with the link's code)."""
     import uvloop
 

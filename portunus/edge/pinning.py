@@ -55,7 +55,8 @@ async def open_pinned(
     # races with completion, and the link's reconnect loop would then never stop.
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection(
-            host, port, ssl=client_context(), server_hostname=host)
+            host, port, ssl=client_context(), server_hostname=host
+        )
     try:
         ssl_obj = writer.get_extra_info("ssl_object")
         der = ssl_obj.getpeercert(binary_form=True) if ssl_obj is not None else None
@@ -68,8 +69,9 @@ async def open_pinned(
     return reader, writer
 
 
-async def close_quietly(writer: asyncio.StreamWriter, timeout: float = 2.0,
-                        reader: asyncio.StreamReader | None = None) -> None:
+async def close_quietly(
+    writer: asyncio.StreamWriter, timeout: float = 2.0, reader: asyncio.StreamReader | None = None
+) -> None:
     """Close a TLS stream without letting a dead peer hold us up.  When ``reader``
     saw the peer close, abort at once: a close_notify to a socket the server already
     shut fails, and aborting mid-shutdown is what makes uvloop log tracebacks."""

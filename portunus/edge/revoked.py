@@ -23,13 +23,16 @@ def marker_path(data_dir: str) -> str:
 
 
 def write_marker(data_dir: str, bundle: Bundle, message: str) -> None:
-    write_private_json(marker_path(data_dir), {
-        "client_id": bundle.client_id,
-        "client_name": bundle.client_name,
-        "server": bundle.server,
-        "message": message,
-        "revoked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    })
+    write_private_json(
+        marker_path(data_dir),
+        {
+            "client_id": bundle.client_id,
+            "client_name": bundle.client_name,
+            "server": bundle.server,
+            "message": message,
+            "revoked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    )
 
 
 def read_marker(data_dir: str, client_id: str) -> dict[str, str] | None:
@@ -51,8 +54,10 @@ def describe(marker: dict[str, str], bundle_path: str) -> str:
     if creds and os.path.dirname(os.path.abspath(bundle_path)) == os.path.abspath(creds):
         # Under systemd the path we see is the credential copy in /run; the operator
         # must write the file the unit loads it from.
-        bundle_path = ("<the bundle file of LoadCredential= in portunus-client.service, "
-                       "by default /etc/portunus/client.bundle>")
+        bundle_path = (
+            "<the bundle file of LoadCredential= in portunus-client.service, "
+            "by default /etc/portunus/client.bundle>"
+        )
     return (
         f"this client ({marker.get('client_name', '?')}, id {marker.get('client_id', '?')}) was "
         f"revoked by the server {marker.get('server', '?')} at {marker.get('revoked_at', '?')}: {why}. "

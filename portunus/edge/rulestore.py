@@ -44,12 +44,21 @@ class RuleStore:
         except FileNotFoundError:
             return []
         except (OSError, ValueError) as exc:
-            log_event("link.rules_file_unreadable", level="warning", path=self.path, error=str(exc),
-                      hint="starting with no rules until the server sends them")
+            log_event(
+                "link.rules_file_unreadable",
+                level="warning",
+                path=self.path,
+                error=str(exc),
+                hint="starting with no rules until the server sends them",
+            )
             return []
         if not isinstance(raw, dict) or raw.get("client_id") != self.client_id:
-            log_event("link.rules_file_ignored", level="warning", path=self.path,
-                      reason="written for another client id (a new bundle?)")
+            log_event(
+                "link.rules_file_ignored",
+                level="warning",
+                path=self.path,
+                reason="written for another client id (a new bundle?)",
+            )
             return []
         self.owner_caps = check_owner_caps(raw.get("owner_caps"))
         rules = raw.get("rules")
@@ -85,12 +94,15 @@ class RuleStore:
 
     def save(self) -> None:
         try:
-            write_private_json(self.path, {
-                "version": FILE_VERSION,
-                "client_id": self.client_id,
-                "rules": sorted(self.rules.values(), key=_order),
-                "owner_caps": self.owner_caps,
-            })
+            write_private_json(
+                self.path,
+                {
+                    "version": FILE_VERSION,
+                    "client_id": self.client_id,
+                    "rules": sorted(self.rules.values(), key=_order),
+                    "owner_caps": self.owner_caps,
+                },
+            )
         except OSError as exc:
             # Forwarding goes on; only a restart while the server is down would miss it.
             log_event("link.rules_file_write_failed", level="error", path=self.path, error=str(exc))

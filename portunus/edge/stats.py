@@ -25,22 +25,30 @@ class _Acc:
 
     def __init__(self) -> None:
         self.totals: dict[str, float] = dict.fromkeys(RULE_SERIES.values(), 0.0)
-        self.ports: dict[int, dict[str, float]] = defaultdict(lambda: dict.fromkeys(PORT_SERIES.values(), 0.0))
+        self.ports: dict[int, dict[str, float]] = defaultdict(
+            lambda: dict.fromkeys(PORT_SERIES.values(), 0.0)
+        )
         self.targets: dict[str, dict[str, float]] = defaultdict(
-            lambda: dict.fromkeys(TARGET_SERIES.values(), 0.0))
+            lambda: dict.fromkeys(TARGET_SERIES.values(), 0.0)
+        )
         self.up: dict[str, float] = {}
 
     def entry(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: int(v) for k, v in self.totals.items()}
         if self.ports:
-            out["per_port"] = [{"port": p, **{k: int(v) for k, v in row.items()}}
-                               for p, row in sorted(self.ports.items())]
+            out["per_port"] = [
+                {"port": p, **{k: int(v) for k, v in row.items()}}
+                for p, row in sorted(self.ports.items())
+            ]
         labels = sorted(set(self.targets) | set(self.up))
         if labels:
             out["per_target"] = [
-                {"target": t, **{k: int(v) for k, v in self.targets[t].items()},
-                 # Up only if every shard that reports the target sees it up.
-                 "up": (self.up[t] >= 1) if t in self.up else None}
+                {
+                    "target": t,
+                    **{k: int(v) for k, v in self.targets[t].items()},
+                    # Up only if every shard that reports the target sees it up.
+                    "up": (self.up[t] >= 1) if t in self.up else None,
+                }
                 for t in labels
             ]
         return out

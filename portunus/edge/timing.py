@@ -45,6 +45,10 @@ def busy_delay(retry_after: object, backoff: Backoff, rng: random.Random | None 
     0 < x ≤ 300) times a random factor in [1, 2), so a wave of refused clients comes
     back spread over that window instead of at once; without a usable ``retry_after``
     the next backoff step."""
-    if isinstance(retry_after, bool) or not isinstance(retry_after, (int, float)) or not 0 < retry_after <= 300:
+    if (
+        isinstance(retry_after, bool)
+        or not isinstance(retry_after, (int, float))
+        or not 0 < retry_after <= 300
+    ):
         return backoff.next()
     return float(retry_after) * (rng or random).uniform(1.0, 2.0)

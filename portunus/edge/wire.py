@@ -11,7 +11,17 @@ from portunus import safejson
 
 # Every feature a node of this build can run, as advertised in the link's hello
 # (docs/edge.md); the server gates rules on them.  ``local`` advertises the same.
-CAPABILITIES = ("tcp", "udp", "range", "sni", "proxy_protocol", "dns", "failover", "rate_limit", "idle_timeout")
+CAPABILITIES = (
+    "tcp",
+    "udp",
+    "range",
+    "sni",
+    "proxy_protocol",
+    "dns",
+    "failover",
+    "rate_limit",
+    "idle_timeout",
+)
 
 # The limit of every frame after the link authenticated (before: see
 # control.edge.preauth.PREAUTH_MAX_FRAME).  The largest legitimate frame is a full

@@ -52,8 +52,14 @@ class _Entry:
 
     __slots__ = ("v4", "v6", "expires", "refresh_at", "retry_at", "error")
 
-    def __init__(self, v4: tuple[str, ...], v6: tuple[str, ...], expires: float,
-                 refresh_at: float, error: str | None = None) -> None:
+    def __init__(
+        self,
+        v4: tuple[str, ...],
+        v6: tuple[str, ...],
+        expires: float,
+        refresh_at: float,
+        error: str | None = None,
+    ) -> None:
         self.v4 = v4
         self.v6 = v6
         self.expires = expires
@@ -183,8 +189,9 @@ def _read_name(buf: bytes, off: int) -> tuple[str, int]:
     raise _FormatError("compression loop")
 
 
-def decode_answer(buf: bytes, qid: int, name: str, qtype: int
-                  ) -> tuple[int, bool, list[str], float]:
+def decode_answer(
+    buf: bytes, qid: int, name: str, qtype: int
+) -> tuple[int, bool, list[str], float]:
     """Parse a reply: (rcode, truncated, addresses, minimum TTL of the chain used).
 
     CNAME records in the answer section are followed from ``name``; the addresses
@@ -274,15 +281,15 @@ class Resolver:
         self._cache: dict[str, _Entry] = {}
         self._inflight: dict[str, asyncio.Future[_Entry]] = {}
         # Plain counters; the shard exports them to Prometheus.
-        self.lookups = 0        # lookups started (coalesced callers count once)
-        self.queries = 0        # DNS queries sent (UDP and TCP)
-        self.tcp_queries = 0    # of which retried over TCP after a truncated reply
-        self.hosts_hits = 0     # lookups answered by the hosts file
+        self.lookups = 0  # lookups started (coalesced callers count once)
+        self.queries = 0  # DNS queries sent (UDP and TCP)
+        self.tcp_queries = 0  # of which retried over TCP after a truncated reply
+        self.hosts_hits = 0  # lookups answered by the hosts file
         self.getaddrinfo_calls = 0
         self.cache_hits = 0
-        self.stale_served = 0   # resolve() calls answered with an expired answer
-        self.failures = 0       # lookups that ended without a fresh answer (logged)
-        self.rejected = 0       # resolve() calls that raised ResolveError
+        self.stale_served = 0  # resolve() calls answered with an expired answer
+        self.failures = 0  # lookups that ended without a fresh answer (logged)
+        self.rejected = 0  # resolve() calls that raised ResolveError
 
     def nameservers(self) -> list[tuple[str, int]]:
         if self._fixed_servers is not None:
@@ -339,8 +346,9 @@ class Resolver:
     def _store(self, name: str, v4: list[str], v6: list[str], ttl: float) -> _Entry:
         ttl = min(max(ttl, self.min_ttl), self.max_ttl)
         now = self._clock()
-        entry = _Entry(tuple(dict.fromkeys(v4)), tuple(dict.fromkeys(v6)),
-                       now + ttl, now + ttl * 0.9)
+        entry = _Entry(
+            tuple(dict.fromkeys(v4)), tuple(dict.fromkeys(v6)), now + ttl, now + ttl * 0.9
+        )
         self._cache[name] = entry
         return entry
 
@@ -358,19 +366,29 @@ class Resolver:
             self.failures += 1
             now = self._clock()
             old = self._cache.get(name)
-            if (not isinstance(exc, _Definitive) and old is not None and old.error is None
-                    and now < old.expires + self.stale_secs):
+            if (
+                not isinstance(exc, _Definitive)
+                and old is not None
+                and old.error is None
+                and now < old.expires + self.stale_secs
+            ):
                 old.retry_at = min(now + self.stale_retry_secs, old.expires + self.stale_secs)
                 old.refresh_at = old.retry_at
                 # Logged here, once per failed lookup: the callers see an answer.
-                log_event("dns.refresh_failed", level="warning", host=name, error=str(exc),
-                          serving_stale=now >= old.expires)
+                log_event(
+                    "dns.refresh_failed",
+                    level="warning",
+                    host=name,
+                    error=str(exc),
+                    serving_stale=now >= old.expires,
+                )
                 return old
             # The caller fails its connection and logs dns.resolve_failed.
             # A short negative entry: the next connections fail at once instead of
             # each waiting out the same timeouts.
-            self._cache[name] = _Entry((), (), now + self.min_ttl, now + self.min_ttl,
-                                       error=str(exc))
+            self._cache[name] = _Entry(
+                (), (), now + self.min_ttl, now + self.min_ttl, error=str(exc)
+            )
             raise
         return self._store(name, v4, v6, ttl)
 
@@ -382,9 +400,11 @@ class Resolver:
             encode_query(0, name, TYPE_A)
         except ValueError as exc:  # not a DNS name: empty or long label, non-ASCII
             raise _Definitive(str(exc)) from exc
-        a, aaaa = await asyncio.gather(self._query(name, TYPE_A, servers),
-                                       self._query(name, TYPE_AAAA, servers),
-                                       return_exceptions=True)
+        a, aaaa = await asyncio.gather(
+            self._query(name, TYPE_A, servers),
+            self._query(name, TYPE_AAAA, servers),
+            return_exceptions=True,
+        )
         for result in (a, aaaa):
             if isinstance(result, BaseException) and not isinstance(result, ResolveError):
                 raise result
@@ -403,8 +423,9 @@ class Resolver:
             raise _Definitive(f"{name}: NXDOMAIN")
         raise _Definitive(f"{name}: no A or AAAA records")
 
-    async def _query(self, name: str, qtype: int, servers: list[tuple[str, int]]
-                     ) -> tuple[int, list[str], float]:
+    async def _query(
+        self, name: str, qtype: int, servers: list[tuple[str, int]]
+    ) -> tuple[int, list[str], float]:
         """Ask each server in turn until one answers NOERROR or NXDOMAIN."""
         reason = "no nameserver"
         for server in servers:
@@ -434,7 +455,8 @@ class Resolver:
         # A fresh connected socket per query: random source port, and the kernel
         # drops datagrams from any other address.
         transport, _ = await loop.create_datagram_endpoint(
-            lambda: _ReplyProtocol(qid, reply), remote_addr=server)
+            lambda: _ReplyProtocol(qid, reply), remote_addr=server
+        )
         try:
             self.queries += 1
             transport.sendto(packet)

@@ -90,19 +90,30 @@ class Shard:
             try:
                 self.dispatch(msg, fds)
             except Exception as exc:  # noqa: BLE001 - report, keep serving
-                log_event("shard.message_failed", level="error", shard=self.index,
-                          type=msg.get("type"), error=repr(exc))
+                log_event(
+                    "shard.message_failed",
+                    level="error",
+                    shard=self.index,
+                    type=msg.get("type"),
+                    error=repr(exc),
+                )
 
     def dispatch(self, msg: dict[str, Any], fds: list[int]) -> None:
         kind = msg.get("type")
         if kind == "config":
             new = msg.get("settings", {})
-            changed = sorted(k for k, v in new.items() if self.ctx.settings.get(k) != v) if self.ctx.settings else []
+            changed = (
+                sorted(k for k, v in new.items() if self.ctx.settings.get(k) != v)
+                if self.ctx.settings
+                else []
+            )
             self.ctx.settings.update(new)
             self.ctx.connect_timeout = float(self.ctx.settings.get("connect_timeout_secs", 5.0))
             self.ctx.use_splice = bool(self.ctx.settings.get("use_splice", True))
             self.drain_secs = float(self.ctx.settings.get("shutdown_drain_timeout_secs", 30.0))
-            configure_logs(fmt=self.ctx.settings.get("log_format"), level=self.ctx.settings.get("log_level"))
+            configure_logs(
+                fmt=self.ctx.settings.get("log_format"), level=self.ctx.settings.get("log_level")
+            )
             for handler in self.handlers.values():
                 retune = getattr(handler, "retune", None)
                 if retune is not None:
@@ -193,8 +204,11 @@ class Shard:
         """(signature, factory) of what should serve listener ``key`` now."""
         proto, _, port_s = key.partition("/")
         port = int(port_s)
-        rts = [rt for rt in self.rules.values()
-               if rt.rule.protocol == proto and rt.rule.listen_start <= port <= rt.rule.listen_end]
+        rts = [
+            rt
+            for rt in self.rules.values()
+            if rt.rule.protocol == proto and rt.rule.listen_start <= port <= rt.rule.listen_end
+        ]
         if not rts:
             return None, None
         if proto == "udp":
@@ -204,8 +218,12 @@ class Shard:
         if len(rts) == 1 and rts[0].rule.sni is None and not rts[0].rule.sni_fallback:
             rt = rts[0]
             if native_eligible(self.ctx, rt):
-                return ("ntcp", id(rt)), lambda s: NativeTcpHandler(self.ctx, rt, port - rt.rule.listen_start, s)
-            return ("tcp", id(rt)), lambda s: PlainTcpHandler(self.ctx, rt, port - rt.rule.listen_start)
+                return ("ntcp", id(rt)), lambda s: NativeTcpHandler(
+                    self.ctx, rt, port - rt.rule.listen_start, s
+                )
+            return ("tcp", id(rt)), lambda s: PlainTcpHandler(
+                self.ctx, rt, port - rt.rule.listen_start
+            )
         sig = ("sni", tuple(sorted(id(rt) for rt in rts)))
         return sig, lambda s: self._sni_handler(port, rts)
 
@@ -256,7 +274,11 @@ class Shard:
     def _accept_backoff(self, lsock: socket.socket) -> None:
         fd = lsock.fileno()
         for key, s in self.listeners.items():
-            if s.fileno() == fd and key in self.handlers and not hasattr(self.handlers[key], "start"):
+            if (
+                s.fileno() == fd
+                and key in self.handlers
+                and not hasattr(self.handlers[key], "start")
+            ):
                 handler = self.handlers[key]
                 self.loop.remove_reader(fd)
                 self.loop.call_later(0.1, self._resume_accept, key, s, handler)
@@ -272,7 +294,11 @@ class Shard:
             return
         self.stopping = True
         self.exit_code = exit_code
-        log_event("shard.stopping", shard=self.index, open=sum(len(rt.conns) for rt in self.rules.values()))
+        log_event(
+            "shard.stopping",
+            shard=self.index,
+            open=sum(len(rt.conns) for rt in self.rules.values()),
+        )
         for key, s in list(self.listeners.items()):
             self._unserve(key, s)
         self.listeners.clear()
@@ -285,7 +311,9 @@ class Shard:
     def _maybe_finish_stop(self) -> None:
         if not self.stopping or self.done.done():
             return
-        if any(rt.conns for rt in self.rules.values()) or any(rt.conns for rt in self.draining.values()):
+        if any(rt.conns for rt in self.rules.values()) or any(
+            rt.conns for rt in self.draining.values()
+        ):
             return
         self.done.set_result(self.exit_code)
 

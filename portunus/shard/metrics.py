@@ -16,30 +16,52 @@ from prometheus_client import Counter, Gauge
 RULE_LABELS = ("client", "rule", "owner")
 
 BYTES_IN = Counter(
-    "portunus_rule_bytes_in_total", "Bytes received from connecting clients (towards the target)", RULE_LABELS
+    "portunus_rule_bytes_in_total",
+    "Bytes received from connecting clients (towards the target)",
+    RULE_LABELS,
 )
-BYTES_OUT = Counter("portunus_rule_bytes_out_total", "Bytes sent back to connecting clients", RULE_LABELS)
-CONNECTIONS = Counter("portunus_rule_connections_total", "Accepted connections (TCP) or flows (UDP)", RULE_LABELS)
+BYTES_OUT = Counter(
+    "portunus_rule_bytes_out_total", "Bytes sent back to connecting clients", RULE_LABELS
+)
+CONNECTIONS = Counter(
+    "portunus_rule_connections_total", "Accepted connections (TCP) or flows (UDP)", RULE_LABELS
+)
 ACTIVE = Gauge(
     "portunus_rule_active_connections", "Open connections", RULE_LABELS, multiprocess_mode="livesum"
 )
 CONNECT_FAILURES = Counter(
-    "portunus_rule_connect_failures_total", "Client connections closed because no target could be reached", RULE_LABELS
+    "portunus_rule_connect_failures_total",
+    "Client connections closed because no target could be reached",
+    RULE_LABELS,
 )
-DATAGRAMS_IN = Counter("portunus_rule_datagrams_in_total", "UDP datagrams received from clients", RULE_LABELS)
-DATAGRAMS_OUT = Counter("portunus_rule_datagrams_out_total", "UDP datagrams sent back to clients", RULE_LABELS)
+DATAGRAMS_IN = Counter(
+    "portunus_rule_datagrams_in_total", "UDP datagrams received from clients", RULE_LABELS
+)
+DATAGRAMS_OUT = Counter(
+    "portunus_rule_datagrams_out_total", "UDP datagrams sent back to clients", RULE_LABELS
+)
 
 PORT_LABELS = ("client", "rule", "port")
-PORT_BYTES_IN = Counter("portunus_detail_port_bytes_in_total", "Per-port bytes in (rule-stats --per-port)", PORT_LABELS)
+PORT_BYTES_IN = Counter(
+    "portunus_detail_port_bytes_in_total", "Per-port bytes in (rule-stats --per-port)", PORT_LABELS
+)
 PORT_BYTES_OUT = Counter("portunus_detail_port_bytes_out_total", "Per-port bytes out", PORT_LABELS)
-PORT_CONNECTIONS = Counter("portunus_detail_port_connections_total", "Per-port connections", PORT_LABELS)
+PORT_CONNECTIONS = Counter(
+    "portunus_detail_port_connections_total", "Per-port connections", PORT_LABELS
+)
 PORT_ACTIVE = Gauge(
-    "portunus_detail_port_active_connections", "Per-port open connections", PORT_LABELS, multiprocess_mode="livesum"
+    "portunus_detail_port_active_connections",
+    "Per-port open connections",
+    PORT_LABELS,
+    multiprocess_mode="livesum",
 )
 
 TARGET_LABELS = ("client", "rule", "target")
 TARGET_UP = Gauge(
-    "portunus_target_up", "1 while a target is considered healthy", TARGET_LABELS, multiprocess_mode="livemin"
+    "portunus_target_up",
+    "1 while a target is considered healthy",
+    TARGET_LABELS,
+    multiprocess_mode="livemin",
 )
 TARGET_CONNECTIONS = Counter(
     "portunus_detail_target_connections_total", "Connections established to a target", TARGET_LABELS
@@ -52,7 +74,9 @@ SNI_ROUTES = Counter(
     "portunus_tls_sni_route_total", "SNI dispatches by match kind", RULE_LABELS + ("result",)
 )
 SNI_MISSES = Counter(
-    "portunus_tls_sni_listener_miss_total", "TLS connections whose SNI matched no rule", ("client", "port")
+    "portunus_tls_sni_listener_miss_total",
+    "TLS connections whose SNI matched no rule",
+    ("client", "port"),
 )
 SNI_PARSE_FAILURES = Counter(
     "portunus_tls_sni_listener_parse_failures_total",
@@ -60,11 +84,17 @@ SNI_PARSE_FAILURES = Counter(
     ("client", "port"),
 )
 
-UDP_FLOWS = Gauge("portunus_udp_flows_active", "Open UDP flows", RULE_LABELS, multiprocess_mode="livesum")
-UDP_OVERFLOW = Counter(
-    "portunus_udp_flows_dropped_overflow_total", "Datagrams dropped because udp_max_flows was reached", RULE_LABELS
+UDP_FLOWS = Gauge(
+    "portunus_udp_flows_active", "Open UDP flows", RULE_LABELS, multiprocess_mode="livesum"
 )
-DNS_FAILURES = Counter("portunus_dns_failures_total", "Target name resolutions that failed", ("client", "rule"))
+UDP_OVERFLOW = Counter(
+    "portunus_udp_flows_dropped_overflow_total",
+    "Datagrams dropped because udp_max_flows was reached",
+    RULE_LABELS,
+)
+DNS_FAILURES = Counter(
+    "portunus_dns_failures_total", "Target name resolutions that failed", ("client", "rule")
+)
 
 
 class RuleMeters:
@@ -96,9 +126,24 @@ class PortMeters:
 
 # Every series labelled with a rule (the SNI listener series are per port).
 _PER_RULE = (
-    BYTES_IN, BYTES_OUT, CONNECTIONS, ACTIVE, CONNECT_FAILURES, DATAGRAMS_IN, DATAGRAMS_OUT,
-    PORT_BYTES_IN, PORT_BYTES_OUT, PORT_CONNECTIONS, PORT_ACTIVE, TARGET_UP, TARGET_CONNECTIONS,
-    TARGET_FAILURES, SNI_ROUTES, UDP_FLOWS, UDP_OVERFLOW, DNS_FAILURES,
+    BYTES_IN,
+    BYTES_OUT,
+    CONNECTIONS,
+    ACTIVE,
+    CONNECT_FAILURES,
+    DATAGRAMS_IN,
+    DATAGRAMS_OUT,
+    PORT_BYTES_IN,
+    PORT_BYTES_OUT,
+    PORT_CONNECTIONS,
+    PORT_ACTIVE,
+    TARGET_UP,
+    TARGET_CONNECTIONS,
+    TARGET_FAILURES,
+    SNI_ROUTES,
+    UDP_FLOWS,
+    UDP_OVERFLOW,
+    DNS_FAILURES,
 )
 
 

@@ -39,8 +39,12 @@ def load() -> tuple[Any, str | None]:
 def announce(shard_index: int, why: str | None) -> None:
     """The one warning line a shard writes when it falls back (shard 0 only)."""
     if why is not None and shard_index == 0:
-        log_event("shard.native_unavailable", level="warning",
-                  error=why, message=f"native relay not loaded; using the Python relay (set {ENV}=0 to silence)")
+        log_event(
+            "shard.native_unavailable",
+            level="warning",
+            error=why,
+            message=f"native relay not loaded; using the Python relay (set {ENV}=0 to silence)",
+        )
 
 
 class NativeRelay:
@@ -62,8 +66,14 @@ class NativeRelay:
         """Close one connection now; the bytes it moved since its last report."""
         return self.relay.close(handle)
 
-    def listen(self, handler: Any, lfd: int, ntargets: int, candidates: list[tuple[str, int, int]],
-               timeout: float) -> int:
+    def listen(
+        self,
+        handler: Any,
+        lfd: int,
+        ntargets: int,
+        candidates: list[tuple[str, int, int]],
+        timeout: float,
+    ) -> int:
         """Accept on ``lfd`` natively; ``handler.report(...)`` gets the batched counts."""
         return self.relay.listen(lfd, handler, ntargets, candidates, timeout)
 

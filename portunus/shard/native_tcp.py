@@ -68,10 +68,22 @@ class NativeConns:
 class NativeTcpHandler:
     """Serves one TCP port of one rule in the native relay."""
 
-    __slots__ = ("ctx", "rt", "port_index", "lsock", "handle", "account", "targets", "conns", "live",
-                 "listening")
+    __slots__ = (
+        "ctx",
+        "rt",
+        "port_index",
+        "lsock",
+        "handle",
+        "account",
+        "targets",
+        "conns",
+        "live",
+        "listening",
+    )
 
-    def __init__(self, ctx: ShardContext, rt: RuleRuntime, port_index: int, lsock: socket.socket) -> None:
+    def __init__(
+        self, ctx: ShardContext, rt: RuleRuntime, port_index: int, lsock: socket.socket
+    ) -> None:
         self.ctx = ctx
         self.rt = rt
         self.port_index = port_index
@@ -89,8 +101,13 @@ class NativeTcpHandler:
 
     def start(self) -> None:
         native = self.ctx.native
-        self.handle = native.listen(self, self.lsock.fileno(), len(self.targets), self.candidates(),
-                                    self.ctx.connect_timeout)
+        self.handle = native.listen(
+            self,
+            self.lsock.fileno(),
+            len(self.targets),
+            self.candidates(),
+            self.ctx.connect_timeout,
+        )
         self.listening = True
         self.rt.on_targets.append(self.refresh)
 
@@ -119,9 +136,19 @@ class NativeTcpHandler:
             handle, self.handle = self.handle, None
             self.report(*self.ctx.native.relay.forget_listener(handle)[1:])
 
-    def report(self, opened: int, closed: int, bytes_in: int, bytes_out: int, connect_failures: int,
-               ok: tuple[int, ...], failed: tuple[int, ...], errs: tuple[int, ...], live: int,
-               accept_errno: int) -> None:
+    def report(
+        self,
+        opened: int,
+        closed: int,
+        bytes_in: int,
+        bytes_out: int,
+        connect_failures: int,
+        ok: tuple[int, ...],
+        failed: tuple[int, ...],
+        errs: tuple[int, ...],
+        live: int,
+        accept_errno: int,
+    ) -> None:
         """One batch of what the native relay did for this port (native.py dispatch)."""
         acc = self.account
         rule_m, port_m = acc.rule, acc.port
@@ -144,10 +171,19 @@ class NativeTcpHandler:
             if not n:
                 continue
             target = self.targets[i]
-            err = "timeout" if errs[i] == errno.ETIMEDOUT else errno.errorcode.get(errs[i], str(errs[i]))
+            err = (
+                "timeout"
+                if errs[i] == errno.ETIMEDOUT
+                else errno.errorcode.get(errs[i], str(errs[i]))
+            )
             for _ in range(n):  # health counts consecutive refusals one by one
-                log_throttled("tcp.connect_failed", level="warning", rule=rt.rule.id, target=target.label,
-                              error=err)
+                log_throttled(
+                    "tcp.connect_failed",
+                    level="warning",
+                    rule=rt.rule.id,
+                    target=target.label,
+                    error=err,
+                )
                 rt.target_failed(target)
         for i, n in enumerate(ok):
             if n:

@@ -97,12 +97,30 @@ class Pump:
     """One direction of a relay; subclasses move the bytes."""
 
     __slots__ = (
-        "loop", "src", "dst", "sfd", "dfd", "owner", "account", "unflushed",
-        "reading", "writing", "eof", "done", "paused", "flushes",
+        "loop",
+        "src",
+        "dst",
+        "sfd",
+        "dfd",
+        "owner",
+        "account",
+        "unflushed",
+        "reading",
+        "writing",
+        "eof",
+        "done",
+        "paused",
+        "flushes",
     )
 
-    def __init__(self, loop: Any, src: socket.socket, dst: socket.socket, owner: Any,
-                 account: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        loop: Any,
+        src: socket.socket,
+        dst: socket.socket,
+        owner: Any,
+        account: Callable[[int], None],
+    ) -> None:
         self.loop = loop
         self.src = src
         self.dst = dst
@@ -194,12 +212,32 @@ class SplicePump(Pump):
     ``held`` (the shared buffer is free again when the callback returns).
     """
 
-    __slots__ = ("pool", "pipe", "pending", "ready", "hup", "slots", "peer", "et", "reads",
-                 "copy_left", "spliced", "held")
+    __slots__ = (
+        "pool",
+        "pipe",
+        "pending",
+        "ready",
+        "hup",
+        "slots",
+        "peer",
+        "et",
+        "reads",
+        "copy_left",
+        "spliced",
+        "held",
+    )
 
-    def __init__(self, loop: Any, src: socket.socket, dst: socket.socket, owner: Any,
-                 account: Callable[[int], None], pool: PipePool, ready: bool = False,
-                 splice_after: int = SPLICE_AFTER) -> None:
+    def __init__(
+        self,
+        loop: Any,
+        src: socket.socket,
+        dst: socket.socket,
+        owner: Any,
+        account: Callable[[int], None],
+        pool: PipePool,
+        ready: bool = False,
+        splice_after: int = SPLICE_AFTER,
+    ) -> None:
         super().__init__(loop, src, dst, owner, account)
         self.pool = pool
         self.copy_left = splice_after  # bytes still to copy before splicing
@@ -450,8 +488,15 @@ class CopyPump(Pump):
 
     __slots__ = ("buf", "view", "start_pos", "end_pos", "limiter")
 
-    def __init__(self, loop: Any, src: socket.socket, dst: socket.socket, owner: Any,
-                 account: Callable[[int], None], limiter: Any = None) -> None:
+    def __init__(
+        self,
+        loop: Any,
+        src: socket.socket,
+        dst: socket.socket,
+        owner: Any,
+        account: Callable[[int], None],
+        limiter: Any = None,
+    ) -> None:
         super().__init__(loop, src, dst, owner, account)
         self.buf: bytearray | None = None
         self.view: memoryview | None = None

@@ -42,10 +42,17 @@ MIN_WAIT = 0.001
 LOG_EVERY_SECS = 10.0
 _LOCK_TRIES = 64
 
-REFUSED = Counter("portunus_rate_limit_refused_total", "Connections (TCP) or new flows (UDP) refused by a "
-                  "rule's rate limit or its owner's (limit owner_*)", ("client", "rule", "owner", "limit"))
-DROPPED = Counter("portunus_rate_limit_dropped_datagrams_total", "UDP datagrams dropped because the rule's "
-                  "bandwidth cap was spent", ("client", "rule", "owner", "direction"))
+REFUSED = Counter(
+    "portunus_rate_limit_refused_total",
+    "Connections (TCP) or new flows (UDP) refused by a "
+    "rule's rate limit or its owner's (limit owner_*)",
+    ("client", "rule", "owner", "limit"),
+)
+DROPPED = Counter(
+    "portunus_rate_limit_dropped_datagrams_total",
+    "UDP datagrams dropped because the rule's bandwidth cap was spent",
+    ("client", "rule", "owner", "direction"),
+)
 
 
 def bandwidth_shape(rate: int, burst: int | None) -> tuple[float, float]:
@@ -127,8 +134,15 @@ class TokenBucket:
 
     __slots__ = ("cells", "base", "rate", "burst", "chunk", "local", "seen", "seen_at", "clock")
 
-    def __init__(self, cells: SharedCells, cell: int, rate: float, burst: float, chunk: float,
-                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+    def __init__(
+        self,
+        cells: SharedCells,
+        cell: int,
+        rate: float,
+        burst: float,
+        chunk: float,
+        clock: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
         self.cells: SharedCells | None = cells
         self.base = cell * _CELL_WORDS
         self.rate = 0.0
@@ -244,7 +258,9 @@ class RuleLimits:
     CONCURRENT = "concurrent_connections"
     NEW_CONNECTIONS = "new_connections_per_sec"
 
-    def __init__(self, settings: dict[str, Any], client: str, rule_id: str, labels: tuple[str, ...]) -> None:
+    def __init__(
+        self, settings: dict[str, Any], client: str, rule_id: str, labels: tuple[str, ...]
+    ) -> None:
         self.rule_id = rule_id
         self.labels = labels
         self.users = 0
@@ -280,8 +296,14 @@ class RuleLimits:
         """A cap for this shard: the whole cap when shared, an even share when not."""
         return value if self.shared else max(1.0, value / self.shards)
 
-    def _bucket(self, old: TokenBucket | None, cell: int, rate: int | None, burst: int | None,
-                shape: Callable[[int, int | None], tuple[float, float]]) -> TokenBucket | None:
+    def _bucket(
+        self,
+        old: TokenBucket | None,
+        cell: int,
+        rate: int | None,
+        burst: int | None,
+        shape: Callable[[int, int | None], tuple[float, float]],
+    ) -> TokenBucket | None:
         if rate is None:
             if old is not None:
                 old.detach()
@@ -296,12 +318,27 @@ class RuleLimits:
 
     def configure(self, rate_limit: dict[str, int] | None) -> None:
         rl = rate_limit or {}
-        self.bw_in = self._bucket(self.bw_in, CELL_IN, rl.get("bandwidth_in_bps"),
-                                  rl.get("bandwidth_in_bps_burst"), bandwidth_shape)
-        self.bw_out = self._bucket(self.bw_out, CELL_OUT, rl.get("bandwidth_out_bps"),
-                                   rl.get("bandwidth_out_bps_burst"), bandwidth_shape)
-        self.conn_rate = self._bucket(self.conn_rate, CELL_CONN, rl.get("new_connections_per_sec"),
-                                      rl.get("new_connections_per_sec_burst"), connection_shape)
+        self.bw_in = self._bucket(
+            self.bw_in,
+            CELL_IN,
+            rl.get("bandwidth_in_bps"),
+            rl.get("bandwidth_in_bps_burst"),
+            bandwidth_shape,
+        )
+        self.bw_out = self._bucket(
+            self.bw_out,
+            CELL_OUT,
+            rl.get("bandwidth_out_bps"),
+            rl.get("bandwidth_out_bps_burst"),
+            bandwidth_shape,
+        )
+        self.conn_rate = self._bucket(
+            self.conn_rate,
+            CELL_CONN,
+            rl.get("new_connections_per_sec"),
+            rl.get("new_connections_per_sec_burst"),
+            connection_shape,
+        )
         # concurrent_connections_burst has no meaning for a live count: accepted, ignored.
         cap = rl.get("concurrent_connections")
         if cap is None and self.concurrent is not None:
@@ -349,8 +386,14 @@ class RuleLimits:
             self.last_log = now
             counts, self.refused = self.refused, {}
             for name, count in counts.items():
-                log_event("rate_limit.refused", level="warning", rule=labels[1], owner=labels[2],
-                          limit=name, count=count)
+                log_event(
+                    "rate_limit.refused",
+                    level="warning",
+                    rule=labels[1],
+                    owner=labels[2],
+                    limit=name,
+                    count=count,
+                )
 
     def close(self) -> None:
         for b in (self.bw_in, self.bw_out, self.conn_rate):
@@ -368,8 +411,13 @@ class RuleLimits:
 _LIMITS: dict[tuple[str, str], RuleLimits] = {}
 
 
-def acquire_limits(settings: dict[str, Any], client: str, rule_id: str, labels: tuple[str, ...],
-                   rate_limit: dict[str, int]) -> RuleLimits:
+def acquire_limits(
+    settings: dict[str, Any],
+    client: str,
+    rule_id: str,
+    labels: tuple[str, ...],
+    rate_limit: dict[str, int],
+) -> RuleLimits:
     """This process's limiters of a rule, (re)configured for ``rate_limit``."""
     key = (client, rule_id)
     limits = _LIMITS.get(key)
@@ -382,5 +430,3 @@ def acquire_limits(settings: dict[str, Any], client: str, rule_id: str, labels: 
 
 def release_limits(limits: RuleLimits) -> None:
     release_shared(_LIMITS, limits)
-
-

@@ -110,7 +110,9 @@ class RuleRuntime:
 
         rule = self.rule
         assert rule.rate_limit is not None
-        self.limits = acquire_limits(self.ctx.settings, rule.client, rule.id, self.meters.labels, rule.rate_limit)
+        self.limits = acquire_limits(
+            self.ctx.settings, rule.client, rule.id, self.meters.labels, rule.rate_limit
+        )
         self.refresh_limits()
 
     def refresh_limits(self) -> None:
@@ -151,7 +153,11 @@ class RuleRuntime:
                 continue
             for sock in (conn.client, conn.upstream):
                 try:
-                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if sock is not None else 0
+                    err = (
+                        sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                        if sock is not None
+                        else 0
+                    )
                 except OSError:
                     err = 0
                 if err:
@@ -175,8 +181,12 @@ class RuleRuntime:
         m.TARGET_UP.labels(self.rule.client, self.rule.id, target.label).set(1 if up else 0)
         for hook in self.on_targets:
             hook()  # native listeners take the new candidate order (native_tcp.py)
-        log_event("target.up" if up else "target.down", level="info" if up else "warning",
-                  rule=self.rule.id, target=target.label)
+        log_event(
+            "target.up" if up else "target.down",
+            level="info" if up else "warning",
+            rule=self.rule.id,
+            target=target.label,
+        )
         if not up:
             self.ensure_health_loop()
 
@@ -191,8 +201,11 @@ class RuleRuntime:
         from portunus.shard.targets import tcp_probe
 
         try:
-            addrs = [target.host] if is_ip(target.host) else await self.ctx.resolver.resolve(
-                target.host, self.rule.prefer_ipv6)
+            addrs = (
+                [target.host]
+                if is_ip(target.host)
+                else await self.ctx.resolver.resolve(target.host, self.rule.prefer_ipv6)
+            )
         except Exception:  # noqa: BLE001
             return False
         return await tcp_probe(addrs, target.port, self.ctx.connect_timeout)
@@ -256,7 +269,9 @@ class RuleRuntime:
 
     def dns_failed(self, host: str, exc: BaseException) -> None:
         m.DNS_FAILURES.labels(self.rule.client, self.rule.id).inc()
-        log_throttled("dns.resolve_failed", level="warning", rule=self.rule.id, host=host, error=str(exc))
+        log_throttled(
+            "dns.resolve_failed", level="warning", rule=self.rule.id, host=host, error=str(exc)
+        )
 
     def _idle_tick(self) -> float:
         idle = self.rule.idle_timeout_secs or 1.0
@@ -305,7 +320,9 @@ class ShardContext:
         # Bytes a spliced relay copies one way before it takes a pipe (pumps.py).
         self.splice_after = int(settings.get("splice_after", SPLICE_AFTER))
         # The native relay (native.py): the type, or None with the reason (None = off on purpose).
-        native: tuple[Any, str | None] = native_load() if settings.get("native", True) else (None, None)
+        native: tuple[Any, str | None] = (
+            native_load() if settings.get("native", True) else (None, None)
+        )
         self.native_type, self.native_why = native
         self._native: Any = None
         self._resolver: Any = None

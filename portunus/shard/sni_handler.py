@@ -49,8 +49,9 @@ class SniHandler:
         hit = self.table.match(name)
         if hit is None:
             self.misses.inc()
-            log_throttled("tls.sni_no_match" if name else "tls.no_sni", level="info",
-                      port=self.port, sni=name)
+            log_throttled(
+                "tls.sni_no_match" if name else "tls.no_sni", level="info", port=self.port, sni=name
+            )
             peek.client.close()
             return
         rule_id, kind = hit
@@ -59,7 +60,9 @@ class SniHandler:
             peek.client.close()
             return
         m.SNI_ROUTES.labels(*rt.meters.labels, kind).inc()
-        log_event("tls.sni_routed", level="debug", port=self.port, sni=name, rule=rule_id, result=kind)
+        log_event(
+            "tls.sni_routed", level="debug", port=self.port, sni=name, rule=rule_id, result=kind
+        )
         data = bytes(peek.buf)
         conn = TcpConnection(self.ctx, rt, peek.client, 0, prelude=data)
         conn.account.add_in(len(data))  # the peeked bytes came from the client

@@ -108,7 +108,8 @@ class TargetSet:
             down = [s for s in self._states.values() if not s.up]
             if down:
                 results = await asyncio.gather(
-                    *(self._probe(probe, s.target, max(interval, 1.0)) for s in down))
+                    *(self._probe(probe, s.target, max(interval, 1.0)) for s in down)
+                )
                 for state, ok in zip(down, results, strict=True):
                     if state.up:
                         continue
@@ -121,16 +122,21 @@ class TargetSet:
                         self._set(state, True)
 
     @staticmethod
-    async def _probe(probe: Callable[[Target], Awaitable[bool]], target: Target,
-                     limit: float) -> bool:
+    async def _probe(
+        probe: Callable[[Target], Awaitable[bool]], target: Target, limit: float
+    ) -> bool:
         try:
             async with asyncio.timeout(limit):
                 return bool(await probe(target))
         except TimeoutError:
             return False
         except Exception:  # a broken probe must not end health checking for the rule
-            log_event("target.probe_error", level="error", target=target.label,
-                      error=traceback.format_exc())
+            log_event(
+                "target.probe_error",
+                level="error",
+                target=target.label,
+                error=traceback.format_exc(),
+            )
             return False
 
     def _set(self, state: TargetState, up: bool) -> None:
@@ -142,8 +148,12 @@ class TargetSet:
             try:
                 self._on_change(state.target, up)
             except Exception:  # the callback is the caller's code; the state is ours
-                log_event("target.on_change_error", level="error",
-                          target=state.target.label, error=traceback.format_exc())
+                log_event(
+                    "target.on_change_error",
+                    level="error",
+                    target=state.target.label,
+                    error=traceback.format_exc(),
+                )
 
 
 async def tcp_probe(host_addrs: list[str], port: int, timeout: float) -> bool:

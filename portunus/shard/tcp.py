@@ -40,13 +40,36 @@ class TcpConnection:
     """One forwarded TCP connection, from accept to close."""
 
     __slots__ = (
-        "ctx", "rt", "client", "account", "port_index", "prelude", "upstream",
-        "candidates", "pos", "timer", "pumps", "closed", "target", "tried_target", "target_failed",
-        "slot", "up_events", "native", "idle_sig", "idle_since",
+        "ctx",
+        "rt",
+        "client",
+        "account",
+        "port_index",
+        "prelude",
+        "upstream",
+        "candidates",
+        "pos",
+        "timer",
+        "pumps",
+        "closed",
+        "target",
+        "tried_target",
+        "target_failed",
+        "slot",
+        "up_events",
+        "native",
+        "idle_sig",
+        "idle_since",
     )
 
-    def __init__(self, ctx: ShardContext, rt: RuleRuntime, client: socket.socket, port_index: int,
-                 prelude: bytes = b"") -> None:
+    def __init__(
+        self,
+        ctx: ShardContext,
+        rt: RuleRuntime,
+        client: socket.socket,
+        port_index: int,
+        prelude: bytes = b"",
+    ) -> None:
         self.ctx = ctx
         self.rt = rt
         self.client = client
@@ -81,7 +104,7 @@ class TcpConnection:
         addrs = await self.rt.resolve(target)
         if self.closed:
             return
-        self.candidates[self.pos:self.pos + 1] = [(target, a) for a in addrs]
+        self.candidates[self.pos : self.pos + 1] = [(target, a) for a in addrs]
         self.try_next()
 
     def try_next(self) -> None:
@@ -99,9 +122,13 @@ class TcpConnection:
             port = target.port + self.port_index
             family = socket.AF_INET6 if ":" in ip else socket.AF_INET
             try:
-                up = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+                up = socket.socket(
+                    family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+                )
             except OSError as exc:
-                log_throttled("tcp.socket_failed", level="error", rule=self.rt.rule.id, error=str(exc))
+                log_throttled(
+                    "tcp.socket_failed", level="error", rule=self.rt.rule.id, error=str(exc)
+                )
                 break
             self.up_events = 0
             err = up.connect_ex((ip, port))
@@ -115,11 +142,18 @@ class TcpConnection:
                 self.target = target
                 # Registered once for connect and relay alike (edge-triggered, poller.py).
                 self.ctx.poller.register(up.fileno(), self.on_up_event)
-                self.timer = self.ctx.loop.call_later(self.ctx.connect_timeout, self.on_connect_timeout)
+                self.timer = self.ctx.loop.call_later(
+                    self.ctx.connect_timeout, self.on_connect_timeout
+                )
                 return
             up.close()
-            log_throttled("tcp.connect_failed", level="warning", rule=self.rt.rule.id,
-                      target=f"{ip}:{port}", error=errno.errorcode.get(err, str(err)))
+            log_throttled(
+                "tcp.connect_failed",
+                level="warning",
+                rule=self.rt.rule.id,
+                target=f"{ip}:{port}",
+                error=errno.errorcode.get(err, str(err)),
+            )
         if self.tried_target is not None and self.target_failed:
             self.rt.target_failed(self.tried_target)
             self.tried_target = None
@@ -140,8 +174,13 @@ class TcpConnection:
             self.timer = None
         err = up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            log_throttled("tcp.connect_failed", level="warning", rule=self.rt.rule.id,
-                      target=self.target.label, error=errno.errorcode.get(err, str(err)))
+            log_throttled(
+                "tcp.connect_failed",
+                level="warning",
+                rule=self.rt.rule.id,
+                target=self.target.label,
+                error=errno.errorcode.get(err, str(err)),
+            )
             self.ctx.poller.forget(up.fileno())
             up.close()
             self.upstream = None
@@ -155,8 +194,13 @@ class TcpConnection:
         if up is None or self.closed:
             return
         self.ctx.poller.forget(up.fileno())
-        log_throttled("tcp.connect_failed", level="warning", rule=self.rt.rule.id,
-                  target=self.target.label if self.target else "?", error="timeout")
+        log_throttled(
+            "tcp.connect_failed",
+            level="warning",
+            rule=self.rt.rule.id,
+            target=self.target.label if self.target else "?",
+            error="timeout",
+        )
         up.close()
         self.upstream = None
         self.try_next()
@@ -183,7 +227,9 @@ class TcpConnection:
                 dst = self.client.getsockname()[:2]
                 prelude = build_header(pp, src, dst, "tcp") + prelude
             except (OSError, ValueError) as exc:
-                log_throttled("proxy_protocol.failed", level="warning", rule=self.rt.rule.id, error=str(exc))
+                log_throttled(
+                    "proxy_protocol.failed", level="warning", rule=self.rt.rule.id, error=str(exc)
+                )
                 self.close()
                 return
         if prelude:
@@ -227,15 +273,23 @@ class TcpConnection:
             # cap set later must pace open connections too (docs/owner-caps.md).
             # A rule with idle_timeout_secs stays too: idle_check reads the pumps'
             # counters, and the native relay keeps no idle clock.
-            if native is not None and self.rt.owner_limits is None and self.rt.rule.idle_timeout_secs is None:
+            if (
+                native is not None
+                and self.rt.owner_limits is None
+                and self.rt.rule.idle_timeout_secs is None
+            ):
                 self._to_native(native)
                 return
             # The plain relay: both directions spliced in the shard's edge-triggered
             # poller.  The client joins it now: registering reports the bytes it
             # already sent as the first edge.
             after = self.ctx.splice_after
-            a = SplicePump(loop, self.client, up, self, acc.add_in, self.ctx.pipes, splice_after=after)
-            b = SplicePump(loop, up, self.client, self, acc.add_out, self.ctx.pipes, splice_after=after)
+            a = SplicePump(
+                loop, self.client, up, self, acc.add_in, self.ctx.pipes, splice_after=after
+            )
+            b = SplicePump(
+                loop, up, self.client, self, acc.add_out, self.ctx.pipes, splice_after=after
+            )
             a.peer, b.peer = b, a
             b.on_event(self.up_events & IN_BITS)  # what the upstream reported before now
             poller = self.ctx.poller
@@ -271,11 +325,19 @@ class TcpConnection:
         self.native = None
         self.close()
 
-    def _level_pump(self, src: socket.socket, dst: socket.socket, account: Any, limiter: Any,
-                    splice: bool) -> Any:
+    def _level_pump(
+        self, src: socket.socket, dst: socket.socket, account: Any, limiter: Any, splice: bool
+    ) -> Any:
         if splice and limiter is None:
-            pump = SplicePump(self.ctx.loop, src, dst, self, account, self.ctx.pipes,
-                              splice_after=self.ctx.splice_after)
+            pump = SplicePump(
+                self.ctx.loop,
+                src,
+                dst,
+                self,
+                account,
+                self.ctx.pipes,
+                splice_after=self.ctx.splice_after,
+            )
             pump.et = False  # loop readers, not the poller: its peer is a CopyPump
             return pump
         return CopyPump(self.ctx.loop, src, dst, self, account, limiter)
@@ -321,7 +383,9 @@ class TcpConnection:
         if self.pumps is not None:
             for p in self.pumps:
                 p.close()
-                p.done = True  # a rate-limit resume timer may still be pending: it must not restart it
+                p.done = (
+                    True  # a rate-limit resume timer may still be pending: it must not restart it
+                )
         poller = self.ctx.poller
         up = self.upstream
         if up is not None:
@@ -363,7 +427,9 @@ def accept_batch(ctx: ShardContext, lsock: socket.socket) -> list[socket.socket]
                 log_throttled("tcp.accept_error", level="error", error=str(exc))
             break
         conn = socket.socket(family, socket.SOCK_STREAM, proto, fd)
-        conn.setblocking(False)  # TCP_NODELAY is inherited from the listener (supervisor/listeners.py)
+        conn.setblocking(
+            False
+        )  # TCP_NODELAY is inherited from the listener (supervisor/listeners.py)
         out.append(conn)
     return out
 

@@ -55,8 +55,20 @@ class UdpFlow:
     """One client (addr, port) of one UDP port: its upstream socket and state."""
 
     __slots__ = (
-        "svc", "rt", "addr", "sock", "fd", "target", "candidates", "pos", "seen",
-        "last", "confirmed", "pending", "closed", "slot",
+        "svc",
+        "rt",
+        "addr",
+        "sock",
+        "fd",
+        "target",
+        "candidates",
+        "pos",
+        "seen",
+        "last",
+        "confirmed",
+        "pending",
+        "closed",
+        "slot",
     )
 
     def __init__(self, svc: UdpService, addr: Any) -> None:
@@ -88,7 +100,7 @@ class UdpFlow:
         addrs = await self.rt.resolve(target)
         if self.closed:
             return
-        self.candidates[self.pos:self.pos + 1] = [(target, a) for a in addrs]
+        self.candidates[self.pos : self.pos + 1] = [(target, a) for a in addrs]
         if self.connect_next():
             pending, self.pending = self.pending or [], None
             for data in pending:
@@ -113,16 +125,25 @@ class UdpFlow:
             self.pos += 1
             family = socket.AF_INET6 if ":" in ip else socket.AF_INET
             try:
-                up = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+                up = socket.socket(
+                    family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+                )
             except OSError as exc:
-                log_throttled("udp.socket_failed", level="error", rule=self.rt.rule.id, error=str(exc))
+                log_throttled(
+                    "udp.socket_failed", level="error", rule=self.rt.rule.id, error=str(exc)
+                )
                 break
             try:
                 up.connect((ip, target.port + port_index))
             except OSError as exc:
                 up.close()
-                log_throttled("udp.connect_failed", level="warning", rule=self.rt.rule.id,
-                          target=f"{ip}:{target.port + port_index}", error=str(exc))
+                log_throttled(
+                    "udp.connect_failed",
+                    level="warning",
+                    rule=self.rt.rule.id,
+                    target=f"{ip}:{target.port + port_index}",
+                    error=str(exc),
+                )
                 self.rt.target_failed(target)
                 continue
             self.sock = up
@@ -207,7 +228,9 @@ class UdpFlow:
                 self.refused()
                 break
             except OSError as exc:
-                log_throttled("udp.recv_failed", level="warning", rule=self.rt.rule.id, error=str(exc))
+                log_throttled(
+                    "udp.recv_failed", level="warning", rule=self.rt.rule.id, error=str(exc)
+                )
                 self.close()
                 break
             if not self.confirmed:
@@ -254,7 +277,11 @@ def _sweep_timing(settings: dict[str, Any], rule_idle: float | None = None) -> t
     """``(tick secs, ticks until a flow is idle)`` for the rule's idle_timeout_secs,
     else udp_flow_idle_secs: sweep often enough to reap within a quarter of the idle
     time, and at least once a second so counters reach /metrics within a second."""
-    idle = rule_idle if rule_idle is not None else max(0.0, float(settings.get("udp_flow_idle_secs", 60.0)))
+    idle = (
+        rule_idle
+        if rule_idle is not None
+        else max(0.0, float(settings.get("udp_flow_idle_secs", 60.0)))
+    )
     tick = min(1.0, max(0.05, idle / 4))
     return tick, math.ceil(idle / tick)
 
@@ -267,7 +294,9 @@ class UdpService:
     socket belongs to the shard and is never closed here.
     """
 
-    def __init__(self, ctx: ShardContext, rt: RuleRuntime, sock: socket.socket, port_index: int) -> None:
+    def __init__(
+        self, ctx: ShardContext, rt: RuleRuntime, sock: socket.socket, port_index: int
+    ) -> None:
         self.ctx = ctx
         self.rt = rt
         self.sock = sock
@@ -296,7 +325,9 @@ class UdpService:
     def retune(self) -> None:
         """A reload changed udp_flow_idle_secs / udp_max_flows: apply them to this
         port now (its flows, sweep and budget), not only to ports started later."""
-        self.tick, self.idle_ticks = _sweep_timing(self.ctx.settings, self.rt.rule.idle_timeout_secs)
+        self.tick, self.idle_ticks = _sweep_timing(
+            self.ctx.settings, self.rt.rule.idle_timeout_secs
+        )
         if self.budget is not None:
             limit = max(1, int(self.ctx.settings.get("udp_max_flows", 1024)))
             shards = max(1, int(self.ctx.settings.get("shards", 1) or 1))
@@ -426,9 +457,14 @@ class UdpService:
             now = self.ctx.loop.time()
             if now - self.last_drop_log >= DROP_LOG_SECS:
                 self.last_drop_log = now
-                log_event("udp.datagrams_dropped", level="warning", rule=self.rt.rule.id,
-                          port=self.rt.rule.listen_start + self.port_index, count=self.dropped,
-                          reason="socket buffer full or send error")
+                log_event(
+                    "udp.datagrams_dropped",
+                    level="warning",
+                    rule=self.rt.rule.id,
+                    port=self.rt.rule.listen_start + self.port_index,
+                    count=self.dropped,
+                    reason="socket buffer full or send error",
+                )
                 self.dropped = 0
 
     def flush_rate_drops(self) -> None:
@@ -442,9 +478,14 @@ class UdpService:
         now = self.ctx.loop.time()
         if now - self.last_rl_log >= DROP_LOG_SECS:
             self.last_rl_log = now
-            log_event("rate_limit.datagrams_dropped", level="warning", rule=self.rt.rule.id,
-                      port=self.rt.rule.listen_start + self.port_index,
-                      dropped_in=self.rl_dropped_in, dropped_out=self.rl_dropped_out)
+            log_event(
+                "rate_limit.datagrams_dropped",
+                level="warning",
+                rule=self.rt.rule.id,
+                port=self.rt.rule.listen_start + self.port_index,
+                dropped_in=self.rl_dropped_in,
+                dropped_out=self.rl_dropped_out,
+            )
         self.rl_dropped_in = self.rl_dropped_out = 0
 
     def close(self) -> None:

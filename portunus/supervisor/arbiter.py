@@ -79,8 +79,14 @@ class Supervisor(ChildManager, RuleRouter):
         self.listeners = ListenerTable(listen_address, shards, fdstore)
         self.book = RuleBook(self.listeners)
         self.shards = [
-            Child(name=f"shard-{i}", title=f"portunus: shard {i}", entry=self._shard_entry(i),
-                  wants_channel=True, index=i, role=Role.SHARD)
+            Child(
+                name=f"shard-{i}",
+                title=f"portunus: shard {i}",
+                entry=self._shard_entry(i),
+                wants_channel=True,
+                index=i,
+                role=Role.SHARD,
+            )
             for i in range(shards)
         ]
         self.services = services or []
@@ -293,8 +299,13 @@ class Supervisor(ChildManager, RuleRouter):
         if self.listeners.store is not None:
             self.listeners.store.drop_unclaimed()  # kept for rules removed while we were down
         self.notifier.ready(self.status_line())
-        log_event("supervisor.ready", rules=len(self.book.rules), failed=len(self.book.failed),
-                  shards=len(self.shards), pid=os.getpid())
+        log_event(
+            "supervisor.ready",
+            rules=len(self.book.rules),
+            failed=len(self.book.failed),
+            shards=len(self.shards),
+            pid=os.getpid(),
+        )
 
     def watchdog(self) -> None:
         interval = self.notifier.watchdog_interval

@@ -22,7 +22,14 @@ from portunus.errors import PortunusError
 from portunus.supervisor.framing import Channel, encode
 from portunus.supervisor.policy import Role
 
-RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT, signal.SIGUSR1)
+RESET_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGCHLD,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+)
 BACKOFF_FIRST = 0.0  # the first restart is immediate: the accept queue is waiting
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 10.0
@@ -64,7 +71,9 @@ class Child:
         if self.failures_in_row == 0:
             delay = BACKOFF_FIRST
         else:
-            delay = min(BACKOFF_MAX, BACKOFF_MIN * 2.0 ** min(self.failures_in_row - 1, 60))  # no overflow
+            delay = min(
+                BACKOFF_MAX, BACKOFF_MIN * 2.0 ** min(self.failures_in_row - 1, 60)
+            )  # no overflow
             delay *= random.uniform(0.8, 1.2)  # jitter: restarts of many children do not align
         self.failures_in_row += 1
         self.due_at = now + delay
@@ -131,8 +140,14 @@ def fork_child(child: Child, cleanup: Callable[[socket.socket | None], None]) ->
         except PortunusError as exc:
             # A refusal with a contract exit code (78: schema newer than this code)
             # must reach the supervisor as that code, so it halts instead of respawning.
-            logs.log_event("child.refused", level="error", child=child.name, code=exc.code,
-                           message=exc.message, exit_code=exc.exit_code)
+            logs.log_event(
+                "child.refused",
+                level="error",
+                child=child.name,
+                code=exc.code,
+                message=exc.message,
+                exit_code=exc.exit_code,
+            )
             code = exc.exit_code
         except BaseException as exc:  # noqa: BLE001 - report, never return into the parent's code
             logs.log_event("child.crashed", level="error", child=child.name, error=repr(exc))

@@ -73,7 +73,11 @@ class ListenerTable:
                     continue
                 # Sockets systemd kept across our restart (fdstore.py) first: they
                 # hold the connections that queued while we were down.
-                socks = self.store.adopt(key, rule.protocol, self.address, port, self.shards) if self.store else []
+                socks = (
+                    self.store.adopt(key, rule.protocol, self.address, port, self.shards)
+                    if self.store
+                    else []
+                )
                 new[key] = socks
                 while len(socks) < self.shards:
                     try:

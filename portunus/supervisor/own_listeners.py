@@ -54,7 +54,9 @@ def bind(listen: str, key: str, what: str, where: str = "server.toml") -> socket
     return sock
 
 
-def bind_all(specs: list[tuple[str, str, str]], where: str, store: FdStore | None = None) -> dict[str, OwnListener]:
+def bind_all(
+    specs: list[tuple[str, str, str]], where: str, store: FdStore | None = None
+) -> dict[str, OwnListener]:
     """Bind every ``(key, address, what)``; all or none (a failure closes the rest).
     With systemd's fd store, a socket kept across a restart is adopted first."""
     bound: dict[str, OwnListener] = {}

@@ -39,8 +39,9 @@ class RuleBook:
         self.failed: dict[str, str] = {}  # id -> reason, for status and stats
         self.failed_rules: dict[str, Rule] = {}  # id -> the rule, to retry its binding
 
-    def apply(self, upsert: list[Rule], remove: list[str], *,
-              quiet_failures: bool = False) -> tuple[dict[str, Result], Delta]:
+    def apply(
+        self, upsert: list[Rule], remove: list[str], *, quiet_failures: bool = False
+    ) -> tuple[dict[str, Result], Delta]:
         delta = Delta()
         results: dict[str, Result] = {}
         for rid in remove:
@@ -66,8 +67,12 @@ class RuleBook:
                 self.failed[rule.id] = exc.reason
                 self.failed_rules[rule.id] = rule
                 results[rule.id] = {"state": "failed", "reason": exc.reason}
-                log_event("rule.failed", level="debug" if quiet_failures else "error", rule=rule.id,
-                          reason=exc.reason)
+                log_event(
+                    "rule.failed",
+                    level="debug" if quiet_failures else "error",
+                    rule=rule.id,
+                    reason=exc.reason,
+                )
                 continue
             self.failed.pop(rule.id, None)
             self.failed_rules.pop(rule.id, None)
@@ -75,8 +80,13 @@ class RuleBook:
             delta.new_keys.extend(keys)
             delta.upsert.append(rule)
             results[rule.id] = {"state": "active", "reason": None}
-            log_event("rule.activated", rule=rule.id, protocol=rule.protocol,
-                      listen=_listen(rule), targets=[t.label for t in rule.targets])
+            log_event(
+                "rule.activated",
+                rule=rule.id,
+                protocol=rule.protocol,
+                listen=_listen(rule),
+                targets=[t.label for t in rule.targets],
+            )
         # A key released and re-bound in one apply is "new" (fresh socket), not gone.
         delta.gone_keys = [k for k in delta.gone_keys if k not in set(delta.new_keys)]
         return results, delta

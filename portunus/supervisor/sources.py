@@ -35,8 +35,13 @@ class TomlSource(RuleSource):
             self._settings, rules = load_standalone(self.path)
         except ConfigError as exc:
             self._settings, self._errors = None, exc.errors
-            log_event("config.invalid", level="error", path=self.path, errors=exc.errors,
-                      hint="fix the file and send SIGHUP again; the running rules are unchanged")
+            log_event(
+                "config.invalid",
+                level="error",
+                path=self.path,
+                errors=exc.errors,
+                hint="fix the file and send SIGHUP again; the running rules are unchanged",
+            )
             return None
         log_event("config.reloaded", path=self.path, rules=len(rules))
         return rules

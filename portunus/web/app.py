@@ -38,20 +38,34 @@ CONTROL_TIMEOUT = 75.0
 
 def api_routes() -> list[BaseRoute]:
     # auth first: /v1/users/me must win over /v1/users/{id}.
-    return [*auth.routes, *rules.routes, *clients.routes, *owners.routes, *users.routes, *audit.routes,
-            *traffic.routes, *system.routes]
+    return [
+        *auth.routes,
+        *rules.routes,
+        *clients.routes,
+        *owners.routes,
+        *users.routes,
+        *audit.routes,
+        *traffic.routes,
+        *system.routes,
+    ]
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     """Router-level 404/405 in the same envelope as every other error."""
     assert isinstance(exc, HTTPException)
     where = f"{request.method} {request.url.path}"
-    err = PortunusError("not_found", f"no such endpoint: {where}; the API is described at /v1/openapi.json")
+    err = PortunusError(
+        "not_found", f"no such endpoint: {where}; the API is described at /v1/openapi.json"
+    )
     headers = dict(exc.headers or {})
     if exc.status_code == 405:
-        allowed = ", ".join(sorted(m.strip() for m in headers.get("Allow", "").split(",") if m.strip()))
+        allowed = ", ".join(
+            sorted(m.strip() for m in headers.get("Allow", "").split(",") if m.strip())
+        )
         headers["Allow"] = allowed
-        err = PortunusError("method_not_allowed", f"{where} is not allowed; allowed: {allowed}", allowed=allowed)
+        err = PortunusError(
+            "method_not_allowed", f"{where} is not allowed; allowed: {allowed}", allowed=allowed
+        )
     elif exc.status_code != 404:
         err = PortunusError("bad_request", exc.detail)
     if not request.url.path.startswith("/v1/") and "text/html" in request.headers.get("accept", ""):
@@ -66,10 +80,15 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def create_app(settings: Settings, control: ControlClient | None = None) -> Starlette:
     """Build the API app; ``control`` defaults to a client of ``settings.socket_path``."""
-    app = Starlette(routes=[*api_routes(), *ui_routes()], exception_handlers={HTTPException: _http_error},
-                    middleware=[Middleware(SecurityHeaders), Middleware(BodyLimit)])
+    app = Starlette(
+        routes=[*api_routes(), *ui_routes()],
+        exception_handlers={HTTPException: _http_error},
+        middleware=[Middleware(SecurityHeaders), Middleware(BodyLimit)],
+    )
     app.state.settings = settings
-    app.state.control = control or ControlClient(settings.socket_path, None, timeout=CONTROL_TIMEOUT)
+    app.state.control = control or ControlClient(
+        settings.socket_path, None, timeout=CONTROL_TIMEOUT
+    )
     app.state.stopping = asyncio.Event()
     app.state.openapi = build_openapi(__version__)
     return app

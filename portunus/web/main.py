@@ -55,7 +55,9 @@ class _Server(uvicorn.Server):
 
 # uvicorn logs these per Server; this process runs two (API and /metrics) for one
 # pid, so each would appear twice, identical.  They are said once per process.
-_ONCE_PER_PROCESS = frozenset({"Started server process [%d]", "Shutting down", "Finished server process [%d]"})
+_ONCE_PER_PROCESS = frozenset(
+    {"Started server process [%d]", "Shutting down", "Finished server process [%d]"}
+)
 
 
 class _JsonLogHandler(logging.Handler):
@@ -70,8 +72,15 @@ class _JsonLogHandler(logging.Handler):
             if record.msg in self._said:
                 return
             self._said.add(record.msg)
-        level = "error" if record.levelno >= logging.ERROR else (
-            "warning" if record.levelno >= logging.WARNING else ("info" if record.levelno >= logging.INFO else "debug"))
+        level = (
+            "error"
+            if record.levelno >= logging.ERROR
+            else (
+                "warning"
+                if record.levelno >= logging.WARNING
+                else ("info" if record.levelno >= logging.INFO else "debug")
+            )
+        )
         fields: dict[str, Any] = {"logger": record.name, "message": record.getMessage()}
         if record.exc_info and record.exc_info[0] is not None:
             fields["traceback"] = "".join(traceback.format_exception(*record.exc_info))
@@ -82,7 +91,9 @@ def route_uvicorn_logs(level: str = "info") -> None:
     root = logging.getLogger("uvicorn")
     root.handlers = [_JsonLogHandler()]
     root.propagate = False
-    root.setLevel(level.upper() if level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO")
+    root.setLevel(
+        level.upper() if level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO"
+    )
     access = logging.getLogger("uvicorn.access")
     access.handlers = []
     access.propagate = False
@@ -93,7 +104,11 @@ def _metrics_app(settings: Settings) -> Any:
     try:
         from portunus.web.metrics import create_metrics_app
     except ImportError as exc:
-        log_event("web.metrics_disabled", level="warning", reason=f"portunus.web.metrics unavailable: {exc}")
+        log_event(
+            "web.metrics_disabled",
+            level="warning",
+            reason=f"portunus.web.metrics unavailable: {exc}",
+        )
         return None
     return create_metrics_app(settings)
 
@@ -101,14 +116,23 @@ def _metrics_app(settings: Settings) -> Any:
 def _config(app: Any) -> uvicorn.Config:
     # Header, body, slow-request and connection limits: see portunus.web.limits.
     return uvicorn.Config(
-        app, log_config=None, access_log=False, lifespan="off", loop="none", ws="none",
-        server_header=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECS,
-        http=GuardedH11Protocol, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        app,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        loop="none",
+        ws="none",
+        server_header=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECS,
+        http=GuardedH11Protocol,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         timeout_keep_alive=KEEP_ALIVE_SECS,
     )
 
 
-def _watch_channel(loop: asyncio.AbstractEventLoop, sock: socket.socket, settings: Settings) -> None:
+def _watch_channel(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, settings: Settings
+) -> None:
     """Apply a reload's ``settings`` frames from the supervisor to the live Settings."""
     from portunus.supervisor.framing import Channel, ProtocolError
     from portunus.supervisor.reload import apply_settings
@@ -131,8 +155,9 @@ def _watch_channel(loop: asyncio.AbstractEventLoop, sock: socket.socket, setting
     loop.add_reader(sock.fileno(), readable)
 
 
-async def serve_all(api: Any, pairs: list[tuple[Any, socket.socket]],
-                    on_up: Callable[[], None] | None = None) -> None:
+async def serve_all(
+    api: Any, pairs: list[tuple[Any, socket.socket]], on_up: Callable[[], None] | None = None
+) -> None:
     """Serve each ``(app, socket)`` until SIGTERM/SIGINT or until any server stops;
     ``on_up`` runs once every server has started."""
     servers = [(_Server(_config(app)), sock) for app, sock in pairs]
@@ -150,7 +175,11 @@ async def serve_all(api: Any, pairs: list[tuple[Any, socket.socket]],
     loop.add_signal_handler(signal.SIGHUP, lambda: log_event("web.sighup_ignored"))
     tasks = [asyncio.create_task(server.serve(sockets=[sock])) for server, sock in servers]
     try:
-        while on_up is not None and not all(s.started for s, _ in servers) and not any(t.done() for t in tasks):
+        while (
+            on_up is not None
+            and not all(s.started for s, _ in servers)
+            and not any(t.done() for t in tasks)
+        ):
             await asyncio.sleep(0.01)
         if on_up is not None and all(s.started for s, _ in servers):
             on_up()
@@ -162,8 +191,12 @@ async def serve_all(api: Any, pairs: list[tuple[Any, socket.socket]],
             loop.remove_signal_handler(sig)
 
 
-def run_web(settings: Settings, api_sock: socket.socket | None = None,
-            metrics_sock: socket.socket | None = None, channel: socket.socket | None = None) -> None:
+def run_web(
+    settings: Settings,
+    api_sock: socket.socket | None = None,
+    metrics_sock: socket.socket | None = None,
+    channel: socket.socket | None = None,
+) -> None:
     """Entry point of the forked web child; returns on SIGTERM (exit 0), raises
     ``SystemExit(ChildExit.LISTEN_FAILED)`` when it must bind a port itself and cannot."""
     import uvloop
@@ -173,23 +206,38 @@ def run_web(settings: Settings, api_sock: socket.socket | None = None,
     metrics = _metrics_app(settings)
     pairs: list[tuple[Any, socket.socket]] = []
     try:
-        pairs.append((api, api_sock or bind(settings.operator_http_listen, "operator_http_listen",
-                                            "operator HTTP API")))
+        pairs.append(
+            (
+                api,
+                api_sock
+                or bind(settings.operator_http_listen, "operator_http_listen", "operator HTTP API"),
+            )
+        )
         if metrics is not None:
-            pairs.append((metrics, metrics_sock or bind(settings.metrics_listen, "metrics_listen",
-                                                        "metrics endpoint")))
+            pairs.append(
+                (
+                    metrics,
+                    metrics_sock
+                    or bind(settings.metrics_listen, "metrics_listen", "metrics endpoint"),
+                )
+            )
     except BindError as exc:
         for _, sock in pairs:
             sock.close()
         log_event("web.bind_failed", level="error", message=str(exc))
         raise SystemExit(ChildExit.LISTEN_FAILED) from None
-    log_event("web.listening", api=settings.operator_http_listen,
-              metrics=settings.metrics_listen if metrics is not None else None)
+    log_event(
+        "web.listening",
+        api=settings.operator_http_listen,
+        metrics=settings.metrics_listen if metrics is not None else None,
+    )
+
     async def main() -> None:
         if channel is not None:
             _watch_channel(asyncio.get_running_loop(), channel, settings)
-        await serve_all(api, pairs, on_up=(lambda: say_up(channel)) if channel is not None else None)
+        await serve_all(
+            api, pairs, on_up=(lambda: say_up(channel)) if channel is not None else None
+        )
 
     uvloop.run(main())
     log_event("web.stopped")
-

@@ -43,12 +43,18 @@ class ProcessCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         rss = GaugeMetricFamily(
-            "portunus_process_resident_memory_bytes", "Resident memory per Portunus process", labels=["process"]
+            "portunus_process_resident_memory_bytes",
+            "Resident memory per Portunus process",
+            labels=["process"],
         )
         cpu = CounterMetricFamily(
-            "portunus_process_cpu_seconds_total", "CPU time per Portunus process", labels=["process"]
+            "portunus_process_cpu_seconds_total",
+            "CPU time per Portunus process",
+            labels=["process"],
         )
-        fds = GaugeMetricFamily("portunus_process_open_fds", "Open fds per Portunus process", labels=["process"])
+        fds = GaugeMetricFamily(
+            "portunus_process_open_fds", "Open fds per Portunus process", labels=["process"]
+        )
         try:
             root = psutil.Process(self.supervisor_pid)
             procs = [root, *root.children(recursive=False)]
@@ -83,7 +89,9 @@ class InstanceCollector:
         from prometheus_client.core import GaugeMetricFamily
 
         labels = sorted(self.instance)
-        info = GaugeMetricFamily("portunus_instance_info", "The program serving this endpoint", labels=labels)
+        info = GaugeMetricFamily(
+            "portunus_instance_info", "The program serving this endpoint", labels=labels
+        )
         info.add_metric([self.instance[k] for k in labels], 1)
         yield info
 
@@ -116,8 +124,10 @@ class CarriedCollector:
             # Written by an earlier run: its final totals are this run's base.
             local = {rid: {**row, **(row.get("known") or {})} for rid, row in local.items()}
         missing = {*_CARRIED, _ACTIVE}
-        for family in [*MultiProcessCollector(None, path=self.metrics_dir).collect(),
-                       *_empty_families()]:
+        for family in [
+            *MultiProcessCollector(None, path=self.metrics_dir).collect(),
+            *_empty_families(),
+        ]:
             if family.name in _CARRIED or family.name == _ACTIVE:
                 if family.name not in missing:
                     continue  # the shards have it: skip the empty stand-in
@@ -130,15 +140,25 @@ class CarriedCollector:
             samples = []
             for smp in family.samples:
                 rid = smp.labels.get("rule", "")
-                extra = local.get(rid) if key is not None and smp.name == family.name + "_total" else None
+                extra = (
+                    local.get(rid)
+                    if key is not None and smp.name == family.name + "_total"
+                    else None
+                )
                 if extra is not None and smp.labels.get("client") == extra.get("client"):
                     seen.add(rid)
-                    smp = Sample(smp.name, smp.labels, smp.value + float(extra.get(key) or 0), smp.timestamp)
+                    smp = Sample(
+                        smp.name, smp.labels, smp.value + float(extra.get(key) or 0), smp.timestamp
+                    )
                 samples.append(smp)
             if key is not None:
                 for rid, row in local.items():
                     if rid not in seen:  # counted in earlier runs, no live series yet
-                        samples.append(Sample(family.name + "_total", _labels(rid, row), float(row.get(key) or 0)))
+                        samples.append(
+                            Sample(
+                                family.name + "_total", _labels(rid, row), float(row.get(key) or 0)
+                            )
+                        )
             for rid, row in remote.items():
                 value = row.get(key if key is not None else "active_connections")
                 suffix = "_total" if key is not None else ""
@@ -153,18 +173,28 @@ def _empty_families() -> list[Any]:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     labels = ["client", "rule", "owner"]
-    out: list[Any] = [CounterMetricFamily(name, "Rule counter (see portunus_rule_* help)", labels=labels)
-                      for name in _CARRIED]
+    out: list[Any] = [
+        CounterMetricFamily(name, "Rule counter (see portunus_rule_* help)", labels=labels)
+        for name in _CARRIED
+    ]
     out.append(GaugeMetricFamily(_ACTIVE, "Open connections", labels=labels))
     return out
 
 
 def _labels(rule_id: str, row: dict[str, Any]) -> dict[str, str]:
-    return {"client": str(row.get("client", "")), "rule": rule_id, "owner": str(row.get("owner", ""))}
+    return {
+        "client": str(row.get("client", "")),
+        "rule": rule_id,
+        "owner": str(row.get("owner", "")),
+    }
 
 
-def render_metrics(metrics_dir: str, supervisor_pid: int | None, instance: dict[str, str] | None = None,
-                   totals: dict[str, Any] | None = None) -> bytes:
+def render_metrics(
+    metrics_dir: str,
+    supervisor_pid: int | None,
+    instance: dict[str, str] | None = None,
+    totals: dict[str, Any] | None = None,
+) -> bytes:
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -194,13 +224,22 @@ def create_metrics_app(settings: Settings, instance: dict[str, str] | None = Non
         from portunus.control.counters import read_totals_file
 
         totals = read_totals_file(settings.runtime_dir) if server else None
-        return Response(render_metrics(metrics_dir, supervisor_pid, instance, totals), media_type=CONTENT_TYPE_LATEST)
+        return Response(
+            render_metrics(metrics_dir, supervisor_pid, instance, totals),
+            media_type=CONTENT_TYPE_LATEST,
+        )
 
     return Starlette(routes=[Route("/metrics", metrics)])
 
 
-def run_metrics(settings: Settings, sock: socket.socket | None = None, channel: socket.socket | None = None,
-                instance: dict[str, str] | None = None, key: str = "metrics_listen", where: str = "the config") -> None:
+def run_metrics(
+    settings: Settings,
+    sock: socket.socket | None = None,
+    channel: socket.socket | None = None,
+    instance: dict[str, str] | None = None,
+    key: str = "metrics_listen",
+    where: str = "the config",
+) -> None:
     """Serve only /metrics (standalone and edge client); runs in a forked child.
 
     ``sock`` is the listener the supervisor bound; without one (tests) it binds
@@ -218,10 +257,19 @@ def run_metrics(settings: Settings, sock: socket.socket | None = None, channel: 
         try:
             sock = bind(settings.metrics_listen, key, "metrics endpoint", where)
         except BindError as exc:
-            log_event("metrics.bind_failed", level="error", listen=settings.metrics_listen, message=str(exc))
+            log_event(
+                "metrics.bind_failed",
+                level="error",
+                listen=settings.metrics_listen,
+                message=str(exc),
+            )
             raise SystemExit(ChildExit.LISTEN_FAILED) from None
     config = uvicorn.Config(
-        create_metrics_app(settings, instance), log_config=None, access_log=False, lifespan="off", loop="none",
+        create_metrics_app(settings, instance),
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        loop="none",
     )
     server = uvicorn.Server(config)
 

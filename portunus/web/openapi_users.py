@@ -330,7 +330,9 @@ PATHS: dict[str, dict[str, Any]] = {
     },
     "/v1/users/{id}": {
         "parameters": [_USER_PARAM],
-        "get": _op("getUser", "One user (superadmin, or yourself)", "200", ref("User"), ("400", "404")),
+        "get": _op(
+            "getUser", "One user (superadmin, or yourself)", "200", ref("User"), ("400", "404")
+        ),
         "delete": _op(
             "removeUser",
             "Remove a user with its rules (drained), tokens, grants and sessions",

@@ -90,8 +90,9 @@ def standalone(tmp_path: Path, ports: PortAllocator) -> Iterator[StandaloneFacto
 
 
 @pytest.fixture(scope="module")
-def standalone_module(tmp_path_factory: pytest.TempPathFactory,
-                      ports: PortAllocator) -> Iterator[StandaloneFactory]:
+def standalone_module(
+    tmp_path_factory: pytest.TempPathFactory, ports: PortAllocator
+) -> Iterator[StandaloneFactory]:
     with closing(StandaloneFactory(tmp_path_factory.mktemp("standalone"), ports)) as factory:
         yield factory
 
@@ -103,6 +104,8 @@ def server(tmp_path: Path, ports: PortAllocator) -> Iterator[ServerFactory]:
 
 
 @pytest.fixture(scope="module")
-def server_module(tmp_path_factory: pytest.TempPathFactory, ports: PortAllocator) -> Iterator[ServerFactory]:
+def server_module(
+    tmp_path_factory: pytest.TempPathFactory, ports: PortAllocator
+) -> Iterator[ServerFactory]:
     with closing(ServerFactory(tmp_path_factory.mktemp("server"), ports)) as factory:
         yield factory

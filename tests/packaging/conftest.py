@@ -39,20 +39,34 @@ def packages() -> Packages:
     _need_root()
     missing = [t for t in ("dpkg-deb", "rpmbuild", "objdump", "make") if shutil.which(t) is None]
     if missing:
-        pytest.skip(f"missing build tools: {', '.join(missing)} (apt-get install dpkg-dev rpm binutils make)")
-    version = subprocess.run(["make", "-s", "-C", str(REPO / "packaging"), "version"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+        pytest.skip(
+            f"missing build tools: {', '.join(missing)} (apt-get install dpkg-dev rpm binutils make)"
+        )
+    version = subprocess.run(
+        ["make", "-s", "-C", str(REPO / "packaging"), "version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     dist_env = os.environ.get("PORTUNUS_TEST_DIST")
     dist = Path(dist_env) if dist_env else REPO / "dist"
     if not dist_env:
         res = subprocess.run(
             ["make", "-C", str(REPO / "packaging"), "deb", "rpm", f"PIP={sys.executable} -m pip"],
-            capture_output=True, text=True, timeout=900,
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
         if res.returncode != 0:
-            pytest.fail(f"make deb rpm failed (exit {res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    pkgs = Packages(dist, version, dist / f"portunus_{version}_amd64.deb",
-                    dist / f"portunus-{version}-1.x86_64.rpm")
+            pytest.fail(
+                f"make deb rpm failed (exit {res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+            )
+    pkgs = Packages(
+        dist,
+        version,
+        dist / f"portunus_{version}_amd64.deb",
+        dist / f"portunus-{version}-1.x86_64.rpm",
+    )
     for p in (pkgs.deb, pkgs.rpm):
         assert p.is_file(), f"{p} was not built"
     return pkgs
@@ -63,13 +77,16 @@ def debian_root() -> Path:
     _need_root()
     missing = missing_tools()
     if missing:
-        pytest.skip(f"missing: {', '.join(missing)} (apt-get install debootstrap systemd-container)")
+        pytest.skip(
+            f"missing: {', '.join(missing)} (apt-get install debootstrap systemd-container)"
+        )
     return ensure_root()
 
 
 @pytest.fixture(scope="module")
-def boot(debian_root: Path, packages: Packages,
-         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Machine]]:
+def boot(
+    debian_root: Path, packages: Packages, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[str], Machine]]:
     machines: list[Machine] = []
 
     def start(name: str) -> Machine:

@@ -78,9 +78,17 @@ def ensure_root() -> Path:
         log = CACHE / "debootstrap.log"
         with open(log, "w") as out:
             proc = subprocess.run(
-                ["debootstrap", "--variant=minbase", f"--include={ROOT_PACKAGES}",
-                 SUITE, str(tmp), MIRROR],
-                stdout=out, stderr=subprocess.STDOUT, timeout=900,
+                [
+                    "debootstrap",
+                    "--variant=minbase",
+                    f"--include={ROOT_PACKAGES}",
+                    SUITE,
+                    str(tmp),
+                    MIRROR,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=900,
             )
         if proc.returncode != 0:
             raise RuntimeError(f"debootstrap failed (exit {proc.returncode}); see {log}")
@@ -110,16 +118,32 @@ class Machine:
         self.shutdown()
 
     def boot(self, timeout: float = 90.0) -> None:
-        cmd = ["systemd-nspawn", "-D", str(self.root), "--ephemeral", "--boot",
-               "--register=no", "--keep-unit", "--private-network", "--console=read-only"]
+        cmd = [
+            "systemd-nspawn",
+            "-D",
+            str(self.root),
+            "--ephemeral",
+            "--boot",
+            "--register=no",
+            "--keep-unit",
+            "--private-network",
+            "--console=read-only",
+        ]
         cmd += [f"--bind-ro={host}:{guest}" for host, guest in self.binds_ro.items()]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in shutdown()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while not self.leader:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"systemd-nspawn exited {self.proc.returncode}: {self.console()}")
+                raise RuntimeError(
+                    f"systemd-nspawn exited {self.proc.returncode}: {self.console()}"
+                )
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no container init after {timeout}s: {self.console()}")
             self.leader = self._find_init(self.proc.pid)
@@ -176,13 +200,29 @@ class Machine:
 
     # ------------------------------------------------------------- commands
 
-    def run(self, *cmd: str, input: str | None = None, check: bool = True,
-            timeout: float = 120.0, user: str | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self,
+        *cmd: str,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float = 120.0,
+        user: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``cmd`` inside the container as root (or ``user`` via runuser)."""
         if user is not None:
             cmd = ("runuser", "-u", user, "--", *cmd)
-        full = ["nsenter", "-t", str(self.leader), "-a", "env", "-i", GUEST_PATH,
-                "LANG=C.UTF-8", "HOME=/root", *cmd]
+        full = [
+            "nsenter",
+            "-t",
+            str(self.leader),
+            "-a",
+            "env",
+            "-i",
+            GUEST_PATH,
+            "LANG=C.UTF-8",
+            "HOME=/root",
+            *cmd,
+        ]
         res = subprocess.run(full, input=input, capture_output=True, text=True, timeout=timeout)
         if check and res.returncode != 0:
             raise AssertionError(
@@ -191,12 +231,18 @@ class Machine:
             )
         return res
 
-    def sh(self, script: str, check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    def sh(
+        self, script: str, check: bool = True, timeout: float = 120.0
+    ) -> subprocess.CompletedProcess[str]:
         return self.run("sh", "-ec", script, check=check, timeout=timeout)
 
     def write(self, path: str, text: str, mode: str = "0644") -> None:
-        self.run("sh", "-ec", f'mkdir -p "$(dirname {path})"; cat > {path}; chmod {mode} {path}',
-                 input=text)
+        self.run(
+            "sh",
+            "-ec",
+            f'mkdir -p "$(dirname {path})"; cat > {path}; chmod {mode} {path}',
+            input=text,
+        )
 
     def exists(self, path: str) -> bool:
         return self.run("test", "-e", path, check=False).returncode == 0
@@ -212,8 +258,9 @@ class Machine:
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
     def journal(self, unit: str, lines: int = 60) -> str:
-        return self.run("journalctl", "-u", unit, "--no-pager", "-n", str(lines), "-o", "cat",
-                        check=False).stdout
+        return self.run(
+            "journalctl", "-u", unit, "--no-pager", "-n", str(lines), "-o", "cat", check=False
+        ).stdout
 
     def wait_for(self, what: str, probe, timeout: float = 20.0, interval: float = 0.1):  # type: ignore[no-untyped-def]
         """Poll ``probe()`` until it returns something truthy; fail with ``what``."""

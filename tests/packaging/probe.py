@@ -128,8 +128,12 @@ def loop(port: int, cmd: list[str], after: float = 2.0) -> dict[str, object]:
     stop.set()
     for t in threads:
         t.join(70)
-    return {**counts, "other": other[:10], "command_rc": proc.returncode,
-            "command_output": (proc.stdout + proc.stderr)[-2000:]}
+    return {
+        **counts,
+        "other": other[:10],
+        "command_rc": proc.returncode,
+        "command_output": (proc.stdout + proc.stderr)[-2000:],
+    }
 
 
 def main(argv: list[str]) -> int:

@@ -28,7 +28,10 @@ EXTRAS = (
     *(f"/usr/share/bash-completion/completions/{s}" for s in SCRIPTS),
     *(f"/usr/share/zsh/vendor-completions/_{s}" for s in SCRIPTS),
     *(f"/usr/share/fish/vendor_completions.d/{s}.fish" for s in SCRIPTS),
-    *(f"/usr/share/doc/portunus/reference/{p.name}" for p in (REPO / "docs/reference").glob("*.md")),
+    *(
+        f"/usr/share/doc/portunus/reference/{p.name}"
+        for p in (REPO / "docs/reference").glob("*.md")
+    ),
     "/usr/share/portunus/monitoring/portunus-dashboard.json",
     "/usr/share/portunus/monitoring/portunus-alerts.yml",
 )
@@ -110,8 +113,12 @@ def test_deb_lintian_clean(packages: Packages) -> None:
         pytest.skip("lintian not installed (apt-get install lintian)")
     # Warnings too: every accepted one is overridden with its reason in
     # packaging/deb/lintian-overrides.
-    res = subprocess.run(["lintian", "--fail-on", "error,warning", str(packages.deb)],
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        ["lintian", "--fail-on", "error,warning", str(packages.deb)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -156,15 +163,24 @@ def test_rpm_installs_into_rpm_root(packages: Packages, tmp_path: Path) -> None:
     container, see test_rpm_install.py)."""
     root = tmp_path / "root"
     subprocess.run(["rpm", "--root", str(root), "--initdb"], check=True)
-    subprocess.run(["rpm", "--root", str(root), "--nodeps", "--noscripts", "-i", str(packages.rpm)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["rpm", "--root", str(root), "--nodeps", "--noscripts", "-i", str(packages.rpm)],
+        check=True,
+        capture_output=True,
+    )
     mode = lambda p: oct((root / p).lstat().st_mode & 0o7777)  # noqa: E731
     for s in SCRIPTS:
         link = root / "usr/bin" / s
         assert link.is_symlink()
-        assert (link.parent / link.readlink()).resolve() == (root / "opt/portunus/bin" / s).resolve()
+        assert (link.parent / link.readlink()).resolve() == (
+            root / "opt/portunus/bin" / s
+        ).resolve()
         assert mode(f"opt/portunus/bin/{s}") == "0o755"
-        assert (root / "opt/portunus/bin" / s).read_text().startswith("#!/opt/portunus/bin/python3.11\n")
+        assert (
+            (root / "opt/portunus/bin" / s)
+            .read_text()
+            .startswith("#!/opt/portunus/bin/python3.11\n")
+        )
     for u in UNITS:
         assert mode(f"usr/lib/systemd/system/{u}") == "0o644"
     assert mode("etc/portunus") == "0o755"
@@ -172,7 +188,11 @@ def test_rpm_installs_into_rpm_root(packages: Packages, tmp_path: Path) -> None:
     assert mode("var/lib/portunus") == "0o750"
     assert (root / "opt/portunus/bin/python3.11").readlink() == Path("/usr/bin/python3.11")
     # Byte code with checked hashes (PEP 552 flags = 0b11): never stale, never rewritten.
-    pyc = next((root / "opt/portunus/lib/python3.11/site-packages/portunus/__pycache__").glob("config.*.pyc"))
+    pyc = next(
+        (root / "opt/portunus/lib/python3.11/site-packages/portunus/__pycache__").glob(
+            "config.*.pyc"
+        )
+    )
     assert int.from_bytes(pyc.read_bytes()[4:8], "little") == 0b11
     owners = _out("rpm", "-qplv", str(packages.rpm))
     assert re.search(r"^drwxr-x---\s+\d+\s+portunus\s+portunus\s.*/var/lib/portunus$", owners, re.M)
@@ -184,8 +204,13 @@ def test_deb_man_pages_and_completion_work(packages: Packages, tmp_path: Path) -
     subprocess.run(["dpkg-deb", "-x", str(packages.deb), str(tmp_path)], check=True)
     man = tmp_path / "usr/share/man/man1/portunus-server.1.gz"
     if shutil.which("man") is not None:
-        res = subprocess.run(["man", "--warnings", "-l", str(man)], capture_output=True, text=True,
-                             timeout=60, env={"MANWIDTH": "100", "PATH": "/usr/bin:/bin"})
+        res = subprocess.run(
+            ["man", "--warnings", "-l", str(man)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"MANWIDTH": "100", "PATH": "/usr/bin:/bin"},
+        )
         assert res.returncode == 0 and res.stderr == "", res.stderr
         for verb in ("push-rule", "list-rules", "remove-rule", "rule-stats", "serve"):
             assert f"portunus-server {verb}" in res.stdout, verb
@@ -209,9 +234,17 @@ def _commented_settings(text: str) -> dict[str, str]:
 
 def test_server_toml_lists_every_setting_with_its_default() -> None:
     text = (REPO / "packaging/etc/server.toml").read_text()
-    assert not [ln for ln in text.splitlines() if ln and not ln.startswith("#")], "every line commented"
+    assert not [ln for ln in text.splitlines() if ln and not ln.startswith("#")], (
+        "every line commented"
+    )
     listed = _commented_settings(text)
-    keys = {f.name for f in fields(Settings)} - {"extra", "data_dir", "runtime_dir", "shards", "config_path"}
+    keys = {f.name for f in fields(Settings)} - {
+        "extra",
+        "data_dir",
+        "runtime_dir",
+        "shards",
+        "config_path",
+    }
     assert set(listed) == keys
     values = tomllib.loads("\n".join(f"{k} = {v}" for k, v in listed.items()))
     defaults = Settings()
@@ -230,8 +263,10 @@ def test_standalone_sample_is_valid_as_shipped_and_uncommented(tmp_path: Path) -
     # The commented examples are valid once uncommented (lines "#key", "#[[", "#  {", "#]").
     text = path.read_text().splitlines()
     first_rule = text.index("#[[rule]]")
-    lines = [re.sub(r"^#(?=\S|  )", "", ln) if i >= first_rule or re.match(r"#\w+ = ", ln) else ln
-             for i, ln in enumerate(text)]
+    lines = [
+        re.sub(r"^#(?=\S|  )", "", ln) if i >= first_rule or re.match(r"#\w+ = ", ln) else ln
+        for i, ln in enumerate(text)
+    ]
     sample = tmp_path / "sample.toml"
     sample.write_text("\n".join(lines) + "\n")
     _settings, rules = load_standalone(str(sample))
@@ -242,25 +277,43 @@ def test_units_carry_the_contract() -> None:
     for name in UNITS:
         text = (REPO / "packaging/systemd" / name).read_text()
         lines = {ln.strip() for ln in text.splitlines() if ln and not ln.startswith("#")}
-        for required in ("Type=notify", "KillMode=mixed", "User=portunus", "Restart=on-failure",
-                         "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes",
-                         "PrivateTmp=yes", "PrivateDevices=yes", "ProtectKernelTunables=yes",
-                         "ProtectKernelModules=yes", "ProtectKernelLogs=yes",
-                         "ProtectControlGroups=yes", "MemoryDenyWriteExecute=yes",
-                         "SystemCallFilter=@system-service", "LimitNOFILE=1048576",
-                         "AmbientCapabilities=CAP_NET_BIND_SERVICE",
-                         "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK",
-                         "Environment=PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1"
-                         + (" PORTUNUS_RUNTIME_DIR=/run/portunus-client" if "client" in name else "")):
+        for required in (
+            "Type=notify",
+            "KillMode=mixed",
+            "User=portunus",
+            "Restart=on-failure",
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "ProtectHome=yes",
+            "PrivateTmp=yes",
+            "PrivateDevices=yes",
+            "ProtectKernelTunables=yes",
+            "ProtectKernelModules=yes",
+            "ProtectKernelLogs=yes",
+            "ProtectControlGroups=yes",
+            "MemoryDenyWriteExecute=yes",
+            "SystemCallFilter=@system-service",
+            "LimitNOFILE=1048576",
+            "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+            "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK",
+            "Environment=PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1"
+            + (" PORTUNUS_RUNTIME_DIR=/run/portunus-client" if "client" in name else ""),
+        ):
             assert required in lines, f"{name}: {required}"
         assert "Type=notify-reload" not in text  # systemd 253+; Debian 12 has 252
-        no_restart = {int(c) for c in re.search(r"^RestartPreventExitStatus=(.*)$", text, re.M)  # type: ignore[union-attr]
-                      .group(1).split()}
+        no_restart = {
+            int(c)
+            for c in re.search(r"^RestartPreventExitStatus=(.*)$", text, re.M)  # type: ignore[union-attr]
+            .group(1)
+            .split()
+        }
         assert {2, 70, 78} <= no_restart, name  # usage, a child that cannot start, config
         if name in ("portunus.service", "portunus-standalone.service"):
             # A reload validates first, so a broken file fails `systemctl reload` visibly.
             reloads = re.findall(r"^ExecReload=(.*)$", text, re.M)
-            assert len(reloads) == 2 and ("check-config" in reloads[0] or "--check" in reloads[0]), name
+            assert len(reloads) == 2 and (
+                "check-config" in reloads[0] or "--check" in reloads[0]
+            ), name
             assert "kill -HUP" in reloads[1], name
         if "client" in name:  # a revoked client would only be refused again: no restart loop
             assert EXIT_REVOKED in no_restart, name

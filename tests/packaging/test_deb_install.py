@@ -59,8 +59,14 @@ def test_container_has_only_loopback(vm: Machine) -> None:
 
 
 def test_install_first_run(vm: Machine, packages: Packages) -> None:
-    res = vm.run("apt-get", "install", "-y", "--no-install-recommends", f"/mnt/pkgs/{packages.deb.name}",
-                 timeout=300)
+    res = vm.run(
+        "apt-get",
+        "install",
+        "-y",
+        "--no-install-recommends",
+        f"/mnt/pkgs/{packages.deb.name}",
+        timeout=300,
+    )
     out = res.stdout + res.stderr
     for line in NEXT_STEPS:
         assert line in out, out[-2000:]
@@ -74,12 +80,20 @@ def test_install_first_run(vm: Machine, packages: Packages) -> None:
     assert re.fullmatch(r"[A-Za-z0-9_-]{43}", token)
     assert vm.stat("/var/lib/portunus") == ("750", "portunus", "portunus")
     # serve and the CLI both look in the data dir first: it points at the same token.
-    assert vm.run("readlink", "/var/lib/portunus/operator.token").stdout.strip() == "/etc/portunus/operator.token"
-    assert vm.run("cat", "/var/lib/portunus/operator.token", user="portunus").stdout.strip() == token
+    assert (
+        vm.run("readlink", "/var/lib/portunus/operator.token").stdout.strip()
+        == "/etc/portunus/operator.token"
+    )
+    assert (
+        vm.run("cat", "/var/lib/portunus/operator.token", user="portunus").stdout.strip() == token
+    )
     # Byte-compiled at configure time with checked hashes (PEP 552 flags 0b11).
-    flags = vm.run("python3.11", "-c",
-                   "import glob;p=glob.glob('/opt/portunus/lib/python3.11/site-packages/portunus/"
-                   "__pycache__/config.*.pyc')[0];print(int.from_bytes(open(p,'rb').read()[4:8],'little'))")
+    flags = vm.run(
+        "python3.11",
+        "-c",
+        "import glob;p=glob.glob('/opt/portunus/lib/python3.11/site-packages/portunus/"
+        "__pycache__/config.*.pyc')[0];print(int.from_bytes(open(p,'rb').read()[4:8],'little'))",
+    )
     assert flags.stdout.strip() == "3"
     version = vm.run("portunus-standalone", "--version", user="portunus").stdout
     assert packages.version.replace("~", "") in version.replace("~", "")
@@ -112,9 +126,11 @@ def test_units_verify_clean_and_exposure(vm: Machine) -> None:
 
 
 def _standalone_toml(listen: int, target: int, metrics: int, extra: str = "") -> str:
-    return (f'metrics_listen = "127.0.0.1:{metrics}"\nlisten_address = "127.0.0.1"\n'
-            f"shards = 2\nshutdown_drain_timeout_secs = 5\n\n"
-            f'[[rule]]\nname = "echo"\nlisten_port = {listen}\ntarget = "127.0.0.1:{target}"\n{extra}')
+    return (
+        f'metrics_listen = "127.0.0.1:{metrics}"\nlisten_address = "127.0.0.1"\n'
+        f"shards = 2\nshutdown_drain_timeout_secs = 5\n\n"
+        f'[[rule]]\nname = "echo"\nlisten_port = {listen}\ntarget = "127.0.0.1:{target}"\n{extra}'
+    )
 
 
 def test_standalone_service(vm: Machine, echo_port: int) -> None:
@@ -135,11 +151,25 @@ def test_standalone_service(vm: Machine, echo_port: int) -> None:
         assert vm.run("stat", "-c", "%U", f"/proc/{props['MainPID']}").stdout.strip() == "portunus"
 
         # Reload: add a rule; the open connection survives, the new rule works.
-        vm.write("/etc/portunus/standalone.toml", _standalone_toml(
-            fwd, echo_port, metrics, f'\n[[rule]]\nname = "echo2"\nlisten_port = {fwd2}\ntarget = "127.0.0.1:{echo_port}"\n'))
-        held = json.loads(vm.run(*PROBE, "hold", str(fwd), "--", "systemctl", "reload", unit).stdout)
-        assert held == {**held, "before": True, "command_rc": 0, "same_connection_after": True,
-                        "new_connection_after": True}, held
+        vm.write(
+            "/etc/portunus/standalone.toml",
+            _standalone_toml(
+                fwd,
+                echo_port,
+                metrics,
+                f'\n[[rule]]\nname = "echo2"\nlisten_port = {fwd2}\ntarget = "127.0.0.1:{echo_port}"\n',
+            ),
+        )
+        held = json.loads(
+            vm.run(*PROBE, "hold", str(fwd), "--", "systemctl", "reload", unit).stdout
+        )
+        assert held == {
+            **held,
+            "before": True,
+            "command_rc": 0,
+            "same_connection_after": True,
+            "new_connection_after": True,
+        }, held
         vm.wait_for("the reloaded rule", lambda: roundtrip(vm, fwd2, 4096)["ok"])
         # A broken file fails the reload visibly and leaves the running rules alone.
         vm.write("/etc/portunus/standalone.toml", "[[rule]]\nname = 1\n")
@@ -148,14 +178,22 @@ def test_standalone_service(vm: Machine, echo_port: int) -> None:
 
         # Survived several watchdog periods with the same main process.
         before = vm.show(unit, "MainPID", "WatchdogTimestampMonotonic")
-        vm.wait_for("a watchdog ping", lambda: vm.show(unit, "WatchdogTimestampMonotonic")
-                    ["WatchdogTimestampMonotonic"] != before["WatchdogTimestampMonotonic"], timeout=5)
+        vm.wait_for(
+            "a watchdog ping",
+            lambda: (
+                vm.show(unit, "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"]
+                != before["WatchdogTimestampMonotonic"]
+            ),
+            timeout=5,
+        )
         after = vm.show(unit, "MainPID", "NRestarts", "ActiveState")
         assert after["MainPID"] == before["MainPID"] and after["NRestarts"] == "0", vm.journal(unit)
 
         vm.run("systemctl", "stop", unit, timeout=90)
         props = vm.show(unit, "ActiveState", "Result", "ExecMainStatus")
-        assert props == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, vm.journal(unit)
+        assert props == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, (
+            vm.journal(unit)
+        )
         assert not vm.exists("/run/portunus-standalone")
         assert not roundtrip(vm, fwd, 16)["ok"]
     finally:
@@ -164,7 +202,9 @@ def test_standalone_service(vm: Machine, echo_port: int) -> None:
         vm.run("systemctl", "stop", unit, check=False)
 
 
-def test_upgrade_keeps_token_and_restarts_running_units(vm: Machine, packages: Packages, echo_port: int) -> None:
+def test_upgrade_keeps_token_and_restarts_running_units(
+    vm: Machine, packages: Packages, echo_port: int
+) -> None:
     """A newer package over a running service: token kept, unit restarted onto
     the new files by postinst, forwarding again."""
     unit = "portunus-standalone.service"
@@ -182,16 +222,25 @@ def test_upgrade_keeps_token_and_restarts_running_units(vm: Machine, packages: P
         assert "Portunus installed" not in out.stdout  # next steps only on a first install
         assert vm.run("dpkg-query", "-W", "-f", "${Version}", "portunus").stdout == newer
         assert vm.run("cat", "/etc/portunus/operator.token").stdout == token
-        vm.wait_for("the restarted unit", lambda: active(vm, unit) == "active"
-                    and vm.show(unit, "MainPID")["MainPID"] not in (pid, "0"), timeout=60)
-        assert vm.run("cat", "/etc/portunus/standalone.toml").stdout.startswith('metrics_listen = "127.0.0.1:')
+        vm.wait_for(
+            "the restarted unit",
+            lambda: (
+                active(vm, unit) == "active"
+                and vm.show(unit, "MainPID")["MainPID"] not in (pid, "0")
+            ),
+            timeout=60,
+        )
+        assert vm.run("cat", "/etc/portunus/standalone.toml").stdout.startswith(
+            'metrics_listen = "127.0.0.1:'
+        )
         assert roundtrip(vm, fwd)["ok"], vm.journal(unit)
     finally:
         vm.run("systemctl", "stop", unit, check=False)
 
 
-def test_no_refused_connection_across_reload_restart_and_upgrade(vm: Machine, packages: Packages,
-                                                                echo_port: int) -> None:
+def test_no_refused_connection_across_reload_restart_and_upgrade(
+    vm: Machine, packages: Packages, echo_port: int
+) -> None:
     """The fd store (FileDescriptorStoreMax=, PORTUNUS_FDSTORE=1) keeps every listener
     across `systemctl restart` and the restart of a package upgrade: a connect loop
     through each operation sees no refused connection."""
@@ -204,12 +253,19 @@ def test_no_refused_connection_across_reload_restart_and_upgrade(vm: Machine, pa
               sed -i 's/^Version: .*/Version: {newer}/' /tmp/up2/DEBIAN/control
               dpkg-deb --root-owner-group -b /tmp/up2 /tmp/portunus-newer2.deb >/dev/null""")
     try:
-        for cmd in (["systemctl", "reload", unit], ["systemctl", "restart", unit],
-                    ["apt-get", "install", "-y", "/tmp/portunus-newer2.deb"]):
+        for cmd in (
+            ["systemctl", "reload", unit],
+            ["systemctl", "restart", unit],
+            ["apt-get", "install", "-y", "/tmp/portunus-newer2.deb"],
+        ):
             pid = vm.show(unit, "MainPID")["MainPID"]
             res = json.loads(vm.run(*PROBE, "loop", str(fwd), "--", *cmd, timeout=400).stdout)
             assert res["command_rc"] == 0, res
-            assert res["refused"] == 0 and res["other"] == [] and res["ok"] > 0, (cmd, res, vm.journal(unit))
+            assert res["refused"] == 0 and res["other"] == [] and res["ok"] > 0, (
+                cmd,
+                res,
+                vm.journal(unit),
+            )
             if cmd[1] != "reload":
                 assert vm.show(unit, "MainPID")["MainPID"] != pid, cmd  # it did restart
     finally:
@@ -226,21 +282,39 @@ def test_server_service(vm: Machine, echo_port: int) -> None:
     unit = "portunus.service"
     fwd = free_port(vm)
     res = vm.run("systemctl", "start", unit, check=False, timeout=120)
-    assert res.returncode == 0, f"systemctl start portunus failed:\n{res.stderr}\n{vm.journal(unit)}"
+    assert res.returncode == 0, (
+        f"systemctl start portunus failed:\n{res.stderr}\n{vm.journal(unit)}"
+    )
     try:
         assert active(vm, unit) == "active"
         # Type=notify: the API answers the moment start returns, without a retry.
-        health = vm.run("python3.11", "-c", "import urllib.request;print(urllib.request.urlopen("
-                        "'http://127.0.0.1:7080/v1/health',timeout=5).read().decode())", check=False)
-        assert health.returncode == 0 and json.loads(health.stdout) == {"status": "ok"}, \
+        health = vm.run(
+            "python3.11",
+            "-c",
+            "import urllib.request;print(urllib.request.urlopen("
+            "'http://127.0.0.1:7080/v1/health',timeout=5).read().decode())",
+            check=False,
+        )
+        assert health.returncode == 0 and json.loads(health.stdout) == {"status": "ok"}, (
             health.stderr + vm.journal(unit)
+        )
         assert vm.stat("/run/portunus/control.sock") == ("660", "portunus", "portunus")
         # serve adopted the installed token instead of writing its own.
-        assert vm.run("readlink", "/var/lib/portunus/operator.token").stdout.strip() == \
-            "/etc/portunus/operator.token"
+        assert (
+            vm.run("readlink", "/var/lib/portunus/operator.token").stdout.strip()
+            == "/etc/portunus/operator.token"
+        )
 
-        pushed = _cli(vm, "push-rule", "local", str(fwd), f"127.0.0.1:{echo_port}", "--format", "json",
-                      check=False)
+        pushed = _cli(
+            vm,
+            "push-rule",
+            "local",
+            str(fwd),
+            f"127.0.0.1:{echo_port}",
+            "--format",
+            "json",
+            check=False,
+        )
         assert pushed.returncode == 0, pushed.stderr + vm.journal(unit)
         rule = json.loads(pushed.stdout)
         assert rule["state"] == "active" and rule["listen_port"] == fwd
@@ -251,8 +325,14 @@ def test_server_service(vm: Machine, echo_port: int) -> None:
         listed = json.loads(_cli(vm, "list-rules", "--format", "json", user="alice").stdout)
         assert [r["id"] for r in listed["rules"]] == [rule["id"]]
 
-        held = json.loads(vm.run(*PROBE, "hold", str(fwd), "--", "systemctl", "reload", unit).stdout)
-        assert held["command_rc"] == 0 and held["same_connection_after"] and held["new_connection_after"], held
+        held = json.loads(
+            vm.run(*PROBE, "hold", str(fwd), "--", "systemctl", "reload", unit).stdout
+        )
+        assert (
+            held["command_rc"] == 0
+            and held["same_connection_after"]
+            and held["new_connection_after"]
+        ), held
 
         # The offline storage verbs are for root or the service user; a group member is
         # told so (state.db is 0600), root may.
@@ -262,10 +342,13 @@ def test_server_service(vm: Machine, echo_port: int) -> None:
         assert _cli(vm, "backup", "--out", "/tmp/root.db", user="root", check=False).returncode == 0
 
         # A restart refuses no connection on the forwarded port (fd store).
-        looped = json.loads(vm.run(*PROBE, "loop", str(fwd), "--", "systemctl", "restart", unit,
-                                   timeout=300).stdout)
-        assert looped["command_rc"] == 0 and looped["refused"] == 0 and looped["other"] == [], \
-            (looped, vm.journal(unit))
+        looped = json.loads(
+            vm.run(*PROBE, "loop", str(fwd), "--", "systemctl", "restart", unit, timeout=300).stdout
+        )
+        assert looped["command_rc"] == 0 and looped["refused"] == 0 and looped["other"] == [], (
+            looped,
+            vm.journal(unit),
+        )
         assert active(vm, unit) == "active"
         listed = json.loads(_cli(vm, "list-rules", "--format", "json").stdout)
         assert [(r["id"], r["state"]) for r in listed["rules"]] == [(rule["id"], "active")]
@@ -277,10 +360,20 @@ def test_server_service(vm: Machine, echo_port: int) -> None:
         vm.run("useradd", "-m", "bob")
         denied = _cli(vm, "list-rules", user="bob", check=False)
         assert denied.returncode == 4, f"exit {denied.returncode}: {denied.stderr}"
-        assert "permission denied on /var/lib/portunus/operator.token" in denied.stderr, denied.stderr
-        assert "member of group portunus (`usermod -aG portunus bob`" in denied.stderr, denied.stderr
-        no_socket = vm.run("env", "PORTUNUS_OPERATOR_TOKEN=not-the-token", "portunus-server", "list-rules",
-                           user="bob", check=False)
+        assert "permission denied on /var/lib/portunus/operator.token" in denied.stderr, (
+            denied.stderr
+        )
+        assert "member of group portunus (`usermod -aG portunus bob`" in denied.stderr, (
+            denied.stderr
+        )
+        no_socket = vm.run(
+            "env",
+            "PORTUNUS_OPERATOR_TOKEN=not-the-token",
+            "portunus-server",
+            "list-rules",
+            user="bob",
+            check=False,
+        )
         assert no_socket.returncode == 1, no_socket.stderr
         assert "may not open the control socket /run/portunus/control.sock" in no_socket.stderr
         assert "member of group portunus" in no_socket.stderr, no_socket.stderr
@@ -305,14 +398,22 @@ def test_remove_keeps_state_then_purge_removes_it(vm: Machine) -> None:
     vm.run("apt-get", "remove", "-y", "portunus", timeout=300)
     for path in ("/etc/portunus/server.toml", "/etc/portunus/operator.token", "/var/lib/portunus"):
         assert vm.exists(path), path
-    assert not vm.exists("/opt/portunus"), vm.run("find", "/opt/portunus", check=False).stdout[:2000]
+    assert not vm.exists("/opt/portunus"), vm.run("find", "/opt/portunus", check=False).stdout[
+        :2000
+    ]
     assert not vm.exists("/usr/bin/portunus-server")
     assert vm.run("systemctl", "cat", "portunus.service", check=False).returncode != 0
-    assert "rc" == vm.run("dpkg-query", "-W", "-f", "${db:Status-Abbrev}", "portunus").stdout.strip()
+    assert (
+        "rc" == vm.run("dpkg-query", "-W", "-f", "${db:Status-Abbrev}", "portunus").stdout.strip()
+    )
 
     vm.run("apt-get", "purge", "-y", "portunus", timeout=300)
-    for path in ("/etc/portunus", "/var/lib/portunus", "/var/lib/portunus-client",
-                 "/etc/systemd/system/multi-user.target.wants/portunus.service"):
+    for path in (
+        "/etc/portunus",
+        "/var/lib/portunus",
+        "/var/lib/portunus-client",
+        "/etc/systemd/system/multi-user.target.wants/portunus.service",
+    ):
         assert not vm.exists(path), path
     assert vm.run("dpkg-query", "-W", "portunus", check=False).returncode != 0
     # The system user stays (files elsewhere may still belong to it), as documented.

@@ -30,21 +30,31 @@ def test_rpm_install_run_erase(boot: Callable[[str], Machine], packages: Package
     assert "Creating user" not in res.stdout  # i.e. not systemd-sysusers
     # %pre created the user before the payload, so rpm could apply %attr(portunus).
     passwd = vm.run("getent", "passwd", "portunus").stdout.strip().split(":")
-    assert int(passwd[2]) < 1000 and passwd[5:] == ["/var/lib/portunus", "/usr/sbin/nologin"], passwd
+    assert int(passwd[2]) < 1000 and passwd[5:] == ["/var/lib/portunus", "/usr/sbin/nologin"], (
+        passwd
+    )
     assert vm.stat("/var/lib/portunus") == ("750", "portunus", "portunus")
     assert vm.stat("/etc/portunus/operator.token") == ("640", "root", "portunus")
     # Files as shipped (--nodeps: the dependencies are in dpkg's database here).
     assert vm.run("rpm", "-V", "--nodeps", "portunus", check=False).stdout.strip() == ""
-    out = vm.run("systemd-analyze", "verify", "portunus.service", "portunus-standalone.service",
-                 "portunus-client.service", check=False)
+    out = vm.run(
+        "systemd-analyze",
+        "verify",
+        "portunus.service",
+        "portunus-standalone.service",
+        "portunus-client.service",
+        check=False,
+    )
     assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), out.stdout + out.stderr
 
     echo, fwd, metrics = (int(vm.run(*PROBE, "freeport").stdout) for _ in range(3))
     vm.run("systemd-run", "--unit=test-echo", "--quiet", *PROBE, "echo", str(echo))
     vm.run(*PROBE, "wait", str(echo))
-    vm.write("/etc/portunus/standalone.toml",
-             f'metrics_listen = "127.0.0.1:{metrics}"\nlisten_address = "127.0.0.1"\nshards = 1\n'
-             f'[[rule]]\nname = "echo"\nlisten_port = {fwd}\ntarget = "127.0.0.1:{echo}"\n')
+    vm.write(
+        "/etc/portunus/standalone.toml",
+        f'metrics_listen = "127.0.0.1:{metrics}"\nlisten_address = "127.0.0.1"\nshards = 1\n'
+        f'[[rule]]\nname = "echo"\nlisten_port = {fwd}\ntarget = "127.0.0.1:{echo}"\n',
+    )
     vm.run("systemctl", "enable", "--now", "portunus-standalone", timeout=60)
     wants = "/etc/systemd/system/multi-user.target.wants/portunus-standalone.service"
     assert vm.exists(wants)
@@ -54,9 +64,14 @@ def test_rpm_install_run_erase(boot: Callable[[str], Machine], packages: Package
     # %preun (%systemd_preun) stops and disables the units on erase: no enablement
     # link is left pointing at a removed unit file.  State and the token stay.
     vm.run("rpm", "-e", "portunus", timeout=120)
-    assert vm.run("systemctl", "is-active", "portunus-standalone", check=False).stdout.strip() == "inactive"
+    assert (
+        vm.run("systemctl", "is-active", "portunus-standalone", check=False).stdout.strip()
+        == "inactive"
+    )
     assert not vm.exists(wants), "rpm -e left a dangling multi-user.target.wants link"
-    assert not vm.exists("/opt/portunus/bin") and not vm.exists("/usr/lib/systemd/system/portunus.service")
+    assert not vm.exists("/opt/portunus/bin") and not vm.exists(
+        "/usr/lib/systemd/system/portunus.service"
+    )
     assert vm.exists("/var/lib/portunus") and vm.exists("/etc/portunus/operator.token")
     # The edited config is kept as .rpmsave (%config(noreplace)).
     assert vm.exists("/etc/portunus/standalone.toml.rpmsave")

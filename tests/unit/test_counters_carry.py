@@ -70,15 +70,31 @@ def test_metrics_add_carried_totals_and_edge_rules(tmp_path, monkeypatch) -> Non
     from portunus.web.metrics import render_metrics
 
     monkeypatch.setenv("PORTUNUS_RUN_ID", "run-new")
-    row = {"client": "local", "owner": "", "bytes_in": 10, "bytes_out": 20, "connections_total": 3,
-           "known": {"bytes_in": 15, "bytes_out": 25, "connections_total": 4}}
-    edge = {"client": "edge-1", "owner": "", "bytes_in": 7, "bytes_out": 8, "connections_total": 2,
-            "active_connections": 1}
-    fresh = render_metrics(str(tmp_path), None, None, {"run": "run-new", "local": {"5": row}, "remote": {"9": edge}})
+    row = {
+        "client": "local",
+        "owner": "",
+        "bytes_in": 10,
+        "bytes_out": 20,
+        "connections_total": 3,
+        "known": {"bytes_in": 15, "bytes_out": 25, "connections_total": 4},
+    }
+    edge = {
+        "client": "edge-1",
+        "owner": "",
+        "bytes_in": 7,
+        "bytes_out": 8,
+        "connections_total": 2,
+        "active_connections": 1,
+    }
+    fresh = render_metrics(
+        str(tmp_path), None, None, {"run": "run-new", "local": {"5": row}, "remote": {"9": edge}}
+    )
     assert _exposed(fresh, "portunus_rule_bytes_in_total", rule="5", client="local") == 10
     assert _exposed(fresh, "portunus_rule_connections_total", rule="9", client="edge-1") == 2
     assert _exposed(fresh, "portunus_rule_active_connections", rule="9", client="edge-1") == 1
     # A file left by the previous run: its final totals are the base (never backwards).
-    stale = render_metrics(str(tmp_path), None, None, {"run": "run-old", "local": {"5": row}, "remote": {}})
+    stale = render_metrics(
+        str(tmp_path), None, None, {"run": "run-old", "local": {"5": row}, "remote": {}}
+    )
     assert _exposed(stale, "portunus_rule_bytes_in_total", rule="5", client="local") == 15
     assert _exposed(stale, "portunus_rule_connections_total", rule="5", client="local") == 4

@@ -108,7 +108,8 @@ class FakeDNS(asyncio.DatagramProtocol):
                         nxt = data
                     elif RTYPES[rtype] == qtype:
                         rdata = socket.inet_pton(
-                            socket.AF_INET if rtype == "A" else socket.AF_INET6, data)
+                            socket.AF_INET if rtype == "A" else socket.AF_INET6, data
+                        )
                     else:
                         continue
                     # the first owner is written as a pointer to the question
@@ -131,10 +132,12 @@ async def start_fake_dns() -> FakeDNS:
     server = FakeDNS()
     for _ in range(20):  # TCP must get the same port number as UDP
         transport, _ = await loop.create_datagram_endpoint(
-            lambda: server, local_addr=("127.0.0.1", 0))
+            lambda: server, local_addr=("127.0.0.1", 0)
+        )
         try:
             server.tcp_server = await asyncio.start_server(
-                server.handle_tcp, "127.0.0.1", server.addr[1])
+                server.handle_tcp, "127.0.0.1", server.addr[1]
+            )
             return server
         except OSError:
             transport.close()
@@ -179,16 +182,19 @@ def hosts_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def make_resolver(fake_dns: FakeDNS, clock: Clock, hosts_file: Path, tmp_path: Path
-                  ) -> Callable[..., Resolver]:
+def make_resolver(
+    fake_dns: FakeDNS, clock: Clock, hosts_file: Path, tmp_path: Path
+) -> Callable[..., Resolver]:
     empty_resolv = tmp_path / "resolv.conf"
     empty_resolv.write_text("")
 
     def make(**kw: object) -> Resolver:
         kw.setdefault("nameservers", [fake_dns.addr])
         kw.setdefault("timeout", 0.3)
-        return Resolver(hosts_path=str(hosts_file), resolv_conf=str(empty_resolv),
-                        clock=clock, **kw)  # type: ignore[arg-type]
+        return Resolver(
+            hosts_path=str(hosts_file), resolv_conf=str(empty_resolv), clock=clock, **kw
+        )  # type: ignore[arg-type]
+
     return make
 
 
@@ -208,12 +214,19 @@ async def test_literal_is_returned_without_io(make_resolver, fake_dns) -> None:
 
 
 async def test_ipv4_first_unless_prefer_ipv6_and_deduplicated(make_resolver, fake_dns) -> None:
-    fake_dns.zone["both.test"] = [("AAAA", "2001:db8::5", 60), ("A", "192.0.2.5", 60),
-                                  ("A", "192.0.2.6", 60), ("A", "192.0.2.5", 60)]
+    fake_dns.zone["both.test"] = [
+        ("AAAA", "2001:db8::5", 60),
+        ("A", "192.0.2.5", 60),
+        ("A", "192.0.2.6", 60),
+        ("A", "192.0.2.5", 60),
+    ]
     r = make_resolver()
     assert await r.resolve("both.test") == ["192.0.2.5", "192.0.2.6", "2001:db8::5"]
     assert await r.resolve("Both.Test.", prefer_ipv6=True) == [
-        "2001:db8::5", "192.0.2.5", "192.0.2.6"]
+        "2001:db8::5",
+        "192.0.2.5",
+        "192.0.2.6",
+    ]
     assert fake_dns.udp == {("both.test", "A"): 1, ("both.test", "AAAA"): 1}
 
 
@@ -241,8 +254,7 @@ async def test_high_ttl_is_clamped_down_to_max(make_resolver, fake_dns, clock) -
     assert fake_dns.queries("high.test") == 4
 
 
-async def test_refresh_ahead_does_not_make_the_caller_wait(make_resolver, fake_dns, clock
-                                                           ) -> None:
+async def test_refresh_ahead_does_not_make_the_caller_wait(make_resolver, fake_dns, clock) -> None:
     fake_dns.zone["soon.test"] = [("A", "192.0.2.1", 100)]
     r = make_resolver(timeout=2.0)
     await r.resolve("soon.test")
@@ -258,7 +270,8 @@ async def test_refresh_ahead_does_not_make_the_caller_wait(make_resolver, fake_d
 
 
 async def test_stale_answer_served_for_30s_after_expiry_then_error(
-        make_resolver, fake_dns, clock) -> None:
+    make_resolver, fake_dns, clock
+) -> None:
     fake_dns.zone["stale.test"] = [("A", "192.0.2.7", 10)]
     r = make_resolver(timeout=0.1)
     await r.resolve("stale.test")
@@ -281,7 +294,8 @@ async def test_stale_answer_served_for_30s_after_expiry_then_error(
 
 
 async def test_servfail_after_expiry_serves_stale_but_nxdomain_does_not(
-        make_resolver, fake_dns, clock) -> None:
+    make_resolver, fake_dns, clock
+) -> None:
     fake_dns.zone["gone.test"] = [("A", "192.0.2.8", 10)]
     r = make_resolver()
     await r.resolve("gone.test")
@@ -305,8 +319,7 @@ async def test_concurrent_lookups_share_one_query_per_type(make_resolver, fake_d
     assert r.lookups == 1 and r.queries == 2
 
 
-async def test_cancelled_caller_does_not_cancel_the_shared_lookup(make_resolver, fake_dns
-                                                                  ) -> None:
+async def test_cancelled_caller_does_not_cancel_the_shared_lookup(make_resolver, fake_dns) -> None:
     fake_dns.zone["c.test"] = [("A", "192.0.2.3", 60)]
     fake_dns.delay = 0.1
     r = make_resolver()
@@ -341,8 +354,7 @@ async def test_truncated_answer_is_retried_over_tcp(make_resolver, fake_dns) -> 
     assert r.tcp_queries == 2
 
 
-async def test_next_nameserver_is_tried_after_timeout_and_servfail(
-        make_resolver, fake_dns) -> None:
+async def test_next_nameserver_is_tried_after_timeout_and_servfail(make_resolver, fake_dns) -> None:
     fake_dns.zone["ok.test"] = [("A", "192.0.2.13", 60)]
     silent = await start_fake_dns()
     broken = await start_fake_dns()
@@ -357,7 +369,8 @@ async def test_next_nameserver_is_tried_after_timeout_and_servfail(
 
 
 async def test_timeout_raises_fast_and_negative_entry_fails_next_call_at_once(
-        make_resolver, fake_dns) -> None:
+    make_resolver, fake_dns
+) -> None:
     fake_dns.mode = "silent"
     other = await start_fake_dns()
     try:
@@ -392,7 +405,8 @@ async def test_refused_port_fails_without_waiting_for_timeout(make_resolver) -> 
 
 
 async def test_hosts_file_answers_and_is_reread_when_changed(
-        make_resolver, fake_dns, hosts_file, clock) -> None:
+    make_resolver, fake_dns, hosts_file, clock
+) -> None:
     hosts_file.write_text("# comment\n10.9.9.9  myhost.test alias.test\n2001:db8::99 myhost.test\n")
     r = make_resolver()
     assert await r.resolve("myhost.test") == ["10.9.9.9", "2001:db8::99"]
@@ -432,8 +446,10 @@ async def test_invalid_name_is_rejected_without_queries(make_resolver, fake_dns)
 
 
 def test_resolv_conf_and_hosts_parsing() -> None:
-    text = ("search example.com\nnameserver 10.0.0.1\nnameserver ::1\nnameserver bogus\n"
-            "options ndots:2\nnameserver 10.0.0.2\nnameserver 10.0.0.3\n")
+    text = (
+        "search example.com\nnameserver 10.0.0.1\nnameserver ::1\nnameserver bogus\n"
+        "options ndots:2\nnameserver 10.0.0.2\nnameserver 10.0.0.3\n"
+    )
     assert dns.parse_resolv_conf(text) == [("10.0.0.1", 53), ("::1", 53), ("10.0.0.2", 53)]
     hosts = dns.parse_hosts("127.0.0.1 a b # c\n::1 a\nnot-an-ip x\n\n10.0.0.1 A.\n")
     assert hosts == {"a": (("127.0.0.1", "10.0.0.1"), ("::1",)), "b": (("127.0.0.1",), ())}
@@ -471,8 +487,7 @@ def test_resolver_works_on_uvloop(tmp_path: Path) -> None:
             server.zone["uv.test"] = [("A", "192.0.2.20", 60), ("AAAA", "2001:db8::20", 60)]
             server.zone["tc.test"] = [("A", "192.0.2.21", 60)]
             server.truncate.add("tc.test")
-            r = Resolver(nameservers=[silent.addr, server.addr], hosts_path=str(hosts),
-                         timeout=0.2)
+            r = Resolver(nameservers=[silent.addr, server.addr], hosts_path=str(hosts), timeout=0.2)
             assert await r.resolve("uv.test", prefer_ipv6=True) == ["2001:db8::20", "192.0.2.20"]
             assert await r.resolve("tc.test") == ["192.0.2.21"]
             assert server.tcp[("tc.test", "A")] == 1

@@ -29,7 +29,8 @@ def json_format(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_allows_limit_per_window_then_summarizes_on_the_next_window(
-        capfd: pytest.CaptureFixture[str]) -> None:
+    capfd: pytest.CaptureFixture[str],
+) -> None:
     clock = Clock()
     t = LogThrottle(limit=3, window=1.0, clock=clock)
     assert [t.allow("tcp.connect_failed", "warning") for _ in range(10)] == [True] * 3 + [False] * 7
@@ -51,7 +52,8 @@ def test_events_are_limited_independently(capfd: pytest.CaptureFixture[str]) -> 
 
 
 def test_flush_reports_a_flood_that_stopped_and_stays_quiet_otherwise(
-        capfd: pytest.CaptureFixture[str]) -> None:
+    capfd: pytest.CaptureFixture[str],
+) -> None:
     clock = Clock()
     t = LogThrottle(limit=2, window=1.0, clock=clock)
     for _ in range(5):
@@ -62,20 +64,28 @@ def test_flush_reports_a_flood_that_stopped_and_stays_quiet_otherwise(
     clock.now += 1.5
     t.flush()
     (summary,) = lines(capfd)
-    assert (summary["suppressed_event"], summary["count"], summary["level"]) == ("tcp.socket_failed", 3, "error")
+    assert (summary["suppressed_event"], summary["count"], summary["level"]) == (
+        "tcp.socket_failed",
+        3,
+        "error",
+    )
     t.flush()
     assert lines(capfd) == []
     assert t.allow("tcp.socket_failed") and t.allow("tcp.socket_failed")
 
 
 def test_log_throttled_writes_through_the_shared_throttle(
-        monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     clock = Clock()
     monkeypatch.setattr(logs, "_THROTTLE", LogThrottle(limit=2, window=1.0, clock=clock))
     for i in range(50):
         logs.log_throttled("tcp.connect_failed", level="warning", n=i)
     got = lines(capfd)
-    assert [(r["event"], r["n"]) for r in got] == [("tcp.connect_failed", 0), ("tcp.connect_failed", 1)]
+    assert [(r["event"], r["n"]) for r in got] == [
+        ("tcp.connect_failed", 0),
+        ("tcp.connect_failed", 1),
+    ]
     clock.now += 1.0
     logs.flush_throttled()
     (summary,) = lines(capfd)

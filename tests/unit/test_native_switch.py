@@ -24,7 +24,8 @@ def test_missing_extension_falls_back_with_a_reason(monkeypatch: pytest.MonkeyPa
 
 
 def test_one_warning_line_from_shard_0_only(
-        monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setitem(logs._state, "format", "json")
     for index in range(3):
         native.announce(index, "ImportError: no module")

@@ -29,12 +29,12 @@ from .fdwait import readable
 try:
     from portunus.shard import _relay  # noqa: F401
 except ImportError:
-    pytest.skip("the native relay is not built (no C compiler at install time)", allow_module_level=True)
+    pytest.skip(
+        "the native relay is not built (no C compiler at install time)", allow_module_level=True
+    )
 
 LOOPBACK = "127.0.0.1"
 _ids = iter(range(1_000_000))
-
-
 
 
 @pytest.fixture
@@ -61,7 +61,9 @@ def closed_port() -> int:
     return port
 
 
-def run_until(loop: asyncio.AbstractEventLoop, cond: Callable[[], bool], timeout: float = 10.0) -> None:
+def run_until(
+    loop: asyncio.AbstractEventLoop, cond: Callable[[], bool], timeout: float = 10.0
+) -> None:
     async def poll() -> None:
         deadline = time.monotonic() + timeout
         while not cond():
@@ -75,10 +77,16 @@ def run_until(loop: asyncio.AbstractEventLoop, cond: Callable[[], bool], timeout
 class Port:
     """One native listener for a rule with ``targets`` (ports), plus its meters."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, ports: list[int], timeout: float = 5.0) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, ports: list[int], timeout: float = 5.0
+    ) -> None:
         self.loop = loop
-        self.rule = build_rule(id=f"native-{next(_ids)}", protocol="tcp", listen=(1, 1),
-                               targets=[Target(host=LOOPBACK, port=p, priority=i + 1) for i, p in enumerate(ports)])
+        self.rule = build_rule(
+            id=f"native-{next(_ids)}",
+            protocol="tcp",
+            listen=(1, 1),
+            targets=[Target(host=LOOPBACK, port=p, priority=i + 1) for i, p in enumerate(ports)],
+        )
         self.ctx = ShardContext(loop, {"use_splice": True, "connect_timeout_secs": timeout})
         self.rt = RuleRuntime(self.ctx, self.rule)
         assert eligible(self.ctx, self.rt)
@@ -162,8 +170,10 @@ def test_relays_and_counts_like_the_python_path(loop: asyncio.AbstractEventLoop)
 
 
 def test_refused_target_falls_through_to_the_next(
-        loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch,
-        capfd: pytest.CaptureFixture[str]) -> None:
+    loop: asyncio.AbstractEventLoop,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
     monkeypatch.setitem(logs._state, "format", "json")
     origin = listener()
     dead = closed_port()
@@ -177,7 +187,8 @@ def test_refused_target_falls_through_to_the_next(
     assert p.value("connect_failures") == 0
     events = [json.loads(x) for x in capfd.readouterr().err.splitlines() if x.startswith("{")]
     assert [(e["event"], e["error"]) for e in events if e["event"] == "tcp.connect_failed"] == [
-        ("tcp.connect_failed", "ECONNREFUSED")]
+        ("tcp.connect_failed", "ECONNREFUSED")
+    ]
     p.close()
     origin.close()
 
@@ -192,8 +203,10 @@ def test_no_target_accepting_closes_the_client(loop: asyncio.AbstractEventLoop) 
 
 
 def test_unanswered_connect_times_out_into_the_backup(
-        loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch,
-        capfd: pytest.CaptureFixture[str]) -> None:
+    loop: asyncio.AbstractEventLoop,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
     monkeypatch.setitem(logs._state, "format", "json")
     hole = listener(backlog=0)  # its accept queue is filled below: SYNs go unanswered
     fillers = []
@@ -261,8 +274,10 @@ def test_drain_timeout_closes_native_connections(loop: asyncio.AbstractEventLoop
 
 
 def test_out_of_fds_at_accept_backs_off_then_serves(
-        loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch,
-        capfd: pytest.CaptureFixture[str]) -> None:
+    loop: asyncio.AbstractEventLoop,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
     """accept4 fails with EMFILE: logged, the listener rests (100 ms, a timerfd tick
     resumes it), and the waiting client is served once fds are back."""
     import os
@@ -306,14 +321,21 @@ def test_out_of_fds_at_accept_backs_off_then_serves(
     origin.close()
 
 
-def test_a_rule_with_an_idle_timeout_keeps_the_python_relay(loop: asyncio.AbstractEventLoop) -> None:
+def test_a_rule_with_an_idle_timeout_keeps_the_python_relay(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
     """The native relay keeps no idle clock: a rule with idle_timeout_secs must not
     be served natively, or its idle connections would never be closed."""
     ctx = ShardContext(loop, {"use_splice": True, "connect_timeout_secs": 5.0})
     targets = [Target(host=LOOPBACK, port=9, priority=1)]
     plain = build_rule(id=f"native-{next(_ids)}", protocol="tcp", listen=(1, 1), targets=targets)
-    idle = build_rule(id=f"native-{next(_ids)}", protocol="tcp", listen=(1, 1), targets=targets,
-                      idle_timeout_secs=30)
+    idle = build_rule(
+        id=f"native-{next(_ids)}",
+        protocol="tcp",
+        listen=(1, 1),
+        targets=targets,
+        idle_timeout_secs=30,
+    )
     assert eligible(ctx, RuleRuntime(ctx, plain))
     rt = RuleRuntime(ctx, idle)
     try:

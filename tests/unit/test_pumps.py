@@ -35,8 +35,6 @@ from .fdwait import readable
 pytestmark = pytest.mark.skipif(not pumps.HAVE_SPLICE, reason="no os.splice on this platform")
 
 
-
-
 def listener() -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.bind(("127.0.0.1", 0))
@@ -62,7 +60,9 @@ def closed_by_peer(s: socket.socket) -> bool:
         return True
 
 
-def run_until(loop: asyncio.AbstractEventLoop, cond: Callable[[], bool], timeout: float = 5.0) -> None:
+def run_until(
+    loop: asyncio.AbstractEventLoop, cond: Callable[[], bool], timeout: float = 5.0
+) -> None:
     async def poll() -> None:
         deadline = time.monotonic() + timeout
         while not cond():
@@ -74,12 +74,18 @@ def run_until(loop: asyncio.AbstractEventLoop, cond: Callable[[], bool], timeout
 
 
 def test_pipe_emfile_fails_the_connection_cleanly(
-        loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch,
-        capfd: pytest.CaptureFixture[str]) -> None:
+    loop: asyncio.AbstractEventLoop,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
     monkeypatch.setitem(logs._state, "format", "json")
     origin, front = listener(), listener()
-    rule = build_rule(id=f"pipe-{os.getpid()}", protocol="tcp", listen=(1, 1),
-                      targets=[Target(host="127.0.0.1", port=origin.getsockname()[1])])
+    rule = build_rule(
+        id=f"pipe-{os.getpid()}",
+        protocol="tcp",
+        listen=(1, 1),
+        targets=[Target(host="127.0.0.1", port=origin.getsockname()[1])],
+    )
     # The Python relay, splicing from the first byte.
     ctx = ShardContext(loop, {"use_splice": True, "splice_after": 0, "native": False})
     rt = RuleRuntime(ctx, rule)
@@ -172,10 +178,15 @@ class Relayed:
     def __init__(self, loop: asyncio.AbstractEventLoop, path: str, splice_after: int) -> None:
         self.loop = loop
         self.origin_l, front = listener(), listener()
-        rule = build_rule(id=f"copy-{os.getpid()}", protocol="tcp", listen=(1, 1),
-                          targets=[Target(host="127.0.0.1", port=self.origin_l.getsockname()[1])])
-        self.ctx = ShardContext(loop, {"use_splice": True, "splice_after": splice_after,
-                                       "native": path == "native"})
+        rule = build_rule(
+            id=f"copy-{os.getpid()}",
+            protocol="tcp",
+            listen=(1, 1),
+            targets=[Target(host="127.0.0.1", port=self.origin_l.getsockname()[1])],
+        )
+        self.ctx = ShardContext(
+            loop, {"use_splice": True, "splice_after": splice_after, "native": path == "native"}
+        )
         self.rt = RuleRuntime(self.ctx, rule)
         self.before = counted(self.rt)  # the meters are process-wide, keyed by rule id
         self.client = socket.create_connection(front.getsockname(), timeout=10)
@@ -206,8 +217,14 @@ class Relayed:
         self.ctx.poller.close()
 
 
-def exchange(loop: asyncio.AbstractEventLoop, path: str, splice_after: int, up: bytes, down: bytes,
-             origin_delay: float = 0.0) -> dict[str, Any]:
+def exchange(
+    loop: asyncio.AbstractEventLoop,
+    path: str,
+    splice_after: int,
+    up: bytes,
+    down: bytes,
+    origin_delay: float = 0.0,
+) -> dict[str, Any]:
     """Client sends ``up`` then half-closes; the origin reads to EOF (after
     ``origin_delay``), answers ``down`` and closes.  Returns what each end got."""
     r = Relayed(loop, path, splice_after)
@@ -236,7 +253,9 @@ def exchange(loop: asyncio.AbstractEventLoop, path: str, splice_after: int, up: 
     return got
 
 
-def test_short_connection_is_copied_without_a_pipe(loop: asyncio.AbstractEventLoop, path: str) -> None:
+def test_short_connection_is_copied_without_a_pipe(
+    loop: asyncio.AbstractEventLoop, path: str
+) -> None:
     up, down = os.urandom(700), os.urandom(3000)
     got = exchange(loop, path, 64 * 1024, up, down)
     assert got["origin"] == up and got["client"] == down
@@ -244,7 +263,9 @@ def test_short_connection_is_copied_without_a_pipe(loop: asyncio.AbstractEventLo
     assert got["counted"] == (700, 3000)
 
 
-def test_relay_switches_to_splice_after_the_threshold(loop: asyncio.AbstractEventLoop, path: str) -> None:
+def test_relay_switches_to_splice_after_the_threshold(
+    loop: asyncio.AbstractEventLoop, path: str
+) -> None:
     up, down = os.urandom(3 * 1024 * 1024 + 7), os.urandom(2 * 1024 * 1024 + 5)
     got = exchange(loop, path, 64 * 1024, up, down)
     assert got["origin"] == up and got["client"] == down
@@ -252,7 +273,9 @@ def test_relay_switches_to_splice_after_the_threshold(loop: asyncio.AbstractEven
     assert got["counted"] == (len(up), len(down))
 
 
-def test_splice_after_zero_splices_from_the_first_byte(loop: asyncio.AbstractEventLoop, path: str) -> None:
+def test_splice_after_zero_splices_from_the_first_byte(
+    loop: asyncio.AbstractEventLoop, path: str
+) -> None:
     up, down = os.urandom(10), os.urandom(20)
     got = exchange(loop, path, 0, up, down)
     assert got["origin"] == up and got["client"] == down
@@ -260,7 +283,9 @@ def test_splice_after_zero_splices_from_the_first_byte(loop: asyncio.AbstractEve
     assert got["counted"] == (10, 20)
 
 
-def test_small_messages_stay_copied_past_the_threshold(loop: asyncio.AbstractEventLoop, path: str) -> None:
+def test_small_messages_stay_copied_past_the_threshold(
+    loop: asyncio.AbstractEventLoop, path: str
+) -> None:
     """Ping-pong of 64-byte messages, far past splice_after: no read is bulk-sized,
     so no pipe is taken (small messages are cheaper copied)."""
     r = Relayed(loop, path, 1024)
@@ -289,7 +314,8 @@ def test_late_origin_gets_everything_in_order(loop: asyncio.AbstractEventLoop, p
 
 @pytest.mark.parametrize("splice_after", [0, 1 << 30])
 def test_backpressure_bounds_what_the_relay_takes(
-        loop: asyncio.AbstractEventLoop, path: str, splice_after: int) -> None:
+    loop: asyncio.AbstractEventLoop, path: str, splice_after: int
+) -> None:
     """While the origin reads nothing the relay must stop reading the client: what the
     client manages to send stays around the sockets' buffers, not the whole stream."""
     r = Relayed(loop, path, splice_after)
@@ -302,7 +328,9 @@ def test_backpressure_bounds_what_the_relay_takes(
             idle_since = time.monotonic()
         except BlockingIOError:
             loop.run_until_complete(asyncio.sleep(0.02))
-    assert sent < 64 << 20, f"the relay took {sent >> 20} MiB from a client whose origin reads nothing"
+    assert sent < 64 << 20, (
+        f"the relay took {sent >> 20} MiB from a client whose origin reads nothing"
+    )
     if path == "python" and splice_after:
         assert r.conn.pumps is not None and r.conn.pumps[0].held  # the unsent rest is held
     r.client.shutdown(socket.SHUT_WR)
@@ -340,7 +368,9 @@ def test_reset_by_the_client_closes_both_sides(loop: asyncio.AbstractEventLoop, 
         r.ctx._native.shutdown()
 
 
-def test_closing_a_relayed_connection_from_python(loop: asyncio.AbstractEventLoop, path: str) -> None:
+def test_closing_a_relayed_connection_from_python(
+    loop: asyncio.AbstractEventLoop, path: str
+) -> None:
     """A removed rule's drain timeout closes open relays: both sides see the close."""
     r = Relayed(loop, path, 64 * 1024)
     r.client.sendall(b"abc")
@@ -361,8 +391,10 @@ def test_splice_after_env_parsing() -> None:
 
 
 def test_native_pipe_exhaustion_fails_the_connection_cleanly(
-        loop: asyncio.AbstractEventLoop, capfd: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    loop: asyncio.AbstractEventLoop,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Out of fds when a native relay needs its first pipe: the connection is closed
     and counted, the loop is unharmed (the Python path's twin is the test above)."""
     if not have_native():

@@ -74,8 +74,25 @@ def test_ascii_garbage_rejected(text: str) -> None:
     assert err.value.code.startswith("validation.")
 
 
-@pytest.mark.parametrize("text", ["", " ", "-", "80-", "-80", "80--90", "1-2-3", "80 90", "0x50",
-                                  "8O", "+80", "80.0", "１-２x", "80-90-"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        " ",
+        "-",
+        "80-",
+        "-80",
+        "80--90",
+        "1-2-3",
+        "80 90",
+        "0x50",
+        "8O",
+        "+80",
+        "80.0",
+        "１-２x",
+        "80-90-",
+    ],
+)
 def test_malformed_examples_rejected(text: str) -> None:
     with pytest.raises(ValidationError):
         parse_port_range(text)
@@ -113,16 +130,22 @@ def test_target_reversed_range_rejected() -> None:
 def test_udp_rule_refuses_proxy_protocol(rule_pp: str | None, target_pp: str | None) -> None:
     target = Target(host="127.0.0.1", port=53, proxy_protocol=target_pp)
     with pytest.raises(ValidationError) as err:
-        build_rule(id="u", protocol="udp", listen=(5353, 5353), targets=[target], proxy_protocol=rule_pp)
+        build_rule(
+            id="u", protocol="udp", listen=(5353, 5353), targets=[target], proxy_protocol=rule_pp
+        )
     assert err.value.code == "validation.proxy_protocol"
     assert "TCP-only" in err.value.message
     assert err.value.details["field"] == ("proxy_protocol" if rule_pp else "targets")
-    tcp = build_rule(id="t", protocol="tcp", listen=(5353, 5353), targets=[target], proxy_protocol=rule_pp)
+    tcp = build_rule(
+        id="t", protocol="tcp", listen=(5353, 5353), targets=[target], proxy_protocol=rule_pp
+    )
     assert (tcp.proxy_protocol, tcp.targets[0].proxy_protocol) == (rule_pp, target_pp)
 
 
 def test_sni_fallback_travels_on_the_wire_only_when_set() -> None:
-    plain = build_rule(id="1", protocol="tcp", listen=(443, 443), targets=[Target(host="10.0.0.1", port=80)])
+    plain = build_rule(
+        id="1", protocol="tcp", listen=(443, 443), targets=[Target(host="10.0.0.1", port=80)]
+    )
     assert "sni_fallback" not in plain.to_wire()
     fallback = plain.with_changes(sni_fallback=True)
     assert fallback.to_wire()["sni_fallback"] is True

@@ -39,6 +39,7 @@ def changes() -> list[tuple[Target, bool]]:
 def make_set(clock: Clock, changes: list[tuple[Target, bool]]) -> Callable[..., TargetSet]:
     def make(targets: list[Target]) -> TargetSet:
         return TargetSet(targets, clock=clock, on_change=lambda t, up: changes.append((t, up)))
+
     return make
 
 
@@ -124,8 +125,7 @@ async def test_recovery_needs_consecutive_probe_successes(make_set, clock, chang
             await task
 
 
-async def test_health_loop_survives_a_raising_probe_and_stops_on_cancel(make_set, clock
-                                                                       ) -> None:
+async def test_health_loop_survives_a_raising_probe_and_stops_on_cancel(make_set, clock) -> None:
     ts = make_set([A])
     fail(ts, clock, A, 0, 1, 2)
     calls = 0
@@ -162,7 +162,8 @@ async def test_tcp_probe_reflects_a_real_listener(port_holder) -> None:
 
 
 async def test_health_loop_brings_back_a_target_once_it_listens(
-        make_set, clock, changes, port_holder) -> None:
+    make_set, clock, changes, port_holder
+) -> None:
     port = port_holder.getsockname()[1]
     target = Target("127.0.0.1", port, priority=1)
     backup = Target("127.0.0.2", port, priority=2)

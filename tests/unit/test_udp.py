@@ -128,15 +128,21 @@ class Harness:
         self.cleanups.append(s.close)
         return s
 
-    def services(self, targets: list[Target], *, ports: int = 1, idle: float = 60.0,
-                 max_flows: int = 1024) -> tuple[str, list[UdpService], list[socket.socket]]:
+    def services(
+        self, targets: list[Target], *, ports: int = 1, idle: float = 60.0, max_flows: int = 1024
+    ) -> tuple[str, list[UdpService], list[socket.socket]]:
         """Start a UDP rule with ``ports`` consecutive listen ports, one service each."""
         listeners = self._consecutive_listeners(ports)
         lo = listeners[0].getsockname()[1]
         rid = f"u{os.getpid()}-{next(_ids)}"
         rule = build_rule(id=rid, protocol="udp", listen=(lo, lo + ports - 1), targets=targets)
-        settings = {"udp_flow_idle_secs": idle, "udp_max_flows": max_flows, "shards": 1,
-                    "runtime_dir": str(self.tmp), "client": "local"}
+        settings = {
+            "udp_flow_idle_secs": idle,
+            "udp_max_flows": max_flows,
+            "shards": 1,
+            "runtime_dir": str(self.tmp),
+            "client": "local",
+        }
         ctx = ShardContext(self.loop, settings)
         rt = RuleRuntime(ctx, rule)
         svcs = [UdpService(ctx, rt, s, i) for i, s in enumerate(listeners)]
@@ -250,8 +256,10 @@ def test_overflow_is_dropped_and_counted_while_admitted_flows_work(h: Harness) -
         assert cl.recvfrom(100)[0] == b"hi"
     for _ in range(3):
         c.sendto(b"nope", addr)
-    wait_for(lambda: metric("portunus_udp_flows_dropped_overflow_total", rid) == 3,
-             what="3 overflow datagrams counted")
+    wait_for(
+        lambda: metric("portunus_udp_flows_dropped_overflow_total", rid) == 3,
+        what="3 overflow datagrams counted",
+    )
     c.settimeout(0.3)
     with pytest.raises(TimeoutError):
         c.recvfrom(100)
@@ -284,8 +292,10 @@ def test_max_flows_is_per_rule_across_the_ports_of_a_range(h: Harness) -> None:
     assert [d for _, d in e0.seen] == [b"p0"]
     assert [d for _, d in e1.seen] == [b"p1"]
     c.sendto(b"p0-overflow", l0.getsockname())
-    wait_for(lambda: metric("portunus_udp_flows_dropped_overflow_total", rid) == 1,
-             what="third flow of the rule refused")
+    wait_for(
+        lambda: metric("portunus_udp_flows_dropped_overflow_total", rid) == 1,
+        what="third flow of the rule refused",
+    )
 
 
 def test_bytes_and_datagrams_counted(h: Harness) -> None:
@@ -312,10 +322,14 @@ def test_refused_target_fails_over_to_the_next(h: Harness) -> None:
     c.sendto(b"first", lsock.getsockname())
     # The datagram refused by the primary (ICMP) is resent to the backup.
     assert c.recvfrom(100)[0] == b"first"
-    assert metric("portunus_detail_target_connect_failures_total", rid,
-                  target=f"127.0.0.1:{dead}") == 1
-    assert metric("portunus_detail_target_connections_total", rid,
-                  target=f"127.0.0.1:{echo.port}") == 1
+    assert (
+        metric("portunus_detail_target_connect_failures_total", rid, target=f"127.0.0.1:{dead}")
+        == 1
+    )
+    assert (
+        metric("portunus_detail_target_connections_total", rid, target=f"127.0.0.1:{echo.port}")
+        == 1
+    )
     c.sendto(b"second", lsock.getsockname())
     assert c.recvfrom(100)[0] == b"second"
     assert metric("portunus_rule_connections_total", rid) == 1
@@ -326,7 +340,9 @@ def test_refused_single_target_ends_the_flow(h: Harness) -> None:
     rid, (svc,), (lsock,) = h.services([local(dead)])
     c = h.client()
     c.sendto(b"lost", lsock.getsockname())
-    wait_for(lambda: metric("portunus_rule_connect_failures_total", rid) == 1, what="connect failure")
+    wait_for(
+        lambda: metric("portunus_rule_connect_failures_total", rid) == 1, what="connect failure"
+    )
     assert h.call(lambda: len(svc.flows)) == 0
     assert metric("portunus_udp_flows_active", rid) == 0
 
@@ -354,7 +370,9 @@ class CountingResolver:
 
 def test_backup_name_is_not_resolved_while_the_primary_answers(h: Harness) -> None:
     echo = h.echo()
-    rid, (svc,), (lsock,) = h.services([local(echo.port, 1), local(echo.port, 2, host="backup.test")])
+    rid, (svc,), (lsock,) = h.services(
+        [local(echo.port, 1), local(echo.port, 2, host="backup.test")]
+    )
     resolver = CountingResolver()
     svc.ctx._resolver = resolver
     c = h.client()
@@ -422,7 +440,9 @@ class BudgetPeer:
     def __init__(self, path: Path, limit: int) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _BUDGET_PEER, str(path), str(limit)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
 
     def ask(self, cmd: str) -> str:

@@ -42,7 +42,9 @@ def required_capabilities(rule: Rule) -> list[str]:
     return needs
 
 
-def check_capabilities(rule: Rule, advertised: Iterable[str], client_name: str, client_id: str) -> None:
+def check_capabilities(
+    rule: Rule, advertised: Iterable[str], client_name: str, client_id: str
+) -> None:
     have = set(advertised)
     for cap in required_capabilities(rule):
         if cap not in have:

@@ -50,7 +50,9 @@ def fingerprint_of_der(der: bytes) -> str:
 
 
 def fingerprint_of_pem(pem: bytes) -> str:
-    return fingerprint_of_der(x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER))
+    return fingerprint_of_der(
+        x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+    )
 
 
 def san_names(extra_host: str | None = None) -> list[str]:
@@ -80,7 +82,9 @@ def generate(cert_path: str, key_path: str, names: list[str]) -> None:
     crash never leaves a certificate whose key is missing or half written.
     """
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0] if names else "portunus")])
+    subject = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, names[0] if names else "portunus")]
+    )
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -90,7 +94,9 @@ def generate(cert_path: str, key_path: str, names: list[str]) -> None:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=VALIDITY_DAYS))
-        .add_extension(x509.SubjectAlternativeName([_general_name(n) for n in names]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([_general_name(n) for n in names]), critical=False
+        )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )

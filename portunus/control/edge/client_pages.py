@@ -238,6 +238,8 @@ async def get_one(
         raise ValidationError("validation.id", "id must be a client id or name", field="id")
     row = await accounts.resolve_client(db, ref.strip())
     if only is not None and row.client_id not in only:
-        raise PortunusError("client_not_found", f"no client named or with id {ref.strip()!r}", client=ref.strip())
+        raise PortunusError(
+            "client_not_found", f"no client named or with id {ref.strip()!r}", client=ref.strip()
+        )
     counts = await _rule_counts(db, [row.client_id], owner)
     return client_entry(row, plane.info(row.client_id), counts.get(row.client_id, 0))

@@ -27,7 +27,11 @@ from portunus.control.store import rules as rules_db
 from portunus.control.store.accounts import LOCAL_CLIENT_ID, ClientRow
 from portunus.errors import PortunusError
 
-REVOKED_GOODBYE = {"type": "error", "code": "revoked", "message": "this client was revoked by the server"}
+REVOKED_GOODBYE = {
+    "type": "error",
+    "code": "revoked",
+    "message": "this client was revoked by the server",
+}
 
 
 def _ref(params: dict[str, Any]) -> str:
@@ -62,16 +66,27 @@ class ClientService:
         """The ``clients.list`` shape of one remote client."""
         return client_entry(row, self.link.info(row.client_id), rule_count)
 
-    async def _audit_error(self, who: Principal, action: str, target: str | None, exc: PortunusError) -> None:
+    async def _audit_error(
+        self, who: Principal, action: str, target: str | None, exc: PortunusError
+    ) -> None:
         async with self.store.write() as db:
-            await write_audit(db, who.user, action, target, outcome="error", error_code=exc.code,
-                              details={"message": exc.message})
+            await write_audit(
+                db,
+                who.user,
+                action,
+                target,
+                outcome="error",
+                error_code=exc.code,
+                details={"message": exc.message},
+            )
 
     @staticmethod
     def _not_local(row: ClientRow, verb: str) -> None:
         if row.client_id == LOCAL_CLIENT_ID:
             raise PortunusError(
-                "conflict", f"`local` is the server's own node; it cannot be {verb}", client_id=row.client_id
+                "conflict",
+                f"`local` is the server's own node; it cannot be {verb}",
+                client_id=row.client_id,
             )
 
     async def _rule_count(self, client_id: str) -> int:
@@ -85,16 +100,27 @@ class ClientService:
         try:
             unknown = sorted(set(params) - {"name", "address", "ttl_secs"})
             if unknown:
-                raise PortunusError("validation.unknown_field", f"unknown field(s): {', '.join(unknown)}",
-                                    field=unknown[0])
+                raise PortunusError(
+                    "validation.unknown_field",
+                    f"unknown field(s): {', '.join(unknown)}",
+                    field=unknown[0],
+                )
             name = validate_client_name(params.get("name"))
             ttl = validate_ttl(params.get("ttl_secs"))
             host = advertised_host(params.get("address"), self.listen_host)
             async with self.store.write() as db:
                 new = await create_enrollment(db, name, ttl)
                 await write_audit(
-                    db, who.user, "client.enroll", f"client:{new.client.client_id}",
-                    details={"name": name, "ttl_secs": ttl, "address": host, "token_id": who.token_id},
+                    db,
+                    who.user,
+                    "client.enroll",
+                    f"client:{new.client.client_id}",
+                    details={
+                        "name": name,
+                        "ttl_secs": ttl,
+                        "address": host,
+                        "token_id": who.token_id,
+                    },
                 )
         except PortunusError as exc:
             await self._audit_error(who, "client.enroll", target, exc)
@@ -119,8 +145,12 @@ class ClientService:
                 self._not_local(row, "renamed")
                 target = f"client:{row.client_id}"
                 before = await rules_db.list_rules(db, client_id=row.client_id)
-                await db.execute("UPDATE clients SET name = ? WHERE client_id = ?", (name, row.client_id))
-                await write_audit(db, who.user, "client.rename", target, details={"from": row.name, "to": name})
+                await db.execute(
+                    "UPDATE clients SET name = ? WHERE client_id = ?", (name, row.client_id)
+                )
+                await write_audit(
+                    db, who.user, "client.rename", target, details={"from": row.name, "to": name}
+                )
         except PortunusError as exc:
             await self._audit_error(who, "client.rename", target, exc)
             raise
@@ -151,15 +181,23 @@ class ClientService:
                         self.link.banned.add(banned)
                     row = ClientRow(row.client_id, row.name, row.created_at, utc_now())
                     await db.execute(
-                        "UPDATE clients SET revoked_at = ? WHERE client_id = ?", (row.revoked_at, row.client_id)
+                        "UPDATE clients SET revoked_at = ? WHERE client_id = ?",
+                        (row.revoked_at, row.client_id),
                     )
                 # Its rules no longer forward anywhere: they leave "active" for "revoked"
                 # (kept, listed, counted; deleting the client removes them).
-                revoked_rules = [s for s in await rules_db.list_rules(db, client_id=row.client_id)
-                                 if s.state != "revoked"]
-                await db.execute("UPDATE rules SET state = 'revoked', failure_reason = NULL WHERE client_id = ?",
-                                 (row.client_id,))
-                await write_audit(db, who.user, "client.revoke", target, details={"already_revoked": already})
+                revoked_rules = [
+                    s
+                    for s in await rules_db.list_rules(db, client_id=row.client_id)
+                    if s.state != "revoked"
+                ]
+                await db.execute(
+                    "UPDATE rules SET state = 'revoked', failure_reason = NULL WHERE client_id = ?",
+                    (row.client_id,),
+                )
+                await write_audit(
+                    db, who.user, "client.revoke", target, details={"already_revoked": already}
+                )
         except PortunusError as exc:
             if banned is not None:  # nothing was committed: the client may come back
                 self.link.banned.discard(banned)
@@ -191,8 +229,13 @@ class ClientService:
                 stored = await rules_db.list_rules(db, client_id=row.client_id)
                 await db.execute("DELETE FROM rules WHERE client_id = ?", (row.client_id,))
                 await db.execute("DELETE FROM clients WHERE client_id = ?", (row.client_id,))
-                await write_audit(db, who.user, "client.delete", target,
-                                  details={"name": row.name, "rules_deleted": [s.rule_id for s in stored]})
+                await write_audit(
+                    db,
+                    who.user,
+                    "client.delete",
+                    target,
+                    details={"name": row.name, "rules_deleted": [s.rule_id for s in stored]},
+                )
         except PortunusError as exc:
             await self._audit_error(who, "client.delete", target, exc)
             raise

@@ -43,12 +43,17 @@ def validate_client_name(raw: object) -> str:
         raise ValidationError("validation.name", "name must be a non-empty string", field="name")
     name = raw.strip()
     if len(name) > MAX_NAME_LEN:
-        raise ValidationError("validation.name", f"name must be at most {MAX_NAME_LEN} characters", field="name")
+        raise ValidationError(
+            "validation.name", f"name must be at most {MAX_NAME_LEN} characters", field="name"
+        )
     if any(unicodedata.category(ch).startswith("C") for ch in name):
-        raise ValidationError("validation.name", "name must not contain control characters", field="name")
+        raise ValidationError(
+            "validation.name", "name must not contain control characters", field="name"
+        )
     if name == LOCAL_CLIENT_ID:
         raise ValidationError(
-            "validation.name", "`local` is the reserved name of the server's own node; pick another",
+            "validation.name",
+            "`local` is the reserved name of the server's own node; pick another",
             field="name",
         )
     return name
@@ -65,7 +70,9 @@ def advertised_host(address: object, listen_host: str) -> str:
     unless it is a wildcard, else this machine's FQDN."""
     if address is not None:
         if not isinstance(address, str):
-            raise ValidationError("validation.address", "address must be a host name or IP", field="address")
+            raise ValidationError(
+                "validation.address", "address must be a host name or IP", field="address"
+            )
         try:
             return validate_host(address, "address")
         except ValidationError as exc:
@@ -123,7 +130,9 @@ async def redeem(db: aiosqlite.Connection, code: object) -> tuple[ClientRow, str
     ) as cur:
         row = await cur.fetchone()
     if row is None or not hmac.compare_digest(row["code_hash"], digest):
-        raise EnrollmentInvalid("unknown enrollment code; mint a new one with `portunus-server enroll-client`")
+        raise EnrollmentInvalid(
+            "unknown enrollment code; mint a new one with `portunus-server enroll-client`"
+        )
     client = ClientRow(row["client_id"], row["name"], row["created_at"], row["revoked_at"])
     if row["used_at"] is not None:
         raise EnrollmentInvalid(
@@ -137,10 +146,15 @@ async def redeem(db: aiosqlite.Connection, code: object) -> tuple[ClientRow, str
             "with `portunus-server enroll-client`"
         )
     if client.revoked_at is not None:
-        raise EnrollmentInvalid(f"client {client.name} ({client.client_id}) was revoked at {client.revoked_at}")
+        raise EnrollmentInvalid(
+            f"client {client.name} ({client.client_id}) was revoked at {client.revoked_at}"
+        )
     token = secrets.token_urlsafe(32)
     await db.execute("UPDATE client_enrollments SET used_at = ? WHERE code_hash = ?", (now, digest))
-    await db.execute("UPDATE clients SET token_hash = ? WHERE client_id = ?", (hash_token(token), client.client_id))
+    await db.execute(
+        "UPDATE clients SET token_hash = ? WHERE client_id = ?",
+        (hash_token(token), client.client_id),
+    )
     return client, token
 
 

@@ -84,7 +84,11 @@ class EdgeGateway:
         dead_after_secs: float = DEAD_AFTER_SECS,
         handshake_timeout: float = HANDSHAKE_TIMEOUT_SECS,
         preauth: PreauthLimits | None = None,
-        quiet: tuple[float, float, float] = (QUIET_HEARTBEAT_SECS, QUIET_PING_SECS, QUIET_DEAD_AFTER_SECS),
+        quiet: tuple[float, float, float] = (
+            QUIET_HEARTBEAT_SECS,
+            QUIET_PING_SECS,
+            QUIET_DEAD_AFTER_SECS,
+        ),
         shedder: Shedder | None = None,
         sock: socket.socket | None = None,
     ) -> None:
@@ -123,7 +127,9 @@ class EdgeGateway:
             self._sockets = [self.sock]
         else:
             self._sockets = await loop.run_in_executor(None, bind, self.host, self.port)
-        self._tasks = [loop.create_task(accept_loop(s, self.preauth, self._admitted)) for s in self._sockets]
+        self._tasks = [
+            loop.create_task(accept_loop(s, self.preauth, self._admitted)) for s in self._sockets
+        ]
         self._tasks.append(loop.create_task(self._flush_logs()))
         self._tasks.append(loop.create_task(self._sweep()))
 
@@ -213,7 +219,9 @@ class EdgeGateway:
                 # From here the transport owns ``conn``.  The TLS layer's own timer
                 # is a backstop; the deadline above is the one that counts.
                 transport, _ = await loop.connect_accepted_socket(
-                    lambda: protocol, conn, ssl=self.ssl_context,
+                    lambda: protocol,
+                    conn,
+                    ssl=self.ssl_context,
                     ssl_handshake_timeout=self.handshake_timeout + 5,
                 )
                 writer = asyncio.StreamWriter(transport, protocol, reader, loop)
@@ -223,8 +231,12 @@ class EdgeGateway:
         except FrameTooLarge as exc:
             self.preauth.refused("frame_too_large", peer, error=str(exc))
         except (asyncio.IncompleteReadError, WireError, ConnectionError, OSError) as exc:
-            log_throttled("edge.no_first_frame", level="warning", peer=peer,
-                          error=str(exc) or type(exc).__name__)
+            log_throttled(
+                "edge.no_first_frame",
+                level="warning",
+                peer=peer,
+                error=str(exc) or type(exc).__name__,
+            )
         # Without a transport, connect_accepted_socket failed and closed ``conn``.
         if transport is not None:
             transport.abort()
@@ -241,7 +253,9 @@ class EdgeGateway:
             writer.close()
             await asyncio.wait_for(writer.wait_closed(), 2.0)
 
-    async def _enroll(self, msg: dict[str, Any], writer: asyncio.StreamWriter, peer: str | None) -> None:
+    async def _enroll(
+        self, msg: dict[str, Any], writer: asyncio.StreamWriter, peer: str | None
+    ) -> None:
         async with self.store.write() as db:
             try:
                 client, token = await redeem(db, msg.get("code"))
@@ -253,13 +267,23 @@ class EdgeGateway:
                     details: dict[str, Any] = {"message": exc.message, "peer": peer}
                     if unaudited:
                         details["unaudited_before"] = unaudited
-                    await write_audit(db, "edge", "client.enroll", None, outcome="error",
-                                      error_code=exc.code, details=details)
+                    await write_audit(
+                        db,
+                        "edge",
+                        "client.enroll",
+                        None,
+                        outcome="error",
+                        error_code=exc.code,
+                        details=details,
+                    )
                 failure: EnrollmentInvalid | None = exc
             else:
                 failure = None
                 await write_audit(
-                    db, f"client:{client.client_id}", "client.enrolled", f"client:{client.client_id}",
+                    db,
+                    f"client:{client.client_id}",
+                    "client.enrolled",
+                    f"client:{client.client_id}",
                     details={"peer": peer, "version": _short(msg.get("version"))},
                 )
         if failure is not None:
@@ -268,62 +292,115 @@ class EdgeGateway:
             await self._refuse(writer, failure.code, failure.message)
             return
         log_event("edge.enrolled", client_id=client.client_id, client=client.name, peer=peer)
-        await self._goodbye(writer, {
-            "type": "enrolled", "client_id": client.client_id, "client_name": client.name, "token": token,
-        })
+        await self._goodbye(
+            writer,
+            {
+                "type": "enrolled",
+                "client_id": client.client_id,
+                "client_name": client.name,
+                "token": token,
+            },
+        )
 
     async def _hello(
-        self, msg: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-        peer: str | None, slot: PreauthSlot,
+        self,
+        msg: dict[str, Any],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: str | None,
+        slot: PreauthSlot,
     ) -> None:
         async with self.store.read() as db:
             client = await client_for_token(db, msg.get("token"))
         claimed = msg.get("client_id")
         if client is None or (claimed is not None and claimed != client.client_id):
             self.preauth.count("unauthenticated")
-            log_throttled("edge.hello_refused", level="warning", peer=peer, reason="unauthenticated",
-                          client_id=_short(claimed))
-            await self._refuse(writer, "unauthenticated",
-                               "the client token is not valid; enroll the client again")
+            log_throttled(
+                "edge.hello_refused",
+                level="warning",
+                peer=peer,
+                reason="unauthenticated",
+                client_id=_short(claimed),
+            )
+            await self._refuse(
+                writer, "unauthenticated", "the client token is not valid; enroll the client again"
+            )
             return
         # No await between this check and attach(): a revoke that started after the
         # token was read is seen here (RemoteLink.banned), one that starts later kicks.
         if client.revoked_at is not None or client.client_id in self.link.banned:
-            log_event("edge.hello_refused", level="warning", peer=peer, reason="revoked",
-                      client_id=client.client_id)
-            await self._refuse(writer, "revoked", f"client {client.name} ({client.client_id}) was revoked")
+            log_event(
+                "edge.hello_refused",
+                level="warning",
+                peer=peer,
+                reason="revoked",
+                client_id=client.client_id,
+            )
+            await self._refuse(
+                writer, "revoked", f"client {client.name} ({client.client_id}) was revoked"
+            )
             return
         retry_after = self.shedder.retry_after()
         if retry_after is not None:
-            log_throttled("edge.busy", level="warning", peer=peer, client_id=client.client_id,
-                          retry_after=retry_after, backlog=self.shedder.backlog())
+            log_throttled(
+                "edge.busy",
+                level="warning",
+                peer=peer,
+                client_id=client.client_id,
+                retry_after=retry_after,
+                backlog=self.shedder.backlog(),
+            )
             await self._goodbye(writer, self.shedder.busy_frame(retry_after))
             return
         slot.release()  # authenticated: no longer anonymous, the normal frame limit applies
         capabilities = _capabilities(msg.get("capabilities"))
-        welcome: dict[str, Any] = {"type": "welcome", "client_id": client.client_id, "client_name": client.name}
+        welcome: dict[str, Any] = {
+            "type": "welcome",
+            "client_id": client.client_id,
+            "client_name": client.name,
+        }
         if QUIET_LINK in capabilities:
             beat, ping, dead = self.quiet
-            welcome.update(heartbeat_secs=_number(beat), ping_secs=_number(ping), dead_after_secs=_number(dead))
+            welcome.update(
+                heartbeat_secs=_number(beat), ping_secs=_number(ping), dead_after_secs=_number(dead)
+            )
         else:
             ping, dead = self.heartbeat_secs, self.dead_after_secs
             welcome["heartbeat_secs"] = _number(ping)
         session = EdgeSession(
-            client.client_id, client.name, reader, writer,
-            remote_addr=peer, version=_short(msg.get("version")),
-            capabilities=capabilities, connected_since=utc_now(),
-            on_frame=self.link.on_frame, heartbeat_secs=ping, dead_after_secs=dead,
+            client.client_id,
+            client.name,
+            reader,
+            writer,
+            remote_addr=peer,
+            version=_short(msg.get("version")),
+            capabilities=capabilities,
+            connected_since=utc_now(),
+            on_frame=self.link.on_frame,
+            heartbeat_secs=ping,
+            dead_after_secs=dead,
         )
         # Written before attach(), so no apply/sync can overtake the welcome.
         session.send(welcome)
         self.link.attach(session)
         assert self.link.events is not None
         self.link.events.client_connected(client.client_id)
-        log_event("edge.connected", client_id=client.client_id, client=client.name, peer=peer,
-                  version=session.version, capabilities=session.capabilities)
+        log_event(
+            "edge.connected",
+            client_id=client.client_id,
+            client=client.name,
+            peer=peer,
+            version=session.version,
+            capabilities=session.capabilities,
+        )
         try:
             reason = await session.run()
         finally:
             self.link.detach(session)
-        log_event("edge.disconnected", client_id=client.client_id, client=session.client_name,
-                  peer=peer, reason=reason)
+        log_event(
+            "edge.disconnected",
+            client_id=client.client_id,
+            client=session.client_name,
+            peer=peer,
+            reason=reason,
+        )

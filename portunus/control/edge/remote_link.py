@@ -51,7 +51,8 @@ def _parse_stats(raw: Any) -> dict[str, dict[str, Any]]:
         if isinstance(ports, list):
             entry["per_port"] = {
                 p["port"]: {k: _int(p.get(k)) for k in COUNTERS}
-                for p in ports if isinstance(p, dict) and isinstance(p.get("port"), int)
+                for p in ports
+                if isinstance(p, dict) and isinstance(p.get("port"), int)
             }
         targets = counters.get("per_target")
         if isinstance(targets, list):
@@ -60,7 +61,8 @@ def _parse_stats(raw: Any) -> dict[str, dict[str, Any]]:
                     **{k: _int(t.get(k)) for k in TARGET_COUNTERS},
                     "up": t.get("up") if isinstance(t.get("up"), bool) else None,
                 }
-                for t in targets if isinstance(t, dict) and isinstance(t.get("target"), str)
+                for t in targets
+                if isinstance(t, dict) and isinstance(t.get("target"), str)
             }
         out[str(rule_id)] = entry
     return out
@@ -162,16 +164,22 @@ class RemoteLink:
         session = self.sessions.get(client_id)
         if session is None:
             return  # the full set goes out when it reconnects
-        session.send({
-            "type": "apply", "seq": next(self._seq),
-            "upsert": [r.to_wire() for r in upsert], "remove": [str(i) for i in remove],
-        })
+        session.send(
+            {
+                "type": "apply",
+                "seq": next(self._seq),
+                "upsert": [r.to_wire() for r in upsert],
+                "remove": [str(i) for i in remove],
+            }
+        )
 
     async def sync(self, client_id: str, rules: Sequence[Rule]) -> None:
         session = self.sessions.get(client_id)
         if session is None:
             return
-        session.send({"type": "sync", "seq": next(self._seq), "rules": [r.to_wire() for r in rules]})
+        session.send(
+            {"type": "sync", "seq": next(self._seq), "rules": [r.to_wire() for r in rules]}
+        )
 
     async def owner_caps(self, client_id: str, caps: dict[str, dict[str, int]]) -> None:
         session = self.sessions.get(client_id)
@@ -210,7 +218,9 @@ class RemoteLink:
         # "ping" needs no answer (any frame proves the link alive); unknown types are
         # ignored for forward compatibility (docs/edge.md).
 
-    def rule_stats(self, client_id: str, rule: Rule, per_port: bool, per_target: bool) -> dict[str, Any]:
+    def rule_stats(
+        self, client_id: str, rule: Rule, per_port: bool, per_target: bool
+    ) -> dict[str, Any]:
         """``rules.stats`` for a remote rule from the client's latest ``stats`` frame
         (zeros until one arrived).  Per-port/per-target rows come from the frame when
         the client reports them; otherwise a single-port rule's row is its totals."""
@@ -229,7 +239,8 @@ class RemoteLink:
             targets: dict[str, dict[str, Any]] = entry.get("per_target") or {}
             out["per_target"] = [
                 {
-                    "target": t.label, "priority": t.priority,
+                    "target": t.label,
+                    "priority": t.priority,
                     **targets.get(t.label, {**dict.fromkeys(TARGET_COUNTERS, 0), "up": None}),
                 }
                 for t in rule.targets

@@ -49,9 +49,22 @@ class EdgeSession:
     """A live link; created by the gateway after a good ``hello``."""
 
     __slots__ = (
-        "client_id", "client_name", "remote_addr", "version", "capabilities", "connected_since",
-        "ping_secs", "dead_after_secs", "last_rx", "last_tx", "_reader", "_writer", "_closing",
-        "_on_frame", "close_reason", "_loop",
+        "client_id",
+        "client_name",
+        "remote_addr",
+        "version",
+        "capabilities",
+        "connected_since",
+        "ping_secs",
+        "dead_after_secs",
+        "last_rx",
+        "last_tx",
+        "_reader",
+        "_writer",
+        "_closing",
+        "_on_frame",
+        "close_reason",
+        "_loop",
     )
 
     def __init__(

@@ -84,8 +84,12 @@ async def health(ctx: ControlContext, who: Principal, params: dict[str, Any]) ->
 
 
 async def whoami(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
-    return {"user": who.user, "role": who.role, "token_id": who.token_id,
-            "password_change_required": who.password_change_required}
+    return {
+        "user": who.user,
+        "role": who.role,
+        "token_id": who.token_id,
+        "password_change_required": who.password_change_required,
+    }
 
 
 async def rules_push(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
@@ -106,7 +110,9 @@ async def rules_list(ctx: ControlContext, who: Principal, params: dict[str, Any]
     if not who.is_superadmin:
         owner = params.get("owner")
         if owner not in (None, "", who.user):
-            raise PortunusError("not_owner", "you may list your own rules only", owner=bounded(owner))
+            raise PortunusError(
+                "not_owner", "you may list your own rules only", owner=bounded(owner)
+            )
         params = {**params, "owner": who.user}
     return await ctx.service.list_rules(params)
 
@@ -115,7 +121,10 @@ async def rules_counts(ctx: ControlContext, who: Principal, params: dict[str, An
     """Rules per state (a user: their own), for the dashboard without listing them all."""
     async with ctx.store.read() as db:
         by_state = await count_rules_by_state(db, None if who.is_superadmin else who.user)
-    return {"by_state": {s: by_state.get(s, 0) for s in RULE_STATES}, "total": sum(by_state.values())}
+    return {
+        "by_state": {s: by_state.get(s, 0) for s in RULE_STATES},
+        "total": sum(by_state.values()),
+    }
 
 
 async def rules_get(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
@@ -156,7 +165,9 @@ async def rules_stats(ctx: ControlContext, who: Principal, params: dict[str, Any
     if stored.client_id != LOCAL:
         # A remote rule counts on the edge; its latest stats frame is in memory.
         if ctx.remote is None:
-            raise PortunusError("unavailable", "the edge gateway is not running in this control process")
+            raise PortunusError(
+                "unavailable", "the edge gateway is not running in this control process"
+            )
         live = ctx.remote.rule_stats(stored.client_id, stored.rule, per_port, per_target)
         if ctx.counters is not None:
             return ctx.counters.remote_stats(stored.client_id, rule_id, live)
@@ -189,12 +200,16 @@ async def _client_scope(db: Any, who: Principal) -> tuple[set[str] | None, str |
 async def clients_get(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
     async with ctx.store.read() as db:
         only, owner = await _client_scope(db, who)
-        return await client_pages.get_one(db, ctx.dataplane, params.get("id"), only=only, owner=owner)
+        return await client_pages.get_one(
+            db, ctx.dataplane, params.get("id"), only=only, owner=owner
+        )
 
 
 def _clients(ctx: ControlContext) -> ClientService:
     if ctx.clients is None:
-        raise PortunusError("unavailable", "the edge gateway is not running in this control process")
+        raise PortunusError(
+            "unavailable", "the edge gateway is not running in this control process"
+        )
     return ctx.clients
 
 
@@ -234,7 +249,9 @@ async def audit_list(ctx: ControlContext, who: Principal, params: dict[str, Any]
     key = decode_cursor("audit", params.get("cursor"), arity=1)
     after = None if key is None else key[0]
     if after is not None and (not isinstance(after, int) or after < 0):
-        raise ValidationError("validation.cursor", "cursor is not a next_cursor of this audit list", field="cursor")
+        raise ValidationError(
+            "validation.cursor", "cursor is not a next_cursor of this audit list", field="cursor"
+        )
     filters: dict[str, str] = {}
     for name in ("actor", "outcome"):
         value = params.get(name)
@@ -243,10 +260,11 @@ async def audit_list(ctx: ControlContext, who: Principal, params: dict[str, Any]
         if value:
             filters[name] = value
     async with ctx.store.read() as db:
-        entries, last_id = await list_audit(
-            db, since, until, limit, after, **filters
-        )
-    return {"entries": entries, "next_cursor": None if last_id is None else encode_cursor("audit", [int(last_id)])}
+        entries, last_id = await list_audit(db, since, until, limit, after, **filters)
+    return {
+        "entries": entries,
+        "next_cursor": None if last_id is None else encode_cursor("audit", [int(last_id)]),
+    }
 
 
 async def traffic_history(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
@@ -395,8 +413,13 @@ _ANONYMOUS = Principal(user_id=0, user="anonymous", role="", token_id=0)
 
 def _target(params: dict[str, Any]) -> str | None:
     """What a refused request was about, bounded for the audit row."""
-    for key, kind in (("id", "id"), ("user_id", "user"), ("token_id", "token"), ("grant_id", "grant"),
-                      ("client", "client")):
+    for key, kind in (
+        ("id", "id"),
+        ("user_id", "user"),
+        ("token_id", "token"),
+        ("grant_id", "grant"),
+        ("client", "client"),
+    ):
         if params.get(key) is not None:
             return f"{kind}:{bounded(params[key])}"
     return None
@@ -429,8 +452,19 @@ class Dispatcher:
             raise
 
     async def _audit_denied(self, req: Request, who: Principal, exc: PortunusError) -> None:
-        details = {"method": req.method, "token_id": who.token_id or None, "session": who.session_id,
-                   "message": bounded(exc.message, 200)}
+        details = {
+            "method": req.method,
+            "token_id": who.token_id or None,
+            "session": who.session_id,
+            "message": bounded(exc.message, 200),
+        }
         async with self.ctx.store.write() as db:
-            await write_audit(db, who.user, f"denied.{req.method}", _target(req.params), outcome="error",
-                              error_code=exc.code, details=details)
+            await write_audit(
+                db,
+                who.user,
+                f"denied.{req.method}",
+                _target(req.params),
+                outcome="error",
+                error_code=exc.code,
+                details=details,
+            )

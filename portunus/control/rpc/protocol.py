@@ -61,8 +61,14 @@ def parse_request(line: bytes) -> Request:
         raise RequestError("params must be a JSON object", rid)
     token = msg.get("token")
     session = msg.get("session")
-    return Request(id=rid, method=method, token=token if isinstance(token, str) else None, params=params,
-                   session=session if isinstance(session, str) else None, csrf=msg.get("csrf") is True)
+    return Request(
+        id=rid,
+        method=method,
+        token=token if isinstance(token, str) else None,
+        params=params,
+        session=session if isinstance(session, str) else None,
+        csrf=msg.get("csrf") is True,
+    )
 
 
 def encode_result(request_id: Any, result: Any) -> bytes:

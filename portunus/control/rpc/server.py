@@ -40,7 +40,9 @@ def remove_stale_socket(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise PortunusError("internal", f"{path} exists and is not a socket; refusing to replace it")
+        raise PortunusError(
+            "internal", f"{path} exists and is not a socket; refusing to replace it"
+        )
     os.unlink(path)
 
 
@@ -58,8 +60,13 @@ def _set_owner_group(path: str) -> None:
             return
         os.chown(path, -1, gid)
     except OSError as exc:
-        log_event("control.socket_group", level="warning", path=path, group=SOCKET_GROUP,
-                  error=exc.strerror or str(exc))
+        log_event(
+            "control.socket_group",
+            level="warning",
+            path=path,
+            group=SOCKET_GROUP,
+            error=exc.strerror or str(exc),
+        )
 
 
 class RpcServer:
@@ -120,15 +127,25 @@ class RpcServer:
         while True:
             last = False
             try:
-                async with asyncio.timeout(self.idle_timeout):  # not wait_for: it can swallow a cancel on 3.11
+                async with asyncio.timeout(
+                    self.idle_timeout
+                ):  # not wait_for: it can swallow a cancel on 3.11
                     line = await reader.readuntil(b"\n")
             except TimeoutError:
-                await self._reply(writer, encode_error(None, RequestError(
-                    f"connection idle for {self.idle_timeout:g} s; closing")))
+                await self._reply(
+                    writer,
+                    encode_error(
+                        None, RequestError(f"connection idle for {self.idle_timeout:g} s; closing")
+                    ),
+                )
                 return
             except asyncio.LimitOverrunError:
-                await self._reply(writer, encode_error(None, RequestError(
-                    f"request exceeds {self.max_request} bytes; closing")))
+                await self._reply(
+                    writer,
+                    encode_error(
+                        None, RequestError(f"request exceeds {self.max_request} bytes; closing")
+                    ),
+                )
                 return
             except asyncio.IncompleteReadError as exc:
                 if not exc.partial.strip():
@@ -151,8 +168,15 @@ class RpcServer:
         except PortunusError as exc:
             return encode_error(req.id, exc), False
         except Exception:  # noqa: BLE001 - answered as internal, logged with the traceback
-            log_event("control.rpc_error", level="error", method=req.method, traceback=traceback.format_exc())
-            return encode_error(req.id, PortunusError("internal", "internal error; see the server log")), False
+            log_event(
+                "control.rpc_error",
+                level="error",
+                method=req.method,
+                traceback=traceback.format_exc(),
+            )
+            return encode_error(
+                req.id, PortunusError("internal", "internal error; see the server log")
+            ), False
 
     @staticmethod
     async def _reply(writer: asyncio.StreamWriter, data: bytes) -> None:

@@ -38,13 +38,14 @@ def _client(row: aiosqlite.Row) -> ClientRow:
 async def list_clients(db: aiosqlite.Connection) -> list[ClientRow]:
     """Clients that are not revoked; ``local`` first, then by id (= enrollment time)."""
     async with db.execute(
-        "SELECT * FROM clients WHERE revoked_at IS NULL "
-        "ORDER BY client_id != 'local', client_id"
+        "SELECT * FROM clients WHERE revoked_at IS NULL ORDER BY client_id != 'local', client_id"
     ) as cur:
         return [_client(r) for r in await cur.fetchall()]
 
 
-async def resolve_client(db: aiosqlite.Connection, ref: object, include_revoked: bool = False) -> ClientRow:
+async def resolve_client(
+    db: aiosqlite.Connection, ref: object, include_revoked: bool = False
+) -> ClientRow:
     """Find a client by id or by name (every verb and route takes either).
 
     An exact id wins over a name; ``local`` is the reserved name of this node.
@@ -52,12 +53,12 @@ async def resolve_client(db: aiosqlite.Connection, ref: object, include_revoked:
     Revoked clients are found only with ``include_revoked`` (revoke, delete).
     """
     if not isinstance(ref, str) or not ref.strip():
-        raise PortunusError("validation.client", "client must be a client name or id", field="client")
+        raise PortunusError(
+            "validation.client", "client must be a client name or id", field="client"
+        )
     ref = ref.strip()
     live = "" if include_revoked else " AND revoked_at IS NULL"
-    async with db.execute(
-        f"SELECT * FROM clients WHERE client_id = ?{live}", (ref,)
-    ) as cur:
+    async with db.execute(f"SELECT * FROM clients WHERE client_id = ?{live}", (ref,)) as cur:
         row = await cur.fetchone()
     if row is not None:
         return _client(row)
@@ -113,8 +114,15 @@ async def find_token(db: aiosqlite.Connection, token_hash: str) -> TokenRow | No
         row = await cur.fetchone()
     if row is None:
         return None
-    return TokenRow(row["id"], row["token_hash"], row["user_id"], row["name"], row["role"], row["last_used_at"],
-                    bool(row["password_change_required"]))
+    return TokenRow(
+        row["id"],
+        row["token_hash"],
+        row["user_id"],
+        row["name"],
+        row["role"],
+        row["last_used_at"],
+        bool(row["password_change_required"]),
+    )
 
 
 async def touch_token(db: aiosqlite.Connection, token_id: int, when: str) -> None:
@@ -126,9 +134,7 @@ async def upsert_operator_token(db: aiosqlite.Connection, token_hash: str) -> tu
 
     A new operator.token replaces the previous one (the old token stops working).
     """
-    async with db.execute(
-        "SELECT id FROM users WHERE name = ?", (OPERATOR_USER,)
-    ) as cur:
+    async with db.execute("SELECT id FROM users WHERE name = ?", (OPERATOR_USER,)) as cur:
         user = await cur.fetchone()
     if user is None:  # deleted by hand: recreate the built-in holder
         cur2 = await db.execute(
@@ -138,9 +144,7 @@ async def upsert_operator_token(db: aiosqlite.Connection, token_hash: str) -> tu
         user_id = cur2.lastrowid
     else:
         user_id = user["id"]
-    async with db.execute(
-        "SELECT id, token_hash FROM tokens WHERE label = 'operator'"
-    ) as cur:
+    async with db.execute("SELECT id, token_hash FROM tokens WHERE label = 'operator'") as cur:
         current = await cur.fetchone()
     if current is not None and current["token_hash"] == token_hash:
         return current["id"], False

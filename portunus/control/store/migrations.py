@@ -232,7 +232,18 @@ CREATE TABLE rule_counters (
 ALTER TABLE rules ADD COLUMN idle_timeout_secs REAL;
 """
 
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V_USERS, _V_OWNER_CAPS, _V_TRAFFIC, _V_HOSTILE, _V_FLEET, _V_OPS]
+MIGRATIONS: list[str] = [
+    _V1,
+    _V2,
+    _V3,
+    _V4,
+    _V_USERS,
+    _V_OWNER_CAPS,
+    _V_TRAFFIC,
+    _V_HOSTILE,
+    _V_FLEET,
+    _V_OPS,
+]
 LATEST = len(MIGRATIONS)
 
 

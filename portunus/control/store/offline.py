@@ -53,7 +53,9 @@ def check_schema(db_path: str) -> None:
         conn.execute("PRAGMA busy_timeout = 5000")
         version = current_version(conn)
     except sqlite3.DatabaseError as exc:
-        raise PortunusError("internal", f"{db_path} is not a readable SQLite database: {exc}") from None
+        raise PortunusError(
+            "internal", f"{db_path} is not a readable SQLite database: {exc}"
+        ) from None
     finally:
         conn.close()
     if version > LATEST:
@@ -83,7 +85,8 @@ def bootstrap_superadmin(db_path: str, name: str) -> str:
             if conn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
                 raise PortunusError("conflict", f"user {name!r} already exists", user=name)
             user_id = conn.execute(
-                "INSERT INTO users (name, role, created_at) VALUES (?, 'superadmin', ?)", (name, now)
+                "INSERT INTO users (name, role, created_at) VALUES (?, 'superadmin', ?)",
+                (name, now),
             ).lastrowid
             token_id = conn.execute(
                 "INSERT INTO tokens (user_id, token_hash, created_at) VALUES (?, ?, ?)",
@@ -314,14 +317,17 @@ def _expected_tables() -> frozenset[str]:
     conn = sqlite3.connect(":memory:", isolation_level=None)
     try:
         migrate(conn, ":memory:")
-        return frozenset(r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+        return frozenset(
+            r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        )
     finally:
         conn.close()
 
 
 def _not_a_backup(path: str, why: str) -> PortunusError:
-    return PortunusError("validation.not_a_backup", f"{path} is not a usable Portunus backup: {why}",
-                         field="in")
+    return PortunusError(
+        "validation.not_a_backup", f"{path} is not a usable Portunus backup: {why}", field="in"
+    )
 
 
 def _prepare_copy(in_path: str, tmp: str, actor: str, aside: str | None) -> tuple[int, int]:
@@ -348,7 +354,8 @@ def _prepare_copy(in_path: str, tmp: str, actor: str, aside: str | None) -> tupl
                 "schema_too_new",
                 f"{in_path} has schema version {found} but this Portunus knows only up to version "
                 f"{LATEST}; restore it with the newer Portunus that wrote it, or pick an older backup",
-                found=found, known=LATEST,
+                found=found,
+                known=LATEST,
             )
         if found < 1:
             raise _not_a_backup(in_path, "it has no schema_version table (not written by Portunus)")
@@ -361,12 +368,21 @@ def _prepare_copy(in_path: str, tmp: str, actor: str, aside: str | None) -> tupl
         # Login sessions do not outlive a restore: users log in again (users,
         # their tokens and grants are restored with everything else).
         conn.execute("DELETE FROM sessions")
-        details = {"source": os.path.abspath(in_path), "from_schema_version": found,
-                   "schema_version": LATEST, "previous": aside}
+        details = {
+            "source": os.path.abspath(in_path),
+            "from_schema_version": found,
+            "schema_version": LATEST,
+            "previous": aside,
+        }
         conn.execute(
             "INSERT INTO audit (ts, actor, action, target, outcome, details) "
             "VALUES (?, ?, 'storage.restore', ?, 'ok', ?)",
-            (utc_now(), actor, f"file:{os.path.abspath(in_path)}", json.dumps(details, separators=(",", ":"))),
+            (
+                utc_now(),
+                actor,
+                f"file:{os.path.abspath(in_path)}",
+                json.dumps(details, separators=(",", ":")),
+            ),
         )
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
@@ -412,8 +428,11 @@ def restore(db_path: str, in_path: str, actor: str, force: bool = False) -> dict
         if exists and not force:
             summary = database_summary(db_path)
             if summary is None or any(summary.values()):
-                what = ("cannot be read" if summary is None else
-                        "holds " + ", ".join(f"{n} {k}" for k, n in summary.items() if n))
+                what = (
+                    "cannot be read"
+                    if summary is None
+                    else "holds " + ", ".join(f"{n} {k}" for k, n in summary.items() if n)
+                )
                 raise PortunusError(
                     "conflict.database_not_empty",
                     f"{db_path} {what}; restoring replaces all of it with the backup "
@@ -439,19 +458,31 @@ def restore(db_path: str, in_path: str, actor: str, force: bool = False) -> dict
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-    return {"database": db_path, "source": os.path.abspath(in_path), "from_schema_version": found,
-            "schema_version": LATEST, "previous": aside, "rules": rules}
+    return {
+        "database": db_path,
+        "source": os.path.abspath(in_path),
+        "from_schema_version": found,
+        "schema_version": LATEST,
+        "previous": aside,
+        "rules": rules,
+    }
 
 
-def append_audit(db_path: str, actor: str, action: str, target: str | None,
-                 details: dict[str, Any] | None = None) -> None:
+def append_audit(
+    db_path: str, actor: str, action: str, target: str | None, details: dict[str, Any] | None = None
+) -> None:
     """One audit row written by an offline verb (``backup``), live server or not."""
     conn = connect_sync(db_path)
     try:
         conn.execute(
             "INSERT INTO audit (ts, actor, action, target, outcome, details) VALUES (?, ?, ?, ?, 'ok', ?)",
-            (utc_now(), actor, action, target,
-             json.dumps(details, separators=(",", ":")) if details else None),
+            (
+                utc_now(),
+                actor,
+                action,
+                target,
+                json.dumps(details, separators=(",", ":")) if details else None,
+            ),
         )
     finally:
         conn.close()

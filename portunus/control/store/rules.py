@@ -162,29 +162,43 @@ async def list_rules(
     return await _hydrate(db, rows)
 
 
-def _filters(client_id: str | None, owner: str | None, state: str | None = None,
-             protocol: str | None = None) -> tuple[str, tuple[Any, ...]]:
+def _filters(
+    client_id: str | None, owner: str | None, state: str | None = None, protocol: str | None = None
+) -> tuple[str, tuple[Any, ...]]:
     clauses: list[str] = []
     args: list[Any] = []
-    for column, value in (("r.client_id", client_id), ("r.owner", owner), ("r.state", state),
-                          ("r.protocol", protocol)):
+    for column, value in (
+        ("r.client_id", client_id),
+        ("r.owner", owner),
+        ("r.state", state),
+        ("r.protocol", protocol),
+    ):
         if value is not None:
             clauses.append(f"{column} = ?")
             args.append(value)
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", tuple(args)
 
 
-async def count_rules(db: aiosqlite.Connection, client_id: str | None = None, owner: str | None = None,
-                      state: str | None = None, protocol: str | None = None) -> int:
+async def count_rules(
+    db: aiosqlite.Connection,
+    client_id: str | None = None,
+    owner: str | None = None,
+    state: str | None = None,
+    protocol: str | None = None,
+) -> int:
     where, args = _filters(client_id, owner, state, protocol)
     async with db.execute(f"SELECT COUNT(*) FROM rules r {where}", args) as cur:
         row = await cur.fetchone()
     return int(row[0]) if row else 0
 
 
-async def count_rules_by_state(db: aiosqlite.Connection, owner: str | None = None) -> dict[str, int]:
+async def count_rules_by_state(
+    db: aiosqlite.Connection, owner: str | None = None
+) -> dict[str, int]:
     where, args = _filters(None, owner)
-    async with db.execute(f"SELECT r.state, COUNT(*) FROM rules r {where} GROUP BY r.state", args) as cur:
+    async with db.execute(
+        f"SELECT r.state, COUNT(*) FROM rules r {where} GROUP BY r.state", args
+    ) as cur:
         return {row[0]: row[1] for row in await cur.fetchall()}
 
 
@@ -258,7 +272,10 @@ async def set_targets(db: aiosqlite.Connection, rule_id: int, targets: Sequence[
     await db.executemany(
         "INSERT INTO rule_targets (rule_id, position, host, port, port_end, priority, "
         "proxy_protocol) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [(rule_id, i, t.host, t.port, t.port_end, t.priority, t.proxy_protocol) for i, t in enumerate(targets)],
+        [
+            (rule_id, i, t.host, t.port, t.port_end, t.priority, t.proxy_protocol)
+            for i, t in enumerate(targets)
+        ],
     )
 
 

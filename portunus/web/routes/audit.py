@@ -20,10 +20,14 @@ async def list_audit(request: Request) -> Response:
     # Present but empty (``?until=``) is passed on too: control refuses it (400)
     # rather than the page silently ignoring the filter.  actor/outcome are
     # optional narrowing filters: empty means "any".
-    params: dict[str, Any] = {k: request.query_params[k] for k in ("since", "until", "cursor")
-                              if k in request.query_params}
-    params.update({k: request.query_params[k] for k in ("actor", "outcome")
-                   if request.query_params.get(k)})
+    params: dict[str, Any] = {
+        k: request.query_params[k]
+        for k in ("since", "until", "cursor")
+        if k in request.query_params
+    }
+    params.update(
+        {k: request.query_params[k] for k in ("actor", "outcome") if request.query_params.get(k)}
+    )
     limit = query_number(request, "limit", 1, MAX_LIMIT, integer=True)
     if limit is not None:
         params["limit"] = limit

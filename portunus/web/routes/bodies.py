@@ -36,7 +36,9 @@ class BodyTooLarge(PortunusError):
 
     def __init__(self) -> None:
         super().__init__(
-            "validation.body_too_large", f"request body exceeds {MAX_BODY} bytes (64 KiB)", limit=MAX_BODY
+            "validation.body_too_large",
+            f"request body exceeds {MAX_BODY} bytes (64 KiB)",
+            limit=MAX_BODY,
         )
 
     @property
@@ -51,7 +53,11 @@ class Problem:
     message: str
 
     def as_dict(self) -> dict[str, str]:
-        return {"field": _clip(self.field or "body"), "code": self.code, "message": _clip(self.message, 300)}
+        return {
+            "field": _clip(self.field or "body"),
+            "code": self.code,
+            "message": _clip(self.message, 300),
+        }
 
 
 def _clip(text: str, limit: int = 120) -> str:
@@ -93,7 +99,9 @@ def validate_body(doc: Any, schema_name: str) -> dict[str, Any]:
     if problems:
         first = problems[0]
         raise PortunusError(
-            first.code, _clip(first.message, 300), field=_clip(first.field or "body"),
+            first.code,
+            _clip(first.message, 300),
+            field=_clip(first.field or "body"),
             errors=[p.as_dict() for p in problems[:MAX_PROBLEMS]],
         )
     assert isinstance(doc, dict)  # the schemas of request bodies are all objects
@@ -127,8 +135,15 @@ def _type_ok(value: Any, wanted: str | list[str]) -> bool:
 
 
 def _words(wanted: str | list[str]) -> str:
-    names = {"object": "an object", "array": "a list", "string": "a string", "integer": "an integer",
-             "number": "a number", "boolean": "true or false", "null": "null"}
+    names = {
+        "object": "an object",
+        "array": "a list",
+        "string": "a string",
+        "integer": "an integer",
+        "number": "a number",
+        "boolean": "true or false",
+        "null": "null",
+    }
     allowed = [wanted] if isinstance(wanted, str) else wanted
     return " or ".join(names.get(t, t) for t in allowed)
 
@@ -144,11 +159,13 @@ def _resolve(s: dict[str, Any]) -> dict[str, Any]:
         target = s["$ref"]
         if not target.startswith(_REF):
             raise KeyError(f"unsupported $ref {target}")
-        s = openapi.components()[target[len(_REF):]]
+        s = openapi.components()[target[len(_REF) :]]
     return s
 
 
-def check(value: Any, schema: dict[str, Any], path: str = "", code: str = "validation.body") -> list[Problem]:
+def check(
+    value: Any, schema: dict[str, Any], path: str = "", code: str = "validation.body"
+) -> list[Problem]:
     """Every way ``value`` fails ``schema``; empty when it conforms."""
     out: list[Problem] = []
     _check(value, schema, path, code, out)
@@ -164,14 +181,18 @@ def _check(value: Any, s: dict[str, Any], path: str, code: str, out: list[Proble
     code = s.get("x-error-code", code)
     where = path or "body"
     if "type" in s and not _type_ok(value, s["type"]):
-        out.append(Problem(path, code, f"{where} must be {_words(s['type'])}, got {_json_type(value)}"))
+        out.append(
+            Problem(path, code, f"{where} must be {_words(s['type'])}, got {_json_type(value)}")
+        )
         return
     if "const" in s and value != s["const"]:
         out.append(Problem(path, code, f"{where} must be {json.dumps(s['const'])}"))
         return
     if "enum" in s and not any(value == e and type(value) is type(e) for e in s["enum"]):
         choices = ", ".join(json.dumps(e) for e in s["enum"])
-        out.append(Problem(path, code, f"{where} must be one of {choices}, got {json.dumps(value)}"))
+        out.append(
+            Problem(path, code, f"{where} must be one of {choices}, got {json.dumps(value)}")
+        )
         return
     kind = _json_type(value)
     if kind in ("integer", "number"):
@@ -185,7 +206,11 @@ def _check(value: Any, s: dict[str, Any], path: str, code: str, out: list[Proble
         if len(value) < s.get("minItems", 0):
             out.append(Problem(path, code, f"{where} needs at least {s['minItems']} item(s)"))
         elif "maxItems" in s and len(value) > s["maxItems"]:
-            out.append(Problem(path, code, f"{where} takes at most {s['maxItems']} items, got {len(value)}"))
+            out.append(
+                Problem(
+                    path, code, f"{where} takes at most {s['maxItems']} items, got {len(value)}"
+                )
+            )
         if "items" in s:
             for i, item in enumerate(value):
                 _check(item, s["items"], _join(path, i), code, out)
@@ -196,7 +221,9 @@ def _check(value: Any, s: dict[str, Any], path: str, code: str, out: list[Proble
     _check_combinators(value, s, path, code, out)
 
 
-def _check_bounds(value: float, s: dict[str, Any], path: str, code: str, out: list[Problem]) -> None:
+def _check_bounds(
+    value: float, s: dict[str, Any], path: str, code: str, out: list[Problem]
+) -> None:
     where = path or "body"
     lo, hi = s.get("minimum"), s.get("maximum")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -207,10 +234,16 @@ def _check_bounds(value: float, s: dict[str, Any], path: str, code: str, out: li
         else:
             out.append(Problem(path, code, f"{where} must be at most {hi}, got {value}"))
     elif "exclusiveMinimum" in s and value <= s["exclusiveMinimum"]:
-        out.append(Problem(path, code, f"{where} must be greater than {s['exclusiveMinimum']}, got {value}"))
+        out.append(
+            Problem(
+                path, code, f"{where} must be greater than {s['exclusiveMinimum']}, got {value}"
+            )
+        )
 
 
-def _check_object(value: dict[str, Any], s: dict[str, Any], path: str, code: str, out: list[Problem]) -> None:
+def _check_object(
+    value: dict[str, Any], s: dict[str, Any], path: str, code: str, out: list[Problem]
+) -> None:
     props: dict[str, Any] = s.get("properties", {})
     extra = s.get("additionalProperties", True)
     for key, item in value.items():
@@ -219,8 +252,13 @@ def _check_object(value: dict[str, Any], s: dict[str, Any], path: str, code: str
         elif extra is False:
             template = s.get("x-unknown-field-message", "unknown field {field}")
             name = _join(path, key)
-            out.append(Problem(name, s.get("x-unknown-field-code", "validation.unknown_field"),
-                               template.format(field=json.dumps(name))))
+            out.append(
+                Problem(
+                    name,
+                    s.get("x-unknown-field-code", "validation.unknown_field"),
+                    template.format(field=json.dumps(name)),
+                )
+            )
         elif isinstance(extra, dict):
             _check(item, extra, _join(path, key), code, out)
     for key in s.get("required", ()):
@@ -229,13 +267,17 @@ def _check_object(value: dict[str, Any], s: dict[str, Any], path: str, code: str
             out.append(Problem(_join(path, key), sub_code, f"{_join(path, key)} is required"))
 
 
-def _check_combinators(value: Any, s: dict[str, Any], path: str, code: str, out: list[Problem]) -> None:
+def _check_combinators(
+    value: Any, s: dict[str, Any], path: str, code: str, out: list[Problem]
+) -> None:
     where = path or "body"
     message = s.get("x-error-message")
     if message and path:
         message = f"{path}: {message}"
     if "oneOf" in s and sum(_matches(value, sub, path) for sub in s["oneOf"]) != 1:
-        out.append(Problem(path, code, message or f"{where} does not match exactly one allowed shape"))
+        out.append(
+            Problem(path, code, message or f"{where} does not match exactly one allowed shape")
+        )
     if "anyOf" in s and not any(_matches(value, sub, path) for sub in s["anyOf"]):
         out.append(Problem(path, code, message or f"{where} does not match any allowed shape"))
     if "not" in s and _matches(value, s["not"], path):

@@ -23,8 +23,9 @@ async def list_clients(request: Request) -> Response:
     """One page (``?limit=&cursor=&connected=&name_prefix=``); the control process
     validates the cursor and the prefix, so the CLI and the API agree."""
     bearer_token(request)
-    params: dict[str, Any] = {k: request.query_params[k] for k in ("cursor", "name_prefix")
-                              if request.query_params.get(k)}
+    params: dict[str, Any] = {
+        k: request.query_params[k] for k in ("cursor", "name_prefix") if request.query_params.get(k)
+    }
     limit = query_number(request, "limit", 1, MAX_LIMIT, integer=True)
     if limit is not None:
         params["limit"] = limit
@@ -50,7 +51,9 @@ async def enroll_client(request: Request) -> Response:
 async def rename_client(request: Request) -> Response:
     bearer_token(request)
     body = await read_json(request, "ClientRename")
-    return JSONResponse(await call(request, "clients.rename", {"id": client_ref(request), "name": body["name"]}))
+    return JSONResponse(
+        await call(request, "clients.rename", {"id": client_ref(request), "name": body["name"]})
+    )
 
 
 @endpoint

@@ -117,11 +117,19 @@ def query_bool(request: Request, name: str) -> bool | None:
         return True
     if value in _FALSE:
         return False
-    raise PortunusError("validation.query", f"?{name}= must be true or false, got {raw!r}", field=name)
+    raise PortunusError(
+        "validation.query", f"?{name}= must be true or false, got {raw!r}", field=name
+    )
 
 
 def query_number(
-    request: Request, name: str, lo: float, hi: float, *, integer: bool = False, open_lo: bool = False
+    request: Request,
+    name: str,
+    lo: float,
+    hi: float,
+    *,
+    integer: bool = False,
+    open_lo: bool = False,
 ) -> float | int | None:
     """A numeric query parameter within ``[lo, hi]`` (``(lo, hi]`` with ``open_lo``)."""
     raw = request.query_params.get(name)
@@ -131,12 +139,16 @@ def query_number(
         value: float | int = int(raw) if integer else float(raw)
     except ValueError:
         kind = "an integer" if integer else "a number"
-        raise PortunusError("validation.query", f"?{name}= must be {kind}, got {raw!r}", field=name) from None
+        raise PortunusError(
+            "validation.query", f"?{name}= must be {kind}, got {raw!r}", field=name
+        ) from None
     low_ok = value > lo if open_lo else value >= lo
     if not low_ok or value > hi or value != value:  # NaN compares false everywhere
         bracket = "(" if open_lo else "["
         raise PortunusError(
-            "validation.query", f"?{name}= must be within {bracket}{lo:g}, {hi:g}], got {raw}", field=name
+            "validation.query",
+            f"?{name}= must be within {bracket}{lo:g}, {hi:g}], got {raw}",
+            field=name,
         )
     return value
 
@@ -145,7 +157,9 @@ def rule_id(request: Request) -> int:
     """The ``{id}`` path segment; a non-number can name no rule."""
     raw = request.path_params["id"]
     if not is_ascii_digits(raw) or len(raw) > 18 or int(raw) < 1:
-        raise PortunusError("rule_not_found", f"rule {raw!r} not found (rule ids are positive numbers)", id=raw)
+        raise PortunusError(
+            "rule_not_found", f"rule {raw!r} not found (rule ids are positive numbers)", id=raw
+        )
     return int(raw)
 
 
@@ -158,13 +172,27 @@ def endpoint(fn: Handler) -> Handler:
             return await fn(request)
         except PortunusError as err:
             if err.http_status >= 500:
-                log_event("web.request_failed", level="warning", method=request.method,
-                          path=request.url.path, code=err.code, message=err.message)
+                log_event(
+                    "web.request_failed",
+                    level="warning",
+                    method=request.method,
+                    path=request.url.path,
+                    code=err.code,
+                    message=err.message,
+                )
             return error_response(err)
         except Exception as exc:  # noqa: BLE001 - one broken request must not reach uvicorn's logger
-            log_event("web.internal_error", level="error", method=request.method, path=request.url.path,
-                      error=repr(exc), traceback=traceback.format_exc())
-            return error_response(PortunusError("internal", "internal error; see the web process log"))
+            log_event(
+                "web.internal_error",
+                level="error",
+                method=request.method,
+                path=request.url.path,
+                error=repr(exc),
+                traceback=traceback.format_exc(),
+            )
+            return error_response(
+                PortunusError("internal", "internal error; see the web process log")
+            )
 
     return wrapper
 

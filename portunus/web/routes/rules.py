@@ -25,8 +25,11 @@ from portunus.web.routes.common import (
 
 @endpoint
 async def list_rules(request: Request) -> Response:
-    params: dict[str, Any] = {k: request.query_params[k] for k in ("client", "owner", "state", "protocol")
-                              if k in request.query_params}
+    params: dict[str, Any] = {
+        k: request.query_params[k]
+        for k in ("client", "owner", "state", "protocol")
+        if k in request.query_params
+    }
     for key, hi in (("limit", 1000), ("offset", 10**9)):
         value = query_number(request, key, 0, hi, integer=True)
         if value is not None:
@@ -42,7 +45,9 @@ async def push_rule(request: Request) -> Response:
     if ack is not None:
         params["ack_timeout"] = ack
     rule = await call(request, "rules.push", params)
-    headers = {"Location": f"/v1/rules/{rule['id']}"} if isinstance(rule, dict) and "id" in rule else None
+    headers = (
+        {"Location": f"/v1/rules/{rule['id']}"} if isinstance(rule, dict) and "id" in rule else None
+    )
     return JSONResponse(rule, status_code=201, headers=headers)
 
 
@@ -58,8 +63,9 @@ async def update_rule(request: Request) -> Response:
     body = await read_json(request, "RuleUpdate")
     params: dict[str, Any] = {k: body[k] for k in ("rate_limit", "targets") if k in body}
     if not params:
-        raise ValidationError("validation.rate_limit", "give rate_limit and/or targets to change",
-                              field="rate_limit")
+        raise ValidationError(
+            "validation.rate_limit", "give rate_limit and/or targets to change", field="rate_limit"
+        )
     return JSONResponse(await call(request, "rules.update", {"id": ident, **params}))
 
 
@@ -94,8 +100,9 @@ async def rule_stats_stream(request: Request) -> Response:
     if interval is None:
         interval = settings(request).stats_stream_interval_secs
     first = await control(request).call("rules.stats", params, **creds.rpc())
-    events = sse.stats_events(control(request), creds.rpc(), params, float(interval), first,
-                              request.app.state.stopping)
+    events = sse.stats_events(
+        control(request), creds.rpc(), params, float(interval), first, request.app.state.stopping
+    )
     return StreamingResponse(events, media_type="text/event-stream", headers=sse.HEADERS)
 
 

@@ -21,9 +21,13 @@ async def health(request: Request) -> Response:
     try:
         await probe.call("health")
     except PortunusError as err:
-        return error_response(PortunusError("unavailable", f"control process not healthy: {err.message}"))
+        return error_response(
+            PortunusError("unavailable", f"control process not healthy: {err.message}")
+        )
     except ValueError:  # a reply that is not JSON
-        return error_response(PortunusError("unavailable", "control process sent an unreadable reply"))
+        return error_response(
+            PortunusError("unavailable", "control process sent an unreadable reply")
+        )
     return JSONResponse({"status": "ok"})
 
 

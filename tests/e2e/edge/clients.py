@@ -20,27 +20,56 @@ from tests.e2e.support import LOOPBACK, VENV_BIN, WATCH, ManagedProc, ProcFactor
 CLIENT_BIN = os.environ.get("PORTUNUS_E2E_CLIENT") or str(VENV_BIN / "portunus-client")
 
 
-def enroll(uri: str, out: Path, *extra: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+def enroll(
+    uri: str, out: Path, *extra: str, timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
     WATCH.harvest(uri)
-    res = subprocess.run([CLIENT_BIN, "enroll", uri, "--out", str(out), *extra], capture_output=True,
-                         text=True, timeout=timeout, check=False)
+    res = subprocess.run(
+        [CLIENT_BIN, "enroll", uri, "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     with contextlib.suppress(OSError):
         WATCH.harvest(out.read_text())  # the bundle: the client token
     return res
 
 
 class ClientProc(ManagedProc):
-    def __init__(self, *, workdir: Path, bundle: Path, metrics_port: int, shards: int = 1,
-                 extra: list[str] | None = None, name: str = "client", data_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        workdir: Path,
+        bundle: Path,
+        metrics_port: int,
+        shards: int = 1,
+        extra: list[str] | None = None,
+        name: str = "client",
+        data_dir: Path | None = None,
+    ) -> None:
         self.bundle = bundle
         with contextlib.suppress(OSError):
             WATCH.harvest(bundle.read_text())
         self.data_dir = data_dir or workdir / f"{name}-data"
         self.shard_count = shards
-        argv = [CLIENT_BIN, "--bundle", str(bundle), "--data-dir", str(self.data_dir),
-                "--listen-address", LOOPBACK, "--metrics-listen", f"{LOOPBACK}:{metrics_port}",
-                "--shards", str(shards), *(extra or [])]
-        super().__init__(argv, workdir=workdir, env=clean_env(), name=name, metrics_port=metrics_port)
+        argv = [
+            CLIENT_BIN,
+            "--bundle",
+            str(bundle),
+            "--data-dir",
+            str(self.data_dir),
+            "--listen-address",
+            LOOPBACK,
+            "--metrics-listen",
+            f"{LOOPBACK}:{metrics_port}",
+            "--shards",
+            str(shards),
+            *(extra or []),
+        ]
+        super().__init__(
+            argv, workdir=workdir, env=clean_env(), name=name, metrics_port=metrics_port
+        )
 
     def cached_rules(self) -> list[dict[str, Any]]:
         try:
@@ -58,9 +87,26 @@ class ClientProc(ManagedProc):
 
 
 class ClientFactory(ProcFactory[ClientProc]):
-    def __call__(self, bundle: Path, *, shards: int = 1, extra: list[str] | None = None,
-                 name: str | None = None, ready: bool = True, data_dir: Path | None = None) -> ClientProc:
+    def __call__(
+        self,
+        bundle: Path,
+        *,
+        shards: int = 1,
+        extra: list[str] | None = None,
+        name: str | None = None,
+        ready: bool = True,
+        data_dir: Path | None = None,
+    ) -> ClientProc:
         """Start a client; ``data_dir`` reuses another's (a restart of the same edge)."""
-        return self.launch(ClientProc(workdir=self.workdir, bundle=bundle, metrics_port=self.ports.port(),
-                                      shards=shards, extra=extra, name=name or f"client{len(self.procs)}",
-                                      data_dir=data_dir), ready=ready)
+        return self.launch(
+            ClientProc(
+                workdir=self.workdir,
+                bundle=bundle,
+                metrics_port=self.ports.port(),
+                shards=shards,
+                extra=extra,
+                name=name or f"client{len(self.procs)}",
+                data_dir=data_dir,
+            ),
+            ready=ready,
+        )

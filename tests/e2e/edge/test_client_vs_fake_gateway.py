@@ -32,15 +32,33 @@ from tests.unit.edge.fake_server import ThreadedFakeServer
 
 
 def rule(rid: str, port: int, target: int, client: str = "edge-01") -> dict[str, Any]:
-    return {"id": rid, "client": client, "owner": "", "protocol": "tcp", "listen_start": port,
-            "listen_end": port, "targets": [{"host": "127.0.0.1", "port": target, "port_end": None,
-                                             "priority": 1, "proxy_protocol": None}],
-            "sni": None, "proxy_protocol": None, "prefer_ipv6": False, "rate_limit": None,
-            "health_check_interval_secs": 5.0}
+    return {
+        "id": rid,
+        "client": client,
+        "owner": "",
+        "protocol": "tcp",
+        "listen_start": port,
+        "listen_end": port,
+        "targets": [
+            {
+                "host": "127.0.0.1",
+                "port": target,
+                "port_end": None,
+                "priority": 1,
+                "proxy_protocol": None,
+            }
+        ],
+        "sni": None,
+        "proxy_protocol": None,
+        "prefer_ipv6": False,
+        "rate_limit": None,
+        "health_check_interval_secs": 5.0,
+    }
 
 
-def enrolled(gateway: ThreadedFakeServer, tmp_path: Path, cid: str = "01HEDGE01",
-             name: str = "edge-01") -> Path:
+def enrolled(
+    gateway: ThreadedFakeServer, tmp_path: Path, cid: str = "01HEDGE01", name: str = "edge-01"
+) -> Path:
     code = gateway.call_fn(lambda: gateway.server.mint(cid, name))
     out = tmp_path / f"{cid}.json"
     res = enroll(gateway.server.uri(code), out)
@@ -49,31 +67,66 @@ def enrolled(gateway: ThreadedFakeServer, tmp_path: Path, cid: str = "01HEDGE01"
     return out
 
 
-def push(gateway: ThreadedFakeServer, cid: str, upsert: list[dict[str, Any]] = (),  # type: ignore[assignment]
-         remove: list[str] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+def push(
+    gateway: ThreadedFakeServer,
+    cid: str,
+    upsert: list[dict[str, Any]] = (),  # type: ignore[assignment]
+    remove: list[str] = (),
+) -> dict[str, Any]:  # type: ignore[assignment]
     """Push and wait for the client's ack; return it."""
     seq = gateway.call(gateway.server.push(cid, list(upsert), list(remove)))
     assert seq, f"{cid} is not connected"
-    return wait_for(lambda: next((a for a in gateway.call_fn(lambda: gateway.server.frames(cid, "applied"))
-                                  if a["seq"] == seq), None), 10, what=f"ack of seq {seq}")
+    return wait_for(
+        lambda: next(
+            (
+                a
+                for a in gateway.call_fn(lambda: gateway.server.frames(cid, "applied"))
+                if a["seq"] == seq
+            ),
+            None,
+        ),
+        10,
+        what=f"ack of seq {seq}",
+    )
 
 
-def test_enroll_push_forward_and_report(gateway: ThreadedFakeServer, clients: ClientFactory,
-                                        tmp_path: Path, ports: PortAllocator, origin: Any) -> None:
+def test_enroll_push_forward_and_report(
+    gateway: ThreadedFakeServer,
+    clients: ClientFactory,
+    tmp_path: Path,
+    ports: PortAllocator,
+    origin: Any,
+) -> None:
     bundle = enrolled(gateway, tmp_path)
     client = clients(bundle, extra=["--stats-interval", "1"])
     client.wait_connected()
     hello = gateway.call_fn(lambda: gateway.server.clients["01HEDGE01"].hellos[0])
-    assert hello["capabilities"] == ["tcp", "udp", "range", "sni", "proxy_protocol", "dns", "failover", "rate_limit",
-                                     "idle_timeout", "quiet_link"]
+    assert hello["capabilities"] == [
+        "tcp",
+        "udp",
+        "range",
+        "sni",
+        "proxy_protocol",
+        "dns",
+        "failover",
+        "rate_limit",
+        "idle_timeout",
+        "quiet_link",
+    ]
     o: Origin = origin(echo)
     port = ports.port()
     ack = push(gateway, "01HEDGE01", [rule("11", port, o.port)])
     assert ack["results"] == {"11": {"state": "active", "reason": None}}
     assert echo_roundtrip(port, b"x" * 1000)
-    stats = wait_for(lambda: [s for s in gateway.call_fn(lambda: gateway.server.frames("01HEDGE01", "stats"))
-                              if s["rules"].get("11", {}).get("bytes_in", 0) >= 1000], 15,
-                     what="a stats frame counting the 1000 bytes")
+    stats = wait_for(
+        lambda: [
+            s
+            for s in gateway.call_fn(lambda: gateway.server.frames("01HEDGE01", "stats"))
+            if s["rules"].get("11", {}).get("bytes_in", 0) >= 1000
+        ],
+        15,
+        what="a stats frame counting the 1000 bytes",
+    )
     assert stats[-1]["rules"]["11"]["bytes_out"] >= 1000
     assert client.scrape().value("portunus_rule_bytes_in_total", rule="11") >= 1000
     # A port already taken on the client fails that rule, with the reason, and only it.
@@ -83,17 +136,32 @@ def test_enroll_push_forward_and_report(gateway: ThreadedFakeServer, clients: Cl
     assert ack["results"]["12"]["state"] == "failed" and ack["results"]["12"]["reason"]
 
 
-def test_capability_switched_off_is_not_advertised(gateway: ThreadedFakeServer, clients: ClientFactory,
-                                                   tmp_path: Path) -> None:
+def test_capability_switched_off_is_not_advertised(
+    gateway: ThreadedFakeServer, clients: ClientFactory, tmp_path: Path
+) -> None:
     bundle = enrolled(gateway, tmp_path)
     client = clients(bundle, extra=["--disable-capability", "sni", "--disable-capability", "udp"])
     client.wait_connected()
     hello = gateway.call_fn(lambda: gateway.server.clients["01HEDGE01"].hellos[0])
-    assert hello["capabilities"] == ["tcp", "range", "proxy_protocol", "dns", "failover", "rate_limit", "idle_timeout", "quiet_link"]
+    assert hello["capabilities"] == [
+        "tcp",
+        "range",
+        "proxy_protocol",
+        "dns",
+        "failover",
+        "rate_limit",
+        "idle_timeout",
+        "quiet_link",
+    ]
 
 
-def test_server_gone_client_restarts_then_reconciles(gateway: ThreadedFakeServer, clients: ClientFactory,
-                                                     tmp_path: Path, ports: PortAllocator, origin: Any) -> None:
+def test_server_gone_client_restarts_then_reconciles(
+    gateway: ThreadedFakeServer,
+    clients: ClientFactory,
+    tmp_path: Path,
+    ports: PortAllocator,
+    origin: Any,
+) -> None:
     bundle = enrolled(gateway, tmp_path)
     client = clients(bundle)
     client.wait_connected()
@@ -111,7 +179,9 @@ def test_server_gone_client_restarts_then_reconciles(gateway: ThreadedFakeServer
     assert client.stop() == 0
     assert sorted(r["id"] for r in client.cached_rules()) == ["1", "2"]
     client = clients(bundle, data_dir=client.data_dir, name="restarted")
-    wait_for(lambda: echo_roundtrip(keep) and echo_roundtrip(drop), 10, what="cached rules forwarding")
+    wait_for(
+        lambda: echo_roundtrip(keep) and echo_roundtrip(drop), 10, what="cached rules forwarding"
+    )
     held = connect(keep)  # must survive the reconnect: rule 1 does not change
     held.sendall(b"before")
     assert recv_exact(held, 6) == b"before"
@@ -134,8 +204,9 @@ def test_server_gone_client_restarts_then_reconciles(gateway: ThreadedFakeServer
     assert sorted(r["id"] for r in client.cached_rules()) == ["1", "3"]
 
 
-def test_revoked_client_exits_and_stays_down(gateway: ThreadedFakeServer, clients: ClientFactory,
-                                             tmp_path: Path) -> None:
+def test_revoked_client_exits_and_stays_down(
+    gateway: ThreadedFakeServer, clients: ClientFactory, tmp_path: Path
+) -> None:
     bundle = enrolled(gateway, tmp_path)
     client = clients(bundle)
     client.wait_connected()
@@ -157,7 +228,9 @@ def test_revoked_client_exits_and_stays_down(gateway: ThreadedFakeServer, client
     assert "revoked" in again.stderr_text()
 
 
-def test_sigterm_is_a_clean_exit(gateway: ThreadedFakeServer, clients: ClientFactory, tmp_path: Path) -> None:
+def test_sigterm_is_a_clean_exit(
+    gateway: ThreadedFakeServer, clients: ClientFactory, tmp_path: Path
+) -> None:
     client = clients(enrolled(gateway, tmp_path))
     client.wait_connected()
     assert client.stop(signal.SIGTERM, timeout=30) == 0
@@ -175,7 +248,9 @@ def test_tampered_fingerprint_is_refused(gateway: ThreadedFakeServer, tmp_path: 
 
 
 @pytest.mark.parametrize("why", ["used", "expired"])
-def test_used_or_expired_code_is_refused(gateway: ThreadedFakeServer, tmp_path: Path, why: str) -> None:
+def test_used_or_expired_code_is_refused(
+    gateway: ThreadedFakeServer, tmp_path: Path, why: str
+) -> None:
     ttl = -1.0 if why == "expired" else 600.0
     code = gateway.call_fn(lambda: gateway.server.mint("01HEDGE01", "edge-01", ttl))
     if why == "used":
@@ -185,8 +260,9 @@ def test_used_or_expired_code_is_refused(gateway: ThreadedFakeServer, tmp_path: 
     assert ("already used" if why == "used" else "expired") in res.stderr
 
 
-def test_busy_metrics_port_fails_the_start(gateway: ThreadedFakeServer, clients: ClientFactory,
-                                           tmp_path: Path) -> None:
+def test_busy_metrics_port_fails_the_start(
+    gateway: ThreadedFakeServer, clients: ClientFactory, tmp_path: Path
+) -> None:
     """The client binds /metrics before it forks: a taken --metrics-listen ends the
     start with 73 and the flag to change, instead of a metrics child respawned forever."""
     bundle = enrolled(gateway, tmp_path)
@@ -197,6 +273,8 @@ def test_busy_metrics_port_fails_the_start(gateway: ThreadedFakeServer, clients:
         client = clients(bundle, ready=False, extra=["--metrics-listen", f"127.0.0.1:{taken}"])
         code = client.wait_exit(15)
     assert code == 73, client.stderr_tail()
-    line = next(ln for ln in client.stderr_text().splitlines() if ln.startswith("error: listen_failed:"))
+    line = next(
+        ln for ln in client.stderr_text().splitlines() if ln.startswith("error: listen_failed:")
+    )
     assert f"127.0.0.1:{taken}" in line and "--metrics-listen" in line, line
     assert client.events("supervisor.ready") == []

@@ -10,7 +10,9 @@ from tests.e2e.edge.test_edge_server import mint, start_edge
 from tests.e2e.features.helpers import ServerFactory
 
 
-def test_pages_filters_and_one_client(server: ServerFactory, clients: ClientFactory, tmp_path: Path) -> None:
+def test_pages_filters_and_one_client(
+    server: ServerFactory, clients: ClientFactory, tmp_path: Path
+) -> None:
     srv = server()
     live = start_edge(srv, clients, tmp_path, "live-1")
     minted = [mint(srv, f"off-{c}")["client_id"] for c in "abcd"]
@@ -40,15 +42,24 @@ def test_pages_filters_and_one_client(server: ServerFactory, clients: ClientFact
 
     # Filters: the connected edge (its hello advertised quiet_link), a name prefix.
     status, up = srv.http("GET", "/v1/clients?connected=true&name_prefix=live-")
-    assert status == 200 and [c["client_id"] for c in up["clients"]] == [live.client_id] and up["total"] == 1
+    assert (
+        status == 200
+        and [c["client_id"] for c in up["clients"]] == [live.client_id]
+        and up["total"] == 1
+    )
     assert "quiet_link" in up["clients"][0]["capabilities"]
     off = srv.cli_json("list-clients", "--disconnected", "--all", "--limit", "1")
-    assert sorted(c["client_id"] for c in off["clients"]) == sorted(minted) and off["next_cursor"] is None
+    assert (
+        sorted(c["client_id"] for c in off["clients"]) == sorted(minted)
+        and off["next_cursor"] is None
+    )
 
     # The CLI: one page with a hint on stderr, or --all.
     res = srv.cli("list-clients", "--limit", "2")
     assert res.code == 0 and "2 of 6 shown" in res.stderr and "--cursor" in res.stderr, res
-    assert [c["client_id"] for c in srv.cli_json("list-clients", "--all", "--limit", "4")["clients"]] == everyone
+    assert [
+        c["client_id"] for c in srv.cli_json("list-clients", "--all", "--limit", "4")["clients"]
+    ] == everyone
 
     # One client by name or id.
     status, one = srv.http("GET", "/v1/clients/live-1")

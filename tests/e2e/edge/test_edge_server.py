@@ -33,8 +33,9 @@ from tests.e2e.support import (
 
 
 def mint(srv: ServerProc, name: str, ttl: int = 600) -> dict[str, Any]:
-    status, body = srv.http("POST", "/v1/client-enrollments", {"name": name, "address": "127.0.0.1",
-                                                              "ttl_secs": ttl})
+    status, body = srv.http(
+        "POST", "/v1/client-enrollments", {"name": name, "address": "127.0.0.1", "ttl_secs": ttl}
+    )
     assert status == 201, body
     assert body["command"] == f"portunus-client enroll '{body['uri']}'"
     return body
@@ -50,7 +51,9 @@ def row(srv: ServerProc, client_id: str) -> dict[str, Any]:
     return clients_rows(srv)[client_id]
 
 
-def wait_connected(srv: ServerProc, client_id: str, connected: bool = True, timeout: float = 30.0) -> dict[str, Any]:
+def wait_connected(
+    srv: ServerProc, client_id: str, connected: bool = True, timeout: float = 30.0
+) -> dict[str, Any]:
     """Wait until the client's row says ``connected``; a row that is gone (a revoked
     client may be hidden) counts as not connected."""
 
@@ -60,7 +63,11 @@ def wait_connected(srv: ServerProc, client_id: str, connected: bool = True, time
             return None if connected else {"connected": False}
         return r if r["connected"] is connected else None
 
-    return wait_for(check, timeout, what=lambda: f"client {client_id} connected={connected}: {clients_rows(srv)}")
+    return wait_for(
+        check,
+        timeout,
+        what=lambda: f"client {client_id} connected={connected}: {clients_rows(srv)}",
+    )
 
 
 class Edge:
@@ -70,8 +77,13 @@ class Edge:
         self.proc, self.bundle, self.client_id, self.name = proc, bundle, client_id, name
 
 
-def start_edge(srv: ServerProc, clients: ClientFactory, tmp_path: Path, name: str,
-               extra: list[str] | None = None) -> Edge:
+def start_edge(
+    srv: ServerProc,
+    clients: ClientFactory,
+    tmp_path: Path,
+    name: str,
+    extra: list[str] | None = None,
+) -> Edge:
     minted = mint(srv, name)
     bundle = tmp_path / f"{name}.json"
     res = enroll(minted["uri"], bundle)
@@ -94,7 +106,9 @@ def restart(srv: ServerProc, timeout: float = 30.0) -> None:
     srv.proc = None
     srv.start()
     srv.wait_log("supervisor.ready", since=mark, timeout=timeout)
-    wait_for(lambda: srv.http("GET", "/v1/health")[0] == 200, timeout, what="the restarted server's API")
+    wait_for(
+        lambda: srv.http("GET", "/v1/health")[0] == 200, timeout, what="the restarted server's API"
+    )
 
 
 async def _hello(server: str, fingerprint: str, token: str, client_id: str) -> dict[str, Any]:
@@ -104,8 +118,16 @@ async def _hello(server: str, fingerprint: str, token: str, client_id: str) -> d
     host, _, port = server.rpartition(":")
     reader, writer = await open_pinned(host, int(port), fingerprint)
     try:
-        await write_frame(writer, {"type": "hello", "token": token, "client_id": client_id,
-                                   "version": "0.1.0", "capabilities": ["tcp"]})
+        await write_frame(
+            writer,
+            {
+                "type": "hello",
+                "token": token,
+                "client_id": client_id,
+                "version": "0.1.0",
+                "capabilities": ["tcp"],
+            },
+        )
         return await asyncio.wait_for(read_frame(reader), 10)
     finally:
         await close_quietly(writer)
@@ -114,30 +136,51 @@ async def _hello(server: str, fingerprint: str, token: str, client_id: str) -> d
 # ------------------------------------------------------------------ tests
 
 
-def test_enroll_connect_push_and_bytes_flow(server: ServerFactory, clients: ClientFactory, tmp_path: Path,
-                                            ports: PortAllocator, origin: Any) -> None:
+def test_enroll_connect_push_and_bytes_flow(
+    server: ServerFactory, clients: ClientFactory, tmp_path: Path, ports: PortAllocator, origin: Any
+) -> None:
     srv = server()
     edge = start_edge(srv, clients, tmp_path, "edge-01", extra=["--stats-interval", "1"])
     r = row(srv, edge.client_id)
-    assert r["client_name"] == "edge-01" and r["version"] and r["remote_addr"].startswith("127.0.0.1:")
+    assert (
+        r["client_name"] == "edge-01" and r["version"] and r["remote_addr"].startswith("127.0.0.1:")
+    )
     assert set(r["capabilities"]) >= {"tcp", "udp", "sni", "proxy_protocol"}
     assert srv.scrape().value("portunus_clients_connected") == 1
 
     o: Origin = origin(echo)
     port = ports.port()
     rule = push(srv, "edge-01", port, o.address)
-    assert rule["state"] == "active" and rule["client"] == "edge-01" and rule["client_id"] == edge.client_id
+    assert (
+        rule["state"] == "active"
+        and rule["client"] == "edge-01"
+        and rule["client_id"] == edge.client_id
+    )
     payload = b"through the edge " * 100
     assert echo_roundtrip(port, payload)
     # Counters travel back in stats frames; rule-stats on the server shows them.
-    stats = wait_for(lambda: (s := srv.cli_json("rule-stats", str(rule["id"])))["bytes_in"] >= len(payload) and s,
-                     20, what="rule-stats to count the bytes")
+    stats = wait_for(
+        lambda: (
+            (s := srv.cli_json("rule-stats", str(rule["id"])))["bytes_in"] >= len(payload) and s
+        ),
+        20,
+        what="rule-stats to count the bytes",
+    )
     assert stats["bytes_out"] >= len(payload)
-    per_target = wait_for(lambda: (t := srv.cli_json("rule-stats", str(rule["id"]), "--per-target")["per_target"])
-                          and t[0]["connections_total"] >= 1 and t, 20, what="per-target rows from the edge")
+    per_target = wait_for(
+        lambda: (
+            (t := srv.cli_json("rule-stats", str(rule["id"]), "--per-target")["per_target"])
+            and t[0]["connections_total"] >= 1
+            and t
+        ),
+        20,
+        what="per-target rows from the edge",
+    )
     assert per_target[0]["target"] == o.address and per_target[0]["up"] is True
     listed = srv.cli_json("list-clients")["clients"]
-    assert any(c["client_id"] == edge.client_id and c["connected"] and c["rule_count"] == 1 for c in listed)
+    assert any(
+        c["client_id"] == edge.client_id and c["connected"] and c["rule_count"] == 1 for c in listed
+    )
 
 
 @pytest.mark.parametrize("why", ["used", "expired"])
@@ -167,8 +210,9 @@ def test_tampered_fingerprint_is_refused(server: ServerFactory, tmp_path: Path) 
     assert enroll(uri, tmp_path / "b.json").returncode == 0
 
 
-def test_server_killed_and_back(server: ServerFactory, clients: ClientFactory, tmp_path: Path,
-                                ports: PortAllocator, origin: Any) -> None:
+def test_server_killed_and_back(
+    server: ServerFactory, clients: ClientFactory, tmp_path: Path, ports: PortAllocator, origin: Any
+) -> None:
     srv = server()
     edge = start_edge(srv, clients, tmp_path, "edge-01")
     o: Origin = origin(echo)
@@ -194,9 +238,9 @@ def test_server_killed_and_back(server: ServerFactory, clients: ClientFactory, t
     held.close()
 
 
-def test_client_away_push_refused_and_removals_drained(server: ServerFactory, clients: ClientFactory,
-                                                       tmp_path: Path, ports: PortAllocator,
-                                                       origin: Any) -> None:
+def test_client_away_push_refused_and_removals_drained(
+    server: ServerFactory, clients: ClientFactory, tmp_path: Path, ports: PortAllocator, origin: Any
+) -> None:
     srv = server()
     edge = start_edge(srv, clients, tmp_path, "edge-01")
     o: Origin = origin(echo)
@@ -209,7 +253,10 @@ def test_client_away_push_refused_and_removals_drained(server: ServerFactory, cl
     wait_connected(srv, edge.client_id, connected=False, timeout=20)
     res = srv.cli("push-rule", "edge-01", str(refused), o.address)
     assert res.code == 8 and "client_not_connected" in res.err, res
-    assert all(r["listen_port"] != refused for r in srv.cli_json("list-rules", "--client", "edge-01")["rules"])
+    assert all(
+        r["listen_port"] != refused
+        for r in srv.cli_json("list-rules", "--client", "edge-01")["rules"]
+    )
     rm = srv.cli("remove-rule", str(gone["id"]))
     assert rm.code == 0, rm
 
@@ -219,12 +266,16 @@ def test_client_away_push_refused_and_removals_drained(server: ServerFactory, cl
     wait_for(lambda: connection_refused(drop), 15, what=f"removed rule's port {drop} drained")
     assert echo_roundtrip(keep)
     assert sorted(r["listen_start"] for r in back.cached_rules()) == [keep]
-    wait_for(lambda: all(r["id"] != gone["id"] for r in srv.cli_json("list-rules")["rules"]), 15,
-             what="the removed rule's row to go")
+    wait_for(
+        lambda: all(r["id"] != gone["id"] for r in srv.cli_json("list-rules")["rules"]),
+        15,
+        what="the removed rule's row to go",
+    )
 
 
-def test_revoke_disconnects_and_kills_the_token(server: ServerFactory, clients: ClientFactory,
-                                                tmp_path: Path) -> None:
+def test_revoke_disconnects_and_kills_the_token(
+    server: ServerFactory, clients: ClientFactory, tmp_path: Path
+) -> None:
     srv = server()
     edge = start_edge(srv, clients, tmp_path, "edge-01")
     bundle = json.loads(edge.bundle.read_text())
@@ -235,12 +286,15 @@ def test_revoke_disconnects_and_kills_the_token(server: ServerFactory, clients: 
     assert time.monotonic() - t0 < 3.0
     assert edge.proc.wait_exit(30) == 4
     assert "revoked" in edge.proc.stderr_text()
-    reply = asyncio.run(_hello(bundle["server"], bundle["fingerprint"], bundle["token"], bundle["client_id"]))
+    reply = asyncio.run(
+        _hello(bundle["server"], bundle["fingerprint"], bundle["token"], bundle["client_id"])
+    )
     assert reply["type"] == "error" and reply["code"] in ("revoked", "unauthenticated"), reply
 
 
-def test_rename_under_a_live_session(server: ServerFactory, clients: ClientFactory, tmp_path: Path,
-                                     ports: PortAllocator, origin: Any) -> None:
+def test_rename_under_a_live_session(
+    server: ServerFactory, clients: ClientFactory, tmp_path: Path, ports: PortAllocator, origin: Any
+) -> None:
     srv = server()
     edge = start_edge(srv, clients, tmp_path, "edge-01")
     o: Origin = origin(echo)
@@ -250,10 +304,15 @@ def test_rename_under_a_live_session(server: ServerFactory, clients: ClientFacto
     held = connect(port)
     res = srv.cli("rename-client", edge.client_id, "--name", "edge-paris")
     assert res.code == 0, res
-    after = wait_for(lambda: (r := row(srv, edge.client_id))["client_name"] == "edge-paris" and r, 10)
+    after = wait_for(
+        lambda: (r := row(srv, edge.client_id))["client_name"] == "edge-paris" and r, 10
+    )
     assert after["connected"] and after["connected_since"] == before["connected_since"]
-    wait_for(lambda: json.loads(edge.bundle.read_text())["client_name"] == "edge-paris", 10,
-             what="the client to learn its new name")
+    wait_for(
+        lambda: json.loads(edge.bundle.read_text())["client_name"] == "edge-paris",
+        10,
+        what="the client to learn its new name",
+    )
     assert len(edge.proc.events("link.connected")) == 1, "rename must not drop the session"
     rules = srv.cli_json("list-rules", "--client", "edge-paris")["rules"]
     assert [(r["id"], r["client_id"]) for r in rules] == [(rule["id"], edge.client_id)]
@@ -263,15 +322,23 @@ def test_rename_under_a_live_session(server: ServerFactory, clients: ClientFacto
     assert echo_roundtrip(port)
 
 
-def test_capability_gate(server: ServerFactory, clients: ClientFactory, tmp_path: Path,
-                         ports: PortAllocator, origin: Any) -> None:
+def test_capability_gate(
+    server: ServerFactory, clients: ClientFactory, tmp_path: Path, ports: PortAllocator, origin: Any
+) -> None:
     srv = server()
     start_edge(srv, clients, tmp_path, "edge-nosni", extra=["--disable-capability", "sni"])
     o: Origin = origin(echo)
     port = ports.port()
-    status, body = srv.http("POST", "/v1/rules", {"client": "edge-nosni", "listen_port": port,
-                                                  "targets": [{"host": "127.0.0.1", "port": o.port}],
-                                                  "sni_pattern": "api.example.com"})
+    status, body = srv.http(
+        "POST",
+        "/v1/rules",
+        {
+            "client": "edge-nosni",
+            "listen_port": port,
+            "targets": [{"host": "127.0.0.1", "port": o.port}],
+            "sni_pattern": "api.example.com",
+        },
+    )
     assert status == 422 and body["error"]["code"] == "sni_unsupported_by_client", body
     res = srv.cli("push-rule", "edge-nosni", str(port), o.address, "--sni", "api.example.com")
     assert res.code != 0 and "sni_unsupported_by_client" in res.err
@@ -279,8 +346,9 @@ def test_capability_gate(server: ServerFactory, clients: ClientFactory, tmp_path
     assert push(srv, "edge-nosni", port, o.address)["state"] == "active"
 
 
-def test_a_frozen_server_is_declared_dead_within_30s(server: ServerFactory, clients: ClientFactory,
-                                                     tmp_path: Path, ports: PortAllocator, origin: Any) -> None:
+def test_a_frozen_server_is_declared_dead_within_30s(
+    server: ServerFactory, clients: ClientFactory, tmp_path: Path, ports: PortAllocator, origin: Any
+) -> None:
     srv = server()
     edge = start_edge(srv, clients, tmp_path, "edge-01")
     o: Origin = origin(echo)

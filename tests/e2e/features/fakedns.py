@@ -43,8 +43,17 @@ def in_resolv_namespace(argv: list[str], resolv_conf: Path) -> list[str]:
     ``unshare`` execs (no fork), so the returned command's pid is the program's.
     """
     script = 'mount --bind "$0" /etc/resolv.conf && exec "$@"'
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
-            str(resolv_conf), *argv]
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        script,
+        str(resolv_conf),
+        *argv,
+    ]
 
 
 class FakeDns:
@@ -119,11 +128,11 @@ class FakeDns:
         off, labels = 12, []
         while query[off]:
             n = query[off]
-            labels.append(query[off + 1: off + 1 + n].decode())
+            labels.append(query[off + 1 : off + 1 + n].decode())
             off += 1 + n
         off += 1
         qtype, _qclass = struct.unpack_from("!2H", query, off)
-        question = query[12: off + 4]
+        question = query[12 : off + 4]
         name = ".".join(labels).lower()
         with self._lock:
             self.queries[(name, qtype)] += 1

@@ -32,8 +32,17 @@ from tests.e2e.support import (
 )
 
 __all__ = [
-    "SERVER_BIN", "CliResult", "ServerFactory", "ServerProc", "StreamListener", "UdpPortEcho", "bindable",
-    "port_reporter", "reached_port", "read_line", "udp_exchange",
+    "SERVER_BIN",
+    "CliResult",
+    "ServerFactory",
+    "ServerProc",
+    "StreamListener",
+    "UdpPortEcho",
+    "bindable",
+    "port_reporter",
+    "reached_port",
+    "read_line",
+    "udp_exchange",
 ]
 
 
@@ -66,8 +75,9 @@ def read_line(sock: socket.socket, limit: int = 256) -> bytes:
     return bytes(out)
 
 
-def reached_port(port: int, payload: bytes = b"", timeout: float = 5.0,
-                 host: str = LOOPBACK) -> int:
+def reached_port(
+    port: int, payload: bytes = b"", timeout: float = 5.0, host: str = LOOPBACK
+) -> int:
     """Connect to ``host:port`` (through Portunus), read the origin's port line,
     check ``payload`` echoes, close; returns the origin port that answered."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -20,15 +20,19 @@ import pytest
 from tests.e2e.support import LOOPBACK, wait_for
 
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
-LOG_FORMAT = ("$server_port|$proxy_protocol_addr|$proxy_protocol_port"
-              "|$proxy_protocol_server_addr|$proxy_protocol_server_port|$bytes_received")
+LOG_FORMAT = (
+    "$server_port|$proxy_protocol_addr|$proxy_protocol_port"
+    "|$proxy_protocol_server_addr|$proxy_protocol_server_port|$bytes_received"
+)
 
 
 INSTALL_HINT = "apt-get install nginx libnginx-mod-stream, or bench/peers/install"
 
 
 def _nginx_path() -> str | None:
-    return shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+    return shutil.which("nginx") or (
+        "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
+    )
 
 
 def require_nginx() -> str:
@@ -72,7 +76,9 @@ class NginxProxyOrigin:
         proxy_half_close on;
         proxy_pass {LOOPBACK}:{u};
     }}
-""" for p, u in zip(listen_ports, upstreams, strict=True))
+"""
+            for p, u in zip(listen_ports, upstreams, strict=True)
+        )
         conf = workdir / "nginx.conf"
         conf.write_text(f"""load_module {NGINX_STREAM_MODULE};
 worker_processes 1;
@@ -85,11 +91,16 @@ stream {{
     access_log {self.access_log} pp;
 {servers}}}
 """)
-        self.proc = subprocess.Popen([binary, "-p", f"{workdir}/", "-c", str(conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [binary, "-p", f"{workdir}/", "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         pid_file = workdir / "nginx.pid"
-        wait_for(lambda: pid_file.exists() or self.proc.poll() is not None, 10, what="nginx to start")
+        wait_for(
+            lambda: pid_file.exists() or self.proc.poll() is not None, 10, what="nginx to start"
+        )
         if self.proc.poll() is not None:
             err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
             raise AssertionError(f"nginx exited with {self.proc.returncode}: {err}")
@@ -105,11 +116,18 @@ stream {{
 
     def session_for(self, client_port: int, timeout: float = 10.0) -> Session:
         """The logged session whose PROXY header claimed source port ``client_port``."""
+
         def find() -> Session | None:
             return next((s for s in self.sessions() if s.port == str(client_port)), None)
 
-        found = wait_for(find, timeout, what=lambda: f"nginx log line for client port {client_port}:"
-                         f" {self.access_log.read_text() if self.access_log.exists() else ''}")
+        found = wait_for(
+            find,
+            timeout,
+            what=lambda: (
+                f"nginx log line for client port {client_port}:"
+                f" {self.access_log.read_text() if self.access_log.exists() else ''}"
+            ),
+        )
         return found
 
     def close(self) -> None:

@@ -47,8 +47,9 @@ from tests.e2e.support import (
 # ---------------------------------------------------------- names from /etc/hosts
 
 
-def test_standalone_localhost_target(standalone: StandaloneFactory, ports: PortAllocator,
-                                     origin: Callable[..., Origin]) -> None:
+def test_standalone_localhost_target(
+    standalone: StandaloneFactory, ports: PortAllocator, origin: Callable[..., Origin]
+) -> None:
     o = origin(echo)
     listen = ports.port()
     standalone([{"name": "lh", "listen_port": listen, "target": f"localhost:{o.port}"}])
@@ -57,8 +58,9 @@ def test_standalone_localhost_target(standalone: StandaloneFactory, ports: PortA
     assert len(o.records) == 3
 
 
-def test_server_localhost_target(server: ServerFactory, ports: PortAllocator,
-                                 origin: Callable[..., Origin]) -> None:
+def test_server_localhost_target(
+    server: ServerFactory, ports: PortAllocator, origin: Callable[..., Origin]
+) -> None:
     srv = server()
     o = origin(echo)
     listen = ports.port()
@@ -106,8 +108,9 @@ def family_reached(port: int) -> bytes:
 class Env:
     """One namespaced standalone with a rule per scenario; ``listen[name]`` is its port."""
 
-    def __init__(self, proc: StandaloneProc, listen: dict[str, int], reporter: Origin,
-                 dual: DualStack) -> None:
+    def __init__(
+        self, proc: StandaloneProc, listen: dict[str, int], reporter: Origin, dual: DualStack
+    ) -> None:
         self.proc = proc
         self.listen = listen
         self.reporter = reporter
@@ -115,15 +118,23 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(dns: FakeDns, tmp_path_factory: pytest.TempPathFactory, ports: PortAllocator,
-        origin_module: Callable[..., Origin]) -> Iterator[Env]:
+def env(
+    dns: FakeDns,
+    tmp_path_factory: pytest.TempPathFactory,
+    ports: PortAllocator,
+    origin_module: Callable[..., Origin],
+) -> Iterator[Env]:
     work = tmp_path_factory.mktemp("dns")
     reporter = origin_module(port_reporter)
     dual = DualStack(ports.port())
     udp_port = ports.port()
     udp_origin = UdpPortEcho([udp_port])
-    for name in ("coalesce.portunus.test", "stale.portunus.test", "expire.portunus.test",
-                 "udp.portunus.test"):
+    for name in (
+        "coalesce.portunus.test",
+        "stale.portunus.test",
+        "expire.portunus.test",
+        "udp.portunus.test",
+    ):
         dns.records[name] = {"A": [LOOPBACK], "ttl": 1}
     dns.records["dual.portunus.test"] = {"A": [LOOPBACK], "AAAA": ["::1"], "ttl": 60}
     dns.mode["deadbackup.portunus.test"] = "drop"  # its lookups time out (2 s)
@@ -133,18 +144,35 @@ def env(dns: FakeDns, tmp_path_factory: pytest.TempPathFactory, ports: PortAlloc
         {"name": n, "listen_port": listen[n], "target": f"{n}.portunus.test:{reporter.port}"}
         for n in ("coalesce", "stale", "expire", "nx")
     ] + [
-        {"name": "v4first", "listen_port": listen["v4first"],
-         "target": f"dual.portunus.test:{dual.port}"},
-        {"name": "v6first", "listen_port": listen["v6first"], "prefer_ipv6": True,
-         "target": f"dual.portunus.test:{dual.port}"},
-        {"name": "udp", "protocol": "udp", "listen_port": listen["udp"],
-         "target": f"udp.portunus.test:{udp_port}"},
-        {"name": "backup", "listen_port": listen["backup"],
-         "targets": [{"host": LOOPBACK, "port": reporter.port, "priority": 1},
-                     {"host": "deadbackup.portunus.test", "port": reporter.port, "priority": 2}]},
+        {
+            "name": "v4first",
+            "listen_port": listen["v4first"],
+            "target": f"dual.portunus.test:{dual.port}",
+        },
+        {
+            "name": "v6first",
+            "listen_port": listen["v6first"],
+            "prefer_ipv6": True,
+            "target": f"dual.portunus.test:{dual.port}",
+        },
+        {
+            "name": "udp",
+            "protocol": "udp",
+            "listen_port": listen["udp"],
+            "target": f"udp.portunus.test:{udp_port}",
+        },
+        {
+            "name": "backup",
+            "listen_port": listen["backup"],
+            "targets": [
+                {"host": LOOPBACK, "port": reporter.port, "priority": 1},
+                {"host": "deadbackup.portunus.test", "port": reporter.port, "priority": 2},
+            ],
+        },
     ]
-    proc = StandaloneProc(workdir=work, metrics_port=ports.port(), rules=rules, shards=1,
-                          name="dns-standalone")
+    proc = StandaloneProc(
+        workdir=work, metrics_port=ports.port(), rules=rules, shards=1, name="dns-standalone"
+    )
     proc.argv = in_resolv_namespace(proc.argv, dns.write_resolv_conf(work / "resolv.conf"))
     try:
         proc.start()
@@ -257,8 +285,11 @@ def test_unknown_name_fails_the_connection_fast_and_is_counted(env: Env, dns: Fa
     assert time.monotonic() - t0 < 1.0
     rec = env.proc.wait_log("dns.resolve_failed", since=mark, host="nx.portunus.test")
     assert rec["rule"] == "nx"
-    wait_for(lambda: env.proc.scrape().value("portunus_dns_failures_total", rule="nx") >= 1, 5,
-             what="portunus_dns_failures_total{rule=nx}")
+    wait_for(
+        lambda: env.proc.scrape().value("portunus_dns_failures_total", rule="nx") >= 1,
+        5,
+        what="portunus_dns_failures_total{rule=nx}",
+    )
     assert env.proc.scrape().value("portunus_rule_connect_failures_total", rule="nx") >= 1
     assert len(env.reporter.records) == reached_before  # nothing reached an origin
 
@@ -285,7 +316,8 @@ def test_healthy_primary_does_not_wait_for_the_backups_dns(env: Env, dns: FakeDn
 
 
 def test_server_prefer_ipv6_flag_and_body_field(
-        server: ServerFactory, dns: FakeDns, ports: PortAllocator, tmp_path: Path) -> None:
+    server: ServerFactory, dns: FakeDns, ports: PortAllocator, tmp_path: Path
+) -> None:
     dual = DualStack(ports.port())
     dns.records["srvdual.portunus.test"] = {"A": [LOOPBACK], "AAAA": ["::1"], "ttl": 60}
     resolv = dns.write_resolv_conf(tmp_path / "resolv.conf")
@@ -296,9 +328,16 @@ def test_server_prefer_ipv6_flag_and_body_field(
         plain = srv.cli_json("push-rule", "local", str(a), target)
         v6 = srv.cli_json("push-rule", "local", str(b), target, "--prefer-ipv6")
         assert (plain["prefer_ipv6"], v6["prefer_ipv6"]) == (False, True)
-        status, body = srv.http("POST", "/v1/rules", {
-            "client": "local", "listen_port": c, "prefer_ipv6": True,
-            "targets": [{"host": "srvdual.portunus.test", "port": dual.port}]})
+        status, body = srv.http(
+            "POST",
+            "/v1/rules",
+            {
+                "client": "local",
+                "listen_port": c,
+                "prefer_ipv6": True,
+                "targets": [{"host": "srvdual.portunus.test", "port": dual.port}],
+            },
+        )
         assert status == 201 and body["prefer_ipv6"] is True, body
         assert family_reached(a) == b"v4\n"
         assert family_reached(b) == b"v6\n"

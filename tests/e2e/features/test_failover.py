@@ -48,8 +48,15 @@ def closed_by_portunus(port: int) -> bool:
             return True
 
 
-def exercise_failover(proc: ManagedProc, scrape: Callable[[], Metrics], rule: str, listen: int,
-                      a: Origin, b: Origin, origin_at: Callable[..., Origin]) -> Origin:
+def exercise_failover(
+    proc: ManagedProc,
+    scrape: Callable[[], Metrics],
+    rule: str,
+    listen: int,
+    a: Origin,
+    b: Origin,
+    origin_at: Callable[..., Origin],
+) -> Origin:
     """The whole story on a running rule (primary ``a``, backup ``b``, checks every
     0.5 s); returns the restarted primary."""
     for _ in range(3):
@@ -90,42 +97,63 @@ def exercise_failover(proc: ManagedProc, scrape: Callable[[], Metrics], rule: st
 
 
 def test_standalone_failover_and_recovery(
-        standalone: StandaloneFactory, ports: PortAllocator,
-        origin_at: Callable[..., Origin]) -> None:
+    standalone: StandaloneFactory, ports: PortAllocator, origin_at: Callable[..., Origin]
+) -> None:
     a = origin_at(port_reporter, ports.port())
     b = origin_at(port_reporter, ports.port())
     listen = ports.port()
-    proc = standalone([{
-        "name": "fo", "listen_port": listen, "health_check_interval_secs": 0.5,
-        # Listed backup first: the order comes from the priorities, not the list.
-        "targets": [{"host": LOOPBACK, "port": b.port, "priority": 2},
-                    {"host": LOOPBACK, "port": a.port, "priority": 1}],
-    }])
+    proc = standalone(
+        [
+            {
+                "name": "fo",
+                "listen_port": listen,
+                "health_check_interval_secs": 0.5,
+                # Listed backup first: the order comes from the priorities, not the list.
+                "targets": [
+                    {"host": LOOPBACK, "port": b.port, "priority": 2},
+                    {"host": LOOPBACK, "port": a.port, "priority": 1},
+                ],
+            }
+        ]
+    )
     exercise_failover(proc, proc.scrape, "fo", listen, a, b, origin_at)
     assert proc.scrape().value("portunus_rule_connect_failures_total", rule="fo") == 0
 
 
 def test_standalone_all_targets_down_are_tried_in_priority_order(
-        standalone: StandaloneFactory, ports: PortAllocator,
-        origin_at: Callable[..., Origin]) -> None:
+    standalone: StandaloneFactory, ports: PortAllocator, origin_at: Callable[..., Origin]
+) -> None:
     """Health checks far apart (60 s) so only the all-down rule can bring traffic back."""
     a = origin_at(port_reporter, ports.port())
     b = origin_at(port_reporter, ports.port())
     a_port, b_port = a.port, b.port
     listen = ports.port()
-    proc = standalone([{
-        "name": "alldown", "listen_port": listen, "health_check_interval_secs": 60,
-        "targets": [{"host": LOOPBACK, "port": a_port, "priority": 1},
-                    {"host": LOOPBACK, "port": b_port, "priority": 2}],
-    }])
+    proc = standalone(
+        [
+            {
+                "name": "alldown",
+                "listen_port": listen,
+                "health_check_interval_secs": 60,
+                "targets": [
+                    {"host": LOOPBACK, "port": a_port, "priority": 1},
+                    {"host": LOOPBACK, "port": b_port, "priority": 2},
+                ],
+            }
+        ]
+    )
     assert reached_port(listen) == a_port
     a.close()
     b.close()
     for _ in range(3):
         assert closed_by_portunus(listen)
-    wait_for(lambda: (target_up(proc.scrape, "alldown", a_port),
-                      target_up(proc.scrape, "alldown", b_port)) == (0, 0), 5,
-             what="both targets down")
+    wait_for(
+        lambda: (
+            (target_up(proc.scrape, "alldown", a_port), target_up(proc.scrape, "alldown", b_port))
+            == (0, 0)
+        ),
+        5,
+        what="both targets down",
+    )
     assert proc.scrape().value("portunus_rule_connect_failures_total", rule="alldown") == 3
     b2 = origin_at(port_reporter, b_port)
     assert reached_port(listen, PAYLOAD) == b_port  # primary refused, backup tried anyway
@@ -139,15 +167,24 @@ def _per_target(stats: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_server_failover_with_target_flags_and_per_target_stats(
-        server: ServerFactory, ports: PortAllocator, origin_at: Callable[..., Origin]) -> None:
+    server: ServerFactory, ports: PortAllocator, origin_at: Callable[..., Origin]
+) -> None:
     srv = server()
     a = origin_at(port_reporter, ports.port())
     b = origin_at(port_reporter, ports.port())
     a_port, b_port = a.port, b.port
     listen = ports.port()
-    rule = srv.cli_json("push-rule", "local", str(listen),
-                        "--target", f"{LOOPBACK}:{b_port}@2", "--target", f"{LOOPBACK}:{a_port}@1",
-                        "--health-check-interval-secs", "0.5")
+    rule = srv.cli_json(
+        "push-rule",
+        "local",
+        str(listen),
+        "--target",
+        f"{LOOPBACK}:{b_port}@2",
+        "--target",
+        f"{LOOPBACK}:{a_port}@1",
+        "--health-check-interval-secs",
+        "0.5",
+    )
     assert rule["state"] == "active"
     assert sorted((t["port"], t["priority"]) for t in rule["targets"]) == [(a_port, 1), (b_port, 2)]
     assert rule["health_check_interval_secs"] == 0.5
@@ -171,18 +208,31 @@ def test_server_failover_with_target_flags_and_per_target_stats(
     back.close()
     for _ in range(3):
         assert reached_port(listen) == b_port
-    wait_for(lambda: _per_target(srv.http("GET", f"/v1/rules/{rid}/stats?per_target=true")[1])
-             [ta]["up"] is False, 5, what="per_target up=false over HTTP")
+    wait_for(
+        lambda: (
+            _per_target(srv.http("GET", f"/v1/rules/{rid}/stats?per_target=true")[1])[ta]["up"]
+            is False
+        ),
+        5,
+        what="per_target up=false over HTTP",
+    )
 
 
 def test_server_positional_target_is_priority_1(
-        server: ServerFactory, ports: PortAllocator, origin_at: Callable[..., Origin]) -> None:
+    server: ServerFactory, ports: PortAllocator, origin_at: Callable[..., Origin]
+) -> None:
     srv = server()
     a = origin_at(port_reporter, ports.port())
     b = origin_at(port_reporter, ports.port())
     listen = ports.port()
-    rule = srv.cli_json("push-rule", "local", str(listen), f"{LOOPBACK}:{a.port}",
-                        "--target", f"{LOOPBACK}:{b.port}@2")
+    rule = srv.cli_json(
+        "push-rule",
+        "local",
+        str(listen),
+        f"{LOOPBACK}:{a.port}",
+        "--target",
+        f"{LOOPBACK}:{b.port}@2",
+    )
     assert sorted((t["port"], t["priority"]) for t in rule["targets"]) == [(a.port, 1), (b.port, 2)]
     assert reached_port(listen) == a.port
     a.close()
@@ -217,30 +267,46 @@ class Blackhole:
 
 
 def test_standalone_unresponsive_primary_times_out_into_the_backup(
-        standalone: StandaloneFactory, ports: PortAllocator,
-        origin_at: Callable[..., Origin]) -> None:
+    standalone: StandaloneFactory, ports: PortAllocator, origin_at: Callable[..., Origin]
+) -> None:
     """connect_timeout_secs = 0.5: a primary that never answers costs each of the
     first 3 clients ~0.5 s, then it is down and skipped."""
     hole = Blackhole()
     try:
         b = origin_at(port_reporter, ports.port())
         listen = ports.port()
-        proc = standalone([{
-            "name": "hang", "listen_port": listen, "health_check_interval_secs": 60,
-            "targets": [{"host": LOOPBACK, "port": hole.port, "priority": 1},
-                        {"host": LOOPBACK, "port": b.port, "priority": 2}],
-        }], settings={"connect_timeout_secs": 0.5})
+        proc = standalone(
+            [
+                {
+                    "name": "hang",
+                    "listen_port": listen,
+                    "health_check_interval_secs": 60,
+                    "targets": [
+                        {"host": LOOPBACK, "port": hole.port, "priority": 1},
+                        {"host": LOOPBACK, "port": b.port, "priority": 2},
+                    ],
+                }
+            ],
+            settings={"connect_timeout_secs": 0.5},
+        )
         for _ in range(3):
             t0 = time.monotonic()
             assert reached_port(listen, PAYLOAD, timeout=10) == b.port
             assert 0.4 <= time.monotonic() - t0 < 2.0
-        wait_for(lambda: target_up(proc.scrape, "hang", hole.port) == 0, 5,
-                 what="the unresponsive primary marked down")
+        wait_for(
+            lambda: target_up(proc.scrape, "hang", hole.port) == 0,
+            5,
+            what="the unresponsive primary marked down",
+        )
         t0 = time.monotonic()
         assert reached_port(listen, PAYLOAD) == b.port
         assert time.monotonic() - t0 < 0.3, "a down target is still being tried"
-        assert len(proc.events("tcp.connect_failed", target=f"{LOOPBACK}:{hole.port}",
-                               error="timeout")) == 3
+        assert (
+            len(
+                proc.events("tcp.connect_failed", target=f"{LOOPBACK}:{hole.port}", error="timeout")
+            )
+            == 3
+        )
     finally:
         hole.close()
 
@@ -250,7 +316,13 @@ def test_server_refuses_more_than_8_targets(server: ServerFactory) -> None:
     flags = [x for i in range(9) for x in ("--target", f"{LOOPBACK}:{40000 + i}@{i + 1}")]
     res = srv.cli("push-rule", "local", "21000", *flags)
     assert res.code == 2 and "validation.targets" in res.err, res
-    status, body = srv.http("POST", "/v1/rules", {
-        "client": "local", "listen_port": 21000,
-        "targets": [{"host": LOOPBACK, "port": 40000 + i, "priority": i + 1} for i in range(9)]})
+    status, body = srv.http(
+        "POST",
+        "/v1/rules",
+        {
+            "client": "local",
+            "listen_port": 21000,
+            "targets": [{"host": LOOPBACK, "port": 40000 + i, "priority": i + 1} for i in range(9)],
+        },
+    )
     assert (status, body["error"]["code"]) == (400, "validation.targets"), body

@@ -157,7 +157,11 @@ def shard_connections(proc: StandaloneProc, rule: str) -> dict[int, float]:
     out = {}
     for pid in (p.pid for p in proc.shards().values()):
         db = proc.metrics_dir / f"counter_{pid}.db"
-        out[pid] = multiproc_value(db, "portunus_rule_connections_total", rule=rule) if db.exists() else 0.0
+        out[pid] = (
+            multiproc_value(db, "portunus_rule_connections_total", rule=rule)
+            if db.exists()
+            else 0.0
+        )
     return out
 
 
@@ -166,6 +170,7 @@ def open_counted(proc: StandaloneProc, port: int, rule: str) -> tuple[socket.soc
     before = shard_connections(proc, rule)
     s = connect(port, timeout=30)
     try:
+
         def landed() -> int | None:
             now = shard_connections(proc, rule)
             return next((pid for pid, n in now.items() if n > before.get(pid, 0)), None)
@@ -187,8 +192,13 @@ def spread_connections(proc: StandaloneProc, port: int, rule: str, n: int) -> li
                 if len({pid for _, pid in live}) >= min(n, shards):
                     return [s for s, _ in live]
                 live.pop()[0].close()
-                wait_for(lambda: proc.scrape().value("portunus_rule_active_connections", rule=rule) == n - 1,
-                         5, what="the swapped connection to close")
+                wait_for(
+                    lambda: (
+                        proc.scrape().value("portunus_rule_active_connections", rule=rule) == n - 1
+                    ),
+                    5,
+                    what="the swapped connection to close",
+                )
             live.append(open_counted(proc, port, rule))
         raise AssertionError("64 connections never reached every shard")
     except BaseException:
@@ -199,12 +209,16 @@ def spread_connections(proc: StandaloneProc, port: int, rule: str, n: int) -> li
 
 def assert_rate(what: str, samples: Samples, cap: float, tolerance: float = TOLERANCE) -> None:
     steady, whole, secs = samples.rates()
-    print(f"{what}: steady {steady / MB:.4f} MB/s ({steady / cap - 1:+.2%}), whole {whole / MB:.4f} MB/s "
-          f"({whole / cap - 1:+.2%}) over {secs:.2f} s, cap {cap / MB:.3f} MB/s")
+    print(
+        f"{what}: steady {steady / MB:.4f} MB/s ({steady / cap - 1:+.2%}), whole {whole / MB:.4f} MB/s "
+        f"({whole / cap - 1:+.2%}) over {secs:.2f} s, cap {cap / MB:.3f} MB/s"
+    )
     assert abs(steady / cap - 1) <= tolerance, f"{what}: steady {steady:.0f} B/s vs cap {cap:.0f}"
     # The whole transfer also carries the initial burst (1/20 s of rate) on top.
     burst_share = (cap / 20) / (cap * secs)
-    assert -tolerance <= whole / cap - 1 <= tolerance + burst_share + 0.01, f"{what}: whole {whole:.0f} B/s"
+    assert -tolerance <= whole / cap - 1 <= tolerance + burst_share + 0.01, (
+        f"{what}: whole {whole:.0f} B/s"
+    )
 
 
 # ------------------------------------------------------------------ fixtures
@@ -213,8 +227,14 @@ def assert_rate(what: str, samples: Samples, cap: float, tolerance: float = TOLE
 class Setup:
     """The shared standalone (2 shards) and its origins and ports."""
 
-    def __init__(self, proc: StandaloneProc, ports: dict[str, int], samples: Samples,
-                 origins: dict[str, Origin], udp_echo: UdpPortEcho) -> None:
+    def __init__(
+        self,
+        proc: StandaloneProc,
+        ports: dict[str, int],
+        samples: Samples,
+        origins: dict[str, Origin],
+        udp_echo: UdpPortEcho,
+    ) -> None:
         self.proc = proc
         self.ports = ports
         self.samples = samples
@@ -233,19 +253,45 @@ def setup(standalone_module: StandaloneFactory, ports: PortAllocator) -> Iterato
     udp_echo = UdpPortEcho([ports.port()])
     p = {name: ports.port() for name in ("capped", "free", "out", "conc", "cps", "udp", "udpconc")}
     rules: list[dict[str, Any]] = [
-        {"name": "capped", "listen_port": p["capped"], "target": origins["sink"].address,
-         "rate_limit": {"bandwidth_in_bps": CAP_IN, "bandwidth_out_bps": CAP_IN}},
+        {
+            "name": "capped",
+            "listen_port": p["capped"],
+            "target": origins["sink"].address,
+            "rate_limit": {"bandwidth_in_bps": CAP_IN, "bandwidth_out_bps": CAP_IN},
+        },
         {"name": "free", "listen_port": p["free"], "target": origins["sink"].address},
-        {"name": "out", "listen_port": p["out"], "target": origins["push"].address,
-         "rate_limit": {"bandwidth_out_bps": CAP_OUT}},
-        {"name": "conc", "listen_port": p["conc"], "target": origins["echo"].address,
-         "rate_limit": {"concurrent_connections": 3}},
-        {"name": "cps", "listen_port": p["cps"], "target": origins["echo"].address,
-         "rate_limit": {"new_connections_per_sec": 5}},
-        {"name": "udp", "protocol": "udp", "listen_port": p["udp"],
-         "target": f"{LOOPBACK}:{next(iter(udp_echo.received))}", "rate_limit": {"bandwidth_in_bps": UDP_CAP}},
-        {"name": "udpconc", "protocol": "udp", "listen_port": p["udpconc"],
-         "target": f"{LOOPBACK}:{next(iter(udp_echo.received))}", "rate_limit": {"concurrent_connections": 2}},
+        {
+            "name": "out",
+            "listen_port": p["out"],
+            "target": origins["push"].address,
+            "rate_limit": {"bandwidth_out_bps": CAP_OUT},
+        },
+        {
+            "name": "conc",
+            "listen_port": p["conc"],
+            "target": origins["echo"].address,
+            "rate_limit": {"concurrent_connections": 3},
+        },
+        {
+            "name": "cps",
+            "listen_port": p["cps"],
+            "target": origins["echo"].address,
+            "rate_limit": {"new_connections_per_sec": 5},
+        },
+        {
+            "name": "udp",
+            "protocol": "udp",
+            "listen_port": p["udp"],
+            "target": f"{LOOPBACK}:{next(iter(udp_echo.received))}",
+            "rate_limit": {"bandwidth_in_bps": UDP_CAP},
+        },
+        {
+            "name": "udpconc",
+            "protocol": "udp",
+            "listen_port": p["udpconc"],
+            "target": f"{LOOPBACK}:{next(iter(udp_echo.received))}",
+            "rate_limit": {"concurrent_connections": 2},
+        },
     ]
     proc = standalone_module(rules, shards=2)
     try:
@@ -304,8 +350,6 @@ def test_one_connection_gets_the_whole_cap(fresh: Setup) -> None:
     assert any(p.endswith(".rl") for p in os.listdir(f"{run}/udp-flows")), "no shared bucket file"
 
 
-
-
 def test_download_cap(fresh: Setup) -> None:
     """bandwidth_out_bps paces target -> client (measured by the reading client)."""
     got = Samples()
@@ -342,8 +386,11 @@ def test_client_reset_mid_upload_closes_the_paced_connection(fresh: Setup) -> No
         t.join(10)
     rec = sink.wait_connections(before + 1)[before]
     wait_for(rec.done.is_set, 5, what="the upstream of the reset connection to close")
-    wait_for(lambda: fresh.proc.scrape().value("portunus_rule_active_connections", rule="capped") == 0, 5,
-             what="no open connection left on the rule")
+    wait_for(
+        lambda: fresh.proc.scrape().value("portunus_rule_active_connections", rule="capped") == 0,
+        5,
+        what="no open connection left on the rule",
+    )
 
 
 # ------------------------------------------------------------------ connections
@@ -376,14 +423,20 @@ def test_concurrent_connections_cap(setup: Setup) -> None:
             s.sendall(b"b")
             assert recv_exact(s, 1) == b"b"
         live.pop().close()
-        wait_for(lambda: accepted(port), 5, interval=0.05, what="a slot after one connection closed")
+        wait_for(
+            lambda: accepted(port), 5, interval=0.05, what="a slot after one connection closed"
+        )
     finally:
         for s in live:
             s.close()
     rec = proc.wait_log("rate_limit.refused", since=mark, rule="conc")
     assert rec["limit"] == "concurrent_connections"
-    assert proc.scrape().value("portunus_rate_limit_refused_total", rule="conc",
-                               limit="concurrent_connections") >= 1
+    assert (
+        proc.scrape().value(
+            "portunus_rate_limit_refused_total", rule="conc", limit="concurrent_connections"
+        )
+        >= 1
+    )
 
 
 def test_new_connections_per_sec_cap(setup: Setup) -> None:
@@ -398,12 +451,18 @@ def test_new_connections_per_sec_cap(setup: Setup) -> None:
     elapsed = time.monotonic() - started
     ok = sum(results)
     expected = 5 + 5 * elapsed
-    print(f"new connections: {ok} of {len(results)} accepted in {elapsed:.2f} s, expected ~{expected:.1f}")
+    print(
+        f"new connections: {ok} of {len(results)} accepted in {elapsed:.2f} s, expected ~{expected:.1f}"
+    )
     assert results[:5] == [True] * 5, "the burst was not let in"
     assert ok <= expected + 1, "more new connections than the cap let in"
     assert ok >= min(len(results), expected - 2), "refused below the cap"
-    assert setup.proc.scrape().value("portunus_rate_limit_refused_total", rule="cps",
-                                     limit="new_connections_per_sec") == len(results) - ok
+    assert (
+        setup.proc.scrape().value(
+            "portunus_rate_limit_refused_total", rule="cps", limit="new_connections_per_sec"
+        )
+        == len(results) - ok
+    )
 
 
 # ------------------------------------------------------------------ UDP
@@ -427,33 +486,47 @@ def test_udp_datagrams_over_the_cap_are_dropped(setup: Setup) -> None:
     time.sleep(0.2)  # the origin thread drains its socket
     got = echo.received[target] - before
     expected = 64 * 1024 + UDP_CAP * elapsed  # default burst (64 KiB floor) + rate
-    print(f"UDP: {got} of {sent * len(payload)} bytes passed in {elapsed:.2f} s, expected ~{expected:.0f}")
+    print(
+        f"UDP: {got} of {sent * len(payload)} bytes passed in {elapsed:.2f} s, expected ~{expected:.0f}"
+    )
     assert abs(got / expected - 1) <= 0.05
 
     def dropped() -> float:
-        return setup.proc.scrape().value("portunus_rate_limit_dropped_datagrams_total", rule="udp", direction="in")
+        return setup.proc.scrape().value(
+            "portunus_rate_limit_dropped_datagrams_total", rule="udp", direction="in"
+        )
 
     # Counted per second by each shard; the kernel may drop a few more itself.
     want = sent - got / len(payload)
-    wait_for(lambda: abs(dropped() - want) <= sent * 0.02, 5,
-             what=lambda: f"~{want:.0f} dropped datagrams counted (have {dropped():.0f})")
+    wait_for(
+        lambda: abs(dropped() - want) <= sent * 0.02,
+        5,
+        what=lambda: f"~{want:.0f} dropped datagrams counted (have {dropped():.0f})",
+    )
 
 
 # ------------------------------------------------------------------ splice
 
 
-def test_unlimited_rule_keeps_splice(standalone: StandaloneFactory, origin: Callable[..., Origin],
-                                     ports: PortAllocator) -> None:
+def test_unlimited_rule_keeps_splice(
+    standalone: StandaloneFactory, origin: Callable[..., Origin], ports: PortAllocator
+) -> None:
     """A capped rule relays in userspace (no pipe), an uncapped one still splices
     (the shard keeps its pipe in the pool) and runs far above any cap."""
     samples = Samples()
     sink = origin(metered_sink(samples))
     capped, free = ports.port(), ports.port()
-    proc = standalone([
-        {"name": "capped", "listen_port": capped, "target": sink.address,
-         "rate_limit": {"bandwidth_in_bps": CAP_IN, "bandwidth_out_bps": CAP_IN}},
-        {"name": "free", "listen_port": free, "target": sink.address},
-    ])
+    proc = standalone(
+        [
+            {
+                "name": "capped",
+                "listen_port": capped,
+                "target": sink.address,
+                "rate_limit": {"bandwidth_in_bps": CAP_IN, "bandwidth_out_bps": CAP_IN},
+            },
+            {"name": "free", "listen_port": free, "target": sink.address},
+        ]
+    )
     shard = proc.shards()[0].pid
     baseline = pipe_fds(shard)
     with connect(capped, timeout=30) as s:
@@ -464,19 +537,24 @@ def test_unlimited_rule_keeps_splice(standalone: StandaloneFactory, origin: Call
         upload(s, 20 * CAP_IN)
     secs = time.monotonic() - started
     assert pipe_fds(shard) > baseline, "the uncapped rule did not use splice"
-    assert 20 * CAP_IN / secs > 5 * CAP_IN, f"the uncapped rule ran at {20 * CAP_IN / secs / MB:.1f} MB/s"
+    assert 20 * CAP_IN / secs > 5 * CAP_IN, (
+        f"the uncapped rule ran at {20 * CAP_IN / secs / MB:.1f} MB/s"
+    )
 
 
 # ------------------------------------------------------------------ server: PUT
 
 
 def test_put_rate_limit_applies_to_open_and_new_transfers(
-        server: ServerFactory, origin: Callable[..., Origin], ports: PortAllocator) -> None:
+    server: ServerFactory, origin: Callable[..., Origin], ports: PortAllocator
+) -> None:
     samples = Samples()
     sink = origin(metered_sink(samples))
     srv = server(shards=2)
     listen = ports.port()
-    rule = srv.cli_json("push-rule", "local", str(listen), sink.address, "--bandwidth-in-bps", str(2 * MB))
+    rule = srv.cli_json(
+        "push-rule", "local", str(listen), sink.address, "--bandwidth-in-bps", str(2 * MB)
+    )
     assert rule["rate_limit"] == {"bandwidth_in_bps": 2 * MB}
 
     def clear() -> None:
@@ -558,5 +636,9 @@ def test_udp_concurrent_flows_cap(setup: Setup) -> None:
     finally:
         for s in socks:
             s.close()
-    assert setup.proc.scrape().value("portunus_rate_limit_refused_total", rule="udpconc",
-                                     limit="concurrent_connections") >= 1
+    assert (
+        setup.proc.scrape().value(
+            "portunus_rate_limit_refused_total", rule="udpconc", limit="concurrent_connections"
+        )
+        >= 1
+    )

@@ -22,12 +22,14 @@ def udp_origin(ports: PortAllocator) -> Iterator[UdpPortEcho]:
 
 
 def test_server_udp_rule_forwards_counts_and_releases(
-        server: ServerFactory, ports: PortAllocator, udp_origin: UdpPortEcho) -> None:
+    server: ServerFactory, ports: PortAllocator, udp_origin: UdpPortEcho
+) -> None:
     srv = server()
     target = next(iter(udp_origin.received))
     listen = ports.port()
-    rule = srv.cli_json("push-rule", "local", str(listen), f"{LOOPBACK}:{target}",
-                        "--protocol", "udp")
+    rule = srv.cli_json(
+        "push-rule", "local", str(listen), f"{LOOPBACK}:{target}", "--protocol", "udp"
+    )
     assert (rule["protocol"], rule["state"], rule["listen_port"]) == ("udp", "active", listen)
     replies = [udp_exchange(listen, b"datagram %d" % i) for i in range(10)]
     assert replies == [f"{target}:datagram {i}".encode() for i in range(10)]
@@ -38,8 +40,11 @@ def test_server_udp_rule_forwards_counts_and_releases(
         st = srv.cli_json("rule-stats", str(rule["id"]))
         return st["bytes_in"], st["bytes_out"]
 
-    wait_for(lambda: stats() == (sent, back), 5,
-             what=lambda: f"UDP bytes ({sent}, {back}) in rule-stats, have {stats()}")
+    wait_for(
+        lambda: stats() == (sent, back),
+        5,
+        what=lambda: f"UDP bytes ({sent}, {back}) in rule-stats, have {stats()}",
+    )
     assert not bindable(listen, "udp")
     assert bindable(listen, "tcp"), "a UDP rule must not hold the TCP port"
     srv.remove_rule(rule["id"])

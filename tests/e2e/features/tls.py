@@ -39,8 +39,10 @@ class Pki:
         now = datetime.datetime.now(datetime.UTC)
         self.cert = (
             x509.CertificateBuilder()
-            .subject_name(_name("portunus test CA")).issuer_name(_name("portunus test CA"))
-            .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+            .subject_name(_name("portunus test CA"))
+            .issuer_name(_name("portunus test CA"))
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=2))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
@@ -55,19 +57,26 @@ class Pki:
         now = datetime.datetime.now(datetime.UTC)
         cert = (
             x509.CertificateBuilder()
-            .subject_name(_name(names[0])).issuer_name(self.cert.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .subject_name(_name(names[0]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
-                           critical=False)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
+            )
             .sign(self.key, hashes.SHA256())
         )
         cert_path, key_path = self.dir / f"{label}.crt", self.dir / f"{label}.key"
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                               serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
         return cert_path, key_path
 
     def client_context(self, check_hostname: bool = True) -> ssl.SSLContext:
@@ -76,14 +85,17 @@ class Pki:
         return ctx
 
 
-def tls_origin_handler(label: str, cert: Path, key: Path) -> Callable[[socket.socket, ConnRecord], None]:
+def tls_origin_handler(
+    label: str, cert: Path, key: Path
+) -> Callable[[socket.socket, ConnRecord], None]:
     """Origin handler: TLS server handshake, then ``label|sni\\n``, then echo."""
 
     def handler(conn: socket.socket, rec: ConnRecord) -> None:
         seen: list[str | None] = []
 
-        def on_sni(_obj: ssl.SSLObject | ssl.SSLSocket, name: str | None,
-                   _ctx: ssl.SSLContext) -> None:
+        def on_sni(
+            _obj: ssl.SSLObject | ssl.SSLSocket, name: str | None, _ctx: ssl.SSLContext
+        ) -> None:
             seen.append(name)
 
         # A context per connection: the SNI callback records into this connection only.
@@ -101,12 +113,19 @@ def tls_origin_handler(label: str, cert: Path, key: Path) -> Callable[[socket.so
     return handler
 
 
-def tls_visit(port: int, ctx: ssl.SSLContext, server_hostname: str | None,
-              payload: bytes = b"", timeout: float = 10.0) -> str:
+def tls_visit(
+    port: int,
+    ctx: ssl.SSLContext,
+    server_hostname: str | None,
+    payload: bytes = b"",
+    timeout: float = 10.0,
+) -> str:
     """Handshake through ``port``; return the origin's ``label|sni`` line after checking
     that ``payload`` comes back intact."""
-    with socket.create_connection((LOOPBACK, port), timeout=timeout) as raw, \
-            ctx.wrap_socket(raw, server_hostname=server_hostname) as tls:
+    with (
+        socket.create_connection((LOOPBACK, port), timeout=timeout) as raw,
+        ctx.wrap_socket(raw, server_hostname=server_hostname) as tls,
+    ):
         line = read_line(tls).decode().strip()
         if payload:
             tls.sendall(payload)
@@ -119,18 +138,24 @@ def split_into_records(flight: bytes, pieces: int) -> bytes:
     handshake records; what follows it is kept as is."""
     assert flight[0] == 22, "the first flight must start with a handshake record"
     length = int.from_bytes(flight[3:5], "big")
-    body, rest = flight[5:5 + length], flight[5 + length:]
+    body, rest = flight[5 : 5 + length], flight[5 + length :]
     step = -(-len(body) // pieces)
     out = bytearray()
     for i in range(0, len(body), step):
-        chunk = body[i:i + step]
+        chunk = body[i : i + step]
         out += flight[:3] + len(chunk).to_bytes(2, "big") + chunk
     return bytes(out + rest)
 
 
-def tls_visit_reshaped(port: int, ctx: ssl.SSLContext, server_hostname: str,
-                       reshape: Callable[[bytes], bytes], segment: int | None = None,
-                       gap: float = 0.0, timeout: float = 10.0) -> str:
+def tls_visit_reshaped(
+    port: int,
+    ctx: ssl.SSLContext,
+    server_hostname: str,
+    reshape: Callable[[bytes], bytes],
+    segment: int | None = None,
+    gap: float = 0.0,
+    timeout: float = 10.0,
+) -> str:
     """Like ``tls_visit``, but the ClientHello bytes go through ``reshape`` and are
     written ``segment`` bytes at a time with ``gap`` seconds between writes
     (TCP_NODELAY on), so they arrive in many TCP segments."""
@@ -151,7 +176,7 @@ def tls_visit_reshaped(port: int, ctx: ssl.SSLContext, server_hostname: str,
                     out, first = reshape(out), False
                     step = segment or len(out)
                     for i in range(0, len(out), step):
-                        s.sendall(out[i:i + step])
+                        s.sendall(out[i : i + step])
                         if gap:
                             time.sleep(gap)
                 else:

@@ -40,7 +40,9 @@ class EchoLoop:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._marked = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(threads)]
+        self._threads = [
+            threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(threads)
+        ]
 
     def __enter__(self) -> EchoLoop:
         for t in self._threads:
@@ -64,7 +66,9 @@ class EchoLoop:
         def enough() -> bool:
             return (self.stats.ok_after_mark if after_mark else self.stats.ok) >= n
 
-        wait_for(enough, timeout, what=lambda: f"{n} echoes through port {self.port} ({self.stats})")
+        wait_for(
+            enough, timeout, what=lambda: f"{n} echoes through port {self.port} ({self.stats})"
+        )
 
     def _run(self, n: int) -> None:
         i = 0

@@ -35,32 +35,49 @@ def test_every_mutation_is_audited(server, origin, ports) -> None:  # type: igno
     ops_token = srv.cli("bootstrap-superadmin", "--name", "ops").stdout.strip()
     p1, p2, p3, p4 = ports.ports(4)
 
-    r1 = srv.cli_json("push-rule", "local", str(p1), org.address)["id"]                       # operator, CLI
-    r2 = srv.http("POST", "/v1/rules", {"listen_port": p2, "targets": [{"host": LOOPBACK, "port": org.port}]},
-                  token=ops_token).json()["id"]                                                # ops, HTTP
-    dup = srv.cli("push-rule", "local", str(p1), org.address)                                 # conflict
+    r1 = srv.cli_json("push-rule", "local", str(p1), org.address)["id"]  # operator, CLI
+    r2 = srv.http(
+        "POST",
+        "/v1/rules",
+        {"listen_port": p2, "targets": [{"host": LOOPBACK, "port": org.port}]},
+        token=ops_token,
+    ).json()["id"]  # ops, HTTP
+    dup = srv.cli("push-rule", "local", str(p1), org.address)  # conflict
     assert dup.returncode == 10
     # Refused by validation in the control process (the RPC path; an HTTP body the web
     # process's schema check refuses never reaches control and is not audited).
     with pytest.raises(PortunusError) as bad:
         srv.rpc("rules.push", {"listen_port": 0, "targets": [{"host": LOOPBACK, "port": 9}]})
     assert bad.value.code.startswith("validation.")
-    with socket.socket() as foreign:                                                          # activation fails
+    with socket.socket() as foreign:  # activation fails
         foreign.bind((LOOPBACK, p3))
         foreign.listen()
         failed = srv.cli("push-rule", "local", str(p3), org.address, "--format", "json")
         assert failed.returncode == 6
     r3 = json.loads(failed.stdout)["id"]
-    upd = srv.http("PUT", f"/v1/rules/{r1}", {"rate_limit": {"concurrent_connections": 5}}, token=ops_token)
+    upd = srv.http(
+        "PUT", f"/v1/rules/{r1}", {"rate_limit": {"concurrent_connections": 5}}, token=ops_token
+    )
     assert upd.status == 200, upd
-    assert srv.cli("remove-rule", str(r2)).returncode == 0                                    # drains, then removed
-    assert srv.http("DELETE", f"/v1/rules/{r3}").status == 204                                # failed: removed at once
+    assert srv.cli("remove-rule", str(r2)).returncode == 0  # drains, then removed
+    assert srv.http("DELETE", f"/v1/rules/{r3}").status == 204  # failed: removed at once
     missing = srv.cli("remove-rule", "999999")
     assert missing.returncode == 5
     # Refused for want of a token: nobody to attribute it to, and nothing changed.
-    assert srv.http("POST", "/v1/rules", {"listen_port": p4, "targets": [{"host": LOOPBACK, "port": 9}]},
-                    token=None).status == 401
-    wait_for(lambda: connection_refused(p2) and r2 not in srv.rules(), 5, what="rule r2 drained and deleted")
+    assert (
+        srv.http(
+            "POST",
+            "/v1/rules",
+            {"listen_port": p4, "targets": [{"host": LOOPBACK, "port": 9}]},
+            token=None,
+        ).status
+        == 401
+    )
+    wait_for(
+        lambda: connection_refused(p2) and r2 not in srv.rules(),
+        5,
+        what="rule r2 drained and deleted",
+    )
 
     def new_entries() -> list[dict[str, Any]]:
         return [e for e in _all_entries(srv) if e["id"] not in start_ids]
@@ -80,19 +97,26 @@ def test_every_mutation_is_audited(server, origin, ports) -> None:  # type: igno
         ("operator", "rule.remove", f"rule:{r3}", "ok", None),
         ("operator", "rule.remove", "rule:999999", "error", "rule_not_found"),
     ]
-    wait_for(lambda: all(x in {_row(e) for e in new_entries()} for x in expected), 5,
-             what=lambda: "audit rows " + str(sorted(set(expected) - {_row(e) for e in new_entries()})))
+    wait_for(
+        lambda: all(x in {_row(e) for e in new_entries()} for x in expected),
+        5,
+        what=lambda: "audit rows " + str(sorted(set(expected) - {_row(e) for e in new_entries()})),
+    )
     entries = new_entries()
     rows = [_row(e) for e in entries]
     # The refused validation: one error row with a validation.* code.
     validation = [r for r in rows if r[1] == "rule.push" and (r[4] or "").startswith("validation.")]
-    assert len(validation) == 1 and validation[0][0] == "operator" and validation[0][3] == "error", "\n".join(map(str, rows))
+    assert (
+        len(validation) == 1 and validation[0][0] == "operator" and validation[0][3] == "error"
+    ), "\n".join(map(str, rows))
     # Nothing twice, nothing for the unauthenticated request, nothing else unexpected.
     counts = Counter(rows)
     assert all(counts[x] == 1 for x in expected), counts
     extra = [r for r in rows if r not in expected and r not in validation]
     assert extra == [], f"unexpected audit rows: {extra}"
-    assert not any(str(p4) in json.dumps(e) for e in entries), "an unauthenticated request was audited"
+    assert not any(str(p4) in json.dumps(e) for e in entries), (
+        "an unauthenticated request was audited"
+    )
     for e in entries:
         assert ENTRY_KEYS <= set(e), e
     ids = [e["id"] for e in entries]
@@ -107,7 +131,9 @@ def test_every_mutation_is_audited(server, origin, ports) -> None:  # type: igno
 def test_audit_pagination_and_time_range(server, ports) -> None:  # type: ignore[no-untyped-def]
     srv: ServerProc = server(shards=1)
     for _ in range(5):
-        rid = srv.rpc("rules.push", {"listen_port": ports.port(), "targets": [{"host": LOOPBACK, "port": 9}]})["id"]
+        rid = srv.rpc(
+            "rules.push", {"listen_port": ports.port(), "targets": [{"host": LOOPBACK, "port": 9}]}
+        )["id"]
         srv.rpc("rules.remove", {"id": rid})
     everything = srv.http("GET", "/v1/audit?limit=1000").json()["entries"]
     assert len(everything) >= 15

@@ -30,7 +30,11 @@ def srv(server_module: ServerFactory) -> ServerProc:
 
 
 def body(port: int, target_port: int = 9) -> dict[str, object]:
-    return {"client": "local", "listen_port": port, "targets": [{"host": "127.0.0.1", "port": target_port}]}
+    return {
+        "client": "local",
+        "listen_port": port,
+        "targets": [{"host": "127.0.0.1", "port": target_port}],
+    }
 
 
 def test_cli_without_a_token_exits_4(srv: ServerProc, tmp_path: Path, ports) -> None:  # type: ignore[no-untyped-def]
@@ -38,7 +42,9 @@ def test_cli_without_a_token_exits_4(srv: ServerProc, tmp_path: Path, ports) -> 
     empty = tmp_path / "no-token-here"
     empty.mkdir()
     port = ports.port()
-    res = srv.cli("--socket", srv.socket_path, "push-rule", "local", str(port), "127.0.0.1:9", data_dir=empty)
+    res = srv.cli(
+        "--socket", srv.socket_path, "push-rule", "local", str(port), "127.0.0.1:9", data_dir=empty
+    )
     assert res.returncode == 4, (res.returncode, res.stderr)
     assert res.stderr.startswith("error: unauthenticated: "), res.stderr
     assert "PORTUNUS_OPERATOR_TOKEN" in res.stderr, "the hint names the ways to give a token"
@@ -67,7 +73,9 @@ def test_cli_with_a_bad_token_exits_4(srv: ServerProc, tmp_path: Path, ports) ->
     assert connection_refused(port)
 
 
-@pytest.mark.parametrize("auth", [None, f"Bearer {BAD_TOKEN}", "Bearer ", "Basic b3BzOm9wcw==", BAD_TOKEN])
+@pytest.mark.parametrize(
+    "auth", [None, f"Bearer {BAD_TOKEN}", "Bearer ", "Basic b3BzOm9wcw==", BAD_TOKEN]
+)
 def test_http_without_a_valid_token_is_401(srv: ServerProc, auth: str | None, ports) -> None:  # type: ignore[no-untyped-def]
     port = ports.port()
     headers = {"Authorization": auth} if auth is not None else {}
@@ -125,7 +133,9 @@ def test_bootstrap_superadmin_while_serving(srv: ServerProc, origin, ports) -> N
     again = srv.cli("bootstrap-superadmin", "--name", "ops")
     assert again.returncode == 10, (again.returncode, again.stderr)
     assert "conflict" in again.stderr and again.stdout == ""
-    assert srv.rpc("auth.whoami", token=token)["user"] == "ops", "a refused re-bootstrap keeps the token"
+    assert srv.rpc("auth.whoami", token=token)["user"] == "ops", (
+        "a refused re-bootstrap keeps the token"
+    )
 
 
 def test_tokens_are_stored_hashed(srv: ServerProc) -> None:

@@ -88,7 +88,9 @@ def still_serving(srv: ServerProc, origin, ports) -> None:  # type: ignore[no-un
     assert srv.http("GET", "/v1/health", token=None).status == 200
     org = origin(echo)
     port = ports.port()
-    rule = srv.rpc("rules.push", {"listen_port": port, "targets": [{"host": LOOPBACK, "port": org.port}]})
+    rule = srv.rpc(
+        "rules.push", {"listen_port": port, "targets": [{"host": LOOPBACK, "port": org.port}]}
+    )
     assert rule["state"] == "active"
     assert echo_roundtrip(port)
     srv.rpc("rules.remove", {"id": rule["id"]})
@@ -97,14 +99,19 @@ def still_serving(srv: ServerProc, origin, ports) -> None:  # type: ignore[no-un
 # ------------------------------------------------------------------ control socket
 
 
-@pytest.mark.parametrize("line", [
-    b"this is not json\n",
-    b"{\"id\": 1, \"method\": \"health\"\n",  # truncated object
-    b"[1, 2, 3]\n",
-    b"\"a string\"\n",
-    b"\xff\xfe\x00\x01 binary\n",
-])
-def test_socket_garbage_gets_bad_request_and_close(srv: ServerProc, raw: RawRpc, line: bytes) -> None:
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"this is not json\n",
+        b'{"id": 1, "method": "health"\n',  # truncated object
+        b"[1, 2, 3]\n",
+        b'"a string"\n',
+        b"\xff\xfe\x00\x01 binary\n",
+    ],
+)
+def test_socket_garbage_gets_bad_request_and_close(
+    srv: ServerProc, raw: RawRpc, line: bytes
+) -> None:
     raw.send(line)
     msg = raw.reply()
     assert msg["error"]["code"] == "bad_request", msg
@@ -112,14 +119,21 @@ def test_socket_garbage_gets_bad_request_and_close(srv: ServerProc, raw: RawRpc,
     assert raw.closed(), "the connection must be closed after a line that is not a JSON object"
 
 
-def test_socket_bad_fields_get_an_error_and_the_connection_lives(srv: ServerProc, raw: RawRpc) -> None:
+def test_socket_bad_fields_get_an_error_and_the_connection_lives(
+    srv: ServerProc, raw: RawRpc
+) -> None:
     token = srv.token
     requests: list[dict[str, Any]] = [
         {"id": 1, "token": token, "method": 7},
         {"id": 2, "token": token, "method": ""},
         {"id": 3, "token": token, "method": "rules.list", "params": [1, 2]},
         {"id": 4, "token": token, "method": "no.such.method"},
-        {"id": 5, "token": token, "method": "rules.push", "params": {"listen_port": "x", "targets": 5}},
+        {
+            "id": 5,
+            "token": token,
+            "method": "rules.push",
+            "params": {"listen_port": "x", "targets": 5},
+        },
         {"id": 6, "token": token, "method": "rules.get", "params": {"id": "seven"}},
         {"id": 7, "token": token, "method": "rules.stats", "params": {"id": -1}},
         {"id": 8, "token": 12345, "method": "rules.list"},
@@ -136,8 +150,17 @@ def test_socket_bad_fields_get_an_error_and_the_connection_lives(srv: ServerProc
 
 
 def test_socket_oversize_request_is_refused(srv: ServerProc, raw: RawRpc, origin, ports) -> None:  # type: ignore[no-untyped-def]
-    big = json.dumps({"id": 1, "token": srv.token, "method": "rules.list",
-                      "params": {"pad": "x" * (RPC_LIMIT + 1024)}}).encode() + b"\n"
+    big = (
+        json.dumps(
+            {
+                "id": 1,
+                "token": srv.token,
+                "method": "rules.list",
+                "params": {"pad": "x" * (RPC_LIMIT + 1024)},
+            }
+        ).encode()
+        + b"\n"
+    )
     try:
         raw.send(big)
     except (BrokenPipeError, ConnectionResetError):
@@ -158,16 +181,19 @@ def test_socket_line_without_newline_then_close(srv: ServerProc, raw: RawRpc) ->
 # ------------------------------------------------------------------ HTTP
 
 
-@pytest.mark.parametrize(("body", "code"), [
-    (b"{not json", "validation.json"),
-    (b"", "validation.body"),
-    (b"[]", None),
-    (b"\"text\"", None),
-    (b"\xff\xfe\xfd", "validation.json"),
-    (b"{\"listen_port\": 1}", None),  # no targets
-    (b"{\"listen_port\": \"eighty\", \"targets\": [{\"host\": \"127.0.0.1\", \"port\": 9}]}", None),
-    (b"{\"listen_port\": NaN, \"targets\": []}", "validation.json"),
-])
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"{not json", "validation.json"),
+        (b"", "validation.body"),
+        (b"[]", None),
+        (b'"text"', None),
+        (b"\xff\xfe\xfd", "validation.json"),
+        (b'{"listen_port": 1}', None),  # no targets
+        (b'{"listen_port": "eighty", "targets": [{"host": "127.0.0.1", "port": 9}]}', None),
+        (b'{"listen_port": NaN, "targets": []}', "validation.json"),
+    ],
+)
 def test_http_malformed_rule_bodies_are_400(srv: ServerProc, body: bytes, code: str | None) -> None:
     before = srv.rules()
     resp = srv.http("POST", "/v1/rules", raw=body)
@@ -181,25 +207,33 @@ def test_http_malformed_rule_bodies_are_400(srv: ServerProc, body: bytes, code: 
 
 
 def test_http_validation_names_the_field(srv: ServerProc) -> None:
-    resp = srv.http("POST", "/v1/rules", {"listen_port": 70000, "targets": [{"host": LOOPBACK, "port": 9}]})
+    resp = srv.http(
+        "POST", "/v1/rules", {"listen_port": 70000, "targets": [{"host": LOOPBACK, "port": 9}]}
+    )
     assert resp.status == 400, resp
     err = resp.json()["error"]
     assert err["code"].startswith("validation.") and "listen_port" in json.dumps(err), err
 
 
 def test_http_malformed_update_body_is_400(srv: ServerProc, ports) -> None:  # type: ignore[no-untyped-def]
-    rule = srv.rpc("rules.push", {"listen_port": ports.port(), "targets": [{"host": LOOPBACK, "port": 9}]})
+    rule = srv.rpc(
+        "rules.push", {"listen_port": ports.port(), "targets": [{"host": LOOPBACK, "port": 9}]}
+    )
     try:
-        resp = srv.http("PUT", f"/v1/rules/{rule['id']}", raw=b"{\"rate_limit\": ")
+        resp = srv.http("PUT", f"/v1/rules/{rule['id']}", raw=b'{"rate_limit": ')
         assert resp.status == 400 and resp.error_code == "validation.json", resp
         resp = srv.http("PUT", f"/v1/rules/{rule['id']}", {"listen_port": 1})
-        assert resp.status == 400 and resp.error_code is not None and resp.error_code.startswith("validation"), resp
+        assert (
+            resp.status == 400
+            and resp.error_code is not None
+            and resp.error_code.startswith("validation")
+        ), resp
     finally:
         srv.rpc("rules.remove", {"id": rule["id"]})
 
 
 def test_http_oversize_body_with_length_is_413(srv: ServerProc, origin, ports) -> None:  # type: ignore[no-untyped-def]
-    body = b"{\"pad\": \"" + b"x" * HTTP_LIMIT + b"\"}"
+    body = b'{"pad": "' + b"x" * HTTP_LIMIT + b'"}'
     try:
         resp = srv.http("POST", "/v1/rules", raw=body, timeout=15)
     except (BrokenPipeError, ConnectionResetError) as exc:
@@ -211,16 +245,24 @@ def test_http_oversize_body_with_length_is_413(srv: ServerProc, origin, ports) -
 
 def test_http_oversize_chunked_body_is_413(srv: ServerProc, origin, ports) -> None:  # type: ignore[no-untyped-def]
     def chunks() -> Iterator[bytes]:
-        yield b"{\"pad\": \""
+        yield b'{"pad": "'
         for _ in range(HTTP_LIMIT // 65536 + 2):
             yield b"x" * 65536
-        yield b"\"}"
+        yield b'"}'
 
     conn = http.client.HTTPConnection(LOOPBACK, srv.api_port, timeout=15)
     try:
         try:
-            conn.request("POST", "/v1/rules", body=chunks(), encode_chunked=True,
-                         headers={"Authorization": f"Bearer {srv.token}", "Content-Type": "application/json"})
+            conn.request(
+                "POST",
+                "/v1/rules",
+                body=chunks(),
+                encode_chunked=True,
+                headers={
+                    "Authorization": f"Bearer {srv.token}",
+                    "Content-Type": "application/json",
+                },
+            )
         except (BrokenPipeError, ConnectionResetError):
             pass  # refused mid-stream; the answer is still readable
         resp = conn.getresponse()
@@ -265,7 +307,9 @@ def test_http_unfinished_oversized_headers_get_400_at_once(srv: ServerProc, orig
     still_serving(srv, origin, ports)
 
 
-def test_http_connections_over_the_cap_get_503_and_the_api_recovers(srv: ServerProc, origin, ports) -> None:  # type: ignore[no-untyped-def]
+def test_http_connections_over_the_cap_get_503_and_the_api_recovers(
+    srv: ServerProc, origin, ports
+) -> None:  # type: ignore[no-untyped-def]
     held = [socket.create_connection((LOOPBACK, srv.api_port), timeout=5) for _ in range(256)]
     try:
         with socket.create_connection((LOOPBACK, srv.api_port), timeout=5) as extra:
@@ -277,5 +321,9 @@ def test_http_connections_over_the_cap_get_503_and_the_api_recovers(srv: ServerP
         for s in held:
             s.close()
     # The web process sees the closes a moment later; then it serves again.
-    wait_for(lambda: srv.http("GET", "/v1/health", token=None).status == 200, 10, what="the API after the cap")
+    wait_for(
+        lambda: srv.http("GET", "/v1/health", token=None).status == 200,
+        10,
+        what="the API after the cap",
+    )
     still_serving(srv, origin, ports)

@@ -52,8 +52,10 @@ MAKERS: dict[str, Callable[[World, str], Any]] = {
     "client": lambda w, owner: w.client(),
     "revoked_client": lambda w, owner: w.client(revoked=True),
     "owner_flag": lambda w, owner: owner,
-    "capped": lambda w, owner: w.rpc("owner_caps.set", {"client": "local", "owner": owner,
-                                                         "rate_limit": {"concurrent_connections": 50}})["owner"],
+    "capped": lambda w, owner: w.rpc(
+        "owner_caps.set",
+        {"client": "local", "owner": owner, "rate_limit": {"concurrent_connections": 50}},
+    )["owner"],
 }
 
 
@@ -222,20 +224,67 @@ OPS: list[Op] = [
         204,
     ),
     # grants
-    Op("grant-add", ("temp_user",), ("grant-add", "{temp_user}", "--client", "local", "--ports", "40000-40010"),
-       ("POST", "/v1/grants", {"user_id": "{temp_user}", "client": "local", "listen_port_start": 40000,
-                               "listen_port_end": 40010}), SUPER, 201),
-    Op("grant-list", ("user",), ("grant-list", "--user", "{user}"), ("GET", "/v1/grants?user={user}", None),
-       SELF_ONLY),
-    Op("grant-revoke", ("grant",), ("grant-revoke", "{grant}"), ("DELETE", "/v1/grants/{grant}", None), SUPER),
+    Op(
+        "grant-add",
+        ("temp_user",),
+        ("grant-add", "{temp_user}", "--client", "local", "--ports", "40000-40010"),
+        (
+            "POST",
+            "/v1/grants",
+            {
+                "user_id": "{temp_user}",
+                "client": "local",
+                "listen_port_start": 40000,
+                "listen_port_end": 40010,
+            },
+        ),
+        SUPER,
+        201,
+    ),
+    Op(
+        "grant-list",
+        ("user",),
+        ("grant-list", "--user", "{user}"),
+        ("GET", "/v1/grants?user={user}", None),
+        SELF_ONLY,
+    ),
+    Op(
+        "grant-revoke",
+        ("grant",),
+        ("grant-revoke", "{grant}"),
+        ("DELETE", "/v1/grants/{grant}", None),
+        SUPER,
+    ),
     # owner caps: superadmin-only, even for your own
-    Op("owner-cap-list", (), ("owner-cap", "list", "local"), ("GET", "/v1/clients/local/owners", None), SUPER),
-    Op("owner-cap-set", ("user",), ("owner-cap", "set", "local", "{user}", "--concurrent-connections", "40"),
-       ("PUT", "/v1/clients/local/owners/{user}/rate-limit", {"concurrent_connections": 40}), SUPER),
-    Op("owner-cap-get", ("capped",), ("owner-cap", "get", "local", "{capped}"),
-       ("GET", "/v1/clients/local/owners/{capped}/rate-limit", None), SUPER),
-    Op("owner-cap-delete", ("capped",), ("owner-cap", "delete", "local", "{capped}"),
-       ("DELETE", "/v1/clients/local/owners/{capped}/rate-limit", None), SUPER, 204),
+    Op(
+        "owner-cap-list",
+        (),
+        ("owner-cap", "list", "local"),
+        ("GET", "/v1/clients/local/owners", None),
+        SUPER,
+    ),
+    Op(
+        "owner-cap-set",
+        ("user",),
+        ("owner-cap", "set", "local", "{user}", "--concurrent-connections", "40"),
+        ("PUT", "/v1/clients/local/owners/{user}/rate-limit", {"concurrent_connections": 40}),
+        SUPER,
+    ),
+    Op(
+        "owner-cap-get",
+        ("capped",),
+        ("owner-cap", "get", "local", "{capped}"),
+        ("GET", "/v1/clients/local/owners/{capped}/rate-limit", None),
+        SUPER,
+    ),
+    Op(
+        "owner-cap-delete",
+        ("capped",),
+        ("owner-cap", "delete", "local", "{capped}"),
+        ("DELETE", "/v1/clients/local/owners/{capped}/rate-limit", None),
+        SUPER,
+        204,
+    ),
 ]
 
 # user-remove of "other's" would remove carol; the superadmin removes a temp user instead.
@@ -384,7 +433,28 @@ def test_matrix_covers_every_route_and_user_verb() -> None:
     }
     assert served - elsewhere <= covered, sorted(served - elsewhere - covered)
     verbs = {op.cli[0] for op in OPS if op.cli}
-    assert {"user-add", "user-list", "user-remove", "user-passwd", "token-issue", "token-list", "token-revoke",
-            "grant-add", "grant-list", "grant-revoke", "push-rule", "remove-rule", "rule-stats", "list-rules",
-            "list-clients", "enroll-client", "rename-client", "revoke", "delete-client", "audit",
-            "owner-cap", "update-rule", "retry-rule"} <= verbs
+    assert {
+        "user-add",
+        "user-list",
+        "user-remove",
+        "user-passwd",
+        "token-issue",
+        "token-list",
+        "token-revoke",
+        "grant-add",
+        "grant-list",
+        "grant-revoke",
+        "push-rule",
+        "remove-rule",
+        "rule-stats",
+        "list-rules",
+        "list-clients",
+        "enroll-client",
+        "rename-client",
+        "revoke",
+        "delete-client",
+        "audit",
+        "owner-cap",
+        "update-rule",
+        "retry-rule",
+    } <= verbs

@@ -36,7 +36,10 @@ def test_restart_reapplies_every_stored_rule(server, origin, ports) -> None:  # 
     srv = server(shards=2)
     orgs = [origin(echo) for _ in range(3)]
     listen = ports.ports(4)
-    ids = [srv.cli_json("push-rule", "local", str(p), o.address)["id"] for p, o in zip(listen, orgs, strict=False)]
+    ids = [
+        srv.cli_json("push-rule", "local", str(p), o.address)["id"]
+        for p, o in zip(listen, orgs, strict=False)
+    ]
     # A fourth rule fails (foreign socket on its port), then its port is freed while down.
     foreign = socket.socket()
     foreign.bind(("127.0.0.1", listen[3]))
@@ -91,8 +94,11 @@ def test_sigkill_control_never_interrupts_forwarding(server, origin, ports) -> N
             mark = srv.log_mark()
             os.kill(control.pid, signal.SIGKILL)
             loop.mark()
-            new = wait_for(lambda: (c := srv.child("control")) is not None and c.pid != control.pid and c,
-                           10, what="a new control process")
+            new = wait_for(
+                lambda: (c := srv.child("control")) is not None and c.pid != control.pid and c,
+                10,
+                what="a new control process",
+            )
             wait_for(srv.health_ok, 10, what="/v1/health after the control restart")
             back_at = time.monotonic()
             # Keep the loop running past the restart, then a while longer.
@@ -102,17 +108,22 @@ def test_sigkill_control_never_interrupts_forwarding(server, origin, ports) -> N
             stats = loop.stop()
         assert stats.failures == 0, (
             f"forwarding was interrupted: {len(stats.connect_failures)} connect failures "
-            f"{stats.connect_failures[:3]}, resets {stats.resets[:3]}, other {stats.other[:3]}")
+            f"{stats.connect_failures[:3]}, resets {stats.resets[:3]}, other {stats.other[:3]}"
+        )
         assert stats.ok_after_mark >= 200
         long_lived.sendall(b"after\n")
-        assert recv_exact(long_lived, 6) == b"after\n", "an open connection was cut by the control restart"
+        assert recv_exact(long_lived, 6) == b"after\n", (
+            "an open connection was cut by the control restart"
+        )
     finally:
         long_lived.close()
 
     rec = srv.wait_log("child.restarting", since=mark, child="control")
     assert rec["how"] == "signal SIGKILL"
     assert new.pid != control.pid
-    assert {i: p.pid for i, p in srv.shards().items()} == shards_before, "the data plane was restarted"
+    assert {i: p.pid for i, p in srv.shards().items()} == shards_before, (
+        "the data plane was restarted"
+    )
     assert srv.rules() == before, "rules changed across the control restart"
     # The new control process is linked to the supervisor: push and remove work.
     org2 = origin(echo)
@@ -138,21 +149,29 @@ def test_sigkill_shard_under_load_no_failed_connect(server, origin, ports) -> No
         os.kill(victim.pid, signal.SIGKILL)
         loop.mark()
         killed_at = time.monotonic()
-        wait_for(lambda: (s := srv.shards().get(0)) is not None and s.pid != victim.pid, 5,
-                 what="shard 0 respawned")
+        wait_for(
+            lambda: (s := srv.shards().get(0)) is not None and s.pid != victim.pid,
+            5,
+            what="shard 0 respawned",
+        )
         loop.wait_ok(300, after_mark=True)
         while time.monotonic() - killed_at < 1.5:
             time.sleep(0.05)
         stats = loop.stop()
     print(f"shard kill loop: ok={stats.ok} after={stats.ok_after_mark} resets={len(stats.resets)}")
-    assert stats.connect_failures == [], f"connects failed while the shard restarted: {stats.connect_failures[:5]}"
+    assert stats.connect_failures == [], (
+        f"connects failed while the shard restarted: {stats.connect_failures[:5]}"
+    )
     assert stats.other == [], stats.other[:5]
     # Only connections in flight on the killed shard at that instant may be cut.
     assert len(stats.resets) <= threads, stats.resets[:5]
     assert srv.shards()[1].pid == survivor.pid
     assert srv.rules()[rid]["state"] == "active"
-    wait_for(lambda: srv.scrape().value("portunus_shard_restarts_total", shard="0") == 1, 5,
-             what="portunus_shard_restarts_total{shard=0} == 1")
+    wait_for(
+        lambda: srv.scrape().value("portunus_shard_restarts_total", shard="0") == 1,
+        5,
+        what="portunus_shard_restarts_total{shard=0} == 1",
+    )
     total = srv.rpc("rules.stats", {"id": rid})["connections_total"]
     assert total >= stats.ok_after_mark, f"stats lost the killed shard's successors: {total}"
 
@@ -177,10 +196,26 @@ def test_ack_timeout_leaves_pending_then_late_answer_activates(server, origin, p
     supervisor = psutil.Process(srv.pid)
     with stopped(supervisor):
         t0 = time.monotonic()
-        res = srv.cli("push-rule", "local", str(p_cli), org.address, "--ack-timeout", "0.5", "--format", "json")
+        res = srv.cli(
+            "push-rule",
+            "local",
+            str(p_cli),
+            org.address,
+            "--ack-timeout",
+            "0.5",
+            "--format",
+            "json",
+        )
         took = time.monotonic() - t0
-        resp = srv.http("POST", "/v1/rules?ack_timeout=0.5", {
-            "client": "local", "listen_port": p_http, "targets": [{"host": "127.0.0.1", "port": org.port}]})
+        resp = srv.http(
+            "POST",
+            "/v1/rules?ack_timeout=0.5",
+            {
+                "client": "local",
+                "listen_port": p_http,
+                "targets": [{"host": "127.0.0.1", "port": org.port}],
+            },
+        )
         pending = _states(srv)
     assert res.returncode == 7, (res.returncode, res.stderr)
     assert res.stderr.startswith("error: ack_timeout: "), res.stderr
@@ -192,7 +227,13 @@ def test_ack_timeout_leaves_pending_then_late_answer_activates(server, origin, p
     assert http_rule["state"] == "pending"
     assert pending[cli_rule["id"]] == "pending" and pending[http_rule["id"]] == "pending"
 
-    wait_for(lambda: _states(srv).get(cli_rule["id"]) == "active" and _states(srv).get(http_rule["id"]) == "active",
-             5, what=lambda: f"both rules active after SIGCONT ({_states(srv)})")
+    wait_for(
+        lambda: (
+            _states(srv).get(cli_rule["id"]) == "active"
+            and _states(srv).get(http_rule["id"]) == "active"
+        ),
+        5,
+        what=lambda: f"both rules active after SIGCONT ({_states(srv)})",
+    )
     assert echo_roundtrip(p_cli) and echo_roundtrip(p_http)
     assert srv.alive() and len(srv.shards()) == 1

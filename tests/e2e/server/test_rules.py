@@ -29,9 +29,22 @@ from tests.e2e.support import (
 )
 
 RULE_KEYS = {
-    "id", "client", "client_id", "protocol", "listen_port", "targets", "sni_pattern", "proxy_protocol",
-    "prefer_ipv6", "health_check_interval_secs", "rate_limit", "owner", "state", "failure_reason",
-    "created_at", "idle_timeout_secs",
+    "id",
+    "client",
+    "client_id",
+    "protocol",
+    "listen_port",
+    "targets",
+    "sni_pattern",
+    "proxy_protocol",
+    "prefer_ipv6",
+    "health_check_interval_secs",
+    "rate_limit",
+    "owner",
+    "state",
+    "failure_reason",
+    "created_at",
+    "idle_timeout_secs",
 }
 STATS_KEYS = {"id", "bytes_in", "bytes_out", "connections_total", "active_connections"}
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
@@ -43,7 +56,9 @@ def srv(server_module: ServerFactory) -> ServerProc:
     return server_module(shards=2)
 
 
-def check_rule_shape(rule: dict[str, Any], *, port: int, target: tuple[str, int], state: str) -> None:
+def check_rule_shape(
+    rule: dict[str, Any], *, port: int, target: tuple[str, int], state: str
+) -> None:
     assert set(rule) == RULE_KEYS, f"rule keys differ: {sorted(set(rule) ^ RULE_KEYS)}"
     assert isinstance(rule["id"], int) and rule["id"] > 0
     assert rule["client"] == "local" and rule["client_id"] == "local"
@@ -55,8 +70,12 @@ def check_rule_shape(rule: dict[str, Any], *, port: int, target: tuple[str, int]
 
 
 def http_body(port: int, target_port: int, **extra: Any) -> dict[str, Any]:
-    return {"client": "local", "listen_port": port,
-            "targets": [{"host": "127.0.0.1", "port": target_port}], **extra}
+    return {
+        "client": "local",
+        "listen_port": port,
+        "targets": [{"host": "127.0.0.1", "port": target_port}],
+        **extra,
+    }
 
 
 # ------------------------------------------------------------------ push
@@ -72,7 +91,9 @@ def test_push_via_cli_then_bytes_flow_within_a_second(srv: ServerProc, origin, p
     assert echo_roundtrip(port, b"via cli\n")
     elapsed = time.monotonic() - t0
     assert res.returncode == 0, res.stderr
-    m = re.fullmatch(rf"rule (\d+) active: local tcp {port} -> 127\.0\.0\.1:{org.port}\n", res.stdout)
+    m = re.fullmatch(
+        rf"rule (\d+) active: local tcp {port} -> 127\.0\.0\.1:{org.port}\n", res.stdout
+    )
     assert m, f"push-rule printed {res.stdout!r}"
     assert elapsed < 1.0, f"push via CLI to first echoed byte took {elapsed:.3f}s"
     rule_id = int(m.group(1))
@@ -135,7 +156,13 @@ def test_list_stats_remove_text_and_json(srv: ServerProc, origin, ports) -> None
 
     stats = srv.cli_json("rule-stats", str(rid))
     assert set(stats) == STATS_KEYS
-    assert stats == {"id": rid, "bytes_in": 0, "bytes_out": 0, "connections_total": 0, "active_connections": 0}
+    assert stats == {
+        "id": rid,
+        "bytes_in": 0,
+        "bytes_out": 0,
+        "connections_total": 0,
+        "active_connections": 0,
+    }
     stats_text = srv.cli("rule-stats", str(rid))
     assert stats_text.returncode == 0
     assert re.search(r"^\s+bytes in\s+0 B$", stats_text.stdout, re.M), stats_text.stdout
@@ -149,7 +176,10 @@ def test_list_stats_remove_text_and_json(srv: ServerProc, origin, ports) -> None
     gone = srv.http("GET", f"/v1/rules/{rid}")
     assert gone.status == 404 and gone.error_code == "rule_not_found", gone
     again = srv.cli("remove-rule", str(rid))
-    assert again.returncode == 5 and "rule_not_found" in again.stderr, (again.returncode, again.stderr)
+    assert again.returncode == 5 and "rule_not_found" in again.stderr, (
+        again.returncode,
+        again.stderr,
+    )
     stats_gone = srv.cli("rule-stats", str(rid))
     assert stats_gone.returncode == 5, stats_gone.stderr
 
@@ -162,7 +192,9 @@ def test_stats_count_the_bytes_sent_each_way(srv: ServerProc, origin, ports) -> 
     port = ports.port()
     rid = srv.cli_json("push-rule", "local", str(port), org.address)["id"]
     for i, (n_in, n_out) in enumerate(sizes):
-        sent, got = client_duplex(port, Pattern(n_in, seed=i), Pattern(n_out, seed=100 + i), token=i)
+        sent, got = client_duplex(
+            port, Pattern(n_in, seed=i), Pattern(n_out, seed=100 + i), token=i
+        )
         assert (sent.count, got.count) == (n_in, n_out)
     org.wait_connections(len(sizes))
     for rec in org.records:
@@ -171,10 +203,18 @@ def test_stats_count_the_bytes_sent_each_way(srv: ServerProc, origin, ports) -> 
     # The REQUEST header is client→target payload too.
     want_in = sum(a for a, _ in sizes) + REQUEST.size * len(sizes)
     want_out = sum(b for _, b in sizes)
-    want = {"id": rid, "bytes_in": want_in, "bytes_out": want_out, "connections_total": len(sizes),
-            "active_connections": 0}
-    wait_for(lambda: srv.rpc("rules.stats", {"id": rid}) == want, 5,
-             what=lambda: f"stats {want}, last {srv.rpc('rules.stats', {'id': rid})}")
+    want = {
+        "id": rid,
+        "bytes_in": want_in,
+        "bytes_out": want_out,
+        "connections_total": len(sizes),
+        "active_connections": 0,
+    }
+    wait_for(
+        lambda: srv.rpc("rules.stats", {"id": rid}) == want,
+        5,
+        what=lambda: f"stats {want}, last {srv.rpc('rules.stats', {'id': rid})}",
+    )
     assert srv.cli_json("rule-stats", str(rid)) == want
     http_stats = srv.http("GET", f"/v1/rules/{rid}/stats")
     assert http_stats.status == 200 and http_stats.json() == want, http_stats
@@ -193,13 +233,19 @@ def test_active_connections_counted_while_open(srv: ServerProc, origin, ports) -
         for s in socks:
             s.sendall(b"hi")
             assert s.recv(2) == b"hi"
-        wait_for(lambda: srv.rpc("rules.stats", {"id": rid})["active_connections"] == 3, 5,
-                 what="3 active connections")
+        wait_for(
+            lambda: srv.rpc("rules.stats", {"id": rid})["active_connections"] == 3,
+            5,
+            what="3 active connections",
+        )
     finally:
         for s in socks:
             s.close()
-    wait_for(lambda: srv.rpc("rules.stats", {"id": rid})["active_connections"] == 0, 5,
-             what="0 active connections after close")
+    wait_for(
+        lambda: srv.rpc("rules.stats", {"id": rid})["active_connections"] == 0,
+        5,
+        what="0 active connections after close",
+    )
     assert srv.rpc("rules.stats", {"id": rid})["connections_total"] == 3
     srv.rpc("rules.remove", {"id": rid})
 

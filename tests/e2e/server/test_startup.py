@@ -46,7 +46,10 @@ def _push_stored_rules(srv: ServerProc, origin, ports) -> tuple[list[int], list[
     for p in listen:
         assert srv.cli_json("push-rule", "local", str(p), org.address)["state"] == "active"
     # A range rule: all of its ports must be bound at READY too (no traffic sent to it).
-    assert srv.cli_json("push-rule", "local", f"{rng}-{rng + 2}", "127.0.0.1:9-11")["state"] == "active"
+    assert (
+        srv.cli_json("push-rule", "local", f"{rng}-{rng + 2}", "127.0.0.1:9-11")["state"]
+        == "active"
+    )
     return listen, [*listen, rng, rng + 1, rng + 2]
 
 
@@ -126,13 +129,16 @@ def test_newer_schema_exits_78(server, ports) -> None:  # type: ignore[no-untype
     rc = srv.wait_exit(15)
     out = srv.stderr_text()
     assert rc == 78, f"serve exited {rc}\n{srv.stderr_tail()}"
-    assert "schema" in out and str(version + 1) in out, f"the message must name the schema version:\n{out[-2000:]}"
+    assert "schema" in out and str(version + 1) in out, (
+        f"the message must name the schema version:\n{out[-2000:]}"
+    )
     assert srv.events("supervisor.ready", since=mark) == []
     wait_for(lambda: _group_gone(srv.pid), 5, what="no process left of the refused start")
     assert connection_refused(srv.api_port), "the API answered although serve refused to start"
     with sqlite3.connect(srv.db_path) as db:
-        assert db.execute("SELECT version FROM schema_version").fetchone() == (version + 1,), \
+        assert db.execute("SELECT version FROM schema_version").fetchone() == (version + 1,), (
             "a refused start must not touch the database"
+        )
 
 
 def test_newer_schema_under_a_running_server_halts_with_78(server, ports) -> None:  # type: ignore[no-untyped-def]
@@ -148,5 +154,7 @@ def test_newer_schema_under_a_running_server_halts_with_78(server, ports) -> Non
     os.kill(control.pid, signal.SIGKILL)
     rc = srv.wait_exit(8)
     assert rc == 78, f"serve exited {rc}\n{srv.stderr_tail()}"
-    assert len(srv.events("child.started", child="control")) == 2, "control was respawned more than once"
+    assert len(srv.events("child.started", child="control")) == 2, (
+        "control was respawned more than once"
+    )
     wait_for(lambda: _group_gone(srv.pid), 5, what="no process left after the halt")

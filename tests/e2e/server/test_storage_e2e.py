@@ -39,8 +39,12 @@ def _json(res: Any) -> Any:
     return json.loads(res.stdout)
 
 
-def test_backup_running_then_reset_and_restore_bring_the_rule_back(server, origin, ports,  # type: ignore[no-untyped-def]
-                                                                    tmp_path: Path) -> None:
+def test_backup_running_then_reset_and_restore_bring_the_rule_back(
+    server,
+    origin,
+    ports,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
     srv = server()
     org = origin(echo)
     port = ports.port()
@@ -60,7 +64,9 @@ def test_backup_running_then_reset_and_restore_bring_the_rule_back(server, origi
         for args in (("restore", "--in", str(out), "--force"), ("reset", "--confirm")):
             res = srv.cli(*extra, *args)
             assert res.returncode == 10, (args, res.stdout, res.stderr)
-            assert res.stderr.startswith("error: conflict.server_running: the server is running ("), res.stderr
+            assert res.stderr.startswith(
+                "error: conflict.server_running: the server is running ("
+            ), res.stderr
             assert "systemctl stop portunus" in res.stderr
             why = "another process has" if extra else "its control socket"
             assert why in res.stderr, res.stderr
@@ -85,15 +91,20 @@ def test_backup_running_then_reset_and_restore_bring_the_rule_back(server, origi
     assert doc["rules"] == 1 and doc["schema_version"] == LATEST and doc["previous"]
     srv.start()
     srv.wait_ready()
-    wait_for(lambda: srv.rules().get(rule["id"], {}).get("state") == "active", 10,
-             what=lambda: f"rule {rule['id']} active again, have {srv.rules()}")
+    wait_for(
+        lambda: srv.rules().get(rule["id"], {}).get("state") == "active",
+        10,
+        what=lambda: f"rule {rule['id']} active again, have {srv.rules()}",
+    )
     assert echo_roundtrip(port, b"after restore\n")
     (entry,) = _audit(srv, "storage.restore")
     assert entry["actor"] == ME and entry["target"] == f"file:{out}"
     assert entry["details"]["previous"] == doc["previous"]
 
 
-def test_backups_while_rules_are_pushed_are_consistent(server, origin, ports, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_backups_while_rules_are_pushed_are_consistent(
+    server, origin, ports, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     """Each backup is one transaction's view: every rule in it has its target row,
     and successive backups see the rule count only grow while pushes go on."""
     srv = server()
@@ -108,8 +119,14 @@ def test_backups_while_rules_are_pushed_are_consistent(server, origin, ports, tm
             for p in listen:
                 if stop.is_set():
                     return
-                srv.rpc("rules.push", {"client": "local", "listen_port": p,
-                                       "targets": [{"host": "127.0.0.1", "port": org.port}]})
+                srv.rpc(
+                    "rules.push",
+                    {
+                        "client": "local",
+                        "listen_port": p,
+                        "targets": [{"host": "127.0.0.1", "port": org.port}],
+                    },
+                )
                 pushed.append(p)
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             errors.append(exc)
@@ -124,8 +141,11 @@ def test_backups_while_rules_are_pushed_are_consistent(server, origin, ports, tm
             res = srv.cli("backup", "--out", str(out))
             assert res.returncode == 0, res.stderr
             assert _query(out, "PRAGMA integrity_check") == [("ok",)]
-            orphans = _query(out, "SELECT count(*) FROM rules r WHERE NOT EXISTS "
-                                  "(SELECT 1 FROM rule_targets t WHERE t.rule_id = r.id)")
+            orphans = _query(
+                out,
+                "SELECT count(*) FROM rules r WHERE NOT EXISTS "
+                "(SELECT 1 FROM rule_targets t WHERE t.rule_id = r.id)",
+            )
             assert orphans == [(0,)]
             counts.append(_query(out, "SELECT count(*) FROM rules")[0][0])
     finally:
@@ -146,9 +166,14 @@ def _v1_database(path: Path, port: int, target_port: int) -> None:
         assert migrate(conn, str(path), target=1) == 1
         rid = conn.execute(
             "INSERT INTO rules (client_id, protocol, listen_start, listen_end, state, created_at) "
-            "VALUES ('local', 'tcp', ?, ?, 'active', ?)", (port, port, utc_now())).lastrowid
-        conn.execute("INSERT INTO rule_targets (rule_id, position, host, port, priority) "
-                     "VALUES (?, 0, '127.0.0.1', ?, 1)", (rid, target_port))
+            "VALUES ('local', 'tcp', ?, ?, 'active', ?)",
+            (port, port, utc_now()),
+        ).lastrowid
+        conn.execute(
+            "INSERT INTO rule_targets (rule_id, position, host, port, priority) "
+            "VALUES (?, 0, '127.0.0.1', ?, 1)",
+            (rid, target_port),
+        )
     finally:
         conn.close()
     os.chmod(path, 0o600)  # as every Portunus since v1 leaves it (serve refuses a wider mode)

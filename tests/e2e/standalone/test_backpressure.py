@@ -21,8 +21,9 @@ MAX_IN_FLIGHT = 128 * MiB
 def test_stalled_reader_keeps_shard_memory_flat(standalone, origin, ports, path: str) -> None:  # type: ignore[no-untyped-def]
     org = origin(push_forever())
     port = ports.port()
-    proc = standalone([{"name": "bp", "listen_port": port, "target": org.address}],
-                      splice=path == "splice")
+    proc = standalone(
+        [{"name": "bp", "listen_port": port, "target": org.address}], splice=path == "splice"
+    )
     rss_before = proc.shard_rss()
     with connect(port, rcvbuf=64 * KiB, timeout=10) as s:
         recv_exact(s, 256 * KiB)  # data flows; from now on the client reads nothing
@@ -34,18 +35,31 @@ def test_stalled_reader_keeps_shard_memory_flat(standalone, origin, ports, path:
             now = time.monotonic()
             samples.append((now, rec.tx.count))
             window = [c for t, c in samples if t >= now - 1.0]
-            return now - started >= PUSH_SECS and samples[0][0] <= now - 1.0 and window[-1] - window[0] < 256 * KiB
+            return (
+                now - started >= PUSH_SECS
+                and samples[0][0] <= now - 1.0
+                and window[-1] - window[0] < 256 * KiB
+            )
 
-        wait_for(origin_blocked, PUSH_SECS + 10, interval=0.1,
-                 what=lambda: f"the origin to block (sent {rec.tx.count} bytes so far)")
+        wait_for(
+            origin_blocked,
+            PUSH_SECS + 10,
+            interval=0.1,
+            what=lambda: f"the origin to block (sent {rec.tx.count} bytes so far)",
+        )
         stuck_at = rec.tx.count
         rss_after = proc.shard_rss()
         growth = rss_after - rss_before
-        assert stuck_at < MAX_IN_FLIGHT, f"origin pushed {stuck_at / MiB:.0f} MiB into a stalled reader"
-        assert growth < MAX_RSS_GROWTH, f"shard RSS grew {growth / MiB:.1f} MiB while the reader stalled"
+        assert stuck_at < MAX_IN_FLIGHT, (
+            f"origin pushed {stuck_at / MiB:.0f} MiB into a stalled reader"
+        )
+        assert growth < MAX_RSS_GROWTH, (
+            f"shard RSS grew {growth / MiB:.1f} MiB while the reader stalled"
+        )
         assert rec.error is None
         # Backpressure, not a dead relay: reading again lets the origin move on.
         recv_exact(s, 8 * MiB)
         wait_for(lambda: rec.tx.count > stuck_at + 4 * MiB, 10, what="the origin to resume")
-    print(f"{path}: origin blocked after {stuck_at / MiB:.1f} MiB, shard RSS +{growth / MiB:.2f} MiB")
-
+    print(
+        f"{path}: origin blocked after {stuck_at / MiB:.1f} MiB, shard RSS +{growth / MiB:.2f} MiB"
+    )

@@ -98,8 +98,13 @@ target = "127.0.0.1:80"
 
 
 def run(args: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([STANDALONE_BIN, *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [STANDALONE_BIN, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def write(tmp_path: Path, name: str, text: str) -> str:
@@ -121,15 +126,21 @@ def test_check_reports_every_error_with_its_line(tmp_path: Path) -> None:
     res = run(["--check", "--config", path])
     assert res.returncode == 2, (res.returncode, res.stderr)
     assert "Traceback" not in res.stderr
-    errors = [ln for ln in res.stderr.splitlines() if ln.startswith(f"{path}:") and re.match(r"\d+:", ln[len(path) + 1:])]
+    errors = [
+        ln
+        for ln in res.stderr.splitlines()
+        if ln.startswith(f"{path}:") and re.match(r"\d+:", ln[len(path) + 1 :])
+    ]
     by_line: dict[int, list[str]] = {}
     for ln in errors:
-        num, _, msg = ln[len(path) + 1:].partition(": ")
+        num, _, msg = ln[len(path) + 1 :].partition(": ")
         by_line.setdefault(int(num), []).append(msg)
     assert sorted(by_line) == sorted(EXPECTED), f"error lines {sorted(by_line)}:\n{res.stderr}"
     for line, needle in EXPECTED.items():
         assert len(by_line[line]) == 1, f"line {line}: {by_line[line]}"
-        assert needle in by_line[line][0], f"line {line}: {by_line[line][0]!r} should mention {needle!r}"
+        assert needle in by_line[line][0], (
+            f"line {line}: {by_line[line][0]!r} should mention {needle!r}"
+        )
     assert f"{path}: {len(EXPECTED)} error(s); nothing started" in res.stderr
 
 
@@ -159,7 +170,9 @@ def test_run_with_invalid_file_starts_nothing(tmp_path: Path) -> None:
 
 
 def test_check_non_ascii_digits_are_an_error_not_a_crash(tmp_path: Path) -> None:
-    path = write(tmp_path, "sup.toml", '[[rule]]\nname = "x"\nlisten_ports = "²"\ntarget = "127.0.0.1:80"\n')
+    path = write(
+        tmp_path, "sup.toml", '[[rule]]\nname = "x"\nlisten_ports = "²"\ntarget = "127.0.0.1:80"\n'
+    )
     res = run(["--check", "--config", path])
     assert "Traceback" not in res.stderr
     assert res.returncode == 2

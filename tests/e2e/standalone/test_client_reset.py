@@ -21,12 +21,16 @@ def _reset(sock: socket.socket) -> None:
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("exchanges", [2, 64], ids=["fresh", "long-lived"])
-def test_client_reset_closes_the_upstream(standalone, origin, ports, path: str, exchanges: int) -> None:  # type: ignore[no-untyped-def]
+def test_client_reset_closes_the_upstream(
+    standalone, origin, ports, path: str, exchanges: int
+) -> None:  # type: ignore[no-untyped-def]
     """2 exchanges: the relay is still young; 64: well past the point where a
     spliced relay moves from the shard's poller to the loop's readers."""
     org = origin(echo)
     port = ports.port()
-    standalone([{"name": "rst", "listen_port": port, "target": org.address}], splice=path == "splice")
+    standalone(
+        [{"name": "rst", "listen_port": port, "target": org.address}], splice=path == "splice"
+    )
     s = connect(port)
     for i in range(exchanges):
         msg = f"ping {i:04d}\n".encode()
@@ -35,4 +39,6 @@ def test_client_reset_closes_the_upstream(standalone, origin, ports, path: str, 
     rec = org.wait_connections(1)[0]
     assert not rec.done.is_set()
     _reset(s)
-    wait_for(rec.done.is_set, 5, what="the origin's connection to be closed after the client's reset")
+    wait_for(
+        rec.done.is_set, 5, what="the origin's connection to be closed after the client's reset"
+    )

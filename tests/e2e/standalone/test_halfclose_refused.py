@@ -29,7 +29,9 @@ def test_client_half_close_then_full_reply(standalone, origin, ports, path: str)
     reply = Pattern(300 * KiB + 7, seed=11)
     org = origin(sink(reply))
     port = ports.port()
-    standalone([{"name": "hc", "listen_port": port, "target": org.address}], splice=path == "splice")
+    standalone(
+        [{"name": "hc", "listen_port": port, "target": org.address}], splice=path == "splice"
+    )
     request = Pattern(100 * KiB + 3, seed=12)
     with connect(port) as s:
         sent = send_pattern(s, request)
@@ -53,7 +55,9 @@ def test_origin_half_close_then_client_keeps_sending(standalone, origin, ports, 
     answer = Pattern(200 * KiB, seed=21)
     org = origin(source(answer, then_read=True))
     port = ports.port()
-    standalone([{"name": "hc2", "listen_port": port, "target": org.address}], splice=path == "splice")
+    standalone(
+        [{"name": "hc2", "listen_port": port, "target": org.address}], splice=path == "splice"
+    )
     late = Pattern(150 * KiB + 1, seed=22)
     with connect(port) as s:
         got = recv_all(s)  # EOF = the origin's half-close, passed on
@@ -69,8 +73,10 @@ def test_origin_half_close_then_client_keeps_sending(standalone, origin, ports, 
 def test_refused_target_closes_client_promptly_and_counts(standalone, ports) -> None:  # type: ignore[no-untyped-def]
     dead = ports.port()  # reserved for us and nothing listens on it
     port = ports.port()
-    proc = standalone([{"name": "nowhere", "listen_port": port, "target": f"127.0.0.1:{dead}"}],
-                      settings={"connect_timeout_secs": 5})
+    proc = standalone(
+        [{"name": "nowhere", "listen_port": port, "target": f"127.0.0.1:{dead}"}],
+        settings={"connect_timeout_secs": 5},
+    )
     before = proc.scrape().value("portunus_rule_connect_failures_total", rule="nowhere")
     assert before == 0
     with connect(port, timeout=5) as s:
@@ -82,9 +88,15 @@ def test_refused_target_closes_client_promptly_and_counts(standalone, ports) -> 
         elapsed = time.monotonic() - t0
     assert data == b"", "client got bytes from a rule whose target is down"
     assert elapsed < 1.0, f"client closed only after {elapsed:.2f}s"
-    wait_for(lambda: proc.scrape().value("portunus_rule_connect_failures_total", rule="nowhere") == 1,
-             5, what="portunus_rule_connect_failures_total == 1")
+    wait_for(
+        lambda: proc.scrape().value("portunus_rule_connect_failures_total", rule="nowhere") == 1,
+        5,
+        what="portunus_rule_connect_failures_total == 1",
+    )
     m = proc.scrape()
-    assert m.value("portunus_rule_connect_failures_total", rule="nowhere", client="local", owner="") == 1
+    assert (
+        m.value("portunus_rule_connect_failures_total", rule="nowhere", client="local", owner="")
+        == 1
+    )
     assert m.value("portunus_rule_bytes_in_total", rule="nowhere") == 0
     assert proc.wait_log("tcp.connect_failed", rule="nowhere")["error"] == "ECONNREFUSED"

@@ -34,7 +34,9 @@ def test_counters_while_open_and_exact_after_close(standalone, origin, ports, pa
     n_in, reply = MiB, Pattern(700 * KiB + 5, seed=3)
     org = origin(exchange(n_in, reply))
     port = ports.port()
-    proc = standalone([{"name": "m", "listen_port": port, "target": org.address}], splice=path == "splice")
+    proc = standalone(
+        [{"name": "m", "listen_port": port, "target": org.address}], splice=path == "splice"
+    )
     with connect(port) as s:
         send_pattern(s, Pattern(n_in, seed=4))
         got = recv_all(s, limit=reply.size)
@@ -42,16 +44,25 @@ def test_counters_while_open_and_exact_after_close(standalone, origin, ports, pa
         rec = org.wait_connections(1)[0]
         wait_for(lambda: rec.rx.count == n_in, 5, what="the origin to receive 1 MiB")
         # Open connection: counters lag by less than one flush unit, never lead.
-        m = wait_for(lambda: (x := proc.scrape()).value(IN, rule="m") >= n_in - FLUSH
-                     and x.value(OUT, rule="m") >= reply.size - FLUSH and x, 5,
-                     what="byte counters within 64 KiB while the connection is open")
+        m = wait_for(
+            lambda: (
+                (x := proc.scrape()).value(IN, rule="m") >= n_in - FLUSH
+                and x.value(OUT, rule="m") >= reply.size - FLUSH
+                and x
+            ),
+            5,
+            what="byte counters within 64 KiB while the connection is open",
+        )
         assert m.value(IN, rule="m") <= n_in
         assert m.value(OUT, rule="m") <= reply.size
         assert m.value("portunus_rule_active_connections", rule="m") == 1
         assert m.value("portunus_rule_connections_total", rule="m") == 1
     assert rec.done.wait(5)
-    m = wait_for(lambda: (x := proc.scrape()).value("portunus_rule_active_connections", rule="m") == 0
-                 and x, 5, what="the connection to be closed in the metrics")
+    m = wait_for(
+        lambda: (x := proc.scrape()).value("portunus_rule_active_connections", rule="m") == 0 and x,
+        5,
+        what="the connection to be closed in the metrics",
+    )
     assert m.value(IN, rule="m", client="local", owner="") == n_in
     assert m.value(OUT, rule="m", client="local", owner="") == reply.size
     assert m.value("portunus_rule_connections_total", rule="m") == 1
@@ -75,7 +86,9 @@ def test_counters_summed_across_shards(standalone, origin, ports) -> None:  # ty
                 return
             i, (n_in, n_out) = item
             try:
-                sent, got = client_duplex(port, Pattern(n_in, seed=i), Pattern(n_out, seed=1000 + i), i)
+                sent, got = client_duplex(
+                    port, Pattern(n_in, seed=i), Pattern(n_out, seed=1000 + i), i
+                )
                 if sent.count != n_in or got.count != n_out:
                     failures.append(f"conn {i}: {sent.count}/{n_in} in, {got.count}/{n_out} out")
             except OSError as exc:
@@ -89,14 +102,22 @@ def test_counters_summed_across_shards(standalone, origin, ports) -> None:  # ty
     assert failures == []
     want_in = sum(n for n, _ in sizes) + conns * REQUEST.size  # the request header is payload too
     want_out = sum(n for _, n in sizes)
-    m = wait_for(lambda: (x := proc.scrape()).value("portunus_rule_active_connections", rule="many") == 0
-                 and x.value("portunus_rule_connections_total", rule="many") == conns and x, 10,
-                 what="all connections closed in the metrics")
+    m = wait_for(
+        lambda: (
+            (x := proc.scrape()).value("portunus_rule_active_connections", rule="many") == 0
+            and x.value("portunus_rule_connections_total", rule="many") == conns
+            and x
+        ),
+        10,
+        what="all connections closed in the metrics",
+    )
     assert m.value(IN, rule="many") == want_in
     assert m.value(OUT, rule="many") == want_out
     # Both shards served some of them, so the scrape really is a sum over shards.
-    per_shard = {idx: multiproc_value(proc.metrics_dir / f"counter_{p.pid}.db", IN, rule="many")
-                 for idx, p in proc.shards().items()}
+    per_shard = {
+        idx: multiproc_value(proc.metrics_dir / f"counter_{p.pid}.db", IN, rule="many")
+        for idx, p in proc.shards().items()
+    }
     assert all(v > 0 for v in per_shard.values()), per_shard
     assert sum(per_shard.values()) == want_in
 
@@ -106,13 +127,24 @@ def test_directions_are_not_swapped(standalone, origin, ports) -> None:  # type:
     own direction and rule exactly."""
     org = origin(duplex_on_request)
     p1, p2 = ports.ports(2)
-    proc = standalone([{"name": "up", "listen_port": p1, "target": org.address},
-                       {"name": "down", "listen_port": p2, "target": org.address}])
+    proc = standalone(
+        [
+            {"name": "up", "listen_port": p1, "target": org.address},
+            {"name": "down", "listen_port": p2, "target": org.address},
+        ]
+    )
     tokens = itertools.count(1)
     client_duplex(p1, Pattern(2 * MiB, seed=1), Pattern(10, seed=2), next(tokens))
     client_duplex(p2, Pattern(10, seed=3), Pattern(3 * MiB, seed=4), next(tokens))
-    m = wait_for(lambda: (x := proc.scrape()).value("portunus_rule_active_connections") == 0
-                 and x.value(OUT, rule="down") == 3 * MiB and x, 5, what="counters to settle")
+    m = wait_for(
+        lambda: (
+            (x := proc.scrape()).value("portunus_rule_active_connections") == 0
+            and x.value(OUT, rule="down") == 3 * MiB
+            and x
+        ),
+        5,
+        what="counters to settle",
+    )
     assert m.value(IN, rule="up") == 2 * MiB + REQUEST.size
     assert m.value(OUT, rule="up") == 10
     assert m.value(IN, rule="down") == 10 + REQUEST.size

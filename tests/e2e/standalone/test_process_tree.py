@@ -15,12 +15,22 @@ def test_process_tree(standalone, origin, ports) -> None:  # type: ignore[no-unt
     org = origin(echo)
     proc = standalone([{"name": "t", "listen_port": ports.port(), "target": org.address}], shards=3)
     titles = sorted(proc.titled())
-    assert titles == ["portunus: metrics", "portunus: shard 0", "portunus: shard 1", "portunus: shard 2"]
+    assert titles == [
+        "portunus: metrics",
+        "portunus: shard 0",
+        "portunus: shard 1",
+        "portunus: shard 2",
+    ]
     root = psutil.Process(proc.pid)
     assert " ".join(root.cmdline()).strip() == "portunus: supervisor (standalone)"
     m = proc.scrape()
     assert {lab["process"] for lab in m.labels_of("portunus_process_resident_memory_bytes")} == {
-        "supervisor", "metrics", "shard-0", "shard-1", "shard-2"}
+        "supervisor",
+        "metrics",
+        "shard-0",
+        "shard-1",
+        "shard-2",
+    }
 
 
 def _gone(pids: list[int]) -> bool:
@@ -63,7 +73,9 @@ def test_teardown_kills_the_whole_tree(tmp_path, ports, origin) -> None:  # type
     org = origin(echo)
     factory = StandaloneFactory(tmp_path, ports)
     try:
-        proc = factory([{"name": "k", "listen_port": ports.port(), "target": org.address}], shards=2)
+        proc = factory(
+            [{"name": "k", "listen_port": ports.port(), "target": org.address}], shards=2
+        )
         pids = [proc.pid, *(p.pid for p in proc.children())]
         proc.send_signal(signal.SIGKILL)
         proc.wait_exit(5)

@@ -33,8 +33,9 @@ def test_sighup_adds_removes_and_keeps_unchanged(standalone, origin, ports) -> N
     keep = {"name": "keep", "listen_port": keep_p, "target": keep_o.address}
     gone = {"name": "gone", "listen_port": gone_p, "target": gone_o.address}
     moved_before = {"name": "moved", "listen_port": move_p, "target": old_t.address}
-    proc = standalone([keep, gone, moved_before], shards=2,
-                      settings={"shutdown_drain_timeout_secs": DRAIN})
+    proc = standalone(
+        [keep, gone, moved_before], shards=2, settings={"shutdown_drain_timeout_secs": DRAIN}
+    )
     assert connection_refused(new_p)
 
     keep_conn = connect(keep_p)
@@ -79,7 +80,9 @@ def test_sighup_adds_removes_and_keeps_unchanged(standalone, origin, ports) -> N
             tail = b""
         assert tail == b""
         cut_after = time.monotonic() - reloaded_at
-        assert DRAIN - 0.5 <= cut_after < DRAIN + 3.0, f"drain of the removed rule ended after {cut_after:.2f}s (timeout {DRAIN}s)"
+        assert DRAIN - 0.5 <= cut_after < DRAIN + 3.0, (
+            f"drain of the removed rule ended after {cut_after:.2f}s (timeout {DRAIN}s)"
+        )
         # The unchanged rule's connection was not part of that drain.
         assert roundtrip_on(keep_conn, b"still\n") == b"still\n"
     finally:
@@ -98,8 +101,9 @@ def test_invalid_reload_changes_nothing(standalone, origin, ports) -> None:  # t
     try:
         assert roundtrip_on(open_conn, b"x\n") == b"x\n"
         # Drops b, adds c, but also carries an error: nothing of it may be applied.
-        proc.write_config(rules=[a, {"name": "c", "listen_port": c_p, "target": b_o.address,
-                                     "bogus": 1}])
+        proc.write_config(
+            rules=[a, {"name": "c", "listen_port": c_p, "target": b_o.address, "bogus": 1}]
+        )
         rec = proc.reload("config.invalid")
         assert any(f"{proc.config_path}:" in e and "bogus" in e for e in rec["errors"]), rec
         assert rec["level"] == "error"

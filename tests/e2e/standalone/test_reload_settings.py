@@ -69,7 +69,11 @@ def test_reload_lowers_udp_max_flows_on_a_served_port(standalone, ports, udp_ech
     need = proc.wait_log("config.restart_required", since=mark)
     assert need["keys"] == ["metrics_listen"]
     # Both shards took the new limit before the flows below start.
-    wait_for(lambda: len(proc.events("shard.reconfigured", since=mark)) == 2, 5, what="both shards reconfigured")
+    wait_for(
+        lambda: len(proc.events("shard.reconfigured", since=mark)) == 2,
+        5,
+        what="both shards reconfigured",
+    )
     assert proc.events("shard.reconfigured", since=mark)[0]["keys"] == ["udp_max_flows"]
     addr = (LOOPBACK, port)
     flows = [_flow(addr, f"f{i}".encode()) for i in range(3)]

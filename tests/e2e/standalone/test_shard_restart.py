@@ -75,8 +75,11 @@ def test_sigkill_shard_during_connect_loop(standalone, origin, ports) -> None:  
         os.kill(victim.pid, signal.SIGKILL)
         kill_at = time.monotonic()
         # The shard is back: a new process under the same title.
-        new = wait_for(lambda: (s := proc.shards().get(0)) is not None and s.pid != victim.pid and s,
-                       5, what="shard 0 to be respawned")
+        new = wait_for(
+            lambda: (s := proc.shards().get(0)) is not None and s.pid != victim.pid and s,
+            5,
+            what="shard 0 to be respawned",
+        )
         respawn_secs = time.monotonic() - kill_at
         while time.monotonic() - kill_at < 2.0:
             time.sleep(0.05)
@@ -93,8 +96,11 @@ def test_sigkill_shard_during_connect_loop(standalone, origin, ports) -> None:  
     assert respawn_secs < 2.0
     assert new.cmdline() and " ".join(new.cmdline()).strip() == "portunus: shard 0"
     assert proc.shards()[1].pid == survivor.pid, "the other shard was restarted too"
-    wait_for(lambda: proc.scrape().value("portunus_shard_restarts_total", shard="0") == 1, 5,
-             what="portunus_shard_restarts_total{shard=0} == 1")
+    wait_for(
+        lambda: proc.scrape().value("portunus_shard_restarts_total", shard="0") == 1,
+        5,
+        what="portunus_shard_restarts_total{shard=0} == 1",
+    )
     m = proc.scrape()
     assert m.value("portunus_shard_restarts_total") == 1
     rec = proc.wait_log("shard.restarted", child="shard-0")

@@ -45,8 +45,10 @@ def relays(standalone_module, origin_srv: Origin, ports) -> dict[str, Relay]:  #
     out: dict[str, Relay] = {}
     for path in PATHS:
         port = ports.port()
-        proc = standalone_module([{"name": "fwd", "listen_port": port, "target": origin_srv.address}],
-                                 splice=path == "splice")
+        proc = standalone_module(
+            [{"name": "fwd", "listen_port": port, "target": origin_srv.address}],
+            splice=path == "splice",
+        )
         pipes = sum(pipe_fds(p.pid) for p in proc.shards().values())
         out[path] = Relay(proc, port, pipes)
     return out
@@ -57,8 +59,11 @@ def transfer(relay: Relay, origin_srv: Origin, size_in: int, size_out: int) -> N
     send = Pattern(size_in, seed=2 * token)
     reply = Pattern(size_out, seed=2 * token + 1)
     sent, received = client_duplex(relay.port, send, reply, token)
-    rec = wait_for(lambda: next((r for r in origin_srv.records if r.extra.get("token") == token), None),
-                   10, what=f"origin record for token {token}")
+    rec = wait_for(
+        lambda: next((r for r in origin_srv.records if r.extra.get("token") == token), None),
+        10,
+        what=f"origin record for token {token}",
+    )
     assert rec.done.wait(30), "origin handler did not finish"
     assert rec.error is None, f"origin failed: {rec.error!r}"
     # client -> target
@@ -73,7 +78,9 @@ def transfer(relay: Relay, origin_srv: Origin, size_in: int, size_out: int) -> N
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("size", [1, MiB, 20 * MiB], ids=["1B", "1MiB", "20MiB"])
-def test_bytes_both_ways(relays: dict[str, Relay], origin_srv: Origin, path: str, size: int) -> None:
+def test_bytes_both_ways(
+    relays: dict[str, Relay], origin_srv: Origin, path: str, size: int
+) -> None:
     transfer(relays[path], origin_srv, size, size)
 
 

@@ -20,11 +20,17 @@ class Metrics:
                 self.samples.setdefault(s.name, []).append((dict(s.labels), float(s.value)))
 
     def value(self, name: str, default: float = 0.0, **labels: str) -> float:
-        found = [v for lab, v in self.samples.get(name, []) if all(lab.get(k) == w for k, w in labels.items())]
+        found = [
+            v
+            for lab, v in self.samples.get(name, [])
+            if all(lab.get(k) == w for k, w in labels.items())
+        ]
         return sum(found) if found else default
 
     def has(self, name: str, **labels: str) -> bool:
-        return any(all(lab.get(k) == w for k, w in labels.items()) for lab, _ in self.samples.get(name, []))
+        return any(
+            all(lab.get(k) == w for k, w in labels.items()) for lab, _ in self.samples.get(name, [])
+        )
 
     def labels_of(self, name: str) -> list[dict[str, str]]:
         return [lab for lab, _ in self.samples.get(name, [])]
@@ -48,4 +54,3 @@ def scrape(url: str, timeout: float = 5.0) -> Metrics:
         if resp.status != 200:
             raise OSError(f"{url} answered {resp.status}")
         return Metrics(resp.read().decode())
-

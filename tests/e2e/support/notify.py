@@ -17,7 +17,9 @@ class FakeNotify:
     the monotonic time it was read at."""
 
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="ptn-notify-", dir="/tmp")  # short: sun_path is 108 bytes
+        self.dir = tempfile.mkdtemp(
+            prefix="ptn-notify-", dir="/tmp"
+        )  # short: sun_path is 108 bytes
         self.path = os.path.join(self.dir, "notify")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.path)
@@ -39,9 +41,15 @@ class FakeNotify:
     def count(self, key: str, value: str = "1") -> int:
         return sum(1 for m in self.poll() if m.get(key) == value)
 
-    def wait(self, key: str, value: str = "1", since: int = 0, timeout: float = 10.0) -> dict[str, str]:
-        return wait_for(lambda: next((m for m in self.poll()[since:] if m.get(key) == value), None),
-                        timeout, interval=0.002, what=f"{key}={value} on the notify socket (got {self.messages})")
+    def wait(
+        self, key: str, value: str = "1", since: int = 0, timeout: float = 10.0
+    ) -> dict[str, str]:
+        return wait_for(
+            lambda: next((m for m in self.poll()[since:] if m.get(key) == value), None),
+            timeout,
+            interval=0.002,
+            what=f"{key}={value} on the notify socket (got {self.messages})",
+        )
 
     def close(self) -> None:
         self.sock.close()

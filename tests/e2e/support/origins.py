@@ -44,10 +44,14 @@ class Origin:
     shuts down every open connection (which unblocks the handlers) and joins.
     """
 
-    def __init__(self, handler: Handler, port: int = 0, backlog: int = 1024, host: str = LOOPBACK) -> None:
+    def __init__(
+        self, handler: Handler, port: int = 0, backlog: int = 1024, host: str = LOOPBACK
+    ) -> None:
         self.handler = handler
         self.host = host
-        self.lsock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self.lsock = socket.socket(
+            socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM
+        )
         self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.lsock.bind((host, port))
         self.lsock.listen(backlog)
@@ -57,7 +61,9 @@ class Origin:
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._acceptor = threading.Thread(target=self._accept_loop, name=f"origin-{self.port}", daemon=True)
+        self._acceptor = threading.Thread(
+            target=self._accept_loop, name=f"origin-{self.port}", daemon=True
+        )
         self._acceptor.start()
 
     @property
@@ -92,7 +98,9 @@ class Origin:
             rec.done.set()
 
     def wait_connections(self, n: int, timeout: float = 10.0) -> list[ConnRecord]:
-        wait_for(lambda: len(self.records) >= n, timeout, what=f"{n} origin connection(s) on {self.port}")
+        wait_for(
+            lambda: len(self.records) >= n, timeout, what=f"{n} origin connection(s) on {self.port}"
+        )
         return self.records[:n]
 
     def close(self) -> None:
@@ -210,8 +218,9 @@ def duplex_on_request(conn: socket.socket, rec: ConnRecord) -> None:
     duplex(Pattern(size, seed))(conn, rec)
 
 
-def client_duplex(port: int, send: Pattern, reply: Pattern, token: int,
-                  timeout: float = 60.0) -> tuple[Digest, Digest]:
+def client_duplex(
+    port: int, send: Pattern, reply: Pattern, token: int, timeout: float = 60.0
+) -> tuple[Digest, Digest]:
     """Client side of ``duplex_on_request``: send ``send`` while receiving the
     reply, both at once; returns (sent, received) digests (header excluded)."""
     with connect(port, timeout) as s:
@@ -273,4 +282,3 @@ def push_forever(chunk: int = 64 * KiB) -> Handler:
                 rec.tx.count += len(data)
 
     return handler
-

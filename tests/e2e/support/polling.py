@@ -11,8 +11,12 @@ import psutil
 T = TypeVar("T")
 
 
-def wait_for(cond: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,
-             what: str | Callable[[], str] = "condition") -> T:
+def wait_for(
+    cond: Callable[[], T],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str | Callable[[], str] = "condition",
+) -> T:
     """Poll ``cond`` until it returns something truthy and return that value.
 
     Exceptions from ``cond`` count as "not yet" (a port not listening yet, a

@@ -99,11 +99,9 @@ def listening_ports(host: str = LOOPBACK) -> set[int]:
     return out
 
 
-
 def connection_refused(port: int, host: str = LOOPBACK) -> bool:
     """True if a connect to ``host:port`` is refused right now (nothing listening)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(2.0)
         err = s.connect_ex((host, port))
         return err == errno.ECONNREFUSED
-

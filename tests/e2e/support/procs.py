@@ -35,8 +35,11 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     inherited ``PORTUNUS_*`` setting (a runtime dir, token, data dir or log format
     of the shell running the tests) except the relay switches in ``_PASS_THROUGH``,
     then ``extra``: what the test means to set."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in _SYSTEMD_VARS and (not k.startswith("PORTUNUS_") or k in _PASS_THROUGH)}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _SYSTEMD_VARS and (not k.startswith("PORTUNUS_") or k in _PASS_THROUGH)
+    }
     env.update(extra or {})
     return env
 
@@ -64,8 +67,15 @@ class ManagedProc:
     say what ``wait_ready`` means for their program.
     """
 
-    def __init__(self, argv: list[str], *, workdir: Path, env: dict[str, str] | None = None,
-                 name: str = "proc", metrics_port: int | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        *,
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        name: str = "proc",
+        metrics_port: int | None = None,
+    ) -> None:
         self.argv = argv
         self.workdir = workdir
         self.name = name
@@ -81,8 +91,13 @@ class ManagedProc:
     def start(self) -> None:
         with open(self.stderr_path, "ab") as err, open(self.stdout_path, "ab") as out:
             self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=self.env,
-                cwd=self.workdir, start_new_session=True,
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=self.env,
+                cwd=self.workdir,
+                start_new_session=True,
             )
         self.known_pids.add(self.proc.pid)
         WATCH.watch(self.stderr_path)
@@ -105,8 +120,10 @@ class ManagedProc:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.name} (pid {self.pid}) still running after {timeout}s\n"
-                                 + self.stderr_tail()) from None
+            raise AssertionError(
+                f"{self.name} (pid {self.pid}) still running after {timeout}s\n"
+                + self.stderr_tail()
+            ) from None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         """Signal the root and wait for it to exit; returns its exit code."""
@@ -143,8 +160,11 @@ class ManagedProc:
         """``supervisor.ready`` logged after record ``since`` and ``shards`` shard
         processes running under their titles: the first half of every ``wait_ready``."""
         self.wait_log("supervisor.ready", since=since, timeout=timeout)
-        wait_for(lambda: len(self.shards()) == shards, timeout,
-                 what=lambda: f"{shards} shard process(es)\n" + self.stderr_tail())
+        wait_for(
+            lambda: len(self.shards()) == shards,
+            timeout,
+            what=lambda: f"{shards} shard process(es)\n" + self.stderr_tail(),
+        )
 
     def cleanup(self) -> None:
         """Teardown whatever the test's outcome: kill the tree (subclasses also
@@ -162,8 +182,11 @@ class ManagedProc:
         return scrape(self.metrics_url)
 
     def wait_metrics(self, timeout: float) -> None:
-        wait_for(lambda: self.scrape() is not None, timeout,
-                 what=lambda: f"{self.metrics_url} to answer\n" + self.stderr_tail())
+        wait_for(
+            lambda: self.scrape() is not None,
+            timeout,
+            what=lambda: f"{self.metrics_url} to answer\n" + self.stderr_tail(),
+        )
 
     # ---- process tree
 
@@ -222,11 +245,15 @@ class ManagedProc:
         return len(self.logs())
 
     def events(self, event: str, since: int = 0, **fields: Any) -> list[dict[str, Any]]:
-        return [r for r in self.logs()[since:]
-                if r.get("event") == event and all(r.get(k) == v for k, v in fields.items())]
+        return [
+            r
+            for r in self.logs()[since:]
+            if r.get("event") == event and all(r.get(k) == v for k, v in fields.items())
+        ]
 
-    def wait_log(self, event: str | tuple[str, ...], since: int = 0, timeout: float = 10.0,
-                 **fields: Any) -> dict[str, Any]:
+    def wait_log(
+        self, event: str | tuple[str, ...], since: int = 0, timeout: float = 10.0, **fields: Any
+    ) -> dict[str, Any]:
         """Wait for a log record with ``event`` (one of, if a tuple) written after
         record number ``since``; return it."""
         names = (event,) if isinstance(event, str) else event
@@ -236,10 +263,16 @@ class ManagedProc:
                 if r.get("event") in names and all(r.get(k) == v for k, v in fields.items()):
                     return r
             if not self.alive():
-                raise AssertionError(f"{self.name} exited ({self.proc.returncode if self.proc else '?'})")
+                raise AssertionError(
+                    f"{self.name} exited ({self.proc.returncode if self.proc else '?'})"
+                )
             return None
 
-        return wait_for(found, timeout, what=lambda: f"log event {names} from {self.name}\n" + self.stderr_tail())
+        return wait_for(
+            found,
+            timeout,
+            what=lambda: f"log event {names} from {self.name}\n" + self.stderr_tail(),
+        )
 
 
 P = TypeVar("P", bound=ManagedProc)

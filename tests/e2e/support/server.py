@@ -106,9 +106,17 @@ class ServerProc(ManagedProc):
     the stderr log is appended to, so ``log_mark`` separates the runs.
     """
 
-    def __init__(self, *, workdir: Path, data_dir: Path, ports: PortAllocator,
-                 settings: dict[str, Any] | None = None, shards: int = 1,
-                 env: dict[str, str] | None = None, name: str = "server") -> None:
+    def __init__(
+        self,
+        *,
+        workdir: Path,
+        data_dir: Path,
+        ports: PortAllocator,
+        settings: dict[str, Any] | None = None,
+        shards: int = 1,
+        env: dict[str, str] | None = None,
+        name: str = "server",
+    ) -> None:
         self.data_dir = data_dir
         self.shard_count = shards
         self.api_port, metrics_port, self.control_port = ports.ports(3)
@@ -177,8 +185,11 @@ class ServerProc(ManagedProc):
         """Ready = ``supervisor.ready`` logged by this run, every shard running under
         its title, control and web running, and /v1/health answering 200."""
         self.wait_supervisor_ready(self.shard_count, timeout, since=self.start_mark)
-        wait_for(lambda: self.child("control") and self.child("web"), timeout,
-                 what=lambda: "control and web processes\n" + self.stderr_tail())
+        wait_for(
+            lambda: self.child("control") and self.child("web"),
+            timeout,
+            what=lambda: "control and web processes\n" + self.stderr_tail(),
+        )
         wait_for(self.health_ok, timeout, what=lambda: "/v1/health 200\n" + self.stderr_tail())
 
     def restart(self, timeout: float = 20.0) -> None:
@@ -208,16 +219,29 @@ class ServerProc(ManagedProc):
         out.update(env or {})
         return out
 
-    def cli(self, *args: str, token: Any = None, env: dict[str, str] | None = None,
-            timeout: float = 30.0, data_dir: Path | None = None) -> CliResult:
+    def cli(
+        self,
+        *args: str,
+        token: Any = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 30.0,
+        data_dir: Path | None = None,
+    ) -> CliResult:
         """``portunus-server --data-dir D ARGS...``; never raises on a non-zero exit.
 
         ``token=None`` sets no ``PORTUNUS_OPERATOR_TOKEN`` (the CLI then reads
         D/operator.token, as an operator would); a string or ``OPERATOR_TOKEN`` sets it.
         """
         argv = [SERVER_BIN, "--data-dir", str(data_dir or self.data_dir), *args]
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                             env=self.cli_env(token, env), cwd=self.workdir, stdin=subprocess.DEVNULL)
+        res = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.cli_env(token, env),
+            cwd=self.workdir,
+            stdin=subprocess.DEVNULL,
+        )
         WATCH.harvest(res.stdout)
         WATCH.harvest(res.stderr)
         return CliResult(res.args, res.returncode, res.stdout, res.stderr)
@@ -226,12 +250,21 @@ class ServerProc(ManagedProc):
         """``cli(*args, "--format", "json")``, asserting the exit code; the parsed stdout."""
         res = self.cli(*args, "--format", "json", token=token)
         assert res.returncode == expect_rc, (
-            f"{args} exited {res.returncode}, wanted {expect_rc}\nstdout: {res.stdout}\nstderr: {res.stderr}")
+            f"{args} exited {res.returncode}, wanted {expect_rc}\nstdout: {res.stdout}\nstderr: {res.stderr}"
+        )
         return json.loads(res.stdout) if res.stdout.strip() else None
 
-    def http(self, method: str, path: str, body: Any = None, *, token: Any = OPERATOR_TOKEN,
-             raw: bytes | None = None, headers: dict[str, str] | None = None,
-             timeout: float = 15.0) -> ApiResponse:
+    def http(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        token: Any = OPERATOR_TOKEN,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 15.0,
+    ) -> ApiResponse:
         """One request to the API; ``body`` is sent as JSON, ``raw`` as-is; ``token=None``
         sends no Authorization header."""
         hdrs = dict(headers or {})
@@ -246,14 +279,22 @@ class ServerProc(ManagedProc):
         try:
             conn.request(method, path, body=data, headers=hdrs)
             resp = conn.getresponse()
-            answer = ApiResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+            answer = ApiResponse(
+                resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+            )
             WATCH.harvest(answer.body)
             return answer
         finally:
             conn.close()
 
-    def rpc(self, method: str, params: dict[str, Any] | None = None, *, token: Any = OPERATOR_TOKEN,
-            timeout: float = 30.0) -> Any:
+    def rpc(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        token: Any = OPERATOR_TOKEN,
+        timeout: float = 30.0,
+    ) -> Any:
         """One control-socket request (``portunus.control.client.call_sync``);
         raises ``PortunusError`` on an error reply."""
         from portunus.control.client import call_sync
@@ -278,14 +319,28 @@ class ServerFactory(ProcFactory[ServerProc]):
     """Starts ServerProcs under ``workdir`` (data dir ``workdir/<name>``); every
     tree is killed and its runtime dir removed at ``close``."""
 
-    def __call__(self, *, shards: int = 1, settings: dict[str, Any] | None = None,
-                 env: dict[str, str] | None = None, ready: bool = True, start: bool = True,
-                 data_dir: Path | None = None,
-                 wrap: Callable[[list[str]], list[str]] | None = None) -> ServerProc:
+    def __call__(
+        self,
+        *,
+        shards: int = 1,
+        settings: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        ready: bool = True,
+        start: bool = True,
+        data_dir: Path | None = None,
+        wrap: Callable[[list[str]], list[str]] | None = None,
+    ) -> ServerProc:
         """``wrap`` rewrites the argv (e.g. to run the server in a mount namespace)."""
         name = f"server{len(self.procs)}"
-        proc = ServerProc(workdir=self.workdir, data_dir=data_dir or self.workdir / name, ports=self.ports,
-                          settings=settings, shards=shards, env=env, name=name)
+        proc = ServerProc(
+            workdir=self.workdir,
+            data_dir=data_dir or self.workdir / name,
+            ports=self.ports,
+            settings=settings,
+            shards=shards,
+            env=env,
+            name=name,
+        )
         if wrap is not None:
             proc.argv = wrap(proc.argv)
         return self.launch(proc, start=start, ready=ready)

@@ -20,9 +20,17 @@ STANDALONE_BIN = os.environ.get("PORTUNUS_E2E_STANDALONE") or str(VENV_BIN / "po
 class StandaloneProc(ManagedProc):
     """``portunus-standalone --config F [--shards N]`` with its TOML written for it."""
 
-    def __init__(self, *, workdir: Path, metrics_port: int, rules: list[dict[str, Any]],
-                 settings: dict[str, Any] | None = None, shards: int = 1,
-                 env: dict[str, str] | None = None, name: str = "standalone") -> None:
+    def __init__(
+        self,
+        *,
+        workdir: Path,
+        metrics_port: int,
+        rules: list[dict[str, Any]],
+        settings: dict[str, Any] | None = None,
+        shards: int = 1,
+        env: dict[str, str] | None = None,
+        name: str = "standalone",
+    ) -> None:
         self.config_path = workdir / f"{name}.toml"
         self.shard_count = shards
         self.settings: dict[str, Any] = {
@@ -43,8 +51,9 @@ class StandaloneProc(ManagedProc):
         """The PROMETHEUS_MULTIPROC_DIR the supervisor prepared."""
         return Path(self.env["PORTUNUS_RUNTIME_DIR"]) / "metrics"
 
-    def write_config(self, rules: list[dict[str, Any]] | None = None,
-                     settings: dict[str, Any] | None = None) -> None:
+    def write_config(
+        self, rules: list[dict[str, Any]] | None = None, settings: dict[str, Any] | None = None
+    ) -> None:
         if rules is not None:
             self.rules = list(rules)
         if settings is not None:
@@ -76,7 +85,9 @@ class StandaloneProc(ManagedProc):
         for port in self.rule_ports():
             wait_for(lambda p=port: p in listening_ports(), timeout, what=f"port {port} in LISTEN")
 
-    def reload(self, expect: str | tuple[str, ...] = "config.reloaded", timeout: float = 10.0) -> dict[str, Any]:
+    def reload(
+        self, expect: str | tuple[str, ...] = "config.reloaded", timeout: float = 10.0
+    ) -> dict[str, Any]:
         """SIGHUP and wait for the reload's outcome in the log (``config.reloaded``
         or ``config.invalid``); returns that record."""
         mark = self.log_mark()
@@ -91,12 +102,28 @@ class StandaloneProc(ManagedProc):
 class StandaloneFactory(ProcFactory[StandaloneProc]):
     """Starts StandaloneProcs in ``workdir``; every tree is killed at ``close``."""
 
-    def __call__(self, rules: list[dict[str, Any]], *, shards: int = 1,
-                 settings: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-                 splice: bool = True, ready: bool = True) -> StandaloneProc:
+    def __call__(
+        self,
+        rules: list[dict[str, Any]],
+        *,
+        shards: int = 1,
+        settings: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        splice: bool = True,
+        ready: bool = True,
+    ) -> StandaloneProc:
         extra_env = dict(env or {})
         if not splice:
             extra_env["PORTUNUS_NO_SPLICE"] = "1"
-        return self.launch(StandaloneProc(workdir=self.workdir, metrics_port=self.ports.port(), rules=rules,
-                                          settings=settings, shards=shards, env=extra_env,
-                                          name=f"standalone{len(self.procs)}"), ready=ready)
+        return self.launch(
+            StandaloneProc(
+                workdir=self.workdir,
+                metrics_port=self.ports.port(),
+                rules=rules,
+                settings=settings,
+                shards=shards,
+                env=extra_env,
+                name=f"standalone{len(self.procs)}",
+            ),
+            ready=ready,
+        )

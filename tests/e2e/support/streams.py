@@ -64,8 +64,12 @@ def send_pattern(sock: socket.socket, pattern: Pattern, digest: Digest | None = 
     return d
 
 
-def recv_all(sock: socket.socket, digest: Digest | None = None, limit: int | None = None,
-             bufsize: int = 256 * KiB) -> Digest:
+def recv_all(
+    sock: socket.socket,
+    digest: Digest | None = None,
+    limit: int | None = None,
+    bufsize: int = 256 * KiB,
+) -> Digest:
     """Read until EOF (or ``limit`` bytes) into a digest."""
     d = digest or Digest()
     buf = bytearray(bufsize)
@@ -90,8 +94,9 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(out)
 
 
-def connect(port: int, timeout: float = 5.0, host: str = LOOPBACK,
-            rcvbuf: int | None = None) -> socket.socket:
+def connect(
+    port: int, timeout: float = 5.0, host: str = LOOPBACK, rcvbuf: int | None = None
+) -> socket.socket:
     """A blocking client socket connected to ``host:port``."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
@@ -110,4 +115,3 @@ def echo_roundtrip(port: int, payload: bytes = b"ping\n", timeout: float = 5.0) 
     with connect(port, timeout) as s:
         s.sendall(payload)
         return recv_exact(s, len(payload)) == payload
-

@@ -26,4 +26,3 @@ def standalone_toml(settings: dict[str, Any], rules: Iterable[dict[str, Any]]) -
     for rule in rules:
         lines += ["", "[[rule]]"] + [f"{k} = {toml_value(v)}" for k, v in rule.items()]
     return "\n".join(lines) + "\n"
-

@@ -90,15 +90,27 @@ def clients() -> Iterator[Callable[[int], list[socket.socket]]]:
         c.close()
 
 
-def start_udp(standalone, ports, echo: UdpEcho, *, shards: int = 1,  # type: ignore[no-untyped-def]
-              **settings: object) -> tuple[StandaloneProc, tuple[str, int]]:
+def start_udp(
+    standalone,
+    ports,
+    echo: UdpEcho,
+    *,
+    shards: int = 1,  # type: ignore[no-untyped-def]
+    **settings: object,
+) -> tuple[StandaloneProc, tuple[str, int]]:
     port = ports.port()
-    proc = standalone([{"name": RULE, "protocol": "udp", "listen_port": port, "target": echo.address}],
-                      shards=shards, settings=settings)
+    proc = standalone(
+        [{"name": RULE, "protocol": "udp", "listen_port": port, "target": echo.address}],
+        shards=shards,
+        settings=settings,
+    )
     # The shards serve the rule once its series exist; datagrams sent earlier would
     # wait in the (already bound) sockets anyway.
-    wait_for(lambda: proc.scrape().has("portunus_rule_connections_total", rule=RULE), 10,
-             what="rule series in /metrics")
+    wait_for(
+        lambda: proc.scrape().has("portunus_rule_connections_total", rule=RULE),
+        10,
+        what="rule series in /metrics",
+    )
     return proc, (LOOPBACK, port)
 
 
@@ -130,7 +142,9 @@ def exchange(cs: list[socket.socket], addr: tuple[str, int], rounds: int, tag: s
 # ------------------------------------------------------------------------ tests
 
 
-def test_fifty_concurrent_flows_each_get_their_own_echoes(standalone, ports, udp_echo, clients) -> None:  # type: ignore[no-untyped-def]
+def test_fifty_concurrent_flows_each_get_their_own_echoes(
+    standalone, ports, udp_echo, clients
+) -> None:  # type: ignore[no-untyped-def]
     proc, addr = start_udp(standalone, ports, udp_echo)
     cs = clients(50)
     sent = exchange(cs, addr, rounds=4)
@@ -138,8 +152,12 @@ def test_fifty_concurrent_flows_each_get_their_own_echoes(standalone, ports, udp
     assert len(by_client) == 50
     assert all(len(srcs) == 1 for srcs in by_client.values()), "a client used two upstream sockets"
     assert len(set().union(*by_client.values())) == 50, "two clients shared an upstream socket"
-    wait_for(lambda: value(proc, "portunus_rule_bytes_in_total") == sent, 5, what="bytes in == sent")
-    wait_for(lambda: value(proc, "portunus_rule_bytes_out_total") == sent, 5, what="bytes out == sent")
+    wait_for(
+        lambda: value(proc, "portunus_rule_bytes_in_total") == sent, 5, what="bytes in == sent"
+    )
+    wait_for(
+        lambda: value(proc, "portunus_rule_bytes_out_total") == sent, 5, what="bytes out == sent"
+    )
     m = proc.scrape()
     assert m.value("portunus_rule_datagrams_in_total", rule=RULE) == 200
     assert m.value("portunus_rule_datagrams_out_total", rule=RULE) == 200
@@ -170,8 +188,13 @@ def test_overflow_dropped_and_counted_across_shards(standalone, ports, udp_echo,
     for c in extra:
         c.sendto(b"over/1", addr)
         c.sendto(b"over/2", addr)
-    wait_for(lambda: value(proc, "portunus_udp_flows_dropped_overflow_total") == 30, 5,
-             what=lambda: f"30 overflow drops (have {value(proc, 'portunus_udp_flows_dropped_overflow_total')})")
+    wait_for(
+        lambda: value(proc, "portunus_udp_flows_dropped_overflow_total") == 30,
+        5,
+        what=lambda: (
+            f"30 overflow drops (have {value(proc, 'portunus_udp_flows_dropped_overflow_total')})"
+        ),
+    )
     for c in extra:
         c.settimeout(0.05)
         with pytest.raises(TimeoutError):
@@ -207,7 +230,9 @@ def test_two_shards_keep_each_flow_on_one_shard(standalone, ports, udp_echo, cli
     assert value(proc, "portunus_udp_flows_active") == 64
 
 
-def test_reload_retargets_flows_and_removal_closes_them(standalone, ports, udp_echo, clients) -> None:  # type: ignore[no-untyped-def]
+def test_reload_retargets_flows_and_removal_closes_them(
+    standalone, ports, udp_echo, clients
+) -> None:  # type: ignore[no-untyped-def]
     proc, addr = start_udp(standalone, ports, udp_echo, shards=2)
     cs = clients(8)
     exchange(cs, addr, rounds=1)
@@ -225,7 +250,9 @@ def test_reload_retargets_flows_and_removal_closes_them(standalone, ports, udp_e
         assert value(proc, "portunus_udp_flows_active") == 8
         proc.write_config(rules=[])
         proc.reload()
-        wait_for(lambda: value(proc, "portunus_udp_flows_active") == 0, 5, what="flows closed on removal")
+        wait_for(
+            lambda: value(proc, "portunus_udp_flows_active") == 0, 5, what="flows closed on removal"
+        )
         assert value(proc, "portunus_rule_active_connections") == 0
         assert proc.alive()
     finally:

@@ -37,7 +37,9 @@ class _Handler(socketserver.StreamRequestHandler):
             if callable(reply):
                 reply = reply(req.get("params", {}))
             if reply is None:
-                reply = PortunusError("internal", f"fake control: no canned reply for {req['method']}")
+                reply = PortunusError(
+                    "internal", f"fake control: no canned reply for {req['method']}"
+                )
             if isinstance(reply, PortunusError):
                 body = {"id": req["id"], "error": reply.to_dict()}
             else:
@@ -73,8 +75,14 @@ class FakeControl:
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     """No operator's real environment or /etc/portunus token leaks into a test."""
-    for var in ("PORTUNUS_OPERATOR_TOKEN", "PORTUNUS_TOKEN_FILE", "PORTUNUS_SOCKET",
-                "PORTUNUS_DATA_DIR", "PORTUNUS_CONFIG", "PORTUNUS_RUNTIME_DIR"):
+    for var in (
+        "PORTUNUS_OPERATOR_TOKEN",
+        "PORTUNUS_TOKEN_FILE",
+        "PORTUNUS_SOCKET",
+        "PORTUNUS_DATA_DIR",
+        "PORTUNUS_CONFIG",
+        "PORTUNUS_RUNTIME_DIR",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(common, "SYSTEM_TOKEN_FILE", str(tmp_path / "etc-portunus-operator.token"))
 
@@ -103,11 +111,15 @@ def run(control: FakeControl) -> Callable[..., Result]:
     """Invoke ``portunus-server --data-dir <fake's dir> ARGS`` with a token in the env
     (pass ``env={"PORTUNUS_OPERATOR_TOKEN": None}`` to drop it)."""
 
-    def _run(*args: str, env: dict[str, str | None] | None = None, data_dir: str | None = None) -> Result:
+    def _run(
+        *args: str, env: dict[str, str | None] | None = None, data_dir: str | None = None
+    ) -> Result:
         full_env: dict[str, str | None] = {"PORTUNUS_OPERATOR_TOKEN": TOKEN}
         full_env.update(env or {})
         return CliRunner().invoke(
-            cli, ["--data-dir", data_dir or control.data_dir, *args], env=full_env,
+            cli,
+            ["--data-dir", data_dir or control.data_dir, *args],
+            env=full_env,
             prog_name="portunus-server",
         )
 

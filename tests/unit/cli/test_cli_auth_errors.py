@@ -60,13 +60,22 @@ def test_no_token_exits_4_and_names_the_three_ways(control, run) -> None:
     err = res.stderr.splitlines()
     assert err[0].startswith("error: unauthenticated: no operator token")
     assert err[1].startswith("hint: ")
-    for way in ("PORTUNUS_OPERATOR_TOKEN", "--token-file", os.path.join(control.data_dir, "operator.token")):
+    for way in (
+        "PORTUNUS_OPERATOR_TOKEN",
+        "--token-file",
+        os.path.join(control.data_dir, "operator.token"),
+    ):
         assert way in err[1]
     assert control.requests == []
 
 
 def test_unreadable_token_file_is_not_skipped(control, run, tokens, tmp_path) -> None:
-    res = run("--token-file", str(tmp_path / "missing"), "list-rules", env={"PORTUNUS_OPERATOR_TOKEN": None})
+    res = run(
+        "--token-file",
+        str(tmp_path / "missing"),
+        "list-rules",
+        env={"PORTUNUS_OPERATOR_TOKEN": None},
+    )
     assert res.exit_code == 4
     assert "missing" in res.stderr
     assert control.requests == []
@@ -93,7 +102,10 @@ def test_default_socket_is_in_runtime_dir(control, run, monkeypatch, tmp_path) -
     ctx = common.OperatorContext(data_dir=str(tmp_path))
     monkeypatch.setenv("PORTUNUS_RUNTIME_DIR", "/somewhere/run")
     assert ctx.socket_path == "/somewhere/run/control.sock"
-    assert common.OperatorContext(data_dir="/var/lib/portunus", socket="/x.sock").socket_path == "/x.sock"
+    assert (
+        common.OperatorContext(data_dir="/var/lib/portunus", socket="/x.sock").socket_path
+        == "/x.sock"
+    )
 
 
 def test_socket_option_and_env(control, run, tmp_path) -> None:
@@ -113,13 +125,29 @@ def test_unavailable_socket_exit_1_with_hint(run, tmp_path) -> None:
 
 # Expected exit codes written out from docs/reference/exit-codes.md, not read from errors.py.
 CODES = [
-    ("validation.port", 2), ("validation.sni_on_unsupported_rule", 2), ("bad_request", 2),
-    ("preflight", 3), ("unauthenticated", 4), ("not_found", 5), ("rule_not_found", 5),
-    ("client_not_found", 5), ("activation_failed", 6), ("ack_timeout", 7),
-    ("client_not_connected", 8), ("forbidden", 9), ("client_not_granted", 9),
-    ("port_outside_grant", 9), ("protocol_not_granted", 9), ("conflict", 10),
-    ("port_conflict", 10), ("ambiguous_client", 10), ("conflict.legacy_to_sni_unsupported", 10),
-    ("sni_unsupported_by_client", 1), ("throttled", 1), ("unavailable", 1), ("internal", 1),
+    ("validation.port", 2),
+    ("validation.sni_on_unsupported_rule", 2),
+    ("bad_request", 2),
+    ("preflight", 3),
+    ("unauthenticated", 4),
+    ("not_found", 5),
+    ("rule_not_found", 5),
+    ("client_not_found", 5),
+    ("activation_failed", 6),
+    ("ack_timeout", 7),
+    ("client_not_connected", 8),
+    ("forbidden", 9),
+    ("client_not_granted", 9),
+    ("port_outside_grant", 9),
+    ("protocol_not_granted", 9),
+    ("conflict", 10),
+    ("port_conflict", 10),
+    ("ambiguous_client", 10),
+    ("conflict.legacy_to_sni_unsupported", 10),
+    ("sni_unsupported_by_client", 1),
+    ("throttled", 1),
+    ("unavailable", 1),
+    ("internal", 1),
 ]
 
 
@@ -138,7 +166,11 @@ def test_error_code_to_exit_code(control, run, code, exit_code) -> None:
         ("client_not_connected", {}, "portunus-server list-clients"),
         ("client_not_found", {}, "portunus-server list-clients"),
         ("port_conflict", {}, "`portunus-server list-rules --client edge-01`"),
-        ("activation_failed", {"rule": {"id": 41}}, "kept as failed; remove it with `portunus-server remove-rule 41`"),
+        (
+            "activation_failed",
+            {"rule": {"id": 41}},
+            "kept as failed; remove it with `portunus-server remove-rule 41`",
+        ),
         ("ack_timeout", {"rule": {"id": 42}}, "rule 42 is pending"),
         ("conflict.legacy_to_sni_unsupported", {}, "remove the existing rule"),
         ("forbidden", {}, "grant"),

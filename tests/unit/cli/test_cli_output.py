@@ -12,8 +12,15 @@ from portunus.cli.output import human_bytes, rule_line, table, targets_text
 
 @pytest.mark.parametrize(
     ("n", "text"),
-    [(0, "0 B"), (512, "512 B"), (1023, "1023 B"), (1024, "1.0 KiB (1024)"),
-     (1234567, "1.2 MiB (1234567)"), (5 * 1024**3, "5.0 GiB (5368709120)"), (None, "-")],
+    [
+        (0, "0 B"),
+        (512, "512 B"),
+        (1023, "1023 B"),
+        (1024, "1.0 KiB (1024)"),
+        (1234567, "1.2 MiB (1234567)"),
+        (5 * 1024**3, "5.0 GiB (5368709120)"),
+        (None, "-"),
+    ],
 )
 def test_human_bytes(n, text) -> None:
     assert human_bytes(n) == text
@@ -31,12 +38,22 @@ def test_table_pads_columns_and_strips_trailing_blanks() -> None:
 def test_targets_text_brackets_ipv6_and_hides_lone_priority() -> None:
     assert targets_text({"targets": [{"host": "::1", "port": 80, "priority": 1}]}) == "[::1]:80"
     assert targets_text({"targets": [{"host": "h", "port": 80, "priority": 3}]}) == "h:80@3"
-    assert targets_text({"targets": [{"host": "h", "port_start": 1, "port_end": 5, "priority": 1}]}) == "h:1-5"
+    assert (
+        targets_text({"targets": [{"host": "h", "port_start": 1, "port_end": 5, "priority": 1}]})
+        == "h:1-5"
+    )
 
 
 def test_rule_line_for_a_range() -> None:
-    r = {"id": 3, "state": "pending", "client": "edge", "protocol": "udp", "listen_port_start": 10,
-         "listen_port_end": 12, "targets": [{"host": "h", "port_start": 20, "port_end": 22, "priority": 1}]}
+    r = {
+        "id": 3,
+        "state": "pending",
+        "client": "edge",
+        "protocol": "udp",
+        "listen_port_start": 10,
+        "listen_port_end": 12,
+        "targets": [{"host": "h", "port_start": 20, "port_end": 22, "priority": 1}],
+    }
     assert rule_line(r) == "rule 3 pending: edge udp 10-12 -> h:20-22"
 
 

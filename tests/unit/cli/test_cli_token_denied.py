@@ -27,6 +27,7 @@ from portunus.cli import common
 REPO = Path(__file__).resolve().parents[3]
 NOBODY = 65534
 
+
 def _other_group() -> grp.struct_group:
     """A named group user nobody is not in (plays the role of group portunus)."""
     for g in grp.getgrall():
@@ -52,7 +53,9 @@ def test_permission_denied_on_default_token_names_the_group(control, run, monkey
     first, hint = res.stderr.splitlines()[:2]
     assert first.startswith("error: unauthenticated: no operator token this user") and path in first
     group = grp.getgrgid(os.stat(path).st_gid).gr_name  # the file is group-readable
-    assert hint.startswith("hint: ") and f"member of group {group}" in hint and "usermod -aG" in hint
+    assert (
+        hint.startswith("hint: ") and f"member of group {group}" in hint and "usermod -aG" in hint
+    )
     assert control.requests == []
 
 
@@ -64,14 +67,28 @@ class Runtime:
     path: str
 
 
-def _as(runtime: Runtime, uid: int, gids: list[int], *args: str, timeout: float = 60,
-        extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _as(
+    runtime: Runtime,
+    uid: int,
+    gids: list[int],
+    *args: str,
+    timeout: float = 60,
+    extra_env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PORTUNUS_")}
     env["PYTHONPATH"] = runtime.path
     env.update(extra_env or {})
-    return subprocess.run([runtime.python, "-m", "portunus.cli.server", *args], env=env, cwd="/",
-                          user=uid, group=gids[0], extra_groups=gids[1:], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [runtime.python, "-m", "portunus.cli.server", *args],
+        env=env,
+        cwd="/",
+        user=uid,
+        group=gids[0],
+        extra_groups=gids[1:],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _probe(runtime: Runtime) -> str | None:
@@ -110,8 +127,11 @@ def _reachable_copy(top: str) -> Runtime:
     """
     os.chmod(top, 0o755)
     lib = os.path.join(top, "lib")
-    shutil.copytree(REPO / "portunus", os.path.join(lib, "portunus"),
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "portunus",
+        os.path.join(lib, "portunus"),
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
     for dist in _runtime_distributions():
         for f in dist.files or []:
             if f.parts[0] == ".." or "__pycache__" in f.parts:
@@ -139,8 +159,9 @@ def runtime() -> Iterator[Runtime]:
         copy = _reachable_copy(top)
         why = _probe(copy)
         if why is not None:
-            pytest.skip(f"user {NOBODY} cannot run this checkout ({_probe(here)}) "
-                        f"nor a copy of it: {why}")
+            pytest.skip(
+                f"user {NOBODY} cannot run this checkout ({_probe(here)}) nor a copy of it: {why}"
+            )
         yield copy
     finally:
         shutil.rmtree(top, ignore_errors=True)
@@ -170,8 +191,9 @@ def locked_data_dir(group: grp.struct_group, runtime: Runtime) -> Iterator[str]:
         subprocess.run(["rm", "-rf", top], check=False)
 
 
-def test_outsider_gets_exit_4_not_a_usage_error(locked_data_dir: str, group: grp.struct_group,
-        runtime: Runtime) -> None:
+def test_outsider_gets_exit_4_not_a_usage_error(
+    locked_data_dir: str, group: grp.struct_group, runtime: Runtime
+) -> None:
     res = _as(runtime, NOBODY, [NOBODY], "--data-dir", locked_data_dir, "list-rules")
     assert res.returncode == 4, res.stderr
     assert "not readable" not in res.stderr and "Usage:" not in res.stderr
@@ -179,25 +201,40 @@ def test_outsider_gets_exit_4_not_a_usage_error(locked_data_dir: str, group: grp
     assert f"hint: run the CLI as root or as a member of group {group.gr_name} " in res.stderr
 
 
-def test_member_reads_the_default_token(locked_data_dir: str, group: grp.struct_group,
-        runtime: Runtime) -> None:
+def test_member_reads_the_default_token(
+    locked_data_dir: str, group: grp.struct_group, runtime: Runtime
+) -> None:
     """A member gets past the token and only then finds no server (exit 1)."""
     res = _as(runtime, NOBODY, [NOBODY, group.gr_gid], "--data-dir", locked_data_dir, "list-rules")
     assert res.returncode == 1, res.stderr
     assert res.stderr.startswith("error: unavailable: "), res.stderr
 
 
-def test_outsider_with_a_token_may_not_open_the_socket(locked_data_dir: str, group: grp.struct_group,
-        runtime: Runtime) -> None:
+def test_outsider_with_a_token_may_not_open_the_socket(
+    locked_data_dir: str, group: grp.struct_group, runtime: Runtime
+) -> None:
     """Like /run/portunus (0750 portunus:portunus): not "is serve running?" but who may."""
     run_dir = os.path.join(os.path.dirname(locked_data_dir), "run")
     os.mkdir(run_dir, 0o750)
     os.chown(run_dir, 0, group.gr_gid)
     sock = os.path.join(run_dir, "control.sock")
-    res = _as(runtime, NOBODY, [NOBODY], "--data-dir", locked_data_dir, "--socket", sock, "list-rules",
-              extra_env={"PORTUNUS_OPERATOR_TOKEN": "some-token"})
+    res = _as(
+        runtime,
+        NOBODY,
+        [NOBODY],
+        "--data-dir",
+        locked_data_dir,
+        "--socket",
+        sock,
+        "list-rules",
+        extra_env={"PORTUNUS_OPERATOR_TOKEN": "some-token"},
+    )
     assert res.returncode == 1, res.stderr
     first, hint = res.stderr.splitlines()[:2]
-    assert first.startswith(f"error: unavailable: this user may not open the control socket {sock}"), first
-    assert hint == f"hint: run the CLI as root or as a member of group {group.gr_name} " \
-                   f"(`usermod -aG {group.gr_name} nobody`)", hint
+    assert first.startswith(
+        f"error: unavailable: this user may not open the control socket {sock}"
+    ), first
+    assert (
+        hint == f"hint: run the CLI as root or as a member of group {group.gr_name} "
+        f"(`usermod -aG {group.gr_name} nobody`)"
+    ), hint

@@ -16,19 +16,51 @@ from portunus.cli.server import cli
 from portunus.errors import PortunusError
 
 RULES = [
-    {"id": 1, "client": "local", "protocol": "tcp", "listen_port": 18080,
-     "targets": [{"host": "127.0.0.1", "port": 8080, "priority": 1}],
-     "sni_pattern": None, "proxy_protocol": None, "rate_limit": None, "owner": "",
-     "state": "active", "failure_reason": None},
-    {"id": 12, "client": "edge-01", "protocol": "udp", "listen_port_start": 30000,
-     "listen_port_end": 30050,
-     "targets": [{"host": "upstream.local", "port_start": 30000, "port_end": 30050, "priority": 1}],
-     "sni_pattern": None, "proxy_protocol": None, "rate_limit": {"bandwidth_in_bps": 1000},
-     "owner": "alice", "state": "failed", "failure_reason": "port_in_use (port 30005 already bound)"},
-    {"id": 103, "client": "e2", "protocol": "tcp", "listen_port": 443,
-     "targets": [{"host": "a", "port": 8443, "priority": 1}, {"host": "b", "port": 8443, "priority": 2}],
-     "sni_pattern": "api.example.com", "proxy_protocol": "v2", "rate_limit": None, "owner": "",
-     "state": "pending", "failure_reason": None},
+    {
+        "id": 1,
+        "client": "local",
+        "protocol": "tcp",
+        "listen_port": 18080,
+        "targets": [{"host": "127.0.0.1", "port": 8080, "priority": 1}],
+        "sni_pattern": None,
+        "proxy_protocol": None,
+        "rate_limit": None,
+        "owner": "",
+        "state": "active",
+        "failure_reason": None,
+    },
+    {
+        "id": 12,
+        "client": "edge-01",
+        "protocol": "udp",
+        "listen_port_start": 30000,
+        "listen_port_end": 30050,
+        "targets": [
+            {"host": "upstream.local", "port_start": 30000, "port_end": 30050, "priority": 1}
+        ],
+        "sni_pattern": None,
+        "proxy_protocol": None,
+        "rate_limit": {"bandwidth_in_bps": 1000},
+        "owner": "alice",
+        "state": "failed",
+        "failure_reason": "port_in_use (port 30005 already bound)",
+    },
+    {
+        "id": 103,
+        "client": "e2",
+        "protocol": "tcp",
+        "listen_port": 443,
+        "targets": [
+            {"host": "a", "port": 8443, "priority": 1},
+            {"host": "b", "port": 8443, "priority": 2},
+        ],
+        "sni_pattern": "api.example.com",
+        "proxy_protocol": "v2",
+        "rate_limit": None,
+        "owner": "",
+        "state": "pending",
+        "failure_reason": None,
+    },
 ]
 
 
@@ -45,8 +77,15 @@ def test_list_rules_table_is_aligned(control, run) -> None:
     starts = _columns(lines[0])
     expected = [
         ["1", "local", "tcp", "18080", "127.0.0.1:8080", "active", ""],
-        ["12", "edge-01", "udp", "30000-30050", "upstream.local:30000-30050", "failed",
-         "bw_in=1000 owner=alice reason=port_in_use (port 30005 already bound)"],
+        [
+            "12",
+            "edge-01",
+            "udp",
+            "30000-30050",
+            "upstream.local:30000-30050",
+            "failed",
+            "bw_in=1000 owner=alice reason=port_in_use (port 30005 already bound)",
+        ],
         ["103", "e2", "tcp", "443", "a:8443@1,b:8443@2", "pending", "sni=api.example.com proxy=v2"],
     ]
     assert len(lines) == 1 + len(expected)
@@ -77,12 +116,29 @@ def test_list_rules_empty_says_so(control, run) -> None:
     assert res.stdout == "no rules\n"
 
 
-STATS = {"id": 7, "bytes_in": 1234567, "bytes_out": 512, "connections_total": 12,
-         "active_connections": 3,
-         "per_port": [{"port": 30000, "bytes_in": 2048, "bytes_out": 0, "connections_total": 1,
-                       "active_connections": 0},
-                      {"port": 30001, "bytes_in": 5, "bytes_out": 5, "connections_total": 2,
-                       "active_connections": 1}]}
+STATS = {
+    "id": 7,
+    "bytes_in": 1234567,
+    "bytes_out": 512,
+    "connections_total": 12,
+    "active_connections": 3,
+    "per_port": [
+        {
+            "port": 30000,
+            "bytes_in": 2048,
+            "bytes_out": 0,
+            "connections_total": 1,
+            "active_connections": 0,
+        },
+        {
+            "port": 30001,
+            "bytes_in": 5,
+            "bytes_out": 5,
+            "connections_total": 2,
+            "active_connections": 1,
+        },
+    ],
+}
 
 
 def test_rule_stats_text_uses_byte_units(control, run) -> None:
@@ -96,13 +152,25 @@ def test_rule_stats_text_uses_byte_units(control, run) -> None:
     assert "active connections  3" in out
     lines = out.splitlines()
     i = lines.index("per port:")
-    assert lines[i + 1].split() == ["PORT", "BYTES_IN", "BYTES_OUT", "CONNECTIONS_TOTAL", "ACTIVE_CONNECTIONS"]
+    assert lines[i + 1].split() == [
+        "PORT",
+        "BYTES_IN",
+        "BYTES_OUT",
+        "CONNECTIONS_TOTAL",
+        "ACTIVE_CONNECTIONS",
+    ]
     assert lines[i + 2].startswith("30000  2.0 KiB (2048)")
 
 
 def test_rule_stats_json_and_per_target(control, run) -> None:
-    body = {"id": 7, "bytes_in": 1, "bytes_out": 2, "connections_total": 3, "active_connections": 0,
-            "per_target": [{"target": "a:80", "bytes_in": 1, "bytes_out": 2}]}
+    body = {
+        "id": 7,
+        "bytes_in": 1,
+        "bytes_out": 2,
+        "connections_total": 3,
+        "active_connections": 0,
+        "per_target": [{"target": "a:80", "bytes_in": 1, "bytes_out": 2}],
+    }
     control.reply("rules.stats", body)
     res = run("rule-stats", "7", "--per-target", "--format", "json")
     assert control.last["params"] == {"id": 7, "per_target": True}
@@ -119,7 +187,10 @@ def test_rule_not_found_exit_5_with_hint(control, run) -> None:
     control.reply("rules.stats", PortunusError("rule_not_found", "no rule 99"))
     res = run("rule-stats", "99")
     assert res.exit_code == 5
-    assert res.stderr == "error: rule_not_found: no rule 99\nhint: `portunus-server list-rules` shows the rule ids\n"
+    assert (
+        res.stderr
+        == "error: rule_not_found: no rule 99\nhint: `portunus-server list-rules` shows the rule ids\n"
+    )
 
 
 def test_remove_rule(control, run) -> None:
@@ -133,13 +204,30 @@ def test_remove_rule(control, run) -> None:
     assert json.loads(res.stdout) == {}
 
 
-CLIENTS = {"clients": [
-    {"client_id": "c-1", "client_name": "local", "connected": True, "remote_addr": None,
-     "connected_since": "2024-05-01T12:00:00Z", "version": "0.1.0", "capabilities": ["sni", "udp"],
-     "rule_count": 2},
-    {"client_id": "c-22", "client_name": "edge-01", "connected": False, "remote_addr": "127.0.0.2:5000",
-     "connected_since": None, "version": None, "capabilities": [], "rule_count": 0},
-]}
+CLIENTS = {
+    "clients": [
+        {
+            "client_id": "c-1",
+            "client_name": "local",
+            "connected": True,
+            "remote_addr": None,
+            "connected_since": "2024-05-01T12:00:00Z",
+            "version": "0.1.0",
+            "capabilities": ["sni", "udp"],
+            "rule_count": 2,
+        },
+        {
+            "client_id": "c-22",
+            "client_name": "edge-01",
+            "connected": False,
+            "remote_addr": "127.0.0.2:5000",
+            "connected_since": None,
+            "version": None,
+            "capabilities": [],
+            "rule_count": 0,
+        },
+    ]
+}
 
 
 def test_list_clients(control, run) -> None:
@@ -176,19 +264,40 @@ def test_list_clients_pages(control, run) -> None:
     assert control.last["params"] == {"limit": 1, "cursor": "p3"}
     res = run("list-clients", "--all", "--limit", "1", "--disconnected", "--format", "json")
     got = json.loads(res.stdout)
-    assert [c["client_name"] for c in got["clients"]] == ["a", "b", "c"] and got["next_cursor"] is None
+    assert [c["client_name"] for c in got["clients"]] == ["a", "b", "c"] and got[
+        "next_cursor"
+    ] is None
     assert [r["params"] for r in control.requests[-3:]] == [
-        {"connected": False, "limit": 1}, {"connected": False, "limit": 1, "cursor": "p2"},
-        {"connected": False, "limit": 1, "cursor": "p3"}]
+        {"connected": False, "limit": 1},
+        {"connected": False, "limit": 1, "cursor": "p2"},
+        {"connected": False, "limit": 1, "cursor": "p3"},
+    ]
     assert run("list-clients", "--limit", "1001").exit_code == 2
 
 
-AUDIT = {"entries": [
-    {"id": 2, "ts": "2024-05-01T12:00:01Z", "actor": "alice", "action": "rule.push",
-     "target": "rule:7", "outcome": "error", "error_code": "port_conflict"},
-    {"id": 1, "ts": "2024-05-01T12:00:00Z", "actor": "cli:bootstrap-superadmin",
-     "action": "user.bootstrap", "target": "user:alice", "outcome": "ok", "error_code": None},
-], "next_cursor": "abc"}
+AUDIT = {
+    "entries": [
+        {
+            "id": 2,
+            "ts": "2024-05-01T12:00:01Z",
+            "actor": "alice",
+            "action": "rule.push",
+            "target": "rule:7",
+            "outcome": "error",
+            "error_code": "port_conflict",
+        },
+        {
+            "id": 1,
+            "ts": "2024-05-01T12:00:00Z",
+            "actor": "cli:bootstrap-superadmin",
+            "action": "user.bootstrap",
+            "target": "user:alice",
+            "outcome": "ok",
+            "error_code": None,
+        },
+    ],
+    "next_cursor": "abc",
+}
 
 
 def test_audit_relative_since_and_limit(control, run) -> None:
@@ -200,20 +309,35 @@ def test_audit_relative_since_and_limit(control, run) -> None:
     assert set(params) == {"since", "limit"} and params["limit"] == 5
     since = datetime.strptime(params["since"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
     assert 3595 <= (before - since).total_seconds() <= 3605
-    assert res.stdout.splitlines()[0].split() == ["ID", "TIME", "ACTOR", "ACTION", "TARGET", "OUTCOME", "ERROR"]
+    assert res.stdout.splitlines()[0].split() == [
+        "ID",
+        "TIME",
+        "ACTOR",
+        "ACTION",
+        "TARGET",
+        "OUTCOME",
+        "ERROR",
+    ]
     assert "port_conflict" in res.stdout
     assert "more entries" in res.stderr
 
 
 def test_audit_absolute_times_become_utc(control, run) -> None:
     control.reply("audit.list", {"entries": [], "next_cursor": None})
-    res = run("audit", "--since", "2024-05-01T12:00:00+02:00", "--until", "2024-05-02", "--format", "json")
+    res = run(
+        "audit", "--since", "2024-05-01T12:00:00+02:00", "--until", "2024-05-02", "--format", "json"
+    )
     assert res.exit_code == 0
-    assert control.last["params"] == {"since": "2024-05-01T10:00:00Z", "until": "2024-05-02T00:00:00Z"}
+    assert control.last["params"] == {
+        "since": "2024-05-01T10:00:00Z",
+        "until": "2024-05-02T00:00:00Z",
+    }
     assert json.loads(res.stdout) == {"entries": [], "next_cursor": None}
 
 
-@pytest.mark.parametrize("args", [["--since", "yesterday-ish"], ["--limit", "0"], ["--limit", "1001"]])
+@pytest.mark.parametrize(
+    "args", [["--since", "yesterday-ish"], ["--limit", "0"], ["--limit", "1001"]]
+)
 def test_audit_bad_arguments_exit_2(control, run, args) -> None:
     res = run("audit", *args)
     assert res.exit_code == 2
@@ -243,20 +367,35 @@ def test_bootstrap_superadmin_prints_only_the_token_and_refuses_a_duplicate(tmp_
     assert again.exit_code == 10
     assert again.stdout == ""
     assert again.stderr.startswith("error: conflict: ")
-    other = runner.invoke(cli, ["--data-dir", data_dir, "bootstrap-superadmin", "--name", "bob",
-                                "--format", "json"])
+    other = runner.invoke(
+        cli, ["--data-dir", data_dir, "bootstrap-superadmin", "--name", "bob", "--format", "json"]
+    )
     body = json.loads(other.stdout)
-    assert body["name"] == "bob" and body["role"] == "superadmin" and body["token"] != first.stdout.strip()
+    assert (
+        body["name"] == "bob"
+        and body["role"] == "superadmin"
+        and body["token"] != first.stdout.strip()
+    )
 
 
 def test_bootstrap_superadmin_bad_name_exit_2(tmp_path) -> None:
-    res = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "bootstrap-superadmin", "--name", "a b/c"])
+    res = CliRunner().invoke(
+        cli, ["--data-dir", str(tmp_path), "bootstrap-superadmin", "--name", "a b/c"]
+    )
     assert res.exit_code == 2
     assert res.stderr.startswith("error: validation.")
 
 
-MY_VERBS = ["gen-token", "bootstrap-superadmin", "push-rule", "list-rules", "rule-stats",
-            "remove-rule", "list-clients", "audit"]
+MY_VERBS = [
+    "gen-token",
+    "bootstrap-superadmin",
+    "push-rule",
+    "list-rules",
+    "rule-stats",
+    "remove-rule",
+    "list-clients",
+    "audit",
+]
 
 
 @pytest.mark.parametrize("verb", MY_VERBS)
@@ -286,7 +425,9 @@ def test_lazy_verb_missing_module_is_simply_absent(monkeypatch) -> None:
     assert "nope" not in CliRunner().invoke(cli, ["--help"]).stdout
 
 
-@pytest.mark.skipif(importlib.util.find_spec("portunus.cli.serve") is None, reason="serve not written yet")
+@pytest.mark.skipif(
+    importlib.util.find_spec("portunus.cli.serve") is None, reason="serve not written yet"
+)
 def test_serve_is_found_lazily() -> None:
     assert "serve" in CliRunner().invoke(cli, ["--help"]).stdout
     assert CliRunner().invoke(cli, ["serve", "--help"]).exit_code == 0

@@ -34,9 +34,14 @@ def make_db(path: Path, version: int = LATEST, ports: tuple[int, ...] = (8080,))
         for port in ports:
             rid = conn.execute(
                 "INSERT INTO rules (client_id, protocol, listen_start, listen_end, state, created_at) "
-                "VALUES ('local', 'tcp', ?, ?, 'active', 'x')", (port, port)).lastrowid
-            conn.execute("INSERT INTO rule_targets (rule_id, position, host, port, priority) "
-                         "VALUES (?, 0, '127.0.0.1', 9, 1)", (rid,))
+                "VALUES ('local', 'tcp', ?, ?, 'active', 'x')",
+                (port, port),
+            ).lastrowid
+            conn.execute(
+                "INSERT INTO rule_targets (rule_id, position, host, port, priority) "
+                "VALUES (?, 0, '127.0.0.1', 9, 1)",
+                (rid,),
+            )
     finally:
         conn.close()
 
@@ -58,7 +63,9 @@ def sha(path: Path) -> str:
 
 
 def invoke(data_dir: Path, *args: str) -> Result:
-    return CliRunner().invoke(cli, ["--data-dir", str(data_dir), *args], prog_name="portunus-server")
+    return CliRunner().invoke(
+        cli, ["--data-dir", str(data_dir), *args], prog_name="portunus-server"
+    )
 
 
 @pytest.fixture
@@ -67,11 +74,17 @@ def holder(tmp_path: Path) -> Iterator[Callable[[Path], subprocess.Popen[str]]]:
     procs: list[subprocess.Popen[str]] = []
 
     def start(db: Path) -> subprocess.Popen[str]:
-        code = ("import sys; from portunus.control.store.migrations import connect_sync; "
-                "c = connect_sync(sys.argv[1]); c.execute('SELECT count(*) FROM rules').fetchall(); "
-                "print('ready', flush=True); sys.stdin.read()")
-        p = subprocess.Popen([sys.executable, "-c", code, str(db)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+        code = (
+            "import sys; from portunus.control.store.migrations import connect_sync; "
+            "c = connect_sync(sys.argv[1]); c.execute('SELECT count(*) FROM rules').fetchall(); "
+            "print('ready', flush=True); sys.stdin.read()"
+        )
+        p = subprocess.Popen(
+            [sys.executable, "-c", code, str(db)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         procs.append(p)
         assert p.stdout is not None and p.stdout.readline().strip() == "ready"
         return p
@@ -99,8 +112,13 @@ def test_backup_copies_and_audits_in_the_source(tmp_path: Path) -> None:
     res = invoke(data, "backup", "--out", str(out), "--format", "json")
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
-    assert doc == {"database": str(data / "state.db"), "out": str(out), "bytes": out.stat().st_size,
-                   "schema_version": LATEST, "audited": True}
+    assert doc == {
+        "database": str(data / "state.db"),
+        "out": str(out),
+        "bytes": out.stat().st_size,
+        "schema_version": LATEST,
+        "audited": True,
+    }
     assert ports_of(out) == [8080, 8081]
     assert out.stat().st_mode & 0o777 == 0o600
     # One self-contained file: a rollback journal, nothing beside it, even once opened.
@@ -168,8 +186,10 @@ def test_backup_into_missing_directory_is_an_io_error(tmp_path: Path) -> None:
     make_db(tmp_path / "d" / "state.db")
     res = invoke(tmp_path / "d", "backup", "--out", str(tmp_path / "nope" / "b.db"))
     assert res.exit_code == 1
-    assert res.stderr.startswith(f"error: io_error: cannot copy {tmp_path / 'd' / 'state.db'} to "
-                                 f"{tmp_path / 'nope' / 'b.db'}: ")
+    assert res.stderr.startswith(
+        f"error: io_error: cannot copy {tmp_path / 'd' / 'state.db'} to "
+        f"{tmp_path / 'nope' / 'b.db'}: "
+    )
 
 
 # ------------------------------------------------------------------ restore
@@ -183,8 +203,12 @@ def test_restore_into_empty_data_dir_migrates_and_audits(tmp_path: Path) -> None
     res = invoke(data, "restore", "--in", str(backup), "--format", "json")
     assert res.exit_code == 0, res.stderr
     assert json.loads(res.stdout) == {
-        "database": str(data / "state.db"), "source": str(backup), "from_schema_version": 1,
-        "schema_version": LATEST, "previous": None, "rules": 1,
+        "database": str(data / "state.db"),
+        "source": str(backup),
+        "from_schema_version": 1,
+        "schema_version": LATEST,
+        "previous": None,
+        "rules": 1,
     }
     db = data / "state.db"
     assert query(db, "SELECT version FROM schema_version") == [(LATEST,)]
@@ -236,8 +260,10 @@ def test_restore_keeps_the_uncheckpointed_wal_of_a_crashed_server(tmp_path: Path
     make_db(live / "state.db", ports=(1111,))
     conn = connect_sync(str(live / "state.db"))
     conn.execute("PRAGMA wal_autocheckpoint = 0")
-    conn.execute("INSERT INTO rules (client_id, protocol, listen_start, listen_end, state, created_at) "
-                 "VALUES ('local', 'tcp', 1112, 1112, 'active', 'x')")
+    conn.execute(
+        "INSERT INTO rules (client_id, protocol, listen_start, listen_end, state, created_at) "
+        "VALUES ('local', 'tcp', 1112, 1112, 'active', 'x')"
+    )
     data = tmp_path / "d"
     data.mkdir()
     for suffix in ("", "-wal"):  # the files as a crash leaves them
@@ -265,10 +291,13 @@ def test_restore_drops_stale_sidecars_without_database(tmp_path: Path) -> None:
     assert ports_of(data / "state.db") == [2222]
 
 
-@pytest.mark.parametrize("content, why", [
-    (b"", "not a SQLite database"),
-    (b"hello, this is not a database at all" * 200, "not a SQLite database"),
-])
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        (b"", "not a SQLite database"),
+        (b"hello, this is not a database at all" * 200, "not a SQLite database"),
+    ],
+)
 def test_restore_refuses_non_sqlite_files(tmp_path: Path, content: bytes, why: str) -> None:
     data = tmp_path / "d"
     make_db(data / "state.db")
@@ -277,7 +306,9 @@ def test_restore_refuses_non_sqlite_files(tmp_path: Path, content: bytes, why: s
     bad.write_bytes(content)
     res = invoke(data, "restore", "--in", str(bad), "--force")
     assert res.exit_code == 2
-    assert res.stderr.startswith(f"error: validation.not_a_backup: {bad} is not a usable Portunus backup: {why}")
+    assert res.stderr.startswith(
+        f"error: validation.not_a_backup: {bad} is not a usable Portunus backup: {why}"
+    )
     assert sha(data / "state.db") == old and siblings(data) == {"state.db"}
 
 
@@ -298,16 +329,20 @@ def test_restore_refuses_a_damaged_backup(tmp_path: Path) -> None:
     make_db(backup, ports=tuple(range(2000, 2400)))
     conn = sqlite3.connect(backup)
     conn.execute("PRAGMA journal_mode = DELETE")
-    (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'rules_by_slot'").fetchone()
+    (root,) = conn.execute(
+        "SELECT rootpage FROM sqlite_master WHERE name = 'rules_by_slot'"
+    ).fetchone()
     page = conn.execute("PRAGMA page_size").fetchone()[0]
     conn.close()
     raw = bytearray(backup.read_bytes())
     start = (root - 1) * page
-    raw[start + 100:start + page] = b"\xa5" * (page - 100)  # trash the index's root page
+    raw[start + 100 : start + page] = b"\xa5" * (page - 100)  # trash the index's root page
     backup.write_bytes(bytes(raw))
     res = invoke(tmp_path / "d", "restore", "--in", str(backup))
     assert res.exit_code == 2, res.stdout
-    assert res.stderr.startswith(f"error: validation.not_a_backup: {backup} is not a usable Portunus backup")
+    assert res.stderr.startswith(
+        f"error: validation.not_a_backup: {backup} is not a usable Portunus backup"
+    )
     assert not (tmp_path / "d").exists() or siblings(tmp_path / "d") == set()
 
 
@@ -315,7 +350,9 @@ def test_restore_refuses_a_backup_failing_the_integrity_check(tmp_path: Path) ->
     backup = tmp_path / "b.db"
     make_db(backup, ports=(1, 2, 3))
     conn = sqlite3.connect(backup, isolation_level=None)
-    (other,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'audit_by_ts'").fetchone()
+    (other,) = conn.execute(
+        "SELECT rootpage FROM sqlite_master WHERE name = 'audit_by_ts'"
+    ).fetchone()
     conn.execute("PRAGMA writable_schema = ON")  # point an index at another one's pages
     conn.execute("UPDATE sqlite_master SET rootpage = ? WHERE name = 'rules_by_slot'", (other,))
     conn.close()
@@ -339,7 +376,9 @@ def test_restore_refuses_a_newer_schema_with_78(tmp_path: Path) -> None:
     make_db(data / "state.db", ports=())
     res = invoke(data, "restore", "--in", str(backup), "--force")
     assert res.exit_code == EXIT_SCHEMA_TOO_NEW == 78
-    assert res.stderr.startswith(f"error: schema_too_new: {backup} has schema version {LATEST + 1} ")
+    assert res.stderr.startswith(
+        f"error: schema_too_new: {backup} has schema version {LATEST + 1} "
+    )
     assert f"only up to version {LATEST}" in res.stderr
     assert siblings(data) == {"state.db"}
 
@@ -407,7 +446,9 @@ def test_restore_as_root_gives_the_file_to_the_data_dir_owner(tmp_path: Path) ->
 # ------------------------------------------------------------------ the server is running
 
 
-def test_restore_and_reset_refuse_when_the_control_socket_answers(control, run, tmp_path: Path) -> None:
+def test_restore_and_reset_refuse_when_the_control_socket_answers(
+    control, run, tmp_path: Path
+) -> None:
     control.reply("health", {"status": "ok"})
     data = Path(control.data_dir)
     make_db(data / "state.db")
@@ -416,8 +457,10 @@ def test_restore_and_reset_refuse_when_the_control_socket_answers(control, run, 
     for args in (("restore", "--in", str(tmp_path / "b.db"), "--force"), ("reset", "--confirm")):
         res = run(*args, env={"PORTUNUS_OPERATOR_TOKEN": None})
         assert res.exit_code == 10, res.stdout
-        assert res.stderr.startswith("error: conflict.server_running: the server is running (its control "
-                                     f"socket {control.path} answers); {args[0]} replaces the database")
+        assert res.stderr.startswith(
+            "error: conflict.server_running: the server is running (its control "
+            f"socket {control.path} answers); {args[0]} replaces the database"
+        )
         assert "systemctl stop portunus" in res.stderr and "--force does not override" in res.stderr
     assert [r["method"] for r in control.requests] == ["health", "health"]
     assert control.requests[0]["token"] is None
@@ -432,7 +475,9 @@ def test_an_error_reply_to_health_still_means_running(control, run) -> None:
     assert res.exit_code == 10
 
 
-def test_restore_and_reset_refuse_while_another_process_has_the_database(tmp_path: Path, holder) -> None:
+def test_restore_and_reset_refuse_while_another_process_has_the_database(
+    tmp_path: Path, holder
+) -> None:
     """No socket answers (another runtime dir), but the database is open elsewhere."""
     data = tmp_path / "d"
     make_db(data / "state.db")
@@ -498,7 +543,10 @@ def test_reset_without_database(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.stderr
     assert res.stdout.startswith("no database at ")
     res = invoke(tmp_path / "d", "reset", "--confirm", "--format", "json")
-    assert json.loads(res.stdout) == {"database": str(tmp_path / "d" / "state.db"), "moved_to": None}
+    assert json.loads(res.stdout) == {
+        "database": str(tmp_path / "d" / "state.db"),
+        "moved_to": None,
+    }
 
 
 # ------------------------------------------------------------------ help

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the CLI as another user")
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="needs root to run the CLI as another user"
+)
 
 NOBODY = 65534
 request_cleanup: list[Path] = []
@@ -50,7 +52,12 @@ def test_non_owner_is_told_to_use_root_or_the_service_user(verb: list[str]) -> N
     env = {**os.environ, "PORTUNUS_RUNTIME_DIR": str(tmp_path / "run")}
     res = subprocess.run(
         [sys.executable, "-m", "portunus.cli.server", "--data-dir", str(data), *verb],
-        capture_output=True, text=True, env=env, preexec_fn=_as_nobody, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        preexec_fn=_as_nobody,
+        timeout=60,
+        check=False,
     )
     assert res.returncode == 9, (res.returncode, res.stderr)
     assert res.stderr.startswith("error: forbidden: cannot open"), res.stderr

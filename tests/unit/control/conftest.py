@@ -66,8 +66,11 @@ class FakePlane:
     def info(self, client_id: str) -> LinkInfo | None:
         if client_id not in self.online:
             return None
-        return LinkInfo(connected_since="2024-01-01T00:00:00.000Z", version="test",
-                        capabilities=self.capabilities.get(client_id, []))
+        return LinkInfo(
+            connected_since="2024-01-01T00:00:00.000Z",
+            version="test",
+            capabilities=self.capabilities.get(client_id, []),
+        )
 
     async def apply(self, client_id: str, upsert: Sequence[Rule], remove: Sequence[str]) -> None:
         self.sent.append(("apply", client_id, list(upsert), list(remove)))
@@ -101,7 +104,9 @@ class Harness:
     server: RpcServer
     client: ControlClient
 
-    async def call(self, method: str, params: dict[str, Any] | None = None, token: str | None = None) -> Any:
+    async def call(
+        self, method: str, params: dict[str, Any] | None = None, token: str | None = None
+    ) -> Any:
         return await self.client.call(method, params, token=token)
 
     async def close(self) -> None:
@@ -117,7 +122,9 @@ C = TypeVar("C", bound=Closable)
 
 
 @contextlib.asynccontextmanager
-async def closing_each(build: Callable[..., Awaitable[C]]) -> AsyncIterator[Callable[..., Awaitable[C]]]:
+async def closing_each(
+    build: Callable[..., Awaitable[C]],
+) -> AsyncIterator[Callable[..., Awaitable[C]]]:
     """The body of a factory fixture: the test gets ``make(**kw)`` (``build(**kw)``,
     remembered), and everything made is closed once the test is done."""
     built: list[C] = []
@@ -161,7 +168,9 @@ def fake_plane() -> FakePlane:
     return FakePlane()
 
 
-async def start_harness(settings: Settings, store: Store, plane: FakePlane, idle_timeout: float = 60.0) -> Harness:
+async def start_harness(
+    settings: Settings, store: Store, plane: FakePlane, idle_timeout: float = 60.0
+) -> Harness:
     await install_operator_token(store, OPERATOR_TOKEN)
     service = RuleService(store, plane, settings)
     plane.events = service
@@ -169,11 +178,20 @@ async def start_harness(settings: Settings, store: Store, plane: FakePlane, idle
     ctx = ControlContext(settings, store, Authenticator(store), service, plane)
     server = RpcServer(settings.socket_path, Dispatcher(ctx), idle_timeout=idle_timeout)
     await server.start()
-    return Harness(settings, store, plane, service, server, ControlClient(settings.socket_path, OPERATOR_TOKEN, timeout=10))
+    return Harness(
+        settings,
+        store,
+        plane,
+        service,
+        server,
+        ControlClient(settings.socket_path, OPERATOR_TOKEN, timeout=10),
+    )
 
 
 @pytest.fixture
-async def make_harness(settings: Settings, store: Store, fake_plane: FakePlane) -> AsyncIterator[Any]:
+async def make_harness(
+    settings: Settings, store: Store, fake_plane: FakePlane
+) -> AsyncIterator[Any]:
     """Factory for a harness with non-default server options; cleaned up after the test."""
     async with closing_each(functools.partial(start_harness, settings, store, fake_plane)) as make:
         yield make
@@ -219,16 +237,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def spawn_control(data: Path, run: Path, token: str,
-                  control_listen: str) -> tuple[subprocess.Popen[bytes], socket.socket]:
+def spawn_control(
+    data: Path, run: Path, token: str, control_listen: str
+) -> tuple[subprocess.Popen[bytes], socket.socket]:
     """Start ``run_control`` in a child process the way the supervisor does: its
     channel is one end of a socketpair (we keep the other, returned with the
     process), its metrics go to ``run/metrics`` (which must exist), stderr is piped."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(run / "metrics"), "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", CONTROL_CHILD, str(theirs.fileno()), str(data), str(run), token, control_listen],
-        pass_fds=[theirs.fileno()], env=env, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-c",
+            CONTROL_CHILD,
+            str(theirs.fileno()),
+            str(data),
+            str(run),
+            token,
+            control_listen,
+        ],
+        pass_fds=[theirs.fileno()],
+        env=env,
+        stderr=subprocess.PIPE,
     )
     theirs.close()
     return proc, ours

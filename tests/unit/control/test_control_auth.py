@@ -33,7 +33,9 @@ def test_bootstrap_superadmin_on_fresh_db(tmp_path: Path) -> None:
     assert db.stat().st_mode & 0o777 == 0o600
     conn = sqlite3.connect(db)
     try:
-        assert conn.execute("SELECT role FROM users WHERE name = 'alice'").fetchone() == ("superadmin",)
+        assert conn.execute("SELECT role FROM users WHERE name = 'alice'").fetchone() == (
+            "superadmin",
+        )
         (stored,) = conn.execute(
             "SELECT token_hash FROM tokens t JOIN users u ON u.id = t.user_id WHERE u.name = 'alice'"
         ).fetchone()
@@ -81,7 +83,9 @@ async def test_authenticate_good_bad_missing(store: Store) -> None:
             await auth.authenticate(bad)
         assert info.value.code == "unauthenticated" and info.value.exit_code == 4
     async with store.read() as db:
-        async with db.execute("SELECT last_used_at FROM tokens WHERE id = ?", (who.token_id,)) as cur:
+        async with db.execute(
+            "SELECT last_used_at FROM tokens WHERE id = ?", (who.token_id,)
+        ) as cur:
             assert (await cur.fetchone())[0] is not None
 
 
@@ -97,7 +101,9 @@ async def test_operator_token_upsert_replaces_previous(store: Store) -> None:
     with pytest.raises(PortunusError):
         await auth.authenticate(first)
     async with store.read() as db:
-        async with db.execute("SELECT COUNT(*) FROM audit WHERE action = 'token.operator_install'") as cur:
+        async with db.execute(
+            "SELECT COUNT(*) FROM audit WHERE action = 'token.operator_install'"
+        ) as cur:
             assert (await cur.fetchone())[0] == 2
     for t in (first, second):
         assert t.encode() not in _db_bytes(Path(store.path))

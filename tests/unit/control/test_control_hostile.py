@@ -80,14 +80,18 @@ async def test_oversize_limit_still_applies(harness: Any) -> None:
     assert replies[0]["error"]["code"] == "bad_request"
 
 
-@pytest.mark.parametrize(("key", "value", "code"), [
-    ("since", "", "validation.since"),
-    ("until", "99999999999999999d", "validation.until"),
-    ("since", "0001-01-01T00:00:00+14:00", "validation.since"),
-    ("until", 1e300, "validation.until"),
-    ("cursor", "9" * 30, "validation.cursor"),
-    ("cursor", "9223372036854775808", "validation.cursor"),
-])
-async def test_audit_filters_out_of_range_are_validation_errors(harness: Any, key: str, value: Any,
-                                                                 code: str) -> None:
+@pytest.mark.parametrize(
+    ("key", "value", "code"),
+    [
+        ("since", "", "validation.since"),
+        ("until", "99999999999999999d", "validation.until"),
+        ("since", "0001-01-01T00:00:00+14:00", "validation.since"),
+        ("until", 1e300, "validation.until"),
+        ("cursor", "9" * 30, "validation.cursor"),
+        ("cursor", "9223372036854775808", "validation.cursor"),
+    ],
+)
+async def test_audit_filters_out_of_range_are_validation_errors(
+    harness: Any, key: str, value: Any, code: str
+) -> None:
     await expect_error(harness.call("audit.list", {key: value}), code)

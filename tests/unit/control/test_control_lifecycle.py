@@ -15,7 +15,9 @@ PUSH: dict[str, Any] = {"listen_port": 30005, "targets": [{"host": "127.0.0.1", 
 async def test_push_activates(harness: Any) -> None:
     rule = await harness.call("rules.push", PUSH)
     assert rule["id"] == 1 and rule["state"] == "active" and rule["failure_reason"] is None
-    assert rule["client"] == "local" and rule["client_id"] == "local" and rule["listen_port"] == 30005
+    assert (
+        rule["client"] == "local" and rule["client_id"] == "local" and rule["listen_port"] == 30005
+    )
     (kind, client_id, upsert, remove) = harness.plane.applies()[0]
     assert client_id == "local" and remove == []
     wire = upsert[0].to_wire()
@@ -47,7 +49,9 @@ async def test_push_fails_and_keeps_slot(harness: Any) -> None:
 
 async def test_ack_timeout_then_late_answer(harness: Any, poll: Any) -> None:
     harness.plane.auto = None
-    err = await expect_error(harness.call("rules.push", {**PUSH, "ack_timeout": 0.2}), "ack_timeout")
+    err = await expect_error(
+        harness.call("rules.push", {**PUSH, "ack_timeout": 0.2}), "ack_timeout"
+    )
     assert err.exit_code == 7
     assert err.details["rule"]["state"] == "pending" and err.details["rule"]["id"] == 1
     assert (await harness.call("rules.get", {"id": 1}))["state"] == "pending"
@@ -72,8 +76,12 @@ async def test_late_failure_is_recorded(harness: Any, poll: Any) -> None:
 
 
 async def test_bad_ack_timeout(harness: Any) -> None:
-    await expect_error(harness.call("rules.push", {**PUSH, "ack_timeout": 0}), "validation.ack_timeout")
-    await expect_error(harness.call("rules.push", {**PUSH, "ack_timeout": "2"}), "validation.ack_timeout")
+    await expect_error(
+        harness.call("rules.push", {**PUSH, "ack_timeout": 0}), "validation.ack_timeout"
+    )
+    await expect_error(
+        harness.call("rules.push", {**PUSH, "ack_timeout": "2"}), "validation.ack_timeout"
+    )
 
 
 async def test_remove_drains_then_deletes(harness: Any, poll: Any) -> None:
@@ -120,10 +128,16 @@ async def test_push_to_offline_or_unknown_client(harness: Any) -> None:
         a = await accounts.insert_client(db, "edge")
         await accounts.insert_client(db, "edge")
         solo = await accounts.insert_client(db, "solo")
-    err = await expect_error(harness.call("rules.push", {**PUSH, "client": "solo"}), "client_not_connected")
+    err = await expect_error(
+        harness.call("rules.push", {**PUSH, "client": "solo"}), "client_not_connected"
+    )
     assert err.exit_code == 8
-    await expect_error(harness.call("rules.push", {**PUSH, "client": solo.client_id}), "client_not_connected")
-    amb = await expect_error(harness.call("rules.push", {**PUSH, "client": "edge"}), "ambiguous_client")
+    await expect_error(
+        harness.call("rules.push", {**PUSH, "client": solo.client_id}), "client_not_connected"
+    )
+    amb = await expect_error(
+        harness.call("rules.push", {**PUSH, "client": "edge"}), "ambiguous_client"
+    )
     assert a.client_id in amb.details["client_ids"]
     await expect_error(harness.call("rules.push", {**PUSH, "client": "ghost"}), "client_not_found")
     assert (await harness.call("rules.list"))["rules"] == []
@@ -140,7 +154,8 @@ async def test_sni_sharing_through_rpc(harness: Any) -> None:
     plain = {"listen_port": 8444, "targets": [{"host": "127.0.0.1", "port": 9000}]}
     await harness.call("rules.push", plain)
     await expect_error(
-        harness.call("rules.push", {**plain, "sni_pattern": "a.example.com"}), "conflict.legacy_to_sni_unsupported"
+        harness.call("rules.push", {**plain, "sni_pattern": "a.example.com"}),
+        "conflict.legacy_to_sni_unsupported",
     )
 
 
@@ -152,13 +167,17 @@ async def test_validation_errors_are_audited(harness: Any) -> None:
 
 async def test_update_rate_limit(harness: Any) -> None:
     await harness.call("rules.push", PUSH)
-    updated = await harness.call("rules.update", {"id": 1, "rate_limit": {"bandwidth_in_bps": 1000}})
+    updated = await harness.call(
+        "rules.update", {"id": 1, "rate_limit": {"bandwidth_in_bps": 1000}}
+    )
     assert updated["rate_limit"] == {"bandwidth_in_bps": 1000} and updated["state"] == "active"
     assert harness.plane.applies()[-1][2][0].rate_limit == {"bandwidth_in_bps": 1000}
     await expect_error(
         harness.call("rules.update", {"id": 1, "listen_port": 1}), "validation.immutable_field"
     )
-    await expect_error(harness.call("rules.update", {"id": 99, "rate_limit": None}), "rule_not_found")
+    await expect_error(
+        harness.call("rules.update", {"id": 99, "rate_limit": None}), "rule_not_found"
+    )
     cleared = await harness.call("rules.update", {"id": "1", "rate_limit": None})
     assert cleared["rate_limit"] is None
 
@@ -168,7 +187,10 @@ async def test_list_filters_and_get_errors(harness: Any) -> None:
     await harness.call("rules.push", {**PUSH, "listen_port": 30006})
     listed = (await harness.call("rules.list"))["rules"]
     assert [r["id"] for r in listed] == [1, 2]
-    assert [r["id"] for r in (await harness.call("rules.list", {"client": "local"}))["rules"]] == [1, 2]
+    assert [r["id"] for r in (await harness.call("rules.list", {"client": "local"}))["rules"]] == [
+        1,
+        2,
+    ]
     assert (await harness.call("rules.list", {"owner": "someone"}))["rules"] == []
     await expect_error(harness.call("rules.list", {"client": "ghost"}), "client_not_found")
     await expect_error(harness.call("rules.get", {"id": 42}), "rule_not_found")
@@ -185,8 +207,14 @@ async def test_clients_list(harness: Any) -> None:
     local, remote = clients
     assert local["connected"] is True and local["rule_count"] == 1 and local["client_id"] == "local"
     assert remote == {
-        "client_id": edge.client_id, "client_name": "edge", "connected": False, "remote_addr": None,
-        "connected_since": None, "version": None, "capabilities": [], "rule_count": 0,
+        "client_id": edge.client_id,
+        "client_name": "edge",
+        "connected": False,
+        "remote_addr": None,
+        "connected_since": None,
+        "version": None,
+        "capabilities": [],
+        "rule_count": 0,
     }
 
 
@@ -210,21 +238,32 @@ async def test_audit_paging_and_filters(harness: Any) -> None:
     await expect_error(harness.call("audit.list", {"since": "yesterday-ish"}), "validation.since")
     # The cursor is opaque and checked: an edited one, a bare id, or another list's is refused.
     cur = page1["next_cursor"]
-    for bad in (cur[:-2], str(page1["entries"][-1]["id"]), (await harness.call("clients.list", {"limit": 1}))
-                .get("next_cursor") or "x"):
+    for bad in (
+        cur[:-2],
+        str(page1["entries"][-1]["id"]),
+        (await harness.call("clients.list", {"limit": 1})).get("next_cursor") or "x",
+    ):
         await expect_error(harness.call("audit.list", {"cursor": bad}), "validation.cursor")
 
 
 async def test_stats_of_unknown_rule_and_empty_metrics(harness: Any) -> None:
     await expect_error(harness.call("rules.stats", {"id": 1}), "rule_not_found")
-    await harness.call("rules.push", {"listen_port_start": 30000, "listen_port_end": 30002,
-                                      "targets": [{"host": "127.0.0.1", "port_start": 40000, "port_end": 40002}]})
+    await harness.call(
+        "rules.push",
+        {
+            "listen_port_start": 30000,
+            "listen_port_end": 30002,
+            "targets": [{"host": "127.0.0.1", "port_start": 40000, "port_end": 40002}],
+        },
+    )
     stats = await harness.call("rules.stats", {"id": 1, "per_port": True, "per_target": True})
     assert stats["id"] == 1 and stats["bytes_in"] == 0 and stats["active_connections"] == 0
     assert [p["port"] for p in stats["per_port"]] == [30000, 30001, 30002]
     assert stats["per_target"][0]["target"] == "127.0.0.1:40000-40002"
     assert stats["per_target"][0]["up"] is None
-    await expect_error(harness.call("rules.stats", {"id": 1, "per_port": "yes"}), "validation.per_port")
+    await expect_error(
+        harness.call("rules.stats", {"id": 1, "per_port": "yes"}), "validation.per_port"
+    )
 
 
 async def test_sync_sends_every_rule_and_pending_removals(harness: Any) -> None:

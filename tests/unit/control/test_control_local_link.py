@@ -58,22 +58,39 @@ async def until(cond: Any) -> None:
         await asyncio.sleep(0.005)
 
 
-async def test_apply_sync_and_answers(pair: tuple[socket.socket, socket.socket], capfd: pytest.CaptureFixture[str]) -> None:
+async def test_apply_sync_and_answers(
+    pair: tuple[socket.socket, socket.socket], capfd: pytest.CaptureFixture[str]
+) -> None:
     ours, theirs = pair
     closed: list[str] = []
     rec = Recorder()
     link = LocalLink(ours, on_close=closed.append, events=rec)
     link.start()
     sup = Channel(theirs)
-    rule = build_rule(id="12", protocol="tcp", listen=(8080, 8080), targets=[Target("127.0.0.1", 80)])
+    rule = build_rule(
+        id="12", protocol="tcp", listen=(8080, 8080), targets=[Target("127.0.0.1", 80)]
+    )
     assert link.connected("local") and not link.connected("edge")
     await link.sync("local", [rule])
     await link.apply("local", [rule], ["3"])
     sync, apply = await frames_from(sup, 2)
     assert sync["type"] == "sync" and sync["rules"] == [rule.to_wire()]
-    assert apply == {"type": "apply", "seq": sync["seq"] + 1, "upsert": [rule.to_wire()], "remove": ["3"]}
+    assert apply == {
+        "type": "apply",
+        "seq": sync["seq"] + 1,
+        "upsert": [rule.to_wire()],
+        "remove": ["3"],
+    }
     sup.send({"type": "hello", "version": 1, "shards": 2})
-    sup.send({"type": "applied", "seq": apply["seq"], "results": {"12": {"state": "failed", "reason": "port_in_use (port 8080 already bound)"}}})
+    sup.send(
+        {
+            "type": "applied",
+            "seq": apply["seq"],
+            "results": {
+                "12": {"state": "failed", "reason": "port_in_use (port 8080 already bound)"}
+            },
+        }
+    )
     sup.send({"type": "removed", "ids": ["3"]})
     await link.apply("local", [], ["4"])  # remove-only: answered with empty results
     (remove_only,) = await frames_from(sup, 1)
@@ -84,7 +101,10 @@ async def test_apply_sync_and_answers(pair: tuple[socket.socket, socket.socket],
     sup.send({"type": "applied", "seq": 999, "results": {}})
     await until(lambda: len(rec.applied) == 4)
     assert "unexpected_seq" in capfd.readouterr().err
-    assert rec.applied[0] == ("local", {"12": RuleResult("failed", "port_in_use (port 8080 already bound)")})
+    assert rec.applied[0] == (
+        "local",
+        {"12": RuleResult("failed", "port_in_use (port 8080 already bound)")},
+    )
     assert rec.removed == [("local", ["3"])]
     assert closed == []
     info = link.info("local")
@@ -92,12 +112,19 @@ async def test_apply_sync_and_answers(pair: tuple[socket.socket, socket.socket],
     link.close()
 
 
-async def test_large_sync_is_flushed_by_the_writer(pair: tuple[socket.socket, socket.socket]) -> None:
+async def test_large_sync_is_flushed_by_the_writer(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
     ours, theirs = pair
     link = LocalLink(ours, on_close=lambda why: None, events=Recorder())
     link.start()
     many = [
-        build_rule(id=str(i), protocol="tcp", listen=(1000 + i, 1000 + i), targets=[Target(f"host-{i}.example", 80)] * 8)
+        build_rule(
+            id=str(i),
+            protocol="tcp",
+            listen=(1000 + i, 1000 + i),
+            targets=[Target(f"host-{i}.example", 80)] * 8,
+        )
         for i in range(3000)
     ]
     await link.sync("local", many)  # several MB: more than the socket buffer holds

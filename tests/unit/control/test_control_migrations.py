@@ -12,7 +12,10 @@ from portunus.errors import EXIT_SCHEMA_TOO_NEW
 def _tables(db: Path) -> set[str]:
     conn = sqlite3.connect(db)
     try:
-        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'index')")}
+        return {
+            r[0]
+            for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'index')")
+        }
     finally:
         conn.close()
 
@@ -41,8 +44,16 @@ async def test_fresh_database_gets_every_migration(tmp_path: Path) -> None:
     finally:
         await store.close()
     assert _version(db) == LATEST == len(migrations.MIGRATIONS) == 10
-    assert {"clients", "rules", "rule_targets", "users", "tokens", "audit", "schema_version",
-            "rule_counters"} <= _tables(db)
+    assert {
+        "clients",
+        "rules",
+        "rule_targets",
+        "users",
+        "tokens",
+        "audit",
+        "schema_version",
+        "rule_counters",
+    } <= _tables(db)
 
 
 async def test_upgrade_from_v1_keeps_data(tmp_path: Path) -> None:
@@ -82,9 +93,13 @@ def test_upgrade_to_v4_marks_the_fallbacks_of_sni_ports(tmp_path: Path) -> None:
     for client, port, sni, state in rows:
         conn.execute(
             "INSERT INTO rules (client_id, protocol, listen_start, listen_end, sni_pattern, state, "
-            "created_at) VALUES (?, 'tcp', ?, ?, ?, ?, 'x')", (client, port, port, sni, state))
+            "created_at) VALUES (?, 'tcp', ?, ?, ?, ?, 'x')",
+            (client, port, port, sni, state),
+        )
     assert migrations.migrate(conn, db) == LATEST
-    got = conn.execute("SELECT client_id, listen_start, sni_pattern, sni_fallback FROM rules ORDER BY id").fetchall()
+    got = conn.execute(
+        "SELECT client_id, listen_start, sni_pattern, sni_fallback FROM rules ORDER BY id"
+    ).fetchall()
     conn.close()
     assert [r[3] for r in got] == [0, 1, 0, 0, 0, 0], got
 
@@ -98,7 +113,9 @@ def test_migrations_are_idempotent(tmp_path: Path) -> None:
     conn.close()
 
 
-def test_failing_migration_leaves_previous_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failing_migration_leaves_previous_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     db = str(tmp_path / "state.db")
     conn = migrations.connect_sync(db)
     migrations.migrate(conn, db)
@@ -143,7 +160,9 @@ def test_check_schema_on_missing_database_creates_nothing(tmp_path: Path) -> Non
 
 
 def test_split_statements_respects_quotes() -> None:
-    script = "CREATE TABLE a (x TEXT DEFAULT 'a;b');\n-- note; here\nINSERT INTO a VALUES ('c;d');\n"
+    script = (
+        "CREATE TABLE a (x TEXT DEFAULT 'a;b');\n-- note; here\nINSERT INTO a VALUES ('c;d');\n"
+    )
     stmts = migrations.split_statements(script)
     assert len(stmts) == 2
     assert stmts[0].startswith("CREATE TABLE a") and stmts[1].endswith("('c;d');")
@@ -164,9 +183,16 @@ async def test_upgrade_clamps_non_finite_health_check_intervals(tmp_path: Path) 
     conn.close()
     store = await Store.open(str(db))
     try:
-        async with store.read() as c, c.execute(
-            "SELECT listen_start, health_check_interval_secs FROM rules ORDER BY listen_start"
-        ) as cur:
-            assert [tuple(r) for r in await cur.fetchall()] == [(8080, 3600.0), (8081, 0.1), (8082, 7.5)]
+        async with (
+            store.read() as c,
+            c.execute(
+                "SELECT listen_start, health_check_interval_secs FROM rules ORDER BY listen_start"
+            ) as cur,
+        ):
+            assert [tuple(r) for r in await cur.fetchall()] == [
+                (8080, 3600.0),
+                (8081, 0.1),
+                (8082, 7.5),
+            ]
     finally:
         await store.close()

@@ -67,7 +67,8 @@ class Control:
         migrate(conn, db)
         rid = conn.execute(
             "INSERT INTO rules (client_id, protocol, listen_start, listen_end, state, created_at) "
-            "VALUES ('local', 'tcp', ?, ?, ?, '2024-01-01T00:00:00.000Z')", (port, port, state)
+            "VALUES ('local', 'tcp', ?, ?, ?, '2024-01-01T00:00:00.000Z')",
+            (port, port, state),
         ).lastrowid
         conn.execute(
             "INSERT INTO rule_targets (rule_id, position, host, port, priority) VALUES (?, 0, '127.0.0.1', 9, 1)",
@@ -110,7 +111,13 @@ def test_sync_push_and_sigterm(control: Control) -> None:
     assert sync["type"] == "sync" and [r["id"] for r in sync["rules"]] == ["1"]
     assert sync["rules"][0]["listen_start"] == 30100 and sync["rules"][0]["client"] == "local"
     control.chan.send({"type": "hello", "version": 1, "shards": 1})
-    control.chan.send({"type": "applied", "seq": sync["seq"], "results": {"1": {"state": "active", "reason": None}}})
+    control.chan.send(
+        {
+            "type": "applied",
+            "seq": sync["seq"],
+            "results": {"1": {"state": "active", "reason": None}},
+        }
+    )
     wait_until(lambda: os.path.exists(control.sock_path))
     assert control.call("health") == {"status": "ok"}
     assert control.call("auth.whoami")["user"] == "operator"
@@ -128,7 +135,13 @@ def test_sync_push_and_sigterm(control: Control) -> None:
     t.start()
     (apply,) = read_frames(control.chan, 1)
     assert apply["type"] == "apply" and apply["upsert"][0]["id"] == "3"
-    control.chan.send({"type": "applied", "seq": apply["seq"], "results": {"3": {"state": "active", "reason": None}}})
+    control.chan.send(
+        {
+            "type": "applied",
+            "seq": apply["seq"],
+            "results": {"3": {"state": "active", "reason": None}},
+        }
+    )
     t.join(10)
     assert result["rule"]["state"] == "active" and result["rule"]["id"] == 3
     assert [r["id"] for r in control.call("rules.list")["rules"]] == [1, 3]

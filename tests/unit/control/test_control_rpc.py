@@ -27,7 +27,9 @@ async def raw_exchange(path: str, data: bytes, read_until_eof: bool = True) -> l
             await writer.drain()
         except (BrokenPipeError, ConnectionResetError):
             pass
-        raw = await asyncio.wait_for(reader.read(), 10) if read_until_eof else await reader.readline()
+        raw = (
+            await asyncio.wait_for(reader.read(), 10) if read_until_eof else await reader.readline()
+        )
     finally:
         writer.close()
     return [json.loads(line) for line in raw.splitlines() if line.strip()]
@@ -68,8 +70,10 @@ async def test_whoami_and_unauthenticated(harness: Any) -> None:
 
 async def test_unknown_method_keeps_connection(harness: Any) -> None:
     data = (
-        json.dumps({"id": 1, "token": "x", "method": "rules.explode"}) + "\n"
-        + json.dumps({"id": 2, "method": "health"}) + "\n"
+        json.dumps({"id": 1, "token": "x", "method": "rules.explode"})
+        + "\n"
+        + json.dumps({"id": 2, "method": "health"})
+        + "\n"
     ).encode()
     reader, writer = await asyncio.open_unix_connection(harness.settings.socket_path)
     writer.write(data)
@@ -83,7 +87,9 @@ async def test_unknown_method_keeps_connection(harness: Any) -> None:
 
 @pytest.mark.parametrize("garbage", [b"this is not json\n", b"[1, 2, 3]\n", b"\xff\xfe\n", b"42\n"])
 async def test_garbage_gets_bad_request_and_close(harness: Any, garbage: bytes) -> None:
-    replies = await raw_exchange(harness.settings.socket_path, garbage + b'{"id": 9, "method": "health"}\n')
+    replies = await raw_exchange(
+        harness.settings.socket_path, garbage + b'{"id": 9, "method": "health"}\n'
+    )
     assert len(replies) == 1  # the health request after the garbage is never served
     assert replies[0]["error"]["code"] == "bad_request"
     assert await harness.call("health") == {"status": "ok"}  # the server lives on
@@ -125,7 +131,9 @@ async def test_idle_connection_is_closed(make_harness: Any) -> None:
     assert "idle" in reply["error"]["message"]
 
 
-async def test_internal_error_is_answered_and_logged(harness: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_internal_error_is_answered_and_logged(
+    harness: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async def broken(*args: Any) -> Any:
         raise ZeroDivisionError
 

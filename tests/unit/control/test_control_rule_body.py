@@ -44,7 +44,12 @@ def test_range_body() -> None:
 
 def test_targets_sorted_by_priority_with_proxy_protocol() -> None:
     rule, _ = parse_rule_body(
-        body(targets=[{"host": "b", "port": 2, "priority": 2}, {"host": "a", "port": 1, "proxy_protocol": "v2"}]),
+        body(
+            targets=[
+                {"host": "b", "port": 2, "priority": 2},
+                {"host": "a", "port": 1, "proxy_protocol": "v2"},
+            ]
+        ),
         1024,
     )
     assert [t.host for t in rule.targets] == ["a", "b"]
@@ -59,19 +64,39 @@ def test_targets_sorted_by_priority_with_proxy_protocol() -> None:
         (body(listen_port=None, listen_port_start=10), "validation.listen_port", "listen_port_end"),
         (body(listen_port=70000), "validation.port", "listen_port"),
         (body(listen_port="8080-8090"), "validation.port", "listen_port"),
-        (body(listen_port=None, listen_port_start=20, listen_port_end=10), "validation.port_range", "listen_port_start"),
+        (
+            body(listen_port=None, listen_port_start=20, listen_port_end=10),
+            "validation.port_range",
+            "listen_port_start",
+        ),
         (body(targets=[]), "validation.targets", "targets"),
         (body(targets=[{"host": "a"}]), "validation.targets", "targets[0]"),
         (body(targets=[{"host": "a", "port": 1, "weight": 3}]), "validation.targets", "targets[0]"),
-        (body(targets=[{"host": "a", "port": 1, "priority": 0}]), "validation.priority", "targets[0].priority"),
+        (
+            body(targets=[{"host": "a", "port": 1, "priority": 0}]),
+            "validation.priority",
+            "targets[0].priority",
+        ),
         (body(targets=[{"host": "bad host", "port": 1}]), "validation.target_host", "host"),
         (body(rate_limt={"bandwidth_in_bps": 1}), "validation.unknown_field", "rate_limt"),
         (body(protocol="sctp"), "validation.protocol", "protocol"),
-        (body(protocol="udp", sni_pattern="a.example.com"), "validation.sni_on_unsupported_rule", "sni_pattern"),
+        (
+            body(protocol="udp", sni_pattern="a.example.com"),
+            "validation.sni_on_unsupported_rule",
+            "sni_pattern",
+        ),
         (body(sni_pattern="*"), "validation.sni_pattern", "sni_pattern"),
         (body(prefer_ipv6="yes"), "validation.prefer_ipv6", "prefer_ipv6"),
-        (body(rate_limit={"bandwidth_in_bps": -1}), "validation.rate_limit", "rate_limit.bandwidth_in_bps"),
-        (body(health_check_interval_secs=0), "validation.health_check_interval_secs", "health_check_interval_secs"),
+        (
+            body(rate_limit={"bandwidth_in_bps": -1}),
+            "validation.rate_limit",
+            "rate_limit.bandwidth_in_bps",
+        ),
+        (
+            body(health_check_interval_secs=0),
+            "validation.health_check_interval_secs",
+            "health_check_interval_secs",
+        ),
         (body(client=""), "validation.client", "client"),
     ],
 )
@@ -83,10 +108,18 @@ def test_invalid_bodies(b: dict[str, Any], code: str, field: str) -> None:
 
 
 def test_range_errors_name_the_listen_fields() -> None:
-    big = {"listen_port_start": 1000, "listen_port_end": 3000, "targets": [{"host": "a", "port_start": 1000, "port_end": 3000}]}
+    big = {
+        "listen_port_start": 1000,
+        "listen_port_end": 3000,
+        "targets": [{"host": "a", "port_start": 1000, "port_end": 3000}],
+    }
     e = err(big, max_ports=1024)
     assert e.code == "validation.range_too_large" and e.details["field"] == "listen_port_start"
-    mismatch = {"listen_port_start": 1000, "listen_port_end": 1009, "targets": [{"host": "a", "port_start": 1, "port_end": 5}]}
+    mismatch = {
+        "listen_port_start": 1000,
+        "listen_port_end": 1009,
+        "targets": [{"host": "a", "port_start": 1, "port_end": 5}],
+    }
     assert err(mismatch).code == "validation.range_length_mismatch"
 
 
@@ -99,11 +132,16 @@ def test_numeric_client_reference_is_a_name_or_id() -> None:
 
 
 def test_rate_limit_update() -> None:
-    assert parse_rate_limit_update({"id": 1, "rate_limit": {"bandwidth_in_bps": 5}}) == {"bandwidth_in_bps": 5}
+    assert parse_rate_limit_update({"id": 1, "rate_limit": {"bandwidth_in_bps": 5}}) == {
+        "bandwidth_in_bps": 5
+    }
     assert parse_rate_limit_update({"id": 1, "rate_limit": None}) is None
     with pytest.raises(PortunusError) as info:
         parse_rate_limit_update({"id": 1, "rate_limit": {}, "listen_port": 9})
-    assert info.value.code == "validation.immutable_field" and info.value.details["field"] == "listen_port"
+    assert (
+        info.value.code == "validation.immutable_field"
+        and info.value.details["field"] == "listen_port"
+    )
     with pytest.raises(PortunusError) as missing:
         parse_rate_limit_update({"id": 1})
     assert missing.value.code == "validation.rate_limit"

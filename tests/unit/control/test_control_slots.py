@@ -7,7 +7,9 @@ from portunus.errors import PortunusError
 from portunus.rules import Rule, Target, build_rule
 
 
-def rule(rid: str, port: int, end: int | None = None, sni: str | None = None, protocol: str = "tcp") -> Rule:
+def rule(
+    rid: str, port: int, end: int | None = None, sni: str | None = None, protocol: str = "tcp"
+) -> Rule:
     hi = end or port
     t = Target("10.0.0.1", 1000, port_end=1000 + hi - port if end else None)
     return build_rule(id=rid, protocol=protocol, listen=(port, hi), targets=[t], sni=sni)
@@ -89,4 +91,7 @@ def test_fallback_of_an_sni_port_is_marked_and_keeps_the_port_in_sni_mode() -> N
 
 def test_unmarked_plain_rule_keeps_its_port_plain() -> None:
     plain = check_slot(rule("1", 443), [])
-    assert code_of(rule("n", 443, sni="api.example.com"), [plain]) == "conflict.legacy_to_sni_unsupported"
+    assert (
+        code_of(rule("n", 443, sni="api.example.com"), [plain])
+        == "conflict.legacy_to_sni_unsupported"
+    )

@@ -25,12 +25,14 @@ def sock_path(tmp_path: Path) -> str:
 
 
 def _group_is(monkeypatch: pytest.MonkeyPatch, gid: int) -> None:
-    monkeypatch.setattr(rpc_server.grp, "getgrnam",
-                        lambda name: grp.struct_group((name, "x", gid, [])))
+    monkeypatch.setattr(
+        rpc_server.grp, "getgrnam", lambda name: grp.struct_group((name, "x", gid, []))
+    )
 
 
-def test_no_chown_when_the_group_already_matches(sock_path: str, monkeypatch: pytest.MonkeyPatch,
-                                                 capfd: pytest.CaptureFixture[str]) -> None:
+def test_no_chown_when_the_group_already_matches(
+    sock_path: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     _group_is(monkeypatch, os.stat(sock_path).st_gid)
     calls: list[Any] = []
     monkeypatch.setattr(rpc_server.os, "chown", lambda *a: calls.append(a))
@@ -39,8 +41,9 @@ def test_no_chown_when_the_group_already_matches(sock_path: str, monkeypatch: py
     assert "control.socket_group" not in capfd.readouterr().err
 
 
-def test_eperm_is_a_warning(sock_path: str, monkeypatch: pytest.MonkeyPatch,
-                            capfd: pytest.CaptureFixture[str]) -> None:
+def test_eperm_is_a_warning(
+    sock_path: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     _group_is(monkeypatch, os.stat(sock_path).st_gid + 1)
     calls: list[Any] = []
 
@@ -56,7 +59,9 @@ def test_eperm_is_a_warning(sock_path: str, monkeypatch: pytest.MonkeyPatch,
     assert lines[0]["error"] == "Operation not permitted" and lines[0]["path"] == sock_path
 
 
-async def test_server_starts_when_chown_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_server_starts_when_chown_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = str(tmp_path / "run" / "control.sock")
     _group_is(monkeypatch, os.getgid() + 12345)
 

@@ -51,7 +51,9 @@ def write(metrics_dir: Path, samples: list[tuple[str, str, dict[str, str], str, 
     )
 
 
-def shard(bytes_in: float, active: float, other_rule: bool = False) -> list[tuple[str, str, dict[str, str], str, float]]:
+def shard(
+    bytes_in: float, active: float, other_rule: bool = False
+) -> list[tuple[str, str, dict[str, str], str, float]]:
     labels = {**RULE, "rule": "8"} if other_rule else RULE
     return [
         ("portunus_rule_bytes_in_total", "counter", labels, "", bytes_in),
@@ -62,9 +64,15 @@ def shard(bytes_in: float, active: float, other_rule: bool = False) -> list[tupl
 
 
 def test_sums_over_shards_and_ignores_other_rules(tmp_path: Path) -> None:
-    rule = build_rule(id="7", protocol="tcp", listen=(8080, 8080), targets=[Target("127.0.0.1", 80)])
+    rule = build_rule(
+        id="7", protocol="tcp", listen=(8080, 8080), targets=[Target("127.0.0.1", 80)]
+    )
     assert rule_stats(str(tmp_path / "missing"), rule) == {
-        "id": 7, "bytes_in": 0, "bytes_out": 0, "connections_total": 0, "active_connections": 0,
+        "id": 7,
+        "bytes_in": 0,
+        "bytes_out": 0,
+        "connections_total": 0,
+        "active_connections": 0,
     }
     write(tmp_path, shard(100, 2))
     write(tmp_path, shard(50, 1))
@@ -74,44 +82,77 @@ def test_sums_over_shards_and_ignores_other_rules(tmp_path: Path) -> None:
     assert stats["connections_total"] == 6 and stats["active_connections"] == 3
     # A single-port rule has no detail series: its one port carries the totals.
     assert stats["per_port"] == [
-        {"port": 8080, "bytes_in": 150, "bytes_out": 300, "connections_total": 6, "active_connections": 3}
+        {
+            "port": 8080,
+            "bytes_in": 150,
+            "bytes_out": 300,
+            "connections_total": 6,
+            "active_connections": 3,
+        }
     ]
     assert "per_target" not in stats
 
 
 def test_per_port_and_per_target_detail(tmp_path: Path) -> None:
     rule = build_rule(
-        id="7", protocol="tcp", listen=(30000, 30002),
-        targets=[Target("10.0.0.1", 40000, port_end=40002), Target("10.0.0.2", 40000, port_end=40002, priority=2)],
+        id="7",
+        protocol="tcp",
+        listen=(30000, 30002),
+        targets=[
+            Target("10.0.0.1", 40000, port_end=40002),
+            Target("10.0.0.2", 40000, port_end=40002, priority=2),
+        ],
     )
     port = {"client": "local", "rule": "7"}
     t1 = {"client": "local", "rule": "7", "target": "10.0.0.1:40000-40002"}
     t2 = {**t1, "target": "10.0.0.2:40000-40002"}
-    write(tmp_path, [
-        ("portunus_detail_port_bytes_in_total", "counter", {**port, "port": "30001"}, "", 10),
-        ("portunus_detail_port_connections_total", "counter", {**port, "port": "30001"}, "", 1),
-        ("portunus_detail_port_active_connections", "gauge", {**port, "port": "30001"}, "livesum", 1),
-        ("portunus_target_up", "gauge", t1, "livemin", 1),
-        ("portunus_target_up", "gauge", t2, "livemin", 1),
-        ("portunus_detail_target_connections_total", "counter", t1, "", 4),
-    ])
-    write(tmp_path, [
-        ("portunus_detail_port_bytes_in_total", "counter", {**port, "port": "30001"}, "", 5),
-        ("portunus_detail_port_bytes_out_total", "counter", {**port, "port": "30002"}, "", 7),
-        ("portunus_target_up", "gauge", t2, "livemin", 0),
-        ("portunus_detail_target_connect_failures_total", "counter", t2, "", 3),
-    ])
+    write(
+        tmp_path,
+        [
+            ("portunus_detail_port_bytes_in_total", "counter", {**port, "port": "30001"}, "", 10),
+            ("portunus_detail_port_connections_total", "counter", {**port, "port": "30001"}, "", 1),
+            (
+                "portunus_detail_port_active_connections",
+                "gauge",
+                {**port, "port": "30001"},
+                "livesum",
+                1,
+            ),
+            ("portunus_target_up", "gauge", t1, "livemin", 1),
+            ("portunus_target_up", "gauge", t2, "livemin", 1),
+            ("portunus_detail_target_connections_total", "counter", t1, "", 4),
+        ],
+    )
+    write(
+        tmp_path,
+        [
+            ("portunus_detail_port_bytes_in_total", "counter", {**port, "port": "30001"}, "", 5),
+            ("portunus_detail_port_bytes_out_total", "counter", {**port, "port": "30002"}, "", 7),
+            ("portunus_target_up", "gauge", t2, "livemin", 0),
+            ("portunus_detail_target_connect_failures_total", "counter", t2, "", 3),
+        ],
+    )
     stats = rule_stats(str(tmp_path), rule, per_port=True, per_target=True)
     by_port = {p["port"]: p for p in stats["per_port"]}
     assert list(by_port) == [30000, 30001, 30002]
-    assert by_port[30000] == {"port": 30000, "bytes_in": 0, "bytes_out": 0, "connections_total": 0, "active_connections": 0}
+    assert by_port[30000] == {
+        "port": 30000,
+        "bytes_in": 0,
+        "bytes_out": 0,
+        "connections_total": 0,
+        "active_connections": 0,
+    }
     assert by_port[30001]["bytes_in"] == 15 and by_port[30001]["active_connections"] == 1
     assert by_port[30002]["bytes_out"] == 7
     t = {row["target"]: row for row in stats["per_target"]}
     # Dead writers still count for counters; target_up is livemin and the writer
     # processes have exited but are not marked dead, so their values remain.
     assert t["10.0.0.1:40000-40002"] == {
-        "target": "10.0.0.1:40000-40002", "priority": 1, "up": True, "connections_total": 4, "connect_failures_total": 0,
+        "target": "10.0.0.1:40000-40002",
+        "priority": 1,
+        "up": True,
+        "connections_total": 4,
+        "connect_failures_total": 0,
     }
     assert t["10.0.0.2:40000-40002"]["up"] is False
     assert t["10.0.0.2:40000-40002"]["connect_failures_total"] == 3
@@ -148,13 +189,29 @@ def test_rule_state_gauge(tmp_path: Path) -> None:
     def run(*states: str) -> None:
         subprocess.run(
             [sys.executable, "-c", GAUGE_WRITER, *states],
-            env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": "/usr/bin:/bin",
-                 "PYTHONPATH": str(Path(__file__).resolve().parents[3])},
-            check=True, timeout=30,
+            env={
+                "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+                "PATH": "/usr/bin:/bin",
+                "PYTHONPATH": str(Path(__file__).resolve().parents[3]),
+            },
+            check=True,
+            timeout=30,
         )
 
     run("pending", "active")
-    assert read_state(tmp_path) == {"pending": 0.0, "active": 1.0, "failed": 0.0, "draining": 0.0, "revoked": 0.0}
+    assert read_state(tmp_path) == {
+        "pending": 0.0,
+        "active": 1.0,
+        "failed": 0.0,
+        "draining": 0.0,
+        "revoked": 0.0,
+    }
     assert any(p.name.startswith("gauge_livemostrecent_") for p in tmp_path.iterdir())
     run("draining", "gone")  # a second control pid: the newest values win
-    assert read_state(tmp_path) == {"pending": 0.0, "active": 0.0, "failed": 0.0, "draining": 0.0, "revoked": 0.0}
+    assert read_state(tmp_path) == {
+        "pending": 0.0,
+        "active": 0.0,
+        "failed": 0.0,
+        "draining": 0.0,
+        "revoked": 0.0,
+    }

@@ -35,14 +35,25 @@ async def fake(cert: tuple[Path, Path, str]) -> AsyncIterator[FakeEdgeServer]:
     await server.stop()
 
 
-def bundle_for(server: FakeEdgeServer, client_id: str = "01HCLIENT", name: str = "edge-01",
-               token: str | None = None, path: str | None = None) -> Bundle:
+def bundle_for(
+    server: FakeEdgeServer,
+    client_id: str = "01HCLIENT",
+    name: str = "edge-01",
+    token: str | None = None,
+    path: str | None = None,
+) -> Bundle:
     """A bundle for a client the fake already knows (registered with a token)."""
     tok = token or f"token-{client_id}"
     if client_id not in server.clients:
         server.add_client(client_id, name, tok)
-    return Bundle(server=f"127.0.0.1:{server.port}", fingerprint=server.fingerprint,
-                  client_id=client_id, client_name=name, token=tok, path=path)
+    return Bundle(
+        server=f"127.0.0.1:{server.port}",
+        fingerprint=server.fingerprint,
+        client_id=client_id,
+        client_name=name,
+        token=tok,
+        path=path,
+    )
 
 
 class FakeSupervisor:
@@ -73,8 +84,13 @@ class FakeSupervisor:
     def answer(self, msg: dict[str, Any], state: str = "active") -> None:
         """Reply to a sync/apply the way the real supervisor does."""
         ids = [r["id"] for r in msg.get("rules", msg.get("upsert", []))]
-        self.chan.send({"type": "applied", "seq": msg["seq"],
-                        "results": {i: {"state": state, "reason": None} for i in ids}})
+        self.chan.send(
+            {
+                "type": "applied",
+                "seq": msg["seq"],
+                "results": {i: {"state": state, "reason": None} for i in ids},
+            }
+        )
 
     def send(self, msg: dict[str, Any]) -> None:
         self.chan.send(msg)
@@ -90,8 +106,25 @@ def sup_pair() -> Iterator[tuple[socket.socket, FakeSupervisor]]:
 
 
 def wire_rule(rid: str, port: int, target_port: int = 9, client: str = "edge-01") -> dict[str, Any]:
-    return {"id": rid, "client": client, "owner": "", "protocol": "tcp", "listen_start": port,
-            "listen_end": port, "targets": [{"host": "127.0.0.1", "port": target_port, "port_end": None,
-                                             "priority": 1, "proxy_protocol": None}],
-            "sni": None, "proxy_protocol": None, "prefer_ipv6": False, "rate_limit": None,
-            "health_check_interval_secs": 5.0}
+    return {
+        "id": rid,
+        "client": client,
+        "owner": "",
+        "protocol": "tcp",
+        "listen_start": port,
+        "listen_end": port,
+        "targets": [
+            {
+                "host": "127.0.0.1",
+                "port": target_port,
+                "port_end": None,
+                "priority": 1,
+                "proxy_protocol": None,
+            }
+        ],
+        "sni": None,
+        "proxy_protocol": None,
+        "prefer_ipv6": False,
+        "rate_limit": None,
+        "health_check_interval_secs": 5.0,
+    }

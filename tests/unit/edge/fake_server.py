@@ -42,18 +42,29 @@ def make_cert(directory: Path, name: str = "server") -> tuple[Path, Path, str]:
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
         .sign(key, hashes.SHA256())
     )
     cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     fp = "sha256:" + hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
     return cert_path, key_path, fp
 
@@ -72,7 +83,9 @@ class FakeClient:
 
 
 class FakeEdgeServer:
-    def __init__(self, cert: Path, key: Path, fingerprint: str, heartbeat_secs: float = 5.0) -> None:
+    def __init__(
+        self, cert: Path, key: Path, fingerprint: str, heartbeat_secs: float = 5.0
+    ) -> None:
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(str(cert), str(key))
         self.fingerprint = fingerprint
@@ -127,7 +140,9 @@ class FakeEdgeServer:
         c = self.clients.get(client_id)
         return c is not None and c.writer is not None
 
-    async def push(self, client_id: str, upsert: list[dict[str, Any]] = (), remove: list[str] = ()) -> int:  # type: ignore[assignment]
+    async def push(
+        self, client_id: str, upsert: list[dict[str, Any]] = (), remove: list[str] = ()
+    ) -> int:  # type: ignore[assignment]
         """Store the change; send it when connected. Returns the seq (0 if not sent)."""
         c = self.clients[client_id]
         for rid in remove:
@@ -137,7 +152,9 @@ class FakeEdgeServer:
         if c.writer is None:
             return 0
         seq = next(self._seq)
-        await write_frame(c.writer, {"type": "apply", "seq": seq, "upsert": list(upsert), "remove": list(remove)})
+        await write_frame(
+            c.writer, {"type": "apply", "seq": seq, "upsert": list(upsert), "remove": list(remove)}
+        )
         return seq
 
     async def send(self, client_id: str, msg: dict[str, Any]) -> None:
@@ -149,7 +166,9 @@ class FakeEdgeServer:
         c = self.clients[client_id]
         c.revoked = True
         if c.writer is not None:
-            await write_frame(c.writer, {"type": "error", "code": "revoked", "message": "revoked by the operator"})
+            await write_frame(
+                c.writer, {"type": "error", "code": "revoked", "message": "revoked by the operator"}
+            )
             c.writer.close()
             c.writer = None
 
@@ -190,31 +209,57 @@ class FakeEdgeServer:
         code = msg.get("code")
         entry = self.codes.get(code) if isinstance(code, str) else None
         if entry is None or code in self.used or entry[1] < time.monotonic():
-            why = "unknown" if entry is None else ("already used" if code in self.used else "expired")
-            await write_frame(writer, {"type": "error", "code": "enrollment_invalid",
-                                       "message": f"enrollment code {why}"})
+            why = (
+                "unknown" if entry is None else ("already used" if code in self.used else "expired")
+            )
+            await write_frame(
+                writer,
+                {
+                    "type": "error",
+                    "code": "enrollment_invalid",
+                    "message": f"enrollment code {why}",
+                },
+            )
             return
         self.used.add(code)  # type: ignore[arg-type]
         c = self.clients[entry[0]]
         c.token = f"token-{c.client_id}"
-        await write_frame(writer, {"type": "enrolled", "client_id": c.client_id, "client_name": c.name,
-                                   "token": c.token})
+        await write_frame(
+            writer,
+            {"type": "enrolled", "client_id": c.client_id, "client_name": c.name, "token": c.token},
+        )
 
-    async def _session(self, hello: dict[str, Any], reader: asyncio.StreamReader,
-                       writer: asyncio.StreamWriter) -> None:
-        c = next((x for x in self.clients.values() if x.token and x.token == hello.get("token")), None)
+    async def _session(
+        self, hello: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        c = next(
+            (x for x in self.clients.values() if x.token and x.token == hello.get("token")), None
+        )
         if c is None or c.client_id != hello.get("client_id"):
-            await write_frame(writer, {"type": "error", "code": "unauthenticated", "message": "bad token"})
+            await write_frame(
+                writer, {"type": "error", "code": "unauthenticated", "message": "bad token"}
+            )
             return
         if c.revoked:
-            await write_frame(writer, {"type": "error", "code": "revoked", "message": "revoked by the operator"})
+            await write_frame(
+                writer, {"type": "error", "code": "revoked", "message": "revoked by the operator"}
+            )
             return
         if c.writer is not None:
             c.writer.transport.abort()  # a newer session replaces an older one
         c.hellos.append(hello)
-        await write_frame(writer, {"type": "welcome", "client_id": c.client_id, "client_name": c.name,
-                                   "heartbeat_secs": self.heartbeat_secs})
-        await write_frame(writer, {"type": "sync", "seq": next(self._seq), "rules": list(c.rules.values())})
+        await write_frame(
+            writer,
+            {
+                "type": "welcome",
+                "client_id": c.client_id,
+                "client_name": c.name,
+                "heartbeat_secs": self.heartbeat_secs,
+            },
+        )
+        await write_frame(
+            writer, {"type": "sync", "seq": next(self._seq), "rules": list(c.rules.values())}
+        )
         c.writer = writer
         c.connects += 1
         pinger = asyncio.create_task(self._pinger(writer))
@@ -239,11 +284,17 @@ class ThreadedFakeServer:
     """A FakeEdgeServer on its own loop in a daemon thread; ``call`` runs a coroutine
     (or a plain function) there and returns its result."""
 
-    def __init__(self, cert: Path, key: Path, fingerprint: str, heartbeat_secs: float = 5.0) -> None:
+    def __init__(
+        self, cert: Path, key: Path, fingerprint: str, heartbeat_secs: float = 5.0
+    ) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="fake-edge-server", daemon=True)
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="fake-edge-server", daemon=True
+        )
         self.thread.start()
-        self.server: FakeEdgeServer = self.call_fn(lambda: FakeEdgeServer(cert, key, fingerprint, heartbeat_secs))
+        self.server: FakeEdgeServer = self.call_fn(
+            lambda: FakeEdgeServer(cert, key, fingerprint, heartbeat_secs)
+        )
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
         fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)

@@ -27,8 +27,15 @@ from portunus.edge.wire import CAPABILITIES
 from .conftest import FakeSupervisor, bundle_for, wire_rule
 from .fake_server import FakeEdgeServer
 
-FAST = LinkTiming(heartbeat_secs=0.1, dead_secs=0.6, stats_secs=0.1, backoff_first=0.05,
-                  backoff_max=0.2, connect_timeout=2, handshake_timeout=2)
+FAST = LinkTiming(
+    heartbeat_secs=0.1,
+    dead_secs=0.6,
+    stats_secs=0.1,
+    backoff_first=0.05,
+    backoff_max=0.2,
+    connect_timeout=2,
+    handshake_timeout=2,
+)
 CID = "01HCLIENT"
 
 
@@ -41,16 +48,24 @@ class Running:
 
 
 @pytest.fixture
-async def start(tmp_path: Path, sup_pair: tuple[socket.socket, FakeSupervisor]
-                ) -> AsyncIterator[Callable[..., Running]]:
+async def start(
+    tmp_path: Path, sup_pair: tuple[socket.socket, FakeSupervisor]
+) -> AsyncIterator[Callable[..., Running]]:
     sock, sup = sup_pair
     running: list[Running] = []
 
-    def _start(bundle: Bundle, capabilities: list[str] | None = None,
-               timing: LinkTiming = FAST) -> Running:
+    def _start(
+        bundle: Bundle, capabilities: list[str] | None = None, timing: LinkTiming = FAST
+    ) -> Running:
         (tmp_path / "metrics").mkdir(exist_ok=True)
-        link = EdgeLink(bundle, str(tmp_path), sock, capabilities or list(CAPABILITIES),
-                        str(tmp_path / "metrics"), timing)
+        link = EdgeLink(
+            bundle,
+            str(tmp_path),
+            sock,
+            capabilities or list(CAPABILITIES),
+            str(tmp_path / "metrics"),
+            timing,
+        )
         r = Running(link, asyncio.create_task(link.run()), sup)
         running.append(r)
         return r
@@ -86,7 +101,8 @@ def _quick_server_pings(fake: FakeEdgeServer) -> None:
 
 
 async def test_cached_rules_reach_the_supervisor_while_the_server_is_down(
-        fake: FakeEdgeServer, start: Callable[..., Running], tmp_path: Path) -> None:
+    fake: FakeEdgeServer, start: Callable[..., Running], tmp_path: Path
+) -> None:
     bundle = bundle_for(fake)
     RuleStore(str(tmp_path), CID).replace([wire_rule("4", 20004)])
     await fake.stop()
@@ -100,19 +116,25 @@ async def test_cached_rules_reach_the_supervisor_while_the_server_is_down(
     assert await r.exit_code() == 0
 
 
-async def test_cache_of_another_client_is_ignored(fake: FakeEdgeServer, start: Callable[..., Running],
-                                                  tmp_path: Path) -> None:
+async def test_cache_of_another_client_is_ignored(
+    fake: FakeEdgeServer, start: Callable[..., Running], tmp_path: Path
+) -> None:
     RuleStore(str(tmp_path), "01HSOMEONEELSE").replace([wire_rule("4", 20004)])
     r = start(bundle_for(fake))
     assert (await r.sup.next("sync"))["rules"] == []
 
 
-async def test_hello_sync_apply_and_answers_are_relayed(fake: FakeEdgeServer, start: Callable[..., Running],
-                                                        tmp_path: Path) -> None:
+async def test_hello_sync_apply_and_answers_are_relayed(
+    fake: FakeEdgeServer, start: Callable[..., Running], tmp_path: Path
+) -> None:
     r = start(bundle_for(fake), capabilities=["tcp", "udp"])
     await connected(fake, r)
     hello = fake.clients[CID].hellos[0]
-    assert (hello["token"], hello["client_id"], hello["capabilities"]) == (f"token-{CID}", CID, ["tcp", "udp", "quiet_link"])
+    assert (hello["token"], hello["client_id"], hello["capabilities"]) == (
+        f"token-{CID}",
+        CID,
+        ["tcp", "udp", "quiet_link"],
+    )
     applied = fake.frames(CID, "applied")
     assert len(applied) == 1, "the answer to the start-up sync must not reach the server"
 
@@ -121,7 +143,9 @@ async def test_hello_sync_apply_and_answers_are_relayed(fake: FakeEdgeServer, st
     apply = await r.sup.next("apply", after=mark)
     assert [x["id"] for x in apply["upsert"]] == ["5"] and apply["remove"] == []
     rules_file = tmp_path / "rules.json"
-    assert [x["id"] for x in json.loads(rules_file.read_text())["rules"]] == ["5"]  # persisted before sending
+    assert [x["id"] for x in json.loads(rules_file.read_text())["rules"]] == [
+        "5"
+    ]  # persisted before sending
     assert stat.S_IMODE(rules_file.stat().st_mode) == 0o600
     r.sup.answer(apply)
     ack = await fake.wait(lambda: [a for a in fake.frames(CID, "applied") if a["seq"] == seq])
@@ -138,7 +162,9 @@ async def test_hello_sync_apply_and_answers_are_relayed(fake: FakeEdgeServer, st
     assert json.loads(rules_file.read_text())["rules"] == []
 
 
-async def test_a_malformed_rule_fails_alone(fake: FakeEdgeServer, start: Callable[..., Running]) -> None:
+async def test_a_malformed_rule_fails_alone(
+    fake: FakeEdgeServer, start: Callable[..., Running]
+) -> None:
     r = start(bundle_for(fake))
     await connected(fake, r)
     mark = len(r.sup.got)
@@ -159,8 +185,9 @@ async def test_pings_and_stats_flow(fake: FakeEdgeServer, start: Callable[..., R
     await connected(fake, r)
     await fake.wait(lambda: len(fake.frames(CID, "ping")) >= 3)
     stats = await fake.wait(lambda: fake.frames(CID, "stats"))
-    assert stats[-1]["rules"] == {"8": {"bytes_in": 0, "bytes_out": 0, "connections_total": 0,
-                                        "active_connections": 0}}
+    assert stats[-1]["rules"] == {
+        "8": {"bytes_in": 0, "bytes_out": 0, "connections_total": 0, "active_connections": 0}
+    }
     # Idle counters are not sent again: one stats frame while many pings flow.
     pings = len(fake.frames(CID, "ping"))
     await fake.wait(lambda: len(fake.frames(CID, "ping")) >= pings + 5)
@@ -171,14 +198,18 @@ def test_link_cadence_from_the_welcome() -> None:
     timing = LinkTiming()
     assert link_cadence({"heartbeat_secs": 5}, timing) == (5.0, 15.0)  # an older server
     assert link_cadence({}, timing) == (5.0, 15.0)
-    assert link_cadence({"heartbeat_secs": 20, "ping_secs": 20, "dead_after_secs": 30}, timing) == (20.0, 30.0)
+    assert link_cadence({"heartbeat_secs": 20, "ping_secs": 20, "dead_after_secs": 30}, timing) == (
+        20.0,
+        30.0,
+    )
     assert link_cadence({"heartbeat_secs": 10, "ping_secs": 25}, timing) == (10.0, 60.0)
     assert link_cadence({"heartbeat_secs": True, "ping_secs": -1}, timing) == (5.0, 15.0)
     assert link_cadence({"heartbeat_secs": 0.1, "ping_secs": 0.2}, FAST) == (0.1, 0.6)
 
 
 async def test_a_silent_server_is_declared_dead_and_redialled(
-        fake: FakeEdgeServer, start: Callable[..., Running], capfd: pytest.CaptureFixture[str]) -> None:
+    fake: FakeEdgeServer, start: Callable[..., Running], capfd: pytest.CaptureFixture[str]
+) -> None:
     r = start(bundle_for(fake))
     await connected(fake, r)
     loop = asyncio.get_running_loop()
@@ -191,7 +222,8 @@ async def test_a_silent_server_is_declared_dead_and_redialled(
 
 
 async def test_reconnect_resyncs_and_delivers_removals_made_while_away(
-        fake: FakeEdgeServer, start: Callable[..., Running]) -> None:
+    fake: FakeEdgeServer, start: Callable[..., Running]
+) -> None:
     bundle_for(fake)
     fake.clients[CID].rules = {"1": wire_rule("1", 20001), "2": wire_rule("2", 20002)}
     r = start(bundle_for(fake))
@@ -213,7 +245,8 @@ async def test_reconnect_resyncs_and_delivers_removals_made_while_away(
 
 
 async def test_an_answer_for_a_dead_session_is_not_relayed(
-        fake: FakeEdgeServer, start: Callable[..., Running]) -> None:
+    fake: FakeEdgeServer, start: Callable[..., Running]
+) -> None:
     r = start(bundle_for(fake))
     await connected(fake, r)
     mark = len(r.sup.got)
@@ -233,8 +266,9 @@ async def test_an_answer_for_a_dead_session_is_not_relayed(
     assert len(fake.frames(CID, "applied")) == before + 1
 
 
-async def test_revoked_mid_session_stops_for_good(fake: FakeEdgeServer, start: Callable[..., Running],
-                                                  tmp_path: Path) -> None:
+async def test_revoked_mid_session_stops_for_good(
+    fake: FakeEdgeServer, start: Callable[..., Running], tmp_path: Path
+) -> None:
     bundle_for(fake)
     fake.clients[CID].rules = {"1": wire_rule("1", 20001)}
     r = start(bundle_for(fake))
@@ -250,7 +284,9 @@ async def test_revoked_mid_session_stops_for_good(fake: FakeEdgeServer, start: C
     assert fake.connections == n, "a revoked client must not dial again"
 
 
-async def test_revoked_at_hello(fake: FakeEdgeServer, start: Callable[..., Running], tmp_path: Path) -> None:
+async def test_revoked_at_hello(
+    fake: FakeEdgeServer, start: Callable[..., Running], tmp_path: Path
+) -> None:
     bundle = bundle_for(fake)
     fake.clients[CID].revoked = True
     r = start(bundle)
@@ -260,7 +296,8 @@ async def test_revoked_at_hello(fake: FakeEdgeServer, start: Callable[..., Runni
 
 
 async def test_unauthenticated_keeps_forwarding_and_retrying(
-        fake: FakeEdgeServer, start: Callable[..., Running], capfd: pytest.CaptureFixture[str]) -> None:
+    fake: FakeEdgeServer, start: Callable[..., Running], capfd: pytest.CaptureFixture[str]
+) -> None:
     bundle = bundle_for(fake)
     bundle.token = "not-the-token"
     r = start(bundle)
@@ -271,7 +308,8 @@ async def test_unauthenticated_keeps_forwarding_and_retrying(
 
 
 async def test_a_changed_server_certificate_gets_nothing(
-        fake: FakeEdgeServer, start: Callable[..., Running], capfd: pytest.CaptureFixture[str]) -> None:
+    fake: FakeEdgeServer, start: Callable[..., Running], capfd: pytest.CaptureFixture[str]
+) -> None:
     bundle = bundle_for(fake)
     pinned = "sha256:" + "00" * 32
     bundle.fingerprint = pinned
@@ -283,8 +321,9 @@ async def test_a_changed_server_certificate_gets_nothing(
     assert pinned in rec["error"] and fake.fingerprint in rec["error"]
 
 
-async def test_rename_is_written_to_the_bundle(fake: FakeEdgeServer, start: Callable[..., Running],
-                                               tmp_path: Path) -> None:
+async def test_rename_is_written_to_the_bundle(
+    fake: FakeEdgeServer, start: Callable[..., Running], tmp_path: Path
+) -> None:
     path = tmp_path / "client.json"
     bundle = bundle_for(fake, path=str(path))
     write_bundle(str(path), bundle)
@@ -297,7 +336,8 @@ async def test_rename_is_written_to_the_bundle(fake: FakeEdgeServer, start: Call
 
 
 async def test_a_name_changed_while_away_arrives_in_the_welcome(
-        fake: FakeEdgeServer, start: Callable[..., Running], tmp_path: Path) -> None:
+    fake: FakeEdgeServer, start: Callable[..., Running], tmp_path: Path
+) -> None:
     path = tmp_path / "client.json"
     bundle = bundle_for(fake, path=str(path))
     write_bundle(str(path), bundle)
@@ -306,7 +346,9 @@ async def test_a_name_changed_while_away_arrives_in_the_welcome(
     await fake.wait(lambda: read_bundle(str(path)).client_name == "edge-lyon")
 
 
-async def test_unknown_frames_are_ignored(fake: FakeEdgeServer, start: Callable[..., Running]) -> None:
+async def test_unknown_frames_are_ignored(
+    fake: FakeEdgeServer, start: Callable[..., Running]
+) -> None:
     r = start(bundle_for(fake))
     await connected(fake, r)
     await fake.send(CID, {"type": "from-the-future", "x": 1})
@@ -317,8 +359,10 @@ async def test_unknown_frames_are_ignored(fake: FakeEdgeServer, start: Callable[
 
 
 async def test_losing_the_supervisor_ends_the_link(
-        fake: FakeEdgeServer, start: Callable[..., Running],
-        sup_pair: tuple[socket.socket, FakeSupervisor]) -> None:
+    fake: FakeEdgeServer,
+    start: Callable[..., Running],
+    sup_pair: tuple[socket.socket, FakeSupervisor],
+) -> None:
     r = start(bundle_for(fake))
     await r.sup.next("sync")
     sup_pair[1].chan.sock.close()

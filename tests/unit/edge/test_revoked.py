@@ -12,8 +12,13 @@ from portunus.edge.bundle import Bundle
 
 
 def _bundle() -> Bundle:
-    return Bundle(server="127.0.0.1:7443", fingerprint="sha256:" + "a" * 64,
-                  client_id="01HCLIENT", client_name="edge-01", token="t")
+    return Bundle(
+        server="127.0.0.1:7443",
+        fingerprint="sha256:" + "a" * 64,
+        client_id="01HCLIENT",
+        client_name="edge-01",
+        token="t",
+    )
 
 
 def test_marker_round_trip_is_private_and_per_client(tmp_path: Path) -> None:
@@ -31,7 +36,9 @@ def test_describe_names_the_bundle_path(monkeypatch: pytest.MonkeyPatch) -> None
     assert "--out /etc/x.bundle" in text and "enroll-client" in text
 
 
-def test_describe_under_systemd_points_at_the_loaded_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_describe_under_systemd_points_at_the_loaded_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
     text = revoked.describe({"client_id": "01HCLIENT"}, str(tmp_path / "client.bundle"))
     assert str(tmp_path) not in text

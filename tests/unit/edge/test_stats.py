@@ -24,7 +24,9 @@ m.TARGET_UP.labels("edge-01", "{rule}", "127.0.0.1:9").set({up})
 
 def _shard(metrics_dir: Path, rule: str, n: int, up: int = 1) -> None:
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
-    subprocess.run([sys.executable, "-c", WRITER.format(rule=rule, n=n, up=up)], env=env, check=True)
+    subprocess.run(
+        [sys.executable, "-c", WRITER.format(rule=rule, n=n, up=up)], env=env, check=True
+    )
 
 
 def test_sums_every_shard_for_the_rules_asked(tmp_path: Path) -> None:
@@ -33,13 +35,26 @@ def test_sums_every_shard_for_the_rules_asked(tmp_path: Path) -> None:
     totals = rule_totals(str(tmp_path), ["7", "8"])
     assert totals["7"]["bytes_in"] == 150 and totals["7"]["bytes_out"] == 300
     assert totals["7"]["connections_total"] == 6
-    assert totals["8"] == {"bytes_in": 0, "bytes_out": 0, "connections_total": 0, "active_connections": 0}
+    assert totals["8"] == {
+        "bytes_in": 0,
+        "bytes_out": 0,
+        "connections_total": 0,
+        "active_connections": 0,
+    }
     assert "99" not in totals  # only the client's current rules
-    assert totals["7"]["per_port"] == [{"port": 30001, "bytes_in": 14, "bytes_out": 0, "connections_total": 0,
-                                        "active_connections": 0}]
+    assert totals["7"]["per_port"] == [
+        {
+            "port": 30001,
+            "bytes_in": 14,
+            "bytes_out": 0,
+            "connections_total": 0,
+            "active_connections": 0,
+        }
+    ]
     # One shard sees the target down: it is not up.
-    assert totals["7"]["per_target"] == [{"target": "127.0.0.1:9", "connections_total": 4,
-                                          "connect_failures_total": 0, "up": False}]
+    assert totals["7"]["per_target"] == [
+        {"target": "127.0.0.1:9", "connections_total": 4, "connect_failures_total": 0, "up": False}
+    ]
     assert "per_port" not in totals["8"] and "per_target" not in totals["8"]
 
 

@@ -31,7 +31,13 @@ def test_reset_starts_over() -> None:
 
 def test_defaults_match_the_protocol() -> None:
     t = LinkTiming()
-    assert (t.heartbeat_secs, t.dead_secs, t.stats_secs, t.backoff_first, t.backoff_max) == (5, 15, 5, 0.5, 30)
+    assert (t.heartbeat_secs, t.dead_secs, t.stats_secs, t.backoff_first, t.backoff_max) == (
+        5,
+        15,
+        5,
+        0.5,
+        30,
+    )
 
 
 def test_backoff_survives_a_very_long_outage() -> None:

@@ -17,7 +17,9 @@ MONITORING = REPO / "packaging" / "monitoring"
 ALERTS = MONITORING / "portunus-alerts.yml"
 DASHBOARD = MONITORING / "portunus-dashboard.json"
 METRIC = re.compile(r"\bportunus_[a-z_]+\b")
-DEFINITION = re.compile(r"(?:Counter|Gauge|Histogram|Summary|MetricFamily)\(\s*\"(portunus_[a-z_]+)\"")
+DEFINITION = re.compile(
+    r"(?:Counter|Gauge|Histogram|Summary|MetricFamily)\(\s*\"(portunus_[a-z_]+)\""
+)
 
 
 def _promtool() -> str:

@@ -52,8 +52,9 @@ def cells_path(tmp_path: Path) -> str:
     return str(tmp_path / "rule.rl")
 
 
-def bucket(cells: SharedCells, clock: Clock, rate: int, burst: int | None = None,
-           cell: int = CELL_IN) -> TokenBucket:
+def bucket(
+    cells: SharedCells, clock: Clock, rate: int, burst: int | None = None, cell: int = CELL_IN
+) -> TokenBucket:
     b, chunk = bandwidth_shape(rate, burst)
     return TokenBucket(cells, cell, rate, b, chunk, clock=clock)
 
@@ -138,7 +139,7 @@ def test_idle_bucket_saves_only_the_burst(cells_path: str, clock: Clock) -> None
     b.local = 0
     burst, chunk = bandwidth_shape(4 * MB, None)
     got = 0
-    while (n := b.grant(10 * MB)[0]):
+    while n := b.grant(10 * MB)[0]:
         got += n
     assert got == pytest.approx(burst // chunk * chunk, abs=1)
     cells.close()
@@ -359,7 +360,9 @@ def test_registry_refcounts_and_sweeps(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(udp_budget, "_SWEPT", set())
     monkeypatch.setenv("PORTUNUS_SUPERVISOR_PID", str(os.getpid()))
     a = rl.acquire_limits(settings, "local", "r4", ("local", "r4", ""), {"bandwidth_in_bps": MB})
-    b = rl.acquire_limits(settings, "local", "r4", ("local", "r4", ""), {"bandwidth_in_bps": 2 * MB})
+    b = rl.acquire_limits(
+        settings, "local", "r4", ("local", "r4", ""), {"bandwidth_in_bps": 2 * MB}
+    )
     assert a is b and a.users == 2 and a.bw_in is not None and a.bw_in.rate == 2 * MB
     assert not stale.exists()
     assert any(p.name.endswith(".rl") for p in flows.iterdir())

@@ -25,8 +25,13 @@ def ctx(tmp_path: Path) -> Iterator[ShardContext]:
 
 
 def rule(rate_limit: dict[str, Any] | None, rid: str = "rt1") -> Rule:
-    return build_rule(id=rid, protocol="tcp", listen=(40000, 40000),
-                      targets=[Target("127.0.0.1", 40001)], rate_limit=rate_limit)
+    return build_rule(
+        id=rid,
+        protocol="tcp",
+        listen=(40000, 40000),
+        targets=[Target("127.0.0.1", 40001)],
+        rate_limit=rate_limit,
+    )
 
 
 def test_no_rate_limit_costs_nothing(ctx: ShardContext) -> None:

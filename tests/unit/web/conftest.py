@@ -40,7 +40,9 @@ def settings(short_dir: str) -> Settings:
 @pytest.fixture
 async def api(fake: FakeControl, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://api"
+    ) as client:
         yield client
 
 

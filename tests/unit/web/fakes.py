@@ -12,10 +12,20 @@ TOKEN = "tok-secret-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 RULE = {
-    "id": 7, "client": "local", "client_id": "c-local", "protocol": "tcp", "listen_port": 8080,
-    "targets": [{"host": "127.0.0.1", "port": 9090, "priority": 1}], "sni_pattern": None,
-    "proxy_protocol": None, "prefer_ipv6": False, "health_check_interval_secs": 5.0,
-    "rate_limit": None, "owner": "", "state": "active", "failure_reason": None,
+    "id": 7,
+    "client": "local",
+    "client_id": "c-local",
+    "protocol": "tcp",
+    "listen_port": 8080,
+    "targets": [{"host": "127.0.0.1", "port": 9090, "priority": 1}],
+    "sni_pattern": None,
+    "proxy_protocol": None,
+    "prefer_ipv6": False,
+    "health_check_interval_secs": 5.0,
+    "rate_limit": None,
+    "owner": "",
+    "state": "active",
+    "failure_reason": None,
     "created_at": "2026-01-01T00:00:00Z",
 }
 STATS = {"id": 7, "bytes_in": 10, "bytes_out": 20, "connections_total": 3, "active_connections": 1}
@@ -66,8 +76,6 @@ class FakeControl:
             pass
         finally:
             writer.close()
-
-
 
 
 def paged_clients(clients: list[dict[str, Any]]) -> Any:

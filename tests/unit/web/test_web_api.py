@@ -21,7 +21,9 @@ def protected_endpoints(settings: Settings) -> list[tuple[str, str]]:
     out = []
     for r in app.routes:
         assert isinstance(r, Route)
-        if r.path in PUBLIC or not r.path.startswith("/v1/"):  # pages: tests/unit/web/test_web_ui.py
+        if r.path in PUBLIC or not r.path.startswith(
+            "/v1/"
+        ):  # pages: tests/unit/web/test_web_ui.py
             continue
         for method in sorted((r.methods or set()) - {"HEAD"}):
             out.append((method, r.path.replace("{id}", "7")))
@@ -33,8 +35,12 @@ async def test_every_protected_route_needs_a_bearer_token(
 ) -> None:
     endpoints = protected_endpoints(settings)
     assert len(endpoints) >= 9
-    for header in ({}, {"Authorization": "Basic dXNlcjpwdw=="}, {"Authorization": "Bearer "},
-                   {"Authorization": TOKEN}):
+    for header in (
+        {},
+        {"Authorization": "Basic dXNlcjpwdw=="},
+        {"Authorization": "Bearer "},
+        {"Authorization": TOKEN},
+    ):
         for method, path in endpoints:
             r = await api.request(method, path, headers=header, json={"rate_limit": None})
             assert r.status_code == 401, (method, path, header)
@@ -50,13 +56,17 @@ async def test_bearer_scheme_is_case_insensitive(api: httpx.AsyncClient, fake: F
     assert fake.requests[0]["token"] == TOKEN
 
 
-async def test_health_needs_no_token_and_asks_control(api: httpx.AsyncClient, fake: FakeControl) -> None:
+async def test_health_needs_no_token_and_asks_control(
+    api: httpx.AsyncClient, fake: FakeControl
+) -> None:
     r = await api.get("/v1/health")
     assert (r.status_code, r.json()) == (200, {"status": "ok"})
     assert [(q["method"], q["token"]) for q in fake.requests] == [("health", None)]
 
 
-async def test_health_is_503_when_control_is_down_or_failing(api: httpx.AsyncClient, fake: FakeControl) -> None:
+async def test_health_is_503_when_control_is_down_or_failing(
+    api: httpx.AsyncClient, fake: FakeControl
+) -> None:
     fake.replies["health"] = PortunusError("internal", "database is locked")
     r = await api.get("/v1/health")
     assert r.status_code == 503
@@ -68,7 +78,9 @@ async def test_health_is_503_when_control_is_down_or_failing(api: httpx.AsyncCli
     assert r.json()["error"]["code"] == "unavailable"
 
 
-async def test_control_down_is_503_on_other_routes(api: httpx.AsyncClient, fake: FakeControl) -> None:
+async def test_control_down_is_503_on_other_routes(
+    api: httpx.AsyncClient, fake: FakeControl
+) -> None:
     await fake.stop()
     r = await api.get("/v1/rules", headers=AUTH)
     assert r.status_code == 503
@@ -76,21 +88,40 @@ async def test_control_down_is_503_on_other_routes(api: httpx.AsyncClient, fake:
 
 
 async def test_clients_list(api: httpx.AsyncClient, fake: FakeControl) -> None:
-    clients = {"clients": [{"client_id": "c1", "client_name": "edge-01", "connected": True,
-                            "remote_addr": "127.0.0.2:5000", "connected_since": "2026-01-01T00:00:00Z",
-                            "version": "0.1.0", "capabilities": ["sni"], "rule_count": 2}]}
+    clients = {
+        "clients": [
+            {
+                "client_id": "c1",
+                "client_name": "edge-01",
+                "connected": True,
+                "remote_addr": "127.0.0.2:5000",
+                "connected_since": "2026-01-01T00:00:00Z",
+                "version": "0.1.0",
+                "capabilities": ["sni"],
+                "rule_count": 2,
+            }
+        ]
+    }
     fake.replies["clients.list"] = clients
     r = await api.get("/v1/clients", headers=AUTH)
     assert (r.status_code, r.json()) == (200, clients)
     assert fake.calls("clients.list")[0]["token"] == TOKEN
 
 
-async def test_clients_list_forwards_paging_and_filters(api: httpx.AsyncClient, fake: FakeControl) -> None:
+async def test_clients_list_forwards_paging_and_filters(
+    api: httpx.AsyncClient, fake: FakeControl
+) -> None:
     fake.replies["clients.list"] = {"clients": [], "next_cursor": None, "total": 0}
-    r = await api.get("/v1/clients?limit=5&cursor=abc&connected=false&name_prefix=edge-", headers=AUTH)
+    r = await api.get(
+        "/v1/clients?limit=5&cursor=abc&connected=false&name_prefix=edge-", headers=AUTH
+    )
     assert r.status_code == 200
     assert fake.calls("clients.list")[0]["params"] == {
-        "limit": 5, "cursor": "abc", "connected": False, "name_prefix": "edge-"}
+        "limit": 5,
+        "cursor": "abc",
+        "connected": False,
+        "name_prefix": "edge-",
+    }
     for bad in ("limit=0", "limit=1001", "limit=x", "connected=maybe"):
         r = await api.get(f"/v1/clients?{bad}", headers=AUTH)
         assert r.status_code == 400, bad
@@ -105,18 +136,36 @@ async def test_client_get_by_ref(api: httpx.AsyncClient, fake: FakeControl) -> N
 
 
 async def test_audit_forwards_paging(api: httpx.AsyncClient, fake: FakeControl) -> None:
-    page = {"entries": [{"id": 3, "ts": "2026-01-01T00:00:00Z", "actor": "admin", "action": "rules.push",
-                         "target": "rule 7", "outcome": "ok", "error_code": None}], "next_cursor": "c2"}
+    page = {
+        "entries": [
+            {
+                "id": 3,
+                "ts": "2026-01-01T00:00:00Z",
+                "actor": "admin",
+                "action": "rules.push",
+                "target": "rule 7",
+                "outcome": "ok",
+                "error_code": None,
+            }
+        ],
+        "next_cursor": "c2",
+    }
     fake.replies["audit.list"] = page
     r = await api.get("/v1/audit?since=2026-01-01T00:00:00Z&limit=50&cursor=c1", headers=AUTH)
     assert (r.status_code, r.json()) == (200, page)
-    assert fake.calls("audit.list")[0]["params"] == {"since": "2026-01-01T00:00:00Z", "limit": 50, "cursor": "c1"}
+    assert fake.calls("audit.list")[0]["params"] == {
+        "since": "2026-01-01T00:00:00Z",
+        "limit": 50,
+        "cursor": "c1",
+    }
     await api.get("/v1/audit", headers=AUTH)
     assert fake.calls("audit.list")[1]["params"] == {}
 
 
 @pytest.mark.parametrize("limit", ["0", "1001", "ten", "1.5"])
-async def test_audit_limit_is_checked(api: httpx.AsyncClient, fake: FakeControl, limit: str) -> None:
+async def test_audit_limit_is_checked(
+    api: httpx.AsyncClient, fake: FakeControl, limit: str
+) -> None:
     r = await api.get(f"/v1/audit?limit={limit}", headers=AUTH)
     assert r.status_code == 400
     assert (r.json()["error"]["code"], r.json()["error"]["field"]) == ("validation.query", "limit")

@@ -88,7 +88,9 @@ async def test_the_issue_200_kb_nesting_is_refused_by_size(
 ) -> None:
     """The issue's ~200 KB of ``[[[…`` no longer reaches the parser at all."""
     body = "[" * 100_000 + "]" * 100_000
-    r = await api.post("/v1/rules", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    r = await api.post(
+        "/v1/rules", content=body, headers={**AUTH, "Content-Type": "application/json"}
+    )
     assert r.status_code == 413 and r.json()["error"]["code"] == "validation.body_too_large"
     assert fake.calls("rules.push") == []
 

@@ -39,7 +39,9 @@ class WebProcess:
         self.metrics = metrics
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", SCRIPT, runtime_dir, api, metrics], stdout=log, stderr=log,
+                [sys.executable, "-c", SCRIPT, runtime_dir, api, metrics],
+                stdout=log,
+                stderr=log,
                 env={**os.environ, "PORTUNUS_LOG_FORMAT": "json"},
             )
 
@@ -69,7 +71,9 @@ def spawn(short_dir: str) -> Iterator[list[WebProcess]]:
 
 
 @pytest.fixture
-async def web(fake: FakeControl, short_dir: str, spawn: list[WebProcess]) -> AsyncIterator[WebProcess]:
+async def web(
+    fake: FakeControl, short_dir: str, spawn: list[WebProcess]
+) -> AsyncIterator[WebProcess]:
     os.makedirs(os.path.join(short_dir, "metrics"), exist_ok=True)
     proc = WebProcess(short_dir, f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")
     spawn.append(proc)
@@ -86,7 +90,9 @@ async def web(fake: FakeControl, short_dir: str, spawn: list[WebProcess]) -> Asy
     yield proc
 
 
-async def test_health_and_api_over_real_http_then_sigterm_exits_0(web: WebProcess, fake: FakeControl) -> None:
+async def test_health_and_api_over_real_http_then_sigterm_exits_0(
+    web: WebProcess, fake: FakeControl
+) -> None:
     async with httpx.AsyncClient(base_url=f"http://{web.api}") as client:
         r = await client.get("/v1/health")
         assert (r.status_code, r.json()) == (200, {"status": "ok"})
@@ -112,7 +118,11 @@ async def test_health_and_api_over_real_http_then_sigterm_exits_0(web: WebProces
     # Two uvicorn servers (API, metrics) in one process: their lifecycle lines once each.
     said = [e["message"] for e in lines if e["event"] == "web.server"]
     pid = web.proc.pid
-    for message in (f"Started server process [{pid}]", "Shutting down", f"Finished server process [{pid}]"):
+    for message in (
+        f"Started server process [{pid}]",
+        "Shutting down",
+        f"Finished server process [{pid}]",
+    ):
         assert said.count(message) == 1, said
     assert TOKEN not in log
 
@@ -131,7 +141,9 @@ async def test_sigterm_ends_an_open_stats_stream(web: WebProcess, fake: FakeCont
     assert await web.wait_exit(10) == 0
 
 
-async def test_taken_port_exits_with_boot_error_naming_the_key(short_dir: str, spawn: list[WebProcess]) -> None:
+async def test_taken_port_exits_with_boot_error_naming_the_key(
+    short_dir: str, spawn: list[WebProcess]
+) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

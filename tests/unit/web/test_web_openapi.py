@@ -34,15 +34,23 @@ def _resolve(doc: dict[str, Any], ref: str) -> Any:
 
 
 def _operations(doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
-    return {(path, m): op for path, item in doc["paths"].items() for m, op in item.items() if m in METHODS}
+    return {
+        (path, m): op
+        for path, item in doc["paths"].items()
+        for m, op in item.items()
+        if m in METHODS
+    }
 
 
 def test_document_structure() -> None:
     doc = build_openapi("1.2.3")
     assert doc["openapi"] == "3.1.0"
     assert doc["info"]["version"] == "1.2.3"
-    assert doc["components"]["securitySchemes"]["bearer"] == {**doc["components"]["securitySchemes"]["bearer"],
-                                                              "type": "http", "scheme": "bearer"}
+    assert doc["components"]["securitySchemes"]["bearer"] == {
+        **doc["components"]["securitySchemes"]["bearer"],
+        "type": "http",
+        "scheme": "bearer",
+    }
     for ref in _refs(doc):
         assert _resolve(doc, ref) is not None, ref
     ops = _operations(doc)
@@ -51,14 +59,18 @@ def test_document_structure() -> None:
     for (path, method), op in ops.items():
         for param in doc["paths"][path].get("parameters", []):
             assert "{" + param["name"] + "}" in path
-        assert all(str(s).isdigit() and 200 <= int(s) < 600 for s in op["responses"]), (path, method)
+        assert all(str(s).isdigit() and 200 <= int(s) < 600 for s in op["responses"]), (
+            path,
+            method,
+        )
         public = op.get("security") == []
         if not public:
             assert {"401", "403", "500", "503"} <= set(op["responses"]), (path, method)
         for status, resp in op["responses"].items():
             if int(status) >= 400:
                 assert _resolve(doc, resp["$ref"])["content"]["application/json"]["schema"] == {
-                    "$ref": "#/components/schemas/Error"}
+                    "$ref": "#/components/schemas/Error"
+                }
     # Every documented error status is used by some operation.
     used = {s for op in ops.values() for s in op["responses"]}
     assert set(ERROR_STATUSES) <= used
@@ -70,10 +82,15 @@ def test_contract_statuses_are_documented_where_they_happen() -> None:
     assert {"201", "400", "404", "409", "413", "422", "504"} <= set(push)
     assert "204" in ops[("/v1/rules/{id}", "delete")]["responses"]
     assert ops[("/v1/rules", "post")]["requestBody"]["content"]["application/json"]["schema"] == {
-        "$ref": "#/components/schemas/RuleBody"}
-    assert ops[("/v1/rules/{id}", "put")]["requestBody"]["content"]["application/json"]["schema"] == {
-        "$ref": "#/components/schemas/RuleUpdate"}
-    assert "text/event-stream" in ops[("/v1/rules/{id}/stats/stream", "get")]["responses"]["200"]["content"]
+        "$ref": "#/components/schemas/RuleBody"
+    }
+    assert ops[("/v1/rules/{id}", "put")]["requestBody"]["content"]["application/json"][
+        "schema"
+    ] == {"$ref": "#/components/schemas/RuleUpdate"}
+    assert (
+        "text/event-stream"
+        in ops[("/v1/rules/{id}/stats/stream", "get")]["responses"]["200"]["content"]
+    )
 
 
 def test_validates_with_openapi_spec_validator() -> None:
@@ -101,11 +118,24 @@ async def test_served_without_token(api: httpx.AsyncClient) -> None:
 
 VALID = [
     {"listen_port": 80, "targets": [{"host": "h", "port": 1}]},
-    {"client": 3, "protocol": "udp", "listen_port_start": 10, "listen_port_end": 20,
-     "targets": [{"host": "h", "port_start": 10, "port_end": 20, "priority": 2}], "sni_pattern": None,
-     "proxy_protocol": "v2", "prefer_ipv6": True, "rate_limit": None, "health_check_interval_secs": 0.5},
-    {"listen_port": 443, "sni_pattern": "*.example.com", "rate_limit": {"concurrent_connections": 5},
-     "targets": [{"host": "::1", "port": 8443, "proxy_protocol": "v1"}]},
+    {
+        "client": 3,
+        "protocol": "udp",
+        "listen_port_start": 10,
+        "listen_port_end": 20,
+        "targets": [{"host": "h", "port_start": 10, "port_end": 20, "priority": 2}],
+        "sni_pattern": None,
+        "proxy_protocol": "v2",
+        "prefer_ipv6": True,
+        "rate_limit": None,
+        "health_check_interval_secs": 0.5,
+    },
+    {
+        "listen_port": 443,
+        "sni_pattern": "*.example.com",
+        "rate_limit": {"concurrent_connections": 5},
+        "targets": [{"host": "::1", "port": 8443, "proxy_protocol": "v1"}],
+    },
 ]
 INVALID = [
     {},
@@ -117,7 +147,11 @@ INVALID = [
     {"listen_port": 80, "targets": [{"host": "h"}]},
     {"listen_port": 80, "targets": [{"host": "h", "port": 1}] * 9},
     {"listen_port": 80, "protocol": None, "targets": [{"host": "h", "port": 1}]},
-    {"listen_port": 80, "rate_limit": {"new_connections_per_sec": True}, "targets": [{"host": "h", "port": 1}]},
+    {
+        "listen_port": 80,
+        "rate_limit": {"new_connections_per_sec": True},
+        "targets": [{"host": "h", "port": 1}],
+    },
     {"listen_port": 80, "health_check_interval_secs": -1, "targets": [{"host": "h", "port": 1}]},
     "a string",
 ]

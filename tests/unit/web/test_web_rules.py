@@ -14,7 +14,9 @@ from .fakes import AUTH, RULE, STATS, TOKEN, FakeControl
 BODY = {"listen_port": 8080, "targets": [{"host": "127.0.0.1", "port": 9090}]}
 
 
-async def test_push_forwards_body_and_token_and_answers_201(api: httpx.AsyncClient, fake: FakeControl) -> None:
+async def test_push_forwards_body_and_token_and_answers_201(
+    api: httpx.AsyncClient, fake: FakeControl
+) -> None:
     fake.replies["rules.push"] = RULE
     r = await api.post("/v1/rules", json=BODY, headers=AUTH)
     assert r.status_code == 201
@@ -25,7 +27,9 @@ async def test_push_forwards_body_and_token_and_answers_201(api: httpx.AsyncClie
     assert req["params"] == BODY  # no defaults injected: control owns them
 
 
-async def test_push_passes_ack_timeout_from_query(api: httpx.AsyncClient, fake: FakeControl) -> None:
+async def test_push_passes_ack_timeout_from_query(
+    api: httpx.AsyncClient, fake: FakeControl
+) -> None:
     fake.replies["rules.push"] = RULE
     r = await api.post("/v1/rules?ack_timeout=0.5", json=BODY, headers=AUTH)
     assert r.status_code == 201
@@ -37,9 +41,13 @@ async def test_push_passes_ack_timeout_from_query(api: httpx.AsyncClient, fake: 
 
 
 async def test_push_range_rule_body_is_accepted(api: httpx.AsyncClient, fake: FakeControl) -> None:
-    body = {"client": "edge-01", "listen_port_start": 30000, "listen_port_end": 30050,
-            "targets": [{"host": "upstream.local", "port_start": 30000, "port_end": 30050}],
-            "rate_limit": {"bandwidth_in_bps": 1000, "bandwidth_in_bps_burst": None}}
+    body = {
+        "client": "edge-01",
+        "listen_port_start": 30000,
+        "listen_port_end": 30050,
+        "targets": [{"host": "upstream.local", "port_start": 30000, "port_end": 30050}],
+        "rate_limit": {"bandwidth_in_bps": 1000, "bandwidth_in_bps_burst": None},
+    }
     fake.replies["rules.push"] = RULE
     r = await api.post("/v1/rules", json=body, headers=AUTH)
     assert r.status_code == 201, r.text
@@ -49,9 +57,22 @@ async def test_push_range_rule_body_is_accepted(api: httpx.AsyncClient, fake: Fa
 @pytest.mark.parametrize(
     ("error", "status"),
     [
-        (PortunusError("activation_failed", "port_in_use (port 8080 already bound)",
-                       rule={**RULE, "state": "failed"}), 422),
-        (PortunusError("ack_timeout", "no answer from edge-01 within 2 s", rule={**RULE, "state": "pending"}), 504),
+        (
+            PortunusError(
+                "activation_failed",
+                "port_in_use (port 8080 already bound)",
+                rule={**RULE, "state": "failed"},
+            ),
+            422,
+        ),
+        (
+            PortunusError(
+                "ack_timeout",
+                "no answer from edge-01 within 2 s",
+                rule={**RULE, "state": "pending"},
+            ),
+            504,
+        ),
         (PortunusError("client_not_connected", "edge-01 is offline"), 422),
         (PortunusError("port_conflict", "8080/tcp is used by rule 3"), 409),
         (PortunusError("ambiguous_client", "two clients are named edge", ids=["a", "b"]), 409),
@@ -75,39 +96,117 @@ async def test_push_errors_keep_code_details_and_status(
 @pytest.mark.parametrize(
     ("body", "code", "field", "words"),
     [
-        ({"listen_port": "8080", "targets": [{"host": "h", "port": 1}]}, "validation.port", "listen_port",
-         "must be an integer, got string"),
-        ({"listen_port": 70000, "targets": [{"host": "h", "port": 1}]}, "validation.port", "listen_port",
-         "between 1 and 65535"),
+        (
+            {"listen_port": "8080", "targets": [{"host": "h", "port": 1}]},
+            "validation.port",
+            "listen_port",
+            "must be an integer, got string",
+        ),
+        (
+            {"listen_port": 70000, "targets": [{"host": "h", "port": 1}]},
+            "validation.port",
+            "listen_port",
+            "between 1 and 65535",
+        ),
         ({"listen_port": 80}, "validation.targets", "targets", "targets is required"),
         ({"listen_port": 80, "targets": []}, "validation.targets", "targets", "at least 1"),
         ({"listen_port": 80, "targets": "h:1"}, "validation.targets", "targets", "must be a list"),
-        ({"listen_port": 80, "targets": [{"port": 1}]}, "validation.target_host", "targets[0].host", "required"),
-        ({"listen_port": 80, "targets": [{"host": "h", "port": 1.5}]}, "validation.port", "targets[0].port",
-         "integer"),
-        ({"listen_port": 80, "targets": [{"host": "h", "port": 1, "port_end": 9}]}, "validation.targets",
-         "targets[0]", "port_start and port_end"),
-        ({"listen_port": 80, "targets": [{"host": "h", "port": 1, "weight": 2}]}, "validation.unknown_field",
-         "targets[0].weight", "unknown field"),
-        ({"listen_port": 80, "targets": [{"host": "h", "port": 1, "priority": 0}]}, "validation.priority",
-         "targets[0].priority", "between 1 and 1000"),
+        (
+            {"listen_port": 80, "targets": [{"port": 1}]},
+            "validation.target_host",
+            "targets[0].host",
+            "required",
+        ),
+        (
+            {"listen_port": 80, "targets": [{"host": "h", "port": 1.5}]},
+            "validation.port",
+            "targets[0].port",
+            "integer",
+        ),
+        (
+            {"listen_port": 80, "targets": [{"host": "h", "port": 1, "port_end": 9}]},
+            "validation.targets",
+            "targets[0]",
+            "port_start and port_end",
+        ),
+        (
+            {"listen_port": 80, "targets": [{"host": "h", "port": 1, "weight": 2}]},
+            "validation.unknown_field",
+            "targets[0].weight",
+            "unknown field",
+        ),
+        (
+            {"listen_port": 80, "targets": [{"host": "h", "port": 1, "priority": 0}]},
+            "validation.priority",
+            "targets[0].priority",
+            "between 1 and 1000",
+        ),
         ({"targets": [{"host": "h", "port": 1}]}, "validation.listen_port", "body", "listen_port"),
-        ({"listen_port": 80, "listen_port_start": 80, "listen_port_end": 81, "targets": [{"host": "h", "port": 1}]},
-         "validation.listen_port", "body", "not both"),
-        ({"listen_port": 80, "protocol": "sctp", "targets": [{"host": "h", "port": 1}]}, "validation.protocol",
-         "protocol", '"tcp", "udp"'),
-        ({"listen_port": 80, "proxy_protocol": "v3", "targets": [{"host": "h", "port": 1}]},
-         "validation.proxy_protocol", "proxy_protocol", '"v1"'),
-        ({"listen_port": 80, "prefer_ipv6": "yes", "targets": [{"host": "h", "port": 1}]},
-         "validation.prefer_ipv6", "prefer_ipv6", "true or false"),
-        ({"listen_port": 80, "rate_limit": {"bandwidth": 5}, "targets": [{"host": "h", "port": 1}]},
-         "validation.rate_limit", "rate_limit.bandwidth", "unknown rate_limit key"),
-        ({"listen_port": 80, "rate_limit": {"concurrent_connections": -1}, "targets": [{"host": "h", "port": 1}]},
-         "validation.rate_limit", "rate_limit.concurrent_connections", "between 1 and 1000000000000"),
-        ({"listen_port": 80, "health_check_interval_secs": 0, "targets": [{"host": "h", "port": 1}]},
-         "validation.health_check_interval_secs", "health_check_interval_secs", "between 0.1 and 3600"),
-        ({"listen_port": 80, "targets": [{"host": "h", "port": 1}], "listen": 80}, "validation.unknown_field",
-         "listen", "unknown field"),
+        (
+            {
+                "listen_port": 80,
+                "listen_port_start": 80,
+                "listen_port_end": 81,
+                "targets": [{"host": "h", "port": 1}],
+            },
+            "validation.listen_port",
+            "body",
+            "not both",
+        ),
+        (
+            {"listen_port": 80, "protocol": "sctp", "targets": [{"host": "h", "port": 1}]},
+            "validation.protocol",
+            "protocol",
+            '"tcp", "udp"',
+        ),
+        (
+            {"listen_port": 80, "proxy_protocol": "v3", "targets": [{"host": "h", "port": 1}]},
+            "validation.proxy_protocol",
+            "proxy_protocol",
+            '"v1"',
+        ),
+        (
+            {"listen_port": 80, "prefer_ipv6": "yes", "targets": [{"host": "h", "port": 1}]},
+            "validation.prefer_ipv6",
+            "prefer_ipv6",
+            "true or false",
+        ),
+        (
+            {
+                "listen_port": 80,
+                "rate_limit": {"bandwidth": 5},
+                "targets": [{"host": "h", "port": 1}],
+            },
+            "validation.rate_limit",
+            "rate_limit.bandwidth",
+            "unknown rate_limit key",
+        ),
+        (
+            {
+                "listen_port": 80,
+                "rate_limit": {"concurrent_connections": -1},
+                "targets": [{"host": "h", "port": 1}],
+            },
+            "validation.rate_limit",
+            "rate_limit.concurrent_connections",
+            "between 1 and 1000000000000",
+        ),
+        (
+            {
+                "listen_port": 80,
+                "health_check_interval_secs": 0,
+                "targets": [{"host": "h", "port": 1}],
+            },
+            "validation.health_check_interval_secs",
+            "health_check_interval_secs",
+            "between 0.1 and 3600",
+        ),
+        (
+            {"listen_port": 80, "targets": [{"host": "h", "port": 1}], "listen": 80},
+            "validation.unknown_field",
+            "listen",
+            "unknown field",
+        ),
         ([BODY], "validation.body", "body", "must be an object, got array"),
     ],
 )
@@ -139,8 +238,12 @@ async def test_push_reports_every_problem(api: httpx.AsyncClient) -> None:
         (b"\xff\xfe", "validation.json", "UTF-8"),
     ],
 )
-async def test_unreadable_bodies_are_400(api: httpx.AsyncClient, content: bytes, code: str, words: str) -> None:
-    r = await api.post("/v1/rules", content=content, headers={**AUTH, "content-type": "application/json"})
+async def test_unreadable_bodies_are_400(
+    api: httpx.AsyncClient, content: bytes, code: str, words: str
+) -> None:
+    r = await api.post(
+        "/v1/rules", content=content, headers={**AUTH, "content-type": "application/json"}
+    )
     assert r.status_code == 400
     assert r.json()["error"]["code"] == code
     assert words in r.json()["error"]["message"]
@@ -149,7 +252,9 @@ async def test_unreadable_bodies_are_400(api: httpx.AsyncClient, content: bytes,
 async def test_body_over_max_body_is_413(api: httpx.AsyncClient, fake: FakeControl) -> None:
     from portunus.web.routes.bodies import MAX_BODY
 
-    big = json.dumps({"listen_port": 80, "targets": [{"host": "h", "port": 1}], "pad": "x" * MAX_BODY})
+    big = json.dumps(
+        {"listen_port": 80, "targets": [{"host": "h", "port": 1}], "pad": "x" * MAX_BODY}
+    )
     r = await api.post("/v1/rules", content=big, headers=AUTH)
     assert r.status_code == 413
     assert r.json()["error"]["code"] == "validation.body_too_large"
@@ -184,7 +289,9 @@ async def test_get_rule(api: httpx.AsyncClient, fake: FakeControl) -> None:
     assert r.json()["error"]["code"] == "rule_not_found"
 
 
-async def test_non_numeric_rule_id_is_404_without_asking_control(api: httpx.AsyncClient, fake: FakeControl) -> None:
+async def test_non_numeric_rule_id_is_404_without_asking_control(
+    api: httpx.AsyncClient, fake: FakeControl
+) -> None:
     for path in ("/v1/rules/abc", "/v1/rules/0", "/v1/rules/-1", "/v1/rules/abc/stats"):
         r = await api.get(path, headers=AUTH)
         assert r.status_code == 404, path

@@ -113,9 +113,12 @@ async def test_logout_clears_the_cookie(api: httpx.AsyncClient, fake: FakeContro
         and "Max-Age=0" in r.headers["set-cookie"]
     )
     assert fake.calls("auth.logout")[0]["session"] == "sess-abc"
-    fake.replies["auth.logout"] = PortunusError("unauthenticated", "the login session expired; log in again")
-    r = await api.post("/v1/auth/logout", headers={"X-Portunus-CSRF": "1",
-                                                   "Cookie": "portunus_session=gone"})
+    fake.replies["auth.logout"] = PortunusError(
+        "unauthenticated", "the login session expired; log in again"
+    )
+    r = await api.post(
+        "/v1/auth/logout", headers={"X-Portunus-CSRF": "1", "Cookie": "portunus_session=gone"}
+    )
     assert r.status_code == 401 and "Max-Age=0" in r.headers["set-cookie"]
 
 
@@ -145,7 +148,12 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/v1/users"): {"user_id": "bob"},
     ("POST", "/v1/users/{id}/password"): {},
     ("POST", "/v1/users/{id}/tokens"): {},
-    ("POST", "/v1/grants"): {"user_id": "bob", "client": "*", "listen_port_start": 1, "listen_port_end": 2},
+    ("POST", "/v1/grants"): {
+        "user_id": "bob",
+        "client": "*",
+        "listen_port_start": 1,
+        "listen_port_end": 2,
+    },
     ("PUT", "/v1/clients/{id}/owners/{owner}/rate-limit"): {"bandwidth_in_bps": 1000},
 }
 NO_RPC = {("GET", "/v1/openapi.json")}

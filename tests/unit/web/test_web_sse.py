@@ -40,7 +40,9 @@ def parse_events(text: str) -> list[tuple[str, Any]]:
 async def test_stream_sends_stats_every_interval_then_ends_when_rule_is_gone(
     api: httpx.AsyncClient, fake: FakeControl, sequence: Callable[..., Any]
 ) -> None:
-    fake.replies["rules.stats"] = sequence(STATS, {**STATS, "bytes_in": 11}, {**STATS, "bytes_in": 12}, GONE)
+    fake.replies["rules.stats"] = sequence(
+        STATS, {**STATS, "bytes_in": 11}, {**STATS, "bytes_in": 12}, GONE
+    )
     start = time.monotonic()
     r = await api.get("/v1/rules/7/stats/stream?interval=0.2&per_target=true", headers=AUTH)
     elapsed = time.monotonic() - start
@@ -63,14 +65,18 @@ async def test_stream_uses_the_configured_interval_by_default(
     settings.stats_stream_interval_secs = 0.05
     fake.replies["rules.stats"] = sequence(STATS, STATS, STATS, STATS, GONE)
     app = create_app(settings)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://api"
+    ) as client:
         start = time.monotonic()
         r = await client.get("/v1/rules/7/stats/stream", headers=AUTH)
         assert time.monotonic() - start < 2.0  # not the 1 s default four times over
     assert [e[0] for e in parse_events(r.text)] == ["message"] * 4 + ["end"]
 
 
-async def test_unknown_rule_is_a_plain_404_not_a_stream(api: httpx.AsyncClient, fake: FakeControl) -> None:
+async def test_unknown_rule_is_a_plain_404_not_a_stream(
+    api: httpx.AsyncClient, fake: FakeControl
+) -> None:
     fake.replies["rules.stats"] = GONE
     r = await api.get("/v1/rules/7/stats/stream", headers=AUTH)
     assert r.status_code == 404
@@ -99,7 +105,9 @@ async def test_transient_control_failure_is_an_error_event_and_the_stream_goes_o
 async def test_revoked_token_ends_the_stream(
     api: httpx.AsyncClient, fake: FakeControl, sequence: Callable[..., Any]
 ) -> None:
-    fake.replies["rules.stats"] = sequence(STATS, PortunusError("unauthenticated", "token revoked"), STATS)
+    fake.replies["rules.stats"] = sequence(
+        STATS, PortunusError("unauthenticated", "token revoked"), STATS
+    )
     r = await api.get("/v1/rules/7/stats/stream?interval=0.2", headers=AUTH)
     events = parse_events(r.text)
     assert [e[0] for e in events] == ["message", "error", "end"]
@@ -108,10 +116,18 @@ async def test_revoked_token_ends_the_stream(
 
 def _scope(query: bytes) -> dict[str, Any]:
     return {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
-        "path": "/v1/rules/7/stats/stream", "raw_path": b"/v1/rules/7/stats/stream", "query_string": query,
-        "headers": [(b"authorization", f"Bearer {TOKEN}".encode())], "scheme": "http",
-        "server": ("api", 80), "client": ("127.0.0.1", 40000), "root_path": "",
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "path": "/v1/rules/7/stats/stream",
+        "raw_path": b"/v1/rules/7/stats/stream",
+        "query_string": query,
+        "headers": [(b"authorization", f"Bearer {TOKEN}".encode())],
+        "scheme": "http",
+        "server": ("api", 80),
+        "client": ("127.0.0.1", 40000),
+        "root_path": "",
     }
 
 
@@ -140,7 +156,9 @@ async def _run_until(app: Any, after_chunks: int, then: Callable[[], None]) -> l
     return chunks
 
 
-async def test_client_disconnect_stops_polling_control(fake: FakeControl, settings: Settings) -> None:
+async def test_client_disconnect_stops_polling_control(
+    fake: FakeControl, settings: Settings
+) -> None:
     fake.replies["rules.stats"] = STATS
     app = create_app(settings)
     chunks = await _run_until(app, 2, lambda: app.state.disconnect())
@@ -154,4 +172,7 @@ async def test_shutdown_ends_open_streams(fake: FakeControl, settings: Settings)
     fake.replies["rules.stats"] = STATS
     app = create_app(settings)
     chunks = await _run_until(app, 1, app.state.stopping.set)
-    assert parse_events(b"".join(chunks).decode()) == [("message", STATS), ("end", {"reason": "shutdown"})]
+    assert parse_events(b"".join(chunks).decode()) == [
+        ("message", STATS),
+        ("end", {"reason": "shutdown"}),
+    ]

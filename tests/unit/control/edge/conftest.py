@@ -62,7 +62,9 @@ class FakeEdge:
         self.peer_fingerprint = "sha256:" + hashlib.sha256(der).hexdigest()
         if self.fingerprint is not None and self.peer_fingerprint != self.fingerprint:
             await self.close()
-            raise AssertionError(f"fingerprint mismatch: {self.peer_fingerprint} != {self.fingerprint}")
+            raise AssertionError(
+                f"fingerprint mismatch: {self.peer_fingerprint} != {self.fingerprint}"
+            )
         self._task = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self) -> None:
@@ -74,8 +76,13 @@ class FakeEdge:
                 if self.auto is not None and msg["type"] in ("apply", "sync"):
                     rules = msg.get("upsert", msg.get("rules", []))
                     state, reason = self.auto
-                    await self.send({"type": "applied", "seq": msg["seq"],
-                                     "results": {r["id"]: {"state": state, "reason": reason} for r in rules}})
+                    await self.send(
+                        {
+                            "type": "applied",
+                            "seq": msg["seq"],
+                            "results": {r["id"]: {"state": state, "reason": reason} for r in rules},
+                        }
+                    )
                 if self.auto_remove and msg["type"] == "apply" and msg.get("remove"):
                     await self.send({"type": "removed", "ids": msg["remove"]})
                 await self.frames.put(msg)
@@ -108,11 +115,20 @@ class FakeEdge:
         await self.send({"type": "enroll", "code": code, "version": "0.1.0"})
         return await self.recv()
 
-    async def hello(self, token: str, client_id: str | None, caps: list[str] | None = None,
-                    version: str = "0.1.0") -> dict[str, Any]:
+    async def hello(
+        self,
+        token: str,
+        client_id: str | None,
+        caps: list[str] | None = None,
+        version: str = "0.1.0",
+    ) -> dict[str, Any]:
         await self.connect()
-        msg: dict[str, Any] = {"type": "hello", "token": token, "version": version,
-                               "capabilities": ALL_CAPS if caps is None else caps}
+        msg: dict[str, Any] = {
+            "type": "hello",
+            "token": token,
+            "version": version,
+            "capabilities": ALL_CAPS if caps is None else caps,
+        }
         if client_id is not None:
             msg["client_id"] = client_id
         await self.send(msg)
@@ -174,17 +190,25 @@ class Edge:
         self.edges.append(e)
         return e
 
-    async def enroll(self, name: str = "edge-01", **params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    async def enroll(
+        self, name: str = "edge-01", **params: Any
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Enroll over RPC and redeem over TLS; return (enrollment, enrolled frame)."""
-        enrollment = await self.call("clients.enroll", {"name": name, "address": "127.0.0.1", **params})
+        enrollment = await self.call(
+            "clients.enroll", {"name": name, "address": "127.0.0.1", **params}
+        )
         _, _, code, _ = uri_parts(enrollment["uri"])
         e = self.fake()
         enrolled = await e.enroll(code)
         await e.close()
         return enrollment, enrolled
 
-    async def connect(self, name: str = "edge-01", caps: list[str] | None = None,
-                      auto: tuple[str, str | None] | None = ("active", None)) -> tuple[FakeEdge, dict[str, Any]]:
+    async def connect(
+        self,
+        name: str = "edge-01",
+        caps: list[str] | None = None,
+        auto: tuple[str, str | None] | None = ("active", None),
+    ) -> tuple[FakeEdge, dict[str, Any]]:
         """Enroll and open a session; returns the fake (welcome consumed) and the enrolled frame."""
         _, enrolled = await self.enroll(name)
         e = self.fake()
@@ -206,7 +230,9 @@ async def build_edge(settings: Settings, store: Store, local: Any, **gateway_kw:
     service.start()
     gateway = EdgeGateway(store, link, cert.ssl_context(), "127.0.0.1", 0, **gateway_kw)
     await gateway.start()
-    clients = ClientService(store, link, cert.fingerprint, "127.0.0.1", port=lambda: gateway.bound_port or 0)
+    clients = ClientService(
+        store, link, cert.fingerprint, "127.0.0.1", port=lambda: gateway.bound_port or 0
+    )
     ctx = ControlContext(settings, store, Authenticator(store), service, planes, link, clients)
     server = RpcServer(settings.socket_path, Dispatcher(ctx))
     await server.start()

@@ -41,8 +41,9 @@ def test_generated_once_with_modes_and_sans(tmp_path: Path) -> None:
 def test_wildcard_listen_host_is_not_a_san(tmp_path: Path) -> None:
     cert = ensure_server_cert(str(tmp_path), "0.0.0.0")
     parsed = x509.load_pem_x509_certificate(Path(cert.cert_path).read_bytes())
-    ips = parsed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
-        x509.IPAddress)
+    ips = parsed.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    ).value.get_values_for_type(x509.IPAddress)
     assert ipaddress.ip_address("0.0.0.0") not in ips
 
 

@@ -12,11 +12,15 @@ from portunus.control.auth import hash_token
 from ..conftest import audit_trail, expect_error
 from .conftest import uri_parts
 
-URI = re.compile(r"portunus://127\.0\.0\.1:(\d+)/enroll\?code=[A-Za-z0-9_-]{32}&fp=sha256:[0-9a-f]{64}")
+URI = re.compile(
+    r"portunus://127\.0\.0\.1:(\d+)/enroll\?code=[A-Za-z0-9_-]{32}&fp=sha256:[0-9a-f]{64}"
+)
 
 
 async def test_enroll_returns_uri_and_command(edge: Any) -> None:
-    got = await edge.call("clients.enroll", {"name": "edge-01", "address": "127.0.0.1", "ttl_secs": 600})
+    got = await edge.call(
+        "clients.enroll", {"name": "edge-01", "address": "127.0.0.1", "ttl_secs": 600}
+    )
     assert set(got) == {"client_id", "client_name", "expires_at", "uri", "command"}
     assert re.fullmatch(r"[0-9A-HJKMNP-TV-Z]{26}", got["client_id"])
     assert got["client_name"] == "edge-01"
@@ -38,21 +42,26 @@ async def test_enroll_returns_uri_and_command(edge: Any) -> None:
 async def test_enroll_ipv6_and_default_host(edge: Any) -> None:
     got = await edge.call("clients.enroll", {"name": "v6", "address": "::1"})
     assert got["uri"].startswith(f"portunus://[::1]:{edge.port}/enroll?code=")
-    got = await edge.call("clients.enroll", {"name": "dflt"})  # control_listen host is 127.0.0.1 here
+    got = await edge.call(
+        "clients.enroll", {"name": "dflt"}
+    )  # control_listen host is 127.0.0.1 here
     assert got["uri"].startswith(f"portunus://127.0.0.1:{edge.port}/")
 
 
-@pytest.mark.parametrize(("params", "code"), [
-    ({"name": "local"}, "validation.name"),
-    ({"name": ""}, "validation.name"),
-    ({"name": "x" * 65}, "validation.name"),
-    ({"name": "a\nb"}, "validation.name"),
-    ({}, "validation.name"),
-    ({"name": "e", "ttl_secs": 0}, "validation.ttl_secs"),
-    ({"name": "e", "ttl_secs": True}, "validation.ttl_secs"),
-    ({"name": "e", "address": "not a host"}, "validation.address"),
-    ({"name": "e", "colour": "red"}, "validation.unknown_field"),
-])
+@pytest.mark.parametrize(
+    ("params", "code"),
+    [
+        ({"name": "local"}, "validation.name"),
+        ({"name": ""}, "validation.name"),
+        ({"name": "x" * 65}, "validation.name"),
+        ({"name": "a\nb"}, "validation.name"),
+        ({}, "validation.name"),
+        ({"name": "e", "ttl_secs": 0}, "validation.ttl_secs"),
+        ({"name": "e", "ttl_secs": True}, "validation.ttl_secs"),
+        ({"name": "e", "address": "not a host"}, "validation.address"),
+        ({"name": "e", "colour": "red"}, "validation.unknown_field"),
+    ],
+)
 async def test_enroll_validation(edge: Any, params: dict[str, Any], code: str) -> None:
     err = await expect_error(edge.call("clients.enroll", params), code)
     assert err.exit_code == 2
@@ -66,8 +75,9 @@ async def test_redeem_gives_a_hashed_token_once(edge: Any) -> None:
     assert enrolled["client_id"] == enrollment["client_id"] and enrolled["client_name"] == "edge-01"
     assert len(enrolled["token"]) >= 40
     async with edge.store.read() as db:
-        async with db.execute("SELECT token_hash FROM clients WHERE client_id = ?",
-                              (enrolled["client_id"],)) as cur:
+        async with db.execute(
+            "SELECT token_hash FROM clients WHERE client_id = ?", (enrolled["client_id"],)
+        ) as cur:
             (stored,) = await cur.fetchone()
     assert stored == hash_token(enrolled["token"])
     # The same code again is refused, saying why.

@@ -115,19 +115,34 @@ async def test_hostile_answers_from_an_edge_client_are_bounded_and_harmless(edge
     nothing they should not, and the server keeps serving that client."""
     e, _ = await edge.connect("edge-01")
     await e.recv("sync")
-    push = {"client": "edge-01", "listen_port": 19090, "targets": [{"host": "127.0.0.1", "port": 9}]}
+    push = {
+        "client": "edge-01",
+        "listen_port": 19090,
+        "targets": [{"host": "127.0.0.1", "port": 9}],
+    }
     first = await edge.call("rules.push", push)
     assert first["state"] == "active"
-    await e.send({"type": "applied", "results": {
-        "9" * 30: {"state": "active"},
-        "99999999999999999999": {"state": "failed", "reason": "x"},
-        str(first["id"]): {"state": "failed", "reason": "r" * 1_000_000},
-    }})
+    await e.send(
+        {
+            "type": "applied",
+            "results": {
+                "9" * 30: {"state": "active"},
+                "99999999999999999999": {"state": "failed", "reason": "x"},
+                str(first["id"]): {"state": "failed", "reason": "r" * 1_000_000},
+            },
+        }
+    )
     await e.send({"type": "removed", "ids": ["9" * 5000, 10**30, str(2**63)]})
-    await e.send({"type": "stats", "rules": {str(first["id"]): {"bytes_in": 10**40, "bytes_out": -5}}})
+    await e.send(
+        {"type": "stats", "rules": {str(first["id"]): {"bytes_in": 10**40, "bytes_out": -5}}}
+    )
     second = await edge.call("rules.push", {**push, "listen_port": 19091})
     assert second["state"] == "active", "the answer worker died"
-    [got] = [r for r in (await edge.call("rules.list", {"client": "edge-01"}))["rules"] if r["id"] == first["id"]]
+    [got] = [
+        r
+        for r in (await edge.call("rules.list", {"client": "edge-01"}))["rules"]
+        if r["id"] == first["id"]
+    ]
     assert got["state"] == "failed" and len(got["failure_reason"]) == 500
     stats = await edge.call("rules.stats", {"id": first["id"]})
     assert stats["bytes_in"] == 0 and stats["bytes_out"] == 0

@@ -49,14 +49,21 @@ async def test_welcome_frame(edge: Any) -> None:
     _, enrolled = await edge.enroll("edge-01")
     e = edge.fake()
     welcome = await e.hello(enrolled["token"], enrolled["client_id"])
-    assert welcome == {"type": "welcome", "client_id": enrolled["client_id"], "client_name": "edge-01",
-                       "heartbeat_secs": 5}
+    assert welcome == {
+        "type": "welcome",
+        "client_id": enrolled["client_id"],
+        "client_name": "edge-01",
+        "heartbeat_secs": 5,
+    }
 
 
 async def test_bad_tokens_are_refused(edge: Any) -> None:
     _, enrolled = await edge.enroll("edge-01")
-    for token, client_id in (("wrong-token", enrolled["client_id"]), (enrolled["token"], "01OTHERCLIENT"),
-                             ("", None)):
+    for token, client_id in (
+        ("wrong-token", enrolled["client_id"]),
+        (enrolled["token"], "01OTHERCLIENT"),
+        ("", None),
+    ):
         e = edge.fake()
         msg = await e.hello(token, client_id)
         assert (msg["type"], msg["code"]) == ("error", "unauthenticated"), msg
@@ -77,7 +84,8 @@ async def test_push_to_connected_client_is_applied_then_active(edge: Any, poll: 
     e.auto = ("failed", "port_in_use (port 19091 already bound)")
     err = await expect_error(
         edge.call("rules.push", {**PUSH, "listen_port": 19091, "client": enrolled["client_id"]}),
-        "activation_failed")
+        "activation_failed",
+    )
     assert err.details["rule"]["state"] == "failed"
     assert (await e.recv("apply"))["upsert"][0]["listen_start"] == 19091
     assert (await client_row(edge, enrolled["client_id"]))["rule_count"] == 2
@@ -86,31 +94,48 @@ async def test_push_to_connected_client_is_applied_then_active(edge: Any, poll: 
     assert (await e.recv("apply"))["remove"] == [str(rule["id"])]
 
     async def gone() -> bool:
-        return [r["id"] for r in (await edge.call("rules.list", {"client": "edge-01"}))["rules"]] == [2]
+        return [
+            r["id"] for r in (await edge.call("rules.list", {"client": "edge-01"}))["rules"]
+        ] == [2]
 
     await poll(gone)
 
 
 async def test_push_to_offline_client_stores_nothing(edge: Any) -> None:
     _, enrolled = await edge.enroll("edge-01")
-    err = await expect_error(edge.call("rules.push", {**PUSH, "client": "edge-01"}), "client_not_connected")
+    err = await expect_error(
+        edge.call("rules.push", {**PUSH, "client": "edge-01"}), "client_not_connected"
+    )
     assert err.exit_code == 8 and err.http_status == 422
     assert enrolled["client_id"] in err.message
     assert (await edge.call("rules.list"))["rules"] == []
     entries = (await edge.call("audit.list"))["entries"]
     assert (entries[0]["action"], entries[0]["outcome"], entries[0]["error_code"]) == (
-        "rule.push", "error", "client_not_connected")
+        "rule.push",
+        "error",
+        "client_not_connected",
+    )
     await expect_error(edge.call("rules.push", {**PUSH, "client": "ghost"}), "client_not_found")
 
 
-@pytest.mark.parametrize(("body", "code"), [
-    ({"listen_port": 443, "sni_pattern": "api.example.com"}, "sni_unsupported_by_client"),
-    ({"protocol": "udp"}, "udp_unsupported_by_client"),
-    ({"proxy_protocol": "v2"}, "proxy_protocol_unsupported_by_client"),
-    ({"listen_port": None, "listen_port_start": 19100, "listen_port_end": 19101,
-      "targets": [{"host": "127.0.0.1", "port_start": 9100, "port_end": 9101}]}, "range_unsupported_by_client"),
-    ({"rate_limit": {"bandwidth_in_bps": 1_000_000}}, "rate_limit_unsupported_by_client"),
-])
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"listen_port": 443, "sni_pattern": "api.example.com"}, "sni_unsupported_by_client"),
+        ({"protocol": "udp"}, "udp_unsupported_by_client"),
+        ({"proxy_protocol": "v2"}, "proxy_protocol_unsupported_by_client"),
+        (
+            {
+                "listen_port": None,
+                "listen_port_start": 19100,
+                "listen_port_end": 19101,
+                "targets": [{"host": "127.0.0.1", "port_start": 9100, "port_end": 9101}],
+            },
+            "range_unsupported_by_client",
+        ),
+        ({"rate_limit": {"bandwidth_in_bps": 1_000_000}}, "rate_limit_unsupported_by_client"),
+    ],
+)
 async def test_capability_gate(edge: Any, body: dict[str, Any], code: str) -> None:
     e, enrolled = await edge.connect("plain", caps=["tcp"])
     await e.recv("sync")
@@ -127,9 +152,15 @@ async def test_capability_gate(edge: Any, body: dict[str, Any], code: str) -> No
 
 
 async def test_local_is_not_gated(edge: Any) -> None:
-    rule = await edge.call("rules.push", {"client": "local",
-                                          "listen_port_start": 19100, "listen_port_end": 19101,
-                                          "targets": [{"host": "127.0.0.1", "port_start": 9100, "port_end": 9101}]})
+    rule = await edge.call(
+        "rules.push",
+        {
+            "client": "local",
+            "listen_port_start": 19100,
+            "listen_port_end": 19101,
+            "targets": [{"host": "127.0.0.1", "port_start": 9100, "port_end": 9101}],
+        },
+    )
     assert rule["state"] == "active"
 
 
@@ -151,11 +182,15 @@ async def test_revoke_kicks_within_a_second_and_kills_the_token(edge: Any, poll:
     again = edge.fake()
     refused = await again.hello(enrolled["token"], enrolled["client_id"])
     assert (refused["type"], refused["code"]) == ("error", "revoked")
-    await expect_error(edge.call("rules.push", {**PUSH, "listen_port": 19092, "client": enrolled["client_id"]}),
-                       "client_not_found")
+    await expect_error(
+        edge.call("rules.push", {**PUSH, "listen_port": 19092, "client": enrolled["client_id"]}),
+        "client_not_found",
+    )
     # Its rules stay until the client is deleted; revoking again is harmless.
     assert len((await edge.call("rules.list"))["rules"]) == 1
-    assert (await edge.call("clients.revoke", {"id": enrolled["client_id"]}))["disconnected"] is False
+    assert (await edge.call("clients.revoke", {"id": enrolled["client_id"]}))[
+        "disconnected"
+    ] is False
     entries = (await edge.call("audit.list"))["entries"]
     assert ("client.revoke", "ok") in [(x["action"], x["outcome"]) for x in entries]
 
@@ -177,7 +212,11 @@ async def test_delete_needs_revoke_and_takes_the_rules(edge: Any) -> None:
 
 
 async def test_local_cannot_be_revoked_renamed_or_deleted(edge: Any) -> None:
-    for method, extra in (("clients.revoke", {}), ("clients.delete", {}), ("clients.rename", {"name": "x"})):
+    for method, extra in (
+        ("clients.revoke", {}),
+        ("clients.delete", {}),
+        ("clients.rename", {"name": "x"}),
+    ):
         await expect_error(edge.call(method, {"id": "local", **extra}), "conflict")
 
 
@@ -191,14 +230,22 @@ async def test_rename_keeps_id_rules_and_session(edge: Any, poll: Any) -> None:
     assert (await e.recv("renamed")) == {"type": "renamed", "client_name": "edge-paris"}
     assert not e.closed.is_set() and edge.link.connected(enrolled["client_id"])
     got = await edge.call("rules.get", {"id": rule["id"]})
-    assert (got["client"], got["client_id"], got["state"]) == ("edge-paris", enrolled["client_id"], "active")
-    await expect_error(edge.call("rules.push", {**PUSH, "listen_port": 19092, "client": "edge-01"}),
-                       "client_not_found")
+    assert (got["client"], got["client_id"], got["state"]) == (
+        "edge-paris",
+        enrolled["client_id"],
+        "active",
+    )
+    await expect_error(
+        edge.call("rules.push", {**PUSH, "listen_port": 19092, "client": "edge-01"}),
+        "client_not_found",
+    )
     pushed = await edge.call("rules.push", {**PUSH, "listen_port": 19092, "client": "edge-paris"})
     assert (await e.recv("apply"))["upsert"][0]["client"] == "edge-paris"
     assert pushed["state"] == "active"
-    await expect_error(edge.call("clients.rename", {"id": enrolled["client_id"], "name": "local"}),
-                       "validation.name")
+    await expect_error(
+        edge.call("clients.rename", {"id": enrolled["client_id"], "name": "local"}),
+        "validation.name",
+    )
 
 
 async def test_stats_frames_feed_rule_stats(edge: Any, poll: Any) -> None:
@@ -206,22 +253,58 @@ async def test_stats_frames_feed_rule_stats(edge: Any, poll: Any) -> None:
     await e.recv("sync")
     rule = await edge.call("rules.push", {**PUSH, "client": "edge-01"})
     zero = await edge.call("rules.stats", {"id": rule["id"]})
-    assert zero == {"id": rule["id"], "bytes_in": 0, "bytes_out": 0, "connections_total": 0,
-                    "active_connections": 0}
-    await e.send({"type": "stats", "rules": {str(rule["id"]): {
-        "bytes_in": 100, "bytes_out": 2000, "connections_total": 3, "active_connections": 1}}})
+    assert zero == {
+        "id": rule["id"],
+        "bytes_in": 0,
+        "bytes_out": 0,
+        "connections_total": 0,
+        "active_connections": 0,
+    }
+    await e.send(
+        {
+            "type": "stats",
+            "rules": {
+                str(rule["id"]): {
+                    "bytes_in": 100,
+                    "bytes_out": 2000,
+                    "connections_total": 3,
+                    "active_connections": 1,
+                }
+            },
+        }
+    )
 
     async def seen() -> bool:
         return (await edge.call("rules.stats", {"id": rule["id"]}))["bytes_out"] == 2000
 
     await poll(seen)
     full = await edge.call("rules.stats", {"id": rule["id"], "per_port": True, "per_target": True})
-    assert full["per_port"] == [{"port": 19090, "bytes_in": 100, "bytes_out": 2000, "connections_total": 3,
-                                 "active_connections": 1}]
-    assert full["per_target"][0]["target"] == "127.0.0.1:9090" and full["per_target"][0]["up"] is None
+    assert full["per_port"] == [
+        {
+            "port": 19090,
+            "bytes_in": 100,
+            "bytes_out": 2000,
+            "connections_total": 3,
+            "active_connections": 1,
+        }
+    ]
+    assert (
+        full["per_target"][0]["target"] == "127.0.0.1:9090" and full["per_target"][0]["up"] is None
+    )
     # The latest frame wins, garbage counts as 0, and it survives a disconnect.
-    await e.send({"type": "stats", "rules": {str(rule["id"]): {
-        "bytes_in": 5, "bytes_out": "x", "connections_total": -1, "active_connections": 0}}})
+    await e.send(
+        {
+            "type": "stats",
+            "rules": {
+                str(rule["id"]): {
+                    "bytes_in": 5,
+                    "bytes_out": "x",
+                    "connections_total": -1,
+                    "active_connections": 0,
+                }
+            },
+        }
+    )
 
     async def replaced() -> bool:
         return (await edge.call("rules.stats", {"id": rule["id"]}))["bytes_in"] == 5
@@ -304,7 +387,10 @@ async def test_quiet_link_cadence_is_negotiated(make_edge: Any, poll: Any) -> No
     welcome = await q.hello(enrolled["token"], enrolled["client_id"], [*ALL_CAPS, "quiet_link"])
     t0 = loop.time()  # the hello was the last frame from q
     assert {k: welcome[k] for k in ("heartbeat_secs", "ping_secs", "dead_after_secs")} == {
-        "heartbeat_secs": 0.3, "ping_secs": 0.2, "dead_after_secs": 0.8}
+        "heartbeat_secs": 0.3,
+        "ping_secs": 0.2,
+        "dead_after_secs": 0.8,
+    }
     _, old_enrolled = await edge.enroll("old")
     old = edge.fake()
     old_welcome = await old.hello(old_enrolled["token"], old_enrolled["client_id"])

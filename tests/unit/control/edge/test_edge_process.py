@@ -33,14 +33,18 @@ class Child:
         self.metrics = base / "run" / "metrics"
         self.metrics.mkdir(parents=True)
         self.sock = str(base / "run" / "control.sock")
-        self.proc, self.ours = spawn_control(base / "data", base / "run", TOKEN, f"127.0.0.1:{port}")
+        self.proc, self.ours = spawn_control(
+            base / "data", base / "run", TOKEN, f"127.0.0.1:{port}"
+        )
 
     async def wait_ready(self) -> ControlClient:
         client = ControlClient(self.sock, TOKEN, timeout=5)
         for _ in range(500):
             if os.path.exists(self.sock):
                 return client
-            assert self.proc.poll() is None, self.proc.stderr.read().decode() if self.proc.stderr else ""
+            assert self.proc.poll() is None, (
+                self.proc.stderr.read().decode() if self.proc.stderr else ""
+            )
             await asyncio.sleep(0.02)
         raise AssertionError("control socket never appeared")
 
@@ -62,7 +66,9 @@ def children(short_dir: Path) -> Iterator[list[Child]]:
         c.ours.close()
 
 
-async def test_gateway_serves_in_the_control_process(short_dir: Path, children: list[Child]) -> None:
+async def test_gateway_serves_in_the_control_process(
+    short_dir: Path, children: list[Child]
+) -> None:
     child = Child(short_dir, free_port())
     children.append(child)
     client = await child.wait_ready()
@@ -77,8 +83,14 @@ async def test_gateway_serves_in_the_control_process(short_dir: Path, children: 
     live = FakeEdge(port, fp)
     live.auto = ("active", None)
     assert (await live.hello(enrolled["token"], enrolled["client_id"]))["type"] == "welcome"
-    rule = await client.call("rules.push", {"client": "edge-01", "listen_port": 19090,
-                                            "targets": [{"host": "127.0.0.1", "port": 9090}]})
+    rule = await client.call(
+        "rules.push",
+        {
+            "client": "edge-01",
+            "listen_port": 19090,
+            "targets": [{"host": "127.0.0.1", "port": 9090}],
+        },
+    )
     assert rule["state"] == "active"
     assert any(p.name.startswith("gauge_livemostrecent_") for p in child.metrics.iterdir())
     from prometheus_client import CollectorRegistry
@@ -94,7 +106,9 @@ async def test_gateway_serves_in_the_control_process(short_dir: Path, children: 
     assert enrolled["token"] not in json.dumps(logs)
 
 
-async def test_taken_control_listen_is_fatal_to_control(short_dir: Path, children: list[Child]) -> None:
+async def test_taken_control_listen_is_fatal_to_control(
+    short_dir: Path, children: list[Child]
+) -> None:
     """Run without a socket from the supervisor, control binds control_listen itself;
     a taken address is logged naming the key and control exits LISTEN_FAILED (73),
     which the supervisor's policy turns into a halt instead of a respawn loop."""
