@@ -32,7 +32,7 @@ from portunus.control.store import owner_caps as owner_caps_db
 from portunus.control.store import rules as rules_db
 from portunus.control.store import users as users_db
 from portunus.control.store.accounts import OPERATOR_USER
-from portunus.errors import PortunusError, ValidationError
+from portunus.errors import PortunusError, ValidationError, reject_unknown_fields
 from portunus.text import is_ascii_digits
 
 TOKEN_NAME_MAX = 64
@@ -96,13 +96,7 @@ class UserService:
     async def add(self, who: Principal, params: dict[str, Any]) -> dict[str, Any]:
         target = f"user:{bounded(params.get('user_id'))}"
         try:
-            unknown = sorted(set(params) - {"user_id", "display_name", "role", "password"})
-            if unknown:
-                raise ValidationError(
-                    "validation.unknown_field",
-                    f"unknown field(s): {', '.join(unknown)}",
-                    field=unknown[0],
-                )
+            reject_unknown_fields(params, {"user_id", "display_name", "role", "password"})
             user_id = validate_user_id(params.get("user_id"))
             role = validate_role(params.get("role", "user"))
             display = validate_display_name(params.get("display_name"))
@@ -317,16 +311,10 @@ class UserService:
     async def add_grant(self, who: Principal, params: dict[str, Any]) -> dict[str, Any]:
         target = f"user:{bounded(params.get('user_id'))}"
         try:
-            unknown = sorted(
-                set(params)
-                - {"user_id", "client", "listen_port_start", "listen_port_end", "protocols", "note"}
+            reject_unknown_fields(
+                params,
+                {"user_id", "client", "listen_port_start", "listen_port_end", "protocols", "note"},
             )
-            if unknown:
-                raise ValidationError(
-                    "validation.unknown_field",
-                    f"unknown field(s): {', '.join(unknown)}",
-                    field=unknown[0],
-                )
             name = _user_ref(params)
             lo, hi = parse_port_range(params)
             protocols = parse_protocols(params.get("protocols"))

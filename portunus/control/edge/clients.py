@@ -25,7 +25,7 @@ from portunus.control.service import StateSink
 from portunus.control.store import Store, accounts, utc_now, write_audit
 from portunus.control.store import rules as rules_db
 from portunus.control.store.accounts import LOCAL_CLIENT_ID, ClientRow
-from portunus.errors import PortunusError
+from portunus.errors import PortunusError, reject_unknown_fields
 
 REVOKED_GOODBYE = {
     "type": "error",
@@ -98,13 +98,7 @@ class ClientService:
     async def enroll(self, who: Principal, params: dict[str, Any]) -> dict[str, Any]:
         target = f"client-name:{params.get('name')}"
         try:
-            unknown = sorted(set(params) - {"name", "address", "ttl_secs"})
-            if unknown:
-                raise PortunusError(
-                    "validation.unknown_field",
-                    f"unknown field(s): {', '.join(unknown)}",
-                    field=unknown[0],
-                )
+            reject_unknown_fields(params, {"name", "address", "ttl_secs"})
             name = validate_client_name(params.get("name"))
             ttl = validate_ttl(params.get("ttl_secs"))
             host = advertised_host(params.get("address"), self.listen_host)
