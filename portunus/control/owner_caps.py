@@ -14,7 +14,7 @@ from typing import Any
 
 from portunus.control.auth import Principal
 from portunus.control.dataplane import LOCAL, DataPlane
-from portunus.control.store import Store, accounts, write_audit
+from portunus.control.store import Store, accounts, audit_refusal, write_audit
 from portunus.control.store import owner_caps as caps_db
 from portunus.control.store import users as users_db
 from portunus.control.store.accounts import ClientRow
@@ -189,16 +189,7 @@ class OwnerCapService:
     async def _audit_error(
         self, who: Principal, action: str, target: str, exc: PortunusError
     ) -> None:
-        async with self.store.write() as db:
-            await write_audit(
-                db,
-                who.user,
-                action,
-                target,
-                outcome="error",
-                error_code=exc.code,
-                details={"message": exc.message},
-            )
+        await audit_refusal(self.store, who.user, action, target, exc)
 
 
 def _not_found(client: ClientRow, owner: str) -> PortunusError:

@@ -27,7 +27,7 @@ from portunus.control.passwords import (
 from portunus.control.policy import require_self
 from portunus.control.service import RuleService
 from portunus.control.sessions import bounded, remove_setup_token
-from portunus.control.store import Store, accounts, utc_now, write_audit
+from portunus.control.store import Store, accounts, audit_refusal, utc_now, write_audit
 from portunus.control.store import owner_caps as owner_caps_db
 from portunus.control.store import rules as rules_db
 from portunus.control.store import users as users_db
@@ -66,16 +66,9 @@ class UserService:
     async def _refused(
         self, who: Principal, action: str, target: str | None, exc: PortunusError
     ) -> None:
-        async with self.store.write() as db:
-            await write_audit(
-                db,
-                who.user,
-                action,
-                target,
-                outcome="error",
-                error_code=exc.code,
-                details={"message": exc.message, "token_id": who.token_id or None},
-            )
+        await audit_refusal(
+            self.store, who.user, action, target, exc, token_id=who.token_id or None
+        )
         exc.audited = True
 
     async def _drain(self, who: Principal, rule_ids: list[int]) -> list[int]:

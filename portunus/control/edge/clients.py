@@ -22,7 +22,7 @@ from portunus.control.edge.enrollment import (
 )
 from portunus.control.edge.remote_link import RemoteLink
 from portunus.control.service import StateSink
-from portunus.control.store import Store, accounts, utc_now, write_audit
+from portunus.control.store import Store, accounts, audit_refusal, utc_now, write_audit
 from portunus.control.store import rules as rules_db
 from portunus.control.store.accounts import LOCAL_CLIENT_ID, ClientRow
 from portunus.errors import PortunusError, reject_unknown_fields
@@ -69,16 +69,7 @@ class ClientService:
     async def _audit_error(
         self, who: Principal, action: str, target: str | None, exc: PortunusError
     ) -> None:
-        async with self.store.write() as db:
-            await write_audit(
-                db,
-                who.user,
-                action,
-                target,
-                outcome="error",
-                error_code=exc.code,
-                details={"message": exc.message},
-            )
+        await audit_refusal(self.store, who.user, action, target, exc)
 
     @staticmethod
     def _not_local(row: ClientRow, verb: str) -> None:
