@@ -8,6 +8,7 @@ can never disagree about what a failure means.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from portunus.exitcodes import ServiceExit
@@ -126,3 +127,19 @@ class ValidationError(PortunusError):
         if field is not None:
             details["field"] = field
         super().__init__(code, message, **details)
+
+
+def reject_unknown_fields(params: Mapping[str, Any], allowed: Collection[str]) -> None:
+    """Refuse a request body with a key outside ``allowed`` (typos must not pass silently).
+
+    One check for every control verb that takes a closed set of fields, so they all
+    answer ``validation.unknown_field`` alike: the sorted unknown names in the message,
+    the first of them as ``field``.
+    """
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValidationError(
+            "validation.unknown_field",
+            f"unknown field(s): {', '.join(unknown)}",
+            field=unknown[0],
+        )

@@ -20,6 +20,7 @@ from typing import IO, Any
 
 import click
 
+from portunus.cli import output
 from portunus.config import resolve_runtime_dir
 from portunus.control.client import call_sync
 from portunus.errors import PortunusError
@@ -318,3 +319,32 @@ class OperatorContext:
             raise PortunusError(
                 "unavailable", f"control socket {self.socket_path}: {exc.strerror or exc}"
             ) from None
+
+
+def call_rule_and_echo(
+    obj: OperatorContext,
+    method: str,
+    params: dict[str, Any],
+    fmt: str,
+    timeout: float = 30.0,
+) -> None:
+    """Call a verb that activates a rule (``rules.push``, ``rules.retry``) and print it.
+
+    Shared by push-rule and retry-rule so both treat a failed activation alike: the rule
+    exists (failed or pending), so with ``--format json`` it is printed before the error is
+    raised, and scripts get its id and ``failure_reason`` to clean up or poll.
+    """
+    try:
+        rule = obj.call(method, params, timeout=timeout)
+    except PortunusError as exc:
+        if (
+            fmt == "json"
+            and exc.code in ("activation_failed", "ack_timeout")
+            and isinstance(exc.details.get("rule"), dict)
+        ):
+            echo_json(exc.details["rule"])
+        raise
+    if fmt == "json":
+        echo_json(rule)
+    else:
+        click.echo(output.rule_line(rule))

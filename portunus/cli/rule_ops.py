@@ -9,7 +9,13 @@ import click
 
 from portunus.bounds import RULE_ID
 from portunus.cli import output
-from portunus.cli.common import OperatorContext, echo_json, format_option, hint_vars
+from portunus.cli.common import (
+    OperatorContext,
+    call_rule_and_echo,
+    echo_json,
+    format_option,
+    hint_vars,
+)
 from portunus.cli.numbers import BoundedNumber
 from portunus.cli.push_params import _target_entry
 from portunus.errors import PortunusError
@@ -32,21 +38,8 @@ def retry_rule(obj: OperatorContext, rule_id: int, fmt: str) -> None:
       portunus-server retry-rule 7
     """
     hint_vars(rule_id=rule_id)
-    try:
-        rule = obj.call("rules.retry", {"id": rule_id})
-    except PortunusError as exc:
-        # Still failed: print the rule (with its failure_reason) for scripts, like push-rule.
-        if (
-            fmt == "json"
-            and exc.code in ("activation_failed", "ack_timeout")
-            and isinstance(exc.details.get("rule"), dict)
-        ):
-            echo_json(exc.details["rule"])
-        raise
-    if fmt == "json":
-        echo_json(rule)
-    else:
-        click.echo(output.rule_line(rule))
+    # Still failed: the rule (with its failure_reason) is printed for scripts, like push-rule.
+    call_rule_and_echo(obj, "rules.retry", {"id": rule_id}, fmt)
 
 
 @click.command("update-rule")

@@ -160,8 +160,7 @@ def bind_own_listeners(
 ) -> dict[str, Any]:
     """Bind the API, metrics and edge gateway sockets before anything forks; a
     taken or invalid address ends ``serve`` here with exit 73 (LISTEN_FAILED)."""
-    from portunus.logs import log_event
-    from portunus.supervisor.own_listeners import BindError, bind_all
+    from portunus.supervisor.own_listeners import BindError, bind_all, exit_listen_failed
 
     where = settings.config_path or config_path or os.path.join(settings.data_dir, "server.toml")
     try:
@@ -175,14 +174,7 @@ def bind_own_listeners(
             store,
         )
     except BindError as exc:
-        log_event(
-            "supervisor.listen_failed",
-            level="error",
-            message=str(exc),
-            exit_code=int(ServiceExit.LISTEN_FAILED),
-        )
-        click.echo(f"error: listen_failed: {exc}", err=True)
-        sys.exit(ServiceExit.LISTEN_FAILED)
+        exit_listen_failed(exc)
 
 
 def run(settings: Settings, token_note: str, config_path: str | None = None) -> int:

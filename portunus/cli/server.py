@@ -26,6 +26,7 @@ from portunus.cli.common import (
     OperatorContext,
     ReportingGroup,
     WhenType,
+    call_rule_and_echo,
     echo_json,
     format_option,
     hint_vars,
@@ -33,7 +34,6 @@ from portunus.cli.common import (
 from portunus.cli.numbers import BoundedNumber
 from portunus.cli.push_params import build_push_params, rate_limit_options
 from portunus.config import SYSTEM_DATA_DIR
-from portunus.errors import PortunusError
 from portunus.rules import MAX_TARGETS
 
 # Verbs that live in their own module and are imported only when used or listed,
@@ -314,21 +314,7 @@ def push_rule(
     )
     if owner is not None:
         params["owner"] = owner
-    try:
-        rule = obj.call("rules.push", params, timeout=ack_timeout + ACK_SOCKET_SLACK)
-    except PortunusError as exc:
-        # The rule exists (failed or pending): scripts need its id to clean up or poll.
-        if (
-            fmt == "json"
-            and exc.code in ("activation_failed", "ack_timeout")
-            and isinstance(exc.details.get("rule"), dict)
-        ):
-            echo_json(exc.details["rule"])
-        raise
-    if fmt == "json":
-        echo_json(rule)
-    else:
-        click.echo(output.rule_line(rule))
+    call_rule_and_echo(obj, "rules.push", params, fmt, timeout=ack_timeout + ACK_SOCKET_SLACK)
 
 
 @cli.command("list-rules")

@@ -140,21 +140,12 @@ def run(config_path: str, settings: Settings, rules: list[Rule]) -> int:
 def bind_metrics(listen: str, key: str, where: str, store: Any = None) -> socket.socket:
     """Bind /metrics before anything forks: a taken address ends the start here
     with exit 73 (LISTEN_FAILED), naming the address and the key to change."""
-    from portunus.exitcodes import ServiceExit
-    from portunus.logs import log_event
-    from portunus.supervisor.own_listeners import BindError, bind_kept
+    from portunus.supervisor.own_listeners import BindError, bind_kept, exit_listen_failed
 
     try:
         return bind_kept(listen, key, "metrics endpoint", where, store)
     except BindError as exc:
-        log_event(
-            "supervisor.listen_failed",
-            level="error",
-            message=str(exc),
-            exit_code=int(ServiceExit.LISTEN_FAILED),
-        )
-        click.echo(f"error: listen_failed: {exc}", err=True)
-        sys.exit(ServiceExit.LISTEN_FAILED)
+        exit_listen_failed(exc)
 
 
 def shard_settings(settings: Settings, client: str = "local") -> dict[str, object]:

@@ -14,11 +14,11 @@ from typing import Any
 
 from portunus.control.auth import Principal
 from portunus.control.dataplane import LOCAL, DataPlane
-from portunus.control.store import Store, accounts, write_audit
+from portunus.control.store import Store, accounts, audit_refusal, write_audit
 from portunus.control.store import owner_caps as caps_db
 from portunus.control.store import users as users_db
 from portunus.control.store.accounts import ClientRow
-from portunus.errors import PortunusError, ValidationError
+from portunus.errors import PortunusError, ValidationError, reject_unknown_fields
 from portunus.rules import validate_rate_limit
 
 # A user id (the contract's users: [a-z][a-z0-9_-]{0,31}); rules carry it as ``owner``.
@@ -105,13 +105,7 @@ class OwnerCapService:
     async def set_cap(self, who: Principal, params: dict[str, Any]) -> dict[str, Any]:
         target = f"client:{params.get('client')}/owner:{params.get('owner')}"
         try:
-            unknown = sorted(set(params) - {"client", "owner", "rate_limit"})
-            if unknown:
-                raise ValidationError(
-                    "validation.unknown_field",
-                    f"unknown field(s): {', '.join(unknown)}",
-                    field=unknown[0],
-                )
+            reject_unknown_fields(params, {"client", "owner", "rate_limit"})
             client = await self._client(params)
             owner = parse_owner(params)
             target = _target(client.client_id, owner)
@@ -195,16 +189,7 @@ class OwnerCapService:
     async def _audit_error(
         self, who: Principal, action: str, target: str, exc: PortunusError
     ) -> None:
-        async with self.store.write() as db:
-            await write_audit(
-                db,
-                who.user,
-                action,
-                target,
-                outcome="error",
-                error_code=exc.code,
-                details={"message": exc.message},
-            )
+        await audit_refusal(self.store, who.user, action, target, exc)
 
 
 def _not_found(client: ClientRow, owner: str) -> PortunusError:

@@ -27,7 +27,7 @@ from portunus.control.rule_body import parse_rule_body
 from portunus.control.rule_list import list_filters, list_page
 from portunus.control.rule_update import parse_rule_update
 from portunus.control.slots import check_slot
-from portunus.control.store import Store, accounts, write_audit
+from portunus.control.store import Store, accounts, audit_refusal, write_audit
 from portunus.control.store import owner_caps as owner_caps_db
 from portunus.control.store import rules as rules_db
 from portunus.control.store import users as users_db
@@ -279,16 +279,7 @@ class RuleService:
         self, principal: Principal, action: str, target: str | None, exc: PortunusError
     ) -> None:
         """A refused operation changes nothing but is still on the record."""
-        async with self.store.write() as db:
-            await write_audit(
-                db,
-                principal.user,
-                action,
-                target,
-                outcome="error",
-                error_code=exc.code,
-                details={"message": exc.message},
-            )
+        await audit_refusal(self.store, principal.user, action, target, exc)
         exc.audited = True  # the dispatcher need not audit it again
 
     async def _owner(

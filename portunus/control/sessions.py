@@ -90,6 +90,19 @@ class SessionService:
             "max_age_secs": int(SESSION_MAX_SECS),
         }
 
+    async def _login_refused(self, user_id: str, source: str, code: str) -> None:
+        """The audit row of a refused login (locked out or wrong credentials)."""
+        async with self.store.write() as db:
+            await write_audit(
+                db,
+                bounded(user_id),
+                "auth.login",
+                f"user:{bounded(user_id)}",
+                outcome="error",
+                error_code=code,
+                details={"source": source},
+            )
+
     async def login(self, params: dict[str, Any]) -> dict[str, Any]:
         user_id, password = params.get("user_id"), params.get("password")
         source = bounded(params.get("source") or "unknown", _SOURCE_MAX)
@@ -99,16 +112,7 @@ class SessionService:
         try:
             self.throttle.check(key)
         except PortunusError as exc:  # a locked-out attempt is on the record too
-            async with self.store.write() as db:
-                await write_audit(
-                    db,
-                    bounded(user_id),
-                    "auth.login",
-                    f"user:{bounded(user_id)}",
-                    outcome="error",
-                    error_code=exc.code,
-                    details={"source": source},
-                )
+            await self._login_refused(user_id, source, exc.code)
             raise
         async with self.store.read() as db:
             user = await users_db.find_user(db, user_id) if len(user_id) <= 64 else None
@@ -118,16 +122,7 @@ class SessionService:
         )
         if not ok or user is None:
             self.throttle.failure(key)
-            async with self.store.write() as db:
-                await write_audit(
-                    db,
-                    bounded(user_id),
-                    "auth.login",
-                    f"user:{bounded(user_id)}",
-                    outcome="error",
-                    error_code="invalid_login",
-                    details={"source": source},
-                )
+            await self._login_refused(user_id, source, "invalid_login")
             refused = PortunusError("invalid_login", "wrong user id or password")
             refused.audited = True  # recorded above, once
             raise refused

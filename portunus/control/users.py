@@ -27,12 +27,12 @@ from portunus.control.passwords import (
 from portunus.control.policy import require_self
 from portunus.control.service import RuleService
 from portunus.control.sessions import bounded, remove_setup_token
-from portunus.control.store import Store, accounts, utc_now, write_audit
+from portunus.control.store import Store, accounts, audit_refusal, utc_now, write_audit
 from portunus.control.store import owner_caps as owner_caps_db
 from portunus.control.store import rules as rules_db
 from portunus.control.store import users as users_db
 from portunus.control.store.accounts import OPERATOR_USER
-from portunus.errors import PortunusError, ValidationError
+from portunus.errors import PortunusError, ValidationError, reject_unknown_fields
 from portunus.text import is_ascii_digits
 
 TOKEN_NAME_MAX = 64
@@ -66,16 +66,9 @@ class UserService:
     async def _refused(
         self, who: Principal, action: str, target: str | None, exc: PortunusError
     ) -> None:
-        async with self.store.write() as db:
-            await write_audit(
-                db,
-                who.user,
-                action,
-                target,
-                outcome="error",
-                error_code=exc.code,
-                details={"message": exc.message, "token_id": who.token_id or None},
-            )
+        await audit_refusal(
+            self.store, who.user, action, target, exc, token_id=who.token_id or None
+        )
         exc.audited = True
 
     async def _drain(self, who: Principal, rule_ids: list[int]) -> list[int]:
@@ -96,13 +89,7 @@ class UserService:
     async def add(self, who: Principal, params: dict[str, Any]) -> dict[str, Any]:
         target = f"user:{bounded(params.get('user_id'))}"
         try:
-            unknown = sorted(set(params) - {"user_id", "display_name", "role", "password"})
-            if unknown:
-                raise ValidationError(
-                    "validation.unknown_field",
-                    f"unknown field(s): {', '.join(unknown)}",
-                    field=unknown[0],
-                )
+            reject_unknown_fields(params, {"user_id", "display_name", "role", "password"})
             user_id = validate_user_id(params.get("user_id"))
             role = validate_role(params.get("role", "user"))
             display = validate_display_name(params.get("display_name"))
@@ -317,16 +304,10 @@ class UserService:
     async def add_grant(self, who: Principal, params: dict[str, Any]) -> dict[str, Any]:
         target = f"user:{bounded(params.get('user_id'))}"
         try:
-            unknown = sorted(
-                set(params)
-                - {"user_id", "client", "listen_port_start", "listen_port_end", "protocols", "note"}
+            reject_unknown_fields(
+                params,
+                {"user_id", "client", "listen_port_start", "listen_port_end", "protocols", "note"},
             )
-            if unknown:
-                raise ValidationError(
-                    "validation.unknown_field",
-                    f"unknown field(s): {', '.join(unknown)}",
-                    field=unknown[0],
-                )
             name = _user_ref(params)
             lo, hi = parse_port_range(params)
             protocols = parse_protocols(params.get("protocols"))

@@ -13,7 +13,9 @@ refused.
 from __future__ import annotations
 
 import socket
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 from portunus.config import parse_listen
 from portunus.errors import PortunusError
@@ -22,6 +24,27 @@ from portunus.supervisor.fdstore import FdStore
 
 class BindError(Exception):
     """A listening socket could not be opened; ``str()`` is the operator's message."""
+
+
+def exit_listen_failed(exc: BindError) -> NoReturn:
+    """End a CLI start whose own listener could not be bound: exit 73 (LISTEN_FAILED).
+
+    One ending for ``portunus-server serve`` and ``portunus-standalone``, so both log
+    the same ``supervisor.listen_failed`` event and print the same error line.
+    """
+    import click  # the CLI's; kept out of the supervisor's import path
+
+    from portunus.exitcodes import ServiceExit
+    from portunus.logs import log_event
+
+    log_event(
+        "supervisor.listen_failed",
+        level="error",
+        message=str(exc),
+        exit_code=int(ServiceExit.LISTEN_FAILED),
+    )
+    click.echo(f"error: listen_failed: {exc}", err=True)
+    sys.exit(ServiceExit.LISTEN_FAILED)
 
 
 @dataclass

@@ -8,15 +8,14 @@ makes; stopping the handler keeps open connections; the drain closes them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import uvloop
 
 from portunus import logs
 from portunus.rules import Target, build_rule
@@ -24,7 +23,9 @@ from portunus.shard import metrics as m
 from portunus.shard.native_tcp import NativeTcpHandler, eligible
 from portunus.shard.runtime import RuleRuntime, ShardContext
 
+from . import loopkit
 from .fdwait import readable
+from .loopkit import LOOPBACK, listener, new_loop
 
 try:
     from portunus.shard import _relay  # noqa: F401
@@ -33,25 +34,12 @@ except ImportError:
         "the native relay is not built (no C compiler at install time)", allow_module_level=True
     )
 
-LOOPBACK = "127.0.0.1"
 _ids = iter(range(1_000_000))
 
 
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    lp = uvloop.new_event_loop()
-    errors: list[dict[str, Any]] = []
-    lp.set_exception_handler(lambda _lp, ctx: errors.append(ctx))
-    lp.errors = errors  # type: ignore[attr-defined]
-    yield lp
-    lp.close()
-
-
-def listener(backlog: int = 64) -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind((LOOPBACK, 0))
-    s.listen(backlog)
-    return s
+loop = pytest.fixture(new_loop)
+# The native path's conditions get longer than loopkit's default: threads and C reports.
+run_until = functools.partial(loopkit.run_until, timeout=10.0)
 
 
 def closed_port() -> int:
@@ -59,19 +47,6 @@ def closed_port() -> int:
     port = s.getsockname()[1]
     s.close()
     return port
-
-
-def run_until(
-    loop: asyncio.AbstractEventLoop, cond: Callable[[], bool], timeout: float = 10.0
-) -> None:
-    async def poll() -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            if time.monotonic() > deadline:
-                raise AssertionError("condition not reached")
-            await asyncio.sleep(0.01)
-
-    loop.run_until_complete(poll())
 
 
 class Port:

@@ -18,11 +18,9 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import uvloop
 
 from portunus import logs
 from portunus.rules import Target, build_rule
@@ -31,25 +29,12 @@ from portunus.shard.runtime import RuleRuntime, ShardContext
 from portunus.shard.tcp import TcpConnection
 
 from .fdwait import readable
+from .loopkit import listener, new_loop, run_until
 
 pytestmark = pytest.mark.skipif(not pumps.HAVE_SPLICE, reason="no os.splice on this platform")
 
 
-def listener() -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
-    s.listen(8)
-    return s
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    lp = uvloop.new_event_loop()
-    errors: list[dict[str, Any]] = []
-    lp.set_exception_handler(lambda _lp, ctx: errors.append(ctx))
-    lp.errors = errors  # type: ignore[attr-defined]
-    yield lp
-    lp.close()
+loop = pytest.fixture(new_loop)
 
 
 def closed_by_peer(s: socket.socket) -> bool:
@@ -60,26 +45,13 @@ def closed_by_peer(s: socket.socket) -> bool:
         return True
 
 
-def run_until(
-    loop: asyncio.AbstractEventLoop, cond: Callable[[], bool], timeout: float = 5.0
-) -> None:
-    async def poll() -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            if time.monotonic() > deadline:
-                raise AssertionError("condition not reached")
-            await asyncio.sleep(0.01)
-
-    loop.run_until_complete(poll())
-
-
 def test_pipe_emfile_fails_the_connection_cleanly(
     loop: asyncio.AbstractEventLoop,
     monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setitem(logs._state, "format", "json")
-    origin, front = listener(), listener()
+    origin, front = listener(8), listener(8)
     rule = build_rule(
         id=f"pipe-{os.getpid()}",
         protocol="tcp",

@@ -25,7 +25,7 @@ from portunus.control.edge.remote_link import RemoteLink
 from portunus.control.store import accounts
 from portunus.control.store.accounts import LOCAL_CLIENT_ID, ClientRow
 from portunus.control.store.paging import decode_cursor, encode_cursor, parse_limit
-from portunus.errors import PortunusError, ValidationError
+from portunus.errors import PortunusError, ValidationError, reject_unknown_fields
 
 KIND = "clients"
 _PARAMS = {"limit", "cursor", "connected", "name_prefix"}
@@ -39,11 +39,7 @@ def _prefix_bounds(prefix: str) -> tuple[str, str]:
 
 
 def _filters(params: dict[str, Any]) -> tuple[bool | None, str | None]:
-    unknown = sorted(set(params) - _PARAMS)
-    if unknown:
-        raise ValidationError(
-            "validation.unknown_field", f"unknown field(s): {', '.join(unknown)}", field=unknown[0]
-        )
+    reject_unknown_fields(params, _PARAMS)
     connected = params.get("connected")
     if connected is not None and not isinstance(connected, bool):
         raise ValidationError(

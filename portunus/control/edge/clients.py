@@ -22,10 +22,10 @@ from portunus.control.edge.enrollment import (
 )
 from portunus.control.edge.remote_link import RemoteLink
 from portunus.control.service import StateSink
-from portunus.control.store import Store, accounts, utc_now, write_audit
+from portunus.control.store import Store, accounts, audit_refusal, utc_now, write_audit
 from portunus.control.store import rules as rules_db
 from portunus.control.store.accounts import LOCAL_CLIENT_ID, ClientRow
-from portunus.errors import PortunusError
+from portunus.errors import PortunusError, reject_unknown_fields
 
 REVOKED_GOODBYE = {
     "type": "error",
@@ -69,16 +69,7 @@ class ClientService:
     async def _audit_error(
         self, who: Principal, action: str, target: str | None, exc: PortunusError
     ) -> None:
-        async with self.store.write() as db:
-            await write_audit(
-                db,
-                who.user,
-                action,
-                target,
-                outcome="error",
-                error_code=exc.code,
-                details={"message": exc.message},
-            )
+        await audit_refusal(self.store, who.user, action, target, exc)
 
     @staticmethod
     def _not_local(row: ClientRow, verb: str) -> None:
@@ -98,13 +89,7 @@ class ClientService:
     async def enroll(self, who: Principal, params: dict[str, Any]) -> dict[str, Any]:
         target = f"client-name:{params.get('name')}"
         try:
-            unknown = sorted(set(params) - {"name", "address", "ttl_secs"})
-            if unknown:
-                raise PortunusError(
-                    "validation.unknown_field",
-                    f"unknown field(s): {', '.join(unknown)}",
-                    field=unknown[0],
-                )
+            reject_unknown_fields(params, {"name", "address", "ttl_secs"})
             name = validate_client_name(params.get("name"))
             ttl = validate_ttl(params.get("ttl_secs"))
             host = advertised_host(params.get("address"), self.listen_host)

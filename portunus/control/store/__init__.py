@@ -3,7 +3,7 @@ synchronous helpers for the supervisor and the offline CLI verbs."""
 
 from __future__ import annotations
 
-from portunus.control.store.db import Store, write_audit
+from portunus.control.store.db import Store, audit_refusal, write_audit
 from portunus.control.store.migrations import LATEST, SchemaTooNew, utc_now
 from portunus.control.store.offline import backup, bootstrap_superadmin, check_schema
 
@@ -11,6 +11,7 @@ __all__ = [
     "LATEST",
     "SchemaTooNew",
     "Store",
+    "audit_refusal",
     "backup",
     "bootstrap_superadmin",
     "check_schema",

@@ -23,6 +23,7 @@ import aiosqlite
 
 from portunus.control.store.audit_values import audit_text, audit_value
 from portunus.control.store.migrations import BUSY_TIMEOUT_MS, connect_sync, migrate, utc_now
+from portunus.errors import PortunusError
 
 
 class Store:
@@ -104,3 +105,28 @@ async def write_audit(
             json.dumps(audit_value(details), separators=(",", ":")) if details else None,
         ),
     )
+
+
+async def audit_refusal(
+    store: Store,
+    actor: str,
+    action: str,
+    target: str | None,
+    exc: PortunusError,
+    **details: Any,
+) -> None:
+    """Record a refused operation (it changed nothing, but is still on the record).
+
+    The row every service writes for a refusal: ``outcome="error"``, the error's code,
+    its message plus any ``details`` the caller adds; in a write transaction of its own.
+    """
+    async with store.write() as db:
+        await write_audit(
+            db,
+            actor,
+            action,
+            target,
+            outcome="error",
+            error_code=exc.code,
+            details={"message": exc.message, **details},
+        )
