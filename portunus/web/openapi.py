@@ -770,7 +770,7 @@ _PATHS: dict[str, dict[str, Any]] = {
             "Owners with rules or caps on a client, and their caps",
             "200",
             ref("OwnerList"),
-            ("404", "409"),
+            ("400", "404", "409"),
         ),
     },
     "/v1/clients/{id}/owners/{owner}/rate-limit": {

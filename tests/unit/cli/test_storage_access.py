@@ -7,19 +7,24 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from .nobody import NOBODY, Runtime, nobody_runtime, run_as
+
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root to run the CLI as another user"
 )
 
-NOBODY = 65534
+
+@pytest.fixture(scope="module")
+def runtime() -> Iterator[Runtime]:
+    yield from nobody_runtime()
+
+
 request_cleanup: list[Path] = []
 
 
@@ -30,14 +35,10 @@ def _cleanup() -> Iterator[None]:
         shutil.rmtree(request_cleanup.pop(), ignore_errors=True)
 
 
-def _as_nobody() -> None:
-    os.setgid(NOBODY)
-    os.setgroups([])
-    os.setuid(NOBODY)
-
-
 @pytest.mark.parametrize("verb", [["backup", "--out", "/tmp/x.db"], ["reset", "--confirm"]])
-def test_non_owner_is_told_to_use_root_or_the_service_user(verb: list[str]) -> None:
+def test_non_owner_is_told_to_use_root_or_the_service_user(
+    verb: list[str], runtime: Runtime
+) -> None:
     # pytest's tmp_path sits under a 0700 directory another user cannot traverse.
     tmp_path = Path(tempfile.mkdtemp(prefix="ptn-access-", dir="/tmp"))
     request_cleanup.append(tmp_path)
@@ -49,15 +50,14 @@ def test_non_owner_is_told_to_use_root_or_the_service_user(verb: list[str]) -> N
     db = data / "state.db"
     sqlite3.connect(db).close()
     os.chmod(db, 0o600)
-    env = {**os.environ, "PORTUNUS_RUNTIME_DIR": str(tmp_path / "run")}
-    res = subprocess.run(
-        [sys.executable, "-m", "portunus.cli.server", "--data-dir", str(data), *verb],
-        capture_output=True,
-        text=True,
-        env=env,
-        preexec_fn=_as_nobody,
-        timeout=60,
-        check=False,
+    res = run_as(
+        runtime,
+        NOBODY,
+        [NOBODY],
+        "--data-dir",
+        str(data),
+        *verb,
+        extra_env={"PORTUNUS_RUNTIME_DIR": str(tmp_path / "run")},
     )
     assert res.returncode == 9, (res.returncode, res.stderr)
     assert res.stderr.startswith("error: forbidden: cannot open"), res.stderr
