@@ -13,6 +13,7 @@ values stay invalid so validation is still exercised.  The SSE stream is skipped
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -81,7 +82,14 @@ def not_a_server_error_but_ack_timeout(ctx: Any, response: Any, case: Any) -> bo
 
 
 @schema.parametrize()
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+# Derandomized: the default suite (and CI) explores the same 60 examples per route every
+# run, so a result is reproducible; PORTUNUS_SCHEMATHESIS_RANDOM=1 explores afresh.
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=not os.environ.get("PORTUNUS_SCHEMATHESIS_RANDOM"),
+)
 def test_api_conforms_and_never_5xx(case: Any, api: tuple[ServerProc, int]) -> None:
     srv, base = api
     if case.path.endswith("/stream"):
