@@ -20,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from portunus.bounds import RULE_ID
 from portunus.control.auth import Principal
 from portunus.control.store import Store
 from portunus.control.store import traffic as db_traffic
@@ -223,7 +224,12 @@ async def query(
         )
     owner = scope_owner(who, params)
     rule_id = params.get("rule")
-    if rule_id is not None and (isinstance(rule_id, bool) or not str(rule_id).isdigit()):
+    if rule_id is not None and (
+        isinstance(rule_id, bool)
+        or not (str(rule_id).isascii() and str(rule_id).isdigit())
+        or len(str(rule_id)) > 19  # a SQLite INTEGER: 2**63 - 1 has 19 digits
+        or not RULE_ID.contains(int(rule_id))
+    ):
         raise ValidationError("validation.rule", "rule must be a rule id", field="rule")
     client_id: str | None = None
     async with store.read() as db:

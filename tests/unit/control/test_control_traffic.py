@@ -272,3 +272,16 @@ async def test_summary_top_rules_and_rates(store: Store) -> None:
     assert out["bytes_in_per_sec"] == 510.0
     mine = await summary(store, sampler, ALICE, {"since": int(T0 - 60)})
     assert [r["rule"] for r in mine["top_rules"]] == [a] and mine["bytes_in_per_sec"] == 10.0
+
+
+@pytest.mark.parametrize("who", [ADMIN, ALICE])
+@pytest.mark.parametrize(
+    "rule", ["347841757384375150297466535936", str(2**63), "0", "１２", "-1", True]
+)
+async def test_a_rule_id_sqlite_cannot_hold_is_a_validation_error(
+    store: Store, who: Principal, rule: object
+) -> None:
+    """Found by schemathesis: ?rule= with 30 digits overflowed SQLite's INTEGER (a 500)."""
+    with pytest.raises(PortunusError) as err:
+        await query(store, who, {"rule": rule, "from": int(T0), "to": int(T0 + 60)}, now=T0 + 60)
+    assert err.value.code == "validation.rule"
