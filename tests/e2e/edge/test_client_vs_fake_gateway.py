@@ -29,31 +29,7 @@ from tests.e2e.support import (
     wait_for,
 )
 from tests.unit.edge.fake_server import ThreadedFakeServer
-
-
-def rule(rid: str, port: int, target: int, client: str = "edge-01") -> dict[str, Any]:
-    return {
-        "id": rid,
-        "client": client,
-        "owner": "",
-        "protocol": "tcp",
-        "listen_start": port,
-        "listen_end": port,
-        "targets": [
-            {
-                "host": "127.0.0.1",
-                "port": target,
-                "port_end": None,
-                "priority": 1,
-                "proxy_protocol": None,
-            }
-        ],
-        "sni": None,
-        "proxy_protocol": None,
-        "prefer_ipv6": False,
-        "rate_limit": None,
-        "health_check_interval_secs": 5.0,
-    }
+from tests.unit.edge.fake_server import wire_rule as rule
 
 
 def enrolled(

@@ -103,28 +103,3 @@ def sup_pair() -> Iterator[tuple[socket.socket, FakeSupervisor]]:
     yield a, sup
     for s in (a, b):
         s.close()
-
-
-def wire_rule(rid: str, port: int, target_port: int = 9, client: str = "edge-01") -> dict[str, Any]:
-    return {
-        "id": rid,
-        "client": client,
-        "owner": "",
-        "protocol": "tcp",
-        "listen_start": port,
-        "listen_end": port,
-        "targets": [
-            {
-                "host": "127.0.0.1",
-                "port": target_port,
-                "port_end": None,
-                "priority": 1,
-                "proxy_protocol": None,
-            }
-        ],
-        "sni": None,
-        "proxy_protocol": None,
-        "prefer_ipv6": False,
-        "rate_limit": None,
-        "health_check_interval_secs": 5.0,
-    }

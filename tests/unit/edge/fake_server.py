@@ -313,3 +313,29 @@ class ThreadedFakeServer:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(5)
             self.loop.close()
+
+
+def wire_rule(rid: str, port: int, target_port: int = 9, client: str = "edge-01") -> dict[str, Any]:
+    """One TCP rule as the server sends it on the edge wire (unit and e2e edge tests)."""
+    return {
+        "id": rid,
+        "client": client,
+        "owner": "",
+        "protocol": "tcp",
+        "listen_start": port,
+        "listen_end": port,
+        "targets": [
+            {
+                "host": "127.0.0.1",
+                "port": target_port,
+                "port_end": None,
+                "priority": 1,
+                "proxy_protocol": None,
+            }
+        ],
+        "sni": None,
+        "proxy_protocol": None,
+        "prefer_ipv6": False,
+        "rate_limit": None,
+        "health_check_interval_secs": 5.0,
+    }

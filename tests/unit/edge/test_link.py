@@ -24,8 +24,8 @@ from portunus.edge.rulestore import RuleStore
 from portunus.edge.timing import LinkTiming
 from portunus.edge.wire import CAPABILITIES
 
-from .conftest import FakeSupervisor, bundle_for, wire_rule
-from .fake_server import FakeEdgeServer
+from .conftest import FakeSupervisor, bundle_for
+from .fake_server import FakeEdgeServer, wire_rule
 
 FAST = LinkTiming(
     heartbeat_secs=0.1,
