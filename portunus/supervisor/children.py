@@ -13,7 +13,6 @@ import random
 import signal
 import socket
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,24 +37,27 @@ STABLE_SECS = 30.0
 
 @dataclass
 class Child:
-    """A supervised process; ``name`` is its process label (``shard-0``, ``control``)."""
+    """A supervised process; ``name`` is its process label (``shard-0``, ``control``).
+
+    Which children a service runs, and what each runs, is declared by the
+    command's process tree (portunus/process_trees.py): the supervisor is handed
+    ``entry`` and never imports a child's code itself.
+    """
 
     name: str
     title: str
     entry: Callable[[socket.socket | None], None]
+    role: Role
     wants_channel: bool = False
-    index: int = -1  # shard index, -1 for services
+    index: int = 0  # which shard (role SHARD): its listener copies and its metrics label
     pid: int = 0
     channel: Channel | None = None
     started_at: float = 0.0
     last_heartbeat: float = 0.0
-    ready: bool = False
-    restarts: int = 0
+    synced: bool = False  # the rule source child: sent its first full rule set
     failures_in_row: int = 0
     due_at: float | None = None  # when a dead child may be spawned again
     halted: bool = False
-    info: dict[str, object] = field(default_factory=dict)
-    role: Role = Role.SHARD
     up: bool = False  # said "up" (shards: "ready") since its last start
     # Own listeners (supervisor/own_listeners.py) this child serves; every other
     # child closes its inherited copies.
@@ -102,8 +104,9 @@ def _die_with_parent(parent_pid: int) -> None:
         raise SystemExit(0)
 
 
-def fork_child(child: Child, cleanup: Callable[[socket.socket | None], None]) -> None:
-    """Fork ``child``; in the parent record pid and channel, in the child run it."""
+def fork_child(child: Child, cleanup: Callable[[socket.socket | None], None], now: float) -> None:
+    """Fork ``child``; in the parent record pid and channel (started ``now`` on the
+    supervisor's clock), in the child run it."""
     parent_sock: socket.socket | None = None
     child_sock: socket.socket | None = None
     if child.wants_channel:
@@ -162,8 +165,8 @@ def fork_child(child: Child, cleanup: Callable[[socket.socket | None], None]) ->
         child_sock.close()
     child.pid = pid
     child.channel = Channel(parent_sock) if parent_sock is not None else None
-    child.started_at = child.last_heartbeat = time.monotonic()
-    child.ready = False
+    child.started_at = child.last_heartbeat = now
+    child.synced = False
     child.up = False
     child.due_at = None
 
