@@ -114,7 +114,16 @@ def fork_child(child: Child, cleanup: Callable[[socket.socket | None], None], no
         for s in (parent_sock, child_sock):
             s.set_inheritable(False)
     parent_pid = os.getpid()
-    pid = os.fork()
+    # Until the child has reset them, the supervisor's handlers would only enqueue a
+    # signal in the child's copy of the queue: a SIGTERM sent right after the fork
+    # would be lost, and the stop would wait for the SIGKILL.  Held back instead,
+    # it is delivered to the child's default handler.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, RESET_SIGNALS)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        raise
     if pid == 0:  # ---------------------------------------------------- child
         code = 1
         try:
@@ -124,8 +133,9 @@ def fork_child(child: Child, cleanup: Callable[[socket.socket | None], None], no
             # channel.  A stray SIGHUP (to the whole group) must not kill one; children
             # that want it (the edge link: reconnect now) install their own handler.
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
-            _die_with_parent(parent_pid)
             signal.set_wakeup_fd(-1)
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            _die_with_parent(parent_pid)
             if parent_sock is not None:
                 os.close(parent_sock.detach())
             cleanup(child_sock)
@@ -161,6 +171,7 @@ def fork_child(child: Child, cleanup: Callable[[socket.socket | None], None], no
             finally:
                 os._exit(code)
     # ------------------------------------------------------------------ parent
+    signal.pthread_sigmask(signal.SIG_SETMASK, held)
     if child_sock is not None:
         child_sock.close()
     child.pid = pid

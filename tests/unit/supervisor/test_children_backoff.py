@@ -8,7 +8,9 @@ from portunus.supervisor.policy import Role
 
 
 def _child() -> Child:
-    return Child(name="shard-0", title="portunus: shard 0", entry=lambda sock: None, role=Role.SHARD)
+    return Child(
+        name="shard-0", title="portunus: shard 0", entry=lambda sock: None, role=Role.SHARD
+    )
 
 
 def test_first_restart_is_immediate_then_grows() -> None:
