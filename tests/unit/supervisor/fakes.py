@@ -150,6 +150,10 @@ class Recorder:
         self.drains = drains
         self.cmd_r, self.cmd_w = os.pipe()
 
+    def close(self) -> None:
+        os.close(self.cmd_r)
+        os.close(self.cmd_w)
+
     def tell(self, msg: dict[str, Any]) -> None:
         os.write(self.cmd_w, json.dumps(msg).encode() + b"\n")
 
