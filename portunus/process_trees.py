@@ -82,19 +82,13 @@ class Tree:
                     Child(
                         name=f"{branch.role}-{i}" if numbered else str(branch.role),
                         title=f"portunus: {branch.role}" + (f" {i}" if numbered else ""),
-                        entry=partial(_enter, branch.entry, launch, i),
+                        entry=partial(branch.entry, launch, i),
                         role=branch.role,
-                        wants_channel=True,
                         index=i,
                         sockets=[launch.listeners[key] for key in branch.serves],
                     )
                 )
         return kids
-
-
-def _enter(entry: Entry, launch: Launch, index: int, channel: socket.socket | None) -> None:
-    assert channel is not None  # every branch wants a channel
-    entry(launch, index, channel)
 
 
 # ------------------------------------------------------------------ entry points

@@ -46,9 +46,8 @@ class Child:
 
     name: str
     title: str
-    entry: Callable[[socket.socket | None], None]
+    entry: Callable[[socket.socket], None]  # runs in the child, handed its channel end
     role: Role
-    wants_channel: bool = False
     index: int = 0  # which shard (role SHARD): its listener copies and its metrics label
     pid: int = 0
     channel: Channel | None = None
@@ -104,15 +103,15 @@ def _die_with_parent(parent_pid: int) -> None:
         raise SystemExit(0)
 
 
-def fork_child(child: Child, cleanup: Callable[[socket.socket | None], None], now: float) -> None:
+def fork_child(child: Child, cleanup: Callable[[], None], now: float) -> None:
     """Fork ``child``; in the parent record pid and channel (started ``now`` on the
-    supervisor's clock), in the child run it."""
-    parent_sock: socket.socket | None = None
-    child_sock: socket.socket | None = None
-    if child.wants_channel:
-        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        for s in (parent_sock, child_sock):
-            s.set_inheritable(False)
+    supervisor's clock), in the child run it.
+
+    Every child gets a channel: it is how a child says it is up, and a child that
+    never can would halt the service at its first exit (policy.py)."""
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for s in (parent_sock, child_sock):
+        s.set_inheritable(False)
     parent_pid = os.getpid()
     # Until the child has reset them, the supervisor's handlers would only enqueue a
     # signal in the child's copy of the queue: a SIGTERM sent right after the fork
@@ -136,9 +135,8 @@ def fork_child(child: Child, cleanup: Callable[[socket.socket | None], None], no
             signal.set_wakeup_fd(-1)
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
             _die_with_parent(parent_pid)
-            if parent_sock is not None:
-                os.close(parent_sock.detach())
-            cleanup(child_sock)
+            os.close(parent_sock.detach())
+            cleanup()
             try:
                 import setproctitle
 
@@ -172,10 +170,9 @@ def fork_child(child: Child, cleanup: Callable[[socket.socket | None], None], no
                 os._exit(code)
     # ------------------------------------------------------------------ parent
     signal.pthread_sigmask(signal.SIG_SETMASK, held)
-    if child_sock is not None:
-        child_sock.close()
+    child_sock.close()
     child.pid = pid
-    child.channel = Channel(parent_sock) if parent_sock is not None else None
+    child.channel = Channel(parent_sock)
     child.started_at = child.last_heartbeat = now
     child.synced = False
     child.up = False

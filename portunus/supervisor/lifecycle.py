@@ -60,7 +60,7 @@ class ChildManager:
         return [*self.services, *self.shards]
 
     def spawn(self, child: Child) -> None:
-        fork_child(child, lambda keep: self._child_cleanup(child, keep), self.clock())
+        fork_child(child, lambda: self._child_cleanup(child), self.clock())
         if child.channel is not None:
             self.selector.register(child.channel.sock, selectors.EVENT_READ, child)
         if child.role is Role.SHARD:
@@ -69,7 +69,7 @@ class ChildManager:
             child.channel.send({"type": "hello", "version": 1, "shards": len(self.shards)})
         log_event("child.started", child=child.name, pid=child.pid)
 
-    def _child_cleanup(self, child: Child, keep: socket.socket | None) -> None:
+    def _child_cleanup(self, child: Child) -> None:
         """In a freshly forked child: drop every fd the supervisor holds, except
         the own listeners this child serves."""
         for s in self.listeners.all_sockets():

@@ -25,7 +25,7 @@ from portunus.supervisor.children import Child, say_up
 from portunus.supervisor.framing import Channel
 from portunus.supervisor.policy import Role
 
-Entry = Callable[[socket.socket | None], None]
+Entry = Callable[[socket.socket], None]
 
 
 class Clock:
@@ -48,7 +48,7 @@ class Clock:
 def exits(code: int) -> Entry:
     """Exits with ``code`` before it says it is up."""
 
-    def entry(sock: socket.socket | None) -> None:
+    def entry(sock: socket.socket) -> None:
         raise SystemExit(code)
 
     return entry
@@ -57,8 +57,7 @@ def exits(code: int) -> Entry:
 def up_then_exits(code: int) -> Entry:
     """Says it is up, then exits with ``code`` at once."""
 
-    def entry(sock: socket.socket | None) -> None:
-        assert sock is not None
+    def entry(sock: socket.socket) -> None:
         say_up(sock)
         raise SystemExit(code)
 
@@ -69,9 +68,8 @@ def idles(*, up: bool) -> Entry:
     """Lives until a signal ends it (SIGTERM: the default action); says up if ``up``.
     Never sends a heartbeat."""
 
-    def entry(sock: socket.socket | None) -> None:
+    def entry(sock: socket.socket) -> None:
         if up:
-            assert sock is not None
             say_up(sock)
         while True:
             signal.pause()
@@ -82,7 +80,7 @@ def idles(*, up: bool) -> Entry:
 def kills_itself() -> Entry:
     """Dies of SIGKILL before it says it is up (an OOM kill, say)."""
 
-    def entry(sock: socket.socket | None) -> None:
+    def entry(sock: socket.socket) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     return entry
@@ -90,9 +88,7 @@ def kills_itself() -> Entry:
 
 def child(role: Role, entry: Entry, index: int = 0) -> Child:
     name = f"shard-{index}" if role is Role.SHARD else str(role)
-    return Child(
-        name=name, title=f"test: {name}", entry=entry, role=role, wants_channel=True, index=index
-    )
+    return Child(name=name, title=f"test: {name}", entry=entry, role=role, index=index)
 
 
 class PidsSeen:
@@ -158,8 +154,7 @@ class Recorder:
         os.write(self.cmd_w, json.dumps(msg).encode() + b"\n")
 
     def entry(self, hello_type: str) -> Entry:
-        def run(sock: socket.socket | None) -> None:
-            assert sock is not None
+        def run(sock: socket.socket) -> None:
             self._serve(Channel(sock), hello_type)
 
         return run
