@@ -95,7 +95,10 @@ class Supervisor(ChildManager, RuleRouter):
         self.book = RuleBook(self.listeners)
         self.ready_checks = list(ready_checks or [])
         # API, metrics, gateway: bound before forking; every child but its own closes them.
-        self.own_sockets: list[socket.socket] = [s for c in self.services for s in c.sockets]
+        self.own_sockets: list[socket.socket] = []
+        for s in (s for c in self.services for s in c.sockets):
+            if not any(s is mine for mine in self.own_sockets):
+                self.own_sockets.append(s)
         self.deaths = DeathLog()
         self.retries = RetrySchedule()  # failed rules: try binding again with backoff
         self.reloader = reloader  # SIGHUP: re-read settings; returns the reloadable changes or None
