@@ -3,9 +3,10 @@
     portunus-client enroll 'portunus://HOST:7443/enroll?code=…&fp=sha256:…' --out FILE
     portunus-client --bundle FILE [--data-dir D] [--metrics-listen A] [--shards N]
 
-The run mode assembles the same supervisor and shards as standalone and server,
-with two services: ``link`` (the rule source: the TLS link to the server, see
-portunus/edge/link.py) and ``metrics`` (/metrics on ``--metrics-listen``).
+The run mode runs the client tree (portunus/process_trees.py): the same
+supervisor and shards as standalone and server, with two services: ``link`` (the
+rule source: the TLS link to the server, see portunus/edge/link.py) and
+``metrics`` (/metrics on ``--metrics-listen``).
 """
 
 from __future__ import annotations
