@@ -3,9 +3,10 @@
     portunus-client enroll 'portunus://HOST:7443/enroll?code=…&fp=sha256:…' --out FILE
     portunus-client --bundle FILE [--data-dir D] [--metrics-listen A] [--shards N]
 
-The run mode assembles the same supervisor and shards as standalone and server,
-with two services: ``link`` (the rule source: the TLS link to the server, see
-portunus/edge/link.py) and ``metrics`` (/metrics on ``--metrics-listen``).
+The run mode runs the client tree (portunus/process_trees.py): the same
+supervisor and shards as standalone and server, with two services: ``link`` (the
+rule source: the TLS link to the server, see portunus/edge/link.py) and
+``metrics`` (/metrics on ``--metrics-listen``).
 """
 
 from __future__ import annotations
@@ -183,28 +184,22 @@ def run(settings: Settings, bundle: Bundle, capabilities: list[str], stats_inter
     os.makedirs(settings.runtime_dir, mode=0o700, exist_ok=True)
     metrics_dir = prepare_metrics_dir(settings.runtime_dir)
 
-    import socket
-
     from portunus.cli.standalone import bind_metrics, shard_settings
-    from portunus.edge.link import run_link
     from portunus.edge.timing import LinkTiming
+    from portunus.process_trees import CLIENT, Launch, LinkArgs
     from portunus.supervisor.arbiter import Supervisor
-    from portunus.supervisor.children import Child
     from portunus.supervisor.fdstore import FdStore
-    from portunus.supervisor.policy import Role
-    from portunus.web.metrics import run_metrics
 
     store = FdStore()  # sockets systemd kept across a restart, when the unit has a store
     metrics_sock = bind_metrics(
         settings.metrics_listen, "--metrics-listen", "the portunus-client command line", store
     )
-    instance = {"kind": "client", "config": os.path.abspath(bundle.path) if bundle.path else ""}
-
-    timing = LinkTiming(stats_secs=stats_interval)
-
-    def link_entry(sock: socket.socket | None) -> None:
-        assert sock is not None
-        run_link(settings, bundle, sock, capabilities, timing)
+    launch = Launch(
+        settings,
+        listeners={"metrics_listen": metrics_sock},
+        instance={"kind": "client", "config": os.path.abspath(bundle.path) if bundle.path else ""},
+        link=LinkArgs(bundle, capabilities, LinkTiming(stats_secs=stats_interval)),
+    )
 
     click.echo(
         f"portunus-client {__version__}: {bundle.client_name} ({bundle.client_id}) -> server {bundle.server}, "
@@ -215,30 +210,12 @@ def run(settings: Settings, bundle: Bundle, capabilities: list[str], stats_inter
         err=True,
     )
     sup = Supervisor(
-        shards=settings.shard_count(),
+        children=CLIENT.children(launch),
+        source_role=CLIENT.source_role,
         listen_address=settings.listen_address,
         shard_settings=shard_settings(settings, client=bundle.client_name),
         drain_secs=settings.shutdown_drain_timeout_secs,
         metrics_dir=metrics_dir,
-        services=[
-            Child(
-                name="link",
-                title="portunus: link",
-                entry=link_entry,
-                wants_channel=True,
-                role=Role.LINK,
-            ),
-            Child(
-                name="metrics",
-                title="portunus: metrics",
-                role=Role.METRICS,
-                wants_channel=True,
-                sockets=[metrics_sock],
-                entry=lambda ch: run_metrics(settings, metrics_sock, ch, instance),
-            ),
-        ],
-        rule_child="link",
-        own_sockets=[metrics_sock],
         fdstore=store,
     )
     return sup.run()

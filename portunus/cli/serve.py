@@ -6,7 +6,6 @@ import grp
 import http.client
 import os
 import secrets
-import socket
 import sys
 from typing import Any
 
@@ -188,21 +187,9 @@ def run(settings: Settings, token_note: str, config_path: str | None = None) -> 
     prepare_metrics_dir(settings.runtime_dir)
 
     from portunus.cli.standalone import shard_settings
+    from portunus.process_trees import SERVE, Launch
     from portunus.supervisor.arbiter import Supervisor
-    from portunus.supervisor.children import Child
-    from portunus.supervisor.policy import Role
     from portunus.supervisor.reload import SettingsReloader
-
-    def control_entry(sock: socket.socket | None) -> None:
-        from portunus.control.main import run_control
-
-        assert sock is not None
-        run_control(settings, sock, own["control_listen"].sock)
-
-    def web_entry(sock: socket.socket | None) -> None:
-        from portunus.web.main import run_web
-
-        run_web(settings, own["operator_http_listen"].sock, own["metrics_listen"].sock, sock)
 
     click.echo(
         f"portunus-server {__version__}: data {settings.data_dir}, {settings.shard_count()} shard(s)\n"
@@ -213,33 +200,15 @@ def run(settings: Settings, token_note: str, config_path: str | None = None) -> 
         f"  first rule: portunus-server --data-dir {settings.data_dir} push-rule local 18080 127.0.0.1:8080",
         err=True,
     )
+    launch = Launch(settings, listeners={key: o.sock for key, o in own.items()})
     sup = Supervisor(
-        shards=settings.shard_count(),
+        children=SERVE.children(launch),
+        source_role=SERVE.source_role,
         listen_address=settings.listen_address,
         shard_settings=shard_settings(settings),
         drain_secs=settings.shutdown_drain_timeout_secs,
         metrics_dir=settings.metrics_dir,
-        services=[
-            Child(
-                name="control",
-                title="portunus: control",
-                entry=control_entry,
-                wants_channel=True,
-                role=Role.CONTROL,
-                sockets=[own["control_listen"].sock],
-            ),
-            Child(
-                name="web",
-                title="portunus: web",
-                entry=web_entry,
-                wants_channel=True,
-                role=Role.WEB,
-                sockets=[own["operator_http_listen"].sock, own["metrics_listen"].sock],
-            ),
-        ],
-        rule_child="control",
         ready_checks=[lambda: _api_healthy(settings.operator_http_listen)],
-        own_sockets=[o.sock for o in own.values()],
         fdstore=store,
         reloader=SettingsReloader(
             settings,

@@ -93,39 +93,29 @@ def run(config_path: str, settings: Settings, rules: list[Rule]) -> int:
     settings.runtime_dir = runtime or private or ""
     metrics_dir = prepare_metrics_dir(settings.runtime_dir)
 
+    from portunus.process_trees import STANDALONE, Launch
     from portunus.supervisor.arbiter import Supervisor
-    from portunus.supervisor.children import Child
     from portunus.supervisor.fdstore import FdStore
-    from portunus.supervisor.policy import Role
     from portunus.supervisor.reload import SettingsReloader
     from portunus.supervisor.sources import TomlSource
-    from portunus.web.metrics import run_metrics
 
     store = FdStore()  # sockets systemd kept across a restart, when the unit has a store
     metrics_sock = bind_metrics(settings.metrics_listen, "metrics_listen", config_path, store)
     source = TomlSource(config_path, initial=rules)
     reloader = SettingsReloader(settings, source.loaded_settings, config_path)
     _banner(config_path, settings, rules)
-    instance = {"kind": "standalone", "config": os.path.realpath(config_path)}
-    services = [
-        Child(
-            name="metrics",
-            title="portunus: metrics",
-            role=Role.METRICS,
-            wants_channel=True,
-            sockets=[metrics_sock],
-            entry=lambda ch: run_metrics(settings, metrics_sock, ch, instance),
-        )
-    ]
+    launch = Launch(
+        settings,
+        listeners={"metrics_listen": metrics_sock},
+        instance={"kind": "standalone", "config": os.path.realpath(config_path)},
+    )
     sup = Supervisor(
-        shards=settings.shard_count(),
+        children=STANDALONE.children(launch),
         listen_address=settings.listen_address,
         shard_settings=shard_settings(settings),
         drain_secs=settings.shutdown_drain_timeout_secs,
         metrics_dir=metrics_dir,
         source=source,
-        services=services,
-        own_sockets=[metrics_sock],
         fdstore=store,
         # Top-level settings of the same file: the rules' reload logs the outcome.
         reloader=lambda: reloader.reload(log_outcome=False),

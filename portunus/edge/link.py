@@ -1,8 +1,9 @@
 """The link child of ``portunus-client``: the client's rule source is the server.
 
 Runs in its own process, forked by the client's supervisor with a channel
-(``rule_child="link"``).  It keeps one TLS connection to the server's
-``control_listen`` (certificate pinned by fingerprint), and relays:
+(the client tree's rule source, portunus/process_trees.py).  It keeps one TLS
+connection to the server's ``control_listen`` (certificate pinned by
+fingerprint), and relays:
 
 - server ``sync``/``apply`` -> persisted to ``rules.json`` -> supervisor;
 - supervisor ``applied``/``removed`` -> server (``applied`` only to the session

@@ -13,6 +13,8 @@ This module holds the main loop, signals, channels, readiness and shutdown; the
 class mixes in the two halves that stand on their own: process management
 (lifecycle.py: spawn, reap, respawn or halt after policy.py) and rule routing
 (routing.py: rules to shards, answers to the source, retries, reloaded settings).
+Which children run, and what each runs, is handed in (portunus/process_trees.py
+declares the three trees): nothing here imports a child's code.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from portunus.rules import Rule
 from portunus.supervisor.children import Child
 from portunus.supervisor.fdstore import FdStore
 from portunus.supervisor.framing import ProtocolError
-from portunus.supervisor.lifecycle import HEARTBEAT_TIMEOUT, ChildManager
+from portunus.supervisor.lifecycle import ChildManager
 from portunus.supervisor.listeners import ListenerTable
 from portunus.supervisor.notify import Notifier
 from portunus.supervisor.policy import DeathLog, Role
@@ -41,7 +43,7 @@ from portunus.supervisor.retry import RetrySchedule
 from portunus.supervisor.routing import RuleRouter
 from portunus.supervisor.rulebook import RuleBook
 
-__all__ = ["HEARTBEAT_TIMEOUT", "RuleSource", "Supervisor"]
+__all__ = ["RuleSource", "Supervisor"]
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT)
 
 
@@ -56,43 +58,47 @@ class RuleSource:
 
 
 class Supervisor(ChildManager, RuleRouter):
+    """``children`` are the shards (role SHARD, numbered from 0) and the services
+    of one process tree; ``source_role`` names the service whose channel carries
+    the rules (control, or the edge link), None when ``source`` is read here.
+    ``clock`` times backoff, crash loops, heartbeats and rule retries (tests
+    inject one); waits on real processes keep the real monotonic clock."""
+
     def __init__(
         self,
         *,
-        shards: int,
+        children: list[Child],
         listen_address: str,
         shard_settings: dict[str, Any],
         drain_secs: float,
         metrics_dir: str,
         source: RuleSource | None = None,
-        services: list[Child] | None = None,
-        rule_child: str | None = None,
+        source_role: Role | None = None,
         ready_checks: list[Callable[[], bool]] | None = None,
-        own_sockets: list[socket.socket] | None = None,
         reloader: Callable[[], dict[str, Any] | None] | None = None,
         fdstore: FdStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.shard_settings = shard_settings
         self.drain_secs = drain_secs
         self.metrics_dir = metrics_dir
         self.source = source or RuleSource()
-        self.listeners = ListenerTable(listen_address, shards, fdstore)
+        self.clock = clock
+        self.shards = sorted((c for c in children if c.role is Role.SHARD), key=lambda c: c.index)
+        if [c.index for c in self.shards] != list(range(len(self.shards))):
+            raise ValueError("shards must be numbered 0..n-1")
+        self.services = [c for c in children if c.role is not Role.SHARD]
+        self.source_child = next((c for c in self.services if c.role is source_role), None)
+        if source_role is not None and self.source_child is None:
+            raise ValueError(f"no {source_role} child to take rules from")
+        self.listeners = ListenerTable(listen_address, len(self.shards), fdstore)
         self.book = RuleBook(self.listeners)
-        self.shards = [
-            Child(
-                name=f"shard-{i}",
-                title=f"portunus: shard {i}",
-                entry=self._shard_entry(i),
-                wants_channel=True,
-                index=i,
-                role=Role.SHARD,
-            )
-            for i in range(shards)
-        ]
-        self.services = services or []
-        self.rule_child = rule_child  # name of the service whose channel is the rule source
         self.ready_checks = list(ready_checks or [])
-        self.own_sockets = list(own_sockets or [])  # API, metrics, gateway: bound before forking
+        # API, metrics, gateway: bound before forking; every child but its own closes them.
+        self.own_sockets: list[socket.socket] = []
+        for s in (s for c in self.services for s in c.sockets):
+            if not any(s is mine for mine in self.own_sockets):
+                self.own_sockets.append(s)
         self.deaths = DeathLog()
         self.retries = RetrySchedule()  # failed rules: try binding again with backoff
         self.reloader = reloader  # SIGHUP: re-read settings; returns the reloadable changes or None
@@ -107,7 +113,6 @@ class Supervisor(ChildManager, RuleRouter):
         self.halt_reason: str | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._last_watchdog = 0.0
-        self._restarts: Any = None
 
     # ================================================================ run
 
@@ -136,13 +141,6 @@ class Supervisor(ChildManager, RuleRouter):
             signal.signal(sig, self._enqueue_signal)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)
-        from prometheus_client import Counter
-
-        from portunus.shard.metrics import BYTES_IN  # noqa: F401 - import once, before forking
-
-        self._restarts = Counter(
-            "portunus_shard_restarts_total", "Shards restarted after they died", ("shard",)
-        )
 
     def _enqueue_signal(self, signum: int, frame: Any) -> None:
         # Only enqueue: no logging, no reaping in a signal handler.
@@ -162,7 +160,7 @@ class Supervisor(ChildManager, RuleRouter):
 
     def tick(self, timeout: float) -> None:
         """One turn of the main loop."""
-        now = time.monotonic()
+        now = self.clock()
         due = [c.due_at for c in self.all_children() if c.due_at is not None and not c.alive]
         interval = self.notifier.watchdog_interval
         if interval is not None:
@@ -255,16 +253,19 @@ class Supervisor(ChildManager, RuleRouter):
             frames = channel.read()
         except (EOFError, ProtocolError, OSError):
             # The child is dying; reap_children will notice and clean up.
-            self.selector.unregister(channel.sock)
+            try:
+                self.selector.unregister(channel.sock)
+            except (KeyError, ValueError):
+                pass  # read again as it is reaped, after an earlier error
             return
         for msg, fds in frames:
             for fd in fds:
                 os.close(fd)  # children never send us fds
             if msg.get("type") == "up":
                 child.up = True
-            elif child.index >= 0:
+            elif child.role is Role.SHARD:
                 self.on_shard_message(child, msg)
-            elif child.name == self.rule_child:
+            elif child is self.source_child:
                 self.on_source_message(child, msg)
 
     def send(self, child: Child, msg: dict[str, Any], fds: list[int] | None = None) -> None:
@@ -289,10 +290,8 @@ class Supervisor(ChildManager, RuleRouter):
             return
         if not all(c.up for c in self.all_children()):
             return
-        if self.rule_child is not None:
-            source = next((c for c in self.services if c.name == self.rule_child), None)
-            if source is None or not source.ready:
-                return
+        if self.source_child is not None and not self.source_child.synced:
+            return
         if not all(check() for check in self.ready_checks):
             return
         self.announced_ready = True
@@ -311,7 +310,7 @@ class Supervisor(ChildManager, RuleRouter):
         interval = self.notifier.watchdog_interval
         if interval is None:
             return
-        now = time.monotonic()
+        now = self.clock()
         if now - self._last_watchdog >= interval:
             self._last_watchdog = now
             self.notifier.watchdog()
@@ -319,8 +318,11 @@ class Supervisor(ChildManager, RuleRouter):
     # ============================================================ shutdown
 
     def shutdown(self) -> None:
-        """SIGTERM path: stop accepting, let shards drain, then stop services."""
-        self.notifier.stopping()
+        """SIGTERM path (and a halt's): stop accepting, let shards drain, then stop
+        services."""
+        why = self.halt_reason
+        # After a halt, `systemctl status` shows why while the service stops.
+        self.notifier.stopping(f"halted (exit {self.exit_code}): {why}" if why else None)
         # Our copies first: once every copy of a listener is closed the kernel
         # refuses new connections instead of queueing them for nobody.
         self.listeners.close_all()
@@ -333,7 +335,8 @@ class Supervisor(ChildManager, RuleRouter):
         self._wait_for(self.services, time.monotonic() + 10.0)
         for s in self.own_sockets:
             s.close()
-        log_event("supervisor.stopped", exit_code=self.exit_code)
+        halted = {"reason": why} if why else {}
+        log_event("supervisor.stopped", exit_code=self.exit_code, **halted)
 
     def _wait_for(self, children: list[Child], deadline: float) -> None:
         while any(c.alive for c in children):

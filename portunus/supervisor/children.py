@@ -13,7 +13,6 @@ import random
 import signal
 import socket
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,24 +37,26 @@ STABLE_SECS = 30.0
 
 @dataclass
 class Child:
-    """A supervised process; ``name`` is its process label (``shard-0``, ``control``)."""
+    """A supervised process; ``name`` is its process label (``shard-0``, ``control``).
+
+    Which children a service runs, and what each runs, is declared by the
+    command's process tree (portunus/process_trees.py): the supervisor is handed
+    ``entry`` and never imports a child's code itself.
+    """
 
     name: str
     title: str
-    entry: Callable[[socket.socket | None], None]
-    wants_channel: bool = False
-    index: int = -1  # shard index, -1 for services
+    entry: Callable[[socket.socket], None]  # runs in the child, handed its channel end
+    role: Role
+    index: int = 0  # which shard (role SHARD): its listener copies and its metrics label
     pid: int = 0
     channel: Channel | None = None
     started_at: float = 0.0
     last_heartbeat: float = 0.0
-    ready: bool = False
-    restarts: int = 0
+    synced: bool = False  # the rule source child: sent its first full rule set
     failures_in_row: int = 0
     due_at: float | None = None  # when a dead child may be spawned again
     halted: bool = False
-    info: dict[str, object] = field(default_factory=dict)
-    role: Role = Role.SHARD
     up: bool = False  # said "up" (shards: "ready") since its last start
     # Own listeners (supervisor/own_listeners.py) this child serves; every other
     # child closes its inherited copies.
@@ -102,16 +103,26 @@ def _die_with_parent(parent_pid: int) -> None:
         raise SystemExit(0)
 
 
-def fork_child(child: Child, cleanup: Callable[[socket.socket | None], None]) -> None:
-    """Fork ``child``; in the parent record pid and channel, in the child run it."""
-    parent_sock: socket.socket | None = None
-    child_sock: socket.socket | None = None
-    if child.wants_channel:
-        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        for s in (parent_sock, child_sock):
-            s.set_inheritable(False)
+def fork_child(child: Child, cleanup: Callable[[], None], now: float) -> None:
+    """Fork ``child``; in the parent record pid and channel (started ``now`` on the
+    supervisor's clock), in the child run it.
+
+    Every child gets a channel: it is how a child says it is up, and a child that
+    never can would halt the service at its first exit (policy.py)."""
+    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for s in (parent_sock, child_sock):
+        s.set_inheritable(False)
     parent_pid = os.getpid()
-    pid = os.fork()
+    # Until the child has reset them, the supervisor's handlers would only enqueue a
+    # signal in the child's copy of the queue: a SIGTERM sent right after the fork
+    # would be lost, and the stop would wait for the SIGKILL.  Held back instead,
+    # it is delivered to the child's default handler.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, RESET_SIGNALS)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        raise
     if pid == 0:  # ---------------------------------------------------- child
         code = 1
         try:
@@ -121,11 +132,11 @@ def fork_child(child: Child, cleanup: Callable[[socket.socket | None], None]) ->
             # channel.  A stray SIGHUP (to the whole group) must not kill one; children
             # that want it (the edge link: reconnect now) install their own handler.
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
-            _die_with_parent(parent_pid)
             signal.set_wakeup_fd(-1)
-            if parent_sock is not None:
-                os.close(parent_sock.detach())
-            cleanup(child_sock)
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            _die_with_parent(parent_pid)
+            os.close(parent_sock.detach())
+            cleanup()
             try:
                 import setproctitle
 
@@ -158,12 +169,12 @@ def fork_child(child: Child, cleanup: Callable[[socket.socket | None], None]) ->
             finally:
                 os._exit(code)
     # ------------------------------------------------------------------ parent
-    if child_sock is not None:
-        child_sock.close()
+    signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    child_sock.close()
     child.pid = pid
-    child.channel = Channel(parent_sock) if parent_sock is not None else None
-    child.started_at = child.last_heartbeat = time.monotonic()
-    child.ready = False
+    child.channel = Channel(parent_sock)
+    child.started_at = child.last_heartbeat = now
+    child.synced = False
     child.up = False
     child.due_at = None
 

@@ -8,11 +8,11 @@ supervisor's single thread, from its main loop.
 
 from __future__ import annotations
 
+import functools
 import os
 import selectors
 import signal
 import socket
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,10 @@ from portunus.logs import log_event
 from portunus.supervisor.children import Child, fork_child
 from portunus.supervisor.listeners import ListenerTable
 from portunus.supervisor.notify import Notifier
-from portunus.supervisor.policy import Death, DeathLog, decide
+from portunus.supervisor.policy import Death, DeathLog, Role, decide
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
 
 HEARTBEAT_TIMEOUT = 10.0
 
@@ -30,41 +33,43 @@ class ChildManager:
 
     services: list[Child]
     shards: list[Child]
+    source_child: Child | None
     listeners: ListenerTable
     own_sockets: list[socket.socket]
     selector: selectors.BaseSelector
     notifier: Notifier
     deaths: DeathLog
     pending_drain: dict[str, set[int]]
-    rule_child: str | None
     metrics_dir: str
     stopping: bool
     exit_code: int
     halt_reason: str | None
-    _restarts: Any
+    clock: Callable[[], float]
     _wake_r: int
     _wake_w: int
 
-    if TYPE_CHECKING:  # provided by the other half of Supervisor
+    if TYPE_CHECKING:  # provided by the other half of Supervisor, and by arbiter.py
 
         def _send_everything(self, shard: Child) -> None: ...
 
         def _finish_drains(self) -> None: ...
 
+        def on_channel(self, child: Child, events: int) -> None: ...
+
     def all_children(self) -> list[Child]:
         return [*self.services, *self.shards]
 
     def spawn(self, child: Child) -> None:
-        fork_child(child, lambda keep: self._child_cleanup(child, keep))
+        fork_child(child, lambda: self._child_cleanup(child), self.clock())
         if child.channel is not None:
             self.selector.register(child.channel.sock, selectors.EVENT_READ, child)
-        if child.index >= 0:
+        if child.role is Role.SHARD:
             self._send_everything(child)
-        elif child.name == self.rule_child and child.channel is not None:
+        elif child is self.source_child and child.channel is not None:
             child.channel.send({"type": "hello", "version": 1, "shards": len(self.shards)})
         log_event("child.started", child=child.name, pid=child.pid)
 
-    def _child_cleanup(self, child: Child, keep: socket.socket | None) -> None:
+    def _child_cleanup(self, child: Child) -> None:
         """In a freshly forked child: drop every fd the supervisor holds, except
         the own listeners this child serves."""
         for s in self.listeners.all_sockets():
@@ -83,15 +88,6 @@ class ChildManager:
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
         self.notifier.close()
-
-    def _shard_entry(self, index: int) -> Callable[[socket.socket | None], None]:
-        def entry(sock: socket.socket | None) -> None:
-            from portunus.shard.main import run_shard
-
-            assert sock is not None
-            run_shard(index, sock)
-
-        return entry
 
     def reap_children(self) -> None:
         while True:
@@ -115,6 +111,10 @@ class ChildManager:
         else:
             how, code = f"status {status}", None
         if child.channel is not None:
+            if not self.stopping and not child.channel.closed:
+                # What it said before it died still counts: an "up" read here makes
+                # a quick death after a good start a respawn, not a boot failure.
+                self.on_channel(child, selectors.EVENT_READ)
             try:
                 self.selector.unregister(child.channel.sock)
             except (KeyError, ValueError):
@@ -123,14 +123,14 @@ class ChildManager:
             child.channel = None
         old_pid, child.pid = child.pid, 0
         self._mark_dead(old_pid)
-        if child.index >= 0:
+        if child.role is Role.SHARD:
             for waiting in self.pending_drain.values():
                 waiting.discard(child.index)
             self._finish_drains()
         if self.stopping:
             log_event("child.exited", child=child.name, pid=old_pid, how=how)
             return
-        now = time.monotonic()
+        now = self.clock()
         death = Death(code=code, how=how, was_up=child.up)
         verdict = decide(child.role, death, self.deaths.record(child.name, now))
         if verdict is not None:
@@ -140,11 +140,10 @@ class ChildManager:
             )
             return
         delay = child.schedule_restart(now)
-        child.restarts += 1
-        if child.index >= 0 and self._restarts is not None:
-            self._restarts.labels(str(child.index)).inc()
+        if child.role is Role.SHARD:
+            shard_restarts().labels(str(child.index)).inc()
         log_event(
-            "shard.restarted" if child.index >= 0 else "child.restarting",
+            "shard.restarted" if child.role is Role.SHARD else "child.restarting",
             level="warning",
             child=child.name,
             pid=old_pid,
@@ -163,7 +162,7 @@ class ChildManager:
     def manage_children(self) -> None:
         if self.stopping:
             return
-        now = time.monotonic()
+        now = self.clock()
         for child in self.all_children():
             if (
                 not child.alive
@@ -174,7 +173,7 @@ class ChildManager:
                 self.spawn(child)
 
     def check_heartbeats(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for shard in self.shards:
             if shard.alive and now - shard.last_heartbeat > HEARTBEAT_TIMEOUT:
                 log_event(
@@ -188,7 +187,8 @@ class ChildManager:
                 shard.last_heartbeat = now
 
     def halt(self, reason: str, code: int, **fields: Any) -> None:
-        """Stop the whole service with ``code``; the one log line that says why."""
+        """Stop the whole service with ``code``; the one log line that says why
+        (and, kept in ``halt_reason``, systemd's status line while it stops)."""
         log_event("supervisor.halt", level="error", reason=reason, exit_code=int(code), **fields)
         self.halt_reason = reason
         self.exit_code = int(code)
@@ -204,3 +204,12 @@ class ChildManager:
     def kill_all(self, sig: int) -> None:
         for child in self.all_children():
             self._signal(child, sig)
+
+
+@functools.cache
+def shard_restarts() -> Counter:
+    """The supervisor's own series, made on first use: after the CLI exported
+    PROMETHEUS_MULTIPROC_DIR, and once per process however many supervisors run."""
+    from prometheus_client import Counter
+
+    return Counter("portunus_shard_restarts_total", "Shards restarted after they died", ("shard",))

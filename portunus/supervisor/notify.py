@@ -43,8 +43,8 @@ class Notifier:
     def reloading(self) -> None:
         self.send("RELOADING=1")
 
-    def stopping(self) -> None:
-        self.send("STOPPING=1")
+    def stopping(self, status: str | None = None) -> None:
+        self.send("STOPPING=1", *([f"STATUS={status}"] if status else []))
 
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")

@@ -8,7 +8,7 @@ source, retries failed rules (retry.py) and hands reloaded settings to children.
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from portunus.logs import log_event
@@ -26,16 +26,17 @@ class RuleRouter:
 
     services: list[Child]
     shards: list[Child]
+    source_child: Child | None
     listeners: ListenerTable
     book: RuleBook
     retries: RetrySchedule
     notifier: Notifier
     pending_drain: dict[str, set[int]]
     owner_caps: dict[str, Any]  # {owner: rate_limit}: the node's owner caps
-    rule_child: str | None
     shard_settings: dict[str, Any]
     drain_secs: float
     stopping: bool
+    clock: Callable[[], float]
 
     if TYPE_CHECKING:  # provided by the other half of Supervisor
 
@@ -45,9 +46,9 @@ class RuleRouter:
 
     def on_shard_message(self, shard: Child, msg: dict[str, Any]) -> None:
         kind = msg.get("type")
-        shard.last_heartbeat = time.monotonic()
+        shard.last_heartbeat = self.clock()
         if kind == "ready":
-            shard.ready = shard.up = True
+            shard.up = True
         elif kind == "drained":
             for rid in msg.get("ids", []):
                 waiting = self.pending_drain.get(str(rid))
@@ -66,10 +67,10 @@ class RuleRouter:
             results, delta = self.book.apply(upsert, remove)
             for rule in upsert:  # an upsert is a fresh try (retry-rule): back off from the start
                 if rule.id in self.book.failed_rules:
-                    self.retries.restart(rule.id, time.monotonic())
+                    self.retries.restart(rule.id, self.clock())
         elif kind == "sync":
             results, delta = self.book.sync([Rule.from_wire(w) for w in msg.get("rules", [])])
-            child.ready = True
+            child.synced = True
         elif kind == "owner_caps":
             # The full set, already validated by the source; no answer is expected.
             caps = msg.get("caps")
@@ -81,7 +82,7 @@ class RuleRouter:
         else:
             return
         self.broadcast(delta)
-        self.retries.track(set(self.book.failed_rules), time.monotonic())
+        self.retries.track(set(self.book.failed_rules), self.clock())
         self.send(child, {"type": "applied", "seq": msg.get("seq"), "results": results})
         if unknown:
             self.send(child, {"type": "removed", "ids": unknown})
@@ -90,7 +91,7 @@ class RuleRouter:
     def apply_sync(self, rules: list[Rule]) -> None:
         _results, delta = self.book.sync(rules)
         self.broadcast(delta)
-        self.retries.track(set(self.book.failed_rules), time.monotonic())
+        self.retries.track(set(self.book.failed_rules), self.clock())
         self.notifier.status(self.status_line())
 
     def retry_failed(self) -> None:
@@ -98,7 +99,7 @@ class RuleRouter:
         the rule source about each that became active."""
         if self.stopping:
             return
-        now = time.monotonic()
+        now = self.clock()
         for rid in self.retries.due(now):
             rule = self.book.failed_rules.get(rid)
             if rule is None:
@@ -109,9 +110,8 @@ class RuleRouter:
                 continue
             log_event("rule.retry_succeeded", rule=rid)
             self.broadcast(delta)
-            source = next((c for c in self.services if c.name == self.rule_child), None)
-            if source is not None:
-                self.send(source, {"type": "retried", "results": results})
+            if self.source_child is not None:
+                self.send(self.source_child, {"type": "retried", "results": results})
             self.notifier.status(self.status_line())
         self.retries.track(set(self.book.failed_rules), now)
 
@@ -165,9 +165,8 @@ class RuleRouter:
             return
         for rid in done:
             del self.pending_drain[rid]
-        source = next((c for c in self.services if c.name == self.rule_child), None)
-        if source is not None:
-            self.send(source, {"type": "removed", "ids": done})
+        if self.source_child is not None:
+            self.send(self.source_child, {"type": "removed", "ids": done})
 
     def push_settings(self, changed: dict[str, Any]) -> None:
         """Hand reloaded settings to every live child, and to respawns to come."""

@@ -4,10 +4,13 @@ with jitter after, capped — and still capped after thousands of crashes in a r
 from __future__ import annotations
 
 from portunus.supervisor.children import BACKOFF_MAX, STABLE_SECS, Child
+from portunus.supervisor.policy import Role
 
 
 def _child() -> Child:
-    return Child(name="shard-0", title="portunus: shard 0", entry=lambda sock: None)
+    return Child(
+        name="shard-0", title="portunus: shard 0", entry=lambda sock: None, role=Role.SHARD
+    )
 
 
 def test_first_restart_is_immediate_then_grows() -> None:
