@@ -148,15 +148,18 @@ async def list_rules(
     state: str | None = None,
     protocol: str | None = None,
     limit: int | None = None,
-    offset: int = 0,
+    after: int | None = None,
 ) -> list[StoredRule]:
-    """Rules by id; ``limit``/``offset`` page in SQL, so a page of a long list
-    hydrates only its own rows."""
+    """Rules by id; ``limit`` rules with an id above ``after`` (keyset paging, see
+    control.rule_list), so a page of a long list hydrates only its own rows."""
     where, args = _filters(client_id, owner, state, protocol)
+    if after is not None:
+        where = f"{where} AND r.id > ?" if where else "WHERE r.id > ?"
+        args = (*args, after)
     page = ""
     if limit is not None:
-        page = " LIMIT ? OFFSET ?"
-        args = (*args, limit, offset)
+        page = " LIMIT ?"
+        args = (*args, limit)
     async with db.execute(f"{_SELECT} {where} ORDER BY r.id{page}", args) as cur:
         rows = list(await cur.fetchall())
     return await _hydrate(db, rows)
