@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import random
 import sqlite3
 import sys
@@ -247,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         log(f"{len(cases)} cases x {args.calls} calls, control socket and HTTP")
         series = measure(srv, cases, args.calls)
+    load = [round(x, 2) for x in os.getloadavg()]
     ok = all(s.summary()["p99"] <= TARGET_P99_MS for s in series)
     print(f"| list ({n:,} rules, {u:,} users) | n | p50 ms | p99 ms | max ms |")
     print("|---|---|---|---|---|")
@@ -254,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         m = s.summary()
         print(f"| {s.name} | {m['n']} | {m['p50']:.1f} | {m['p99']:.1f} | {m['max']:.1f} |")
     print(f"\ntarget page p99 ≤ {TARGET_P99_MS:g} ms: {'met' if ok else 'MISSED'}")
+    print(f"load average (1/5/15 min) at the end: {load}: other work on the machine adds noise")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
@@ -265,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                     "clients": args.clients,
                     "machine": machine_info(),
                     "target_p99_ms": TARGET_P99_MS,
+                    "load_average_at_end": load,
                     "series": [s.summary() for s in series],
                 },
                 indent=2,

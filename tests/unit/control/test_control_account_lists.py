@@ -151,6 +151,8 @@ async def test_account_counts_are_index_searches(rbac: Rbac) -> None:
         ("SELECT COUNT(*) FROM grants g WHERE g.user_id = ?", (1,)),
         ("SELECT COUNT(*) FROM grants g WHERE g.client_id = ?", ("*",)),
         ("SELECT COUNT(*) FROM tokens t WHERE t.user_id = ?", (1,)),
+        # ?client=NAME of rules.list and grants.list resolves revoked clients too
+        ("SELECT * FROM clients WHERE name = ? ORDER BY client_id", ("edge-01",)),
     ]
     async with rbac.store.read() as db:
         for sql, args in queries:
