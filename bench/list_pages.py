@@ -25,10 +25,12 @@ import http.client
 import json
 import os
 import random
+import shutil
 import sqlite3
 import sys
 import tempfile
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -171,15 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     random.seed(16)
     tmp = Path(tempfile.mkdtemp(prefix="portunus-bench-pages-"))
-    ports = PortAllocator()
-    with running_server(tmp, ports, shards=1) as srv:
+    with closing(PortAllocator()) as ports, running_server(tmp, ports, shards=1) as srv:
         log(f"seeding {args.rules} rules, {args.users} users, {args.clients} clients")
         clients = seed(srv.db_path, args.rules, args.users, args.clients)
         n, u = args.rules, args.users
         owner = "user0007"
         by_owner = sum(1 for i in range(n) if i % u == 7)
         failed = sum(1 for i in range(n) if STATES[i % len(STATES)] == "failed")
-        by_client = sum(1 for i in range(n) if i % args.clients == 3)
+        one, other = 3 % args.clients, 4 % args.clients  # two clients by position
+        by_client = sum(1 for i in range(n) if i % args.clients == one)
         users_total = u + 1  # + the built-in operator
         rule_cursors = walk_cursors(srv, "rules.list", "rules", {})
         user_cursors = walk_cursors(srv, "users.list", "users", {})
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rules, client= (name)",
                 "rules.list",
                 "/v1/rules",
-                {"client": "edge-0003"},
+                {"client": f"edge-{one:04d}"},
                 [],
                 by_client,
             ),
@@ -216,9 +218,9 @@ def main(argv: list[str] | None = None) -> int:
                 "rules, client=+protocol=udp",
                 "rules.list",
                 "/v1/rules",
-                {"client": clients[4], "protocol": "udp"},
+                {"client": clients[other], "protocol": "udp"},
                 [],
-                sum(1 for i in range(n) if i % args.clients == 4 and i % 4 == 0),
+                sum(1 for i in range(n) if i % args.clients == other and i % 4 == 0),
             ),
             (
                 f"users, a random page of {len(user_cursors) + 1}",
@@ -248,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         log(f"{len(cases)} cases x {args.calls} calls, control socket and HTTP")
         series = measure(srv, cases, args.calls)
+    shutil.rmtree(tmp, ignore_errors=True)
     load = [round(x, 2) for x in os.getloadavg()]
     ok = all(s.summary()["p99"] <= TARGET_P99_MS for s in series)
     print(f"| list ({n:,} rules, {u:,} users) | n | p50 ms | p99 ms | max ms |")
