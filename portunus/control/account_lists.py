@@ -15,6 +15,7 @@ from typing import Any
 
 import aiosqlite
 
+from portunus.bounds import NAME_PREFIX_LEN
 from portunus.control.store import account_pages as pages
 from portunus.control.store import accounts
 from portunus.control.store import users as users_db
@@ -22,7 +23,7 @@ from portunus.control.store.paging import decode_cursor, page, parse_limit
 from portunus.errors import ValidationError, reject_unknown_fields
 
 ROLES = ("superadmin", "user")
-PREFIX_MAX = 64
+PREFIX_MAX = int(NAME_PREFIX_LEN.hi)
 
 
 def _key_int(kind: str, raw: Any) -> int | None:
