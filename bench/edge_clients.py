@@ -430,10 +430,12 @@ def bench_restart(res: Results, srv: ServerProc, fleet: Fleet, args: argparse.Na
         def reconciled() -> bool:
             try:
                 up = connected_count(srv)
-                states = [x["state"] for x in rpc(srv, "rules.list", timeout=60)["rules"]]
+                # index counts (rules.list total), not a listing of every rule
+                every = rpc(srv, "rules.list", {"limit": 1}, timeout=60)["total"]
+                active = rpc(srv, "rules.list", {"state": "active", "limit": 1}, timeout=60)
             except PortunusError:
                 return False
-            return up == n and len(states) == n * each and all(x == "active" for x in states)
+            return up == n and every == n * each and active["total"] == every
 
         listed.values.append(wait_until(reconciled, "list shows all reconciled", 120, 0.2) - t0)
         srv.wait_ready(timeout=60)

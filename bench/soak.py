@@ -393,7 +393,10 @@ def main() -> int:
                 rpc("rules.remove", {"id": rule["id"]})
                 c.add("removes")
                 deadline = time.monotonic() + 10
-                while any(r["listen_port"] == churn_port for r in rpc("rules.list", {})["rules"]):
+                while any(
+                    r["listen_port"] == churn_port
+                    for r in rpc("rules.list", {"limit": 1000})["rules"]
+                ):
                     if time.monotonic() > deadline:
                         raise TimeoutError("removed rule still listed after 10 s")
                     time.sleep(0.02)

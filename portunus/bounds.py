@@ -103,6 +103,7 @@ IDLE_TIMEOUT = Bound(0, 7 * 86400, lo_open=True)
 ACK_TIMEOUT = Bound(0, 300, lo_open=True)
 ENROLL_TTL = Bound(1, 7 * 86400, integer=True)
 LIST_LIMIT = Bound(1, 1000, integer=True)  # ?limit= of every paged list
+NAME_PREFIX_LEN = Bound(1, 64, integer=True)  # ?name_prefix= of users.list (characters)
 AUDIT_LIMIT = LIST_LIMIT
 STATS_INTERVAL = Bound(0.2, 60)  # ?interval= of the SSE stream
 CLI_INTERVAL = Bound(0.1, 3600)  # --interval / --stats-interval / --timeout of the CLIs

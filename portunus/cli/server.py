@@ -320,21 +320,46 @@ def push_rule(
 @cli.command("list-rules")
 @click.option("--client", help="Only rules of this client (name or id).")
 @click.option("--owner", help="Only rules owned by this user.")
+@click.option(
+    "--state",
+    type=click.Choice(["pending", "active", "failed", "draining", "revoked"]),
+    help="Only rules in this state.",
+)
+@click.option("--protocol", type=click.Choice(["tcp", "udp"]), help="Only this protocol.")
+@paging.limit_option
+@paging.cursor_option
+@paging.all_option
 @format_option
 @click.pass_obj
-def list_rules(obj: OperatorContext, client: str | None, owner: str | None, fmt: str) -> None:
-    """List rules with their state, ordered by id.
+def list_rules(
+    obj: OperatorContext,
+    client: str | None,
+    owner: str | None,
+    state: str | None,
+    protocol: str | None,
+    limit: int | None,
+    cursor: str | None,
+    every: bool,
+    fmt: str,
+) -> None:
+    """List rules with their state, ordered by id: one page, or every one with --all.
 
     \b
-    Example:
+    Examples:
       portunus-server list-rules --client edge-01
+      portunus-server list-rules --state failed --all --format json
     """
-    params = {k: v for k, v in (("client", client), ("owner", owner)) if v is not None}
-    result = obj.call("rules.list", params)
+    params = {
+        k: v
+        for k, v in (("client", client), ("owner", owner), ("state", state), ("protocol", protocol))
+        if v is not None
+    }
+    result = paging.fetch(obj.call, "rules.list", params, "rules", limit, cursor, every)
     if fmt == "json":
         echo_json(result)
-    else:
-        click.echo(output.rules_table(result.get("rules", [])))
+        return
+    click.echo(output.rules_table(result.get("rules", [])))
+    paging.more_hint(result, "rules")
 
 
 @cli.command("rule-stats")

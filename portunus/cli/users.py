@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from portunus.cli import output
+from portunus.cli import output, paging
 from portunus.cli.common import OperatorContext, echo_json, format_option, hint_vars
 from portunus.errors import PortunusError
 
@@ -112,25 +112,40 @@ def user_add(
 
 
 @click.command("user-list")
+@click.option("--role", type=click.Choice(["superadmin", "user"]), help="Only this role.")
+@click.option("--name-prefix", help="Only user ids starting with this (case-sensitive).")
+@paging.limit_option
+@paging.cursor_option
+@paging.all_option
 @format_option
 @click.pass_obj
-def user_list(obj: OperatorContext, fmt: str) -> None:
-    """List users and their roles.
+def user_list(
+    obj: OperatorContext,
+    role: str | None,
+    name_prefix: str | None,
+    limit: int | None,
+    cursor: str | None,
+    every: bool,
+    fmt: str,
+) -> None:
+    """List users and their roles, by user id: one page, or every one with --all.
 
     \b
     Example:
       portunus-server user-list --format json
     """
-    result = obj.call("users.list")
+    params = {k: v for k, v in (("role", role), ("name_prefix", name_prefix)) if v}
+    result = paging.fetch(obj.call, "users.list", params, "users", limit, cursor, every)
     if fmt == "json":
         echo_json(result)
-    else:
-        users = result.get("users", [])
-        click.echo(
-            output.table(("ID", "ROLE", "DISPLAY NAME", "FLAGS", "CREATED"), map(_user_text, users))
-            if users
-            else "no users"
-        )
+        return
+    users = result.get("users", [])
+    click.echo(
+        output.table(("ID", "ROLE", "DISPLAY NAME", "FLAGS", "CREATED"), map(_user_text, users))
+        if users
+        else "no users"
+    )
+    paging.more_hint(result, "users")
 
 
 @click.command("user-remove")
@@ -221,16 +236,27 @@ def token_issue(obj: OperatorContext, user_id: str, name: str | None, fmt: str) 
 
 @click.command("token-list")
 @click.option("--user", "user_id", metavar="USER", help="Only this user's tokens.")
+@paging.limit_option
+@paging.cursor_option
+@paging.all_option
 @format_option
 @click.pass_obj
-def token_list(obj: OperatorContext, user_id: str | None, fmt: str) -> None:
-    """List API tokens (never the tokens themselves).
+def token_list(
+    obj: OperatorContext,
+    user_id: str | None,
+    limit: int | None,
+    cursor: str | None,
+    every: bool,
+    fmt: str,
+) -> None:
+    """List API tokens (never the tokens themselves), by id: one page, or all with --all.
 
     \b
     Example:
       portunus-server token-list --user alice
     """
-    result = obj.call("tokens.list", {"user_id": user_id} if user_id else {})
+    params = {"user_id": user_id} if user_id else {}
+    result = paging.fetch(obj.call, "tokens.list", params, "tokens", limit, cursor, every)
     if fmt == "json":
         echo_json(result)
         return
@@ -253,6 +279,7 @@ def token_list(obj: OperatorContext, user_id: str | None, fmt: str) -> None:
         if tokens
         else "no tokens"
     )
+    paging.more_hint(result, "tokens")
 
 
 @click.command("token-revoke")
@@ -325,16 +352,31 @@ def _grant_text(g: dict[str, Any]) -> str:
 
 @click.command("grant-list")
 @click.option("--user", "user_id", metavar="USER", help="Only this user's grants.")
+@click.option(
+    "--client", help="Only grants naming this client (name or id; '*': the every-client grants)."
+)
+@paging.limit_option
+@paging.cursor_option
+@paging.all_option
 @format_option
 @click.pass_obj
-def grant_list(obj: OperatorContext, user_id: str | None, fmt: str) -> None:
-    """List grants.
+def grant_list(
+    obj: OperatorContext,
+    user_id: str | None,
+    client: str | None,
+    limit: int | None,
+    cursor: str | None,
+    every: bool,
+    fmt: str,
+) -> None:
+    """List grants, by id: one page, or every one with --all.
 
     \b
     Example:
       portunus-server grant-list --user alice
     """
-    result = obj.call("grants.list", {"user_id": user_id} if user_id else {})
+    params = {k: v for k, v in (("user_id", user_id), ("client", client)) if v}
+    result = paging.fetch(obj.call, "grants.list", params, "grants", limit, cursor, every)
     if fmt == "json":
         echo_json(result)
         return
@@ -357,6 +399,7 @@ def grant_list(obj: OperatorContext, user_id: str | None, fmt: str) -> None:
         if grants
         else "no grants"
     )
+    paging.more_hint(result, "grants")
 
 
 @click.command("grant-revoke")

@@ -1,16 +1,23 @@
-"""The filters and paging of ``rules.list`` (state, protocol, limit, offset): checked
-here once, applied in SQL by ``store.rules.list_rules``, so a page of a long list
-reads only its own rows (the Web UI's rules page, GET /v1/rules?limit=)."""
+"""The filters and paging of ``rules.list`` (client, owner, state, protocol; limit,
+cursor): checked here once, applied in SQL by ``store.rules.list_rules``, so a page
+of a long list reads only its own rows and its ``total`` is an index count.
+
+Rules are listed by id.  Ids are never reused and only grow, so a rule pushed
+while someone pages lands after every page already read; a page is keyset
+(``store.paging``): "the next ``limit`` rules with an id above the cursor's".
+"""
 
 from __future__ import annotations
 
 from typing import Any, TypedDict
 
+from portunus.control.store.paging import decode_cursor, parse_limit
 from portunus.control.store.rules import STATES
-from portunus.errors import ValidationError
+from portunus.errors import ValidationError, reject_unknown_fields
 
 RULE_STATES = STATES  # one list: "revoked" too (a revoked client's rules)
-LIST_MAX = 1000
+KIND = "rules"
+PARAMS = ("client", "owner", "state", "protocol", "limit", "cursor")
 
 
 class RuleFilters(TypedDict, total=False):
@@ -18,13 +25,6 @@ class RuleFilters(TypedDict, total=False):
 
     state: str
     protocol: str
-
-
-class RulePage(TypedDict, total=False):
-    """Keyword arguments of ``store.rules.list_rules``: empty when no page was asked for."""
-
-    limit: int
-    offset: int
 
 
 def list_filters(params: dict[str, Any]) -> RuleFilters:
@@ -50,17 +50,29 @@ def _one_of(params: dict[str, Any], key: str, allowed: tuple[str, ...]) -> str |
     return value
 
 
-def list_page(params: dict[str, Any]) -> RulePage:
-    """``limit``/``offset`` of ``rules.list``; with a limit the answer carries ``total``."""
-    if params.get("limit") is None:
-        return RulePage()
-    return RulePage(
-        limit=_int_in(params.get("limit"), "limit", LIST_MAX),
-        offset=_int_in(params.get("offset", 0), "offset", 10**9),
-    )
+def list_page(params: dict[str, Any]) -> tuple[int, int | None]:
+    """(``limit``, id after which the page starts or None) of ``rules.list``.
 
-
-def _int_in(value: object, key: str, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= hi:
-        raise ValidationError(f"validation.{key}", f"{key} must be an integer 0-{hi}", field=key)
-    return value
+    ``offset`` paging is gone: it repeated or skipped rules pushed or removed while
+    someone paged, and cost a scan of every row before the page.  It is refused
+    with a pointer to ``cursor`` rather than ignored (ignoring it would silently
+    answer the first page again)."""
+    if "offset" in params:
+        raise ValidationError(
+            "validation.offset",
+            "offset is not supported: pass the previous answer's next_cursor as cursor",
+            field="offset",
+        )
+    reject_unknown_fields(params, PARAMS)
+    limit = parse_limit(params.get("limit"))
+    key = decode_cursor(KIND, params.get("cursor"), arity=1)
+    if key is None:
+        return limit, None
+    after = key[0]
+    if not isinstance(after, int) or after < 0:
+        raise ValidationError(
+            "validation.cursor",
+            "cursor is not a next_cursor of this rules list; start again without a cursor",
+            field="cursor",
+        )
+    return limit, after

@@ -24,6 +24,7 @@ from portunus.control.dataplane import LOCAL, DataPlane, RuleResult
 from portunus.control.edge.capabilities import check_capabilities
 from portunus.control.grants import check_grants
 from portunus.control.rule_body import parse_rule_body
+from portunus.control.rule_list import KIND as RULES_KIND
 from portunus.control.rule_list import list_filters, list_page
 from portunus.control.rule_update import parse_rule_update
 from portunus.control.slots import check_slot
@@ -32,6 +33,7 @@ from portunus.control.store import owner_caps as owner_caps_db
 from portunus.control.store import rules as rules_db
 from portunus.control.store import users as users_db
 from portunus.control.store.accounts import OPERATOR_USER, ClientRow
+from portunus.control.store.paging import page
 from portunus.control.store.rules import StoredRule
 from portunus.errors import PortunusError, ValidationError
 from portunus.logs import log_event
@@ -401,12 +403,14 @@ class RuleService:
             return (await rules_db.require_rule(db, rule_id)).to_json()
 
     async def list_rules(self, params: dict[str, Any]) -> dict[str, Any]:
+        """One page: ``{rules, next_cursor, total}`` (control.rule_list); ``total``
+        counts every rule matching the filters, from an index."""
         client_id: str | None = None
         owner = params.get("owner")
         if owner is not None and not isinstance(owner, str):
             raise ValidationError("validation.owner", "owner must be a string", field="owner")
         filters = list_filters(params)
-        page = list_page(params)
+        limit, after = list_page(params)
         async with self.store.read() as db:
             if params.get("client") is not None:
                 # A revoked client's rules stay listed (state "revoked").
@@ -414,12 +418,11 @@ class RuleService:
                     await accounts.resolve_client(db, params["client"], include_revoked=True)
                 ).client_id
             found = await rules_db.list_rules(
-                db, client_id=client_id, owner=owner, **filters, **page
+                db, client_id=client_id, owner=owner, **filters, limit=limit + 1, after=after
             )
-            if not page:
-                return {"rules": [s.to_json() for s in found]}
             total = await rules_db.count_rules(db, client_id, owner, **filters)
-        return {"rules": [s.to_json() for s in found], "total": total}
+        shown, next_cursor = page(found, limit, RULES_KIND, key=lambda s: (s.rule_id,))
+        return {"rules": [s.to_json() for s in shown], "next_cursor": next_cursor, "total": total}
 
     async def update(self, principal: Principal, params: dict[str, Any]) -> dict[str, Any]:
         """Hot-update the caps; the node answers like for a push (within the default

@@ -13,6 +13,7 @@ import secrets
 from typing import Any
 
 from portunus.config import Settings
+from portunus.control import account_lists
 from portunus.control.auth import Principal, hash_token
 from portunus.control.grants import parse_note, parse_port_range, parse_protocols
 from portunus.control.owner_caps import OwnerCapService
@@ -125,7 +126,7 @@ class UserService:
 
     async def list(self, who: Principal, params: dict[str, Any]) -> dict[str, Any]:
         async with self.store.read() as db:
-            return {"users": [u.to_json() for u in await users_db.list_users(db)]}
+            return await account_lists.users_answer(db, params)
 
     async def get(self, who: Principal, params: dict[str, Any]) -> dict[str, Any]:
         name = _user_ref(params)
@@ -262,11 +263,11 @@ class UserService:
             name = who.user
         async with self.store.read() as db:
             if name is None:
-                return {"tokens": await users_db.list_tokens(db)}
+                return await account_lists.tokens_answer(db, params, None)
             name = _user_ref({"user_id": name})
             require_self(who, name, "tokens")
             user = await users_db.require_user(db, name)
-            return {"tokens": await users_db.list_tokens(db, user.id)}
+            return await account_lists.tokens_answer(db, params, user)
 
     async def revoke_token(self, who: Principal, params: dict[str, Any]) -> dict[str, Any]:
         target = f"token:{bounded(params.get('token_id'))}"
@@ -347,11 +348,11 @@ class UserService:
             name = who.user
         async with self.store.read() as db:
             if name is None:
-                return {"grants": [g.to_json() for g in await users_db.list_grants(db)]}
+                return await account_lists.grants_answer(db, params, None)
             name = _user_ref({"user_id": name})
             require_self(who, name, "grants")
             user = await users_db.require_user(db, name)
-            return {"grants": [g.to_json() for g in await users_db.list_grants(db, user.id)]}
+            return await account_lists.grants_answer(db, params, user)
 
     async def revoke_grant(self, who: Principal, params: dict[str, Any]) -> dict[str, Any]:
         """Delete the grant, then remove (and drain) every rule of its user that

@@ -23,6 +23,7 @@ from portunus.bounds import (
     RATE_LIMIT_VALUE,
 )
 from portunus.rules import MAX_TARGETS, RATE_LIMIT_ALL_KEYS
+from portunus.web.openapi_paging import PAGE_PARAMS, page_fields
 
 JSON = "application/json"
 _REF = "#/components/schemas/"
@@ -292,9 +293,9 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
         "type": "object",
         "properties": {
             "rules": {"type": "array", "items": ref("Rule")},
-            "total": {"type": "integer", "description": "Matching rules (with ?limit=)"},
+            **page_fields("Rules"),
         },
-        "required": ["rules"],
+        "required": ["rules", "next_cursor", "total"],
     },
     "Stats": {
         "type": "object",
@@ -602,7 +603,7 @@ _PATHS: dict[str, dict[str, Any]] = {
     "/v1/rules": {
         "get": _op(
             "listRules",
-            "List rules, ordered by id",
+            "List rules, one page, ordered by id",
             "200",
             ref("RuleList"),
             ("400", "404", "409"),
@@ -615,12 +616,7 @@ _PATHS: dict[str, dict[str, Any]] = {
                     "Only this state",
                 ),
                 _q("protocol", {"enum": ["tcp", "udp"]}, "Only this protocol"),
-                _q(
-                    "limit",
-                    {"type": "integer", "minimum": 0, "maximum": 1000},
-                    "Page size; with it the answer also carries `total`",
-                ),
-                _q("offset", {"type": "integer", "minimum": 0}, "Rules to skip (with limit)"),
+                *PAGE_PARAMS,
             ],
         ),
         "post": _op(

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from portunus.web.openapi import _op, _q, ref
+from portunus.web.openapi_paging import PAGE_PARAMS, page_fields
 
 _USER_ID = {
     "type": "string",
@@ -196,8 +197,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "Me": _ME,
     "UserList": {
         "type": "object",
-        "properties": {"users": {"type": "array", "items": ref("User")}},
-        "required": ["users"],
+        "properties": {
+            "users": {"type": "array", "items": ref("User")},
+            **page_fields("Users"),
+        },
+        "required": ["users", "next_cursor", "total"],
     },
     "UserRemoved": {
         "type": "object",
@@ -230,14 +234,20 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "TokenList": {
         "type": "object",
-        "properties": {"tokens": {"type": "array", "items": ref("Token")}},
-        "required": ["tokens"],
+        "properties": {
+            "tokens": {"type": "array", "items": ref("Token")},
+            **page_fields("Tokens"),
+        },
+        "required": ["tokens", "next_cursor", "total"],
     },
     "Grant": _GRANT,
     "GrantList": {
         "type": "object",
-        "properties": {"grants": {"type": "array", "items": ref("Grant")}},
-        "required": ["grants"],
+        "properties": {
+            "grants": {"type": "array", "items": ref("Grant")},
+            **page_fields("Grants"),
+        },
+        "required": ["grants", "next_cursor", "total"],
     },
     "GrantRevoked": {
         "type": "object",
@@ -318,7 +328,22 @@ PATHS: dict[str, dict[str, Any]] = {
         ),
     },
     "/v1/users": {
-        "get": _op("listUsers", "Every user (superadmin)", "200", ref("UserList"), ()),
+        "get": _op(
+            "listUsers",
+            "Users, one page, by user id (superadmin)",
+            "200",
+            ref("UserList"),
+            ("400",),
+            params=[
+                *PAGE_PARAMS,
+                _q("role", {"enum": ["superadmin", "user"]}, "Only this role"),
+                _q(
+                    "name_prefix",
+                    {"type": "string", "maxLength": 64},
+                    "Only user ids starting with this (case-sensitive)",
+                ),
+            ],
+        ),
         "post": _op(
             "addUser",
             "Create a user (superadmin)",
@@ -356,10 +381,11 @@ PATHS: dict[str, dict[str, Any]] = {
         "parameters": [_USER_PARAM],
         "get": _op(
             "listTokens",
-            "A user's API tokens (superadmin, or your own)",
+            "A user's API tokens, one page, by token id (superadmin, or your own)",
             "200",
             ref("TokenList"),
             ("400", "404"),
+            params=list(PAGE_PARAMS),
         ),
         "post": _op(
             "issueToken",
@@ -383,11 +409,19 @@ PATHS: dict[str, dict[str, Any]] = {
     "/v1/grants": {
         "get": _op(
             "listGrants",
-            "Grants (superadmin: all or ?user=; a user: its own)",
+            "Grants, one page, by grant id (superadmin: all or ?user=; a user: its own)",
             "200",
             ref("GrantList"),
-            ("404",),
-            params=[_q("user", {"type": "string"}, "Only this user's grants")],
+            ("400", "404", "409"),
+            params=[
+                *PAGE_PARAMS,
+                _q("user", {"type": "string"}, "Only this user's grants"),
+                _q(
+                    "client",
+                    {"type": "string"},
+                    "Only grants naming this client (id or name; * = the every-client grants)",
+                ),
+            ],
         ),
         "post": _op(
             "addGrant",

@@ -232,6 +232,23 @@ CREATE TABLE rule_counters (
 ALTER TABLE rules ADD COLUMN idle_timeout_secs REAL;
 """
 
+# paging: every list pages by key and counts its ``total`` from an index, never by
+# reading every row (issue: ten thousand rules, a thousand users).  ``rules.list``
+# filters by client, owner (``rules_by_owner``), state and protocol, in id order:
+# an index on one column also holds the rowid, so ``col = ? AND id > ? ORDER BY id``
+# is one index range.  Grants list by user (``grants_by_user``) or client; users by
+# role and user id (``users.name`` is UNIQUE, so already indexed).  ``?client=NAME``
+# resolves revoked clients too, which the live-only ``clients_live_by_name`` cannot
+# answer: ``clients_by_name`` keeps that lookup an index probe with 10,000 clients.
+_V_PAGING = """
+CREATE INDEX IF NOT EXISTS rules_by_client ON rules (client_id);
+CREATE INDEX IF NOT EXISTS rules_by_state ON rules (state);
+CREATE INDEX IF NOT EXISTS rules_by_protocol ON rules (protocol);
+CREATE INDEX IF NOT EXISTS grants_by_client ON grants (client_id);
+CREATE INDEX IF NOT EXISTS users_by_role ON users (role, name);
+CREATE INDEX IF NOT EXISTS clients_by_name ON clients (name);
+"""
+
 MIGRATIONS: list[str] = [
     _V1,
     _V2,
@@ -243,6 +260,7 @@ MIGRATIONS: list[str] = [
     _V_HOSTILE,
     _V_FLEET,
     _V_OPS,
+    _V_PAGING,
 ]
 LATEST = len(MIGRATIONS)
 

@@ -148,15 +148,18 @@ async def list_rules(
     state: str | None = None,
     protocol: str | None = None,
     limit: int | None = None,
-    offset: int = 0,
+    after: int | None = None,
 ) -> list[StoredRule]:
-    """Rules by id; ``limit``/``offset`` page in SQL, so a page of a long list
-    hydrates only its own rows."""
+    """Rules by id; ``limit`` rules with an id above ``after`` (keyset paging, see
+    control.rule_list), so a page of a long list hydrates only its own rows."""
     where, args = _filters(client_id, owner, state, protocol)
+    if after is not None:
+        where = f"{where} AND r.id > ?" if where else "WHERE r.id > ?"
+        args = (*args, after)
     page = ""
     if limit is not None:
-        page = " LIMIT ? OFFSET ?"
-        args = (*args, limit, offset)
+        page = " LIMIT ?"
+        args = (*args, limit)
     async with db.execute(f"{_SELECT} {where} ORDER BY r.id{page}", args) as cur:
         rows = list(await cur.fetchall())
     return await _hydrate(db, rows)
@@ -165,6 +168,12 @@ async def list_rules(
 def _filters(
     client_id: str | None, owner: str | None, state: str | None = None, protocol: str | None = None
 ) -> tuple[str, tuple[Any, ...]]:
+    """The WHERE of a filtered list or count.  The first filter set in the order
+    client, owner, state, protocol (about the most to the least selective) drives the
+    index (migration ``_V_PAGING``: one per column, each ordered by id too); the others
+    are written ``+col = ?``, which SQLite never uses as an index term.  Without this
+    hint and without table statistics the planner may walk ``rules_by_protocol`` (half
+    the table) to find one client's rules."""
     clauses: list[str] = []
     args: list[Any] = []
     for column, value in (
@@ -174,7 +183,7 @@ def _filters(
         ("r.protocol", protocol),
     ):
         if value is not None:
-            clauses.append(f"{column} = ?")
+            clauses.append(f"{'+' if clauses else ''}{column} = ?")
             args.append(value)
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", tuple(args)
 

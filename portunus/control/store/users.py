@@ -74,11 +74,6 @@ async def require_user(db: aiosqlite.Connection, name: str) -> UserRow:
     return found
 
 
-async def list_users(db: aiosqlite.Connection) -> list[UserRow]:
-    async with db.execute("SELECT * FROM users ORDER BY name") as cur:
-        return [_user(r) for r in await cur.fetchall()]
-
-
 async def insert_user(
     db: aiosqlite.Connection,
     name: str,

@@ -21,20 +21,20 @@ from portunus.web.routes.common import (
     rule_id,
     settings,
 )
+from portunus.web.routes.list_query import list_params
 
 
 @endpoint
 async def list_rules(request: Request) -> Response:
+    """One page (``?limit=&cursor=&client=&owner=&state=&protocol=``).  ``offset`` is
+    passed on so control refuses it (``validation.offset``) instead of it being
+    ignored: a client still paging by offset would get the first page forever."""
     params: dict[str, Any] = {
         k: request.query_params[k]
-        for k in ("client", "owner", "state", "protocol")
+        for k in ("client", "owner", "state", "protocol", "offset")
         if k in request.query_params
     }
-    for key, hi in (("limit", 1000), ("offset", 10**9)):
-        value = query_number(request, key, 0, hi, integer=True)
-        if value is not None:
-            params[key] = value
-    return JSONResponse(await call(request, "rules.list", params))
+    return JSONResponse(await call(request, "rules.list", {**params, **list_params(request)}))
 
 
 @endpoint

@@ -8,6 +8,7 @@ from starlette.responses import JSONResponse, Response
 
 from portunus.web.routes.bodies import read_json
 from portunus.web.routes.common import bearer_token, call, endpoint, route
+from portunus.web.routes.list_query import list_params
 
 
 def _id(request: Request) -> str:
@@ -23,7 +24,10 @@ async def add_user(request: Request) -> Response:
 
 @endpoint
 async def list_users(request: Request) -> Response:
-    return JSONResponse(await call(request, "users.list"))
+    """One page (``?limit=&cursor=&role=&name_prefix=``), by user id."""
+    return JSONResponse(
+        await call(request, "users.list", list_params(request, "role", "name_prefix"))
+    )
 
 
 @endpoint
@@ -54,7 +58,10 @@ async def issue_token(request: Request) -> Response:
 
 @endpoint
 async def list_tokens(request: Request) -> Response:
-    return JSONResponse(await call(request, "tokens.list", {"user_id": _id(request)}))
+    """One page (``?limit=&cursor=``) of the user's tokens, by token id."""
+    return JSONResponse(
+        await call(request, "tokens.list", {**list_params(request), "user_id": _id(request)})
+    )
 
 
 @endpoint
@@ -72,8 +79,9 @@ async def add_grant(request: Request) -> Response:
 
 @endpoint
 async def list_grants(request: Request) -> Response:
-    user = request.query_params.get("user")
-    return JSONResponse(await call(request, "grants.list", {"user_id": user} if user else {}))
+    """One page (``?limit=&cursor=&user=&client=``), by grant id."""
+    params = list_params(request, "user", "client", rename={"user": "user_id"})
+    return JSONResponse(await call(request, "grants.list", params))
 
 
 @endpoint

@@ -23,33 +23,32 @@ from portunus.web.ui.render import render
 PAGE_SIZE = 50
 FILTERS = ("client", "owner", "state", "protocol")
 LIVE_INTERVAL = 1.0
-
-
-def _page_number(request: Request) -> int:
-    raw = request.query_params.get("page", "1")
-    return max(1, min(int(raw), 100_000)) if raw.isdigit() else 1
+CURSOR_MAX = 256
 
 
 @page
 async def list_rules(request: Request, ident: Identity) -> Response:
-    """Every filter and the page go to control: only the shown rows are read."""
+    """One page of ``PAGE_SIZE`` rules: every filter goes to control, the next page is
+    the same filters plus the opaque ``next_cursor`` (a bad cursor is control's
+    ``validation.cursor``), so only the shown rows are read."""
     filters = query_dict(request, FILTERS)
-    number = _page_number(request)
-    params: dict[str, Any] = {**filters, "limit": PAGE_SIZE, "offset": (number - 1) * PAGE_SIZE}
+    params: dict[str, Any] = {**filters, "limit": PAGE_SIZE}
+    cursor = request.query_params.get("cursor", "")
+    if cursor and len(cursor) <= CURSOR_MAX:  # opaque (store.paging); control checks it
+        params["cursor"] = cursor
     rules, choice, summary = await asyncio.gather(
         call(request, "rules.list", params),
         client_choice(request, first=(("", "All clients"),)),
         call(request, "traffic.summary", {"limit": 0}),
     )
-    base = "/rules?" + (urlencode(filters) + "&" if filters else "")
     return render(
         request,
         "rules.html",
         rules=rules["rules"],
         total=rules["total"],
-        page=number,
-        more=rules["total"] > number * PAGE_SIZE,
-        base=base,
+        next_cursor=rules["next_cursor"],
+        paged="cursor" in params,
+        query=urlencode(filters),
         filters=filters,
         choice=choice,
         rates=summary.get("per_rule", {}),

@@ -6,15 +6,24 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import urlencode
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from portunus.control.store.paging import MAX_LIMIT
 from portunus.errors import PortunusError
 from portunus.web.routes.bodies import validate_body
 from portunus.web.routes.common import call
-from portunus.web.ui.base import Identity, field_errors, read_form, redirect, superadmin_page
+from portunus.web.ui.base import (
+    Identity,
+    field_errors,
+    query_dict,
+    read_form,
+    redirect,
+    superadmin_page,
+)
 from portunus.web.ui.client_choice import client_choice
 from portunus.web.ui.render import render
 
@@ -27,11 +36,32 @@ def _int_or_text(value: str) -> int | str:
     return int(value) if value.isdigit() else value
 
 
+PAGE = 100
+CURSOR_MAX = 256
+# previews and a user's own lists: one page of the largest size, "N of total" beyond it
+DETAIL = {"limit": MAX_LIMIT}
+
+
 @superadmin_page
 async def list_users(request: Request, ident: Identity) -> Response:
-    users = await call(request, "users.list")
+    """One page of ``PAGE`` users by user id; the next page is the same filters plus
+    the opaque ``next_cursor`` (a bad cursor is control's ``validation.cursor``)."""
+    filters = query_dict(request, ("role", "name_prefix"))
+    params: dict[str, Any] = {**filters, "limit": PAGE}
+    cursor = request.query_params.get("cursor", "")
+    if cursor and len(cursor) <= CURSOR_MAX:  # opaque (store.paging); control checks it
+        params["cursor"] = cursor
+    users = await call(request, "users.list", params)
     return render(
-        request, "users.html", users=users["users"], notice=request.query_params.get("notice")
+        request,
+        "users.html",
+        users=users["users"],
+        total=users["total"],
+        next_cursor=users["next_cursor"],
+        paged="cursor" in params,
+        filters=filters,
+        query=urlencode(filters),
+        notice=request.query_params.get("notice"),
     )
 
 
@@ -71,8 +101,8 @@ async def _user_view(request: Request, **extra: Any) -> Response:
     uid = _uid(request)
     user, grants, tokens, choice = await asyncio.gather(
         call(request, "users.get", {"user_id": uid}),
-        call(request, "grants.list", {"user_id": uid}),
-        call(request, "tokens.list", {"user_id": uid}),
+        call(request, "grants.list", {"user_id": uid, **DETAIL}),
+        call(request, "tokens.list", {"user_id": uid, **DETAIL}),
         client_choice(request, first=(("*", "* (every client)"),)),
     )
     context: dict[str, Any] = {
@@ -157,7 +187,8 @@ async def confirm_revoke_grant(request: Request, ident: Identity) -> Response:
     no remaining grant covers; the page lists them all as at risk and says so."""
     uid, gid = _uid(request), str(request.path_params["gid"])
     grants, rules = await asyncio.gather(
-        call(request, "grants.list", {"user_id": uid}), call(request, "rules.list", {"owner": uid})
+        call(request, "grants.list", {"user_id": uid, **DETAIL}),
+        call(request, "rules.list", {"owner": uid, **DETAIL}),
     )
     grant = next((g for g in grants["grants"] if str(g["grant_id"]) == gid), None)
     if grant is None:
@@ -213,9 +244,9 @@ async def confirm_remove(request: Request, ident: Identity) -> Response:
     uid = _uid(request)
     user, rules, grants, tokens = await asyncio.gather(
         call(request, "users.get", {"user_id": uid}),
-        call(request, "rules.list", {"owner": uid}),
-        call(request, "grants.list", {"user_id": uid}),
-        call(request, "tokens.list", {"user_id": uid}),
+        call(request, "rules.list", {"owner": uid, **DETAIL}),
+        call(request, "grants.list", {"user_id": uid, **DETAIL}),
+        call(request, "tokens.list", {"user_id": uid, **DETAIL}),
     )
     live_tokens = [t for t in tokens["tokens"] if not t.get("revoked_at")]
     return render(
@@ -223,6 +254,7 @@ async def confirm_remove(request: Request, ident: Identity) -> Response:
         "user_remove.html",
         user=user,
         rules=rules["rules"],
+        rules_total=rules.get("total", len(rules["rules"])),
         grants=grants["grants"],
         tokens=live_tokens,
     )

@@ -134,7 +134,9 @@ def test_list_stats_remove_text_and_json(srv: ServerProc, origin, ports) -> None
     rid = rule["id"]
 
     listed = srv.cli_json("list-rules")
-    assert set(listed) == {"rules"}
+    # the contract's {"rules": [...]} plus the page's next_cursor and total (README reference)
+    assert set(listed) == {"rules", "next_cursor", "total"}
+    assert listed["next_cursor"] is None and listed["total"] == len(listed["rules"])
     mine = [r for r in listed["rules"] if r["id"] == rid]
     assert len(mine) == 1
     check_rule_shape(mine[0], port=port, target=("127.0.0.1", org.port), state="active")

@@ -306,8 +306,15 @@ class ServerProc(ManagedProc):
         return result
 
     def rules(self) -> dict[int, dict[str, Any]]:
-        """Rule id -> rule JSON, over the control socket."""
-        return {r["id"]: r for r in self.rpc("rules.list")["rules"]}
+        """Rule id -> rule JSON of every rule (all pages), over the control socket."""
+        out: dict[int, dict[str, Any]] = {}
+        params: dict[str, Any] = {"limit": 1000}
+        while True:
+            got = self.rpc("rules.list", params)
+            out.update((r["id"], r) for r in got["rules"])
+            if not got.get("next_cursor"):
+                return out
+            params = {"limit": 1000, "cursor": got["next_cursor"]}
 
     def remove_rule(self, rule_id: int, timeout: float = 10.0) -> None:
         """Remove a rule and wait until its row is gone (its ports released)."""

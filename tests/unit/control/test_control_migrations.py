@@ -43,7 +43,7 @@ async def test_fresh_database_gets_every_migration(tmp_path: Path) -> None:
                 assert [tuple(r) for r in await cur.fetchall()] == [("operator", "superadmin")]
     finally:
         await store.close()
-    assert _version(db) == LATEST == len(migrations.MIGRATIONS) == 10
+    assert _version(db) == LATEST == len(migrations.MIGRATIONS) == 11
     assert {
         "clients",
         "rules",

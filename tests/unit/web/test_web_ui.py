@@ -4,6 +4,7 @@ static assets."""
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from collections.abc import Iterator
@@ -65,9 +66,9 @@ SUMMARY = {
 
 
 def _listed(rules: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
-    """rules.list as control answers it: filtered by state, with total when paged."""
+    """rules.list as control answers it: filtered by state, one page, with the total."""
     shown = [r for r in rules if params.get("state") in (None, r["state"])]
-    return {"rules": shown, "total": len(shown)} if "limit" in params else {"rules": shown}
+    return {"rules": shown[: params.get("limit", 100)], "next_cursor": None, "total": len(shown)}
 
 
 def me(user: str, role: str, change: bool = False) -> dict[str, Any]:
@@ -198,9 +199,29 @@ async def test_rules_list_filters_in_the_query_string(
         "client": "local",
         "state": "failed",
         "limit": 50,
-        "offset": 0,
     }
     assert 'href="/rules/8"' in r.text and 'href="/rules/7"' not in r.text
+    assert "Next page" not in r.text and "First page" not in r.text
+
+
+async def test_rules_list_follows_next_cursor_with_the_filters(
+    api: httpx.AsyncClient, fake: FakeControl
+) -> None:
+    fake.replies["rules.list"] = {"rules": [RULE], "next_cursor": "c+2/", "total": 120}
+    r = await api.get("/rules?state=active", headers=AUTH)
+    assert r.status_code == 200 and "120 rules" in r.text
+    link = re.search(r'<a href="([^"]+)">Next page →</a>', r.text)
+    assert link is not None and "First page" not in r.text
+    assert html.unescape(link.group(1)) == "/rules?state=active&cursor=c%2B2/"
+    fake.replies["rules.list"] = {"rules": [RULE], "next_cursor": None, "total": 120}
+    r = await api.get(html.unescape(link.group(1)), headers=AUTH)
+    assert r.status_code == 200
+    assert fake.calls("rules.list")[-1]["params"] == {
+        "state": "active",
+        "limit": 50,
+        "cursor": "c+2/",
+    }
+    assert "Next page" not in r.text and 'href="/rules?state=active">← First page' in r.text
 
 
 async def test_push_form_sends_the_api_body(api: httpx.AsyncClient, fake: FakeControl) -> None:

@@ -288,7 +288,7 @@ async def test_remove_user_previews_the_cascade(api: httpx.AsyncClient, fake: Fa
         and "1 grant" in r.text
         and "1 API token" in r.text
     )
-    assert fake.calls("rules.list")[-1]["params"] == {"owner": "bob"}
+    assert fake.calls("rules.list")[-1]["params"] == {"owner": "bob", "limit": 1000}
     assert not fake.calls("users.remove")
     r = await api.post("/users/bob/remove", content="", headers={**FORM, **AUTH})
     assert r.status_code == 200 and "12, 13" in r.text
@@ -416,3 +416,30 @@ async def test_owner_caps_page_lists_and_sets(api: httpx.AsyncClient, fake: Fake
     }
     fake.replies["users.me"] = me("alice", "user")
     assert (await api.get("/owner-caps", headers=AUTH)).status_code == 403
+
+
+async def test_users_page_pages_by_cursor_with_filters(
+    api: httpx.AsyncClient, fake: FakeControl
+) -> None:
+    row = {
+        "user_id": "alice",
+        "display_name": "Alice",
+        "role": "user",
+        "password_change_required": False,
+        "has_password": True,
+        "builtin": False,
+        "created_at": "2026-01-01T00:00:00Z",
+    }
+    fake.replies["users.list"] = {"users": [row], "next_cursor": "u/2", "total": 250}
+    r = await api.get("/users?role=user&name_prefix=al", headers=AUTH)
+    assert r.status_code == 200 and "250 users match the filters" in r.text
+    assert fake.calls("users.list")[-1]["params"] == {
+        "role": "user",
+        "name_prefix": "al",
+        "limit": 100,
+    }
+    assert 'href="/users?role=user&amp;name_prefix=al&amp;cursor=u/2">Next page' in r.text
+    fake.replies["users.list"] = {"users": [row], "next_cursor": None, "total": 250}
+    r = await api.get("/users?role=user&name_prefix=al&cursor=u/2", headers=AUTH)
+    assert fake.calls("users.list")[-1]["params"]["cursor"] == "u/2"
+    assert "Next page" not in r.text and "← First page" in r.text

@@ -42,7 +42,7 @@ def replies(fake: FakeControl) -> None:
             "users.me": {"user_id": "operator", "role": "superadmin"},
             "clients.list": paged_clients(FLEET),
             "clients.get": client_by_ref(FLEET),
-            "rules.list": {"rules": [RULE], "total": 1},
+            "rules.list": {"rules": [RULE], "next_cursor": None, "total": 1},
             "rules.counts": {"by_state": {"active": 1}, "total": 1},
             "traffic.summary": {
                 "bytes_in_per_sec": 0,
