@@ -1,0 +1,265 @@
+"""Slow peers for the slowloris tests: many connections that start something (an
+HTTP request header, a TLS ClientHello) and never finish it, or say nothing.
+
+``SlowCrowd`` runs in a thread of the test process.  It opens ``count``
+non-blocking connections, each bound to one of ``sources`` before it connects
+(several loopback addresses, so a per-source limit sees several peers), and
+every ``tick_secs`` it sends the next byte of ``payload`` to each open one
+(every ``silent_every``-th connection sends nothing) -- never the last byte.
+It notes each connection the server closes: when, and the first bytes the
+server said before (an error envelope, or nothing).  With ``reopen_per_tick``,
+a closed connection is opened again (at most that many per tick) until
+``stop_reopening``: an attacker that keeps its crowd up.
+
+Also here: the fd headroom these tests need, a real ClientHello, and RSS
+sampling of a server process.  Only loopback addresses are ever used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import resource
+import select
+import socket
+import ssl
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+import psutil
+import pytest
+
+from .ports import LOOPBACK
+
+MiB = 2**20
+
+
+def fd_headroom(need: int) -> None:
+    """Lift this process's soft RLIMIT_NOFILE to the hard one; skip when the hard
+    limit is below ``need`` (the crowd's sockets plus the session's own)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {need} (raise it to run this test)")
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, need)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def loopback_sources(n: int) -> list[str]:
+    """``n`` distinct loopback addresses, 127.0.1.1 onwards (127.0.0.0/8 is all
+    loopback on Linux), for crowds that must not share one source address."""
+    return [f"127.0.{1 + i // 250}.{1 + i % 250}" for i in range(n)]
+
+
+def client_hello(server_hostname: str) -> bytes:
+    """The first flight OpenSSL sends for ``server_hostname`` (no server needed)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname or None)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+class RssSampler:
+    """The peak RSS of one process, sampled every 50 ms in a thread."""
+
+    def __init__(self, proc: psutil.Process) -> None:
+        self.proc = proc
+        self.peak = proc.memory_info().rss
+        self.peak_fds = proc.num_fds()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            with contextlib.suppress(psutil.Error):
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+                self.peak_fds = max(self.peak_fds, self.proc.num_fds())
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def settled_rss(proc: psutil.Process) -> int:
+    """RSS once two readings 0.3 s apart agree within 256 KiB."""
+    last = proc.memory_info().rss
+    for _ in range(30):
+        time.sleep(0.3)
+        now = proc.memory_info().rss
+        if abs(now - last) < 256 * 1024:
+            return now
+        last = now
+    return last
+
+
+class _Slow:
+    __slots__ = ("sock", "sent", "opened", "said", "silent")
+
+    def __init__(self, sock: socket.socket, silent: bool) -> None:
+        self.sock = sock
+        self.sent = 0
+        self.opened = time.monotonic()
+        self.said = b""
+        self.silent = silent
+
+
+class SlowCrowd:
+    def __init__(
+        self,
+        port: int,
+        count: int,
+        *,
+        payload: bytes = b"",
+        sources: Sequence[str] = (LOOPBACK,),
+        silent_every: int = 0,
+        tick_secs: float = 0.25,
+        reopen_per_tick: int = 0,
+    ) -> None:
+        self.port = port
+        self.count = count
+        self.payload = payload
+        self.sources = list(sources)
+        self.silent_every = silent_every
+        self.tick_secs = tick_secs
+        self.reopen_per_tick = reopen_per_tick
+        self.opened = 0  # connections opened, reopened ones included
+        self.closed = 0  # connections the server closed (or refused)
+        self.said: Counter[str] = Counter()  # first line the server said before closing
+        self.held_secs: list[float] = []  # how long each closed one was open
+        self.peak_open = 0
+        self._live: dict[int, _Slow] = {}  # by fd
+        self._poll = select.poll()
+        self._want = count
+        self._reopen = True
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="slow-crowd")
+        self._error: BaseException | None = None
+
+    # ------------------------------------------------------------ control
+
+    def start(self, timeout: float = 30.0) -> SlowCrowd:
+        """Open the whole crowd; return once every connection was attempted."""
+        self._thread.start()
+        assert self._ready.wait(timeout), "the crowd did not open in time"
+        self._raise()
+        return self
+
+    def stop_reopening(self) -> None:
+        self._reopen = False
+
+    def stop(self) -> None:
+        """End the thread and close what is still open (from this side)."""
+        self._stop.set()
+        self._thread.join(30)
+        for slow in list(self._live.values()):
+            slow.sock.close()
+        self._live.clear()
+        self._raise()
+
+    @property
+    def open_now(self) -> int:
+        return len(self._live)
+
+    def wait_all_closed(self, timeout: float) -> float:
+        """Seconds until the server closed every connection still open; fails
+        after ``timeout``."""
+        started = time.monotonic()
+        while self._live:
+            self._raise()
+            if time.monotonic() - started > timeout:
+                raise AssertionError(
+                    f"{len(self._live)} of the slow connections still open after {timeout} s"
+                )
+            time.sleep(0.05)
+        return time.monotonic() - started
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise AssertionError(f"the crowd's thread failed: {self._error!r}")
+
+    # ------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        try:
+            self._open(self.count)
+            self._ready.set()
+            next_tick = time.monotonic()
+            while not self._stop.is_set():
+                self._reap(timeout_ms=20)
+                if time.monotonic() >= next_tick:
+                    next_tick += self.tick_secs
+                    self._drip()
+                    if self._reopen and self.reopen_per_tick:
+                        self._open(min(self.reopen_per_tick, self._want - len(self._live)))
+        except BaseException as exc:  # reported to the test by _raise
+            self._error = exc
+            self._ready.set()
+
+    def _open(self, n: int) -> None:
+        for _ in range(max(0, n)):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.bind((self.sources[self.opened % len(self.sources)], 0))
+            try:
+                sock.connect((LOOPBACK, self.port))
+            except BlockingIOError:
+                pass
+            silent = bool(self.silent_every) and self.opened % self.silent_every == 0
+            self.opened += 1
+            self._live[sock.fileno()] = _Slow(sock, silent)
+            self._poll.register(sock.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+            if self.opened % 200 == 0:
+                # Let the server drain its accept queue (a full backlog drops SYNs
+                # and the kernel retries them only after a second).
+                self._reap(timeout_ms=20)
+        self.peak_open = max(self.peak_open, len(self._live))
+
+    def _drip(self) -> None:
+        for slow in list(self._live.values()):
+            if slow.silent or slow.sent >= len(self.payload) - 1:
+                continue
+            try:
+                slow.sent += slow.sock.send(self.payload[slow.sent : slow.sent + 1])
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTCONN, errno.EPIPE, errno.ECONNRESET):
+                    raise
+
+    def _reap(self, timeout_ms: int) -> None:
+        for fd, _ in self._poll.poll(timeout_ms):
+            slow = self._live.get(fd)
+            if slow is None:
+                continue
+            while True:
+                try:
+                    chunk = slow.sock.recv(4096)
+                except (BlockingIOError, InterruptedError):
+                    break  # still open
+                except OSError:
+                    chunk = b""  # reset, or the connect was refused
+                if chunk:
+                    slow.said = (slow.said + chunk)[:512]
+                    continue
+                self._closed(fd, slow)
+                break
+
+    def _closed(self, fd: int, slow: _Slow) -> None:
+        self._poll.unregister(fd)
+        del self._live[fd]
+        slow.sock.close()
+        self.closed += 1
+        self.held_secs.append(time.monotonic() - slow.opened)
+        first = slow.said.split(b"\r\n", 1)[0].decode("latin-1") if slow.said else "(nothing)"
+        self.said[first] += 1
