@@ -128,6 +128,7 @@ SETTINGS: dict[str, Bound] = {
     "edge_preauth_max_per_source": Bound(1, 1_000_000, integer=True),
     "http_request_timeout_secs": Bound(0, 300, lo_open=True),
     "http_max_connections": Bound(1, 1_000_000, integer=True),
+    "sni_client_hello_timeout_secs": Bound(0, 300, lo_open=True),
 }
 
 # ------------------------------------------------------------------ sizes

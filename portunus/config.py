@@ -73,6 +73,8 @@ class Settings:
     # (portunus.web.limits).
     http_request_timeout_secs: float = 10.0
     http_max_connections: int = 256
+    # An SNI port's shard waits this long for a complete ClientHello (shard.sni_handler).
+    sni_client_hello_timeout_secs: float = 5.0
     shards: int = 0  # 0 = one per CPU
     extra: dict[str, Any] = field(default_factory=dict)
     config_path: str = ""  # the file these settings were read from ("" = defaults only)
@@ -116,6 +118,7 @@ _FLOAT_KEYS = {
     "edge_handshake_timeout_secs",
     "traffic_sample_interval_secs",
     "http_request_timeout_secs",
+    "sni_client_hello_timeout_secs",
 }
 _INT_KEYS = {
     "range_rule_max_ports",
