@@ -257,3 +257,18 @@ async def test_connections_over_the_cap_get_503_at_once_when_all_are_busy(served
         assert answer.startswith(b"HTTP/1.1 200"), answer
     ok, _ = await _raw(served, b"GET /plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert ok.startswith(b"HTTP/1.1 200")
+
+
+def test_each_listener_gets_its_own_limits_from_the_settings() -> None:
+    from portunus.config import Settings
+
+    settings = Settings(http_request_timeout_secs=2.5, http_max_connections=7)
+    api, metrics = _config(_app(), settings).http, _config(_app(), settings).http
+    assert isinstance(api, type) and issubclass(api, GuardedH11Protocol)
+    assert isinstance(metrics, type) and issubclass(metrics, GuardedH11Protocol)
+    assert (api.request_timeout, api.max_connections) == (2.5, 7)
+    # One registry of reclaimable connections per listener, not shared.
+    assert api.waiting is not metrics.waiting and api.waiting is not GuardedH11Protocol.waiting
+    default = _config(_app()).http
+    assert isinstance(default, type) and issubclass(default, GuardedH11Protocol)
+    assert (default.request_timeout, default.max_connections) == (10.0, 256)
