@@ -22,7 +22,7 @@ from typing import Any
 
 from portunus.control.edge.enrollment import EnrollmentInvalid, client_for_token, redeem
 from portunus.control.edge.heap import release_free_heap
-from portunus.control.edge.listener import accept_loop, bind
+from portunus.control.edge.listener import accept_loop, bind, refuse
 from portunus.control.edge.preauth import (
     DEFAULT_HANDSHAKE_TIMEOUT_SECS,
     PREAUTH_MAX_FRAME,
@@ -180,6 +180,9 @@ class EdgeGateway:
 
     def _admitted(self, conn: socket.socket, peer: str | None, slot: PreauthSlot) -> None:
         self._handshakes += 1
+        # Reclaimable from the start: a burst of accepts may admit many before any
+        # of their tasks runs; one reclaimed by then ends as soon as it starts.
+        slot.on_evict = _nothing
         task = asyncio.get_running_loop().create_task(self._serve(conn, peer, slot))
         self._conns.add(task)
         task.add_done_callback(self._conns.discard)
@@ -213,6 +216,10 @@ class EdgeGateway:
         it runs, the preauth limits may bring the deadline forward to now
         (``slot.on_evict``) to make room for a newer connection."""
         loop = asyncio.get_running_loop()
+        if slot.evicted:  # reclaimed before this task ran: nothing was read yet
+            refuse(conn)
+            self.preauth.refused("evicted", peer)
+            return None
         reader = asyncio.StreamReader(limit=PREAUTH_MAX_FRAME)
         protocol = asyncio.StreamReaderProtocol(reader)
         transport: asyncio.Transport | None = None
@@ -413,3 +420,7 @@ class EdgeGateway:
             peer=peer,
             reason=reason,
         )
+
+
+def _nothing() -> None:
+    """``PreauthSlot.on_evict`` of a connection whose task has not started yet."""

@@ -123,7 +123,8 @@ class PreauthLimits:
 
     def _reclaim(self) -> bool:
         """End the wait of the oldest connection still in its handshake or first
-        frame and give its slot back; False when there is none."""
+        frame and give its slot back; False when there is none.  (One whose first
+        frame arrives in the same loop iteration still goes on, without a slot.)"""
         victim = next((s for s in self._slots if s.on_evict is not None), None)
         if victim is None or victim.on_evict is None:
             return False

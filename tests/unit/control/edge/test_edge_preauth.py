@@ -240,3 +240,36 @@ def test_bind_listens_on_each_address_like_asyncio() -> None:
                 assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
         finally:
             sock.close()
+
+
+async def test_a_connection_reclaimed_before_its_task_ran_is_closed_unread(
+    make_edge: Any, poll: Any
+) -> None:
+    """A burst of accepts can admit connections before any of their tasks starts:
+    they are reclaimable all the same, and one reclaimed ends as soon as it runs."""
+    refused: list[str] = []
+    edge = await make_edge(
+        preauth=PreauthLimits(max_connections=1, max_per_source=10, on_refused=refused.append)
+    )
+    gateway, limits = edge.gateway, edge.gateway.preauth
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    first = limits.admit("10.0.0.1")
+    assert not isinstance(first, str)
+    gateway._admitted(ours, "10.0.0.1:1", first)  # its task has not run yet
+    second = limits.admit("10.0.0.2")  # no await in between
+    assert not isinstance(second, str) and first.evicted
+    second.release()
+    theirs.setblocking(False)
+
+    async def closed() -> bool:
+        try:
+            return theirs.recv(1) == b""
+        except BlockingIOError:
+            return False
+        except ConnectionError:
+            return True
+
+    await poll(closed)
+    assert refused == ["evicted"] and limits.open == 0
+    theirs.close()
