@@ -53,9 +53,9 @@ PER_SOURCE = 16  # the default edge_preauth_max_per_source
 # Measured 9-10 MiB of growth (46.6 -> 56.7 MiB peak; a crowd, a client, a push)
 # in six runs.
 RSS_BOUND = 24 * MiB
-# A real handshake took 6-95 ms (median) and at most 0.36-1.26 s while the crowd
-# was up, on a shared 2-core machine with a load average of 3-10; the control
-# process itself used 11 % of a core then.  Starved, it would not answer at all.
+# A real handshake took 11-20 ms (median) and at most 0.59-1.33 s while the crowd
+# was up, on a shared 2-core machine with a load average of 6-10; the control
+# process itself used 8-12 % of a core then.  Starved, it would not answer at all.
 VISIT_BOUND = 3.0
 CPU_BOUND = 0.6  # of one core, for the control process during the attack
 

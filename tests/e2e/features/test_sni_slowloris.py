@@ -36,7 +36,7 @@ NAME = "a.example.test"
 # in three runs.
 RSS_BOUND = 24 * MiB
 CPU_BOUND = 0.6  # of one core, for the shard during the attack
-# A normal visit took 2-3 ms (median) and at most 28-44 ms in three runs; the shard
+# A normal visit took 2-4 ms (median) and at most 16-50 ms in five runs; the shard
 # used 2 % of a core.
 VISIT_BOUND = 2.0
 

@@ -1,7 +1,8 @@
 """Slow peers for the slowloris tests: many connections that start something (an
 HTTP request header, a TLS ClientHello) and never finish it, or say nothing.
 
-``SlowCrowd`` runs in a thread of the test process.  It opens ``count``
+``SlowCrowd`` runs in a process of its own (so the attacker never competes with
+the test's normal client for one interpreter lock).  It opens ``count``
 non-blocking connections, each bound to one of ``sources`` before it connects
 (several loopback addresses, so a per-source limit sees several peers), and
 every ``tick_secs`` it sends the next byte of ``payload`` to each open one
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import multiprocessing
 import resource
 import select
 import socket
@@ -27,6 +29,9 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
 
 import psutil
 import pytest
@@ -112,18 +117,37 @@ def settled_rss(proc: psutil.Process) -> int:
     return last
 
 
-class _Slow:
-    __slots__ = ("sock", "sent", "opened", "said", "silent")
+@dataclass
+class _Params:
+    port: int
+    count: int
+    payload: bytes
+    sources: list[str]
+    silent_every: int
+    tick_secs: float
+    reopen_per_tick: int
 
-    def __init__(self, sock: socket.socket, silent: bool) -> None:
-        self.sock = sock
-        self.sent = 0
-        self.opened = time.monotonic()
-        self.said = b""
-        self.silent = silent
+
+@dataclass
+class _Shared:
+    """What the crowd's process and the test share while the crowd runs."""
+
+    opened: Any  # multiprocessing.Value("q"): connections opened, reopened ones included
+    closed: Any  # connections the server closed (or refused)
+    live: Any  # open now
+    peak_open: Any
+    reopen: Any  # multiprocessing.Event: open closed ones again
+    stop: Any
+    ready: Any
+
+    @classmethod
+    def make(cls, ctx: Any) -> _Shared:
+        return cls(*(ctx.Value("q", 0) for _ in range(4)), ctx.Event(), ctx.Event(), ctx.Event())
 
 
 class SlowCrowd:
+    """The test's handle on a crowd running in its own process."""
+
     def __init__(
         self,
         port: int,
@@ -135,112 +159,168 @@ class SlowCrowd:
         tick_secs: float = 0.25,
         reopen_per_tick: int = 0,
     ) -> None:
-        self.port = port
-        self.count = count
-        self.payload = payload
-        self.sources = list(sources)
-        self.silent_every = silent_every
-        self.tick_secs = tick_secs
-        self.reopen_per_tick = reopen_per_tick
-        self.opened = 0  # connections opened, reopened ones included
-        self.closed = 0  # connections the server closed (or refused)
+        self._params = _Params(
+            port, count, payload, list(sources), silent_every, tick_secs, reopen_per_tick
+        )
+        ctx = multiprocessing.get_context("spawn")
+        self._shared = _Shared.make(ctx)
+        self._shared.reopen.set()
+        self._ours, theirs = ctx.Pipe()
+        self._proc = ctx.Process(
+            target=_crowd_main, args=(self._params, self._shared, theirs), daemon=True
+        )
         self.said: Counter[str] = Counter()  # first line the server said before closing
         self.held_secs: list[float] = []  # how long each closed one was open
-        self.peak_open = 0
-        self._live: dict[int, _Slow] = {}  # by fd
-        self._poll = select.poll()
-        self._want = count
-        self._reopen = True
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="slow-crowd")
-        self._error: BaseException | None = None
+        self._stopped = False
 
-    # ------------------------------------------------------------ control
+    @property
+    def opened(self) -> int:
+        return int(self._shared.opened.value)
+
+    @property
+    def closed(self) -> int:
+        return int(self._shared.closed.value)
+
+    @property
+    def open_now(self) -> int:
+        return int(self._shared.live.value)
+
+    @property
+    def peak_open(self) -> int:
+        return int(self._shared.peak_open.value)
 
     def start(self, timeout: float = 30.0) -> SlowCrowd:
         """Open the whole crowd; return once every connection was attempted."""
-        self._thread.start()
-        assert self._ready.wait(timeout), "the crowd did not open in time"
+        self._proc.start()
+        started = time.monotonic()
+        while not self._shared.ready.wait(0.1):
+            assert self._proc.is_alive(), "the crowd's process died"
+            assert time.monotonic() - started < timeout, "the crowd did not open in time"
         self._raise()
         return self
 
     def stop_reopening(self) -> None:
-        self._reopen = False
-
-    def stop(self) -> None:
-        """End the thread and close what is still open (from this side)."""
-        self._stop.set()
-        self._thread.join(30)
-        for slow in list(self._live.values()):
-            slow.sock.close()
-        self._live.clear()
-        self._raise()
-
-    @property
-    def open_now(self) -> int:
-        return len(self._live)
+        self._shared.reopen.clear()
 
     def wait_all_closed(self, timeout: float) -> float:
         """Seconds until the server closed every connection still open; fails
         after ``timeout``."""
         started = time.monotonic()
-        while self._live:
+        while self.open_now:
             self._raise()
             if time.monotonic() - started > timeout:
                 raise AssertionError(
-                    f"{len(self._live)} of the slow connections still open after {timeout} s"
+                    f"{self.open_now} of the slow connections still open after {timeout} s"
                 )
             time.sleep(0.05)
         return time.monotonic() - started
 
+    def stop(self) -> None:
+        """End the crowd's process (it closes what is still open) and collect what
+        the server said to each connection and how long each was held."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._shared.stop.set()
+        if self._ours.poll(30):
+            kind, payload = self._ours.recv()
+            if kind == "error":
+                raise AssertionError(f"the crowd's process failed: {payload}")
+            self.said, self.held_secs = payload
+        self._proc.join(10)
+        if self._proc.is_alive():
+            self._proc.kill()
+
     def _raise(self) -> None:
-        if self._error is not None:
-            raise AssertionError(f"the crowd's thread failed: {self._error!r}")
+        if self._ours.poll():
+            kind, payload = self._ours.recv()
+            if kind == "error":
+                self._stopped = True
+                raise AssertionError(f"the crowd's process failed: {payload}")
 
-    # ------------------------------------------------------------ the thread
 
-    def _run(self) -> None:
-        try:
-            self._open(self.count)
-            self._ready.set()
-            next_tick = time.monotonic()
-            while not self._stop.is_set():
-                self._reap(timeout_ms=20)
-                if time.monotonic() >= next_tick:
-                    next_tick += self.tick_secs
-                    self._drip()
-                    if self._reopen and self.reopen_per_tick:
-                        self._open(min(self.reopen_per_tick, self._want - len(self._live)))
-        except BaseException as exc:  # reported to the test by _raise
-            self._error = exc
-            self._ready.set()
+def _crowd_main(params: _Params, shared: _Shared, conn: Connection) -> None:
+    crowd = _Crowd(params, shared)
+    try:
+        crowd.run()
+    except BaseException as exc:  # reported to the test by SlowCrowd._raise
+        conn.send(("error", repr(exc)))
+        shared.ready.set()
+        return
+    finally:
+        for slow in list(crowd.live.values()):
+            slow.sock.close()
+    conn.send(("done", (crowd.said, crowd.held_secs)))
+
+
+class _Slow:
+    __slots__ = ("sock", "sent", "opened", "said", "silent")
+
+    def __init__(self, sock: socket.socket, silent: bool) -> None:
+        self.sock = sock
+        self.sent = 0
+        self.opened = time.monotonic()
+        self.said = b""
+        self.silent = silent
+
+
+@dataclass
+class _Crowd:
+    """The loop in the crowd's process."""
+
+    p: _Params
+    shared: _Shared
+    live: dict[int, _Slow] = field(default_factory=dict)  # by fd
+    said: Counter[str] = field(default_factory=Counter)
+    held_secs: list[float] = field(default_factory=list)
+    opened: int = 0
+
+    def __post_init__(self) -> None:
+        self._poll = select.poll()
+
+    def run(self) -> None:
+        self._open(self.p.count)
+        self.shared.ready.set()
+        next_tick = time.monotonic()
+        while not self.shared.stop.is_set():
+            self._reap(timeout_ms=20)
+            if time.monotonic() >= next_tick:
+                next_tick += self.p.tick_secs
+                self._drip()
+                if self.shared.reopen.is_set() and self.p.reopen_per_tick:
+                    self._open(min(self.p.reopen_per_tick, self.p.count - len(self.live)))
 
     def _open(self, n: int) -> None:
         for _ in range(max(0, n)):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setblocking(False)
-            sock.bind((self.sources[self.opened % len(self.sources)], 0))
+            sock.bind((self.p.sources[self.opened % len(self.p.sources)], 0))
             try:
-                sock.connect((LOOPBACK, self.port))
+                sock.connect((LOOPBACK, self.p.port))
             except BlockingIOError:
                 pass
-            silent = bool(self.silent_every) and self.opened % self.silent_every == 0
+            silent = bool(self.p.silent_every) and self.opened % self.p.silent_every == 0
             self.opened += 1
-            self._live[sock.fileno()] = _Slow(sock, silent)
+            self.live[sock.fileno()] = _Slow(sock, silent)
             self._poll.register(sock.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
             if self.opened % 200 == 0:
                 # Let the server drain its accept queue (a full backlog drops SYNs
                 # and the kernel retries them only after a second).
                 self._reap(timeout_ms=20)
-        self.peak_open = max(self.peak_open, len(self._live))
+        self._publish()
+
+    def _publish(self) -> None:
+        self.shared.opened.value = self.opened
+        self.shared.live.value = len(self.live)
+        self.shared.peak_open.value = max(self.shared.peak_open.value, len(self.live))
 
     def _drip(self) -> None:
-        for slow in list(self._live.values()):
-            if slow.silent or slow.sent >= len(self.payload) - 1:
+        payload = self.p.payload
+        for slow in list(self.live.values()):
+            if slow.silent or slow.sent >= len(payload) - 1:
                 continue
             try:
-                slow.sent += slow.sock.send(self.payload[slow.sent : slow.sent + 1])
+                slow.sent += slow.sock.send(payload[slow.sent : slow.sent + 1])
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError as exc:
@@ -249,7 +329,7 @@ class SlowCrowd:
 
     def _reap(self, timeout_ms: int) -> None:
         for fd, _ in self._poll.poll(timeout_ms):
-            slow = self._live.get(fd)
+            slow = self.live.get(fd)
             if slow is None:
                 continue
             while True:
@@ -264,12 +344,13 @@ class SlowCrowd:
                     continue
                 self._closed(fd, slow)
                 break
+        self._publish()
 
     def _closed(self, fd: int, slow: _Slow) -> None:
         self._poll.unregister(fd)
-        del self._live[fd]
+        del self.live[fd]
         slow.sock.close()
-        self.closed += 1
+        self.shared.closed.value += 1
         self.held_secs.append(time.monotonic() - slow.opened)
         first = slow.said.split(b"\r\n", 1)[0].decode("latin-1") if slow.said else "(nothing)"
         self.said[first] += 1
