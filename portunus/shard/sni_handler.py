@@ -2,7 +2,7 @@
 
 Several rules share one TCP port.  For each accepted connection the shard reads
 (at most MAX_CLIENT_HELLO bytes, within ``sni_client_hello_timeout_secs``,
-default ``CLIENT_HELLO_TIMEOUT_SECS``) until the ClientHello is
+default ``sni.CLIENT_HELLO_TIMEOUT_SECS``) until the ClientHello is
 complete, chooses exact > wildcard > fallback, then hands the connection to the
 ordinary TCP path with the peeked bytes as the prelude that is written to the
 target first — after which the zero-copy relay takes over.  TLS is never
@@ -16,19 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from portunus.logs import log_event, log_throttled
 from portunus.shard import metrics as m
-from portunus.shard.sni import (
-    CLIENT_HELLO_TIMEOUT_SECS,
-    MAX_CLIENT_HELLO,
-    ClientHelloError,
-    SniTable,
-    extract_sni,
-)
+from portunus.shard.sni import MAX_CLIENT_HELLO, ClientHelloError, SniTable, extract_sni
 from portunus.shard.tcp import TcpConnection, accept_batch
 
 if TYPE_CHECKING:
     from portunus.shard.runtime import RuleRuntime, ShardContext
-
-__all__ = ["CLIENT_HELLO_TIMEOUT_SECS", "SniHandler", "SniPeek"]
 
 
 class SniHandler:
