@@ -127,6 +127,9 @@ SETTINGS: dict[str, Bound] = {
     "traffic_sample_interval_secs": Bound(0, 3600, lo_open=True),
     "edge_preauth_max_connections": Bound(1, 1_000_000, integer=True),
     "edge_preauth_max_per_source": Bound(1, 1_000_000, integer=True),
+    "http_request_timeout_secs": Bound(0, 300, lo_open=True),
+    "http_max_connections": Bound(1, 1_000_000, integer=True),
+    "sni_client_hello_timeout_secs": Bound(0, 300, lo_open=True),
 }
 
 # ------------------------------------------------------------------ sizes

@@ -69,6 +69,12 @@ class Settings:
     edge_preauth_max_connections: int = 128
     edge_preauth_max_per_source: int = 16
     edge_handshake_timeout_secs: float = 10.0
+    # The HTTP listeners (API and /metrics), before a request is complete
+    # (portunus.web.limits).
+    http_request_timeout_secs: float = 10.0
+    http_max_connections: int = 256
+    # An SNI port's shard waits this long for a complete ClientHello (shard.sni_handler).
+    sni_client_hello_timeout_secs: float = 5.0
     shards: int = 0  # 0 = one per CPU
     extra: dict[str, Any] = field(default_factory=dict)
     config_path: str = ""  # the file these settings were read from ("" = defaults only)
@@ -111,12 +117,15 @@ _FLOAT_KEYS = {
     "stats_stream_interval_secs",
     "edge_handshake_timeout_secs",
     "traffic_sample_interval_secs",
+    "http_request_timeout_secs",
+    "sni_client_hello_timeout_secs",
 }
 _INT_KEYS = {
     "range_rule_max_ports",
     "udp_max_flows",
     "edge_preauth_max_connections",
     "edge_preauth_max_per_source",
+    "http_max_connections",
 }
 _STR_KEYS = {
     "operator_http_listen",

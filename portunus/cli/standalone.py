@@ -142,6 +142,7 @@ def shard_settings(settings: Settings, client: str = "local") -> dict[str, objec
     return {
         "client": client,
         "connect_timeout_secs": settings.connect_timeout_secs,
+        "sni_client_hello_timeout_secs": settings.sni_client_hello_timeout_secs,
         "shutdown_drain_timeout_secs": settings.shutdown_drain_timeout_secs,
         "udp_flow_idle_secs": settings.udp_flow_idle_secs,
         "udp_max_flows": settings.udp_max_flows,

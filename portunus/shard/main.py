@@ -25,6 +25,7 @@ from portunus.shard.native_tcp import NativeTcpHandler
 from portunus.shard.native_tcp import eligible as native_eligible
 from portunus.shard.repace import repace_rule
 from portunus.shard.runtime import RuleRuntime, ShardContext
+from portunus.shard.sni import CLIENT_HELLO_TIMEOUT_SECS
 from portunus.shard.tcp import PlainTcpHandler
 from portunus.supervisor.framing import Channel, ProtocolError
 
@@ -109,6 +110,9 @@ class Shard:
             )
             self.ctx.settings.update(new)
             self.ctx.connect_timeout = float(self.ctx.settings.get("connect_timeout_secs", 5.0))
+            self.ctx.client_hello_timeout = float(
+                self.ctx.settings.get("sni_client_hello_timeout_secs", CLIENT_HELLO_TIMEOUT_SECS)
+            )
             self.ctx.use_splice = bool(self.ctx.settings.get("use_splice", True))
             self.drain_secs = float(self.ctx.settings.get("shutdown_drain_timeout_secs", 30.0))
             configure_logs(

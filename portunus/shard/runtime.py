@@ -18,6 +18,7 @@ from portunus.rules import Rule, Target
 from portunus.shard import metrics as m
 from portunus.shard.native import load as native_load
 from portunus.shard.pumps import SPLICE_AFTER, PipePool
+from portunus.shard.sni import CLIENT_HELLO_TIMEOUT_SECS
 from portunus.shard.tcp import is_ip
 
 RESET_SWEEP_SECS = 1.0
@@ -315,6 +316,9 @@ class ShardContext:
         self.loop = loop
         self.settings = settings
         self.connect_timeout = float(settings.get("connect_timeout_secs", 5.0))
+        self.client_hello_timeout = float(
+            settings.get("sni_client_hello_timeout_secs", CLIENT_HELLO_TIMEOUT_SECS)
+        )
         self.use_splice = bool(settings.get("use_splice", True))
         self.pipes = PipePool()
         # Bytes a spliced relay copies one way before it takes a pipe (pumps.py).

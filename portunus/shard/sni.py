@@ -13,10 +13,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["MAX_CLIENT_HELLO", "ClientHelloError", "SniTable", "extract_sni"]
+__all__ = [
+    "CLIENT_HELLO_TIMEOUT_SECS",
+    "MAX_CLIENT_HELLO",
+    "ClientHelloError",
+    "SniTable",
+    "extract_sni",
+]
 
 MAX_CLIENT_HELLO = 16384
 """Bytes the shard peeks at most; a ClientHello not complete within them is ``oversize``."""
+CLIENT_HELLO_TIMEOUT_SECS = 5.0
+"""How long a shard waits for a complete ClientHello (``sni_client_hello_timeout_secs``)."""
 
 _CT_HANDSHAKE = 22
 _HS_CLIENT_HELLO = 1

@@ -1,7 +1,8 @@
 """SNI-routed TCP ports: peek the ClientHello, pick a rule, replay the bytes.
 
 Several rules share one TCP port.  For each accepted connection the shard reads
-(at most MAX_CLIENT_HELLO bytes, within PEEK_TIMEOUT) until the ClientHello is
+(at most MAX_CLIENT_HELLO bytes, within ``sni_client_hello_timeout_secs``,
+default ``sni.CLIENT_HELLO_TIMEOUT_SECS``) until the ClientHello is
 complete, chooses exact > wildcard > fallback, then hands the connection to the
 ordinary TCP path with the peeked bytes as the prelude that is written to the
 target first — after which the zero-copy relay takes over.  TLS is never
@@ -20,8 +21,6 @@ from portunus.shard.tcp import TcpConnection, accept_batch
 
 if TYPE_CHECKING:
     from portunus.shard.runtime import RuleRuntime, ShardContext
-
-PEEK_TIMEOUT = 5.0
 
 
 class SniHandler:
@@ -85,7 +84,7 @@ class SniPeek:
         loop = self.handler.ctx.loop
         self.handler.peeks.add(self)
         loop.add_reader(self.fd, self.on_readable)
-        self.timer = loop.call_later(PEEK_TIMEOUT, self.on_timeout)
+        self.timer = loop.call_later(self.handler.ctx.client_hello_timeout, self.on_timeout)
 
     def _finish(self) -> None:
         self.handler.peeks.discard(self)

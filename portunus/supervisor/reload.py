@@ -35,6 +35,7 @@ RELOADABLE = frozenset(
         "connect_timeout_secs",
         "ack_timeout_secs",
         "stats_stream_interval_secs",
+        "sni_client_hello_timeout_secs",
     }
 )
 # Not settings of the file: where it lives, derived paths, the CLI's --shards.

@@ -9,12 +9,19 @@ read before its token is checked, so the limits hold for anonymous peers:
   ``BodyLimit`` for every route: at once on a larger ``Content-Length``, else
   while the body streams in; 413 ``validation.body_too_large``.
 - **Slow requests**: a request must be complete, headers and body, within
-  ``REQUEST_TIMEOUT_SECS`` of the connection opening or of the previous
-  response; else 408 ``request_timeout`` (or just a close once a response
-  started) -- a peer cannot hold a connection by trickling bytes.  An idle
-  keep-alive connection is closed after ``KEEP_ALIVE_SECS``.
-- **Connections**: at most ``MAX_CONNECTIONS`` per listener; one more gets an
-  immediate 503 ``unavailable`` and a close, before anything is parsed.
+  ``http_request_timeout_secs`` (default ``REQUEST_TIMEOUT_SECS``) of the
+  connection opening or of the previous response; else 408 ``request_timeout``
+  (or just a close once a response started) -- a peer cannot hold a connection
+  by trickling bytes.  An idle keep-alive connection is closed after
+  ``KEEP_ALIVE_SECS``.
+- **Connections**: at most ``http_max_connections`` (default
+  ``MAX_CONNECTIONS``) per listener.  One more first reclaims the connection
+  that has waited longest for a complete request (a slow or idle peer; it gets
+  503 ``unavailable`` and a close), as nginx reuses its idle connections when it
+  runs out: slow peers, however many, cannot lock out a client whose request
+  arrives at once.  Only when every connection is busy with a request does the
+  new one get an immediate 503 ``unavailable`` and a close, before anything is
+  parsed.
 
 uvicorn has no request deadline and its ``limit_concurrency`` answers only once
 a request arrived (in plain text), hence ``GuardedH11Protocol``.
@@ -62,10 +69,20 @@ def raw_error(status: int, err: PortunusError) -> bytes:
 
 
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a connection cap and a request deadline."""
+    """uvicorn's h11 protocol with a connection cap and a request deadline.
+
+    ``waiting`` holds, oldest first, the connections whose deadline runs (no
+    complete request yet): the ones the cap may reclaim.  Each subclass (one per
+    listener, ``guarded_protocol``) has its own.
+    """
 
     max_connections = MAX_CONNECTIONS
     request_timeout = REQUEST_TIMEOUT_SECS
+    waiting: dict[GuardedH11Protocol, None] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.waiting = {}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -74,7 +91,7 @@ class GuardedH11Protocol(H11Protocol):
     # A stream server always hands its protocol an asyncio.Transport; uvicorn's
     # H11Protocol narrows the BaseProtocol signature the same way (and ignores it too).
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        over = len(self.connections) >= self.max_connections
+        over = len(self.connections) >= self.max_connections and not self._reclaim()
         super().connection_made(transport)
         if over:
             transport.write(
@@ -128,33 +145,70 @@ class GuardedH11Protocol(H11Protocol):
     def _arm(self) -> None:
         self._disarm()
         self._deadline = self.loop.call_later(self.request_timeout, self._expired)
+        self.waiting[self] = None
 
     def _disarm(self) -> None:
+        self.waiting.pop(self, None)
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
 
-    def _expired(self) -> None:
-        self._deadline = None
-        if self.transport.is_closing():
-            return
-        if self.cycle is None or not self.cycle.response_started:
-            self.transport.write(
-                raw_error(
-                    408,
-                    PortunusError(
-                        "request_timeout",
-                        f"the request was not complete within {self.request_timeout:g} s",
-                    ),
+    def _reclaim(self) -> bool:
+        """Close the connection that has waited longest for a complete request,
+        to make room for a new one; False when every connection is busy."""
+        while self.waiting:
+            victim = next(iter(self.waiting))
+            if victim._cut(
+                503,
+                PortunusError(
+                    "unavailable",
+                    f"the server reached its {self.max_connections} connections and closed "
+                    "this one, which had not sent a complete request; retry",
+                ),
+            ):
+                log_throttled(
+                    "web.connection_reclaimed",
+                    level="warning",
+                    limit=self.max_connections,
+                    server=_where(self.server),
                 )
+                return True
+        return False
+
+    def _expired(self) -> None:
+        if self._cut(
+            408,
+            PortunusError(
+                "request_timeout",
+                f"the request was not complete within {self.request_timeout:g} s",
+            ),
+        ):
+            log_throttled(
+                "web.request_timeout",
+                level="warning",
+                peer=_where(self.client),
+                timeout_secs=self.request_timeout,
             )
+
+    def _cut(self, status: int, err: PortunusError) -> bool:
+        """Close a connection whose request is not complete: ``err`` in the
+        envelope unless a response started (then only the close)."""
+        self._disarm()
+        if self.transport.is_closing():
+            return False
+        if self.cycle is None or not self.cycle.response_started:
+            self.transport.write(raw_error(status, err))
         self.transport.close()
-        log_throttled(
-            "web.request_timeout",
-            level="warning",
-            peer=_where(self.client),
-            timeout_secs=self.request_timeout,
-        )
+        return True
+
+
+def guarded_protocol(max_connections: int, request_timeout: float) -> type[GuardedH11Protocol]:
+    """A ``GuardedH11Protocol`` for one listener, with its own limits and registry."""
+    return type(
+        "GuardedH11Protocol",
+        (GuardedH11Protocol,),
+        {"max_connections": max_connections, "request_timeout": request_timeout},
+    )
 
 
 def _where(addr: tuple[str, int | None] | None) -> str | None:

@@ -37,7 +37,7 @@ from portunus.logs import log_event
 from portunus.supervisor.children import say_up
 from portunus.supervisor.own_listeners import BindError, bind
 from portunus.web.app import create_app
-from portunus.web.limits import KEEP_ALIVE_SECS, MAX_HEADER_BYTES, GuardedH11Protocol
+from portunus.web.limits import KEEP_ALIVE_SECS, MAX_HEADER_BYTES, guarded_protocol
 
 __all__ = ["BindError", "bind", "run_web", "serve_all"]
 # Seconds uvicorn waits for open requests on shutdown; SSE streams end on their own
@@ -113,8 +113,11 @@ def _metrics_app(settings: Settings) -> Any:
     return create_metrics_app(settings)
 
 
-def _config(app: Any) -> uvicorn.Config:
+def _config(app: Any, settings: Settings | None = None) -> uvicorn.Config:
     # Header, body, slow-request and connection limits: see portunus.web.limits.
+    # Each listener gets its own protocol class: its own connection count and
+    # registry of connections the cap may reclaim.
+    limits = settings or Settings()
     return uvicorn.Config(
         app,
         log_config=None,
@@ -124,7 +127,7 @@ def _config(app: Any) -> uvicorn.Config:
         ws="none",
         server_header=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECS,
-        http=GuardedH11Protocol,
+        http=guarded_protocol(limits.http_max_connections, limits.http_request_timeout_secs),
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         timeout_keep_alive=KEEP_ALIVE_SECS,
     )
@@ -156,11 +159,14 @@ def _watch_channel(
 
 
 async def serve_all(
-    api: Any, pairs: list[tuple[Any, socket.socket]], on_up: Callable[[], None] | None = None
+    api: Any,
+    pairs: list[tuple[Any, socket.socket]],
+    on_up: Callable[[], None] | None = None,
+    settings: Settings | None = None,
 ) -> None:
     """Serve each ``(app, socket)`` until SIGTERM/SIGINT or until any server stops;
     ``on_up`` runs once every server has started."""
-    servers = [(_Server(_config(app)), sock) for app, sock in pairs]
+    servers = [(_Server(_config(app, settings)), sock) for app, sock in pairs]
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -236,7 +242,10 @@ def run_web(
         if channel is not None:
             _watch_channel(asyncio.get_running_loop(), channel, settings)
         await serve_all(
-            api, pairs, on_up=(lambda: say_up(channel)) if channel is not None else None
+            api,
+            pairs,
+            on_up=(lambda: say_up(channel)) if channel is not None else None,
+            settings=settings,
         )
 
     uvloop.run(main())

@@ -393,3 +393,64 @@ def test_bad_edge_preauth_keys(tmp_path: Path, line_text: str, needle: str) -> N
         load_server_settings(str(tmp_path), str(conf))
     (err,) = info.value.errors
     assert err.startswith(f"{conf}:2: ") and needle in err, err
+
+
+def test_slow_client_keys_default_and_load(tmp_path: Path) -> None:
+    from portunus.config import load_server_settings
+    from portunus.shard.sni import CLIENT_HELLO_TIMEOUT_SECS
+    from portunus.web.limits import MAX_CONNECTIONS, REQUEST_TIMEOUT_SECS
+
+    s = load_server_settings(str(tmp_path), None)
+    assert (s.http_request_timeout_secs, s.http_max_connections) == (
+        REQUEST_TIMEOUT_SECS,
+        MAX_CONNECTIONS,
+    )
+    assert s.sni_client_hello_timeout_secs == CLIENT_HELLO_TIMEOUT_SECS == 5.0
+    conf = tmp_path / "server.toml"
+    conf.write_text(
+        "http_request_timeout_secs = 2.5\nhttp_max_connections = 4096\n"
+        "sni_client_hello_timeout_secs = 1\n"
+    )
+    s = load_server_settings(str(tmp_path), str(conf))
+    assert (s.http_request_timeout_secs, s.http_max_connections) == (2.5, 4096)
+    assert s.sni_client_hello_timeout_secs == 1.0
+
+
+@pytest.mark.parametrize(
+    ("line_text", "needle"),
+    [
+        (
+            "http_request_timeout_secs = 0",
+            "http_request_timeout_secs must be a number in (0, 300], got 0",
+        ),
+        (
+            "http_request_timeout_secs = nan",
+            "http_request_timeout_secs must be a number in (0, 300]",
+        ),
+        (
+            "http_max_connections = 0",
+            "http_max_connections must be an integer in 1-1000000, got 0",
+        ),
+        (
+            "http_max_connections = 2.5",
+            "http_max_connections must be an integer in 1-1000000, got 2.5",
+        ),
+        (
+            "sni_client_hello_timeout_secs = 301",
+            "sni_client_hello_timeout_secs must be a number in (0, 300], got 301",
+        ),
+        (
+            "sni_client_hello_timeout_secs = inf",
+            "sni_client_hello_timeout_secs must be a number in (0, 300]",
+        ),
+    ],
+)
+def test_bad_slow_client_keys(tmp_path: Path, line_text: str, needle: str) -> None:
+    from portunus.config import load_server_settings
+
+    conf = tmp_path / "server.toml"
+    conf.write_text(f"# first\n{line_text}\n")
+    with pytest.raises(ConfigError) as info:
+        load_server_settings(str(tmp_path), str(conf))
+    (err,) = info.value.errors
+    assert err.startswith(f"{conf}:2: ") and needle in err, err

@@ -22,7 +22,7 @@ from typing import Any
 
 from portunus.control.edge.enrollment import EnrollmentInvalid, client_for_token, redeem
 from portunus.control.edge.heap import release_free_heap
-from portunus.control.edge.listener import accept_loop, bind
+from portunus.control.edge.listener import accept_loop, bind, refuse
 from portunus.control.edge.preauth import (
     DEFAULT_HANDSHAKE_TIMEOUT_SECS,
     PREAUTH_MAX_FRAME,
@@ -180,6 +180,9 @@ class EdgeGateway:
 
     def _admitted(self, conn: socket.socket, peer: str | None, slot: PreauthSlot) -> None:
         self._handshakes += 1
+        # Reclaimable from the start: a burst of accepts may admit many before any
+        # of their tasks runs; one reclaimed by then ends as soon as it starts.
+        slot.on_evict = _nothing
         task = asyncio.get_running_loop().create_task(self._serve(conn, peer, slot))
         self._conns.add(task)
         task.add_done_callback(self._conns.discard)
@@ -187,7 +190,7 @@ class EdgeGateway:
     async def _serve(self, conn: socket.socket, peer: str | None, slot: PreauthSlot) -> None:
         writer: asyncio.StreamWriter | None = None
         try:
-            opened = await self._first_frame(conn, peer)
+            opened = await self._first_frame(conn, peer, slot)
             if opened is None:
                 return
             reader, writer, first = opened
@@ -206,28 +209,41 @@ class EdgeGateway:
                 writer.transport.abort()
 
     async def _first_frame(
-        self, conn: socket.socket, peer: str | None
+        self, conn: socket.socket, peer: str | None, slot: PreauthSlot
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, dict[str, Any]] | None:
         """TLS handshake and the first frame, under one deadline; None when the
-        connection is over (the reason is counted and logged, throttled)."""
+        connection is over (the reason is counted and logged, throttled).  While
+        it runs, the preauth limits may bring the deadline forward to now
+        (``slot.on_evict``) to make room for a newer connection."""
         loop = asyncio.get_running_loop()
+        if slot.evicted:  # reclaimed before this task ran: nothing was read yet
+            refuse(conn)
+            self.preauth.refused("evicted", peer)
+            return None
         reader = asyncio.StreamReader(limit=PREAUTH_MAX_FRAME)
         protocol = asyncio.StreamReaderProtocol(reader)
         transport: asyncio.Transport | None = None
         try:
-            async with asyncio.timeout(self.handshake_timeout):
-                # From here the transport owns ``conn``.  The TLS layer's own timer
-                # is a backstop; the deadline above is the one that counts.
-                transport, _ = await loop.connect_accepted_socket(
-                    lambda: protocol,
-                    conn,
-                    ssl=self.ssl_context,
-                    ssl_handshake_timeout=self.handshake_timeout + 5,
-                )
-                writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-                return reader, writer, await read_frame(reader, PREAUTH_MAX_FRAME)
+            async with asyncio.timeout(self.handshake_timeout) as deadline:
+                slot.on_evict = lambda: deadline.reschedule(loop.time())
+                try:
+                    # From here the transport owns ``conn``.  The TLS layer's own timer
+                    # is a backstop; the deadline above is the one that counts.
+                    transport, _ = await loop.connect_accepted_socket(
+                        lambda: protocol,
+                        conn,
+                        ssl=self.ssl_context,
+                        ssl_handshake_timeout=self.handshake_timeout + 5,
+                    )
+                    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+                    return reader, writer, await read_frame(reader, PREAUTH_MAX_FRAME)
+                finally:
+                    slot.on_evict = None
         except TimeoutError:
-            self.preauth.refused("timeout", peer, timeout_secs=self.handshake_timeout)
+            if slot.evicted:
+                self.preauth.refused("evicted", peer)
+            else:
+                self.preauth.refused("timeout", peer, timeout_secs=self.handshake_timeout)
         except FrameTooLarge as exc:
             self.preauth.refused("frame_too_large", peer, error=str(exc))
         except (asyncio.IncompleteReadError, WireError, ConnectionError, OSError) as exc:
@@ -404,3 +420,7 @@ class EdgeGateway:
             peer=peer,
             reason=reason,
         )
+
+
+def _nothing() -> None:
+    """``PreauthSlot.on_evict`` of a connection whose task has not started yet."""

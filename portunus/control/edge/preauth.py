@@ -7,9 +7,16 @@ authenticates it (``hello`` with a valid client token) or redeems a code
 
 - its first frame is at most ``PREAUTH_MAX_FRAME`` bytes; a longer length prefix
   closes the connection before any of the body is read;
-- at most ``max_connections`` connections are anonymous at once, and at most
-  ``max_per_source`` from one source address; one over either is closed right
-  after ``accept`` (no TLS handshake, nothing read);
+- at most ``max_per_source`` connections from one source address are anonymous
+  at once; one more is closed right after ``accept`` (no TLS handshake, nothing
+  read);
+- at most ``max_connections`` are anonymous at once.  One more first reclaims
+  the anonymous connection that has waited longest for its TLS handshake and
+  first frame (its deadline is brought forward to now; counted as ``evicted``):
+  slow peers from many addresses, however many, cannot lock out a real client,
+  whose handshake and first frame take milliseconds.  Only when no connection
+  is still in that phase (every one is being enrolled or authenticated) is the
+  new one closed right after ``accept``;
 - the TLS handshake and the first frame share one deadline
   (``edge_handshake_timeout_secs``);
 - a refused enrollment is audited, but at most ``AUDIT_BURST`` in a row and then
@@ -51,6 +58,7 @@ AUDIT_EVERY_SECS = 2.0
 # last two are first frames that were read but carried a bad credential.
 REASONS = (
     "max_connections",
+    "evicted",
     "max_per_source",
     "frame_too_large",
     "timeout",
@@ -60,20 +68,27 @@ REASONS = (
 
 
 class PreauthSlot:
-    """One admitted anonymous connection; ``release`` when it authenticated or ended."""
+    """One admitted anonymous connection; ``release`` when it authenticated or ended.
 
-    __slots__ = ("_limits", "source", "_held")
+    ``on_evict`` is set while the connection waits for its TLS handshake and
+    first frame (the phase a slow peer can stretch): calling it ends that wait
+    at once.  ``evicted`` tells the gateway why the wait ended.
+    """
+
+    __slots__ = ("_limits", "source", "_held", "on_evict", "evicted")
 
     def __init__(self, limits: PreauthLimits, source: str) -> None:
         self._limits = limits
         self.source = source
         self._held = True
+        self.on_evict: Callable[[], None] | None = None
+        self.evicted = False
 
     def release(self) -> None:
         """Idempotent: the gateway releases on authentication and again on close."""
         if self._held:
             self._held = False
-            self._limits._release(self.source)
+            self._limits._release(self)
 
 
 class PreauthLimits:
@@ -90,25 +105,43 @@ class PreauthLimits:
         self.on_refused = on_refused or (lambda reason: None)
         self.open = 0
         self.per_source: dict[str, int] = {}
+        self._slots: dict[PreauthSlot, None] = {}  # the held ones, oldest first
 
     def admit(self, source: str) -> PreauthSlot | str:
-        """A slot for a fresh connection from ``source``, or the refusal reason."""
-        if self.open >= self.max_connections:
-            return "max_connections"
+        """A slot for a fresh connection from ``source`` (reclaiming the longest
+        waiting one at the global limit), or the refusal reason."""
         held = self.per_source.get(source, 0)
         if held >= self.max_per_source:
             return "max_per_source"
+        if self.open >= self.max_connections and not self._reclaim():
+            return "max_connections"
         self.open += 1
         self.per_source[source] = held + 1
-        return PreauthSlot(self, source)
+        slot = PreauthSlot(self, source)
+        self._slots[slot] = None
+        return slot
 
-    def _release(self, source: str) -> None:
+    def _reclaim(self) -> bool:
+        """End the wait of the oldest connection still in its handshake or first
+        frame and give its slot back; False when there is none.  (One whose first
+        frame arrives in the same loop iteration still goes on, without a slot.)"""
+        victim = next((s for s in self._slots if s.on_evict is not None), None)
+        if victim is None or victim.on_evict is None:
+            return False
+        evict, victim.on_evict = victim.on_evict, None
+        victim.evicted = True
+        victim.release()
+        evict()
+        return True
+
+    def _release(self, slot: PreauthSlot) -> None:
+        self._slots.pop(slot, None)
         self.open -= 1
-        left = self.per_source.get(source, 0) - 1
+        left = self.per_source.get(slot.source, 0) - 1
         if left > 0:
-            self.per_source[source] = left
+            self.per_source[slot.source] = left
         else:
-            self.per_source.pop(source, None)
+            self.per_source.pop(slot.source, None)
 
     def count(self, reason: str) -> None:
         """Count one refusal that the caller logs itself."""

@@ -13,17 +13,15 @@ tests cover that).
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 from typing import Any
-
-import psutil
 
 from tests.e2e.edge.clients import ClientFactory, enroll
 from tests.e2e.edge.test_edge_server import mint, push, start_edge, wait_connected
 from tests.e2e.support import LOOPBACK, PortAllocator, ServerFactory, echo, echo_roundtrip, wait_for
 from tests.e2e.support.hostile import Flood
+from tests.e2e.support.slowloris import RssSampler, settled_rss
 
 MIB = 2**20
 # The anonymous limits under test: one source may hold 64 slots of 128, so the
@@ -37,40 +35,6 @@ LIMITS = {
 }
 # Before the limits, 40 such connections took a control process from 44 to 677 MiB.
 RSS_BOUND = 32 * MIB  # measured 15-18 MiB of growth (a flood, two clients, two pushes)
-
-
-class RssSampler:
-    """The peak RSS of one process, sampled every 50 ms in a thread."""
-
-    def __init__(self, proc: psutil.Process) -> None:
-        self.proc = proc
-        self.peak = proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def settled_rss(proc: psutil.Process) -> int:
-    """RSS once two readings 0.3 s apart agree within 256 KiB."""
-    last = proc.memory_info().rss
-    for _ in range(30):
-        time.sleep(0.3)
-        now = proc.memory_info().rss
-        if abs(now - last) < 256 * 1024:
-            return now
-        last = now
-    return last
 
 
 def test_flood_of_anonymous_peers(

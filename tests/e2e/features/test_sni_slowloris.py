@@ -1,125 +1,111 @@
-"""Slowloris on an SNI port: 2,000 connections dripping a ClientHello one byte a
-second cannot starve a normal client, and every one of them is closed once the
-5 s ClientHello deadline passes (the shard's fds go back to where they were).
+"""Slowloris on an SNI port: 2,000 connections that trickle a ClientHello one byte
+at a time, or say nothing at all, and are opened again as soon as the shard
+closes them, cannot keep a normal TLS client from being routed and forwarded;
+once they stop coming back, every one is closed by the ClientHello deadline and
+the shard's fds and memory go back to where they were.
 
-The HTTP API and the edge gateway have their own pre-auth limits and tests; this
-covers the data plane's SNI peek, which the operator's users reach directly.
+The shard runs with ``sni_client_hello_timeout_secs = 2`` (default 5) so the test
+takes seconds.  An SNI port has no connection cap of its own: the deadline is
+what bounds a slow peer, so the shard holds the whole crowd for up to 2 s.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import resource
 import socket
-import ssl
+import statistics
 import time
+from typing import Any
 
 import psutil
-import pytest
 
 from tests.e2e.features.helpers import port_reporter, read_line
-from tests.e2e.support import LOOPBACK, wait_for
+from tests.e2e.support import LOOPBACK, PortAllocator, recv_exact, wait_for
+from tests.e2e.support.slowloris import (
+    MiB,
+    RssSampler,
+    SlowCrowd,
+    client_hello,
+    fd_headroom,
+    settled_rss,
+)
 
 SLOW = 2000
+TIMEOUT = 2.0
 NAME = "a.example.test"
-
-
-def client_hello(server_hostname: str) -> bytes:
-    """The first flight OpenSSL sends for ``server_hostname`` (no server needed)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
-    with contextlib.suppress(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
+# Measured 2.6-2.7 MiB of growth (28.6 -> 31.3 MiB peak) with 2,000 connections held,
+# in three runs.
+RSS_BOUND = 24 * MiB
+CPU_BOUND = 0.6  # of one core, for the shard during the attack
+# A normal visit took 2-4 ms (median) and at most 16-50 ms in five runs; the shard
+# used 2 % of a core.
+VISIT_BOUND = 2.0
 
 
 def normal_visit(port: int, hello: bytes) -> float:
-    """Seconds until the origin behind the SNI route answered a full ClientHello."""
+    """Seconds until the origin behind the SNI route answered a full ClientHello
+    and echoed what followed it."""
     t0 = time.monotonic()
     with socket.create_connection((LOOPBACK, port), timeout=5) as s:
         s.sendall(hello)
-        int(read_line(s))
+        int(read_line(s))  # the origin's greeting: the route was taken
+        s.sendall(b"after the hello\n")
+        assert recv_exact(s, len(hello)) == hello  # the replayed prelude, echoed
+        assert recv_exact(s, 16) == b"after the hello\n"
     return time.monotonic() - t0
 
 
-def closed(s: socket.socket) -> bool:
-    try:
-        return s.recv(1) == b""
-    except BlockingIOError:
-        return False
-    except OSError as exc:
-        return exc.errno in (errno.ECONNRESET, errno.EPIPE)
-
-
-@pytest.fixture
-def many_fds() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = SLOW + 512
-    if hard != resource.RLIM_INFINITY and hard < need:
-        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {need}")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))
-
-
-def test_slow_client_hellos_cannot_starve_an_sni_port(standalone, origin, ports, many_fds) -> None:  # type: ignore[no-untyped-def]
+def test_slow_client_hellos_cannot_starve_an_sni_port(
+    standalone: Any, origin: Any, ports: PortAllocator
+) -> None:
+    fd_headroom(4500)
     org = origin(port_reporter)
     port = ports.port()
-    proc = standalone([{"name": "sni", "listen_port": port, "sni": NAME, "target": org.address}])
+    proc = standalone(
+        [{"name": "sni", "listen_port": port, "sni": NAME, "target": org.address}],
+        settings={"sni_client_hello_timeout_secs": TIMEOUT},
+    )
     hello = client_hello(NAME)
     [shard] = proc.shards().values()
-    assert normal_visit(port, hello) < 1.0
+    assert normal_visit(port, hello) < VISIT_BOUND
     # After a first visit: the splice path keeps a small pipe pool once used.
-    baseline = wait_for(lambda: shard.num_fds(), 2)
+    base_fds = wait_for(lambda: shard.num_fds(), 2)
+    base_rss = settled_rss(shard)
 
-    slow: list[socket.socket] = []
-    try:
-        for _ in range(SLOW):
-            s = socket.socket()
-            s.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                s.connect((LOOPBACK, port))
-            slow.append(s)
-        started = time.monotonic()
-        visits: list[float] = []
-        peak_fds = 0
-        sent = 0
-        # Drip one byte of the hello per connection per second for 6 s, and visit
-        # normally in between: the drip outlives the 5 s ClientHello deadline.
-        while time.monotonic() - started < 6.0:
-            if sent < len(hello) - 1 and time.monotonic() - started >= sent:
-                for s in slow:
-                    with contextlib.suppress(OSError):
-                        s.send(hello[sent : sent + 1])
-                sent += 1
+    crowd = SlowCrowd(port, SLOW, payload=hello, silent_every=2, reopen_per_tick=100)
+    visits: list[float] = []
+    with RssSampler(shard) as sampler:
+        crowd.start()
+        attack_started = time.monotonic()
+        while time.monotonic() - attack_started < 3 * TIMEOUT:
             visits.append(normal_visit(port, hello))
-            peak_fds = max(peak_fds, shard.num_fds())
             time.sleep(0.1)
-        assert peak_fds >= baseline + SLOW * 0.9, (
-            f"the slow connections were not all accepted ({peak_fds})"
-        )
-        assert len(visits) >= 20
-        assert max(visits) < 1.0, (
-            f"a normal client waited {max(visits):.2f} s (all: {sorted(visits)[-5:]})"
-        )
-        # Every slow connection is cut by the ClientHello deadline (5 s + a timer tick).
-        wait_for(
-            lambda: sum(closed(s) for s in slow) == SLOW,
-            6,
-            what=lambda: (
-                f"all {SLOW} slow connections closed ({sum(closed(s) for s in slow)} so far)"
-            ),
-        )
-        assert time.monotonic() - started < 13.0
-    finally:
-        for s in slow:
-            s.close()
+        crowd.stop_reopening()
+        drained = crowd.wait_all_closed(TIMEOUT + 3)
+    crowd.stop()
     wait_for(
-        lambda: shard.num_fds() <= baseline + 2,
+        lambda: shard.num_fds() <= base_fds + 2,
         10,
-        what=lambda: f"shard fds back to {baseline} (now {shard.num_fds()})",
+        what=lambda: f"shard fds back to {base_fds} (now {shard.num_fds()})",
     )
-    assert normal_visit(port, hello) < 1.0
+    end_fds = shard.num_fds()
+    print(
+        f"sni slowloris: {crowd.opened} slow connections opened ({crowd.peak_open} at once), "
+        f"{crowd.closed} closed by the shard, longest held {max(crowd.held_secs):.2f} s, last "
+        f"closed {drained:.2f} s after the attack; {len(visits)} normal visits meanwhile, "
+        f"median {statistics.median(visits) * 1000:.0f} ms, max {max(visits) * 1000:.0f} ms; "
+        f"shard fds {base_fds} -> peak {sampler.peak_fds} -> {end_fds}, CPU {sampler.cpu:.0%} "
+        f"of a core; shard RSS {base_rss / MiB:.1f} -> peak {sampler.peak / MiB:.1f} MiB"
+    )
+
+    assert crowd.opened >= SLOW and crowd.peak_open == SLOW, (crowd.opened, crowd.peak_open)
+    assert crowd.closed == crowd.opened
+    # No cap: the shard held the whole crowd, and the deadline alone let it go.
+    assert sampler.peak_fds >= base_fds + SLOW * 0.9, sampler.peak_fds
+    assert set(crowd.said) == {"(nothing)"}, crowd.said
+    assert max(crowd.held_secs) < TIMEOUT + 1.5, max(crowd.held_secs)
+    assert len(visits) >= 20, len(visits)
+    assert max(visits) < VISIT_BOUND, sorted(visits)[-5:]
+    assert sampler.peak - base_rss < RSS_BOUND, (base_rss, sampler.peak)
+    assert sampler.cpu < CPU_BOUND, sampler.cpu
+    assert normal_visit(port, hello) < VISIT_BOUND
     assert psutil.Process(proc.pid).is_running()

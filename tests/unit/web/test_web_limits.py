@@ -216,16 +216,59 @@ async def test_bodies_over_max_body_get_413_on_every_route(served: int) -> None:
         assert r.status_code == 413 and r.json()["error"]["code"] == "validation.body_too_large"
 
 
-async def test_connections_over_the_cap_get_503_at_once(served: int) -> None:
+async def test_at_the_cap_the_longest_waiting_connection_makes_room(served: int) -> None:
+    """Connections without a complete request are reclaimed, oldest first: a new
+    peer is served however many slow ones came before it."""
     held = [
         await asyncio.open_connection("127.0.0.1", served) for _ in range(_Fast.max_connections)
     ]
+    await asyncio.sleep(0.05)
+    ok, took = await _raw(served, b"GET /plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert ok.startswith(b"HTTP/1.1 200") and took < 0.3, (ok, took)
+    # The oldest one was closed with 503 in the envelope, the others are still open.
+    reader, _ = held[0]
+    async with asyncio.timeout(1):
+        answer = await reader.read()
+    status, err = _envelope(answer)
+    assert status == 503 and err["code"] == "unavailable", err
+    for reader, _ in held[1:]:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await reader.read(1)
+    for _, w in held:
+        w.close()
+
+
+async def test_connections_over_the_cap_get_503_at_once_when_all_are_busy(served: int) -> None:
+    async def busy() -> bytes:
+        answer, _ = await _raw(
+            served, b"GET /slow?secs=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        return answer
+
+    requests = [asyncio.create_task(busy()) for _ in range(_Fast.max_connections)]
+    await asyncio.sleep(0.3)
     answer, took = await _raw(served, b"")
     assert took < 0.3, took
     status, err = _envelope(answer)
     assert status == 503 and err["code"] == "unavailable", err
-    for _, w in held:
-        w.close()
-    await asyncio.sleep(0.1)
+    # The busy ones were not touched.
+    for answer in await asyncio.gather(*requests):
+        assert answer.startswith(b"HTTP/1.1 200"), answer
     ok, _ = await _raw(served, b"GET /plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert ok.startswith(b"HTTP/1.1 200")
+
+
+def test_each_listener_gets_its_own_limits_from_the_settings() -> None:
+    from portunus.config import Settings
+
+    settings = Settings(http_request_timeout_secs=2.5, http_max_connections=7)
+    api, metrics = _config(_app(), settings).http, _config(_app(), settings).http
+    assert isinstance(api, type) and issubclass(api, GuardedH11Protocol)
+    assert isinstance(metrics, type) and issubclass(metrics, GuardedH11Protocol)
+    assert (api.request_timeout, api.max_connections) == (2.5, 7)
+    # One registry of reclaimable connections per listener, not shared.
+    assert api.waiting is not metrics.waiting and api.waiting is not GuardedH11Protocol.waiting
+    default = _config(_app()).http
+    assert isinstance(default, type) and issubclass(default, GuardedH11Protocol)
+    assert (default.request_timeout, default.max_connections) == (10.0, 256)

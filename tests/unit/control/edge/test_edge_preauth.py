@@ -44,6 +44,7 @@ def test_limits_count_globally_and_per_source() -> None:
     a1, a2 = limits.admit("10.0.0.1"), limits.admit("10.0.0.1")
     assert limits.admit("10.0.0.1") == "max_per_source"
     b1 = limits.admit("10.0.0.2")
+    # No slot is waiting for a handshake (none has ``on_evict``): nothing to reclaim.
     assert limits.admit("10.0.0.3") == "max_connections"
     assert not isinstance(a1, str) and not isinstance(a2, str) and not isinstance(b1, str)
     a1.release()
@@ -55,6 +56,33 @@ def test_limits_count_globally_and_per_source() -> None:
     assert limits.per_source == {"10.0.0.3": 1}
     limits.refused("timeout", "10.0.0.9:1")
     assert refused == ["timeout"]
+
+
+def test_at_the_global_limit_the_longest_waiting_slot_is_reclaimed() -> None:
+    limits = PreauthLimits(max_connections=3, max_per_source=2)
+    evicted: list[str] = []
+    slots = [limits.admit(src) for src in ("10.0.0.1", "10.0.0.2", "10.0.0.2")]
+    assert not any(isinstance(s, str) for s in slots)
+    first, second, third = slots  # type: ignore[misc]
+    first.on_evict = None  # e.g. already enrolling: not reclaimable
+    second.on_evict = lambda: evicted.append("second")
+    third.on_evict = lambda: evicted.append("third")
+    # A source at its own quota reclaims nothing.
+    assert limits.admit("10.0.0.2") == "max_per_source"
+    assert evicted == []
+    fourth = limits.admit("10.0.0.3")
+    assert not isinstance(fourth, str)
+    assert evicted == ["second"] and second.evicted and not third.evicted
+    assert limits.open == 3 and limits.per_source == {
+        "10.0.0.1": 1,
+        "10.0.0.2": 1,
+        "10.0.0.3": 1,
+    }
+    second.release()  # the gateway's own release afterwards changes nothing
+    assert limits.open == 3
+    fifth = limits.admit("10.0.0.4")
+    assert not isinstance(fifth, str) and evicted == ["second", "third"]
+    assert limits.admit("10.0.0.5") == "max_connections"  # only unreclaimable ones left
 
 
 async def test_oversized_first_frame_closes_without_reading_the_body(make_edge: Any) -> None:
@@ -94,7 +122,7 @@ async def test_after_hello_the_normal_limit_applies_and_the_slot_is_free(
     assert edge.link.connected(enrolled["client_id"]) and not e.closed.is_set()
 
 
-async def test_connections_over_the_global_limit_are_refused_before_tls(
+async def test_over_the_global_limit_the_longest_waiting_connection_makes_room(
     make_edge: Any, poll: Any
 ) -> None:
     refused: list[str] = []
@@ -107,10 +135,13 @@ async def test_connections_over_the_global_limit_are_refused_before_tls(
         return edge.gateway.preauth.open == 2
 
     await poll(both_admitted)
-    reader, writer = await _tcp(edge.port)
-    assert await _until_closed(reader) < 1.0
-    assert refused == ["max_connections"]
-    writer.close()
+    # A real client still enrolls and connects (two connections): each time the
+    # oldest silent connection is closed for it.
+    e, _ = await edge.connect("edge-01")
+    assert not e.closed.is_set()
+    for reader, _ in held:
+        assert await _until_closed(reader) < 1.0
+    assert refused == ["evicted", "evicted"]
     for _, w in held:
         w.close()
 
@@ -209,3 +240,36 @@ def test_bind_listens_on_each_address_like_asyncio() -> None:
                 assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
         finally:
             sock.close()
+
+
+async def test_a_connection_reclaimed_before_its_task_ran_is_closed_unread(
+    make_edge: Any, poll: Any
+) -> None:
+    """A burst of accepts can admit connections before any of their tasks starts:
+    they are reclaimable all the same, and one reclaimed ends as soon as it runs."""
+    refused: list[str] = []
+    edge = await make_edge(
+        preauth=PreauthLimits(max_connections=1, max_per_source=10, on_refused=refused.append)
+    )
+    gateway, limits = edge.gateway, edge.gateway.preauth
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    first = limits.admit("10.0.0.1")
+    assert not isinstance(first, str)
+    gateway._admitted(ours, "10.0.0.1:1", first)  # its task has not run yet
+    second = limits.admit("10.0.0.2")  # no await in between
+    assert not isinstance(second, str) and first.evicted
+    second.release()
+    theirs.setblocking(False)
+
+    async def closed() -> bool:
+        try:
+            return theirs.recv(1) == b""
+        except BlockingIOError:
+            return False
+        except ConnectionError:
+            return True
+
+    await poll(closed)
+    assert refused == ["evicted"] and limits.open == 0
+    theirs.close()
