@@ -1,6 +1,6 @@
 """The control process's end of the supervisor channel: the data plane of ``local``.
 
-Speaks "Supervisor ↔ rule source" of docs/rpc.md over the socketpair the
+Speaks the supervisor channel (docs/rpc.md, "Process boundaries") over the socketpair the
 supervisor forked us with, using the shared non-blocking ``Channel`` driven by
 ``loop.add_reader``/``add_writer``.  The supervisor owns this process: when the
 channel closes, the supervisor is gone (or broke the protocol) and the control

@@ -1,12 +1,13 @@
-"""A child's end of the supervisor channel.
+"""A child's end of the supervisor channel (docs/rpc.md, "Process boundaries").
 
-``SupervisorEnd`` is the rule source's end ("Supervisor ↔ rule source" in
-docs/rpc.md), used by the control process (``portunus.control.local_link``) and by
-the edge client's link child (``portunus.edge.link``): the shared non-blocking
-``Channel`` driven by ``loop.add_reader``/``add_writer``.  Every message from the
-supervisor (``hello``, ``applied``, ``retried``, ``removed``, ``settings``) goes to
-one callback; fds are never expected and are closed.  When the channel closes the supervisor is gone (or broke the
-protocol) and the owner must exit rather than run without a data plane.
+``SupervisorEnd`` is the rule source's end, used by the control process
+(``portunus.control.local_link``) and by the edge client's link child
+(``portunus.edge.link``): the shared non-blocking ``Channel`` driven by
+``loop.add_reader``/``add_writer``.  Every message from the supervisor (``hello``,
+``applied``, ``retried``, ``removed``, ``settings``) goes to one callback; fds are
+never expected and are closed.  When the channel closes the supervisor is gone (or
+broke the protocol) and the owner must exit rather than run without a data plane.
+``say_up`` is the whole end of a child that only says it started (web, metrics).
 """
 
 from __future__ import annotations

@@ -16,9 +16,20 @@ item by their receiver: one malformed rule in a ``sync`` fails that rule alone
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+
+# Loose fields: any JSON on the wire, checked by the receiver; the title is the shape
+# a well-behaved peer sends (docs/rpc.md shows it).
+Text = Annotated[Any, msgspec.Meta(title="str")]
+Number = Annotated[Any, msgspec.Meta(title="number")]
+Names = Annotated[Any, msgspec.Meta(title="[str]")]
+Counters = Annotated[Any, msgspec.Meta(title="{id: counters}")]
+Caps = Annotated[Any, msgspec.Meta(title="{owner: rate_limit}")]
+Results = Annotated[dict[str, Any], msgspec.Meta(title="{id: {state, reason}}")]
+WireRules = Annotated[list[Any], msgspec.Meta(title="[rule]")]
+Ids = Annotated[list[Any], msgspec.Meta(title="[id]")]
 
 
 class Frame(msgspec.Struct, tag_field="type", kw_only=True):
@@ -31,17 +42,17 @@ class Frame(msgspec.Struct, tag_field="type", kw_only=True):
 class Enroll(Frame, tag="enroll"):
     """First frame of an enrollment: redeem a one-time code."""
 
-    code: Any = None  # checked by the gateway (bounded, audited refusal)
-    version: Any = None
+    code: Text = None  # checked by the gateway (bounded, audited refusal)
+    version: Text = None
 
 
 class Hello(Frame, tag="hello"):
     """First frame of a session: authenticate and advertise capabilities."""
 
-    token: Any = None  # checked by the gateway: a bad one is ``error: unauthenticated``
-    client_id: Any = None
-    version: Any = None
-    capabilities: Any = None  # names of features the client runs (gateway filters)
+    token: Text = None  # checked by the gateway: a bad one is ``error: unauthenticated``
+    client_id: Text = None
+    version: Text = None
+    capabilities: Names = None  # names of features the client runs (gateway filters)
 
 
 class Ping(Frame, tag="ping"):
@@ -51,22 +62,22 @@ class Ping(Frame, tag="ping"):
 class Stats(Frame, tag="stats"):
     """The client's per-rule counters, sent when they changed."""
 
-    rules: Any = None  # {rule id: counters}; bounded by the server
-    run: Any = None  # the client supervisor's run id: counters restart with it
+    rules: Counters = None  # bounded by the server
+    run: Text = None  # the client supervisor's run id: counters restart with it
 
 
 class Applied(Frame, tag="applied"):
     """Outcomes of a ``sync``/``apply`` (``seq``), or unasked (``seq`` null) for a
     failed rule that bound later."""
 
-    results: dict[str, Any]  # {rule id: {"state", "reason"}}; bad entries are skipped
+    results: Results  # entries of another shape are skipped
     seq: int | None = None  # null: unasked
 
 
 class Removed(Frame, tag="removed"):
     """Removed rules whose connections drained on the client."""
 
-    ids: list[Any]
+    ids: Ids
 
 
 # ------------------------------------------------------------ server -> client
@@ -95,30 +106,30 @@ class Welcome(Frame, tag="welcome", omit_defaults=True):
 
     client_id: str
     client_name: str
-    heartbeat_secs: Any = None
-    ping_secs: Any = None  # only to a client that advertised ``quiet_link``
-    dead_after_secs: Any = None
+    heartbeat_secs: Number = None
+    ping_secs: Number = None  # only to a client that advertised ``quiet_link``
+    dead_after_secs: Number = None
 
 
 class Sync(Frame, tag="sync"):
     """The client's full desired rule set; answered by ``applied``."""
 
     seq: int
-    rules: list[Any]  # wire rules, each checked alone by the client
+    rules: WireRules  # each checked alone by the client
 
 
 class Apply(Frame, tag="apply"):
     """Add or replace ``upsert``, remove ``remove``; answered by ``applied``."""
 
     seq: int
-    upsert: list[Any] = []
-    remove: list[Any] = []
+    upsert: WireRules = []
+    remove: Ids = []
 
 
 class OwnerCaps(Frame, tag="owner_caps"):
     """The client's full set of owner caps; checked by the client, not answered."""
 
-    caps: Any
+    caps: Caps
 
 
 class Renamed(Frame, tag="renamed"):

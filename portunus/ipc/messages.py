@@ -13,14 +13,18 @@ where they become a ``Rule`` (``Rule.from_wire``).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 PROTOCOL_VERSION = 1
 
-WireRule = dict[str, Any]  # Rule.to_wire(): id, protocol, listen ports, targets, ...
-OwnerCapsMap = dict[str, dict[str, int]]  # {owner: rate_limit} (docs/owner-caps.md)
+# Rule.to_wire(): id, protocol, listen ports, targets, ... (checked by Rule.from_wire).
+WireRule = Annotated[dict[str, Any], msgspec.Meta(title="rule")]
+# {owner: rate_limit} (docs/owner-caps.md); the titles name the shapes in docs/rpc.md.
+OwnerCapsMap = Annotated[dict[str, dict[str, int]], msgspec.Meta(title="{owner: rate_limit}")]
+SettingsMap = Annotated[dict[str, Any], msgspec.Meta(title="{key: value}")]
+RuleId = Annotated[str, msgspec.Meta(title="id")]  # the rule id as a string
 
 
 class Message(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=False):
@@ -34,7 +38,7 @@ class RuleOutcome(msgspec.Struct, kw_only=True):
     reason: str | None = None
 
 
-Outcomes = dict[str, RuleOutcome]  # {rule id: outcome}
+Outcomes = dict[RuleId, RuleOutcome]
 
 
 def outcomes(results: dict[str, dict[str, Any]]) -> Outcomes:
@@ -77,13 +81,13 @@ class Retried(Message, tag="retried"):
 class Removed(Message, tag="removed"):
     """Removed rules whose connections drained on every shard (or that were never bound)."""
 
-    ids: list[str]
+    ids: list[RuleId]
 
 
 class Settings(Message, tag="settings"):
     """Reloaded settings, to every service child (supervisor/reload.py)."""
 
-    settings: dict[str, Any]
+    settings: SettingsMap
 
 
 # ------------------------------------------------------------ rule source -> supervisor
@@ -94,7 +98,7 @@ class Apply(Message, tag="apply"):
 
     seq: int
     upsert: list[WireRule]
-    remove: list[str]
+    remove: list[RuleId]
 
 
 class Sync(Message, tag="sync"):
@@ -119,7 +123,7 @@ class Config(Message, tag="config"):
     """The shard's index and settings; sent first, and again on every reload."""
 
     shard: int
-    settings: dict[str, Any]
+    settings: SettingsMap
 
 
 class Listeners(Message, tag="listeners"):
@@ -134,7 +138,7 @@ class Rules(Message, tag="rules"):
     """Rules to serve (``upsert``) and to drain (``remove``)."""
 
     upsert: list[WireRule]
-    remove: list[str]
+    remove: list[RuleId]
 
 
 # ------------------------------------------------------------ shard -> supervisor
@@ -153,7 +157,7 @@ class Heartbeat(Message, tag="heartbeat"):
 class Drained(Message, tag="drained"):
     """Removed rules whose last connection on this shard closed."""
 
-    ids: list[str]
+    ids: list[RuleId]
 
 
 AnyMessage = (
