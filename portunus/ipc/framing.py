@@ -6,9 +6,10 @@ socketpairs.  A frame may carry file descriptors (listening sockets) as
 SCM_RIGHTS; they are attached to the frame's first byte, so the receiver queues
 every fd it gets and a frame whose header counts k fds takes the next k from that
 queue.  Each body is decoded into its message class here, at the boundary: a
-frame that is not a valid message is a ``ProtocolError`` naming what is wrong.  The same ``Channel`` class is used by the synchronous
-supervisor (driven by a selector) and by asyncio processes (driven by
-``loop.add_reader``/``add_writer``): it never blocks, it only buffers.
+frame that is not a valid message is a ``ProtocolError`` naming what is wrong.
+The same ``Channel`` class is used by the synchronous supervisor (driven by a
+selector) and by asyncio processes (driven by ``loop.add_reader``/``add_writer``):
+it never blocks, it only buffers.
 """
 
 from __future__ import annotations

@@ -147,8 +147,6 @@ class Rules(Message, tag="rules"):
 class Ready(Message, tag="ready"):
     """The shard's loop runs (a shard's ``up``)."""
 
-    pid: int
-
 
 class Heartbeat(Message, tag="heartbeat"):
     """Every second from the shard's loop, so a wedged loop is noticed."""

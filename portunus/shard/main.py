@@ -69,7 +69,7 @@ class Shard:
         self.loop.add_reader(self.channel.fileno(), self.on_channel)
         self.loop.add_signal_handler(signal.SIGTERM, self.begin_stop)
         self.loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides
-        self.send(Ready(pid=os.getpid()))
+        self.send(Ready())
         self.heartbeat()
 
     def heartbeat(self) -> None:

@@ -28,7 +28,7 @@ EVERY_KIND: list[m.Message] = [
     m.Config(shard=1, settings={"connect_timeout_secs": 5.0}),
     m.Listeners(remove=["tcp/8080"]),
     m.Rules(upsert=[RULE], remove=[]),
-    m.Ready(pid=42),
+    m.Ready(),
     m.Heartbeat(),
     m.Drained(ids=["7"]),
 ]
