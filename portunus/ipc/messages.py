@@ -120,9 +120,9 @@ class OwnerCaps(Message, tag="owner_caps"):
 
 
 class Config(Message, tag="config"):
-    """The shard's index and settings; sent first, and again on every reload."""
+    """The shard's settings; sent first, and again on every reload (the shard knows
+    its index from its entry point)."""
 
-    shard: int
     settings: SettingsMap
 
 

@@ -150,7 +150,7 @@ class RuleRouter:
             self.send(shard, Listeners(add=[k for k, _ in batch]), [fd for _, fd in batch])
 
     def _send_everything(self, shard: Child) -> None:
-        self.send(shard, Config(shard=shard.index, settings=self.shard_settings))
+        self.send(shard, Config(settings=self.shard_settings))
         self._send_listeners(shard, None)
         if self.owner_caps:  # before the rules, so their runtimes start inside the envelopes
             self.send(shard, OwnerCaps(caps=self.owner_caps))
@@ -174,6 +174,6 @@ class RuleRouter:
             if key in self.shard_settings:
                 self.shard_settings[key] = value
         for shard in self.shards:
-            self.send(shard, Config(shard=shard.index, settings=self.shard_settings))
+            self.send(shard, Config(settings=self.shard_settings))
         for child in self.services:
             self.send(child, Settings(settings=changed))

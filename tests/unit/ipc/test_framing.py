@@ -25,7 +25,7 @@ EVERY_KIND: list[m.Message] = [
     m.Apply(seq=4, upsert=[RULE], remove=["8"]),
     m.Sync(seq=5, rules=[RULE]),
     m.OwnerCaps(caps={"alice": {"bytes_per_sec": 1000}}),
-    m.Config(shard=1, settings={"connect_timeout_secs": 5.0}),
+    m.Config(settings={"connect_timeout_secs": 5.0}),
     m.Listeners(remove=["tcp/8080"]),
     m.Rules(upsert=[RULE], remove=[]),
     m.Ready(),
