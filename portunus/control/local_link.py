@@ -34,6 +34,7 @@ from portunus.ipc.messages import (
     Settings,
     Sync,
     Up,
+    tag,
 )
 from portunus.logs import log_event
 from portunus.rules import Rule
@@ -133,7 +134,7 @@ class LocalLink:
         elif isinstance(msg, Hello):
             log_event("control.supervisor_hello", version=msg.version, shards=msg.shards)
         else:
-            log_event("control.bad_frame", level="warning", type=type(msg).__name__)
+            log_event("control.bad_frame", level="warning", type=tag(type(msg)))
 
 
 def _results(outcomes: Outcomes) -> dict[str, RuleResult]:

@@ -26,6 +26,7 @@ from portunus.ipc.messages import (
     OwnerCaps,
     Ready,
     Rules,
+    tag,
 )
 from portunus.logs import configure as configure_logs
 from portunus.logs import flush_throttled, log_event
@@ -104,7 +105,7 @@ class Shard:
                     "shard.message_failed",
                     level="error",
                     shard=self.index,
-                    type=type(msg).__name__,
+                    type=tag(type(msg)),
                     error=repr(exc),
                 )
 
@@ -152,7 +153,7 @@ class Shard:
             self.owner_caps(msg.caps)
         else:
             close_fds(fds)
-            log_event("shard.unexpected_message", level="warning", type=type(msg).__name__)
+            log_event("shard.unexpected_message", level="warning", type=tag(type(msg)))
 
     # ---------------------------------------------------------------- rules
 
