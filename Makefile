@@ -72,9 +72,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check portunus tests bench
 	$(BIN)/mypy
 
-## reference: regenerate docs/reference/cli.md from the click commands (a test checks it)
+## reference: regenerate docs/reference/cli.md from the click commands and the message tables of docs/rpc.md from portunus/ipc (tests check both)
 reference: $(STAMP)
 	$(BIN)/python packaging/scripts/clidoc.py markdown > docs/reference/cli.md
+	$(BIN)/python packaging/scripts/ipcdoc.py write
 
 deb rpm: $(STAMP)
 	$(MAKE) -C packaging $@

@@ -37,7 +37,7 @@ from portunus.edge.enroll import EnrollError, parse_enroll_uri, redeem
 from portunus.edge.link import QUIET_LINK, link_cadence
 from portunus.edge.pinning import FingerprintMismatch, link_error, open_pinned
 from portunus.edge.timing import Backoff, LinkTiming, busy_delay
-from portunus.edge.wire import CAPABILITIES, WireError, encode_frame, read_frame
+from portunus.ipc.edge_wire import CAPABILITIES, WireError, encode_frame, read_frame
 
 _TIMING = LinkTiming()
 _ZERO = {"bytes_in": 0, "bytes_out": 0, "connections_total": 0, "active_connections": 0}

@@ -22,8 +22,8 @@ from portunus import __version__
 from portunus.bounds import CLI_INTERVAL, SHARDS
 from portunus.cli.numbers import BoundedNumber
 from portunus.config import CLIENT_METRICS_LISTEN
-from portunus.edge.wire import CAPABILITIES
 from portunus.errors import EXIT_ERROR, EXIT_UNAUTHENTICATED, EXIT_USAGE
+from portunus.ipc.edge_wire import CAPABILITIES
 
 if TYPE_CHECKING:
     from portunus.config import Settings

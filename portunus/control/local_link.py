@@ -1,6 +1,6 @@
 """The control process's end of the supervisor channel: the data plane of ``local``.
 
-Speaks "Supervisor ↔ rule source" of docs/rpc.md over the socketpair the
+Speaks the supervisor channel (docs/rpc.md, "Process boundaries") over the socketpair the
 supervisor forked us with, using the shared non-blocking ``Channel`` driven by
 ``loop.add_reader``/``add_writer``.  The supervisor owns this process: when the
 channel closes, the supervisor is gone (or broke the protocol) and the control
@@ -17,13 +17,27 @@ from typing import Any
 from portunus import __version__
 from portunus.control.dataplane import LOCAL, DataPlaneEvents, LinkInfo, RuleResult
 from portunus.control.store import utc_now
-from portunus.edge.wire import (
+from portunus.ipc.channel_end import SupervisorEnd
+from portunus.ipc.edge_wire import (
     CAPABILITIES,  # the names remote clients advertise, so list-clients reads alike
+)
+from portunus.ipc.framing import Channel
+from portunus.ipc.messages import (
+    Applied,
+    Apply,
+    Hello,
+    Message,
+    Outcomes,
+    OwnerCaps,
+    Removed,
+    Retried,
+    Settings,
+    Sync,
+    Up,
+    tag,
 )
 from portunus.logs import log_event
 from portunus.rules import Rule
-from portunus.supervisor.channel_end import SupervisorEnd
-from portunus.supervisor.framing import Channel
 
 
 class LocalLink:
@@ -73,74 +87,55 @@ class LocalLink:
 
     async def apply(self, client_id: str, upsert: Sequence[Rule], remove: Sequence[str]) -> None:
         self._send(
-            {
-                "type": "apply",
-                "seq": next(self._seq),
-                "upsert": [r.to_wire() for r in upsert],
-                "remove": [str(i) for i in remove],
-            }
+            Apply(
+                seq=next(self._seq),
+                upsert=[r.to_wire() for r in upsert],
+                remove=[str(i) for i in remove],
+            )
         )
 
     async def sync(self, client_id: str, rules: Sequence[Rule]) -> None:
-        self._send({"type": "sync", "seq": next(self._seq), "rules": [r.to_wire() for r in rules]})
+        self._send(Sync(seq=next(self._seq), rules=[r.to_wire() for r in rules]))
 
     async def owner_caps(self, client_id: str, caps: dict[str, dict[str, int]]) -> None:
         if not self.end.closed:  # not answered: no seq to track
-            self.end.send({"type": "owner_caps", "caps": caps})
+            self.end.send(OwnerCaps(caps=caps))
 
     def say_up(self) -> None:
         """Tell the supervisor control has fully started (socket served, gateway bound)."""
-        self.end.send({"type": "up"})
+        self.end.send(Up())
 
     # ------------------------------------------------------------------ I/O
 
-    def _send(self, msg: dict[str, Any]) -> None:
+    def _send(self, msg: Apply | Sync) -> None:
         if self.end.closed:
             return  # the close callback is already on its way
-        self._inflight.add(msg["seq"])  # every apply/sync is answered by "applied"
+        self._inflight.add(msg.seq)  # every apply/sync is answered by "applied"
         self.end.send(msg)
 
-    def _handle(self, msg: dict[str, Any]) -> None:
-        kind = msg.get("type")
-        if kind == "applied":
-            seq = msg.get("seq")
-            if seq in self._inflight:
-                self._inflight.discard(seq)
+    def _handle(self, msg: Message) -> None:
+        if isinstance(msg, Applied):
+            if msg.seq in self._inflight:
+                self._inflight.discard(msg.seq)
             else:
-                log_event("control.unexpected_seq", level="warning", seq=seq)
-            raw = msg.get("results")
-            if not isinstance(raw, dict):
-                log_event("control.bad_frame", level="warning", type=kind)
-                return
-            results: dict[str, RuleResult] = {}
-            for rule_id, res in raw.items():
-                if isinstance(res, dict) and res.get("state") in ("active", "failed"):
-                    results[str(rule_id)] = RuleResult(res["state"], res.get("reason"))
+                log_event("control.unexpected_seq", level="warning", seq=msg.seq)
             assert self.events is not None
-            self.events.rules_applied(LOCAL, results)
-        elif kind == "removed":
-            ids = msg.get("ids")
-            if isinstance(ids, list) and self.events is not None:
-                self.events.rules_removed(LOCAL, [str(i) for i in ids])
-        elif kind == "retried":
+            self.events.rules_applied(LOCAL, _results(msg.results))
+        elif isinstance(msg, Removed):
+            if self.events is not None:
+                self.events.rules_removed(LOCAL, msg.ids)
+        elif isinstance(msg, Retried):
             # A failed rule the supervisor managed to bind later (its port freed).
-            raw = msg.get("results")
-            if isinstance(raw, dict) and self.events is not None:
-                self.events.rules_applied(
-                    LOCAL,
-                    {
-                        str(rid): RuleResult(res["state"], res.get("reason"))
-                        for rid, res in raw.items()
-                        if isinstance(res, dict) and res.get("state") in ("active", "failed")
-                    },
-                )
-        elif kind == "settings":
-            changed = msg.get("settings")
-            if isinstance(changed, dict) and self.on_settings is not None:
-                self.on_settings(changed)
-        elif kind == "hello":
-            log_event(
-                "control.supervisor_hello", version=msg.get("version"), shards=msg.get("shards")
-            )
+            if self.events is not None:
+                self.events.rules_applied(LOCAL, _results(msg.results))
+        elif isinstance(msg, Settings):
+            if self.on_settings is not None:
+                self.on_settings(msg.settings)
+        elif isinstance(msg, Hello):
+            log_event("control.supervisor_hello", version=msg.version, shards=msg.shards)
         else:
-            log_event("control.bad_frame", level="warning", type=str(kind))
+            log_event("control.bad_frame", level="warning", type=tag(type(msg)))
+
+
+def _results(outcomes: Outcomes) -> dict[str, RuleResult]:
+    return {rid: RuleResult(o.state, o.reason) for rid, o in outcomes.items()}

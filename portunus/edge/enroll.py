@@ -16,7 +16,8 @@ from urllib.parse import parse_qs, urlsplit
 from portunus import __version__
 from portunus.edge.bundle import FINGERPRINT_RE, Bundle
 from portunus.edge.pinning import link_error, open_pinned
-from portunus.edge.wire import WireError, read_frame, write_frame
+from portunus.ipc import edge_messages as em
+from portunus.ipc.edge_wire import WireError, read_frame, write_frame
 
 ENROLL_TIMEOUT = 15.0
 
@@ -88,7 +89,7 @@ async def redeem(target: EnrollTarget, timeout: float = ENROLL_TIMEOUT) -> Bundl
             "unavailable", f"cannot reach {target.server}: {link_error(exc)}"
         ) from None
     try:
-        await write_frame(writer, {"type": "enroll", "code": target.code, "version": __version__})
+        await write_frame(writer, em.Enroll(code=target.code, version=__version__))
         reply = await asyncio.wait_for(read_frame(reader), timeout)
     except (TimeoutError, OSError, asyncio.IncompleteReadError, WireError) as exc:
         raise EnrollError(
@@ -100,23 +101,27 @@ async def redeem(target: EnrollTarget, timeout: float = ENROLL_TIMEOUT) -> Bundl
         # answer: no TLS close_notify dance with a socket the peer already shut
         # (under an enrollment storm that dance is what failed, noisily).
         writer.transport.abort()
-    kind = reply.get("type")
-    if kind == "error":
-        raise EnrollError(
-            str(reply.get("code") or "enrollment_invalid"),
-            str(reply.get("message") or ""),
-            reply.get("retry_after"),
-        )
-    if kind != "enrolled":
-        raise EnrollError("protocol", f"the server answered {kind!r} instead of 'enrolled'")
-    fields = {k: reply.get(k) for k in ("client_id", "client_name", "token")}
-    bad = [k for k, v in fields.items() if not isinstance(v, str) or not v]
-    if bad:
+    bad = [k for k in ("client_id", "client_name", "token") if not _text(reply.get(k))]
+    if reply["type"] == "enrolled" and bad:
         raise EnrollError("protocol", f"the server's 'enrolled' answer lacks {', '.join(bad)}")
+    try:
+        answer = em.parse(reply)
+    except em.FrameInvalid as exc:
+        raise EnrollError("protocol", f"the server's answer does not fit: {exc}") from None
+    if isinstance(answer, em.Error):
+        raise EnrollError(answer.code or "enrollment_invalid", answer.message, answer.retry_after)
+    if not isinstance(answer, em.Enrolled):
+        raise EnrollError(
+            "protocol", f"the server answered {em.kind(answer)!r} instead of 'enrolled'"
+        )
     return Bundle(
         server=target.server,
         fingerprint=target.fingerprint,
-        client_id=str(fields["client_id"]),
-        client_name=str(fields["client_name"]),
-        token=str(fields["token"]),
+        client_id=answer.client_id,
+        client_name=answer.client_name,
+        token=answer.token,
     )
+
+
+def _text(value: object) -> bool:
+    return isinstance(value, str) and bool(value)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
 import signal
 import socket
@@ -43,12 +42,14 @@ from portunus.edge.pinning import FingerprintMismatch, close_quietly, link_error
 from portunus.edge.rulestore import RuleStore, check_owner_caps
 from portunus.edge.stats import rule_totals
 from portunus.edge.timing import Backoff, LinkTiming, busy_delay
-from portunus.edge.wire import MAX_FRAME, WireError, encode_frame, read_frame, write_frame
 from portunus.errors import PortunusError
 from portunus.exitcodes import ChildExit
+from portunus.ipc import edge_messages as em
+from portunus.ipc import messages as sup
+from portunus.ipc.channel_end import SupervisorEnd
+from portunus.ipc.edge_wire import MAX_FRAME, WireError, encode_frame, read_message, write_frame
 from portunus.logs import log_event, log_throttled
 from portunus.rules import Rule, check_wire_numbers
-from portunus.supervisor.channel_end import SupervisorEnd
 
 # The supervisor halts (no respawn) when the link exits REVOKED and the client exits
 # ServiceExit.REVOKED (4); the client CLI then finds the revoked marker and explains.
@@ -96,12 +97,12 @@ _DETAIL_ROWS = ("per_port", "per_target")
 
 def stats_frame(
     totals: dict[str, dict[str, Any]], max_len: int = MAX_FRAME, run: str = ""
-) -> dict[str, Any]:
+) -> em.Stats:
     """The ``stats`` frame; without the per-port/per-target rows when they would
     make it longer than a frame may be (a client with ranges over most ports and
     busy counters), so the totals still reach the server and the link stays up."""
-    msg = {"type": "stats", "rules": totals, "run": run}
-    if len(json.dumps(msg, separators=(",", ":"))) <= max_len:
+    msg = em.Stats(rules=totals, run=run)
+    if len(em.encode(msg)) <= max_len:
         return msg
     log_throttled(
         "link.stats_detail_dropped",
@@ -110,14 +111,13 @@ def stats_frame(
         limit=max_len,
         hint="the per-port and per-target rows do not fit one frame; totals are sent",
     )
-    return {
-        "type": "stats",
-        "run": run,
-        "rules": {
+    return em.Stats(
+        run=run,
+        rules={
             rid: {k: v for k, v in entry.items() if k not in _DETAIL_ROWS}
             for rid, entry in totals.items()
         },
-    }
+    )
 
 
 @dataclass
@@ -128,7 +128,7 @@ class _Session:
     writer: asyncio.StreamWriter
     last_tx: float = 0.0  # loop time of the latest frame sent (pings only fill silence)
 
-    def send(self, msg: dict[str, Any]) -> None:
+    def send(self, msg: em.Frame) -> None:
         # Called from supervisor callbacks (not coroutines): the transport buffers;
         # a stuck server is caught by the dead-link timer, not here.
         if not self.writer.transport.is_closing():
@@ -141,7 +141,7 @@ class _Pending:
     """A frame handed to the supervisor, waiting for its ``applied``."""
 
     session: int | None  # None: our own start-up sync, never relayed
-    server_seq: Any
+    server_seq: int | None
     rejected: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -181,10 +181,10 @@ class EdgeLink:
         self.sup.start()
         cached = self.store.load()
         if self.store.owner_caps:  # before the rules: they start inside their owners' envelopes
-            self.sup.send({"type": "owner_caps", "caps": self.store.owner_caps})
-        self._to_supervisor({"type": "sync", "rules": cached}, _Pending(None, None))
+            self.sup.send(sup.OwnerCaps(caps=self.store.owner_caps))
+        self.sup.send(sup.Sync(seq=self._expect(_Pending(None, None)), rules=cached))
         log_event("link.cached_rules_applied", rules=len(cached), path=self.store.path)
-        self.sup.send({"type": "up"})  # started: a death from here on is not a boot failure
+        self.sup.send(sup.Up())  # started: a death from here on is not a boot failure
         task = asyncio.create_task(self._connect_loop())
         try:
             return await self._done
@@ -278,37 +278,34 @@ class EdgeLink:
             host, port, self.bundle.fingerprint, self.timing.connect_timeout
         )
         try:
-            await write_frame(
-                writer,
-                {
-                    "type": "hello",
-                    "token": self.bundle.token,
-                    "client_id": self.bundle.client_id,
-                    "version": __version__,
-                    "capabilities": [*self.capabilities, QUIET_LINK],
-                },
+            hello = em.Hello(
+                token=self.bundle.token,
+                client_id=self.bundle.client_id,
+                version=__version__,
+                capabilities=[*self.capabilities, QUIET_LINK],
             )
+            await write_frame(writer, hello)
             async with asyncio.timeout(self.timing.handshake_timeout):
-                welcome = await read_frame(reader)
-            if welcome.get("type") == "error":
+                welcome = await read_message(reader)
+            if isinstance(welcome, em.Error):
                 self._raise_refusal(welcome)
-            if welcome.get("type") != "welcome":
-                raise WireError(f"expected welcome, got {welcome.get('type')!r}")
+            if not isinstance(welcome, em.Welcome):
+                raise WireError(f"expected welcome, got {em.kind(welcome)!r}")
             await self._serve(reader, writer, welcome)
         finally:
             self._session = None
             await close_quietly(writer, reader=reader)
 
     async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, welcome: dict[str, Any]
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, welcome: em.Welcome
     ) -> None:
         session = _Session(next(self._sessions), writer)
         self._session = session
         self.backoff.reset()
         heartbeat, dead_secs = link_cadence(welcome, self.timing)
-        if "ping_secs" in welcome:
+        if welcome.ping_secs is not None:
             user_timeout(writer, QUIET_USER_TIMEOUT_MS)
-        name = welcome.get("client_name")
+        name = welcome.client_name
         peer = writer.get_extra_info("peername")
         log_event(
             "link.connected",
@@ -320,10 +317,10 @@ class EdgeLink:
             heartbeat_secs=heartbeat,
             dead_secs=dead_secs,
         )
-        if isinstance(name, str) and name and name != self.bundle.client_name:
+        if name and name != self.bundle.client_name:
             self._rename(name)
         if self._removed_backlog:
-            session.send({"type": "removed", "ids": self._removed_backlog})
+            session.send(em.Removed(ids=list(self._removed_backlog)))
             self._removed_backlog = []
         tasks = [
             asyncio.create_task(self._pinger(session, heartbeat)),
@@ -333,7 +330,7 @@ class EdgeLink:
             while True:
                 try:
                     async with asyncio.timeout(dead_secs):
-                        msg = await read_frame(reader)
+                        msg = await read_message(reader)
                 except TimeoutError:
                     # No close_notify dance with a peer that stopped answering: it would
                     # only delay the reconnect (and the log line) by the close timeout.
@@ -349,12 +346,11 @@ class EdgeLink:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _raise_refusal(self, msg: dict[str, Any]) -> None:
-        code = str(msg.get("code") or "error")
-        text = str(msg.get("message") or "")
+    def _raise_refusal(self, msg: em.Error) -> None:
+        code = msg.code or "error"
         if code == "revoked":
-            raise Revoked(text or "the server revoked this client")
-        raise Refused(code, text, msg.get("retry_after"))
+            raise Revoked(msg.message or "the server revoked this client")
+        raise Refused(code, msg.message, msg.retry_after)
 
     async def _pinger(self, session: _Session, every: float) -> None:
         """A ping when nothing else went out for ``every`` seconds."""
@@ -363,7 +359,7 @@ class EdgeLink:
         while True:
             await asyncio.sleep(max(0.0, session.last_tx + every - loop.time()))
             if loop.time() - session.last_tx >= every * 0.99:
-                session.send({"type": "ping"})
+                session.send(em.Ping())
 
     async def _stats_loop(self, session: _Session) -> None:
         """Counters that did not move are not sent again: the server keeps the latest."""
@@ -385,33 +381,28 @@ class EdgeLink:
 
     # ============================================================ server -> us
 
-    def _from_server(self, session: _Session, msg: dict[str, Any]) -> None:
-        kind = msg.get("type")
-        if kind == "sync":
-            good, rejected = _check_rules(msg.get("rules"))
+    def _from_server(self, session: _Session, msg: em.Frame) -> None:
+        if isinstance(msg, em.Sync):
+            good, rejected = _check_rules(msg.rules)
             self.store.replace(good)
-            self._to_supervisor(
-                {"type": "sync", "rules": good}, _Pending(session.number, msg.get("seq"), rejected)
-            )
-            log_event("link.sync", rules=len(good), rejected=len(rejected), seq=msg.get("seq"))
-        elif kind == "apply":
-            good, rejected = _check_rules(msg.get("upsert"))
-            remove = [str(r) for r in msg.get("remove") or [] if isinstance(r, (str, int))]
+            pending = _Pending(session.number, msg.seq, rejected)
+            self.sup.send(sup.Sync(seq=self._expect(pending), rules=good))
+            log_event("link.sync", rules=len(good), rejected=len(rejected), seq=msg.seq)
+        elif isinstance(msg, em.Apply):
+            good, rejected = _check_rules(msg.upsert)
+            remove = [str(r) for r in msg.remove if isinstance(r, (str, int))]
             self.store.apply(good, remove)
-            self._to_supervisor(
-                {"type": "apply", "upsert": good, "remove": remove},
-                _Pending(session.number, msg.get("seq"), rejected),
-            )
-        elif kind == "owner_caps":
-            caps = check_owner_caps(msg.get("caps"))
+            pending = _Pending(session.number, msg.seq, rejected)
+            self.sup.send(sup.Apply(seq=self._expect(pending), upsert=good, remove=remove))
+        elif isinstance(msg, em.OwnerCaps):
+            caps = check_owner_caps(msg.caps)
             self.store.set_owner_caps(caps)
-            self.sup.send({"type": "owner_caps", "caps": caps})
+            self.sup.send(sup.OwnerCaps(caps=caps))
             log_event("link.owner_caps", owners=len(caps))
-        elif kind == "renamed":
-            name = msg.get("client_name")
-            if isinstance(name, str) and name:
-                self._rename(name)
-        elif kind == "error":
+        elif isinstance(msg, em.Renamed):
+            if msg.client_name:
+                self._rename(msg.client_name)
+        elif isinstance(msg, em.Error):
             self._raise_refusal(msg)
         # ping, welcome and unknown types: nothing to do (any frame proves the link alive)
 
@@ -449,67 +440,64 @@ class EdgeLink:
 
     # ============================================================ supervisor
 
-    def _to_supervisor(self, msg: dict[str, Any], pending: _Pending) -> None:
+    def _expect(self, pending: _Pending) -> int:
+        """The seq of a frame for the supervisor, whose ``applied`` ``pending`` awaits."""
         seq = next(self._seq)
         self._pending[seq] = pending
-        self.sup.send({**msg, "seq": seq})
+        return seq
 
-    def _from_supervisor(self, msg: dict[str, Any]) -> None:
-        kind = msg.get("type")
-        if kind == "applied":
-            seq = msg.get("seq")
-            pending = self._pending.pop(seq, None) if isinstance(seq, int) else None
+    def _from_supervisor(self, msg: sup.Message) -> None:
+        if isinstance(msg, sup.Applied):
+            pending = self._pending.pop(msg.seq, None)
             if pending is None:
-                log_event("link.unexpected_seq", level="warning", seq=msg.get("seq"))
+                log_event("link.unexpected_seq", level="warning", seq=msg.seq)
                 return
-            results = dict(msg.get("results") or {})
+            results = _plain(msg.results)
             results.update(pending.rejected)
-            failed = {
-                rid: r.get("reason")
-                for rid, r in results.items()
-                if isinstance(r, dict) and r.get("state") == "failed"
-            }
+            failed = {rid: r["reason"] for rid, r in results.items() if r["state"] == "failed"}
             if failed:
                 log_event("link.rules_failed", level="warning", failed=failed)
             live = self._session
             if pending.session is not None and live is not None and live.number == pending.session:
-                live.send({"type": "applied", "seq": pending.server_seq, "results": results})
-        elif kind == "retried":
+                live.send(em.Applied(seq=pending.server_seq, results=results))
+        elif isinstance(msg, sup.Retried):
             # A failed rule bound later (its port freed): tell the server, unasked.
             if self._session is not None:
-                self._session.send(
-                    {"type": "applied", "seq": None, "results": dict(msg.get("results") or {})}
-                )
-        elif kind == "removed":
-            ids = [str(i) for i in msg.get("ids") or []]
+                self._session.send(em.Applied(seq=None, results=_plain(msg.results)))
+        elif isinstance(msg, sup.Removed):
+            ids = msg.ids
             if self._session is not None:
-                self._session.send({"type": "removed", "ids": ids})
+                self._session.send(em.Removed(ids=list(ids)))
             else:  # tell the server once it is back: it may be waiting to delete drained rows
                 self._removed_backlog.extend(i for i in ids if i not in self._removed_backlog)
-        elif kind == "hello":
-            log_event("link.supervisor_hello", shards=msg.get("shards"))
+        elif isinstance(msg, sup.Hello):
+            log_event("link.supervisor_hello", shards=msg.shards)
 
     def _supervisor_lost(self, why: str) -> None:
         self.stop(1, f"supervisor channel: {why}")
 
 
-def link_cadence(welcome: dict[str, Any], timing: LinkTiming) -> tuple[float, float]:
+def _plain(outcomes: sup.Outcomes) -> dict[str, dict[str, Any]]:
+    """Outcomes as the ``results`` of an edge ``applied`` frame."""
+    return {rid: {"state": o.state, "reason": o.reason} for rid, o in outcomes.items()}
+
+
+def link_cadence(welcome: em.Welcome, timing: LinkTiming) -> tuple[float, float]:
     """``(our ping interval, dead after)`` from the server's welcome: a quiet-link
     welcome (it has ``ping_secs``) names the dead interval for both sides
     (``dead_after_secs``; else two of its pings plus one of ours); an older
     server's has ``heartbeat_secs`` only and ``timing.dead_secs`` holds."""
 
-    def secs(key: str) -> float | None:
-        v = welcome.get(key)
+    def secs(v: Any) -> float | None:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 3600:
             return None
         return float(v)
 
-    heartbeat = secs("heartbeat_secs") or timing.heartbeat_secs
-    ping = secs("ping_secs")
+    heartbeat = secs(welcome.heartbeat_secs) or timing.heartbeat_secs
+    ping = secs(welcome.ping_secs)
     if ping is None:
         return heartbeat, timing.dead_secs
-    return heartbeat, max(timing.dead_secs, secs("dead_after_secs") or 2 * ping + heartbeat)
+    return heartbeat, max(timing.dead_secs, secs(welcome.dead_after_secs) or 2 * ping + heartbeat)
 
 
 def _check_rules(raw: Any) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:

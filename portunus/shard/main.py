@@ -1,10 +1,10 @@
 """The shard process: one uvloop event loop serving the sockets it is handed.
 
 A shard owns no sockets of its own: the supervisor sends it listening fds and
-the rule table over a framed channel.  It answers with ``ready``, ``applied``
-(per ``rules`` message), ``drained`` (when a removed rule's last connection
-closed) and a ``heartbeat`` every second from the loop itself, so a wedged loop
-is noticed.  SIGTERM = stop accepting, drain, exit 0.
+the rule table over a framed channel (ipc/messages.py: ``config``, ``listeners``,
+``rules``, ``owner_caps``).  It answers with ``ready``, ``drained`` (when a removed
+rule's last connection closed) and a ``heartbeat`` every second from the loop
+itself, so a wedged loop is noticed.  SIGTERM = stop accepting, drain, exit 0.
 """
 
 from __future__ import annotations
@@ -16,6 +16,18 @@ import socket
 import sys
 from typing import Any
 
+from portunus.ipc.framing import Channel, ProtocolError, close_fds
+from portunus.ipc.messages import (
+    Config,
+    Drained,
+    Heartbeat,
+    Listeners,
+    Message,
+    OwnerCaps,
+    Ready,
+    Rules,
+    tag,
+)
 from portunus.logs import configure as configure_logs
 from portunus.logs import flush_throttled, log_event
 from portunus.rules import Rule
@@ -27,7 +39,6 @@ from portunus.shard.repace import repace_rule
 from portunus.shard.runtime import RuleRuntime, ShardContext
 from portunus.shard.sni import CLIENT_HELLO_TIMEOUT_SECS
 from portunus.shard.tcp import PlainTcpHandler
-from portunus.supervisor.framing import Channel, ProtocolError
 
 HEARTBEAT_SECS = 1.0
 # Named exit codes the supervisor understands.
@@ -60,16 +71,16 @@ class Shard:
         self.loop.add_reader(self.channel.fileno(), self.on_channel)
         self.loop.add_signal_handler(signal.SIGTERM, self.begin_stop)
         self.loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides
-        self.send({"type": "ready", "pid": os.getpid()})
+        self.send(Ready())
         self.heartbeat()
 
     def heartbeat(self) -> None:
         if not self.done.done():
-            self.send({"type": "heartbeat"})
+            self.send(Heartbeat())
             flush_throttled()  # a per-connection flood that stopped still gets its summary
             self.loop.call_later(HEARTBEAT_SECS, self.heartbeat)
 
-    def send(self, msg: dict[str, Any]) -> None:
+    def send(self, msg: Message) -> None:
         self.channel.send(msg)
         if self.channel.wants_write:
             self.loop.add_writer(self.channel.fileno(), self._flush)
@@ -95,14 +106,13 @@ class Shard:
                     "shard.message_failed",
                     level="error",
                     shard=self.index,
-                    type=msg.get("type"),
+                    type=tag(type(msg)),
                     error=repr(exc),
                 )
 
-    def dispatch(self, msg: dict[str, Any], fds: list[int]) -> None:
-        kind = msg.get("type")
-        if kind == "config":
-            new = msg.get("settings", {})
+    def dispatch(self, msg: Message, fds: list[int]) -> None:
+        if isinstance(msg, Config):
+            new = msg.settings
             changed = (
                 sorted(k for k, v in new.items() if self.ctx.settings.get(k) != v)
                 if self.ctx.settings
@@ -124,28 +134,30 @@ class Shard:
                     retune()  # a reload: UDP handlers take the new flow limits now
             if changed:  # a reload (the first config frame sets everything)
                 log_event("shard.reconfigured", shard=self.index, keys=changed)
-        elif kind == "listeners":
-            for key, fd in zip(msg.get("add", []), fds, strict=True):
+        elif isinstance(msg, Listeners):
+            for key, fd in zip(msg.add, fds, strict=True):
                 old = self.listeners.pop(key, None)
                 if old is not None:
                     self._unserve(key, old)
                 s = socket.socket(fileno=fd)
                 s.setblocking(False)
                 self.listeners[key] = s
-            for key in msg.get("remove", []):
+            for key in msg.remove:
                 gone = self.listeners.pop(key, None)
                 if gone is not None:
                     self._unserve(key, gone)
             self.rebuild()
-        elif kind == "rules":
-            for wire in msg.get("upsert", []):
+        elif isinstance(msg, Rules):
+            for wire in msg.upsert:
                 self.upsert(Rule.from_wire(wire))
-            for rid in msg.get("remove", []):
-                self.remove(str(rid))
+            for rid in msg.remove:
+                self.remove(rid)
             self.rebuild()
-            self.send({"type": "applied", "seq": msg.get("seq")})
-        elif kind == "owner_caps":
-            self.owner_caps(msg.get("caps") or {})
+        elif isinstance(msg, OwnerCaps):
+            self.owner_caps(msg.caps)
+        else:
+            close_fds(fds)
+            log_event("shard.unexpected_message", level="warning", type=tag(type(msg)))
 
     # ---------------------------------------------------------------- rules
 
@@ -180,7 +192,7 @@ class Shard:
     def remove(self, rid: str) -> None:
         rt = self.rules.pop(rid, None)
         if rt is None:
-            self.send({"type": "drained", "ids": [rid]})
+            self.send(Drained(ids=[rid]))
             return
         rt.draining = True
         rt.stop()
@@ -199,7 +211,7 @@ class Shard:
         self.draining.pop(rt.rule.id, None)
         if rt.rule.id not in self.rules:
             m.forget_rule(rt.rule.client, rt.rule.id)
-            self.send({"type": "drained", "ids": [rt.rule.id]})
+            self.send(Drained(ids=[rt.rule.id]))
         self._maybe_finish_stop()
 
     # ------------------------------------------------------------- handlers

@@ -30,11 +30,12 @@ from queue import Empty, SimpleQueue
 from typing import Any
 
 from portunus.exitcodes import ServiceExit
+from portunus.ipc.framing import ProtocolError
+from portunus.ipc.messages import Message, Up
 from portunus.logs import log_event
 from portunus.rules import Rule
 from portunus.supervisor.children import Child
 from portunus.supervisor.fdstore import FdStore
-from portunus.supervisor.framing import ProtocolError
 from portunus.supervisor.lifecycle import ChildManager
 from portunus.supervisor.listeners import ListenerTable
 from portunus.supervisor.notify import Notifier
@@ -103,7 +104,9 @@ class Supervisor(ChildManager, RuleRouter):
         self.retries = RetrySchedule()  # failed rules: try binding again with backoff
         self.reloader = reloader  # SIGHUP: re-read settings; returns the reloadable changes or None
         self.pending_drain: dict[str, set[int]] = {}
-        self.owner_caps: dict[str, Any] = {}  # {owner: rate_limit}: the node's owner caps
+        self.owner_caps: dict[
+            str, dict[str, int]
+        ] = {}  # {owner: rate_limit}: the node's owner caps
         self.signals: SimpleQueue[int] = SimpleQueue()
         self.selector = selectors.DefaultSelector()
         self.notifier = Notifier()
@@ -261,14 +264,14 @@ class Supervisor(ChildManager, RuleRouter):
         for msg, fds in frames:
             for fd in fds:
                 os.close(fd)  # children never send us fds
-            if msg.get("type") == "up":
+            if isinstance(msg, Up):
                 child.up = True
             elif child.role is Role.SHARD:
                 self.on_shard_message(child, msg)
             elif child is self.source_child:
                 self.on_source_message(child, msg)
 
-    def send(self, child: Child, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+    def send(self, child: Child, msg: Message, fds: list[int] | None = None) -> None:
         channel = child.channel
         if channel is None or channel.closed:
             return

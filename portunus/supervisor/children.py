@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from portunus import logs
 from portunus.errors import PortunusError
-from portunus.supervisor.framing import Channel, encode
+from portunus.ipc.framing import Channel
 from portunus.supervisor.policy import Role
 
 RESET_SIGNALS = (
@@ -177,13 +177,3 @@ def fork_child(child: Child, cleanup: Callable[[], None], now: float) -> None:
     child.synced = False
     child.up = False
     child.due_at = None
-
-
-def say_up(channel: socket.socket) -> None:
-    """In a child without a rule-source channel end (web, metrics): tell the
-    supervisor this child is up, with one ``up`` frame.  A child that dies before
-    it said so could not start (see policy.py)."""
-    try:
-        channel.sendall(encode({"type": "up"}))
-    except OSError:
-        pass  # the supervisor is gone; PDEATHSIG ends us

@@ -16,6 +16,7 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from portunus.ipc.messages import PROTOCOL_VERSION, Hello
 from portunus.logs import log_event
 from portunus.supervisor.children import Child, fork_child
 from portunus.supervisor.listeners import ListenerTable
@@ -66,7 +67,7 @@ class ChildManager:
         if child.role is Role.SHARD:
             self._send_everything(child)
         elif child is self.source_child and child.channel is not None:
-            child.channel.send({"type": "hello", "version": 1, "shards": len(self.shards)})
+            child.channel.send(Hello(version=PROTOCOL_VERSION, shards=len(self.shards)))
         log_event("child.started", child=child.name, pid=child.pid)
 
     def _child_cleanup(self, child: Child) -> None:

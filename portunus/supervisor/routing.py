@@ -11,10 +11,26 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from portunus.ipc.framing import MAX_FDS_PER_FRAME
+from portunus.ipc.messages import (
+    Applied,
+    Apply,
+    Config,
+    Drained,
+    Listeners,
+    Message,
+    OwnerCaps,
+    Ready,
+    Removed,
+    Retried,
+    Rules,
+    Settings,
+    Sync,
+    outcomes,
+)
 from portunus.logs import log_event
 from portunus.rules import Rule
 from portunus.supervisor.children import Child
-from portunus.supervisor.framing import MAX_FDS_PER_FRAME
 from portunus.supervisor.listeners import ListenerTable
 from portunus.supervisor.notify import Notifier
 from portunus.supervisor.retry import RetrySchedule
@@ -32,7 +48,7 @@ class RuleRouter:
     retries: RetrySchedule
     notifier: Notifier
     pending_drain: dict[str, set[int]]
-    owner_caps: dict[str, Any]  # {owner: rate_limit}: the node's owner caps
+    owner_caps: dict[str, dict[str, int]]  # {owner: rate_limit}: the node's owner caps
     shard_settings: dict[str, Any]
     drain_secs: float
     stopping: bool
@@ -40,52 +56,49 @@ class RuleRouter:
 
     if TYPE_CHECKING:  # provided by the other half of Supervisor
 
-        def send(self, child: Child, msg: dict[str, Any], fds: list[int] | None = None) -> None: ...
+        def send(self, child: Child, msg: Message, fds: list[int] | None = None) -> None: ...
 
         def status_line(self) -> str: ...
 
-    def on_shard_message(self, shard: Child, msg: dict[str, Any]) -> None:
-        kind = msg.get("type")
-        shard.last_heartbeat = self.clock()
-        if kind == "ready":
+    def on_shard_message(self, shard: Child, msg: Message) -> None:
+        shard.last_heartbeat = self.clock()  # any message; Heartbeat says no more
+        if isinstance(msg, Ready):
             shard.up = True
-        elif kind == "drained":
-            for rid in msg.get("ids", []):
-                waiting = self.pending_drain.get(str(rid))
+        elif isinstance(msg, Drained):
+            for rid in msg.ids:
+                waiting = self.pending_drain.get(rid)
                 if waiting is not None:
                     waiting.discard(shard.index)
             self._finish_drains()
 
-    def on_source_message(self, child: Child, msg: dict[str, Any]) -> None:
-        kind = msg.get("type")
+    def on_source_message(self, child: Child, msg: Message) -> None:
         unknown: list[str] = []
-        if kind == "apply":
-            upsert = [Rule.from_wire(w) for w in msg.get("upsert", [])]
-            remove = [str(r) for r in msg.get("remove", [])]
+        if isinstance(msg, Apply):
+            upsert = [Rule.from_wire(w) for w in msg.upsert]
+            remove = msg.remove
             # Nothing to drain for a rule we never bound (e.g. one that failed): say so now.
             unknown = [rid for rid in remove if rid not in self.book.rules]
             results, delta = self.book.apply(upsert, remove)
             for rule in upsert:  # an upsert is a fresh try (retry-rule): back off from the start
                 if rule.id in self.book.failed_rules:
                     self.retries.restart(rule.id, self.clock())
-        elif kind == "sync":
-            results, delta = self.book.sync([Rule.from_wire(w) for w in msg.get("rules", [])])
+        elif isinstance(msg, Sync):
+            results, delta = self.book.sync([Rule.from_wire(w) for w in msg.rules])
             child.synced = True
-        elif kind == "owner_caps":
+        elif isinstance(msg, OwnerCaps):
             # The full set, already validated by the source; no answer is expected.
-            caps = msg.get("caps")
-            self.owner_caps = dict(caps) if isinstance(caps, dict) else {}
+            self.owner_caps = msg.caps
             for shard in self.shards:
                 if shard.alive:
-                    self.send(shard, {"type": "owner_caps", "caps": self.owner_caps})
+                    self.send(shard, OwnerCaps(caps=self.owner_caps))
             return
         else:
             return
         self.broadcast(delta)
         self.retries.track(set(self.book.failed_rules), self.clock())
-        self.send(child, {"type": "applied", "seq": msg.get("seq"), "results": results})
+        self.send(child, Applied(seq=msg.seq, results=outcomes(results)))
         if unknown:
-            self.send(child, {"type": "removed", "ids": unknown})
+            self.send(child, Removed(ids=unknown))
         self.notifier.status(self.status_line())
 
     def apply_sync(self, rules: list[Rule]) -> None:
@@ -111,7 +124,7 @@ class RuleRouter:
             log_event("rule.retry_succeeded", rule=rid)
             self.broadcast(delta)
             if self.source_child is not None:
-                self.send(self.source_child, {"type": "retried", "results": results})
+                self.send(self.source_child, Retried(results=outcomes(results)))
             self.notifier.status(self.status_line())
         self.retries.track(set(self.book.failed_rules), now)
 
@@ -125,39 +138,23 @@ class RuleRouter:
             if not shard.alive:
                 continue  # it gets everything when it is respawned
             self._send_listeners(shard, delta.new_keys)
-            self.send(
-                shard,
-                {
-                    "type": "rules",
-                    "upsert": [r.to_wire() for r in delta.upsert],
-                    "remove": delta.remove,
-                },
-            )
+            self.send(shard, Rules(upsert=[r.to_wire() for r in delta.upsert], remove=delta.remove))
             if delta.gone_keys:
-                self.send(shard, {"type": "listeners", "remove": delta.gone_keys})
+                self.send(shard, Listeners(remove=delta.gone_keys))
         self._finish_drains()
 
     def _send_listeners(self, shard: Child, keys: list[str] | None) -> None:
         pairs = self.listeners.fds_for_shard(shard.index, keys)
         for i in range(0, len(pairs), MAX_FDS_PER_FRAME):
             batch = pairs[i : i + MAX_FDS_PER_FRAME]
-            self.send(
-                shard, {"type": "listeners", "add": [k for k, _ in batch]}, [fd for _, fd in batch]
-            )
+            self.send(shard, Listeners(add=[k for k, _ in batch]), [fd for _, fd in batch])
 
     def _send_everything(self, shard: Child) -> None:
-        self.send(shard, {"type": "config", "shard": shard.index, "settings": self.shard_settings})
+        self.send(shard, Config(settings=self.shard_settings))
         self._send_listeners(shard, None)
         if self.owner_caps:  # before the rules, so their runtimes start inside the envelopes
-            self.send(shard, {"type": "owner_caps", "caps": self.owner_caps})
-        self.send(
-            shard,
-            {
-                "type": "rules",
-                "upsert": [r.to_wire() for r in self.book.rules.values()],
-                "remove": [],
-            },
-        )
+            self.send(shard, OwnerCaps(caps=self.owner_caps))
+        self.send(shard, Rules(upsert=[r.to_wire() for r in self.book.rules.values()], remove=[]))
 
     def _finish_drains(self) -> None:
         done = [rid for rid, waiting in self.pending_drain.items() if not waiting]
@@ -166,7 +163,7 @@ class RuleRouter:
         for rid in done:
             del self.pending_drain[rid]
         if self.source_child is not None:
-            self.send(self.source_child, {"type": "removed", "ids": done})
+            self.send(self.source_child, Removed(ids=done))
 
     def push_settings(self, changed: dict[str, Any]) -> None:
         """Hand reloaded settings to every live child, and to respawns to come."""
@@ -176,8 +173,6 @@ class RuleRouter:
             if key in self.shard_settings:
                 self.shard_settings[key] = value
         for shard in self.shards:
-            self.send(
-                shard, {"type": "config", "shard": shard.index, "settings": self.shard_settings}
-            )
+            self.send(shard, Config(settings=self.shard_settings))
         for child in self.services:
-            self.send(child, {"type": "settings", "settings": changed})
+            self.send(child, Settings(settings=changed))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import socket
 import traceback
@@ -33,8 +32,8 @@ import uvicorn
 
 from portunus.config import Settings
 from portunus.exitcodes import ChildExit
+from portunus.ipc.channel_end import say_up
 from portunus.logs import log_event
-from portunus.supervisor.children import say_up
 from portunus.supervisor.own_listeners import BindError, bind
 from portunus.web.app import create_app
 from portunus.web.limits import KEEP_ALIVE_SECS, MAX_HEADER_BYTES, guarded_protocol
@@ -137,7 +136,8 @@ def _watch_channel(
     loop: asyncio.AbstractEventLoop, sock: socket.socket, settings: Settings
 ) -> None:
     """Apply a reload's ``settings`` frames from the supervisor to the live Settings."""
-    from portunus.supervisor.framing import Channel, ProtocolError
+    from portunus.ipc.framing import Channel, ProtocolError, close_fds
+    from portunus.ipc.messages import Settings as SettingsMessage
     from portunus.supervisor.reload import apply_settings
 
     channel = Channel(sock)
@@ -149,10 +149,9 @@ def _watch_channel(
             loop.remove_reader(sock.fileno())
             return
         for msg, fds in frames:
-            for fd in fds:
-                os.close(fd)
-            if msg.get("type") == "settings" and isinstance(msg.get("settings"), dict):
-                apply_settings(settings, msg["settings"])
+            close_fds(fds)
+            if isinstance(msg, SettingsMessage):
+                apply_settings(settings, msg.settings)
                 route_uvicorn_logs(settings.log_level)
 
     loop.add_reader(sock.fileno(), readable)

@@ -249,8 +249,8 @@ def run_metrics(
     import uvloop
 
     from portunus.exitcodes import ChildExit
+    from portunus.ipc.channel_end import say_up
     from portunus.logs import log_event
-    from portunus.supervisor.children import say_up
     from portunus.supervisor.own_listeners import BindError, bind
 
     if sock is None:

@@ -4,7 +4,7 @@ struct.error, RecursionError, OverflowError…), whatever the input.
 
 Covered: the TLS ClientHello peek (``shard.sni``), the PROXY header codec
 (``shard.proxyproto``), untrusted JSON (``safejson``), edge-link frames
-(``edge.wire``), control-socket requests (``control.rpc.protocol``) and the two
+(``ipc.edge_wire``), control-socket requests (``control.rpc.protocol``) and the two
 TOML loaders (standalone and server.toml).
 """
 
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from portunus import safejson
 from portunus.config import ConfigError, load_server_settings, load_standalone
 from portunus.control.rpc.protocol import Request, RequestError, parse_request
-from portunus.edge.wire import WireError, read_frame
+from portunus.ipc.edge_wire import WireError, read_frame
 from portunus.shard import proxyproto
 from portunus.shard.sni import ClientHelloError, extract_sni
 

@@ -26,12 +26,9 @@ from portunus.control.store import Store, accounts, audit_refusal, utc_now, writ
 from portunus.control.store import rules as rules_db
 from portunus.control.store.accounts import LOCAL_CLIENT_ID, ClientRow
 from portunus.errors import PortunusError, reject_unknown_fields
+from portunus.ipc import edge_messages as em
 
-REVOKED_GOODBYE = {
-    "type": "error",
-    "code": "revoked",
-    "message": "this client was revoked by the server",
-}
+REVOKED_GOODBYE = em.Error(code="revoked", message="this client was revoked by the server")
 
 
 def _ref(params: dict[str, Any]) -> str:

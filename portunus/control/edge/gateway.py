@@ -42,7 +42,8 @@ from portunus.control.edge.session import (
 )
 from portunus.control.edge.shedding import Shedder
 from portunus.control.store import Store, utc_now, write_audit
-from portunus.edge.wire import FrameTooLarge, WireError, encode_frame, read_frame
+from portunus.ipc import edge_messages as em
+from portunus.ipc.edge_wire import FrameTooLarge, WireError, encode_frame, read_message
 from portunus.logs import flush_throttled, log_event, log_throttled
 
 HANDSHAKE_TIMEOUT_SECS = DEFAULT_HANDSHAKE_TIMEOUT_SECS
@@ -194,12 +195,12 @@ class EdgeGateway:
             if opened is None:
                 return
             reader, writer, first = opened
-            kind = first["type"]
-            if kind == "enroll":
+            if isinstance(first, em.Enroll):
                 await self._enroll(first, writer, peer)
-            elif kind == "hello":
+            elif isinstance(first, em.Hello):
                 await self._hello(first, reader, writer, peer, slot)
             else:
+                kind = em.kind(first)
                 await self._refuse(writer, "bad_request", f"expected enroll or hello, got {kind!r}")
         except (ConnectionError, OSError):
             pass
@@ -210,7 +211,7 @@ class EdgeGateway:
 
     async def _first_frame(
         self, conn: socket.socket, peer: str | None, slot: PreauthSlot
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, dict[str, Any]] | None:
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, em.Frame] | None:
         """TLS handshake and the first frame, under one deadline; None when the
         connection is over (the reason is counted and logged, throttled).  While
         it runs, the preauth limits may bring the deadline forward to now
@@ -236,7 +237,7 @@ class EdgeGateway:
                         ssl_handshake_timeout=self.handshake_timeout + 5,
                     )
                     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-                    return reader, writer, await read_frame(reader, PREAUTH_MAX_FRAME)
+                    return reader, writer, await read_message(reader, PREAUTH_MAX_FRAME)
                 finally:
                     slot.on_evict = None
         except TimeoutError:
@@ -260,21 +261,19 @@ class EdgeGateway:
 
     async def _refuse(self, writer: asyncio.StreamWriter, code: str, message: str) -> None:
         """Send one ``error`` frame and close (the link is over)."""
-        await self._goodbye(writer, {"type": "error", "code": code, "message": message})
+        await self._goodbye(writer, em.Error(code=code, message=message))
 
-    async def _goodbye(self, writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
+    async def _goodbye(self, writer: asyncio.StreamWriter, msg: em.Frame) -> None:
         with contextlib.suppress(ConnectionError, OSError, TimeoutError):
             writer.write(encode_frame(msg))
             await asyncio.wait_for(writer.drain(), 2.0)
             writer.close()
             await asyncio.wait_for(writer.wait_closed(), 2.0)
 
-    async def _enroll(
-        self, msg: dict[str, Any], writer: asyncio.StreamWriter, peer: str | None
-    ) -> None:
+    async def _enroll(self, msg: em.Enroll, writer: asyncio.StreamWriter, peer: str | None) -> None:
         async with self.store.write() as db:
             try:
-                client, token = await redeem(db, msg.get("code"))
+                client, token = await redeem(db, msg.code)
             except EnrollmentInvalid as exc:
                 # A refused redemption changes nothing but is on the record (within
                 # the audit budget: anyone can send one per connection).
@@ -300,7 +299,7 @@ class EdgeGateway:
                     f"client:{client.client_id}",
                     "client.enrolled",
                     f"client:{client.client_id}",
-                    details={"peer": peer, "version": _short(msg.get("version"))},
+                    details={"peer": peer, "version": _short(msg.version)},
                 )
         if failure is not None:
             self.preauth.count("enrollment_invalid")
@@ -309,26 +308,20 @@ class EdgeGateway:
             return
         log_event("edge.enrolled", client_id=client.client_id, client=client.name, peer=peer)
         await self._goodbye(
-            writer,
-            {
-                "type": "enrolled",
-                "client_id": client.client_id,
-                "client_name": client.name,
-                "token": token,
-            },
+            writer, em.Enrolled(client_id=client.client_id, client_name=client.name, token=token)
         )
 
     async def _hello(
         self,
-        msg: dict[str, Any],
+        msg: em.Hello,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         peer: str | None,
         slot: PreauthSlot,
     ) -> None:
         async with self.store.read() as db:
-            client = await client_for_token(db, msg.get("token"))
-        claimed = msg.get("client_id")
+            client = await client_for_token(db, msg.token)
+        claimed = msg.client_id
         if client is None or (claimed is not None and claimed != client.client_id):
             self.preauth.count("unauthenticated")
             log_throttled(
@@ -369,27 +362,23 @@ class EdgeGateway:
             await self._goodbye(writer, self.shedder.busy_frame(retry_after))
             return
         slot.release()  # authenticated: no longer anonymous, the normal frame limit applies
-        capabilities = _capabilities(msg.get("capabilities"))
-        welcome: dict[str, Any] = {
-            "type": "welcome",
-            "client_id": client.client_id,
-            "client_name": client.name,
-        }
+        capabilities = _capabilities(msg.capabilities)
+        welcome = em.Welcome(client_id=client.client_id, client_name=client.name)
         if QUIET_LINK in capabilities:
             beat, ping, dead = self.quiet
-            welcome.update(
-                heartbeat_secs=_number(beat), ping_secs=_number(ping), dead_after_secs=_number(dead)
-            )
+            welcome.heartbeat_secs = _number(beat)
+            welcome.ping_secs = _number(ping)
+            welcome.dead_after_secs = _number(dead)
         else:
             ping, dead = self.heartbeat_secs, self.dead_after_secs
-            welcome["heartbeat_secs"] = _number(ping)
+            welcome.heartbeat_secs = _number(ping)
         session = EdgeSession(
             client.client_id,
             client.name,
             reader,
             writer,
             remote_addr=peer,
-            version=_short(msg.get("version")),
+            version=_short(msg.version),
             capabilities=capabilities,
             connected_since=utc_now(),
             on_frame=self.link.on_frame,

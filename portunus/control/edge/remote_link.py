@@ -17,7 +17,7 @@ from typing import Any
 
 from portunus.control.dataplane import DataPlaneEvents, LinkInfo, RuleResult
 from portunus.control.edge.session import EdgeSession
-from portunus.logs import log_event
+from portunus.ipc import edge_messages as em
 from portunus.rules import Rule
 from portunus.text import is_ascii_digits
 
@@ -120,7 +120,7 @@ class RemoteLink:
             self._sorted = None
             self.on_count(len(self.sessions))
 
-    def kick(self, client_id: str, goodbye: dict[str, Any] | None, reason: str) -> bool:
+    def kick(self, client_id: str, goodbye: em.Error | None, reason: str) -> bool:
         """Close the client's session (revoke, delete); True if there was one."""
         session = self.sessions.get(client_id)
         if session is None:
@@ -133,7 +133,7 @@ class RemoteLink:
         session = self.sessions.get(client_id)
         if session is not None:
             session.client_name = name
-            session.send({"type": "renamed", "client_name": name})
+            session.send(em.Renamed(client_name=name))
 
     def forget(self, client_id: str) -> None:
         """Drop what is kept about a deleted client."""
@@ -165,55 +165,45 @@ class RemoteLink:
         if session is None:
             return  # the full set goes out when it reconnects
         session.send(
-            {
-                "type": "apply",
-                "seq": next(self._seq),
-                "upsert": [r.to_wire() for r in upsert],
-                "remove": [str(i) for i in remove],
-            }
+            em.Apply(
+                seq=next(self._seq),
+                upsert=[r.to_wire() for r in upsert],
+                remove=[str(i) for i in remove],
+            )
         )
 
     async def sync(self, client_id: str, rules: Sequence[Rule]) -> None:
         session = self.sessions.get(client_id)
         if session is None:
             return
-        session.send(
-            {"type": "sync", "seq": next(self._seq), "rules": [r.to_wire() for r in rules]}
-        )
+        session.send(em.Sync(seq=next(self._seq), rules=[r.to_wire() for r in rules]))
 
     async def owner_caps(self, client_id: str, caps: dict[str, dict[str, int]]) -> None:
         session = self.sessions.get(client_id)
         # A client that does not enforce caps is not sent any (owner_caps.set refuses
         # them while it is connected; ones stored while it was away stay stored).
         if session is not None and "rate_limit" in session.capabilities:
-            session.send({"type": "owner_caps", "caps": caps})
+            session.send(em.OwnerCaps(caps=caps))
 
     # ------------------------------------------------------------- answers
 
-    def on_frame(self, session: EdgeSession, msg: dict[str, Any]) -> None:
+    def on_frame(self, session: EdgeSession, msg: em.Frame) -> None:
         """A frame from a client after its hello (called by the session's reader)."""
-        kind = msg["type"]
         client_id = session.client_id
-        if kind == "applied":
-            raw = msg.get("results")
-            if not isinstance(raw, dict):
-                log_event("edge.bad_frame", level="warning", client_id=client_id, type=kind)
-                return
+        if isinstance(msg, em.Applied):
             results = {
                 str(rule_id)[:20]: RuleResult(res["state"], _reason(res.get("reason")))
-                for rule_id, res in raw.items()
+                for rule_id, res in msg.results.items()
                 if isinstance(res, dict) and res.get("state") in ("active", "failed")
             }
             assert self.events is not None
             self.events.rules_applied(client_id, results)
-        elif kind == "removed":
-            ids = msg.get("ids")
-            if isinstance(ids, list):
-                assert self.events is not None
-                self.events.rules_removed(client_id, [str(i) for i in ids])
-        elif kind == "stats":
-            self.stats[client_id] = _parse_stats(msg.get("rules"))
-            run = msg.get("run")
+        elif isinstance(msg, em.Removed):
+            assert self.events is not None
+            self.events.rules_removed(client_id, [str(i) for i in msg.ids])
+        elif isinstance(msg, em.Stats):
+            self.stats[client_id] = _parse_stats(msg.rules)
+            run = msg.run
             self.runs[client_id] = run[:64] if isinstance(run, str) else None
         # "ping" needs no answer (any frame proves the link alive); unknown types are
         # ignored for forward compatibility (docs/edge.md).

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
 
-from portunus.edge.wire import WireError, encode_frame, read_frame
+from portunus.ipc import edge_messages as em
+from portunus.ipc.edge_wire import WireError, encode_frame, read_message
 
 HEARTBEAT_SECS = 5.0
 DEAD_AFTER_SECS = 15.0
@@ -42,7 +42,7 @@ CLOSE_GRACE_SECS = 0.5
 # Bytes waiting for a client that does not read: beyond this the link is cut.
 # Above the largest frame (16 MiB) so one full sync to a slow client fits.
 MAX_BUFFERED = 48 * 1024 * 1024
-_PING = encode_frame({"type": "ping"})
+_PING = encode_frame(em.Ping())
 
 
 class EdgeSession:
@@ -78,7 +78,7 @@ class EdgeSession:
         version: str | None,
         capabilities: list[str],
         connected_since: str,
-        on_frame: Callable[[EdgeSession, dict[str, Any]], None],
+        on_frame: Callable[[EdgeSession, em.Frame], None],
         heartbeat_secs: float = HEARTBEAT_SECS,
         dead_after_secs: float = DEAD_AFTER_SECS,
     ) -> None:
@@ -102,14 +102,14 @@ class EdgeSession:
     def closing(self) -> bool:
         return self._closing
 
-    def send(self, msg: dict[str, Any]) -> None:
+    def send(self, msg: em.Frame) -> None:
         """Write one frame; silently dropped once the session is closing."""
         if self._closing:
             return
         try:
             data = encode_frame(msg)
         except WireError as exc:  # a frame over 16 MiB: the link cannot carry it
-            self.close(None, f"cannot send a {msg.get('type')} frame: {exc}")
+            self.close(None, f"cannot send a {em.kind(msg)} frame: {exc}")
             return
         self._write(data)
 
@@ -123,7 +123,7 @@ class EdgeSession:
         transport.write(data)
         self.last_tx = self._loop.time()
 
-    def close(self, goodbye: dict[str, Any] | None, reason: str) -> None:
+    def close(self, goodbye: em.Error | None, reason: str) -> None:
         """End the session: send ``goodbye`` (e.g. ``error: revoked``) if given,
         then close; the transport is aborted after ``CLOSE_GRACE_SECS`` at most."""
         if self._closing:
@@ -162,7 +162,7 @@ class EdgeSession:
     async def _read_loop(self) -> str:
         while True:
             try:
-                msg = await read_frame(self._reader)
+                msg = await read_message(self._reader)
             except asyncio.IncompleteReadError:
                 return "closed" if self._closing else "the client closed the link"
             except WireError as exc:

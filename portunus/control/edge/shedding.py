@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+
+from portunus.ipc.edge_messages import Error
 
 BUSY_BACKLOG = 2000
 RETRY_PER_LIMIT = 2.0
@@ -38,11 +39,10 @@ class Shedder:
             return None
         return max(1, min(RETRY_MAX, math.ceil(RETRY_PER_LIMIT * queued / self.limit)))
 
-    def busy_frame(self, retry_after: int) -> dict[str, Any]:
+    def busy_frame(self, retry_after: int) -> Error:
         self.refused += 1
-        return {
-            "type": "error",
-            "code": "busy",
-            "retry_after": retry_after,
-            "message": f"the server is reconciling {self.backlog()} queued client events; retry in {retry_after} s",
-        }
+        return Error(
+            code="busy",
+            retry_after=retry_after,
+            message=f"the server is reconciling {self.backlog()} queued client events; retry in {retry_after} s",
+        )

@@ -113,7 +113,7 @@ def restart(srv: ServerProc, timeout: float = 30.0) -> None:
 
 async def _hello(server: str, fingerprint: str, token: str, client_id: str) -> dict[str, Any]:
     from portunus.edge.pinning import close_quietly, open_pinned
-    from portunus.edge.wire import read_frame, write_frame
+    from portunus.ipc.edge_wire import read_frame, write_frame
 
     host, _, port = server.rpartition(":")
     reader, writer = await open_pinned(host, int(port), fingerprint)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from portunus.edge.wire import encode_frame
+from portunus.ipc.edge_wire import encode_frame
 from tests.e2e.edge.clients import ClientFactory, enroll
 from tests.e2e.edge.test_edge_server import mint, push, wait_connected
 from tests.e2e.support import (

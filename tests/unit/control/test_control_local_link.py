@@ -11,8 +11,10 @@ import pytest
 
 from portunus.control.dataplane import RuleResult
 from portunus.control.local_link import LocalLink
+from portunus.ipc.framing import Channel
+from portunus.ipc.messages import as_dict
+from portunus.ipc.messages import from_dict as message
 from portunus.rules import Target, build_rule
-from portunus.supervisor.framing import Channel
 
 
 class Recorder:
@@ -43,7 +45,7 @@ async def frames_from(chan: Channel, n: int) -> list[dict[str, Any]]:
     got: list[dict[str, Any]] = []
     deadline = asyncio.get_running_loop().time() + 5
     while len(got) < n:
-        got += [m for m, _ in chan.read()]
+        got += [as_dict(m) for m, _ in chan.read()]
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"only {len(got)} of {n} frames")
         await asyncio.sleep(0.005)
@@ -81,24 +83,26 @@ async def test_apply_sync_and_answers(
         "upsert": [rule.to_wire()],
         "remove": ["3"],
     }
-    sup.send({"type": "hello", "version": 1, "shards": 2})
+    sup.send(message({"type": "hello", "version": 1, "shards": 2}))
     sup.send(
-        {
-            "type": "applied",
-            "seq": apply["seq"],
-            "results": {
-                "12": {"state": "failed", "reason": "port_in_use (port 8080 already bound)"}
-            },
-        }
+        message(
+            {
+                "type": "applied",
+                "seq": apply["seq"],
+                "results": {
+                    "12": {"state": "failed", "reason": "port_in_use (port 8080 already bound)"}
+                },
+            }
+        )
     )
-    sup.send({"type": "removed", "ids": ["3"]})
+    sup.send(message({"type": "removed", "ids": ["3"]}))
     await link.apply("local", [], ["4"])  # remove-only: answered with empty results
     (remove_only,) = await frames_from(sup, 1)
-    sup.send({"type": "applied", "seq": remove_only["seq"], "results": {}})
-    sup.send({"type": "applied", "seq": sync["seq"], "results": {}})
+    sup.send(message({"type": "applied", "seq": remove_only["seq"], "results": {}}))
+    sup.send(message({"type": "applied", "seq": sync["seq"], "results": {}}))
     await until(lambda: len(rec.applied) == 3)
     assert "unexpected_seq" not in capfd.readouterr().err
-    sup.send({"type": "applied", "seq": 999, "results": {}})
+    sup.send(message({"type": "applied", "seq": 999, "results": {}}))
     await until(lambda: len(rec.applied) == 4)
     assert "unexpected_seq" in capfd.readouterr().err
     assert rec.applied[0] == (
@@ -151,7 +155,7 @@ async def test_garbage_from_supervisor_closes(pair: tuple[socket.socket, socket.
     closed: list[str] = []
     link = LocalLink(ours, on_close=closed.append, events=Recorder())
     link.start()
-    theirs.sendall(b"\x00\x00\x00\x03abc")
+    theirs.sendall(b"\x00\x00\x00\x03\x00\x00abc")  # header: length 3, no fds
     await until(lambda: closed)
     assert "bad frame" in closed[0]
     link.close()

@@ -17,7 +17,9 @@ import pytest
 
 from portunus.control.client import call_sync
 from portunus.control.store.migrations import connect_sync, migrate
-from portunus.supervisor.framing import Channel
+from portunus.ipc.framing import Channel
+from portunus.ipc.messages import as_dict
+from portunus.ipc.messages import from_dict as message
 
 from .conftest import free_port, spawn_control
 
@@ -36,7 +38,7 @@ def read_frames(chan: Channel, n: int, timeout: float = 10.0) -> list[dict[str, 
             if left <= 0:
                 raise AssertionError(f"got {len(got)} of {n} frames: {got}")
             sel.select(left)
-            got += [m for m, _ in chan.read()]
+            got += [as_dict(m) for m, _ in chan.read()]
     return got
 
 
@@ -110,13 +112,15 @@ def test_sync_push_and_sigterm(control: Control) -> None:
     assert caps == {"type": "owner_caps", "caps": {}}  # the node's full set, before the rules
     assert sync["type"] == "sync" and [r["id"] for r in sync["rules"]] == ["1"]
     assert sync["rules"][0]["listen_start"] == 30100 and sync["rules"][0]["client"] == "local"
-    control.chan.send({"type": "hello", "version": 1, "shards": 1})
+    control.chan.send(message({"type": "hello", "version": 1, "shards": 1}))
     control.chan.send(
-        {
-            "type": "applied",
-            "seq": sync["seq"],
-            "results": {"1": {"state": "active", "reason": None}},
-        }
+        message(
+            {
+                "type": "applied",
+                "seq": sync["seq"],
+                "results": {"1": {"state": "active", "reason": None}},
+            }
+        )
     )
     wait_until(lambda: os.path.exists(control.sock_path))
     assert control.call("health") == {"status": "ok"}
@@ -136,11 +140,13 @@ def test_sync_push_and_sigterm(control: Control) -> None:
     (apply,) = read_frames(control.chan, 1)
     assert apply["type"] == "apply" and apply["upsert"][0]["id"] == "3"
     control.chan.send(
-        {
-            "type": "applied",
-            "seq": apply["seq"],
-            "results": {"3": {"state": "active", "reason": None}},
-        }
+        message(
+            {
+                "type": "applied",
+                "seq": apply["seq"],
+                "results": {"3": {"state": "active", "reason": None}},
+            }
+        )
     )
     t.join(10)
     assert result["rule"]["state"] == "active" and result["rule"]["id"] == 3

@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 from portunus.edge.bundle import Bundle
-from portunus.supervisor.framing import Channel
+from portunus.ipc.framing import Channel
+from portunus.ipc.messages import as_dict
+from portunus.ipc.messages import from_dict as message
 
 from .fake_server import FakeEdgeServer, make_cert
 
@@ -65,7 +67,7 @@ class FakeSupervisor:
 
     def pump(self) -> None:
         try:
-            self.got += [m for m, _ in self.chan.read()]
+            self.got += [as_dict(m) for m, _ in self.chan.read()]
         except EOFError:
             pass
 
@@ -85,15 +87,17 @@ class FakeSupervisor:
         """Reply to a sync/apply the way the real supervisor does."""
         ids = [r["id"] for r in msg.get("rules", msg.get("upsert", []))]
         self.chan.send(
-            {
-                "type": "applied",
-                "seq": msg["seq"],
-                "results": {i: {"state": state, "reason": None} for i in ids},
-            }
+            message(
+                {
+                    "type": "applied",
+                    "seq": msg["seq"],
+                    "results": {i: {"state": state, "reason": None} for i in ids},
+                }
+            )
         )
 
     def send(self, msg: dict[str, Any]) -> None:
-        self.chan.send(msg)
+        self.chan.send(message(msg))
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from portunus.edge.wire import WireError, read_frame, write_frame
+from portunus.ipc.edge_wire import WireError, read_frame, write_frame
 
 T = TypeVar("T")
 

@@ -2,7 +2,7 @@
 
 If a change makes a legitimate frame larger (a new hello field, a longer token,
 more capabilities, a fatter rule), these fail before a real client is cut off.
-The figures are quoted in ``control.edge.preauth`` and ``edge.wire``.
+The figures are quoted in ``control.edge.preauth`` and ``ipc.edge_wire``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from portunus.control.edge.enrollment import MAX_SECRET_LEN
 from portunus.control.edge.gateway import _MAX_CAPABILITIES
 from portunus.control.edge.preauth import PREAUTH_MAX_FRAME
 from portunus.control.store.accounts import new_ulid
-from portunus.edge.wire import CAPABILITIES, MAX_FRAME, encode_frame
+from portunus.ipc.edge_wire import CAPABILITIES, MAX_FRAME, encode_frame
 from portunus.rules import Rule, Target, build_rule
 
 # The rule count 16 MiB must carry in one sync (docs/edge.md "Limits").
@@ -118,8 +118,8 @@ def test_a_stats_frame_too_long_for_one_frame_keeps_its_totals() -> None:
         for i in range(50)
     }
     full = stats_frame(totals)
-    assert full["rules"] is totals  # fits: unchanged
+    assert full.rules is totals  # fits: unchanged
     slim = stats_frame(totals, max_len=64 * 1024)
-    assert set(slim["rules"]) == set(totals)
-    assert all(entry == counters for entry in slim["rules"].values())
+    assert set(slim.rules) == set(totals)
+    assert all(entry == counters for entry in slim.rules.values())
     assert len(encode_frame(slim)) <= 64 * 1024

@@ -22,7 +22,8 @@ from portunus.edge.bundle import Bundle, read_bundle, write_bundle
 from portunus.edge.link import EXIT_HALT, EdgeLink, link_cadence
 from portunus.edge.rulestore import RuleStore
 from portunus.edge.timing import LinkTiming
-from portunus.edge.wire import CAPABILITIES
+from portunus.ipc import edge_messages as em
+from portunus.ipc.edge_wire import CAPABILITIES
 
 from .conftest import FakeSupervisor, bundle_for
 from .fake_server import FakeEdgeServer, wire_rule
@@ -194,17 +195,24 @@ async def test_pings_and_stats_flow(fake: FakeEdgeServer, start: Callable[..., R
     assert len(fake.frames(CID, "stats")) == 1
 
 
+def _welcome(**cadence: Any) -> em.Welcome:
+    """A welcome frame as it comes off the wire, with these cadence fields."""
+    frame = em.parse({"type": "welcome", "client_id": CID, "client_name": "edge-01", **cadence})
+    assert isinstance(frame, em.Welcome)
+    return frame
+
+
 def test_link_cadence_from_the_welcome() -> None:
     timing = LinkTiming()
-    assert link_cadence({"heartbeat_secs": 5}, timing) == (5.0, 15.0)  # an older server
-    assert link_cadence({}, timing) == (5.0, 15.0)
-    assert link_cadence({"heartbeat_secs": 20, "ping_secs": 20, "dead_after_secs": 30}, timing) == (
+    assert link_cadence(_welcome(heartbeat_secs=5), timing) == (5.0, 15.0)  # an older server
+    assert link_cadence(_welcome(), timing) == (5.0, 15.0)
+    assert link_cadence(_welcome(heartbeat_secs=20, ping_secs=20, dead_after_secs=30), timing) == (
         20.0,
         30.0,
     )
-    assert link_cadence({"heartbeat_secs": 10, "ping_secs": 25}, timing) == (10.0, 60.0)
-    assert link_cadence({"heartbeat_secs": True, "ping_secs": -1}, timing) == (5.0, 15.0)
-    assert link_cadence({"heartbeat_secs": 0.1, "ping_secs": 0.2}, FAST) == (0.1, 0.6)
+    assert link_cadence(_welcome(heartbeat_secs=10, ping_secs=25), timing) == (10.0, 60.0)
+    assert link_cadence(_welcome(heartbeat_secs=True, ping_secs=-1), timing) == (5.0, 15.0)
+    assert link_cadence(_welcome(heartbeat_secs=0.1, ping_secs=0.2), FAST) == (0.1, 0.6)
 
 
 async def test_a_silent_server_is_declared_dead_and_redialled(

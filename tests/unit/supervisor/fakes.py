@@ -20,9 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from portunus.ipc.channel_end import say_up
+from portunus.ipc.framing import Channel
+from portunus.ipc.messages import as_dict, from_dict
 from portunus.supervisor.arbiter import HANDLED_SIGNALS, RuleSource, Supervisor
-from portunus.supervisor.children import Child, say_up
-from portunus.supervisor.framing import Channel
+from portunus.supervisor.children import Child
 from portunus.supervisor.policy import Role
 
 Entry = Callable[[socket.socket], None]
@@ -160,7 +162,7 @@ class Recorder:
         return run
 
     def _serve(self, channel: Channel, hello_type: str) -> None:
-        channel.send({"type": hello_type})
+        channel.send(from_dict({"type": hello_type}))
         sel = selectors.DefaultSelector()
         sel.register(channel.sock, selectors.EVENT_READ, "channel")
         sel.register(self.cmd_r, selectors.EVENT_READ, "test")
@@ -171,16 +173,17 @@ class Recorder:
                     pending += os.read(self.cmd_r, 65536)
                     *lines, pending = pending.split(b"\n")
                     for line in lines:
-                        channel.send(json.loads(line))
+                        channel.send(from_dict(json.loads(line)))
                     continue
                 try:
                     frames = channel.read()
                 except EOFError:
                     return
-                for msg, fds in frames:
+                for typed, fds in frames:
+                    msg = as_dict(typed)
                     self._report(msg, fds)
                     if self.drains and msg.get("type") == "rules" and msg.get("remove"):
-                        channel.send({"type": "drained", "ids": msg["remove"]})
+                        channel.send(from_dict({"type": "drained", "ids": msg["remove"]}))
             while not channel.flush():
                 time.sleep(0.001)
 

@@ -27,7 +27,7 @@ from portunus.control.rpc.handlers import ControlContext, Dispatcher
 from portunus.control.rpc.server import RpcServer
 from portunus.control.service import RuleService
 from portunus.control.store import Store
-from portunus.edge.wire import encode_frame, read_frame
+from portunus.ipc.edge_wire import encode_frame, read_frame
 
 from ..conftest import closing_each
 

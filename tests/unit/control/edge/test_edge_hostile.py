@@ -11,8 +11,8 @@ import pytest
 
 from portunus.control.store import write_audit
 from portunus.edge.link import _check_rules
-from portunus.edge.wire import WireError, read_frame
 from portunus.errors import PortunusError
+from portunus.ipc.edge_wire import WireError, read_frame
 
 
 async def test_refused_long_client_name_is_bounded_in_the_audit_trail(edge: Any) -> None:

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from portunus.control.edge.preauth import PREAUTH_MAX_FRAME, AuditBudget, PreauthLimits
-from portunus.edge.wire import encode_frame
+from portunus.ipc.edge_wire import encode_frame
 
 
 def _tls() -> ssl.SSLContext:

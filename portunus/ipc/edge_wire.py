@@ -1,4 +1,9 @@
-"""Frames on the edge link: 4-byte big-endian length + JSON object, over asyncio streams."""
+"""Frames on the edge link: 4-byte big-endian length + JSON object, over asyncio streams.
+
+``read_frame``/``encode_frame`` move the JSON objects themselves (a test or a bench
+that plays a peer speaks them raw); the processes read ``read_message``, which
+hands back the frame's class (edge_messages.py), and write those classes.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ import struct
 from typing import Any
 
 from portunus import safejson
+from portunus.ipc import edge_messages
+from portunus.ipc.edge_messages import Frame
 
 # Every feature a node of this build can run, as advertised in the link's hello
 # (docs/edge.md); the server gates rules on them.  ``local`` advertises the same.
@@ -61,13 +68,25 @@ async def read_frame(reader: asyncio.StreamReader, max_len: int = MAX_FRAME) -> 
     return msg
 
 
-def encode_frame(msg: dict[str, Any]) -> bytes:
-    body = json.dumps(msg, separators=(",", ":")).encode()
+async def read_message(reader: asyncio.StreamReader, max_len: int = MAX_FRAME) -> Frame:
+    """``read_frame``, as its class; WireError when its fields do not fit its kind."""
+    raw = await read_frame(reader, max_len)
+    try:
+        return edge_messages.parse(raw)
+    except edge_messages.FrameInvalid as exc:
+        raise WireError(str(exc)) from None
+
+
+def encode_frame(msg: Frame | dict[str, Any]) -> bytes:
+    if isinstance(msg, Frame):
+        body = edge_messages.encode(msg)
+    else:
+        body = json.dumps(msg, separators=(",", ":")).encode()
     if len(body) > MAX_FRAME:
         raise WireError(f"frame of {len(body)} bytes exceeds {MAX_FRAME}")
     return _HEADER.pack(len(body)) + body
 
 
-async def write_frame(writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
+async def write_frame(writer: asyncio.StreamWriter, msg: Frame | dict[str, Any]) -> None:
     writer.write(encode_frame(msg))
     await writer.drain()

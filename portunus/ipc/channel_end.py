@@ -1,11 +1,13 @@
-"""A rule source's end of the supervisor channel ("Supervisor ↔ rule source").
+"""A child's end of the supervisor channel (docs/rpc.md, "Process boundaries").
 
-Used by the control process (``portunus.control.local_link``) and by the edge
-client's link child (``portunus.edge.link``): the shared non-blocking ``Channel``
-driven by ``loop.add_reader``/``add_writer``.  Every frame from the supervisor
-(``hello``, ``applied``, ``removed``) goes to one callback; fds are never expected
-and are closed.  When the channel closes the supervisor is gone (or broke the
-protocol) and the owner must exit rather than run without a data plane.
+``SupervisorEnd`` is the rule source's end, used by the control process
+(``portunus.control.local_link``) and by the edge client's link child
+(``portunus.edge.link``): the shared non-blocking ``Channel`` driven by
+``loop.add_reader``/``add_writer``.  Every message from the supervisor (``hello``,
+``applied``, ``retried``, ``removed``, ``settings``) goes to one callback; fds are
+never expected and are closed.  When the channel closes the supervisor is gone (or
+broke the protocol) and the owner must exit rather than run without a data plane.
+``say_up`` is the whole end of a child that only says it started (web, metrics).
 """
 
 from __future__ import annotations
@@ -13,9 +15,19 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
-from typing import Any
 
-from portunus.supervisor.framing import Channel, ProtocolError
+from portunus.ipc.framing import Channel, ProtocolError, close_fds, encode
+from portunus.ipc.messages import Message, Up
+
+
+def say_up(channel: socket.socket) -> None:
+    """In a child without a rule-source channel end (web, metrics): tell the
+    supervisor this child is up, with one ``up`` frame.  A child that dies before
+    it said so could not start (supervisor/policy.py)."""
+    try:
+        channel.sendall(encode(Up()))
+    except OSError:
+        pass  # the supervisor is gone; PDEATHSIG ends us
 
 
 class SupervisorEnd:
@@ -24,7 +36,7 @@ class SupervisorEnd:
     def __init__(
         self,
         sock: socket.socket,
-        on_message: Callable[[dict[str, Any]], None],
+        on_message: Callable[[Message], None],
         on_close: Callable[[str], None],
     ) -> None:
         self.channel = Channel(sock)
@@ -43,7 +55,7 @@ class SupervisorEnd:
     def closed(self) -> bool:
         return self._gone or self.channel.closed
 
-    def send(self, msg: dict[str, Any]) -> None:
+    def send(self, msg: Message) -> None:
         if self.closed:
             return
         self.channel.send(msg)
@@ -87,8 +99,7 @@ class SupervisorEnd:
             self._lost(f"the supervisor sent a bad frame: {exc}")
             return
         for msg, fds in frames:
-            for fd in fds:  # never expected on this channel; do not leak them
-                socket.close(fd)
+            close_fds(fds)  # never expected on this channel; do not leak them
             self.on_message(msg)
         if self.channel.closed:
             self._lost("the supervisor closed the channel")

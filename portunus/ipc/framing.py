@@ -1,29 +1,34 @@
-"""Framing for every internal channel: 4-byte big-endian length + JSON, with fds.
+"""Framing for every supervisor channel: a header (4-byte big-endian body length,
+2-byte fd count) + one JSON message (messages.py), with fds.
 
-Supervisor <-> shard and supervisor <-> rule-source channels are AF_UNIX stream
+Supervisor <-> shard and supervisor <-> service channels are AF_UNIX stream
 socketpairs.  A frame may carry file descriptors (listening sockets) as
 SCM_RIGHTS; they are attached to the frame's first byte, so the receiver queues
-every fd it gets and a frame whose header says ``"nfds": k`` takes the next k
-from that queue.  The same ``Channel`` class is used by the synchronous
-supervisor (driven by a selector) and by asyncio processes (driven by
-``loop.add_reader``/``add_writer``): it never blocks, it only buffers.
+every fd it gets and a frame whose header counts k fds takes the next k from that
+queue.  Each body is decoded into its message class here, at the boundary: a
+frame that is not a valid message is a ``ProtocolError`` naming what is wrong.
+The same ``Channel`` class is used by the synchronous supervisor (driven by a
+selector) and by asyncio processes (driven by ``loop.add_reader``/``add_writer``):
+it never blocks, it only buffers.
 """
 
 from __future__ import annotations
 
 import array
-import json
 import os
 import socket
 import struct
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
 
-PROTOCOL_VERSION = 1
+import msgspec
+
+from portunus.ipc import messages
+from portunus.ipc.messages import Message
+
 MAX_FRAME = 32 * 1024 * 1024
 MAX_FDS_PER_FRAME = 250  # the kernel's SCM_MAX_FD is 253
-_HEADER = struct.Struct(">I")
+_HEADER = struct.Struct(">IH")  # body length, fds attached
 _RECV_CHUNK = 256 * 1024
 _RECV_FDS = 256
 
@@ -32,11 +37,21 @@ class ProtocolError(Exception):
     """The peer sent something that is not a valid frame; drop the channel."""
 
 
-def encode(msg: dict[str, Any]) -> bytes:
-    body = json.dumps(msg, separators=(",", ":")).encode()
+def encode(msg: Message, nfds: int = 0) -> bytes:
+    """One whole frame: header and body."""
+    body = messages.encode(msg)
     if len(body) > MAX_FRAME:
         raise ProtocolError(f"frame of {len(body)} bytes exceeds {MAX_FRAME}")
-    return _HEADER.pack(len(body)) + body
+    return _HEADER.pack(len(body), nfds) + body
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    """Close fds that came with a frame that does not take them."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 class Channel:
@@ -56,7 +71,7 @@ class Channel:
 
     # ------------------------------------------------------------ sending
 
-    def send(self, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    def send(self, msg: Message, fds: Sequence[int] = ()) -> None:
         """Queue a frame and try to write it now.
 
         The fds must stay open until ``wants_write`` is False (the supervisor
@@ -64,9 +79,7 @@ class Channel:
         """
         if len(fds) > MAX_FDS_PER_FRAME:
             raise ValueError(f"at most {MAX_FDS_PER_FRAME} fds per frame")
-        if fds:
-            msg = {**msg, "nfds": len(fds)}
-        self._out.append((memoryview(encode(msg)), list(fds)))
+        self._out.append((memoryview(encode(msg, len(fds))), list(fds)))
         self.flush()
 
     @property
@@ -98,7 +111,7 @@ class Channel:
 
     # ----------------------------------------------------------- receiving
 
-    def read(self) -> list[tuple[dict[str, Any], list[int]]]:
+    def read(self) -> list[tuple[Message, list[int]]]:
         """Read what is available; return complete frames with their fds.
 
         Raises EOFError when the peer closed the channel and ProtocolError on
@@ -133,25 +146,22 @@ class Channel:
             self.closed = True
         return frames
 
-    def _parse(self) -> list[tuple[dict[str, Any], list[int]]]:
-        frames: list[tuple[dict[str, Any], list[int]]] = []
+    def _parse(self) -> list[tuple[Message, list[int]]]:
+        frames: list[tuple[Message, list[int]]] = []
         buf = self._inbuf
         pos = 0
         while len(buf) - pos >= _HEADER.size:
-            (length,) = _HEADER.unpack_from(buf, pos)
+            length, nfds = _HEADER.unpack_from(buf, pos)
             if length > MAX_FRAME:
                 raise ProtocolError(f"frame length {length} exceeds {MAX_FRAME}")
             if len(buf) - pos - _HEADER.size < length:
                 break
             start = pos + _HEADER.size
             try:
-                msg = json.loads(bytes(buf[start : start + length]))
-            except ValueError as exc:
-                raise ProtocolError(f"frame is not JSON: {exc}") from None
-            if not isinstance(msg, dict):
-                raise ProtocolError("frame is not a JSON object")
+                msg = messages.decode(bytes(buf[start : start + length]))
+            except msgspec.DecodeError as exc:
+                raise ProtocolError(f"frame is not a valid message: {exc}") from None
             pos = start + length
-            nfds = int(msg.pop("nfds", 0) or 0)
             if nfds > len(self._infds):
                 raise ProtocolError(f"frame announces {nfds} fds, {len(self._infds)} received")
             fds = [self._infds.popleft() for _ in range(nfds)]
@@ -162,10 +172,6 @@ class Channel:
 
     def close(self) -> None:
         self.closed = True
-        for fd in self._infds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_fds(self._infds)
         self._infds.clear()
         self.sock.close()
