@@ -14,6 +14,8 @@ range lengths) are not here: they need the rule as a whole.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -67,8 +69,29 @@ def validate(doc: Any, struct: type[S]) -> S:
         raise refuse(found)
     try:
         return msgspec.convert(doc, struct, strict=True)
-    except msgspec.ValidationError as exc:  # the schema and the struct disagree: a bug here
-        raise ValidationError("validation.body", f"invalid body: {exc}") from None
+    except msgspec.ValidationError as exc:  # what the schema cannot say; not expected
+        raise refuse([_from_msgspec(str(exc), struct.__name__)]) from None
+
+
+_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+
+
+def _from_msgspec(message: str, name: str) -> Problem:
+    """msgspec's first error as a ``Problem``: its path as the field, the code the
+    schema declares there."""
+    m = _AT.match(message)
+    assert m is not None  # the pattern matches any text
+    path, code = "", components()[name].get("x-error-code", "validation.body")
+    node: dict[str, Any] | None = components()[name]
+    for key, index in _STEP.findall(m.group("path") or ""):
+        path = _join(path, int(index) if index else key)
+        node = _resolve(node) if node is not None else None
+        if node is not None:
+            node = node.get("items") if index else node.get("properties", {}).get(key)
+        if node is not None:
+            code = _resolve(node).get("x-error-code", code)
+    return Problem(path, code, f"{path or 'body'}: {m.group('what')}")
 
 
 # ------------------------------------------------------------------ checker
@@ -188,6 +211,9 @@ def _check_bounds(
     value: float, s: dict[str, Any], path: str, code: str, out: list[Problem]
 ) -> None:
     where = path or "body"
+    if not math.isfinite(value):  # only reachable past JSON (safejson refuses NaN/inf)
+        out.append(Problem(path, code, f"{where} must be a finite number, got {value}"))
+        return
     lo, hi = s.get("minimum"), s.get("maximum")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         if lo is not None and hi is not None:
