@@ -46,7 +46,8 @@ from portunus.edge.wire import MAX_FRAME, WireError, encode_frame, read_frame, w
 from portunus.errors import PortunusError
 from portunus.exitcodes import ChildExit
 from portunus.logs import log_event, log_throttled
-from portunus.rules import Rule, check_wire_numbers
+from portunus.rules import Rule
+from portunus.schema.wire import check_wire_rule
 from portunus.supervisor.channel_end import SupervisorEnd
 
 # The supervisor halts (no respawn) when the link exits REVOKED and the client exits
@@ -521,7 +522,7 @@ def _check_rules(raw: Any) -> tuple[list[dict[str, Any]], dict[str, dict[str, An
         try:
             if not isinstance(w, dict):
                 raise TypeError("not an object")
-            check_wire_numbers(w)
+            check_wire_rule(w)  # types and bounds of every field, unknown keys allowed
             good.append(Rule.from_wire(w).to_wire())
         except PortunusError as exc:
             rejected[rid] = {"state": "failed", "reason": f"malformed rule: {exc.message}"}

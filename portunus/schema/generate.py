@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from portunus.schema import requests, rule
+from portunus.schema import requests, rule, wire
 
 REF = "#/components/schemas/"
 
@@ -35,7 +35,9 @@ BODIES: tuple[type[msgspec.Struct], ...] = (
 )
 # Referenced from the bodies above; generated with them.
 _NESTED: tuple[type[msgspec.Struct], ...] = (rule.RateLimit, rule.TargetBody)
-BY_NAME: dict[str, type[msgspec.Struct]] = {t.__name__: t for t in BODIES + _NESTED}
+# Checked like the bodies but not published: the edge link's rule.
+_WIRE: tuple[type[msgspec.Struct], ...] = (wire.WireRule, wire.WireTarget)
+BY_NAME: dict[str, type[msgspec.Struct]] = {t.__name__: t for t in BODIES + _NESTED + _WIRE}
 
 
 def _merge_null(node: dict[str, Any]) -> dict[str, Any]:
@@ -83,8 +85,9 @@ def _tidy(node: Any) -> Any:
 
 @functools.cache
 def components() -> dict[str, dict[str, Any]]:
-    """``{struct name: JSON Schema}`` of every body and what they reference."""
-    _, raw = msgspec.json.schema_components(BODIES, ref_template=REF + "{name}")
+    """``{struct name: JSON Schema}`` of every declaration (bodies, what they
+    reference, the wire rule)."""
+    _, raw = msgspec.json.schema_components(BODIES + _WIRE, ref_template=REF + "{name}")
     out: dict[str, dict[str, Any]] = {}
     for name, schema in raw.items():
         struct = BY_NAME[name]
@@ -98,6 +101,12 @@ def components() -> dict[str, dict[str, Any]]:
         tidy.update(extra)
         out[name] = tidy
     return out
+
+
+def published() -> dict[str, dict[str, Any]]:
+    """The components of the OpenAPI document: the request bodies."""
+    names = {t.__name__ for t in BODIES + _NESTED}
+    return {k: v for k, v in components().items() if k in names}
 
 
 def schema(name: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from portunus.web.openapi_common import _BOOL, _ID_PARAM, ERROR_STATUSES, _json,
 __all__ = ["ERROR_STATUSES", "build_openapi", "components", "schema"]
 
 _SCHEMAS: dict[str, dict[str, Any]] = {
-    **generate.components(),
+    **generate.published(),
     **openapi_schemas.SCHEMAS,
     **openapi_users.SCHEMAS,
 }
