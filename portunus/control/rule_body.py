@@ -18,7 +18,7 @@ from msgspec import UNSET
 from portunus.errors import PortunusError, ValidationError
 from portunus.rules import Rule, Target, build_rule, validate_host
 from portunus.schema.check import validate
-from portunus.schema.rule import MAX_CLIENT_REF, RateLimit, RuleBody, TargetBody
+from portunus.schema.rule import MAX_CLIENT_REF, RuleBody, TargetBody
 
 
 def target_from_body(t: TargetBody, i: int) -> Target:
@@ -42,14 +42,6 @@ def target_from_body(t: TargetBody, i: int) -> Target:
         priority=t.priority,
         proxy_protocol=t.proxy_protocol,
     )
-
-
-def caps(rate_limit: RateLimit | None) -> dict[str, int] | None:
-    """The set caps of a declared ``rate_limit`` (None when none is set)."""
-    if rate_limit is None:
-        return None
-    out = {k: getattr(rate_limit, k) for k in rate_limit.__struct_fields__}
-    return {k: v for k, v in out.items() if v is not None} or None
 
 
 def _listen(b: RuleBody) -> tuple[tuple[int, int], str]:
@@ -89,7 +81,7 @@ def parse_rule_body(body: Any, range_max_ports: int) -> tuple[Rule, str]:
             sni=b.sni_pattern,
             proxy_protocol=b.proxy_protocol,
             prefer_ipv6=b.prefer_ipv6,
-            rate_limit=caps(b.rate_limit),
+            rate_limit=b.rate_limit.caps() if b.rate_limit is not None else None,
             health_check_interval_secs=b.health_check_interval_secs,
             range_max_ports=range_max_ports,
             idle_timeout_secs=b.idle_timeout_secs,

@@ -16,7 +16,7 @@ from typing import Any
 
 from msgspec import UNSET
 
-from portunus.control.rule_body import caps, target_from_body
+from portunus.control.rule_body import target_from_body
 from portunus.errors import ValidationError
 from portunus.rules import Rule, Target, build_rule
 from portunus.schema.check import validate
@@ -29,7 +29,8 @@ def parse_rule_update(params: dict[str, Any], current: Rule) -> dict[str, Any]:
     update = validate({k: v for k, v in params.items() if k != "id"}, RuleUpdate)
     changes: dict[str, Any] = {}
     if update.rate_limit is not UNSET:
-        changes["rate_limit"] = caps(update.rate_limit)
+        rate_limit = update.rate_limit
+        changes["rate_limit"] = rate_limit.caps() if rate_limit is not None else None
     if update.targets is not UNSET:
         targets = [target_from_body(t, i) for i, t in enumerate(update.targets)]
         changes["targets"] = checked_targets(current, targets)

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from portunus.schema import requests, rule, wire
+from portunus.schema import requests, rule, standalone, wire
 
 REF = "#/components/schemas/"
 
@@ -35,8 +35,12 @@ BODIES: tuple[type[msgspec.Struct], ...] = (
 )
 # Referenced from the bodies above; generated with them.
 _NESTED: tuple[type[msgspec.Struct], ...] = (rule.RateLimit, rule.TargetBody)
-# Checked like the bodies but not published: the edge link's rule.
-_WIRE: tuple[type[msgspec.Struct], ...] = (wire.WireRule, wire.WireTarget)
+# Checked like the bodies but not published: the edge link's rule, a TOML [[rule]].
+_WIRE: tuple[type[msgspec.Struct], ...] = (
+    wire.WireRule,
+    wire.WireTarget,
+    standalone.StandaloneRule,
+)
 BY_NAME: dict[str, type[msgspec.Struct]] = {t.__name__: t for t in BODIES + _NESTED + _WIRE}
 
 

@@ -59,6 +59,11 @@ class RateLimit(Struct, forbid_unknown_fields=True, omit_defaults=True):
         "x-unknown-field-message": "unknown rate_limit key {field}; known: {known}",
     }
 
+    def caps(self) -> dict[str, int] | None:
+        """The caps that are set (None when none is)."""
+        out = {k: getattr(self, k) for k in self.__struct_fields__}
+        return {k: v for k, v in out.items() if v is not None} or None
+
 
 RATE_LIMIT_ALL_KEYS: tuple[str, ...] = RateLimit.__struct_fields__
 RATE_LIMIT_KEYS = RATE_LIMIT_ALL_KEYS[:4]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 
 from portunus.bounds import HEALTH_CHECK_INTERVAL, PORT, PRIORITY, RATE_LIMIT_VALUE
+from portunus.config import ConfigError, load_standalone
 from portunus.errors import ValidationError
 from portunus.schema import generate
 from portunus.schema.check import _from_msgspec, validate
@@ -113,3 +115,30 @@ def test_wire_rule_allows_new_keys_and_checks_numbers() -> None:
         with pytest.raises(ValidationError) as info:
             check_wire_rule(bad)
         assert info.value.code == code, bad
+
+
+@pytest.mark.parametrize(
+    ("toml_value", "json_value", "key"),
+    [
+        ("3", 3, "prefer_ipv6"),
+        ("0.01", 0.01, "health_check_interval_secs"),
+        ('"quic"', "quic", "protocol"),
+        ('"v3"', "v3", "proxy_protocol"),
+    ],
+)
+def test_a_toml_rule_and_an_http_body_refuse_alike(
+    tmp_path: Path, toml_value: str, json_value: Any, key: str
+) -> None:
+    """Keys a [[rule]] shares with the rule body are checked by one declaration."""
+    path = tmp_path / "forward.toml"
+    path.write_text(
+        f'[[rule]]\nname = "r"\nlisten_port = 80\ntarget = "h:1"\n{key} = {toml_value}\n'
+    )
+    with pytest.raises(ConfigError) as toml_err:
+        load_standalone(str(path))
+    with pytest.raises(ValidationError) as body_err:
+        validate({**RULE, key: json_value}, RuleBody)
+    [line] = toml_err.value.errors
+    code, message = body_err.value.code, body_err.value.message
+    # The same words; only the body may also say null (TOML has none).
+    assert line == f"{path}:5: {code}: {message.replace(', null', '')}"
