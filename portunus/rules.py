@@ -15,16 +15,19 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import msgspec
+
 from portunus.bounds import (
     HEALTH_CHECK_INTERVAL,
     IDLE_TIMEOUT,
     MAX_HOST_LEN,
     MAX_SNI_LEN,
     PRIORITY,
-    RATE_LIMIT_VALUE,
 )
 from portunus.errors import ValidationError
-from portunus.schema.rule import MAX_TARGETS, RATE_LIMIT_ALL_KEYS
+from portunus.schema.check import check, refuse
+from portunus.schema.generate import schema
+from portunus.schema.rule import MAX_TARGETS, RateLimit
 from portunus.text import is_ascii_digits
 
 DEFAULT_RANGE_MAX_PORTS = 1024
@@ -309,20 +312,12 @@ def validate_sni_pattern(pattern: str | None) -> str | None:
 
 
 def validate_rate_limit(raw: dict[str, Any] | None) -> dict[str, int] | None:
-    if not raw:
-        return None
-    out: dict[str, int] = {}
-    for key, value in raw.items():
-        if key not in RATE_LIMIT_ALL_KEYS:
-            raise ValidationError(
-                "validation.rate_limit",
-                f"unknown rate_limit key {clip(key)!r}; known: {', '.join(RATE_LIMIT_ALL_KEYS)}",
-                field=f"rate_limit.{key}",
-            )
-        if value is None:
-            continue
-        out[key] = RATE_LIMIT_VALUE.check(value, f"rate_limit.{key}", "validation.rate_limit")
-    return out or None
+    """The set caps of ``raw`` checked against the ``RateLimit`` declaration (the
+    same codes and words as a rule body's ``rate_limit``), None when none is set."""
+    found = check(raw, schema("RateLimit"), "rate_limit")
+    if found:
+        raise refuse(found)
+    return msgspec.convert(raw, RateLimit, strict=True).caps() if raw else None
 
 
 def build_rule(
