@@ -28,11 +28,10 @@ from portunus.errors import ValidationError
 from portunus.schema.check import check, refuse
 from portunus.schema.generate import schema
 from portunus.schema.rule import MAX_TARGETS, RateLimit
+from portunus.schema.types import PROTOCOLS, PROXY_VERSIONS
 from portunus.text import is_ascii_digits
 
 DEFAULT_RANGE_MAX_PORTS = 1024
-PROTOCOLS = ("tcp", "udp")
-PROXY_VERSIONS = ("v1", "v2")
 
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from portunus.control.store.users import GrantRow
 from portunus.errors import PortunusError, ValidationError
+from portunus.schema.types import PROTOCOLS
 
-PROTOCOLS = ("tcp", "udp")
 NOTE_MAX = 256
 
 

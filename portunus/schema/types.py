@@ -9,7 +9,7 @@ that may be absent but never ``null`` is ``T | UnsetType = UNSET``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from msgspec import Meta
 
@@ -49,8 +49,12 @@ def about(description: str | None = None, error_code: str | None = None) -> Meta
 
 
 Port = Annotated[int, within(PORT, "validation.port")]
-Protocol = Annotated[Literal["tcp", "udp"], about(error_code="validation.protocol")]
+ProtocolName = Literal["tcp", "udp"]
+Protocol = Annotated[ProtocolName, about(error_code="validation.protocol")]
 ProxyVersion = Literal["v1", "v2"]
+# The same choices as plain tuples, for the CLI's options and the TOML loader.
+PROTOCOLS: tuple[str, ...] = get_args(ProtocolName)
+PROXY_VERSIONS: tuple[str, ...] = get_args(ProxyVersion)
 PROXY = about(
     "Send a PROXY protocol header of this version to the target (TCP rules only).",
     "validation.proxy_protocol",
