@@ -142,6 +142,8 @@ async def test_superadmin_guards(rbac: Rbac) -> None:
         ({"user_id": "ok", "display_name": ""}, "validation.display_name"),
         ({"user_id": "ok", "display_name": "x" * 65}, "validation.display_name"),
         ({"user_id": "ok", "password": "short"}, "validation.password_too_short"),
+        ({"user_id": "ok", "colour": "red"}, "validation.unknown_field"),
+        ({"user_id": "ok", "password": 12345678901234}, "validation.password"),
     ],
 )
 async def test_user_validation(rbac: Rbac, body: dict[str, Any], code: str) -> None:
@@ -160,6 +162,8 @@ async def test_user_validation(rbac: Rbac, body: dict[str, Any], code: str) -> N
             "validation.protocols",
         ),
         ({"listen_port_start": 1, "listen_port_end": 5, "client": "nowhere"}, "client_not_found"),
+        ({"listen_port_start": 1}, "validation.port_range"),
+        ({"listen_port_start": 1, "listen_port_end": 5, "colour": 1}, "validation.unknown_field"),
         ({"listen_port_start": 1, "listen_port_end": 5, "user_id": "ghost"}, "user_not_found"),
     ],
 )
