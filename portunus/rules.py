@@ -15,8 +15,6 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import msgspec
-
 from portunus.bounds import (
     HEALTH_CHECK_INTERVAL,
     IDLE_TIMEOUT,
@@ -25,8 +23,7 @@ from portunus.bounds import (
     PRIORITY,
 )
 from portunus.errors import ValidationError
-from portunus.schema.check import check, refuse
-from portunus.schema.generate import schema
+from portunus.schema.check import validate
 from portunus.schema.rule import MAX_TARGETS, RateLimit
 from portunus.schema.types import PROTOCOLS, PROXY_VERSIONS
 from portunus.text import is_ascii_digits
@@ -313,10 +310,7 @@ def validate_sni_pattern(pattern: str | None) -> str | None:
 def validate_rate_limit(raw: dict[str, Any] | None) -> dict[str, int] | None:
     """The set caps of ``raw`` checked against the ``RateLimit`` declaration (the
     same codes and words as a rule body's ``rate_limit``), None when none is set."""
-    found = check(raw, schema("RateLimit"), "rate_limit")
-    if found:
-        raise refuse(found)
-    return msgspec.convert(raw, RateLimit, strict=True).caps() if raw else None
+    return validate(raw, RateLimit, "rate_limit").caps() if raw is not None else None
 
 
 def build_rule(

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from portunus.errors import ValidationError
-from portunus.schema.generate import REF, components
+from portunus.schema.generate import BY_NAME, REF, components
 
 MAX_PROBLEMS = 50  # listed in one error answer; a hostile body can hold thousands
 S = TypeVar("S", bound=msgspec.Struct)
@@ -46,9 +46,25 @@ def _clip(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+def _convert(doc: Any, struct: type[S]) -> S | None:
+    try:
+        return msgspec.convert(doc, struct, strict=True)
+    except msgspec.ValidationError:
+        return None
+
+
 def problems(doc: Any, name: str) -> list[Problem]:
-    """Every way ``doc`` fails the body named ``name``; empty when it conforms."""
-    return check(doc, components()[name])
+    """Every way ``doc`` fails the body named ``name``; empty when it conforms.
+
+    msgspec checks types, ranges, lengths and keys in microseconds; only when it
+    refuses does the schema walk run, to list every problem.  When it accepts, what
+    is left are the shape rules a struct cannot say (``oneOf`` ...)."""
+    schema = components()[name]
+    if _convert(doc, BY_NAME[name]) is None:
+        return check(doc, schema)
+    out: list[Problem] = []
+    _shapes(doc, schema, "", schema.get("x-error-code", "validation.body"), out)
+    return out
 
 
 def refuse(found: list[Problem]) -> ValidationError:
@@ -62,27 +78,36 @@ def refuse(found: list[Problem]) -> ValidationError:
     )
 
 
-def validate(doc: Any, struct: type[S]) -> S:
-    """``doc`` as a ``struct``, or a ``ValidationError`` listing every problem."""
-    found = problems(doc, struct.__name__)
+def validate(doc: Any, struct: type[S], path: str = "") -> S:
+    """``doc`` as a ``struct``, or a ``ValidationError`` listing every problem;
+    ``path`` names where ``doc`` sits in a larger document (``rate_limit``)."""
+    name = struct.__name__
+    typed = _convert(doc, struct)
+    if typed is None:
+        found = check(doc, components()[name], path)
+        if not found:  # msgspec refused what the schema allows: not expected
+            try:
+                msgspec.convert(doc, struct, strict=True)
+            except msgspec.ValidationError as exc:
+                found = [_from_msgspec(str(exc), name, path)]
+        raise refuse(found)
+    found = []
+    _shapes(doc, components()[name], path, "validation.body", found)
     if found:
         raise refuse(found)
-    try:
-        return msgspec.convert(doc, struct, strict=True)
-    except msgspec.ValidationError as exc:  # what the schema cannot say; not expected
-        raise refuse([_from_msgspec(str(exc), struct.__name__)]) from None
+    return typed
 
 
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 _STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 
 
-def _from_msgspec(message: str, name: str) -> Problem:
+def _from_msgspec(message: str, name: str, prefix: str = "") -> Problem:
     """msgspec's first error as a ``Problem``: its path as the field, the code the
     schema declares there."""
     m = _AT.match(message)
     assert m is not None  # the pattern matches any text
-    path, code = "", components()[name].get("x-error-code", "validation.body")
+    path, code = prefix, components()[name].get("x-error-code", "validation.body")
     node: dict[str, Any] | None = components()[name]
     for key, index in _STEP.findall(m.group("path") or ""):
         path = _join(path, int(index) if index else key)
@@ -158,8 +183,24 @@ def check(
     return out
 
 
+_SHAPE_KEYS = frozenset({"required", "not", "anyOf", "oneOf", "allOf"})
+
+
 def _matches(value: Any, s: dict[str, Any], path: str) -> bool:
-    return not check(value, s, path)
+    """Whether ``value`` conforms to ``s``; shape-only schemas (``required``
+    under ``not``/``anyOf``/``oneOf``, the declarations' ``oneOf`` rules) are
+    decided without building problems: they run for every target of every push."""
+    if not s.keys() <= _SHAPE_KEYS:
+        return not check(value, s, path)
+    if "required" in s and isinstance(value, dict) and not all(k in value for k in s["required"]):
+        return False
+    if "not" in s and _matches(value, s["not"], path):
+        return False
+    if "anyOf" in s and not any(_matches(value, sub, path) for sub in s["anyOf"]):
+        return False
+    if "oneOf" in s and sum(_matches(value, sub, path) for sub in s["oneOf"]) != 1:
+        return False
+    return all(_matches(value, sub, path) for sub in s.get("allOf", ()))
 
 
 def _check(value: Any, s: dict[str, Any], path: str, code: str, out: list[Problem]) -> None:
@@ -235,7 +276,8 @@ def _check_object(
 ) -> None:
     props: dict[str, Any] = s.get("properties", {})
     extra = s.get("additionalProperties", True)
-    for key, item in value.items():
+    # A shape rule such as {"required": [...]} has nothing to say about the values.
+    for key, item in value.items() if props or extra is not True else ():
         if key in props:
             _check(item, props[key], _join(path, key), code, out)
         elif extra is False:
@@ -254,6 +296,43 @@ def _check_object(
         if key not in value:
             sub_code = _resolve(props[key]).get("x-error-code", code) if key in props else code
             out.append(Problem(_join(path, key), sub_code, f"{_join(path, key)} is required"))
+
+
+def _shapes(value: Any, s: dict[str, Any], path: str, code: str, out: list[Problem]) -> None:
+    """Only the combinators (``oneOf``, ``anyOf``, ``not``, ``allOf``) under ``s``:
+    everything else was checked by msgspec already."""
+    s = _resolve(s)
+    if not _has_shapes(s):
+        return
+    code = s.get("x-error-code", code)
+    for sub in s.get("allOf", ()):
+        _shapes(value, sub, path, code, out)
+    _check_combinators(value, s, path, code, out)
+    if isinstance(value, dict):
+        for key, sub in s.get("properties", {}).items():
+            if key in value:
+                _shapes(value[key], sub, _join(path, key), code, out)
+    elif isinstance(value, list) and "items" in s:
+        for i, item in enumerate(value):
+            _shapes(item, s["items"], _join(path, i), code, out)
+
+
+_SHAPED: dict[int, bool] = {}  # id of a (cached, never freed) component node → has combinators
+
+
+def _has_shapes(s: dict[str, Any]) -> bool:
+    """Whether a combinator sits in ``s`` or below it (``$ref`` followed)."""
+    known = _SHAPED.get(id(s))
+    if known is None:
+        _SHAPED[id(s)] = False  # a recursive $ref adds nothing new
+        subs = [*s.get("properties", {}).values(), *s.get("allOf", ())]
+        if "items" in s:
+            subs.append(s["items"])
+        known = any(k in s for k in ("oneOf", "anyOf", "not")) or any(
+            _has_shapes(_resolve(sub)) for sub in subs
+        )
+        _SHAPED[id(s)] = known
+    return known
 
 
 def _check_combinators(

@@ -7,12 +7,14 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from portunus.bounds import HEALTH_CHECK_INTERVAL, PORT, PRIORITY, RATE_LIMIT_VALUE
 from portunus.config import ConfigError, load_standalone
 from portunus.errors import ValidationError
 from portunus.schema import generate
-from portunus.schema.check import _from_msgspec, validate
+from portunus.schema.check import _from_msgspec, check, problems, validate
 from portunus.schema.rule import RateLimit, RuleBody, RuleUpdate, TargetBody
 from portunus.schema.wire import WireRule, check_wire_rule
 from portunus.web.openapi import build_openapi
@@ -142,3 +144,33 @@ def test_a_toml_rule_and_an_http_body_refuse_alike(
     code, message = body_err.value.code, body_err.value.message
     # The same words; only the body may also say null (TOML has none).
     assert line == f"{path}:5: {code}: {message.replace(', null', '')}"
+
+
+_KEYS = ["listen_port", "listen_port_start", "listen_port_end", "targets", "protocol", "client"]
+_VALUES = st.one_of(
+    st.integers(-5, 70_000),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=3),
+    st.none(),
+    st.booleans(),
+    st.sampled_from(
+        [
+            [{"host": "h", "port": 1}],
+            [{"host": "h", "port_start": 1}],
+            [{"host": "h", "port_start": 1, "port_end": 2}],
+            [{"host": "h", "port": 1, "port_end": 2}],
+            [{"host": "h", "port": 1}, {"host": "h"}],
+            {"bandwidth_in_bps": 5},
+        ]
+    ),
+)
+
+
+@given(st.dictionaries(st.sampled_from(_KEYS), _VALUES))
+def test_the_msgspec_fast_path_agrees_with_the_full_schema_walk(doc: dict[str, Any]) -> None:
+    """``problems`` lets msgspec accept a body and then checks only the shape rules;
+    it must refuse exactly what the full walk over the published schema refuses."""
+    full = check(doc, generate.schema("RuleBody"))
+    assert bool(problems(doc, "RuleBody")) == bool(full)
+    if full:
+        assert problems(doc, "RuleBody") == full  # the same report, first problem first
