@@ -45,15 +45,18 @@ BY_NAME: dict[str, type[msgspec.Struct]] = {t.__name__: t for t in BODIES + _NES
 
 
 def _merge_null(node: dict[str, Any]) -> dict[str, Any]:
-    """``anyOf: [X, Y, {"type": "null"}]`` of plain types → one node with a type list;
-    a nullable ``$ref`` stays a plain ``$ref`` (the component itself is nullable)."""
+    """``anyOf: [X, Y, {"type": "null"}]`` of plain types → one node with a type list
+    (one error message instead of "does not match any allowed shape"); a ``$ref`` or
+    null becomes a plain ``$ref`` when the component itself admits null."""
     options = node.get("anyOf")
     if not isinstance(options, list):
         return node
     rest = {k: v for k, v in node.items() if k != "anyOf"}
     refs = [o for o in options if "$ref" in o]
-    if refs and all(o == {"type": "null"} for o in options if "$ref" not in o) and len(refs) == 1:
-        return {**refs[0], **rest}
+    if len(refs) == 1 and len(options) == 2 and {"type": "null"} in options:
+        target = BY_NAME[refs[0]["$ref"][len(REF) :]]
+        if "null" in getattr(target, "SCHEMA_EXTRA", {}).get("type", ()):
+            return {**refs[0], **rest}
     if any("$ref" in o or "anyOf" in o for o in options):
         return node
     merged: dict[str, Any] = {}
@@ -67,7 +70,10 @@ def _merge_null(node: dict[str, Any]) -> dict[str, Any]:
             enum = [*(enum or []), *option["enum"]]
         else:
             types.append(option["type"])
-            merged.update({k: v for k, v in option.items() if k != "type"})
+            for key, value in option.items():
+                if key != "type" and merged.setdefault(key, value) != value:
+                    return node  # the same keyword twice with different values
+
     if enum is not None and not types:
         merged["enum"] = enum + [None] * nullable
     elif enum is not None:

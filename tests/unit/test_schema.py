@@ -174,3 +174,17 @@ def test_the_msgspec_fast_path_agrees_with_the_full_schema_walk(doc: dict[str, A
     assert bool(problems(doc, "RuleBody")) == bool(full)
     if full:
         assert problems(doc, "RuleBody") == full  # the same report, first problem first
+
+
+def test_null_is_folded_only_where_it_stays_true() -> None:
+    merge = generate._merge_null
+    nullable_ref = {"anyOf": [{"$ref": generate.REF + "RateLimit"}, {"type": "null"}]}
+    assert merge(nullable_ref) == {"$ref": generate.REF + "RateLimit"}  # RateLimit admits null
+    strict_ref = {"anyOf": [{"$ref": generate.REF + "TargetBody"}, {"type": "null"}]}
+    assert merge(strict_ref) == strict_ref  # TargetBody does not: keep the anyOf
+    clash = {"anyOf": [{"type": "integer", "maximum": 5}, {"type": "number", "maximum": 9}]}
+    assert merge(clash) == clash
+    assert merge({"anyOf": [{"type": "string", "maxLength": 4}, {"type": "null"}]}) == {
+        "type": ["string", "null"],
+        "maxLength": 4,
+    }
