@@ -35,7 +35,7 @@ from portunus.control.store import users as users_db
 from portunus.control.store.accounts import OPERATOR_USER
 from portunus.errors import PortunusError, ValidationError
 from portunus.schema.check import validate
-from portunus.schema.requests import GrantBody, UserBody
+from portunus.schema.requests import GrantBody, TokenBody, UserBody
 from portunus.text import is_ascii_digits
 
 TOKEN_NAME_MAX = 64
@@ -231,12 +231,9 @@ class UserService:
         try:
             name = _user_ref(params)
             require_self(who, name, "tokens")
-            label = params.get("name")
-            if label is not None and (
-                not isinstance(label, str)
-                or not 1 <= len(label) <= TOKEN_NAME_MAX
-                or not label.isprintable()
-            ):
+            body = validate({k: v for k, v in params.items() if k != "user_id"}, TokenBody)
+            label = _given(body.name)  # type and length: the TokenBody declaration
+            if label is not None and not label.isprintable():
                 raise ValidationError(
                     "validation.name",
                     f"name must be 1-{TOKEN_NAME_MAX} printable characters",

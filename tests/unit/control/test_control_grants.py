@@ -174,3 +174,18 @@ async def test_grant_validation(rbac: Rbac, body: dict[str, Any], code: str) -> 
     )
     assert (await rbac.call("users.add", {"user_id": "dup"}))["temporary_password"]
     await expect_error(rbac.call("users.add", {"user_id": "dup"}), "user_exists")
+
+
+@pytest.mark.parametrize(
+    ("extra", "code"),
+    [
+        ({"name": ""}, "validation.name"),
+        ({"name": "x" * 65}, "validation.name"),
+        ({"name": 7}, "validation.name"),
+        ({"name": "tab\there"}, "validation.name"),  # not printable: the semantic check
+        ({"colour": "red"}, "validation.unknown_field"),
+    ],
+)
+async def test_token_validation(rbac: Rbac, extra: dict[str, Any], code: str) -> None:
+    await rbac.user("alice")
+    await expect_error(rbac.call("tokens.issue", {"user_id": "alice", **extra}), code)
