@@ -17,11 +17,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from portunus.bounds import HEALTH_CHECK_INTERVAL, IDLE_TIMEOUT, MAX_NAME_LEN, PRIORITY
+import msgspec
+from msgspec import UNSET
+
+from portunus.bounds import MAX_NAME_LEN, PRIORITY
 from portunus.bounds import SETTINGS as SETTING_BOUNDS
 from portunus.errors import PortunusError
 from portunus.rules import (
-    PROTOCOLS,
     PROXY_VERSIONS,
     Rule,
     Target,
@@ -30,9 +32,10 @@ from portunus.rules import (
     parse_port_range,
     parse_target,
     validate_host,
-    validate_rate_limit,
     validate_sni_pattern,
 )
+from portunus.schema.check import problems
+from portunus.schema.standalone import TARGET_KEYS, StandaloneRule
 
 SYSTEM_DATA_DIR = "/var/lib/portunus"
 SYSTEM_RUNTIME_DIR = "/run/portunus"
@@ -292,22 +295,8 @@ class _Locator:
         return start
 
 
-_RULE_KEYS = {
-    "name",
-    "protocol",
-    "listen_port",
-    "listen_ports",
-    "target",
-    "targets",
-    "sni",
-    "proxy_protocol",
-    "prefer_ipv6",
-    "rate_limit",
-    "health_check_interval_secs",
-    "idle_timeout_secs",
-}
+_RULE_KEYS = frozenset(StandaloneRule.__struct_fields__)
 _RULE_NAME = re.compile(rf"[A-Za-z0-9_.\-]{{1,{MAX_NAME_LEN}}}")
-_TARGET_KEYS = {"host", "port", "port_end", "ports", "priority", "proxy_protocol"}
 
 
 def _rule_from_table(
@@ -316,11 +305,18 @@ def _rule_from_table(
     """Build one standalone rule; return it or *every* ``(key, message)`` error.
 
     Each key is checked on its own first, so ``--check`` lists every bad key of a
-    rule at once; ``build_rule`` then adds only the cross-field checks."""
+    rule at once: the keys shared with the HTTP rule body against the
+    ``StandaloneRule`` declaration (``portunus.schema.standalone``, the body's
+    types, ranges and codes), the keys with a TOML syntax of their own here;
+    ``build_rule`` then adds only the cross-field checks."""
     errs: list[tuple[str | None, str]] = []
     for unknown in t:
         if unknown not in _RULE_KEYS:
             errs.append((unknown, f"unknown key {clip(unknown)!r} in [[rule]]"))
+    known = {k: v for k, v in t.items() if k in _RULE_KEYS}
+    for problem in problems(known, "StandaloneRule"):
+        key = problem.field.split(".")[0].split("[")[0] or None
+        errs.append((key, f"{problem.code}: {problem.message}"))
     name = t.get("name")
     if not isinstance(name, str) or not _RULE_NAME.fullmatch(name or ""):
         errs.append(
@@ -328,11 +324,6 @@ def _rule_from_table(
                 "name" if "name" in t else None,
                 f'every [[rule]] needs name = "..." (letters, digits, _ . -; at most {MAX_NAME_LEN})',
             )
-        )
-    protocol = t.get("protocol", "tcp")
-    if protocol not in PROTOCOLS:
-        errs.append(
-            ("protocol", f'validation.protocol: protocol {clip(protocol)!r} must be "tcp" or "udp"')
         )
     if "listen_port" in t and "listen_ports" in t:
         errs.append(("listen_ports", "give listen_port or listen_ports, not both"))
@@ -355,6 +346,46 @@ def _rule_from_table(
             errs.append((None, '[[rule]] needs listen_port = PORT or listen_ports = "LO-HI"'))
     except PortunusError as exc:
         errs.append(("listen_port" if "listen_port" in t else "listen_ports", exc.message))
+    targets = _targets_from_table(t, errs)
+    sni = t.get("sni")
+    if isinstance(sni, str):  # its type is the declaration's
+        try:
+            validate_sni_pattern(sni)
+        except PortunusError as exc:
+            errs.append(("sni", f"{exc.code}: {exc.message}"))
+    if errs or listen is None or not isinstance(name, str):
+        return None, errs
+    decl = msgspec.convert(known, StandaloneRule, strict=True)  # checked above
+    try:
+        rule = build_rule(
+            id=name,
+            protocol=decl.protocol,
+            listen=listen,
+            targets=targets,
+            sni=sni,
+            proxy_protocol=None if decl.proxy_protocol is UNSET else decl.proxy_protocol,
+            prefer_ipv6=decl.prefer_ipv6,
+            rate_limit=None if decl.rate_limit is UNSET else decl.rate_limit.caps(),
+            health_check_interval_secs=decl.health_check_interval_secs,
+            range_max_ports=max_ports,
+            idle_timeout_secs=decl.idle_timeout_secs,
+        )
+    except PortunusError as exc:
+        field_map = {
+            "protocol": "protocol",
+            "sni_pattern": "sni",
+            "listen": "listen_ports" if "listen_ports" in t else "listen_port",
+        }
+        key = exc.details.get("field")
+        key = field_map.get(key, key) if isinstance(key, str) else None
+        if key is not None and key not in t:
+            key = "target" if key == "targets" and "target" in t else (key if key in t else None)
+        return None, [(key, f"{exc.code}: {exc.message}")]
+    return rule, []
+
+
+def _targets_from_table(t: dict[str, Any], errs: list[tuple[str | None, str]]) -> list[Target]:
+    """``target = "host:port@prio"`` or ``targets = [{...}]``; problems go to ``errs``."""
     targets: list[Target] = []
     if "target" in t and "targets" in t:
         errs.append(("targets", "give target or targets, not both"))
@@ -377,70 +408,7 @@ def _rule_from_table(
                     errs.append(("targets", exc.message))
     else:
         errs.append((None, '[[rule]] needs target = "host:port" or targets = [...]'))
-    pp = t.get("proxy_protocol")
-    if pp is not None and pp not in PROXY_VERSIONS:
-        errs.append(("proxy_protocol", 'proxy_protocol must be "v1" or "v2"'))
-        pp = None
-    sni = t.get("sni")
-    try:
-        if sni is not None and not isinstance(sni, str):
-            raise PortunusError(
-                "validation.sni_pattern", "sni must be a string: a host name or *.domain"
-            )
-        validate_sni_pattern(sni)
-    except PortunusError as exc:
-        errs.append(("sni", f"{exc.code}: {exc.message}"))
-    prefer_ipv6 = t.get("prefer_ipv6", False)
-    if not isinstance(prefer_ipv6, bool):
-        errs.append(("prefer_ipv6", "prefer_ipv6 must be true or false"))
-    rate_limit = t.get("rate_limit")
-    if rate_limit is not None and not isinstance(rate_limit, dict):
-        errs.append(("rate_limit", "rate_limit must be a table of caps"))
-    elif rate_limit:
-        for key, value in rate_limit.items():
-            try:
-                validate_rate_limit({key: value})
-            except PortunusError as exc:
-                errs.append(("rate_limit", f"{exc.code}: {exc.message}"))
-    interval = t.get("health_check_interval_secs", 5.0)
-    try:
-        interval = HEALTH_CHECK_INTERVAL.check(interval, "health_check_interval_secs")
-    except PortunusError as exc:
-        errs.append(("health_check_interval_secs", f"{exc.code}: {exc.message}"))
-    idle_timeout = t.get("idle_timeout_secs")
-    if idle_timeout is not None:
-        try:
-            idle_timeout = IDLE_TIMEOUT.check(idle_timeout, "idle_timeout_secs")
-        except PortunusError as exc:
-            errs.append(("idle_timeout_secs", f"{exc.code}: {exc.message}"))
-    if errs or listen is None or not isinstance(name, str):
-        return None, errs
-    try:
-        rule = build_rule(
-            id=name,
-            protocol=protocol,
-            listen=listen,
-            targets=targets,
-            sni=sni,
-            proxy_protocol=pp,
-            prefer_ipv6=prefer_ipv6,
-            rate_limit=rate_limit,
-            health_check_interval_secs=interval,
-            range_max_ports=max_ports,
-            idle_timeout_secs=idle_timeout,
-        )
-    except PortunusError as exc:
-        field_map = {
-            "protocol": "protocol",
-            "sni_pattern": "sni",
-            "listen": "listen_ports" if "listen_ports" in t else "listen_port",
-        }
-        key = exc.details.get("field")
-        key = field_map.get(key, key) if isinstance(key, str) else None
-        if key is not None and key not in t:
-            key = "target" if key == "targets" and "target" in t else (key if key in t else None)
-        return None, [(key, f"{exc.code}: {exc.message}")]
-    return rule, []
+    return targets
 
 
 def _target_from_table(item: Any, i: int) -> Target:
@@ -448,7 +416,7 @@ def _target_from_table(item: Any, i: int) -> Target:
         raise PortunusError(
             "validation.targets", f"targets[{i}] must be a table {{host=..., port=...}}"
         )
-    unknown = set(item) - _TARGET_KEYS
+    unknown = set(item) - TARGET_KEYS
     if unknown:
         raise PortunusError(
             "validation.targets", f"targets[{i}] has unknown key(s) {', '.join(sorted(unknown))}"

@@ -20,24 +20,15 @@ from portunus.bounds import (
     IDLE_TIMEOUT,
     MAX_HOST_LEN,
     MAX_SNI_LEN,
-    PORT,
     PRIORITY,
-    RATE_LIMIT_VALUE,
 )
 from portunus.errors import ValidationError
+from portunus.schema.check import validate
+from portunus.schema.rule import MAX_TARGETS, RateLimit
+from portunus.schema.types import PROTOCOLS, PROXY_VERSIONS
 from portunus.text import is_ascii_digits
 
-MAX_TARGETS = 8
 DEFAULT_RANGE_MAX_PORTS = 1024
-PROTOCOLS = ("tcp", "udp")
-PROXY_VERSIONS = ("v1", "v2")
-RATE_LIMIT_KEYS = (
-    "bandwidth_in_bps",
-    "bandwidth_out_bps",
-    "new_connections_per_sec",
-    "concurrent_connections",
-)
-RATE_LIMIT_ALL_KEYS = RATE_LIMIT_KEYS + tuple(f"{k}_burst" for k in RATE_LIMIT_KEYS)
 
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
 
@@ -168,34 +159,6 @@ class Rule:
             if d.get("idle_timeout_secs") is not None
             else None,
         )
-
-
-def check_wire_numbers(d: dict[str, Any]) -> None:
-    """Refuse a wire rule from a peer whose numbers are not finite and in range
-    (``portunus.bounds``): the edge link checks every rule the server sends before
-    the supervisor sees it, so one bad rule fails alone."""
-    PORT.check(d.get("listen_start"), "listen_start", "validation.port")
-    PORT.check(d.get("listen_end"), "listen_end", "validation.port")
-    for i, t in enumerate(d.get("targets") or ()):
-        if not isinstance(t, dict):
-            raise ValidationError(
-                "validation.targets", f"targets[{i}] must be an object", field="targets"
-            )
-        PORT.check(t.get("port"), f"targets[{i}].port", "validation.port")
-        if t.get("port_end") is not None:
-            PORT.check(t.get("port_end"), f"targets[{i}].port_end", "validation.port")
-        PRIORITY.check(t.get("priority", 1), f"targets[{i}].priority", "validation.priority")
-    HEALTH_CHECK_INTERVAL.check(
-        d.get("health_check_interval_secs", 5.0), "health_check_interval_secs"
-    )
-    if d.get("idle_timeout_secs") is not None:
-        IDLE_TIMEOUT.check(d["idle_timeout_secs"], "idle_timeout_secs")
-    caps = d.get("rate_limit")
-    if caps is not None and not isinstance(caps, dict):
-        raise ValidationError(
-            "validation.rate_limit", "rate_limit must be an object", field="rate_limit"
-        )
-    validate_rate_limit(caps)
 
 
 # ---------------------------------------------------------------- parsing
@@ -345,20 +308,9 @@ def validate_sni_pattern(pattern: str | None) -> str | None:
 
 
 def validate_rate_limit(raw: dict[str, Any] | None) -> dict[str, int] | None:
-    if not raw:
-        return None
-    out: dict[str, int] = {}
-    for key, value in raw.items():
-        if key not in RATE_LIMIT_ALL_KEYS:
-            raise ValidationError(
-                "validation.rate_limit",
-                f"unknown rate_limit key {clip(key)!r}; known: {', '.join(RATE_LIMIT_ALL_KEYS)}",
-                field=f"rate_limit.{key}",
-            )
-        if value is None:
-            continue
-        out[key] = RATE_LIMIT_VALUE.check(value, f"rate_limit.{key}", "validation.rate_limit")
-    return out or None
+    """The set caps of ``raw`` checked against the ``RateLimit`` declaration (the
+    same codes and words as a rule body's ``rate_limit``), None when none is set."""
+    return validate(raw, RateLimit, "rate_limit").caps() if raw is not None else None
 
 
 def build_rule(

@@ -13,7 +13,9 @@ import click
 from portunus.bounds import RATE_LIMIT_VALUE
 from portunus.cli.numbers import BoundedNumber
 from portunus.errors import ValidationError
-from portunus.rules import MAX_TARGETS, RATE_LIMIT_ALL_KEYS, Target, parse_port_range, parse_target
+from portunus.rules import Target, parse_port_range, parse_target
+from portunus.schema.generate import schema
+from portunus.schema.rule import MAX_TARGETS, RATE_LIMIT_ALL_KEYS
 
 
 def _target_entry(t: Target) -> dict[str, Any]:
@@ -88,22 +90,16 @@ def build_push_params(
     return params
 
 
-_CAP_HELP = {
-    "bandwidth_in_bps": "Cap bytes/s from connecting clients towards the targets",
-    "bandwidth_out_bps": "Cap bytes/s back to the connecting clients",
-    "new_connections_per_sec": "Cap new connections per second",
-    "concurrent_connections": "Cap connections (UDP: flows) open at once",
-}
-
-
 def rate_limit_options(f: Any) -> Any:
-    """The ``--<cap>`` and ``--<cap>-burst`` options of push-rule, one per rate_limit key."""
+    """The ``--<cap>`` and ``--<cap>-burst`` options of push-rule, one per key of the
+    ``RateLimit`` declaration, with its description as the help text."""
+    described = schema("RateLimit")["properties"]
     for key in reversed(RATE_LIMIT_ALL_KEYS):
         flag = "--" + key.replace("_", "-")
         if key.endswith("_burst"):
             text = f"Burst allowed above {flag.removesuffix('-burst')}."
         else:
-            text = f"{_CAP_HELP.get(key, 'Cap')} (rate_limit.{key})."
+            text = f"{described[key].get('description', 'Cap')} (rate_limit.{key})."
         f = click.option(
             flag, key, type=BoundedNumber(RATE_LIMIT_VALUE), default=None, metavar="N", help=text
         )(f)

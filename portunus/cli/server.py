@@ -34,7 +34,8 @@ from portunus.cli.common import (
 from portunus.cli.numbers import BoundedNumber
 from portunus.cli.push_params import build_push_params, rate_limit_options
 from portunus.config import SYSTEM_DATA_DIR
-from portunus.rules import MAX_TARGETS
+from portunus.schema.rule import MAX_TARGETS
+from portunus.schema.types import PROTOCOLS, PROXY_VERSIONS
 
 # Verbs that live in their own module and are imported only when used or listed,
 # so `list-rules` does not pay for importing the whole appliance.
@@ -223,7 +224,7 @@ def bootstrap_superadmin(obj: OperatorContext, name: str, fmt: str) -> None:
 @click.argument("client")
 @click.argument("listen")
 @click.argument("target", required=False)
-@click.option("--protocol", type=click.Choice(("tcp", "udp")), default="tcp", show_default=True)
+@click.option("--protocol", type=click.Choice(PROTOCOLS), default="tcp", show_default=True)
 @click.option(
     "--target",
     "extra_targets",
@@ -235,7 +236,7 @@ def bootstrap_superadmin(obj: OperatorContext, name: str, fmt: str) -> None:
     "--sni", metavar="PATTERN", help="Route by TLS SNI: exact name or *.domain (TCP, one port)."
 )
 @click.option(
-    "--proxy-protocol", type=click.Choice(("v1", "v2")), help="Send a PROXY header to targets."
+    "--proxy-protocol", type=click.Choice(PROXY_VERSIONS), help="Send a PROXY header to targets."
 )
 @click.option("--prefer-ipv6", is_flag=True, help="Try AAAA records of DNS targets first.")
 @rate_limit_options

@@ -14,8 +14,8 @@ from typing import Any
 
 from portunus.control.store.users import GrantRow
 from portunus.errors import PortunusError, ValidationError
+from portunus.schema.types import PROTOCOLS
 
-PROTOCOLS = ("tcp", "udp")
 NOTE_MAX = 256
 
 
@@ -67,17 +67,8 @@ def check_grants(
     )
 
 
-def parse_port_range(params: dict[str, Any]) -> tuple[int, int]:
-    lo, hi = (
-        params.get("listen_port_start"),
-        params.get("listen_port_end", params.get("listen_port_start")),
-    )
-    for value in (lo, hi):
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-            raise ValidationError(
-                "validation.port_range", "ports must be integers 1-65535", field="ports"
-            )
-    assert isinstance(lo, int) and isinstance(hi, int)
+def ordered_range(lo: int, hi: int) -> tuple[int, int]:
+    """A grant's listen ports (their type and range are the GrantBody declaration's)."""
     if lo > hi:
         raise ValidationError(
             "validation.port_range", f"port range {lo}-{hi} is reversed", field="ports"
@@ -85,22 +76,9 @@ def parse_port_range(params: dict[str, Any]) -> tuple[int, int]:
     return lo, hi
 
 
-def parse_protocols(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ("tcp",)
-    if isinstance(value, str):
-        value = [p.strip() for p in value.split(",")]
-    if (
-        not isinstance(value, list)
-        or not value
-        or any(not isinstance(p, str) or p not in PROTOCOLS for p in value)
-    ):
-        raise ValidationError(
-            "validation.protocols",
-            "protocols must be a non-empty list of tcp, udp",
-            field="protocols",
-        )
-    return tuple(p for p in PROTOCOLS if p in value)
+def grant_protocols(value: Sequence[str] | None) -> tuple[str, ...]:
+    """The granted protocols in canonical order; tcp when none is given."""
+    return tuple(p for p in PROTOCOLS if p in (value or ("tcp",)))
 
 
 def parse_note(value: Any) -> str | None:

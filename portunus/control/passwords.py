@@ -24,7 +24,6 @@ PASSWORD_MIN_BYTES = 12
 PASSWORD_MAX_BYTES = 1024
 DISPLAY_NAME_MAX = 64
 USER_ID = re.compile(r"[a-z][a-z0-9_-]{0,31}")
-ROLES = ("superadmin", "user")
 
 _hasher = PasswordHasher()  # argon2-cffi's default is Argon2id (RFC 9106 low-memory)
 
@@ -42,13 +41,6 @@ def validate_user_id(value: object) -> str:
             "user id must be a lower-case letter followed by up to 31 lower-case letters, digits, _ or -",
             field="user_id",
         )
-    return value
-
-
-def validate_role(value: object) -> str:
-    if value not in ROLES:
-        raise ValidationError("validation.role", "role must be superadmin or user", field="role")
-    assert isinstance(value, str)
     return value
 
 

@@ -10,19 +10,20 @@ answer lists every id that went.
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from typing import Any, TypeVar
+
+from msgspec import UnsetType
 
 from portunus.config import Settings
 from portunus.control import account_lists
 from portunus.control.auth import Principal, hash_token
-from portunus.control.grants import parse_note, parse_port_range, parse_protocols
+from portunus.control.grants import grant_protocols, ordered_range, parse_note
 from portunus.control.owner_caps import OwnerCapService
 from portunus.control.passwords import (
     hash_password,
     temporary_password,
     validate_display_name,
     validate_password,
-    validate_role,
     validate_user_id,
 )
 from portunus.control.policy import require_self
@@ -33,10 +34,13 @@ from portunus.control.store import owner_caps as owner_caps_db
 from portunus.control.store import rules as rules_db
 from portunus.control.store import users as users_db
 from portunus.control.store.accounts import OPERATOR_USER
-from portunus.errors import PortunusError, ValidationError, reject_unknown_fields
+from portunus.errors import PortunusError, ValidationError
+from portunus.schema.check import validate
+from portunus.schema.requests import GrantBody, TokenBody, UserBody
 from portunus.text import is_ascii_digits
 
 TOKEN_NAME_MAX = 64
+T = TypeVar("T")
 
 
 def _int_id(params: dict[str, Any], key: str, missing: str, what: str) -> int:
@@ -48,6 +52,11 @@ def _int_id(params: dict[str, Any], key: str, missing: str, what: str) -> int:
             missing, f"no {what} {bounded(raw)!s} ({what} ids are positive numbers)", id=raw
         )
     return raw
+
+
+def _given(value: T | UnsetType) -> T | None:
+    """A declared optional field's value, None when the body left it out."""
+    return None if isinstance(value, UnsetType) else value
 
 
 def _user_ref(params: dict[str, Any]) -> str:
@@ -90,11 +99,11 @@ class UserService:
     async def add(self, who: Principal, params: dict[str, Any]) -> dict[str, Any]:
         target = f"user:{bounded(params.get('user_id'))}"
         try:
-            reject_unknown_fields(params, {"user_id", "display_name", "role", "password"})
-            user_id = validate_user_id(params.get("user_id"))
-            role = validate_role(params.get("role", "user"))
-            display = validate_display_name(params.get("display_name"))
-            given = params.get("password")
+            body = validate(params, UserBody)  # as POST /v1/users
+            user_id = validate_user_id(body.user_id)  # the id syntax of new users
+            role = body.role
+            display = validate_display_name(_given(body.display_name))  # control characters
+            given = _given(body.password)
             password = validate_password(given) if given is not None else temporary_password()
             digest = await hash_password(password)
             async with self.store.write() as db:
@@ -223,12 +232,9 @@ class UserService:
         try:
             name = _user_ref(params)
             require_self(who, name, "tokens")
-            label = params.get("name")
-            if label is not None and (
-                not isinstance(label, str)
-                or not 1 <= len(label) <= TOKEN_NAME_MAX
-                or not label.isprintable()
-            ):
+            body = validate({k: v for k, v in params.items() if k != "user_id"}, TokenBody)
+            label = _given(body.name)  # type and length: the TokenBody declaration
+            if label is not None and not label.isprintable():
                 raise ValidationError(
                     "validation.name",
                     f"name must be 1-{TOKEN_NAME_MAX} printable characters",
@@ -305,15 +311,17 @@ class UserService:
     async def add_grant(self, who: Principal, params: dict[str, Any]) -> dict[str, Any]:
         target = f"user:{bounded(params.get('user_id'))}"
         try:
-            reject_unknown_fields(
-                params,
-                {"user_id", "client", "listen_port_start", "listen_port_end", "protocols", "note"},
-            )
-            name = _user_ref(params)
-            lo, hi = parse_port_range(params)
-            protocols = parse_protocols(params.get("protocols"))
-            note = parse_note(params.get("note"))
-            client_ref = params.get("client")
+            if isinstance(params.get("protocols"), str):  # the socket also takes "tcp,udp"
+                params = {
+                    **params,
+                    "protocols": [p.strip() for p in params["protocols"].split(",")],
+                }
+            body = validate(params, GrantBody)  # as POST /v1/grants
+            name = body.user_id
+            lo, hi = ordered_range(body.listen_port_start, body.listen_port_end)
+            protocols = grant_protocols(_given(body.protocols))
+            note = parse_note(_given(body.note))
+            client_ref = body.client
             async with self.store.write() as db:
                 user = await users_db.require_user(db, name)
                 if client_ref == "*":

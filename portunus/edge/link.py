@@ -49,7 +49,8 @@ from portunus.ipc import messages as sup
 from portunus.ipc.channel_end import SupervisorEnd
 from portunus.ipc.edge_wire import MAX_FRAME, WireError, encode_frame, read_message, write_frame
 from portunus.logs import log_event, log_throttled
-from portunus.rules import Rule, check_wire_numbers
+from portunus.rules import Rule
+from portunus.schema.wire import check_wire_rule
 
 # The supervisor halts (no respawn) when the link exits REVOKED and the client exits
 # ServiceExit.REVOKED (4); the client CLI then finds the revoked marker and explains.
@@ -510,7 +511,7 @@ def _check_rules(raw: Any) -> tuple[list[dict[str, Any]], dict[str, dict[str, An
         try:
             if not isinstance(w, dict):
                 raise TypeError("not an object")
-            check_wire_numbers(w)
+            check_wire_rule(w)  # types and bounds of every field, unknown keys allowed
             good.append(Rule.from_wire(w).to_wire())
         except PortunusError as exc:
             rejected[rid] = {"state": "failed", "reason": f"malformed rule: {exc.message}"}

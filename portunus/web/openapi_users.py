@@ -1,52 +1,13 @@
-"""The OpenAPI paths and schemas of users, tokens, grants and Web UI sessions
-(merged into ``portunus.web.openapi``; request bodies are validated against
-these schemas at the boundary like every other body)."""
+"""The OpenAPI paths and response schemas of users, tokens, grants and Web UI
+sessions (merged into ``portunus.web.openapi``; their request bodies are
+declared in ``portunus.schema.requests``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from portunus.web.openapi import _op, _q, ref
+from portunus.web.openapi_common import _op, _q, ref
 from portunus.web.openapi_paging import PAGE_PARAMS, page_fields
-
-_USER_ID = {
-    "type": "string",
-    "minLength": 1,
-    "maxLength": 64,
-    "x-error-code": "validation.user_id",
-    "description": "New ids: a lower-case letter, then up to 31 of a-z 0-9 _ -.",
-}
-_PASSWORD = {
-    "type": "string",
-    "minLength": 1,
-    "maxLength": 4096,
-    "x-error-code": "validation.password",
-    "description": "12-1024 bytes (UTF-8); stored as Argon2id, never echoed.",
-}
-_DISPLAY = {
-    "type": "string",
-    "minLength": 1,
-    "maxLength": 64,
-    "x-error-code": "validation.display_name",
-}
-_PORT_RANGE = {
-    "type": "integer",
-    "minimum": 1,
-    "maximum": 65535,
-    "x-error-code": "validation.port_range",
-}
-
-
-def _body(props: dict[str, Any], required: list[str], description: str) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "description": description,
-        "properties": props,
-        "required": required,
-        "additionalProperties": False,
-        "x-error-code": "validation.body",
-    }
-
 
 _USER: dict[str, Any] = {
     "type": "object",
@@ -111,88 +72,6 @@ _GRANT = {
 _IDS = {"type": "array", "items": {"type": "integer"}}
 
 SCHEMAS: dict[str, dict[str, Any]] = {
-    "LoginBody": _body(
-        {"user_id": _USER_ID, "password": _PASSWORD}, ["user_id", "password"], "Log in."
-    ),
-    "SetupBody": _body(
-        {
-            "token": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": 512,
-                "x-error-code": "validation.token",
-            },
-            "user_id": _USER_ID,
-            "password": _PASSWORD,
-            "display_name": _DISPLAY,
-        },
-        ["token", "user_id", "password"],
-        "Redeem the first-run setup token: creates the first superadmin.",
-    ),
-    "OwnPasswordBody": _body(
-        {"current_password": _PASSWORD, "new_password": _PASSWORD},
-        ["current_password", "new_password"],
-        "Change your own password.",
-    ),
-    "UserBody": _body(
-        {
-            "user_id": _USER_ID,
-            "display_name": _DISPLAY,
-            "role": {
-                "enum": ["superadmin", "user"],
-                "default": "user",
-                "x-error-code": "validation.role",
-            },
-            "password": _PASSWORD,
-        },
-        ["user_id"],
-        "A new user; without a password a temporary one is answered once.",
-    ),
-    "PasswordBody": _body(
-        {"password": _PASSWORD},
-        [],
-        "Set a user's password; without one a temporary password is answered once.",
-    ),
-    "TokenBody": _body(
-        {
-            "name": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": 64,
-                "x-error-code": "validation.name",
-            }
-        },
-        [],
-        "A new API token for the user.",
-    ),
-    "GrantBody": _body(
-        {
-            "user_id": _USER_ID,
-            "client": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": 64,
-                "x-error-code": "validation.client",
-                "description": "Client name or id, or `*` for every client.",
-            },
-            "listen_port_start": _PORT_RANGE,
-            "listen_port_end": _PORT_RANGE,
-            "protocols": {
-                "type": "array",
-                "minItems": 1,
-                "maxItems": 2,
-                "items": {"enum": ["tcp", "udp"]},
-                "x-error-code": "validation.protocols",
-            },
-            "note": {
-                "type": ["string", "null"],
-                "maxLength": 256,
-                "x-error-code": "validation.note",
-            },
-        },
-        ["user_id", "client", "listen_port_start", "listen_port_end"],
-        "Allow a user to push rules on a client, protocol and listen-port range.",
-    ),
     "User": _USER,
     "Me": _ME,
     "UserList": {

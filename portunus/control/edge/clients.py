@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from msgspec import UNSET
+
 from portunus.control.auth import Principal
 from portunus.control.dataplane import LinkInfo
 from portunus.control.edge.enrollment import (
@@ -18,15 +20,16 @@ from portunus.control.edge.enrollment import (
     create_enrollment,
     enroll_command,
     validate_client_name,
-    validate_ttl,
 )
 from portunus.control.edge.remote_link import RemoteLink
 from portunus.control.service import StateSink
 from portunus.control.store import Store, accounts, audit_refusal, utc_now, write_audit
 from portunus.control.store import rules as rules_db
 from portunus.control.store.accounts import LOCAL_CLIENT_ID, ClientRow
-from portunus.errors import PortunusError, reject_unknown_fields
+from portunus.errors import PortunusError
 from portunus.ipc import edge_messages as em
+from portunus.schema.check import validate
+from portunus.schema.requests import ClientEnrollmentBody, ClientRename
 
 REVOKED_GOODBYE = em.Error(code="revoked", message="this client was revoked by the server")
 
@@ -86,10 +89,11 @@ class ClientService:
     async def enroll(self, who: Principal, params: dict[str, Any]) -> dict[str, Any]:
         target = f"client-name:{params.get('name')}"
         try:
-            reject_unknown_fields(params, {"name", "address", "ttl_secs"})
-            name = validate_client_name(params.get("name"))
-            ttl = validate_ttl(params.get("ttl_secs"))
-            host = advertised_host(params.get("address"), self.listen_host)
+            body = validate(params, ClientEnrollmentBody)  # as POST /v1/client-enrollments
+            name = validate_client_name(body.name)  # reserved and control characters
+            ttl = body.ttl_secs
+            address = None if body.address is UNSET else body.address
+            host = advertised_host(address, self.listen_host)
             async with self.store.write() as db:
                 new = await create_enrollment(db, name, ttl)
                 await write_audit(
@@ -121,7 +125,8 @@ class ClientService:
         target = f"client:{params.get('id')}"
         try:
             ref = _ref(params)
-            name = validate_client_name(params.get("name"))
+            body = validate({k: v for k, v in params.items() if k != "id"}, ClientRename)
+            name = validate_client_name(body.name)
             async with self.store.write() as db:
                 row = await accounts.resolve_client(db, ref)
                 self._not_local(row, "renamed")

@@ -17,15 +17,13 @@ from datetime import UTC, datetime, timedelta
 
 import aiosqlite
 
-from portunus.bounds import ENROLL_TTL, MAX_NAME_LEN
+from portunus.bounds import MAX_NAME_LEN
 from portunus.control.auth import hash_token
 from portunus.control.store.accounts import LOCAL_CLIENT_ID, ClientRow, new_ulid
 from portunus.control.store.migrations import format_ts, utc_now
 from portunus.errors import PortunusError, ValidationError
 from portunus.rules import validate_host
 
-DEFAULT_TTL_SECS = 600
-MAX_TTL_SECS = int(ENROLL_TTL.hi)
 MAX_SECRET_LEN = 512
 
 
@@ -57,12 +55,6 @@ def validate_client_name(raw: object) -> str:
             field="name",
         )
     return name
-
-
-def validate_ttl(raw: object) -> int:
-    if raw is None:
-        return DEFAULT_TTL_SECS
-    return int(ENROLL_TTL.check(raw, "ttl_secs"))
 
 
 def advertised_host(address: object, listen_host: str) -> str:

@@ -1,25 +1,23 @@
-"""JSON request bodies: size limit, parsing, and a check against the OpenAPI schemas.
+"""JSON request bodies: size limit, parsing, and a check against their declaration.
 
-The checker understands the subset of JSON Schema that ``portunus.web.openapi``
-uses (type, enum, const, bounds, lengths, items, properties, required,
-additionalProperties, allOf/anyOf/oneOf/not, local ``$ref``).  It reports *every*
-problem with the field it sits on, so an operator fixes a body in one round trip;
-the first problem gives the error's ``code``/``message``/``field``.  Semantic
-checks (port overlap, SNI patterns, range lengths) stay in the control process.
+The bodies are declared once in ``portunus.schema`` (the OpenAPI document's
+request schemas are generated from the same declarations); ``portunus.schema.check``
+reports *every* problem with the field it sits on.  Semantic checks (port
+overlap, SNI patterns, range lengths) stay in the control process.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
 
 from portunus import safejson
 from portunus.errors import PortunusError
+from portunus.schema.check import Problem, check, problems, refuse
 from portunus.text import is_ascii_digits
-from portunus.web import openapi
+
+__all__ = ["BodyTooLarge", "Problem", "check", "parse_json", "read_body", "read_json"]
 
 # The largest legitimate body, a rule with 8 targets and every field at its
 # longest, is 3,929 bytes pretty-printed (tests/unit/web/test_web_limits.py
@@ -27,8 +25,6 @@ from portunus.web import openapi
 # make the web process hold stays small (web.limits.BodyLimit applies the same
 # limit to every route).
 MAX_BODY = 64 * 1024
-MAX_PROBLEMS = 50  # listed in one error answer; a hostile body can hold thousands
-_REF = "#/components/schemas/"
 
 
 class BodyTooLarge(PortunusError):
@@ -44,24 +40,6 @@ class BodyTooLarge(PortunusError):
     @property
     def http_status(self) -> int:
         return 413
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    field: str
-    code: str
-    message: str
-
-    def as_dict(self) -> dict[str, str]:
-        return {
-            "field": _clip(self.field or "body"),
-            "code": self.code,
-            "message": _clip(self.message, 300),
-        }
-
-
-def _clip(text: str, limit: int = 120) -> str:
-    return text if len(text) <= limit else text[:limit] + "…"
 
 
 async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
@@ -88,197 +66,16 @@ def parse_json(raw: bytes) -> Any:
 
 
 async def read_json(request: Request, schema_name: str) -> dict[str, Any]:
-    """Read, parse and check a body against ``components.schemas[schema_name]``."""
+    """Read, parse and check a body against the declaration named ``schema_name``."""
     return validate_body(parse_json(await read_body(request)), schema_name)
 
 
 def validate_body(doc: Any, schema_name: str) -> dict[str, Any]:
     """Check an already-parsed body; the Web UI's forms come through here too, so a
-    form shows the same codes and messages as the API."""
-    problems = check(doc, openapi.schema(schema_name))
-    if problems:
-        first = problems[0]
-        raise PortunusError(
-            first.code,
-            _clip(first.message, 300),
-            field=_clip(first.field or "body"),
-            errors=[p.as_dict() for p in problems[:MAX_PROBLEMS]],
-        )
+    form shows the same codes and messages as the API.  The body is passed on as the
+    client sent it (the control process validates it again into its typed struct)."""
+    found = problems(doc, schema_name)
+    if found:
+        raise refuse(found)
     assert isinstance(doc, dict)  # the schemas of request bodies are all objects
     return doc
-
-
-# ------------------------------------------------------------------ checker
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
-
-
-def _type_ok(value: Any, wanted: str | list[str]) -> bool:
-    # Deliberately stricter than JSON Schema: 8080.0 is not an integer port.
-    actual = _json_type(value)
-    allowed = [wanted] if isinstance(wanted, str) else wanted
-    return actual in allowed or (actual == "integer" and "number" in allowed)
-
-
-def _words(wanted: str | list[str]) -> str:
-    names = {
-        "object": "an object",
-        "array": "a list",
-        "string": "a string",
-        "integer": "an integer",
-        "number": "a number",
-        "boolean": "true or false",
-        "null": "null",
-    }
-    allowed = [wanted] if isinstance(wanted, str) else wanted
-    return " or ".join(names.get(t, t) for t in allowed)
-
-
-def _join(path: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    return f"{path}.{key}" if path else key
-
-
-def _resolve(s: dict[str, Any]) -> dict[str, Any]:
-    while "$ref" in s:
-        target = s["$ref"]
-        if not target.startswith(_REF):
-            raise KeyError(f"unsupported $ref {target}")
-        s = openapi.components()[target[len(_REF) :]]
-    return s
-
-
-def check(
-    value: Any, schema: dict[str, Any], path: str = "", code: str = "validation.body"
-) -> list[Problem]:
-    """Every way ``value`` fails ``schema``; empty when it conforms."""
-    out: list[Problem] = []
-    _check(value, schema, path, code, out)
-    return out
-
-
-def _matches(value: Any, s: dict[str, Any], path: str) -> bool:
-    return not check(value, s, path)
-
-
-def _check(value: Any, s: dict[str, Any], path: str, code: str, out: list[Problem]) -> None:
-    s = _resolve(s)
-    code = s.get("x-error-code", code)
-    where = path or "body"
-    if "type" in s and not _type_ok(value, s["type"]):
-        out.append(
-            Problem(path, code, f"{where} must be {_words(s['type'])}, got {_json_type(value)}")
-        )
-        return
-    if "const" in s and value != s["const"]:
-        out.append(Problem(path, code, f"{where} must be {json.dumps(s['const'])}"))
-        return
-    if "enum" in s and not any(value == e and type(value) is type(e) for e in s["enum"]):
-        choices = ", ".join(json.dumps(e) for e in s["enum"])
-        out.append(
-            Problem(path, code, f"{where} must be one of {choices}, got {json.dumps(value)}")
-        )
-        return
-    kind = _json_type(value)
-    if kind in ("integer", "number"):
-        _check_bounds(value, s, path, code, out)
-    elif kind == "string":
-        if len(value) < s.get("minLength", 0):
-            out.append(Problem(path, code, f"{where} must not be empty"))
-        elif "maxLength" in s and len(value) > s["maxLength"]:
-            out.append(Problem(path, code, f"{where} must be at most {s['maxLength']} characters"))
-    elif kind == "array":
-        if len(value) < s.get("minItems", 0):
-            out.append(Problem(path, code, f"{where} needs at least {s['minItems']} item(s)"))
-        elif "maxItems" in s and len(value) > s["maxItems"]:
-            out.append(
-                Problem(
-                    path, code, f"{where} takes at most {s['maxItems']} items, got {len(value)}"
-                )
-            )
-        if "items" in s:
-            for i, item in enumerate(value):
-                _check(item, s["items"], _join(path, i), code, out)
-    elif kind == "object":
-        _check_object(value, s, path, code, out)
-    for sub in s.get("allOf", ()):
-        _check(value, sub, path, code, out)
-    _check_combinators(value, s, path, code, out)
-
-
-def _check_bounds(
-    value: float, s: dict[str, Any], path: str, code: str, out: list[Problem]
-) -> None:
-    where = path or "body"
-    lo, hi = s.get("minimum"), s.get("maximum")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        if lo is not None and hi is not None:
-            out.append(Problem(path, code, f"{where} must be between {lo} and {hi}, got {value}"))
-        elif lo is not None:
-            out.append(Problem(path, code, f"{where} must be at least {lo}, got {value}"))
-        else:
-            out.append(Problem(path, code, f"{where} must be at most {hi}, got {value}"))
-    elif "exclusiveMinimum" in s and value <= s["exclusiveMinimum"]:
-        out.append(
-            Problem(
-                path, code, f"{where} must be greater than {s['exclusiveMinimum']}, got {value}"
-            )
-        )
-
-
-def _check_object(
-    value: dict[str, Any], s: dict[str, Any], path: str, code: str, out: list[Problem]
-) -> None:
-    props: dict[str, Any] = s.get("properties", {})
-    extra = s.get("additionalProperties", True)
-    for key, item in value.items():
-        if key in props:
-            _check(item, props[key], _join(path, key), code, out)
-        elif extra is False:
-            template = s.get("x-unknown-field-message", "unknown field {field}")
-            name = _join(path, key)
-            out.append(
-                Problem(
-                    name,
-                    s.get("x-unknown-field-code", "validation.unknown_field"),
-                    template.format(field=json.dumps(name)),
-                )
-            )
-        elif isinstance(extra, dict):
-            _check(item, extra, _join(path, key), code, out)
-    for key in s.get("required", ()):
-        if key not in value:
-            sub_code = _resolve(props[key]).get("x-error-code", code) if key in props else code
-            out.append(Problem(_join(path, key), sub_code, f"{_join(path, key)} is required"))
-
-
-def _check_combinators(
-    value: Any, s: dict[str, Any], path: str, code: str, out: list[Problem]
-) -> None:
-    where = path or "body"
-    message = s.get("x-error-message")
-    if message and path:
-        message = f"{path}: {message}"
-    if "oneOf" in s and sum(_matches(value, sub, path) for sub in s["oneOf"]) != 1:
-        out.append(
-            Problem(path, code, message or f"{where} does not match exactly one allowed shape")
-        )
-    if "anyOf" in s and not any(_matches(value, sub, path) for sub in s["anyOf"]):
-        out.append(Problem(path, code, message or f"{where} does not match any allowed shape"))
-    if "not" in s and _matches(value, s["not"], path):
-        out.append(Problem(path, code, message or f"{where} has a shape that is not allowed"))

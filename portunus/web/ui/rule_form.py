@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from portunus.rules import MAX_TARGETS, RATE_LIMIT_ALL_KEYS, RATE_LIMIT_KEYS
+from portunus.schema.rule import MAX_TARGETS, RATE_LIMIT_ALL_KEYS, RATE_LIMIT_KEYS
 
 TARGET_ROWS = 3
 _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")

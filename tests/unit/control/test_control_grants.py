@@ -142,6 +142,8 @@ async def test_superadmin_guards(rbac: Rbac) -> None:
         ({"user_id": "ok", "display_name": ""}, "validation.display_name"),
         ({"user_id": "ok", "display_name": "x" * 65}, "validation.display_name"),
         ({"user_id": "ok", "password": "short"}, "validation.password_too_short"),
+        ({"user_id": "ok", "colour": "red"}, "validation.unknown_field"),
+        ({"user_id": "ok", "password": 12345678901234}, "validation.password"),
     ],
 )
 async def test_user_validation(rbac: Rbac, body: dict[str, Any], code: str) -> None:
@@ -160,6 +162,8 @@ async def test_user_validation(rbac: Rbac, body: dict[str, Any], code: str) -> N
             "validation.protocols",
         ),
         ({"listen_port_start": 1, "listen_port_end": 5, "client": "nowhere"}, "client_not_found"),
+        ({"listen_port_start": 1}, "validation.port_range"),
+        ({"listen_port_start": 1, "listen_port_end": 5, "colour": 1}, "validation.unknown_field"),
         ({"listen_port_start": 1, "listen_port_end": 5, "user_id": "ghost"}, "user_not_found"),
     ],
 )
@@ -170,3 +174,18 @@ async def test_grant_validation(rbac: Rbac, body: dict[str, Any], code: str) -> 
     )
     assert (await rbac.call("users.add", {"user_id": "dup"}))["temporary_password"]
     await expect_error(rbac.call("users.add", {"user_id": "dup"}), "user_exists")
+
+
+@pytest.mark.parametrize(
+    ("extra", "code"),
+    [
+        ({"name": ""}, "validation.name"),
+        ({"name": "x" * 65}, "validation.name"),
+        ({"name": 7}, "validation.name"),
+        ({"name": "tab\there"}, "validation.name"),  # not printable: the semantic check
+        ({"colour": "red"}, "validation.unknown_field"),
+    ],
+)
+async def test_token_validation(rbac: Rbac, extra: dict[str, Any], code: str) -> None:
+    await rbac.user("alice")
+    await expect_error(rbac.call("tokens.issue", {"user_id": "alice", **extra}), code)

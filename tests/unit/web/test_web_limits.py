@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from portunus.rules import MAX_TARGETS, RATE_LIMIT_ALL_KEYS
+from portunus.schema.rule import MAX_TARGETS, RATE_LIMIT_ALL_KEYS
 from portunus.web import openapi
 from portunus.web.limits import MAX_HEADER_BYTES, BodyLimit, GuardedH11Protocol
 from portunus.web.main import _config, _Server

@@ -246,6 +246,14 @@ async def test_rename_keeps_id_rules_and_session(edge: Any, poll: Any) -> None:
         edge.call("clients.rename", {"id": enrolled["client_id"], "name": "local"}),
         "validation.name",
     )
+    # The ClientRename declaration, as PATCH /v1/clients/{id}/name checks it.
+    await expect_error(
+        edge.call("clients.rename", {"id": enrolled["client_id"], "name": 5}), "validation.name"
+    )
+    await expect_error(
+        edge.call("clients.rename", {"id": enrolled["client_id"], "name": "a", "colour": 1}),
+        "validation.unknown_field",
+    )
 
 
 async def test_stats_frames_feed_rule_stats(edge: Any, poll: Any) -> None:
