@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -307,13 +308,20 @@ def test_http_unfinished_oversized_headers_get_400_at_once(srv: ServerProc, orig
     still_serving(srv, origin, ports)
 
 
-def test_http_connections_over_the_cap_get_503_and_the_api_recovers(
+def test_http_connections_over_the_cap_push_out_the_oldest_idle_one(
     srv: ServerProc, origin, ports
 ) -> None:  # type: ignore[no-untyped-def]
-    held = [socket.create_connection((LOOPBACK, srv.api_port), timeout=5) for _ in range(256)]
+    """At the cap (256) a new connection is served; the connection that has waited
+    longest for a request is closed with 503 ``unavailable`` to make room for it."""
+    held = []
+    for _ in range(256):
+        held.append(socket.create_connection((LOOPBACK, srv.api_port), timeout=5))
+        time.sleep(0.001)  # an order the server sees: held[0] is the oldest
     try:
         with socket.create_connection((LOOPBACK, srv.api_port), timeout=5) as extra:
-            data = _read_all(extra)
+            extra.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert _read_all(extra).startswith(b"HTTP/1.1 200"), "the newcomer is served"
+        data = _read_all(held[0])
         head, _, body = data.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 503"), data[:200]
         assert json.loads(body)["error"]["code"] == "unavailable"
