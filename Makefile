@@ -72,9 +72,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check portunus tests bench
 	$(BIN)/mypy
 
-## reference: regenerate docs/reference/cli.md from the click commands (a test checks it)
+## reference: regenerate docs/reference/cli.md from the click commands and the metric
+## tables of docs/reference/metrics.md from portunus/metrics/catalog.py (tests check both)
 reference: $(STAMP)
 	$(BIN)/python packaging/scripts/clidoc.py markdown > docs/reference/cli.md
+	$(BIN)/python packaging/scripts/metricsdoc.py
 
 deb rpm: $(STAMP)
 	$(MAKE) -C packaging $@

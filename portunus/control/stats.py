@@ -18,26 +18,14 @@ import warnings
 from collections import defaultdict
 from typing import Any
 
+from portunus.metrics import catalog as c
 from portunus.rules import Rule
 from portunus.text import is_ascii_digits
 
-RULE_SERIES = {
-    "portunus_rule_bytes_in_total": "bytes_in",
-    "portunus_rule_bytes_out_total": "bytes_out",
-    "portunus_rule_connections_total": "connections_total",
-    "portunus_rule_active_connections": "active_connections",
-}
-PORT_SERIES = {
-    "portunus_detail_port_bytes_in_total": "bytes_in",
-    "portunus_detail_port_bytes_out_total": "bytes_out",
-    "portunus_detail_port_connections_total": "connections_total",
-    "portunus_detail_port_active_connections": "active_connections",
-}
-TARGET_SERIES = {
-    "portunus_detail_target_connections_total": "connections_total",
-    "portunus_detail_target_connect_failures_total": "connect_failures_total",
-}
-TARGET_UP = "portunus_target_up"
+RULE_SERIES = c.RULE_FIELDS
+PORT_SERIES = c.PORT_FIELDS
+TARGET_SERIES = c.TARGET_FIELDS
+TARGET_UP = c.TARGET_UP.name
 STATES = ("pending", "active", "failed", "draining", "revoked")
 
 
@@ -127,15 +115,7 @@ class RuleStateGauge:
     """
 
     def __init__(self) -> None:
-        from prometheus_client import Gauge
-
-        self._gauge = Gauge(
-            "portunus_rule_state",
-            "1 for the rule's current state (pending, active, failed, draining, revoked), 0 for the others",
-            ("client", "rule", "owner", "state"),
-            multiprocess_mode="livemostrecent",
-            registry=None,
-        )
+        self._gauge = c.RULE_STATE.gauge(registry=None)
 
     def __call__(self, rule: Rule, state: str | None) -> None:
         for s in STATES:

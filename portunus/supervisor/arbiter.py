@@ -136,13 +136,10 @@ class Supervisor(ChildManager, RuleRouter):
             signal.signal(sig, self._enqueue_signal)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)
-        from prometheus_client import Counter
-
+        from portunus.metrics.catalog import SHARD_RESTARTS
         from portunus.shard.metrics import BYTES_IN  # noqa: F401 - import once, before forking
 
-        self._restarts = Counter(
-            "portunus_shard_restarts_total", "Shards restarted after they died", ("shard",)
-        )
+        self._restarts = SHARD_RESTARTS.counter()
 
     def _enqueue_signal(self, signum: int, frame: Any) -> None:
         # Only enqueue: no logging, no reaping in a signal handler.
