@@ -110,8 +110,9 @@ class RuleStateGauge:
     control process's file (its successor republishes every rule on sync), and
     *mostrecent* lets the newest value win if an old and a new control file
     briefly coexist — ``livemax`` would then report 1 for two states at once.
-    Multiprocess files cannot drop a label set, so a removed rule is written as
-    0 for every state.
+    A removed rule is written as 0 for every state, then its children are
+    dropped: ``store.maybe_compact`` takes its rows out of control's file once
+    enough removed rules have piled up.
     """
 
     def __init__(self) -> None:
@@ -121,10 +122,13 @@ class RuleStateGauge:
         for s in STATES:
             self._gauge.labels(rule.client, rule.id, rule.owner, s).set(1.0 if s == state else 0.0)
         if state is None:
-            # The zeros stay in the file; the in-process children would otherwise
-            # pile up for every rule ever pushed (a churn soak grew control's RSS).
+            # The zeros stay in the file until it is compacted; the in-process
+            # children would otherwise pile up for every rule ever pushed.
             with warnings.catch_warnings():
                 warnings.simplefilter(
                     "ignore", UserWarning
                 )  # "not implemented in multi-process mode"
                 self._gauge.remove_by_labels({"client": rule.client, "rule": rule.id})
+            from portunus.metrics import store
+
+            store.maybe_compact()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 
 from portunus.metrics import catalog as c
+from portunus.metrics import store
 
 RULE_LABELS = c.RULE
 
@@ -102,9 +103,11 @@ def forget_rule(client: str, rule: str) -> None:
 
     Without this, every rule ever pushed keeps a few objects per series in every
     shard for the life of the process (a soak with rule churn grew shard RSS by
-    ~5 KiB per rule).  The values stay in the multiprocess files, so /metrics
-    keeps showing the rule's last counters until restart as before; a rule pushed
-    again under the same id (standalone names) picks its counters up from there.
+    ~5 KiB per rule).  Once the rule's last references are gone its series are
+    dead, and ``store.maybe_compact`` rewrites this shard's multiprocess files
+    without them when enough have piled up (checked here, at most every few
+    seconds): until then /metrics still shows the rule's last counters, and a
+    rule pushed again under the same id (standalone names) continues from them.
     """
     with warnings.catch_warnings():
         # "not implemented in multi-process mode": it drops the in-process child
@@ -112,3 +115,4 @@ def forget_rule(client: str, rule: str) -> None:
         warnings.simplefilter("ignore", UserWarning)
         for metric in _PER_RULE:
             metric.remove_by_labels({"client": client, "rule": rule})
+    store.maybe_compact()
