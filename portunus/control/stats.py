@@ -131,4 +131,5 @@ class RuleStateGauge:
                 self._gauge.remove_by_labels({"client": rule.client, "rule": rule.id})
             from portunus.metrics import store
 
+            store.retire_rule(rule.client, rule.id)
             store.maybe_compact()

@@ -103,11 +103,12 @@ def forget_rule(client: str, rule: str) -> None:
 
     Without this, every rule ever pushed keeps a few objects per series in every
     shard for the life of the process (a soak with rule churn grew shard RSS by
-    ~5 KiB per rule).  Once the rule's last references are gone its series are
-    dead, and ``store.maybe_compact`` rewrites this shard's multiprocess files
-    without them when enough have piled up (checked here, at most every few
-    seconds): until then /metrics still shows the rule's last counters, and a
-    rule pushed again under the same id (standalone names) continues from them.
+    ~5 KiB per rule).  Its series are retired at once (its runtime may linger in
+    a reference cycle until the garbage collector runs), and
+    ``store.maybe_compact`` rewrites this shard's multiprocess files without
+    them when enough have piled up (checked here, at most every 10 s): until
+    then /metrics still shows the rule's last counters, and a rule pushed again
+    under the same id (standalone names) continues from them.
     """
     with warnings.catch_warnings():
         # "not implemented in multi-process mode": it drops the in-process child
@@ -115,4 +116,5 @@ def forget_rule(client: str, rule: str) -> None:
         warnings.simplefilter("ignore", UserWarning)
         for metric in _PER_RULE:
             metric.remove_by_labels({"client": client, "rule": rule})
+    store.retire_rule(client, rule)
     store.maybe_compact()

@@ -47,11 +47,11 @@ def _rules(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> set
     return {dict(labels).get("rule", "") for _, labels in samples}
 
 
-def _forget(metric: Counter | Gauge, label: str) -> None:
+def _forget(metric: Counter | Gauge, *labels: str) -> None:
     """``remove`` as forget_rule does it (prometheus_client warns in multiprocess mode)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        metric.remove(label)
+        metric.remove(*labels)
 
 
 def _counter() -> Counter:
@@ -224,3 +224,93 @@ def test_without_the_store_installed_compaction_does_nothing(
 ) -> None:
     monkeypatch.setattr(values, "ValueClass", values.MutexValue)
     assert store.maybe_compact(now=FAR) == 0
+
+
+def _rule_counter() -> Counter:
+    return Counter("t_rule_bytes_total", "bytes", ("client", "rule"), registry=None)
+
+
+def test_a_retired_rule_is_dropped_even_while_something_still_holds_its_values(
+    mp_dir: Path,
+) -> None:
+    """A drained rule's runtime may sit in a reference cycle until the garbage
+    collector runs: retiring the rule does not wait for it."""
+    c = _rule_counter()
+    lingering = []
+    for i in range(store.MIN_DEAD):
+        child = c.labels("local", str(i))
+        child.inc(2)
+        lingering.append(child)  # e.g. a handler <-> connections cycle
+        _forget(c, "local", str(i))
+        store.retire_rule("local", str(i))
+    kept = c.labels("local", "kept")
+    kept.inc(9)
+    assert store.maybe_compact(now=FAR) == store.MIN_DEAD
+    assert _read(mp_dir) == {("t_rule_bytes_total", (("client", "local"), ("rule", "kept"))): 9.0}
+    assert set(store._state.by_rule) == {("local", "kept")}
+    # A late write to a retired series puts it back whole (never from zero).
+    lingering[3].inc(1)
+    assert _read(mp_dir)[("t_rule_bytes_total", (("client", "local"), ("rule", "3")))] == 3.0
+
+
+def test_a_rule_pushed_again_before_the_rewrite_is_not_retired(mp_dir: Path) -> None:
+    c = _rule_counter()
+    c.labels("local", "web").inc(5)
+    _forget(c, "local", "web")
+    store.retire_rule("local", "web")
+    c.labels("local", "web").inc(1)  # standalone: the same name pushed again
+    for i in range(store.MIN_DEAD):
+        c.labels("local", str(i)).inc()
+        _forget(c, "local", str(i))
+        store.retire_rule("local", str(i))
+    store.maybe_compact(now=FAR)
+    assert _read(mp_dir) == {("t_rule_bytes_total", (("client", "local"), ("rule", "web"))): 6.0}
+
+
+def test_the_rule_index_forgets_values_that_died_without_a_retire(mp_dir: Path) -> None:
+    c = _rule_counter()
+    for i in range(store.MIN_DEAD):
+        c.labels("local", str(i)).inc()
+        _forget(c, "local", str(i))  # no retire_rule: the value just dies
+    gc.collect()
+    assert store.maybe_compact(now=FAR) == store.MIN_DEAD
+    assert store._state.by_rule == {}
+
+
+def test_retired_series_whose_values_also_died_are_not_counted_twice(mp_dir: Path) -> None:
+    """Half a threshold of rules retired and let go must not look like a full one:
+    a rewrite found not worth it would spend the rate bound for nothing."""
+    c = _rule_counter()
+    for i in range(store.MIN_DEAD // 2):
+        c.labels("local", str(i)).inc()
+        _forget(c, "local", str(i))
+        store.retire_rule("local", str(i))
+    assert store.maybe_compact(now=FAR) == 0
+    for i in range(store.MIN_DEAD // 2, store.MIN_DEAD):
+        c.labels("local", str(i)).inc()
+        _forget(c, "local", str(i))
+        store.retire_rule("local", str(i))
+    assert store.maybe_compact(now=FAR + 1) == store.MIN_DEAD  # not held back by the bound
+
+
+def test_a_new_file_appears_whole(mp_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A .db file created in place is 0 bytes long until MmapedDict sizes it, and a
+    reader (control's rule_totals, /metrics) that opens it then fails: new files are
+    built under a temporary name and renamed into place."""
+    created_in_place: list[str] = []
+    real = store.MmapedDict
+
+    def watching(path: str, *args: object, **kwargs: object) -> MmapedDict:
+        if path.endswith(".db") and not os.path.exists(path):
+            created_in_place.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(store, "MmapedDict", watching)
+    _counter().labels("a").inc()
+    Gauge("t_g", "g", ("rule",), multiprocess_mode="livesum", registry=None).labels("a").set(1)
+    assert created_in_place == []
+    assert sorted(p.name for p in mp_dir.iterdir()) == [
+        f"counter_{os.getpid()}.db",
+        f"gauge_livesum_{os.getpid()}.db",
+    ]
+    assert _read(mp_dir)[("t_g", (("rule", "a"),))] == 1.0
