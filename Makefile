@@ -72,10 +72,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check portunus tests bench
 	$(BIN)/mypy
 
-## reference: regenerate docs/reference/cli.md from the click commands and the message tables of docs/rpc.md from portunus/ipc (tests check both)
+## reference: regenerate docs/reference/cli.md from the click commands, the message tables
+## of docs/rpc.md from portunus/ipc and the metric tables of docs/reference/metrics.md
+## from portunus/metrics/catalog.py (tests check all three)
 reference: $(STAMP)
 	$(BIN)/python packaging/scripts/clidoc.py markdown > docs/reference/cli.md
 	$(BIN)/python packaging/scripts/ipcdoc.py write
+	$(BIN)/python packaging/scripts/metricsdoc.py
 
 deb rpm: $(STAMP)
 	$(MAKE) -C packaging $@

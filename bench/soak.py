@@ -180,11 +180,23 @@ def med(values: list[int]) -> float:
     return float(statistics.median(values)) if values else 0.0
 
 
+def with_shard_sums(s: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """``s`` plus a ``<tree> shards (sum)`` entry per tree with several shards: UDP
+    flow sockets land on either shard (SO_REUSEPORT), so one shard's fd count moves
+    with its share of the flows while the sum shows whether fds leak."""
+    out = dict(s)
+    for tree in sorted({name.split(" ", 1)[0] for name in s}):
+        shards = [v for name, v in s.items() if name.startswith(f"{tree} shard ")]
+        if len(shards) > 1:
+            out[f"{tree} shards (sum)"] = (sum(v[0] for v in shards), sum(v[1] for v in shards))
+    return out
+
+
 def analyse(
     samples: list[tuple[float, dict[str, tuple[int, int]]]], warmup: float
 ) -> list[dict[str, Any]]:
     """Per process: median fds/RSS over the first and the last minute after warm-up."""
-    after = [(t, s) for t, s in samples if t >= warmup]
+    after = [(t, with_shard_sums(s)) for t, s in samples if t >= warmup]
     if not after:
         return []
     t0, t_end = after[0][0], after[-1][0]

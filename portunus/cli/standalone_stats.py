@@ -11,12 +11,10 @@ from typing import Any
 
 import click
 
-FIELDS = {
-    "portunus_rule_bytes_in": "bytes_in",
-    "portunus_rule_bytes_out": "bytes_out",
-    "portunus_rule_connections": "connections_total",
-    "portunus_rule_active_connections": "active_connections",
-}
+from portunus.metrics import catalog as c
+
+# Family name (as the text parser reports it: a counter's without _total) -> field.
+FIELDS = {c.BY_NAME[name].family_name: field for name, field in c.RULE_FIELDS.items()}
 
 
 class WrongInstance(Exception):
@@ -48,7 +46,7 @@ def scrape(metrics_listen: str, config: str | None = None) -> dict[str, dict[str
 
 
 def _check_instance(families: list[Any], metrics_listen: str, config: str) -> None:
-    info = next((f for f in families if f.name == "portunus_instance_info"), None)
+    info = next((f for f in families if f.name == c.INSTANCE_INFO.name), None)
     labels = info.samples[0].labels if info is not None and info.samples else {}
     if labels.get("kind") == "standalone" and labels.get("config") == config:
         return

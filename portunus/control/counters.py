@@ -199,6 +199,11 @@ class RuleCounters:
                 export["remote"][str(s.rule_id)] = self._remote_row(
                     s, carry.total(live, run), live, connected
                 )
+        # A removed rule's carry would otherwise stay for the life of the process
+        # (its rule_counters row goes with the rule: ON DELETE CASCADE).
+        for gone in set(self.carry) - {s.rule_id for s in stored}:
+            del self.carry[gone]
+            self._dirty.discard(gone)
         await self._persist()
         if export != self._exported:  # idle rules: no rewrite every snapshot
             await asyncio.to_thread(

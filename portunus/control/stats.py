@@ -18,26 +18,14 @@ import warnings
 from collections import defaultdict
 from typing import Any
 
+from portunus.metrics import catalog as c
 from portunus.rules import Rule
 from portunus.text import is_ascii_digits
 
-RULE_SERIES = {
-    "portunus_rule_bytes_in_total": "bytes_in",
-    "portunus_rule_bytes_out_total": "bytes_out",
-    "portunus_rule_connections_total": "connections_total",
-    "portunus_rule_active_connections": "active_connections",
-}
-PORT_SERIES = {
-    "portunus_detail_port_bytes_in_total": "bytes_in",
-    "portunus_detail_port_bytes_out_total": "bytes_out",
-    "portunus_detail_port_connections_total": "connections_total",
-    "portunus_detail_port_active_connections": "active_connections",
-}
-TARGET_SERIES = {
-    "portunus_detail_target_connections_total": "connections_total",
-    "portunus_detail_target_connect_failures_total": "connect_failures_total",
-}
-TARGET_UP = "portunus_target_up"
+RULE_SERIES = c.RULE_FIELDS
+PORT_SERIES = c.PORT_FIELDS
+TARGET_SERIES = c.TARGET_FIELDS
+TARGET_UP = c.TARGET_UP.name
 STATES = ("pending", "active", "failed", "draining", "revoked")
 
 
@@ -122,29 +110,26 @@ class RuleStateGauge:
     control process's file (its successor republishes every rule on sync), and
     *mostrecent* lets the newest value win if an old and a new control file
     briefly coexist — ``livemax`` would then report 1 for two states at once.
-    Multiprocess files cannot drop a label set, so a removed rule is written as
-    0 for every state.
+    A removed rule is written as 0 for every state, then its children are
+    dropped: ``store.maybe_compact`` takes its rows out of control's file once
+    enough removed rules have piled up.
     """
 
     def __init__(self) -> None:
-        from prometheus_client import Gauge
-
-        self._gauge = Gauge(
-            "portunus_rule_state",
-            "1 for the rule's current state (pending, active, failed, draining, revoked), 0 for the others",
-            ("client", "rule", "owner", "state"),
-            multiprocess_mode="livemostrecent",
-            registry=None,
-        )
+        self._gauge = c.RULE_STATE.gauge(registry=None)
 
     def __call__(self, rule: Rule, state: str | None) -> None:
         for s in STATES:
             self._gauge.labels(rule.client, rule.id, rule.owner, s).set(1.0 if s == state else 0.0)
         if state is None:
-            # The zeros stay in the file; the in-process children would otherwise
-            # pile up for every rule ever pushed (a churn soak grew control's RSS).
+            # The zeros stay in the file until it is compacted; the in-process
+            # children would otherwise pile up for every rule ever pushed.
             with warnings.catch_warnings():
                 warnings.simplefilter(
                     "ignore", UserWarning
                 )  # "not implemented in multi-process mode"
                 self._gauge.remove_by_labels({"client": rule.client, "rule": rule.id})
+            from portunus.metrics import store
+
+            store.retire_rule(rule.client, rule.id)
+            store.maybe_compact()

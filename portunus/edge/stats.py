@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from portunus.control.stats import PORT_SERIES, RULE_SERIES, TARGET_SERIES, TARGET_UP
+from portunus.metrics import catalog as c
 from portunus.text import is_ascii_digits
 
 
@@ -24,12 +24,12 @@ class _Acc:
     __slots__ = ("totals", "ports", "targets", "up")
 
     def __init__(self) -> None:
-        self.totals: dict[str, float] = dict.fromkeys(RULE_SERIES.values(), 0.0)
+        self.totals: dict[str, float] = dict.fromkeys(c.RULE_FIELDS.values(), 0.0)
         self.ports: dict[int, dict[str, float]] = defaultdict(
-            lambda: dict.fromkeys(PORT_SERIES.values(), 0.0)
+            lambda: dict.fromkeys(c.PORT_FIELDS.values(), 0.0)
         )
         self.targets: dict[str, dict[str, float]] = defaultdict(
-            lambda: dict.fromkeys(TARGET_SERIES.values(), 0.0)
+            lambda: dict.fromkeys(c.TARGET_FIELDS.values(), 0.0)
         )
         self.up: dict[str, float] = {}
 
@@ -71,13 +71,13 @@ def rule_totals(metrics_dir: str, rule_ids: Iterable[str]) -> dict[str, dict[str
                 acc = accs.get(s.labels.get("rule", ""))
                 if acc is None:
                     continue
-                if s.name in RULE_SERIES:
-                    acc.totals[RULE_SERIES[s.name]] += s.value
-                elif s.name in PORT_SERIES and is_ascii_digits(s.labels.get("port", "")):
-                    acc.ports[int(s.labels["port"])][PORT_SERIES[s.name]] += s.value
-                elif s.name in TARGET_SERIES:
-                    acc.targets[s.labels.get("target", "")][TARGET_SERIES[s.name]] += s.value
-                elif s.name == TARGET_UP:
+                if s.name in c.RULE_FIELDS:
+                    acc.totals[c.RULE_FIELDS[s.name]] += s.value
+                elif s.name in c.PORT_FIELDS and is_ascii_digits(s.labels.get("port", "")):
+                    acc.ports[int(s.labels["port"])][c.PORT_FIELDS[s.name]] += s.value
+                elif s.name in c.TARGET_FIELDS:
+                    acc.targets[s.labels.get("target", "")][c.TARGET_FIELDS[s.name]] += s.value
+                elif s.name == c.TARGET_UP.name:
                     label = s.labels.get("target", "")
                     acc.up[label] = min(acc.up.get(label, s.value), s.value)
     return {rid: acc.entry() for rid, acc in accs.items()}

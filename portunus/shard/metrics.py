@@ -11,90 +11,39 @@ from __future__ import annotations
 
 import warnings
 
-from prometheus_client import Counter, Gauge
+from portunus.metrics import catalog as c
+from portunus.metrics import store
 
-RULE_LABELS = ("client", "rule", "owner")
+RULE_LABELS = c.RULE
 
-BYTES_IN = Counter(
-    "portunus_rule_bytes_in_total",
-    "Bytes received from connecting clients (towards the target)",
-    RULE_LABELS,
-)
-BYTES_OUT = Counter(
-    "portunus_rule_bytes_out_total", "Bytes sent back to connecting clients", RULE_LABELS
-)
-CONNECTIONS = Counter(
-    "portunus_rule_connections_total", "Accepted connections (TCP) or flows (UDP)", RULE_LABELS
-)
-ACTIVE = Gauge(
-    "portunus_rule_active_connections", "Open connections", RULE_LABELS, multiprocess_mode="livesum"
-)
-CONNECT_FAILURES = Counter(
-    "portunus_rule_connect_failures_total",
-    "Client connections closed because no target could be reached",
-    RULE_LABELS,
-)
-DATAGRAMS_IN = Counter(
-    "portunus_rule_datagrams_in_total", "UDP datagrams received from clients", RULE_LABELS
-)
-DATAGRAMS_OUT = Counter(
-    "portunus_rule_datagrams_out_total", "UDP datagrams sent back to clients", RULE_LABELS
-)
+BYTES_IN = c.RULE_BYTES_IN.counter()
+BYTES_OUT = c.RULE_BYTES_OUT.counter()
+CONNECTIONS = c.RULE_CONNECTIONS.counter()
+ACTIVE = c.RULE_ACTIVE.gauge()
+CONNECT_FAILURES = c.RULE_CONNECT_FAILURES.counter()
+DATAGRAMS_IN = c.RULE_DATAGRAMS_IN.counter()
+DATAGRAMS_OUT = c.RULE_DATAGRAMS_OUT.counter()
 
-PORT_LABELS = ("client", "rule", "port")
-PORT_BYTES_IN = Counter(
-    "portunus_detail_port_bytes_in_total", "Per-port bytes in (rule-stats --per-port)", PORT_LABELS
-)
-PORT_BYTES_OUT = Counter("portunus_detail_port_bytes_out_total", "Per-port bytes out", PORT_LABELS)
-PORT_CONNECTIONS = Counter(
-    "portunus_detail_port_connections_total", "Per-port connections", PORT_LABELS
-)
-PORT_ACTIVE = Gauge(
-    "portunus_detail_port_active_connections",
-    "Per-port open connections",
-    PORT_LABELS,
-    multiprocess_mode="livesum",
-)
+PORT_LABELS = c.PORT
+PORT_BYTES_IN = c.PORT_BYTES_IN.counter()
+PORT_BYTES_OUT = c.PORT_BYTES_OUT.counter()
+PORT_CONNECTIONS = c.PORT_CONNECTIONS.counter()
+PORT_ACTIVE = c.PORT_ACTIVE.gauge()
 
-TARGET_LABELS = ("client", "rule", "target")
-TARGET_UP = Gauge(
-    "portunus_target_up",
-    "1 while a target is considered healthy",
-    TARGET_LABELS,
-    multiprocess_mode="livemin",
-)
-TARGET_CONNECTIONS = Counter(
-    "portunus_detail_target_connections_total", "Connections established to a target", TARGET_LABELS
-)
-TARGET_FAILURES = Counter(
-    "portunus_detail_target_connect_failures_total", "Failed connects to a target", TARGET_LABELS
-)
+TARGET_LABELS = c.TARGET
+TARGET_UP = c.TARGET_UP.gauge()
+TARGET_CONNECTIONS = c.TARGET_CONNECTIONS.counter()
+TARGET_FAILURES = c.TARGET_FAILURES.counter()
 
-SNI_ROUTES = Counter(
-    "portunus_tls_sni_route_total", "SNI dispatches by match kind", RULE_LABELS + ("result",)
-)
-SNI_MISSES = Counter(
-    "portunus_tls_sni_listener_miss_total",
-    "TLS connections whose SNI matched no rule",
-    ("client", "port"),
-)
-SNI_PARSE_FAILURES = Counter(
-    "portunus_tls_sni_listener_parse_failures_total",
-    "Peeks that were not a ClientHello, timed out or were too large",
-    ("client", "port"),
-)
+SNI_ROUTES = c.SNI_ROUTES.counter()
+SNI_MISSES = c.SNI_MISSES.counter()
+SNI_PARSE_FAILURES = c.SNI_PARSE_FAILURES.counter()
 
-UDP_FLOWS = Gauge(
-    "portunus_udp_flows_active", "Open UDP flows", RULE_LABELS, multiprocess_mode="livesum"
-)
-UDP_OVERFLOW = Counter(
-    "portunus_udp_flows_dropped_overflow_total",
-    "Datagrams dropped because udp_max_flows was reached",
-    RULE_LABELS,
-)
-DNS_FAILURES = Counter(
-    "portunus_dns_failures_total", "Target name resolutions that failed", ("client", "rule")
-)
+UDP_FLOWS = c.UDP_FLOWS.gauge()
+UDP_OVERFLOW = c.UDP_OVERFLOW.counter()
+DNS_FAILURES = c.DNS_FAILURES.counter()
+RATE_LIMIT_REFUSED = c.RATE_LIMIT_REFUSED.counter()
+RATE_LIMIT_DROPPED = c.RATE_LIMIT_DROPPED.counter()
 
 
 class RuleMeters:
@@ -144,6 +93,8 @@ _PER_RULE = (
     UDP_FLOWS,
     UDP_OVERFLOW,
     DNS_FAILURES,
+    RATE_LIMIT_REFUSED,
+    RATE_LIMIT_DROPPED,
 )
 
 
@@ -152,9 +103,12 @@ def forget_rule(client: str, rule: str) -> None:
 
     Without this, every rule ever pushed keeps a few objects per series in every
     shard for the life of the process (a soak with rule churn grew shard RSS by
-    ~5 KiB per rule).  The values stay in the multiprocess files, so /metrics
-    keeps showing the rule's last counters until restart as before; a rule pushed
-    again under the same id (standalone names) picks its counters up from there.
+    ~5 KiB per rule).  Its series are retired at once (its runtime may linger in
+    a reference cycle until the garbage collector runs), and
+    ``store.maybe_compact`` rewrites this shard's multiprocess files without
+    them when enough have piled up (checked here, at most every 10 s): until
+    then /metrics still shows the rule's last counters, and a rule pushed again
+    under the same id (standalone names) continues from them.
     """
     with warnings.catch_warnings():
         # "not implemented in multi-process mode": it drops the in-process child
@@ -162,3 +116,5 @@ def forget_rule(client: str, rule: str) -> None:
         warnings.simplefilter("ignore", UserWarning)
         for metric in _PER_RULE:
             metric.remove_by_labels({"client": client, "rule": rule})
+    store.retire_rule(client, rule)
+    store.maybe_compact()

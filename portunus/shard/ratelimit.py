@@ -27,9 +27,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import Counter
-
 from portunus.logs import log_event
+from portunus.shard.metrics import RATE_LIMIT_DROPPED, RATE_LIMIT_REFUSED
 from portunus.shard.udp_budget import FlowBudget, budget_dir, release_shared, sweep_stale
 
 FILE_SIZE = 128
@@ -42,17 +41,9 @@ MIN_WAIT = 0.001
 LOG_EVERY_SECS = 10.0
 _LOCK_TRIES = 64
 
-REFUSED = Counter(
-    "portunus_rate_limit_refused_total",
-    "Connections (TCP) or new flows (UDP) refused by a "
-    "rule's rate limit or its owner's (limit owner_*)",
-    ("client", "rule", "owner", "limit"),
-)
-DROPPED = Counter(
-    "portunus_rate_limit_dropped_datagrams_total",
-    "UDP datagrams dropped because the rule's bandwidth cap was spent",
-    ("client", "rule", "owner", "direction"),
-)
+# Defined with the shard's other series (forget_rule drops them with a rule).
+REFUSED = RATE_LIMIT_REFUSED
+DROPPED = RATE_LIMIT_DROPPED
 
 
 def bandwidth_shape(rate: int, burst: int | None) -> tuple[float, float]:

@@ -27,7 +27,9 @@ def prepare_metrics_dir(runtime_dir: str | None) -> str:
     """Wipe and create the multiprocess dir and export it.
 
     Must run before the first ``import prometheus_client`` in this process: the
-    client picks its value class (mmap files vs in-memory) at import time.
+    client picks its value class (mmap files vs in-memory) at import time.  The
+    value class is then ours (``portunus.metrics.store``): the same files, which
+    shrink again when a removed rule's series are forgotten.
     """
     if runtime_dir:
         path = os.path.join(runtime_dir, "metrics")
@@ -36,4 +38,7 @@ def prepare_metrics_dir(runtime_dir: str | None) -> str:
     else:
         path = tempfile.mkdtemp(prefix="portunus-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    from portunus.metrics import store
+
+    store.install()
     return path

@@ -211,6 +211,6 @@ class ChildManager:
 def shard_restarts() -> Counter:
     """The supervisor's own series, made on first use: after the CLI exported
     PROMETHEUS_MULTIPROC_DIR, and once per process however many supervisors run."""
-    from prometheus_client import Counter
+    from portunus.metrics.catalog import SHARD_RESTARTS
 
-    return Counter("portunus_shard_restarts_total", "Shards restarted after they died", ("shard",))
+    return SHARD_RESTARTS.counter()

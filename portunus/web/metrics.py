@@ -21,6 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from portunus.config import Settings
+from portunus.metrics import catalog as c
 
 if TYPE_CHECKING:  # for the annotation only: prometheus_client is imported late, on purpose
     from prometheus_client.metrics_core import Metric
@@ -40,21 +41,10 @@ class ProcessCollector:
 
     def collect(self) -> Iterator[Metric]:
         import psutil
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        rss = GaugeMetricFamily(
-            "portunus_process_resident_memory_bytes",
-            "Resident memory per Portunus process",
-            labels=["process"],
-        )
-        cpu = CounterMetricFamily(
-            "portunus_process_cpu_seconds_total",
-            "CPU time per Portunus process",
-            labels=["process"],
-        )
-        fds = GaugeMetricFamily(
-            "portunus_process_open_fds", "Open fds per Portunus process", labels=["process"]
-        )
+        rss = c.PROCESS_RSS.family()
+        cpu = c.PROCESS_CPU.family()
+        fds = c.PROCESS_FDS.family()
         try:
             root = psutil.Process(self.supervisor_pid)
             procs = [root, *root.children(recursive=False)]
@@ -86,23 +76,18 @@ class InstanceCollector:
         self.instance = instance
 
     def collect(self) -> Iterator[Metric]:
-        from prometheus_client.core import GaugeMetricFamily
-
         labels = sorted(self.instance)
-        info = GaugeMetricFamily(
-            "portunus_instance_info", "The program serving this endpoint", labels=labels
-        )
+        info = c.INSTANCE_INFO.family(tuple(labels))
         info.add_metric([self.instance[k] for k in labels], 1)
         yield info
 
 
 # Rule series that a restart must not reset, and the key of each in the totals file.
 _CARRIED = {
-    "portunus_rule_bytes_in": "bytes_in",
-    "portunus_rule_bytes_out": "bytes_out",
-    "portunus_rule_connections": "connections_total",
+    m.family_name: c.RULE_FIELDS[m.name]
+    for m in (c.RULE_BYTES_IN, c.RULE_BYTES_OUT, c.RULE_CONNECTIONS)
 }
-_ACTIVE = "portunus_rule_active_connections"
+_ACTIVE = c.RULE_ACTIVE.family_name
 
 
 class CarriedCollector:
@@ -170,15 +155,7 @@ class CarriedCollector:
 def _empty_families() -> list[Any]:
     """Stand-ins for rule series no shard has written yet (no local rule at all),
     so edge clients' rules and earlier runs' totals are exported even then."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-    labels = ["client", "rule", "owner"]
-    out: list[Any] = [
-        CounterMetricFamily(name, "Rule counter (see portunus_rule_* help)", labels=labels)
-        for name in _CARRIED
-    ]
-    out.append(GaugeMetricFamily(_ACTIVE, "Open connections", labels=labels))
-    return out
+    return [c.BY_FAMILY[name].family() for name in (*_CARRIED, _ACTIVE)]
 
 
 def _labels(rule_id: str, row: dict[str, Any]) -> dict[str, str]:
@@ -209,7 +186,8 @@ def render_metrics(
         registry.register(InstanceCollector(instance))
     text = generate_latest(registry)
     # Drop the detail series (and their HELP/TYPE lines) from the exposition.
-    return b"\n".join(ln for ln in text.split(b"\n") if b"portunus_detail_" not in ln)
+    detail = c.DETAIL_PREFIX.encode()
+    return b"\n".join(ln for ln in text.split(b"\n") if detail not in ln)
 
 
 def create_metrics_app(settings: Settings, instance: dict[str, str] | None = None) -> Starlette:

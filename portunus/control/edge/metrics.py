@@ -9,17 +9,12 @@ prometheus_client is imported lazily for the reason given in ``control.stats``.
 
 from __future__ import annotations
 
+from portunus.metrics.catalog import CLIENTS_CONNECTED, PREAUTH_REFUSED
+
 
 class ClientsConnectedGauge:
     def __init__(self) -> None:
-        from prometheus_client import Gauge
-
-        self._gauge = Gauge(
-            "portunus_clients_connected",
-            "Remote edge clients with a live link to this server",
-            multiprocess_mode="livemostrecent",
-            registry=None,
-        )
+        self._gauge = CLIENTS_CONNECTED.gauge(registry=None)
 
     def __call__(self, count: int) -> None:
         self._gauge.set(float(count))
@@ -30,16 +25,9 @@ class PreauthRefusedCounter:
     closed by ``control.edge.preauth`` (over a limit, oversized first frame, deadline)."""
 
     def __init__(self) -> None:
-        from prometheus_client import Counter
-
         from portunus.control.edge.preauth import REASONS
 
-        self._counter = Counter(
-            "portunus_edge_preauth_refused_total",
-            "Edge gateway connections closed before authenticating, by reason",
-            ("reason",),
-            registry=None,
-        )
+        self._counter = PREAUTH_REFUSED.counter(registry=None)
         for reason in REASONS:
             self._counter.labels(reason=reason)
 

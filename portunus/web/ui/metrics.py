@@ -14,24 +14,21 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from portunus.config import parse_listen
+from portunus.metrics import catalog as c
 from portunus.web.routes.common import settings
 from portunus.web.ui.base import Identity, superadmin_page
 from portunus.web.ui.render import render
 
 KEY_FAMILIES = (
-    ("portunus_clients_connected", "Clients connected", "count"),
-    ("portunus_rule_active_connections", "Active connections", "count"),
-    ("portunus_rule_connections_total", "Connections since start", "count"),
-    ("portunus_rule_bytes_in_total", "Bytes in", "bytes"),
-    ("portunus_rule_bytes_out_total", "Bytes out", "bytes"),
-    ("portunus_udp_flows_active", "UDP flows", "count"),
-    ("portunus_shard_restarts_total", "Shard restarts", "count"),
+    (c.CLIENTS_CONNECTED.name, "Clients connected", "count"),
+    (c.RULE_ACTIVE.name, "Active connections", "count"),
+    (c.RULE_CONNECTIONS.name, "Connections since start", "count"),
+    (c.RULE_BYTES_IN.name, "Bytes in", "bytes"),
+    (c.RULE_BYTES_OUT.name, "Bytes out", "bytes"),
+    (c.UDP_FLOWS.name, "UDP flows", "count"),
+    (c.SHARD_RESTARTS.name, "Shard restarts", "count"),
 )
-PROCESS = {
-    "portunus_process_resident_memory_bytes": "rss",
-    "portunus_process_cpu_seconds_total": "cpu",
-    "portunus_process_open_fds": "fds",
-}
+PROCESS = {c.PROCESS_RSS.name: "rss", c.PROCESS_CPU.name: "cpu", c.PROCESS_FDS.name: "fds"}
 
 
 def summarize(text: str) -> tuple[dict[str, float], list[dict[str, Any]], int]:

@@ -1,6 +1,6 @@
 """The shipped Prometheus alert rules and Grafana dashboard (packaging/monitoring/):
 valid for promtool, alerts that fire on trouble and only then (alerts_test.yml),
-and only metric names the code exports."""
+and only metric names the catalog (portunus/metrics/catalog.py) exports."""
 
 from __future__ import annotations
 
@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from portunus.metrics.catalog import CATALOG
+
 REPO = Path(__file__).resolve().parents[3]
 MONITORING = REPO / "packaging" / "monitoring"
 ALERTS = MONITORING / "portunus-alerts.yml"
 DASHBOARD = MONITORING / "portunus-dashboard.json"
 METRIC = re.compile(r"\bportunus_[a-z_]+\b")
-DEFINITION = re.compile(
-    r"(?:Counter|Gauge|Histogram|Summary|MetricFamily)\(\s*\"(portunus_[a-z_]+)\""
-)
 
 
 def _promtool() -> str:
@@ -30,12 +29,9 @@ def _promtool() -> str:
 
 
 def _exported_metrics() -> set[str]:
-    """Every metric the code defines (Counter/Gauge/...MetricFamily constructors in
-    portunus/), minus the portunus_detail_* series /metrics hides (rule-stats only)."""
-    names: set[str] = set()
-    for path in (REPO / "portunus").rglob("*.py"):
-        names |= set(DEFINITION.findall(path.read_text()))
-    return {n for n in names if not n.startswith("portunus_detail_")}
+    """Every series of the catalog, minus the portunus_detail_* ones /metrics hides
+    (rule-stats only)."""
+    return {m.name for m in CATALOG if m.exported}
 
 
 def _dashboard_exprs() -> list[str]:
