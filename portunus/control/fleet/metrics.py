@@ -27,12 +27,12 @@ class ClientsConnectedGauge:
 
 class PreauthRefusedCounter:
     """``portunus_edge_preauth_refused_total{reason}``: anonymous edge connections
-    closed by ``control.edge.preauth`` (over a limit, oversized first frame, deadline)."""
+    closed by ``control.fleet.preauth`` (over a limit, oversized first frame, deadline)."""
 
     def __init__(self) -> None:
         from prometheus_client import Counter
 
-        from portunus.control.edge.preauth import REASONS
+        from portunus.control.fleet.preauth import REASONS
 
         self._counter = Counter(
             "portunus_edge_preauth_refused_total",
