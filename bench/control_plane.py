@@ -8,7 +8,7 @@ Starts its own servers (temp data dirs, loopback ports, default log level) with 
 e2e fixture ``tests.e2e.support.ServerProc`` and measures:
 
 1. **push → active over RPC**: ``--rpc-pushes`` sequential ``rules.push`` calls on
-   the control socket (``portunus.control.client.call_sync``, one connection per
+   the control socket (``portunus.control.rpc.caller.call_sync``, one connection per
    call, as the CLI does), each a fresh port to one echo origin.  The reply comes
    once the data plane confirmed the rule ``active``; right after each reply a
    connect to the port must succeed (counted, never retried).  5 unmeasured warm-ups.
@@ -54,7 +54,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.results import BenchResult, Metric, Settings  # noqa: E402
-from portunus.control.client import call_sync  # noqa: E402
+from portunus.control.rpc.caller import call_sync  # noqa: E402
 from tests.e2e.support import (  # noqa: E402
     LOOPBACK,
     SERVER_BIN,

@@ -63,7 +63,7 @@ from bench.control_plane import Series, machine, pct, report, running_server  # 
 from bench.edge_fleet import Fleet, Identity  # noqa: E402
 from bench.edge_report import fmt, render, to_json  # noqa: E402
 from bench.results import BenchResult, Metric, Settings  # noqa: E402
-from portunus.control.client import call_sync  # noqa: E402
+from portunus.control.rpc.caller import call_sync  # noqa: E402
 from portunus.errors import PortunusError  # noqa: E402
 from tests.e2e.support import LOOPBACK, PortAllocator, ServerProc  # noqa: E402
 

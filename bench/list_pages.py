@@ -41,7 +41,7 @@ if str(REPO) not in sys.path:
 
 from bench.common import machine_info  # noqa: E402
 from bench.control_plane import Series, running_server  # noqa: E402
-from portunus.control.client import call_sync  # noqa: E402
+from portunus.control.rpc.caller import call_sync  # noqa: E402
 from portunus.control.store.accounts import new_ulid  # noqa: E402
 from tests.e2e.support import LOOPBACK, PortAllocator, ServerProc  # noqa: E402
 

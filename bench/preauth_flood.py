@@ -60,7 +60,7 @@ if str(REPO) not in sys.path:
 from bench.common import LOOPBACK, StartError, free_port, is_listening, start_service, tool  # noqa: E402
 from bench.results import BenchResult, Metric, Settings  # noqa: E402
 from bench.rounds import log  # noqa: E402
-from portunus.control.edge.cert import ensure_server_cert  # noqa: E402
+from portunus.control.fleet.cert import ensure_server_cert  # noqa: E402
 from tests.e2e.support import PortAllocator, ServerProc  # noqa: E402
 from tests.e2e.support.hostile import Flood  # noqa: E402
 

@@ -11,7 +11,7 @@ running one with ``--socket S --token-file F``.  Each repetition:
 1. a fresh block of free ports (never reused within the run) is chosen;
 2. a prober thread starts connecting to the block's ports in order, retrying a
    refused port every 0.2 ms and moving on when a connect succeeds;
-3. ``rules.push`` goes out on the control socket (``portunus.control.client.call_sync``),
+3. ``rules.push`` goes out on the control socket (``portunus.control.rpc.caller.call_sync``),
    which replies once the rule is ``active``;
 4. push → all accepting = from just before the push to the prober's last successful
    connect; push → reply is the RPC round trip alone;
@@ -47,7 +47,7 @@ if str(REPO) not in sys.path:
 
 from bench.common import LOOPBACK, Service, free_port, start_service  # noqa: E402
 from bench.results import BenchResult, Metric, Settings  # noqa: E402
-from portunus.control.client import call_sync  # noqa: E402
+from portunus.control.rpc.caller import call_sync  # noqa: E402
 from portunus.errors import PortunusError  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
 
 from bench.control_plane import Series, accepts, log, machine, pct, push_params  # noqa: E402
 from portunus.control.auth import hash_token  # noqa: E402
-from portunus.control.client import call_sync  # noqa: E402
+from portunus.control.rpc.caller import call_sync  # noqa: E402
 from portunus.control.store.migrations import connect_sync, migrate, utc_now  # noqa: E402
 from tests.e2e.support import Origin, PortAllocator, ServerProc, echo  # noqa: E402
 

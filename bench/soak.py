@@ -51,7 +51,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.common import raise_nofile  # noqa: E402
-from portunus.control.client import call_sync  # noqa: E402
+from portunus.control.rpc.caller import call_sync  # noqa: E402
 from portunus.errors import PortunusError  # noqa: E402
 from tests.e2e.edge.clients import ClientProc, enroll  # noqa: E402
 from tests.e2e.support import LOOPBACK, PortAllocator, ServerProc, title_of  # noqa: E402

@@ -68,7 +68,7 @@ class Settings:
     stats_stream_interval_secs: float = 1.0
     # Web UI traffic history: how often control samples every rule's counters.
     traffic_sample_interval_secs: float = 10.0
-    # Edge gateway, before a peer authenticated (portunus.control.edge.preauth).
+    # Edge gateway, before a peer authenticated (portunus.control.fleet.preauth).
     edge_preauth_max_connections: int = 128
     edge_preauth_max_per_source: int = 16
     edge_handshake_timeout_secs: float = 10.0

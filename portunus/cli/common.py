@@ -22,7 +22,7 @@ import click
 
 from portunus.cli import output
 from portunus.config import resolve_runtime_dir
-from portunus.control.client import call_sync
+from portunus.control.rpc.caller import call_sync
 from portunus.errors import PortunusError
 from portunus.timefmt import parse_when as _when
 

@@ -40,15 +40,15 @@ from portunus.schema.types import PROTOCOLS, PROXY_VERSIONS
 # Verbs that live in their own module and are imported only when used or listed,
 # so `list-rules` does not pay for importing the whole appliance.
 # A module either has an attribute named like the verb or registers it on ``cli``
-# when imported (portunus.cli.clients).
+# when imported (portunus.cli.fleet).
 LAZY_VERBS = {
     "serve": "portunus.cli.serve",
     **dict.fromkeys(("backup", "restore", "reset"), "portunus.cli.storage"),
 }
-# portunus.cli.clients registers these verbs on the group when it is imported.
+# portunus.cli.fleet registers these verbs on the group when it is imported.
 LAZY_VERBS.update(
     dict.fromkeys(
-        ("enroll-client", "revoke", "rename-client", "delete-client"), "portunus.cli.clients"
+        ("enroll-client", "revoke", "rename-client", "delete-client"), "portunus.cli.fleet"
     )
 )
 LAZY_VERBS.update(

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 import click
 
 from portunus.cli.common import OperatorContext, echo_json, format_option, hint_vars
-from portunus.control.client import call_sync
+from portunus.control.rpc.caller import call_sync
 from portunus.control.store import offline
 from portunus.errors import PortunusError
 

@@ -25,13 +25,13 @@ from portunus.config import Settings, parse_listen
 from portunus.control.auth import Authenticator, install_operator_token, read_operator_token
 from portunus.control.counters import RuleCounters
 from portunus.control.dataplane import LOCAL, DataPlanes
-from portunus.control.edge.cert import ensure_server_cert
-from portunus.control.edge.clients import ClientService
-from portunus.control.edge.gateway import EdgeGateway
-from portunus.control.edge.heap import pin_mmap_threshold
-from portunus.control.edge.preauth import PreauthLimits
-from portunus.control.edge.remote_link import RemoteLink
-from portunus.control.edge.shedding import Shedder
+from portunus.control.fleet.cert import ensure_server_cert
+from portunus.control.fleet.clients import ClientService
+from portunus.control.fleet.gateway import EdgeGateway
+from portunus.control.fleet.heap import pin_mmap_threshold
+from portunus.control.fleet.preauth import PreauthLimits
+from portunus.control.fleet.remote_link import RemoteLink
+from portunus.control.fleet.shedding import Shedder
 from portunus.control.local_link import LocalLink
 from portunus.control.owner_caps import OwnerCapService
 from portunus.control.rpc.handlers import ControlContext, Dispatcher
@@ -61,7 +61,7 @@ def _state_sink() -> StateSink | None:
 def _clients_gauge() -> Callable[[int], None] | None:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return None
-    from portunus.control.edge.metrics import ClientsConnectedGauge
+    from portunus.control.fleet.metrics import ClientsConnectedGauge
 
     return ClientsConnectedGauge()
 
@@ -69,7 +69,7 @@ def _clients_gauge() -> Callable[[int], None] | None:
 def _preauth_limits(settings: Settings) -> PreauthLimits:
     on_refused: Callable[[str], None] | None = None
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from portunus.control.edge.metrics import PreauthRefusedCounter
+        from portunus.control.fleet.metrics import PreauthRefusedCounter
 
         on_refused = PreauthRefusedCounter()
     return PreauthLimits(
@@ -131,7 +131,7 @@ async def serve_control(
         else:
             log_event("control.no_operator_token", level="warning", path=settings.token_path)
         link = LocalLink(channel_sock, on_close=lambda why: stop(f"supervisor channel: {why}"))
-        pin_mmap_threshold()  # before any link: see control.edge.heap
+        pin_mmap_threshold()  # before any link: see control.fleet.heap
         link.on_settings = lambda changed: apply_settings(settings, changed)
         remote = RemoteLink(on_count=_clients_gauge())
         planes = DataPlanes(link, remote)

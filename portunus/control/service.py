@@ -21,7 +21,7 @@ from portunus.bounds import ACK_TIMEOUT, RULE_ID
 from portunus.config import Settings
 from portunus.control.auth import Principal
 from portunus.control.dataplane import LOCAL, DataPlane, RuleResult
-from portunus.control.edge.capabilities import check_capabilities
+from portunus.control.fleet.capabilities import check_capabilities
 from portunus.control.grants import check_grants
 from portunus.control.rule_body import parse_rule_body
 from portunus.control.rule_list import KIND as RULES_KIND

@@ -11,7 +11,7 @@ the wrong type is a ``WireError`` that names it.  Fields a peer may send in bad
 shape without the link being at fault stay loose (``Any``) and are checked item by
 item by their receiver: one malformed rule in a ``sync`` fails that rule alone
 (edge/link.py), and the server bounds what an authenticated client reports
-(control/edge/remote_link.py).
+(control/fleet/remote_link.py).
 """
 
 from __future__ import annotations

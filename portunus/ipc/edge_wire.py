@@ -31,7 +31,7 @@ CAPABILITIES = (
 )
 
 # The limit of every frame after the link authenticated (before: see
-# control.edge.preauth.PREAUTH_MAX_FRAME).  The largest legitimate frame is a full
+# control.fleet.preauth.PREAUTH_MAX_FRAME).  The largest legitimate frame is a full
 # ``sync``; measured for this build (tests/unit/edge/test_frame_limits.py): a typical
 # one-port rule is 302 bytes on the wire, so 16 MiB carries ~55,000 of them, while
 # a client holding a one-port rule on every TCP and UDP port (131,070 rules) would

@@ -152,7 +152,7 @@ class RuleRuntime:
         for conn in list(self.conns):
             if getattr(conn, "pumps", None) is None or conn.closed:
                 continue
-            for sock in (conn.client, conn.upstream):
+            for sock in (conn.downstream, conn.upstream):
                 try:
                     err = (
                         sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)

@@ -51,34 +51,34 @@ class SniHandler:
             log_throttled(
                 "tls.sni_no_match" if name else "tls.no_sni", level="info", port=self.port, sni=name
             )
-            peek.client.close()
+            peek.downstream.close()
             return
         rule_id, kind = hit
         rt = self.by_id[rule_id]
         if not rt.admit():
-            peek.client.close()
+            peek.downstream.close()
             return
         m.SNI_ROUTES.labels(*rt.meters.labels, kind).inc()
         log_event(
             "tls.sni_routed", level="debug", port=self.port, sni=name, rule=rule_id, result=kind
         )
         data = bytes(peek.buf)
-        conn = TcpConnection(self.ctx, rt, peek.client, 0, prelude=data)
-        conn.account.add_in(len(data))  # the peeked bytes came from the client
+        conn = TcpConnection(self.ctx, rt, peek.downstream, 0, prelude=data)
+        conn.account.add_in(len(data))  # the peeked bytes came from the downstream peer
         conn.start()
 
 
 class SniPeek:
     """Reads the first bytes of one connection until its ClientHello is complete."""
 
-    __slots__ = ("handler", "client", "buf", "timer", "fd")
+    __slots__ = ("handler", "downstream", "buf", "timer", "fd")
 
-    def __init__(self, handler: SniHandler, client: socket.socket) -> None:
+    def __init__(self, handler: SniHandler, downstream: socket.socket) -> None:
         self.handler = handler
-        self.client = client
+        self.downstream = downstream
         self.buf = bytearray()
         self.timer: Any = None
-        self.fd = client.fileno()
+        self.fd = downstream.fileno()
 
     def start(self) -> None:
         loop = self.handler.ctx.loop
@@ -95,12 +95,12 @@ class SniPeek:
 
     def on_readable(self) -> None:
         try:
-            chunk = self.client.recv(MAX_CLIENT_HELLO - len(self.buf))
+            chunk = self.downstream.recv(MAX_CLIENT_HELLO - len(self.buf))
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self._finish()
-            self.client.close()
+            self.downstream.close()
             return
         if not chunk:
             self._fail("eof")
@@ -124,8 +124,8 @@ class SniPeek:
         self.handler.parse_failures.inc()
         event = "tls.client_hello_timeout" if reason == "timeout" else "tls.parse_failed"
         log_throttled(event, level="info", port=self.handler.port, reason=reason)
-        self.client.close()
+        self.downstream.close()
 
     def abort(self) -> None:
         self._finish()
-        self.client.close()
+        self.downstream.close()

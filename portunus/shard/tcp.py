@@ -3,7 +3,7 @@
 Everything here is callback-driven on the shard's event loop (no task per
 connection): a connection is accepted, a non-blocking connect is started to the
 best target, a failed connect falls through to the next candidate inside the same
-client connection, and once connected two pumps copy bytes (splice when the rule
+downstream connection, and once connected two pumps copy bytes (splice when the rule
 allows, userspace copy otherwise).  A *prelude* (PROXY protocol header, replayed
 ClientHello bytes) is written to the target before the pumps start.
 """
@@ -42,7 +42,7 @@ class TcpConnection:
     __slots__ = (
         "ctx",
         "rt",
-        "client",
+        "downstream",
         "account",
         "port_index",
         "prelude",
@@ -66,13 +66,13 @@ class TcpConnection:
         self,
         ctx: ShardContext,
         rt: RuleRuntime,
-        client: socket.socket,
+        downstream: socket.socket,
         port_index: int,
         prelude: bytes = b"",
     ) -> None:
         self.ctx = ctx
         self.rt = rt
-        self.client = client
+        self.downstream = downstream
         self.port_index = port_index
         self.account: PortAccount = rt.accounts[port_index] if rt.accounts else rt.whole
         self.prelude = prelude
@@ -223,8 +223,8 @@ class TcpConnection:
             from portunus.shard.proxyproto import build_header
 
             try:
-                src = self.client.getpeername()[:2]
-                dst = self.client.getsockname()[:2]
+                src = self.downstream.getpeername()[:2]
+                dst = self.downstream.getsockname()[:2]
                 prelude = build_header(pp, src, dst, "tcp") + prelude
             except (OSError, ValueError) as exc:
                 log_throttled(
@@ -281,26 +281,26 @@ class TcpConnection:
                 self._to_native(native)
                 return
             # The plain relay: both directions spliced in the shard's edge-triggered
-            # poller.  The client joins it now: registering reports the bytes it
+            # poller.  The downstream socket joins it now: registering reports the bytes it
             # already sent as the first edge.
             after = self.ctx.splice_after
             a = SplicePump(
-                loop, self.client, up, self, acc.add_in, self.ctx.pipes, splice_after=after
+                loop, self.downstream, up, self, acc.add_in, self.ctx.pipes, splice_after=after
             )
             b = SplicePump(
-                loop, up, self.client, self, acc.add_out, self.ctx.pipes, splice_after=after
+                loop, up, self.downstream, self, acc.add_out, self.ctx.pipes, splice_after=after
             )
             a.peer, b.peer = b, a
             b.on_event(self.up_events & IN_BITS)  # what the upstream reported before now
             poller = self.ctx.poller
             poller.retarget(up.fileno(), b.on_event)
-            poller.register(self.client.fileno(), a.on_event)
+            poller.register(self.downstream.fileno(), a.on_event)
         else:
             # A capped direction is paced in userspace (CopyPump); the other one keeps
             # splice.  Both use the loop's level-triggered readers from here.
             self.ctx.poller.unregister(up.fileno())
-            a = self._level_pump(self.client, up, acc.add_in, lim_in, splice)
-            b = self._level_pump(up, self.client, acc.add_out, lim_out, splice)
+            a = self._level_pump(self.downstream, up, acc.add_in, lim_in, splice)
+            b = self._level_pump(up, self.downstream, acc.add_out, lim_out, splice)
         self.pumps = (a, b)
         a.start()
         b.start()
@@ -311,7 +311,7 @@ class TcpConnection:
         assert up is not None
         self.ctx.poller.unregister(up.fileno())
         self.upstream = None
-        cfd, ufd = self.client.detach(), up.detach()
+        cfd, ufd = self.downstream.detach(), up.detach()
         try:
             self.native = native.add(self, cfd, ufd)
         except OSError as exc:
@@ -397,8 +397,8 @@ class TcpConnection:
             poller.forget(up.fileno())
             up.close()
             self.upstream = None
-        poller.forget(self.client.fileno())
-        self.client.close()
+        poller.forget(self.downstream.fileno())
+        self.downstream.close()
         self.account.closed()
         if self.slot is not None:
             self.slot.release()

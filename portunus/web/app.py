@@ -3,7 +3,7 @@ and the Web UI's pages (``portunus.web.ui``) on the same origin.
 
 ``create_app`` runs in the web process (``portunus.web.main``) and in tests, where
 ``settings.socket_path`` points at a fake control server.  Everything the app needs
-lives on ``app.state``: ``settings``, ``control`` (a ``ControlClient`` without a token
+lives on ``app.state``: ``settings``, ``control`` (a ``ControlCaller`` without a token
 of its own: every call carries the caller's), ``stopping`` (set on shutdown so SSE
 streams end instead of holding uvicorn's graceful shutdown) and ``openapi``.
 """
@@ -21,7 +21,7 @@ from starlette.routing import BaseRoute
 
 from portunus import __version__
 from portunus.config import Settings
-from portunus.control.client import ControlClient
+from portunus.control.rpc.caller import ControlCaller
 from portunus.errors import PortunusError
 from portunus.web.limits import BodyLimit
 from portunus.web.openapi import build_openapi
@@ -78,7 +78,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return response
 
 
-def create_app(settings: Settings, control: ControlClient | None = None) -> Starlette:
+def create_app(settings: Settings, control: ControlCaller | None = None) -> Starlette:
     """Build the API app; ``control`` defaults to a client of ``settings.socket_path``."""
     app = Starlette(
         routes=[*api_routes(), *ui_routes()],
@@ -86,7 +86,7 @@ def create_app(settings: Settings, control: ControlClient | None = None) -> Star
         middleware=[Middleware(SecurityHeaders), Middleware(BodyLimit)],
     )
     app.state.settings = settings
-    app.state.control = control or ControlClient(
+    app.state.control = control or ControlCaller(
         settings.socket_path, None, timeout=CONTROL_TIMEOUT
     )
     app.state.stopping = asyncio.Event()

@@ -16,7 +16,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from portunus.control.client import ControlClient
+from portunus.control.rpc.caller import ControlCaller
 from portunus.errors import PortunusError
 
 MIN_INTERVAL = 0.2
@@ -40,7 +40,7 @@ async def _stopped_within(stopping: asyncio.Event, seconds: float) -> bool:
 
 
 async def stats_events(
-    client: ControlClient,
+    client: ControlCaller,
     creds: dict[str, Any],
     params: dict[str, Any],
     interval: float,

@@ -17,9 +17,9 @@ from typing import Any
 from portunus.config import Settings
 from portunus.control.auth import Authenticator, Principal
 from portunus.control.dataplane import LOCAL, DataPlane
-from portunus.control.edge import client_pages
-from portunus.control.edge.clients import ClientService
-from portunus.control.edge.remote_link import RemoteLink
+from portunus.control.fleet import client_pages
+from portunus.control.fleet.clients import ClientService
+from portunus.control.fleet.remote_link import RemoteLink
 from portunus.control.owner_caps import OwnerCapService
 from portunus.control.policy import PUBLIC, authorize, policy_of, require_owner
 from portunus.control.rpc.protocol import Request
@@ -179,7 +179,7 @@ async def rules_stats(ctx: ControlContext, who: Principal, params: dict[str, Any
 
 
 async def clients_list(ctx: ControlContext, who: Principal, params: dict[str, Any]) -> Any:
-    """One page: ``{clients, next_cursor, total}`` (control.edge.client_pages).  A
+    """One page: ``{clients, next_cursor, total}`` (control.fleet.client_pages).  A
     ``user`` sees the clients its grants name (all for a ``*`` grant), with the
     count of its own rules on each."""
     async with ctx.store.read() as db:

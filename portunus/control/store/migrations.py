@@ -209,7 +209,7 @@ UPDATE rules SET health_check_interval_secs = 0.1 WHERE health_check_interval_se
 
 # fleet: ``clients.list`` pages and counts ten thousand clients without reading
 # every row: the live (not revoked) clients by id for ``total``, and by name for
-# ``name_prefix`` and its count (control.edge.client_pages).
+# ``name_prefix`` and its count (control.fleet.client_pages).
 _V_FLEET = """
 CREATE INDEX clients_live ON clients (client_id) WHERE revoked_at IS NULL;
 CREATE INDEX clients_live_by_name ON clients (name) WHERE revoked_at IS NULL;

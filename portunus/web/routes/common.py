@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from portunus.config import Settings
-from portunus.control.client import ControlClient
+from portunus.control.rpc.caller import ControlCaller
 from portunus.errors import PortunusError
 from portunus.logs import log_event
 from portunus.text import is_ascii_digits
@@ -92,8 +92,8 @@ def bearer_token(request: Request) -> Credentials:
     return credentials(request)
 
 
-def control(request: Request) -> ControlClient:
-    client: ControlClient = request.app.state.control
+def control(request: Request) -> ControlCaller:
+    client: ControlCaller = request.app.state.control
     return client
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from portunus.control.client import ControlClient
+from portunus.control.rpc.caller import ControlCaller
 from portunus.errors import PortunusError
 from portunus.web.routes.common import endpoint, error_response, route
 
@@ -16,8 +16,8 @@ HEALTH_TIMEOUT = 3.0
 async def health(request: Request) -> Response:
     """200 only when the control process answers ``health``: a load balancer or
     systemd check must see a wedged control process, not just a live web one."""
-    main: ControlClient = request.app.state.control
-    probe = ControlClient(main.socket_path, None, timeout=HEALTH_TIMEOUT)
+    main: ControlCaller = request.app.state.control
+    probe = ControlCaller(main.socket_path, None, timeout=HEALTH_TIMEOUT)
     try:
         await probe.call("health")
     except PortunusError as err:

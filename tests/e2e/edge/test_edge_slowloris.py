@@ -10,7 +10,7 @@ memory go back to where they were.
 The server runs with ``edge_handshake_timeout_secs = 2`` (default 10) so the
 test takes seconds, and the default anonymous limits (128 at once, 16 per
 source): without reclaiming the longest-waiting connection at the global limit,
-128 slow peers would lock every real client out (portunus.control.edge.preauth).
+128 slow peers would lock every real client out (portunus.control.fleet.preauth).
 """
 
 from __future__ import annotations

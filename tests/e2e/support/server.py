@@ -295,9 +295,9 @@ class ServerProc(ManagedProc):
         token: Any = OPERATOR_TOKEN,
         timeout: float = 30.0,
     ) -> Any:
-        """One control-socket request (``portunus.control.client.call_sync``);
+        """One control-socket request (``portunus.control.rpc.caller.call_sync``);
         raises ``PortunusError`` on an error reply."""
-        from portunus.control.client import call_sync
+        from portunus.control.rpc.caller import call_sync
 
         if token is OPERATOR_TOKEN:
             token = self.token

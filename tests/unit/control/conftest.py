@@ -7,11 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,8 +18,8 @@ import pytest
 
 from portunus.config import Settings
 from portunus.control.auth import Authenticator, install_operator_token
-from portunus.control.client import ControlClient
 from portunus.control.dataplane import DataPlaneEvents, LinkInfo, RuleResult
+from portunus.control.rpc.caller import ControlCaller
 from portunus.control.rpc.handlers import ControlContext, Dispatcher
 from portunus.control.rpc.server import RpcServer
 from portunus.control.service import RuleService
@@ -35,14 +31,6 @@ OPERATOR_TOKEN = "test-operator-token-0123456789abcdefghijklmnop"
 REPO = Path(__file__).resolve().parents[3]
 # The control process as the supervisor starts it: argv = channel fd, data dir,
 # runtime dir, operator token, control_listen.
-CONTROL_CHILD = """
-import socket, sys
-from portunus.config import Settings
-from portunus.control.main import run_control
-s = Settings(data_dir=sys.argv[2], runtime_dir=sys.argv[3], operator_token=sys.argv[4],
-             control_listen=sys.argv[5])
-run_control(s, socket.socket(fileno=int(sys.argv[1])))
-"""
 
 
 class FakePlane:
@@ -102,7 +90,7 @@ class Harness:
     plane: FakePlane
     service: RuleService
     server: RpcServer
-    client: ControlClient
+    client: ControlCaller
 
     async def call(
         self, method: str, params: dict[str, Any] | None = None, token: str | None = None
@@ -184,7 +172,7 @@ async def start_harness(
         plane,
         service,
         server,
-        ControlClient(settings.socket_path, OPERATOR_TOKEN, timeout=10),
+        ControlCaller(settings.socket_path, OPERATOR_TOKEN, timeout=10),
     )
 
 
@@ -229,39 +217,6 @@ async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
 @pytest.fixture
 def poll() -> Any:
     return wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def spawn_control(
-    data: Path, run: Path, token: str, control_listen: str
-) -> tuple[subprocess.Popen[bytes], socket.socket]:
-    """Start ``run_control`` in a child process the way the supervisor does: its
-    channel is one end of a socketpair (we keep the other, returned with the
-    process), its metrics go to ``run/metrics`` (which must exist), stderr is piped."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(run / "metrics"), "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            CONTROL_CHILD,
-            str(theirs.fileno()),
-            str(data),
-            str(run),
-            token,
-            control_listen,
-        ],
-        pass_fds=[theirs.fileno()],
-        env=env,
-        stderr=subprocess.PIPE,
-    )
-    theirs.close()
-    return proc, ours
 
 
 # Users, sessions and grants: the ``rbac`` harness (tests/unit/control/rbac_harness.py).

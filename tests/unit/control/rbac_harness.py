@@ -14,7 +14,7 @@ from argon2 import PasswordHasher
 from portunus.config import Settings
 from portunus.control import passwords
 from portunus.control.auth import Authenticator, install_operator_token
-from portunus.control.client import ControlClient
+from portunus.control.rpc.caller import ControlCaller
 from portunus.control.rpc.handlers import ControlContext, Dispatcher
 from portunus.control.rpc.server import RpcServer
 from portunus.control.service import RuleService
@@ -57,7 +57,7 @@ class Rbac:
         session: str | None = None,
         csrf: bool = False,
     ) -> Any:
-        client = ControlClient(self.settings.socket_path, None, timeout=10)
+        client = ControlCaller(self.settings.socket_path, None, timeout=10)
         return await client.call(method, params, token=token, session=session, csrf=csrf)
 
     async def user(self, user_id: str, role: str = "user", password: str | None = PASSWORD) -> str:

@@ -2,7 +2,7 @@
 
 If a change makes a legitimate frame larger (a new hello field, a longer token,
 more capabilities, a fatter rule), these fail before a real client is cut off.
-The figures are quoted in ``control.edge.preauth`` and ``ipc.edge_wire``.
+The figures are quoted in ``control.fleet.preauth`` and ``ipc.edge_wire``.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import secrets
 
 from portunus import __version__
-from portunus.control.edge.enrollment import MAX_SECRET_LEN
-from portunus.control.edge.gateway import _MAX_CAPABILITIES
-from portunus.control.edge.preauth import PREAUTH_MAX_FRAME
+from portunus.control.fleet.enrollment import MAX_SECRET_LEN
+from portunus.control.fleet.gateway import _MAX_CAPABILITIES
+from portunus.control.fleet.preauth import PREAUTH_MAX_FRAME
 from portunus.control.store.accounts import new_ulid
 from portunus.ipc.edge_wire import CAPABILITIES, MAX_FRAME, encode_frame
 from portunus.rules import Rule, Target, build_rule

@@ -134,7 +134,7 @@ def test_a_known_kind_with_a_misfit_field_is_refused_by_name(
 
 def test_loose_fields_are_left_to_their_receiver() -> None:
     """A hostile hello's token of the wrong type reaches the gateway, which answers
-    ``unauthenticated`` (control/edge/gateway.py) instead of dropping the link."""
+    ``unauthenticated`` (control/fleet/gateway.py) instead of dropping the link."""
     hello = em.parse({"type": "hello", "token": 12, "capabilities": "all"})
     assert isinstance(hello, em.Hello) and hello.token == 12 and hello.capabilities == "all"
 

@@ -28,7 +28,7 @@ Every refusal is counted (``portunus_edge_preauth_refused_total{reason}``) and
 logged through the process's log throttle, so a flood costs neither a journal
 line nor a metrics write per connection beyond the counter increment.
 
-Sizes measured for this build (tests/unit/control/edge/test_edge_preauth.py
+Sizes measured for this build (tests/unit/control/fleet/test_edge_preauth.py
 recomputes them and fails if a legitimate frame would not fit):
 
 - ``hello`` as ``portunus-client`` sends it: 236 bytes with its 4-byte prefix

@@ -1,4 +1,4 @@
-"""What an unauthenticated peer may cost the gateway (control.edge.preauth): the
+"""What an unauthenticated peer may cost the gateway (control.fleet.preauth): the
 first-frame limit, the anonymous connection limits, one deadline for the TLS
 handshake and the first frame, and the slot given back on authentication."""
 
@@ -11,7 +11,7 @@ import struct
 import time
 from typing import Any
 
-from portunus.control.edge.preauth import PREAUTH_MAX_FRAME, AuditBudget, PreauthLimits
+from portunus.control.fleet.preauth import PREAUTH_MAX_FRAME, AuditBudget, PreauthLimits
 from portunus.ipc.edge_wire import encode_frame
 
 
@@ -229,7 +229,7 @@ async def test_bad_credentials_are_counted_and_refused_enrollments_audited_withi
 
 
 def test_bind_listens_on_each_address_like_asyncio() -> None:
-    from portunus.control.edge.listener import bind
+    from portunus.control.fleet.listener import bind
 
     for host in ("127.0.0.1", "::1"):
         (sock,) = bind(host, 0)

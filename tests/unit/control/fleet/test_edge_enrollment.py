@@ -10,7 +10,7 @@ import pytest
 from portunus.control.auth import hash_token
 
 from ..conftest import audit_trail, expect_error
-from .conftest import uri_parts
+from .fake_edge import uri_parts
 
 URI = re.compile(
     r"portunus://127\.0\.0\.1:(\d+)/enroll\?code=[A-Za-z0-9_-]{32}&fp=sha256:[0-9a-f]{64}"

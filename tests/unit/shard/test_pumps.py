@@ -28,8 +28,8 @@ from portunus.shard import pumps
 from portunus.shard.runtime import RuleRuntime, ShardContext
 from portunus.shard.tcp import TcpConnection
 
-from .fdwait import readable
-from .loopkit import listener, new_loop, run_until
+from ..fdwait import readable
+from ..loopkit import listener, new_loop, run_until
 
 pytestmark = pytest.mark.skipif(not pumps.HAVE_SPLICE, reason="no os.splice on this platform")
 

@@ -22,10 +22,10 @@ class ClientsConnectedGauge:
 
 class PreauthRefusedCounter:
     """``portunus_edge_preauth_refused_total{reason}``: anonymous edge connections
-    closed by ``control.edge.preauth`` (over a limit, oversized first frame, deadline)."""
+    closed by ``control.fleet.preauth`` (over a limit, oversized first frame, deadline)."""
 
     def __init__(self) -> None:
-        from portunus.control.edge.preauth import REASONS
+        from portunus.control.fleet.preauth import REASONS
 
         self._counter = PREAUTH_REFUSED.counter(registry=None)
         for reason in REASONS:

@@ -15,13 +15,12 @@ from typing import Any
 
 import pytest
 
-from portunus.control.client import call_sync
+from portunus.control.rpc.caller import call_sync
 from portunus.control.store.migrations import connect_sync, migrate
 from portunus.ipc.framing import Channel
 from portunus.ipc.messages import as_dict
 from portunus.ipc.messages import from_dict as message
-
-from .conftest import free_port, spawn_control
+from tests.integration.spawn import free_port, spawn_control
 
 TOKEN = "process-test-operator-token-abcdefghijklmnopqrstuvwxyz"
 

@@ -6,8 +6,8 @@ authenticates a client by its token and becomes that client's session until
 either side closes it.  Everything after the hello is ``EdgeSession`` and
 ``RemoteLink``'s business.
 
-Until that first frame a connection is anonymous; ``control.edge.preauth`` bounds
-what it may cost.  ``control.edge.listener`` accepts and refuses a connection over
+Until that first frame a connection is anonymous; ``control.fleet.preauth`` bounds
+what it may cost.  ``control.fleet.listener`` accepts and refuses a connection over
 the anonymous limits before its TLS handshake; an admitted one gets one deadline
 for the handshake and the first frame together.
 """
@@ -20,18 +20,18 @@ import socket
 import ssl
 from typing import Any
 
-from portunus.control.edge.enrollment import EnrollmentInvalid, client_for_token, redeem
-from portunus.control.edge.heap import release_free_heap
-from portunus.control.edge.listener import accept_loop, bind, refuse
-from portunus.control.edge.preauth import (
+from portunus.control.fleet.enrollment import EnrollmentInvalid, client_for_token, redeem
+from portunus.control.fleet.heap import release_free_heap
+from portunus.control.fleet.listener import accept_loop, bind, refuse
+from portunus.control.fleet.preauth import (
     DEFAULT_HANDSHAKE_TIMEOUT_SECS,
     PREAUTH_MAX_FRAME,
     AuditBudget,
     PreauthLimits,
     PreauthSlot,
 )
-from portunus.control.edge.remote_link import RemoteLink
-from portunus.control.edge.session import (
+from portunus.control.fleet.remote_link import RemoteLink
+from portunus.control.fleet.session import (
     DEAD_AFTER_SECS,
     HEARTBEAT_SECS,
     QUIET_DEAD_AFTER_SECS,
@@ -40,7 +40,7 @@ from portunus.control.edge.session import (
     QUIET_PING_SECS,
     EdgeSession,
 )
-from portunus.control.edge.shedding import Shedder
+from portunus.control.fleet.shedding import Shedder
 from portunus.control.store import Store, utc_now, write_audit
 from portunus.ipc import edge_messages as em
 from portunus.ipc.edge_wire import FrameTooLarge, WireError, encode_frame, read_message

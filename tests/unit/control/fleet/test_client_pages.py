@@ -1,4 +1,4 @@
-"""clients.list paging and filters, clients.get (control.edge.client_pages, store.paging)."""
+"""clients.list paging and filters, clients.get (control.fleet.client_pages, store.paging)."""
 
 from __future__ import annotations
 

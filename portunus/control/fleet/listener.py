@@ -20,7 +20,7 @@ import socket
 import struct
 from collections.abc import Callable
 
-from portunus.control.edge.preauth import PreauthLimits, PreauthSlot
+from portunus.control.fleet.preauth import PreauthLimits, PreauthSlot
 from portunus.logs import log_throttled
 
 # Connections the kernel queues while the loop is busy; a flood refused after

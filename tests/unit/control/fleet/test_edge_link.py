@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from portunus.control.edge.heap import pin_mmap_threshold, release_free_heap
-from portunus.control.edge.shedding import Shedder
+from portunus.control.fleet.heap import pin_mmap_threshold, release_free_heap
+from portunus.control.fleet.shedding import Shedder
 from portunus.errors import PortunusError
 
 from ..conftest import expect_error
-from .conftest import ALL_CAPS
+from .fake_edge import ALL_CAPS
 
 PUSH: dict[str, Any] = {"listen_port": 19090, "targets": [{"host": "127.0.0.1", "port": 9090}]}
 

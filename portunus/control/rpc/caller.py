@@ -70,7 +70,7 @@ def call_sync(
     return _result(json.loads(buf))
 
 
-class ControlClient:
+class ControlCaller:
     """Async client with one connection per call (cheap on a Unix socket, and a
     crashed control process never leaves a half-broken pooled connection)."""
 

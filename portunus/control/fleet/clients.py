@@ -14,14 +14,14 @@ from msgspec import UNSET
 
 from portunus.control.auth import Principal
 from portunus.control.dataplane import LinkInfo
-from portunus.control.edge.enrollment import (
+from portunus.control.fleet.enrollment import (
     advertised_host,
     build_uri,
     create_enrollment,
     enroll_command,
     validate_client_name,
 )
-from portunus.control.edge.remote_link import RemoteLink
+from portunus.control.fleet.remote_link import RemoteLink
 from portunus.control.service import StateSink
 from portunus.control.store import Store, accounts, audit_refusal, utc_now, write_audit
 from portunus.control.store import rules as rules_db

@@ -20,8 +20,8 @@ from typing import Any
 import aiosqlite
 
 from portunus.control.dataplane import DataPlane
-from portunus.control.edge.clients import client_entry
-from portunus.control.edge.remote_link import RemoteLink
+from portunus.control.fleet.clients import client_entry
+from portunus.control.fleet.remote_link import RemoteLink
 from portunus.control.store import accounts
 from portunus.control.store.accounts import LOCAL_CLIENT_ID, ClientRow
 from portunus.control.store.paging import decode_cursor, encode_cursor, parse_limit

@@ -13,15 +13,14 @@ from typing import Any
 
 import pytest
 
-from portunus.control.client import ControlClient
-from portunus.control.edge.cert import ensure_server_cert
-from portunus.control.edge.gateway import EdgeGateway
-from portunus.control.edge.remote_link import RemoteLink
+from portunus.control.fleet.cert import ensure_server_cert
+from portunus.control.fleet.gateway import EdgeGateway
+from portunus.control.fleet.remote_link import RemoteLink
 from portunus.control.main import start_gateway
+from portunus.control.rpc.caller import ControlCaller
 from portunus.exitcodes import ChildExit
-
-from ..conftest import free_port, spawn_control
-from .conftest import FakeEdge, uri_parts
+from tests.integration.spawn import free_port, spawn_control
+from tests.unit.control.fleet.fake_edge import FakeEdge, uri_parts
 
 TOKEN = "edge-process-operator-token-abcdefghijklmnopqrstuvwxyz"
 
@@ -37,8 +36,8 @@ class Child:
             base / "data", base / "run", TOKEN, f"127.0.0.1:{port}"
         )
 
-    async def wait_ready(self) -> ControlClient:
-        client = ControlClient(self.sock, TOKEN, timeout=5)
+    async def wait_ready(self) -> ControlCaller:
+        client = ControlCaller(self.sock, TOKEN, timeout=5)
         for _ in range(500):
             if os.path.exists(self.sock):
                 return client

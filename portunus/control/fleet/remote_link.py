@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from portunus.control.dataplane import DataPlaneEvents, LinkInfo, RuleResult
-from portunus.control.edge.session import EdgeSession
+from portunus.control.fleet.session import EdgeSession
 from portunus.ipc import edge_messages as em
 from portunus.rules import Rule
 from portunus.text import is_ascii_digits

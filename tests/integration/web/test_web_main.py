@@ -11,11 +11,13 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
-from .fakes import AUTH, RULE, STATS, TOKEN, FakeControl
+from tests.integration.spawn import free_port
+from tests.unit.web.fakes import AUTH, RULE, STATS, TOKEN, FakeControl
 
 SCRIPT = """
 import sys
@@ -24,12 +26,6 @@ from portunus.web.main import run_web
 run_web(Settings(data_dir=sys.argv[1], runtime_dir=sys.argv[1],
                  operator_http_listen=sys.argv[2], metrics_listen=sys.argv[3]))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class WebProcess:
@@ -63,7 +59,16 @@ class WebProcess:
 
 
 @pytest.fixture
-def spawn(short_dir: str) -> Iterator[list[WebProcess]]:
+async def fake(short_dir: Path) -> AsyncIterator[FakeControl]:
+    """A fake control socket the web process talks to."""
+    ctl = FakeControl(f"{short_dir}/control.sock")
+    await ctl.start()
+    yield ctl
+    await ctl.stop()
+
+
+@pytest.fixture
+def spawn(short_dir: Path) -> Iterator[list[WebProcess]]:
     started: list[WebProcess] = []
     yield started
     for p in started:
@@ -72,10 +77,10 @@ def spawn(short_dir: str) -> Iterator[list[WebProcess]]:
 
 @pytest.fixture
 async def web(
-    fake: FakeControl, short_dir: str, spawn: list[WebProcess]
+    fake: FakeControl, short_dir: Path, spawn: list[WebProcess]
 ) -> AsyncIterator[WebProcess]:
     os.makedirs(os.path.join(short_dir, "metrics"), exist_ok=True)
-    proc = WebProcess(short_dir, f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")
+    proc = WebProcess(str(short_dir), f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")
     spawn.append(proc)
     async with httpx.AsyncClient(base_url=f"http://{proc.api}") as client:
         deadline = time.monotonic() + 20
@@ -142,13 +147,13 @@ async def test_sigterm_ends_an_open_stats_stream(web: WebProcess, fake: FakeCont
 
 
 async def test_taken_port_exits_with_boot_error_naming_the_key(
-    short_dir: str, spawn: list[WebProcess]
+    short_dir: Path, spawn: list[WebProcess]
 ) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         addr = f"127.0.0.1:{taken.getsockname()[1]}"
-        proc = WebProcess(short_dir, f"127.0.0.1:{free_port()}", addr)
+        proc = WebProcess(str(short_dir), f"127.0.0.1:{free_port()}", addr)
         spawn.append(proc)
         assert await proc.wait_exit(20) == 73  # ChildExit.LISTEN_FAILED
     log = proc.log()

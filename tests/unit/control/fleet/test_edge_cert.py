@@ -13,9 +13,9 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from portunus.control.edge.cert import ensure_server_cert
+from portunus.control.fleet.cert import ensure_server_cert
 
-from .conftest import uri_parts
+from .fake_edge import uri_parts
 
 
 def test_generated_once_with_modes_and_sans(tmp_path: Path) -> None:

@@ -23,9 +23,9 @@ from portunus.shard import metrics as m
 from portunus.shard.native_tcp import NativeTcpHandler, eligible
 from portunus.shard.runtime import RuleRuntime, ShardContext
 
-from . import loopkit
-from .fdwait import readable
-from .loopkit import LOOPBACK, listener, new_loop
+from .. import loopkit
+from ..fdwait import readable
+from ..loopkit import LOOPBACK, listener, new_loop
 
 try:
     from portunus.shard import _relay  # noqa: F401
