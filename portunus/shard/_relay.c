@@ -173,10 +173,6 @@ static void handle_event(Relay *r, struct epoll_event *ev) {
         on_tick(r);
         return;
     }
-    if (e->kind == END_UDP || e->kind == END_UFLOW) {
-        udp_event(r, e, ev->events);
-        return;
-    }
     Conn *c = e->conn;
     if (c->closed) return;
     int i = e->side;
@@ -486,10 +482,13 @@ static PyMethodDef Relay_methods[] = {
     {"forget_listener", (PyCFunction)Relay_forget_listener, METH_O, forget_listener_doc},
     {"fileno", (PyCFunction)Relay_fileno, METH_NOARGS, "The relay's epoll fd, for the loop's add_reader."},
     {"udp_listen", (PyCFunction)Relay_udp_listen, METH_VARARGS,
-     "udp_listen(listen_fd, token, ntargets, candidates, idle_secs) -> handle\n\n"
+     "udp_listen(listen_fd, token, ntargets, candidates, idle_secs, loop) -> handle\n\n"
      "Forward the datagrams of a UDP socket (still the caller's): one connected upstream\n"
      "socket per client flow to the first candidate (ip, port, target_index) that takes it;\n"
-     "token.admit_flow() is asked before a flow opens; flows idle for idle_secs close."},
+     "token.admit_flow() is asked before a flow opens; flows idle for idle_secs close.\n"
+     "The sockets are readers on `loop` (add_reader), the callbacks udp_on_*."},
+    {"udp_on_listener", (PyCFunction)Relay_udp_on_listener, METH_O, "loop callback: a UDP port is readable"},
+    {"udp_on_flow", (PyCFunction)Relay_udp_on_flow, METH_O, "loop callback: a flow's upstream socket is readable"},
     {"udp_set_candidates", (PyCFunction)Relay_udp_set_candidates, METH_VARARGS,
      "udp_set_candidates(handle, candidates): new flows use these; open ones keep theirs."},
     {"udp_set_idle", (PyCFunction)Relay_udp_set_idle, METH_VARARGS, "udp_set_idle(handle, idle_secs)"},

@@ -1,7 +1,9 @@
 """A plain UDP port served by the native relay (``relay_udp.c``).
 
 For a UDP rule with no rate limit, no owner and only IP-address targets, no
-datagram needs the interpreter: the native relay reads the listening socket with
+datagram needs the interpreter: the listening socket and each flow's upstream
+socket are readers on the shard's loop whose callbacks are the relay's C methods,
+which read the listening socket with
 ``recvmmsg``, keeps one connected upstream socket per client flow, sends with
 ``sendmmsg`` both ways, falls through to the next candidate on an ICMP error and
 closes flows idle for the rule's ``idle_timeout_secs`` (else
@@ -10,8 +12,8 @@ closes flows idle for the rule's ``idle_timeout_secs`` (else
 - a datagram from a new client asks ``admit_flow()`` once: the rule draining,
   the rule's ``udp_max_flows`` across shards (``udp_budget``), the overflow count
   and the open-flow metrics, exactly as ``UdpService.open_flow`` does;
-- ``report()`` gets the port's counts at most 100 ms late (at once when flows
-  closed) and makes the same Prometheus updates, health bookkeeping and log lines
+- ``report()`` gets the port's counts at most 100 ms late (at once, from the
+  callback, when flows closed or a target answered or failed) and makes the same Prometheus updates, health bookkeeping and log lines
   as the Python path (``udp.py``).
 
 The port's open flows appear in ``rt.conns`` as one ``NativeFlows`` entry while
@@ -107,6 +109,7 @@ class NativeUdpHandler:
             len(self.targets),
             self.candidates(),
             idle_secs(self.ctx.settings, self.rt.rule.idle_timeout_secs),
+            self.ctx.loop,
         )
         self.rt.on_targets.append(self.refresh)
 

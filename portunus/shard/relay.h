@@ -39,15 +39,13 @@ typedef struct Listener Listener;
 typedef struct UPort UPort;
 typedef struct UFlow UFlow;
 
-enum { END_CONN, END_LISTENER, END_TIMER, END_UDP, END_UFLOW };
+enum { END_CONN, END_LISTENER, END_TIMER };
 
 typedef struct {
     int kind;
     int side; /* END_CONN: 0 client fd, 1 upstream fd */
     Conn *conn;
     Listener *lst;
-    UPort *up;
-    UFlow *uf;
 } End;
 
 typedef struct {
@@ -140,6 +138,9 @@ typedef struct {
     struct iovec *uiov;
     struct sockaddr_storage *uname;
     UFlow *udead;       /* flows closed during this poll() */
+    PyObject *uloop;    /* the shard's loop: UDP sockets are its readers */
+    UFlow **uslots;     /* flow id -> flow (the loop readers' keys) */
+    Py_ssize_t nuslots, ucap, *ufree, nufree;
 } Relay;
 
 
@@ -192,7 +193,8 @@ RELAY_API void pause_listener(Relay *r, Listener *l);
 RELAY_API void on_accept(Relay *r, Listener *l);
 RELAY_API void on_tick(Relay *r);
 /* relay_udp.c */
-RELAY_API void udp_event(Relay *r, End *e, uint32_t events);
+RELAY_API PyObject *Relay_udp_on_listener(Relay *self, PyObject *arg);
+RELAY_API PyObject *Relay_udp_on_flow(Relay *self, PyObject *arg);
 RELAY_API int udp_tick(Relay *r, long long now);
 RELAY_API int udp_reports(Relay *r, PyObject *out, long long now);
 RELAY_API void udp_free_all(Relay *r);

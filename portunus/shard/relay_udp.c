@@ -3,7 +3,11 @@
  * fall-through on ICMP errors.  See _relay.c for the relay as a whole.
  *
  * A port's listening socket (the shard's, never closed here) and every flow's
- * upstream socket sit level-triggered in the relay's epoll set.  A datagram from
+ * upstream socket are readers on the shard's own loop (loop.add_reader with a
+ * method of the relay as the callback): a datagram costs the loop's one
+ * epoll_wait and a C call, not a second epoll_wait and a Python dispatch as
+ * the relay's nested epoll set would (the difference is most of a UDP round
+ * trip's forwarding cost).  A datagram from
  * a client without a flow asks Python once (token.admit_flow(): draining, the
  * rule's flow cap across shards, the open-flow metrics) and, if admitted, gets a
  * connected upstream socket to the first candidate that takes it.  Until the
@@ -21,7 +25,7 @@
 struct UFlow {
     UPort *port;
     int fd; /* connected upstream socket, -1 while none */
-    End end;
+    Py_ssize_t id; /* the loop reader's key (Relay.udp_on_flow) */
     struct sockaddr_storage addr;
     socklen_t alen;
     unsigned hash;
@@ -52,7 +56,6 @@ struct UPort {
     int sock_errno, recv_errno;
     int dirty, urgent;
     long long next_report_ms;
-    End end;
 };
 
 /* ------------------------------------------------------------ flow table */
@@ -130,10 +133,51 @@ static void count_udp_target(UPort *p, int target, int ok, int err) {
     p->dirty = p->urgent = 1; /* health follows at once, as on the Python path */
 }
 
+/* loop.add_reader(fd, relay.<method>, key); -1 (errno set, no Python error) on failure. */
+static int add_reader(Relay *r, int fd, const char *method, Py_ssize_t key) {
+    PyObject *cb = PyObject_GetAttrString((PyObject *)r, method);
+    PyObject *res = cb == NULL ? NULL : PyObject_CallMethod(r->uloop, "add_reader", "iOn", fd, cb, key);
+    Py_XDECREF(cb);
+    if (res == NULL) {
+        PyErr_WriteUnraisable((PyObject *)r);
+        errno = ENOMEM;
+        return -1;
+    }
+    Py_DECREF(res);
+    return 0;
+}
+
+static void remove_reader(Relay *r, int fd) {
+    PyObject *res = PyObject_CallMethod(r->uloop, "remove_reader", "i", fd);
+    if (res == NULL) PyErr_WriteUnraisable((PyObject *)r);
+    Py_XDECREF(res);
+}
+
 static void drop_upstream(Relay *r, UFlow *f) {
     if (f->fd < 0) return;
-    close(f->fd); /* leaves the epoll set */
+    remove_reader(r, f->fd);
+    close(f->fd);
     f->fd = -1;
+}
+
+static Py_ssize_t flow_slot(Relay *r, UFlow *f) {
+    if (r->nufree) {
+        Py_ssize_t id = r->ufree[--r->nufree];
+        r->uslots[id] = f;
+        return id;
+    }
+    if (r->nuslots == r->ucap) {
+        Py_ssize_t cap = r->ucap ? 2 * r->ucap : 256;
+        UFlow **s = realloc(r->uslots, (size_t)cap * sizeof(UFlow *));
+        if (s == NULL) return -1;
+        r->uslots = s;
+        Py_ssize_t *fr = realloc(r->ufree, (size_t)cap * sizeof(Py_ssize_t));
+        if (fr == NULL) return -1;
+        r->ufree = fr;
+        r->ucap = cap;
+    }
+    r->uslots[r->nuslots] = f;
+    return r->nuslots++;
 }
 
 static void flow_close(Relay *r, UFlow *f) {
@@ -151,6 +195,11 @@ static void flow_close(Relay *r, UFlow *f) {
     free(f->last);
     f->last = NULL;
     f->dead = 1;
+    if (f->id >= 0) {
+        r->uslots[f->id] = NULL;
+        r->ufree[r->nufree++] = f->id;
+        f->id = -1;
+    }
     if (r->in_poll) { /* a later event of this poll may still name it */
         f->next_dead = r->udead;
         r->udead = f;
@@ -183,10 +232,7 @@ static int flow_connect_next(Relay *r, UFlow *f) {
             close(u);
             continue;
         }
-        f->end.kind = END_UFLOW;
-        f->end.uf = f;
-        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &f->end};
-        if (epoll_ctl(r->ep, EPOLL_CTL_ADD, u, &ev) < 0) {
+        if (add_reader(r, u, "udp_on_flow", f->id) < 0) {
             p->sock_errno = errno;
             close(u);
             break;
@@ -257,6 +303,10 @@ static UFlow *flow_open(Relay *r, UPort *p, struct sockaddr_storage *a, socklen_
     }
     UFlow *f = calloc(1, sizeof(UFlow));
     if (f != NULL && p->nflows >= p->nbuckets) table_grow(p);
+    if (f != NULL && (f->id = flow_slot(r, f)) < 0) {
+        free(f);
+        f = NULL;
+    }
     if (f == NULL) {
         /* Admitted but not opened: report it closed so Python releases it. */
         p->closed++;
@@ -447,9 +497,53 @@ static void on_udp_upstream(Relay *r, UFlow *f) {
     touch(p, f, now_ms());
 }
 
-RELAY_API void udp_event(Relay *r, End *e, uint32_t events) {
-    if (e->kind == END_UDP) on_udp_listener(r, e->up);
-    else on_udp_upstream(r, e->uf);
+static PyObject *port_report(UPort *p);
+
+/* Counts that cannot wait for the next poll() (flows closed, target health). */
+static void deliver_urgent(Relay *r, UPort *p) {
+    PyObject *t = port_report(p);
+    if (t == NULL) {
+        PyErr_WriteUnraisable((PyObject *)r);
+        return;
+    }
+    PyObject *args = PyTuple_GetSlice(t, 1, PyTuple_GET_SIZE(t));
+    PyObject *meth = args == NULL ? NULL : PyObject_GetAttrString(p->token, "report");
+    PyObject *res = meth == NULL ? NULL : PyObject_Call(meth, args, NULL);
+    if (res == NULL) PyErr_WriteUnraisable(p->token);
+    Py_XDECREF(res);
+    Py_XDECREF(meth);
+    Py_XDECREF(args);
+    Py_DECREF(t);
+}
+
+/* The end of a loop callback: free what it closed, hand over what is urgent. */
+static void callback_done(Relay *r, UPort *p) {
+    r->in_poll = 0;
+    udp_free_dead(r);
+    if (p != NULL && r->ups[p->handle] == p && p->urgent) deliver_urgent(r, p);
+}
+
+RELAY_API PyObject *Relay_udp_on_listener(Relay *self, PyObject *arg) {
+    Py_ssize_t h = PyLong_AsSsize_t(arg);
+    if (h == -1 && PyErr_Occurred()) return NULL;
+    if (h < 0 || h >= self->nups || self->ups[h] == NULL || self->in_poll) Py_RETURN_NONE;
+    UPort *p = self->ups[h];
+    self->in_poll = 1;
+    on_udp_listener(self, p);
+    callback_done(self, p);
+    Py_RETURN_NONE;
+}
+
+RELAY_API PyObject *Relay_udp_on_flow(Relay *self, PyObject *arg) {
+    Py_ssize_t id = PyLong_AsSsize_t(arg);
+    if (id == -1 && PyErr_Occurred()) return NULL;
+    if (id < 0 || id >= self->nuslots || self->uslots[id] == NULL || self->in_poll) Py_RETURN_NONE;
+    UFlow *f = self->uslots[id];
+    UPort *p = f->port;
+    self->in_poll = 1;
+    on_udp_upstream(self, f);
+    callback_done(self, p);
+    Py_RETURN_NONE;
 }
 
 /* Reap idle flows; 1 while some port still needs the tick (flows or counts). */
@@ -509,7 +603,7 @@ RELAY_API int udp_reports(Relay *r, PyObject *out, long long now) {
 
 static void port_free(Relay *r, UPort *p) {
     while (p->oldest != NULL) flow_close(r, p->oldest);
-    epoll_ctl(r->ep, EPOLL_CTL_DEL, p->lfd, NULL);
+    remove_reader(r, p->lfd);
     r->ups[p->handle] = NULL;
     cands_unref(p->cands);
     Py_XDECREF(p->token);
@@ -526,6 +620,12 @@ RELAY_API void udp_free_all(Relay *r) {
     free(r->ups);
     r->ups = NULL;
     r->nups = 0;
+    udp_free_dead(r);
+    free(r->uslots);
+    free(r->ufree);
+    r->uslots = NULL;
+    r->ufree = NULL;
+    Py_CLEAR(r->uloop);
     free(r->ubuf);
     free(r->umsg);
     free(r->uiov);
@@ -556,9 +656,13 @@ static int idle_ms_of(double idle, long long *out) {
 
 RELAY_API PyObject *Relay_udp_listen(Relay *self, PyObject *args) {
     int lfd, ntargets;
-    PyObject *token, *seq;
+    PyObject *token, *seq, *loop;
     double idle;
-    if (!PyArg_ParseTuple(args, "iOiOd", &lfd, &token, &ntargets, &seq, &idle)) return NULL;
+    if (!PyArg_ParseTuple(args, "iOiOdO", &lfd, &token, &ntargets, &seq, &idle, &loop)) return NULL;
+    if (self->uloop != NULL && self->uloop != loop) {
+        PyErr_SetString(PyExc_ValueError, "one loop per relay");
+        return NULL;
+    }
     if (self->ep < 0) {
         PyErr_SetString(PyExc_ValueError, "Relay is closed");
         return NULL;
@@ -605,11 +709,16 @@ RELAY_API PyObject *Relay_udp_listen(Relay *self, PyObject *args) {
     p->cands = cs;
     p->ntargets = ntargets;
     p->idle_ms = idle_ms;
-    p->end.kind = END_UDP;
-    p->end.up = p;
-    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &p->end};
-    if (epoll_ctl(self->ep, EPOLL_CTL_ADD, lfd, &ev) < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
+    if (self->uloop == NULL) {
+        Py_INCREF(loop);
+        self->uloop = loop;
+    }
+    self->ups[h] = p; /* before add_reader: the callback may come at once */
+    PyObject *cb = PyObject_GetAttrString((PyObject *)self, "udp_on_listener");
+    PyObject *res = cb == NULL ? NULL : PyObject_CallMethod(loop, "add_reader", "iOn", lfd, cb, h);
+    Py_XDECREF(cb);
+    if (res == NULL) {
+        self->ups[h] = NULL;
         free(p->buckets);
         free(p->ok);
         free(p->fail);
@@ -618,9 +727,9 @@ RELAY_API PyObject *Relay_udp_listen(Relay *self, PyObject *args) {
         cands_unref(cs);
         return NULL;
     }
+    Py_DECREF(res);
     Py_INCREF(token);
     p->token = token;
-    self->ups[h] = p;
     arm_timer(self);
     return PyLong_FromSsize_t(h);
 }
