@@ -137,6 +137,7 @@ typedef struct {
     struct mmsghdr *umsg;
     struct iovec *uiov;
     struct sockaddr_storage *uname;
+    int uused;          /* headers the last recvmmsg filled (their lengths to restore) */
     UFlow *udead;       /* flows closed during this poll() */
     PyObject *uloop;    /* the shard's loop: UDP sockets are its readers */
     UFlow **uslots;     /* flow id -> flow (the loop readers' keys) */

@@ -291,3 +291,15 @@ def test_a_draining_rule_admits_no_new_flow(h: NativeHarness) -> None:
     a.sendto(b"a2", lsock.getsockname())  # an open flow carries on
     assert a.recvfrom(10)[0] == b"a2"
     assert flows(h, svc) == [a.getsockname()]
+
+
+def test_a_reload_shortens_the_idle_time_of_open_flows(h: NativeHarness) -> None:
+    echo = h.echo()
+    rid, (svc,), (lsock,) = h.services([local(echo.port)], idle=60.0)
+    c = h.client()
+    c.sendto(b"x", lsock.getsockname())
+    assert c.recvfrom(10)[0] == b"x"
+    svc.ctx.settings["udp_flow_idle_secs"] = 0.2
+    h.call(svc.retune)
+    wait_for(lambda: flows(h, svc) == [], 3, "flow reaped under the new idle time")
+    wait_for(lambda: metric("portunus_udp_flows_active", rid) == 0, what="gauge follows")
