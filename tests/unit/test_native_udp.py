@@ -303,3 +303,45 @@ def test_a_reload_shortens_the_idle_time_of_open_flows(h: NativeHarness) -> None
     h.call(svc.retune)
     wait_for(lambda: flows(h, svc) == [], 3, "flow reaped under the new idle time")
     wait_for(lambda: metric("portunus_udp_flows_active", rid) == 0, what="gauge follows")
+
+
+def test_the_shard_picks_the_path_per_rule_and_moves_a_port_on_update(h: NativeHarness) -> None:
+    """Shard.handler_for: a plain UDP rule is served natively; the same port with a rate
+    limit goes to udp.py, and back again; with the extension off everything is udp.py."""
+    from portunus.shard.main import Shard
+    from portunus.shard.udp import UdpService
+
+    a, b = socket.socketpair()
+    h.cleanups += [a.close, b.close]
+    shard = Shard(0, h.loop, a)
+    shard.ctx.settings.update({"runtime_dir": str(h.tmp), "shards": 1})
+    shard.ctx.native_type = Relay
+    port = 40000 + next(py._ids) % 20000
+    plain = build_rule(
+        id=f"sw{next(py._ids)}", protocol="udp", listen=(port, port), targets=[local(9)]
+    )
+    limited = build_rule(
+        id=plain.id,
+        protocol="udp",
+        listen=(port, port),
+        targets=[local(9)],
+        rate_limit={"bandwidth_in_bps": 1 << 20},
+    )
+    kinds = []
+    for rule in (plain, limited, plain):
+        h.call(shard.upsert, rule)
+        sig, factory = h.call(shard.handler_for, f"udp/{port}")
+        lsock = h.listener()
+        handler = h.call(factory, lsock)
+        kinds.append((sig[0], type(handler)))
+    assert kinds == [
+        ("nudp", NativeUdpHandler),
+        ("udp", UdpService),
+        ("nudp", NativeUdpHandler),
+    ]
+    shard.ctx.native_type = None  # PORTUNUS_NATIVE=0 or no extension
+    h.call(shard.upsert, limited)
+    h.call(shard.upsert, plain)
+    assert h.call(shard.handler_for, f"udp/{port}")[0][0] == "udp"
+    for rt in list(shard.rules.values()):
+        h.call(rt.release_limits)
