@@ -1,5 +1,7 @@
-/* Native relay for plain TCP connections: the Python type (this file), the
- * byte moving (relay_io.c), native accept/connect (relay_connect.c), relay.h.
+/* Native relay for plain TCP connections and plain UDP ports: the Python type
+ * (this file), the byte moving (relay_io.c), native accept/connect
+ * (relay_connect.c), UDP flows (relay_udp.c, whose sockets are readers on the
+ * shard's loop rather than members of the epoll set below), relay.h.
  *
  * A shard hands a connected (client, upstream) pair of non-blocking fds to a
  * Relay, which owns them from then on: both live in the relay's own
@@ -519,7 +521,7 @@ static PyTypeObject RelayType = {
 };
 
 static struct PyModuleDef relaymodule = {
-    PyModuleDef_HEAD_INIT, "_relay", "Native relay for plain TCP connections.", -1, NULL,
+    PyModuleDef_HEAD_INIT, "_relay", "Native relay for plain TCP connections and UDP flows.", -1, NULL,
 };
 
 PyMODINIT_FUNC PyInit__relay(void) {

@@ -2,19 +2,21 @@
 
 For a UDP rule with no rate limit, no owner and only IP-address targets, no
 datagram needs the interpreter: the listening socket and each flow's upstream
-socket are readers on the shard's loop whose callbacks are the relay's C methods,
-which read the listening socket with
-``recvmmsg``, keeps one connected upstream socket per client flow, sends with
-``sendmmsg`` both ways, falls through to the next candidate on an ICMP error and
-closes flows idle for the rule's ``idle_timeout_secs`` (else
-``udp_flow_idle_secs``).  Python keeps what needs a decision or a metric:
+socket are readers on the shard's loop whose callbacks are the relay's C
+methods.  They read with ``recvmmsg`` (``recvmsg`` while datagrams come one at
+a time), keep one connected upstream socket per client flow, send with
+``sendmmsg`` (or ``send``/``sendto``) both ways, fall through to the next
+candidate on an ICMP error and close flows idle for the rule's
+``idle_timeout_secs`` (else ``udp_flow_idle_secs``).  Python keeps what needs a
+decision or a metric:
 
 - a datagram from a new client asks ``admit_flow()`` once: the rule draining,
   the rule's ``udp_max_flows`` across shards (``udp_budget``), the overflow count
   and the open-flow metrics, exactly as ``UdpService.open_flow`` does;
 - ``report()`` gets the port's counts at most 100 ms late (at once, from the
-  callback, when flows closed or a target answered or failed) and makes the same Prometheus updates, health bookkeeping and log lines
-  as the Python path (``udp.py``).
+  callback, when flows closed or a target answered or failed) and makes the
+  same Prometheus updates, health bookkeeping and log lines as the Python path
+  (``udp.py``).
 
 The port's open flows appear in ``rt.conns`` as one ``NativeFlows`` entry while
 there are any, so draining and a rule update treat them like Python flows.
