@@ -496,6 +496,8 @@ static PyMethodDef Relay_methods[] = {
     {"udp_set_idle", (PyCFunction)Relay_udp_set_idle, METH_VARARGS, "udp_set_idle(handle, idle_secs)"},
     {"udp_close", (PyCFunction)Relay_udp_close, METH_O,
      "udp_close(handle) -> report: close every flow, stop reading the socket (not closed)."},
+    {"udp_close_flows", (PyCFunction)Relay_udp_close_flows, METH_O,
+     "udp_close_flows(handle) -> report: close every flow; the port keeps serving."},
     {"udp_flows", (PyCFunction)Relay_udp_flows, METH_O, "udp_flows(handle) -> [(host, port)], oldest first."},
     {"close_all", (PyCFunction)Relay_close_all, METH_NOARGS, "Close every connection (no reports)."},
     {NULL, NULL, 0, NULL},

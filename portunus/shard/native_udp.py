@@ -71,7 +71,7 @@ class NativeFlows:
         self.rt = rt  # Shard.upsert re-points this when the rule is updated
 
     def close(self) -> None:
-        self.handler.close()
+        self.handler.close_flows()
 
 
 class NativeUdpHandler:
@@ -248,6 +248,12 @@ class NativeUdpHandler:
             self.dropped = 0
 
     # ---------------------------------------------------------------- closing
+
+    def close_flows(self) -> None:
+        """Close every open flow now (drain timeout, shard stop), as ``rt.close_all``
+        does to Python flows; the port keeps serving (a draining rule admits none)."""
+        if self.handle is not None:
+            self.report(*self.ctx.native.relay.udp_close_flows(self.handle)[1:])
 
     def close(self) -> None:
         """Close every flow, stop reading the port (the socket stays the shard's)."""

@@ -204,6 +204,7 @@ RELAY_API PyObject *Relay_udp_listen(Relay *self, PyObject *args);
 RELAY_API PyObject *Relay_udp_set_candidates(Relay *self, PyObject *args);
 RELAY_API PyObject *Relay_udp_set_idle(Relay *self, PyObject *args);
 RELAY_API PyObject *Relay_udp_close(Relay *self, PyObject *arg);
+RELAY_API PyObject *Relay_udp_close_flows(Relay *self, PyObject *arg);
 RELAY_API PyObject *Relay_udp_flows(Relay *self, PyObject *arg);
 RELAY_API Cands *parse_cands(PyObject *seq, int ntargets);
 

@@ -820,6 +820,13 @@ RELAY_API PyObject *Relay_udp_close(Relay *self, PyObject *arg) {
     return t;
 }
 
+RELAY_API PyObject *Relay_udp_close_flows(Relay *self, PyObject *arg) {
+    UPort *p = get_port(self, arg);
+    if (p == NULL) return NULL;
+    while (p->oldest != NULL) flow_close(self, p->oldest);
+    return port_report(p);
+}
+
 RELAY_API PyObject *Relay_udp_flows(Relay *self, PyObject *arg) {
     UPort *p = get_port(self, arg);
     if (p == NULL) return NULL;

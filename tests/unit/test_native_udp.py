@@ -345,3 +345,21 @@ def test_the_shard_picks_the_path_per_rule_and_moves_a_port_on_update(h: NativeH
     assert h.call(shard.handler_for, f"udp/{port}")[0][0] == "udp"
     for rt in list(shard.rules.values()):
         h.call(rt.release_limits)
+
+
+def test_close_all_closes_the_flows_and_the_port_keeps_serving(h: NativeHarness) -> None:
+    echo = h.echo()
+    rid, (svc,), (lsock,) = h.services([local(echo.port)])
+    a, b = h.client(), h.client()
+    for c in (a, b):
+        c.sendto(b"x", lsock.getsockname())
+        assert c.recvfrom(10)[0] == b"x"
+    assert svc.flows in svc.rt.conns
+    h.call(svc.rt.close_all)  # the drain timeout / shard stop path
+    assert flows(h, svc) == []
+    assert svc.flows not in svc.rt.conns
+    assert metric("portunus_udp_flows_active", rid) == 0
+    assert h.call(lambda: svc.budget.local) == 0
+    a.sendto(b"again", lsock.getsockname())  # not draining: a new flow opens
+    assert a.recvfrom(10)[0] == b"again"
+    assert metric("portunus_rule_connections_total", rid) == 3
