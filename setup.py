@@ -7,10 +7,21 @@ setup(
     ext_modules=[
         Extension(
             "portunus.shard._relay",
-            ["portunus/shard/_relay.c", "portunus/shard/relay_io.c", "portunus/shard/relay_connect.c"],
+            [
+                "portunus/shard/_relay.c",
+                "portunus/shard/relay_io.c",
+                "portunus/shard/relay_connect.c",
+                "portunus/shard/relay_udp.c",
+            ],
             depends=["portunus/shard/relay.h"],
             optional=True,
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
+            extra_compile_args=[
+                "-O2",
+                "-Wall",
+                "-Wextra",
+                "-Wno-unused-parameter",
+                "-Wno-missing-field-initializers",
+            ],
         )
     ]
 )

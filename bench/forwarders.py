@@ -27,6 +27,9 @@ from bench.common import (
 
 FORWARDERS = ("direct", "portunus", "haproxy", "nginx", "socat")
 PEERS = ("haproxy", "nginx", "socat")
+# Opt-in contenders (--forwarders): the same Portunus build with its native relay off,
+# so one run shows both data paths side by side.
+EXTRA = ("portunus-py",)
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,11 @@ def portunus_toml(listen_port: int, target_port: int, metrics_port: int, udp: bo
 
 
 def start_portunus(
-    target_port: int, log_dir: Path, udp: bool = False, shards: int | None = None
+    target_port: int,
+    log_dir: Path,
+    udp: bool = False,
+    shards: int | None = None,
+    name: str = "portunus",
 ) -> Endpoint:
     binary = portunus_bin()
     if binary is None:
@@ -95,8 +102,9 @@ def start_portunus(
         log_dir,
         ready=lambda: is_listening(port, udp) and http_ok(url),
         timeout=20.0,
+        env={"PORTUNUS_NATIVE": "0"} if name == "portunus-py" else None,
     )
-    return Endpoint("portunus", port, svc)
+    return Endpoint(name, port, svc)
 
 
 def start_peer(name: str, target_port: int, log_dir: Path, udp: bool = False) -> Endpoint:
@@ -136,8 +144,8 @@ def open_forwarders(
             if name == "direct":
                 out[name] = Endpoint("direct", target_port)
                 continue
-            if name == "portunus":
-                ep = start_portunus(target_port, log_dir, udp, shards)
+            if name in ("portunus", "portunus-py"):
+                ep = start_portunus(target_port, log_dir, udp, shards, name)
             elif name in PEERS:
                 if udp and name == "haproxy":
                     raise StartError("haproxy does not forward UDP")

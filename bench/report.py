@@ -140,6 +140,12 @@ def targets(benches: dict[str, Any]) -> list[dict[str, Any]]:
     )
     ratio_target("short-connection rate ≥ 1.0× nginx", "short_conn", "rps", "nginx", ">=", 1.0)
     ratio_target(
+        "UDP ping-pong round trips/s ≥ 1.0× nginx", "udp_pingpong", "rate", "nginx", ">=", 1.0
+    )
+    ratio_target(
+        "UDP blast delivered ≥ 1.2× nginx", "udp_blast", "delivered_pps", "nginx", ">=", 1.2
+    )
+    ratio_target(
         "added p50 latency ≤ 1.3× nginx's added p50", "latency", "added_p50_us", "nginx", "<=", 1.3
     )
 

@@ -33,7 +33,7 @@ from bench import (
     udp,
 )
 from bench.common import REPO, machine_info, raise_nofile, stop_all
-from bench.forwarders import FORWARDERS, portunus_bin, portunus_shards
+from bench.forwarders import EXTRA, FORWARDERS, portunus_bin, portunus_shards
 from bench.report import render, targets
 from bench.results import BenchResult, Settings
 from bench.rounds import log
@@ -89,7 +89,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="rounds per benchmark (default 5, quick 2)")
     p.add_argument("--duration", type=int, help="seconds per iperf3/wrk run (default 6, quick 2)")
     p.add_argument("--idle-conns", type=int, help="idle connections (default 10000)")
-    p.add_argument("--forwarders", nargs="+", choices=FORWARDERS, default=list(FORWARDERS))
+    p.add_argument(
+        "--forwarders",
+        nargs="+",
+        choices=FORWARDERS + EXTRA,
+        default=list(FORWARDERS),
+        help="portunus-py: the same Portunus with PORTUNUS_NATIVE=0 (both data paths in one run)",
+    )
     p.add_argument("--out", type=Path, help="Markdown report path")
     p.add_argument("--json", type=Path, help="raw JSON path (default results/latest.json)")
     p.add_argument("--keep-logs", action="store_true", help="keep the temp dir of logs")

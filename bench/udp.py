@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import (
@@ -30,13 +31,14 @@ from bench.common import (
     tool,
     wait_for,
 )
+from bench.cpu_per_conn import cpu_seconds
 from bench.forwarders import Endpoint, open_forwarders, portunus_shards
-from bench.latency import CLIENT_CPUS, latency_rounds, sockperf_pingpong
+from bench.latency import CLIENT_CPUS, sockperf_pingpong
 from bench.results import BenchResult, Metric, Settings
 from bench.rounds import Sample, run_rounds
 
 DATAGRAM = 512
-ACTIVITY = 10_000
+ACTIVITY = 1_000  # the origin logs its total every ACTIVITY datagrams: the resolution of a blast
 # Blast layout: the sender saturates CPU 0; forwarder and origin share CPU 1.
 SENDER_CPUS, RECEIVER_CPUS = {0}, {1}
 _TOTAL = re.compile(r"(\d+) \[msg\]\s*$", re.M)
@@ -85,6 +87,23 @@ def blast_sample(ep: Endpoint, seconds: int, origin_log: Path) -> Sample:
     }
 
 
+def with_cpu(
+    ep: Endpoint, measure: Callable[[], Sample], count: Callable[[Sample], float]
+) -> Sample:
+    """``measure()`` plus ``cpu_us``: the forwarder's whole process tree's utime+stime
+    over the run ÷ ``count(sample)`` (round trips, delivered datagrams).  Steadier than
+    a rate on a shared machine: scheduling delays cost time, not the forwarder's CPU."""
+    if ep.service is None:
+        return measure()
+    u0, s0 = cpu_seconds(ep.service)
+    sample = measure()
+    u1, s1 = cpu_seconds(ep.service)
+    n = count(sample)
+    if n > 0:
+        sample["cpu_us"] = ((u1 - u0) + (s1 - s0)) * 1e6 / n
+    return sample
+
+
 def pin_all(origin: Service, eps: dict[str, Endpoint | str], cpus: set[int]) -> None:
     pin(origin, cpus)
     for ep in eps.values():
@@ -96,7 +115,9 @@ def run(settings: Settings) -> list[BenchResult]:
     names = settings.forwarders  # haproxy shows as n/a: it does not forward UDP
     secs = settings.udp_secs
     rounds = 1 if settings.quick else settings.rounds  # keeps --quick under 3 minutes
-    pp_rounds = latency_rounds(settings)
+    # Every round, not latency's 3: a UDP round trip is a few µs of forwarder work
+    # beside tens of µs of scheduling, so the rate needs as many paired rounds as the blast.
+    pp_rounds = rounds
     with services() as started:
         port = free_port()
         argv = [tool("sockperf"), "server", "-i", LOOPBACK, "-p", str(port), "-A", str(ACTIVITY)]
@@ -112,11 +133,22 @@ def run(settings: Settings) -> list[BenchResult]:
             "udp_pingpong",
             eps,
             pp_rounds,
-            lambda ep: sockperf_pingpong(ep, secs, DATAGRAM, udp=True, cpus=CLIENT_CPUS),
+            lambda ep: with_cpu(
+                ep,
+                lambda: sockperf_pingpong(ep, secs, DATAGRAM, udp=True, cpus=CLIENT_CPUS),
+                lambda s: s["rate"] * secs,
+            ),
         )
         pin_all(origin, eps, RECEIVER_CPUS)
         blast = run_rounds(
-            "udp_blast", eps, rounds, lambda ep: blast_sample(ep, secs, origin.log_path)
+            "udp_blast",
+            eps,
+            rounds,
+            lambda ep: with_cpu(
+                ep,
+                lambda: blast_sample(ep, secs, origin.log_path),
+                lambda s: s["delivered_pps"] * secs,
+            ),
         )
     return [
         BenchResult(
@@ -125,12 +157,15 @@ def run(settings: Settings) -> list[BenchResult]:
             method=(
                 f"sockperf ping-pong -m {DATAGRAM} -t {secs} --full-rtt (UDP) against "
                 f"`sockperf server`; value = round trips/s over sockperf's valid duration; "
-                f"client, forwarder and origin pinned to CPU 0; {pp_rounds} round(s)."
+                f"client, forwarder and origin pinned to CPU 0; {pp_rounds} round(s). "
+                f"CPU = utime+stime of the forwarder's processes over the run ÷ round trips "
+                f"(≈ rate × duration)."
             ),
             metrics=[
                 Metric("rate", "round trips/s", True, 0),
                 Metric("p50_us", "p50 RTT µs", False, 1),
                 Metric("p99_us", "p99 RTT µs", False, 1),
+                Metric("cpu_us", "forwarder CPU µs per round trip", False, 2),
             ],
             per_forwarder=pingpong,
         ),
@@ -141,12 +176,14 @@ def run(settings: Settings) -> list[BenchResult]:
                 f"sockperf throughput -m {DATAGRAM} -t {secs} (sends at maximum rate); "
                 f"delivered = datagrams counted by the origin (`sockperf server -A {ACTIVITY}`, "
                 f"resolution {ACTIVITY:,}) / run time; loss = 1 - delivered/sent; "
-                f"sender pinned to CPU 0, forwarder and origin to CPU 1; {rounds} round(s)."
+                f"sender pinned to CPU 0, forwarder and origin to CPU 1; {rounds} round(s). "
+                f"CPU = the forwarder's utime+stime ÷ delivered datagrams."
             ),
             metrics=[
                 Metric("delivered_pps", "delivered datagrams/s", True, 0),
                 Metric("sent_pps", "sent datagrams/s", True, 0),
                 Metric("loss_pct", "loss %", False, 1),
+                Metric("cpu_us", "forwarder CPU µs per delivered datagram", False, 2),
             ],
             per_forwarder=blast,
         ),

@@ -1,5 +1,7 @@
-/* Native relay for plain TCP connections: the Python type (this file), the
- * byte moving (relay_io.c), native accept/connect (relay_connect.c), relay.h.
+/* Native relay for plain TCP connections and plain UDP ports: the Python type
+ * (this file), the byte moving (relay_io.c), native accept/connect
+ * (relay_connect.c), UDP flows (relay_udp.c, whose sockets are readers on the
+ * shard's loop rather than members of the epoll set below), relay.h.
  *
  * A shard hands a connected (client, upstream) pair of non-blocking fds to a
  * Relay, which owns them from then on: both live in the relay's own
@@ -87,6 +89,7 @@ static void Relay_dealloc(Relay *self) {
     for (Py_ssize_t i = 0; i < self->nlsts; i++)
         if (self->lsts[i]) drop_listener(self, i);
     free(self->lsts);
+    udp_free_all(self);
     if (self->tfd >= 0) close(self->tfd);
     for (int i = 0; i < 2 * self->pool_n; i++) close(self->pool[i]);
     if (self->ep >= 0) close(self->ep);
@@ -252,6 +255,7 @@ static PyObject *Relay_poll(Relay *self, PyObject *noargs) {
     for (int i = 0; i < n; i++) handle_event(self, &evs[i]);
     self->in_poll = 0;
     free_dead(self);
+    udp_free_dead(self);
     self->reports = NULL;
     if (self->report_failed) {
         Py_DECREF(reports);
@@ -276,11 +280,16 @@ static PyObject *Relay_poll(Relay *self, PyObject *noargs) {
         }
         Py_DECREF(t);
     }
+    if (self->nups && udp_reports(self, lreports, now_ms()) < 0) {
+        Py_DECREF(reports);
+        Py_DECREF(lreports);
+        return NULL;
+    }
     return Py_BuildValue("(NNO)", reports, lreports, (self->nagain || n == MAX_EVENTS) ? Py_True : Py_False);
 }
 
 /* [(ip, port, target_index), ...] -> Cands (new reference count 1) */
-static Cands *parse_cands(PyObject *seq, int ntargets) {
+RELAY_API Cands *parse_cands(PyObject *seq, int ntargets) {
     PyObject *fast = PySequence_Fast(seq, "candidates must be a sequence");
     if (fast == NULL) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
@@ -474,6 +483,22 @@ static PyMethodDef Relay_methods[] = {
     {"close_listener", (PyCFunction)Relay_close_listener, METH_O, close_listener_doc},
     {"forget_listener", (PyCFunction)Relay_forget_listener, METH_O, forget_listener_doc},
     {"fileno", (PyCFunction)Relay_fileno, METH_NOARGS, "The relay's epoll fd, for the loop's add_reader."},
+    {"udp_listen", (PyCFunction)Relay_udp_listen, METH_VARARGS,
+     "udp_listen(listen_fd, token, ntargets, candidates, idle_secs, loop) -> handle\n\n"
+     "Forward the datagrams of a UDP socket (still the caller's): one connected upstream\n"
+     "socket per client flow to the first candidate (ip, port, target_index) that takes it;\n"
+     "token.admit_flow() is asked before a flow opens; flows idle for idle_secs close.\n"
+     "The sockets are readers on `loop` (add_reader), the callbacks udp_on_*."},
+    {"udp_on_listener", (PyCFunction)Relay_udp_on_listener, METH_O, "loop callback: a UDP port is readable"},
+    {"udp_on_flow", (PyCFunction)Relay_udp_on_flow, METH_O, "loop callback: a flow's upstream socket is readable"},
+    {"udp_set_candidates", (PyCFunction)Relay_udp_set_candidates, METH_VARARGS,
+     "udp_set_candidates(handle, candidates): new flows use these; open ones keep theirs."},
+    {"udp_set_idle", (PyCFunction)Relay_udp_set_idle, METH_VARARGS, "udp_set_idle(handle, idle_secs)"},
+    {"udp_close", (PyCFunction)Relay_udp_close, METH_O,
+     "udp_close(handle) -> report: close every flow, stop reading the socket (not closed)."},
+    {"udp_close_flows", (PyCFunction)Relay_udp_close_flows, METH_O,
+     "udp_close_flows(handle) -> report: close every flow; the port keeps serving."},
+    {"udp_flows", (PyCFunction)Relay_udp_flows, METH_O, "udp_flows(handle) -> [(host, port)], oldest first."},
     {"close_all", (PyCFunction)Relay_close_all, METH_NOARGS, "Close every connection (no reports)."},
     {NULL, NULL, 0, NULL},
 };
@@ -489,7 +514,7 @@ static PyTypeObject RelayType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "portunus.shard._relay.Relay",
     .tp_basicsize = sizeof(Relay),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Relays plain TCP connections in native code (see the module source).",
+    .tp_doc = "Relays plain TCP connections and UDP flows in native code (see the module source).",
     .tp_new = Relay_new,
     .tp_init = (initproc)Relay_init,
     .tp_dealloc = (destructor)Relay_dealloc,
@@ -498,7 +523,7 @@ static PyTypeObject RelayType = {
 };
 
 static struct PyModuleDef relaymodule = {
-    PyModuleDef_HEAD_INIT, "_relay", "Native relay for plain TCP connections.", -1, NULL,
+    PyModuleDef_HEAD_INIT, "_relay", "Native relay for plain TCP connections and UDP flows.", -1, NULL,
 };
 
 PyMODINIT_FUNC PyInit__relay(void) {

@@ -35,6 +35,7 @@ from portunus.shard import metrics as m
 from portunus.shard.native import announce as announce_native
 from portunus.shard.native_tcp import NativeTcpHandler
 from portunus.shard.native_tcp import eligible as native_eligible
+from portunus.shard.native_udp import eligible as native_udp_eligible
 from portunus.shard.repace import repace_rule
 from portunus.shard.runtime import RuleRuntime, ShardContext
 from portunus.shard.sni import CLIENT_HELLO_TIMEOUT_SECS
@@ -229,7 +230,8 @@ class Shard:
             return None, None
         if proto == "udp":
             rt = rts[0]
-            return ("udp", id(rt)), lambda s: self._udp_handler(rt, s, port - rt.rule.listen_start)
+            kind = "nudp" if native_udp_eligible(self.ctx, rt) else "udp"
+            return (kind, id(rt)), lambda s: self._udp_handler(rt, s, port - rt.rule.listen_start)
         # An SNI port stays one while its fallback is its only rule (sni_fallback).
         if len(rts) == 1 and rts[0].rule.sni is None and not rts[0].rule.sni_fallback:
             rt = rts[0]
@@ -244,6 +246,10 @@ class Shard:
         return sig, lambda s: self._sni_handler(port, rts)
 
     def _udp_handler(self, rt: RuleRuntime, s: socket.socket, port_index: int) -> Any:
+        if native_udp_eligible(self.ctx, rt):
+            from portunus.shard.native_udp import NativeUdpHandler
+
+            return NativeUdpHandler(self.ctx, rt, s, port_index)
         from portunus.shard.udp import UdpService
 
         return UdpService(self.ctx, rt, s, port_index)

@@ -30,8 +30,14 @@
 #define TICK_MS 50          /* connect timeouts and accept back-off are checked this often */
 #define BACKOFF_MS 100      /* a listener out of fds pauses this long */
 
+#define UDP_BATCH 64      /* datagrams per recvmmsg/sendmmsg */
+#define UDP_BUF 65536     /* the largest UDP payload fits */
+#define UDP_REPORT_MS 100 /* datagram and byte counts reach Python at most this late */
+
 typedef struct Conn Conn;
 typedef struct Listener Listener;
+typedef struct UPort UPort;
+typedef struct UFlow UFlow;
 
 enum { END_CONN, END_LISTENER, END_TIMER };
 
@@ -125,6 +131,17 @@ typedef struct {
     int tfd;
     int timer_armed;
     End tend;
+    UPort **ups;        /* UDP ports (relay_udp.c) */
+    Py_ssize_t nups;
+    char *ubuf;         /* UDP_BATCH datagram buffers of UDP_BUF bytes, made on first use */
+    struct mmsghdr *umsg;
+    struct iovec *uiov;
+    struct sockaddr_storage *uname;
+    int uused;          /* headers the last recvmmsg filled (their lengths to restore) */
+    UFlow *udead;       /* flows closed during this poll() */
+    PyObject *uloop;    /* the shard's loop: UDP sockets are its readers */
+    UFlow **uslots;     /* flow id -> flow (the loop readers' keys) */
+    Py_ssize_t nuslots, ucap, *ufree, nufree;
 } Relay;
 
 
@@ -176,5 +193,19 @@ RELAY_API void on_upstream_connect(Relay *r, Conn *c);
 RELAY_API void pause_listener(Relay *r, Listener *l);
 RELAY_API void on_accept(Relay *r, Listener *l);
 RELAY_API void on_tick(Relay *r);
+/* relay_udp.c */
+RELAY_API PyObject *Relay_udp_on_listener(Relay *self, PyObject *arg);
+RELAY_API PyObject *Relay_udp_on_flow(Relay *self, PyObject *arg);
+RELAY_API int udp_tick(Relay *r, long long now);
+RELAY_API int udp_reports(Relay *r, PyObject *out, long long now);
+RELAY_API void udp_free_all(Relay *r);
+RELAY_API void udp_free_dead(Relay *r);
+RELAY_API PyObject *Relay_udp_listen(Relay *self, PyObject *args);
+RELAY_API PyObject *Relay_udp_set_candidates(Relay *self, PyObject *args);
+RELAY_API PyObject *Relay_udp_set_idle(Relay *self, PyObject *args);
+RELAY_API PyObject *Relay_udp_close(Relay *self, PyObject *arg);
+RELAY_API PyObject *Relay_udp_close_flows(Relay *self, PyObject *arg);
+RELAY_API PyObject *Relay_udp_flows(Relay *self, PyObject *arg);
+RELAY_API Cands *parse_cands(PyObject *seq, int ntargets);
 
 #endif

@@ -141,6 +141,7 @@ RELAY_API void on_tick(Relay *r) {
         }
         if (l->paused) busy = 1;
     }
+    if (r->nups && udp_tick(r, now)) busy = 1;
     if (!busy) {
         struct itimerspec off = {{0, 0}, {0, 0}};
         timerfd_settime(r->tfd, 0, &off, NULL);

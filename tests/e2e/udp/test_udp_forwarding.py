@@ -257,3 +257,26 @@ def test_reload_retargets_flows_and_removal_closes_them(
         assert proc.alive()
     finally:
         other.close()
+
+
+def test_rule_changing_path_keeps_forwarding(standalone, ports, udp_echo, clients) -> None:  # type: ignore[no-untyped-def]
+    """A plain UDP rule (native relay where built) gains a rate limit (Python path) and
+    loses it again: each change closes the flows, the next datagrams open new ones on
+    the new path, and the counters carry on across all three."""
+    proc, addr = start_udp(standalone, ports, udp_echo)
+    cs = clients(4)
+    sent = exchange(cs, addr, rounds=2, tag="plain")
+    plain = dict(proc.rules[0])
+    capped = {**plain, "rate_limit": {"bandwidth_in_bps": 100_000_000}}
+    for step, rule in (("capped", capped), ("again", plain)):
+        proc.write_config(rules=[rule])
+        proc.reload("config.reloaded")
+        wait_for(lambda: value(proc, "portunus_udp_flows_active") == 0, 5, what="flows closed")
+        sent += exchange(cs, addr, rounds=2, tag=step)
+        assert value(proc, "portunus_udp_flows_active") == 4
+    wait_for(lambda: value(proc, "portunus_rule_bytes_in_total") == sent, 5, what="bytes in")
+    wait_for(lambda: value(proc, "portunus_rule_bytes_out_total") == sent, 5, what="bytes out")
+    m = proc.scrape()
+    assert m.value("portunus_rule_datagrams_in_total", rule=RULE) == 24
+    assert m.value("portunus_rule_connections_total", rule=RULE) == 12
+    assert proc.alive()
