@@ -44,13 +44,14 @@ def no_gc() -> Iterator[None]:
 
 
 def _start(
-    ctx: ShardContext, origin: socket.socket, lsock: socket.socket
+    ctx: ShardContext, origin: socket.socket, lsock: socket.socket, backups: int
 ) -> tuple[RuleRuntime, NativeTcpHandler]:
+    port = origin.getsockname()[1]
     rule = build_rule(
         id="freed",
         protocol="tcp",
         listen=(1, 1),
-        targets=[Target(host=LOOPBACK, port=origin.getsockname()[1], priority=1)],
+        targets=[Target(host=LOOPBACK, port=port, priority=i + 1) for i in range(1 + backups)],
     )
     rt = RuleRuntime(ctx, rule)
     assert eligible(ctx, rt)
@@ -59,15 +60,17 @@ def _start(
     return rt, handler
 
 
+@pytest.mark.parametrize("backups", [0, 1], ids=["one-target", "with-a-backup"])
 def test_a_removed_rules_runtime_is_freed_once_its_connections_closed(
-    loop: asyncio.AbstractEventLoop, no_gc: None
+    loop: asyncio.AbstractEventLoop, no_gc: None, backups: int
 ) -> None:
+    """With a backup target the runtime also has a TargetSet (health, failover)."""
     origin, lsock = listener(), listener()
     lsock.setblocking(False)
     ctx = ShardContext(loop, {"use_splice": True, "connect_timeout_secs": 5.0})
     drained: list[str] = []
     ctx.on_drained = lambda rt: drained.append(rt.rule.id)
-    rt, handler = _start(ctx, origin, lsock)
+    rt, handler = _start(ctx, origin, lsock, backups)
     client = socket.create_connection(lsock.getsockname(), timeout=10)
     run_until(loop, lambda h=handler: h.live == 1)
     up, _ = origin.accept()
