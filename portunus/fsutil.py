@@ -1,5 +1,7 @@
 """Durable, atomic file replacement for the few files Portunus writes itself
-(server key and certificate, the edge client's bundle and rule store).
+(server key and certificate, the edge client's bundle and rule store, the control
+process's rule counter totals).  A leaf: server and edge code both use it, and it
+imports neither.
 
 A reader must see the old file or the new one, never a torn one; a secret must
 never exist, even briefly, with a wider mode than asked; and after a power cut
@@ -8,9 +10,11 @@ the rename must not be undone, so the directory is fsynced too.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def replace_file(path: str, data: bytes, mode: int = 0o600) -> None:
@@ -31,6 +35,11 @@ def replace_file(path: str, data: bytes, mode: int = 0o600) -> None:
             pass
         raise
     fsync_dir(directory)
+
+
+def write_private_json(path: str, obj: Any) -> None:
+    """Atomically replace ``path`` with ``obj`` as JSON, mode 0600 from creation."""
+    replace_file(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def fsync_dir(directory: str) -> None:

@@ -64,6 +64,9 @@ class Branch:
     entry: Entry
     count: Callable[[Settings], int] = _one
     serves: tuple[str, ...] = ()  # keys of Launch.listeners this child serves
+    # Whether the child reads its channel for reloaded settings (web, control, link);
+    # the supervisor sends ``settings`` frames only to those (supervisor/routing.py).
+    takes_settings: bool = True
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class Tree:
                         role=branch.role,
                         index=i,
                         sockets=[launch.listeners[key] for key in branch.serves],
+                        takes_settings=branch.takes_settings,
                     )
                 )
         return kids
@@ -130,7 +134,9 @@ def link_main(launch: Launch, index: int, channel: socket.socket) -> None:
 # ------------------------------------------------------------------ the trees
 
 SHARDS = Branch(Role.SHARD, shard_main, count=Settings.shard_count)
-METRICS = Branch(Role.METRICS, metrics_main, serves=("metrics_listen",))
+# The metrics child says ``up`` and never reads its channel again: it has no live
+# setting to apply, so it is not sent any.
+METRICS = Branch(Role.METRICS, metrics_main, serves=("metrics_listen",), takes_settings=False)
 
 SERVE = Tree(
     "serve",

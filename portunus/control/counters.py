@@ -41,7 +41,7 @@ from typing import Any
 from portunus.control.dataplane import LOCAL
 from portunus.control.store import rules as rules_db
 from portunus.control.store import utc_now
-from portunus.edge.bundle import write_private_json
+from portunus.fsutil import write_private_json
 from portunus.logs import log_event
 
 COUNTED = ("bytes_in", "bytes_out", "connections_total")

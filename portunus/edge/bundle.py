@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from portunus.fsutil import replace_file
+from portunus.fsutil import write_private_json
 from portunus.text import is_ascii_digits
 
 BUNDLE_VERSION = 1
@@ -113,8 +113,3 @@ def read_bundle(path: str) -> Bundle:
 def write_bundle(path: str, bundle: Bundle) -> None:
     write_private_json(path, bundle.to_json())
     bundle.path = path
-
-
-def write_private_json(path: str, obj: Any) -> None:
-    """Atomically replace ``path`` with ``obj`` as JSON, mode 0600 from creation."""
-    replace_file(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())

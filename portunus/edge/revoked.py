@@ -13,7 +13,8 @@ import json
 import os
 import time
 
-from portunus.edge.bundle import Bundle, write_private_json
+from portunus.edge.bundle import Bundle
+from portunus.fsutil import write_private_json
 
 MARKER_FILE = "revoked.json"
 

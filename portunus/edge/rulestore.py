@@ -16,8 +16,8 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from portunus.edge.bundle import write_private_json
 from portunus.errors import PortunusError
+from portunus.fsutil import write_private_json
 from portunus.logs import log_event
 from portunus.rules import validate_rate_limit
 from portunus.text import is_ascii_digits

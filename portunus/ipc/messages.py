@@ -85,7 +85,8 @@ class Removed(Message, tag="removed"):
 
 
 class Settings(Message, tag="settings"):
-    """Reloaded settings, to every service child (supervisor/reload.py)."""
+    """Reloaded settings, to every service child that reads them (``takes_settings``
+    in portunus/process_trees.py; supervisor/reload.py)."""
 
     settings: SettingsMap
 

@@ -13,7 +13,9 @@ The rule's open native connections appear in ``rt.conns`` as one
 ``NativeConns`` entry while there are any, so draining, the drain timeout and a
 rule update (``Shard.upsert`` moves ``rt.conns``) treat them like Python ones.
 Stopping the handler (rule updated or removed) only stops accepting: open
-connections carry on and keep reporting here.
+connections carry on and keep reporting here.  Once the last one closed the relay
+forgets the listener, and the handler and a removed rule's runtime are freed by
+reference counting alone (``NativeConns`` points back at its handler weakly).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import weakref
 from typing import TYPE_CHECKING
 
 from portunus.logs import log_throttled
@@ -53,16 +56,29 @@ def eligible(ctx: ShardContext, rt: RuleRuntime) -> bool:
 
 
 class NativeConns:
-    """Stands for a handler's open native connections in ``rt.conns``."""
+    """Stands for a handler's open native connections in ``rt.conns``.
 
-    __slots__ = ("handler", "rt")
+    It refers to its handler weakly: the handler owns it (``handler.conns``), and a
+    strong reference back would make the pair a cycle that keeps the handler and
+    its rule runtime alive, after the rule was removed and its last connection
+    closed, until a full GC pass.  While connections are open the native relay
+    holds the handler (until ``forget_listener``), so the weak reference is alive
+    whenever ``rt.conns`` lists this object."""
+
+    __slots__ = ("_handler", "rt")
 
     def __init__(self, handler: NativeTcpHandler, rt: RuleRuntime) -> None:
-        self.handler = handler
+        self._handler = weakref.ref(handler)
         self.rt = rt  # Shard.upsert re-points this when the rule is updated
 
+    @property
+    def handler(self) -> NativeTcpHandler | None:
+        return self._handler()
+
     def close(self) -> None:
-        self.handler.close_connections()
+        handler = self._handler()
+        if handler is not None:
+            handler.close_connections()
 
 
 class NativeTcpHandler:
@@ -79,6 +95,7 @@ class NativeTcpHandler:
         "conns",
         "live",
         "listening",
+        "__weakref__",  # NativeConns refers back weakly
     )
 
     def __init__(

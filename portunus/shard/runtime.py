@@ -101,10 +101,10 @@ class RuleRuntime:
             m.TARGET_UP.labels(rule.client, rule.id, t.label).set(1)
         if len(rule.targets) > 1:
             try:
-                from portunus.shard.targets import TargetSet
+                from portunus.shard.targets import TargetSet, weak_hook
             except ImportError:
                 return
-            self.target_set = TargetSet(rule.targets, on_change=self._target_changed)
+            self.target_set = TargetSet(rule.targets, on_change=weak_hook(self._target_changed))
 
     def _setup_limits(self) -> None:
         from portunus.shard.ratelimit import acquire_limits

@@ -14,11 +14,26 @@ import asyncio
 import socket
 import time
 import traceback
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
 from portunus.logs import log_event
 from portunus.rules import Target
+
+
+def weak_hook(method: Callable[[Target, bool], None]) -> Callable[[Target, bool], None]:
+    """An ``on_change`` that calls ``method`` while its object lives.  The rule
+    runtime owns its TargetSet: handing it a bound method would make a cycle that
+    keeps a removed rule's runtime alive until a full GC pass."""
+    ref = weakref.WeakMethod(method)
+
+    def hook(target: Target, up: bool) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(target, up)
+
+    return hook
 
 
 class TargetState:

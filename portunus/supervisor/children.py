@@ -61,6 +61,10 @@ class Child:
     # Own listeners (supervisor/own_listeners.py) this child serves; every other
     # child closes its inherited copies.
     sockets: list[socket.socket] = field(default_factory=list)
+    # Reads its channel and wants reloaded settings (a ``settings`` frame per SIGHUP).
+    # A child that never reads (metrics) must not be sent them: unread frames would
+    # fill its socket buffer, then the supervisor's own write buffer, reload by reload.
+    takes_settings: bool = True
 
     @property
     def alive(self) -> bool:

@@ -166,7 +166,8 @@ class RuleRouter:
             self.send(self.source_child, Removed(ids=done))
 
     def push_settings(self, changed: dict[str, Any]) -> None:
-        """Hand reloaded settings to every live child, and to respawns to come."""
+        """Hand reloaded settings to every live child that reads them (``takes_settings``,
+        declared by the process tree), and to respawns to come."""
         if "shutdown_drain_timeout_secs" in changed:
             self.drain_secs = float(changed["shutdown_drain_timeout_secs"])
         for key, value in changed.items():
@@ -175,4 +176,5 @@ class RuleRouter:
         for shard in self.shards:
             self.send(shard, Config(settings=self.shard_settings))
         for child in self.services:
-            self.send(child, Settings(settings=changed))
+            if child.takes_settings:
+                self.send(child, Settings(settings=changed))

@@ -77,6 +77,17 @@ _PATHS: dict[str, dict[str, Any]] = {
             "removeRule", "Remove a rule (it drains, then disappears)", "204", None, ("404",)
         ),
     },
+    "/v1/rules/{id}/retry": {
+        "parameters": [_ID_PARAM],
+        "post": _op(
+            "retryRule",
+            "Bind a failed rule again now (e.g. after its port was freed); answers like a push: "
+            "the rule once bound, `activation_failed` with `rule` while it still cannot be",
+            "200",
+            ref("Rule"),
+            ("400", "404", "409", "422", "504"),
+        ),
+    },
     "/v1/rules/{id}/stats": {
         "parameters": [_ID_PARAM],
         "get": _op(

@@ -1,4 +1,4 @@
-"""/v1/rules: push, list, show, hot-update caps, remove, stats and the stats stream."""
+"""/v1/rules: push, list, show, hot-update caps, retry, remove, stats and the stats stream."""
 
 from __future__ import annotations
 
@@ -70,6 +70,15 @@ async def update_rule(request: Request) -> Response:
 
 
 @endpoint
+async def retry_rule(request: Request) -> Response:
+    """Bind a failed rule again now (``rules.retry``), e.g. right after the operator
+    freed its port, instead of waiting for the data plane's own backoff.  Answers like
+    a push: the rule once bound, ``activation_failed`` (422, with ``rule``) while the
+    port is still taken, ``ack_timeout`` (504) when the client did not answer."""
+    return JSONResponse(await call(request, "rules.retry", {"id": rule_id(request)}))
+
+
+@endpoint
 async def remove_rule(request: Request) -> Response:
     await call(request, "rules.remove", {"id": rule_id(request)})
     return Response(status_code=204)
@@ -109,6 +118,7 @@ async def rule_stats_stream(request: Request) -> Response:
 routes = [
     route("/v1/rules", GET=list_rules, POST=push_rule),
     route("/v1/rules/{id}", GET=get_rule, PUT=update_rule, DELETE=remove_rule),
+    route("/v1/rules/{id}/retry", POST=retry_rule),
     route("/v1/rules/{id}/stats", GET=rule_stats),
     route("/v1/rules/{id}/stats/stream", GET=rule_stats_stream),
 ]

@@ -1,5 +1,6 @@
 """Rule pages: the filtered list, the push form, a rule's detail with live counters,
-its caps form, and removal with confirmation.  Each write is the API's RPC."""
+its caps form, a retry of a failed rule, and removal with confirmation.  Each write
+is the API's RPC."""
 
 from __future__ import annotations
 
@@ -112,6 +113,7 @@ async def _detail(
     *,
     caps_form: dict[str, str] | None = None,
     error: PortunusError | None = None,
+    retry_error: PortunusError | None = None,
     status: int = 200,
 ) -> Response:
     ident_id = rule_id(request)
@@ -134,6 +136,7 @@ async def _detail(
         values=values,
         errors=field_errors(error) if error else {},
         error=error,
+        retry_error=retry_error,
         caps=rule_form.CAP_FIELDS,
         notice=request.query_params.get("notice"),
     )
@@ -161,6 +164,22 @@ async def update_caps(request: Request, ident: Identity) -> Response:
 
 
 @page
+async def retry_rule(request: Request, ident: Identity) -> Response:
+    """The "Retry" button of a failed rule: ``rules.retry`` now rather than at the
+    data plane's next backoff step.  A refusal the operator can act on (the port is
+    still taken, the client is offline or slow) shows on the detail page with its
+    code; a missing or foreign rule is the usual error page."""
+    ident_id = rule_id(request)
+    try:
+        await call(request, "rules.retry", {"id": ident_id})
+    except PortunusError as err:
+        if err.code in ("rule_not_found", "not_owner"):
+            raise
+        return await _detail(request, ident, retry_error=err, status=err.http_status)
+    return redirect(f"/rules/{ident_id}?notice=retried")
+
+
+@page
 async def confirm_remove(request: Request, ident: Identity) -> Response:
     rule = await call(request, "rules.get", {"id": rule_id(request)})
     return render(request, "rule_remove.html", rule=rule)
@@ -179,6 +198,7 @@ routes = [
     Route("/rules/new", push_rule, methods=["POST"]),
     Route("/rules/{id}", show_rule, methods=["GET", "HEAD"]),
     Route("/rules/{id}/caps", update_caps, methods=["POST"]),
+    Route("/rules/{id}/retry", retry_rule, methods=["POST"]),
     Route("/rules/{id}/remove", confirm_remove, methods=["GET", "HEAD"]),
     Route("/rules/{id}/remove", remove_rule, methods=["POST"]),
 ]

@@ -111,8 +111,13 @@ OPS: list[Op] = [
         ("PUT", "/v1/rules/{rule}", {"targets": [{"host": "127.0.0.1", "port": 10}]}),
         OWNED,
     ),
-    # retry-rule has no HTTP route (RPC rules.retry only)
-    Op("retry-rule", ("rule",), ("retry-rule", "{rule}"), None, OWNED),
+    Op(
+        "retry-rule",
+        ("rule",),
+        ("retry-rule", "{rule}"),
+        ("POST", "/v1/rules/{rule}/retry", None),
+        OWNED,
+    ),
     Op(
         "rule-stats",
         ("rule",),

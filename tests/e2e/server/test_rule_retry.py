@@ -68,6 +68,41 @@ def test_retry_rule_verb(server, origin, ports) -> None:  # type: ignore[no-unty
     assert any(e.get("action") == "rule.retry" for e in entries), entries
 
 
+def test_retry_over_http(server, origin, ports) -> None:  # type: ignore[no-untyped-def]
+    """POST /v1/rules/{id}/retry answers like the verb: 422 activation_failed with the
+    still-failed rule while the port is taken, the active rule once it is freed (and
+    bytes flow), 404 rule_not_found for an unknown id."""
+    srv: ServerProc = server(shards=1)
+    org = origin(echo)
+    port = ports.port()
+    squatter = _squat(port)
+    try:
+        pushed = srv.http(
+            "POST",
+            "/v1/rules",
+            {
+                "client": "local",
+                "listen_port": port,
+                "targets": [{"host": LOOPBACK, "port": org.port}],
+            },
+        )
+        assert (pushed.status, pushed.error_code) == (422, "activation_failed"), pushed
+        rid = pushed.json()["error"]["rule"]["id"]
+        still = srv.http("POST", f"/v1/rules/{rid}/retry")
+        assert (still.status, still.error_code) == (422, "activation_failed"), still
+        err = still.json()["error"]
+        assert err["rule"]["id"] == rid and err["rule"]["state"] == "failed", err
+        assert "port_in_use" in err["message"], err
+    finally:
+        squatter.close()
+    ok = srv.http("POST", f"/v1/rules/{rid}/retry")
+    assert ok.status == 200, ok
+    assert (ok.json()["id"], ok.json()["state"]) == (rid, "active"), ok.json()
+    assert echo_roundtrip(port)
+    missing = srv.http("POST", "/v1/rules/999999/retry")
+    assert (missing.status, missing.error_code) == (404, "rule_not_found"), missing
+
+
 def test_standalone_retries_a_failed_rule(standalone, origin, ports) -> None:  # type: ignore[no-untyped-def]
     org = origin(echo)
     port = ports.port()

@@ -319,6 +319,31 @@ async def test_update_takes_only_rate_limit(api: httpx.AsyncClient, fake: FakeCo
     assert len(fake.calls("rules.update")) == 2
 
 
+async def test_retry_answers_like_the_rpc(api: httpx.AsyncClient, fake: FakeControl) -> None:
+    """POST /v1/rules/{id}/retry is rules.retry: the rule once bound, 422
+    activation_failed carrying the still-failed rule, 404 rule_not_found."""
+    fake.replies["rules.retry"] = RULE
+    r = await api.post("/v1/rules/7/retry", headers=AUTH)
+    assert (r.status_code, r.json()) == (200, RULE)
+    [req] = fake.calls("rules.retry")
+    assert (req["params"], req["token"]) == ({"id": 7}, TOKEN)
+    failed = {**RULE, "state": "failed", "failure_reason": "port_in_use"}
+    fake.replies["rules.retry"] = PortunusError("activation_failed", "port_in_use", rule=failed)
+    r = await api.post("/v1/rules/7/retry", headers=AUTH)
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert (err["code"], err["rule"]) == ("activation_failed", failed)
+    fake.replies["rules.retry"] = PortunusError("rule_not_found", "no rule 8")
+    r = await api.post("/v1/rules/8/retry", headers=AUTH)
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "rule_not_found")
+    r = await api.post("/v1/rules/abc/retry", headers=AUTH)
+    assert r.status_code == 404
+    assert len(fake.calls("rules.retry")) == 3
+    r = await api.post("/v1/rules/7/retry")
+    assert r.status_code == 401
+    assert len(fake.calls("rules.retry")) == 3
+
+
 async def test_delete_is_204(api: httpx.AsyncClient, fake: FakeControl) -> None:
     r = await api.delete("/v1/rules/7", headers=AUTH)
     assert r.status_code == 204
