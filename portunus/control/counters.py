@@ -155,7 +155,7 @@ class RuleCounters:
                 log_event("counters.snapshot_failed", level="error", error=repr(exc))
 
     async def snapshot(self) -> None:
-        from portunus.edge.stats import rule_totals
+        from portunus.metrics.per_rule import rule_totals
 
         async with self.store.read() as db:
             stored = await rules_db.list_rules(db)

@@ -40,7 +40,6 @@ from portunus.edge import revoked
 from portunus.edge.bundle import Bundle, write_bundle
 from portunus.edge.pinning import FingerprintMismatch, close_quietly, link_error, open_pinned
 from portunus.edge.rulestore import RuleStore, check_owner_caps
-from portunus.edge.stats import rule_totals
 from portunus.edge.timing import Backoff, LinkTiming, busy_delay
 from portunus.errors import PortunusError
 from portunus.exitcodes import ChildExit
@@ -49,6 +48,7 @@ from portunus.ipc import messages as sup
 from portunus.ipc.channel_end import SupervisorEnd
 from portunus.ipc.edge_wire import MAX_FRAME, WireError, encode_frame, read_message, write_frame
 from portunus.logs import log_event, log_throttled
+from portunus.metrics.per_rule import rule_totals
 from portunus.rules import Rule
 from portunus.schema.wire import check_wire_rule
 

@@ -36,11 +36,5 @@ def test_processes_take_channel_code_from_ipc_only() -> None:
     client, to speak to them."""
     for package, foreign in (("shard", "portunus.supervisor"), ("control", "portunus.edge.")):
         for path in (PORTUNUS / package).rglob("*.py"):
-            # Not channel code: the series names of edge stats, a 0600 JSON writer.
-            bad = {
-                m
-                for m in _imports(path)
-                if m.startswith(foreign)
-                and m not in {"portunus.edge.stats", "portunus.edge.bundle"}
-            }
+            bad = {m for m in _imports(path) if m.startswith(foreign)}
             assert not bad, f"{path.relative_to(PORTUNUS)} imports {bad}"

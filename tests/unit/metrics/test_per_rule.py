@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from portunus.edge.stats import rule_totals
+from portunus.metrics.per_rule import rule_totals
 
 WRITER = """
 from portunus.shard import metrics as m

@@ -1,4 +1,5 @@
-"""Per-rule counters for the ``stats`` frames, read from the client's multiprocess dir.
+"""Per-rule counters read from a node's multiprocess dir: the edge client's ``stats``
+frames and the server's carried totals (control/counters.py) use it.
 
 The shards already write every counter into ``PROMETHEUS_MULTIPROC_DIR`` for
 /metrics; this is the read ``portunus.control.stats.rule_stats`` does for one
