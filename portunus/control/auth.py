@@ -15,15 +15,14 @@ injectable so expiry is testable without waiting eight hours.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from portunus.config import Settings
+from portunus.control.identity import hash_token
 from portunus.control.store import Store, accounts, utc_now, write_audit
 from portunus.control.store import users as users_db
 from portunus.errors import PortunusError
@@ -33,21 +32,6 @@ SESSION_IDLE_SECS = 8 * 3600.0
 SESSION_MAX_SECS = 7 * 24 * 3600.0
 # last_used_at is telemetry: write it at most once a minute per token, not per request.
 TOUCH_INTERVAL_SECS = 60.0
-_USER_NAME = re.compile(r"[A-Za-z0-9_.@\-]{1,64}")
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def validate_user_name(name: str) -> str:
-    if not isinstance(name, str) or not _USER_NAME.fullmatch(name.strip()):
-        raise PortunusError(
-            "validation.name",
-            "user name must be 1-64 letters, digits or _ . @ -",
-            field="name",
-        )
-    return name.strip()
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 from portunus.config import Settings
-from portunus.control.auth import SESSION_IDLE_SECS, SESSION_MAX_SECS, Principal, hash_token
+from portunus.control.auth import SESSION_IDLE_SECS, SESSION_MAX_SECS, Principal
+from portunus.control.identity import hash_token
 from portunus.control.passwords import (
     PASSWORD_MAX_BYTES,
     hash_password,

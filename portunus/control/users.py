@@ -16,8 +16,9 @@ from msgspec import UnsetType
 
 from portunus.config import Settings
 from portunus.control import account_lists
-from portunus.control.auth import Principal, hash_token
+from portunus.control.auth import Principal
 from portunus.control.grants import grant_protocols, ordered_range, parse_note
+from portunus.control.identity import hash_token
 from portunus.control.owner_caps import OwnerCapService
 from portunus.control.passwords import (
     hash_password,

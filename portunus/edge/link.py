@@ -50,7 +50,8 @@ from portunus.ipc.edge_wire import MAX_FRAME, WireError, encode_frame, read_mess
 from portunus.logs import log_event, log_throttled
 from portunus.metrics.per_rule import rule_totals
 from portunus.rules import Rule
-from portunus.schema.wire import check_wire_rule
+from portunus.schema.check import validate
+from portunus.schema.wire import WireRule
 
 # The supervisor halts (no respawn) when the link exits REVOKED and the client exits
 # ServiceExit.REVOKED (4); the client CLI then finds the revoked marker and explains.
@@ -511,7 +512,7 @@ def _check_rules(raw: Any) -> tuple[list[dict[str, Any]], dict[str, dict[str, An
         try:
             if not isinstance(w, dict):
                 raise TypeError("not an object")
-            check_wire_rule(w)  # types and bounds of every field, unknown keys allowed
+            validate(w, WireRule)  # types and bounds of every field, unknown keys allowed
             good.append(Rule.from_wire(w).to_wire())
         except PortunusError as exc:
             rejected[rid] = {"state": "failed", "reason": f"malformed rule: {exc.message}"}

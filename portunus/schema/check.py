@@ -305,16 +305,19 @@ def _shapes(value: Any, s: dict[str, Any], path: str, code: str, out: list[Probl
     if not _has_shapes(s):
         return
     code = s.get("x-error-code", code)
-    for sub in s.get("allOf", ()):
-        _shapes(value, sub, path, code, out)
-    _check_combinators(value, s, path, code, out)
+    # The order of ``_check``'s report: the values (in the document's key order),
+    # then allOf, then this level's combinators; the first problem is the answer.
     if isinstance(value, dict):
-        for key, sub in s.get("properties", {}).items():
-            if key in value:
-                _shapes(value[key], sub, _join(path, key), code, out)
+        props = s.get("properties", {})
+        for key, item in value.items():
+            if key in props:
+                _shapes(item, props[key], _join(path, key), code, out)
     elif isinstance(value, list) and "items" in s:
         for i, item in enumerate(value):
             _shapes(item, s["items"], _join(path, i), code, out)
+    for sub in s.get("allOf", ()):
+        _shapes(value, sub, path, code, out)
+    _check_combinators(value, s, path, code, out)
 
 
 _SHAPED: dict[int, bool] = {}  # id of a (cached, never freed) component node → has combinators

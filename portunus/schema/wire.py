@@ -49,10 +49,3 @@ class WireRule(Struct):
     ) = None
 
     SCHEMA_EXTRA: ClassVar[dict[str, Any]] = {"x-error-code": "validation.rule"}
-
-
-def check_wire_rule(d: Any) -> WireRule:
-    """``d`` as a ``WireRule``, or the ``ValidationError`` of its first problem."""
-    from portunus.schema.check import validate  # check imports the generated components
-
-    return validate(d, WireRule)

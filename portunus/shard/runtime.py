@@ -19,7 +19,7 @@ from portunus.shard import metrics as m
 from portunus.shard.native import load as native_load
 from portunus.shard.pumps import SPLICE_AFTER, PipePool
 from portunus.shard.sni import CLIENT_HELLO_TIMEOUT_SECS
-from portunus.shard.tcp import is_ip
+from portunus.shard.targets import is_ip
 
 RESET_SWEEP_SECS = 1.0
 

@@ -11,6 +11,7 @@ When every target is down they are all tried anyway, in priority order: a guess 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import time
 import traceback
@@ -193,3 +194,12 @@ async def tcp_probe(host_addrs: list[str], port: int, timeout: float) -> bool:
         finally:
             sock.close()
     return False
+
+
+def is_ip(host: str) -> bool:
+    """A literal address (no resolution needed), not a DNS name."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False

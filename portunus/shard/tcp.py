@@ -11,7 +11,6 @@ ClientHello bytes) is written to the target before the pumps start.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import socket
 from typing import TYPE_CHECKING, Any
@@ -26,14 +25,6 @@ if TYPE_CHECKING:
 
 ACCEPT_BATCH = 128
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
 
 
 class TcpConnection:

@@ -16,7 +16,7 @@ from portunus.errors import ValidationError
 from portunus.schema import generate
 from portunus.schema.check import _from_msgspec, check, problems, validate
 from portunus.schema.rule import RateLimit, RuleBody, RuleUpdate, TargetBody
-from portunus.schema.wire import WireRule, check_wire_rule
+from portunus.schema.wire import WireRule
 from portunus.web.openapi import build_openapi
 
 RULE = {"listen_port": 80, "targets": [{"host": "h", "port": 1}]}
@@ -105,7 +105,7 @@ WIRE = {
 
 
 def test_wire_rule_allows_new_keys_and_checks_numbers() -> None:
-    assert isinstance(check_wire_rule({**WIRE, "from_the_future": 1}), WireRule)
+    assert isinstance(validate({**WIRE, "from_the_future": 1}, WireRule), WireRule)
     for bad, code in [
         ({**WIRE, "listen_end": 70000}, "validation.port"),
         ({**WIRE, "health_check_interval_secs": float("inf")}, "validation.health_check_interval_secs"),
@@ -115,7 +115,7 @@ def test_wire_rule_allows_new_keys_and_checks_numbers() -> None:
         ({**WIRE, "targets": ["h:1"]}, "validation.targets"),
     ]:  # fmt: skip
         with pytest.raises(ValidationError) as info:
-            check_wire_rule(bad)
+            validate(bad, WireRule)
         assert info.value.code == code, bad
 
 

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 import aiosqlite
 
 from portunus.bounds import MAX_NAME_LEN
-from portunus.control.auth import hash_token
+from portunus.control.identity import hash_token
 from portunus.control.store.accounts import LOCAL_CLIENT_ID, ClientRow, new_ulid
 from portunus.control.store.migrations import format_ts, utc_now
 from portunus.errors import PortunusError, ValidationError

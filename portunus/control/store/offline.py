@@ -28,6 +28,7 @@ import struct
 from datetime import UTC, datetime
 from typing import Any
 
+from portunus.control.identity import hash_token, validate_user_name
 from portunus.control.store.migrations import (
     LATEST,
     SchemaTooNew,
@@ -68,7 +69,6 @@ def bootstrap_superadmin(db_path: str, name: str) -> str:
     Only the SHA-256 of the token is stored; the plaintext exists once, in the
     return value.  Refuses with ``conflict`` when the name is taken.
     """
-    from portunus.control.auth import hash_token, validate_user_name
 
     name = validate_user_name(name)
     os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)

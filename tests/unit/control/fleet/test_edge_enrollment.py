@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from portunus.control.auth import hash_token
+from portunus.control.identity import hash_token
 
 from ..conftest import audit_trail, expect_error
 from .fake_edge import uri_parts
