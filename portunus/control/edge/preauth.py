@@ -7,8 +7,10 @@ authenticates it (``hello`` with a valid client token) or redeems a code
 
 - its first frame is at most ``PREAUTH_MAX_FRAME`` bytes; a longer length prefix
   closes the connection before any of the body is read;
-- at most ``max_connections`` connections are anonymous at once, and at most
-  ``max_per_source`` from one source address; one over either is closed right
+- at most ``max_connections`` connections are anonymous at once: while that many
+  are, the gateway stops accepting (``wait_for_room``), so the next ones wait in
+  the kernel's listen backlog, in arrival order, instead of being reset;
+- at most ``max_per_source`` from one source address; one more is closed right
   after ``accept`` (no TLS handshake, nothing read);
 - the TLS handshake and the first frame share one deadline
   (``edge_handshake_timeout_secs``);
@@ -34,6 +36,7 @@ recomputes them and fails if a legitimate frame would not fit):
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -90,6 +93,30 @@ class PreauthLimits:
         self.on_refused = on_refused or (lambda reason: None)
         self.open = 0
         self.per_source: dict[str, int] = {}
+        self._room: list[asyncio.Future[None]] = []  # accept loops waiting for a free slot
+        # Called with the source whose slot was just released (listener.Parking
+        # hands that slot to a connection waiting for it).
+        self.on_release: Callable[[str], None] | None = None
+
+    @property
+    def full(self) -> bool:
+        return self.open >= self.max_connections
+
+    async def wait_for_room(self) -> None:
+        """Return once a connection could be admitted under the global limit.
+
+        The accept loops call this before ``accept``: a connection over the global
+        limit stays in the kernel's backlog until a handshake ends, where before it
+        was reset and its client waited out a backoff step (a reconnect storm then
+        took minutes instead of the time the handshakes take)."""
+        while self.full:
+            waiter = asyncio.get_running_loop().create_future()
+            self._room.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._room:
+                    self._room.remove(waiter)
 
     def admit(self, source: str) -> PreauthSlot | str:
         """A slot for a fresh connection from ``source``, or the refusal reason."""
@@ -109,6 +136,13 @@ class PreauthLimits:
             self.per_source[source] = left
         else:
             self.per_source.pop(source, None)
+        if self.on_release is not None:
+            self.on_release(source)
+        if self._room and not self.full:
+            waiters, self._room = self._room, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def count(self, reason: str) -> None:
         """Count one refusal that the caller logs itself."""
