@@ -64,6 +64,14 @@ def _rule_key(key: object) -> int | None:
     return value if RULE_ID.contains(value) else None
 
 
+def _unchanged(stored: StoredRule, res: RuleResult) -> bool:
+    """A draining rule is never revived by a late answer about it; an unchanged
+    state (a re-sync, a caps update) writes nothing."""
+    return stored.state in ("draining", "revoked") or (
+        stored.state == res.state and stored.failure_reason == res.reason
+    )
+
+
 def _ack_timeout(params: dict[str, Any], default: float) -> float:
     return float(ACK_TIMEOUT.check(params.get("ack_timeout", default), "ack_timeout"))
 
@@ -180,21 +188,58 @@ class RuleService:
             log_event("rule.removed", rule=s.rule_id, client=s.rule.client, at_start=True)
 
     async def _apply_results(self, client_id: str, results: dict[str, RuleResult]) -> None:
+        answers: dict[int, RuleResult] = {}
+        for key, res in results.items():
+            rule_id = _rule_key(key)
+            if rule_id is not None:
+                answers[rule_id] = res
+        # Read first, in one query: after a restart every node re-confirms what is
+        # already recorded, and those answers need no write transaction at all.
+        async with self.store.read() as db:
+            current = await rules_db.get_rules(db, list(answers))
+        settled: list[StoredRule] = []
+        to_write: list[int] = []
+        for stored in current:
+            if stored.client_id != client_id:
+                continue
+            if _unchanged(stored, answers[stored.rule_id]):
+                settled.append(stored)
+            else:
+                to_write.append(stored.rule_id)
+        changed: list[tuple[StoredRule, str]] = []
+        if to_write:
+            changed, more = await self._write_results(client_id, to_write, answers)
+            settled.extend(more)
+        for new, old_state in changed:
+            self.on_state(new.rule, new.state)
+            if new.state == "active":
+                log_event(
+                    "rule.activated", rule=new.rule_id, client=new.rule.client, previous=old_state
+                )
+            else:
+                log_event(
+                    "rule.failed",
+                    level="warning",
+                    rule=new.rule_id,
+                    client=new.rule.client,
+                    reason=new.failure_reason,
+                )
+        for s in settled:
+            self._settle(s)
+
+    async def _write_results(
+        self, client_id: str, rule_ids: list[int], answers: dict[int, RuleResult]
+    ) -> tuple[list[tuple[StoredRule, str]], list[StoredRule]]:
+        """Record the answers that change a rule's state (read again inside the
+        transaction: a remove may have landed since the first read)."""
         changed: list[tuple[StoredRule, str]] = []
         settled: list[StoredRule] = []
         async with self.store.write() as db:
-            for key, res in results.items():
-                rule_id = _rule_key(key)
-                if rule_id is None:
+            for stored in await rules_db.get_rules(db, rule_ids):
+                res = answers[stored.rule_id]
+                if stored.client_id != client_id:
                     continue
-                stored = await rules_db.get_rule(db, rule_id)
-                if stored is None or stored.client_id != client_id:
-                    continue
-                # A draining rule is never revived by a late answer about it; an
-                # unchanged state (a re-sync, a caps update) writes nothing.
-                if stored.state in ("draining", "revoked") or (
-                    stored.state == res.state and stored.failure_reason == res.reason
-                ):
+                if _unchanged(stored, res):
                     settled.append(stored)
                     continue
                 reason = res.reason if res.state == "failed" else None
@@ -218,22 +263,7 @@ class RuleService:
                 )
                 changed.append((new, stored.state))
                 settled.append(new)
-        for new, old_state in changed:
-            self.on_state(new.rule, new.state)
-            if new.state == "active":
-                log_event(
-                    "rule.activated", rule=new.rule_id, client=new.rule.client, previous=old_state
-                )
-            else:
-                log_event(
-                    "rule.failed",
-                    level="warning",
-                    rule=new.rule_id,
-                    client=new.rule.client,
-                    reason=new.failure_reason,
-                )
-        for s in settled:
-            self._settle(s)
+        return changed, settled
 
     async def _apply_removed(self, client_id: str, ids: list[str]) -> None:
         deleted: list[StoredRule] = []
