@@ -17,8 +17,9 @@ A connection over its source's quota (a fleet behind one NAT address, or one
 flooding peer) waits in ``Parking``: accepted, nothing read, no TLS, until a
 slot of that source is released, in arrival order.  It is reset when the
 parking lot is full (``PARK_MAX``) or it waited longer than ``max_wait``
-(the gateway gives it half the handshake deadline).  A refused socket is closed with ``SO_LINGER`` 0: a reset, no
-TIME_WAIT, no object beyond the accepted socket itself.
+(the gateway gives it half the handshake deadline).  A refused socket is
+closed with ``SO_LINGER`` 0: a reset, no TIME_WAIT, no object beyond the
+accepted socket itself.
 """
 
 from __future__ import annotations
