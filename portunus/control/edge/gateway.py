@@ -104,9 +104,9 @@ class EdgeGateway:
         self.shedder = shedder or Shedder(None)
         self.handshake_timeout = handshake_timeout
         self.preauth = preauth or PreauthLimits()
-        # A parked connection waits at most half the handshake deadline: the client's
-        # connect timeout (TCP + TLS) is that same deadline, so it is reset, and
-        # retries on its backoff, before it would give up mid-handshake.
+        # A parked connection waits at most half the handshake deadline: it is reset,
+        # and its client retries on its backoff, well before that client's own connect
+        # timeout (portunus.edge.timing) would make it give up mid-handshake.
         self.parking = Parking(self.preauth, self._admitted, handshake_timeout / 2)
         self.audit_budget = AuditBudget()
         self.sock = sock  # bound by the supervisor (own_listeners.py); None: bind host:port here
