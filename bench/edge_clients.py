@@ -383,16 +383,22 @@ def bench_restart(res: Results, srv: ServerProc, fleet: Fleet, args: argparse.Na
 
     def push_all(ident: Identity) -> None:
         for k in range(each):
-            rpc(
-                srv,
-                "rules.push",
-                {
-                    "client": ident.client_id,
-                    "listen_port": 10001 + k,
-                    "targets": [{"host": LOOPBACK, "port": 9}],
-                },
-                30.0,
-            )
+            try:
+                rpc(
+                    srv,
+                    "rules.push",
+                    {
+                        "client": ident.client_id,
+                        "listen_port": 10001 + k,
+                        "targets": [{"host": LOOPBACK, "port": 9}],
+                    },
+                    30.0,
+                )
+            except PortunusError as exc:
+                # On a loaded machine a fake may answer after the server's 2 s: the
+                # rule is stored and turns active when it does (checked below).
+                if exc.code != "ack_timeout":
+                    raise
 
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(push_all, idents))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from portunus.bounds import ACK_TIMEOUT, RULE_ID
@@ -64,6 +64,18 @@ def _rule_key(key: object) -> int | None:
         return None
     value = int(text)
     return value if RULE_ID.contains(value) else None
+
+
+# Node events handled together (see RuleService._handle_batch).
+EVENT_BATCH = 500
+
+
+def _unchanged(stored: StoredRule, res: RuleResult) -> bool:
+    """A draining rule is never revived by a late answer about it; an unchanged
+    state (a re-sync, a caps update) writes nothing."""
+    return stored.state in ("draining", "revoked") or (
+        stored.state == res.state and stored.failure_reason == res.reason
+    )
 
 
 def _ack_timeout(params: dict[str, Any], default: float) -> float:
@@ -124,24 +136,55 @@ class RuleService:
 
     async def _run_events(self) -> None:
         while True:
-            kind, client_id, payload = await self._events.get()
+            batch = [await self._events.get()]
+            while len(batch) < EVENT_BATCH and not self._events.empty():
+                batch.append(self._events.get_nowait())
             try:
-                if kind == "applied":
-                    await self._apply_results(client_id, payload)
-                elif kind == "removed":
-                    await self._apply_removed(client_id, payload)
-                else:
-                    await self.sync_client(client_id)
-            except Exception:  # noqa: BLE001 - one bad answer must not stop the worker
-                log_event(
-                    "control.event_failed",
-                    level="error",
-                    kind=kind,
-                    client_id=client_id,
-                    traceback=traceback.format_exc(),
-                )
+                await self._handle_batch(batch)
             finally:
-                self._events.task_done()
+                for _ in batch:
+                    self._events.task_done()
+
+    async def _handle_batch(self, batch: list[tuple[str, str, Any]]) -> None:
+        """What queued up while the last batch ran, a few queries for all of it.
+
+        After a restart the whole fleet's connects and answers queue here; one
+        query per client (several awaits each on the store's thread) made the queue
+        drain at the pace of the event loop's turns.  Syncs go first, then answers,
+        then removals: a client's sync does not depend on its answers (states), and
+        an answer never touches a draining rule, so the order between kinds does not
+        change the outcome; within a kind, arrival order is kept."""
+        connected = [c for kind, c, _ in batch if kind == "connected"]
+        applied = [(c, p) for kind, c, p in batch if kind == "applied"]
+        if connected:
+            try:
+                await self._sync_clients(connected)
+            except Exception:  # noqa: BLE001 - then one by one: one bad client must not hold the rest
+                for client_id in connected:
+                    await self._one_event("connected", client_id, self.sync_client(client_id))
+        if applied:
+            try:
+                await self._apply_results_batch(applied)
+            except Exception:  # noqa: BLE001 - then one by one (an answer applied twice is a no-op)
+                for client_id, results in applied:
+                    await self._one_event(
+                        "applied", client_id, self._apply_results(client_id, results)
+                    )
+        for kind, client_id, payload in batch:
+            if kind == "removed":
+                await self._one_event(kind, client_id, self._apply_removed(client_id, payload))
+
+    async def _one_event(self, kind: str, client_id: str, work: Awaitable[None]) -> None:
+        try:
+            await work
+        except Exception:  # noqa: BLE001 - one bad answer must not stop the worker
+            log_event(
+                "control.event_failed",
+                level="error",
+                kind=kind,
+                client_id=client_id,
+                traceback=traceback.format_exc(),
+            )
 
     # --------------------------------------------------------------- sync
 
@@ -151,6 +194,26 @@ class RuleService:
         async with self.store.read() as db:
             stored = await rules_db.list_rules(db, client_id=client_id)
             caps = await owner_caps_db.caps_by_owner(db, client_id)
+        await self._send_sync(client_id, stored, caps)
+
+    async def _sync_clients(self, client_ids: list[str]) -> None:
+        """``sync_client`` for many: the remote clients' rules and caps are read in
+        one go, and each sync is sent right after (a remote send does not yield, so
+        no push can commit between the read and the sync that must include it)."""
+        remote = [c for c in dict.fromkeys(client_ids) if c != LOCAL]
+        if LOCAL in client_ids:
+            await self.sync_client(LOCAL)
+        if not remote:
+            return
+        async with self.store.read() as db:
+            stored = await rules_db.rules_of_clients(db, remote)
+            caps = await owner_caps_db.caps_of_clients(db, remote)
+        for client_id in remote:
+            await self._send_sync(client_id, stored[client_id], caps[client_id])
+
+    async def _send_sync(
+        self, client_id: str, stored: list[StoredRule], caps: dict[str, dict[str, int]]
+    ) -> None:
         keep = [s for s in stored if s.state != "draining"]
         gone = [str(s.rule_id) for s in stored if s.state == "draining"]
         for s in stored:
@@ -182,21 +245,77 @@ class RuleService:
             log_event("rule.removed", rule=s.rule_id, client=s.rule.client, at_start=True)
 
     async def _apply_results(self, client_id: str, results: dict[str, RuleResult]) -> None:
+        await self._apply_results_batch([(client_id, results)])
+
+    async def _apply_results_batch(
+        self, answers_of: list[tuple[str, dict[str, RuleResult]]]
+    ) -> None:
+        """Nodes' answers, in arrival order.  Read first, in one query for all of
+        them: after a restart every node re-confirms what is already recorded, and
+        those answers need no write transaction at all."""
+        parsed: list[tuple[str, dict[int, RuleResult]]] = []
+        for client_id, results in answers_of:
+            answers: dict[int, RuleResult] = {}
+            for key, res in results.items():
+                rule_id = _rule_key(key)
+                if rule_id is not None:
+                    answers[rule_id] = res
+            parsed.append((client_id, answers))
+        wanted = list(dict.fromkeys(r for _, answers in parsed for r in answers))
+        async with self.store.read() as db:
+            current = {s.rule_id: s for s in await rules_db.get_rules(db, wanted)}
+        written: set[int] = set()  # changed by an earlier answer: read again when writing
+        for client_id, answers in parsed:
+            settled: list[StoredRule] = []
+            to_write: list[int] = []
+            for rule_id, res in answers.items():
+                stored = current.get(rule_id)
+                if stored is None or stored.client_id != client_id:
+                    continue
+                if rule_id not in written and _unchanged(stored, res):
+                    settled.append(stored)
+                else:
+                    to_write.append(rule_id)
+            changed: list[tuple[StoredRule, str]] = []
+            if to_write:
+                changed, more = await self._write_results(client_id, to_write, answers)
+                settled.extend(more)
+                written.update(new.rule_id for new, _ in changed)
+            self._after_results(changed, settled)
+
+    def _after_results(
+        self, changed: list[tuple[StoredRule, str]], settled: list[StoredRule]
+    ) -> None:
+        for new, old_state in changed:
+            self.on_state(new.rule, new.state)
+            if new.state == "active":
+                log_event(
+                    "rule.activated", rule=new.rule_id, client=new.rule.client, previous=old_state
+                )
+            else:
+                log_event(
+                    "rule.failed",
+                    level="warning",
+                    rule=new.rule_id,
+                    client=new.rule.client,
+                    reason=new.failure_reason,
+                )
+        for s in settled:
+            self._settle(s)
+
+    async def _write_results(
+        self, client_id: str, rule_ids: list[int], answers: dict[int, RuleResult]
+    ) -> tuple[list[tuple[StoredRule, str]], list[StoredRule]]:
+        """Record the answers that change a rule's state (read again inside the
+        transaction: a remove may have landed since the first read)."""
         changed: list[tuple[StoredRule, str]] = []
         settled: list[StoredRule] = []
         async with self.store.write() as db:
-            for key, res in results.items():
-                rule_id = _rule_key(key)
-                if rule_id is None:
+            for stored in await rules_db.get_rules(db, rule_ids):
+                res = answers[stored.rule_id]
+                if stored.client_id != client_id:
                     continue
-                stored = await rules_db.get_rule(db, rule_id)
-                if stored is None or stored.client_id != client_id:
-                    continue
-                # A draining rule is never revived by a late answer about it; an
-                # unchanged state (a re-sync, a caps update) writes nothing.
-                if stored.state in ("draining", "revoked") or (
-                    stored.state == res.state and stored.failure_reason == res.reason
-                ):
+                if _unchanged(stored, res):
                     settled.append(stored)
                     continue
                 reason = res.reason if res.state == "failed" else None
@@ -220,22 +339,7 @@ class RuleService:
                 )
                 changed.append((new, stored.state))
                 settled.append(new)
-        for new, old_state in changed:
-            self.on_state(new.rule, new.state)
-            if new.state == "active":
-                log_event(
-                    "rule.activated", rule=new.rule_id, client=new.rule.client, previous=old_state
-                )
-            else:
-                log_event(
-                    "rule.failed",
-                    level="warning",
-                    rule=new.rule_id,
-                    client=new.rule.client,
-                    reason=new.failure_reason,
-                )
-        for s in settled:
-            self._settle(s)
+        return changed, settled
 
     async def _apply_removed(self, client_id: str, ids: list[str]) -> None:
         deleted: list[StoredRule] = []

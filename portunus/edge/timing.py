@@ -16,7 +16,12 @@ class LinkTiming:
     stats_secs: float = 5.0
     backoff_first: float = 0.5
     backoff_max: float = 30.0
-    connect_timeout: float = 10.0  # TCP + TLS handshake
+    # TCP + TLS handshake.  After a server restart the whole fleet reconnects at once:
+    # the server's kernel completes TCP at once and the connection waits in its
+    # listen backlog until the gateway has room for another handshake.  A client that
+    # gave up after 10 s there slept a backoff step (up to 30 s) and made the storm's
+    # tail (measured at 10,000 clients: p99 77 s with 10 s, 52 s with 30 s).
+    connect_timeout: float = 30.0
     handshake_timeout: float = 10.0  # hello -> welcome
 
 

@@ -41,6 +41,11 @@ class ServerCert:
         authenticate with their token inside the link)."""
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        # No TLS 1.3 session tickets: edge clients never resume (each link is one long
+        # connection, and a restarted server has new ticket keys anyway), so the two
+        # tickets OpenSSL sends by default are work for both sides on every handshake
+        # of a reconnect storm, for nothing.
+        ctx.num_tickets = 0
         ctx.load_cert_chain(self.cert_path, self.key_path)
         return ctx
 

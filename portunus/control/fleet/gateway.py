@@ -22,7 +22,7 @@ from typing import Any
 
 from portunus.control.fleet.enrollment import EnrollmentInvalid, client_for_token, redeem
 from portunus.control.fleet.heap import release_free_heap
-from portunus.control.fleet.listener import accept_loop, bind, refuse
+from portunus.control.fleet.listener import BACKLOG, Parking, accept_loop, bind, refuse
 from portunus.control.fleet.preauth import (
     DEFAULT_HANDSHAKE_TIMEOUT_SECS,
     PREAUTH_MAX_FRAME,
@@ -105,6 +105,10 @@ class EdgeGateway:
         self.shedder = shedder or Shedder(None)
         self.handshake_timeout = handshake_timeout
         self.preauth = preauth or PreauthLimits()
+        # A parked connection waits at most half the handshake deadline: it is reset,
+        # and its client retries on its backoff, well before that client's own connect
+        # timeout (portunus.edge.timing) would make it give up mid-handshake.
+        self.parking = Parking(self.preauth, self._admitted, handshake_timeout / 2)
         self.audit_budget = AuditBudget()
         self.sock = sock  # bound by the supervisor (own_listeners.py); None: bind host:port here
         self._sockets: list[socket.socket] = []
@@ -125,11 +129,15 @@ class EdgeGateway:
         loop = asyncio.get_running_loop()
         if self.sock is not None:
             self.sock.setblocking(False)  # accept_loop uses loop.sock_accept
+            # The supervisor listened with its default backlog; a reconnect storm
+            # waits in this one (listener.BACKLOG), so raise it.
+            self.sock.listen(BACKLOG)
             self._sockets = [self.sock]
         else:
             self._sockets = await loop.run_in_executor(None, bind, self.host, self.port)
         self._tasks = [
-            loop.create_task(accept_loop(s, self.preauth, self._admitted)) for s in self._sockets
+            loop.create_task(accept_loop(s, self.preauth, self._admitted, self.parking))
+            for s in self._sockets
         ]
         self._tasks.append(loop.create_task(self._flush_logs()))
         self._tasks.append(loop.create_task(self._sweep()))
@@ -150,6 +158,7 @@ class EdgeGateway:
             now = loop.time()
             for session in list(self.link.sessions.values()):
                 session.sweep(now)
+            self.parking.expire()
             if self._handshakes >= TRIM_AFTER_HANDSHAKES and now - trimmed_at >= TRIM_EVERY_SECS:
                 self._handshakes, trimmed_at = 0, now
                 release_free_heap()
@@ -169,6 +178,7 @@ class EdgeGateway:
         for sock in self._sockets:
             sock.close()
         self._sockets = []
+        self.parking.close()
         self.link.close_all("server shutting down")
         if self._conns:
             _, pending = await asyncio.wait(set(self._conns), timeout=2.0)

@@ -8,8 +8,17 @@ loses the ClientHello under uvloop, which starts reading the moment the
 transport exists.  An accepted socket handed to ``loop.connect_accepted_socket``
 has read nothing yet, so its TLS layer sees every byte.
 
-A refused socket is closed with ``SO_LINGER`` 0: a reset, no TIME_WAIT, no
-object beyond the accepted socket itself.
+At the global anonymous limit a new connection takes the slot of the one that has
+waited longest for its handshake (``preauth``); the listen backlog (``BACKLOG``) is
+large so a reconnect storm's SYNs wait in the kernel while the loop is busy.
+
+A connection over its source's quota (a fleet behind one NAT address, or one
+flooding peer) waits in ``Parking``: accepted, nothing read, no TLS, until a
+slot of that source is released, in arrival order.  It is reset when the
+parking lot is full (``PARK_MAX``) or it waited longer than ``max_wait``
+(the gateway gives it half the handshake deadline).  A refused socket is
+closed with ``SO_LINGER`` 0: a reset, no TIME_WAIT, no object beyond the
+accepted socket itself.
 """
 
 from __future__ import annotations
@@ -18,19 +27,26 @@ import asyncio
 import errno
 import socket
 import struct
+import time
+from collections import deque
 from collections.abc import Callable
 
 from portunus.control.fleet.preauth import PreauthLimits, PreauthSlot
 from portunus.logs import log_throttled
 
-# Connections the kernel queues while the loop is busy; a flood refused after
-# accept must not also crowd out a real client's SYN.
-BACKLOG = 1024
+# Connections the kernel queues while the loop is busy or the anonymous limit is
+# full (the kernel caps it at net.core.somaxconn, 4096 by default since Linux 5.4).
+# A fleet reconnecting at once waits here; a SYN beyond it is dropped and retried
+# by the client's kernel.
+BACKLOG = 16384
 _LINGER_RESET = struct.pack("ii", 1, 0)
 # Out of fds or kernel memory: wait this long before accepting again, or the
 # accept loop would spin on the same error.
 _ACCEPT_BACKOFF_SECS = 0.1
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# Connections waiting for their source's quota, all sources together: each holds an
+# fd and a few hundred bytes, none of them TLS state.
+PARK_MAX = 1024
 
 OnAdmitted = Callable[[socket.socket, str | None, PreauthSlot], None]
 
@@ -77,8 +93,86 @@ def refuse(conn: socket.socket) -> None:
     conn.close()
 
 
-async def accept_loop(sock: socket.socket, limits: PreauthLimits, on_admitted: OnAdmitted) -> None:
-    """Accept until cancelled; refuse over the limits, else hand the socket on."""
+class Parking:
+    """Accepted connections waiting for a slot of their source (FIFO per source)."""
+
+    def __init__(
+        self,
+        limits: PreauthLimits,
+        on_admitted: OnAdmitted,
+        max_wait: float,
+        max_parked: int = PARK_MAX,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limits = limits
+        self.on_admitted = on_admitted
+        self.max_wait = max_wait
+        self.max_parked = max_parked
+        self.clock = clock
+        self.count = 0
+        self._queues: dict[str, deque[tuple[socket.socket, str | None, float]]] = {}
+        limits.on_release = self._released
+
+    def park(self, source: str, conn: socket.socket, peer: str | None) -> bool:
+        """Keep ``conn`` until ``source`` has a free slot; False when the lot is full."""
+        if self.count >= self.max_parked:
+            return False
+        self._queues.setdefault(source, deque()).append((conn, peer, self.clock()))
+        self.count += 1
+        return True
+
+    def _released(self, source: str) -> None:
+        queue = self._queues.get(source)
+        while queue:
+            conn, peer, parked_at = queue.popleft()
+            self.count -= 1
+            if self.clock() - parked_at > self.max_wait:
+                self._expire(conn, peer)
+                continue
+            slot = self.limits.admit(source)
+            if isinstance(slot, str):  # the global limit is full: wait for the next release
+                queue.appendleft((conn, peer, parked_at))
+                self.count += 1
+                return
+            self.on_admitted(conn, peer, slot)
+            break
+        if queue is not None and not queue:
+            del self._queues[source]
+
+    def expire(self) -> None:
+        """Reset every connection parked longer than ``max_wait`` (its client has
+        given up its connect by then); called about once a second."""
+        now = self.clock()
+        for source in list(self._queues):
+            queue = self._queues[source]
+            while queue and now - queue[0][2] > self.max_wait:
+                conn, peer, _ = queue.popleft()
+                self.count -= 1
+                self._expire(conn, peer)
+            if not queue:
+                del self._queues[source]
+
+    def _expire(self, conn: socket.socket, peer: str | None) -> None:
+        refuse(conn)
+        self.limits.refused("max_per_source", peer, parked_secs=self.max_wait)
+
+    def close(self) -> None:
+        for queue in self._queues.values():
+            for conn, _, _ in queue:
+                refuse(conn)
+        self._queues.clear()
+        self.count = 0
+
+
+async def accept_loop(
+    sock: socket.socket,
+    limits: PreauthLimits,
+    on_admitted: OnAdmitted,
+    parking: Parking | None = None,
+) -> None:
+    """Accept until cancelled; over a source's quota park the socket (reset when the
+    lot is full), over the global limit with nothing to reclaim reset it, else hand
+    it on."""
     loop = asyncio.get_running_loop()
     while True:
         try:
@@ -89,8 +183,15 @@ async def accept_loop(sock: socket.socket, limits: PreauthLimits, on_admitted: O
                 await asyncio.sleep(_ACCEPT_BACKOFF_SECS)
             continue
         peer = format_peer(addr)
-        slot = limits.admit(str(addr[0]) if isinstance(addr, tuple) and addr else "?")
+        source = str(addr[0]) if isinstance(addr, tuple) and addr else "?"
+        slot = limits.admit(source)
         if isinstance(slot, str):
+            if (
+                slot == "max_per_source"
+                and parking is not None
+                and parking.park(source, conn, peer)
+            ):
+                continue
             refuse(conn)
             limits.refused(slot, peer)
             continue

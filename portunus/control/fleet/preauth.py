@@ -8,8 +8,9 @@ authenticates it (``hello`` with a valid client token) or redeems a code
 - its first frame is at most ``PREAUTH_MAX_FRAME`` bytes; a longer length prefix
   closes the connection before any of the body is read;
 - at most ``max_per_source`` connections from one source address are anonymous
-  at once; one more is closed right after ``accept`` (no TLS handshake, nothing
-  read);
+  at once; one more waits, accepted but unread (``listener.Parking``), for a slot
+  of its source, and is reset when the parking lot is full or it waited half the
+  handshake deadline;
 - at most ``max_connections`` are anonymous at once.  One more first reclaims
   the anonymous connection that has waited longest for its TLS handshake and
   first frame (its deadline is brought forward to now; counted as ``evicted``):
@@ -106,6 +107,14 @@ class PreauthLimits:
         self.open = 0
         self.per_source: dict[str, int] = {}
         self._slots: dict[PreauthSlot, None] = {}  # the held ones, oldest first
+        # Called with the source whose slot was just released (listener.Parking
+        # hands that slot to a connection waiting for it).
+        self.on_release: Callable[[str], None] | None = None
+
+    @property
+    def full(self) -> bool:
+        """Every anonymous slot is held (a newcomer would have to reclaim one)."""
+        return self.open >= self.max_connections
 
     def admit(self, source: str) -> PreauthSlot | str:
         """A slot for a fresh connection from ``source`` (reclaiming the longest
@@ -142,6 +151,8 @@ class PreauthLimits:
             self.per_source[slot.source] = left
         else:
             self.per_source.pop(slot.source, None)
+        if self.on_release is not None:
+            self.on_release(slot.source)
 
     def count(self, reason: str) -> None:
         """Count one refusal that the caller logs itself."""

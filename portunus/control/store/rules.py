@@ -133,6 +133,30 @@ async def get_rule(db: aiosqlite.Connection, rule_id: int) -> StoredRule | None:
     return found[0] if found else None
 
 
+async def get_rules(db: aiosqlite.Connection, rule_ids: list[int]) -> list[StoredRule]:
+    """The rules among ``rule_ids`` that exist, by id: one query for a node's whole
+    answer instead of one per rule (500 ids per query, under SQLite's variable limit)."""
+    out: list[StoredRule] = []
+    for i in range(0, len(rule_ids), 500):
+        chunk = rule_ids[i : i + 500]
+        out.extend(await _query(db, f"WHERE r.id IN ({','.join('?' * len(chunk))})", tuple(chunk)))
+    return out
+
+
+async def rules_of_clients(
+    db: aiosqlite.Connection, client_ids: list[str]
+) -> dict[str, list[StoredRule]]:
+    """Every rule of each of ``client_ids``, by id (the syncs of a reconnect storm
+    read in one query per 500 clients instead of one per client)."""
+    out: dict[str, list[StoredRule]] = {c: [] for c in client_ids}
+    for i in range(0, len(client_ids), 500):
+        chunk = client_ids[i : i + 500]
+        where = f"WHERE r.client_id IN ({','.join('?' * len(chunk))})"
+        for s in await _query(db, where, tuple(chunk)):
+            out[s.client_id].append(s)
+    return out
+
+
 async def require_rule(db: aiosqlite.Connection, rule_id: int) -> StoredRule:
     stored = await get_rule(db, rule_id)
     if stored is None:

@@ -52,10 +52,11 @@ def test_flood_of_anonymous_peers(
     port_a, port_b = ports.ports(2)
     baseline = settled_rss(control)
 
+    burst_workers = {"oversized": 150, "slow_tls": 100, "slow_frame": 50}
     burst = Flood(
         LOOPBACK,
         srv.control_port,
-        {"oversized": 150, "slow_tls": 100, "slow_frame": 50},
+        burst_workers,
         body_bytes=15 * MIB,
         hold_secs=20,
     )
@@ -92,7 +93,10 @@ def test_flood_of_anonymous_peers(
     )
 
     assert rss.peak - baseline < RSS_BOUND, (baseline, rss.peak)
-    assert burst.attempts > 1000, burst.outcomes
+    # Every burst worker's connection ended (deadline, parking lot, reset) and came
+    # back: the excess over the quota waits parked (no TLS) instead of being reset at
+    # once, so the burst cycles less often than before parking, but it does cycle.
+    assert burst.attempts > sum(burst_workers.values()), burst.outcomes
     # No connection outlived the deadline; in the steady flood (below the quota)
     # every kind got in and was closed by the gateway.
     for flood in (burst, steady):
@@ -100,9 +104,10 @@ def test_flood_of_anonymous_peers(
             assert flood.outcomes[f"{kind}.held"] == 0, flood.outcomes
             assert flood is burst or flood.outcomes[f"{kind}.closed"] > 0, flood.outcomes
     assert burst.outcomes["oversized.closed"] > 0, burst.outcomes
-    assert burst.outcomes["slow_tls.refused"] + burst.outcomes["oversized.refused"] > 0, (
-        burst.outcomes
-    )
+    # Some burst connections never got their handshake: parked, then reset.
+    assert (
+        sum(burst.outcomes[f"{k}.refused"] for k in ("slow_tls", "oversized", "slow_frame")) > 0
+    ), burst.outcomes
     metrics = srv.scrape()
     refused = {
         r: metrics.value("portunus_edge_preauth_refused_total", reason=r)
@@ -114,6 +119,15 @@ def test_flood_of_anonymous_peers(
     assert refused["max_connections"] == 0, refused  # one source never reaches the global limit
     assert srv.scrape().value("portunus_clients_connected") == 2
     # The refusals were logged, but throttled: far fewer lines than refusals.
-    lines = [e for e in srv.logs() if str(e.get("event", "")).startswith("edge.preauth_refused")]
-    assert 0 < len(lines) < sum(refused.values()) / 5, (len(lines), refused)
+    # (Parked connections are refused less often than a reset at accept was, so the
+    # ratio of lines to refusals is not the measure; the suppression summaries are.)
+    logs = srv.logs()
+    lines = [e for e in logs if str(e.get("event", "")).startswith("edge.preauth_refused")]
+    suppressed = sum(
+        int(e.get("count", 0))
+        for e in logs
+        if e.get("event") == "log.suppressed"
+        and str(e.get("suppressed_event", "")).startswith("edge.preauth_refused")
+    )
+    assert 0 < len(lines) < sum(refused.values()) and suppressed > 0, (len(lines), refused)
     assert first.proc.alive()

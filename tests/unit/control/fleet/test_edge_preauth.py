@@ -11,6 +11,7 @@ import struct
 import time
 from typing import Any
 
+from portunus.control.fleet.listener import Parking
 from portunus.control.fleet.preauth import PREAUTH_MAX_FRAME, AuditBudget, PreauthLimits
 from portunus.ipc.edge_wire import encode_frame
 
@@ -153,22 +154,73 @@ async def test_over_the_global_limit_the_longest_waiting_connection_makes_room(
     assert not e.closed.is_set()
 
 
-async def test_connections_over_the_per_source_limit_are_refused(make_edge: Any, poll: Any) -> None:
+async def test_over_the_per_source_limit_connections_are_parked_then_reset_when_the_lot_is_full(
+    make_edge: Any, poll: Any
+) -> None:
     refused: list[str] = []
     edge = await make_edge(
         preauth=PreauthLimits(max_connections=50, max_per_source=3, on_refused=refused.append)
     )
+    edge.gateway.parking.max_parked = 1
     held = [await _tcp(edge.port) for _ in range(3)]
 
     async def admitted() -> bool:
         return edge.gateway.preauth.per_source.get("127.0.0.1") == 3
 
     await poll(admitted)
-    reader, writer = await _tcp(edge.port)
+    parked = await _tcp(edge.port)
+
+    async def one_parked() -> bool:
+        return edge.gateway.parking.count == 1
+
+    await poll(one_parked)
+    reader, writer = await _tcp(edge.port)  # the lot is full: reset before TLS
     assert await _until_closed(reader) < 1.0
     assert refused == ["max_per_source"]
-    for _, w in [*held, (reader, writer)]:
+    held[0][1].close()  # its slot goes to the parked connection, not to a new one
+
+    async def parked_admitted() -> bool:
+        return edge.gateway.parking.count == 0 and edge.gateway.preauth.open == 3
+
+    await poll(parked_admitted)
+    for _, w in [*held[1:], parked, (reader, writer)]:
         w.close()
+
+
+def test_parking_is_fifo_per_source_bounded_and_expires() -> None:
+    now = [0.0]
+    refusals: list[str] = []
+    limits = PreauthLimits(max_connections=2, max_per_source=1, on_refused=refusals.append)
+    admitted: list[tuple[str | None, Any]] = []
+    parking = Parking(
+        limits, lambda c, peer, slot: admitted.append((peer, slot)), 10.0, 3, lambda: now[0]
+    )
+    socks = [socket.socket() for _ in range(5)]
+    try:
+        a = limits.admit("A")
+        assert not isinstance(a, str)
+        assert parking.park("A", socks[0], "A:1") and parking.park("A", socks[1], "A:2")
+        b = limits.admit("B")  # the global limit (2) is now full
+        assert not isinstance(b, str) and limits.full
+        assert parking.park("B", socks[2], "B:1")
+        assert not parking.park("B", socks[3], "B:2")  # the lot (3) is full
+        a.release()  # A's slot goes to A's first parked connection
+        assert [p for p, _ in admitted] == ["A:1"] and parking.count == 2
+        now[0] = 5.0
+        admitted[0][1].release()
+        assert [p for p, _ in admitted] == ["A:1", "A:2"]
+        now[0] = 11.0
+        parking.expire()  # B:1 waited 11 s > 10 s: reset
+        assert parking.count == 0 and refusals == ["max_per_source"] and socks[2].fileno() == -1
+        # Parked behind B's own slot while the global limit is full (A:2 and B hold
+        # it): B's release gives that slot to B:3.
+        assert parking.park("B", socks[4], "B:3") and limits.full
+        b.release()
+        assert [p for p, _ in admitted][-1] == "B:3" and limits.full and parking.count == 0
+    finally:
+        parking.close()
+        for s in socks:
+            s.close()
 
 
 async def test_one_deadline_covers_the_handshake_and_the_first_frame(make_edge: Any) -> None:
