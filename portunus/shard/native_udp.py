@@ -31,9 +31,8 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from portunus.logs import log_event, log_throttled
-from portunus.shard import metrics as m
-from portunus.shard.udp import DROP_LOG_SECS
-from portunus.shard.udp_budget import FlowBudget, acquire_budget, release_budget
+from portunus.shard.udp import DROP_LOG_SECS, UdpPort
+from portunus.shard.udp_budget import acquire_budget, release_budget
 
 if TYPE_CHECKING:
     from portunus.shard.runtime import RuleRuntime, ShardContext
@@ -74,26 +73,17 @@ class NativeFlows:
         self.handler.close_flows()
 
 
-class NativeUdpHandler:
+class NativeUdpHandler(UdpPort):
     """Serves one UDP port of one rule in the native relay."""
 
     def __init__(
         self, ctx: ShardContext, rt: RuleRuntime, sock: socket.socket, port_index: int
     ) -> None:
-        self.ctx = ctx
-        self.rt = rt
-        self.sock = sock
-        self.port_index = port_index
-        self.account = rt.accounts[port_index] if rt.accounts else rt.whole
-        labels = rt.meters.labels
-        self.m_flows = m.UDP_FLOWS.labels(*labels)
-        self.m_overflow = m.UDP_OVERFLOW.labels(*labels)
-        self.m_dgrams_in = m.DATAGRAMS_IN.labels(*labels)
-        self.m_dgrams_out = m.DATAGRAMS_OUT.labels(*labels)
+        super().__init__(ctx, rt, sock, port_index)
         self.targets = list(rt.rule.targets)
         self.flows = NativeFlows(self, rt)
         self.handle: int | None = None
-        self.budget: FlowBudget | None = None
+        self.budget = None
         self.live = 0
         self.dropped = 0
         self.last_drop_log = -DROP_LOG_SECS
@@ -126,10 +116,7 @@ class NativeUdpHandler:
             self.ctx.native.relay.udp_set_idle(
                 self.handle, idle_secs(self.ctx.settings, self.rt.rule.idle_timeout_secs)
             )
-        if self.budget is not None:
-            limit = max(1, int(self.ctx.settings.get("udp_max_flows", 1024)))
-            shards = max(1, int(self.ctx.settings.get("shards", 1) or 1))
-            self.budget.limit = limit if self.budget.shared else max(1, limit // shards)
+        self.retune_budget()
 
     def flow_addrs(self) -> list[tuple[str, int]]:
         """The clients with an open flow, least recently active first."""

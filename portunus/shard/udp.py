@@ -286,13 +286,12 @@ def _sweep_timing(settings: dict[str, Any], rule_idle: float | None = None) -> t
     return tick, math.ceil(idle / tick)
 
 
-class UdpService:
-    """Serves one UDP port of one rule in one shard.
+class UdpPort:
+    """What both UDP handlers of one port hold (``UdpService`` in Python,
+    ``native_udp.NativeUdpHandler`` in the native relay): the port's account and
+    the rule's UDP meters, and the cross-shard flow budget a reload retunes."""
 
-    Built by ``Shard._udp_handler``; ``start()`` when it becomes the port's handler,
-    ``close()`` when the rule changes, goes away or the shard stops.  The listening
-    socket belongs to the shard and is never closed here.
-    """
+    budget: FlowBudget | None
 
     def __init__(
         self, ctx: ShardContext, rt: RuleRuntime, sock: socket.socket, port_index: int
@@ -307,6 +306,27 @@ class UdpService:
         self.m_overflow = m.UDP_OVERFLOW.labels(*labels)
         self.m_dgrams_in = m.DATAGRAMS_IN.labels(*labels)
         self.m_dgrams_out = m.DATAGRAMS_OUT.labels(*labels)
+
+    def retune_budget(self) -> None:
+        """Apply a reloaded udp_max_flows to this port's flow budget."""
+        if self.budget is not None:
+            limit = max(1, int(self.ctx.settings.get("udp_max_flows", 1024)))
+            shards = max(1, int(self.ctx.settings.get("shards", 1) or 1))
+            self.budget.limit = limit if self.budget.shared else max(1, limit // shards)
+
+
+class UdpService(UdpPort):
+    """Serves one UDP port of one rule in one shard.
+
+    Built by ``Shard._udp_handler``; ``start()`` when it becomes the port's handler,
+    ``close()`` when the rule changes, goes away or the shard stops.  The listening
+    socket belongs to the shard and is never closed here.
+    """
+
+    def __init__(
+        self, ctx: ShardContext, rt: RuleRuntime, sock: socket.socket, port_index: int
+    ) -> None:
+        super().__init__(ctx, rt, sock, port_index)
         self.tick, self.idle_ticks = _sweep_timing(ctx.settings, rt.rule.idle_timeout_secs)
         self.flows: dict[Any, UdpFlow] = {}
         self.view = _buffer_for(ctx.loop)
@@ -317,7 +337,7 @@ class UdpService:
         self.rl_dropped_in = self.rl_dropped_out = 0  # over the rule's bandwidth cap
         self.last_rl_log = -DROP_LOG_SECS
         self.last_drop_log = -DROP_LOG_SECS
-        self.budget: FlowBudget | None = None
+        self.budget = None
         self.timer: asyncio.TimerHandle | None = None
         self.reading = False
         self.closed = False
@@ -328,10 +348,7 @@ class UdpService:
         self.tick, self.idle_ticks = _sweep_timing(
             self.ctx.settings, self.rt.rule.idle_timeout_secs
         )
-        if self.budget is not None:
-            limit = max(1, int(self.ctx.settings.get("udp_max_flows", 1024)))
-            shards = max(1, int(self.ctx.settings.get("shards", 1) or 1))
-            self.budget.limit = limit if self.budget.shared else max(1, limit // shards)
+        self.retune_budget()
 
     def start(self) -> None:
         self.budget = acquire_budget(self.ctx.settings, self.rt.rule.client, self.rt.rule.id)

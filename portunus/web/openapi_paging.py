@@ -6,24 +6,15 @@ from __future__ import annotations
 
 from typing import Any
 
-
-def _param(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "query",
-        "required": False,
-        "schema": schema,
-        "description": description,
-    }
-
+from portunus.web.openapi_common import _q
 
 PAGE_PARAMS: list[dict[str, Any]] = [
-    _param(
+    _q(
         "limit",
         {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
         "Page size",
     ),
-    _param(
+    _q(
         "cursor",
         {"type": "string", "maxLength": 1024},
         "next_cursor of the previous page (an edited or foreign cursor: 400 validation.cursor)",
