@@ -205,9 +205,11 @@ static void handle_event(Relay *r, struct epoll_event *ev) {
         on_writable(r, c, 1 - i);
 }
 
-/* Counts Python must see now: health (failures), fd exhaustion, drain and forget. */
+/* Counts Python must see now: health (failures), fd exhaustion, and whether the port
+ * has open connections at all (live to or from 0: rt.conns, drain, forget_listener). */
 static int listener_urgent(Listener *l) {
-    if (l->connect_failures || l->accept_errno || l->live == 0 || !l->listening) return 1;
+    if (l->connect_failures || l->accept_errno || !l->listening) return 1;
+    if ((l->live == 0) != (l->reported_live == 0)) return 1;
     for (int i = 0; i < l->ntargets; i++)
         if (l->fail[i]) return 1;
     return 0;
@@ -233,6 +235,7 @@ static PyObject *listener_report(Listener *l) {
     l->opened = l->closed = l->bytes_in = l->bytes_out = l->connect_failures = 0;
     l->accept_errno = 0;
     l->dirty = 0;
+    l->reported_live = l->live;
     return t;
 }
 

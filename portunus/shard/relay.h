@@ -81,6 +81,7 @@ struct Listener {
     int accept_errno;
     int dirty;
     long long reported_ms; /* when poll() last reported it (report_ms throttling) */
+    long long reported_live; /* live as Python last saw it */
     End end;
 };
 
