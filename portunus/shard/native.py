@@ -28,7 +28,7 @@ ENV = "PORTUNUS_NATIVE"
 # per-target connects) to Python at most this often instead of on every poll():
 # one batch of Prometheus updates per 40 ms rather than per one or two
 # connections.  The relay's 50 ms tick delivers a held batch, so /metrics is at
-# most ~90 ms behind; failures, fd exhaustion and the last close go out at once.
+# most ~90 ms behind; failures, fd exhaustion and a port going idle or busy go out at once.
 REPORT_MS = 40
 
 
