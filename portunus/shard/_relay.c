@@ -25,12 +25,12 @@
 /* ------------------------------------------------------------- Python type */
 
 static int Relay_init(Relay *self, PyObject *args, PyObject *kwds) {
-    static char *kw[] = {"splice_after", "bufsize", NULL};
-    long long splice_after = 16 * 1024;
+    static char *kw[] = {"splice_after", "bufsize", "report_ms", NULL};
+    long long splice_after = 16 * 1024, report_ms = 0;
     Py_ssize_t bufsize = 64 * 1024;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|Ln", kw, &splice_after, &bufsize)) return -1;
-    if (bufsize < 1024 || splice_after < 0) {
-        PyErr_SetString(PyExc_ValueError, "bufsize >= 1024 and splice_after >= 0");
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|LnL", kw, &splice_after, &bufsize, &report_ms)) return -1;
+    if (bufsize < 1024 || splice_after < 0 || report_ms < 0 || report_ms > REPORT_MS_MAX) {
+        PyErr_SetString(PyExc_ValueError, "bufsize >= 1024, splice_after >= 0, 0 <= report_ms <= 100");
         return -1;
     }
     if (self->ep >= 0) {
@@ -50,6 +50,7 @@ static int Relay_init(Relay *self, PyObject *args, PyObject *kwds) {
     }
     self->bufsize = (size_t)bufsize;
     self->splice_after = splice_after;
+    self->report_ms = report_ms;
     self->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
     if (self->tfd < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
@@ -184,9 +185,11 @@ static void handle_event(Relay *r, struct epoll_event *ev) {
         if (i == 0) {
             if (m & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) c->dir[0].ready = 1;
             if (m & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) c->dir[0].hup = 1;
+            if ((m & (EPOLLRDHUP | EPOLLERR)) == EPOLLRDHUP) c->dir[0].fin = 1;
         } else if (m & (EPOLLOUT | EPOLLHUP | EPOLLERR)) {
             if (m & EPOLLIN) c->dir[1].ready = 1; /* the target spoke first */
             if (m & EPOLLRDHUP) c->dir[1].hup = 1;
+            if ((m & (EPOLLRDHUP | EPOLLERR)) == EPOLLRDHUP) c->dir[1].fin = 1;
             on_upstream_connect(r, c);
         }
         return;
@@ -195,10 +198,21 @@ static void handle_event(Relay *r, struct epoll_event *ev) {
         Dir *x = &c->dir[i];
         x->ready = 1;
         if (m & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) x->hup = 1;
+        if ((m & (EPOLLRDHUP | EPOLLERR)) == EPOLLRDHUP) x->fin = 1;
         if (!x->writing) pump(r, c, i);
     }
     if (!c->closed && (m & (EPOLLOUT | EPOLLHUP | EPOLLERR)) && c->dir[1 - i].writing)
         on_writable(r, c, 1 - i);
+}
+
+/* Counts Python must see now: health (failures), fd exhaustion, and whether the port
+ * has open connections at all (live to or from 0: rt.conns, drain, forget_listener). */
+static int listener_urgent(Listener *l) {
+    if (l->connect_failures || l->accept_errno || !l->listening) return 1;
+    if ((l->live == 0) != (l->reported_live == 0)) return 1;
+    for (int i = 0; i < l->ntargets; i++)
+        if (l->fail[i]) return 1;
+    return 0;
 }
 
 /* (token, opened, closed, bytes_in, bytes_out, connect_failures, ok, fail, live, accept_errno) */
@@ -221,6 +235,7 @@ static PyObject *listener_report(Listener *l) {
     l->opened = l->closed = l->bytes_in = l->bytes_out = l->connect_failures = 0;
     l->accept_errno = 0;
     l->dirty = 0;
+    l->reported_live = l->live;
     return t;
 }
 
@@ -267,10 +282,22 @@ static PyObject *Relay_poll(Relay *self, PyObject *noargs) {
         Py_DECREF(reports);
         return NULL;
     }
-    /* Listeners no longer registered may still have connections (and counts). */
+    /* Listeners no longer registered may still have connections (and counts).
+     * With report_ms, a busy listener's routine counts (opened, closed, bytes,
+     * successful connects) wait up to report_ms so that one Python batch of
+     * Prometheus updates covers many polls; the tick (on_tick keeps it running
+     * while a listener is dirty) delivers them.  Failures, an accept error, the
+     * last connection closing or a stopped listener go out at once. */
+    long long now = self->report_ms ? now_ms() : 0;
+    int deferred = 0;
     for (Py_ssize_t i = 0; i < self->nlsts; i++) {
         Listener *l = self->lsts[i];
         if (l == NULL || !l->dirty) continue;
+        if (self->report_ms && now - l->reported_ms < self->report_ms && !listener_urgent(l)) {
+            deferred = 1;
+            continue;
+        }
+        l->reported_ms = now;
         PyObject *t = listener_report(l);
         if (t == NULL || PyList_Append(lreports, t) < 0) {
             Py_XDECREF(t);
@@ -280,6 +307,7 @@ static PyObject *Relay_poll(Relay *self, PyObject *noargs) {
         }
         Py_DECREF(t);
     }
+    if (deferred) arm_timer(self);
     if (self->nups && udp_reports(self, lreports, now_ms()) < 0) {
         Py_DECREF(reports);
         Py_DECREF(lreports);

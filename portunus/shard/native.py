@@ -24,6 +24,13 @@ from portunus.logs import log_event, log_throttled
 
 ENV = "PORTUNUS_NATIVE"
 
+# A busy natively served port hands its counts (connections, active, bytes,
+# per-target connects) to Python at most this often instead of on every poll():
+# one batch of Prometheus updates per 40 ms rather than per one or two
+# connections.  The relay's 50 ms tick delivers a held batch, so /metrics is at
+# most ~90 ms behind; failures, fd exhaustion and a port going idle or busy go out at once.
+REPORT_MS = 40
+
 
 def load() -> tuple[Any, str | None]:
     """(the Relay type or None, why not).  ``why`` is None when disabled on purpose."""
@@ -54,7 +61,7 @@ class NativeRelay:
 
     def __init__(self, loop: Any, relay_type: Any, splice_after: int) -> None:
         self.loop = loop
-        self.relay = relay_type(splice_after=splice_after)
+        self.relay = relay_type(splice_after=splice_after, report_ms=REPORT_MS)
         self.scheduled = False
         loop.add_reader(self.relay.fileno(), self.dispatch)
 

@@ -4,8 +4,9 @@ For a rule with no SNI, no PROXY header, no rate limit and only IP-address
 targets, nothing per connection needs the interpreter: the native relay
 accepts (``accept4``, non-blocking), connects through the candidate list this
 handler gives it (health order, fall-through on failure, the rule's connect
-timeout), relays, and sums what happened per ``poll()``.  ``report`` turns one
-batch into the same Prometheus updates the Python path makes per connection
+timeout), relays, and sums what happened (a busy port's routine counts for up
+to ``native.REPORT_MS``, failures and a port going idle or busy at once).  ``report`` turns
+one batch into the same Prometheus updates the Python path makes per connection
 (connections, active, bytes every 64 KiB and at close, per-target connections
 and failures, connect failures) and the same health bookkeeping.
 

@@ -27,6 +27,7 @@
 #define SPLICE_FLAGS (SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
 #define BULK_READ (16 * 1024) /* a read at least this large says the direction is bulk */
 #define ACCEPT_BATCH 64
+#define REPORT_MS_MAX 100  /* report_ms bound: counters reach /metrics at most 100 ms late */
 #define TICK_MS 50          /* connect timeouts and accept back-off are checked this often */
 #define BACKOFF_MS 100      /* a listener out of fds pauses this long */
 
@@ -79,6 +80,8 @@ struct Listener {
     int *last_err; /* per target: errno of its last failed attempt (ETIMEDOUT: timeout) */
     int accept_errno;
     int dirty;
+    long long reported_ms; /* when poll() last reported it (report_ms throttling) */
+    long long reported_live; /* live as Python last saw it */
     End end;
 };
 
@@ -89,7 +92,8 @@ typedef struct {
     size_t pending;      /* bytes in the pipe */
     long long copy_left; /* bytes still to copy before splicing */
     long long unflushed; /* bytes not yet reported */
-    unsigned ready : 1, writing : 1, eof : 1, done : 1, hup : 1, again : 1, spliced : 1;
+    unsigned ready : 1, writing : 1, eof : 1, done : 1, hup : 1, fin : 1, again : 1, spliced : 1;
+    /* fin: the source's FIN (EPOLLRDHUP without an error) is queued behind its data */
 } Dir;
 
 struct Conn {
@@ -113,6 +117,7 @@ typedef struct {
     char *buf;
     size_t bufsize;
     long long splice_after;
+    long long report_ms; /* a busy listener's counts reach Python at most this often (0: every poll) */
     int *pool; /* r, w pairs */
     int pool_n;
     long pipe_failures;

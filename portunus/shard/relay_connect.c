@@ -134,6 +134,7 @@ RELAY_API void on_tick(Relay *r) {
     }
     for (Py_ssize_t i = 0; i < r->nlsts; i++) {
         Listener *l = r->lsts[i];
+        if (l != NULL && l->dirty) busy = 1; /* counts poll() holds back (report_ms) */
         if (l == NULL || !l->paused) continue;
         if (l->resume_ms <= now) {
             struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &l->end};

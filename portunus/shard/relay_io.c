@@ -111,10 +111,14 @@ RELAY_API void account(Relay *r, Conn *c, int d, ssize_t n) {
 
 RELAY_API void dir_finish(Relay *r, Conn *c, int d) {
     c->dir[d].done = 1;
-    shutdown(c->fd[1 - d], SHUT_WR);
-    if (c->dir[1 - d].done)
+    /* Both directions done: close() sends the FIN itself (fd[1 - d] was read to its
+     * EOF, so nothing unread turns it into a reset), one syscall fewer per connection. */
+    if (c->dir[1 - d].done) {
         conn_close(r, c, 0);
-    else if (c->dir[d].unflushed)
+        return;
+    }
+    shutdown(c->fd[1 - d], SHUT_WR);
+    if (c->dir[d].unflushed)
         report(r, c, 0, 0);
 }
 
@@ -215,7 +219,15 @@ RELAY_API void pump(Relay *r, Conn *c, int d) {
                 x->writing = 1;
                 return;
             }
-            /* A short TCP read took everything queued; later bytes raise a new edge. */
+            /* A short TCP read took everything queued; later bytes raise a new edge.
+             * With the FIN already queued behind them, this was the last read: no
+             * recv() just to see the 0. */
+            if ((size_t)n < r->bufsize && x->fin) {
+                x->eof = 1;
+                x->ready = 0;
+                dir_finish(r, c, d);
+                return;
+            }
             if ((size_t)n < r->bufsize && !x->hup) { x->ready = 0; return; }
         } else {
             if (x->pr < 0 && pipe_get(r, x) < 0) {

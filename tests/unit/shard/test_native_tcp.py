@@ -318,3 +318,53 @@ def test_a_rule_with_an_idle_timeout_keeps_the_python_relay(
     finally:
         if rt.idle_timer is not None:
             rt.idle_timer.cancel()
+
+
+def test_busy_port_counts_are_held_back_at_most_report_ms() -> None:
+    """report_ms: a port with open connections reports opens in one batch per report_ms,
+    delivered by the relay's own tick even when nothing else happens; never early."""
+    import select
+
+    from portunus.shard._relay import Relay
+
+    with pytest.raises(ValueError):
+        Relay(report_ms=101)  # beyond the 100 ms the metrics may lag
+    origin = listener()
+    relay = Relay(report_ms=100)
+    lsock = listener()
+    lsock.setblocking(False)
+    token = object()
+    relay.listen(lsock.fileno(), token, 1, [(LOOPBACK, origin.getsockname()[1], 0)], 5.0)
+
+    def until(key: int, n: int) -> list[tuple[float, int]]:
+        """(when, count) of reports until field ``key`` (1 opened, 2 closed) sums to n."""
+        seen: list[tuple[float, int]] = []
+        deadline = time.monotonic() + 10
+        while sum(k for _, k in seen) < n and time.monotonic() < deadline:
+            select.select([relay.fileno()], [], [], 0.5)
+            for rep in relay.poll()[1]:
+                assert rep[0] is token
+                if rep[key]:
+                    seen.append((time.monotonic(), rep[key]))
+        return seen
+
+    first = socket.create_connection(lsock.getsockname(), timeout=10)
+    [(t0, _)] = until(1, 1)  # the port's first connection goes out at once
+    second = socket.create_connection(lsock.getsockname(), timeout=10)
+    [(t1, _)] = until(1, 1)  # ...the next one waits for report_ms, then the tick sends it
+    assert t1 - t0 >= 0.09  # held back (clock steps are whole milliseconds)
+    assert t1 - t0 < 2.0  # and delivered without further traffic
+    origin.settimeout(10)
+    for s in (first, second, origin.accept()[0], origin.accept()[0]):
+        s.close()
+    assert sum(k for _, k in until(2, 2)) == 2  # the last close (live 0) is reported
+    # An idle port's next connection is news at once: Python must not believe the
+    # port idle (forget_listener, the drain) while the relay holds a connection.
+    t2 = time.monotonic()
+    third = socket.create_connection(lsock.getsockname(), timeout=10)
+    [(t3, _)] = until(1, 1)
+    assert t3 - t2 < 0.09
+    third.close()
+    relay.close_all()
+    for s in (lsock, origin):
+        s.close()
