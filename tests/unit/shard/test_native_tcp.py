@@ -323,7 +323,6 @@ def test_a_rule_with_an_idle_timeout_keeps_the_python_relay(
 def test_busy_port_counts_are_held_back_at_most_report_ms() -> None:
     """report_ms: a port with open connections reports opens in one batch per report_ms,
     delivered by the relay's own tick even when nothing else happens; never early."""
-    import select
 
     from portunus.shard._relay import Relay
 
@@ -341,7 +340,7 @@ def test_busy_port_counts_are_held_back_at_most_report_ms() -> None:
         seen: list[tuple[float, int]] = []
         deadline = time.monotonic() + 10
         while sum(k for _, k in seen) < n and time.monotonic() < deadline:
-            select.select([relay.fileno()], [], [], 0.5)
+            readable(relay.fileno(), 0.5)
             for rep in relay.poll()[1]:
                 assert rep[0] is token
                 if rep[key]:
