@@ -184,13 +184,12 @@ def render(results: dict[str, Any], machine: dict[str, Any], args: argparse.Name
         f"({results['n']} server samples and {results['paints']} page loads per page.) "
         "What the pages cost: the dashboard issues 7 control RPCs (who is asking, rule counts by state, "
         "the failed rules, clients, the traffic summary with its top rules, the hour and day series), the "
-        "rules page 4 (one page of 50 rules read with LIMIT/OFFSET, clients, rates); each takes 0.3-2.5 ms "
-        "in control with this data set, the rest is the web process (JSON, Jinja2). The p99 tail looks like CPU "
-        "contention rather than the code: with the load average at 5-7 runnable processes per CPU, a page that "
-        "needs ~10 ms of CPU across three processes is preempted at least once in a few percent of "
-        "requests (the slow ones are scattered through the run, not periodic); the one-hop `/v1/health` "
-        "row shows the machine's own tail. This could not be re-run on a quiet machine; p50 is the "
-        "figure that reflects the code.",
+        "rules page 4 (one page of 50 rules read by cursor, clients, rates); each takes 0.3-2.5 ms "
+        "in control with this data set, the rest is the web process (JSON, Jinja2). The p99 tail follows "
+        "the machine's load more than the code: a page needs ~10 ms of CPU across three processes, and on "
+        "a busy 2-CPU machine a few percent of requests are preempted (an earlier run at load average ~10 "
+        "measured a dashboard p99 of 57 ms); the one-hop `/v1/health` row shows the machine's own tail, "
+        "and the load average is in the heading.",
         MARK_END,
     ]
     return "\n".join(lines)
