@@ -30,7 +30,7 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any
 
-from portunus.logs import log_event, log_throttled
+from portunus.logs import log_throttled
 from portunus.shard.udp import DROP_LOG_SECS, UdpPort
 from portunus.shard.udp_budget import acquire_budget, release_budget
 
@@ -221,18 +221,7 @@ class NativeUdpHandler(UdpPort):
 
     def _log_drops(self, n: int) -> None:
         self.dropped += n
-        now = self.ctx.loop.time()
-        if now - self.last_drop_log >= DROP_LOG_SECS:
-            self.last_drop_log = now
-            log_event(
-                "udp.datagrams_dropped",
-                level="warning",
-                rule=self.flows.rt.rule.id,
-                port=self.flows.rt.rule.listen_start + self.port_index,
-                count=self.dropped,
-                reason="socket buffer full or send error",
-            )
-            self.dropped = 0
+        self.log_drops()
 
     # ---------------------------------------------------------------- closing
 

@@ -292,6 +292,8 @@ class UdpPort:
     the rule's UDP meters, and the cross-shard flow budget a reload retunes."""
 
     budget: FlowBudget | None
+    dropped: int  # datagrams dropped since the last log line
+    last_drop_log: float
 
     def __init__(
         self, ctx: ShardContext, rt: RuleRuntime, sock: socket.socket, port_index: int
@@ -306,6 +308,22 @@ class UdpPort:
         self.m_overflow = m.UDP_OVERFLOW.labels(*labels)
         self.m_dgrams_in = m.DATAGRAMS_IN.labels(*labels)
         self.m_dgrams_out = m.DATAGRAMS_OUT.labels(*labels)
+
+    def log_drops(self) -> None:
+        """One warning for the datagrams dropped since the last one, at most every
+        DROP_LOG_SECS (the count goes on meanwhile)."""
+        now = self.ctx.loop.time()
+        if now - self.last_drop_log >= DROP_LOG_SECS:
+            self.last_drop_log = now
+            log_event(
+                "udp.datagrams_dropped",
+                level="warning",
+                rule=self.rt.rule.id,
+                port=self.rt.rule.listen_start + self.port_index,
+                count=self.dropped,
+                reason="socket buffer full or send error",
+            )
+            self.dropped = 0
 
     def retune_budget(self) -> None:
         """Apply a reloaded udp_max_flows to this port's flow budget."""
@@ -471,18 +489,7 @@ class UdpService(UdpPort):
         if self.rl_dropped_in or self.rl_dropped_out:
             self.flush_rate_drops()
         if self.dropped:
-            now = self.ctx.loop.time()
-            if now - self.last_drop_log >= DROP_LOG_SECS:
-                self.last_drop_log = now
-                log_event(
-                    "udp.datagrams_dropped",
-                    level="warning",
-                    rule=self.rt.rule.id,
-                    port=self.rt.rule.listen_start + self.port_index,
-                    count=self.dropped,
-                    reason="socket buffer full or send error",
-                )
-                self.dropped = 0
+            self.log_drops()
 
     def flush_rate_drops(self) -> None:
         """Datagrams dropped over the bandwidth cap: counted, logged at most every DROP_LOG_SECS."""

@@ -493,3 +493,36 @@ def test_budget_release_reopens_admission_at_once(tmp_path: Path) -> None:
         assert b.total() == 2
     finally:
         b.close()
+
+
+def test_dropped_datagrams_are_logged_at_most_every_drop_log_secs(monkeypatch: Any) -> None:
+    """Both UDP handlers (Python and native) log drops through UdpPort.log_drops: one
+    line with the count so far, then silence for DROP_LOG_SECS while the count goes on."""
+    from types import SimpleNamespace
+
+    from portunus.shard import udp as udp_mod
+
+    lines: list[dict[str, Any]] = []
+    monkeypatch.setattr(
+        udp_mod, "log_event", lambda event, **kw: lines.append({"event": event, **kw})
+    )
+    now = [100.0]
+    port = SimpleNamespace(
+        ctx=SimpleNamespace(loop=SimpleNamespace(time=lambda: now[0])),
+        rt=SimpleNamespace(rule=SimpleNamespace(id="7", listen_start=5000)),
+        port_index=2,
+        dropped=3,
+        last_drop_log=-udp_mod.DROP_LOG_SECS,
+    )
+    udp_mod.UdpPort.log_drops(port)  # type: ignore[arg-type]
+    assert [(e["event"], e["port"], e["count"]) for e in lines] == [
+        ("udp.datagrams_dropped", 5002, 3)
+    ]
+    assert port.dropped == 0
+    port.dropped = 4
+    now[0] += udp_mod.DROP_LOG_SECS / 2
+    udp_mod.UdpPort.log_drops(port)  # type: ignore[arg-type]
+    assert len(lines) == 1 and port.dropped == 4  # throttled: counted, not logged
+    now[0] += udp_mod.DROP_LOG_SECS
+    udp_mod.UdpPort.log_drops(port)  # type: ignore[arg-type]
+    assert lines[-1]["count"] == 4 and port.dropped == 0
