@@ -72,3 +72,11 @@ async def test_uri_fingerprint_is_what_the_listener_presents(edge: Any) -> None:
         assert "fingerprint mismatch" in str(exc)
     else:
         raise AssertionError("a tampered fingerprint was accepted")
+
+
+def test_the_gateway_context_sends_no_session_tickets(tmp_path: Path) -> None:
+    """Edge clients never resume a TLS session, so the gateway sends no TLS 1.3
+    tickets (two per handshake by default: work for nothing in a reconnect storm)."""
+    ctx = ensure_server_cert(str(tmp_path)).ssl_context()
+    assert ctx.num_tickets == 0
+    assert ctx.minimum_version.name == "TLSv1_2"
