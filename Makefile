@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN      = $(VENV)/bin
 STAMP    = $(VENV)/.installed
 
-.PHONY: run run-standalone test test-all test-slow test-packages test-python-relay test-asan bench bench-quick lint deps clean deb rpm reference screenshots
+.PHONY: run run-standalone test test-bench test-all test-slow test-packages test-python-relay test-asan bench bench-quick lint deps clean deb rpm reference screenshots
 
 # setup.py builds the optional native relay (portunus/shard/_relay.c) when a C
 # compiler is present; without one the install still succeeds (Python relay).
@@ -43,6 +43,10 @@ test-asan: $(STAMP)
 	LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 		$(BIN)/python -m pytest -q -p no:cacheprovider $(ASAN_TESTS); rc=$$?; \
 		$(BIN)/pip install -q -e . --no-deps; exit $$rc
+
+## test-bench: the benchmark harnesses' own checks (report rows, one tiny run of each)
+test-bench: $(STAMP)
+	PYTHONPATH=$(CURDIR) $(BIN)/python -m pytest -q -p no:cacheprovider bench
 
 ## test-slow: the long end-to-end tests (200 MiB transfers, 10k idle connections)
 test-slow: $(STAMP)

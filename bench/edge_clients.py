@@ -62,9 +62,11 @@ from bench.common import machine_info, raise_nofile  # noqa: E402
 from bench.control_plane import Series, machine, pct, report, running_server  # noqa: E402
 from bench.edge_fleet import Fleet, Identity  # noqa: E402
 from bench.edge_report import fmt, render, to_json  # noqa: E402
+from bench.fleet_views import scrape, ui_clients  # noqa: E402
 from bench.results import BenchResult, Metric, Settings  # noqa: E402
 from portunus.control.rpc.caller import call_sync  # noqa: E402
 from portunus.errors import PortunusError  # noqa: E402
+from portunus.metrics.catalog import CLIENTS_CONNECTED  # noqa: E402
 from tests.e2e.support import LOOPBACK, PortAllocator, ServerProc  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -77,6 +79,7 @@ TARGETS = {
     "restart_p99_s": 30.0,
     "kib_per_client": 20.0,
     "idle_cpu_pct": 5.0,
+    "scrape_p99_ms": 1000.0,
 }
 MiB = 2**20
 
@@ -198,6 +201,24 @@ class Results:
                 TARGETS["get_p99_ms"],
             ),
             (
+                f"Web UI `GET /clients` page p99, {n} connected",
+                "ms",
+                pct(self.series["ui_clients"].values, 99),
+                TARGETS["list_p99_ms"],
+            ),
+            (
+                f"`GET /metrics` scrape p99, {n} connected",
+                "ms",
+                pct(self.series["scrape"].values, 99),
+                TARGETS["scrape_p99_ms"],
+            ),
+            (
+                f"`{CLIENTS_CONNECTED.name}` series, {n} connected",
+                "series",
+                float(f["scrape_connected_series"]),
+                1.0,
+            ),
+            (
                 f"push → acked p99, {n} connected",
                 "ms",
                 pct(self.series["push"].values, 99),
@@ -303,6 +324,12 @@ def bench_many(res: Results, srv: ServerProc, fleet: Fleet, args: argparse.Names
             g.values.append(took)
     res.series["get_rpc"] = g
     res.series["list_http"] = http_list(srv, args.lists, n)
+    log(f"{args.lists} x Web UI /clients pages and {args.scrapes} x /metrics with {n} connected")
+    res.series["ui_clients"], res.facts["ui_client_rows"] = ui_clients(srv, args.lists, n)
+    res.series["scrape"], expo = scrape(srv, args.scrapes, n)
+    res.facts["scrape_bytes"] = expo.size
+    res.facts["scrape_samples"] = expo.samples
+    res.facts["scrape_connected_series"] = expo.families[CLIENTS_CONNECTED.name]
     log(f"{args.pushes} pushes to random connected fakes")
     res.series["push"] = bench_push(srv, [i.client_id for i in idents], args.pushes)
     res.facts["mem_after_pushes"] = memory(srv)
@@ -501,6 +528,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=1000)
     p.add_argument("--lists", type=int, default=300)
     p.add_argument("--pushes", type=int, default=300)
+    p.add_argument("--scrapes", type=int, default=50, help="timed GET /metrics with the fleet up")
     p.add_argument("--restart-clients", type=int, default=100)
     p.add_argument("--rules-each", type=int, default=3)
     p.add_argument("--restarts", type=int, default=3)
@@ -528,7 +556,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="also write the raw samples here")
     args = p.parse_args(argv)
     if args.quick:
-        args.clients, args.lists, args.pushes = 200, 100, 100
+        args.clients, args.lists, args.pushes, args.scrapes = 200, 100, 100, 20
     return args
 
 

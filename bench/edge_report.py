@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 def fmt(v: float, unit: str) -> str:
     if unit == "s":
         return f"{v:.2f} s"
-    if unit == "lines":
+    if unit in ("lines", "series"):
         return f"{v:.0f}"
     return f"{v:.1f} {unit}"
 
@@ -56,6 +56,8 @@ def render(res: Results, args: argparse.Namespace) -> str:
     for key in (
         "list_rpc",
         "list_http",
+        "ui_clients",
+        "scrape",
         "get_rpc",
         "push",
         "restart",
@@ -106,6 +108,11 @@ def render(res: Results, args: argparse.Namespace) -> str:
         "`clients.get` of a random client by name, and as many `GET /v1/clients` on one keep-alive connection "
         "(every other one `?connected=true&name_prefix=fake-`), each after 5 warm-ups, while the fakes stay "
         f"connected ({f['list_bytes'] // 1024} KiB of JSON per page).",
+        f"- Operator views: as many Web UI `GET /clients` pages (HTML, every other one "
+        f"`?connected=true`; {f['ui_client_rows']} client rows on the last page) on one keep-alive "
+        f"connection, and {len(res.series['scrape'].values)} `GET /metrics` scrapes of the metrics "
+        f"listener ({f['scrape_bytes'] // 1024} KiB, {f['scrape_samples']} samples, "
+        f"{f['scrape_connected_series']} `portunus_clients_connected` series).",
         f"- Push: {len(res.series['push'].values)} sequential `rules.push` (after 5 warm-ups) to a random "
         "connected fake, fresh listen port each; the reply comes after the fake's `applied` (`active`). "
         f"Fake reconnects during the whole phase: {f['reconnects_during_run']}.",

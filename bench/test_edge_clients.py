@@ -65,6 +65,8 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
             "5",
             "--pushes",
             "5",
+            "--scrapes",
+            "3",
             "--restart-clients",
             "4",
             "--rules-each",
@@ -86,3 +88,10 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
     assert "restart → 4 × 2 rules reconnected + reconciled" in text
     assert res.facts["server_tracebacks"] == 0
     assert len(res.series["get_rpc"].values) == 5
+    # The operator's views with the fleet up: every fake is a row of the UI page, and
+    # the connected gauge is one series whatever the fleet.
+    assert len(res.series["ui_clients"].values) == 5
+    assert res.facts["ui_client_rows"] == 6 + 1  # the fakes and the server's own "local"
+    assert len(res.series["scrape"].values) == 3
+    assert res.facts["scrape_connected_series"] == 1
+    assert "`GET /metrics` scrape p99, 6 connected" in text
