@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from portunus.shard import dns
+from portunus.shard import dns_wire as wire
 from portunus.shard.dns import ResolveError, Resolver
 
 QTYPES = {1: "A", 28: "AAAA", 5: "CNAME"}
@@ -450,28 +450,28 @@ def test_resolv_conf_and_hosts_parsing() -> None:
         "search example.com\nnameserver 10.0.0.1\nnameserver ::1\nnameserver bogus\n"
         "options ndots:2\nnameserver 10.0.0.2\nnameserver 10.0.0.3\n"
     )
-    assert dns.parse_resolv_conf(text) == [("10.0.0.1", 53), ("::1", 53), ("10.0.0.2", 53)]
-    hosts = dns.parse_hosts("127.0.0.1 a b # c\n::1 a\nnot-an-ip x\n\n10.0.0.1 A.\n")
+    assert wire.parse_resolv_conf(text) == [("10.0.0.1", 53), ("::1", 53), ("10.0.0.2", 53)]
+    hosts = wire.parse_hosts("127.0.0.1 a b # c\n::1 a\nnot-an-ip x\n\n10.0.0.1 A.\n")
     assert hosts == {"a": (("127.0.0.1", "10.0.0.1"), ("::1",)), "b": (("127.0.0.1",), ())}
 
 
 def test_decoder_rejects_loops_foreign_ids_and_short_packets() -> None:
-    query = dns.encode_query(0x1234, "x.test", dns.TYPE_A)
+    query = wire.encode_query(0x1234, "x.test", wire.TYPE_A)
     header = struct.pack("!6H", 0x1234, 0x8180, 0, 1, 0, 0)
     looped = header + b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + b"\x01\x02\x03\x04"
-    with pytest.raises(dns._FormatError):
-        dns.decode_answer(looped, 0x1234, "x.test", dns.TYPE_A)
-    with pytest.raises(dns._FormatError):
-        dns.decode_answer(header[:8], 0x1234, "x.test", dns.TYPE_A)
-    with pytest.raises(dns._FormatError):
-        dns.decode_answer(query, 0x1234, "x.test", dns.TYPE_A)  # QR bit clear
+    with pytest.raises(wire.FormatError):
+        wire.decode_answer(looped, 0x1234, "x.test", wire.TYPE_A)
+    with pytest.raises(wire.FormatError):
+        wire.decode_answer(header[:8], 0x1234, "x.test", wire.TYPE_A)
+    with pytest.raises(wire.FormatError):
+        wire.decode_answer(query, 0x1234, "x.test", wire.TYPE_A)  # QR bit clear
     reply = bytearray(query)
     reply[2] |= 0x80
-    with pytest.raises(dns._FormatError):
-        dns.decode_answer(bytes(reply), 0x4321, "x.test", dns.TYPE_A)
-    with pytest.raises(dns._FormatError):
-        dns.decode_answer(bytes(reply), 0x1234, "y.test", dns.TYPE_A)
-    assert dns.decode_answer(bytes(reply), 0x1234, "x.test", dns.TYPE_A)[:3] == (0, False, [])
+    with pytest.raises(wire.FormatError):
+        wire.decode_answer(bytes(reply), 0x4321, "x.test", wire.TYPE_A)
+    with pytest.raises(wire.FormatError):
+        wire.decode_answer(bytes(reply), 0x1234, "y.test", wire.TYPE_A)
+    assert wire.decode_answer(bytes(reply), 0x1234, "x.test", wire.TYPE_A)[:3] == (0, False, [])
 
 
 def test_resolver_works_on_uvloop(tmp_path: Path) -> None:
