@@ -21,7 +21,7 @@ import click
 
 from portunus.cli.common import OperatorContext, echo_json, format_option, hint_vars
 from portunus.control.rpc.caller import call_sync
-from portunus.control.store import offline
+from portunus.control.store import offline, replace
 from portunus.errors import PortunusError
 
 HEALTH_TIMEOUT = 2.0
@@ -192,7 +192,7 @@ def restore(obj: OperatorContext, in_path: str, force: bool, fmt: str) -> None:
     require_db_access(obj.db_path, "restore")
     refuse_if_running(obj, "restore")
     try:
-        result = offline.restore(obj.db_path, in_path, local_actor(), force=force)
+        result = replace.restore(obj.db_path, in_path, local_actor(), force=force)
     except OSError as exc:
         raise _io_error(exc) from None
     if fmt == "json":
@@ -241,7 +241,7 @@ def reset(obj: OperatorContext, confirm: bool, fmt: str) -> None:
     require_db_access(obj.db_path, "reset")
     refuse_if_running(obj, "reset")
     try:
-        moved = offline.reset(obj.db_path)
+        moved = replace.reset(obj.db_path)
     except OSError as exc:
         raise _io_error(exc) from None
     if fmt == "json":
