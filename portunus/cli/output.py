@@ -196,3 +196,8 @@ def audit_table(entries: list[dict[str, Any]]) -> str:
             for e in entries
         ),
     )
+
+
+def id_list(ids: list[int]) -> str:
+    """``1, 2, 3`` or ``none``: the ids a removal took with it, for one line of text."""
+    return ", ".join(str(i) for i in ids) if ids else "none"

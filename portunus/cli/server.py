@@ -58,6 +58,13 @@ LAZY_VERBS.update(
             "user-list",
             "user-remove",
             "user-passwd",
+        ),
+        "portunus.cli.users",
+    )
+)
+LAZY_VERBS.update(
+    dict.fromkeys(
+        (
             "token-issue",
             "token-list",
             "token-revoke",
@@ -65,7 +72,7 @@ LAZY_VERBS.update(
             "grant-list",
             "grant-revoke",
         ),
-        "portunus.cli.users",
+        "portunus.cli.grants",
     )
 )
 LAZY_VERBS["owner-cap"] = "portunus.cli.owner_caps"

@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from portunus.cli import grants as grants_cli
 from portunus.cli import users as users_cli
 from portunus.cli.server import cli
 from portunus.errors import PortunusError
 
 
-@pytest.mark.parametrize("verb", sorted(users_cli.VERBS))
+@pytest.mark.parametrize("verb", sorted(users_cli.VERBS | grants_cli.VERBS))
 def test_every_verb_has_a_summary_and_an_example(verb: str) -> None:
     top = CliRunner().invoke(cli, ["--help"])
     assert re.search(rf"^  {re.escape(verb)}\s+(\S.*)$", top.stdout, re.M), top.stdout
