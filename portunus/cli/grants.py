@@ -79,29 +79,13 @@ def token_list(
     """
     params = {"user_id": user_id} if user_id else {}
     result = paging.fetch(obj.call, "tokens.list", params, "tokens", limit, cursor, every)
-    if fmt == "json":
-        echo_json(result)
-        return
-    tokens = result.get("tokens", [])
-    click.echo(
-        output.table(
-            ("ID", "USER", "NAME", "CREATED", "LAST USED", "REVOKED"),
-            (
-                (
-                    t.get("token_id"),
-                    t.get("user_id"),
-                    t.get("name"),
-                    t.get("created_at"),
-                    t.get("last_used_at"),
-                    t.get("revoked_at"),
-                )
-                for t in tokens
-            ),
-        )
-        if tokens
-        else "no tokens"
-    )
-    paging.more_hint(result, "tokens")
+    headers = ("ID", "USER", "NAME", "CREATED", "LAST USED", "REVOKED")
+    paging.show(result, "tokens", fmt, paging.table_or(headers, _token_row, "no tokens"))
+
+
+def _token_row(t: dict[str, Any]) -> tuple[Any, ...]:
+    fields = ("token_id", "user_id", "name", "created_at", "last_used_at", "revoked_at")
+    return tuple(t.get(k) for k in fields)
 
 
 @click.command("token-revoke")
@@ -199,29 +183,20 @@ def grant_list(
     """
     params = {k: v for k, v in (("user_id", user_id), ("client", client)) if v}
     result = paging.fetch(obj.call, "grants.list", params, "grants", limit, cursor, every)
-    if fmt == "json":
-        echo_json(result)
-        return
-    grants = result.get("grants", [])
-    click.echo(
-        output.table(
-            ("ID", "USER", "CLIENT", "PROTOCOLS", "PORTS", "NOTE"),
-            (
-                (
-                    g.get("grant_id"),
-                    g.get("user_id"),
-                    g.get("client"),
-                    ",".join(g.get("protocols", [])),
-                    _span(g),
-                    g.get("note"),
-                )
-                for g in grants
-            ),
-        )
-        if grants
-        else "no grants"
+    headers = ("ID", "USER", "CLIENT", "PROTOCOLS", "PORTS", "NOTE")
+    paging.show(result, "grants", fmt, paging.table_or(headers, _grant_row, "no grants"))
+
+
+def _grant_row(g: dict[str, Any]) -> tuple[Any, ...]:
+    protocols = ",".join(g.get("protocols", []))
+    return (
+        g.get("grant_id"),
+        g.get("user_id"),
+        g.get("client"),
+        protocols,
+        _span(g),
+        g.get("note"),
     )
-    paging.more_hint(result, "grants")
 
 
 @click.command("grant-revoke")

@@ -7,12 +7,14 @@ Without ``--all`` a verb prints one page (``--limit`` rows, the server's default
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
 
 from portunus.bounds import LIST_LIMIT
+from portunus.cli import output
+from portunus.cli.common import echo_json
 from portunus.cli.numbers import BoundedNumber
 
 limit_option = click.option(
@@ -66,3 +68,20 @@ def more_hint(result: dict[str, Any], key: str) -> None:
             "for the next page)",
             err=True,
         )
+
+
+def show(result: dict[str, Any], key: str, fmt: str, render: Callable[[list[Any]], str]) -> None:
+    """Print one listed page: the API's JSON as it came, or ``render(rows)`` for
+    people followed by the ``more_hint`` when the list goes on."""
+    if fmt == "json":
+        echo_json(result)
+        return
+    click.echo(render(result.get(key) or []))
+    more_hint(result, key)
+
+
+def table_or(
+    headers: Sequence[str], row: Callable[[Any], Sequence[Any]], empty: str
+) -> Callable[[list[Any]], str]:
+    """A ``render`` for ``show``: a table of ``row(item)`` per item, or ``empty``."""
+    return lambda items: output.table(headers, map(row, items)) if items else empty

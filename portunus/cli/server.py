@@ -363,11 +363,7 @@ def list_rules(
         if v is not None
     }
     result = paging.fetch(obj.call, "rules.list", params, "rules", limit, cursor, every)
-    if fmt == "json":
-        echo_json(result)
-        return
-    click.echo(output.rules_table(result.get("rules", [])))
-    paging.more_hint(result, "rules")
+    paging.show(result, "rules", fmt, output.rules_table)
 
 
 @cli.command("rule-stats")
@@ -460,11 +456,7 @@ def list_clients(
     if name_prefix:
         params["name_prefix"] = name_prefix
     result = paging.fetch(obj.call, "clients.list", params, "clients", limit, cursor, every)
-    if fmt == "json":
-        echo_json(result)
-        return
-    click.echo(output.clients_table(result.get("clients", [])))
-    paging.more_hint(result, "clients")
+    paging.show(result, "clients", fmt, output.clients_table)
 
 
 @cli.command("audit")
@@ -498,11 +490,7 @@ def audit(
         if value is not None:
             params[key] = value
     result = paging.fetch(obj.call, "audit.list", params, "entries", limit, cursor, every)
-    if fmt == "json":
-        echo_json(result)
-        return
-    click.echo(output.audit_table(result.get("entries", [])))
-    paging.more_hint(result, "entries")
+    paging.show(result, "entries", fmt, output.audit_table)
 
 
 def main() -> None:

@@ -123,16 +123,8 @@ def user_list(
     """
     params = {k: v for k, v in (("role", role), ("name_prefix", name_prefix)) if v}
     result = paging.fetch(obj.call, "users.list", params, "users", limit, cursor, every)
-    if fmt == "json":
-        echo_json(result)
-        return
-    users = result.get("users", [])
-    click.echo(
-        output.table(("ID", "ROLE", "DISPLAY NAME", "FLAGS", "CREATED"), map(_user_text, users))
-        if users
-        else "no users"
-    )
-    paging.more_hint(result, "users")
+    headers = ("ID", "ROLE", "DISPLAY NAME", "FLAGS", "CREATED")
+    paging.show(result, "users", fmt, paging.table_or(headers, _user_text, "no users"))
 
 
 @click.command("user-remove")
