@@ -41,6 +41,7 @@ from portunus.control.fleet.session import (
     EdgeSession,
 )
 from portunus.control.fleet.shedding import Shedder
+from portunus.control.fleet.tls_transport import start_tls_server
 from portunus.control.store import Store, utc_now, write_audit
 from portunus.ipc import edge_messages as em
 from portunus.ipc.edge_wire import FrameTooLarge, WireError, encode_frame, read_message
@@ -238,13 +239,10 @@ class EdgeGateway:
             async with asyncio.timeout(self.handshake_timeout) as deadline:
                 slot.on_evict = lambda: deadline.reschedule(loop.time())
                 try:
-                    # From here the transport owns ``conn``.  The TLS layer's own timer
-                    # is a backstop; the deadline above is the one that counts.
-                    transport, _ = await loop.connect_accepted_socket(
-                        lambda: protocol,
-                        conn,
-                        ssl=self.ssl_context,
-                        ssl_handshake_timeout=self.handshake_timeout + 5,
+                    # From here start_tls_server owns ``conn`` (closed if the handshake
+                    # fails or the deadline cancels it), then the transport does.
+                    transport, _ = await start_tls_server(
+                        loop, conn, lambda: protocol, self.ssl_context
                     )
                     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
                     return reader, writer, await read_message(reader, PREAUTH_MAX_FRAME)
@@ -264,7 +262,7 @@ class EdgeGateway:
                 peer=peer,
                 error=str(exc) or type(exc).__name__,
             )
-        # Without a transport, connect_accepted_socket failed and closed ``conn``.
+        # Without a transport, start_tls_server failed and closed ``conn``.
         if transport is not None:
             transport.abort()
         return None
