@@ -371,4 +371,8 @@ class SSLSocketTransport(asyncio.Transport):
         self._loop.remove_writer(self._fd)
         self._chunk, self._buffer, self._buffered = None, [], 0
         self._sock.close()
-        self._loop.call_soon(self._protocol.connection_lost, exc)
+        self._loop.call_soon(self._connection_lost, exc)
+
+    def _connection_lost(self, exc: Exception | None) -> None:
+        # The protocol of this moment: the gateway may have handed the link on.
+        self._protocol.connection_lost(exc)
