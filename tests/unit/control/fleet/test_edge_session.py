@@ -123,3 +123,35 @@ async def test_sweep_pings_a_quiet_link_and_drops_a_dead_one() -> None:
     assert t.written == [encode_frame(em.Ping())]
     s.sweep(now + s.dead_after_secs + 1)
     assert t.aborted and s.close_reason is not None and "dead link" in s.close_reason
+
+
+async def test_frames_sent_right_behind_the_hello_reach_the_session(edge: Any, poll: Any) -> None:
+    """The pre-auth reader may have read past the hello; the session gets those bytes."""
+    _, enrolled = await edge.enroll("edge-01")
+    e = edge.fake()
+    await e.connect()
+    hello = {
+        "type": "hello",
+        "token": enrolled["token"],
+        "client_id": enrolled["client_id"],
+        "version": "0.1.0",
+        "capabilities": ["tcp", "quiet_link"],
+    }
+    stats = {"type": "stats", "rules": {}, "run": "run-1"}
+    assert e.writer is not None
+    e.writer.write(encode_frame(hello) + encode_frame(stats) + encode_frame(em.Ping())[:3])
+    assert (await e.recv("welcome"))["client_id"] == enrolled["client_id"]
+
+    async def got_stats() -> bool:
+        return edge.link.runs.get(enrolled["client_id"]) == "run-1"
+
+    await poll(got_stats)
+    session = edge.link.sessions[enrolled["client_id"]]
+    assert session._buf == encode_frame(em.Ping())[:3]  # a frame's start waits for the rest
+    e.writer.write(encode_frame(em.Ping())[3:])
+
+    async def whole() -> bool:
+        return session._buf is None
+
+    await poll(whole)
+    assert edge.link.connected(enrolled["client_id"])
