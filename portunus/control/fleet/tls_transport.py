@@ -234,6 +234,10 @@ class SSLSocketTransport(asyncio.Transport):
             self._protocol.data_received(data)
             if not self._reading:  # paused or closed by the protocol
                 return
+            if len(data) < READ_SIZE and not self._sock.pending():
+                # Most likely all there was (an idle link's ping): no second read just to
+                # hear WANT_READ; if more came, the level-triggered poll calls again.
+                return
         self._loop.call_soon(self._read_ready)
 
     # ------------------------------------------------------------ writing
