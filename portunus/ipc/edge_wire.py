@@ -40,6 +40,7 @@ CAPABILITIES = (
 # A sync over it is not sent; the server cuts the link and logs why.
 MAX_FRAME = 16 * 1024 * 1024
 _HEADER = struct.Struct(">I")
+HEADER = _HEADER  # the length prefix, for a reader that cuts frames itself
 
 
 class WireError(Exception):
@@ -58,7 +59,11 @@ async def read_frame(reader: asyncio.StreamReader, max_len: int = MAX_FRAME) -> 
     (length,) = _HEADER.unpack(header)
     if length > max_len:
         raise FrameTooLarge(f"frame of {length} bytes exceeds {max_len}")
-    body = await reader.readexactly(length)
+    return decode_body(await reader.readexactly(length))
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    """A frame's body (after its length prefix) as the JSON object; WireError on garbage."""
     try:
         msg = safejson.loads(body)
     except safejson.JsonRejected as exc:
@@ -68,13 +73,17 @@ async def read_frame(reader: asyncio.StreamReader, max_len: int = MAX_FRAME) -> 
     return msg
 
 
-async def read_message(reader: asyncio.StreamReader, max_len: int = MAX_FRAME) -> Frame:
-    """``read_frame``, as its class; WireError when its fields do not fit its kind."""
-    raw = await read_frame(reader, max_len)
+def to_message(raw: dict[str, Any]) -> Frame:
+    """A decoded frame as its class; WireError when its fields do not fit its kind."""
     try:
         return edge_messages.parse(raw)
     except edge_messages.FrameInvalid as exc:
         raise WireError(str(exc)) from None
+
+
+async def read_message(reader: asyncio.StreamReader, max_len: int = MAX_FRAME) -> Frame:
+    """``read_frame``, as its class; WireError when its fields do not fit its kind."""
+    return to_message(await read_frame(reader, max_len))
 
 
 def encode_frame(msg: Frame | dict[str, Any]) -> bytes:

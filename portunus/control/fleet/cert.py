@@ -46,6 +46,10 @@ class ServerCert:
         # tickets OpenSSL sends by default are work for both sides on every handshake
         # of a reconnect storm, for nothing.
         ctx.num_tickets = 0
+        # No TLS 1.2 renegotiation: the gateway's transport (tls_transport.py) then never
+        # has to read before it can write, and a client cannot make the server redo
+        # a handshake's work on an established link.
+        ctx.options |= ssl.OP_NO_RENEGOTIATION
         ctx.load_cert_chain(self.cert_path, self.key_path)
         return ctx
 

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import sys
 from typing import Any
 
 from portunus.control.fleet.enrollment import EnrollmentInvalid, client_for_token, redeem
@@ -41,6 +42,7 @@ from portunus.control.fleet.session import (
     EdgeSession,
 )
 from portunus.control.fleet.shedding import Shedder
+from portunus.control.fleet.tls_transport import start_tls_server
 from portunus.control.store import Store, utc_now, write_audit
 from portunus.ipc import edge_messages as em
 from portunus.ipc.edge_wire import FrameTooLarge, WireError, encode_frame, read_message
@@ -57,9 +59,12 @@ _MAX_CAPABILITIES = 64
 
 
 def _capabilities(raw: Any) -> list[str]:
+    """The hello's capabilities, interned: ten thousand sessions then share one copy
+    of each name instead of holding ~0.5 KiB of equal strings each."""
     if not isinstance(raw, list):
         return []
-    return [c for c in raw if isinstance(c, str) and len(c) <= 64][:_MAX_CAPABILITIES]
+    kept = [c for c in raw if isinstance(c, str) and len(c) <= 64][:_MAX_CAPABILITIES]
+    return [sys.intern(c) for c in kept]
 
 
 def _short(value: Any, limit: int = 64) -> str | None:
@@ -113,7 +118,7 @@ class EdgeGateway:
         self.sock = sock  # bound by the supervisor (own_listeners.py); None: bind host:port here
         self._sockets: list[socket.socket] = []
         self._tasks: list[asyncio.Task[None]] = []  # accept loops and the log flusher
-        self._conns: set[asyncio.Task[None]] = set()
+        self._conns: set[asyncio.Task[None]] = set()  # until the hello: a session needs none
         self._handshakes = 0  # connections admitted since the heap was last trimmed
 
     @property
@@ -180,6 +185,11 @@ class EdgeGateway:
         self._sockets = []
         self.parking.close()
         self.link.close_all("server shutting down")
+        # A session ends (and detaches) within its close grace (session.CLOSE_GRACE_SECS).
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 2.0
+        while self.link.sessions and loop.time() < until:
+            await asyncio.sleep(0.02)
         if self._conns:
             _, pending = await asyncio.wait(set(self._conns), timeout=2.0)
             for task in pending:
@@ -204,11 +214,12 @@ class EdgeGateway:
             opened = await self._first_frame(conn, peer, slot)
             if opened is None:
                 return
-            reader, writer, first = opened
+            _, writer, first = opened
             if isinstance(first, em.Enroll):
                 await self._enroll(first, writer, peer)
             elif isinstance(first, em.Hello):
-                await self._hello(first, reader, writer, peer, slot)
+                if await self._hello(first, writer, peer, slot):
+                    writer = None  # the session owns the transport now
             else:
                 kind = em.kind(first)
                 await self._refuse(writer, "bad_request", f"expected enroll or hello, got {kind!r}")
@@ -238,13 +249,10 @@ class EdgeGateway:
             async with asyncio.timeout(self.handshake_timeout) as deadline:
                 slot.on_evict = lambda: deadline.reschedule(loop.time())
                 try:
-                    # From here the transport owns ``conn``.  The TLS layer's own timer
-                    # is a backstop; the deadline above is the one that counts.
-                    transport, _ = await loop.connect_accepted_socket(
-                        lambda: protocol,
-                        conn,
-                        ssl=self.ssl_context,
-                        ssl_handshake_timeout=self.handshake_timeout + 5,
+                    # From here start_tls_server owns ``conn`` (closed if the handshake
+                    # fails or the deadline cancels it), then the transport does.
+                    transport, _ = await start_tls_server(
+                        loop, conn, lambda: protocol, self.ssl_context
                     )
                     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
                     return reader, writer, await read_message(reader, PREAUTH_MAX_FRAME)
@@ -264,7 +272,7 @@ class EdgeGateway:
                 peer=peer,
                 error=str(exc) or type(exc).__name__,
             )
-        # Without a transport, connect_accepted_socket failed and closed ``conn``.
+        # Without a transport, start_tls_server failed and closed ``conn``.
         if transport is not None:
             transport.abort()
         return None
@@ -324,11 +332,12 @@ class EdgeGateway:
     async def _hello(
         self,
         msg: em.Hello,
-        reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         peer: str | None,
         slot: PreauthSlot,
-    ) -> None:
+    ) -> bool:
+        """Refuse, shed, or hand the link to a new ``EdgeSession``; True when handed
+        over (this connection's task then ends: the session needs none)."""
         async with self.store.read() as db:
             client = await client_for_token(db, msg.token)
         claimed = msg.client_id
@@ -344,7 +353,7 @@ class EdgeGateway:
             await self._refuse(
                 writer, "unauthenticated", "the client token is not valid; enroll the client again"
             )
-            return
+            return False
         # No await between this check and attach(): a revoke that started after the
         # token was read is seen here (RemoteLink.banned), one that starts later kicks.
         if client.revoked_at is not None or client.client_id in self.link.banned:
@@ -358,7 +367,7 @@ class EdgeGateway:
             await self._refuse(
                 writer, "revoked", f"client {client.name} ({client.client_id}) was revoked"
             )
-            return
+            return False
         retry_after = self.shedder.retry_after()
         if retry_after is not None:
             log_throttled(
@@ -370,7 +379,11 @@ class EdgeGateway:
                 backlog=self.shedder.backlog(),
             )
             await self._goodbye(writer, self.shedder.busy_frame(retry_after))
-            return
+            return False
+        transport = writer.transport
+        assert isinstance(transport, asyncio.Transport)
+        if transport.is_closing():  # the client left while its token was checked
+            return False
         slot.release()  # authenticated: no longer anonymous, the normal frame limit applies
         capabilities = _capabilities(msg.capabilities)
         welcome = em.Welcome(client_id=client.client_id, client_name=client.name)
@@ -385,13 +398,13 @@ class EdgeGateway:
         session = EdgeSession(
             client.client_id,
             client.name,
-            reader,
-            writer,
+            transport,
             remote_addr=peer,
             version=_short(msg.version),
             capabilities=capabilities,
             connected_since=utc_now(),
             on_frame=self.link.on_frame,
+            on_end=self._session_ended,
             heartbeat_secs=ping,
             dead_after_secs=dead,
         )
@@ -408,17 +421,30 @@ class EdgeGateway:
             version=session.version,
             capabilities=session.capabilities,
         )
-        try:
-            reason = await session.run()
-        finally:
-            self.link.detach(session)
+        # From here the link costs the session and the transport, nothing else: no
+        # task, no stream objects (they are dropped with this connection's task).
+        session.start(_take_buffered(writer))
+        return True
+
+    def _session_ended(self, session: EdgeSession, reason: str) -> None:
+        self.link.detach(session)
         log_event(
             "edge.disconnected",
-            client_id=client.client_id,
+            client_id=session.client_id,
             client=session.client_name,
-            peer=peer,
+            peer=session.remote_addr,
             reason=reason,
         )
+
+
+def _take_buffered(writer: asyncio.StreamWriter) -> bytes:
+    """What the pre-auth reader read past the hello (a client may send frames right
+    after it).  ``StreamReader`` has no call that takes its buffer without waiting,
+    so its ``_buffer`` is read directly."""
+    protocol = writer.transport.get_protocol()
+    reader = getattr(protocol, "_stream_reader", None)
+    buffered = getattr(reader, "_buffer", None)
+    return bytes(buffered) if buffered else b""
 
 
 def _nothing() -> None:

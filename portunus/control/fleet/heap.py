@@ -22,7 +22,9 @@ _M_MMAP_THRESHOLD = -3  # glibc malloc.h
 # ever written.  glibc raises its mmap threshold past that size after the first such
 # buffer is freed, and from then on they come from the heap, where freed ones fragment
 # it; a fixed threshold keeps every one its own mapping (RSS = pages written, returned
-# to the kernel on free).  Measured: 81 -> 63 KiB per idle link at 1,000 links.
+# to the kernel on free).  Measured: 81 -> 63 KiB per idle link at 1,000 links.  (The
+# gateway's own TLS transport, tls_transport.py, has no such buffer; the control
+# process's other uvloop transports still allocate theirs.)
 MMAP_THRESHOLD = 128 * 1024
 
 

@@ -5,8 +5,8 @@ do it, for two reasons.  A connection over the anonymous limits must be refused
 before any TLS work, and an ``ssl=`` server only shows a connection after its
 handshake.  And starting TLS later on a plain stream (``StreamWriter.start_tls``)
 loses the ClientHello under uvloop, which starts reading the moment the
-transport exists.  An accepted socket handed to ``loop.connect_accepted_socket``
-has read nothing yet, so its TLS layer sees every byte.
+transport exists.  An accepted socket handed to the gateway's TLS transport
+(``tls_transport.start_tls_server``) has read nothing yet, so TLS sees every byte.
 
 At the global anonymous limit a new connection takes the slot of the one that has
 waited longest for its handshake (``preauth``); the listen backlog (``BACKLOG``) is

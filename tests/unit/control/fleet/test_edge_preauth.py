@@ -135,14 +135,24 @@ async def test_over_the_global_limit_the_longest_waiting_connection_makes_room(
     async def both_admitted() -> bool:
         return edge.gateway.preauth.open == 2
 
+    async def one_held() -> bool:
+        return edge.gateway.preauth.open == 1
+
     await poll(both_admitted)
-    # A real client still enrolls and connects (two connections): each time the
-    # oldest silent connection is closed for it.
-    e, _ = await edge.connect("edge-01")
+    # A real client still enrolls and connects (two connections): each time, with
+    # every slot held, the oldest silent connection is closed for it.
+    _, enrolled = await edge.enroll("edge-01")
+    assert await _until_closed(held[0][0]) < 1.0
+    await poll(one_held)  # the enrollment's connection ended: fill the slot again
+    held.append(await _tcp(edge.port))
+    await poll(both_admitted)
+    e = edge.fake()
+    welcome = await e.hello(enrolled["token"], enrolled["client_id"])
+    assert welcome["type"] == "welcome"
     assert not e.closed.is_set()
-    for reader, _ in held:
-        assert await _until_closed(reader) < 1.0
+    assert await _until_closed(held[1][0]) < 1.0
     assert refused == ["evicted", "evicted"]
+    assert edge.gateway.preauth.open == 1  # the newest silent one still waits
     for _, w in held:
         w.close()
 
