@@ -18,6 +18,22 @@ RELAY_API void report(Relay *r, Conn *c, int closed, int err) {
         l->dirty = 1;
         return;
     }
+    if (r->in_thread) {
+        /* The relay thread cannot build Python objects: the connection carries its
+         * report until poll() (it is not freed before: free_dead waits for repq). */
+        c->rep_in += din;
+        c->rep_out += dout;
+        if (closed) {
+            c->rep_closed = 1;
+            c->rep_err = err;
+        }
+        if (!c->rep_queued) {
+            c->rep_queued = 1;
+            c->next_rep = r->repq;
+            r->repq = c;
+        }
+        return;
+    }
     if (r->reports == NULL) return; /* close() outside poll(): the caller reads them */
     PyObject *t = Py_BuildValue("(OLLii)", c->token, din, dout, closed, err);
     if (t == NULL || PyList_Append(r->reports, t) < 0) r->report_failed = 1;
@@ -59,7 +75,7 @@ static void pipe_put(Relay *r, Dir *x) {
 
 /* -------------------------------------------------------------- connections */
 
-static void conn_free(Conn *c);
+static void conn_free(Relay *r, Conn *c);
 
 RELAY_API void conn_close(Relay *r, Conn *c, int err) {
     if (c->closed) return;
@@ -77,30 +93,40 @@ RELAY_API void conn_close(Relay *r, Conn *c, int err) {
         for (Py_ssize_t i = 0; i < r->nagain; i++)
             if (r->again[i] == c) r->again[i] = NULL;
     }
-    r->slots[c->handle] = NULL;
-    r->free_ids[r->nfree++] = c->handle;
+    if (!r->threaded) {
+        r->slots[c->handle] = NULL;
+        r->free_ids[r->nfree++] = c->handle;
+    } /* threaded: the handle stays taken until poll() told Python (conn_free) */
     r->live--;
-    if (r->in_poll) {
-        /* An event for it may still be in this batch: free after the batch. */
+    if (r->in_poll || r->threaded) {
+        /* An event for it may still be in this batch, and a threaded relay frees
+         * (token, listener) only with the GIL: free after the batch, in Python. */
         c->next_dead = r->dead;
         r->dead = c;
     } else {
-        conn_free(c);
+        conn_free(r, c);
     }
 }
 
-static void conn_free(Conn *c) {
+/* With the GIL (the token, the listener's token). */
+static void conn_free(Relay *r, Conn *c) {
+    if (r->threaded) {
+        r->slots[c->handle] = NULL;
+        r->free_ids[r->nfree++] = c->handle;
+    }
     Py_CLEAR(c->token);
     cands_unref(c->cands);
-    if (c->lst != NULL) listener_unref(c->lst);
-    free(c);
+    if (c->lst != NULL) listener_unref(r, c->lst);
+    relay_free(r, c);
 }
 
+/* With the GIL; a threaded relay only once poll() took the reports (repq). */
 RELAY_API void free_dead(Relay *r) {
+    if (r->repq != NULL) return;
     while (r->dead) {
         Conn *c = r->dead;
         r->dead = c->next_dead;
-        conn_free(c);
+        conn_free(r, c);
     }
 }
 

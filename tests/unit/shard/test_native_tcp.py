@@ -37,6 +37,13 @@ except ImportError:
 _ids = iter(range(1_000_000))
 
 
+@pytest.fixture(autouse=True, params=["thread", "loop"])
+def relay_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: the relay's own thread (the default) and driven from the loop."""
+    monkeypatch.setenv("PORTUNUS_NATIVE_THREAD", "1" if request.param == "thread" else "0")
+    return str(request.param)
+
+
 loop = pytest.fixture(new_loop)
 # The native path's conditions get longer than loopkit's default: threads and C reports.
 run_until = functools.partial(loopkit.run_until, timeout=10.0)
@@ -264,7 +271,8 @@ def test_out_of_fds_at_accept_backs_off_then_serves(
     native = p.ctx.native
     got: list[bytes] = []
     server = serve_once(origin, b"served", got)
-    client = socket.create_connection(p.addr, timeout=10)  # queued in the kernel's backlog
+    client = socket.socket()  # its fd exists before the fds run out
+    client.settimeout(10)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     fillers: list[int] = []
     try:
@@ -275,6 +283,8 @@ def test_out_of_fds_at_accept_backs_off_then_serves(
                 fillers.append(os.open("/dev/null", os.O_RDONLY))
             except OSError:
                 break
+        # Connected only now: the relay thread would accept it at once before.
+        client.connect(p.addr)  # queued in the kernel's backlog
         # Drive the relay by hand: running the loop itself would need fds.
         assert readable(native.relay.fileno(), 5)
         native.dispatch()
