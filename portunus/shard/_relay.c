@@ -106,7 +106,8 @@ static void run_again(Relay *r);
 /* After a batch: does Python have something to do now?  Counts not due yet keep
  * the tick running, which calls this again (at most report_ms + TICK_MS late). */
 static void maybe_signal(Relay *r) {
-    if (r->repq != NULL || r->admits) {
+    /* Connections left on the dead list need the GIL (sweep_dead): poll() frees them. */
+    if (r->repq != NULL || r->admits || r->dead != NULL) {
         wake_python(r);
         return;
     }
@@ -129,8 +130,28 @@ static void maybe_signal(Relay *r) {
         }
         if (u < 0) waiting = 1;
     }
-    if (r->dead != NULL) waiting = 1; /* freed by the next poll() */
     if (waiting) arm_timer(r);
+}
+
+/* After a batch: free the closed connections that hold no Python reference (those
+ * the thread accepted, while their listener has another reference), so a busy port
+ * does not need Python to free its connections.  The batch that could name them
+ * is done, and later batches cannot (their fds were closed). */
+static void sweep_dead(Relay *r) {
+    Conn **pp = &r->dead;
+    while (*pp != NULL) {
+        Conn *c = *pp;
+        if (c->token != NULL || c->rep_queued || (c->lst != NULL && c->lst->refs <= 1)) {
+            pp = &c->next_dead;
+            continue;
+        }
+        *pp = c->next_dead;
+        r->slots[c->handle] = NULL;
+        r->free_ids[r->nfree++] = c->handle;
+        cands_unref(c->cands);
+        if (c->lst != NULL) c->lst->refs--; /* not the last: no token to drop */
+        free(c);
+    }
 }
 
 static void *relay_thread(void *arg) {
@@ -151,6 +172,7 @@ static void *relay_thread(void *arg) {
         for (int i = 0; i < n; i++) handle_event(r, &evs[i]);
         r->in_poll = 0;
         udp_free_dead(r);
+        sweep_dead(r);
         r->in_thread = 0;
         maybe_signal(r);
     }

@@ -31,7 +31,9 @@
  */
 #include "relay.h"
 
-#define ADMIT_QUEUE 8 /* datagrams a new client's flow keeps while Python admits it */
+/* Datagrams a new client's flow keeps while Python admits it: one recvmmsg batch, as
+ * the port's socket is not read again until Python decided (the kernel buffers). */
+#define ADMIT_QUEUE UDP_BATCH
 
 typedef struct {
     unsigned char batch, calm; /* see rx() */
@@ -84,6 +86,7 @@ struct UPort {
     int gone;           /* udp_close()d: an event already fetched must not touch it */
     End end;
     UFlow *admit_head;  /* flows waiting for admit_flow(), newest first */
+    int held;           /* out of the epoll set's interest until Python admitted them */
 };
 
 /* Activity stamps: a few ms of resolution is plenty for idle times and costs no TSC read. */
@@ -380,6 +383,14 @@ static UFlow *flow_open(Relay *r, UPort *p, struct sockaddr_storage *a, socklen_
 
 /* ------------------------------------------- admission (threaded relay) */
 
+/* While new clients wait for Python the port's socket is not read: what they send
+ * next waits in the kernel, not in a queue that would have to drop it. */
+static void port_hold(Relay *r, UPort *p, int hold) {
+    if (p->held == hold || !p->in_ep) return;
+    struct epoll_event ev = {.events = hold ? 0 : EPOLLIN, .data.ptr = &p->end};
+    if (epoll_ctl(r->ep, EPOLL_CTL_MOD, p->lfd, &ev) == 0) p->held = hold;
+}
+
 /* The relay thread met a new client: a flow in the table (so its next datagrams
  * join the queue) but not yet counted, connected or reaped; Python decides. */
 static UFlow *flow_admitting(Relay *r, UPort *p, struct sockaddr_storage *a, socklen_t len, unsigned h) {
@@ -434,6 +445,7 @@ static void admit_forget(Relay *r, UPort *p, UFlow *f) {
 static void admit_drop_all(Relay *r, UPort *p) {
     UFlow *f = p->admit_head;
     p->admit_head = NULL;
+    port_hold(r, p, 0);
     while (f != NULL) {
         UFlow *next = f->next_admit;
         r->admits--;
@@ -516,6 +528,7 @@ RELAY_API int udp_admit_pending(Relay *r) {
             else if (r->ups[i] == p && !p->gone) admit_forget(r, p, f);
             else { admit_clear(f); free(f); } /* the port went away during admit_flow() */
         }
+        if (r->ups[i] == p && !p->gone) port_hold(r, p, 0);
     }
     r->admits = 0;
     udp_free_dead(r);
@@ -778,7 +791,9 @@ RELAY_API PyObject *Relay_udp_on_flow(Relay *self, PyObject *arg) {
 
 /* The relay thread: a port's socket or a flow's upstream socket is readable. */
 RELAY_API void udp_on_port_event(Relay *r, UPort *p) {
-    if (!p->gone) on_udp_listener(r, p);
+    if (p->gone || p->held) return;
+    on_udp_listener(r, p);
+    if (p->admit_head != NULL) port_hold(r, p, 1);
 }
 
 RELAY_API void udp_on_flow_event(Relay *r, UFlow *f) {

@@ -139,7 +139,7 @@ def test_stop_with_live_connections_joins_the_thread_and_leaks_no_fd() -> None:
         s.close()
     del relay
     gc.collect()
-    assert open_fds() == before
+    assert open_fds() <= before  # (an earlier test's leftovers may close meanwhile)
 
 
 def test_relays_while_python_is_busy_and_never_polls() -> None:
