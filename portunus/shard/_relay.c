@@ -372,6 +372,7 @@ static PyObject *Relay_close(Relay *self, PyObject *arg) {
     /* A report the thread queued for it is taken over here (poll() skips it). */
     c->rep_in = c->rep_out = 0;
     c->rep_closed = 0;
+    c->told = 2; /* Python knows it is closed: the handle may go */
     conn_close(self, c, 0);
     return Py_BuildValue("(LL)", din, dout);
 }
@@ -500,6 +501,7 @@ static void take_conn_reports(Relay *self, PyObject *reports) {
             if (t == NULL || PyList_Append(reports, t) < 0) self->report_failed = 1;
             Py_XDECREF(t);
         }
+        if (c->rep_closed && c->told == 0) c->told = 1;
         c->rep_in = c->rep_out = 0;
         c->rep_closed = c->rep_err = 0;
         c->rep_queued = 0;
@@ -518,6 +520,9 @@ static PyObject *Relay_poll(Relay *self, PyObject *noargs) {
         uint64_t v;
         if (read(self->efd, &v, sizeof v) < 0) { /* not signalled: a call of our own */ }
         self->signalled = 0;
+        /* Closes the last poll() handed over have been acted on: their handles may go. */
+        for (Conn *c = self->dead; c != NULL; c = c->next_dead)
+            if (c->told == 1) c->told = 2;
         if (self->admits && udp_admit_pending(self) < 0) self->report_failed = 1;
         take_conn_reports(self, reports);
     } else {
@@ -768,6 +773,7 @@ static void halt(Relay *self) {
     stop_thread(self);
     /* What the thread left for Python is dropped with the connections it names. */
     take_conn_reports(self, NULL);
+    for (Conn *c = self->dead; c != NULL; c = c->next_dead) c->told = 2;
     free_dead(self); /* still threaded: releases the handles of conns it closed */
     reap(self, 1);
     self->threaded = 0;

@@ -125,6 +125,11 @@ struct Conn {
     /* threaded relay: what the thread owes Python for an add()ed connection */
     long long rep_in, rep_out;
     int rep_closed, rep_err, rep_queued;
+    /* threaded relay, add()ed connection closed by the thread: 1 once poll() handed its
+     * close to Python, 2 from the next poll() on (Python has acted on it): only then is
+     * its handle free for reuse, so a close(handle) racing the report cannot hit another
+     * connection.  Closed by Python: 2 at once. */
+    int told;
     Conn *next_rep;
 };
 

@@ -81,6 +81,7 @@ RELAY_API void conn_close(Relay *r, Conn *c, int err) {
     if (c->closed) return;
     c->closed = 1;
     c->connecting = 0;
+    if (!r->in_thread) c->told = 2; /* Python closes it itself */
     close(c->fd[0]);
     if (c->fd[1] >= 0) close(c->fd[1]); /* closing removes both from the epoll set */
     for (int d = 0; d < 2; d++) {
@@ -120,12 +121,18 @@ static void conn_free(Relay *r, Conn *c) {
     relay_free(r, c);
 }
 
-/* With the GIL; a threaded relay only once poll() took the reports (repq). */
+/* With the GIL; a threaded relay only once poll() took the reports (repq), and an
+ * add()ed connection the thread closed only once Python had a poll() to act on it. */
 RELAY_API void free_dead(Relay *r) {
     if (r->repq != NULL) return;
-    while (r->dead) {
-        Conn *c = r->dead;
-        r->dead = c->next_dead;
+    Conn **pp = &r->dead;
+    while (*pp != NULL) {
+        Conn *c = *pp;
+        if (r->threaded && c->token != NULL && c->told < 2) {
+            pp = &c->next_dead;
+            continue;
+        }
+        *pp = c->next_dead;
         conn_free(r, c);
     }
 }

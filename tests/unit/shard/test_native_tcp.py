@@ -262,6 +262,7 @@ def test_out_of_fds_at_accept_backs_off_then_serves(
 ) -> None:
     """accept4 fails with EMFILE: logged, the listener rests (100 ms, a timerfd tick
     resumes it), and the waiting client is served once fds are back."""
+    import gc
     import os
     import resource
 
@@ -275,6 +276,9 @@ def test_out_of_fds_at_accept_backs_off_then_serves(
     client.settimeout(10)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     fillers: list[int] = []
+    # Sockets earlier tests left to the GC must not be freed while the fds are out: the
+    # relay thread would take the freed fds at once.
+    gc.collect()
     try:
         top = max(int(x) for x in os.listdir("/proc/self/fd"))
         resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1, hard))

@@ -115,6 +115,34 @@ def test_close_of_a_connection_the_thread_closed_takes_its_report() -> None:
     relay.stop()
 
 
+def test_a_reported_close_keeps_its_handle_until_the_next_poll() -> None:
+    """Python may still close(handle) while it works through the batch that reported the
+    close: the handle must not name another connection by then (the thread accepts and
+    adds meanwhile); it is free only from the next poll() on."""
+    relay = Relay(threaded=True)
+    a, a_peer = pair()
+    b, b_peer = pair()
+    h = relay.add(a_peer.detach(), b.detach(), Token())
+    a.close()
+    b_peer.close()
+    assert any(x[3] for x in poll_until(relay, lambda r: any(x[3] for x in r)))
+    c, c_peer = pair()
+    d, d_peer = pair()
+    h2 = relay.add(c_peer.detach(), d.detach(), Token())
+    assert h2 != h  # not reused yet
+    assert relay.close(h) == (0, 0)  # a late close from Python: harmless
+    c.sendall(b"alive")
+    d_peer.settimeout(5)
+    assert d_peer.recv(100) == b"alive"  # the other connection was not touched
+    relay.poll()
+    with pytest.raises(KeyError):
+        relay.close(h)
+    for s in (c, d_peer):
+        s.close()
+    relay.close_all()
+    relay.stop()
+
+
 def test_stop_with_live_connections_joins_the_thread_and_leaks_no_fd() -> None:
     before = open_fds()
     relay = Relay(threaded=True)
