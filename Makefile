@@ -33,7 +33,8 @@ test-python-relay: $(STAMP)
 	PORTUNUS_NATIVE=0 $(BIN)/python -m pytest -q tests/e2e
 
 ## test-asan: the TCP and UDP data-plane tests against an AddressSanitizer build of the native relay
-ASAN_TESTS = tests/unit/shard/test_pumps.py tests/unit/shard/test_native_tcp.py tests/unit/shard/test_native_udp.py tests/e2e/udp \
+ASAN_TESTS = tests/unit/shard/test_pumps.py tests/unit/shard/test_native_tcp.py tests/unit/shard/test_native_udp.py \
+	tests/unit/shard/test_native_thread.py tests/e2e/udp \
 	tests/e2e/standalone/test_transfer.py \
 	tests/e2e/standalone/test_backpressure.py tests/e2e/standalone/test_client_reset.py \
 	tests/e2e/standalone/test_halfclose_refused.py tests/e2e/standalone/test_metrics.py \

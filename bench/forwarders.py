@@ -29,7 +29,13 @@ FORWARDERS = ("direct", "portunus", "haproxy", "nginx", "socat")
 PEERS = ("haproxy", "nginx", "socat")
 # Opt-in contenders (--forwarders): the same Portunus build with its native relay off,
 # so one run shows both data paths side by side.
-EXTRA = ("portunus-py",)
+EXTRA = ("portunus-py", "portunus-loop")
+# Their environment: the Python relay; the native relay driven from the shard's loop
+# (PORTUNUS_NATIVE_THREAD=0) instead of its own thread.
+EXTRA_ENV = {
+    "portunus-py": {"PORTUNUS_NATIVE": "0"},
+    "portunus-loop": {"PORTUNUS_NATIVE_THREAD": "0"},
+}
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,7 @@ def start_portunus(
         log_dir,
         ready=lambda: is_listening(port, udp) and http_ok(url),
         timeout=20.0,
-        env={"PORTUNUS_NATIVE": "0"} if name == "portunus-py" else None,
+        env=EXTRA_ENV.get(name),
     )
     return Endpoint(name, port, svc)
 
@@ -144,7 +150,7 @@ def open_forwarders(
             if name == "direct":
                 out[name] = Endpoint("direct", target_port)
                 continue
-            if name in ("portunus", "portunus-py"):
+            if name == "portunus" or name in EXTRA:
                 ep = start_portunus(target_port, log_dir, udp, shards, name)
             elif name in PEERS:
                 if udp and name == "haproxy":

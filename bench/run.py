@@ -94,7 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         choices=FORWARDERS + EXTRA,
         default=list(FORWARDERS),
-        help="portunus-py: the same Portunus with PORTUNUS_NATIVE=0 (both data paths in one run)",
+        help="portunus-py: the same Portunus with PORTUNUS_NATIVE=0 (both data paths in one run); "
+        "portunus-loop: PORTUNUS_NATIVE_THREAD=0 (the native relay driven from the shard's loop)",
     )
     p.add_argument("--out", type=Path, help="Markdown report path")
     p.add_argument("--json", type=Path, help="raw JSON path (default results/latest.json)")

@@ -19,16 +19,214 @@
  * side is passed on as shutdown(SHUT_WR) once everything before it was
  * delivered; the connection closes when both directions are done or on the
  * first error.
+ *
+ * Threaded (Relay(threaded=1), the shard's default): a thread of the relay's own
+ * blocks in epoll_wait on that set, which then also holds the UDP sockets, and
+ * handles every event in C without the GIL; the shard's loop watches an eventfd
+ * instead (fileno()) that the thread writes only when Python has something to
+ * do: a report is due (the same batching as poll()'s), an add()ed connection
+ * closed or moved 64 KiB, a UDP flow waits for admission.  Every method called
+ * from Python takes the relay's mutex, which the thread holds while it handles
+ * a batch; the thread never takes the GIL, so the two cannot deadlock.  Python
+ * references (tokens) are only touched by Python-called methods, and memory an
+ * event of a batch the thread fetched may name is freed only after that batch
+ * (relay_free).
  */
 #include "relay.h"
+
+/* ------------------------------------------------------------- the thread */
+
+/* Free `p` now, or, on a threaded relay, once the thread finished every batch it
+ * may have fetched before this call (the fd was closed or deleted from the set
+ * first, so later batches cannot name it). */
+RELAY_API void relay_free(Relay *r, void *p) {
+    if (p == NULL) return;
+    if (!r->threaded) {
+        free(p);
+        return;
+    }
+    Grave *g = malloc(sizeof *g);
+    if (g == NULL) return; /* leak rather than risk a use after free */
+    g->p = p;
+    g->gen = r->gen;
+    g->next = r->graves;
+    r->graves = g;
+}
+
+static void reap(Relay *r, int all) {
+    Grave **pp = &r->graves;
+    while (*pp != NULL) {
+        Grave *g = *pp;
+        if (all || g->gen < r->gen) {
+            *pp = g->next;
+            free(g->p);
+            free(g);
+        } else {
+            pp = &g->next;
+        }
+    }
+}
+
+/* Entry from Python (the GIL held): take the relay's mutex.  The thread never
+ * waits for the GIL, so waiting here with the GIL released cannot deadlock. */
+static void py_lock(Relay *r) {
+    if (!r->running) return;
+    if (r->depth && pthread_equal(r->owner, pthread_self())) {
+        r->depth++; /* a finaliser run by a DECREF inside a method calls the relay again */
+        return;
+    }
+    if (pthread_mutex_trylock(&r->mu) != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&r->mu);
+        Py_END_ALLOW_THREADS
+    }
+    r->owner = pthread_self();
+    r->depth = 1;
+}
+
+static void py_unlock(Relay *r) {
+    if (!r->running || r->depth == 0) return;
+    if (--r->depth) return;
+    free_dead(r);
+    reap(r, 0);
+    pthread_mutex_unlock(&r->mu);
+}
+
+RELAY_API void wake_python(Relay *r) {
+    if (r->signalled) return;
+    uint64_t one = 1;
+    if (write(r->efd, &one, sizeof one) == sizeof one) r->signalled = 1;
+}
+
+static int listener_urgent(Listener *l);
+static void take_conn_reports(Relay *self, PyObject *reports);
+static void handle_event(Relay *r, struct epoll_event *ev);
+static void run_again(Relay *r);
+
+/* After a batch: does Python have something to do now?  Counts not due yet keep
+ * the tick running, which calls this again (at most report_ms + TICK_MS late). */
+static void maybe_signal(Relay *r) {
+    /* Connections left on the dead list need the GIL (sweep_dead): poll() frees them. */
+    if (r->repq != NULL || r->admits || r->dead != NULL) {
+        wake_python(r);
+        return;
+    }
+    long long now = now_ms();
+    int waiting = 0;
+    for (Py_ssize_t i = 0; i < r->nlsts; i++) {
+        Listener *l = r->lsts[i];
+        if (l == NULL || !l->dirty) continue;
+        if (!r->report_ms || now - l->reported_ms >= r->report_ms || listener_urgent(l)) {
+            wake_python(r);
+            return;
+        }
+        waiting = 1;
+    }
+    if (r->nups) {
+        int u = udp_due(r, now);
+        if (u > 0) {
+            wake_python(r);
+            return;
+        }
+        if (u < 0) waiting = 1;
+    }
+    if (waiting) arm_timer(r);
+}
+
+/* After a batch: free the closed connections that hold no Python reference (those
+ * the thread accepted, while their listener has another reference), so a busy port
+ * does not need Python to free its connections.  The batch that could name them
+ * is done, and later batches cannot (their fds were closed). */
+static void sweep_dead(Relay *r) {
+    Conn **pp = &r->dead;
+    while (*pp != NULL) {
+        Conn *c = *pp;
+        if (c->token != NULL || c->rep_queued || (c->lst != NULL && c->lst->refs <= 1)) {
+            pp = &c->next_dead;
+            continue;
+        }
+        *pp = c->next_dead;
+        r->slots[c->handle] = NULL;
+        r->free_ids[r->nfree++] = c->handle;
+        cands_unref(c->cands);
+        if (c->lst != NULL) c->lst->refs--; /* not the last: no token to drop */
+        free(c);
+    }
+}
+
+static void *relay_thread(void *arg) {
+    Relay *r = arg;
+    struct epoll_event evs[MAX_EVENTS];
+    pthread_mutex_lock(&r->mu);
+    while (!r->stop) {
+        /* Bursts left over go first, without blocking. */
+        int timeout = r->nagain ? 0 : -1;
+        r->gen++;
+        reap(r, 0);
+        pthread_mutex_unlock(&r->mu);
+        int n = epoll_wait(r->ep, evs, MAX_EVENTS, timeout);
+        pthread_mutex_lock(&r->mu);
+        if (r->stop) break;
+        r->in_thread = r->in_poll = 1;
+        run_again(r);
+        for (int i = 0; i < n; i++) handle_event(r, &evs[i]);
+        r->in_poll = 0;
+        udp_free_dead(r);
+        sweep_dead(r);
+        r->in_thread = 0;
+        maybe_signal(r);
+    }
+    pthread_mutex_unlock(&r->mu);
+    return NULL;
+}
+
+static int start_thread(Relay *r) {
+    r->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    r->wfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (r->efd < 0 || r->wfd < 0) return -1;
+    r->wend.kind = END_WAKE;
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &r->wend};
+    if (epoll_ctl(r->ep, EPOLL_CTL_ADD, r->wfd, &ev) < 0) return -1;
+    if (pthread_mutex_init(&r->mu, NULL) != 0) return -1;
+    r->mu_ready = 1;
+    /* Signals stay with the interpreter's thread: the relay thread blocks them all. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    int rc = pthread_create(&r->thread, NULL, relay_thread, r);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) {
+        errno = rc;
+        return -1;
+    }
+    r->running = 1;
+    return 0;
+}
+
+/* Stop and join the thread (the GIL held, not the mutex); from then on the relay
+ * is driven like an unthreaded one until it is freed. */
+static void stop_thread(Relay *r) {
+    if (!r->running) return;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&r->mu);
+    r->stop = 1;
+    uint64_t one = 1;
+    if (write(r->wfd, &one, sizeof one) < 0) { /* the eventfd is never full */ }
+    pthread_mutex_unlock(&r->mu);
+    pthread_join(r->thread, NULL);
+    Py_END_ALLOW_THREADS
+    r->running = 0;
+}
 
 /* ------------------------------------------------------------- Python type */
 
 static int Relay_init(Relay *self, PyObject *args, PyObject *kwds) {
-    static char *kw[] = {"splice_after", "bufsize", "report_ms", NULL};
+    static char *kw[] = {"splice_after", "bufsize", "report_ms", "threaded", NULL};
     long long splice_after = 16 * 1024, report_ms = 0;
     Py_ssize_t bufsize = 64 * 1024;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|LnL", kw, &splice_after, &bufsize, &report_ms)) return -1;
+    int threaded = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|LnLp", kw, &splice_after, &bufsize, &report_ms, &threaded))
+        return -1;
     if (bufsize < 1024 || splice_after < 0 || report_ms < 0 || report_ms > REPORT_MS_MAX) {
         PyErr_SetString(PyExc_ValueError, "bufsize >= 1024, splice_after >= 0, 0 <= report_ms <= 100");
         return -1;
@@ -62,12 +260,19 @@ static int Relay_init(Relay *self, PyObject *args, PyObject *kwds) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
+    if (threaded) {
+        self->threaded = 1;
+        if (start_thread(self) < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+    }
     return 0;
 }
 
 static PyObject *Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     Relay *self = (Relay *)type->tp_alloc(type, 0);
-    if (self != NULL) self->ep = self->tfd = -1;
+    if (self != NULL) self->ep = self->tfd = self->efd = self->wfd = -1;
     return (PyObject *)self;
 }
 
@@ -81,10 +286,13 @@ static void drop_listener(Relay *r, Py_ssize_t h) {
     r->lsts[h] = NULL;
     if (l->listening) epoll_ctl(r->ep, EPOLL_CTL_DEL, l->lfd, NULL);
     l->listening = 0;
-    listener_unref(l);
+    listener_unref(r, l);
 }
 
+static void halt(Relay *self);
+
 static void Relay_dealloc(Relay *self) {
+    halt(self);
     close_all(self);
     free_dead(self);
     for (Py_ssize_t i = 0; i < self->nlsts; i++)
@@ -94,6 +302,11 @@ static void Relay_dealloc(Relay *self) {
     if (self->tfd >= 0) close(self->tfd);
     for (int i = 0; i < 2 * self->pool_n; i++) close(self->pool[i]);
     if (self->ep >= 0) close(self->ep);
+    if (self->efd >= 0) close(self->efd);
+    if (self->wfd >= 0) close(self->wfd);
+    free_dead(self);
+    reap(self, 1);
+    if (self->mu_ready) pthread_mutex_destroy(&self->mu);
     free(self->buf);
     free(self->pool);
     free(self->slots);
@@ -133,7 +346,7 @@ static PyObject *Relay_add(Relay *self, PyObject *args) {
             self->slots[c->handle] = NULL;
             self->free_ids[self->nfree++] = c->handle;
             self->live--;
-            free(c);
+            relay_free(self, c); /* the thread may have fetched an event for cfd */
             errno = e;
             return PyErr_SetFromErrno(PyExc_OSError);
         }
@@ -154,8 +367,12 @@ static PyObject *Relay_close(Relay *self, PyObject *arg) {
         return NULL;
     }
     Conn *c = self->slots[h];
-    long long din = c->dir[0].unflushed, dout = c->dir[1].unflushed;
+    long long din = c->dir[0].unflushed + c->rep_in, dout = c->dir[1].unflushed + c->rep_out;
     c->dir[0].unflushed = c->dir[1].unflushed = 0;
+    /* A report the thread queued for it is taken over here (poll() skips it). */
+    c->rep_in = c->rep_out = 0;
+    c->rep_closed = 0;
+    c->told = 2; /* Python knows it is closed: the handle may go */
     conn_close(self, c, 0);
     return Py_BuildValue("(LL)", din, dout);
 }
@@ -174,6 +391,19 @@ static void handle_event(Relay *r, struct epoll_event *ev) {
     }
     if (e->kind == END_TIMER) {
         on_tick(r);
+        return;
+    }
+    if (e->kind == END_UPORT) {
+        udp_on_port_event(r, e->port);
+        return;
+    }
+    if (e->kind == END_UFLOW) {
+        udp_on_flow_event(r, e->flow);
+        return;
+    }
+    if (e->kind == END_WAKE) {
+        uint64_t n;
+        if (read(r->wfd, &n, sizeof n) < 0) { /* spurious */ }
         return;
     }
     Conn *c = e->conn;
@@ -239,39 +469,74 @@ static PyObject *listener_report(Listener *l) {
     return t;
 }
 
+/* Directions that yielded after a burst last time go first. */
+static void run_again(Relay *self) {
+    Py_ssize_t n_again = self->nagain;
+    if (!n_again) return;
+    Conn **todo = malloc((size_t)n_again * sizeof(Conn *));
+    if (todo == NULL) return;
+    memcpy(todo, self->again, (size_t)n_again * sizeof(Conn *));
+    self->nagain = 0;
+    for (Py_ssize_t i = 0; i < n_again; i++) {
+        Conn *c = todo[i];
+        if (c == NULL || c->closed) continue;
+        for (int d = 0; d < 2; d++) {
+            if (!c->dir[d].again) continue;
+            c->dir[d].again = 0;
+            pump(self, c, d);
+        }
+    }
+    free(todo);
+}
+
+/* Threaded: the reports the thread left on the add()ed connections. */
+static void take_conn_reports(Relay *self, PyObject *reports) {
+    Conn *c = self->repq;
+    self->repq = NULL;
+    while (c != NULL) {
+        Conn *next = c->next_rep;
+        if (reports != NULL && (c->rep_in || c->rep_out || c->rep_closed)) {
+            PyObject *t = Py_BuildValue("(OLLii)", c->token ? c->token : Py_None, c->rep_in, c->rep_out,
+                                        c->rep_closed, c->rep_err);
+            if (t == NULL || PyList_Append(reports, t) < 0) self->report_failed = 1;
+            Py_XDECREF(t);
+        }
+        if (c->rep_closed && c->told == 0) c->told = 1;
+        c->rep_in = c->rep_out = 0;
+        c->rep_closed = c->rep_err = 0;
+        c->rep_queued = 0;
+        c->next_rep = NULL;
+        c = next;
+    }
+}
+
 static PyObject *Relay_poll(Relay *self, PyObject *noargs) {
     if (check(self) < 0) return NULL;
     PyObject *reports = PyList_New(0);
     if (reports == NULL) return NULL;
-    self->reports = reports;
     self->report_failed = 0;
-    self->in_poll = 1;
-    /* Directions that yielded after a burst last time go first. */
-    Py_ssize_t n_again = self->nagain;
-    if (n_again) {
-        Conn **todo = malloc((size_t)n_again * sizeof(Conn *));
-        if (todo != NULL) {
-            memcpy(todo, self->again, (size_t)n_again * sizeof(Conn *));
-            self->nagain = 0;
-            for (Py_ssize_t i = 0; i < n_again; i++) {
-                Conn *c = todo[i];
-                if (c == NULL || c->closed) continue;
-                for (int d = 0; d < 2; d++) {
-                    if (!c->dir[d].again) continue;
-                    c->dir[d].again = 0;
-                    pump(self, c, d);
-                }
-            }
-            free(todo);
-        }
+    int n = 0;
+    if (self->running) {
+        uint64_t v;
+        if (read(self->efd, &v, sizeof v) < 0) { /* not signalled: a call of our own */ }
+        self->signalled = 0;
+        /* Closes the last poll() handed over have been acted on: their handles may go. */
+        for (Conn *c = self->dead; c != NULL; c = c->next_dead)
+            if (c->told == 1) c->told = 2;
+        if (self->admits && udp_admit_pending(self) < 0) self->report_failed = 1;
+        take_conn_reports(self, reports);
+    } else {
+        self->reports = reports;
+        self->in_poll = 1;
+        run_again(self);
+        struct epoll_event evs[MAX_EVENTS];
+        n = epoll_wait(self->ep, evs, MAX_EVENTS, 0);
+        for (int i = 0; i < n; i++) handle_event(self, &evs[i]);
+        self->in_poll = 0;
+        free_dead(self);
+        udp_free_dead(self);
+        self->reports = NULL;
     }
-    struct epoll_event evs[MAX_EVENTS];
-    int n = epoll_wait(self->ep, evs, MAX_EVENTS, 0);
-    for (int i = 0; i < n; i++) handle_event(self, &evs[i]);
-    self->in_poll = 0;
-    free_dead(self);
-    udp_free_dead(self);
-    self->reports = NULL;
     if (self->report_failed) {
         Py_DECREF(reports);
         if (!PyErr_Occurred()) PyErr_NoMemory();
@@ -313,7 +578,8 @@ static PyObject *Relay_poll(Relay *self, PyObject *noargs) {
         Py_DECREF(lreports);
         return NULL;
     }
-    return Py_BuildValue("(NNO)", reports, lreports, (self->nagain || n == MAX_EVENTS) ? Py_True : Py_False);
+    int more = !self->running && (self->nagain || n == MAX_EVENTS);
+    return Py_BuildValue("(NNO)", reports, lreports, more ? Py_True : Py_False);
 }
 
 /* [(ip, port, target_index), ...] -> Cands (new reference count 1) */
@@ -489,7 +755,7 @@ static PyObject *Relay_forget_listener(Relay *self, PyObject *arg) {
 
 static PyObject *Relay_fileno(Relay *self, PyObject *noargs) {
     if (check(self) < 0) return NULL;
-    return PyLong_FromLong(self->ep);
+    return PyLong_FromLong(self->running ? self->efd : self->ep);
 }
 
 static PyObject *Relay_close_all(Relay *self, PyObject *noargs) {
@@ -497,37 +763,87 @@ static PyObject *Relay_close_all(Relay *self, PyObject *noargs) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(stop_doc, "stop()\n\n"
+             "Join the relay thread (shard stop: call close_all() first).  Without the thread\n"
+             "nothing is relayed any more; fileno() is the epoll set again.");
+
+/* Join the thread and become an unthreaded relay (the GIL held). */
+static void halt(Relay *self) {
+    if (!self->running) return;
+    stop_thread(self);
+    /* What the thread left for Python is dropped with the connections it names. */
+    take_conn_reports(self, NULL);
+    for (Conn *c = self->dead; c != NULL; c = c->next_dead) c->told = 2;
+    free_dead(self); /* still threaded: releases the handles of conns it closed */
+    reap(self, 1);
+    self->threaded = 0;
+}
+
+static PyObject *Relay_stop(Relay *self, PyObject *noargs) {
+    halt(self);
+    Py_RETURN_NONE;
+}
+
+/* Every method Python calls takes the relay's mutex (py_lock) on a threaded relay. */
+#define LOCKED(fn)                                                   \
+    static PyObject *fn##_locked(Relay *self, PyObject *arg) {      \
+        py_lock(self);                                               \
+        PyObject *res = fn(self, arg);                               \
+        py_unlock(self);                                             \
+        return res;                                                  \
+    }
+LOCKED(Relay_add)
+LOCKED(Relay_close)
+LOCKED(Relay_poll)
+LOCKED(Relay_listen)
+LOCKED(Relay_set_candidates)
+LOCKED(Relay_unlisten)
+LOCKED(Relay_close_listener)
+LOCKED(Relay_forget_listener)
+LOCKED(Relay_close_all)
+LOCKED(Relay_udp_listen)
+LOCKED(Relay_udp_on_listener)
+LOCKED(Relay_udp_on_flow)
+LOCKED(Relay_udp_set_candidates)
+LOCKED(Relay_udp_set_idle)
+LOCKED(Relay_udp_close)
+LOCKED(Relay_udp_close_flows)
+LOCKED(Relay_udp_flows)
+
 static PyObject *Relay_len(Relay *self, void *closure) { return PyLong_FromSsize_t(self->live); }
 static PyObject *Relay_pipe_failures(Relay *self, void *closure) { return PyLong_FromLong(self->pipe_failures); }
 static PyObject *Relay_pooled_pipes(Relay *self, void *closure) { return PyLong_FromLong(self->pool_n); }
+static PyObject *Relay_running(Relay *self, void *closure) { return PyBool_FromLong(self->running); }
+static PyObject *Relay_threaded(Relay *self, void *closure) { return PyBool_FromLong(self->threaded); }
 
 static PyMethodDef Relay_methods[] = {
-    {"add", (PyCFunction)Relay_add, METH_VARARGS, add_doc},
-    {"close", (PyCFunction)Relay_close, METH_O, close_doc},
-    {"poll", (PyCFunction)Relay_poll, METH_NOARGS, poll_doc},
-    {"listen", (PyCFunction)Relay_listen, METH_VARARGS, listen_doc},
-    {"set_candidates", (PyCFunction)Relay_set_candidates, METH_VARARGS, "set_candidates(handle, candidates)"},
-    {"unlisten", (PyCFunction)Relay_unlisten, METH_O, "unlisten(handle): stop accepting; connections carry on."},
-    {"close_listener", (PyCFunction)Relay_close_listener, METH_O, close_listener_doc},
-    {"forget_listener", (PyCFunction)Relay_forget_listener, METH_O, forget_listener_doc},
+    {"add", (PyCFunction)Relay_add_locked, METH_VARARGS, add_doc},
+    {"close", (PyCFunction)Relay_close_locked, METH_O, close_doc},
+    {"poll", (PyCFunction)Relay_poll_locked, METH_NOARGS, poll_doc},
+    {"listen", (PyCFunction)Relay_listen_locked, METH_VARARGS, listen_doc},
+    {"set_candidates", (PyCFunction)Relay_set_candidates_locked, METH_VARARGS, "set_candidates(handle, candidates)"},
+    {"unlisten", (PyCFunction)Relay_unlisten_locked, METH_O, "unlisten(handle): stop accepting; connections carry on."},
+    {"close_listener", (PyCFunction)Relay_close_listener_locked, METH_O, close_listener_doc},
+    {"forget_listener", (PyCFunction)Relay_forget_listener_locked, METH_O, forget_listener_doc},
     {"fileno", (PyCFunction)Relay_fileno, METH_NOARGS, "The relay's epoll fd, for the loop's add_reader."},
-    {"udp_listen", (PyCFunction)Relay_udp_listen, METH_VARARGS,
+    {"udp_listen", (PyCFunction)Relay_udp_listen_locked, METH_VARARGS,
      "udp_listen(listen_fd, token, ntargets, candidates, idle_secs, loop) -> handle\n\n"
      "Forward the datagrams of a UDP socket (still the caller's): one connected upstream\n"
      "socket per client flow to the first candidate (ip, port, target_index) that takes it;\n"
      "token.admit_flow() is asked before a flow opens; flows idle for idle_secs close.\n"
      "The sockets are readers on `loop` (add_reader), the callbacks udp_on_*."},
-    {"udp_on_listener", (PyCFunction)Relay_udp_on_listener, METH_O, "loop callback: a UDP port is readable"},
-    {"udp_on_flow", (PyCFunction)Relay_udp_on_flow, METH_O, "loop callback: a flow's upstream socket is readable"},
-    {"udp_set_candidates", (PyCFunction)Relay_udp_set_candidates, METH_VARARGS,
+    {"udp_on_listener", (PyCFunction)Relay_udp_on_listener_locked, METH_O, "loop callback: a UDP port is readable"},
+    {"udp_on_flow", (PyCFunction)Relay_udp_on_flow_locked, METH_O, "loop callback: a flow's upstream socket is readable"},
+    {"udp_set_candidates", (PyCFunction)Relay_udp_set_candidates_locked, METH_VARARGS,
      "udp_set_candidates(handle, candidates): new flows use these; open ones keep theirs."},
-    {"udp_set_idle", (PyCFunction)Relay_udp_set_idle, METH_VARARGS, "udp_set_idle(handle, idle_secs)"},
-    {"udp_close", (PyCFunction)Relay_udp_close, METH_O,
+    {"udp_set_idle", (PyCFunction)Relay_udp_set_idle_locked, METH_VARARGS, "udp_set_idle(handle, idle_secs)"},
+    {"udp_close", (PyCFunction)Relay_udp_close_locked, METH_O,
      "udp_close(handle) -> report: close every flow, stop reading the socket (not closed)."},
-    {"udp_close_flows", (PyCFunction)Relay_udp_close_flows, METH_O,
+    {"udp_close_flows", (PyCFunction)Relay_udp_close_flows_locked, METH_O,
      "udp_close_flows(handle) -> report: close every flow; the port keeps serving."},
-    {"udp_flows", (PyCFunction)Relay_udp_flows, METH_O, "udp_flows(handle) -> [(host, port)], oldest first."},
-    {"close_all", (PyCFunction)Relay_close_all, METH_NOARGS, "Close every connection (no reports)."},
+    {"udp_flows", (PyCFunction)Relay_udp_flows_locked, METH_O, "udp_flows(handle) -> [(host, port)], oldest first."},
+    {"stop", (PyCFunction)Relay_stop, METH_NOARGS, stop_doc},
+    {"close_all", (PyCFunction)Relay_close_all_locked, METH_NOARGS, "Close every connection (no reports)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -535,6 +851,8 @@ static PyGetSetDef Relay_getset[] = {
     {"live", (getter)Relay_len, NULL, "open connections", NULL},
     {"pipe_failures", (getter)Relay_pipe_failures, NULL, "pipe2() refusals (EMFILE/ENFILE)", NULL},
     {"pooled_pipes", (getter)Relay_pooled_pipes, NULL, "drained pipes kept for reuse", NULL},
+    {"running", (getter)Relay_running, NULL, "the relay thread runs (threaded=1, not stopped)", NULL},
+    {"threaded", (getter)Relay_threaded, NULL, "made with threaded=1", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -9,6 +9,14 @@ batches from ``Relay.poll()``.  The shard stays a uvloop process: the relay's
 epoll fd is one reader on the loop, and metrics, control and everything that
 is not a plain relay stay in Python.
 
+By default the relay runs its own thread (``Relay(threaded=True)``): it blocks
+in ``epoll_wait`` on that set, which then also holds the UDP sockets, and
+handles every event without the GIL; the loop's one reader is then an eventfd
+the thread writes only when a batch of reports is due (or a UDP flow waits for
+``admit_flow``).  That takes uvloop's callback (the GIL, ``Handle._run``) and the
+nested epoll set off every event.  ``PORTUNUS_NATIVE_THREAD=0`` drives the relay
+from the loop instead (its epoll fd as the reader, UDP sockets as loop readers).
+
 ``PORTUNUS_NATIVE=0`` (or the extension missing: no compiler at install time,
 or it fails to import) keeps the Python relay; the shard logs one warning line
 at start in the latter case.
@@ -23,6 +31,7 @@ from typing import Any
 from portunus.logs import log_event, log_throttled
 
 ENV = "PORTUNUS_NATIVE"
+THREAD_ENV = "PORTUNUS_NATIVE_THREAD"
 
 # A busy natively served port hands its counts (connections, active, bytes,
 # per-target connects) to Python at most this often instead of on every poll():
@@ -61,7 +70,8 @@ class NativeRelay:
 
     def __init__(self, loop: Any, relay_type: Any, splice_after: int) -> None:
         self.loop = loop
-        self.relay = relay_type(splice_after=splice_after, report_ms=REPORT_MS)
+        threaded = os.environ.get(THREAD_ENV, "1").strip() != "0"
+        self.relay = relay_type(splice_after=splice_after, report_ms=REPORT_MS, threaded=threaded)
         self.scheduled = False
         loop.add_reader(self.relay.fileno(), self.dispatch)
 
@@ -120,3 +130,4 @@ class NativeRelay:
         except (ValueError, OSError):
             pass
         self.relay.close_all()
+        self.relay.stop()  # joins the relay thread

@@ -6,6 +6,9 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/eventfd.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,14 +43,24 @@ typedef struct Listener Listener;
 typedef struct UPort UPort;
 typedef struct UFlow UFlow;
 
-enum { END_CONN, END_LISTENER, END_TIMER };
+enum { END_CONN, END_LISTENER, END_TIMER, END_WAKE, END_UPORT, END_UFLOW };
 
 typedef struct {
     int kind;
     int side; /* END_CONN: 0 client fd, 1 upstream fd */
     Conn *conn;
     Listener *lst;
+    UPort *port; /* END_UPORT (threaded relay) */
+    UFlow *flow; /* END_UFLOW (threaded relay) */
 } End;
+
+/* Memory an epoll event fetched by the relay thread may still point at: freed
+ * once the thread has finished the batch that could name it (see relay_free). */
+typedef struct Grave {
+    struct Grave *next;
+    unsigned long long gen;
+    void *p;
+} Grave;
 
 typedef struct {
     struct sockaddr_storage addr;
@@ -109,6 +122,15 @@ struct Conn {
     int pos, cur_target, target_failed, last_err;
     long long deadline_ms;
     Conn *next_dead;
+    /* threaded relay: what the thread owes Python for an add()ed connection */
+    long long rep_in, rep_out;
+    int rep_closed, rep_err, rep_queued;
+    /* threaded relay, add()ed connection closed by the thread: 1 once poll() handed its
+     * close to Python, 2 from the next poll() on (Python has acted on it): only then is
+     * its handle free for reuse, so a close(handle) racing the report cannot hit another
+     * connection.  Closed by Python: 2 at once. */
+    int told;
+    Conn *next_rep;
 };
 
 typedef struct {
@@ -147,6 +169,25 @@ typedef struct {
     PyObject *uloop;    /* the shard's loop: UDP sockets are its readers */
     UFlow **uslots;     /* flow id -> flow (the loop readers' keys) */
     Py_ssize_t nuslots, ucap, *ufree, nufree;
+    /* The relay thread (threaded=1): it blocks in epoll_wait on `ep`, handles every
+     * event under `mu` and never takes the GIL; Python's calls take `mu` too. */
+    int threaded;
+    int running;         /* the thread was started and not joined */
+    pthread_t thread;
+    pthread_mutex_t mu;
+    int mu_ready;
+    pthread_t owner;     /* the Python thread holding mu (reentrant for it) */
+    int depth;
+    int in_thread;       /* the thread is handling a batch */
+    int stop;
+    int efd;             /* eventfd: the thread -> Python (fileno()), "poll() me" */
+    int wfd;             /* eventfd in `ep`: Python -> the thread, "stop" */
+    End wend;
+    int signalled;       /* efd written, not yet read by poll() */
+    unsigned long long gen; /* batches the thread has started waiting for */
+    Grave *graves;
+    Conn *repq;          /* add()ed connections with a report for Python, newest first */
+    int admits;          /* UDP flows waiting for Python's admission */
 } Relay;
 
 
@@ -162,14 +203,17 @@ static inline void cands_unref(Cands *cs) {
     if (cs != NULL && --cs->refs == 0) free(cs);
 }
 
-static inline void listener_unref(Listener *l) {
+RELAY_API void relay_free(Relay *r, void *p);
+
+/* Only with the GIL held: the token. */
+static inline void listener_unref(Relay *r, Listener *l) {
     if (--l->refs) return;
     cands_unref(l->cands);
     Py_XDECREF(l->token);
     free(l->ok);
     free(l->fail);
     free(l->last_err);
-    free(l);
+    relay_free(r, l); /* its End may be in a batch the relay thread fetched */
 }
 
 static inline void arm_timer(Relay *r) {
@@ -212,5 +256,11 @@ RELAY_API PyObject *Relay_udp_close(Relay *self, PyObject *arg);
 RELAY_API PyObject *Relay_udp_close_flows(Relay *self, PyObject *arg);
 RELAY_API PyObject *Relay_udp_flows(Relay *self, PyObject *arg);
 RELAY_API Cands *parse_cands(PyObject *seq, int ntargets);
+RELAY_API void udp_on_port_event(Relay *r, UPort *p);
+RELAY_API void udp_on_flow_event(Relay *r, UFlow *f);
+RELAY_API int udp_due(Relay *r, long long now);
+RELAY_API int udp_admit_pending(Relay *r);
+/* _relay.c: the thread */
+RELAY_API void wake_python(Relay *r);
 
 #endif

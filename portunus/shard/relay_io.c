@@ -18,6 +18,22 @@ RELAY_API void report(Relay *r, Conn *c, int closed, int err) {
         l->dirty = 1;
         return;
     }
+    if (r->in_thread) {
+        /* The relay thread cannot build Python objects: the connection carries its
+         * report until poll() (it is not freed before: free_dead waits for repq). */
+        c->rep_in += din;
+        c->rep_out += dout;
+        if (closed) {
+            c->rep_closed = 1;
+            c->rep_err = err;
+        }
+        if (!c->rep_queued) {
+            c->rep_queued = 1;
+            c->next_rep = r->repq;
+            r->repq = c;
+        }
+        return;
+    }
     if (r->reports == NULL) return; /* close() outside poll(): the caller reads them */
     PyObject *t = Py_BuildValue("(OLLii)", c->token, din, dout, closed, err);
     if (t == NULL || PyList_Append(r->reports, t) < 0) r->report_failed = 1;
@@ -59,12 +75,13 @@ static void pipe_put(Relay *r, Dir *x) {
 
 /* -------------------------------------------------------------- connections */
 
-static void conn_free(Conn *c);
+static void conn_free(Relay *r, Conn *c);
 
 RELAY_API void conn_close(Relay *r, Conn *c, int err) {
     if (c->closed) return;
     c->closed = 1;
     c->connecting = 0;
+    if (!r->in_thread) c->told = 2; /* Python closes it itself */
     close(c->fd[0]);
     if (c->fd[1] >= 0) close(c->fd[1]); /* closing removes both from the epoll set */
     for (int d = 0; d < 2; d++) {
@@ -77,30 +94,46 @@ RELAY_API void conn_close(Relay *r, Conn *c, int err) {
         for (Py_ssize_t i = 0; i < r->nagain; i++)
             if (r->again[i] == c) r->again[i] = NULL;
     }
-    r->slots[c->handle] = NULL;
-    r->free_ids[r->nfree++] = c->handle;
+    if (!r->threaded) {
+        r->slots[c->handle] = NULL;
+        r->free_ids[r->nfree++] = c->handle;
+    } /* threaded: the handle stays taken until poll() told Python (conn_free) */
     r->live--;
-    if (r->in_poll) {
-        /* An event for it may still be in this batch: free after the batch. */
+    if (r->in_poll || r->threaded) {
+        /* An event for it may still be in this batch, and a threaded relay frees
+         * (token, listener) only with the GIL: free after the batch, in Python. */
         c->next_dead = r->dead;
         r->dead = c;
     } else {
-        conn_free(c);
+        conn_free(r, c);
     }
 }
 
-static void conn_free(Conn *c) {
+/* With the GIL (the token, the listener's token). */
+static void conn_free(Relay *r, Conn *c) {
+    if (r->threaded) {
+        r->slots[c->handle] = NULL;
+        r->free_ids[r->nfree++] = c->handle;
+    }
     Py_CLEAR(c->token);
     cands_unref(c->cands);
-    if (c->lst != NULL) listener_unref(c->lst);
-    free(c);
+    if (c->lst != NULL) listener_unref(r, c->lst);
+    relay_free(r, c);
 }
 
+/* With the GIL; a threaded relay only once poll() took the reports (repq), and an
+ * add()ed connection the thread closed only once Python had a poll() to act on it. */
 RELAY_API void free_dead(Relay *r) {
-    while (r->dead) {
-        Conn *c = r->dead;
-        r->dead = c->next_dead;
-        conn_free(c);
+    if (r->repq != NULL) return;
+    Conn **pp = &r->dead;
+    while (*pp != NULL) {
+        Conn *c = *pp;
+        if (r->threaded && c->token != NULL && c->told < 2) {
+            pp = &c->next_dead;
+            continue;
+        }
+        *pp = c->next_dead;
+        conn_free(r, c);
     }
 }
 

@@ -21,8 +21,19 @@
  * Counts are summed per port and handed to Python by poll() at most
  * UDP_REPORT_MS late, at once when a flow closed (its cap slot is released
  * there).  A flow idle for the port's idle time is closed by the relay's tick.
+ *
+ * On a threaded relay (_relay.c) the sockets are in the relay's epoll set
+ * instead and the relay thread reads them; it cannot call admit_flow(), so a
+ * datagram from a new client opens an "admitting" flow that queues the client's
+ * first datagrams (ADMIT_QUEUE) and wakes Python: poll() asks admit_flow() for
+ * every waiting flow at once, then connects the admitted ones and sends what
+ * they queued, or forgets the refused ones.
  */
 #include "relay.h"
+
+/* Datagrams a new client's flow keeps while Python admits it: one recvmmsg batch, as
+ * the port's socket is not read again until Python decided (the kernel buffers). */
+#define ADMIT_QUEUE UDP_BATCH
 
 typedef struct {
     unsigned char batch, calm; /* see rx() */
@@ -46,6 +57,12 @@ struct UFlow {
     size_t last_len;
     int dead;           /* closed; freed after the poll() that closed it */
     UFlow *next_dead;
+    End end;            /* threaded relay: the upstream socket's epoll key */
+    int admitting;      /* threaded relay: waiting for admit_flow() (not in the LRU) */
+    int nq;
+    char *q[ADMIT_QUEUE];
+    size_t qlen[ADMIT_QUEUE];
+    UFlow *next_admit;
 };
 
 struct UPort {
@@ -65,6 +82,11 @@ struct UPort {
     int sock_errno, recv_errno;
     int dirty, urgent;
     long long next_report_ms;
+    int in_ep;          /* its sockets are in the relay's epoll set (threaded relay) */
+    int gone;           /* udp_close()d: an event already fetched must not touch it */
+    End end;
+    UFlow *admit_head;  /* flows waiting for admit_flow(), newest first */
+    int held;           /* out of the epoll set's interest until Python admitted them */
 };
 
 /* Activity stamps: a few ms of resolution is plenty for idle times and costs no TSC read. */
@@ -169,9 +191,18 @@ static void remove_reader(Relay *r, int fd) {
     Py_XDECREF(res);
 }
 
+/* A flow's upstream socket starts being read: a loop reader, or in the epoll set. */
+static int watch_flow(Relay *r, UFlow *f, int fd) {
+    if (!f->port->in_ep) return add_reader(r, fd, "udp_on_flow", f->id);
+    f->end.kind = END_UFLOW;
+    f->end.flow = f;
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &f->end};
+    return epoll_ctl(r->ep, EPOLL_CTL_ADD, fd, &ev);
+}
+
 static void drop_upstream(Relay *r, UFlow *f) {
     if (f->fd < 0) return;
-    remove_reader(r, f->fd);
+    if (!f->port->in_ep) remove_reader(r, f->fd); /* close() leaves the epoll set */
     close(f->fd);
     f->fd = -1;
 }
@@ -220,7 +251,7 @@ static void flow_close(Relay *r, UFlow *f) {
         f->next_dead = r->udead;
         r->udead = f;
     } else {
-        free(f);
+        relay_free(r, f); /* a threaded relay's thread may have fetched an event for it */
     }
 }
 
@@ -248,7 +279,7 @@ static int flow_connect_next(Relay *r, UFlow *f) {
             close(u);
             continue;
         }
-        if (add_reader(r, u, "udp_on_flow", f->id) < 0) {
+        if (watch_flow(r, f, u) < 0) {
             p->sock_errno = errno;
             close(u);
             break;
@@ -304,8 +335,11 @@ static int flow_refused(Relay *r, UFlow *f) {
 }
 
 /* A datagram from a client without a flow: Python admits (cap, draining). */
+static UFlow *flow_admitting(Relay *r, UPort *p, struct sockaddr_storage *a, socklen_t len, unsigned h);
+
 static UFlow *flow_open(Relay *r, UPort *p, struct sockaddr_storage *a, socklen_t len, unsigned h,
                         long long now) {
+    if (r->in_thread) return flow_admitting(r, p, a, len, h);
     PyObject *res = PyObject_CallMethod(p->token, "admit_flow", NULL);
     if (res == NULL) {
         PyErr_WriteUnraisable(p->token);
@@ -319,7 +353,8 @@ static UFlow *flow_open(Relay *r, UPort *p, struct sockaddr_storage *a, socklen_
     }
     UFlow *f = calloc(1, sizeof(UFlow));
     if (f != NULL && p->nflows >= p->nbuckets) table_grow(p);
-    if (f != NULL && (f->id = flow_slot(r, f)) < 0) {
+    if (f != NULL) f->id = -1;
+    if (f != NULL && !p->in_ep && (f->id = flow_slot(r, f)) < 0) {
         free(f);
         f = NULL;
     }
@@ -344,6 +379,160 @@ static UFlow *flow_open(Relay *r, UPort *p, struct sockaddr_storage *a, socklen_
     f->cur_target = -1;
     arm_timer(r); /* idle reaping and the report cadence */
     return flow_connect_next(r, f) ? f : NULL;
+}
+
+/* ------------------------------------------- admission (threaded relay) */
+
+/* While new clients wait for Python the port's socket is not read: what they send
+ * next waits in the kernel, not in a queue that would have to drop it. */
+static void port_hold(Relay *r, UPort *p, int hold) {
+    if (p->held == hold || !p->in_ep) return;
+    struct epoll_event ev = {.events = hold ? 0 : EPOLLIN, .data.ptr = &p->end};
+    if (epoll_ctl(r->ep, EPOLL_CTL_MOD, p->lfd, &ev) == 0) p->held = hold;
+}
+
+/* The relay thread met a new client: a flow in the table (so its next datagrams
+ * join the queue) but not yet counted, connected or reaped; Python decides. */
+static UFlow *flow_admitting(Relay *r, UPort *p, struct sockaddr_storage *a, socklen_t len, unsigned h) {
+    UFlow *f = calloc(1, sizeof(UFlow));
+    if (f == NULL) return NULL;
+    f->port = p;
+    f->fd = -1;
+    f->id = -1;
+    f->cur_target = -1;
+    f->admitting = 1;
+    memcpy(&f->addr, a, len);
+    f->alen = len;
+    f->hash = h;
+    f->hnext = p->buckets[h & (p->nbuckets - 1)];
+    p->buckets[h & (p->nbuckets - 1)] = f;
+    f->next_admit = p->admit_head;
+    p->admit_head = f;
+    r->admits++;
+    return f;
+}
+
+static void admit_enqueue(UPort *p, UFlow *f, const char *data, size_t n) {
+    char *b = f->nq < ADMIT_QUEUE ? malloc(n ? n : 1) : NULL;
+    if (b == NULL) {
+        p->dropped++;
+        p->dirty = 1;
+        return;
+    }
+    memcpy(b, data, n);
+    f->q[f->nq] = b;
+    f->qlen[f->nq++] = n;
+}
+
+static void unhash(UPort *p, UFlow *f) {
+    UFlow **pp = &p->buckets[f->hash & (p->nbuckets - 1)];
+    while (*pp != NULL && *pp != f) pp = &(*pp)->hnext;
+    if (*pp == f) *pp = f->hnext;
+}
+
+static void admit_clear(UFlow *f) {
+    for (int i = 0; i < f->nq; i++) free(f->q[i]);
+    f->nq = 0;
+}
+
+/* A refused (or never decided) flow: it never had a socket, so no event names it. */
+static void admit_forget(Relay *r, UPort *p, UFlow *f) {
+    unhash(p, f);
+    admit_clear(f);
+    free(f);
+}
+
+static void admit_drop_all(Relay *r, UPort *p) {
+    UFlow *f = p->admit_head;
+    p->admit_head = NULL;
+    port_hold(r, p, 0);
+    while (f != NULL) {
+        UFlow *next = f->next_admit;
+        r->admits--;
+        admit_forget(r, p, f);
+        f = next;
+    }
+}
+
+/* An admitted flow: counted, connected, and its queued datagrams sent. */
+static void admit_open(Relay *r, UPort *p, UFlow *f) {
+    f->admitting = 0;
+    if (p->nflows >= p->nbuckets) table_grow(p);
+    f->seen_ms = coarse_ms();
+    lru_append(p, f);
+    p->nflows++;
+    f->cands = p->cands;
+    p->cands->refs++;
+    arm_timer(r);
+    if (!flow_connect_next(r, f)) { /* closed (and counted closed: Python releases it) */
+        for (int i = 0; i < f->nq; i++) free(f->q[i]);
+        p->dropped += f->nq;
+        f->nq = 0;
+        return;
+    }
+    for (int i = 0; i < f->nq; i++) {
+        if (f->fd >= 0 && send(f->fd, f->q[i], f->qlen[i], 0) >= 0) {
+            p->bytes_in += (long long)f->qlen[i];
+            p->dgrams_in++;
+            if (!f->confirmed) remember(f, f->q[i], f->qlen[i]);
+        } else {
+            p->dropped++;
+        }
+        free(f->q[i]);
+    }
+    f->nq = 0;
+    p->dirty = 1;
+}
+
+/* poll() on a threaded relay (the GIL and the mutex held): decide every waiting flow. */
+RELAY_API int udp_admit_pending(Relay *r) {
+    for (Py_ssize_t i = 0; i < r->nups; i++) {
+        UPort *p = r->ups[i];
+        if (p == NULL || p->admit_head == NULL) continue;
+        /* Oldest first: the order the clients came in. */
+        UFlow *rev = NULL, *f = p->admit_head;
+        p->admit_head = NULL;
+        while (f != NULL) {
+            UFlow *next = f->next_admit;
+            f->next_admit = rev;
+            rev = f;
+            f = next;
+        }
+        while (rev != NULL) {
+            f = rev;
+            rev = f->next_admit;
+            r->admits--;
+            int ok = 0;
+            /* One question per queued datagram, as if each had come alone: a refusal
+             * drops (and counts) that datagram and the next one asks again. */
+            do {
+                if (r->ups[i] != p || p->gone) break;
+                PyObject *res = PyObject_CallMethod(p->token, "admit_flow", NULL);
+                if (res == NULL) {
+                    PyErr_WriteUnraisable(p->token);
+                } else {
+                    ok = PyObject_IsTrue(res);
+                    Py_DECREF(res);
+                    if (ok < 0) {
+                        PyErr_WriteUnraisable(p->token);
+                        ok = 0;
+                    }
+                }
+                if (ok || f->nq <= 1) break;
+                free(f->q[0]);
+                memmove(f->q, f->q + 1, (size_t)(f->nq - 1) * sizeof f->q[0]);
+                memmove(f->qlen, f->qlen + 1, (size_t)(f->nq - 1) * sizeof f->qlen[0]);
+                f->nq--;
+            } while (1);
+            if (ok && r->ups[i] == p && !p->gone) admit_open(r, p, f);
+            else if (r->ups[i] == p && !p->gone) admit_forget(r, p, f);
+            else { admit_clear(f); free(f); } /* the port went away during admit_flow() */
+        }
+        if (r->ups[i] == p && !p->gone) port_hold(r, p, 0);
+    }
+    r->admits = 0;
+    udp_free_dead(r);
+    return 0;
 }
 
 /* ----------------------------------------------------------- hot paths */
@@ -476,7 +665,7 @@ static void on_udp_listener(Relay *r, UPort *p) {
         unsigned h = addr_hash(&r->uname[i], len);
         UFlow *f = flow_find(p, &r->uname[i], len, h);
         if (f == NULL) f = flow_open(r, p, &r->uname[i], len, h, now);
-        else touch(p, f, now);
+        else if (!f->admitting) touch(p, f, now);
         flows[i] = f;
     }
     /* Consecutive datagrams of one flow leave in one sendmmsg. */
@@ -485,7 +674,9 @@ static void on_udp_listener(Relay *r, UPort *p) {
         UFlow *f = flows[i];
         int j = i + 1;
         while (j < n && flows[j] == f) j++;
-        if (f != NULL) {
+        if (f != NULL && f->admitting) {
+            for (int k = i; k < j; k++) admit_enqueue(p, f, r->uiov[k].iov_base, r->uiov[k].iov_len);
+        } else if (f != NULL) {
             if (f->dead) { /* closed by a refusal earlier in this batch */
                 p->dropped += j - i;
                 p->dirty = 1;
@@ -598,6 +789,30 @@ RELAY_API PyObject *Relay_udp_on_flow(Relay *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* The relay thread: a port's socket or a flow's upstream socket is readable. */
+RELAY_API void udp_on_port_event(Relay *r, UPort *p) {
+    if (p->gone || p->held) return;
+    on_udp_listener(r, p);
+    if (p->admit_head != NULL) port_hold(r, p, 1);
+}
+
+RELAY_API void udp_on_flow_event(Relay *r, UFlow *f) {
+    if (!f->dead) on_udp_upstream(r, f);
+}
+
+/* The relay thread, after a batch: 1 when a port's counts are due now, -1 when some
+ * are held (the tick must run), 0 when nothing is pending. */
+RELAY_API int udp_due(Relay *r, long long now) {
+    int held = 0;
+    for (Py_ssize_t i = 0; i < r->nups; i++) {
+        UPort *p = r->ups[i];
+        if (p == NULL || !p->dirty) continue;
+        if (p->urgent || now >= p->next_report_ms) return 1;
+        held = 1;
+    }
+    return held ? -1 : 0;
+}
+
 /* Reap idle flows; 1 while some port still needs the tick (flows or counts). */
 RELAY_API int udp_tick(Relay *r, long long now) {
     int busy = 0;
@@ -655,7 +870,10 @@ RELAY_API int udp_reports(Relay *r, PyObject *out, long long now) {
 
 static void port_free(Relay *r, UPort *p) {
     while (p->oldest != NULL) flow_close(r, p->oldest);
-    remove_reader(r, p->lfd);
+    admit_drop_all(r, p);
+    if (p->in_ep) epoll_ctl(r->ep, EPOLL_CTL_DEL, p->lfd, NULL); /* the socket stays the shard's */
+    else remove_reader(r, p->lfd);
+    p->gone = 1;
     r->ups[p->handle] = NULL;
     cands_unref(p->cands);
     Py_XDECREF(p->token);
@@ -663,7 +881,7 @@ static void port_free(Relay *r, UPort *p) {
     free(p->ok);
     free(p->fail);
     free(p->last_err);
-    free(p);
+    relay_free(r, p);
 }
 
 RELAY_API void udp_free_all(Relay *r) {
@@ -711,7 +929,7 @@ RELAY_API PyObject *Relay_udp_listen(Relay *self, PyObject *args) {
     PyObject *token, *seq, *loop;
     double idle;
     if (!PyArg_ParseTuple(args, "iOiOdO", &lfd, &token, &ntargets, &seq, &idle, &loop)) return NULL;
-    if (self->uloop != NULL && self->uloop != loop) {
+    if (!self->running && self->uloop != NULL && self->uloop != loop) {
         PyErr_SetString(PyExc_ValueError, "one loop per relay");
         return NULL;
     }
@@ -761,14 +979,31 @@ RELAY_API PyObject *Relay_udp_listen(Relay *self, PyObject *args) {
     p->cands = cs;
     p->ntargets = ntargets;
     p->idle_ms = idle_ms;
-    if (self->uloop == NULL) {
-        Py_INCREF(loop);
-        self->uloop = loop;
+    PyObject *res;
+    if (self->running) {
+        /* The relay thread reads it (level-triggered, as a loop reader would be). */
+        p->in_ep = 1;
+        p->end.kind = END_UPORT;
+        p->end.port = p;
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &p->end};
+        if (epoll_ctl(self->ep, EPOLL_CTL_ADD, lfd, &ev) < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            res = NULL;
+        } else {
+            self->ups[h] = p;
+            res = Py_None;
+            Py_INCREF(res);
+        }
+    } else {
+        if (self->uloop == NULL) {
+            Py_INCREF(loop);
+            self->uloop = loop;
+        }
+        self->ups[h] = p; /* before add_reader: the callback may come at once */
+        PyObject *cb = PyObject_GetAttrString((PyObject *)self, "udp_on_listener");
+        res = cb == NULL ? NULL : PyObject_CallMethod(loop, "add_reader", "iOn", lfd, cb, h);
+        Py_XDECREF(cb);
     }
-    self->ups[h] = p; /* before add_reader: the callback may come at once */
-    PyObject *cb = PyObject_GetAttrString((PyObject *)self, "udp_on_listener");
-    PyObject *res = cb == NULL ? NULL : PyObject_CallMethod(loop, "add_reader", "iOn", lfd, cb, h);
-    Py_XDECREF(cb);
     if (res == NULL) {
         self->ups[h] = NULL;
         free(p->buckets);
@@ -781,7 +1016,7 @@ RELAY_API PyObject *Relay_udp_listen(Relay *self, PyObject *args) {
     }
     Py_DECREF(res);
     Py_INCREF(token);
-    p->token = token;
+    p->token = token; /* the thread does not touch it; it holds the mutex until here */
     arm_timer(self);
     return PyLong_FromSsize_t(h);
 }
@@ -824,6 +1059,7 @@ RELAY_API PyObject *Relay_udp_close_flows(Relay *self, PyObject *arg) {
     UPort *p = get_port(self, arg);
     if (p == NULL) return NULL;
     while (p->oldest != NULL) flow_close(self, p->oldest);
+    admit_drop_all(self, p); /* not admitted yet: a draining rule would refuse them */
     return port_report(p);
 }
 

@@ -37,6 +37,13 @@ except ImportError:
 _ids = iter(range(1_000_000))
 
 
+@pytest.fixture(autouse=True, params=["thread", "loop"])
+def relay_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: the relay's own thread (the default) and driven from the loop."""
+    monkeypatch.setenv("PORTUNUS_NATIVE_THREAD", "1" if request.param == "thread" else "0")
+    return str(request.param)
+
+
 loop = pytest.fixture(new_loop)
 # The native path's conditions get longer than loopkit's default: threads and C reports.
 run_until = functools.partial(loopkit.run_until, timeout=10.0)
@@ -255,6 +262,7 @@ def test_out_of_fds_at_accept_backs_off_then_serves(
 ) -> None:
     """accept4 fails with EMFILE: logged, the listener rests (100 ms, a timerfd tick
     resumes it), and the waiting client is served once fds are back."""
+    import gc
     import os
     import resource
 
@@ -264,9 +272,13 @@ def test_out_of_fds_at_accept_backs_off_then_serves(
     native = p.ctx.native
     got: list[bytes] = []
     server = serve_once(origin, b"served", got)
-    client = socket.create_connection(p.addr, timeout=10)  # queued in the kernel's backlog
+    client = socket.socket()  # its fd exists before the fds run out
+    client.settimeout(10)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     fillers: list[int] = []
+    # Sockets earlier tests left to the GC must not be freed while the fds are out: the
+    # relay thread would take the freed fds at once.
+    gc.collect()
     try:
         top = max(int(x) for x in os.listdir("/proc/self/fd"))
         resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1, hard))
@@ -275,6 +287,8 @@ def test_out_of_fds_at_accept_backs_off_then_serves(
                 fillers.append(os.open("/dev/null", os.O_RDONLY))
             except OSError:
                 break
+        # Connected only now: the relay thread would accept it at once before.
+        client.connect(p.addr)  # queued in the kernel's backlog
         # Drive the relay by hand: running the loop itself would need fds.
         assert readable(native.relay.fileno(), 5)
         native.dispatch()

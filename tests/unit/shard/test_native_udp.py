@@ -32,6 +32,13 @@ except ImportError:
     )
 
 
+@pytest.fixture(autouse=True, params=["thread", "loop"])
+def relay_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: the relay's own thread (the default) and driven from the loop."""
+    monkeypatch.setenv("PORTUNUS_NATIVE_THREAD", "1" if request.param == "thread" else "0")
+    return str(request.param)
+
+
 class NativeHarness(py.Harness):
     """test_udp's harness, with NativeUdpHandler in place of UdpService."""
 
