@@ -37,6 +37,7 @@ from portunus.edge.enroll import EnrollError, parse_enroll_uri, redeem
 from portunus.edge.link import QUIET_LINK, link_cadence
 from portunus.edge.pinning import FingerprintMismatch, link_error, open_pinned
 from portunus.edge.timing import Backoff, LinkTiming, busy_delay
+from portunus.ipc import edge_messages
 from portunus.ipc.edge_wire import CAPABILITIES, WireError, encode_frame, read_frame
 
 _TIMING = LinkTiming()
@@ -164,7 +165,10 @@ class FakeClient:
             self.connected = True
             self.sessions += 1
             self.backoff.reset()
-            every, dead = link_cadence(welcome, _TIMING)
+            try:  # the cadence fields, checked as the real client checks them
+                every, dead = link_cadence(edge_messages.parse(welcome), _TIMING)
+            except edge_messages.FrameInvalid as exc:
+                raise WireError(str(exc)) from None
             ticker = asyncio.create_task(
                 self._ticker(writer, every) if not self.quiet else self._quiet_ticker(writer, every)
             )
