@@ -117,8 +117,20 @@ class RuleStateGauge:
 
     def __init__(self) -> None:
         self._gauge = c.RULE_STATE.gauge(registry=None)
+        # rule id -> (client, owner, state) as last written by this process: every
+        # (re)connect of an edge client re-syncs its rules and reports their states,
+        # which after a restart are almost all unchanged; five ``labels().set()`` each
+        # (~17 µs a rule with the children made) for nothing, 30,000 rules at a time.
+        self._written: dict[str, tuple[str, str, str]] = {}
 
     def __call__(self, rule: Rule, state: str | None) -> None:
+        if state is not None:
+            now = (rule.client, rule.owner, state)
+            if self._written.get(rule.id) == now:
+                return
+            self._written[rule.id] = now
+        else:
+            self._written.pop(rule.id, None)
         for s in STATES:
             self._gauge.labels(rule.client, rule.id, rule.owner, s).set(1.0 if s == state else 0.0)
         if state is None:

@@ -171,7 +171,7 @@ GAUGE_WRITER = textwrap.dedent(
 )
 
 
-def read_state(metrics_dir: Path) -> dict[str, float]:
+def read_state(metrics_dir: Path, client: str | None = None) -> dict[str, float]:
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -181,7 +181,9 @@ def read_state(metrics_dir: Path) -> dict[str, float]:
         s.labels["state"]: s.value
         for fam in registry.collect()
         for s in fam.samples
-        if s.name == "portunus_rule_state" and s.labels["rule"] == "7"
+        if s.name == "portunus_rule_state"
+        and s.labels["rule"] == "7"
+        and client in (None, s.labels["client"])
     }
 
 
@@ -215,3 +217,58 @@ def test_rule_state_gauge(tmp_path: Path) -> None:
         "draining": 0.0,
         "revoked": 0.0,
     }
+
+
+COUNTING_WRITER = textwrap.dedent(
+    """
+    import sys
+    from portunus.control.stats import RuleStateGauge
+    from portunus.rules import Target, build_rule
+    sink = RuleStateGauge()
+    calls = []
+    real = sink._gauge.labels
+    sink._gauge.labels = lambda *a: calls.append(a) or real(*a)
+    rule = build_rule(id="7", protocol="tcp", listen=(8080, 8080), targets=[Target("127.0.0.1", 80)])
+    renamed = build_rule(
+        id="7", protocol="tcp", listen=(8080, 8080), targets=[Target("127.0.0.1", 80)], client="edge"
+    )
+    for state in sys.argv[1:]:
+        before = len(calls)
+        which = renamed if state.startswith("edge:") else rule
+        state = state.removeprefix("edge:")
+        sink(which, None if state == "gone" else state)
+        print(len(calls) - before)
+    """
+)
+
+
+def test_rule_state_gauge_writes_a_state_once(tmp_path: Path) -> None:
+    """A re-sync reports every rule's state again (after a restart, 30,000 of them,
+    almost all unchanged): a state this process already wrote costs no gauge call."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            COUNTING_WRITER,
+            *("active", "active", "active", "failed", "failed", "edge:failed", "gone", "active"),
+        ],
+        env={
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[3]),
+        },
+        check=True,
+        timeout=30,
+        capture_output=True,
+        text=True,
+    )
+    # Five children per write (one per state); nothing for a repeat.
+    assert out.stdout.split() == ["5", "0", "0", "5", "0", "5", "5", "5"]
+    assert read_state(tmp_path, "local") == {
+        "pending": 0.0,
+        "active": 1.0,
+        "failed": 0.0,
+        "draining": 0.0,
+        "revoked": 0.0,
+    }
+    assert read_state(tmp_path, "edge")["failed"] == 1.0  # written under the new name
