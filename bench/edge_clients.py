@@ -60,8 +60,9 @@ if str(REPO) not in sys.path:
 
 from bench.common import machine_info, raise_nofile  # noqa: E402
 from bench.control_plane import Series, machine, pct, report, running_server  # noqa: E402
-from bench.edge_fleet import Fleet, Identity  # noqa: E402
+from bench.edge_fleet import Identity  # noqa: E402
 from bench.edge_report import fmt, render, to_json  # noqa: E402
+from bench.fleet_group import FleetGroup, default_procs  # noqa: E402
 from bench.results import BenchResult, Metric, Settings  # noqa: E402
 from portunus.control.rpc.caller import call_sync  # noqa: E402
 from portunus.errors import PortunusError  # noqa: E402
@@ -125,7 +126,7 @@ def wait_until(cond: Callable[[], bool], what: str, timeout: float, every: float
 
 
 def enroll(
-    srv: ServerProc, fleet: Fleet, n: int, prefix: str
+    srv: ServerProc, fleet: FleetGroup, n: int, prefix: str
 ) -> tuple[list[Identity], str, dict[str, float]]:
     """Mint ``n`` codes and redeem them; returns identities, the pinned fingerprint
     and the timings (seconds)."""
@@ -232,7 +233,7 @@ class Results:
         return [(w, u, v, t, v <= t) for w, u, v, t in out]
 
 
-def bench_many(res: Results, srv: ServerProc, fleet: Fleet, args: argparse.Namespace) -> None:
+def bench_many(res: Results, srv: ServerProc, fleet: FleetGroup, args: argparse.Namespace) -> None:
     n = args.clients
     res.facts["mem_empty"] = memory(srv)
     log(f"enrolling {n} clients")
@@ -308,7 +309,7 @@ def bench_many(res: Results, srv: ServerProc, fleet: Fleet, args: argparse.Names
     res.facts["mem_after_pushes"] = memory(srv)
     st = fleet.status()
     res.facts["reconnects_during_run"] = sum(max(0, v[1] - 1) for v in st.values())
-    res.facts["fleet_rss_mib"] = psutil.Process(fleet.pid).memory_info().rss / MiB
+    res.facts["fleet_rss_mib"] = sum(psutil.Process(p).memory_info().rss for p in fleet.pids) / MiB
     res.facts["busy_refusals"] = sum(v[7] for v in st.values())
     res.facts["tracebacks_many"] = tracebacks(srv)
     fleet.disconnect()
@@ -374,7 +375,9 @@ def bench_push(srv: ServerProc, client_ids: list[str], n: int) -> Series:
 # ------------------------------------------------------------------ 5: restart
 
 
-def bench_restart(res: Results, srv: ServerProc, fleet: Fleet, args: argparse.Namespace) -> None:
+def bench_restart(
+    res: Results, srv: ServerProc, fleet: FleetGroup, args: argparse.Namespace
+) -> None:
     n, each = args.restart_clients, args.rules_each
     log(f"restart: enrolling {n} clients with {each} rules each")
     idents, fp, _ = enroll(srv, fleet, n, "rs")
@@ -473,7 +476,9 @@ def measure(args: argparse.Namespace) -> Results:
     res = Results(time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), mach, args.clients)
     ports = PortAllocator()
     tmp = Path(tempfile.mkdtemp(prefix="portunus-edge-bench-"))
-    fleet = Fleet()
+    procs = args.fleet_procs or default_procs(max(args.clients, args.restart_clients))
+    res.facts["fleet_procs"] = procs
+    fleet = FleetGroup(procs)
     try:
         extra = {"edge_preauth_max_per_source": args.per_source} if args.per_source else None
         res.facts["per_source"] = args.per_source or 16
@@ -515,6 +520,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="edge_preauth_max_per_source for the servers (default: the server's, 16). Every fake "
         "dials from 127.0.0.1, one source; 128 (= the global limit) makes the fleet look like "
         "many hosts, as a real fleet is",
+    )
+    p.add_argument(
+        "--fleet-procs",
+        type=int,
+        default=None,
+        help="processes the fake fleet is spread over (default: one per 2,500 fakes, 1 to 4); "
+        "one process saturates a core in a 10,000-client storm and then bounds what is measured",
     )
     p.add_argument(
         "--legacy-link",

@@ -53,6 +53,17 @@ def test_edge_targets_pass_fail_and_scale() -> None:
     assert restart["status"] == "n/a" and restart["why"] == "not run"
 
 
+def test_fleet_slices_keep_order_and_default_procs_scale() -> None:
+    from bench.fleet_group import _slices, default_procs
+
+    items = list(range(10))
+    parts = _slices(items, 3)
+    assert parts == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert [x for p in parts for x in p] == items
+    assert _slices([1], 2) == [[1], []]
+    assert [default_procs(n) for n in (6, 2500, 2501, 10000, 100000)] == [1, 1, 2, 4, 4]
+
+
 @pytest.mark.timeout(180)
 def test_tiny_run_end_to_end(tmp_path: Path) -> None:
     """Enroll, connect, list, push and restart with a handful of fakes: every step
@@ -73,11 +84,14 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
             "1",
             "--idle-secs",
             "1",
+            "--fleet-procs",
+            "2",
             "--out",
             str(tmp_path / "out.md"),
         ]
     )
     res = edge_clients.measure(args)
+    assert res.facts["fleet_procs"] == 2  # each process ran some of the fakes, merged
     assert len(res.series["push"].values) == 5
     assert len(res.series["restart"].values) == 1
     assert res.facts["mem_connected"]["control_fds"] >= res.facts["mem_empty"]["control_fds"] + 6
