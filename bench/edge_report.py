@@ -95,7 +95,7 @@ def render(res: Results, args: argparse.Namespace) -> str:
         + f": {f['control_idle_cpu_pct']:.1f} % of one core. Fleet processes' RSS: {f['fleet_rss_mib']:.0f} MiB. "
         f"Full walk of the list (`limit` 1000, {f['walk_pages']} pages): {f['walk_all_s'] * 1000:.0f} ms. "
         f"`busy` refusals: {f['busy_refusals']} while connecting the fleet, {f['restart_busy_refusals']} "
-        "over the restarts (cumulative per fake).",
+        "over the restarts (cumulative per fake)." + _storm_cpu(f),
         "",
         "Method:",
         f"- Enrollment of {n} clients: codes minted with `clients.enroll` over the control socket "
@@ -149,3 +149,17 @@ def to_json(res: Results) -> dict[str, Any]:
 def _procs(facts: dict[str, Any]) -> str:
     n = int(facts.get("fleet_procs", 1))
     return "one other process" if n == 1 else f"{n} other processes"
+
+
+def _storm_cpu(facts: dict[str, Any]) -> str:
+    """Where the CPU went from spawn to the last fake re-synced, per restart: what the
+    server would need on machines of its own, what the fake fleet took beside it."""
+    rows = facts.get("restart_cpu") or []
+    if not rows:
+        return ""
+    parts = [
+        f"{r['wall_s']:.1f} s wall: control {r['control_s']:.1f} CPU-s, serve tree "
+        f"{r['serve_tree_s']:.1f}, fake fleet {r['fleet_s']:.1f}, harness {r['harness_s']:.1f}"
+        for r in rows
+    ]
+    return " CPU from spawn to the last re-sync: " + "; ".join(parts) + "."

@@ -14,6 +14,7 @@ over ``procs`` of them: enrollment and connects are divided into contiguous slic
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from bench.edge_fleet import Fleet, Identity
@@ -21,10 +22,12 @@ from bench.edge_fleet import Fleet, Identity
 Status = dict[str, tuple[bool, int, int, float, int, int, str, int]]
 
 
-def default_procs(clients: int) -> int:
-    """One process per 2,500 fakes, 1 to 4: a small fleet gains nothing from more
-    processes, and past 4 they only take CPU from the server on this machine."""
-    return max(1, min(4, -(-clients // 2500)))
+def default_procs(clients: int, cpus: int | None = None) -> int:
+    """One process per 2,500 fakes, at most one per CPU: a small fleet gains nothing
+    from more processes, and more busy processes than CPUs only take the server's
+    share of them (the scheduler shares CPU per runnable thread)."""
+    cpus = cpus if cpus is not None else (os.cpu_count() or 1)
+    return max(1, min(cpus, -(-clients // 2500)))
 
 
 def _slices(items: list[Any], n: int) -> list[list[Any]]:

@@ -61,7 +61,8 @@ def test_fleet_slices_keep_order_and_default_procs_scale() -> None:
     assert parts == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
     assert [x for p in parts for x in p] == items
     assert _slices([1], 2) == [[1], []]
-    assert [default_procs(n) for n in (6, 2500, 2501, 10000, 100000)] == [1, 1, 2, 4, 4]
+    assert [default_procs(n, 2) for n in (6, 2500, 2501, 10000)] == [1, 1, 2, 2]
+    assert [default_procs(n, 8) for n in (2500, 10000, 100000)] == [1, 4, 8]
 
 
 @pytest.mark.timeout(180)
@@ -92,11 +93,14 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
     )
     res = edge_clients.measure(args)
     assert res.facts["fleet_procs"] == 2  # each process ran some of the fakes, merged
+    cpu = res.facts["restart_cpu"][0]
+    assert cpu["control_s"] > 0 and cpu["fleet_s"] > 0 and cpu["serve_tree_s"] >= cpu["control_s"]
     assert len(res.series["push"].values) == 5
     assert len(res.series["restart"].values) == 1
     assert res.facts["mem_connected"]["control_fds"] >= res.facts["mem_empty"]["control_fds"] + 6
     assert res.facts["reconnects_during_run"] == 0
     text = edge_clients.render(res, args)
     assert "restart → 4 × 2 rules reconnected + reconciled" in text
+    assert "CPU from spawn to the last re-sync" in text and "--fleet-procs 2" in text
     assert res.facts["server_tracebacks"] == 0
     assert len(res.series["get_rpc"].values) == 5
