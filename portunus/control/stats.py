@@ -13,7 +13,6 @@ forks us — importing it at module import could freeze the wrong choice.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections import defaultdict
 from typing import Any
@@ -30,14 +29,9 @@ STATES = ("pending", "active", "failed", "draining", "revoked")
 
 
 def _samples(metrics_dir: str) -> list[Any]:
-    if not os.path.isdir(metrics_dir):
-        return []
-    from prometheus_client import CollectorRegistry
-    from prometheus_client.multiprocess import MultiProcessCollector
+    from portunus.metrics.per_rule import counter_samples
 
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=metrics_dir)
-    return [s for family in registry.collect() for s in family.samples]
+    return counter_samples(metrics_dir)
 
 
 def rule_stats(
