@@ -188,6 +188,36 @@ def tree_cpu(srv: ServerProc) -> float:
         return 0.0
 
 
+def storm_failures(
+    status: dict[str, tuple[bool, int, int, float, int, int, str, int]],
+    before: dict[str, int],
+    srv: ServerProc,
+) -> dict[str, Any]:
+    """Failed connect attempts in a restart (each one costs the fake a backoff step):
+    how many, how many fakes had any, their most common last error, and the
+    gateway's pre-auth refusals by reason, read from control's counter file (a
+    scrape of /metrics with 30,000 rules would cost the harness seconds)."""
+    from collections import Counter
+
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    failed = {cid: v[5] - before.get(cid, 0) for cid, v in status.items()}
+    errors = Counter(status[cid][6][:80] for cid, n in failed.items() if n > 0)
+    files = [str(p) for p in (srv.runtime_dir / "metrics").glob("counter_*.db")]
+    refused: Counter[str] = Counter()
+    for family in MultiProcessCollector.merge(files, accumulate=True) if files else []:
+        for sample in family.samples:
+            if sample.name == "portunus_edge_preauth_refused_total":
+                refused[sample.labels.get("reason", "")] += int(sample.value)
+    return {
+        "attempts_failed": sum(failed.values()),
+        "fakes_failed": sum(1 for n in failed.values() if n > 0),
+        "max_per_fake": max(failed.values(), default=0),
+        "last_errors": errors.most_common(3),
+        "preauth_refused": {k: v for k, v in refused.items() if v},
+    }
+
+
 # ------------------------------------------------------------------ 1-4: many clients
 
 
@@ -442,6 +472,7 @@ def bench_restart(
         if rc != 0:
             raise RuntimeError(f"serve exited {rc} on SIGTERM\n{srv.stderr_tail()}")
         fleet_procs = [psutil.Process(p) for p in fleet.pids]
+        failures0 = {cid: v[5] for cid, v in fleet.status().items()}
         harness = psutil.Process()
         fleet0, harness0 = _cpu(fleet_procs), _cpu([harness])
         t0 = time.monotonic()
@@ -460,6 +491,9 @@ def bench_restart(
         # the storm being measured.
         wait_until(lambda: len(fresh()) == n, f"{n} fakes re-synced after restart {r}", 300, 0.5)
         done = fresh()
+        res.facts.setdefault("restart_failures", []).append(
+            storm_failures(fleet.status(), failures0, srv)
+        )
         res.facts.setdefault("restart_cpu", []).append(
             {
                 "wall_s": max(done) - t0,

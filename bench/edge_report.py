@@ -162,4 +162,12 @@ def _storm_cpu(facts: dict[str, Any]) -> str:
         f"{r['serve_tree_s']:.1f}, fake fleet {r['fleet_s']:.1f}, harness {r['harness_s']:.1f}"
         for r in rows
     ]
-    return " CPU from spawn to the last re-sync: " + "; ".join(parts) + "."
+    out = " CPU from spawn to the last re-sync: " + "; ".join(parts) + "."
+    for f in facts.get("restart_failures") or []:
+        out += (
+            f" Failed connect attempts in the storm: {f['attempts_failed']} by "
+            f"{f['fakes_failed']} fakes (at most {f['max_per_fake']} for one; last errors "
+            + ", ".join(f"{e!r} × {n}" for e, n in f["last_errors"])
+            + f"); the gateway's pre-auth refusals: {f['preauth_refused'] or 'none'}."
+        )
+    return out

@@ -94,6 +94,9 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
     res = edge_clients.measure(args)
     assert res.facts["fleet_procs"] == 2  # each process ran some of the fakes, merged
     cpu = res.facts["restart_cpu"][0]
+    storm = res.facts["restart_failures"][0]
+    assert storm["attempts_failed"] >= storm["fakes_failed"] >= 0
+    assert isinstance(storm["preauth_refused"], dict)
     assert cpu["control_s"] > 0 and cpu["fleet_s"] > 0 and cpu["serve_tree_s"] >= cpu["control_s"]
     assert len(res.series["push"].values) == 5
     assert len(res.series["restart"].values) == 1
@@ -102,5 +105,6 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
     text = edge_clients.render(res, args)
     assert "restart → 4 × 2 rules reconnected + reconciled" in text
     assert "CPU from spawn to the last re-sync" in text and "--fleet-procs 2" in text
+    assert "Failed connect attempts in the storm" in text
     assert res.facts["server_tracebacks"] == 0
     assert len(res.series["get_rpc"].values) == 5
