@@ -107,6 +107,7 @@ class RuleCounters:
         self.rules: dict[int, CountedRule] = {}
         self.by_client: dict[str, set[int]] = {}
         self._primed = False
+        self._touched: set[int] = set()  # new or renamed rules whose rows are not rebuilt yet
         # Per edge client: (its latest stats frame, run, connected) at the last look.
         self._seen: dict[str, tuple[Any, str | None, bool]] = {}
         # The totals file's members, ``"<rule id>":{...}``, rebuilt only when they change.
@@ -176,9 +177,12 @@ class RuleCounters:
         rule set comes from the store's journal (store/rule_journal.py), an edge
         client's rules are looked at only when its latest ``stats`` frame, run or
         connection changed, and each rule's row of the file is kept as JSON text."""
-        touched = await self._refresh_rules()
-        await self._snapshot_local(touched)
-        self._snapshot_remote(touched)
+        # Kept until a snapshot got through: a failed one (a shard's metrics file caught
+        # while it is created) must not lose the rows it was to rebuild.
+        self._touched |= await self._refresh_rules()
+        await self._snapshot_local(self._touched)
+        self._snapshot_remote(self._touched)
+        self._touched = set()
         await self._persist()
         if self._export_dirty or not self._written:  # idle rules: no rewrite every snapshot
             text = _export_text(self.run, self._rows_local, self._rows_remote)
@@ -266,8 +270,8 @@ class RuleCounters:
         remote = self.remote
         redo_of: dict[str, set[int]] = {}
         for rule_id in touched:
-            r = self.rules[rule_id]
-            if r.client_id != LOCAL:
+            r = self.rules.get(rule_id)  # None: removed since it was touched
+            if r is not None and r.client_id != LOCAL:
                 redo_of.setdefault(r.client_id, set()).add(rule_id)
         for client_id, ids in self.by_client.items():
             if client_id == LOCAL:

@@ -300,3 +300,42 @@ async def test_incremental_rows_match_a_full_snapshot(
         full.carry = copy.deepcopy(rc.carry)
         await full.snapshot()
         assert _file(other) == _file(runtime)
+
+
+async def test_a_failed_snapshot_loses_no_row_to_rebuild(
+    store: Store, runtime: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot that fails after reading the journal (a shard's metrics file caught
+    while it is created) leaves the new rules it read for the next one."""
+    from portunus.metrics import per_rule
+
+    await _rule(store, "local", 9000)
+    await _client(store, "edge-a", "alpha")
+    await _rule(store, "edge-a", 7000)  # the client is known (looked at) before
+    fail = [False]
+
+    def totals(d: str, ids: Any) -> dict[str, dict[str, int]]:
+        if fail[0]:
+            raise OSError("metrics file half-created")
+        return {i: {} for i in ids}
+
+    monkeypatch.setattr(per_rule, "rule_totals", totals)
+    rc = counters.RuleCounters(store, runtime, FakeRemote())
+    await rc.snapshot()
+    added = await _rule(store, "edge-a", 8000)
+    fail[0] = True
+    with pytest.raises(OSError):
+        await rc.snapshot()
+    fail[0] = False
+    await rc.snapshot()
+    assert _file(runtime)["remote"][str(added)]["client"] == "alpha"
+    # A rule removed between the failure and the next snapshot is simply gone.
+    added2 = await _rule(store, "edge-a", 8001)
+    fail[0] = True
+    with pytest.raises(OSError):
+        await rc.snapshot()
+    async with store.write() as db:
+        await rules_db.delete_rule(db, added2)
+    fail[0] = False
+    await rc.snapshot()
+    assert str(added2) not in _file(runtime)["remote"]
