@@ -97,7 +97,9 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
     storm = res.facts["restart_failures"][0]
     assert storm["attempts_failed"] >= storm["fakes_failed"] >= 0
     assert isinstance(storm["preauth_refused"], dict)
-    assert cpu["control_s"] > 0 and cpu["fleet_s"] > 0 and cpu["serve_tree_s"] >= cpu["control_s"]
+    # Control's CPU counts from its start (never 0); 4 fakes re-syncing may use less than
+    # one clock tick of the fleet's.
+    assert cpu["control_s"] > 0 and cpu["fleet_s"] >= 0 and cpu["serve_tree_s"] >= cpu["control_s"]
     assert len(res.series["push"].values) == 5
     assert len(res.series["restart"].values) == 1
     assert res.facts["mem_connected"]["control_fds"] >= res.facts["mem_empty"]["control_fds"] + 6
