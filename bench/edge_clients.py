@@ -60,8 +60,9 @@ if str(REPO) not in sys.path:
 
 from bench.common import machine_info, raise_nofile  # noqa: E402
 from bench.control_plane import Series, machine, pct, report, running_server  # noqa: E402
-from bench.edge_fleet import Fleet, Identity  # noqa: E402
+from bench.edge_fleet import Identity  # noqa: E402
 from bench.edge_report import fmt, render, to_json  # noqa: E402
+from bench.fleet_group import FleetGroup, default_procs  # noqa: E402
 from bench.fleet_views import scrape, ui_clients  # noqa: E402
 from bench.results import BenchResult, Metric, Settings  # noqa: E402
 from portunus.control.rpc.caller import call_sync  # noqa: E402
@@ -117,6 +118,20 @@ def memory(srv: ServerProc) -> dict[str, float]:
     }
 
 
+def settled_memory(srv: ServerProc, tries: int = 10) -> dict[str, float]:
+    """``memory`` once control's fd count held still for 0.2 s: the connection of the
+    start-up readiness call can still be open in control for a moment, and a baseline
+    with it counts one fd too many."""
+    now = memory(srv)
+    for _ in range(tries):
+        time.sleep(0.2)
+        again = memory(srv)
+        if again["control_fds"] == now["control_fds"]:
+            return again
+        now = again
+    return now
+
+
 def wait_until(cond: Callable[[], bool], what: str, timeout: float, every: float = 0.02) -> float:
     """Poll ``cond``; return the monotonic time it first held."""
     deadline = time.monotonic() + timeout
@@ -128,7 +143,7 @@ def wait_until(cond: Callable[[], bool], what: str, timeout: float, every: float
 
 
 def enroll(
-    srv: ServerProc, fleet: Fleet, n: int, prefix: str
+    srv: ServerProc, fleet: FleetGroup, n: int, prefix: str
 ) -> tuple[list[Identity], str, dict[str, float]]:
     """Mint ``n`` codes and redeem them; returns identities, the pinned fingerprint
     and the timings (seconds)."""
@@ -166,6 +181,58 @@ def tracebacks(srv: ServerProc) -> list[str]:
         if "Traceback" in line or "Fatal error" in line or "never retrieved" in line:
             bad.append(line[:300])
     return bad
+
+
+def _cpu(procs: list[psutil.Process | None]) -> float:
+    """User + system CPU seconds of ``procs`` so far (a gone one counts 0)."""
+    total = 0.0
+    for p in procs:
+        if p is None:
+            continue
+        try:
+            total += sum(p.cpu_times()[:2])
+        except psutil.Error:
+            continue
+    return total
+
+
+def tree_cpu(srv: ServerProc) -> float:
+    """CPU seconds of the whole ``serve`` tree since it started (children still alive)."""
+    try:
+        root = psutil.Process(srv.pid)
+        return _cpu([root, *root.children(recursive=True)])
+    except psutil.Error:
+        return 0.0
+
+
+def storm_failures(
+    status: dict[str, tuple[bool, int, int, float, int, int, str, int]],
+    before: dict[str, int],
+    srv: ServerProc,
+) -> dict[str, Any]:
+    """Failed connect attempts in a restart (each one costs the fake a backoff step):
+    how many, how many fakes had any, their most common last error, and the
+    gateway's pre-auth refusals by reason, read from control's counter file (a
+    scrape of /metrics with 30,000 rules would cost the harness seconds)."""
+    from collections import Counter
+
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    failed = {cid: v[5] - before.get(cid, 0) for cid, v in status.items()}
+    errors = Counter(status[cid][6][:80] for cid, n in failed.items() if n > 0)
+    files = [str(p) for p in (srv.runtime_dir / "metrics").glob("counter_*.db")]
+    refused: Counter[str] = Counter()
+    for family in MultiProcessCollector.merge(files, accumulate=True) if files else []:
+        for sample in family.samples:
+            if sample.name == "portunus_edge_preauth_refused_total":
+                refused[sample.labels.get("reason", "")] += int(sample.value)
+    return {
+        "attempts_failed": sum(failed.values()),
+        "fakes_failed": sum(1 for n in failed.values() if n > 0),
+        "max_per_fake": max(failed.values(), default=0),
+        "last_errors": errors.most_common(3),
+        "preauth_refused": {k: v for k, v in refused.items() if v},
+    }
 
 
 # ------------------------------------------------------------------ 1-4: many clients
@@ -253,9 +320,9 @@ class Results:
         return [(w, u, v, t, v <= t) for w, u, v, t in out]
 
 
-def bench_many(res: Results, srv: ServerProc, fleet: Fleet, args: argparse.Namespace) -> None:
+def bench_many(res: Results, srv: ServerProc, fleet: FleetGroup, args: argparse.Namespace) -> None:
     n = args.clients
-    res.facts["mem_empty"] = memory(srv)
+    res.facts["mem_empty"] = settled_memory(srv)
     log(f"enrolling {n} clients")
     idents, fp, times = enroll(srv, fleet, n, "fake")
     res.facts.update(times)
@@ -335,7 +402,7 @@ def bench_many(res: Results, srv: ServerProc, fleet: Fleet, args: argparse.Names
     res.facts["mem_after_pushes"] = memory(srv)
     st = fleet.status()
     res.facts["reconnects_during_run"] = sum(max(0, v[1] - 1) for v in st.values())
-    res.facts["fleet_rss_mib"] = psutil.Process(fleet.pid).memory_info().rss / MiB
+    res.facts["fleet_rss_mib"] = sum(psutil.Process(p).memory_info().rss for p in fleet.pids) / MiB
     res.facts["busy_refusals"] = sum(v[7] for v in st.values())
     res.facts["tracebacks_many"] = tracebacks(srv)
     fleet.disconnect()
@@ -401,7 +468,9 @@ def bench_push(srv: ServerProc, client_ids: list[str], n: int) -> Series:
 # ------------------------------------------------------------------ 5: restart
 
 
-def bench_restart(res: Results, srv: ServerProc, fleet: Fleet, args: argparse.Namespace) -> None:
+def bench_restart(
+    res: Results, srv: ServerProc, fleet: FleetGroup, args: argparse.Namespace
+) -> None:
     n, each = args.restart_clients, args.rules_each
     log(f"restart: enrolling {n} clients with {each} rules each")
     idents, fp, _ = enroll(srv, fleet, n, "rs")
@@ -443,6 +512,10 @@ def bench_restart(res: Results, srv: ServerProc, fleet: Fleet, args: argparse.Na
         stops.values.append(time.monotonic() - t)
         if rc != 0:
             raise RuntimeError(f"serve exited {rc} on SIGTERM\n{srv.stderr_tail()}")
+        fleet_procs = [psutil.Process(p) for p in fleet.pids]
+        failures0 = {cid: v[5] for cid, v in fleet.status().items()}
+        harness = psutil.Process()
+        fleet0, harness0 = _cpu(fleet_procs), _cpu([harness])
         t0 = time.monotonic()
         srv.start()
 
@@ -454,8 +527,23 @@ def bench_restart(res: Results, srv: ServerProc, fleet: Fleet, args: argparse.Na
                 if cid in want_ids and v[0] and v[3] > t0 and v[4] == each
             ]
 
-        wait_until(lambda: len(fresh()) == n, f"{n} fakes re-synced after restart {r}", 300, 0.1)
+        # Every 0.5 s: a status is a 10,000-entry map pickled by every fleet process, and
+        # the fakes stamp their own sync times, so polling faster only takes CPU from
+        # the storm being measured.
+        wait_until(lambda: len(fresh()) == n, f"{n} fakes re-synced after restart {r}", 300, 0.5)
         done = fresh()
+        res.facts.setdefault("restart_failures", []).append(
+            storm_failures(fleet.status(), failures0, srv)
+        )
+        res.facts.setdefault("restart_cpu", []).append(
+            {
+                "wall_s": max(done) - t0,
+                "serve_tree_s": tree_cpu(srv),
+                "control_s": _cpu([srv.child("control")]),
+                "fleet_s": _cpu(fleet_procs) - fleet0,
+                "harness_s": _cpu([harness]) - harness0,
+            }
+        )
         fakes.values.append(max(done) - t0)
         first.values.append(min(done) - t0)
         p99s.values.append(pct([d - t0 for d in done], 99))
@@ -500,7 +588,9 @@ def measure(args: argparse.Namespace) -> Results:
     res = Results(time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), mach, args.clients)
     ports = PortAllocator()
     tmp = Path(tempfile.mkdtemp(prefix="portunus-edge-bench-"))
-    fleet = Fleet()
+    procs = args.fleet_procs or default_procs(max(args.clients, args.restart_clients))
+    res.facts["fleet_procs"] = procs
+    fleet = FleetGroup(procs)
     try:
         extra = {"edge_preauth_max_per_source": args.per_source} if args.per_source else None
         res.facts["per_source"] = args.per_source or 16
@@ -543,6 +633,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="edge_preauth_max_per_source for the servers (default: the server's, 16). Every fake "
         "dials from 127.0.0.1, one source; 128 (= the global limit) makes the fleet look like "
         "many hosts, as a real fleet is",
+    )
+    p.add_argument(
+        "--fleet-procs",
+        type=int,
+        default=None,
+        help="processes the fake fleet is spread over (default: one per 2,500 fakes, 1 to 4); "
+        "one process saturates a core in a 10,000-client storm and then bounds what is measured",
     )
     p.add_argument(
         "--legacy-link",

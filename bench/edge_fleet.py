@@ -166,9 +166,12 @@ class FakeClient:
             self.sessions += 1
             self.backoff.reset()
             try:  # the cadence fields, checked as the real client checks them
-                every, dead = link_cadence(edge_messages.parse(welcome), _TIMING)
+                typed = edge_messages.parse(welcome)
             except edge_messages.FrameInvalid as exc:
                 raise WireError(str(exc)) from None
+            if not isinstance(typed, edge_messages.Welcome):
+                raise WireError(f"expected welcome, got {type(typed).__name__}")
+            every, dead = link_cadence(typed, _TIMING)
             ticker = asyncio.create_task(
                 self._ticker(writer, every) if not self.quiet else self._quiet_ticker(writer, every)
             )

@@ -34,8 +34,8 @@ def render(res: Results, args: argparse.Namespace) -> str:
         "",
         f"Run {res.date} on {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB RAM, Python {m['python']}, "
         f"Linux {m['kernel']}, commit {m['commit']}; "
-        "`portunus-server serve --shards 1`, default log level; the fakes run in one other process "
-        f"(bench/edge_fleet.py, uvloop). Load average {m['loadavg'][0]} at start, {m['loadavg_end'][0]} at the end "
+        "`portunus-server serve --shards 1`, default log level; the fakes run in "
+        f"{_procs(f)} (bench/edge_fleet.py, bench/fleet_group.py, uvloop). Load average {m['loadavg'][0]} at start, {m['loadavg_end'][0]} at the end "
         "(other jobs share the machine; the p99s follow the load).",
         "`python -m bench.edge_clients"
         + (" --quick" if args.quick else "")
@@ -43,6 +43,7 @@ def render(res: Results, args: argparse.Namespace) -> str:
         + f" --restarts {len(res.series['restart'].values)}"
         + (" --legacy-link" if args.legacy_link else "")
         + (f" --per-source {args.per_source}" if args.per_source else "")
+        + f" --fleet-procs {f.get('fleet_procs', 1)}"
         + "` (bench/edge_clients.py).",
         "",
         "| target | measured | target | |",
@@ -93,10 +94,10 @@ def render(res: Results, args: argparse.Namespace) -> str:
             if args.legacy_link
             else "(`quiet_link`: a `ping` each way every 20 s, `stats` only on change)"
         )
-        + f": {f['control_idle_cpu_pct']:.1f} % of one core. Fleet process RSS: {f['fleet_rss_mib']:.0f} MiB. "
+        + f": {f['control_idle_cpu_pct']:.1f} % of one core. Fleet processes' RSS: {f['fleet_rss_mib']:.0f} MiB. "
         f"Full walk of the list (`limit` 1000, {f['walk_pages']} pages): {f['walk_all_s'] * 1000:.0f} ms. "
         f"`busy` refusals: {f['busy_refusals']} while connecting the fleet, {f['restart_busy_refusals']} "
-        "over the restarts (cumulative per fake).",
+        "over the restarts (cumulative per fake)." + _storm_cpu(f),
         "",
         "Method:",
         f"- Enrollment of {n} clients: codes minted with `clients.enroll` over the control socket "
@@ -150,3 +151,30 @@ def to_json(res: Results) -> dict[str, Any]:
             for w, u, v, t, ok in res.verdicts()
         ],
     }
+
+
+def _procs(facts: dict[str, Any]) -> str:
+    n = int(facts.get("fleet_procs", 1))
+    return "one other process" if n == 1 else f"{n} other processes"
+
+
+def _storm_cpu(facts: dict[str, Any]) -> str:
+    """Where the CPU went from spawn to the last fake re-synced, per restart: what the
+    server would need on machines of its own, what the fake fleet took beside it."""
+    rows = facts.get("restart_cpu") or []
+    if not rows:
+        return ""
+    parts = [
+        f"{r['wall_s']:.1f} s wall: control {r['control_s']:.1f} CPU-s, serve tree "
+        f"{r['serve_tree_s']:.1f}, fake fleet {r['fleet_s']:.1f}, harness {r['harness_s']:.1f}"
+        for r in rows
+    ]
+    out = " CPU from spawn to the last re-sync: " + "; ".join(parts) + "."
+    for f in facts.get("restart_failures") or []:
+        out += (
+            f" Failed connect attempts in the storm: {f['attempts_failed']} by "
+            f"{f['fakes_failed']} fakes (at most {f['max_per_fake']} for one; last errors "
+            + ", ".join(f"{e!r} × {n}" for e, n in f["last_errors"])
+            + f"); the gateway's pre-auth refusals: {f['preauth_refused'] or 'none'}."
+        )
+    return out

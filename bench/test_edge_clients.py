@@ -53,6 +53,18 @@ def test_edge_targets_pass_fail_and_scale() -> None:
     assert restart["status"] == "n/a" and restart["why"] == "not run"
 
 
+def test_fleet_slices_keep_order_and_default_procs_scale() -> None:
+    from bench.fleet_group import _slices, default_procs
+
+    items = list(range(10))
+    parts = _slices(items, 3)
+    assert parts == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert [x for p in parts for x in p] == items
+    assert _slices([1], 2) == [[1], []]
+    assert [default_procs(n, 2) for n in (6, 2500, 2501, 10000)] == [1, 1, 2, 2]
+    assert [default_procs(n, 8) for n in (2500, 10000, 100000)] == [1, 4, 8]
+
+
 @pytest.mark.timeout(180)
 def test_tiny_run_end_to_end(tmp_path: Path) -> None:
     """Enroll, connect, list, push and restart with a handful of fakes: every step
@@ -75,17 +87,29 @@ def test_tiny_run_end_to_end(tmp_path: Path) -> None:
             "1",
             "--idle-secs",
             "1",
+            "--fleet-procs",
+            "2",
             "--out",
             str(tmp_path / "out.md"),
         ]
     )
     res = edge_clients.measure(args)
+    assert res.facts["fleet_procs"] == 2  # each process ran some of the fakes, merged
+    cpu = res.facts["restart_cpu"][0]
+    storm = res.facts["restart_failures"][0]
+    assert storm["attempts_failed"] >= storm["fakes_failed"] >= 0
+    assert isinstance(storm["preauth_refused"], dict)
+    # Control's CPU counts from its start (never 0); 4 fakes re-syncing may use less than
+    # one clock tick of the fleet's.
+    assert cpu["control_s"] > 0 and cpu["fleet_s"] >= 0 and cpu["serve_tree_s"] >= cpu["control_s"]
     assert len(res.series["push"].values) == 5
     assert len(res.series["restart"].values) == 1
     assert res.facts["mem_connected"]["control_fds"] >= res.facts["mem_empty"]["control_fds"] + 6
     assert res.facts["reconnects_during_run"] == 0
     text = edge_clients.render(res, args)
     assert "restart → 4 × 2 rules reconnected + reconciled" in text
+    assert "CPU from spawn to the last re-sync" in text and "--fleet-procs 2" in text
+    assert "Failed connect attempts in the storm" in text
     assert res.facts["server_tracebacks"] == 0
     assert len(res.series["get_rpc"].values) == 5
     # The operator's views with the fleet up: every fake is a row of the UI page, and

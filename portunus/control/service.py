@@ -70,12 +70,10 @@ def _rule_key(key: object) -> int | None:
 EVENT_BATCH = 500
 
 
-def _unchanged(stored: StoredRule, res: RuleResult) -> bool:
+def _unchanged(state: str, failure_reason: str | None, res: RuleResult) -> bool:
     """A draining rule is never revived by a late answer about it; an unchanged
     state (a re-sync, a caps update) writes nothing."""
-    return stored.state in ("draining", "revoked") or (
-        stored.state == res.state and stored.failure_reason == res.reason
-    )
+    return state in ("draining", "revoked") or (state == res.state and failure_reason == res.reason)
 
 
 def _ack_timeout(params: dict[str, Any], default: float) -> float:
@@ -252,7 +250,8 @@ class RuleService:
     ) -> None:
         """Nodes' answers, in arrival order.  Read first, in one query for all of
         them: after a restart every node re-confirms what is already recorded, and
-        those answers need no write transaction at all."""
+        those answers need no write transaction at all.  That read takes each rule's
+        state only; a whole rule is read only for a push waiting on its answer."""
         parsed: list[tuple[str, dict[int, RuleResult]]] = []
         for client_id, results in answers_of:
             answers: dict[int, RuleResult] = {}
@@ -262,18 +261,21 @@ class RuleService:
                     answers[rule_id] = res
             parsed.append((client_id, answers))
         wanted = list(dict.fromkeys(r for _, answers in parsed for r in answers))
+        waited = [r for r in wanted if r in self._waiters]
         async with self.store.read() as db:
-            current = {s.rule_id: s for s in await rules_db.get_rules(db, wanted)}
+            current = await rules_db.states_of(db, wanted)
+            full = {s.rule_id: s for s in await rules_db.get_rules(db, waited)} if waited else {}
         written: set[int] = set()  # changed by an earlier answer: read again when writing
         for client_id, answers in parsed:
             settled: list[StoredRule] = []
             to_write: list[int] = []
             for rule_id, res in answers.items():
-                stored = current.get(rule_id)
-                if stored is None or stored.client_id != client_id:
+                now = current.get(rule_id)
+                if now is None or now.client_id != client_id:
                     continue
-                if rule_id not in written and _unchanged(stored, res):
-                    settled.append(stored)
+                if rule_id not in written and _unchanged(now.state, now.failure_reason, res):
+                    if rule_id in full:  # settling a rule nobody waits for does nothing
+                        settled.append(full[rule_id])
                 else:
                     to_write.append(rule_id)
             changed: list[tuple[StoredRule, str]] = []
@@ -315,7 +317,7 @@ class RuleService:
                 res = answers[stored.rule_id]
                 if stored.client_id != client_id:
                     continue
-                if _unchanged(stored, res):
+                if _unchanged(stored.state, stored.failure_reason, res):
                     settled.append(stored)
                     continue
                 reason = res.reason if res.state == "failed" else None

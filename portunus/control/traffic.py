@@ -143,7 +143,9 @@ def counters_reader(metrics_dir: str, remote: Any) -> ReadCounters:
     from portunus.control.stats import rule_totals
 
     async def read(rules: Sequence[db_traffic.RuleKey]) -> dict[int, Reading]:
-        local = await asyncio.to_thread(rule_totals, metrics_dir) if metrics_dir else {}
+        # No local rule, no file to parse (a fleet server's rules are all remote).
+        has_local = metrics_dir and any(r.client_id == LOCAL for r in rules)
+        local = await asyncio.to_thread(rule_totals, metrics_dir) if has_local else {}
         out: dict[int, Reading] = {}
         for stored in rules:
             rid = str(stored.rule_id)

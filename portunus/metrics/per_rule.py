@@ -55,30 +55,57 @@ class _Acc:
         return out
 
 
+# Files of gauges in "livemostrecent" mode hold no per-rule counter: only the server's
+# control process writes them (portunus_rule_state, 5 series per rule: 150,000 on a
+# 30,000-rule fleet; portunus_clients_connected).  Parsing them for counters cost the
+# control process a core-second per read during a reconnect storm.
+_NO_COUNTERS = "gauge_livemostrecent_"
+
+
+def counter_files(metrics_dir: str) -> list[str]:
+    """The multiprocess files that may hold per-rule counters (every ``*.db`` that
+    ``MultiProcessCollector`` would read, less the control process's state gauges)."""
+    try:
+        names = os.listdir(metrics_dir)
+    except OSError:
+        return []
+    return [
+        os.path.join(metrics_dir, n)
+        for n in names
+        if n.endswith(".db") and not n.startswith(_NO_COUNTERS)
+    ]
+
+
+def counter_samples(metrics_dir: str) -> list[Any]:
+    """Every sample of ``counter_files`` (merged across processes, as /metrics does)."""
+    files = counter_files(metrics_dir)
+    if not files:
+        return []
+    # Imported here: prometheus_client picks its value class from the environment at import.
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    return [
+        s for family in MultiProcessCollector.merge(files, accumulate=True) for s in family.samples
+    ]
+
+
 def rule_totals(metrics_dir: str, rule_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
     """``{rule id: {bytes_in, bytes_out, connections_total, active_connections,
     per_port?, per_target?}}`` for every id given (zeros for a rule no shard has
     counted yet)."""
     accs = {str(r): _Acc() for r in rule_ids}
-    if accs and os.path.isdir(metrics_dir):
-        # Imported here: prometheus_client picks its value class from the environment at import.
-        from prometheus_client import CollectorRegistry
-        from prometheus_client.multiprocess import MultiProcessCollector
-
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=metrics_dir)
-        for family in registry.collect():
-            for s in family.samples:
-                acc = accs.get(s.labels.get("rule", ""))
-                if acc is None:
-                    continue
-                if s.name in c.RULE_FIELDS:
-                    acc.totals[c.RULE_FIELDS[s.name]] += s.value
-                elif s.name in c.PORT_FIELDS and is_ascii_digits(s.labels.get("port", "")):
-                    acc.ports[int(s.labels["port"])][c.PORT_FIELDS[s.name]] += s.value
-                elif s.name in c.TARGET_FIELDS:
-                    acc.targets[s.labels.get("target", "")][c.TARGET_FIELDS[s.name]] += s.value
-                elif s.name == c.TARGET_UP.name:
-                    label = s.labels.get("target", "")
-                    acc.up[label] = min(acc.up.get(label, s.value), s.value)
+    if accs:
+        for s in counter_samples(metrics_dir):
+            acc = accs.get(s.labels.get("rule", ""))
+            if acc is None:
+                continue
+            if s.name in c.RULE_FIELDS:
+                acc.totals[c.RULE_FIELDS[s.name]] += s.value
+            elif s.name in c.PORT_FIELDS and is_ascii_digits(s.labels.get("port", "")):
+                acc.ports[int(s.labels["port"])][c.PORT_FIELDS[s.name]] += s.value
+            elif s.name in c.TARGET_FIELDS:
+                acc.targets[s.labels.get("target", "")][c.TARGET_FIELDS[s.name]] += s.value
+            elif s.name == c.TARGET_UP.name:
+                label = s.labels.get("target", "")
+                acc.up[label] = min(acc.up.get(label, s.value), s.value)
     return {rid: acc.entry() for rid, acc in accs.items()}

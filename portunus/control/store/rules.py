@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiosqlite
 
@@ -140,6 +140,30 @@ async def get_rules(db: aiosqlite.Connection, rule_ids: list[int]) -> list[Store
     for i in range(0, len(rule_ids), 500):
         chunk = rule_ids[i : i + 500]
         out.extend(await _query(db, f"WHERE r.id IN ({','.join('?' * len(chunk))})", tuple(chunk)))
+    return out
+
+
+class RuleState(NamedTuple):
+    """A rule's client and state: what an answer from a node is checked against."""
+
+    client_id: str
+    state: str
+    failure_reason: str | None
+
+
+async def states_of(db: aiosqlite.Connection, rule_ids: list[int]) -> dict[int, RuleState]:
+    """The state of each rule among ``rule_ids`` that exists, without building the
+    rules (after a restart every node re-confirms all of its rules at once)."""
+    out: dict[int, RuleState] = {}
+    for i in range(0, len(rule_ids), 500):
+        chunk = rule_ids[i : i + 500]
+        async with db.execute(
+            "SELECT id, client_id, state, failure_reason FROM rules"
+            f" WHERE id IN ({','.join('?' * len(chunk))})",
+            chunk,
+        ) as cur:
+            for row in await cur.fetchall():
+                out[int(row[0])] = RuleState(row[1], row[2], row[3])
     return out
 
 

@@ -275,3 +275,36 @@ async def test_sync_sends_every_rule_and_pending_removals(harness: Any) -> None:
     await harness.service.drain_events()
     kinds = [(s[0], [r.id for r in s[2]], s[3]) for s in harness.plane.sent]
     assert kinds == [("sync", ["1"], []), ("apply", [], ["2"])]
+
+
+async def test_a_reconfirmed_state_builds_no_rule(harness: Any, monkeypatch: Any) -> None:
+    """After a restart every node re-confirms all of its rules at once: an answer
+    that changes nothing, about a rule no push waits on, is checked against the
+    rule's state alone (no rule is built); a change still reads and writes it."""
+    from portunus.control.store import rules as rules_db
+
+    for port in (30005, 30006, 30007):
+        await harness.call("rules.push", {**PUSH, "listen_port": port})
+    built: list[list[int]] = []
+    real = rules_db.get_rules
+
+    async def spy(db: Any, ids: list[int]) -> Any:
+        built.append(list(ids))
+        return await real(db, ids)
+
+    monkeypatch.setattr(rules_db, "get_rules", spy)
+    harness.plane.answer("local", {str(i): ("active", None) for i in (1, 2, 3)})
+    await harness.service.drain_events()
+    assert built == []
+    harness.plane.answer("local", {"2": ("failed", "port_in_use (port 30006 already bound)")})
+    await harness.service.drain_events()
+    assert built == [[2]]  # inside the write transaction, as before
+    assert (await harness.call("rules.get", {"id": 2}))["state"] == "failed"
+    assert (await harness.call("rules.get", {"id": 1}))["state"] == "active"
+
+    # A push waiting on a rule whose answer confirms its state still gets the rule.
+    async with harness.store.read() as db:
+        stored = await real(db, [3])
+    got = await harness.service._send_and_wait(stored[0], 2.0)
+    assert got is not None and got.rule_id == 3 and got.state == "active"
+    assert built[-1] == [3]

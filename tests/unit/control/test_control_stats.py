@@ -171,7 +171,7 @@ GAUGE_WRITER = textwrap.dedent(
 )
 
 
-def read_state(metrics_dir: Path) -> dict[str, float]:
+def read_state(metrics_dir: Path, client: str | None = None) -> dict[str, float]:
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -181,7 +181,9 @@ def read_state(metrics_dir: Path) -> dict[str, float]:
         s.labels["state"]: s.value
         for fam in registry.collect()
         for s in fam.samples
-        if s.name == "portunus_rule_state" and s.labels["rule"] == "7"
+        if s.name == "portunus_rule_state"
+        and s.labels["rule"] == "7"
+        and client in (None, s.labels["client"])
     }
 
 
@@ -215,3 +217,110 @@ def test_rule_state_gauge(tmp_path: Path) -> None:
         "draining": 0.0,
         "revoked": 0.0,
     }
+
+
+COUNTING_WRITER = textwrap.dedent(
+    """
+    import sys
+    from portunus.control.stats import RuleStateGauge
+    from portunus.rules import Target, build_rule
+    sink = RuleStateGauge()
+    calls = []
+    real = sink._gauge.labels
+    sink._gauge.labels = lambda *a: calls.append(a) or real(*a)
+    rule = build_rule(id="7", protocol="tcp", listen=(8080, 8080), targets=[Target("127.0.0.1", 80)])
+    renamed = build_rule(
+        id="7", protocol="tcp", listen=(8080, 8080), targets=[Target("127.0.0.1", 80)], client="edge"
+    )
+    for state in sys.argv[1:]:
+        before = len(calls)
+        which = renamed if state.startswith("edge:") else rule
+        state = state.removeprefix("edge:")
+        sink(which, None if state == "gone" else state)
+        print(len(calls) - before)
+    """
+)
+
+
+def test_rule_state_gauge_writes_a_state_once(tmp_path: Path) -> None:
+    """A re-sync reports every rule's state again (after a restart, 30,000 of them,
+    almost all unchanged): a state this process already wrote costs no gauge call."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            COUNTING_WRITER,
+            *("active", "active", "active", "failed", "failed", "edge:failed", "gone", "active"),
+        ],
+        env={
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[3]),
+        },
+        check=True,
+        timeout=30,
+        capture_output=True,
+        text=True,
+    )
+    # Five children per write (one per state); nothing for a repeat.
+    assert out.stdout.split() == ["5", "0", "0", "5", "0", "5", "5", "5"]
+    assert read_state(tmp_path, "local") == {
+        "pending": 0.0,
+        "active": 1.0,
+        "failed": 0.0,
+        "draining": 0.0,
+        "revoked": 0.0,
+    }
+    assert read_state(tmp_path, "edge")["failed"] == 1.0  # written under the new name
+
+
+async def test_rule_state_gauge_writes_off_the_callers_turn_in_chunks() -> None:
+    """In control's loop a state is written a moment later, at most CHUNK rules per
+    loop turn, latest state per rule: a restart's 30,000 first writes must not hold
+    the loop ahead of other clients' handshakes and syncs."""
+    import asyncio
+
+    from portunus.control.stats import RuleStateGauge
+    from portunus.rules import Target, build_rule
+
+    written: list[tuple[str, str, float]] = []
+
+    class Child:
+        def __init__(self, labels: tuple[str, ...]) -> None:
+            self.rule, self.state = labels[1], labels[3]
+
+        def set(self, value: float) -> None:
+            written.append((self.rule, self.state, value))
+
+    class FakeGauge:
+        def labels(self, *labels: str) -> Child:
+            return Child(labels)
+
+        def remove_by_labels(self, labels: dict[str, str]) -> None:
+            written.append((labels["rule"], "removed", 0.0))
+
+    sink = RuleStateGauge()
+    sink._gauge = FakeGauge()  # type: ignore[assignment]
+    rules = [
+        build_rule(id=str(i), protocol="tcp", listen=(1, 1), targets=[Target("127.0.0.1", 9)])
+        for i in range(1, 451)
+    ]
+    for r in rules:
+        sink(r, "pending")
+    sink(rules[0], "active")  # before the write: only the latest state is written
+    assert written == []  # nothing on the caller's turn
+    between: list[int] = []
+
+    async def other_work() -> None:
+        while sink._pending:
+            between.append(len(written))
+            await asyncio.sleep(0)
+
+    assert sink._flusher is not None
+    await asyncio.gather(sink._flusher, other_work())
+    assert len(written) == 450 * 5
+    assert [w for w in written if w[0] == "1" and w[2] == 1.0] == [("1", "active", 1.0)]
+    # 450 rules at 200 a turn: other work ran between the chunks.
+    assert sorted(set(between)) == [200 * 5, 400 * 5]
+    sink(rules[5], "pending")  # already written: nothing to do
+    assert not sink._pending and len(written) == 450 * 5

@@ -285,3 +285,28 @@ async def test_a_rule_id_sqlite_cannot_hold_is_a_validation_error(
     with pytest.raises(PortunusError) as err:
         await query(store, who, {"rule": rule, "from": int(T0), "to": int(T0 + 60)}, now=T0 + 60)
     assert err.value.code == "validation.rule"
+
+
+async def test_the_reader_parses_no_metrics_file_without_a_local_rule(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fleet server's rules are all remote: their readings come from the clients'
+    stats frames, and the shards' files are not parsed every sample."""
+    from types import SimpleNamespace
+
+    from portunus.control import stats
+    from portunus.control.traffic import counters_reader
+
+    parsed: list[str] = []
+    monkeypatch.setattr(stats, "rule_totals", lambda d: parsed.append(d) or {"1": (4, 5, 6)})
+    remote = SimpleNamespace(
+        stats={"edge": {"2": {"bytes_in": 7, "bytes_out": 8, "connections_total": 9}}},
+        connected=lambda cid: True,
+    )
+    read = counters_reader(str(tmp_path), remote)
+    edge = db_traffic.RuleKey(2, "edge", "")
+    assert await read([edge]) == {2: (7, 8, 9)}
+    assert parsed == []
+    local = db_traffic.RuleKey(1, "local", "")
+    assert await read([local, edge]) == {1: (4, 5, 6), 2: (7, 8, 9)}
+    assert parsed == [str(tmp_path)]

@@ -4,14 +4,6 @@ never counts twice."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
-
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -106,47 +98,3 @@ def test_metrics_add_carried_totals_and_edge_rules(tmp_path, monkeypatch) -> Non
     )
     assert _exposed(stale, "portunus_rule_bytes_in_total", rule="5", client="local") == 15
     assert _exposed(stale, "portunus_rule_connections_total", rule="5", client="local") == 4
-
-
-class _FakeStore:
-    """Just enough of control's Store for ``RuleCounters.snapshot``: ``read`` and
-    ``write`` hand out a connection whose writes are recorded."""
-
-    def __init__(self) -> None:
-        self.writes: list[tuple[Any, ...]] = []
-
-    @contextlib.asynccontextmanager
-    async def read(self) -> AsyncIterator[Any]:
-        yield self
-
-    write = read
-
-    async def execute(self, sql: str, params: tuple[Any, ...]) -> None:
-        self.writes.append(params)
-
-
-def test_a_removed_rules_carry_is_dropped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rule churn must not grow control: the carry of a rule that is no longer
-    stored goes at the next snapshot (its rule_counters row went with the rule)."""
-    from portunus.control import counters
-    from portunus.control.store import rules as rules_db
-
-    stored: list[Any] = []
-
-    async def list_rules(db: Any) -> list[Any]:
-        return list(stored)
-
-    monkeypatch.setattr(rules_db, "list_rules", list_rules)
-    settings = SimpleNamespace(metrics_dir=str(tmp_path / "none"), runtime_dir=str(tmp_path))
-    rc = counters.RuleCounters(_FakeStore(), settings, None)
-
-    def rule(rid: int) -> Any:
-        r = SimpleNamespace(id=str(rid), client="local", owner="")
-        return SimpleNamespace(rule_id=rid, client_id="local", rule=r)
-
-    stored[:] = [rule(1), rule(2), rule(3)]
-    asyncio.run(rc.snapshot())
-    assert set(rc.carry) == {1, 2, 3}
-    stored[:] = [rule(2)]
-    asyncio.run(rc.snapshot())
-    assert set(rc.carry) == {2}

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from portunus.metrics.per_rule import rule_totals
 
 WRITER = """
@@ -61,3 +63,43 @@ def test_sums_every_shard_for_the_rules_asked(tmp_path: Path) -> None:
 def test_missing_dir_gives_zeros(tmp_path: Path) -> None:
     assert rule_totals(str(tmp_path / "none"), ["1"])["1"]["bytes_in"] == 0
     assert rule_totals(str(tmp_path), []) == {}
+
+
+STATE_WRITER = """
+from portunus.control.stats import RuleStateGauge
+from portunus.rules import Target, build_rule
+sink = RuleStateGauge()
+for i in range(1, 201):
+    sink(build_rule(id=str(i), protocol="tcp", listen=(1, 1), targets=[Target("127.0.0.1", 9)]), "active")
+"""
+
+
+def test_the_control_state_gauges_are_not_read_for_counters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rule-state gauge (5 series per rule, written by control) holds no counter:
+    reading counters must not parse it (150,000 series on a 30,000-rule fleet)."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from portunus.control import stats
+    from portunus.metrics import per_rule
+
+    _shard(tmp_path, "7", 100)
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", STATE_WRITER], env=env, check=True)
+    state_files = [p.name for p in tmp_path.iterdir() if p.name.startswith("gauge_livemostrecent_")]
+    assert state_files  # the writer made one
+    read: list[str] = []
+    real = MultiProcessCollector.merge
+
+    def spy(files: list[str], accumulate: bool = True) -> object:
+        read.extend(os.path.basename(f) for f in files)
+        return real(files, accumulate)
+
+    monkeypatch.setattr(MultiProcessCollector, "merge", staticmethod(spy))
+    assert per_rule.rule_totals(str(tmp_path), ["7"])["7"]["bytes_in"] == 100
+    assert stats.rule_totals(str(tmp_path))["7"] == (100, 200, 3)
+    assert read and not set(read) & set(state_files)
+    assert {f for f in per_rule.counter_files(str(tmp_path))} == {
+        str(p) for p in tmp_path.iterdir() if p.suffix == ".db" and p.name not in state_files
+    }
