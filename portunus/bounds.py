@@ -124,6 +124,7 @@ SETTINGS: dict[str, Bound] = {
     "shards": Bound(0, 256, integer=True),
     # A deadline or interval of 0 would refuse everyone or spin: above 0.
     "edge_handshake_timeout_secs": Bound(0, 300, lo_open=True),
+    "edge_preauth_park_secs": Bound(0, 300, lo_open=True),
     "traffic_sample_interval_secs": Bound(0, 3600, lo_open=True),
     "edge_preauth_max_connections": Bound(1, 1_000_000, integer=True),
     "edge_preauth_max_per_source": Bound(1, 1_000_000, integer=True),

@@ -60,6 +60,7 @@ class Settings:
     edge_preauth_max_connections: int = 128
     edge_preauth_max_per_source: int = 16
     edge_handshake_timeout_secs: float = 10.0
+    edge_preauth_park_secs: float = 25.0
     # The HTTP listeners (API and /metrics), before a request is complete
     # (portunus.web.limits).
     http_request_timeout_secs: float = 10.0
@@ -107,6 +108,7 @@ _FLOAT_KEYS = {
     "ack_timeout_secs",
     "stats_stream_interval_secs",
     "edge_handshake_timeout_secs",
+    "edge_preauth_park_secs",
     "traffic_sample_interval_secs",
     "http_request_timeout_secs",
     "sni_client_hello_timeout_secs",

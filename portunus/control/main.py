@@ -152,6 +152,7 @@ async def serve_control(
             listen_host,
             listen_port,
             handshake_timeout=settings.edge_handshake_timeout_secs,
+            park_secs=settings.edge_preauth_park_secs,
             preauth=_preauth_limits(settings),
             shedder=Shedder(service.backlog),
             sock=gateway_sock,

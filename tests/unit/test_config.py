@@ -349,14 +349,16 @@ def test_edge_preauth_keys_default_and_load(tmp_path: Path) -> None:
     s = load_server_settings(str(tmp_path), None)
     assert (s.edge_preauth_max_connections, s.edge_preauth_max_per_source) == (128, 16)
     assert s.edge_handshake_timeout_secs == 10.0
+    assert s.edge_preauth_park_secs == 25.0
     conf = tmp_path / "server.toml"
     conf.write_text(
         "edge_preauth_max_connections = 500\nedge_preauth_max_per_source = 2\n"
-        "edge_handshake_timeout_secs = 2.5\n"
+        "edge_handshake_timeout_secs = 2.5\nedge_preauth_park_secs = 1.5\n"
     )
     s = load_server_settings(str(tmp_path), str(conf))
     assert (s.edge_preauth_max_connections, s.edge_preauth_max_per_source) == (500, 2)
     assert s.edge_handshake_timeout_secs == 2.5
+    assert s.edge_preauth_park_secs == 1.5
 
 
 @pytest.mark.parametrize(
@@ -373,6 +375,10 @@ def test_edge_preauth_keys_default_and_load(tmp_path: Path) -> None:
         (
             "edge_handshake_timeout_secs = 0",
             "edge_handshake_timeout_secs must be a number in (0, 300], got 0",
+        ),
+        (
+            "edge_preauth_park_secs = 0",
+            "edge_preauth_park_secs must be a number in (0, 300], got 0",
         ),
         (
             "edge_handshake_timeout_secs = 301",

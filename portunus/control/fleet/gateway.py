@@ -23,9 +23,17 @@ from typing import Any
 
 from portunus.control.fleet.enrollment import EnrollmentInvalid, client_for_token, redeem
 from portunus.control.fleet.heap import release_free_heap
-from portunus.control.fleet.listener import BACKLOG, Parking, accept_loop, bind, refuse
+from portunus.control.fleet.listener import (
+    BACKLOG,
+    Parking,
+    accept_loop,
+    bind,
+    park_capacity,
+    refuse,
+)
 from portunus.control.fleet.preauth import (
     DEFAULT_HANDSHAKE_TIMEOUT_SECS,
+    DEFAULT_PARK_SECS,
     PREAUTH_MAX_FRAME,
     AuditBudget,
     PreauthLimits,
@@ -89,6 +97,7 @@ class EdgeGateway:
         heartbeat_secs: float = HEARTBEAT_SECS,
         dead_after_secs: float = DEAD_AFTER_SECS,
         handshake_timeout: float = HANDSHAKE_TIMEOUT_SECS,
+        park_secs: float = DEFAULT_PARK_SECS,
         preauth: PreauthLimits | None = None,
         quiet: tuple[float, float, float] = (
             QUIET_HEARTBEAT_SECS,
@@ -110,10 +119,10 @@ class EdgeGateway:
         self.shedder = shedder or Shedder(None)
         self.handshake_timeout = handshake_timeout
         self.preauth = preauth or PreauthLimits()
-        # A parked connection waits at most half the handshake deadline: it is reset,
-        # and its client retries on its backoff, well before that client's own connect
-        # timeout (portunus.edge.timing) would make it give up mid-handshake.
-        self.parking = Parking(self.preauth, self._admitted, handshake_timeout / 2)
+        # A parked connection waits at most park_secs (default 25 s), inside its
+        # client's 30 s connect budget (portunus.edge.timing): held, a restart storm's
+        # surplus is served in one pass instead of coming back in backoff waves.
+        self.parking = Parking(self.preauth, self._admitted, park_secs, park_capacity())
         self.audit_budget = AuditBudget()
         self.sock = sock  # bound by the supervisor (own_listeners.py); None: bind host:port here
         self._sockets: list[socket.socket] = []

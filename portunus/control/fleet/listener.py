@@ -15,16 +15,21 @@ large so a reconnect storm's SYNs wait in the kernel while the loop is busy.
 A connection over its source's quota (a fleet behind one NAT address, or one
 flooding peer) waits in ``Parking``: accepted, nothing read, no TLS, until a
 slot of that source is released, in arrival order.  It is reset when the
-parking lot is full (``PARK_MAX``) or it waited longer than ``max_wait``
-(the gateway gives it half the handshake deadline).  A refused socket is
-closed with ``SO_LINGER`` 0: a reset, no TIME_WAIT, no object beyond the
-accepted socket itself.
+parking lot is full (``park_capacity``: ``PARK_MAX``, or half the process's
+file descriptors when that is less) or it waited longer than ``max_wait``
+(``edge_preauth_park_secs``, 25 s by default: inside an edge client's 30 s
+connect budget, so a parked client is still there when its turn comes).  The
+lot is sized for a fleet's restart storm: reset instead, the surplus comes back
+on its clients' backoff in synchronized waves, and the gateway idles between
+them.  A refused socket is closed with ``SO_LINGER`` 0: a reset, no TIME_WAIT,
+no object beyond the accepted socket itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import resource
 import socket
 import struct
 import time
@@ -45,8 +50,22 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 _ACCEPT_BACKOFF_SECS = 0.1
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # Connections waiting for their source's quota, all sources together: each holds an
-# fd and a few hundred bytes, none of them TLS state.
-PARK_MAX = 1024
+# fd, a queue entry and the kernel's socket (~1.3 KiB with its unread ClientHello),
+# none of them TLS state: 16,384 parked cost ~21 MiB, mostly kernel memory.  Enough
+# for a fleet of 10,000 behind one address to wait out a restart storm in one pass.
+PARK_MAX = 16384
+
+
+def park_capacity(nofile: int | None = None) -> int:
+    """How many connections may be parked: ``PARK_MAX``, or half the file
+    descriptors this process may open (``RLIMIT_NOFILE``, soft) when that is less,
+    so parked sockets never take the fds the authenticated links need."""
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if nofile == resource.RLIM_INFINITY or nofile < 0:
+        return PARK_MAX
+    return max(1, min(PARK_MAX, nofile // 2))
+
 
 OnAdmitted = Callable[[socket.socket, str | None, PreauthSlot], None]
 

@@ -9,8 +9,8 @@ authenticates it (``hello`` with a valid client token) or redeems a code
   closes the connection before any of the body is read;
 - at most ``max_per_source`` connections from one source address are anonymous
   at once; one more waits, accepted but unread (``listener.Parking``), for a slot
-  of its source, and is reset when the parking lot is full or it waited half the
-  handshake deadline;
+  of its source, and is reset when the parking lot is full or it waited
+  ``edge_preauth_park_secs`` (25 s: an edge client's connect budget is 30 s);
 - at most ``max_connections`` are anonymous at once.  One more first reclaims
   the anonymous connection that has waited longest for its TLS handshake and
   first frame (its deadline is brought forward to now; counted as ``evicted``):
@@ -51,6 +51,10 @@ PREAUTH_MAX_FRAME = 8 * 1024
 DEFAULT_MAX_CONNECTIONS = 128
 DEFAULT_MAX_PER_SOURCE = 16
 DEFAULT_HANDSHAKE_TIMEOUT_SECS = 10.0
+# The longest a connection over its source's quota waits parked: inside an edge
+# client's connect budget (portunus.edge.timing.LinkTiming.connect_timeout, 30 s),
+# with 5 s left for its TLS handshake once admitted.
+DEFAULT_PARK_SECS = 25.0
 
 AUDIT_BURST = 30
 AUDIT_EVERY_SECS = 2.0

@@ -32,6 +32,9 @@ LIMITS = {
     "edge_preauth_max_connections": 128,
     "edge_preauth_max_per_source": 64,
     "edge_handshake_timeout_secs": 3,
+    # Parked burst connections are reset within the burst (default 25 s, a client's
+    # connect budget), so the burst's refusals are seen here.
+    "edge_preauth_park_secs": 1.5,
 }
 # Before the limits, 40 such connections took a control process from 44 to 677 MiB.
 RSS_BOUND = 32 * MIB  # measured 15-18 MiB of growth (a flood, two clients, two pushes)

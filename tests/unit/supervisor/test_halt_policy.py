@@ -98,6 +98,7 @@ def test_gateway_and_traffic_keys_need_a_restart() -> None:
         edge_preauth_max_connections=5,
         edge_preauth_max_per_source=2,
         edge_handshake_timeout_secs=3.0,
+        edge_preauth_park_secs=5.0,
         traffic_sample_interval_secs=60.0,
     )
     changed, restart = diff(Settings(), new)
@@ -106,6 +107,7 @@ def test_gateway_and_traffic_keys_need_a_restart() -> None:
         "edge_handshake_timeout_secs",
         "edge_preauth_max_connections",
         "edge_preauth_max_per_source",
+        "edge_preauth_park_secs",
         "traffic_sample_interval_secs",
     ]
 

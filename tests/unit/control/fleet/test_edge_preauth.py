@@ -5,14 +5,20 @@ handshake and the first frame, and the slot given back on authentication."""
 from __future__ import annotations
 
 import asyncio
+import resource
 import socket
 import ssl
 import struct
 import time
 from typing import Any
 
-from portunus.control.fleet.listener import Parking
-from portunus.control.fleet.preauth import PREAUTH_MAX_FRAME, AuditBudget, PreauthLimits
+from portunus.control.fleet.listener import PARK_MAX, Parking, park_capacity
+from portunus.control.fleet.preauth import (
+    DEFAULT_PARK_SECS,
+    PREAUTH_MAX_FRAME,
+    AuditBudget,
+    PreauthLimits,
+)
 from portunus.ipc.edge_wire import encode_frame
 
 
@@ -231,6 +237,57 @@ def test_parking_is_fifo_per_source_bounded_and_expires() -> None:
         parking.close()
         for s in socks:
             s.close()
+
+
+def test_the_parking_lot_is_sized_for_a_fleet_within_the_fd_limit() -> None:
+    # A fleet of 10,000 behind one address fits once the process may open enough fds;
+    # parked sockets never take more than half of them.
+    assert PARK_MAX >= 10_000
+    assert park_capacity(1_048_576) == PARK_MAX
+    assert park_capacity(20_000) == 10_000
+    assert park_capacity(1024) == 512
+    assert park_capacity(1) == 1
+    assert park_capacity(resource.RLIM_INFINITY) == PARK_MAX
+
+
+async def test_parked_connections_wait_out_the_handshake_deadline_by_default(
+    make_edge: Any, poll: Any
+) -> None:
+    """A parked connection outlives its source's slot holder's whole handshake
+    deadline and is then admitted (before, it was reset at half that deadline)."""
+    refused: list[str] = []
+    edge = await make_edge(
+        handshake_timeout=0.5,
+        preauth=PreauthLimits(max_connections=50, max_per_source=1, on_refused=refused.append),
+    )
+    assert edge.gateway.parking.max_wait == DEFAULT_PARK_SECS == 25.0
+    assert edge.gateway.parking.max_parked == park_capacity()
+    silent = await _tcp(edge.port)  # admitted, never says anything: cut at 0.5 s
+
+    async def admitted() -> bool:
+        return edge.gateway.preauth.open == 1
+
+    await poll(admitted)
+    started = time.monotonic()
+    parked = await _tcp(edge.port)
+
+    async def one_parked() -> bool:
+        return edge.gateway.parking.count == 1
+
+    await poll(one_parked)
+    assert await _until_closed(silent[0]) < 2.0
+
+    async def parked_admitted() -> bool:
+        return edge.gateway.parking.count == 0 and edge.gateway.preauth.open == 1
+
+    await poll(parked_admitted)
+    assert time.monotonic() - started > 0.25  # longer than half the deadline
+    assert refused == ["timeout"]  # the silent one; the parked one was not reset
+    # Admitted, it has the handshake deadline of its own, like any connection.
+    assert await _until_closed(parked[0]) < 2.0
+    assert refused == ["timeout", "timeout"]
+    silent[1].close()
+    parked[1].close()
 
 
 async def test_one_deadline_covers_the_handshake_and_the_first_frame(make_edge: Any) -> None:
