@@ -44,6 +44,7 @@ import uvloop
 
 from portunus.control.fleet.cert import ServerCert, generate
 from portunus.control.fleet.heap import pin_mmap_threshold, release_free_heap
+from portunus.control.fleet.tls_transport import fd_ready
 from portunus.edge.pinning import client_context
 
 MODES = ("uvloop-tls", "sslsocket", "tls-transport", "tcp", "tcp-raw")
@@ -104,9 +105,9 @@ class Server:
                     s.do_handshake()
                     break
                 except ssl.SSLWantReadError:
-                    await _wait(loop, fd, False)
+                    await fd_ready(loop, fd, False)
                 except ssl.SSLWantWriteError:
-                    await _wait(loop, fd, True)
+                    await fd_ready(loop, fd, True)
         except (OSError, ssl.SSLError):
             s.close()
             return
@@ -138,20 +139,6 @@ class Server:
 
         loop.add_reader(s.fileno(), readable)
         readable()  # the hello may already sit in OpenSSL's buffer
-
-
-async def _wait(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
-    fut = loop.create_future()
-
-    def wake() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    (loop.add_writer if write else loop.add_reader)(fd, wake)
-    try:
-        await fut
-    finally:
-        (loop.remove_writer if write else loop.remove_reader)(fd)
 
 
 class Bare(asyncio.Protocol):

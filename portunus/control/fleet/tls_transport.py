@@ -35,7 +35,7 @@ SHUTDOWN_SECS = 5.0  # after close_notify, for the peer's close_notify or FIN
 _TCP_CLOSE = 7  # tcp_info.tcpi_state after a reset (a FIN leaves CLOSE_WAIT)
 
 
-async def _ready(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
+async def fd_ready(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
     """Wait until ``fd`` is readable (or writable)."""
     fut = loop.create_future()
 
@@ -73,9 +73,9 @@ async def start_tls_server(
                 tls.do_handshake()
                 break
             except ssl.SSLWantReadError:
-                await _ready(loop, tls.fileno(), False)
+                await fd_ready(loop, tls.fileno(), False)
             except ssl.SSLWantWriteError:
-                await _ready(loop, tls.fileno(), True)
+                await fd_ready(loop, tls.fileno(), True)
     except BaseException:
         tls.close()
         raise
