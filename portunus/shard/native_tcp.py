@@ -151,8 +151,15 @@ class NativeTcpHandler:
 
     def _maybe_forget(self) -> None:
         if not self.listening and self.live == 0 and self.handle is not None:
-            handle, self.handle = self.handle, None
-            self.report(*self.ctx.native.relay.forget_listener(handle)[1:])
+            try:
+                counts = self.ctx.native.relay.forget_listener(self.handle)
+            except ValueError:
+                # The relay's thread accepted after the last report Python read (our
+                # ``live`` is stale); that report is on its way, and the one for the
+                # last close calls this again.
+                return
+            self.handle = None
+            self.report(*counts[1:])
 
     def report(
         self,

@@ -381,3 +381,32 @@ def test_busy_port_counts_are_held_back_at_most_report_ms() -> None:
     relay.close_all()
     for s in (lsock, origin):
         s.close()
+
+
+def test_stopping_while_an_accept_is_unreported_waits_for_that_connection(
+    loop: asyncio.AbstractEventLoop, relay_mode: str
+) -> None:
+    """The relay's thread may accept after the last report Python read: stopping the
+    port then (a shard's SIGTERM) must not take it for idle and forget the listener;
+    the connection's report and its close finish the drain."""
+    origin = listener()
+    p = Port(loop, [origin.getsockname()[1]])
+    client = socket.create_connection(p.addr, timeout=10)
+    if relay_mode == "thread":
+        assert readable(origin, 10)  # the thread accepted and connected on its own
+        assert p.handler.live == 0  # what Python knows: nothing reported yet
+    else:
+        run_until(loop, lambda: readable(origin))  # the loop drives the relay
+    origin.settimeout(10)
+    upstream, _ = origin.accept()
+    p.handler.close()  # stop accepting, as the shard's stop does; must not raise
+    run_until(loop, lambda: p.handler.live == 1)
+    assert p.handler.handle is not None and p.handler.conns in p.rt.conns
+    client.close()
+    upstream.close()
+    run_until(loop, lambda: p.handler.live == 0 and p.handler.handle is None)
+    assert p.rt.conns == set()
+    assert loop.errors == []  # type: ignore[attr-defined]
+    p.lsock.close()
+    p.ctx._native.shutdown()
+    origin.close()
