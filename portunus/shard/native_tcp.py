@@ -151,9 +151,8 @@ class NativeTcpHandler:
 
     def _maybe_forget(self) -> None:
         if not self.listening and self.live == 0 and self.handle is not None:
-            try:
-                counts = self.ctx.native.relay.forget_listener(self.handle)
-            except ValueError:
+            counts = self.ctx.native.relay.forget_listener(self.handle)
+            if counts is None:
                 # The relay's thread accepted after the last report Python read (our
                 # ``live`` is stale); that report is on its way, and the one for the
                 # last close calls this again.
